@@ -1,0 +1,51 @@
+# Whispr Mesh — every command the project needs. `make deps` then `make test` on a fresh
+# Debian machine; CI runs exactly that (.ci/run).
+
+SHELL := /bin/bash
+CARGO ?= cargo
+# Debian packages the build needs (none of the current crates builds C with bindgen yet;
+# libclang-dev joins this list with RocksDB).
+APT_PACKAGES := build-essential pkg-config
+FUZZ_SECONDS ?= 30
+# Forbidden in whispr-protocol's normal dependency tree.
+PROTOCOL_FORBIDDEN := tokio|libp2p|rocksdb|librocksdb-sys|axum|hyper|mio
+
+.PHONY: deps test fmt-check clippy check-deps unit fuzz bench
+
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" -ne 0 ] && SUDO=sudo; \
+	  $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends $$missing; \
+	else echo "system packages present"; fi
+	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust with rustup (https://rustup.rs)"; exit 1; }
+	@$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+	@$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
+
+test: fmt-check clippy check-deps unit
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# whispr-protocol must not depend on a runtime, network or storage crate.
+check-deps:
+	@found=$$($(CARGO) tree -p whispr-protocol -e normal --prefix none | sed 's/ .*//' | grep -xE '$(PROTOCOL_FORBIDDEN)' | sort -u); \
+	if [ -n "$$found" ]; then echo "whispr-protocol depends on forbidden crates: $$found"; exit 1; fi; \
+	echo "whispr-protocol: no runtime, network or storage dependency"
+
+# The whole test suite, doc tests included; also replays the committed fuzz corpus
+# (protocol/tests/fuzz_corpus.rs).
+unit:
+	$(CARGO) test --workspace
+
+# Runs every fuzz target for FUZZ_SECONDS seconds each (needs cargo-fuzz; uses the nightly
+# toolchain when installed, otherwise RUSTC_BOOTSTRAP on stable).
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) bash fuzz/run.sh
+
+bench:
+	$(CARGO) bench -p whispr-protocol --bench protocol

@@ -1,0 +1,362 @@
+//! Sealed-sender envelopes: HPKE (RFC 9180, base mode, DHKEM(X25519, HKDF-SHA256),
+//! HKDF-SHA256, ChaCha20-Poly1305) to the recipient mailbox's key.
+//!
+//! In clear, only what the mailbox node needs: mailbox id, access token, dedup id, requested
+//! expiry and an optional ack SURB. Inside: the sender certificate (identity key and its
+//! Ed25519 signature over the envelope), the message id, fragment info and the content. The
+//! clear fields but the access token and SURB are the HPKE associated data, so a node that
+//! changes them makes the envelope fail to open; the signature binds the sender to this
+//! mailbox, so a recipient cannot re-seal a message to someone else in the sender's name.
+
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+use hpke::{Deserializable, Kem as _, OpModeR, OpModeS, Serializable};
+use sha2::{Digest, Sha256};
+
+use crate::fragment::FragmentInfo;
+use crate::sphinx::{PLAINTEXT_LEN_MAX, Surb};
+use crate::wire;
+use crate::{AccessToken, DedupId, Error, MailboxId, MessageId, Result, UnixTime};
+
+type Kem = hpke::kem::X25519HkdfSha256;
+type Kdf = hpke::kdf::HkdfSha256;
+type Aead = hpke::aead::ChaCha20Poly1305;
+
+const HPKE_INFO: &[u8] = b"whispr-envelope-v1";
+const AAD_PREFIX: &[u8] = b"whispr-envelope-aad-v1";
+const SIGNATURE_PREFIX: &[u8] = b"whispr-sender-v1";
+/// Size of the HPKE encapsulated key.
+pub const HPKE_ENC_SIZE: usize = 32;
+/// Largest ciphertext an envelope may carry (it must fit in one Sphinx payload).
+pub const CIPHERTEXT_LEN_MAX: usize = PLAINTEXT_LEN_MAX;
+
+/// A mailbox's public key: deposits are sealed to it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MailboxPublicKey(<Kem as hpke::Kem>::PublicKey);
+
+impl MailboxPublicKey {
+    /// Reads 32 bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<MailboxPublicKey> {
+        if bytes.len() != 32 {
+            return Err(Error::BadLength {
+                what: "mailbox public key",
+                len: bytes.len(),
+                expected: 32,
+            });
+        }
+        <Kem as hpke::Kem>::PublicKey::from_bytes(bytes)
+            .map(MailboxPublicKey)
+            .map_err(|_| Error::Malformed {
+                what: "mailbox public key",
+                reason: "not an X25519 public key",
+            })
+    }
+
+    /// The 32 bytes.
+    pub fn to_bytes(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(&self.0.to_bytes());
+        out
+    }
+}
+
+impl std::fmt::Debug for MailboxPublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MailboxPublicKey(..)")
+    }
+}
+
+/// A mailbox's secret key: only its owner's clients hold it.
+#[derive(Clone)]
+pub struct MailboxSecretKey(<Kem as hpke::Kem>::PrivateKey);
+
+impl MailboxSecretKey {
+    /// A fresh key pair from `rng`.
+    pub fn generate<R: rand::CryptoRng + ?Sized>(rng: &mut R) -> MailboxSecretKey {
+        let mut ikm = zeroize::Zeroizing::new([0u8; 32]);
+        rng.fill_bytes(ikm.as_mut());
+        MailboxSecretKey(Kem::derive_keypair(ikm.as_ref()).0)
+    }
+
+    /// The matching public key.
+    pub fn public_key(&self) -> MailboxPublicKey {
+        MailboxPublicKey(Kem::sk_to_pk(&self.0))
+    }
+
+    /// Reads 32 secret bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<MailboxSecretKey> {
+        <Kem as hpke::Kem>::PrivateKey::from_bytes(bytes)
+            .map(MailboxSecretKey)
+            .map_err(|_| Error::Malformed {
+                what: "mailbox secret key",
+                reason: "not 32 bytes",
+            })
+    }
+
+    /// The 32 secret bytes.
+    pub fn to_bytes(&self) -> zeroize::Zeroizing<[u8; 32]> {
+        let mut out = zeroize::Zeroizing::new([0u8; 32]);
+        out.copy_from_slice(&self.0.to_bytes());
+        out
+    }
+}
+
+impl std::fmt::Debug for MailboxSecretKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MailboxSecretKey(..)")
+    }
+}
+
+/// The fields a mailbox node reads in clear.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OuterFields {
+    /// The recipient mailbox.
+    pub mailbox_id: MailboxId,
+    /// The mailbox's access key.
+    pub access_token: AccessToken,
+    /// The mailbox deduplicates by this id.
+    pub dedup_id: DedupId,
+    /// Requested expiry; `None` lets the mailbox's retention apply.
+    pub expires_at: Option<UnixTime>,
+    /// Reply block for the deposit acknowledgement.
+    pub ack_surb: Option<Surb>,
+}
+
+/// What the sender seals.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnvelopeContent {
+    /// End-to-end message id (the same in every fragment of a message).
+    pub message_id: MessageId,
+    /// Where this fragment sits in the message.
+    pub fragment: FragmentInfo,
+    /// The fragment's bytes.
+    pub content: Vec<u8>,
+}
+
+/// An opened envelope: the content and who sent it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Opened {
+    /// The sender's identity key, verified against the envelope's signature.
+    pub sender: VerifyingKey,
+    /// The sealed content.
+    pub content: EnvelopeContent,
+}
+
+/// A sealed-sender envelope, its clear fields validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Envelope {
+    /// The clear fields.
+    pub outer: OuterFields,
+    hpke_enc: [u8; HPKE_ENC_SIZE],
+    ciphertext: Vec<u8>,
+}
+
+fn aad(outer: &OuterFields) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(AAD_PREFIX.len() + 4 + 32 + 16 + 8);
+    aad.extend_from_slice(AAD_PREFIX);
+    aad.extend_from_slice(&wire::VERSION.to_be_bytes());
+    aad.extend_from_slice(outer.mailbox_id.as_bytes());
+    aad.extend_from_slice(outer.dedup_id.as_bytes());
+    aad.extend_from_slice(&outer.expires_at.map_or(0, UnixTime::as_millis).to_be_bytes());
+    aad
+}
+
+/// The bytes the sender signs: domain, recipient mailbox and key, dedup id, expiry, message
+/// id, fragment info and a digest of the content.
+fn signed_transcript(
+    outer: &OuterFields,
+    recipient: &MailboxPublicKey,
+    content: &EnvelopeContent,
+) -> Vec<u8> {
+    let mut t = Vec::with_capacity(256);
+    t.extend_from_slice(SIGNATURE_PREFIX);
+    t.extend_from_slice(outer.mailbox_id.as_bytes());
+    t.extend_from_slice(&recipient.to_bytes());
+    t.extend_from_slice(outer.dedup_id.as_bytes());
+    t.extend_from_slice(&outer.expires_at.map_or(0, UnixTime::as_millis).to_be_bytes());
+    t.extend_from_slice(content.message_id.as_bytes());
+    t.extend_from_slice(&content.fragment.index.to_be_bytes());
+    t.extend_from_slice(&content.fragment.count.to_be_bytes());
+    t.extend_from_slice(&content.fragment.total_len.to_be_bytes());
+    t.extend_from_slice(&content.fragment.message_digest);
+    t.extend_from_slice(&Sha256::digest(&content.content));
+    t
+}
+
+impl Envelope {
+    /// Seals `content` from `sender` to the mailbox whose public key is `recipient`.
+    pub fn seal<R: rand::CryptoRng + ?Sized>(
+        rng: &mut R,
+        recipient: &MailboxPublicKey,
+        sender: &SigningKey,
+        outer: OuterFields,
+        content: &EnvelopeContent,
+    ) -> Result<Envelope> {
+        let signature = sender.sign(&signed_transcript(&outer, recipient, content));
+        let inner = wire::EnvelopeContent {
+            version: wire::VERSION,
+            sender: Some(wire::SenderCertificate {
+                identity_key: sender.verifying_key().to_bytes().to_vec(),
+                signature: signature.to_bytes().to_vec(),
+            }),
+            message_id: content.message_id.as_bytes().to_vec(),
+            fragment: Some(content.fragment.to_wire()),
+            content: content.content.clone(),
+        };
+        let plaintext = zeroize::Zeroizing::new(wire::encode(&inner));
+        let (enc, ciphertext) = hpke::single_shot_seal_with_rng::<Aead, Kdf, Kem>(
+            &OpModeS::Base,
+            &recipient.0,
+            HPKE_INFO,
+            &plaintext,
+            &aad(&outer),
+            &mut &mut *rng,
+        )
+        .map_err(|_| Error::Crypto("hpke seal"))?;
+        if ciphertext.len() > CIPHERTEXT_LEN_MAX {
+            return Err(Error::TooLarge {
+                what: "envelope content",
+                len: ciphertext.len(),
+                max: CIPHERTEXT_LEN_MAX,
+            });
+        }
+        let mut hpke_enc = [0u8; HPKE_ENC_SIZE];
+        hpke_enc.copy_from_slice(&enc.to_bytes());
+        Ok(Envelope {
+            outer,
+            hpke_enc,
+            ciphertext,
+        })
+    }
+
+    /// Opens the envelope with the mailbox's secret key and verifies the sender's signature.
+    /// Fails with [`Error::Decrypt`] for a wrong key or any tampering with the sealed part or
+    /// the authenticated clear fields, and [`Error::BadSignature`] for a forged sender.
+    pub fn open(&self, recipient: &MailboxSecretKey) -> Result<Opened> {
+        let enc = <Kem as hpke::Kem>::EncappedKey::from_bytes(&self.hpke_enc)
+            .map_err(|_| Error::Decrypt("envelope"))?;
+        let plaintext = zeroize::Zeroizing::new(
+            hpke::single_shot_open::<Aead, Kdf, Kem>(
+                &OpModeR::Base,
+                &recipient.0,
+                &enc,
+                HPKE_INFO,
+                &self.ciphertext,
+                &aad(&self.outer),
+            )
+            .map_err(|_| Error::Decrypt("envelope"))?,
+        );
+        let inner: wire::EnvelopeContent = wire::decode(&plaintext, CIPHERTEXT_LEN_MAX)?;
+        let cert = inner.sender.ok_or(Error::Malformed {
+            what: "envelope content",
+            reason: "missing sender certificate",
+        })?;
+        let identity = <[u8; 32]>::try_from(cert.identity_key.as_slice()).map_err(|_| {
+            Error::BadLength {
+                what: "sender identity key",
+                len: cert.identity_key.len(),
+                expected: 32,
+            }
+        })?;
+        let sender = VerifyingKey::from_bytes(&identity).map_err(|_| Error::Malformed {
+            what: "sender identity key",
+            reason: "not an Ed25519 point",
+        })?;
+        let signature = ed25519_dalek::Signature::from_slice(&cert.signature).map_err(|_| {
+            Error::BadLength {
+                what: "sender signature",
+                len: cert.signature.len(),
+                expected: 64,
+            }
+        })?;
+        let content = EnvelopeContent {
+            message_id: MessageId::from_slice("message id", &inner.message_id)?,
+            fragment: FragmentInfo::from_wire(inner.fragment.as_ref())?,
+            content: inner.content,
+        };
+        sender
+            .verify_strict(
+                &signed_transcript(&self.outer, &recipient.public_key(), &content),
+                &signature,
+            )
+            .map_err(|_| Error::BadSignature("sender certificate"))?;
+        Ok(Opened { sender, content })
+    }
+
+    /// The wire form.
+    pub fn to_wire(&self) -> wire::SealedEnvelope {
+        wire::SealedEnvelope {
+            version: wire::VERSION,
+            mailbox_id: self.outer.mailbox_id.as_bytes().to_vec(),
+            access_token: self.outer.access_token.as_bytes().to_vec(),
+            dedup_id: self.outer.dedup_id.as_bytes().to_vec(),
+            expires_at_ms: self.outer.expires_at.map_or(0, UnixTime::as_millis),
+            ack_surb: self
+                .outer
+                .ack_surb
+                .as_ref()
+                .map(|s| s.as_bytes().to_vec())
+                .unwrap_or_default(),
+            hpke_enc: self.hpke_enc.to_vec(),
+            ciphertext: self.ciphertext.clone(),
+        }
+    }
+
+    /// Validates a wire envelope (lengths, version, SURB); does not open it.
+    pub fn from_wire(w: wire::SealedEnvelope) -> Result<Envelope> {
+        if w.version != wire::VERSION {
+            return Err(Error::UnknownVersion {
+                what: "sealed envelope",
+                version: w.version,
+            });
+        }
+        let hpke_enc =
+            <[u8; HPKE_ENC_SIZE]>::try_from(w.hpke_enc.as_slice()).map_err(|_| Error::BadLength {
+                what: "hpke encapsulated key",
+                len: w.hpke_enc.len(),
+                expected: HPKE_ENC_SIZE,
+            })?;
+        if w.ciphertext.len() > CIPHERTEXT_LEN_MAX {
+            return Err(Error::TooLarge {
+                what: "envelope ciphertext",
+                len: w.ciphertext.len(),
+                max: CIPHERTEXT_LEN_MAX,
+            });
+        }
+        if w.ciphertext.len() < 16 {
+            return Err(Error::Malformed {
+                what: "envelope ciphertext",
+                reason: "shorter than the AEAD tag",
+            });
+        }
+        Ok(Envelope {
+            outer: OuterFields {
+                mailbox_id: MailboxId::from_slice("mailbox id", &w.mailbox_id)?,
+                access_token: AccessToken::from_slice("access token", &w.access_token)?,
+                dedup_id: DedupId::from_slice("dedup id", &w.dedup_id)?,
+                expires_at: (w.expires_at_ms != 0).then_some(UnixTime(w.expires_at_ms)),
+                ack_surb: if w.ack_surb.is_empty() {
+                    None
+                } else {
+                    Some(Surb::from_bytes(&w.ack_surb)?)
+                },
+            },
+            hpke_enc,
+            ciphertext: w.ciphertext,
+        })
+    }
+
+    /// Encodes it as a `SealedEnvelope` protobuf.
+    pub fn encode(&self) -> Vec<u8> {
+        wire::encode(&self.to_wire())
+    }
+
+    /// Decodes and validates a `SealedEnvelope` protobuf.
+    pub fn decode(bytes: &[u8]) -> Result<Envelope> {
+        Envelope::from_wire(wire::decode(bytes, PLAINTEXT_LEN_MAX)?)
+    }
+
+    /// Length of the sealed part.
+    pub fn ciphertext_len(&self) -> usize {
+        self.ciphertext.len()
+    }
+}

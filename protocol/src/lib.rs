@@ -1,0 +1,41 @@
+//! # whispr-protocol
+//!
+//! The Whispr Mesh wire protocol, with no I/O: Sphinx packets ([`sphinx`]), sealed-sender
+//! envelopes ([`envelope`]), fragmentation and reassembly ([`fragment`]), node descriptors,
+//! directory validation, route selection and mailbox placement ([`directory`]), and the
+//! protobuf wire messages they travel in ([`wire`]).
+//!
+//! **This crate depends on no runtime, network or storage crate** (no tokio, libp2p, rocksdb,
+//! axum); `make check-deps` fails the build if `cargo tree` shows one. Randomness comes in as
+//! an `R: CryptoRng`, time as a [`UnixTime`] argument; nothing here reads a clock, a global
+//! RNG, a file or a socket, so the relay, mailbox and timer nodes and the simulator all run
+//! exactly this code.
+//!
+//! Every decoder takes untrusted bytes and returns a typed [`Error`]; no input panics (each
+//! decoder has a fuzz target in `fuzz/`). The byte-level specification is `docs/protocol.md`.
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+pub mod directory;
+pub mod envelope;
+mod error;
+pub mod fragment;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod payload;
+pub mod sphinx;
+mod types;
+pub mod wire;
+
+pub use error::{Error, Result};
+pub use types::{
+    AccessToken, CancelCapability, DedupId, DestinationAddress, HoldId, KeyEpoch, MailboxId,
+    MessageId, NodeId, SurbId, UnixTime,
+};

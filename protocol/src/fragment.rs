@@ -154,17 +154,21 @@ pub struct ReassemblyLimits {
     pub messages_max: usize,
     /// Most fragment bytes buffered over all messages.
     pub bytes_max: usize,
-    /// A message not complete this long after its first fragment is dropped.
+    /// A message not complete this long after its first fragment is dropped; a completed
+    /// message's key is remembered this long, so that late duplicates are recognised.
     pub age_max: Duration,
+    /// Most completed message keys remembered (oldest forgotten first).
+    pub completed_max: usize,
 }
 
 impl Default for ReassemblyLimits {
-    /// 64 messages, 16 MiB, 24 hours.
+    /// 64 messages, 16 MiB, 24 hours, 4096 completed keys.
     fn default() -> Self {
         ReassemblyLimits {
             messages_max: 64,
             bytes_max: 16 * 1024 * 1024,
             age_max: Duration::from_secs(24 * 3600),
+            completed_max: 4096,
         }
     }
 }
@@ -184,6 +188,8 @@ pub struct Reassembler<K: Ord + Clone> {
     limits: ReassemblyLimits,
     partial: BTreeMap<K, Partial>,
     bytes: usize,
+    /// Recently completed messages and when they completed.
+    completed: BTreeMap<K, UnixTime>,
 }
 
 /// What [`Reassembler::insert`] did with a fragment.
@@ -204,6 +210,7 @@ impl<K: Ord + Clone> Reassembler<K> {
             limits,
             partial: BTreeMap::new(),
             bytes: 0,
+            completed: BTreeMap::new(),
         }
     }
 
@@ -230,12 +237,18 @@ impl<K: Ord + Clone> Reassembler<K> {
             keep
         });
         self.bytes = self.bytes.saturating_sub(freed);
+        self.completed
+            .retain(|_, done_at| now.saturating_since(*done_at) <= age_max);
         before.saturating_sub(self.partial.len())
     }
 
     /// Adds a fragment of message `key`. A fragment that contradicts the message's other
     /// fragments, or whose length is wrong for its index, is refused and changes nothing; a
-    /// complete message whose digest does not match is refused and dropped.
+    /// complete message whose digest does not match is refused and dropped. A fragment of a
+    /// message completed within `age_max` is reported as a [`Inserted::Duplicate`].
+    ///
+    /// The byte bound is not applied to the fragment that completes a message, since
+    /// completing it frees the message's bytes.
     pub fn insert(&mut self, now: UnixTime, key: K, fragment: Fragment) -> Result<Inserted> {
         self.expire(now);
         let info = fragment.info;
@@ -243,7 +256,10 @@ impl<K: Ord + Clone> Reassembler<K> {
         if fragment.data.len() != info.expected_data_len() {
             return Err(Error::FragmentMismatch("data length wrong for its index"));
         }
-        match self.partial.get(&key) {
+        if self.completed.contains_key(&key) {
+            return Ok(Inserted::Duplicate);
+        }
+        let completes = match self.partial.get(&key) {
             Some(p) => {
                 if p.info.count != info.count
                     || p.info.total_len != info.total_len
@@ -260,10 +276,13 @@ impl<K: Ord + Clone> Reassembler<K> {
                         Err(Error::FragmentMismatch("differs from a copy already held"))
                     };
                 }
+                p.fragments.len().saturating_add(1) == info.count as usize
             }
             None => {
                 if info.count == 1 {
-                    return finish(info, std::iter::once(fragment.data)).map(Inserted::Complete);
+                    let message = finish(info, std::iter::once(fragment.data))?;
+                    self.remember_completed(now, key);
+                    return Ok(Inserted::Complete(message));
                 }
                 if self.partial.len() >= self.limits.messages_max {
                     return Err(Error::Full {
@@ -271,9 +290,10 @@ impl<K: Ord + Clone> Reassembler<K> {
                         max: self.limits.messages_max,
                     });
                 }
+                false
             }
-        }
-        if self.bytes.saturating_add(fragment.data.len()) > self.limits.bytes_max {
+        };
+        if !completes && self.bytes.saturating_add(fragment.data.len()) > self.limits.bytes_max {
             return Err(Error::Full {
                 what: "reassembly bytes",
                 max: self.limits.bytes_max,
@@ -296,7 +316,27 @@ impl<K: Ord + Clone> Reassembler<K> {
             return Err(Error::FragmentMismatch("message vanished"));
         };
         self.bytes = self.bytes.saturating_sub(done.bytes);
-        finish(done.info, done.fragments.into_values()).map(Inserted::Complete)
+        let message = finish(done.info, done.fragments.into_values())?;
+        self.remember_completed(now, key);
+        Ok(Inserted::Complete(message))
+    }
+
+    fn remember_completed(&mut self, now: UnixTime, key: K) {
+        if self.limits.completed_max == 0 {
+            return;
+        }
+        while self.completed.len() >= self.limits.completed_max {
+            let oldest = self
+                .completed
+                .iter()
+                .min_by_key(|(_, at)| **at)
+                .map(|(k, _)| k.clone());
+            match oldest {
+                Some(k) => self.completed.remove(&k),
+                None => break,
+            };
+        }
+        self.completed.insert(key, now);
     }
 }
 

@@ -60,6 +60,7 @@ pub fn fragment(data: &[u8]) {
         messages_max: 4,
         bytes_max: 64 * 1024,
         age_max: std::time::Duration::from_secs(60),
+        completed_max: 4,
     });
     let mut rest = data;
     let mut now = 0u64;

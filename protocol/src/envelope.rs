@@ -122,7 +122,7 @@ pub struct OuterFields {
 }
 
 /// What the sender seals.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct EnvelopeContent {
     /// End-to-end message id (the same in every fragment of a message).
     pub message_id: MessageId,
@@ -142,12 +142,31 @@ pub struct Opened {
 }
 
 /// A sealed-sender envelope, its clear fields validated.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Envelope {
     /// The clear fields.
     pub outer: OuterFields,
     hpke_enc: [u8; HPKE_ENC_SIZE],
     ciphertext: Vec<u8>,
+}
+
+impl std::fmt::Debug for EnvelopeContent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnvelopeContent")
+            .field("message_id", &self.message_id)
+            .field("fragment", &(self.fragment.index, self.fragment.count))
+            .field("content_len", &self.content.len())
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Envelope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Envelope")
+            .field("outer", &self.outer)
+            .field("ciphertext_len", &self.ciphertext.len())
+            .finish_non_exhaustive()
+    }
 }
 
 fn aad(outer: &OuterFields) -> Vec<u8> {
@@ -156,7 +175,12 @@ fn aad(outer: &OuterFields) -> Vec<u8> {
     aad.extend_from_slice(&wire::VERSION.to_be_bytes());
     aad.extend_from_slice(outer.mailbox_id.as_bytes());
     aad.extend_from_slice(outer.dedup_id.as_bytes());
-    aad.extend_from_slice(&outer.expires_at.map_or(0, UnixTime::as_millis).to_be_bytes());
+    aad.extend_from_slice(
+        &outer
+            .expires_at
+            .map_or(0, UnixTime::as_millis)
+            .to_be_bytes(),
+    );
     aad
 }
 
@@ -172,7 +196,12 @@ fn signed_transcript(
     t.extend_from_slice(outer.mailbox_id.as_bytes());
     t.extend_from_slice(&recipient.to_bytes());
     t.extend_from_slice(outer.dedup_id.as_bytes());
-    t.extend_from_slice(&outer.expires_at.map_or(0, UnixTime::as_millis).to_be_bytes());
+    t.extend_from_slice(
+        &outer
+            .expires_at
+            .map_or(0, UnixTime::as_millis)
+            .to_be_bytes(),
+    );
     t.extend_from_slice(content.message_id.as_bytes());
     t.extend_from_slice(&content.fragment.index.to_be_bytes());
     t.extend_from_slice(&content.fragment.count.to_be_bytes());
@@ -250,13 +279,12 @@ impl Envelope {
             what: "envelope content",
             reason: "missing sender certificate",
         })?;
-        let identity = <[u8; 32]>::try_from(cert.identity_key.as_slice()).map_err(|_| {
-            Error::BadLength {
+        let identity =
+            <[u8; 32]>::try_from(cert.identity_key.as_slice()).map_err(|_| Error::BadLength {
                 what: "sender identity key",
                 len: cert.identity_key.len(),
                 expected: 32,
-            }
-        })?;
+            })?;
         let sender = VerifyingKey::from_bytes(&identity).map_err(|_| Error::Malformed {
             what: "sender identity key",
             reason: "not an Ed25519 point",
@@ -309,12 +337,13 @@ impl Envelope {
                 version: w.version,
             });
         }
-        let hpke_enc =
-            <[u8; HPKE_ENC_SIZE]>::try_from(w.hpke_enc.as_slice()).map_err(|_| Error::BadLength {
+        let hpke_enc = <[u8; HPKE_ENC_SIZE]>::try_from(w.hpke_enc.as_slice()).map_err(|_| {
+            Error::BadLength {
                 what: "hpke encapsulated key",
                 len: w.hpke_enc.len(),
                 expected: HPKE_ENC_SIZE,
-            })?;
+            }
+        })?;
         if w.ciphertext.len() > CIPHERTEXT_LEN_MAX {
             return Err(Error::TooLarge {
                 what: "envelope ciphertext",

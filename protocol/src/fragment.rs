@@ -101,7 +101,7 @@ fn expected_count(total_len: usize) -> usize {
 }
 
 /// One fragment of a message.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Fragment {
     /// The message it belongs to.
     pub message_id: MessageId,
@@ -109,6 +109,17 @@ pub struct Fragment {
     pub info: FragmentInfo,
     /// Its data.
     pub data: Vec<u8>,
+}
+
+impl std::fmt::Debug for Fragment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fragment")
+            .field("message_id", &self.message_id)
+            .field("index", &self.info.index)
+            .field("count", &self.info.count)
+            .field("data_len", &self.data.len())
+            .finish()
+    }
 }
 
 /// Splits `message` (at most [`MESSAGE_LEN_MAX`] bytes) into fragments. An empty message is
@@ -347,7 +358,9 @@ fn finish(info: FragmentInfo, parts: impl Iterator<Item = Vec<u8>>) -> Result<Ve
     }
     let digest: [u8; 32] = Sha256::digest(&message).into();
     if message.len() != info.total_len as usize || digest != info.message_digest {
-        return Err(Error::FragmentMismatch("reassembled message fails its digest"));
+        return Err(Error::FragmentMismatch(
+            "reassembled message fails its digest",
+        ));
     }
     Ok(message)
 }

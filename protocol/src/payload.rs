@@ -10,7 +10,7 @@ use crate::{CancelCapability, DedupId, Error, HoldId, NodeId, Result, UnixTime};
 pub const HOLD_PARTS_MAX: u32 = 4;
 
 /// One part of a packet a timer node holds until `release_at`, then sends to `first_hop`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct HeldPacketPart {
     /// Groups the parts of one held packet.
     pub hold_id: HoldId,
@@ -28,6 +28,18 @@ pub struct HeldPacketPart {
     pub data: Vec<u8>,
     /// Reply block for the acknowledgement.
     pub ack_surb: Option<Surb>,
+}
+
+impl std::fmt::Debug for HeldPacketPart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeldPacketPart")
+            .field("hold_id", &self.hold_id)
+            .field("part", &(self.part_index, self.part_count))
+            .field("release_at", &self.release_at)
+            .field("first_hop", &self.first_hop)
+            .field("data_len", &self.data.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// A request to drop a held packet.
@@ -68,7 +80,9 @@ impl FinalMessage {
     /// Encodes it; fails if it would not fit in one Sphinx payload.
     pub fn encode(&self) -> Result<Vec<u8>> {
         let body = match self {
-            FinalMessage::Deposit(envelope) => wire::final_payload::Body::Deposit(envelope.to_wire()),
+            FinalMessage::Deposit(envelope) => {
+                wire::final_payload::Body::Deposit(envelope.to_wire())
+            }
             FinalMessage::Hold(h) => wire::final_payload::Body::Hold(wire::HeldPacketPart {
                 hold_id: h.hold_id.as_bytes().to_vec(),
                 part_index: h.part_index,
@@ -111,7 +125,9 @@ impl FinalMessage {
                 Envelope::from_wire(e).map(FinalMessage::Deposit)
             }
             Some(wire::final_payload::Body::Hold(h)) => {
-                if h.part_count == 0 || h.part_count > HOLD_PARTS_MAX || h.part_index >= h.part_count
+                if h.part_count == 0
+                    || h.part_count > HOLD_PARTS_MAX
+                    || h.part_index >= h.part_count
                 {
                     return Err(Error::Malformed {
                         what: "held packet part",
@@ -125,12 +141,13 @@ impl FinalMessage {
                         max: PACKET_SIZE,
                     });
                 }
-                let cancel_hash =
-                    <[u8; 32]>::try_from(h.cancel_hash.as_slice()).map_err(|_| Error::BadLength {
+                let cancel_hash = <[u8; 32]>::try_from(h.cancel_hash.as_slice()).map_err(|_| {
+                    Error::BadLength {
                         what: "cancel hash",
                         len: h.cancel_hash.len(),
                         expected: 32,
-                    })?;
+                    }
+                })?;
                 Ok(FinalMessage::Hold(HeldPacketPart {
                     hold_id: HoldId::from_slice("hold id", &h.hold_id)?,
                     part_index: h.part_index,

@@ -1,5 +1,10 @@
 //! Node descriptors, directory validation, route selection, delays and rendezvous placement.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 
@@ -83,8 +88,7 @@ fn invalid_descriptors_are_rejected_with_reasons() {
     let mut rng = rng(99);
 
     // 0: bad signature (body changed after signing).
-    let mut body: wire::DescriptorBody =
-        wire::decode(&signed[0].0.body, usize::MAX).unwrap();
+    let mut body: wire::DescriptorBody = wire::decode(&signed[0].0.body, usize::MAX).unwrap();
     body.addresses.push("/ip4/10.0.0.1/tcp/1".into());
     signed[0].0.body = wire::encode(&body);
     // 1: expired.
@@ -140,7 +144,8 @@ fn invalid_descriptors_are_rejected_with_reasons() {
     let _ = &mut rng;
 
     let (dir, rejected) = Directory::build(NOW, &signed);
-    let reasons: BTreeMap<usize, Error> = rejected.into_iter().map(|r| (r.index, r.reason)).collect();
+    let reasons: BTreeMap<usize, Error> =
+        rejected.into_iter().map(|r| (r.index, r.reason)).collect();
     assert_eq!(reasons[&0], Error::BadSignature("descriptor"));
     assert_eq!(reasons[&1], Error::Expired { what: "descriptor" });
     assert_eq!(reasons[&2], Error::NotYetValid { what: "descriptor" });
@@ -203,7 +208,9 @@ fn routes_are_stratified_use_epoch_keys_and_are_reproducible() {
     assert_eq!(used.len(), 2 + 2 + 2 + 1);
     // The next epoch's keys are published ahead: routes for it work and use those keys.
     let next = KeyEpoch(epoch().0 + 1);
-    let ahead = dir.select_route(&mut rng(7), next, &destination, 1).unwrap();
+    let ahead = dir
+        .select_route(&mut rng(7), next, &destination, 1)
+        .unwrap();
     assert_eq!(
         Some(&ahead[0].sphinx_key),
         dir.get(&ahead[0].node).unwrap().sphinx_key(next)
@@ -233,7 +240,11 @@ fn impossible_routes_are_typed_errors() {
         Err(Error::NoRoute(_))
     ));
     let empty = Directory::default();
-    assert!(empty.select_route(&mut rng(1), epoch(), &destination, 0).is_err());
+    assert!(
+        empty
+            .select_route(&mut rng(1), epoch(), &destination, 0)
+            .is_err()
+    );
 }
 
 #[test]
@@ -286,8 +297,11 @@ fn delays_are_exponential_with_the_requested_mean_and_capped() {
     let mut r = rng(10);
     let mean = Duration::from_millis(50);
     let samples = sample_delays(&mut r, 20_000, mean);
-    let avg_ms =
-        samples.iter().map(|d| d.as_secs_f64() * 1000.0).sum::<f64>() / samples.len() as f64;
+    let avg_ms = samples
+        .iter()
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .sum::<f64>()
+        / samples.len() as f64;
     assert!((47.5..=52.5).contains(&avg_ms), "mean {avg_ms} ms");
     // Exponential: about e^-1 of the samples exceed the mean.
     let above = samples.iter().filter(|d| **d > mean).count() as f64 / samples.len() as f64;

@@ -1,5 +1,10 @@
 //! Sealed-sender envelopes: who can open them, what is in clear, tampering, forgery, sizes.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 
@@ -199,7 +204,8 @@ fn worst_case_envelope_fits_one_packet() {
         },
         content: vec![0xFF; FRAGMENT_DATA_LEN],
     };
-    let sealed = Envelope::seal(&mut rng, &recipient.public_key(), &sender, outer, &content).unwrap();
+    let sealed =
+        Envelope::seal(&mut rng, &recipient.public_key(), &sender, outer, &content).unwrap();
     let bytes = FinalMessage::Deposit(sealed).encode().unwrap();
     assert!(
         bytes.len() <= PLAINTEXT_LEN_MAX,
@@ -207,13 +213,23 @@ fn worst_case_envelope_fits_one_packet() {
         bytes.len()
     );
     // Headroom: report it so that a format change that eats it shows up here.
-    assert!(PLAINTEXT_LEN_MAX - bytes.len() >= 16, "headroom {}", PLAINTEXT_LEN_MAX - bytes.len());
+    assert!(
+        PLAINTEXT_LEN_MAX - bytes.len() >= 16,
+        "headroom {}",
+        PLAINTEXT_LEN_MAX - bytes.len()
+    );
     // Content one fragment too large is refused at sealing time.
     let mut too_big = content_with_len(&mut rng, PLAINTEXT_LEN_MAX);
     too_big.fragment.total_len = PLAINTEXT_LEN_MAX as u32;
     let surb_outer = outer_with_surb(&mut rng);
     assert!(matches!(
-        Envelope::seal(&mut rng, &recipient.public_key(), &sender, surb_outer, &too_big),
+        Envelope::seal(
+            &mut rng,
+            &recipient.public_key(),
+            &sender,
+            surb_outer,
+            &too_big
+        ),
         Err(Error::TooLarge { .. })
     ));
 }

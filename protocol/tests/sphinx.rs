@@ -1,5 +1,10 @@
 //! Sphinx packets: routes, delays, destinations, replay tags, tampering and SURBs.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 
@@ -128,13 +133,7 @@ fn routes_of_one_to_five_hops_deliver_and_others_are_refused() {
     .unwrap_err();
     assert!(matches!(err, Error::InvalidArgument(_)) && !err.is_peer_caused());
     assert!(matches!(
-        build_packet(
-            &mut rng,
-            &[],
-            &[],
-            DestinationAddress::NODE_SERVICE,
-            b""
-        ),
+        build_packet(&mut rng, &[], &[], DestinationAddress::NODE_SERVICE, b""),
         Err(Error::InvalidArgument(_))
     ));
     // Wrong number of delays, delay above the cap, plaintext too long.
@@ -302,22 +301,10 @@ fn surb_reply_reaches_and_opens_only_for_its_creator() {
     let route: Vec<_> = hops.iter().map(TestNode::hop).collect();
     let delays = delays_ms(&[3, 4]);
     let creator_mailbox = DestinationAddress([0xAB; 32]);
-    let (surb, recovery) = create_surb(
-        &mut rng,
-        &route,
-        &delays,
-        creator_mailbox,
-        SurbId([1; 16]),
-    )
-    .unwrap();
-    let (_, other_recovery) = create_surb(
-        &mut rng,
-        &route,
-        &delays,
-        creator_mailbox,
-        SurbId([2; 16]),
-    )
-    .unwrap();
+    let (surb, recovery) =
+        create_surb(&mut rng, &route, &delays, creator_mailbox, SurbId([1; 16])).unwrap();
+    let (_, other_recovery) =
+        create_surb(&mut rng, &route, &delays, creator_mailbox, SurbId([2; 16])).unwrap();
     assert_eq!(surb.as_bytes().len(), SURB_SIZE);
     // The SURB travels inside an envelope as bytes and is parsed back.
     let surb = Surb::from_bytes(surb.as_bytes()).unwrap();
@@ -330,10 +317,7 @@ fn surb_reply_reaches_and_opens_only_for_its_creator() {
     let refs: Vec<&TestNode> = hops.iter().collect();
     let mut bytes = packet.into_bytes();
     for (i, node) in hops.iter().enumerate() {
-        assert!(
-            !contains(&bytes, &reply),
-            "hop {i} sees the reply in clear"
-        );
+        assert!(!contains(&bytes, &reply), "hop {i} sees the reply in clear");
         match node.process(&bytes).unwrap().action {
             HopAction::Forward { packet, delay, .. } => {
                 assert_eq!(delay, delays[i]);

@@ -3,7 +3,6 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/whispr.proto");
     let file_descriptors = protox::compile(["whispr.proto"], ["proto"])?;
-    prost_build::Config::new()
-        .compile_fds(file_descriptors)?;
+    prost_build::Config::new().compile_fds(file_descriptors)?;
     Ok(())
 }

@@ -65,9 +65,7 @@ impl Role {
             Ok(wire::Role::Mix) => Ok(Role::Mix),
             Ok(wire::Role::Mailbox) => Ok(Role::Mailbox),
             Ok(wire::Role::Timer) => Ok(Role::Timer),
-            Ok(wire::Role::Unspecified) | Err(_) => {
-                Err(Error::DescriptorRejected("unknown role"))
-            }
+            Ok(wire::Role::Unspecified) | Err(_) => Err(Error::DescriptorRejected("unknown role")),
         }
     }
 }
@@ -176,13 +174,12 @@ impl SignedDescriptor {
             });
         }
         let body: wire::DescriptorBody = wire::decode(&self.0.body, DESCRIPTOR_LEN_MAX)?;
-        let identity = <[u8; 32]>::try_from(body.identity_key.as_slice()).map_err(|_| {
-            Error::BadLength {
+        let identity =
+            <[u8; 32]>::try_from(body.identity_key.as_slice()).map_err(|_| Error::BadLength {
                 what: "descriptor identity key",
                 len: body.identity_key.len(),
                 expected: 32,
-            }
-        })?;
+            })?;
         let verifying = VerifyingKey::from_bytes(&identity)
             .map_err(|_| Error::DescriptorRejected("identity key is not an Ed25519 point"))?;
         let signature = ed25519_dalek::Signature::from_slice(&self.0.signature)
@@ -246,13 +243,12 @@ fn descriptor_from_body(body: wire::DescriptorBody, node_id: NodeId) -> Result<N
             ));
         }
         last_epoch = Some(key.epoch);
-        let bytes = <[u8; 32]>::try_from(key.public_key.as_slice()).map_err(|_| {
-            Error::BadLength {
+        let bytes =
+            <[u8; 32]>::try_from(key.public_key.as_slice()).map_err(|_| Error::BadLength {
                 what: "sphinx public key",
                 len: key.public_key.len(),
                 expected: 32,
-            }
-        })?;
+            })?;
         sphinx_keys.insert(KeyEpoch(key.epoch), SphinxPublicKey::from(bytes));
     }
     if body.expires_at_ms <= body.published_at_ms {
@@ -472,7 +468,11 @@ impl Directory {
             })
             .collect();
         scored.sort_by(|a, b| b.cmp(a));
-        scored.into_iter().take(replicas).map(|(_, id)| id).collect()
+        scored
+            .into_iter()
+            .take(replicas)
+            .map(|(_, id)| id)
+            .collect()
     }
 }
 

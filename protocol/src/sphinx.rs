@@ -396,11 +396,15 @@ pub fn create_surb<R: rand::CryptoRng + ?Sized>(
     let material = SURBMaterial::new(
         nodes,
         sphinx_delays,
-        Destination::new(DestinationAddressBytes::from_bytes(destination.0), surb_id.0),
+        Destination::new(
+            DestinationAddressBytes::from_bytes(destination.0),
+            surb_id.0,
+        ),
         SINGLE_SEED_SURB_VERSION,
     );
-    let (surb, recovery) = SURB::new_recoverable(SphinxSecretKey::random_from_rng(rng), material)
-        .map_err(|_| Error::InvalidArgument("sphinx-packet refused the SURB route"))?;
+    let (surb, recovery) =
+        SURB::new_recoverable(SphinxSecretKey::random_from_rng(rng), material)
+            .map_err(|_| Error::InvalidArgument("sphinx-packet refused the SURB route"))?;
     let bytes = surb.to_bytes();
     if bytes.len() != SURB_SIZE {
         return Err(Error::Crypto("surb of unexpected size"));

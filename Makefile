@@ -23,7 +23,7 @@ deps:
 	@$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 	@$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
 
-test: fmt-check clippy check-deps unit
+test: deps fmt-check clippy check-deps unit
 
 fmt-check:
 	$(CARGO) fmt --all -- --check

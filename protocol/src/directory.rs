@@ -33,6 +33,9 @@ pub const CLOCK_SKEW_MAX: Duration = Duration::from_secs(300);
 pub const MIX_LAYERS_MAX: u32 = 3;
 /// Largest encoded signed descriptor.
 pub const DESCRIPTOR_LEN_MAX: usize = 8 * 1024;
+/// Largest encoded directory (room for [`DIRECTORY_NODES_MAX`] descriptors of ~800 bytes; a
+/// typical one is ~400).
+pub const DIRECTORY_LEN_MAX: usize = 16 * 1024 * 1024;
 /// Most descriptors in a directory.
 pub const DIRECTORY_NODES_MAX: usize = 20_000;
 
@@ -249,7 +252,14 @@ fn descriptor_from_body(body: wire::DescriptorBody, node_id: NodeId) -> Result<N
                 len: key.public_key.len(),
                 expected: 32,
             })?;
-        sphinx_keys.insert(KeyEpoch(key.epoch), SphinxPublicKey::from(bytes));
+        let public = SphinxPublicKey::from(bytes);
+        // A low-order point would make every shared secret with this hop predictable, so
+        // that hop's layer would be readable by anyone.
+        let probe = x25519_dalek::StaticSecret::from([0x5A; 32]);
+        if !probe.diffie_hellman(&public).was_contributory() {
+            return Err(Error::DescriptorRejected("sphinx public key of low order"));
+        }
+        sphinx_keys.insert(KeyEpoch(key.epoch), public);
     }
     if body.expires_at_ms <= body.published_at_ms {
         return Err(Error::DescriptorRejected("expires before it is published"));
@@ -339,7 +349,7 @@ impl Directory {
 
     /// Decodes a `Directory` protobuf and validates it as [`Directory::build`] does.
     pub fn decode(now: UnixTime, bytes: &[u8]) -> Result<(Directory, Vec<Rejection>)> {
-        let wire: wire::Directory = wire::decode(bytes, wire::MESSAGE_LEN_MAX)?;
+        let wire: wire::Directory = wire::decode(bytes, DIRECTORY_LEN_MAX)?;
         if wire.descriptors.len() > DIRECTORY_NODES_MAX {
             return Err(Error::TooLarge {
                 what: "directory",
@@ -391,13 +401,13 @@ impl Directory {
         &self,
         rng: &mut R,
         epoch: KeyEpoch,
-        exclude: &NodeId,
+        exclude: &[RouteHop],
         wanted: impl Fn(&NodeDescriptor) -> bool,
     ) -> Option<RouteHop> {
         let candidates: Vec<RouteHop> = self
             .nodes
             .values()
-            .filter(|n| n.node_id != *exclude && wanted(n))
+            .filter(|n| !exclude.iter().any(|hop| hop.node == n.node_id) && wanted(n))
             .filter_map(|n| self.hop(n, epoch))
             .collect();
         let len = u64::try_from(candidates.len()).ok()?;
@@ -416,7 +426,9 @@ impl Directory {
     }
 
     /// A stratified route for `epoch`: a random edge relay, one random mix from each of the
-    /// layers `1..=mix_layers`, then `destination`. Every hop must have a key for `epoch`.
+    /// layers `1..=mix_layers`, then `destination`. Every hop must have a key for `epoch`, and
+    /// no node appears twice. At least one mix layer is required, so that the edge relay,
+    /// which knows the sender's address, never learns the destination node.
     pub fn select_route<R: rand::CryptoRng + ?Sized>(
         &self,
         rng: &mut R,
@@ -424,8 +436,8 @@ impl Directory {
         destination: &NodeId,
         mix_layers: u32,
     ) -> Result<Vec<RouteHop>> {
-        if mix_layers > MIX_LAYERS_MAX {
-            return Err(Error::InvalidArgument("more mix layers than the maximum"));
+        if mix_layers == 0 || mix_layers > MIX_LAYERS_MAX {
+            return Err(Error::InvalidArgument("a route has 1 to 3 mix layers"));
         }
         let destination = self
             .nodes
@@ -435,19 +447,21 @@ impl Directory {
             .hop(destination, epoch)
             .ok_or(Error::NoRoute("destination has no key for the epoch"))?;
         let mut route = Vec::with_capacity(HOPS_MAX);
-        route.push(
-            self.pick(rng, epoch, &destination.node_id, |n| n.has_role(Role::Edge))
-                .ok_or(Error::NoRoute("no edge relay with a key for the epoch"))?,
-        );
+        route.push(last.clone());
+        let edge = self
+            .pick(rng, epoch, &route, |n| n.has_role(Role::Edge))
+            .ok_or(Error::NoRoute("no edge relay with a key for the epoch"))?;
+        route.push(edge);
         for layer in 1..=mix_layers {
-            route.push(
-                self.pick(rng, epoch, &destination.node_id, |n| {
+            let mix = self
+                .pick(rng, epoch, &route, |n| {
                     n.has_role(Role::Mix) && n.mix_layer == layer
                 })
-                .ok_or(Error::NoRoute("a mix layer has no node with a key"))?,
-            );
+                .ok_or(Error::NoRoute("a mix layer has no other node with a key"))?;
+            route.push(mix);
         }
-        route.push(last);
+        // Built as [destination, edge, mixes…]; the route runs edge, mixes…, destination.
+        route.rotate_left(1);
         Ok(route)
     }
 

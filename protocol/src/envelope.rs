@@ -220,6 +220,11 @@ impl Envelope {
         outer: OuterFields,
         content: &EnvelopeContent,
     ) -> Result<Envelope> {
+        if outer.mailbox_id.0 == [0u8; 32] {
+            return Err(Error::InvalidArgument(
+                "the all-zero mailbox id is reserved (node service address)",
+            ));
+        }
         let signature = sender.sign(&signed_transcript(&outer, recipient, content));
         let inner = wire::EnvelopeContent {
             version: wire::VERSION,
@@ -357,9 +362,16 @@ impl Envelope {
                 reason: "shorter than the AEAD tag",
             });
         }
+        let mailbox_id = MailboxId::from_slice("mailbox id", &w.mailbox_id)?;
+        if mailbox_id.0 == [0u8; 32] {
+            return Err(Error::Malformed {
+                what: "sealed envelope",
+                reason: "the all-zero mailbox id is reserved",
+            });
+        }
         Ok(Envelope {
             outer: OuterFields {
-                mailbox_id: MailboxId::from_slice("mailbox id", &w.mailbox_id)?,
+                mailbox_id,
                 access_token: AccessToken::from_slice("access token", &w.access_token)?,
                 dedup_id: DedupId::from_slice("dedup id", &w.dedup_id)?,
                 expires_at: (w.expires_at_ms != 0).then_some(UnixTime(w.expires_at_ms)),

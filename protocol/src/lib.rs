@@ -36,6 +36,6 @@ pub mod wire;
 
 pub use error::{Error, Result};
 pub use types::{
-    AccessToken, CancelCapability, DedupId, DestinationAddress, HoldId, KeyEpoch, MailboxId,
-    MessageId, NodeId, SurbId, UnixTime,
+    AccessToken, CancelCapability, DedupId, DestinationAddress, HoldId, KEY_EPOCH_LEN, KeyEpoch,
+    MailboxId, MessageId, NodeId, ReplyKey, SurbId, UnixTime,
 };

@@ -4,7 +4,9 @@
 use crate::envelope::Envelope;
 use crate::sphinx::{PACKET_SIZE, PLAINTEXT_LEN_MAX, Surb};
 use crate::wire;
-use crate::{CancelCapability, DedupId, Error, HoldId, NodeId, Result, UnixTime};
+use crate::{
+    CancelCapability, DedupId, DestinationAddress, Error, HoldId, NodeId, Result, UnixTime,
+};
 
 /// Most parts a held packet is split into.
 pub const HOLD_PARTS_MAX: u32 = 4;
@@ -113,7 +115,29 @@ impl FinalMessage {
         Ok(bytes)
     }
 
-    /// Decodes and validates the plaintext a final hop received.
+    /// Decodes the plaintext a final hop received for `destination` and checks that the two
+    /// agree: a deposit must be addressed to its envelope's mailbox, hold and cancel requests
+    /// to [`DestinationAddress::NODE_SERVICE`]. Final hops use this, not [`Self::decode`].
+    pub fn decode_for(destination: DestinationAddress, bytes: &[u8]) -> Result<FinalMessage> {
+        let message = FinalMessage::decode(bytes)?;
+        let matches = match &message {
+            FinalMessage::Deposit(envelope) => {
+                destination == DestinationAddress::mailbox(&envelope.outer.mailbox_id)
+            }
+            FinalMessage::Hold(_) | FinalMessage::Cancel(_) => {
+                destination == DestinationAddress::NODE_SERVICE
+            }
+        };
+        if !matches {
+            return Err(Error::Malformed {
+                what: "final payload",
+                reason: "does not match the packet's destination",
+            });
+        }
+        Ok(message)
+    }
+
+    /// Decodes and validates a final payload (without checking it against a destination).
     pub fn decode(bytes: &[u8]) -> Result<FinalMessage> {
         let payload: wire::FinalPayload = wire::decode(bytes, PLAINTEXT_LEN_MAX)?;
         match payload.body {

@@ -30,8 +30,8 @@ impl UnixTime {
     }
 }
 
-/// A Sphinx key epoch: node keys rotate every `epoch_len`, and descriptors publish the keys of
-/// coming epochs ahead of time.
+/// A Sphinx key epoch: node keys rotate every `epoch_len` ([`KEY_EPOCH_LEN`] on the
+/// network), and descriptors publish the keys of coming epochs ahead of time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct KeyEpoch(pub u64);
 
@@ -50,6 +50,12 @@ impl KeyEpoch {
         self.0.checked_sub(1).map(KeyEpoch)
     }
 }
+
+/// Length of a Sphinx key epoch on the network. A hop accepts the current and the previous
+/// epoch's key, so a packet stays processable for at least one epoch after it was built: one
+/// hour covers the longest route (4 forwarding hops × the 10-minute per-hop delay cap, plus
+/// clock skew), and is how long an unused SURB stays valid at least.
+pub const KEY_EPOCH_LEN: Duration = Duration::from_secs(3600);
 
 macro_rules! secret_id {
     ($(#[$doc:meta])* $name:ident, $len:expr) => {
@@ -128,6 +134,71 @@ secret_id!(
     CancelCapability,
     32
 );
+
+/// The secret with which a mailbox owner mints the ids of the SURBs that lead back to its
+/// mailbox, registered with the mailbox node so that it accepts SURB replies only for ids the
+/// owner minted (a forward packet with a made-up non-zero id would otherwise pass as a reply
+/// and skip the access-token check).
+#[derive(Clone, PartialEq, Eq, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
+pub struct ReplyKey(pub [u8; 32]);
+
+impl fmt::Debug for ReplyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ReplyKey(..)")
+    }
+}
+
+const SURB_ID_PREFIX: &[u8] = b"whispr-surb-id-v1";
+
+impl ReplyKey {
+    /// A fresh random key.
+    pub fn random<R: rand::CryptoRng + ?Sized>(rng: &mut R) -> Self {
+        let mut bytes = [0u8; 32];
+        rng.fill_bytes(&mut bytes);
+        ReplyKey(bytes)
+    }
+
+    fn tag(&self, mailbox: &MailboxId, nonce: &[u8]) -> [u8; 8] {
+        use hmac::{KeyInit, Mac};
+        let mut out = [0u8; 8];
+        // HMAC accepts keys of any length, so this cannot fail.
+        if let Ok(mut mac) = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0) {
+            mac.update(SURB_ID_PREFIX);
+            mac.update(mailbox.as_bytes());
+            mac.update(nonce);
+            let full = mac.finalize().into_bytes();
+            for (o, b) in out.iter_mut().zip(full.iter()) {
+                *o = *b;
+            }
+        }
+        out
+    }
+
+    /// Mints a SURB id for a reply into `mailbox`: an 8-byte random nonce followed by the
+    /// first 8 bytes of HMAC-SHA256(key, "whispr-surb-id-v1" ‖ mailbox ‖ nonce). Never zero.
+    pub fn mint_surb_id<R: rand::CryptoRng + ?Sized>(
+        &self,
+        rng: &mut R,
+        mailbox: &MailboxId,
+    ) -> SurbId {
+        loop {
+            let mut id = [0u8; 16];
+            let (nonce, tag) = id.split_at_mut(8);
+            rng.fill_bytes(nonce);
+            tag.copy_from_slice(&self.tag(mailbox, nonce));
+            if id != [0u8; 16] {
+                return SurbId(id);
+            }
+        }
+    }
+
+    /// True when `id` was minted with this key for `mailbox` (constant-time comparison).
+    pub fn verify_surb_id(&self, mailbox: &MailboxId, id: &SurbId) -> bool {
+        use subtle::ConstantTimeEq;
+        let (nonce, tag) = id.0.split_at(8);
+        bool::from(self.tag(mailbox, nonce).ct_eq(tag))
+    }
+}
 
 /// A node: its 32-byte Ed25519 identity key, which is also its Sphinx routing address.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -135,6 +135,7 @@ fn invalid_descriptors_are_rejected_with_reasons() {
     newer.published_at = UnixTime(NOW.0 - 1000);
     newer.addresses = vec!["/ip4/127.0.0.1/tcp/9999".into()];
     signed.push(newer.sign(&net.nodes[10].identity).unwrap());
+    // 13 (pushed below): a low-order Sphinx key.
     // 12: garbage body.
     signed.push(SignedDescriptor(wire::SignedDescriptor {
         version: 1,
@@ -142,6 +143,10 @@ fn invalid_descriptors_are_rejected_with_reasons() {
         signature: vec![0; 64],
     }));
     let _ = &mut rng;
+    let mut low = net.descriptors[9].clone();
+    low.sphinx_keys
+        .insert(KeyEpoch(epoch().0 + 3), SphinxPublicKey::from([0u8; 32]));
+    signed.push(low.sign(&net.nodes[9].identity).unwrap());
 
     let (dir, rejected) = Directory::build(NOW, &signed);
     let reasons: BTreeMap<usize, Error> =
@@ -164,7 +169,8 @@ fn invalid_descriptors_are_rejected_with_reasons() {
     );
     assert!(matches!(reasons[&10], Error::DescriptorRejected(r) if r.contains("duplicate")));
     assert!(matches!(reasons[&12], Error::Malformed { .. }));
-    assert_eq!(reasons.len(), 12, "{reasons:?}");
+    assert!(matches!(reasons[&13], Error::DescriptorRejected(r) if r.contains("low order")));
+    assert_eq!(reasons.len(), 13, "{reasons:?}");
     assert_eq!(dir.len(), 1);
     assert_eq!(dir.get(&net.nodes[10].id()), Some(&newer));
     assert!(reasons.values().all(Error::is_peer_caused));
@@ -206,6 +212,31 @@ fn routes_are_stratified_use_epoch_keys_and_are_reproducible() {
         }
     }
     assert_eq!(used.len(), 2 + 2 + 2 + 1);
+
+    // A node with several roles never appears twice in one route.
+    let mut r = rng(12);
+    let multi = nodes(&mut r, 3);
+    let signed_multi: Vec<_> = multi
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let (roles, layer): (&[Role], u32) = if i == 2 {
+                (&[Role::Mailbox], 0)
+            } else {
+                (&[Role::Edge, Role::Mix], 1)
+            };
+            signed(n, &descriptor(n, roles, layer, &mut r))
+        })
+        .collect();
+    let (small, rejected) = Directory::build(NOW, &signed_multi);
+    assert!(rejected.is_empty(), "{rejected:?}");
+    for _ in 0..50 {
+        let route = small
+            .select_route(&mut r, epoch(), &multi[2].id(), 1)
+            .unwrap();
+        assert_eq!(route.len(), 3);
+        assert_ne!(route[0].node, route[1].node);
+    }
     // The next epoch's keys are published ahead: routes for it work and use those keys.
     let next = KeyEpoch(epoch().0 + 1);
     let ahead = dir
@@ -238,6 +269,11 @@ fn impossible_routes_are_typed_errors() {
     assert!(matches!(
         dir.select_route(&mut rng(1), epoch(), &stranger, 1),
         Err(Error::NoRoute(_))
+    ));
+    // A route without a mix would let the edge relay see the destination node.
+    assert!(matches!(
+        dir.select_route(&mut rng(1), epoch(), &destination, 0),
+        Err(Error::InvalidArgument(_))
     ));
     let empty = Directory::default();
     assert!(

@@ -23,7 +23,8 @@ use whispr_protocol::fragment::{
 use whispr_protocol::payload::{FinalMessage, Reply};
 use whispr_protocol::sphinx::{HopAction, build_packet, create_surb, use_surb};
 use whispr_protocol::{
-    AccessToken, DedupId, DestinationAddress, MailboxId, MessageId, NodeId, SurbId, UnixTime,
+    AccessToken, DedupId, DestinationAddress, MailboxId, MessageId, NodeId, ReplyKey, SurbId,
+    UnixTime,
 };
 
 fn deliver(all: &[TestNode], first: NodeId, bytes: Vec<u8>) -> HopAction {
@@ -67,6 +68,8 @@ fn message_travels_mesh_and_ack_comes_back_through_surb() {
     let bob_mailbox = MailboxId::random(&mut rng);
     let bob_token = AccessToken::random(&mut rng);
     let alice_mailbox = MailboxId::random(&mut rng);
+    // Alice registered this key with her mailbox node; it accepts only replies she minted.
+    let alice_reply_key = ReplyKey::random(&mut rng);
     let bob_node = all[2].id();
     let alice_node = all[3].id();
 
@@ -81,7 +84,7 @@ fn message_travels_mesh_and_ack_comes_back_through_surb() {
         // Alice: an ack SURB back to her own mailbox, then the sealed fragment.
         let back = dir.select_route(&mut rng, epoch(), &alice_node, 1).unwrap();
         let back_delays = sample_delays(&mut rng, back.len() - 1, Duration::from_millis(20));
-        let surb_id = SurbId::random(&mut rng);
+        let surb_id = alice_reply_key.mint_surb_id(&mut rng, &alice_mailbox);
         let (surb, recovery) = create_surb(
             &mut rng,
             &back,
@@ -131,7 +134,9 @@ fn message_travels_mesh_and_ack_comes_back_through_surb() {
             panic!("not delivered");
         };
         assert_eq!(destination, DestinationAddress::mailbox(&bob_mailbox));
-        let FinalMessage::Deposit(deposit) = FinalMessage::decode(&plaintext).unwrap() else {
+        let FinalMessage::Deposit(deposit) =
+            FinalMessage::decode_for(destination, &plaintext).unwrap()
+        else {
             panic!("not a deposit");
         };
         // The mailbox node checks what it can read in clear, stores, and acks via the SURB.
@@ -156,6 +161,7 @@ fn message_travels_mesh_and_ack_comes_back_through_surb() {
             panic!("ack not delivered");
         };
         assert_eq!(destination, DestinationAddress::mailbox(&alice_mailbox));
+        assert!(alice_reply_key.verify_surb_id(&alice_mailbox, &surb_id));
         let (recovery, dedup_id) = pending_acks.remove(&surb_id).expect("unknown ack");
         assert_eq!(
             Reply::decode(&recovery.open(&sealed).unwrap()).unwrap(),

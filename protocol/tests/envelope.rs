@@ -304,6 +304,12 @@ fn malformed_envelopes_get_typed_errors() {
         Envelope::decode(&vec![0u8; PLAINTEXT_LEN_MAX + 1]),
         Err(Error::TooLarge { .. })
     ));
+    let mut w = good.clone();
+    w.mailbox_id = vec![0; 32];
+    assert!(matches!(
+        Envelope::from_wire(w),
+        Err(Error::Malformed { .. })
+    ));
     assert!(MailboxPublicKey::from_bytes(&[1; 31]).is_err());
     assert!(Envelope::decode(&wire::encode(&good)).is_ok());
 }

@@ -15,8 +15,8 @@ use proptest::prelude::*;
 use whispr_protocol::payload::{CancelHold, FinalMessage, HeldPacketPart, Reply};
 use whispr_protocol::sphinx::{PACKET_SIZE, PLAINTEXT_LEN_MAX, create_surb};
 use whispr_protocol::{
-    CancelCapability, DedupId, DestinationAddress, Error, HoldId, KeyEpoch, NodeId, SurbId,
-    UnixTime, wire,
+    CancelCapability, DedupId, DestinationAddress, Error, HoldId, KeyEpoch, MailboxId, NodeId,
+    ReplyKey, SurbId, UnixTime, wire,
 };
 
 #[test]
@@ -211,6 +211,43 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn final_payload_must_match_its_destination() {
+    let hold = FinalMessage::Cancel(CancelHold {
+        hold_id: HoldId([5; 16]),
+        capability: CancelCapability([6; 32]),
+        ack_surb: None,
+    })
+    .encode()
+    .unwrap();
+    assert!(FinalMessage::decode_for(DestinationAddress::NODE_SERVICE, &hold).is_ok());
+    assert!(matches!(
+        FinalMessage::decode_for(DestinationAddress([1; 32]), &hold),
+        Err(Error::Malformed { .. })
+    ));
+}
+
+#[test]
+fn surb_ids_are_minted_per_mailbox_and_unforgeable() {
+    let mut rng = rng(3);
+    let key = ReplyKey::random(&mut rng);
+    let other_key = ReplyKey::random(&mut rng);
+    let mailbox = MailboxId([1; 32]);
+    let other_mailbox = MailboxId([2; 32]);
+    for _ in 0..100 {
+        let id = key.mint_surb_id(&mut rng, &mailbox);
+        assert_ne!(id, SurbId([0; 16]));
+        assert!(key.verify_surb_id(&mailbox, &id));
+        assert!(!key.verify_surb_id(&other_mailbox, &id));
+        assert!(!other_key.verify_surb_id(&mailbox, &id));
+        let mut forged = id;
+        forged.0[15] ^= 1;
+        assert!(!key.verify_surb_id(&mailbox, &forged));
+    }
+    assert!(!key.verify_surb_id(&mailbox, &SurbId::random(&mut rng)));
+    assert_eq!(format!("{key:?}"), "ReplyKey(..)");
 }
 
 #[test]

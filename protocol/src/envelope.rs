@@ -65,27 +65,32 @@ impl std::fmt::Debug for MailboxPublicKey {
     }
 }
 
-/// A mailbox's secret key: only its owner's clients hold it.
+/// A mailbox's secret key: only its owner's clients hold it. Keeps its public key, which
+/// every [`Envelope::open`] needs for the signature transcript.
 #[derive(Clone)]
-pub struct MailboxSecretKey(<Kem as hpke::Kem>::PrivateKey);
+pub struct MailboxSecretKey(<Kem as hpke::Kem>::PrivateKey, MailboxPublicKey);
 
 impl MailboxSecretKey {
     /// A fresh key pair from `rng`.
     pub fn generate<R: rand::CryptoRng + ?Sized>(rng: &mut R) -> MailboxSecretKey {
         let mut ikm = zeroize::Zeroizing::new([0u8; 32]);
         rng.fill_bytes(ikm.as_mut());
-        MailboxSecretKey(Kem::derive_keypair(ikm.as_ref()).0)
+        let (secret, public) = Kem::derive_keypair(ikm.as_ref());
+        MailboxSecretKey(secret, MailboxPublicKey(public))
     }
 
     /// The matching public key.
     pub fn public_key(&self) -> MailboxPublicKey {
-        MailboxPublicKey(Kem::sk_to_pk(&self.0))
+        self.1.clone()
     }
 
     /// Reads 32 secret bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<MailboxSecretKey> {
         <Kem as hpke::Kem>::PrivateKey::from_bytes(bytes)
-            .map(MailboxSecretKey)
+            .map(|secret| {
+                let public = MailboxPublicKey(Kem::sk_to_pk(&secret));
+                MailboxSecretKey(secret, public)
+            })
             .map_err(|_| Error::Malformed {
                 what: "mailbox secret key",
                 reason: "not 32 bytes",
@@ -308,7 +313,7 @@ impl Envelope {
         };
         sender
             .verify_strict(
-                &signed_transcript(&self.outer, &recipient.public_key(), &content),
+                &signed_transcript(&self.outer, &recipient.1, &content),
                 &signature,
             )
             .map_err(|_| Error::BadSignature("sender certificate"))?;

@@ -4,7 +4,7 @@
 
 use crate::directory::{Directory, SignedDescriptor};
 use crate::envelope::{Envelope, MailboxSecretKey};
-use crate::fragment::{Fragment, FragmentInfo, ReassemblyLimits, Reassembler};
+use crate::fragment::{Fragment, FragmentInfo, Reassembler, ReassemblyLimits};
 use crate::payload::{FinalMessage, Reply};
 use crate::sphinx::{SphinxSecretKey, Surb, SurbRecovery, process_packet};
 use crate::{MessageId, UnixTime, wire};
@@ -38,8 +38,11 @@ pub fn packet(data: &[u8]) {
     let key = SphinxSecretKey::from([7u8; 32]);
     let _ = process_packet(&[&key], data);
     let _ = Surb::from_bytes(data);
-    if let Ok(recovery) = SurbRecovery::from_bytes(data.get(..48).unwrap_or(data)) {
-        let _ = recovery.open(data);
+    // Recovery material (16-byte id and two seeds) followed by a sealed reply.
+    if let (Some(material), Some(sealed)) = (data.get(..48), data.get(48..))
+        && let Ok(recovery) = SurbRecovery::from_bytes(material)
+    {
+        let _ = recovery.open(sealed);
     }
 }
 
@@ -81,11 +84,14 @@ pub fn fragment(data: &[u8]) {
         let Ok(info) = FragmentInfo::from_wire(Some(&info)) else {
             continue;
         };
+        // Fragments of one message share their count, so they land under one key; a few
+        // keys exercise the message bound.
+        let key = MessageId([(info.count % 3) as u8; 16]);
         let _ = reassembler.insert(
             UnixTime(now),
-            MessageId([info_bytes.len() as u8 % 3; 16]),
+            key,
             Fragment {
-                message_id: MessageId([0; 16]),
+                message_id: key,
                 info,
                 data: frag_data.to_vec(),
             },

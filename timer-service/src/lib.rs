@@ -1,5 +1,34 @@
-//! Timer service: a durable RocksDB timer queue (deferred sends, expiries, maintenance),
-//! and the timer node's admin side.
+//! # whispr-timer-service
 //!
-//! Filled in by the issue "Timer service: a durable RocksDB timer queue, and the timer
-//! node's admin side". Until then this crate is intentionally empty.
+//! The timer service holds what must happen later: deferred sends (a packet to inject into
+//! the mesh at a given time), expiries (a stored message to delete) and maintenance.
+//!
+//! * [`queue::TimerQueue`] is the sans-IO core: it takes `now` as an argument, draws ids from
+//!   an injected RNG and keeps tasks in a [`store::TaskStore`]. Categories have separate,
+//!   bounded queues; higher priority fires first among due tasks, categories are served
+//!   round-robin so that one category's flood cannot starve another; firing is
+//!   at-least-once with leases, retries with exponential back-off and quarantine.
+//! * [`rocks::RocksStore`] keeps tasks in RocksDB, keyed by due time, every write synced.
+//! * [`audit::AuditLog`] is the hash-chained JSON-lines log of administrative actions.
+//! * The `whispr-timer` binary is the timer node: admin HTTP API, metrics, workers.
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+pub mod audit;
+pub mod config;
+pub mod deferred;
+mod error;
+pub mod node;
+pub mod queue;
+pub mod rocks;
+pub mod store;
+pub mod task;
+
+pub use error::{Result, TimerError};

@@ -3,9 +3,8 @@
 
 SHELL := /bin/bash
 CARGO ?= cargo
-# Debian packages the build needs (none of the current crates builds C with bindgen yet;
-# libclang-dev joins this list with RocksDB).
-APT_PACKAGES := build-essential pkg-config
+# Debian packages the build needs: a C/C++ toolchain for RocksDB, libclang for its bindings.
+APT_PACKAGES := build-essential pkg-config libclang-dev
 FUZZ_SECONDS ?= 30
 # Forbidden in whispr-protocol's normal dependency tree.
 PROTOCOL_FORBIDDEN := tokio|libp2p|rocksdb|librocksdb-sys|axum|hyper|mio
@@ -49,3 +48,4 @@ fuzz:
 
 bench:
 	$(CARGO) bench -p whispr-protocol --bench protocol
+	bash timer-service/bench/run.sh

@@ -1,0 +1,226 @@
+//! `whispr-timer`: the Whispr Mesh timer node.
+//!
+//! ```text
+//! whispr-timer --config timer.toml              # run the node
+//! whispr-timer --config timer.toml audit-verify # check the audit log's hash chain
+//! whispr-timer stress --data-dir DIR --count N  # schedule N tasks, print each id once on disk
+//! ```
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use rand::{RngExt, SeedableRng};
+use tracing_subscriber::EnvFilter;
+use whispr_protocol::UnixTime;
+use whispr_timer_service::config::QueueConfig;
+use whispr_timer_service::deferred::NoMesh;
+use whispr_timer_service::node::{NodeConfig, TimerNode, now};
+use whispr_timer_service::queue::TimerQueue;
+use whispr_timer_service::rocks::{RocksOptions, RocksStore};
+use whispr_timer_service::task::{Category, NewTask};
+
+#[derive(Parser)]
+#[command(name = "whispr-timer", version, about = "Whispr Mesh timer node")]
+struct Cli {
+    /// The node's TOML configuration.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node (the default).
+    Run,
+    /// Verify the audit log's hash chain against the anchor kept in the store.
+    AuditVerify,
+    /// Load tool: schedule maintenance "noop" tasks straight into a data directory (the node
+    /// must not be running) and print each task id once it is on disk.
+    Stress {
+        /// The node's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// How many tasks.
+        #[arg(long, default_value_t = 1000)]
+        count: u64,
+        /// Tasks per synced write.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Due times spread uniformly over this many milliseconds from now.
+        #[arg(long, default_value_t = 0)]
+        spread_ms: u64,
+        /// Seed for the spread.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+fn init_tracing(json: bool, filter: Option<&str>) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(filter.unwrap_or("info")));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load_config(path: Option<&PathBuf>) -> anyhow::Result<NodeConfig> {
+    let path = path.context("--config FILE is required")?;
+    NodeConfig::load(path).with_context(|| format!("in config file {}", path.display()))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => {
+            let config = load_config(cli.config.as_ref())?;
+            init_tracing(config.log.json, config.log.filter.as_deref());
+            run(config)
+        }
+        Command::AuditVerify => {
+            let config = load_config(cli.config.as_ref())?;
+            init_tracing(config.log.json, config.log.filter.as_deref());
+            let node = TimerNode::open(config, Arc::new(NoMesh))?;
+            let report = node.verify_audit()?;
+            writeln!(
+                std::io::stdout().lock(),
+                "{}",
+                serde_json::to_string_pretty(&report)?
+            )?;
+            if report.ok {
+                Ok(())
+            } else {
+                anyhow::bail!("audit log does not verify")
+            }
+        }
+        Command::Stress {
+            data_dir,
+            count,
+            batch,
+            spread_ms,
+            seed,
+        } => stress(&data_dir, count, batch.max(1), spread_ms, seed),
+    }
+}
+
+fn run(config: NodeConfig) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(async move {
+        let listen = config.admin.listen;
+        let node = TimerNode::open(config, Arc::new(NoMesh)).context("opening the node")?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("admin.listen: cannot bind {listen}"))?;
+        tracing::info!(admin = %listener.local_addr()?, "timer node started");
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let worker = {
+            let node = node.clone();
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                node.run_worker(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+            })
+        };
+        let server = {
+            let node = node.clone();
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                node.serve(listener, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+            })
+        };
+        shutdown_signal().await;
+        tracing::info!("stopping");
+        let _ = stop_tx.send(true);
+        let _ = worker.await;
+        server.await.context("admin server task")??;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            biased;
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn stress(
+    data_dir: &std::path::Path,
+    count: u64,
+    batch: usize,
+    spread_ms: u64,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let store = RocksStore::open(&data_dir.join("db"), RocksOptions::default())?;
+    let config = QueueConfig {
+        queue_tasks_max: usize::MAX,
+        ..QueueConfig::default()
+    };
+    let mut queue = TimerQueue::open(
+        config,
+        store,
+        rand::rngs::StdRng::seed_from_u64(seed ^ now().0),
+    )?;
+    let mut spread = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut out = std::io::stdout().lock();
+    let mut scheduled = 0u64;
+    while scheduled < count {
+        let n = (count - scheduled).min(batch as u64);
+        let at = now();
+        let tasks = (0..n)
+            .map(|_| NewTask {
+                category: Category::Maintenance,
+                priority: 0,
+                due_at: UnixTime(
+                    at.0 + if spread_ms == 0 {
+                        0
+                    } else {
+                        spread.random_range(0..spread_ms)
+                    },
+                ),
+                payload: b"noop".to_vec(),
+                owner: None,
+            })
+            .collect();
+        for result in queue.schedule_many(at, tasks)? {
+            let id = result?;
+            writeln!(out, "{id}")?;
+        }
+        out.flush()?;
+        scheduled += n;
+    }
+    Ok(())
+}

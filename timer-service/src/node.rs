@@ -1,0 +1,900 @@
+//! The timer node: configuration, the worker loop that fires tasks, and the admin HTTP API.
+//!
+//! This is the tokio/axum driver around [`TimerQueue`]: it reads the clock, runs handlers
+//! with the execution timeout, and translates HTTP calls into queue operations, auditing
+//! every administrative call.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::sync::Notify;
+use whispr_protocol::UnixTime;
+
+use crate::audit::{AuditAction, AuditLog};
+use crate::config::QueueConfig;
+use crate::deferred::{DeferredSend, PacketInjector};
+use crate::error::TimerError;
+use crate::queue::{CategoryStats, FailOutcome, TimerQueue};
+use crate::rocks::{RocksOptions, RocksStore};
+use crate::task::{Category, FiredTask, TaskId};
+
+const AUDIT_ANCHOR_KEY: &str = "audit_anchor";
+const ACTOR: &str = "admin-api";
+/// Fire-lag histogram bucket bounds, in milliseconds.
+const LAG_BUCKETS_MS: [u64; 10] = [10, 50, 100, 250, 500, 1000, 5000, 30_000, 60_000, 300_000];
+
+/// The timer node's TOML configuration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Directory of the RocksDB store (`db/`) and the audit log (`audit.jsonl`).
+    pub data_dir: PathBuf,
+    /// The admin API.
+    pub admin: AdminConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Queue limits.
+    #[serde(default)]
+    pub queue: QueueConfig,
+    /// Worker loop.
+    #[serde(default)]
+    pub worker: WorkerConfig,
+}
+
+/// `[admin]`: the admin HTTP API.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Listen address. Default `127.0.0.1:7300`.
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+    /// Bearer token for `/v1/admin/*` (at least 32 characters). Keep the file 0600.
+    pub token: String,
+    /// Allow a non-loopback listen address (the API has no TLS: put it behind one).
+    #[serde(default)]
+    pub allow_non_loopback: bool,
+}
+
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("listen", &self.listen)
+            .field("allow_non_loopback", &self.allow_non_loopback)
+            .finish_non_exhaustive()
+    }
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7300))
+}
+
+/// `[log]`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// JSON lines instead of text.
+    #[serde(default)]
+    pub json: bool,
+    /// Filter directives when `RUST_LOG` is not set (default `info`).
+    #[serde(default)]
+    pub filter: Option<String>,
+}
+
+/// `[worker]`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Longest sleep of the worker loop between polls (it also wakes on every change).
+    pub idle_poll_ms: u64,
+    /// Recently fired tasks kept for `GET /v1/admin/fired`.
+    pub fired_log_max: usize,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            idle_poll_ms: 1000,
+            fired_log_max: 1000,
+        }
+    }
+}
+
+/// A configuration problem, naming the key to fix.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {problem}")]
+pub struct ConfigError {
+    /// The config key.
+    pub key: String,
+    /// What is wrong.
+    pub problem: String,
+}
+
+impl NodeConfig {
+    /// Reads and checks a TOML file.
+    pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            key: path.display().to_string(),
+            problem: format!("cannot read: {e}"),
+        })?;
+        let config: NodeConfig = toml::from_str(&text).map_err(|e| ConfigError {
+            key: "config".into(),
+            problem: e.to_string(),
+        })?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Checks values that TOML types cannot.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let fail = |key: &str, problem: &str| {
+            Err(ConfigError {
+                key: key.into(),
+                problem: problem.into(),
+            })
+        };
+        if self.admin.token.len() < 32 {
+            return fail("admin.token", "must be at least 32 characters");
+        }
+        if !self.admin.listen.ip().is_loopback() && !self.admin.allow_non_loopback {
+            return fail(
+                "admin.listen",
+                "not a loopback address; set admin.allow_non_loopback = true to allow it",
+            );
+        }
+        if self.queue.concurrency_max == 0 {
+            return fail("queue.concurrency_max", "must be at least 1");
+        }
+        if self.queue.attempts_max == 0 {
+            return fail("queue.attempts_max", "must be at least 1");
+        }
+        if self.worker.idle_poll_ms == 0 {
+            return fail("worker.idle_poll_ms", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// Wall-clock now. Only drivers read the clock.
+pub fn now() -> UnixTime {
+    UnixTime(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0),
+    )
+}
+
+/// A fired task's outcome, kept for `GET /v1/admin/fired`.
+#[derive(Clone, Debug, Serialize)]
+pub struct FiredRecord {
+    /// Task id (hex).
+    pub task: String,
+    /// Category name.
+    pub category: &'static str,
+    /// When it was due (Unix ms).
+    pub due_at_ms: u64,
+    /// When it fired (Unix ms).
+    pub fired_at_ms: u64,
+    /// "completed", "retry" or "quarantined".
+    pub outcome: &'static str,
+}
+
+#[derive(Default)]
+struct CategoryMetrics {
+    fired: AtomicU64,
+    failed: AtomicU64,
+    lag_buckets: [AtomicU64; LAG_BUCKETS_MS.len()],
+    lag_count: AtomicU64,
+    lag_sum_ms: AtomicU64,
+}
+
+#[derive(Default)]
+struct Metrics {
+    per_category: [CategoryMetrics; 3],
+    auth_failures: AtomicU64,
+}
+
+fn category_index(c: Category) -> usize {
+    Category::ALL.iter().position(|x| *x == c).unwrap_or(0)
+}
+
+impl Metrics {
+    fn category(&self, c: Category) -> &CategoryMetrics {
+        let i = category_index(c);
+        self.per_category.get(i).unwrap_or(&self.per_category[0])
+    }
+}
+
+struct NodeState {
+    queue: TimerQueue<RocksStore, StdRng>,
+    audit: AuditLog,
+    audit_path: PathBuf,
+    fired: VecDeque<FiredRecord>,
+}
+
+struct Shared {
+    config: NodeConfig,
+    state: Mutex<NodeState>,
+    wake: Notify,
+    injector: Arc<dyn PacketInjector>,
+    metrics: Metrics,
+    healthy: AtomicBool,
+}
+
+/// A running timer node.
+#[derive(Clone)]
+pub struct TimerNode {
+    shared: Arc<Shared>,
+}
+
+/// Why the node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Storage or audit log failure.
+    #[error(transparent)]
+    Timer(#[from] TimerError),
+    /// The audit log on disk is behind its anchor or does not verify.
+    #[error("audit log does not verify against its anchor: {0}")]
+    AuditTampered(String),
+}
+
+fn encode_anchor(seq: u64, hash: &[u8; 32]) -> Vec<u8> {
+    let mut v = seq.to_be_bytes().to_vec();
+    v.extend_from_slice(hash);
+    v
+}
+
+fn decode_anchor(bytes: &[u8]) -> Option<(u64, [u8; 32])> {
+    let (seq, hash) = bytes.split_first_chunk::<8>()?;
+    Some((u64::from_be_bytes(*seq), <[u8; 32]>::try_from(hash).ok()?))
+}
+
+impl TimerNode {
+    /// Opens the store and the audit log under `config.data_dir` (creating them on first
+    /// start) and checks the audit log against the anchor kept in the store.
+    pub fn open(
+        config: NodeConfig,
+        injector: Arc<dyn PacketInjector>,
+    ) -> Result<TimerNode, StartError> {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| TimerError::Storage(format!("cannot create data_dir: {e}")))?;
+        let store = RocksStore::open(&config.data_dir.join("db"), RocksOptions::default())?;
+        let rng = match config.queue.rng_seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => rand::make_rng(),
+        };
+        let mut queue = TimerQueue::open(config.queue.clone(), store, rng)?;
+        let audit_path = config.data_dir.join("audit.jsonl");
+        let anchor = queue.node_meta(AUDIT_ANCHOR_KEY).and_then(decode_anchor);
+        // Refuses a log that does not verify, or that stops short of the anchor (lines removed
+        // at the end): the node must not extend a tampered chain.
+        let audit = AuditLog::open_anchored(&audit_path, anchor)
+            .map_err(|e| StartError::AuditTampered(e.to_string()))?;
+        let (seq, hash) = audit.tip();
+        if seq > 0 {
+            queue.set_node_meta(AUDIT_ANCHOR_KEY, encode_anchor(seq, &hash))?;
+        }
+        Ok(TimerNode {
+            shared: Arc::new(Shared {
+                config,
+                state: Mutex::new(NodeState {
+                    queue,
+                    audit,
+                    audit_path,
+                    fired: VecDeque::new(),
+                }),
+                wake: Notify::new(),
+                injector,
+                metrics: Metrics::default(),
+                healthy: AtomicBool::new(true),
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, NodeState> {
+        // A panic while holding the lock would be a bug; the state itself stays consistent
+        // because every queue operation is all-or-nothing.
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Accepts a deferred send (called by the mesh layer): the packet is injected at
+    /// `release_at`. Returns once the task is on disk.
+    pub fn accept_deferred_send(
+        &self,
+        release_at: UnixTime,
+        send: &DeferredSend,
+        owner: Option<String>,
+    ) -> Result<TaskId, TimerError> {
+        let id = self.lock().queue.schedule(
+            now(),
+            crate::task::NewTask {
+                category: Category::DeferredSend,
+                priority: 5,
+                due_at: release_at,
+                payload: send.encode(),
+                owner,
+            },
+        )?;
+        self.shared.wake.notify_one();
+        Ok(id)
+    }
+
+    /// Verifies the audit log against the anchor kept in the store.
+    pub fn verify_audit(&self) -> Result<crate::audit::VerifyReport, TimerError> {
+        let state = self.lock();
+        let anchor = state
+            .queue
+            .node_meta(AUDIT_ANCHOR_KEY)
+            .and_then(decode_anchor);
+        crate::audit::verify(&state.audit_path, anchor)
+    }
+
+    /// Cancels a held deferred send.
+    pub fn cancel(&self, id: &TaskId) -> Result<(), TimerError> {
+        self.lock().queue.cancel(id)
+    }
+
+    /// Runs the worker loop until `shutdown` resolves.
+    pub async fn run_worker(&self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            let at = now();
+            let polled = {
+                let mut state = self.lock();
+                state
+                    .queue
+                    .poll_due(at, usize::MAX)
+                    .map(|fired| (fired, state.queue.poll_timeout()))
+            };
+            let wait = match polled {
+                Ok((fired, timeout)) => {
+                    self.shared.healthy.store(true, Ordering::Relaxed);
+                    for task in fired {
+                        let node = self.clone();
+                        tokio::spawn(async move { node.execute(task).await });
+                    }
+                    timeout.map_or(Duration::MAX, |t| t.saturating_since(at))
+                }
+                Err(e) => {
+                    self.shared.healthy.store(false, Ordering::Relaxed);
+                    tracing::error!(error = %e, "polling the queue failed");
+                    Duration::from_secs(1)
+                }
+            };
+            let wait = wait.min(Duration::from_millis(
+                self.shared.config.worker.idle_poll_ms,
+            ));
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                () = self.shared.wake.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    async fn execute(&self, task: FiredTask) {
+        let started = now();
+        let lag_ms = started.0.saturating_sub(task.due_at.0);
+        let metrics = self.shared.metrics.category(task.category);
+        metrics.fired.fetch_add(1, Ordering::Relaxed);
+        metrics.lag_count.fetch_add(1, Ordering::Relaxed);
+        metrics.lag_sum_ms.fetch_add(lag_ms, Ordering::Relaxed);
+        for (bound, bucket) in LAG_BUCKETS_MS.iter().zip(metrics.lag_buckets.iter()) {
+            if lag_ms <= *bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let (id, category, due_at) = (task.id, task.category, task.due_at);
+        let injector = Arc::clone(&self.shared.injector);
+        let handler = tokio::task::spawn_blocking(move || handle(injector.as_ref(), task));
+        let timeout = self.shared.config.queue.execution_timeout();
+        let ok = matches!(tokio::time::timeout(timeout, handler).await, Ok(Ok(Ok(()))));
+        let finished = now();
+        let outcome = {
+            let mut state = self.lock();
+            let result = if ok {
+                state.queue.complete(&id).map(|()| "completed")
+            } else {
+                metrics.failed.fetch_add(1, Ordering::Relaxed);
+                state.queue.fail(finished, &id).map(|o| match o {
+                    FailOutcome::Retry(_) => "retry",
+                    FailOutcome::Quarantined => "quarantined",
+                })
+            };
+            match result {
+                Ok(outcome) => {
+                    if state.fired.len() >= self.shared.config.worker.fired_log_max {
+                        state.fired.pop_front();
+                    }
+                    if self.shared.config.worker.fired_log_max > 0 {
+                        state.fired.push_back(FiredRecord {
+                            task: id.to_string(),
+                            category: category.name(),
+                            due_at_ms: due_at.0,
+                            fired_at_ms: started.0,
+                            outcome,
+                        });
+                    }
+                    outcome
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, category = category.name(), "could not record a task outcome");
+                    "unrecorded"
+                }
+            }
+        };
+        tracing::debug!(category = category.name(), lag_ms, outcome, "task fired");
+        self.shared.wake.notify_one();
+    }
+
+    /// The admin and metrics HTTP router.
+    pub fn router(&self) -> Router {
+        let admin = Router::new()
+            .route("/queues", get(admin_queues))
+            .route("/pause", post(admin_pause))
+            .route("/resume", post(admin_resume))
+            .route("/purge", post(admin_purge))
+            .route("/quarantine", post(admin_quarantine))
+            .route("/release", post(admin_release))
+            .route("/audit/verify", get(admin_verify))
+            .route("/fired", get(admin_fired));
+        Router::new()
+            .route("/healthz", get(healthz))
+            .route("/metrics", get(metrics))
+            .nest("/v1/admin", admin)
+            .with_state(self.clone())
+    }
+
+    /// Serves [`Self::router`] on `listener` until `shutdown` resolves.
+    pub async fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+
+    fn audit(
+        &self,
+        state: &mut NodeState,
+        action: AuditAction,
+        category: Option<Category>,
+        task: Option<TaskId>,
+        count: Option<u64>,
+    ) -> Result<(), TimerError> {
+        state
+            .audit
+            .append(now(), ACTOR, action, category, task, count)?;
+        let (seq, hash) = state.audit.tip();
+        state
+            .queue
+            .set_node_meta(AUDIT_ANCHOR_KEY, encode_anchor(seq, &hash))
+    }
+}
+
+/// Runs one fired task's handler (on a blocking thread).
+fn handle(injector: &dyn PacketInjector, task: FiredTask) -> Result<(), String> {
+    match task.category {
+        Category::DeferredSend => {
+            let send = DeferredSend::decode(&task.payload).map_err(|e| e.to_string())?;
+            injector.inject(send)
+        }
+        // Maintenance tasks the timer node knows; anything else is refused (and ends in
+        // quarantine after retries, where an admin can look at it).
+        Category::Maintenance => match task.payload.as_slice() {
+            b"noop" => Ok(()),
+            _ => Err("unknown maintenance action".into()),
+        },
+        Category::Expiry => Err("expiries are handled by mailbox nodes".into()),
+    }
+}
+
+// ---- HTTP ------------------------------------------------------------------------------------
+
+/// An API error: a status, a stable code and a message without user data.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<TimerError> for ApiError {
+    fn from(e: TimerError) -> Self {
+        let (status, code) = match &e {
+            TimerError::UnknownCategory => (StatusCode::BAD_REQUEST, "unknown_category"),
+            TimerError::BadTaskId => (StatusCode::BAD_REQUEST, "bad_task_id"),
+            TimerError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            TimerError::WrongState(_) => (StatusCode::CONFLICT, "wrong_state"),
+            TimerError::Poisoned => (StatusCode::SERVICE_UNAVAILABLE, "store_poisoned"),
+            e if e.is_caller_error() => (StatusCode::BAD_REQUEST, "bad_request"),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.body_text())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            axum::Json(serde_json::json!({ "error": self.code, "message": self.message })),
+        )
+            .into_response()
+    }
+}
+
+type ApiResult<T> = Result<axum::Json<T>, ApiError>;
+
+fn authorize(node: &TimerNode, headers: &HeaderMap) -> Result<(), ApiError> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Compare digests so that the comparison is constant-time whatever the lengths.
+    let expected = Sha256::digest(node.shared.config.admin.token.as_bytes());
+    let got = Sha256::digest(presented.as_bytes());
+    if bool::from(expected.ct_eq(&got)) {
+        Ok(())
+    } else {
+        node.shared
+            .metrics
+            .auth_failures
+            .fetch_add(1, Ordering::Relaxed);
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong bearer token",
+        ))
+    }
+}
+
+async fn healthz(State(node): State<TimerNode>) -> impl IntoResponse {
+    if node.shared.healthy.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "store failing\n")
+    }
+}
+
+/// Body of pause / resume: `{"category": "expiry"}`, or `{}` / `{"category": null}` for all.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CategoryBody {
+    #[serde(default)]
+    category: Option<String>,
+}
+
+/// Body of quarantine / release: `{"task": "<32 hex digits>"}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskBody {
+    task: String,
+}
+
+#[derive(Serialize)]
+struct Done {
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    count: Option<u64>,
+}
+
+async fn admin_queues(
+    State(node): State<TimerNode>,
+    headers: HeaderMap,
+) -> ApiResult<BTreeMap<&'static str, CategoryStats>> {
+    authorize(&node, &headers)?;
+    let mut state = node.lock();
+    node.audit(&mut state, AuditAction::Stats, None, None, None)?;
+    let stats = state.queue.stats(now());
+    Ok(axum::Json(
+        stats.into_iter().map(|(c, s)| (c.name(), s)).collect(),
+    ))
+}
+
+fn pause_or_resume(
+    node: &TimerNode,
+    headers: &HeaderMap,
+    body: Result<axum::Json<CategoryBody>, JsonRejection>,
+    pause: bool,
+) -> ApiResult<Done> {
+    authorize(node, headers)?;
+    let axum::Json(body) = body?;
+    let category = body.category.as_deref().map(Category::parse).transpose()?;
+    let mut state = node.lock();
+    if pause {
+        state.queue.pause(category)?;
+    } else {
+        state.queue.resume(category)?;
+    }
+    let action = if pause {
+        AuditAction::Pause
+    } else {
+        AuditAction::Resume
+    };
+    node.audit(&mut state, action, category, None, None)?;
+    drop(state);
+    node.shared.wake.notify_one();
+    Ok(axum::Json(Done {
+        ok: true,
+        count: None,
+    }))
+}
+
+async fn admin_pause(
+    State(node): State<TimerNode>,
+    headers: HeaderMap,
+    body: Result<axum::Json<CategoryBody>, JsonRejection>,
+) -> ApiResult<Done> {
+    pause_or_resume(&node, &headers, body, true)
+}
+
+async fn admin_resume(
+    State(node): State<TimerNode>,
+    headers: HeaderMap,
+    body: Result<axum::Json<CategoryBody>, JsonRejection>,
+) -> ApiResult<Done> {
+    pause_or_resume(&node, &headers, body, false)
+}
+
+async fn admin_purge(
+    State(node): State<TimerNode>,
+    headers: HeaderMap,
+    body: Result<axum::Json<CategoryBody>, JsonRejection>,
+) -> ApiResult<Done> {
+    authorize(&node, &headers)?;
+    let axum::Json(body) = body?;
+    let name = body.category.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "missing_category",
+            "purge needs a category",
+        )
+    })?;
+    let category = Category::parse(&name)?;
+    let mut state = node.lock();
+    let count = u64::try_from(state.queue.purge(category)?).unwrap_or(u64::MAX);
+    node.audit(
+        &mut state,
+        AuditAction::Purge,
+        Some(category),
+        None,
+        Some(count),
+    )?;
+    Ok(axum::Json(Done {
+        ok: true,
+        count: Some(count),
+    }))
+}
+
+fn task_action(
+    node: &TimerNode,
+    headers: &HeaderMap,
+    body: Result<axum::Json<TaskBody>, JsonRejection>,
+    quarantine: bool,
+) -> ApiResult<Done> {
+    authorize(node, headers)?;
+    let axum::Json(body) = body?;
+    let id = TaskId::parse(&body.task)?;
+    let mut state = node.lock();
+    let category = state.queue.task(&id).map(|m| m.category);
+    if quarantine {
+        state.queue.quarantine(&id)?;
+    } else {
+        state.queue.release(&id)?;
+    }
+    let action = if quarantine {
+        AuditAction::Quarantine
+    } else {
+        AuditAction::Release
+    };
+    node.audit(&mut state, action, category, Some(id), None)?;
+    drop(state);
+    node.shared.wake.notify_one();
+    Ok(axum::Json(Done {
+        ok: true,
+        count: None,
+    }))
+}
+
+async fn admin_quarantine(
+    State(node): State<TimerNode>,
+    headers: HeaderMap,
+    body: Result<axum::Json<TaskBody>, JsonRejection>,
+) -> ApiResult<Done> {
+    task_action(&node, &headers, body, true)
+}
+
+async fn admin_release(
+    State(node): State<TimerNode>,
+    headers: HeaderMap,
+    body: Result<axum::Json<TaskBody>, JsonRejection>,
+) -> ApiResult<Done> {
+    task_action(&node, &headers, body, false)
+}
+
+async fn admin_verify(
+    State(node): State<TimerNode>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&node, &headers)?;
+    let mut state = node.lock();
+    node.audit(&mut state, AuditAction::Verify, None, None, None)?;
+    let anchor = state
+        .queue
+        .node_meta(AUDIT_ANCHOR_KEY)
+        .and_then(decode_anchor);
+    let report = crate::audit::verify(&state.audit_path, anchor)?;
+    let status = if report.ok {
+        StatusCode::OK
+    } else {
+        StatusCode::CONFLICT
+    };
+    Ok((status, axum::Json(report)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FiredQuery {
+    limit: Option<usize>,
+}
+
+async fn admin_fired(
+    State(node): State<TimerNode>,
+    headers: HeaderMap,
+    query: Result<Query<FiredQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Vec<FiredRecord>> {
+    authorize(&node, &headers)?;
+    let Query(query) =
+        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
+    let mut state = node.lock();
+    node.audit(&mut state, AuditAction::Fired, None, None, None)?;
+    let limit = query.limit.unwrap_or(usize::MAX);
+    let skip = state.fired.len().saturating_sub(limit);
+    Ok(axum::Json(state.fired.iter().skip(skip).cloned().collect()))
+}
+
+async fn metrics(State(node): State<TimerNode>) -> impl IntoResponse {
+    use std::fmt::Write;
+    let stats = node.lock().queue.stats(now());
+    let m = &node.shared.metrics;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP whispr_timer_tasks Tasks held, by category and state."
+    );
+    let _ = writeln!(out, "# TYPE whispr_timer_tasks gauge");
+    for (c, s) in &stats {
+        for (state, n) in [
+            ("scheduled", s.scheduled),
+            ("due", s.due),
+            ("running", s.running),
+            ("quarantined", s.quarantined),
+        ] {
+            let _ = writeln!(
+                out,
+                "whispr_timer_tasks{{category=\"{}\",state=\"{state}\"}} {n}",
+                c.name()
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP whispr_timer_paused 1 when the category is paused."
+    );
+    let _ = writeln!(out, "# TYPE whispr_timer_paused gauge");
+    for (c, s) in &stats {
+        let _ = writeln!(
+            out,
+            "whispr_timer_paused{{category=\"{}\"}} {}",
+            c.name(),
+            u8::from(s.paused)
+        );
+    }
+    let _ = writeln!(out, "# HELP whispr_timer_fired_total Tasks fired.");
+    let _ = writeln!(out, "# TYPE whispr_timer_fired_total counter");
+    for c in Category::ALL {
+        let _ = writeln!(
+            out,
+            "whispr_timer_fired_total{{category=\"{}\"}} {}",
+            c.name(),
+            m.category(c).fired.load(Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP whispr_timer_failures_total Task executions that failed or timed out."
+    );
+    let _ = writeln!(out, "# TYPE whispr_timer_failures_total counter");
+    for c in Category::ALL {
+        let _ = writeln!(
+            out,
+            "whispr_timer_failures_total{{category=\"{}\"}} {}",
+            c.name(),
+            m.category(c).failed.load(Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP whispr_timer_fire_lag_ms Time from due to firing."
+    );
+    let _ = writeln!(out, "# TYPE whispr_timer_fire_lag_ms histogram");
+    for c in Category::ALL {
+        let cm = m.category(c);
+        for (bound, bucket) in LAG_BUCKETS_MS.iter().zip(cm.lag_buckets.iter()) {
+            let _ = writeln!(
+                out,
+                "whispr_timer_fire_lag_ms_bucket{{category=\"{}\",le=\"{bound}\"}} {}",
+                c.name(),
+                bucket.load(Ordering::Relaxed)
+            );
+        }
+        let count = cm.lag_count.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "whispr_timer_fire_lag_ms_bucket{{category=\"{}\",le=\"+Inf\"}} {count}",
+            c.name()
+        );
+        let _ = writeln!(
+            out,
+            "whispr_timer_fire_lag_ms_sum{{category=\"{}\"}} {}",
+            c.name(),
+            cm.lag_sum_ms.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "whispr_timer_fire_lag_ms_count{{category=\"{}\"}} {count}",
+            c.name()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP whispr_timer_admin_auth_failures_total Admin calls refused for a missing or wrong token."
+    );
+    let _ = writeln!(out, "# TYPE whispr_timer_admin_auth_failures_total counter");
+    let _ = writeln!(
+        out,
+        "whispr_timer_admin_auth_failures_total {}",
+        m.auth_failures.load(Ordering::Relaxed)
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}

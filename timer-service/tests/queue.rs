@@ -383,3 +383,26 @@ fn purge_and_quarantine_by_admin() {
     assert_eq!(stats[&Category::Expiry], Default::default());
     assert_eq!(stats[&Category::Maintenance].quarantined, 1);
 }
+
+proptest! {
+    /// Stored task records decode or fail with a typed error, never panic; every record the
+    /// encoder writes decodes back to itself.
+    #[test]
+    fn task_records_decode_safely(bytes in proptest::collection::vec(any::<u8>(), 0..100), p in 0u8..=9, due in any::<u64>(), attempts in any::<u32>()) {
+        use whispr_timer_service::task::{TaskMeta, TaskState};
+        if let Err(e) = TaskMeta::decode(&bytes) {
+            prop_assert!(!e.is_caller_error());
+        }
+        let meta = TaskMeta {
+            id: TaskId([3; 16]),
+            category: Category::Maintenance,
+            priority: p,
+            due_at: UnixTime(due),
+            created_at: UnixTime(due / 2),
+            attempts,
+            state: TaskState::Quarantined,
+            payload_len: 17,
+        };
+        prop_assert_eq!(TaskMeta::decode(&meta.encode()).unwrap(), meta);
+    }
+}

@@ -27,8 +27,11 @@ test: deps fmt-check clippy check-deps unit
 fmt-check:
 	$(CARGO) fmt --all -- --check
 
+# `--profile test`: the same profile as `cargo test`, so that clippy and the tests share one
+# build of every dependency (cargo keys build-script output by profile name, so a `dev`-profile
+# clippy would compile RocksDB's C++ a second time).
 clippy:
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --profile test -- -D warnings
 
 # whispr-protocol must not depend on a runtime, network or storage crate.
 check-deps:

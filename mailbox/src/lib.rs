@@ -1,5 +1,40 @@
-//! Mailbox node: durable RocksDB mailboxes keeping sealed envelopes for their owners, with
-//! an authenticated poll/stream API (axum over rustls).
+//! # whispr-mailbox
 //!
-//! Filled in by the issue "Mailbox node: durable RocksDB mailboxes with an authenticated
-//! poll/stream API". Until then this crate is intentionally empty.
+//! The mailbox node keeps sealed envelopes for their owners until every registered device
+//! has fetched and acknowledged them, or they expire. It learns which mailbox a deposit is
+//! for (the access key proves the sender is a contact) but never who sent it.
+//!
+//! - [`core::MailboxCore`]: the sans-IO core (deposits with group commit, dedup, quotas,
+//!   rate limits, expiry, multi-device cursors, prekeys, export, crypto-erasure) over a
+//!   [`store::MailboxStore`]: [`rocks::RocksStore`] on disk, [`store::MemoryStore`] for
+//!   tests and the simulator.
+//! - [`crypto`]: encryption at rest (master key, per-mailbox data keys).
+//! - [`auth::Sessions`]: challenge/response login, session tokens and stream tickets.
+//! - [`node`]: the `whispr-mailbox` binary's driver: config, the axum API over TLS, expiry
+//!   through the timer queue, metrics.
+//!
+//! Operators and client developers: see `docs/mailbox.md`.
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+pub mod auth;
+pub mod config;
+pub mod core;
+pub mod crypto;
+pub mod error;
+pub mod http;
+pub mod node;
+pub mod pii;
+pub mod rocks;
+pub mod store;
+#[doc(hidden)]
+pub mod testkit;
+
+pub use error::{MailboxError, Result};

@@ -30,6 +30,7 @@ pub mod fragment;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod payload;
+pub mod prekeys;
 pub mod sphinx;
 mod types;
 pub mod wire;

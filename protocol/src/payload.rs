@@ -2,10 +2,12 @@
 //! mailbox, or a hold or cancel request for a timer node), and [`Reply`] inside a SURB reply.
 
 use crate::envelope::Envelope;
+use crate::prekeys::PrekeyBundle;
 use crate::sphinx::{PACKET_SIZE, PLAINTEXT_LEN_MAX, Surb};
 use crate::wire;
 use crate::{
-    CancelCapability, DedupId, DestinationAddress, Error, HoldId, NodeId, Result, UnixTime,
+    AccessToken, CancelCapability, DedupId, DestinationAddress, Error, HoldId, MailboxId, NodeId,
+    Result, UnixTime,
 };
 
 /// Most parts a held packet is split into.
@@ -55,6 +57,17 @@ pub struct CancelHold {
     pub ack_surb: Option<Surb>,
 }
 
+/// An anonymous request for one of a mailbox owner's prekeys, answered through a SURB.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrekeyRequest {
+    /// The mailbox whose owner's prekey is wanted.
+    pub mailbox_id: MailboxId,
+    /// The mailbox's access key (only contacts may consume one-time prekeys).
+    pub access_token: AccessToken,
+    /// Where the bundle goes.
+    pub reply_surb: Surb,
+}
+
 /// The plaintext of a forward packet at its final hop.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FinalMessage {
@@ -64,6 +77,8 @@ pub enum FinalMessage {
     Hold(HeldPacketPart),
     /// Cancel a held packet.
     Cancel(CancelHold),
+    /// Ask a mailbox node for a prekey bundle.
+    PrekeyRequest(PrekeyRequest),
 }
 
 fn optional_surb(bytes: &[u8]) -> Result<Option<Surb>> {
@@ -100,6 +115,13 @@ impl FinalMessage {
                 capability: c.capability.as_bytes().to_vec(),
                 ack_surb: surb_bytes(c.ack_surb.as_ref()),
             }),
+            FinalMessage::PrekeyRequest(r) => {
+                wire::final_payload::Body::PrekeyRequest(wire::PrekeyRequest {
+                    mailbox_id: r.mailbox_id.as_bytes().to_vec(),
+                    access_token: r.access_token.as_bytes().to_vec(),
+                    reply_surb: r.reply_surb.as_bytes().to_vec(),
+                })
+            }
         };
         let bytes = wire::encode(&wire::FinalPayload {
             version: wire::VERSION,
@@ -117,12 +139,16 @@ impl FinalMessage {
 
     /// Decodes the plaintext a final hop received for `destination` and checks that the two
     /// agree: a deposit must be addressed to its envelope's mailbox, hold and cancel requests
-    /// to [`DestinationAddress::NODE_SERVICE`]. Final hops use this, not [`Self::decode`].
+    /// to [`DestinationAddress::NODE_SERVICE`], a prekey request to its mailbox. Final hops
+    /// use this, not [`Self::decode`].
     pub fn decode_for(destination: DestinationAddress, bytes: &[u8]) -> Result<FinalMessage> {
         let message = FinalMessage::decode(bytes)?;
         let matches = match &message {
             FinalMessage::Deposit(envelope) => {
                 destination == DestinationAddress::mailbox(&envelope.outer.mailbox_id)
+            }
+            FinalMessage::PrekeyRequest(r) => {
+                destination == DestinationAddress::mailbox(&r.mailbox_id)
             }
             FinalMessage::Hold(_) | FinalMessage::Cancel(_) => {
                 destination == DestinationAddress::NODE_SERVICE
@@ -188,6 +214,20 @@ impl FinalMessage {
                 capability: CancelCapability::from_slice("cancel capability", &c.capability)?,
                 ack_surb: optional_surb(&c.ack_surb)?,
             })),
+            Some(wire::final_payload::Body::PrekeyRequest(r)) => {
+                let mailbox_id = MailboxId::from_slice("mailbox id", &r.mailbox_id)?;
+                if mailbox_id.0 == [0u8; 32] {
+                    return Err(Error::Malformed {
+                        what: "prekey request",
+                        reason: "reserved all-zero mailbox id",
+                    });
+                }
+                Ok(FinalMessage::PrekeyRequest(PrekeyRequest {
+                    mailbox_id,
+                    access_token: AccessToken::from_slice("access token", &r.access_token)?,
+                    reply_surb: Surb::from_bytes(&r.reply_surb)?,
+                }))
+            }
         }
     }
 }
@@ -211,6 +251,8 @@ pub enum Reply {
     },
     /// Application data.
     Data(Vec<u8>),
+    /// A mailbox node's answer to a prekey request.
+    Prekeys(PrekeyBundle),
 }
 
 impl Reply {
@@ -230,6 +272,7 @@ impl Reply {
                 cancelled: *cancelled,
             }),
             Reply::Data(data) => Body::Data(data.clone()),
+            Reply::Prekeys(bundle) => Body::PrekeyBundle(bundle.to_wire()),
         };
         let bytes = wire::encode(&wire::ReplyBody {
             version: wire::VERSION,
@@ -263,6 +306,7 @@ impl Reply {
                 cancelled: a.cancelled,
             }),
             Some(Body::Data(d)) => Ok(Reply::Data(d)),
+            Some(Body::PrekeyBundle(b)) => PrekeyBundle::from_wire(b).map(Reply::Prekeys),
         }
     }
 }

@@ -1,0 +1,307 @@
+//! Owner authentication, sans-IO: challenge/response login with a registered device key,
+//! short-lived session tokens, and one-time tickets for WebSocket streams.
+//!
+//! - A **challenge** (32 random bytes) is bound to a mailbox and a device key, lives
+//!   `challenge_ttl_ms`, and is consumed by the first login attempt, successful or not.
+//! - **Login** verifies the device's Ed25519 signature over [`login_transcript`] (which
+//!   names this node's `audience`, so a signature for one node cannot be replayed to
+//!   another) and returns a bearer token valid `session_ttl_ms`. Only the token's SHA-256
+//!   is kept.
+//! - A **stream ticket** is a one-time token valid `ticket_ttl_ms`, for the WebSocket
+//!   upgrade (browsers cannot set headers on it); redeeming it consumes it.
+//!
+//! Every table is bounded; when one is full of live entries, new ones are refused with
+//! [`MailboxError::RateLimited`] rather than evicting live ones.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use whispr_protocol::{MailboxId, UnixTime};
+
+use crate::error::{MailboxError, Result};
+
+/// Domain prefix of the login signature.
+pub const LOGIN_PREFIX: &[u8] = b"whispr-mailbox-login-v1";
+
+/// The bytes a device signs to log in:
+/// `"whispr-mailbox-login-v1" ‖ len(audience) (u16 BE) ‖ audience ‖ mailbox_id ‖ device_key ‖
+/// challenge`.
+pub fn login_transcript(
+    audience: &str,
+    mailbox: &MailboxId,
+    device: &[u8; 32],
+    challenge: &[u8; 32],
+) -> Vec<u8> {
+    let mut t = Vec::with_capacity(LOGIN_PREFIX.len() + 2 + audience.len() + 96);
+    t.extend_from_slice(LOGIN_PREFIX);
+    let len = u16::try_from(audience.len()).unwrap_or(u16::MAX);
+    t.extend_from_slice(&len.to_be_bytes());
+    t.extend_from_slice(audience.as_bytes().get(..usize::from(len)).unwrap_or_default());
+    t.extend_from_slice(mailbox.as_bytes());
+    t.extend_from_slice(device);
+    t.extend_from_slice(challenge);
+    t
+}
+
+/// Limits and lifetimes of [`Sessions`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// How long a challenge can be answered. Default 60 s.
+    pub challenge_ttl_ms: u64,
+    /// How long a session token is valid. Default 15 minutes.
+    pub session_ttl_ms: u64,
+    /// How long a stream ticket can be redeemed. Default 30 s.
+    pub ticket_ttl_ms: u64,
+    /// Most outstanding challenges. Default 10,000.
+    pub challenges_max: usize,
+    /// Most live sessions. Default 100,000.
+    pub sessions_max: usize,
+    /// Most outstanding tickets. Default 10,000.
+    pub tickets_max: usize,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            challenge_ttl_ms: 60_000,
+            session_ttl_ms: 15 * 60_000,
+            ticket_ttl_ms: 30_000,
+            challenges_max: 10_000,
+            sessions_max: 100_000,
+            tickets_max: 10_000,
+        }
+    }
+}
+
+/// An authenticated owner device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Session {
+    /// The mailbox it may read.
+    pub mailbox: MailboxId,
+    /// The device key it logged in with.
+    pub device: [u8; 32],
+    /// When the token stops working.
+    pub expires_at: UnixTime,
+}
+
+/// A bounded table of entries that expire.
+struct Table<V> {
+    entries: BTreeMap<[u8; 32], (V, u64)>,
+    by_expiry: BTreeSet<(u64, [u8; 32])>,
+    max: usize,
+}
+
+impl<V> Table<V> {
+    fn new(max: usize) -> Self {
+        Table {
+            entries: BTreeMap::new(),
+            by_expiry: BTreeSet::new(),
+            max,
+        }
+    }
+
+    fn prune(&mut self, now: UnixTime) {
+        while let Some((exp, key)) = self.by_expiry.first().copied() {
+            if exp > now.0 {
+                break;
+            }
+            self.by_expiry.remove(&(exp, key));
+            self.entries.remove(&key);
+        }
+    }
+
+    fn insert(&mut self, now: UnixTime, key: [u8; 32], value: V, expires: u64) -> Result<()> {
+        self.prune(now);
+        if self.entries.len() >= self.max {
+            let retry_after_ms = self
+                .by_expiry
+                .first()
+                .map_or(1000, |(exp, _)| exp.saturating_sub(now.0).max(1));
+            return Err(MailboxError::RateLimited {
+                what: "authentication table full",
+                retry_after_ms,
+            });
+        }
+        self.entries.insert(key, (value, expires));
+        self.by_expiry.insert((expires, key));
+        Ok(())
+    }
+
+    fn take(&mut self, now: UnixTime, key: &[u8; 32]) -> Option<V> {
+        let (value, exp) = self.entries.remove(key)?;
+        self.by_expiry.remove(&(exp, *key));
+        (exp > now.0).then_some(value)
+    }
+
+    fn get(&self, now: UnixTime, key: &[u8; 32]) -> Option<&V> {
+        self.entries
+            .get(key)
+            .and_then(|(v, exp)| (*exp > now.0).then_some(v))
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&V) -> bool) {
+        let doomed: Vec<([u8; 32], u64)> = self
+            .entries
+            .iter()
+            .filter(|(_, (v, _))| !keep(v))
+            .map(|(k, (_, exp))| (*k, *exp))
+            .collect();
+        for (k, exp) in doomed {
+            self.entries.remove(&k);
+            self.by_expiry.remove(&(exp, k));
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+/// Outstanding challenges, sessions and tickets.
+pub struct Sessions<R: rand::CryptoRng> {
+    config: AuthConfig,
+    audience: String,
+    rng: R,
+    challenges: Table<(MailboxId, [u8; 32])>,
+    sessions: Table<Session>,
+    tickets: Table<Session>,
+}
+
+impl<R: rand::CryptoRng> std::fmt::Debug for Sessions<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sessions")
+            .field("sessions", &self.sessions.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn hash(token: &[u8; 32]) -> [u8; 32] {
+    Sha256::digest(token).into()
+}
+
+impl<R: rand::CryptoRng> Sessions<R> {
+    /// Empty tables. `audience` names this node in login signatures.
+    pub fn new(config: AuthConfig, audience: String, rng: R) -> Self {
+        Sessions {
+            challenges: Table::new(config.challenges_max),
+            sessions: Table::new(config.sessions_max),
+            tickets: Table::new(config.tickets_max),
+            config,
+            audience,
+            rng,
+        }
+    }
+
+    /// The audience string devices sign.
+    pub fn audience(&self) -> &str {
+        &self.audience
+    }
+
+    /// Issues a challenge for `device` on `mailbox`. Does not reveal whether either exists.
+    pub fn challenge(
+        &mut self,
+        now: UnixTime,
+        mailbox: MailboxId,
+        device: [u8; 32],
+    ) -> Result<([u8; 32], UnixTime)> {
+        let mut challenge = [0u8; 32];
+        self.rng.fill_bytes(&mut challenge);
+        let expires = now.0.saturating_add(self.config.challenge_ttl_ms);
+        self.challenges
+            .insert(now, challenge, (mailbox, device), expires)?;
+        Ok((challenge, UnixTime(expires)))
+    }
+
+    /// Answers a challenge. The challenge is consumed whatever the outcome. `is_device`
+    /// says whether the core has `device` registered on `mailbox`.
+    pub fn login(
+        &mut self,
+        now: UnixTime,
+        mailbox: MailboxId,
+        device: [u8; 32],
+        challenge: [u8; 32],
+        signature: [u8; 64],
+        is_device: bool,
+    ) -> Result<([u8; 32], UnixTime)> {
+        let Some((c_mailbox, c_device)) = self.challenges.take(now, &challenge) else {
+            return Err(MailboxError::Unauthorized("unknown, expired or used challenge"));
+        };
+        if c_mailbox != mailbox || c_device != device {
+            return Err(MailboxError::Unauthorized(
+                "challenge issued for another mailbox or device",
+            ));
+        }
+        let key = VerifyingKey::from_bytes(&device)
+            .map_err(|_| MailboxError::BadSignature("login"))?;
+        key.verify(
+            &login_transcript(&self.audience, &mailbox, &device, &challenge),
+            &Signature::from_bytes(&signature),
+        )
+        .map_err(|_| MailboxError::BadSignature("login"))?;
+        if !is_device {
+            return Err(MailboxError::Unauthorized("not a device of this mailbox"));
+        }
+        let mut token = [0u8; 32];
+        self.rng.fill_bytes(&mut token);
+        let expires = now.0.saturating_add(self.config.session_ttl_ms);
+        let session = Session {
+            mailbox,
+            device,
+            expires_at: UnixTime(expires),
+        };
+        self.sessions.insert(now, hash(&token), session, expires)?;
+        Ok((token, UnixTime(expires)))
+    }
+
+    /// The session a bearer token stands for.
+    pub fn authenticate(&self, now: UnixTime, token: &[u8; 32]) -> Result<Session> {
+        self.sessions
+            .get(now, &hash(token))
+            .copied()
+            .ok_or(MailboxError::Unauthorized("unknown or expired session token"))
+    }
+
+    /// Ends a session.
+    pub fn logout(&mut self, now: UnixTime, token: &[u8; 32]) {
+        let _ = self.sessions.take(now, &hash(token));
+    }
+
+    /// Issues a one-time stream ticket for an authenticated session.
+    pub fn ticket(&mut self, now: UnixTime, session: Session) -> Result<([u8; 32], UnixTime)> {
+        let mut ticket = [0u8; 32];
+        self.rng.fill_bytes(&mut ticket);
+        let expires = now
+            .0
+            .saturating_add(self.config.ticket_ttl_ms)
+            .min(session.expires_at.0);
+        self.tickets.insert(now, hash(&ticket), session, expires)?;
+        Ok((ticket, UnixTime(expires)))
+    }
+
+    /// Redeems a ticket for `mailbox` (consumed whatever the outcome).
+    pub fn redeem(&mut self, now: UnixTime, mailbox: &MailboxId, ticket: &[u8; 32]) -> Result<Session> {
+        let session = self
+            .tickets
+            .take(now, &hash(ticket))
+            .ok_or(MailboxError::Unauthorized("unknown, expired or used ticket"))?;
+        if &session.mailbox != mailbox {
+            return Err(MailboxError::Unauthorized("ticket issued for another mailbox"));
+        }
+        Ok(session)
+    }
+
+    /// Drops every session and ticket of a mailbox (after erasure), or of one device.
+    pub fn revoke(&mut self, mailbox: &MailboxId, device: Option<&[u8; 32]>) {
+        let keep = |s: &Session| !(&s.mailbox == mailbox && device.is_none_or(|d| &s.device == d));
+        self.sessions.retain(keep);
+        self.tickets.retain(keep);
+    }
+
+    /// Live sessions.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+}

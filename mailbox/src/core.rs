@@ -1,0 +1,1546 @@
+//! [`MailboxCore`]: every mailbox decision, with no I/O of its own besides the store trait.
+//!
+//! Call order for a driver:
+//! 1. [`MailboxCore::open`] loads mailbox records, rebuilds the in-memory index from the
+//!    store, and purges what expired while the node was down.
+//! 2. Feed inputs: [`MailboxCore::deposit_many`] (group commit: one synced write for a batch
+//!    of concurrent deposits and SURB replies), [`MailboxCore::handle_prekey_request`], and
+//!    the owner's calls (create, fetch, ack, prekeys, export, erase). Every input carries
+//!    `now`; the core never reads a clock.
+//! 3. After each input, drain [`MailboxCore::poll_output`] until `None`: SURB replies for the
+//!    mesh layer, and expiry sweeps to schedule on the timer queue.
+//! 4. When a scheduled sweep fires, call [`MailboxCore::sweep_expired`].
+//!
+//! Reads filter by expiry time, so nothing expired is served even when a sweep is late.
+//! In-memory state changes only after the store write that backs it succeeded.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::ops::ControlFlow;
+
+use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use whispr_protocol::envelope::Envelope;
+use whispr_protocol::payload::{FinalMessage, PrekeyRequest, Reply};
+use whispr_protocol::prekeys::{PrekeyBundle, SignedPrekey, verify_identity};
+use whispr_protocol::sphinx::Surb;
+use whispr_protocol::{AccessToken, DedupId, MailboxId, ReplyKey, SurbId, UnixTime};
+
+use crate::config::CoreConfig;
+use crate::crypto::{DataKey, MasterKey, SID_LEN, StorageId};
+use crate::error::{MailboxError, Result};
+use crate::store::{Cf, MailboxStore, Op};
+
+/// Domain prefix of the proof of possession signed at creation.
+pub const CREATE_PREFIX: &[u8] = b"whispr-mailbox-create-v1";
+/// Domain prefix of a device registration signed by the owner.
+pub const DEVICE_PREFIX: &[u8] = b"whispr-mailbox-device-v1";
+
+const TAG_RECORD: u8 = 0;
+const TAG_CURSOR: u8 = 1;
+const TAG_SEQ_FLOOR: u8 = 2;
+const TAG_PREKEY_IDENTITY: u8 = 0;
+const TAG_PREKEY_ONE_TIME: u8 = 1;
+const KIND_ENVELOPE: u8 = 0;
+const KIND_SURB_REPLY: u8 = 1;
+/// Length of a wrapped data key: nonce, key, tag.
+const WRAPPED_LEN: usize = 24 + 32 + 16;
+
+/// What the core asks its driver to do.
+#[derive(Debug)]
+pub enum Output {
+    /// Send `reply` back through `surb` (the mesh layer builds the packet).
+    Reply {
+        /// The single-use reply block.
+        surb: Surb,
+        /// What to send.
+        reply: Reply,
+    },
+    /// Call [`MailboxCore::sweep_expired`] at (or soon after) `at`.
+    ScheduleSweep {
+        /// When messages start expiring.
+        at: UnixTime,
+    },
+}
+
+/// A request to create a mailbox.
+#[derive(Clone, Debug)]
+pub struct CreateMailbox {
+    /// The mailbox id (chosen by the owner, random).
+    pub mailbox_id: MailboxId,
+    /// The HPKE public key senders seal to (published by the owner; stored for export).
+    pub mailbox_key: [u8; 32],
+    /// The owner's Ed25519 key: signs this request, prekeys and device registrations, and is
+    /// the first device.
+    pub owner_key: [u8; 32],
+    /// SHA-256 of the access key the owner gives its contacts.
+    pub access_key_hash: [u8; 32],
+    /// Key that mints the SURB ids of replies into this mailbox (secret).
+    pub reply_key: Option<[u8; 32]>,
+    /// How long a deposit is kept at most, in milliseconds.
+    pub retention_ms: u64,
+    /// Owner signature over [`create_transcript`].
+    pub signature: [u8; 64],
+}
+
+/// The bytes the owner signs to create a mailbox: proof that it holds `owner_key` and binds
+/// every other field.
+pub fn create_transcript(
+    mailbox_id: &MailboxId,
+    mailbox_key: &[u8; 32],
+    owner_key: &[u8; 32],
+    access_key_hash: &[u8; 32],
+    reply_key: Option<&[u8; 32]>,
+    retention_ms: u64,
+) -> Vec<u8> {
+    let mut t = Vec::with_capacity(CREATE_PREFIX.len() + 32 * 5 + 9);
+    t.extend_from_slice(CREATE_PREFIX);
+    t.extend_from_slice(mailbox_id.as_bytes());
+    t.extend_from_slice(mailbox_key);
+    t.extend_from_slice(owner_key);
+    t.extend_from_slice(access_key_hash);
+    match reply_key {
+        // The reply key is secret: sign its hash.
+        Some(k) => {
+            t.push(1);
+            t.extend_from_slice(&Sha256::digest(k));
+        }
+        None => t.push(0),
+    }
+    t.extend_from_slice(&retention_ms.to_be_bytes());
+    t
+}
+
+/// The bytes the owner signs to register `device_key` on `mailbox_id`.
+pub fn device_transcript(mailbox_id: &MailboxId, device_key: &[u8; 32]) -> Vec<u8> {
+    let mut t = Vec::with_capacity(DEVICE_PREFIX.len() + 64);
+    t.extend_from_slice(DEVICE_PREFIX);
+    t.extend_from_slice(mailbox_id.as_bytes());
+    t.extend_from_slice(device_key);
+    t
+}
+
+/// The result of one deposit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DepositReceipt {
+    /// The mailbox it went to.
+    pub mailbox_id: MailboxId,
+    /// Its sequence number in the mailbox.
+    pub seq: u64,
+    /// When the mailbox drops it.
+    pub expires_at: UnixTime,
+    /// True when this was a redelivery of a deposit already stored (acknowledged again,
+    /// stored once).
+    pub duplicate: bool,
+}
+
+/// Something that arrived from the mesh for a mailbox on this node.
+#[derive(Clone, Debug)]
+pub enum Incoming {
+    /// A sealed-sender envelope (a forward packet's final payload).
+    Deposit(Envelope),
+    /// A SURB reply into a mailbox (still sealed for its owner).
+    SurbReply {
+        /// The destination mailbox.
+        mailbox_id: MailboxId,
+        /// The SURB id, minted with the mailbox's reply key.
+        surb_id: SurbId,
+        /// The sealed reply bytes.
+        payload: Vec<u8>,
+    },
+}
+
+/// What a stored message is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MessageBody {
+    /// A sealed envelope as the sender sealed it, minus the access token and ack SURB (the
+    /// encoded `SealedEnvelope`; its owner opens it).
+    Envelope(Vec<u8>),
+    /// A SURB reply.
+    SurbReply {
+        /// Which SURB it answers.
+        surb_id: SurbId,
+        /// The sealed reply (opened with the SURB's recovery material).
+        payload: Vec<u8>,
+    },
+}
+
+/// A message as served to its owner.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// Sequence number (cursor value).
+    pub seq: u64,
+    /// When the node stored it.
+    pub received_at: UnixTime,
+    /// When the node drops it.
+    pub expires_at: UnixTime,
+    /// The message.
+    pub body: MessageBody,
+}
+
+/// Public information about a mailbox (for its owner).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MailboxInfo {
+    /// Mailbox id, hex.
+    pub mailbox_id: String,
+    /// HPKE public key, hex.
+    pub mailbox_key: String,
+    /// Owner key, hex.
+    pub owner_key: String,
+    /// Retention in milliseconds.
+    pub retention_ms: u64,
+    /// Creation time (Unix ms).
+    pub created_at_ms: u64,
+    /// Registered device keys (hex) and their acknowledged cursor.
+    pub devices: Vec<(String, u64)>,
+    /// Messages stored (including expired ones not yet swept).
+    pub messages: u64,
+    /// Bytes stored.
+    pub bytes: u64,
+    /// Last assigned sequence number.
+    pub last_seq: u64,
+}
+
+/// Prekeys uploaded by the owner.
+#[derive(Clone, Debug)]
+pub struct PrekeyUpload {
+    /// The owner's Olm identity key (Curve25519).
+    pub identity_key: [u8; 32],
+    /// Owner signature over it.
+    pub identity_signature: [u8; 64],
+    /// One-time keys and at most one fallback key; replaces what was stored.
+    pub prekeys: Vec<SignedPrekey>,
+}
+
+/// Node-wide counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CoreStats {
+    /// Mailboxes held.
+    pub mailboxes: u64,
+    /// Messages stored.
+    pub messages: u64,
+    /// Bytes of stored message values.
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Record {
+    mailbox_id: [u8; 32],
+    mailbox_key: [u8; 32],
+    owner_key: [u8; 32],
+    access_key_hash: [u8; 32],
+    reply_key: Option<[u8; 32]>,
+    retention_ms: u64,
+    created_at_ms: u64,
+    devices: Vec<[u8; 32]>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct PrekeyIdentity {
+    identity_key: [u8; 32],
+    identity_signature: Vec<u8>,
+    fallback: Option<(u32, [u8; 32], Vec<u8>)>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct MessageInfo {
+    value_len: u64,
+    expires_at: u64,
+}
+
+/// Token bucket in milli-tokens.
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    millitokens: u64,
+    last_ms: u64,
+}
+
+impl Bucket {
+    fn full(capacity: u64, now: UnixTime) -> Bucket {
+        Bucket {
+            millitokens: capacity.saturating_mul(1000),
+            last_ms: now.0,
+        }
+    }
+
+    /// Takes one token if there is one; otherwise returns how long until there is.
+    fn take(&mut self, now: UnixTime, per_min: u64) -> std::result::Result<(), u64> {
+        let capacity = per_min.saturating_mul(1000);
+        let elapsed = now.0.saturating_sub(self.last_ms);
+        // per_min tokens per 60,000 ms = per_min milli-tokens per ms.
+        self.millitokens = self
+            .millitokens
+            .saturating_add(elapsed.saturating_mul(per_min))
+            .min(capacity);
+        self.last_ms = self.last_ms.max(now.0);
+        if self.millitokens >= 1000 {
+            self.millitokens -= 1000;
+            Ok(())
+        } else if per_min == 0 {
+            Err(60_000)
+        } else {
+            Err((1000 - self.millitokens).div_ceil(per_min))
+        }
+    }
+}
+
+struct Mailbox {
+    sid: StorageId,
+    key: DataKey,
+    record: Record,
+    cursors: BTreeMap<[u8; 32], u64>,
+    next_seq: u64,
+    messages: BTreeMap<u64, MessageInfo>,
+    bytes: u64,
+    deposits: Bucket,
+}
+
+impl Mailbox {
+    fn min_cursor(&self) -> u64 {
+        self.cursors.values().copied().min().unwrap_or(0)
+    }
+
+    fn has_device(&self, device: &[u8; 32]) -> bool {
+        self.record.devices.iter().any(|d| d == device)
+    }
+}
+
+fn key2(sid: &StorageId, tag: u8) -> Vec<u8> {
+    let mut k = Vec::with_capacity(SID_LEN + 1);
+    k.extend_from_slice(sid);
+    k.push(tag);
+    k
+}
+
+fn key_tag_bytes(sid: &StorageId, tag: u8, rest: &[u8]) -> Vec<u8> {
+    let mut k = key2(sid, tag);
+    k.extend_from_slice(rest);
+    k
+}
+
+fn envelope_key(sid: &StorageId, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(SID_LEN + 8);
+    k.extend_from_slice(sid);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// A device's cursor key: a keyed hash of the device key (the key itself is only in the
+/// sealed value), so no device or owner key is stored in clear.
+fn cursor_key(sid: &StorageId, key: &DataKey, device: &[u8; 32]) -> Vec<u8> {
+    key_tag_bytes(sid, TAG_CURSOR, &key.tag(&[b"cursor", device]))
+}
+
+fn dedup_key(sid: &StorageId, dedup: &DedupId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(SID_LEN + 16);
+    k.extend_from_slice(sid);
+    k.extend_from_slice(dedup.as_bytes());
+    k
+}
+
+fn expiry_key(expires_at: u64, sid: &StorageId, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + SID_LEN + 8);
+    k.extend_from_slice(&expires_at.to_be_bytes());
+    k.extend_from_slice(sid);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// The first key after every key starting with `sid` (`sid + 1` as a big-endian number).
+fn sid_end(sid: &StorageId) -> Vec<u8> {
+    let mut end = sid.to_vec();
+    for b in end.iter_mut().rev() {
+        if *b == 0xff {
+            *b = 0;
+        } else {
+            *b += 1;
+            return end;
+        }
+    }
+    // All 0xff: no key of 16 bytes is larger, but longer ones are; 17 bytes of 0xff bound
+    // every key that starts with this sid.
+    vec![0xff; SID_LEN + 9]
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
+    bytes
+        .get(at..at + 8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+}
+
+fn sid_of(bytes: &[u8]) -> Option<StorageId> {
+    bytes
+        .get(..SID_LEN)
+        .and_then(|b| <[u8; SID_LEN]>::try_from(b).ok())
+}
+
+fn verify(key: &[u8; 32], message: &[u8], signature: &[u8; 64], what: &'static str) -> Result<()> {
+    let key = VerifyingKey::from_bytes(key).map_err(|_| MailboxError::BadSignature(what))?;
+    key.verify(message, &Signature::from_bytes(signature))
+        .map_err(|_| MailboxError::BadSignature(what))
+}
+
+fn bucket_of(expires_at: u64, bucket_ms: u64) -> u64 {
+    let b = bucket_ms.max(1);
+    expires_at.div_ceil(b).saturating_mul(b)
+}
+
+/// Per-mailbox changes prepared for a batch, applied only after the write succeeded.
+#[derive(Default)]
+struct Pending {
+    next_seq: Option<u64>,
+    added: Vec<(u64, MessageInfo)>,
+    bytes: u64,
+}
+
+/// A group-commit batch being prepared.
+#[derive(Default)]
+struct Batch {
+    ops: Vec<Op>,
+    pending: BTreeMap<StorageId, Pending>,
+    /// (sid, dedup id) → (seq, expires_at) of deposits new in this batch.
+    dedup: BTreeMap<(StorageId, [u8; 16]), (u64, u64)>,
+}
+
+struct Prepared {
+    result: Result<DepositReceipt>,
+    surb: Option<Surb>,
+    dedup: DedupId,
+    needs_write: bool,
+}
+
+fn access_ok(hash: &[u8; 32], token: &AccessToken) -> bool {
+    bool::from(Sha256::digest(token.as_bytes()).as_slice().ct_eq(hash))
+}
+
+/// The mailbox core. See the module documentation for the call order.
+pub struct MailboxCore<S: MailboxStore, R: rand::CryptoRng> {
+    config: CoreConfig,
+    store: S,
+    master: MasterKey,
+    rng: R,
+    mailboxes: BTreeMap<StorageId, Mailbox>,
+    /// Expiry sweeps already asked for (bucket end times).
+    sweeps: BTreeSet<u64>,
+    outputs: VecDeque<Output>,
+}
+
+impl<S: MailboxStore, R: rand::CryptoRng> std::fmt::Debug for MailboxCore<S, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MailboxCore")
+            .field("mailboxes", &self.mailboxes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
+    /// Loads the core from `store`, purging what expired by `now`. Outputs a sweep for every
+    /// future expiry bucket.
+    pub fn open(
+        config: CoreConfig,
+        store: S,
+        master: MasterKey,
+        rng: R,
+        now: UnixTime,
+    ) -> Result<Self> {
+        let mut core = MailboxCore {
+            config,
+            store,
+            master,
+            rng,
+            mailboxes: BTreeMap::new(),
+            sweeps: BTreeSet::new(),
+            outputs: VecDeque::new(),
+        };
+        core.load(now)?;
+        Ok(core)
+    }
+
+    fn load(&mut self, now: UnixTime) -> Result<()> {
+        // Mailbox records, cursors and sequence floors.
+        let mut records: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        self.store.scan(Cf::Mailboxes, &[], &[0xff; SID_LEN + 9], &mut |k, v| {
+            records.push((k.to_vec(), v.to_vec()));
+            ControlFlow::Continue(())
+        })?;
+        let mut orphans: BTreeSet<StorageId> = BTreeSet::new();
+        for (k, v) in records {
+            let sid = sid_of(&k).ok_or(MailboxError::Corrupt("mailbox key"))?;
+            match k.get(SID_LEN).copied() {
+                Some(TAG_RECORD) if k.len() == SID_LEN + 1 => {
+                    let (wrapped, sealed) = v
+                        .split_at_checked(WRAPPED_LEN)
+                        .ok_or(MailboxError::Corrupt("mailbox record"))?;
+                    let key = self.master.unwrap_key(&sid, wrapped)?;
+                    let plain = key.open(&[b"rec", &sid], sealed)?;
+                    let record: Record = serde_json::from_slice(&plain)
+                        .map_err(|_| MailboxError::Corrupt("mailbox record"))?;
+                    let cursors = record.devices.iter().map(|d| (*d, 0)).collect();
+                    self.mailboxes.insert(
+                        sid,
+                        Mailbox {
+                            sid,
+                            key,
+                            record,
+                            cursors,
+                            next_seq: 1,
+                            messages: BTreeMap::new(),
+                            bytes: 0,
+                            deposits: Bucket::full(self.config.deposits_per_min, now),
+                        },
+                    );
+                }
+                Some(TAG_CURSOR) => {
+                    let Some(m) = self.mailboxes.get_mut(&sid) else {
+                        orphans.insert(sid);
+                        continue;
+                    };
+                    let plain = m.key.open(&[b"cur", &k], &v)?;
+                    let seq = u64_at(&plain, 0).ok_or(MailboxError::Corrupt("cursor"))?;
+                    let device = plain
+                        .get(8..40)
+                        .and_then(|d| <[u8; 32]>::try_from(d).ok())
+                        .ok_or(MailboxError::Corrupt("cursor"))?;
+                    if m.has_device(&device) {
+                        m.cursors.insert(device, seq);
+                    }
+                    m.next_seq = m.next_seq.max(seq.saturating_add(1));
+                }
+                Some(TAG_SEQ_FLOOR) => {
+                    let Some(m) = self.mailboxes.get_mut(&sid) else {
+                        orphans.insert(sid);
+                        continue;
+                    };
+                    let floor = u64_at(&v, 0).ok_or(MailboxError::Corrupt("sequence floor"))?;
+                    m.next_seq = m.next_seq.max(floor);
+                }
+                _ => {
+                    // A record missing its mailbox (erasure interrupted after the data key
+                    // was deleted): finish the erasure below.
+                    if !self.mailboxes.contains_key(&sid) {
+                        orphans.insert(sid);
+                    }
+                }
+            }
+        }
+        // Envelopes: sizes and expiry times (clear prefix); nothing is decrypted.
+        let mailboxes = &mut self.mailboxes;
+        self.store.scan(Cf::Envelopes, &[], &[0xff; SID_LEN + 9], &mut |k, v| {
+            if let (Some(sid), Some(seq), Some(expires_at)) =
+                (sid_of(k), u64_at(k, SID_LEN), u64_at(v, 0))
+            {
+                match mailboxes.get_mut(&sid) {
+                    Some(m) => {
+                        m.messages.insert(
+                            seq,
+                            MessageInfo {
+                                value_len: v.len() as u64,
+                                expires_at,
+                            },
+                        );
+                        m.bytes = m.bytes.saturating_add(v.len() as u64);
+                        m.next_seq = m.next_seq.max(seq.saturating_add(1));
+                    }
+                    None => {
+                        orphans.insert(sid);
+                    }
+                }
+            }
+            ControlFlow::Continue(())
+        })?;
+        for sid in orphans {
+            let mut ops = Self::erase_ops(&sid);
+            ops.extend(self.expiry_ops(&sid)?);
+            self.store.write(ops, true)?;
+        }
+        // Purge what expired while we were down, then ask for sweeps of the rest: of every
+        // expiry entry, also those of acknowledged messages (their dedup ids must go on time).
+        while self.sweep_expired(now)? > 0 {}
+        let bucket_ms = self.config.expiry_bucket_ms;
+        let mut buckets = BTreeSet::new();
+        self.store
+            .scan(Cf::Expiry, &[], &[0xff; 8 + SID_LEN + 9], &mut |k, _| {
+                if let Some(expires_at) = u64_at(k, 0) {
+                    buckets.insert(bucket_of(expires_at, bucket_ms));
+                }
+                ControlFlow::Continue(())
+            })?;
+        for at in buckets {
+            self.want_sweep(at);
+        }
+        Ok(())
+    }
+
+    fn erase_ops(sid: &StorageId) -> Vec<Op> {
+        let end = sid_end(sid);
+        [Cf::Mailboxes, Cf::Envelopes, Cf::Dedup, Cf::Prekeys]
+            .into_iter()
+            .map(|cf| Op::DeleteRange {
+                cf,
+                from: sid.to_vec(),
+                to: end.clone(),
+            })
+            .collect()
+    }
+
+    /// Deletes of a mailbox's expiry index entries (keyed by time first: found by a scan).
+    fn expiry_ops(&self, sid: &StorageId) -> Result<Vec<Op>> {
+        let mut ops = Vec::new();
+        self.store
+            .scan(Cf::Expiry, &[], &[0xff; 8 + SID_LEN + 9], &mut |k, _| {
+                if k.get(8..8 + SID_LEN) == Some(sid.as_slice()) {
+                    ops.push(Op::Delete {
+                        cf: Cf::Expiry,
+                        key: k.to_vec(),
+                    });
+                }
+                ControlFlow::Continue(())
+            })?;
+        Ok(ops)
+    }
+
+    fn want_sweep(&mut self, at: u64) {
+        if self.sweeps.insert(at) {
+            self.outputs
+                .push_back(Output::ScheduleSweep { at: UnixTime(at) });
+        }
+    }
+
+    /// The next thing to do, if any. Drain until `None` after every input.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// The earliest sweep asked for and not yet done.
+    pub fn poll_timeout(&self) -> Option<UnixTime> {
+        self.sweeps.first().map(|at| UnixTime(*at))
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CoreConfig {
+        &self.config
+    }
+
+    /// Node-wide counters.
+    pub fn stats(&self) -> CoreStats {
+        CoreStats {
+            mailboxes: self.mailboxes.len() as u64,
+            messages: self.mailboxes.values().map(|m| m.messages.len() as u64).sum(),
+            bytes: self.mailboxes.values().map(|m| m.bytes).sum(),
+        }
+    }
+
+    fn mailbox(&self, id: &MailboxId) -> Result<&Mailbox> {
+        self.mailboxes
+            .get(&self.master.storage_id(id))
+            .ok_or(MailboxError::UnknownMailbox)
+    }
+
+    fn mailbox_mut(&mut self, id: &MailboxId) -> Result<&mut Mailbox> {
+        let sid = self.master.storage_id(id);
+        self.mailboxes
+            .get_mut(&sid)
+            .ok_or(MailboxError::UnknownMailbox)
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.store.is_poisoned() {
+            return Err(crate::store::StoreError::Poisoned.into());
+        }
+        Ok(())
+    }
+
+    fn record_ops(&mut self, sid: &StorageId, key: &DataKey, record: &Record) -> Result<Op> {
+        let plain = serde_json::to_vec(record)
+            .map_err(|_| MailboxError::Corrupt("mailbox record encoding"))?;
+        let mut value = self.master.wrap(&mut self.rng, sid, key);
+        value.extend_from_slice(&key.seal(&mut self.rng, &[b"rec", sid], &plain));
+        Ok(Op::Put {
+            cf: Cf::Mailboxes,
+            key: key2(sid, TAG_RECORD),
+            value,
+        })
+    }
+
+    /// Creates a mailbox after checking the owner's proof of possession.
+    pub fn create_mailbox(&mut self, now: UnixTime, request: CreateMailbox) -> Result<()> {
+        self.check_writable()?;
+        if request.mailbox_id.0 == [0u8; 32] {
+            return Err(MailboxError::InvalidArgument(
+                "the all-zero mailbox id is reserved",
+            ));
+        }
+        if request.retention_ms == 0 || request.retention_ms > self.config.retention_ms_max {
+            return Err(MailboxError::InvalidArgument(
+                "retention_ms must be between 1 and the node's retention_ms_max",
+            ));
+        }
+        whispr_protocol::envelope::MailboxPublicKey::from_bytes(&request.mailbox_key)?;
+        verify(
+            &request.owner_key,
+            &create_transcript(
+                &request.mailbox_id,
+                &request.mailbox_key,
+                &request.owner_key,
+                &request.access_key_hash,
+                request.reply_key.as_ref(),
+                request.retention_ms,
+            ),
+            &request.signature,
+            "proof of possession",
+        )?;
+        let sid = self.master.storage_id(&request.mailbox_id);
+        if self.mailboxes.contains_key(&sid) {
+            return Err(MailboxError::MailboxExists);
+        }
+        if self.mailboxes.len() >= self.config.mailboxes_max {
+            return Err(MailboxError::QuotaExceeded {
+                what: "mailboxes on this node",
+            });
+        }
+        let key = DataKey::generate(&mut self.rng);
+        let record = Record {
+            mailbox_id: request.mailbox_id.0,
+            mailbox_key: request.mailbox_key,
+            owner_key: request.owner_key,
+            access_key_hash: request.access_key_hash,
+            reply_key: request.reply_key,
+            retention_ms: request.retention_ms,
+            created_at_ms: now.0,
+            devices: vec![request.owner_key],
+        };
+        let op = self.record_ops(&sid, &key, &record)?;
+        self.store.write(vec![op], true)?;
+        let cursors = record.devices.iter().map(|d| (*d, 0)).collect();
+        self.mailboxes.insert(
+            sid,
+            Mailbox {
+                sid,
+                key,
+                record,
+                cursors,
+                next_seq: 1,
+                messages: BTreeMap::new(),
+                bytes: 0,
+                deposits: Bucket::full(self.config.deposits_per_min, now),
+            },
+        );
+        Ok(())
+    }
+
+    /// True when `device` may log in to `mailbox`.
+    pub fn is_device(&self, mailbox: &MailboxId, device: &[u8; 32]) -> bool {
+        self.mailbox(mailbox).is_ok_and(|m| m.has_device(device))
+    }
+
+    /// True when `device` is the mailbox owner's key.
+    pub fn is_owner(&self, mailbox: &MailboxId, device: &[u8; 32]) -> bool {
+        self.mailbox(mailbox)
+            .is_ok_and(|m| &m.record.owner_key == device)
+    }
+
+    /// Registers another device, signed by the owner. The new device starts at the oldest
+    /// cursor, so it sees every message still stored.
+    pub fn add_device(
+        &mut self,
+        mailbox: &MailboxId,
+        device_key: [u8; 32],
+        owner_signature: &[u8; 64],
+    ) -> Result<()> {
+        self.check_writable()?;
+        let devices_max = self.config.devices_max;
+        let m = self.mailbox(mailbox)?;
+        verify(
+            &m.record.owner_key,
+            &device_transcript(mailbox, &device_key),
+            owner_signature,
+            "device registration",
+        )?;
+        VerifyingKey::from_bytes(&device_key)
+            .map_err(|_| MailboxError::InvalidArgument("device key is not an Ed25519 key"))?;
+        if m.has_device(&device_key) {
+            return Ok(());
+        }
+        if m.record.devices.len() >= devices_max {
+            return Err(MailboxError::QuotaExceeded {
+                what: "devices per mailbox",
+            });
+        }
+        let sid = m.sid;
+        let start = m.min_cursor();
+        let mut record = m.record.clone();
+        record.devices.push(device_key);
+        let key = m.key.clone();
+        let mut ops = vec![self.record_ops(&sid, &key, &record)?];
+        ops.push(self.cursor_op(&sid, &key, &device_key, start));
+        self.store.write(ops, true)?;
+        let m = self.mailbox_mut(mailbox)?;
+        m.record = record;
+        m.cursors.insert(device_key, start);
+        Ok(())
+    }
+
+    /// Removes a device (not the owner's). Messages only it had not acknowledged are
+    /// deleted if every remaining device has.
+    pub fn remove_device(&mut self, mailbox: &MailboxId, device_key: &[u8; 32]) -> Result<()> {
+        self.check_writable()?;
+        let m = self.mailbox(mailbox)?;
+        if &m.record.owner_key == device_key {
+            return Err(MailboxError::InvalidArgument(
+                "the owner key cannot be removed",
+            ));
+        }
+        if !m.has_device(device_key) {
+            return Err(MailboxError::UnknownDevice);
+        }
+        let sid = m.sid;
+        let mut record = m.record.clone();
+        record.devices.retain(|d| d != device_key);
+        let mut cursors = m.cursors.clone();
+        cursors.remove(device_key);
+        let old_min = m.min_cursor();
+        let new_min = cursors.values().copied().min().unwrap_or(0);
+        let key = m.key.clone();
+        let mut ops = vec![self.record_ops(&sid, &key, &record)?];
+        ops.push(Op::Delete {
+            cf: Cf::Mailboxes,
+            key: cursor_key(&sid, &key, device_key),
+        });
+        if new_min > old_min {
+            ops.push(Op::DeleteRange {
+                cf: Cf::Envelopes,
+                from: envelope_key(&sid, 0),
+                to: envelope_key(&sid, new_min.saturating_add(1)),
+            });
+        }
+        self.store.write(ops, true)?;
+        let m = self.mailbox_mut(mailbox)?;
+        m.record = record;
+        m.cursors = cursors;
+        Self::forget_through(m, new_min);
+        Ok(())
+    }
+
+    fn forget_through(m: &mut Mailbox, seq: u64) {
+        let keep = m.messages.split_off(&seq.saturating_add(1));
+        let gone = std::mem::replace(&mut m.messages, keep);
+        for info in gone.values() {
+            m.bytes = m.bytes.saturating_sub(info.value_len);
+        }
+    }
+
+    fn cursor_op(&mut self, sid: &StorageId, key: &DataKey, device: &[u8; 32], seq: u64) -> Op {
+        let k = cursor_key(sid, key, device);
+        let mut plain = seq.to_be_bytes().to_vec();
+        plain.extend_from_slice(device);
+        let value = key.seal(&mut self.rng, &[b"cur", &k], &plain);
+        Op::Put {
+            cf: Cf::Mailboxes,
+            key: k,
+            value,
+        }
+    }
+
+    /// Handles a final-hop payload for this node: deposits go through [`Self::deposit_many`]
+    /// (one at a time here), prekey requests through [`Self::handle_prekey_request`].
+    pub fn handle_final(
+        &mut self,
+        now: UnixTime,
+        message: FinalMessage,
+    ) -> Result<Option<DepositReceipt>> {
+        match message {
+            FinalMessage::Deposit(envelope) => self
+                .deposit_many(now, vec![Incoming::Deposit(envelope)])
+                .into_iter()
+                .next()
+                .unwrap_or(Err(MailboxError::WrongDestination))
+                .map(Some),
+            FinalMessage::PrekeyRequest(request) => {
+                self.handle_prekey_request(now, request).map(|()| None)
+            }
+            FinalMessage::Hold(_) | FinalMessage::Cancel(_) => {
+                Err(MailboxError::WrongDestination)
+            }
+        }
+    }
+
+    /// Stores a batch of incoming messages with one synced write (group commit) and returns
+    /// one result per input, in order. Redeliveries of a stored deposit are acknowledged
+    /// again and not stored twice. Acks (for deposits that carry a SURB) are output only
+    /// after the write is durable; nothing changes in memory if the write fails.
+    pub fn deposit_many(
+        &mut self,
+        now: UnixTime,
+        incoming: Vec<Incoming>,
+    ) -> Vec<Result<DepositReceipt>> {
+        if self.store.is_poisoned() {
+            return incoming
+                .iter()
+                .map(|_| Err(crate::store::StoreError::Poisoned.into()))
+                .collect();
+        }
+        let mut batch = Batch::default();
+        let mut results: Vec<Result<DepositReceipt>> = Vec::with_capacity(incoming.len());
+        let mut acks: Vec<(usize, Surb, DedupId)> = Vec::new();
+        // Whether each result holds only if this batch's write succeeds.
+        let mut needs_write: Vec<bool> = Vec::with_capacity(incoming.len());
+        for item in incoming {
+            let prepared = self.prepare(now, item, &mut batch);
+            if let (Ok(_), Some(surb)) = (&prepared.result, prepared.surb) {
+                acks.push((results.len(), surb, prepared.dedup));
+            }
+            needs_write.push(prepared.needs_write);
+            results.push(prepared.result);
+        }
+        if !batch.ops.is_empty()
+            && let Err(e) = self.store.write(std::mem::take(&mut batch.ops), true)
+        {
+            let message = e.to_string();
+            for (r, needs) in results.iter_mut().zip(&needs_write) {
+                if r.is_ok() && *needs {
+                    *r = Err(crate::store::StoreError::Backend(message.clone()).into());
+                }
+            }
+            return results;
+        }
+        // Durable: apply in memory, then output sweeps and acks.
+        let bucket_ms = self.config.expiry_bucket_ms;
+        let mut buckets = BTreeSet::new();
+        for (sid, p) in batch.pending {
+            if let Some(m) = self.mailboxes.get_mut(&sid) {
+                if let Some(next) = p.next_seq {
+                    m.next_seq = m.next_seq.max(next);
+                }
+                for (seq, info) in p.added {
+                    buckets.insert(bucket_of(info.expires_at, bucket_ms));
+                    m.messages.insert(seq, info);
+                }
+                m.bytes = m.bytes.saturating_add(p.bytes);
+            }
+        }
+        for at in buckets {
+            self.want_sweep(at);
+        }
+        for (index, surb, dedup_id) in acks {
+            if let Some(Ok(receipt)) = results.get(index) {
+                self.outputs.push_back(Output::Reply {
+                    surb,
+                    reply: Reply::DepositAck {
+                        dedup_id,
+                        expires_at: receipt.expires_at,
+                    },
+                });
+            }
+        }
+        results
+    }
+
+    fn refuse(error: MailboxError) -> Prepared {
+        Prepared {
+            result: Err(error),
+            surb: None,
+            dedup: DedupId([0u8; 16]),
+            needs_write: false,
+        }
+    }
+
+    /// Checks one incoming message and appends its writes to `batch`.
+    fn prepare(&mut self, now: UnixTime, item: Incoming, batch: &mut Batch) -> Prepared {
+        let (mailbox_id, dedup, requested, surb, kind, body) = match item {
+            Incoming::Deposit(envelope) => {
+                let sid = self.master.storage_id(&envelope.outer.mailbox_id);
+                let Some(m) = self.mailboxes.get(&sid) else {
+                    return Self::refuse(MailboxError::UnknownMailbox);
+                };
+                if !access_ok(&m.record.access_key_hash, &envelope.outer.access_token) {
+                    return Self::refuse(MailboxError::Unauthorized("access token"));
+                }
+                let mut stored = envelope.clone();
+                stored.outer.access_token = AccessToken([0u8; 32]);
+                stored.outer.ack_surb = None;
+                (
+                    envelope.outer.mailbox_id,
+                    envelope.outer.dedup_id,
+                    envelope.outer.expires_at,
+                    envelope.outer.ack_surb,
+                    KIND_ENVELOPE,
+                    stored.encode(),
+                )
+            }
+            Incoming::SurbReply {
+                mailbox_id,
+                surb_id,
+                payload,
+            } => {
+                let sid = self.master.storage_id(&mailbox_id);
+                let Some(m) = self.mailboxes.get(&sid) else {
+                    return Self::refuse(MailboxError::UnknownMailbox);
+                };
+                let authorised = m
+                    .record
+                    .reply_key
+                    .is_some_and(|k| ReplyKey(k).verify_surb_id(&mailbox_id, &surb_id));
+                if !authorised {
+                    return Self::refuse(MailboxError::Unauthorized(
+                        "surb id not minted for this mailbox",
+                    ));
+                }
+                if payload.len() > self.config.reply_bytes_max {
+                    return Self::refuse(MailboxError::InvalidArgument("surb reply too large"));
+                }
+                let mut body = surb_id.as_bytes().to_vec();
+                body.extend_from_slice(&payload);
+                (
+                    mailbox_id,
+                    DedupId(surb_id.0),
+                    None,
+                    None,
+                    KIND_SURB_REPLY,
+                    body,
+                )
+            }
+        };
+        let sid = self.master.storage_id(&mailbox_id);
+        let duplicate = |seq: u64, expires_at: u64, needs_write: bool| Prepared {
+            result: Ok(DepositReceipt {
+                mailbox_id,
+                seq,
+                expires_at: UnixTime(expires_at),
+                duplicate: true,
+            }),
+            surb: surb.clone(),
+            dedup,
+            needs_write,
+        };
+        // Redelivery within this batch: stands or falls with the first copy.
+        if let Some((seq, expires_at)) = batch.dedup.get(&(sid, dedup.0)) {
+            return duplicate(*seq, *expires_at, true);
+        }
+        // Redelivery of a stored deposit.
+        match self.store.get(Cf::Dedup, &dedup_key(&sid, &dedup)) {
+            Err(e) => return Self::refuse(e.into()),
+            Ok(Some(v)) => {
+                let (Some(seq), Some(expires_at)) = (u64_at(&v, 0), u64_at(&v, 8)) else {
+                    return Self::refuse(MailboxError::Corrupt("dedup entry"));
+                };
+                return duplicate(seq, expires_at, false);
+            }
+            Ok(None) => {}
+        }
+        let config = &self.config;
+        let Some(m) = self.mailboxes.get_mut(&sid) else {
+            return Self::refuse(MailboxError::UnknownMailbox);
+        };
+        // Expiry: the requested one, capped by the mailbox's retention and the node maximum.
+        let cap = now
+            .0
+            .saturating_add(m.record.retention_ms.min(config.retention_ms_max));
+        let expires_at = match requested {
+            Some(t) if t.0 <= now.0 => return Self::refuse(MailboxError::AlreadyExpired),
+            Some(t) => t.0.min(cap),
+            None => cap,
+        };
+        let p = batch.pending.entry(sid).or_default();
+        let count = (m.messages.len() + p.added.len()) as u64;
+        if count >= config.mailbox_messages_max {
+            return Self::refuse(MailboxError::QuotaExceeded {
+                what: "messages per mailbox",
+            });
+        }
+        let value_len = (8 + crate::crypto::SEAL_OVERHEAD + 9 + body.len()) as u64;
+        if m.bytes.saturating_add(p.bytes).saturating_add(value_len) > config.mailbox_bytes_max {
+            return Self::refuse(MailboxError::QuotaExceeded {
+                what: "bytes per mailbox",
+            });
+        }
+        if let Err(retry_after_ms) = m.deposits.take(now, config.deposits_per_min) {
+            return Self::refuse(MailboxError::RateLimited {
+                what: "deposits per mailbox",
+                retry_after_ms,
+            });
+        }
+        let seq = p.next_seq.unwrap_or(m.next_seq);
+        p.next_seq = Some(seq.saturating_add(1));
+        let ekey = envelope_key(&sid, seq);
+        let mut plain = Vec::with_capacity(9 + body.len());
+        plain.extend_from_slice(&now.0.to_be_bytes());
+        plain.push(kind);
+        plain.extend_from_slice(&body);
+        let mut value = Vec::with_capacity(usize::try_from(value_len).unwrap_or(0));
+        value.extend_from_slice(&expires_at.to_be_bytes());
+        value.extend_from_slice(&m.key.seal(&mut self.rng, &[b"env", &ekey], &plain));
+        let info = MessageInfo {
+            value_len: value.len() as u64,
+            expires_at,
+        };
+        p.bytes = p.bytes.saturating_add(info.value_len);
+        p.added.push((seq, info));
+        let mut dedup_value = Vec::with_capacity(16);
+        dedup_value.extend_from_slice(&seq.to_be_bytes());
+        dedup_value.extend_from_slice(&expires_at.to_be_bytes());
+        batch.ops.push(Op::Put {
+            cf: Cf::Envelopes,
+            key: ekey,
+            value,
+        });
+        batch.ops.push(Op::Put {
+            cf: Cf::Dedup,
+            key: dedup_key(&sid, &dedup),
+            value: dedup_value,
+        });
+        batch.ops.push(Op::Put {
+            cf: Cf::Expiry,
+            key: expiry_key(expires_at, &sid, seq),
+            value: dedup.as_bytes().to_vec(),
+        });
+        batch.dedup.insert((sid, dedup.0), (seq, expires_at));
+        Prepared {
+            result: Ok(DepositReceipt {
+                mailbox_id,
+                seq,
+                expires_at: UnixTime(expires_at),
+                duplicate: false,
+            }),
+            surb,
+            dedup,
+            needs_write: true,
+        }
+    }
+
+    /// Messages for `device` after `after` (and after the device's acknowledged cursor), at
+    /// most `limit`, skipping anything expired at `now`.
+    pub fn fetch(
+        &self,
+        now: UnixTime,
+        mailbox: &MailboxId,
+        device: &[u8; 32],
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>> {
+        let m = self.mailbox(mailbox)?;
+        let cursor = *m.cursors.get(device).ok_or(MailboxError::UnknownDevice)?;
+        let last = m.next_seq.saturating_sub(1);
+        let after = after.unwrap_or(0);
+        if after > last {
+            return Err(MailboxError::BadCursor("after is beyond the last message"));
+        }
+        let start = after.max(cursor).saturating_add(1);
+        let limit = limit.clamp(1, self.config.fetch_limit_max);
+        let mut out = Vec::new();
+        for (seq, info) in m.messages.range(start..) {
+            if out.len() >= limit {
+                break;
+            }
+            if info.expires_at < now.0 {
+                continue;
+            }
+            if let Some(message) = self.read_message(m, *seq)? {
+                out.push(message);
+            }
+        }
+        Ok(out)
+    }
+
+    /// True when `fetch` for this device would return something now.
+    pub fn has_messages_after(
+        &self,
+        now: UnixTime,
+        mailbox: &MailboxId,
+        device: &[u8; 32],
+        after: Option<u64>,
+    ) -> bool {
+        let Ok(m) = self.mailbox(mailbox) else {
+            return false;
+        };
+        let cursor = m.cursors.get(device).copied().unwrap_or(u64::MAX);
+        let start = after.unwrap_or(0).max(cursor).saturating_add(1);
+        m.messages
+            .range(start..)
+            .any(|(_, info)| info.expires_at > now.0)
+    }
+
+    /// The last sequence number assigned in `mailbox`.
+    pub fn last_seq(&self, mailbox: &MailboxId) -> Result<u64> {
+        Ok(self.mailbox(mailbox)?.next_seq.saturating_sub(1))
+    }
+
+    fn read_message(&self, m: &Mailbox, seq: u64) -> Result<Option<StoredMessage>> {
+        let ekey = envelope_key(&m.sid, seq);
+        let Some(value) = self.store.get(Cf::Envelopes, &ekey)? else {
+            return Ok(None);
+        };
+        let expires_at = u64_at(&value, 0).ok_or(MailboxError::Corrupt("envelope value"))?;
+        let plain = m
+            .key
+            .open(&[b"env", &ekey], value.get(8..).unwrap_or_default())?;
+        let received_at = u64_at(&plain, 0).ok_or(MailboxError::Corrupt("envelope value"))?;
+        let body = plain.get(9..).unwrap_or_default();
+        let body = match plain.get(8).copied() {
+            Some(KIND_ENVELOPE) => MessageBody::Envelope(body.to_vec()),
+            Some(KIND_SURB_REPLY) => {
+                let (id, payload) = body
+                    .split_at_checked(16)
+                    .ok_or(MailboxError::Corrupt("surb reply"))?;
+                MessageBody::SurbReply {
+                    surb_id: SurbId::from_slice("surb id", id)
+                        .map_err(|_| MailboxError::Corrupt("surb reply"))?,
+                    payload: payload.to_vec(),
+                }
+            }
+            _ => return Err(MailboxError::Corrupt("message kind")),
+        };
+        Ok(Some(StoredMessage {
+            seq,
+            received_at: UnixTime(received_at),
+            expires_at: UnixTime(expires_at),
+            body,
+        }))
+    }
+
+    /// Acknowledges every message up to `up_to` for `device` (cumulative). Messages every
+    /// device has acknowledged are deleted with one range delete, in the same synced write
+    /// as the cursor. Acknowledging an older cursor again is a no-op.
+    pub fn ack(&mut self, mailbox: &MailboxId, device: &[u8; 32], up_to: u64) -> Result<u64> {
+        self.check_writable()?;
+        let m = self.mailbox(mailbox)?;
+        let cursor = *m.cursors.get(device).ok_or(MailboxError::UnknownDevice)?;
+        if up_to >= m.next_seq {
+            return Err(MailboxError::BadCursor("ack beyond the last message"));
+        }
+        if up_to <= cursor {
+            return Ok(cursor);
+        }
+        let sid = m.sid;
+        let key = m.key.clone();
+        let old_min = m.min_cursor();
+        let mut cursors = m.cursors.clone();
+        cursors.insert(*device, up_to);
+        let new_min = cursors.values().copied().min().unwrap_or(0);
+        let mut ops = vec![self.cursor_op(&sid, &key, device, up_to)];
+        if new_min > old_min {
+            ops.push(Op::DeleteRange {
+                cf: Cf::Envelopes,
+                from: envelope_key(&sid, 0),
+                to: envelope_key(&sid, new_min.saturating_add(1)),
+            });
+        }
+        self.store.write(ops, true)?;
+        let m = self.mailbox_mut(mailbox)?;
+        m.cursors = cursors;
+        Self::forget_through(m, new_min);
+        Ok(up_to)
+    }
+
+    /// Deletes what expired by `now` (at most `sweep_batch_max` messages per call, one
+    /// write); returns how many. Call again while it returns a full batch.
+    pub fn sweep_expired(&mut self, now: UnixTime) -> Result<usize> {
+        self.check_writable()?;
+        let mut doomed: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let max = self.config.sweep_batch_max.max(1);
+        let end = now.0.saturating_add(1).to_be_bytes();
+        self.store.scan(Cf::Expiry, &[], &end, &mut |k, v| {
+            doomed.push((k.to_vec(), v.to_vec()));
+            if doomed.len() >= max {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })?;
+        let mut ops = Vec::with_capacity(doomed.len() * 3 + 4);
+        let mut gone: BTreeMap<StorageId, Vec<u64>> = BTreeMap::new();
+        for (k, v) in &doomed {
+            ops.push(Op::Delete {
+                cf: Cf::Expiry,
+                key: k.clone(),
+            });
+            let (Some(sid), Some(seq)) = (
+                k.get(8..8 + SID_LEN)
+                    .and_then(|b| <[u8; SID_LEN]>::try_from(b).ok()),
+                u64_at(k, 8 + SID_LEN),
+            ) else {
+                continue;
+            };
+            ops.push(Op::Delete {
+                cf: Cf::Envelopes,
+                key: envelope_key(&sid, seq),
+            });
+            if let Ok(dedup) = DedupId::from_slice("dedup id", v) {
+                ops.push(Op::Delete {
+                    cf: Cf::Dedup,
+                    key: dedup_key(&sid, &dedup),
+                });
+            }
+            gone.entry(sid).or_default().push(seq);
+        }
+        // Sequence numbers never go back, even when every message of a mailbox is gone.
+        for sid in gone.keys() {
+            if let Some(m) = self.mailboxes.get(sid) {
+                ops.push(Op::Put {
+                    cf: Cf::Mailboxes,
+                    key: key2(sid, TAG_SEQ_FLOOR),
+                    value: m.next_seq.to_be_bytes().to_vec(),
+                });
+            }
+        }
+        if !ops.is_empty() {
+            self.store.write(ops, true)?;
+        }
+        for (sid, seqs) in gone {
+            if let Some(m) = self.mailboxes.get_mut(&sid) {
+                for seq in seqs {
+                    if let Some(info) = m.messages.remove(&seq) {
+                        m.bytes = m.bytes.saturating_sub(info.value_len);
+                    }
+                }
+            }
+        }
+        let done = bucket_of(now.0.saturating_add(1), self.config.expiry_bucket_ms);
+        if doomed.len() < max {
+            // Everything due is gone: sweeps up to now are done.
+            self.sweeps = self.sweeps.split_off(&done);
+            while let Some(first) = self.sweeps.first().copied() {
+                if first <= now.0 {
+                    self.sweeps.remove(&first);
+                } else {
+                    break;
+                }
+            }
+        }
+        Ok(doomed.len())
+    }
+
+    /// Erases a mailbox: first its wrapped data key (one synced write: from then on its
+    /// records cannot be decrypted), then every record. A crash between the two is finished
+    /// at the next start.
+    pub fn erase(&mut self, mailbox: &MailboxId) -> Result<()> {
+        self.check_writable()?;
+        let sid = self.mailbox(mailbox)?.sid;
+        self.store.write(
+            vec![Op::Delete {
+                cf: Cf::Mailboxes,
+                key: key2(&sid, TAG_RECORD),
+            }],
+            true,
+        )?;
+        self.mailboxes.remove(&sid);
+        let mut ops = Self::erase_ops(&sid);
+        ops.extend(self.expiry_ops(&sid)?);
+        self.store.write(ops, true)?;
+        Ok(())
+    }
+
+    /// Public facts about a mailbox for its owner.
+    pub fn info(&self, mailbox: &MailboxId) -> Result<MailboxInfo> {
+        let m = self.mailbox(mailbox)?;
+        Ok(MailboxInfo {
+            mailbox_id: hex::encode(m.record.mailbox_id),
+            mailbox_key: hex::encode(m.record.mailbox_key),
+            owner_key: hex::encode(m.record.owner_key),
+            retention_ms: m.record.retention_ms,
+            created_at_ms: m.record.created_at_ms,
+            devices: m
+                .record
+                .devices
+                .iter()
+                .map(|d| (hex::encode(d), m.cursors.get(d).copied().unwrap_or(0)))
+                .collect(),
+            messages: m.messages.len() as u64,
+            bytes: m.bytes,
+            last_seq: m.next_seq.saturating_sub(1),
+        })
+    }
+
+    /// Everything stored for a mailbox, still sealed: its info and every message not
+    /// expired at `now` (whatever the devices acknowledged but not yet deleted included).
+    pub fn export(
+        &self,
+        now: UnixTime,
+        mailbox: &MailboxId,
+    ) -> Result<(MailboxInfo, Vec<StoredMessage>)> {
+        let info = self.info(mailbox)?;
+        let m = self.mailbox(mailbox)?;
+        let mut messages = Vec::with_capacity(m.messages.len());
+        for (seq, i) in &m.messages {
+            if i.expires_at > now.0
+                && let Some(message) = self.read_message(m, *seq)?
+            {
+                messages.push(message);
+            }
+        }
+        Ok((info, messages))
+    }
+
+    /// Replaces the mailbox's prekeys with `upload`, after checking every owner signature.
+    pub fn put_prekeys(&mut self, mailbox: &MailboxId, upload: PrekeyUpload) -> Result<usize> {
+        self.check_writable()?;
+        if upload.prekeys.len() > self.config.prekeys_max {
+            return Err(MailboxError::QuotaExceeded {
+                what: "prekeys per mailbox",
+            });
+        }
+        let m = self.mailbox(mailbox)?;
+        let owner = VerifyingKey::from_bytes(&m.record.owner_key)
+            .map_err(|_| MailboxError::Corrupt("owner key"))?;
+        verify_identity(
+            &owner,
+            mailbox,
+            &upload.identity_key,
+            &upload.identity_signature,
+        )
+        .map_err(|_| MailboxError::BadSignature("identity key"))?;
+        let mut fallback = None;
+        let mut ids = BTreeSet::new();
+        for p in &upload.prekeys {
+            p.verify(&owner, mailbox)
+                .map_err(|_| MailboxError::BadSignature("prekey"))?;
+            if p.fallback {
+                if fallback.is_some() {
+                    return Err(MailboxError::InvalidArgument("more than one fallback key"));
+                }
+                fallback = Some((p.key_id, p.key, p.signature.to_vec()));
+            } else if !ids.insert(p.key_id) {
+                return Err(MailboxError::InvalidArgument("duplicate prekey id"));
+            }
+        }
+        let sid = m.sid;
+        let key = m.key.clone();
+        let end = sid_end(&sid);
+        let identity = PrekeyIdentity {
+            identity_key: upload.identity_key,
+            identity_signature: upload.identity_signature.to_vec(),
+            fallback,
+        };
+        let plain = serde_json::to_vec(&identity)
+            .map_err(|_| MailboxError::Corrupt("prekey encoding"))?;
+        let ikey = key2(&sid, TAG_PREKEY_IDENTITY);
+        let mut ops = vec![
+            Op::DeleteRange {
+                cf: Cf::Prekeys,
+                from: sid.to_vec(),
+                to: end,
+            },
+            Op::Put {
+                cf: Cf::Prekeys,
+                value: key.seal(&mut self.rng, &[b"pki", &ikey], &plain),
+                key: ikey,
+            },
+        ];
+        let mut count = 0;
+        for p in upload.prekeys.iter().filter(|p| !p.fallback) {
+            let k = key_tag_bytes(&sid, TAG_PREKEY_ONE_TIME, &p.key_id.to_be_bytes());
+            let mut plain = p.key.to_vec();
+            plain.extend_from_slice(&p.signature);
+            ops.push(Op::Put {
+                cf: Cf::Prekeys,
+                value: key.seal(&mut self.rng, &[b"pk1", &k], &plain),
+                key: k,
+            });
+            count += 1;
+        }
+        self.store.write(ops, true)?;
+        Ok(count)
+    }
+
+    /// Number of one-time prekeys left.
+    pub fn prekeys_left(&self, mailbox: &MailboxId) -> Result<usize> {
+        let m = self.mailbox(mailbox)?;
+        let from = key2(&m.sid, TAG_PREKEY_ONE_TIME);
+        let to = key2(&m.sid, TAG_PREKEY_ONE_TIME + 1);
+        let mut n = 0;
+        self.store.scan(Cf::Prekeys, &from, &to, &mut |_, _| {
+            n += 1;
+            ControlFlow::Continue(())
+        })?;
+        Ok(n)
+    }
+
+    /// Answers an anonymous prekey request (from the mesh): checks the access token and the
+    /// deposit rate limit, consumes the lowest-numbered one-time prekey (or serves the
+    /// fallback key when none is left) and outputs the bundle as a SURB reply.
+    pub fn handle_prekey_request(&mut self, now: UnixTime, request: PrekeyRequest) -> Result<()> {
+        self.check_writable()?;
+        let per_min = self.config.deposits_per_min;
+        let m = self.mailbox_mut(&request.mailbox_id)?;
+        if !access_ok(&m.record.access_key_hash, &request.access_token) {
+            return Err(MailboxError::Unauthorized("access token"));
+        }
+        if let Err(retry_after_ms) = m.deposits.take(now, per_min) {
+            return Err(MailboxError::RateLimited {
+                what: "deposits per mailbox",
+                retry_after_ms,
+            });
+        }
+        let m = self.mailbox(&request.mailbox_id)?;
+        let ikey = key2(&m.sid, TAG_PREKEY_IDENTITY);
+        let Some(sealed) = self.store.get(Cf::Prekeys, &ikey)? else {
+            return Err(MailboxError::InvalidArgument("the owner has uploaded no prekeys"));
+        };
+        let identity: PrekeyIdentity =
+            serde_json::from_slice(&m.key.open(&[b"pki", &ikey], &sealed)?)
+                .map_err(|_| MailboxError::Corrupt("prekey identity"))?;
+        let from = key2(&m.sid, TAG_PREKEY_ONE_TIME);
+        let to = key2(&m.sid, TAG_PREKEY_ONE_TIME + 1);
+        let mut first: Option<(Vec<u8>, Vec<u8>)> = None;
+        self.store.scan(Cf::Prekeys, &from, &to, &mut |k, v| {
+            first = Some((k.to_vec(), v.to_vec()));
+            ControlFlow::Break(())
+        })?;
+        let sig64 = |v: &[u8]| <[u8; 64]>::try_from(v).map_err(|_| MailboxError::Corrupt("sig"));
+        let prekey = match first {
+            Some((k, v)) => {
+                let plain = m.key.open(&[b"pk1", &k], &v)?;
+                let (key, sig) = plain
+                    .split_at_checked(32)
+                    .ok_or(MailboxError::Corrupt("prekey"))?;
+                let key_id = k
+                    .get(SID_LEN + 1..)
+                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                    .map(u32::from_be_bytes)
+                    .ok_or(MailboxError::Corrupt("prekey key"))?;
+                let prekey = SignedPrekey {
+                    key_id,
+                    key: <[u8; 32]>::try_from(key).map_err(|_| MailboxError::Corrupt("prekey"))?,
+                    fallback: false,
+                    signature: sig64(sig)?,
+                };
+                // Consumed before it is sent: a one-time key is never served twice.
+                self.store.write(
+                    vec![Op::Delete {
+                        cf: Cf::Prekeys,
+                        key: k,
+                    }],
+                    true,
+                )?;
+                Some(prekey)
+            }
+            None => match &identity.fallback {
+                Some((key_id, key, sig)) => Some(SignedPrekey {
+                    key_id: *key_id,
+                    key: *key,
+                    fallback: true,
+                    signature: sig64(sig)?,
+                }),
+                None => None,
+            },
+        };
+        let m = self.mailbox(&request.mailbox_id)?;
+        let bundle = PrekeyBundle {
+            owner_key: m.record.owner_key,
+            identity_key: identity.identity_key,
+            identity_signature: sig64(&identity.identity_signature)?,
+            prekey,
+        };
+        self.outputs.push_back(Output::Reply {
+            surb: request.reply_surb,
+            reply: Reply::Prekeys(bundle),
+        });
+        Ok(())
+    }
+}

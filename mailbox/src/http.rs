@@ -1,0 +1,1281 @@
+//! The client API (axum): handlers translate HTTP into core calls and core results into JSON.
+//! Every route is described by the generated OpenAPI document at `GET /v1/openapi.json`.
+//!
+//! Errors are JSON `{"error": kind, "message": text}` with a 4xx status for the caller's
+//! mistakes and 5xx for the node's; every limit answers 429 with `Retry-After`. Nothing here
+//! logs an id, token, key or address.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use whispr_protocol::MailboxId;
+use whispr_protocol::prekeys::SignedPrekey;
+
+use crate::auth::Session;
+use crate::core::{CreateMailbox, MessageBody, PrekeyUpload, StoredMessage};
+use crate::error::MailboxError;
+use crate::node::{MailboxNode, now};
+use crate::store::StoreError;
+
+// ---------------------------------------------------------------------------------------
+// Errors
+
+/// The JSON body of every error response.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// Stable machine-readable kind (e.g. `unauthorized`, `rate_limited`, `bad_request`).
+    pub error: String,
+    /// Human-readable explanation (never contains ids, tokens or keys).
+    pub message: String,
+}
+
+/// An error response.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: String,
+    message: String,
+    retry_after_secs: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            kind: kind.into(),
+            message: message.into(),
+            retry_after_secs: None,
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    fn too_many(what: &str, retry_after_ms: u64) -> ApiError {
+        ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            kind: "rate_limited".into(),
+            message: format!("{what}; retry later"),
+            retry_after_secs: Some(retry_after_ms.div_ceil(1000).max(1)),
+        }
+    }
+}
+
+impl From<MailboxError> for ApiError {
+    fn from(e: MailboxError) -> ApiError {
+        let status = match &e {
+            MailboxError::UnknownMailbox => StatusCode::NOT_FOUND,
+            MailboxError::MailboxExists => StatusCode::CONFLICT,
+            MailboxError::Unauthorized(_) | MailboxError::BadSignature(_) => {
+                StatusCode::UNAUTHORIZED
+            }
+            MailboxError::UnknownDevice => StatusCode::FORBIDDEN,
+            MailboxError::QuotaExceeded { .. } => {
+                let mut err = ApiError::too_many(&e.to_string(), 60_000);
+                err.kind = e.kind().into();
+                return err;
+            }
+            MailboxError::RateLimited { retry_after_ms, .. } => {
+                let mut err = ApiError::too_many(&e.to_string(), *retry_after_ms);
+                err.kind = e.kind().into();
+                return err;
+            }
+            MailboxError::AlreadyExpired
+            | MailboxError::BadCursor(_)
+            | MailboxError::InvalidArgument(_)
+            | MailboxError::Malformed(_)
+            | MailboxError::WrongDestination => StatusCode::BAD_REQUEST,
+            MailboxError::Store(StoreError::Poisoned) => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let message = if status.is_server_error() {
+            tracing::error!(error = %e, "request failed on the node");
+            "the node could not complete the request".to_string()
+        } else {
+            e.to_string()
+        };
+        ApiError::new(status, e.kind(), message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (
+            self.status,
+            axum::Json(ErrorBody {
+                error: self.kind,
+                message: self.message,
+            }),
+        )
+            .into_response();
+        if let Some(secs) = self.retry_after_secs
+            && let Ok(v) = HeaderValue::from_str(&secs.to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        response
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// `Json<T>` whose rejections are JSON error bodies (413 for an oversized body).
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(rejection: JsonRejection) -> ApiError {
+    let status = rejection.status();
+    let kind = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        "body_too_large"
+    } else {
+        "bad_request"
+    };
+    // The body text says what is wrong with the JSON (no secrets: it names fields, not values).
+    ApiError::new(status, kind, rejection.body_text())
+}
+
+/// Path extractor with JSON rejections.
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| ApiPath(p.0))
+            .map_err(|e: PathRejection| ApiError::bad_request(e.body_text()))
+    }
+}
+
+/// Query extractor with JSON rejections.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| ApiQuery(q.0))
+            .map_err(|e: QueryRejection| ApiError::bad_request(e.body_text()))
+    }
+}
+
+fn hex32(what: &str, text: &str) -> ApiResult<[u8; 32]> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(text, &mut out)
+        .map_err(|_| ApiError::bad_request(format!("{what}: expected 64 hex characters")))?;
+    Ok(out)
+}
+
+fn hex64(what: &str, text: &str) -> ApiResult<[u8; 64]> {
+    let mut out = [0u8; 64];
+    hex::decode_to_slice(text, &mut out)
+        .map_err(|_| ApiError::bad_request(format!("{what}: expected 128 hex characters")))?;
+    Ok(out)
+}
+
+fn mailbox_id(text: &str) -> ApiResult<MailboxId> {
+    hex32("mailbox id", text).map(MailboxId)
+}
+
+/// The authenticated session of a request (`Authorization: Bearer <hex token>`).
+pub struct Authed(pub Session);
+
+impl FromRequestParts<MailboxNode> for Authed {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        node: &MailboxNode,
+    ) -> Result<Self, Self::Rejection> {
+        let unauthorized =
+            |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m.to_string());
+        let value = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| unauthorized("missing Authorization: Bearer token"))?;
+        let token = value
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| unauthorized("Authorization must be a Bearer token"))?;
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(token.trim(), &mut bytes)
+            .map_err(|_| unauthorized("malformed session token"))?;
+        let session = node.sessions().authenticate(now(), &bytes).map_err(|e| {
+            node.metrics().auth_failures.fetch_add(1, Ordering::Relaxed);
+            ApiError::from(e)
+        })?;
+        Ok(Authed(session))
+    }
+}
+
+impl Authed {
+    /// Checks that the session is for `mailbox`.
+    fn for_mailbox(&self, mailbox: &MailboxId) -> ApiResult<()> {
+        if &self.0.mailbox != mailbox {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "the session is for another mailbox",
+            ));
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Limits
+
+/// Per-connection request rate limiter (token bucket per remote socket address), bounded.
+#[derive(Debug)]
+pub struct ConnectionLimiter {
+    per_min: u64,
+    max: usize,
+    buckets: BTreeMap<SocketAddr, (u64, u64)>,
+}
+
+impl ConnectionLimiter {
+    /// `per_min` requests per minute per connection, tracking at most `max` connections.
+    pub fn new(per_min: u64, max: usize) -> ConnectionLimiter {
+        ConnectionLimiter {
+            per_min,
+            max,
+            buckets: BTreeMap::new(),
+        }
+    }
+
+    /// Takes one token for `peer`; `Err(retry_after_ms)` when none is left.
+    pub fn check(&mut self, peer: SocketAddr, now_ms: u64) -> Result<(), u64> {
+        let capacity = self.per_min.saturating_mul(1000);
+        if !self.buckets.contains_key(&peer) && self.buckets.len() >= self.max {
+            // Forget the connection seen longest ago (its bucket has refilled the most).
+            if let Some(oldest) = self
+                .buckets
+                .iter()
+                .min_by_key(|(_, (_, last))| *last)
+                .map(|(k, _)| *k)
+            {
+                self.buckets.remove(&oldest);
+            }
+        }
+        let (tokens, last) = self.buckets.entry(peer).or_insert((capacity, now_ms));
+        let elapsed = now_ms.saturating_sub(*last);
+        *tokens = tokens
+            .saturating_add(elapsed.saturating_mul(self.per_min))
+            .min(capacity);
+        *last = (*last).max(now_ms);
+        if *tokens >= 1000 {
+            *tokens -= 1000;
+            Ok(())
+        } else {
+            Err((1000 - *tokens).div_ceil(self.per_min.max(1)))
+        }
+    }
+}
+
+async fn limit_connection(
+    State(node): State<MailboxNode>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let verdict = node
+        .shared
+        .limiter
+        .lock()
+        .map(|mut l| l.check(peer, now().0))
+        .unwrap_or(Ok(()));
+    match verdict {
+        Ok(()) => next.run(request).await,
+        Err(retry_after_ms) => {
+            node.metrics().rate_limited.fetch_add(1, Ordering::Relaxed);
+            ApiError::too_many("operations per connection", retry_after_ms).into_response()
+        }
+    }
+}
+
+/// Holds one of a mailbox's connection slots (long poll or stream) until dropped.
+struct Slot {
+    node: MailboxNode,
+    mailbox: [u8; 32],
+}
+
+impl Slot {
+    fn take(node: &MailboxNode, mailbox: &MailboxId) -> ApiResult<Slot> {
+        let max = node.config().api.connections_per_mailbox_max;
+        let mut map = node
+            .shared
+            .mailbox_connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = map.entry(mailbox.0).or_insert(0);
+        if *n >= max {
+            node.metrics().rate_limited.fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::too_many("connections per mailbox", 5_000));
+        }
+        *n += 1;
+        Ok(Slot {
+            node: node.clone(),
+            mailbox: mailbox.0,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut map = self
+            .node
+            .shared
+            .mailbox_connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.mailbox) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.mailbox);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Types
+
+/// `POST /v1/mailboxes`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateMailboxRequest {
+    /// Mailbox id, 32 bytes hex (random, chosen by the owner).
+    pub mailbox_id: String,
+    /// HPKE X25519 public key senders seal to, hex.
+    pub mailbox_key: String,
+    /// Owner Ed25519 key, hex; also the first device.
+    pub owner_key: String,
+    /// SHA-256 of the access key given to contacts, hex.
+    pub access_key_hash: String,
+    /// Reply key minting the SURB ids of replies into this mailbox, hex (secret).
+    #[serde(default)]
+    pub reply_key: Option<String>,
+    /// Retention in milliseconds (at most the node's `limits.retention_ms_max`).
+    pub retention_ms: u64,
+    /// Owner Ed25519 signature over the creation transcript (see docs/mailbox.md), hex.
+    pub signature: String,
+}
+
+/// Answer to a creation.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CreatedResponse {
+    /// The mailbox id, hex.
+    pub mailbox_id: String,
+}
+
+/// `POST /v1/auth/challenge`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChallengeRequest {
+    /// Mailbox id, hex.
+    pub mailbox_id: String,
+    /// The device key that will sign, hex.
+    pub device_key: String,
+}
+
+/// A login challenge.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ChallengeResponse {
+    /// 32 random bytes, hex.
+    pub challenge: String,
+    /// The node's audience string, part of the signed transcript.
+    pub audience: String,
+    /// Unix ms after which the challenge is refused.
+    pub expires_at_ms: u64,
+}
+
+/// `POST /v1/auth/login`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    /// Mailbox id, hex.
+    pub mailbox_id: String,
+    /// Device key, hex.
+    pub device_key: String,
+    /// The challenge, hex.
+    pub challenge: String,
+    /// Ed25519 signature over the login transcript, hex.
+    pub signature: String,
+}
+
+/// A session token (or stream ticket).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TokenResponse {
+    /// 32 bytes hex; send as `Authorization: Bearer <token>` (or `?ticket=`).
+    pub token: String,
+    /// Unix ms at which it stops working.
+    pub expires_at_ms: u64,
+}
+
+/// `GET /v1/mailboxes/{id}/messages` query.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PollQuery {
+    /// Return messages with a sequence number above this (default: the device's cursor).
+    pub after: Option<u64>,
+    /// Most messages returned (capped by the node).
+    pub limit: Option<usize>,
+    /// Long poll: wait up to this many milliseconds for a message when there is none.
+    pub wait: Option<u64>,
+}
+
+/// A stored message.
+#[derive(Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct MessageJson {
+    /// Sequence number; use it as `after` and `up_to`.
+    pub seq: u64,
+    /// When the node stored it (Unix ms).
+    pub received_at_ms: u64,
+    /// When the node drops it (Unix ms).
+    pub expires_at_ms: u64,
+    /// `envelope` or `surb_reply`.
+    pub kind: String,
+    /// For `envelope`: the sealed envelope (protobuf `SealedEnvelope`), base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envelope: Option<String>,
+    /// For `surb_reply`: the SURB id, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub surb_id: Option<String>,
+    /// For `surb_reply`: the sealed reply, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
+}
+
+impl From<StoredMessage> for MessageJson {
+    fn from(m: StoredMessage) -> MessageJson {
+        let (kind, envelope, surb_id, payload) = match m.body {
+            MessageBody::Envelope(bytes) => ("envelope", Some(B64.encode(bytes)), None, None),
+            MessageBody::SurbReply { surb_id, payload } => (
+                "surb_reply",
+                None,
+                Some(hex::encode(surb_id.as_bytes())),
+                Some(B64.encode(payload)),
+            ),
+        };
+        MessageJson {
+            seq: m.seq,
+            received_at_ms: m.received_at.0,
+            expires_at_ms: m.expires_at.0,
+            kind: kind.into(),
+            envelope,
+            surb_id,
+            payload,
+        }
+    }
+}
+
+/// A page of messages.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct MessagesResponse {
+    /// Messages in sequence order.
+    pub messages: Vec<MessageJson>,
+    /// The last sequence number assigned in the mailbox.
+    pub last_seq: u64,
+}
+
+/// `POST /v1/mailboxes/{id}/ack`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AckRequest {
+    /// Acknowledge every message up to this sequence number (inclusive) for this device.
+    pub up_to: u64,
+}
+
+/// The device's cursor after an ack.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AckResponse {
+    /// Every message up to this sequence number is acknowledged by this device.
+    pub cursor: u64,
+}
+
+/// `POST /v1/mailboxes/{id}/devices`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceRequest {
+    /// The new device's Ed25519 key, hex.
+    pub device_key: String,
+    /// The owner's signature over the device transcript, hex.
+    pub signature: String,
+}
+
+/// One prekey in an upload.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PrekeyJson {
+    /// Owner-chosen id.
+    pub key_id: u32,
+    /// Curve25519 public key, hex.
+    pub key: String,
+    /// True for the fallback key.
+    #[serde(default)]
+    pub fallback: bool,
+    /// Owner signature, hex.
+    pub signature: String,
+}
+
+/// `PUT /v1/mailboxes/{id}/prekeys`: public keys only, each signed by the owner.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PrekeysRequest {
+    /// Olm identity key (Curve25519), hex.
+    pub identity_key: String,
+    /// Owner signature over it, hex.
+    pub identity_signature: String,
+    /// One-time keys and at most one fallback key.
+    pub prekeys: Vec<PrekeyJson>,
+}
+
+/// Answer to a prekey upload.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PrekeysResponse {
+    /// One-time keys stored.
+    pub one_time_keys: usize,
+}
+
+/// A mailbox's information.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct InfoResponse {
+    /// Mailbox id, hex.
+    pub mailbox_id: String,
+    /// HPKE public key, hex.
+    pub mailbox_key: String,
+    /// Owner key, hex.
+    pub owner_key: String,
+    /// Retention (ms).
+    pub retention_ms: u64,
+    /// Creation time (Unix ms).
+    pub created_at_ms: u64,
+    /// Registered devices with their acknowledged cursor.
+    pub devices: Vec<DeviceJson>,
+    /// Messages stored.
+    pub messages: u64,
+    /// Bytes stored.
+    pub bytes: u64,
+    /// Last sequence number assigned.
+    pub last_seq: u64,
+    /// One-time prekeys left.
+    pub prekeys_left: usize,
+}
+
+/// A registered device.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DeviceJson {
+    /// Device key, hex.
+    pub device_key: String,
+    /// Its cursor.
+    pub cursor: u64,
+}
+
+/// `GET /v1/mailboxes/{id}/export`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ExportResponse {
+    /// Export format version.
+    pub version: u32,
+    /// When the export was made (Unix ms).
+    pub exported_at_ms: u64,
+    /// The mailbox's information.
+    pub mailbox: InfoResponse,
+    /// Every stored message not yet expired, still sealed.
+    pub messages: Vec<MessageJson>,
+}
+
+/// `GET /v1/mailboxes/{id}/stream` query.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct StreamQuery {
+    /// One-time ticket from `POST /v1/mailboxes/{id}/stream-ticket`, hex.
+    pub ticket: String,
+    /// Start after this sequence number (default: the device's cursor).
+    pub after: Option<u64>,
+}
+
+/// What the server sends on a stream (JSON text frames).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum StreamEvent {
+    /// A new message.
+    Message {
+        /// The message.
+        message: MessageJson,
+    },
+    /// The device's cursor after an ack.
+    Acked {
+        /// New cursor.
+        cursor: u64,
+    },
+    /// A request on the stream failed; the stream stays open.
+    Error {
+        /// Error kind.
+        error: String,
+        /// Explanation.
+        message: String,
+    },
+}
+
+/// What a client sends on a stream.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum StreamCommand {
+    /// Acknowledge up to `up_to`.
+    Ack {
+        /// Sequence number.
+        up_to: u64,
+    },
+}
+
+// ---------------------------------------------------------------------------------------
+// Handlers
+
+/// Creates a mailbox.
+#[utoipa::path(post, path = "/v1/mailboxes", tag = "mailboxes",
+    request_body = CreateMailboxRequest,
+    responses(
+        (status = 201, body = CreatedResponse),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 429, body = ErrorBody)))]
+async fn create_mailbox(
+    State(node): State<MailboxNode>,
+    ApiJson(req): ApiJson<CreateMailboxRequest>,
+) -> ApiResult<(StatusCode, axum::Json<CreatedResponse>)> {
+    let request = CreateMailbox {
+        mailbox_id: mailbox_id(&req.mailbox_id)?,
+        mailbox_key: hex32("mailbox_key", &req.mailbox_key)?,
+        owner_key: hex32("owner_key", &req.owner_key)?,
+        access_key_hash: hex32("access_key_hash", &req.access_key_hash)?,
+        reply_key: req
+            .reply_key
+            .as_deref()
+            .map(|k| hex32("reply_key", k))
+            .transpose()?,
+        retention_ms: req.retention_ms,
+        signature: hex64("signature", &req.signature)?,
+    };
+    node.core().create_mailbox(now(), request)?;
+    tracing::info!("mailbox created");
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(CreatedResponse {
+            mailbox_id: req.mailbox_id.to_ascii_lowercase(),
+        }),
+    ))
+}
+
+/// Issues a login challenge for a device.
+#[utoipa::path(post, path = "/v1/auth/challenge", tag = "auth",
+    request_body = ChallengeRequest,
+    responses((status = 200, body = ChallengeResponse), (status = 400, body = ErrorBody),
+        (status = 429, body = ErrorBody)))]
+async fn challenge(
+    State(node): State<MailboxNode>,
+    ApiJson(req): ApiJson<ChallengeRequest>,
+) -> ApiResult<axum::Json<ChallengeResponse>> {
+    let mailbox = mailbox_id(&req.mailbox_id)?;
+    let device = hex32("device_key", &req.device_key)?;
+    let mut sessions = node.sessions();
+    let (challenge, expires) = sessions.challenge(now(), mailbox, device)?;
+    Ok(axum::Json(ChallengeResponse {
+        challenge: hex::encode(challenge),
+        audience: sessions.audience().to_string(),
+        expires_at_ms: expires.0,
+    }))
+}
+
+/// Answers a challenge with the device's signature; returns a session token.
+#[utoipa::path(post, path = "/v1/auth/login", tag = "auth",
+    request_body = LoginRequest,
+    responses((status = 200, body = TokenResponse), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+async fn login(
+    State(node): State<MailboxNode>,
+    ApiJson(req): ApiJson<LoginRequest>,
+) -> ApiResult<axum::Json<TokenResponse>> {
+    let mailbox = mailbox_id(&req.mailbox_id)?;
+    let device = hex32("device_key", &req.device_key)?;
+    let challenge = hex32("challenge", &req.challenge)?;
+    let signature = hex64("signature", &req.signature)?;
+    let is_device = node.core().is_device(&mailbox, &device);
+    let result = node
+        .sessions()
+        .login(now(), mailbox, device, challenge, signature, is_device);
+    let (token, expires) = result.map_err(|e| {
+        node.metrics().auth_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(reason = e.kind(), "login refused");
+        ApiError::from(e)
+    })?;
+    Ok(axum::Json(TokenResponse {
+        token: hex::encode(token),
+        expires_at_ms: expires.0,
+    }))
+}
+
+/// Ends the session.
+#[utoipa::path(post, path = "/v1/auth/logout", tag = "auth",
+    responses((status = 204), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn logout(
+    State(node): State<MailboxNode>,
+    _auth: Authed,
+    parts: axum::http::HeaderMap,
+) -> ApiResult<StatusCode> {
+    if let Some(token) = parts
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    {
+        let mut bytes = [0u8; 32];
+        if hex::decode_to_slice(token.trim(), &mut bytes).is_ok() {
+            node.sessions().logout(now(), &bytes);
+        }
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn info_response(node: &MailboxNode, mailbox: &MailboxId) -> ApiResult<InfoResponse> {
+    let core = node.core();
+    let info = core.info(mailbox)?;
+    let prekeys_left = core.prekeys_left(mailbox)?;
+    Ok(InfoResponse {
+        mailbox_id: info.mailbox_id,
+        mailbox_key: info.mailbox_key,
+        owner_key: info.owner_key,
+        retention_ms: info.retention_ms,
+        created_at_ms: info.created_at_ms,
+        devices: info
+            .devices
+            .into_iter()
+            .map(|(device_key, cursor)| DeviceJson { device_key, cursor })
+            .collect(),
+        messages: info.messages,
+        bytes: info.bytes,
+        last_seq: info.last_seq,
+        prekeys_left,
+    })
+}
+
+/// The mailbox's information (for its owner's devices).
+#[utoipa::path(get, path = "/v1/mailboxes/{id}", tag = "mailboxes",
+    params(("id" = String, Path, description = "Mailbox id, hex")),
+    responses((status = 200, body = InfoResponse), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn get_mailbox(
+    State(node): State<MailboxNode>,
+    auth: Authed,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<axum::Json<InfoResponse>> {
+    let mailbox = mailbox_id(&id)?;
+    auth.for_mailbox(&mailbox)?;
+    Ok(axum::Json(info_response(&node, &mailbox)?))
+}
+
+/// Polls for messages after a cursor; with `wait`, long-polls until one arrives.
+#[utoipa::path(get, path = "/v1/mailboxes/{id}/messages", tag = "messages",
+    params(("id" = String, Path, description = "Mailbox id, hex"), PollQuery),
+    responses((status = 200, body = MessagesResponse), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 429, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn poll(
+    State(node): State<MailboxNode>,
+    auth: Authed,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<PollQuery>,
+) -> ApiResult<axum::Json<MessagesResponse>> {
+    let mailbox = mailbox_id(&id)?;
+    auth.for_mailbox(&mailbox)?;
+    let limit = q
+        .limit
+        .unwrap_or(node.config().api.poll_limit_max)
+        .clamp(1, node.config().api.poll_limit_max);
+    let wait_ms = q.wait.unwrap_or(0).min(node.config().api.wait_ms_max);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
+    let mut _slot = None;
+    loop {
+        let notified = node.shared.new_messages.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let (messages, last_seq) = {
+            let core = node.core();
+            let messages = core.fetch(now(), &mailbox, &auth.0.device, q.after, limit)?;
+            (messages, core.last_seq(&mailbox)?)
+        };
+        if !messages.is_empty() || tokio::time::Instant::now() >= deadline {
+            return Ok(axum::Json(MessagesResponse {
+                messages: messages.into_iter().map(MessageJson::from).collect(),
+                last_seq,
+            }));
+        }
+        if _slot.is_none() {
+            _slot = Some(Slot::take(&node, &mailbox)?);
+        }
+        node.metrics().polls_waiting.fetch_add(1, Ordering::Relaxed);
+        let _ = tokio::time::timeout_at(deadline, notified).await;
+        node.metrics().polls_waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Acknowledges messages for this device (cumulative). A message is deleted once every
+/// registered device has acknowledged it.
+#[utoipa::path(post, path = "/v1/mailboxes/{id}/ack", tag = "messages",
+    params(("id" = String, Path, description = "Mailbox id, hex")),
+    request_body = AckRequest,
+    responses((status = 200, body = AckResponse), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn ack(
+    State(node): State<MailboxNode>,
+    auth: Authed,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<AckRequest>,
+) -> ApiResult<axum::Json<AckResponse>> {
+    let mailbox = mailbox_id(&id)?;
+    auth.for_mailbox(&mailbox)?;
+    let cursor = node.core().ack(&mailbox, &auth.0.device, req.up_to)?;
+    Ok(axum::Json(AckResponse { cursor }))
+}
+
+/// Issues a one-time ticket for opening a stream.
+#[utoipa::path(post, path = "/v1/mailboxes/{id}/stream-ticket", tag = "messages",
+    params(("id" = String, Path, description = "Mailbox id, hex")),
+    responses((status = 200, body = TokenResponse), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn stream_ticket(
+    State(node): State<MailboxNode>,
+    auth: Authed,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<axum::Json<TokenResponse>> {
+    let mailbox = mailbox_id(&id)?;
+    auth.for_mailbox(&mailbox)?;
+    let (ticket, expires) = node.sessions().ticket(now(), auth.0)?;
+    Ok(axum::Json(TokenResponse {
+        token: hex::encode(ticket),
+        expires_at_ms: expires.0,
+    }))
+}
+
+/// WebSocket stream: pushes new messages as `{"type":"message"}` frames and takes
+/// `{"type":"ack","up_to":N}` frames. Closed after `api.stream_idle_ms` without traffic or
+/// when the session expires.
+#[utoipa::path(get, path = "/v1/mailboxes/{id}/stream", tag = "messages",
+    params(("id" = String, Path, description = "Mailbox id, hex"), StreamQuery),
+    responses((status = 101, description = "WebSocket upgrade; frames are StreamEvent / StreamCommand JSON"),
+        (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+async fn stream(
+    State(node): State<MailboxNode>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<StreamQuery>,
+    upgrade: WebSocketUpgrade,
+) -> ApiResult<Response> {
+    let mailbox = mailbox_id(&id)?;
+    let ticket = hex32("ticket", &q.ticket)
+        .map_err(|_| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "malformed ticket"))?;
+    let session = node.sessions().redeem(now(), &mailbox, &ticket).map_err(|e| {
+        node.metrics().auth_failures.fetch_add(1, Ordering::Relaxed);
+        ApiError::from(e)
+    })?;
+    // Validate the starting cursor before upgrading.
+    node.core().fetch(now(), &mailbox, &session.device, q.after, 1)?;
+    let slot = Slot::take(&node, &mailbox)?;
+    Ok(upgrade
+        .max_message_size(node.config().api.body_bytes_max)
+        .on_upgrade(move |socket| async move {
+            node.metrics().streams_open.fetch_add(1, Ordering::Relaxed);
+            run_stream(&node, socket, session, q.after).await;
+            node.metrics().streams_open.fetch_sub(1, Ordering::Relaxed);
+            drop(slot);
+        }))
+}
+
+async fn send_event(socket: &mut WebSocket, event: &StreamEvent) -> bool {
+    match serde_json::to_string(event) {
+        Ok(text) => socket.send(Message::Text(text.into())).await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+async fn run_stream(node: &MailboxNode, mut socket: WebSocket, session: Session, after: Option<u64>) {
+    let idle = Duration::from_millis(node.config().api.stream_idle_ms.max(1));
+    let mut sent_through = after;
+    let mut last_activity = tokio::time::Instant::now();
+    loop {
+        let notified = node.shared.new_messages.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if now().0 >= session.expires_at.0 {
+            let _ = socket.send(Message::Close(None)).await;
+            return;
+        }
+        // Push everything new.
+        let batch = node.core().fetch(
+            now(),
+            &session.mailbox,
+            &session.device,
+            sent_through,
+            node.config().api.poll_limit_max,
+        );
+        match batch {
+            Ok(messages) => {
+                let more = !messages.is_empty();
+                for m in messages {
+                    sent_through = Some(m.seq);
+                    let event = StreamEvent::Message {
+                        message: MessageJson::from(m),
+                    };
+                    if !send_event(&mut socket, &event).await {
+                        return;
+                    }
+                    last_activity = tokio::time::Instant::now();
+                }
+                if more {
+                    continue;
+                }
+            }
+            Err(e) => {
+                let _ = send_event(
+                    &mut socket,
+                    &StreamEvent::Error {
+                        error: e.kind().into(),
+                        message: ApiError::from(e).message,
+                    },
+                )
+                .await;
+                return;
+            }
+        }
+        tokio::select! {
+            biased;
+            incoming = socket.recv() => {
+                let Some(Ok(frame)) = incoming else { return };
+                last_activity = tokio::time::Instant::now();
+                match frame {
+                    Message::Text(text) => {
+                        let event = match serde_json::from_str::<StreamCommand>(&text) {
+                            Ok(StreamCommand::Ack { up_to }) => {
+                                match node.core().ack(&session.mailbox, &session.device, up_to) {
+                                    Ok(cursor) => StreamEvent::Acked { cursor },
+                                    Err(e) => StreamEvent::Error {
+                                        error: e.kind().into(),
+                                        message: ApiError::from(e).message,
+                                    },
+                                }
+                            }
+                            Err(_) => StreamEvent::Error {
+                                error: "bad_request".into(),
+                                message: "expected {\"type\":\"ack\",\"up_to\":N}".into(),
+                            },
+                        };
+                        if !send_event(&mut socket, &event).await {
+                            return;
+                        }
+                    }
+                    Message::Close(_) => return,
+                    _ => {}
+                }
+            }
+            () = &mut notified => {}
+            () = tokio::time::sleep_until(last_activity + idle) => {
+                let _ = socket.send(Message::Close(None)).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Registers another device (signed by the owner).
+#[utoipa::path(post, path = "/v1/mailboxes/{id}/devices", tag = "mailboxes",
+    params(("id" = String, Path, description = "Mailbox id, hex")),
+    request_body = DeviceRequest,
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 429, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn add_device(
+    State(node): State<MailboxNode>,
+    auth: Authed,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<DeviceRequest>,
+) -> ApiResult<StatusCode> {
+    let mailbox = mailbox_id(&id)?;
+    auth.for_mailbox(&mailbox)?;
+    let device = hex32("device_key", &req.device_key)?;
+    let signature = hex64("signature", &req.signature)?;
+    node.core().add_device(&mailbox, device, &signature)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Removes a device (owner session only; the owner key itself cannot be removed).
+#[utoipa::path(delete, path = "/v1/mailboxes/{id}/devices/{device}", tag = "mailboxes",
+    params(("id" = String, Path, description = "Mailbox id, hex"),
+        ("device" = String, Path, description = "Device key, hex")),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn remove_device(
+    State(node): State<MailboxNode>,
+    auth: Authed,
+    ApiPath((id, device)): ApiPath<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let mailbox = mailbox_id(&id)?;
+    auth.for_mailbox(&mailbox)?;
+    owner_only(&node, &auth, &mailbox)?;
+    let device = hex32("device", &device)?;
+    node.core().remove_device(&mailbox, &device)?;
+    node.sessions().revoke(&mailbox, Some(&device));
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn owner_only(node: &MailboxNode, auth: &Authed, mailbox: &MailboxId) -> ApiResult<()> {
+    if !node.core().is_owner(mailbox, &auth.0.device) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "only the owner key's session may do this",
+        ));
+    }
+    Ok(())
+}
+
+/// Replaces the mailbox's prekeys (public keys, each signed by the owner).
+#[utoipa::path(put, path = "/v1/mailboxes/{id}/prekeys", tag = "prekeys",
+    params(("id" = String, Path, description = "Mailbox id, hex")),
+    request_body = PrekeysRequest,
+    responses((status = 200, body = PrekeysResponse), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 429, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn put_prekeys(
+    State(node): State<MailboxNode>,
+    auth: Authed,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<PrekeysRequest>,
+) -> ApiResult<axum::Json<PrekeysResponse>> {
+    let mailbox = mailbox_id(&id)?;
+    auth.for_mailbox(&mailbox)?;
+    let mut prekeys = Vec::with_capacity(req.prekeys.len());
+    for p in &req.prekeys {
+        prekeys.push(SignedPrekey {
+            key_id: p.key_id,
+            key: hex32("prekeys[].key", &p.key)?,
+            fallback: p.fallback,
+            signature: hex64("prekeys[].signature", &p.signature)?,
+        });
+    }
+    let upload = PrekeyUpload {
+        identity_key: hex32("identity_key", &req.identity_key)?,
+        identity_signature: hex64("identity_signature", &req.identity_signature)?,
+        prekeys,
+    };
+    let one_time_keys = node.core().put_prekeys(&mailbox, upload)?;
+    Ok(axum::Json(PrekeysResponse { one_time_keys }))
+}
+
+/// Exports the mailbox: its information and every stored message, still sealed.
+#[utoipa::path(get, path = "/v1/mailboxes/{id}/export", tag = "mailboxes",
+    params(("id" = String, Path, description = "Mailbox id, hex")),
+    responses((status = 200, body = ExportResponse), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn export(
+    State(node): State<MailboxNode>,
+    auth: Authed,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<axum::Json<ExportResponse>> {
+    let mailbox = mailbox_id(&id)?;
+    auth.for_mailbox(&mailbox)?;
+    let info = info_response(&node, &mailbox)?;
+    let t = now();
+    let (_, messages) = node.core().export(t, &mailbox)?;
+    Ok(axum::Json(ExportResponse {
+        version: 1,
+        exported_at_ms: t.0,
+        mailbox: info,
+        messages: messages.into_iter().map(MessageJson::from).collect(),
+    }))
+}
+
+/// Erases the mailbox (owner session only): its data key first (crypto-erasure), then every
+/// record; every session of the mailbox ends.
+#[utoipa::path(delete, path = "/v1/mailboxes/{id}", tag = "mailboxes",
+    params(("id" = String, Path, description = "Mailbox id, hex")),
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn erase(
+    State(node): State<MailboxNode>,
+    auth: Authed,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<StatusCode> {
+    let mailbox = mailbox_id(&id)?;
+    auth.for_mailbox(&mailbox)?;
+    owner_only(&node, &auth, &mailbox)?;
+    node.core().erase(&mailbox)?;
+    node.sessions().revoke(&mailbox, None);
+    tracing::info!("mailbox erased");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Liveness: 200 while the store accepts writes, 503 once it is poisoned.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "ok"), (status = 503, description = "store poisoned")))]
+async fn healthz(State(node): State<MailboxNode>) -> Response {
+    if node.is_healthy() {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "store poisoned\n").into_response()
+    }
+}
+
+/// Prometheus metrics (no ids in labels).
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+async fn metrics(State(node): State<MailboxNode>) -> Response {
+    let m = node.metrics();
+    let (stats, store) = {
+        let core = node.core();
+        (core.stats(), crate::store::MailboxStore::stats(core.store()))
+    };
+    let sessions = node.sessions().session_count();
+    let mut out = String::new();
+    let mut line = |name: &str, kind: &str, help: &str, value: u64| {
+        out.push_str(&format!(
+            "# HELP whispr_mailbox_{name} {help}\n# TYPE whispr_mailbox_{name} {kind}\nwhispr_mailbox_{name} {value}\n"
+        ));
+    };
+    let c = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    line("deposits_stored_total", "counter", "Deposits stored.", c(&m.deposits_stored));
+    line("deposits_duplicate_total", "counter", "Redelivered deposits acknowledged again.", c(&m.deposits_duplicate));
+    line("deposits_refused_total", "counter", "Deposits refused.", c(&m.deposits_refused));
+    line("commit_batches_total", "counter", "Group-commit writes.", c(&m.commit_batches));
+    line("commit_batched_total", "counter", "Deposits in group-commit writes.", c(&m.commit_batched));
+    line("replies_total", "counter", "SURB replies handed to the mesh.", c(&m.replies_sent));
+    line("expired_deleted_total", "counter", "Expired messages deleted.", c(&m.swept));
+    line("rate_limited_total", "counter", "Requests answered 429.", c(&m.rate_limited));
+    line("auth_failures_total", "counter", "Failed authentications.", c(&m.auth_failures));
+    line("streams_open", "gauge", "Open WebSocket streams.", c(&m.streams_open));
+    line("polls_waiting", "gauge", "Long polls waiting.", c(&m.polls_waiting));
+    line("sessions", "gauge", "Live sessions.", sessions as u64);
+    line("mailboxes", "gauge", "Mailboxes held.", stats.mailboxes);
+    line("messages", "gauge", "Messages stored.", stats.messages);
+    line("stored_bytes", "gauge", "Bytes of stored messages.", stats.bytes);
+    line("wal_bytes_written_total", "counter", "Bytes written to the RocksDB WAL.", store.wal_bytes_written);
+    line("sst_bytes_written_total", "counter", "Bytes written to SST files.", store.sst_bytes_written);
+    line("synced_writes_total", "counter", "Synced RocksDB writes.", store.synced_writes);
+    let mut response = out.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Whispr Mesh mailbox node API",
+        version = "1",
+        description = "Owner API of a Whispr Mesh mailbox node. Deposits arrive through the mesh, not this API. See docs/mailbox.md."
+    ),
+    modifiers(&BearerAuth),
+    components(schemas(ErrorBody, StreamEvent, StreamCommand))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        if let Some(components) = openapi.components.as_mut() {
+            components.add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+            );
+        }
+    }
+}
+
+/// The API's routes and the OpenAPI document describing exactly them.
+pub fn api_parts() -> (axum::Router<MailboxNode>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(create_mailbox))
+        .routes(routes!(challenge))
+        .routes(routes!(login))
+        .routes(routes!(logout))
+        .routes(routes!(get_mailbox, erase))
+        .routes(routes!(poll))
+        .routes(routes!(ack))
+        .routes(routes!(stream_ticket))
+        .routes(routes!(stream))
+        .routes(routes!(add_device))
+        .routes(routes!(remove_device))
+        .routes(routes!(put_prekeys))
+        .routes(routes!(export))
+        .routes(routes!(healthz))
+        .routes(routes!(metrics))
+        .split_for_parts()
+}
+
+/// The OpenAPI document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_parts().1
+}
+
+async fn fallback() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+/// The complete router: API routes, `/v1/openapi.json`, limits.
+pub fn router(node: MailboxNode) -> axum::Router {
+    let (api, doc) = api_parts();
+    let doc_json = serde_json::to_string(&doc).unwrap_or_default();
+    let body_max = node.config().api.body_bytes_max;
+    api.route(
+        "/v1/openapi.json",
+        axum::routing::get(move || async move {
+            (
+                [(header::CONTENT_TYPE, "application/json")],
+                doc_json.clone(),
+            )
+        }),
+    )
+    .fallback(fallback)
+    .layer(axum::middleware::from_fn_with_state(
+        node.clone(),
+        limit_connection,
+    ))
+    .layer(DefaultBodyLimit::max(body_max))
+    .with_state(node)
+}

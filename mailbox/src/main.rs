@@ -1,0 +1,203 @@
+//! `whispr-mailbox`: the Whispr Mesh mailbox node.
+//!
+//! ```text
+//! whispr-mailbox --config mailbox.toml                 # run the node
+//! whispr-mailbox --config mailbox.toml stress-deposit  # load tool (node not running)
+//! whispr-mailbox openapi                               # print the OpenAPI document
+//! ```
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use rand::SeedableRng;
+use tracing_subscriber::EnvFilter;
+use whispr_mailbox::core::Incoming;
+use whispr_mailbox::node::{MailboxNode, NoMesh, NodeConfig, now};
+use whispr_mailbox::testkit::Owner;
+use whispr_protocol::{DedupId, UnixTime};
+
+#[derive(Parser)]
+#[command(name = "whispr-mailbox", version, about = "Whispr Mesh mailbox node")]
+struct Cli {
+    /// The node's TOML configuration.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node (the default).
+    Run,
+    /// Print the OpenAPI document of the client API.
+    Openapi,
+    /// Load tool for tests and benchmarks: opens the node's store (the node must not be
+    /// running), creates the test mailbox of `--seed` if needed, deposits from `--concurrency`
+    /// tasks through the group-commit path and prints `acked <dedup id hex> <seq>` for every
+    /// deposit once it is durable.
+    StressDeposit {
+        /// Seed of the test owner (see `testkit::Owner`).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Concurrent depositors.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Deposits in total (0: until killed).
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+        /// Envelope body bytes.
+        #[arg(long, default_value_t = 256)]
+        body_bytes: usize,
+        /// Requested expiry, in milliseconds from now (default: the mailbox's retention).
+        #[arg(long)]
+        expire_in_ms: Option<u64>,
+    },
+}
+
+fn init_tracing(json: bool, filter: Option<&str>) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(filter.unwrap_or("info")));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load_config(path: Option<&PathBuf>) -> anyhow::Result<NodeConfig> {
+    let path = path.context("--config FILE is required")?;
+    NodeConfig::load(path).with_context(|| format!("in config file {}", path.display()))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Run);
+    if let Command::Openapi = command {
+        let doc = whispr_mailbox::http::openapi();
+        writeln!(std::io::stdout().lock(), "{}", doc.to_pretty_json()?)?;
+        return Ok(());
+    }
+    let config = load_config(cli.config.as_ref())?;
+    init_tracing(config.log.json, config.log.filter.as_deref());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    match command {
+        Command::Run | Command::Openapi => runtime.block_on(run(config)),
+        Command::StressDeposit {
+            seed,
+            concurrency,
+            count,
+            body_bytes,
+            expire_in_ms,
+        } => runtime.block_on(stress(
+            config,
+            seed,
+            concurrency.max(1),
+            count,
+            body_bytes,
+            expire_in_ms,
+        )),
+    }
+}
+
+async fn run(config: NodeConfig) -> anyhow::Result<()> {
+    let listen = config.api.listen;
+    let tls = config.api.tls_cert_file.is_some();
+    let node = MailboxNode::open(config, Arc::new(NoMesh::default())).context("opening the node")?;
+    let listener = std::net::TcpListener::bind(listen)
+        .with_context(|| format!("api.listen: cannot bind {listen}"))?;
+    let port = listener.local_addr()?.port();
+    // The port only: addresses stay out of logs.
+    tracing::info!(port, tls, "mailbox node started");
+    node.serve(listener, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                biased;
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}
+
+async fn stress(
+    config: NodeConfig,
+    seed: u64,
+    concurrency: usize,
+    count: u64,
+    body_bytes: usize,
+    expire_in_ms: Option<u64>,
+) -> anyhow::Result<()> {
+    let retention_ms = config.limits.retention_ms_max;
+    let node = MailboxNode::open(config, Arc::new(NoMesh::default())).context("opening the node")?;
+    let owner = Arc::new(Owner::from_seed(seed));
+    match node.create_mailbox(owner.create_request(retention_ms)) {
+        Ok(()) | Err(whispr_mailbox::MailboxError::MailboxExists) => {}
+        Err(e) => return Err(e).context("creating the test mailbox"),
+    }
+    let remaining = Arc::new(std::sync::atomic::AtomicU64::new(if count == 0 {
+        u64::MAX
+    } else {
+        count
+    }));
+    let out = Arc::new(std::sync::Mutex::new(std::io::stdout()));
+    let mut tasks = Vec::new();
+    for worker in 0..concurrency {
+        let node = node.clone();
+        let owner = owner.clone();
+        let remaining = remaining.clone();
+        let out = out.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(
+                now().0 ^ (worker as u64).rotate_left(32) ^ u64::from(std::process::id()),
+            );
+            let body = vec![0x5a; body_bytes];
+            loop {
+                let ordering = std::sync::atomic::Ordering::SeqCst;
+                if remaining
+                    .fetch_update(ordering, ordering, |n| n.checked_sub(1))
+                    .is_err()
+                {
+                    return Ok::<(), anyhow::Error>(());
+                }
+                let dedup = DedupId::random(&mut rng);
+                let expires_at = expire_in_ms.map(|ms| UnixTime(now().0 + ms));
+                let envelope = owner.envelope(&mut rng, dedup, expires_at, None, &body)?;
+                match node.deposit(Incoming::Deposit(envelope)).await {
+                    Ok(receipt) => {
+                        let mut out = out.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        writeln!(out, "acked {} {}", hex::encode(dedup.as_bytes()), receipt.seq)?;
+                        out.flush()?;
+                    }
+                    Err(whispr_mailbox::MailboxError::RateLimited { retry_after_ms, .. }) => {
+                        tokio::time::sleep(std::time::Duration::from_millis(retry_after_ms)).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}

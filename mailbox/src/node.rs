@@ -1,0 +1,659 @@
+//! The mailbox node: configuration, the tokio driver around [`MailboxCore`] (group commit,
+//! expiry sweeps through the timer queue, wake-ups for long polls and streams) and serving
+//! the HTTP API ([`crate::http`]).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, mpsc, oneshot};
+use whispr_protocol::UnixTime;
+use whispr_protocol::payload::Reply;
+use whispr_protocol::sphinx::Surb;
+use whispr_timer_service::config::QueueConfig;
+use whispr_timer_service::queue::TimerQueue;
+use whispr_timer_service::rocks::{RocksOptions as TimerRocksOptions, RocksStore as TimerStore};
+use whispr_timer_service::task::{Category, NewTask};
+
+use crate::auth::{AuthConfig, Sessions};
+use crate::config::CoreConfig;
+use crate::core::{DepositReceipt, Incoming, MailboxCore, Output};
+use crate::crypto::MasterKey;
+use crate::error::{MailboxError, Result};
+use crate::rocks::{RocksOptions, RocksStore};
+use crate::store::MailboxStore;
+
+/// The mailbox node's TOML configuration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Directory of the stores (`db/`, `timers/`) and, by default, the master key.
+    pub data_dir: PathBuf,
+    /// The master key file (created with mode 0600 on first start). Default
+    /// `data_dir/master.key`.
+    #[serde(default)]
+    pub master_key_file: Option<PathBuf>,
+    /// This node's name in login signatures (clients check it). Default `whispr-mailbox`.
+    #[serde(default = "default_audience")]
+    pub audience: String,
+    /// The client API.
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Mailbox limits.
+    #[serde(default)]
+    pub limits: CoreConfig,
+    /// Login, sessions and tickets.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Group commit of deposits.
+    #[serde(default)]
+    pub commit: CommitConfig,
+    /// RocksDB tuning of the mailbox store.
+    #[serde(default)]
+    pub rocksdb: RocksOptions,
+    /// Seed for every random choice (tests and the simulator only); `None` draws from the OS.
+    #[serde(default)]
+    pub rng_seed: Option<u64>,
+}
+
+fn default_audience() -> String {
+    "whispr-mailbox".into()
+}
+
+/// `[api]`: the client HTTP API.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Listen address. Default `127.0.0.1:7400`.
+    pub listen: SocketAddr,
+    /// TLS certificate chain (PEM). Required unless `listen` is a loopback address.
+    pub tls_cert_file: Option<PathBuf>,
+    /// TLS private key (PEM).
+    pub tls_key_file: Option<PathBuf>,
+    /// Largest request body. Default 64 KiB.
+    pub body_bytes_max: usize,
+    /// Requests per minute per connection (policy: 200 operations/min). Default 200.
+    pub ops_per_min_per_connection: u64,
+    /// Connections whose request rate is tracked. Default 10,000.
+    pub connections_tracked_max: usize,
+    /// Open long polls and streams per mailbox. Default 8.
+    pub connections_per_mailbox_max: usize,
+    /// Longest long-poll wait. Default 30,000 ms.
+    pub wait_ms_max: u64,
+    /// A stream with no traffic either way for this long is closed. Default 120,000 ms.
+    pub stream_idle_ms: u64,
+    /// Most messages per poll. Default 100.
+    pub poll_limit_max: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
+            tls_cert_file: None,
+            tls_key_file: None,
+            body_bytes_max: 64 * 1024,
+            ops_per_min_per_connection: 200,
+            connections_tracked_max: 10_000,
+            connections_per_mailbox_max: 8,
+            wait_ms_max: 30_000,
+            stream_idle_ms: 120_000,
+            poll_limit_max: 100,
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// JSON lines instead of text.
+    #[serde(default)]
+    pub json: bool,
+    /// Filter directives when `RUST_LOG` is not set (default `info`).
+    #[serde(default)]
+    pub filter: Option<String>,
+}
+
+/// `[commit]`: group commit.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommitConfig {
+    /// Most deposits in one synced write. Default 512.
+    pub batch_max: usize,
+    /// Deposits waiting for the writer; beyond it deposits are refused (backpressure).
+    /// Default 8192.
+    pub queue_max: usize,
+}
+
+impl Default for CommitConfig {
+    fn default() -> Self {
+        CommitConfig {
+            batch_max: 512,
+            queue_max: 8192,
+        }
+    }
+}
+
+/// A configuration problem, naming the key to fix.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {problem}")]
+pub struct ConfigError {
+    /// The config key.
+    pub key: String,
+    /// What is wrong.
+    pub problem: String,
+}
+
+impl NodeConfig {
+    /// A configuration with defaults for everything but the data directory.
+    pub fn with_data_dir(data_dir: PathBuf) -> NodeConfig {
+        NodeConfig {
+            data_dir,
+            master_key_file: None,
+            audience: default_audience(),
+            api: ApiConfig::default(),
+            log: LogConfig::default(),
+            limits: CoreConfig::default(),
+            auth: AuthConfig::default(),
+            commit: CommitConfig::default(),
+            rocksdb: RocksOptions::default(),
+            rng_seed: None,
+        }
+    }
+
+    /// Reads and checks a TOML file.
+    pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            key: path.display().to_string(),
+            problem: format!("cannot read: {e}"),
+        })?;
+        let config: NodeConfig = toml::from_str(&text).map_err(|e| ConfigError {
+            key: "config".into(),
+            problem: e.to_string(),
+        })?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Checks values that TOML types cannot.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let fail = |key: &str, problem: &str| {
+            Err(ConfigError {
+                key: key.into(),
+                problem: problem.into(),
+            })
+        };
+        match (&self.api.tls_cert_file, &self.api.tls_key_file) {
+            (None, None) if !self.api.listen.ip().is_loopback() => {
+                return fail(
+                    "api.tls_cert_file",
+                    "plain HTTP is only allowed on a loopback address; set api.tls_cert_file \
+                     and api.tls_key_file",
+                );
+            }
+            (Some(_), None) => return fail("api.tls_key_file", "missing (tls_cert_file is set)"),
+            (None, Some(_)) => return fail("api.tls_cert_file", "missing (tls_key_file is set)"),
+            _ => {}
+        }
+        if self.audience.is_empty() || self.audience.len() > 255 {
+            return fail("audience", "must be 1 to 255 bytes");
+        }
+        let nonzero = [
+            ("api.body_bytes_max", self.api.body_bytes_max as u64),
+            (
+                "api.ops_per_min_per_connection",
+                self.api.ops_per_min_per_connection,
+            ),
+            (
+                "api.connections_tracked_max",
+                self.api.connections_tracked_max as u64,
+            ),
+            (
+                "api.connections_per_mailbox_max",
+                self.api.connections_per_mailbox_max as u64,
+            ),
+            ("api.poll_limit_max", self.api.poll_limit_max as u64),
+            ("limits.mailboxes_max", self.limits.mailboxes_max as u64),
+            ("limits.devices_max", self.limits.devices_max as u64),
+            ("limits.retention_ms_max", self.limits.retention_ms_max),
+            ("limits.fetch_limit_max", self.limits.fetch_limit_max as u64),
+            ("limits.sweep_batch_max", self.limits.sweep_batch_max as u64),
+            ("limits.expiry_bucket_ms", self.limits.expiry_bucket_ms),
+            ("commit.batch_max", self.commit.batch_max as u64),
+            ("commit.queue_max", self.commit.queue_max as u64),
+            ("auth.session_ttl_ms", self.auth.session_ttl_ms),
+        ];
+        for (key, value) in nonzero {
+            if value == 0 {
+                return fail(key, "must be at least 1");
+            }
+        }
+        Ok(())
+    }
+
+    /// The master key file.
+    pub fn master_key_path(&self) -> PathBuf {
+        self.master_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("master.key"))
+    }
+}
+
+/// Wall-clock now. Only drivers read the clock.
+pub fn now() -> UnixTime {
+    UnixTime(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0),
+    )
+}
+
+/// Where SURB replies (deposit acks, prekey bundles) go: the mesh layer.
+pub trait ReplySink: Send + Sync + 'static {
+    /// Sends `reply` through `surb`. Must not block.
+    fn send_reply(&self, surb: Surb, reply: Reply);
+}
+
+/// A reply sink for a node not yet joined to a mesh: replies are counted and dropped.
+#[derive(Debug, Default)]
+pub struct NoMesh {
+    /// Replies dropped.
+    pub dropped: AtomicU64,
+}
+
+impl ReplySink for NoMesh {
+    fn send_reply(&self, _surb: Surb, _reply: Reply) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Node counters exported on `/metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Deposits stored.
+    pub deposits_stored: AtomicU64,
+    /// Redelivered deposits acknowledged again.
+    pub deposits_duplicate: AtomicU64,
+    /// Deposits refused (any reason).
+    pub deposits_refused: AtomicU64,
+    /// Group-commit writes.
+    pub commit_batches: AtomicU64,
+    /// Deposits in those writes.
+    pub commit_batched: AtomicU64,
+    /// SURB replies handed to the mesh.
+    pub replies_sent: AtomicU64,
+    /// Expired messages deleted by sweeps.
+    pub swept: AtomicU64,
+    /// Requests answered 429.
+    pub rate_limited: AtomicU64,
+    /// Failed logins.
+    pub auth_failures: AtomicU64,
+    /// Open streams.
+    pub streams_open: AtomicU64,
+    /// Open long polls.
+    pub polls_waiting: AtomicU64,
+}
+
+type Core = MailboxCore<RocksStore, StdRng>;
+
+struct DepositJob {
+    incoming: Incoming,
+    done: oneshot::Sender<Result<DepositReceipt>>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) config: NodeConfig,
+    core: Mutex<Core>,
+    sessions: Mutex<Sessions<StdRng>>,
+    timers: Mutex<TimerQueue<TimerStore, StdRng>>,
+    deposits: mpsc::Sender<DepositJob>,
+    /// Woken after every write that adds messages.
+    pub(crate) new_messages: Notify,
+    /// Woken when a sweep is scheduled.
+    sweeper_wake: Notify,
+    replies: Arc<dyn ReplySink>,
+    pub(crate) metrics: Metrics,
+    healthy: AtomicBool,
+    /// Open long polls and streams per mailbox.
+    pub(crate) mailbox_connections: Mutex<BTreeMap<[u8; 32], usize>>,
+    pub(crate) limiter: Mutex<crate::http::ConnectionLimiter>,
+}
+
+/// A running mailbox node (cheap to clone).
+#[derive(Clone)]
+pub struct MailboxNode {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for MailboxNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MailboxNode").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Core operations are all-or-nothing, so the state behind a lock stays consistent even if
+    // a holder panicked (which would be a bug).
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl MailboxNode {
+    /// Opens the stores under `config.data_dir` (creating them and the master key on first
+    /// start), purges what expired while the node was down, and starts the group-commit
+    /// writer and the expiry sweeper. Must be called inside a tokio runtime.
+    pub fn open(config: NodeConfig, replies: Arc<dyn ReplySink>) -> Result<MailboxNode> {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| MailboxError::KeyFile(format!("cannot create data_dir: {e}")))?;
+        let mut seed_rng = match config.rng_seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => rand::make_rng(),
+        };
+        let master = MasterKey::load_or_create(&config.master_key_path(), &mut seed_rng)?;
+        let store = RocksStore::open(&config.data_dir.join("db"), config.rocksdb.clone())?;
+        let core_rng = StdRng::from_rng(&mut seed_rng);
+        let core = MailboxCore::open(config.limits.clone(), store, master, core_rng, now())?;
+        let timer_store = TimerStore::open(
+            &config.data_dir.join("timers"),
+            TimerRocksOptions::default(),
+        )
+        .map_err(|e| MailboxError::Store(crate::store::StoreError::Backend(e.to_string())))?;
+        let timers = TimerQueue::open(
+            QueueConfig {
+                rng_seed: config.rng_seed,
+                ..QueueConfig::default()
+            },
+            timer_store,
+            StdRng::from_rng(&mut seed_rng),
+        )
+        .map_err(|e| MailboxError::Store(crate::store::StoreError::Backend(e.to_string())))?;
+        let sessions = Sessions::new(
+            config.auth.clone(),
+            config.audience.clone(),
+            StdRng::from_rng(&mut seed_rng),
+        );
+        let (tx, rx) = mpsc::channel(config.commit.queue_max);
+        let limiter = crate::http::ConnectionLimiter::new(
+            config.api.ops_per_min_per_connection,
+            config.api.connections_tracked_max,
+        );
+        let node = MailboxNode {
+            shared: Arc::new(Shared {
+                config,
+                core: Mutex::new(core),
+                sessions: Mutex::new(sessions),
+                timers: Mutex::new(timers),
+                deposits: tx,
+                new_messages: Notify::new(),
+                sweeper_wake: Notify::new(),
+                replies,
+                metrics: Metrics::default(),
+                healthy: AtomicBool::new(true),
+                mailbox_connections: Mutex::new(BTreeMap::new()),
+                limiter: Mutex::new(limiter),
+            }),
+        };
+        // Sweeps asked for while loading.
+        node.drain_outputs(&mut node.core());
+        let writer = node.clone();
+        std::thread::Builder::new()
+            .name("mailbox-commit".into())
+            .spawn(move || writer.commit_loop(rx))
+            .map_err(|e| MailboxError::KeyFile(format!("cannot start the writer: {e}")))?;
+        let sweeper = node.clone();
+        tokio::spawn(async move { sweeper.sweep_loop().await });
+        Ok(node)
+    }
+
+    pub(crate) fn core(&self) -> MutexGuard<'_, Core> {
+        lock(&self.shared.core)
+    }
+
+    pub(crate) fn sessions(&self) -> MutexGuard<'_, Sessions<StdRng>> {
+        lock(&self.shared.sessions)
+    }
+
+    /// The node's configuration.
+    pub fn config(&self) -> &NodeConfig {
+        &self.shared.config
+    }
+
+    /// Counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// False once the store is poisoned.
+    pub fn is_healthy(&self) -> bool {
+        self.shared.healthy.load(Ordering::Relaxed) && !self.core().store().is_poisoned()
+    }
+
+    /// Hands core outputs to the mesh (replies) and the timer queue (sweeps).
+    fn drain_outputs(&self, core: &mut Core) {
+        while let Some(output) = core.poll_output() {
+            match output {
+                Output::Reply { surb, reply } => {
+                    self.shared
+                        .metrics
+                        .replies_sent
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.shared.replies.send_reply(surb, reply);
+                }
+                Output::ScheduleSweep { at } => {
+                    let result = lock(&self.shared.timers).schedule(
+                        now(),
+                        NewTask {
+                            category: Category::Expiry,
+                            priority: 5,
+                            due_at: at,
+                            payload: at.0.to_be_bytes().to_vec(),
+                            owner: None,
+                        },
+                    );
+                    if let Err(e) = result {
+                        // Reads still filter by expiry and the next start purges, so a lost
+                        // sweep delays deletion but never serves expired data.
+                        tracing::warn!(error = %e, "cannot schedule an expiry sweep");
+                    }
+                    self.shared.sweeper_wake.notify_one();
+                }
+            }
+        }
+    }
+
+    /// Creates a mailbox (see [`MailboxCore::create_mailbox`]).
+    pub fn create_mailbox(&self, request: crate::core::CreateMailbox) -> Result<()> {
+        self.core().create_mailbox(now(), request)
+    }
+
+    /// Deposits one message through the group-commit writer; returns once it is durable.
+    pub async fn deposit(&self, incoming: Incoming) -> Result<DepositReceipt> {
+        let (done, wait) = oneshot::channel();
+        self.shared
+            .deposits
+            .try_send(DepositJob { incoming, done })
+            .map_err(|_| MailboxError::RateLimited {
+                what: "deposit queue full",
+                retry_after_ms: 100,
+            })?;
+        wait.await
+            .unwrap_or(Err(MailboxError::Store(crate::store::StoreError::Backend(
+                "writer stopped".into(),
+            ))))
+    }
+
+    /// Handles a final-hop payload for this node (prekey requests; deposits should use
+    /// [`Self::deposit`] to be group-committed).
+    pub fn handle_prekey_request(
+        &self,
+        request: whispr_protocol::payload::PrekeyRequest,
+    ) -> Result<()> {
+        let mut core = self.core();
+        let result = core.handle_prekey_request(now(), request);
+        self.drain_outputs(&mut core);
+        result
+    }
+
+    fn commit_loop(&self, mut rx: mpsc::Receiver<DepositJob>) {
+        let batch_max = self.shared.config.commit.batch_max.max(1);
+        while let Some(first) = rx.blocking_recv() {
+            let mut jobs = vec![first];
+            while jobs.len() < batch_max {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            let (incoming, waiters): (Vec<Incoming>, Vec<oneshot::Sender<_>>) =
+                jobs.into_iter().map(|j| (j.incoming, j.done)).unzip();
+            let metrics = &self.shared.metrics;
+            metrics.commit_batches.fetch_add(1, Ordering::Relaxed);
+            metrics
+                .commit_batched
+                .fetch_add(incoming.len() as u64, Ordering::Relaxed);
+            let results = {
+                let mut core = self.core();
+                let results = core.deposit_many(now(), incoming);
+                self.drain_outputs(&mut core);
+                results
+            };
+            let mut stored = false;
+            for (result, waiter) in results.into_iter().zip(waiters) {
+                match &result {
+                    Ok(r) if r.duplicate => {
+                        metrics.deposits_duplicate.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {
+                        stored = true;
+                        metrics.deposits_stored.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        metrics.deposits_refused.fetch_add(1, Ordering::Relaxed);
+                        if !e.is_caller_error() {
+                            self.shared.healthy.store(false, Ordering::Relaxed);
+                            tracing::error!(error = %e, "deposit write failed");
+                        }
+                    }
+                }
+                let _ = waiter.send(result);
+            }
+            if stored {
+                self.shared.new_messages.notify_waiters();
+            }
+        }
+    }
+
+    async fn sweep_loop(&self) {
+        loop {
+            let wait = {
+                let due = lock(&self.shared.timers).poll_timeout();
+                match due {
+                    Some(at) => Duration::from_millis(at.0.saturating_sub(now().0).min(60_000)),
+                    None => Duration::from_secs(60),
+                }
+            };
+            tokio::select! {
+                biased;
+                () = self.shared.sweeper_wake.notified() => continue,
+                () = tokio::time::sleep(wait) => {}
+            }
+            self.run_due_sweeps();
+        }
+    }
+
+    /// Runs every expiry sweep that is due (also called by tests).
+    pub fn run_due_sweeps(&self) {
+        let fired = match lock(&self.shared.timers).poll_due(now(), 64) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, "timer queue poll failed");
+                return;
+            }
+        };
+        for task in fired {
+            let result = {
+                let mut core = self.core();
+                let mut total = 0usize;
+                let result = loop {
+                    match core.sweep_expired(now()) {
+                        Ok(n) => {
+                            total += n;
+                            if n < core.config().sweep_batch_max {
+                                break Ok(total);
+                            }
+                        }
+                        Err(e) => break Err(e),
+                    }
+                };
+                self.drain_outputs(&mut core);
+                result
+            };
+            let mut timers = lock(&self.shared.timers);
+            match result {
+                Ok(n) => {
+                    self.shared
+                        .metrics
+                        .swept
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                    if n > 0 {
+                        tracing::info!(deleted = n, "expiry sweep");
+                    }
+                    if let Err(e) = timers.complete(&task.id) {
+                        tracing::warn!(error = %e, "cannot complete a sweep task");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "expiry sweep failed");
+                    let _ = timers.fail(now(), &task.id);
+                }
+            }
+        }
+    }
+
+    /// Serves the API on `listener` until `shutdown` resolves. TLS when the config names a
+    /// certificate; otherwise plain HTTP (only allowed on loopback, see
+    /// [`NodeConfig::check`]).
+    pub async fn serve(
+        &self,
+        listener: std::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        listener.set_nonblocking(true)?;
+        let app = crate::http::router(self.clone())
+            .into_make_service_with_connect_info::<SocketAddr>();
+        let handle = axum_server::Handle::new();
+        let h = handle.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            h.graceful_shutdown(Some(Duration::from_secs(5)));
+        });
+        let api = &self.shared.config.api;
+        match (&api.tls_cert_file, &api.tls_key_file) {
+            (Some(cert), Some(key)) => {
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                let tls =
+                    axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key).await?;
+                axum_server::tls_rustls::from_tcp_rustls(listener, tls)?
+                    .handle(handle)
+                    .serve(app)
+                    .await
+            }
+            _ => {
+                axum_server::from_tcp(listener)?
+                    .handle(handle)
+                    .serve(app)
+                    .await
+            }
+        }
+    }
+}

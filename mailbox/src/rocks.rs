@@ -1,0 +1,304 @@
+//! [`RocksStore`]: the [`MailboxStore`] on RocksDB.
+//!
+//! One RocksDB column family per [`Cf`], named by [`Cf::name`] (RocksDB also keeps its own
+//! `default`, which we leave empty). Keys and values are stored as the core gives them; the
+//! key layout is in `docs/mailbox.md`.
+//!
+//! Every [`MailboxStore::write`] is one `WriteBatch`: atomic, and with `sync` on disk (WAL
+//! fsynced) before it returns `Ok`. A failed write poisons the store: RocksDB may itself have
+//! stopped accepting writes, and the core's in-memory state would no longer match the disk if
+//! it went on, so every later write is refused until the node restarts.
+//!
+//! RocksDB is built without compression: everything stored is ciphertext or small records.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use rocksdb::statistics::Ticker;
+use rocksdb::{
+    BlockBasedOptions, BottommostLevelCompaction, Cache, ColumnFamily, ColumnFamilyDescriptor,
+    CompactOptions, DB, DBCompressionType, Options, ReadOptions, WriteBatch, WriteOptions,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Cf, MailboxStore, Op, StoreError, StoreStats};
+
+const MIB: usize = 1024 * 1024;
+
+/// RocksDB tuning for a [`RocksStore`]. Every cache and buffer is bounded here.
+///
+/// Memory use is roughly `block_cache_bytes` + `db_write_buffer_bytes` (the memtables of all
+/// column families together; each one is flushed at `write_buffer_bytes`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RocksOptions {
+    /// Size of one column family's memtable before it is flushed to an SST file. Default
+    /// 8 MiB.
+    pub write_buffer_bytes: usize,
+    /// Memtables of one column family held at once (the active one and those being flushed).
+    /// Default 2.
+    pub max_write_buffers: u32,
+    /// Total memtable size over all column families; reaching it forces a flush. Default
+    /// 32 MiB.
+    pub db_write_buffer_bytes: usize,
+    /// Shared LRU cache of SST blocks. Default 32 MiB.
+    pub block_cache_bytes: usize,
+    /// Most files RocksDB keeps open. Default 256.
+    pub max_open_files: u32,
+    /// WAL size over all column families after which memtables are flushed so that old WAL
+    /// files can be deleted. Default 64 MiB.
+    pub max_total_wal_bytes: u64,
+    /// RocksDB's informational `LOG` files kept (rotated at 8 MiB). Default 4.
+    pub info_log_files_kept: u32,
+    /// Record RocksDB statistics (read by [`MailboxStore::stats`] and
+    /// [`RocksStore::statistics`]). Default true.
+    pub statistics: bool,
+}
+
+impl Default for RocksOptions {
+    fn default() -> Self {
+        RocksOptions {
+            write_buffer_bytes: 8 * MIB,
+            max_write_buffers: 2,
+            db_write_buffer_bytes: 32 * MIB,
+            block_cache_bytes: 32 * MIB,
+            max_open_files: 256,
+            max_total_wal_bytes: 64 * 1024 * 1024,
+            info_log_files_kept: 4,
+            statistics: true,
+        }
+    }
+}
+
+impl RocksOptions {
+    /// The database-wide options.
+    fn db_options(&self) -> Options {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_paranoid_checks(true);
+        opts.set_max_open_files(i32::try_from(self.max_open_files).unwrap_or(i32::MAX));
+        opts.set_db_write_buffer_size(self.db_write_buffer_bytes);
+        opts.set_max_total_wal_size(self.max_total_wal_bytes);
+        opts.set_keep_log_file_num(usize::try_from(self.info_log_files_kept).unwrap_or(1));
+        opts.set_max_log_file_size(8 * MIB);
+        opts.set_compression_type(DBCompressionType::None);
+        if self.statistics {
+            opts.enable_statistics();
+        }
+        opts
+    }
+
+    /// The options of one of our column families.
+    fn cf_options(&self, cache: &Cache) -> Options {
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(cache);
+        let mut opts = Options::default();
+        opts.set_compression_type(DBCompressionType::None);
+        opts.set_write_buffer_size(self.write_buffer_bytes);
+        opts.set_max_write_buffer_number(i32::try_from(self.max_write_buffers).unwrap_or(2));
+        // RocksDB's default since 8.4, stated here: level sizes follow the data, so deleted
+        // ranges (range tombstones in `envelopes`, old `expiry` prefixes) reach the bottom
+        // level and are dropped without a large space amplification.
+        opts.set_level_compaction_dynamic_level_bytes(true);
+        opts.set_block_based_table_factory(&table);
+        opts
+    }
+}
+
+/// The [`MailboxStore`] on RocksDB. See the module documentation.
+pub struct RocksStore {
+    db: DB,
+    /// The options the database was opened with; they hold the statistics object.
+    options: Options,
+    path: PathBuf,
+    poisoned: AtomicBool,
+    synced_writes: AtomicU64,
+}
+
+impl std::fmt::Debug for RocksStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RocksStore")
+            .field("path", &self.path)
+            .field("poisoned", &self.poisoned.load(Ordering::SeqCst))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A RocksDB failure as a [`StoreError::Backend`]. RocksDB's status text names the
+/// operation, files and the OS error, never keys or values.
+fn backend(what: &str, e: &rocksdb::Error) -> StoreError {
+    StoreError::Backend(format!("rocksdb {what}: {e}"))
+}
+
+impl RocksStore {
+    /// Opens (or creates) the store in directory `path`, creating the directory and the
+    /// column families if missing.
+    pub fn open(path: &Path, options: RocksOptions) -> Result<RocksStore, StoreError> {
+        std::fs::create_dir_all(path)
+            .map_err(|e| StoreError::Backend(format!("creating {}: {e}", path.display())))?;
+        let db_options = options.db_options();
+        let cache = Cache::new_lru_cache(options.block_cache_bytes);
+        let families = Cf::ALL
+            .iter()
+            .map(|cf| ColumnFamilyDescriptor::new(cf.name(), options.cf_options(&cache)));
+        let db = DB::open_cf_descriptors(&db_options, path, families)
+            .map_err(|e| backend("open", &e))?;
+        Ok(RocksStore {
+            db,
+            options: db_options,
+            path: path.to_path_buf(),
+            poisoned: AtomicBool::new(false),
+            synced_writes: AtomicU64::new(0),
+        })
+    }
+
+    /// The directory of the database.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn cf(&self, cf: Cf) -> Result<&ColumnFamily, StoreError> {
+        self.db
+            .cf_handle(cf.name())
+            .ok_or_else(|| StoreError::Backend(format!("column family {} missing", cf.name())))
+    }
+
+    /// RocksDB's statistics dump, when [`RocksOptions::statistics`] is on.
+    pub fn statistics(&self) -> Option<String> {
+        self.options.get_statistics()
+    }
+
+    /// Total size of the live SST files of our column families (excludes the WAL and files
+    /// that only an open iterator still holds).
+    pub fn sst_bytes_live(&self) -> Result<u64, StoreError> {
+        let mut total = 0u64;
+        for cf in Cf::ALL {
+            let size = self
+                .db
+                .property_int_value_cf(self.cf(cf)?, rocksdb::properties::LIVE_SST_FILES_SIZE)
+                .map_err(|e| backend("property", &e))?
+                .unwrap_or(0);
+            total = total.saturating_add(size);
+        }
+        Ok(total)
+    }
+
+    /// Flushes every memtable to SST files (the WAL is already durable; this is for
+    /// measurements and before backups).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        for cf in Cf::ALL {
+            self.db
+                .flush_cf(self.cf(cf)?)
+                .map_err(|e| backend("flush", &e))?;
+        }
+        Ok(())
+    }
+
+    /// Compacts every column family over its whole key range, bottom level included, so
+    /// that deleted entries (erased keys after a crypto-erasure, deleted envelopes) are
+    /// dropped from the SST files rather than only shadowed by tombstones. Memtables are
+    /// flushed first. Blocks until done; this rewrites the whole database.
+    pub fn compact(&self) -> Result<(), StoreError> {
+        let mut opts = CompactOptions::default();
+        opts.set_bottommost_level_compaction(BottommostLevelCompaction::ForceOptimized);
+        for cf in Cf::ALL {
+            self.db
+                .compact_range_cf_opt(self.cf(cf)?, None::<&[u8]>, None::<&[u8]>, &opts);
+        }
+        Ok(())
+    }
+
+    /// Builds the write batch of `ops`. A `DeleteRange` with `from >= to` is empty and left
+    /// out (RocksDB would reject `from > to`).
+    fn build_batch(&self, ops: Vec<Op>) -> Result<WriteBatch, StoreError> {
+        let mut batch = WriteBatch::default();
+        for op in ops {
+            match op {
+                Op::Put { cf, key, value } => batch.put_cf(self.cf(cf)?, key, value),
+                Op::Delete { cf, key } => batch.delete_cf(self.cf(cf)?, key),
+                Op::DeleteRange { cf, from, to } => {
+                    if from < to {
+                        batch.delete_range_cf(self.cf(cf)?, from, to);
+                    }
+                }
+            }
+        }
+        Ok(batch)
+    }
+
+    /// [`MailboxStore::write`] without the poisoning.
+    fn try_write(&self, ops: Vec<Op>, sync: bool) -> Result<(), StoreError> {
+        let batch = self.build_batch(ops)?;
+        let mut write_options = WriteOptions::default();
+        write_options.set_sync(sync);
+        self.db
+            .write_opt(batch, &write_options)
+            .map_err(|e| backend("write", &e))
+    }
+}
+
+impl MailboxStore for RocksStore {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db
+            .get_cf(self.cf(cf)?, key)
+            .map_err(|e| backend("read", &e))
+    }
+
+    fn scan(
+        &self,
+        cf: Cf,
+        from: &[u8],
+        to: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
+        if from >= to {
+            return Ok(());
+        }
+        let mut read_options = ReadOptions::default();
+        read_options.set_iterate_upper_bound(to);
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(cf)?, read_options);
+        it.seek(from);
+        while let Some((key, value)) = it.item() {
+            // The upper bound already ends the iteration at `to`; checked again for clarity.
+            if key >= to || f(key, value).is_break() {
+                break;
+            }
+            it.next();
+        }
+        it.status().map_err(|e| backend("scan", &e))
+    }
+
+    fn write(&self, ops: Vec<Op>, sync: bool) -> Result<(), StoreError> {
+        if self.poisoned.load(Ordering::SeqCst) {
+            return Err(StoreError::Poisoned);
+        }
+        if ops.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.try_write(ops, sync) {
+            self.poisoned.store(true, Ordering::SeqCst);
+            return Err(e);
+        }
+        if sync {
+            self.synced_writes.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::SeqCst)
+    }
+
+    fn stats(&self) -> StoreStats {
+        let ticker = |t| self.options.get_ticker_count(t);
+        StoreStats {
+            wal_bytes_written: ticker(Ticker::WalFileBytes),
+            sst_bytes_written: ticker(Ticker::FlushWriteBytes)
+                .saturating_add(ticker(Ticker::CompactWriteBytes)),
+            synced_writes: self.synced_writes.load(Ordering::Relaxed),
+            sst_bytes_live: self.sst_bytes_live().unwrap_or(0),
+        }
+    }
+}

@@ -3,6 +3,7 @@
 
 SHELL := /bin/bash
 CARGO ?= cargo
+export CARGO_PROFILE_DEV_BUILD_OVERRIDE_DEBUG := line-tables-only
 # Debian packages the build needs: a C/C++ toolchain for RocksDB, libclang for its bindings.
 APT_PACKAGES := build-essential pkg-config libclang-dev
 FUZZ_SECONDS ?= 30
@@ -29,7 +30,9 @@ fmt-check:
 
 # `--profile test`: the same profile as `cargo test`, so that clippy and the tests share one
 # build of every dependency (cargo keys build-script output by profile name, so a `dev`-profile
-# clippy would compile RocksDB's C++ a second time).
+# clippy would compile RocksDB's C++ a second time). With it, the export below gives build
+# scripts the debug info of the crates they share with the targets; together they make
+# clippy's and the tests' RocksDB the same build.
 clippy:
 	$(CARGO) clippy --workspace --all-targets --profile test -- -D warnings
 
@@ -52,3 +55,4 @@ fuzz:
 bench:
 	$(CARGO) bench -p whispr-protocol --bench protocol
 	bash timer-service/bench/run.sh
+	bash mailbox/bench/run.sh

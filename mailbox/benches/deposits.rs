@@ -22,9 +22,10 @@
 //! or directly, ours only (no Redis columns):
 //! `cargo bench -p whispr-mailbox --bench deposits -- [--quick]`.
 //!
-//! Options: `--quick` (smoke run: short cells, 5k-message write-amplification runs, 50k
-//! messages for the restart), `--secs S` (measured seconds per cell, default 8),
-//! `--warmup-secs W` (default 1), `--concurrency 1,8,32,64`, `--amp-messages N` (default
+//! Options: `--quick` (smoke run: one round of short cells, 5k-message write-amplification
+//! runs, 50k messages for the restart), `--rounds R` (default 3), `--secs S` (measured seconds
+//! per cell and round, default 5), `--warmup-secs W` (default 1), `--concurrency 1,8,32,64`,
+//! `--amp-messages N` (default
 //! 100 000 for the small body, 40 % of it for the large one), `--restart-messages N` (default
 //! 1 000 000), `--fill-batch B` (default 10 000), `--skip-restart`, `--skip-redis`,
 //! `--redis-port P` / `--redis-host H` (or `WHISPR_BENCH_REDIS=host:port`), `--redis-conf F`
@@ -45,8 +46,10 @@
 //!    `appendfsync always` Redis writes and fsyncs the AOF once per event-loop iteration
 //!    before replying, so it group-commits across connections too. After `--warmup-secs`,
 //!    every deposit (or reply) completing in the next `--secs` seconds counts; latency is
-//!    from the call to the durable ack. Ours and Redis alternate cell by cell, so that both
-//!    see the same machine load. Envelopes are sealed once per mailbox (`testkit`) and
+//!    from the call to the durable ack. Ours and Redis alternate cell by cell, and the whole
+//!    sweep runs `--rounds` times (a fresh node each time), so that both see the same machine
+//!    load; the table pools the rounds (rate = acks / measured time, percentiles over all
+//!    acks) and shows the per-round rates. Envelopes are sealed once per mailbox (`testkit`) and
 //!    re-sent with fresh random dedup ids: the node neither opens nor verifies envelopes
 //!    (sealed sender), so it stores exactly what a fresh envelope of that size would cost,
 //!    and the senders' sealing CPU stays out of the measurement. No ack SURB.
@@ -64,7 +67,8 @@
 //!    process (this binary, `--restart-child DIR`) times `RocksStore::open` +
 //!    `MailboxCore::open` and reports its peak RSS (`VmHWM`); then again (the first open
 //!    flushed the replayed WAL). Redis (when its config file is known): `BGREWRITEAOF` to
-//!    drop phase 1's history, 1M `LPUSH`es of the same bytes (pipelined, 1000 per round trip),
+//!    drop phase 1's history, 1M `LPUSH`es of the same bytes (`MULTI`, 1000 `LPUSH`, `EXEC`
+//!    per round trip: one AOF write and fsync each, like one `deposit_many`),
 //!    `SHUTDOWN`, then the time from spawning `redis-server <conf>` until `LINDEX` answers
 //!    (it answers `-LOADING` while it replays the AOF), and its `VmHWM`; then again after
 //!    `BGREWRITEAOF` (RDB preamble).
@@ -114,6 +118,7 @@ struct Args {
     warmup: Duration,
     secs: Duration,
     concurrency: Vec<usize>,
+    rounds: usize,
     amp_messages: usize,
     restart_messages: usize,
     fill_batch: usize,
@@ -127,7 +132,7 @@ struct Args {
 fn usage() -> ! {
     eprintln!(
         "usage: deposits [--quick] [--secs S] [--warmup-secs W] [--concurrency 1,8,32,64] \
-         [--amp-messages N] [--restart-messages N] [--fill-batch B] [--skip-restart] \
+         [--rounds R] [--amp-messages N] [--restart-messages N] [--fill-batch B] [--skip-restart] \
          [--skip-redis] [--redis-port P] [--redis-host H] [--redis-conf FILE] \
          [--redis-server BIN]"
     );
@@ -138,6 +143,7 @@ fn parse_args() -> Args {
     let mut quick = false;
     let (mut secs, mut warmup) = (None::<f64>, None::<f64>);
     let mut concurrency = vec![1, 8, 32, 64];
+    let mut rounds = None::<usize>;
     let (mut amp, mut restart, mut fill_batch) = (None::<usize>, None::<usize>, 10_000usize);
     let (mut skip_restart, mut skip_redis) = (false, false);
     let (mut host, mut port) = ("127.0.0.1".to_owned(), None::<u16>);
@@ -161,6 +167,7 @@ fn parse_args() -> Args {
                     .map(|c| c.trim().parse().unwrap_or_else(|_| usage()))
                     .collect();
             }
+            "--rounds" => rounds = Some(count(value())),
             "--amp-messages" => amp = Some(count(value())),
             "--restart-messages" => restart = Some(count(value())),
             "--fill-batch" => fill_batch = count(value()),
@@ -177,7 +184,7 @@ fn parse_args() -> Args {
             }
         }
     }
-    if concurrency.is_empty() || concurrency.contains(&0) || fill_batch == 0 {
+    if concurrency.is_empty() || concurrency.contains(&0) || fill_batch == 0 || rounds == Some(0) {
         usage()
     }
     let redis = match port {
@@ -188,9 +195,12 @@ fn parse_args() -> Args {
     Args {
         quick,
         warmup: Duration::from_secs_f64(warmup.unwrap_or(if quick { 0.3 } else { 1.0 })),
-        secs: Duration::from_secs_f64(secs.unwrap_or(if quick { 1.5 } else { 8.0 })),
+        secs: Duration::from_secs_f64(secs.unwrap_or(if quick { 1.5 } else { 5.0 })),
         concurrency,
-        amp_messages: amp.unwrap_or(if quick { 5_000 } else { 100_000 }).max(AMP_MAILBOXES),
+        rounds: rounds.unwrap_or(if quick { 1 } else { 3 }),
+        amp_messages: amp
+            .unwrap_or(if quick { 5_000 } else { 100_000 })
+            .max(AMP_MAILBOXES),
         restart_messages: restart
             .unwrap_or(if quick { 50_000 } else { 1_000_000 })
             .max(1),
@@ -307,7 +317,10 @@ fn largest_body(wanted: usize) -> usize {
     let owner = Owner::from_seed(7);
     let mut rng = StdRng::seed_from_u64(7);
     let (mut lo, mut hi) = (0usize, wanted);
-    assert!(seal(&owner, &mut rng, lo).is_some(), "an empty body must fit");
+    assert!(
+        seal(&owner, &mut rng, lo).is_some(),
+        "an empty body must fit"
+    );
     while lo < hi {
         let mid = (lo + hi).div_ceil(2);
         if seal(&owner, &mut rng, mid).is_some() {
@@ -328,6 +341,14 @@ fn owners(seed: u64, n: usize, body: usize) -> Vec<(Owner, Envelope)> {
             let envelope = seal(&owner, &mut rng, body).expect("body fits");
             (owner, envelope)
         })
+        .collect()
+}
+
+/// `len` pseudo-random bytes from `seed`.
+fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    (0..len.div_ceil(8) as u64)
+        .flat_map(|i| splitmix(seed.rotate_left(24) ^ i).to_le_bytes())
+        .take(len)
         .collect()
 }
 
@@ -359,19 +380,77 @@ fn fsync_probe(dir: &Path, n: usize) -> (f64, f64) {
 // ---------------------------------------------------------------------------------------------
 // Phase 1: deposit cells
 
-/// One system's result in one cell.
-#[derive(Clone, Copy, Default)]
+/// One run of one system in one cell.
+#[derive(Default)]
+struct Run {
+    /// Latencies (µs) of the acks completed in the measured window.
+    lat: Vec<u64>,
+    /// Ours: group commits and deposits in them, in the window. Redis: AOF bytes and LPUSHes
+    /// over the whole run (warm-up included).
+    units: u64,
+    items: u64,
+}
+
+/// One system's result in one cell: the runs of every round pooled.
+#[derive(Clone, Default)]
 struct Side {
     rate: f64,
     p50: f64,
     p99: f64,
     mean: f64,
-    /// Acks completed in the measured window.
+    /// Acks completed in the measured windows.
     counted: u64,
-    /// Ours: deposits per group commit in the window. Redis: AOF bytes per LPUSH (whole cell).
-    extra: f64,
-    /// Redis: LPUSHes over the whole cell (warm-up included).
-    total: u64,
+    /// Rate of each round.
+    round_rates: Vec<f64>,
+    /// Ours: deposits per group commit. Redis: AOF bytes per LPUSH.
+    per_unit: f64,
+    /// Redis: LPUSHes over the whole runs (warm-ups included).
+    items: u64,
+}
+
+impl Side {
+    fn pool(runs: Vec<Run>, secs: Duration, ours: bool) -> Side {
+        let round_rates = runs
+            .iter()
+            .map(|r| r.lat.len() as f64 / secs.as_secs_f64())
+            .collect();
+        let (units, items) = runs
+            .iter()
+            .fold((0, 0), |(u, i), r| (u + r.units, i + r.items));
+        let mut lat: Vec<u64> = runs.into_iter().flat_map(|r| r.lat).collect();
+        let (p50, p99, mean) = percentiles(&mut lat);
+        Side {
+            rate: 0.0,
+            p50,
+            p99,
+            mean,
+            counted: lat.len() as u64,
+            round_rates,
+            per_unit: if ours {
+                items as f64 / units.max(1) as f64
+            } else {
+                units as f64 / items.max(1) as f64
+            },
+            items,
+        }
+        .with_rate(secs)
+    }
+
+    fn with_rate(mut self, secs: Duration) -> Side {
+        let rounds = self.round_rates.len().max(1) as f64;
+        self.rate = self.counted as f64 / (rounds * secs.as_secs_f64());
+        self
+    }
+
+    fn spread(&self) -> String {
+        let min = self
+            .round_rates
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min);
+        let max = self.round_rates.iter().copied().fold(0.0, f64::max);
+        format!("{min:.0}–{max:.0}")
+    }
 }
 
 struct Cell {
@@ -389,7 +468,7 @@ fn ours_cell(
     concurrency: usize,
     body: usize,
     args: &Args,
-) -> Side {
+) -> Run {
     let mut config = NodeConfig::with_data_dir(dir);
     config.limits = bench_limits();
     config.rng_seed = Some(seed);
@@ -448,20 +527,15 @@ fn ours_cell(
         for task in tasks {
             lat.extend(task.await.expect("depositor task"));
         }
-        let (p50, p99, mean) = percentiles(&mut lat);
-        Side {
-            rate: lat.len() as f64 / secs.as_secs_f64(),
-            p50,
-            p99,
-            mean,
-            counted: lat.len() as u64,
-            extra: (d1 - d0) as f64 / (b1 - b0).max(1) as f64,
-            total: 0,
+        Run {
+            lat,
+            units: b1 - b0,
+            items: d1 - d0,
         }
     })
 }
 
-fn redis_cell(addr: &str, cell: usize, concurrency: usize, bytes: &[u8], args: &Args) -> Side {
+fn redis_cell(addr: &str, cell: usize, concurrency: usize, bytes: &[u8], args: &Args) -> Run {
     let mut admin = Redis::connect(addr).expect("connect to Redis");
     let aof_dir = aof_dir(&mut admin);
     let keys: Vec<String> = (0..concurrency)
@@ -505,21 +579,16 @@ fn redis_cell(addr: &str, cell: usize, concurrency: usize, bytes: &[u8], args: &
             .collect()
     });
     let aof1 = dir_size(&aof_dir);
-    let total: u64 = results.iter().map(|(_, t)| t).sum();
-    let mut lat: Vec<u64> = results.into_iter().flat_map(|(l, _)| l).collect();
-    let key_args: Vec<&[u8]> = std::iter::once(&b"DEL"[..])
+    let items: u64 = results.iter().map(|(_, t)| t).sum();
+    let lat: Vec<u64> = results.into_iter().flat_map(|(l, _)| l).collect();
+    let del: Vec<&[u8]> = std::iter::once(&b"DEL"[..])
         .chain(keys.iter().map(|k| k.as_bytes()))
         .collect();
-    admin.call(&key_args).expect("DEL").ok();
-    let (p50, p99, mean) = percentiles(&mut lat);
-    Side {
-        rate: lat.len() as f64 / args.secs.as_secs_f64(),
-        p50,
-        p99,
-        mean,
-        counted: lat.len() as u64,
-        extra: aof1.saturating_sub(aof0) as f64 / total.max(1) as f64,
-        total,
+    admin.call(&del).expect("DEL").ok();
+    Run {
+        lat,
+        units: aof1.saturating_sub(aof0),
+        items,
     }
 }
 
@@ -711,9 +780,12 @@ fn ours_restart(dir: &Path, expect: usize) -> Restart {
     let process_ms = ms(t.elapsed());
     assert!(out.status.success(), "restart child failed");
     let text = String::from_utf8(out.stdout).expect("UTF-8");
-    let v: Value = serde_json::from_str(text.lines().last().expect("child output"))
-        .expect("child JSON");
-    let f = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("child JSON lacks {k}"));
+    let v: Value =
+        serde_json::from_str(text.lines().last().expect("child output")).expect("child JSON");
+    let f = |k: &str| {
+        v[k].as_f64()
+            .unwrap_or_else(|| panic!("child JSON lacks {k}"))
+    };
     assert_eq!(f("messages") as usize, expect, "messages after restart");
     let r = Restart {
         ms: f("total_ms"),
@@ -1035,19 +1107,29 @@ fn run_redis_restart(addr: &str, conf: &str, args: &Args) -> RedisRestarts {
     let dir = aof_dir(&mut r);
     let mem0: u64 = r.info_field("memory", "used_memory").parse().unwrap();
     let aof0 = dir_size(&dir);
-    let templates = owners(900_000, mailboxes, SMALL_BODY);
-    let bytes: Vec<Vec<u8>> = templates.iter().map(|(_, e)| e.encode()).collect();
+    // Each element distinct and random, as ours stores each deposit under a fresh nonce: the
+    // RDB preamble of a rewritten AOF compresses repeated strings.
+    let len = owners(900_000, 1, SMALL_BODY)[0].1.encode().len();
     let keys: Vec<String> = (0..mailboxes).map(|m| format!("whispr:fill:{m}")).collect();
-    eprintln!("[redis] restart: filling {n} LPUSHes into {mailboxes} lists, {REDIS_PIPELINE} per round trip");
+    eprintln!(
+        "[redis] restart: filling {n} LPUSHes into {mailboxes} lists, {REDIS_PIPELINE} per \
+         MULTI/EXEC round trip"
+    );
     let t = Instant::now();
     let mut done = 0usize;
     while done < n {
         let k = REDIS_PIPELINE.min(n - done);
+        r.args(&[b"MULTI"]);
         for j in done..done + k {
-            let m = j % mailboxes;
-            r.args(&[b"LPUSH", keys[m].as_bytes(), &bytes[m]]);
+            let element = random_bytes(j as u64, len);
+            r.args(&[b"LPUSH", keys[j % mailboxes].as_bytes(), &element]);
         }
-        for reply in r.exec().expect("fill round trip") {
+        r.args(&[b"EXEC"]);
+        let mut replies = r.exec().expect("fill round trip");
+        for result in replies.pop().expect("EXEC reply").array() {
+            result.ok();
+        }
+        for reply in replies {
             reply.ok();
         }
         done += k;
@@ -1115,8 +1197,10 @@ impl Report<'_> {
         );
         println!();
         println!(
-            "{:.1} s warm-up + {:.1} s measured per cell; fdatasync of a 4 KiB append here: p50 \
-             {:.2} ms, p99 {:.2} ms. Ratios are ours / Redis.",
+            "{} rounds of {:.1} s warm-up + {:.1} s measured per cell, ours and Redis alternating; \
+             rates, p50 and p99 over the rounds pooled. Back-to-back 4 KiB append + fdatasync \
+             here: p50 {:.2} ms, p99 {:.2} ms. Ratios are ours / Redis.",
+            self.args.rounds,
             self.args.warmup.as_secs_f64(),
             self.args.secs.as_secs_f64(),
             self.fsync.0,
@@ -1126,13 +1210,14 @@ impl Report<'_> {
         println!(
             "| body (B) | envelope (B) | depositors | ours deposits/s | Redis LPUSH/s | ours/Redis \
              | ours p50 (ms) | Redis p50 (ms) | ours/Redis | ours p99 (ms) | Redis p99 (ms) | \
-             ours/Redis | deposits per commit |"
+             ours/Redis | deposits per commit | ours per round (/s) | Redis per round (/s) |"
         );
-        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for c in self.cells {
             let (o, r) = (&c.ours, c.redis.as_ref());
             println!(
-                "| {} | {} | {} | {:.0} | {} | {} | {:.2} | {} | {} | {:.2} | {} | {} | {:.1} |",
+                "| {} | {} | {} | {:.0} | {} | {} | {:.2} | {} | {} | {:.2} | {} | {} | {:.1} | {} | \
+                 {} |",
                 c.body,
                 c.envelope,
                 c.concurrency,
@@ -1145,7 +1230,9 @@ impl Report<'_> {
                 o.p99,
                 opt(r.map(|r| r.p99), 2),
                 ratio(o.p99, r.map(|r| r.p99)),
-                o.extra
+                o.per_unit,
+                o.spread(),
+                r.map_or_else(|| "—".to_owned(), Side::spread)
             );
         }
         println!();
@@ -1262,8 +1349,8 @@ impl Report<'_> {
             if let Some(r) = r {
                 println!(
                     "- Redis: spawn `redis-server` until the first `LINDEX` returns an element \
-                     ({} and {} `-LOADING` replies); fill by pipelined `LPUSH`, {REDIS_PIPELINE} \
-                     per round trip; `used_memory` +{:.0} MB after the fill.",
+                     ({} and {} `-LOADING` replies); fill by `MULTI`, {REDIS_PIPELINE} `LPUSH`, \
+                     `EXEC` per round trip (one AOF fsync each); `used_memory` +{:.0} MB after the fill.",
                     r.as_left.loading_replies, r.rewritten.loading_replies, r.used_memory_mb
                 );
             }
@@ -1273,7 +1360,7 @@ impl Report<'_> {
     fn json(&self) {
         let side = |s: &Side| {
             json!({"rate": s.rate, "p50_ms": s.p50, "p99_ms": s.p99, "mean_ms": s.mean,
-                   "counted": s.counted})
+                   "counted": s.counted, "round_rates": s.round_rates})
         };
         let cells: Vec<Value> = self
             .cells
@@ -1282,9 +1369,9 @@ impl Report<'_> {
                 json!({
                     "body": c.body, "envelope": c.envelope, "concurrency": c.concurrency,
                     "ours": side(&c.ours),
-                    "ours_deposits_per_commit": c.ours.extra,
+                    "ours_deposits_per_commit": c.ours.per_unit,
                     "redis": c.redis.as_ref().map(side),
-                    "redis_aof_bytes_per_lpush": c.redis.as_ref().map(|r| r.extra),
+                    "redis_aof_bytes_per_lpush": c.redis.as_ref().map(|r| r.per_unit),
                     "ratio_rate": c.redis.as_ref().map(|r| c.ours.rate / r.rate),
                     "ratio_p50": c.redis.as_ref().map(|r| c.ours.p50 / r.p50),
                     "ratio_p99": c.redis.as_ref().map(|r| c.ours.p99 / r.p99),
@@ -1319,6 +1406,7 @@ impl Report<'_> {
             "redis_version": self.version,
             "quick": self.args.quick,
             "warmup_secs": self.args.warmup.as_secs_f64(),
+            "rounds": self.args.rounds,
             "secs": self.args.secs.as_secs_f64(),
             "fsync_p50_ms": self.fsync.0,
             "fsync_p99_ms": self.fsync.1,
@@ -1356,7 +1444,9 @@ fn main() {
     std::fs::create_dir_all(&root).expect("bench dir");
     let version = args.redis.as_deref().map(redis_check);
     if args.redis.is_none() {
-        eprintln!("no Redis (--redis-port): ours only; use mailbox/bench/run.sh for the comparison");
+        eprintln!(
+            "no Redis (--redis-port): ours only; use mailbox/bench/run.sh for the comparison"
+        );
     }
     let (fsync_p50, fsync_p99) = fsync_probe(&root, if args.quick { 50 } else { 300 });
     let large = largest_body(LARGE_BODY);
@@ -1374,12 +1464,16 @@ fn main() {
         .build()
         .expect("tokio runtime");
 
-    // Phase 1.
-    let mut cells = Vec::new();
-    for (s, body) in [SMALL_BODY, large].into_iter().enumerate() {
-        let envelope = owners(1, 1, body)[0].1.encode().len();
-        for (c, &concurrency) in args.concurrency.iter().enumerate() {
-            let idx = s * 100 + c + 1;
+    // Phase 1: rounds of every cell, ours and Redis alternating, each run on a fresh node.
+    let sizes = [SMALL_BODY, large];
+    let shape: Vec<(usize, usize)> = sizes
+        .iter()
+        .flat_map(|&body| args.concurrency.iter().map(move |&c| (body, c)))
+        .collect();
+    let mut runs: Vec<(Vec<Run>, Vec<Run>)> = shape.iter().map(|_| Default::default()).collect();
+    for round in 0..args.rounds {
+        for (k, &(body, concurrency)) in shape.iter().enumerate() {
+            let idx = round * 1000 + k + 1;
             let ours = ours_cell(
                 &rt,
                 root.join(format!("node-{idx}")),
@@ -1388,33 +1482,43 @@ fn main() {
                 body,
                 &args,
             );
-            eprintln!(
-                "[ours]  body {body:>4} B, {concurrency:>2} depositors: {:>7.0}/s, p50 {:.2} ms, \
-                 p99 {:.2} ms, {:.1} deposits per commit",
-                ours.rate, ours.p50, ours.p99, ours.extra
-            );
+            let rate = |r: &Run| r.lat.len() as f64 / args.secs.as_secs_f64();
             let redis = args.redis.as_deref().map(|addr| {
                 let bytes = owners(1, 1, body)[0].1.encode();
-                let side = redis_cell(addr, idx, concurrency, &bytes, &args);
-                eprintln!(
-                    "[redis] body {body:>4} B, {concurrency:>2} clients:    {:>7.0}/s, p50 {:.2} \
-                     ms, p99 {:.2} ms, AOF {:.0} B/LPUSH",
-                    side.rate, side.p50, side.p99, side.extra
-                );
-                side
+                redis_cell(addr, idx, concurrency, &bytes, &args)
             });
-            cells.push(Cell {
-                body,
-                envelope,
-                concurrency,
-                ours,
-                redis,
-            });
+            eprintln!(
+                "round {}/{}, body {body:>4} B, {concurrency:>2} depositors: ours {:>6.0}/s ({:.1} \
+                 per commit), Redis {}/s",
+                round + 1,
+                args.rounds,
+                rate(&ours),
+                ours.items as f64 / ours.units.max(1) as f64,
+                opt(redis.as_ref().map(rate), 0)
+            );
+            runs[k].0.push(ours);
+            if let Some(r) = redis {
+                runs[k].1.push(r);
+            }
         }
     }
+    let cells: Vec<Cell> = shape
+        .iter()
+        .zip(runs)
+        .map(|(&(body, concurrency), (ours, redis))| Cell {
+            body,
+            envelope: owners(1, 1, body)[0].1.encode().len(),
+            concurrency,
+            ours: Side::pool(ours, args.secs, true),
+            redis: (!redis.is_empty()).then(|| Side::pool(redis, args.secs, false)),
+        })
+        .collect();
 
     // Phase 2.
-    let amp_counts = [args.amp_messages, (args.amp_messages * 2 / 5).max(AMP_MAILBOXES)];
+    let amp_counts = [
+        args.amp_messages,
+        (args.amp_messages * 2 / 5).max(AMP_MAILBOXES),
+    ];
     let mut amps: Vec<Amp> = [SMALL_BODY, large]
         .into_iter()
         .zip(amp_counts)
@@ -1427,8 +1531,8 @@ fn main() {
                 .filter_map(|c| c.redis.as_ref())
                 .collect();
             if !redis.is_empty() {
-                let total: u64 = redis.iter().map(|s| s.total).sum();
-                let bytes: f64 = redis.iter().map(|s| s.extra * s.total as f64).sum();
+                let total: u64 = redis.iter().map(|s| s.items).sum();
+                let bytes: f64 = redis.iter().map(|s| s.per_unit * s.items as f64).sum();
                 amp.redis_aof = Some(bytes / total.max(1) as f64);
             }
             amp

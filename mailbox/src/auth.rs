@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use whispr_protocol::{MailboxId, UnixTime};
@@ -38,7 +38,12 @@ pub fn login_transcript(
     t.extend_from_slice(LOGIN_PREFIX);
     let len = u16::try_from(audience.len()).unwrap_or(u16::MAX);
     t.extend_from_slice(&len.to_be_bytes());
-    t.extend_from_slice(audience.as_bytes().get(..usize::from(len)).unwrap_or_default());
+    t.extend_from_slice(
+        audience
+            .as_bytes()
+            .get(..usize::from(len))
+            .unwrap_or_default(),
+    );
     t.extend_from_slice(mailbox.as_bytes());
     t.extend_from_slice(device);
     t.extend_from_slice(challenge);
@@ -85,6 +90,8 @@ pub struct Session {
     pub device: [u8; 32],
     /// When the token stops working.
     pub expires_at: UnixTime,
+    /// SHA-256 of the session token (streams opened with a ticket stay tied to it).
+    pub token_hash: [u8; 32],
 }
 
 /// A bounded table of entries that expire.
@@ -227,16 +234,18 @@ impl<R: rand::CryptoRng> Sessions<R> {
         is_device: bool,
     ) -> Result<([u8; 32], UnixTime)> {
         let Some((c_mailbox, c_device)) = self.challenges.take(now, &challenge) else {
-            return Err(MailboxError::Unauthorized("unknown, expired or used challenge"));
+            return Err(MailboxError::Unauthorized(
+                "unknown, expired or used challenge",
+            ));
         };
         if c_mailbox != mailbox || c_device != device {
             return Err(MailboxError::Unauthorized(
                 "challenge issued for another mailbox or device",
             ));
         }
-        let key = VerifyingKey::from_bytes(&device)
-            .map_err(|_| MailboxError::BadSignature("login"))?;
-        key.verify(
+        let key =
+            VerifyingKey::from_bytes(&device).map_err(|_| MailboxError::BadSignature("login"))?;
+        key.verify_strict(
             &login_transcript(&self.audience, &mailbox, &device, &challenge),
             &Signature::from_bytes(&signature),
         )
@@ -251,6 +260,7 @@ impl<R: rand::CryptoRng> Sessions<R> {
             mailbox,
             device,
             expires_at: UnixTime(expires),
+            token_hash: hash(&token),
         };
         self.sessions.insert(now, hash(&token), session, expires)?;
         Ok((token, UnixTime(expires)))
@@ -261,7 +271,15 @@ impl<R: rand::CryptoRng> Sessions<R> {
         self.sessions
             .get(now, &hash(token))
             .copied()
-            .ok_or(MailboxError::Unauthorized("unknown or expired session token"))
+            .ok_or(MailboxError::Unauthorized(
+                "unknown or expired session token",
+            ))
+    }
+
+    /// True while the session with this token hash exists and has not expired (a stream
+    /// checks it, so logout, device removal and erasure end open streams).
+    pub fn is_live(&self, now: UnixTime, token_hash: &[u8; 32]) -> bool {
+        self.sessions.get(now, token_hash).is_some()
     }
 
     /// Ends a session.
@@ -282,13 +300,22 @@ impl<R: rand::CryptoRng> Sessions<R> {
     }
 
     /// Redeems a ticket for `mailbox` (consumed whatever the outcome).
-    pub fn redeem(&mut self, now: UnixTime, mailbox: &MailboxId, ticket: &[u8; 32]) -> Result<Session> {
+    pub fn redeem(
+        &mut self,
+        now: UnixTime,
+        mailbox: &MailboxId,
+        ticket: &[u8; 32],
+    ) -> Result<Session> {
         let session = self
             .tickets
             .take(now, &hash(ticket))
-            .ok_or(MailboxError::Unauthorized("unknown, expired or used ticket"))?;
+            .ok_or(MailboxError::Unauthorized(
+                "unknown, expired or used ticket",
+            ))?;
         if &session.mailbox != mailbox {
-            return Err(MailboxError::Unauthorized("ticket issued for another mailbox"));
+            return Err(MailboxError::Unauthorized(
+                "ticket issued for another mailbox",
+            ));
         }
         Ok(session)
     }

@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::ControlFlow;
 
-use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -48,6 +48,8 @@ const KIND_SURB_REPLY: u8 = 1;
 const WRAPPED_LEN: usize = 24 + 32 + 16;
 
 /// What the core asks its driver to do.
+// Outputs are drained right away; boxing the reply would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Output {
     /// Send `reply` back through `surb` (the mesh layer builds the packet).
@@ -249,38 +251,40 @@ struct MessageInfo {
     expires_at: u64,
 }
 
-/// Token bucket in milli-tokens.
+/// Token bucket, in units of 1/60,000 token (so `per_min` tokens per minute refill exactly
+/// `per_min` units per millisecond).
 #[derive(Clone, Copy, Debug)]
 struct Bucket {
-    millitokens: u64,
+    units: u64,
     last_ms: u64,
 }
+
+const TOKEN_UNITS: u64 = 60_000;
 
 impl Bucket {
     fn full(capacity: u64, now: UnixTime) -> Bucket {
         Bucket {
-            millitokens: capacity.saturating_mul(1000),
+            units: capacity.saturating_mul(TOKEN_UNITS),
             last_ms: now.0,
         }
     }
 
     /// Takes one token if there is one; otherwise returns how long until there is.
     fn take(&mut self, now: UnixTime, per_min: u64) -> std::result::Result<(), u64> {
-        let capacity = per_min.saturating_mul(1000);
+        let capacity = per_min.saturating_mul(TOKEN_UNITS);
         let elapsed = now.0.saturating_sub(self.last_ms);
-        // per_min tokens per 60,000 ms = per_min milli-tokens per ms.
-        self.millitokens = self
-            .millitokens
+        self.units = self
+            .units
             .saturating_add(elapsed.saturating_mul(per_min))
             .min(capacity);
         self.last_ms = self.last_ms.max(now.0);
-        if self.millitokens >= 1000 {
-            self.millitokens -= 1000;
+        if self.units >= TOKEN_UNITS {
+            self.units -= TOKEN_UNITS;
             Ok(())
         } else if per_min == 0 {
             Err(60_000)
         } else {
-            Err((1000 - self.millitokens).div_ceil(per_min))
+            Err((TOKEN_UNITS - self.units).div_ceil(per_min))
         }
     }
 }
@@ -378,7 +382,7 @@ fn sid_of(bytes: &[u8]) -> Option<StorageId> {
 
 fn verify(key: &[u8; 32], message: &[u8], signature: &[u8; 64], what: &'static str) -> Result<()> {
     let key = VerifyingKey::from_bytes(key).map_err(|_| MailboxError::BadSignature(what))?;
-    key.verify(message, &Signature::from_bytes(signature))
+    key.verify_strict(message, &Signature::from_bytes(signature))
         .map_err(|_| MailboxError::BadSignature(what))
 }
 
@@ -461,10 +465,11 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
     fn load(&mut self, now: UnixTime) -> Result<()> {
         // Mailbox records, cursors and sequence floors.
         let mut records: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        self.store.scan(Cf::Mailboxes, &[], &[0xff; SID_LEN + 9], &mut |k, v| {
-            records.push((k.to_vec(), v.to_vec()));
-            ControlFlow::Continue(())
-        })?;
+        self.store
+            .scan(Cf::Mailboxes, &[], &[0xff; SID_LEN + 9], &mut |k, v| {
+                records.push((k.to_vec(), v.to_vec()));
+                ControlFlow::Continue(())
+            })?;
         let mut orphans: BTreeSet<StorageId> = BTreeSet::new();
         for (k, v) in records {
             let sid = sid_of(&k).ok_or(MailboxError::Corrupt("mailbox key"))?;
@@ -527,29 +532,30 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         }
         // Envelopes: sizes and expiry times (clear prefix); nothing is decrypted.
         let mailboxes = &mut self.mailboxes;
-        self.store.scan(Cf::Envelopes, &[], &[0xff; SID_LEN + 9], &mut |k, v| {
-            if let (Some(sid), Some(seq), Some(expires_at)) =
-                (sid_of(k), u64_at(k, SID_LEN), u64_at(v, 0))
-            {
-                match mailboxes.get_mut(&sid) {
-                    Some(m) => {
-                        m.messages.insert(
-                            seq,
-                            MessageInfo {
-                                value_len: v.len() as u64,
-                                expires_at,
-                            },
-                        );
-                        m.bytes = m.bytes.saturating_add(v.len() as u64);
-                        m.next_seq = m.next_seq.max(seq.saturating_add(1));
-                    }
-                    None => {
-                        orphans.insert(sid);
+        self.store
+            .scan(Cf::Envelopes, &[], &[0xff; SID_LEN + 9], &mut |k, v| {
+                if let (Some(sid), Some(seq), Some(expires_at)) =
+                    (sid_of(k), u64_at(k, SID_LEN), u64_at(v, 0))
+                {
+                    match mailboxes.get_mut(&sid) {
+                        Some(m) => {
+                            m.messages.insert(
+                                seq,
+                                MessageInfo {
+                                    value_len: v.len() as u64,
+                                    expires_at,
+                                },
+                            );
+                            m.bytes = m.bytes.saturating_add(v.len() as u64);
+                            m.next_seq = m.next_seq.max(seq.saturating_add(1));
+                        }
+                        None => {
+                            orphans.insert(sid);
+                        }
                     }
                 }
-            }
-            ControlFlow::Continue(())
-        })?;
+                ControlFlow::Continue(())
+            })?;
         for sid in orphans {
             let mut ops = Self::erase_ops(&sid);
             ops.extend(self.expiry_ops(&sid)?);
@@ -632,7 +638,11 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
     pub fn stats(&self) -> CoreStats {
         CoreStats {
             mailboxes: self.mailboxes.len() as u64,
-            messages: self.mailboxes.values().map(|m| m.messages.len() as u64).sum(),
+            messages: self
+                .mailboxes
+                .values()
+                .map(|m| m.messages.len() as u64)
+                .sum(),
             bytes: self.mailboxes.values().map(|m| m.bytes).sum(),
         }
     }
@@ -865,9 +875,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             FinalMessage::PrekeyRequest(request) => {
                 self.handle_prekey_request(now, request).map(|()| None)
             }
-            FinalMessage::Hold(_) | FinalMessage::Cancel(_) => {
-                Err(MailboxError::WrongDestination)
-            }
+            FinalMessage::Hold(_) | FinalMessage::Cancel(_) => Err(MailboxError::WrongDestination),
         }
     }
 
@@ -1138,7 +1146,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             if out.len() >= limit {
                 break;
             }
-            if info.expires_at < now.0 {
+            if info.expires_at <= now.0 {
                 continue;
             }
             if let Some(message) = self.read_message(m, *seq)? {
@@ -1267,17 +1275,35 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             ) else {
                 continue;
             };
-            ops.push(Op::Delete {
-                cf: Cf::Envelopes,
-                key: envelope_key(&sid, seq),
-            });
-            if let Ok(dedup) = DedupId::from_slice("dedup id", v) {
+            let expires_at = u64_at(k, 0);
+            // Delete only the records this entry was written for: a mailbox erased and
+            // created again under the same id reuses its storage id and sequence numbers, and
+            // the old mailbox's expiry entries must not delete the new one's messages.
+            let ekey = envelope_key(&sid, seq);
+            if self
+                .store
+                .get(Cf::Envelopes, &ekey)?
+                .is_some_and(|v| u64_at(&v, 0) == expires_at)
+            {
                 ops.push(Op::Delete {
-                    cf: Cf::Dedup,
-                    key: dedup_key(&sid, &dedup),
+                    cf: Cf::Envelopes,
+                    key: ekey,
                 });
+                gone.entry(sid).or_default().push(seq);
             }
-            gone.entry(sid).or_default().push(seq);
+            if let Ok(dedup) = DedupId::from_slice("dedup id", v) {
+                let dkey = dedup_key(&sid, &dedup);
+                if self
+                    .store
+                    .get(Cf::Dedup, &dkey)?
+                    .is_some_and(|d| u64_at(&d, 0) == Some(seq))
+                {
+                    ops.push(Op::Delete {
+                        cf: Cf::Dedup,
+                        key: dkey,
+                    });
+                }
+            }
         }
         // Sequence numbers never go back, even when every message of a mailbox is gone.
         for sid in gone.keys() {
@@ -1417,8 +1443,8 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             identity_signature: upload.identity_signature.to_vec(),
             fallback,
         };
-        let plain = serde_json::to_vec(&identity)
-            .map_err(|_| MailboxError::Corrupt("prekey encoding"))?;
+        let plain =
+            serde_json::to_vec(&identity).map_err(|_| MailboxError::Corrupt("prekey encoding"))?;
         let ikey = key2(&sid, TAG_PREKEY_IDENTITY);
         let mut ops = vec![
             Op::DeleteRange {
@@ -1480,7 +1506,9 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         let m = self.mailbox(&request.mailbox_id)?;
         let ikey = key2(&m.sid, TAG_PREKEY_IDENTITY);
         let Some(sealed) = self.store.get(Cf::Prekeys, &ikey)? else {
-            return Err(MailboxError::InvalidArgument("the owner has uploaded no prekeys"));
+            return Err(MailboxError::InvalidArgument(
+                "the owner has uploaded no prekeys",
+            ));
         };
         let identity: PrekeyIdentity =
             serde_json::from_slice(&m.key.open(&[b"pki", &ikey], &sealed)?)

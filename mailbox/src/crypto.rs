@@ -125,7 +125,12 @@ impl MasterKey {
         sid: &StorageId,
         key: &DataKey,
     ) -> Vec<u8> {
-        seal_with(&self.wrap, rng, &[b"wrap", sid.as_slice()], key.bytes.as_ref())
+        seal_with(
+            &self.wrap,
+            rng,
+            &[b"wrap", sid.as_slice()],
+            key.bytes.as_ref(),
+        )
     }
 
     /// Unwraps a stored data key.

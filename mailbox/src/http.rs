@@ -150,7 +150,12 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<
 }
 
 fn json_rejection(rejection: JsonRejection) -> ApiError {
-    let status = rejection.status();
+    // Anything but an oversized body is a malformed request: 400 (axum would answer 422 for
+    // JSON of the wrong shape, e.g. an unknown field, and 415 for a missing content type).
+    let status = match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+        _ => StatusCode::BAD_REQUEST,
+    };
     let kind = if status == StatusCode::PAYLOAD_TOO_LARGE {
         "body_too_large"
     } else {
@@ -274,7 +279,9 @@ impl ConnectionLimiter {
 
     /// Takes one token for `peer`; `Err(retry_after_ms)` when none is left.
     pub fn check(&mut self, peer: SocketAddr, now_ms: u64) -> Result<(), u64> {
-        let capacity = self.per_min.saturating_mul(1000);
+        // Units of 1/60,000 token: `per_min` tokens per minute is `per_min` units per ms.
+        const TOKEN: u64 = 60_000;
+        let capacity = self.per_min.saturating_mul(TOKEN);
         if !self.buckets.contains_key(&peer) && self.buckets.len() >= self.max {
             // Forget the connection seen longest ago (its bucket has refilled the most).
             if let Some(oldest) = self
@@ -286,17 +293,17 @@ impl ConnectionLimiter {
                 self.buckets.remove(&oldest);
             }
         }
-        let (tokens, last) = self.buckets.entry(peer).or_insert((capacity, now_ms));
+        let (units, last) = self.buckets.entry(peer).or_insert((capacity, now_ms));
         let elapsed = now_ms.saturating_sub(*last);
-        *tokens = tokens
+        *units = units
             .saturating_add(elapsed.saturating_mul(self.per_min))
             .min(capacity);
         *last = (*last).max(now_ms);
-        if *tokens >= 1000 {
-            *tokens -= 1000;
+        if *units >= TOKEN {
+            *units -= TOKEN;
             Ok(())
         } else {
-            Err((1000 - *tokens).div_ceil(self.per_min.max(1)))
+            Err((TOKEN - *units).div_ceil(self.per_min.max(1)))
         }
     }
 }
@@ -313,12 +320,41 @@ async fn limit_connection(
         .lock()
         .map(|mut l| l.check(peer, now().0))
         .unwrap_or(Ok(()));
+    // The peer address is personal data: wrapped, it prints as `[redacted]`.
+    let span = tracing::debug_span!(
+        "request",
+        peer = %crate::pii::Pii(peer),
+        method = %request.method(),
+    );
+    tracing::debug!(parent: &span, "request");
     match verdict {
-        Ok(()) => next.run(request).await,
+        Ok(()) => {
+            use tracing::Instrument;
+            next.run(request).instrument(span).await
+        }
         Err(retry_after_ms) => {
             node.metrics().rate_limited.fetch_add(1, Ordering::Relaxed);
             ApiError::too_many("operations per connection", retry_after_ms).into_response()
         }
+    }
+}
+
+/// Counts a waiting long poll in the `polls_waiting` gauge while alive.
+struct Waiting<'a>(&'a MailboxNode);
+
+impl<'a> Waiting<'a> {
+    fn new(node: &'a MailboxNode) -> Waiting<'a> {
+        node.metrics().polls_waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(node)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0
+            .metrics()
+            .polls_waiting
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -684,8 +720,9 @@ async fn create_mailbox(
         retention_ms: req.retention_ms,
         signature: hex64("signature", &req.signature)?,
     };
+    let tag = crate::pii::Tag::of(request.mailbox_id.as_bytes());
     node.core().create_mailbox(now(), request)?;
-    tracing::info!("mailbox created");
+    tracing::info!(mailbox = %tag, "mailbox created");
     Ok((
         StatusCode::CREATED,
         axum::Json(CreatedResponse {
@@ -733,7 +770,11 @@ async fn login(
         .login(now(), mailbox, device, challenge, signature, is_device);
     let (token, expires) = result.map_err(|e| {
         node.metrics().auth_failures.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(reason = e.kind(), "login refused");
+        tracing::info!(
+            mailbox = %crate::pii::Tag::of(mailbox.as_bytes()),
+            reason = e.kind(),
+            "login refused"
+        );
         ApiError::from(e)
     })?;
     Ok(axum::Json(TokenResponse {
@@ -761,6 +802,7 @@ async fn logout(
             node.sessions().logout(now(), &bytes);
         }
     }
+    revoked(&node);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -842,9 +884,10 @@ async fn poll(
         if _slot.is_none() {
             _slot = Some(Slot::take(&node, &mailbox)?);
         }
-        node.metrics().polls_waiting.fetch_add(1, Ordering::Relaxed);
+        // A guard, so that a client hanging up mid-wait (the future is dropped) still
+        // decrements the gauge.
+        let _waiting = Waiting::new(&node);
         let _ = tokio::time::timeout_at(deadline, notified).await;
-        node.metrics().polls_waiting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -904,13 +947,18 @@ async fn stream(
     let mailbox = mailbox_id(&id)?;
     let ticket = hex32("ticket", &q.ticket)
         .map_err(|_| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "malformed ticket"))?;
-    let session = node.sessions().redeem(now(), &mailbox, &ticket).map_err(|e| {
-        node.metrics().auth_failures.fetch_add(1, Ordering::Relaxed);
-        ApiError::from(e)
-    })?;
-    // Validate the starting cursor before upgrading.
-    node.core().fetch(now(), &mailbox, &session.device, q.after, 1)?;
+    // The slot first: a 429 must not burn the ticket.
     let slot = Slot::take(&node, &mailbox)?;
+    let session = node
+        .sessions()
+        .redeem(now(), &mailbox, &ticket)
+        .map_err(|e| {
+            node.metrics().auth_failures.fetch_add(1, Ordering::Relaxed);
+            ApiError::from(e)
+        })?;
+    // Validate the starting cursor before upgrading.
+    node.core()
+        .fetch(now(), &mailbox, &session.device, q.after, 1)?;
     Ok(upgrade
         .max_message_size(node.config().api.body_bytes_max)
         .on_upgrade(move |socket| async move {
@@ -928,7 +976,12 @@ async fn send_event(socket: &mut WebSocket, event: &StreamEvent) -> bool {
     }
 }
 
-async fn run_stream(node: &MailboxNode, mut socket: WebSocket, session: Session, after: Option<u64>) {
+async fn run_stream(
+    node: &MailboxNode,
+    mut socket: WebSocket,
+    session: Session,
+    after: Option<u64>,
+) {
     let idle = Duration::from_millis(node.config().api.stream_idle_ms.max(1));
     let mut sent_through = after;
     let mut last_activity = tokio::time::Instant::now();
@@ -936,7 +989,9 @@ async fn run_stream(node: &MailboxNode, mut socket: WebSocket, session: Session,
         let notified = node.shared.new_messages.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        if now().0 >= session.expires_at.0 {
+        // Ends with its session: expiry, logout, device removal or erasure (those wake every
+        // stream, see `revoked`).
+        if !node.sessions().is_live(now(), &session.token_hash) {
             let _ = socket.send(Message::Close(None)).await;
             return;
         }
@@ -1055,7 +1110,13 @@ async fn remove_device(
     let device = hex32("device", &device)?;
     node.core().remove_device(&mailbox, &device)?;
     node.sessions().revoke(&mailbox, Some(&device));
+    revoked(&node);
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Wakes every open stream so that those whose session just ended close.
+fn revoked(node: &MailboxNode) {
+    node.shared.new_messages.notify_waiters();
 }
 
 fn owner_only(node: &MailboxNode, auth: &Authed, mailbox: &MailboxId) -> ApiResult<()> {
@@ -1143,7 +1204,8 @@ async fn erase(
     owner_only(&node, &auth, &mailbox)?;
     node.core().erase(&mailbox)?;
     node.sessions().revoke(&mailbox, None);
-    tracing::info!("mailbox erased");
+    revoked(&node);
+    tracing::info!(mailbox = %crate::pii::Tag::of(mailbox.as_bytes()), "mailbox erased");
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1165,7 +1227,10 @@ async fn metrics(State(node): State<MailboxNode>) -> Response {
     let m = node.metrics();
     let (stats, store) = {
         let core = node.core();
-        (core.stats(), crate::store::MailboxStore::stats(core.store()))
+        (
+            core.stats(),
+            crate::store::MailboxStore::stats(core.store()),
+        )
     };
     let sessions = node.sessions().session_count();
     let mut out = String::new();
@@ -1175,24 +1240,99 @@ async fn metrics(State(node): State<MailboxNode>) -> Response {
         ));
     };
     let c = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    line("deposits_stored_total", "counter", "Deposits stored.", c(&m.deposits_stored));
-    line("deposits_duplicate_total", "counter", "Redelivered deposits acknowledged again.", c(&m.deposits_duplicate));
-    line("deposits_refused_total", "counter", "Deposits refused.", c(&m.deposits_refused));
-    line("commit_batches_total", "counter", "Group-commit writes.", c(&m.commit_batches));
-    line("commit_batched_total", "counter", "Deposits in group-commit writes.", c(&m.commit_batched));
-    line("replies_total", "counter", "SURB replies handed to the mesh.", c(&m.replies_sent));
-    line("expired_deleted_total", "counter", "Expired messages deleted.", c(&m.swept));
-    line("rate_limited_total", "counter", "Requests answered 429.", c(&m.rate_limited));
-    line("auth_failures_total", "counter", "Failed authentications.", c(&m.auth_failures));
-    line("streams_open", "gauge", "Open WebSocket streams.", c(&m.streams_open));
-    line("polls_waiting", "gauge", "Long polls waiting.", c(&m.polls_waiting));
+    line(
+        "deposits_stored_total",
+        "counter",
+        "Deposits stored.",
+        c(&m.deposits_stored),
+    );
+    line(
+        "deposits_duplicate_total",
+        "counter",
+        "Redelivered deposits acknowledged again.",
+        c(&m.deposits_duplicate),
+    );
+    line(
+        "deposits_refused_total",
+        "counter",
+        "Deposits refused.",
+        c(&m.deposits_refused),
+    );
+    line(
+        "commit_batches_total",
+        "counter",
+        "Group-commit writes.",
+        c(&m.commit_batches),
+    );
+    line(
+        "commit_batched_total",
+        "counter",
+        "Deposits in group-commit writes.",
+        c(&m.commit_batched),
+    );
+    line(
+        "replies_total",
+        "counter",
+        "SURB replies handed to the mesh.",
+        c(&m.replies_sent),
+    );
+    line(
+        "expired_deleted_total",
+        "counter",
+        "Expired messages deleted.",
+        c(&m.swept),
+    );
+    line(
+        "rate_limited_total",
+        "counter",
+        "Requests answered 429.",
+        c(&m.rate_limited),
+    );
+    line(
+        "auth_failures_total",
+        "counter",
+        "Failed authentications.",
+        c(&m.auth_failures),
+    );
+    line(
+        "streams_open",
+        "gauge",
+        "Open WebSocket streams.",
+        c(&m.streams_open),
+    );
+    line(
+        "polls_waiting",
+        "gauge",
+        "Long polls waiting.",
+        c(&m.polls_waiting),
+    );
     line("sessions", "gauge", "Live sessions.", sessions as u64);
     line("mailboxes", "gauge", "Mailboxes held.", stats.mailboxes);
     line("messages", "gauge", "Messages stored.", stats.messages);
-    line("stored_bytes", "gauge", "Bytes of stored messages.", stats.bytes);
-    line("wal_bytes_written_total", "counter", "Bytes written to the RocksDB WAL.", store.wal_bytes_written);
-    line("sst_bytes_written_total", "counter", "Bytes written to SST files.", store.sst_bytes_written);
-    line("synced_writes_total", "counter", "Synced RocksDB writes.", store.synced_writes);
+    line(
+        "stored_bytes",
+        "gauge",
+        "Bytes of stored messages.",
+        stats.bytes,
+    );
+    line(
+        "wal_bytes_written_total",
+        "counter",
+        "Bytes written to the RocksDB WAL.",
+        store.wal_bytes_written,
+    );
+    line(
+        "sst_bytes_written_total",
+        "counter",
+        "Bytes written to SST files.",
+        store.sst_bytes_written,
+    );
+    line(
+        "synced_writes_total",
+        "counter",
+        "Synced RocksDB writes.",
+        store.synced_writes,
+    );
     let mut response = out.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -112,7 +112,8 @@ fn main() -> anyhow::Result<()> {
 async fn run(config: NodeConfig) -> anyhow::Result<()> {
     let listen = config.api.listen;
     let tls = config.api.tls_cert_file.is_some();
-    let node = MailboxNode::open(config, Arc::new(NoMesh::default())).context("opening the node")?;
+    let node =
+        MailboxNode::open(config, Arc::new(NoMesh::default())).context("opening the node")?;
     let listener = std::net::TcpListener::bind(listen)
         .with_context(|| format!("api.listen: cannot bind {listen}"))?;
     let port = listener.local_addr()?.port();
@@ -148,7 +149,8 @@ async fn stress(
     expire_in_ms: Option<u64>,
 ) -> anyhow::Result<()> {
     let retention_ms = config.limits.retention_ms_max;
-    let node = MailboxNode::open(config, Arc::new(NoMesh::default())).context("opening the node")?;
+    let node =
+        MailboxNode::open(config, Arc::new(NoMesh::default())).context("opening the node")?;
     let owner = Arc::new(Owner::from_seed(seed));
     match node.create_mailbox(owner.create_request(retention_ms)) {
         Ok(()) | Err(whispr_mailbox::MailboxError::MailboxExists) => {}
@@ -184,8 +186,15 @@ async fn stress(
                 let envelope = owner.envelope(&mut rng, dedup, expires_at, None, &body)?;
                 match node.deposit(Incoming::Deposit(envelope)).await {
                     Ok(receipt) => {
-                        let mut out = out.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                        writeln!(out, "acked {} {}", hex::encode(dedup.as_bytes()), receipt.seq)?;
+                        let mut out = out
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        writeln!(
+                            out,
+                            "acked {} {}",
+                            hex::encode(dedup.as_bytes()),
+                            receipt.seq
+                        )?;
                         out.flush()?;
                     }
                     Err(whispr_mailbox::MailboxError::RateLimited { retry_after_ms, .. }) => {

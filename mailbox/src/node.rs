@@ -516,6 +516,15 @@ impl MailboxNode {
             }
             let (incoming, waiters): (Vec<Incoming>, Vec<oneshot::Sender<_>>) =
                 jobs.into_iter().map(|j| (j.incoming, j.done)).unzip();
+            let tags: Vec<crate::pii::Tag> = incoming
+                .iter()
+                .map(|i| {
+                    crate::pii::Tag::of(match i {
+                        Incoming::Deposit(e) => e.outer.mailbox_id.as_bytes(),
+                        Incoming::SurbReply { mailbox_id, .. } => mailbox_id.as_bytes(),
+                    })
+                })
+                .collect();
             let metrics = &self.shared.metrics;
             metrics.commit_batches.fetch_add(1, Ordering::Relaxed);
             metrics
@@ -528,7 +537,8 @@ impl MailboxNode {
                 results
             };
             let mut stored = false;
-            for (result, waiter) in results.into_iter().zip(waiters) {
+            tracing::debug!(batch = tags.len(), "group commit");
+            for ((result, waiter), tag) in results.into_iter().zip(waiters).zip(tags) {
                 match &result {
                     Ok(r) if r.duplicate => {
                         metrics.deposits_duplicate.fetch_add(1, Ordering::Relaxed);
@@ -539,6 +549,7 @@ impl MailboxNode {
                     }
                     Err(e) => {
                         metrics.deposits_refused.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(mailbox = %tag, reason = e.kind(), "deposit refused");
                         if !e.is_caller_error() {
                             self.shared.healthy.store(false, Ordering::Relaxed);
                             tracing::error!(error = %e, "deposit write failed");
@@ -629,8 +640,8 @@ impl MailboxNode {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         listener.set_nonblocking(true)?;
-        let app = crate::http::router(self.clone())
-            .into_make_service_with_connect_info::<SocketAddr>();
+        let app =
+            crate::http::router(self.clone()).into_make_service_with_connect_info::<SocketAddr>();
         let handle = axum_server::Handle::new();
         let h = handle.clone();
         tokio::spawn(async move {
@@ -641,8 +652,7 @@ impl MailboxNode {
         match (&api.tls_cert_file, &api.tls_key_file) {
             (Some(cert), Some(key)) => {
                 let _ = rustls::crypto::ring::default_provider().install_default();
-                let tls =
-                    axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key).await?;
+                let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key).await?;
                 axum_server::tls_rustls::from_tcp_rustls(listener, tls)?
                     .handle(handle)
                     .serve(app)

@@ -64,3 +64,27 @@ impl fmt::Debug for Tag {
         fmt::Display::fmt(self, f)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pii_never_prints_its_value() {
+        let secret = "203.0.113.7:4433";
+        assert_eq!(format!("{}", Pii(secret)), "[redacted]");
+        assert_eq!(format!("{:?}", Pii(secret)), "[redacted]");
+        assert_eq!(format!("{:#?}", Pii([7u8; 32])), "[redacted]");
+    }
+
+    #[test]
+    fn tags_are_stable_within_a_process_and_hide_the_value() {
+        let id = [0x42u8; 32];
+        let a = Tag::of(&id);
+        assert_eq!(a, Tag::of(&id));
+        assert_ne!(a, Tag::of(&[0x43u8; 32]));
+        let shown = a.to_string();
+        assert!(shown.starts_with("t:") && shown.len() == 10);
+        assert!(!shown.contains(&hex::encode(&id[..4])));
+    }
+}

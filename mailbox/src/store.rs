@@ -27,7 +27,13 @@ pub enum Cf {
 
 impl Cf {
     /// Every column family.
-    pub const ALL: [Cf; 5] = [Cf::Mailboxes, Cf::Envelopes, Cf::Dedup, Cf::Expiry, Cf::Prekeys];
+    pub const ALL: [Cf; 5] = [
+        Cf::Mailboxes,
+        Cf::Envelopes,
+        Cf::Dedup,
+        Cf::Expiry,
+        Cf::Prekeys,
+    ];
 
     /// The column family's name on disk.
     pub fn name(self) -> &'static str {
@@ -104,6 +110,7 @@ pub trait MailboxStore: Send + Sync + 'static {
 
     /// Calls `f` with every entry whose key is in `from..to`, in key order, until it returns
     /// `Break`.
+    #[allow(clippy::type_complexity)]
     fn scan(
         &self,
         cf: Cf,

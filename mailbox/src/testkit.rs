@@ -103,7 +103,12 @@ impl Owner {
     }
 
     /// `device`'s login signature over `challenge` for a node named `audience`.
-    pub fn sign_login(&self, device: &SigningKey, audience: &str, challenge: &[u8; 32]) -> [u8; 64] {
+    pub fn sign_login(
+        &self,
+        device: &SigningKey,
+        audience: &str,
+        challenge: &[u8; 32],
+    ) -> [u8; 64] {
         device
             .sign(&login_transcript(
                 audience,

@@ -39,7 +39,8 @@ fn write_config(dir: &Path, port: u16, extra: &str) -> PathBuf {
     std::fs::write(
         &path,
         format!(
-            "data_dir = \"{}\"\naudience = \"test-node\"\n\n[api]\nlisten = \"127.0.0.1:{port}\"\n\n\
+            "data_dir = \"{}\"\naudience = \"test-node\"\n\n[api]\nlisten = \"127.0.0.1:{port}\"\n\
+             ops_per_min_per_connection = 1000000\n\n\
              [limits]\nmailbox_messages_max = 1000000\nmailbox_bytes_max = 4000000000\n\
              deposits_per_min = 100000000\n{extra}",
             dir.join("data").display()
@@ -172,7 +173,12 @@ fn dedup_of(message: &Value) -> String {
 }
 
 /// Runs the deposit load tool; returns the (dedup id, seq) lines it printed.
-fn stress(config: &Path, seed: u64, args: &[&str], kill_after: Option<Duration>) -> Vec<(String, u64)> {
+fn stress(
+    config: &Path,
+    seed: u64,
+    args: &[&str],
+    kill_after: Option<Duration>,
+) -> Vec<(String, u64)> {
     let mut child = Command::new(BIN)
         .arg("--config")
         .arg(config)
@@ -194,13 +200,10 @@ fn stress(config: &Path, seed: u64, args: &[&str], kill_after: Option<Duration>)
         }
         lines
     });
-    match kill_after {
-        Some(d) => {
-            std::thread::sleep(d);
-            // SIGKILL: no chance to flush or clean up.
-            child.kill().unwrap();
-        }
-        None => {}
+    if let Some(d) = kill_after {
+        std::thread::sleep(d);
+        // SIGKILL: no chance to flush or clean up.
+        child.kill().unwrap();
     }
     let status = child.wait().unwrap();
     if kill_after.is_none() {
@@ -238,13 +241,23 @@ async fn acknowledged_deposits_survive_kill_9_and_are_served_exactly_once_in_ord
         let kill_after = Duration::from_millis(rng.random_range(20..400));
         let lines = stress(&config, seed, &["--concurrency", "8"], Some(kill_after));
         for (id, seq) in lines {
-            assert!(acked.insert(id, seq).is_none(), "dedup id acknowledged twice");
+            assert!(
+                acked.insert(id, seq).is_none(),
+                "dedup id acknowledged twice"
+            );
         }
         if round == rounds / 2 {
-            assert!(!acked.is_empty(), "no deposit acknowledged in {round} rounds");
+            assert!(
+                !acked.is_empty(),
+                "no deposit acknowledged in {round} rounds"
+            );
         }
     }
-    assert!(acked.len() > 100, "only {} deposits acknowledged", acked.len());
+    assert!(
+        acked.len() > 100,
+        "only {} deposits acknowledged",
+        acked.len()
+    );
 
     let node = Node::start(&config, port, dir.path().join("node.log")).await;
     let owner = Owner::from_seed(seed);
@@ -285,7 +298,14 @@ async fn nothing_expired_is_served_before_or_after_a_restart_past_expiry() {
     let short = stress(
         &config,
         seed,
-        &["--count", "20", "--concurrency", "4", "--expire-in-ms", "3000"],
+        &[
+            "--count",
+            "20",
+            "--concurrency",
+            "4",
+            "--expire-in-ms",
+            "3000",
+        ],
         None,
     );
     let long = stress(&config, seed, &["--count", "5", "--concurrency", "1"], None);
@@ -324,7 +344,10 @@ async fn nothing_expired_is_served_before_or_after_a_restart_past_expiry() {
         if metrics.contains("whispr_mailbox_expired_deleted_total 20") {
             break;
         }
-        assert!(Instant::now() < deadline, "expired messages were not swept:\n{metrics}");
+        assert!(
+            Instant::now() < deadline,
+            "expired messages were not swept:\n{metrics}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     node.kill();
@@ -333,7 +356,14 @@ async fn nothing_expired_is_served_before_or_after_a_restart_past_expiry() {
     let short2 = stress(
         &config,
         seed,
-        &["--count", "10", "--concurrency", "2", "--expire-in-ms", "1000"],
+        &[
+            "--count",
+            "10",
+            "--concurrency",
+            "2",
+            "--expire-in-ms",
+            "1000",
+        ],
         None,
     );
     assert_eq!(short2.len(), 10);
@@ -346,7 +376,10 @@ async fn nothing_expired_is_served_before_or_after_a_restart_past_expiry() {
         .iter()
         .map(dedup_of)
         .collect();
-    assert_eq!(served, long_ids, "an expired message was served after restart");
+    assert_eq!(
+        served, long_ids,
+        "an expired message was served after restart"
+    );
     let info: Value = node
         .http
         .get(format!(
@@ -361,7 +394,10 @@ async fn nothing_expired_is_served_before_or_after_a_restart_past_expiry() {
         .json()
         .await
         .unwrap();
-    assert_eq!(info["messages"], 5, "expired messages were not purged at start-up");
+    assert_eq!(
+        info["messages"], 5,
+        "expired messages were not purged at start-up"
+    );
 
     // The node's logs carry no mailbox id, key, token or address.
     let log = std::fs::read_to_string(&node.log).unwrap();

@@ -233,6 +233,8 @@ impl FinalMessage {
 }
 
 /// What the creator of a SURB reads in the reply.
+// A prekey bundle is ~200 bytes; replies are short-lived values, not stored in bulk.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reply {
     /// A mailbox stored the deposit `dedup_id` until `expires_at`.

@@ -7,7 +7,7 @@
 //! - identity: `"whispr-prekey-identity-v1" ‖ mailbox_id(32) ‖ identity_key(32)`
 //! - prekey: `"whispr-prekey-v1" ‖ mailbox_id(32) ‖ key_id(u32 BE) ‖ fallback(1 byte) ‖ key(32)`
 
-use ed25519_dalek::{Signature, SigningKey, Verifier, VerifyingKey, ed25519::signature::Signer};
+use ed25519_dalek::{Signature, SigningKey, VerifyingKey, ed25519::signature::Signer};
 
 use crate::{Error, MailboxId, Result, wire};
 
@@ -60,7 +60,7 @@ pub fn verify_identity(
     signature: &[u8; 64],
 ) -> Result<()> {
     owner
-        .verify(
+        .verify_strict(
             &identity_transcript(mailbox, identity_key),
             &Signature::from_bytes(signature),
         )
@@ -90,7 +90,7 @@ impl SignedPrekey {
     /// Checks the owner's signature.
     pub fn verify(&self, owner: &VerifyingKey, mailbox: &MailboxId) -> Result<()> {
         owner
-            .verify(
+            .verify_strict(
                 &prekey_transcript(mailbox, self.key_id, self.fallback, &self.key),
                 &Signature::from_bytes(&self.signature),
             )

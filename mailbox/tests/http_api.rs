@@ -1,0 +1,1865 @@
+//! The client API through a real server over real sockets: an in-process `MailboxNode`
+//! serving on a loopback listener (plain HTTP, and HTTPS with a self-signed certificate),
+//! driven with reqwest and tokio-tungstenite. Every refused request is checked for its status,
+//! its JSON error kind and for changing nothing.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::print_stderr,
+    missing_docs
+)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use ed25519_dalek::SigningKey;
+use futures_util::{SinkExt, StreamExt};
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite;
+use whispr_mailbox::MailboxError;
+use whispr_mailbox::core::{CreateMailbox, DepositReceipt, Incoming};
+use whispr_mailbox::http::ConnectionLimiter;
+use whispr_mailbox::node::{MailboxNode, NoMesh, NodeConfig};
+use whispr_mailbox::testkit::Owner;
+use whispr_protocol::DedupId;
+use whispr_protocol::envelope::Envelope;
+use whispr_protocol::prekeys::{SignedPrekey, sign_identity};
+
+const AUDIENCE: &str = "http-test-node";
+const RETENTION_MS: u64 = 3_600_000;
+
+fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn mid(owner: &Owner) -> String {
+    hex::encode(owner.mailbox_id.as_bytes())
+}
+
+fn key_hex(device: &SigningKey) -> String {
+    hex::encode(device.verifying_key().to_bytes())
+}
+
+fn create_body(req: &CreateMailbox) -> Value {
+    json!({
+        "mailbox_id": hex::encode(req.mailbox_id.as_bytes()),
+        "mailbox_key": hex::encode(req.mailbox_key),
+        "owner_key": hex::encode(req.owner_key),
+        "access_key_hash": hex::encode(req.access_key_hash),
+        "reply_key": req.reply_key.map(hex::encode),
+        "retention_ms": req.retention_ms,
+        "signature": hex::encode(req.signature),
+    })
+}
+
+fn http_client() -> reqwest::Client {
+    install_crypto();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// Asserts an error response: status, JSON content type, `error` kind, a `message`; and,
+/// for 429, a `Retry-After` header of at least one second. Returns the body.
+async fn expect_error(response: reqwest::Response, status: u16, kind: &str) -> Value {
+    let got = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .map(|v| v.to_str().unwrap().to_string());
+    let content_type = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap().to_string());
+    let text = response.text().await.unwrap();
+    assert_eq!(got, status, "expected {status} {kind}, got {got}: {text}");
+    assert!(
+        content_type
+            .as_deref()
+            .is_some_and(|c| c.starts_with("application/json")),
+        "error body is not JSON ({content_type:?}): {text}"
+    );
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["error"], kind, "wrong error kind: {text}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{text}"
+    );
+    if status == 429 {
+        let secs: u64 = retry_after
+            .expect("429 without Retry-After")
+            .parse()
+            .unwrap();
+        assert!(secs >= 1);
+    }
+    body
+}
+
+async fn expect_json(response: reqwest::Response, status: u16) -> Value {
+    let got = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    assert_eq!(got, status, "expected {status}, got {got}: {text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+fn seqs(page: &Value) -> Vec<u64> {
+    page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect()
+}
+
+/// Opens the envelope of a served message with the mailbox's secret key; returns its body.
+fn open_message(owner: &Owner, message: &Value) -> Vec<u8> {
+    assert_eq!(message["kind"], "envelope");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(message["envelope"].as_str().unwrap())
+        .unwrap();
+    let envelope = Envelope::decode(&bytes).unwrap();
+    assert_eq!(envelope.outer.mailbox_id, owner.mailbox_id);
+    let opened = envelope.open(&owner.mailbox_secret).unwrap();
+    assert_eq!(opened.sender, owner.sender.verifying_key());
+    opened.content.content
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    let prefix = format!("whispr_mailbox_{name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("metric {name} missing"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A node serving on a loopback port, stopped when dropped.
+struct Server {
+    node: MailboxNode,
+    addr: SocketAddr,
+    base: String,
+    http: reqwest::Client,
+    rng: ChaCha20Rng,
+    stop: Option<oneshot::Sender<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+impl Server {
+    async fn start(configure: impl FnOnce(&mut NodeConfig)) -> Server {
+        install_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = NodeConfig::with_data_dir(dir.path().join("data"));
+        config.audience = AUDIENCE.into();
+        configure(&mut config);
+        config.check().unwrap();
+        let node = MailboxNode::open(config, Arc::new(NoMesh::default())).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let serving = node.clone();
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.await;
+            };
+            if let Err(e) = serving.serve(listener, shutdown).await {
+                eprintln!("serve failed: {e}");
+            }
+        });
+        Server {
+            node,
+            addr,
+            base: format!("http://{addr}"),
+            http: http_client(),
+            rng: ChaCha20Rng::seed_from_u64(addr.port().into()),
+            stop: Some(stop),
+            _dir: dir,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn get(&self, path: &str, token: Option<&str>) -> reqwest::Response {
+        let mut request = self.http.get(self.url(path));
+        if let Some(t) = token {
+            request = request.bearer_auth(t);
+        }
+        request.send().await.unwrap()
+    }
+
+    async fn post(&self, path: &str, body: &Value, token: Option<&str>) -> reqwest::Response {
+        let mut request = self.http.post(self.url(path)).json(body);
+        if let Some(t) = token {
+            request = request.bearer_auth(t);
+        }
+        request.send().await.unwrap()
+    }
+
+    async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn delete(&self, path: &str, token: &str) -> reqwest::Response {
+        self.http
+            .delete(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn create(&self, owner: &Owner) {
+        let r = self
+            .post(
+                "/v1/mailboxes",
+                &create_body(&owner.create_request(RETENTION_MS)),
+                None,
+            )
+            .await;
+        let v = expect_json(r, 201).await;
+        assert_eq!(v["mailbox_id"], mid(owner));
+    }
+
+    /// A challenge for `device_key` on `owner`'s mailbox.
+    async fn challenge_for(&self, mailbox: &str, device_key: &str) -> [u8; 32] {
+        let r = self
+            .post(
+                "/v1/auth/challenge",
+                &json!({"mailbox_id": mailbox, "device_key": device_key}),
+                None,
+            )
+            .await;
+        let v = expect_json(r, 200).await;
+        assert_eq!(v["audience"], AUDIENCE);
+        assert!(v["expires_at_ms"].as_u64().unwrap() > 0);
+        let mut challenge = [0u8; 32];
+        hex::decode_to_slice(v["challenge"].as_str().unwrap(), &mut challenge).unwrap();
+        challenge
+    }
+
+    async fn challenge(&self, owner: &Owner, device: &SigningKey) -> [u8; 32] {
+        self.challenge_for(&mid(owner), &key_hex(device)).await
+    }
+
+    async fn login_raw(
+        &self,
+        mailbox: &str,
+        device_key: &str,
+        challenge: &[u8; 32],
+        signature: &[u8; 64],
+    ) -> reqwest::Response {
+        self.post(
+            "/v1/auth/login",
+            &json!({
+                "mailbox_id": mailbox,
+                "device_key": device_key,
+                "challenge": hex::encode(challenge),
+                "signature": hex::encode(signature),
+            }),
+            None,
+        )
+        .await
+    }
+
+    /// Logs `device` in to `owner`'s mailbox; returns the session token.
+    async fn login(&self, owner: &Owner, device: &SigningKey) -> String {
+        let challenge = self.challenge(owner, device).await;
+        let signature = owner.sign_login(device, AUDIENCE, &challenge);
+        let r = self
+            .login_raw(&mid(owner), &key_hex(device), &challenge, &signature)
+            .await;
+        let v = expect_json(r, 200).await;
+        let token = v["token"].as_str().unwrap().to_string();
+        assert_eq!(token.len(), 64);
+        token
+    }
+
+    async fn info(&self, owner: &Owner, token: &str) -> Value {
+        let r = self
+            .get(&format!("/v1/mailboxes/{}", mid(owner)), Some(token))
+            .await;
+        expect_json(r, 200).await
+    }
+
+    async fn poll(&self, owner: &Owner, token: &str, query: &str) -> reqwest::Response {
+        self.get(
+            &format!("/v1/mailboxes/{}/messages{query}", mid(owner)),
+            Some(token),
+        )
+        .await
+    }
+
+    async fn poll_ok(&self, owner: &Owner, token: &str, query: &str) -> Value {
+        expect_json(self.poll(owner, token, query).await, 200).await
+    }
+
+    async fn ack(&self, owner: &Owner, token: &str, up_to: u64) -> reqwest::Response {
+        self.post(
+            &format!("/v1/mailboxes/{}/ack", mid(owner)),
+            &json!({ "up_to": up_to }),
+            Some(token),
+        )
+        .await
+    }
+
+    async fn ack_ok(&self, owner: &Owner, token: &str, up_to: u64) -> u64 {
+        let v = expect_json(self.ack(owner, token, up_to).await, 200).await;
+        v["cursor"].as_u64().unwrap()
+    }
+
+    async fn metrics(&self) -> String {
+        let r = self.get("/metrics", None).await;
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap()
+    }
+
+    /// Deposits (as the mesh would) an envelope carrying `body`.
+    async fn deposit(&mut self, owner: &Owner, body: &[u8]) -> DepositReceipt {
+        let dedup = DedupId::random(&mut self.rng);
+        let envelope = owner
+            .envelope(&mut self.rng, dedup, None, None, body)
+            .unwrap();
+        self.node
+            .deposit(Incoming::Deposit(envelope))
+            .await
+            .unwrap()
+    }
+
+    async fn stream_ticket(&self, owner: &Owner, token: &str) -> String {
+        let r = self
+            .post(
+                &format!("/v1/mailboxes/{}/stream-ticket", mid(owner)),
+                &json!({}),
+                Some(token),
+            )
+            .await;
+        let v = expect_json(r, 200).await;
+        v["token"].as_str().unwrap().to_string()
+    }
+
+    fn stream_url(&self, mailbox: &str, ticket: &str) -> String {
+        format!(
+            "ws://{}/v1/mailboxes/{mailbox}/stream?ticket={ticket}",
+            self.addr
+        )
+    }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn ws_connect(url: &str) -> Ws {
+    let (ws, response) = tokio_tungstenite::connect_async(url).await.unwrap();
+    assert_eq!(response.status(), 101);
+    ws
+}
+
+/// Asserts that the upgrade is refused with `status` before switching protocols (and, when
+/// the body arrived with the head, that it is a JSON error of `kind`).
+async fn ws_refused(url: &str, status: u16, kind: &str) {
+    match tokio_tungstenite::connect_async(url).await {
+        Ok(_) => panic!("upgrade accepted, expected {status} {kind}"),
+        Err(tungstenite::Error::Http(response)) => {
+            let body = response
+                .body()
+                .as_deref()
+                .map(|b| String::from_utf8_lossy(b).to_string())
+                .unwrap_or_default();
+            assert_eq!(response.status().as_u16(), status, "{body}");
+            if status == 429 {
+                assert!(response.headers().contains_key("retry-after"));
+            }
+            if !body.is_empty() {
+                let v: Value = serde_json::from_str(&body).unwrap();
+                assert_eq!(v["error"], kind, "{body}");
+            }
+        }
+        Err(e) => panic!("upgrade failed without an HTTP answer: {e}"),
+    }
+}
+
+/// The next JSON event on a stream (pings and pongs skipped), within 5 s.
+async fn next_event(ws: &mut Ws) -> Value {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("no stream event within 5 s")
+            .expect("stream ended")
+            .unwrap();
+        match frame {
+            tungstenite::Message::Text(text) => return serde_json::from_str(&text).unwrap(),
+            tungstenite::Message::Ping(_) | tungstenite::Message::Pong(_) => {}
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
+
+async fn ws_send(ws: &mut Ws, text: &str) {
+    ws.send(tungstenite::Message::Text(text.into()))
+        .await
+        .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_flow_and_every_refused_login_or_token() {
+    let s = Server::start(|_| {}).await;
+    let a = Owner::from_seed(1);
+    let b = Owner::from_seed(2);
+    s.create(&a).await;
+    s.create(&b).await;
+    let owner_a = a.device(0);
+    let sessions = |m: &str| metric(m, "sessions");
+
+    // The full flow: challenge → login → the token works.
+    let token_a = s.login(&a, &owner_a).await;
+    let info_a = s.info(&a, &token_a).await;
+    assert_eq!(info_a["mailbox_id"], mid(&a));
+    assert_eq!(info_a["owner_key"], key_hex(&owner_a));
+    assert_eq!(info_a["devices"].as_array().unwrap().len(), 1);
+    let live = sessions(&s.metrics().await);
+    assert_eq!(live, 1);
+    let failures_before = metric(&s.metrics().await, "auth_failures_total");
+
+    // A used challenge is refused, even with the right signature.
+    let challenge = s.challenge(&a, &owner_a).await;
+    let signature = a.sign_login(&owner_a, AUDIENCE, &challenge);
+    let r = s
+        .login_raw(&mid(&a), &key_hex(&owner_a), &challenge, &signature)
+        .await;
+    expect_json(r, 200).await;
+    let r = s
+        .login_raw(&mid(&a), &key_hex(&owner_a), &challenge, &signature)
+        .await;
+    expect_error(r, 401, "unauthorized").await;
+    let live = live + 1;
+
+    // Wrong signature → 401 bad_signature; the challenge is consumed by that attempt.
+    let challenge = s.challenge(&a, &owner_a).await;
+    let mut bad = a.sign_login(&owner_a, AUDIENCE, &challenge);
+    bad[7] ^= 1;
+    let r = s
+        .login_raw(&mid(&a), &key_hex(&owner_a), &challenge, &bad)
+        .await;
+    expect_error(r, 401, "bad_signature").await;
+    let good = a.sign_login(&owner_a, AUDIENCE, &challenge);
+    let r = s
+        .login_raw(&mid(&a), &key_hex(&owner_a), &challenge, &good)
+        .await;
+    expect_error(r, 401, "unauthorized").await;
+
+    // A signature by another key, or for another node (audience), is a bad signature.
+    let challenge = s.challenge(&a, &owner_a).await;
+    let forged = a.sign_login(&a.device(5), AUDIENCE, &challenge);
+    let r = s
+        .login_raw(&mid(&a), &key_hex(&owner_a), &challenge, &forged)
+        .await;
+    expect_error(r, 401, "bad_signature").await;
+    let challenge = s.challenge(&a, &owner_a).await;
+    let elsewhere = a.sign_login(&owner_a, "another-node", &challenge);
+    let r = s
+        .login_raw(&mid(&a), &key_hex(&owner_a), &challenge, &elsewhere)
+        .await;
+    expect_error(r, 401, "bad_signature").await;
+
+    // Register a second device, then use a challenge issued for the owner key with it.
+    let second = a.device(1);
+    let r = s
+        .post(
+            &format!("/v1/mailboxes/{}/devices", mid(&a)),
+            &json!({"device_key": key_hex(&second), "signature": hex::encode(a.sign_device(&second))}),
+            Some(&token_a),
+        )
+        .await;
+    assert_eq!(r.status(), 204);
+    let challenge = s.challenge(&a, &owner_a).await;
+    let signature = a.sign_login(&second, AUDIENCE, &challenge);
+    let r = s
+        .login_raw(&mid(&a), &key_hex(&second), &challenge, &signature)
+        .await;
+    expect_error(r, 401, "unauthorized").await;
+    // A challenge for mailbox B answered on mailbox A.
+    let challenge = s.challenge(&b, &b.device(0)).await;
+    let signature = a.sign_login(&owner_a, AUDIENCE, &challenge);
+    let r = s
+        .login_raw(&mid(&a), &key_hex(&owner_a), &challenge, &signature)
+        .await;
+    expect_error(r, 401, "unauthorized").await;
+
+    // A device that is not registered, with a valid signature of its own.
+    let stranger = a.device(7);
+    let challenge = s.challenge(&a, &stranger).await;
+    let signature = a.sign_login(&stranger, AUDIENCE, &challenge);
+    let r = s
+        .login_raw(&mid(&a), &key_hex(&stranger), &challenge, &signature)
+        .await;
+    expect_error(r, 401, "unauthorized").await;
+    // An unknown mailbox.
+    let nobody = Owner::from_seed(99);
+    let challenge = s.challenge(&nobody, &nobody.device(0)).await;
+    let signature = nobody.sign_login(&nobody.device(0), AUDIENCE, &challenge);
+    let r = s
+        .login_raw(
+            &mid(&nobody),
+            &key_hex(&nobody.device(0)),
+            &challenge,
+            &signature,
+        )
+        .await;
+    expect_error(r, 401, "unauthorized").await;
+    // Bad hex in a login or challenge request.
+    let r = s
+        .post(
+            "/v1/auth/challenge",
+            &json!({"mailbox_id": "xyz", "device_key": key_hex(&owner_a)}),
+            None,
+        )
+        .await;
+    expect_error(r, 400, "bad_request").await;
+    let r = s
+        .post(
+            "/v1/auth/login",
+            &json!({"mailbox_id": mid(&a), "device_key": key_hex(&owner_a),
+                    "challenge": "00", "signature": "00"}),
+            None,
+        )
+        .await;
+    expect_error(r, 400, "bad_request").await;
+
+    // None of the refused logins created a session; each counted as an auth failure.
+    let m = s.metrics().await;
+    assert_eq!(sessions(&m), live);
+    assert!(metric(&m, "auth_failures_total") >= failures_before + 7);
+
+    // The registered second device logs in with its own challenge.
+    let token_second = s.login(&a, &second).await;
+    assert_eq!(s.info(&a, &token_second).await["mailbox_id"], mid(&a));
+
+    // Token of mailbox A on mailbox B → 403, on every route; B unchanged.
+    let token_b = s.login(&b, &b.device(0)).await;
+    let info_b = s.info(&b, &token_b).await;
+    let r = s
+        .get(&format!("/v1/mailboxes/{}", mid(&b)), Some(&token_a))
+        .await;
+    expect_error(r, 403, "forbidden").await;
+    let r = s.poll(&b, &token_a, "").await;
+    expect_error(r, 403, "forbidden").await;
+    let r = s.ack(&b, &token_a, 0).await;
+    expect_error(r, 403, "forbidden").await;
+    let r = s
+        .get(&format!("/v1/mailboxes/{}/export", mid(&b)), Some(&token_a))
+        .await;
+    expect_error(r, 403, "forbidden").await;
+    let r = s
+        .post(
+            &format!("/v1/mailboxes/{}/stream-ticket", mid(&b)),
+            &json!({}),
+            Some(&token_a),
+        )
+        .await;
+    expect_error(r, 403, "forbidden").await;
+    let r = s
+        .delete(&format!("/v1/mailboxes/{}", mid(&b)), &token_a)
+        .await;
+    expect_error(r, 403, "forbidden").await;
+    assert_eq!(s.info(&b, &token_b).await, info_b);
+
+    // Missing or garbage Authorization → 401.
+    let info_path = format!("/v1/mailboxes/{}", mid(&a));
+    let r = s.get(&info_path, None).await;
+    expect_error(r, 401, "unauthorized").await;
+    for value in [
+        "Bearer".to_string(),
+        "Bearer zz".to_string(),
+        format!("Basic {token_a}"),
+        format!("Bearer {}", &token_a[..62]),
+        format!("Bearer {}", hex::encode([0x5au8; 32])),
+        token_a.clone(),
+    ] {
+        let r = s
+            .http
+            .get(s.url(&info_path))
+            .header(reqwest::header::AUTHORIZATION, value.as_str())
+            .send()
+            .await
+            .unwrap();
+        expect_error(r, 401, "unauthorized").await;
+    }
+    assert_eq!(
+        s.info(&a, &token_a).await["devices"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // Logout ends the session.
+    let r = s
+        .http
+        .post(s.url("/v1/auth/logout"))
+        .bearer_auth(&token_second)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let r = s.get(&info_path, Some(&token_second)).await;
+    expect_error(r, 401, "unauthorized").await;
+    s.info(&a, &token_a).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_refusals_change_nothing() {
+    let s = Server::start(|c| c.api.body_bytes_max = 2048).await;
+    let owner = Owner::from_seed(3);
+    let good = create_body(&owner.create_request(RETENTION_MS));
+
+    // Bad proof of possession: a flipped signature, or a field the signature does not cover.
+    let mut forged = good.clone();
+    let mut signature = owner.create_request(RETENTION_MS).signature;
+    signature[0] ^= 0x80;
+    forged["signature"] = json!(hex::encode(signature));
+    expect_error(
+        s.post("/v1/mailboxes", &forged, None).await,
+        401,
+        "bad_signature",
+    )
+    .await;
+    let mut swapped = good.clone();
+    swapped["retention_ms"] = json!(RETENTION_MS - 1);
+    expect_error(
+        s.post("/v1/mailboxes", &swapped, None).await,
+        401,
+        "bad_signature",
+    )
+    .await;
+    let mut other_hash = good.clone();
+    other_hash["access_key_hash"] = json!(hex::encode([1u8; 32]));
+    expect_error(
+        s.post("/v1/mailboxes", &other_hash, None).await,
+        401,
+        "bad_signature",
+    )
+    .await;
+
+    // Malformed JSON, unknown field, missing field, bad hex, oversized body.
+    expect_error(
+        s.post_raw("/v1/mailboxes", "{\"mailbox_id\": ").await,
+        400,
+        "bad_request",
+    )
+    .await;
+    expect_error(
+        s.post_raw("/v1/mailboxes", "[1, 2").await,
+        400,
+        "bad_request",
+    )
+    .await;
+    let mut unknown = good.clone();
+    unknown["colour"] = json!("blue");
+    expect_error(
+        s.post("/v1/mailboxes", &unknown, None).await,
+        400,
+        "bad_request",
+    )
+    .await;
+    let mut missing = good.clone();
+    missing.as_object_mut().unwrap().remove("owner_key");
+    expect_error(
+        s.post("/v1/mailboxes", &missing, None).await,
+        400,
+        "bad_request",
+    )
+    .await;
+    for field in [
+        "mailbox_id",
+        "mailbox_key",
+        "owner_key",
+        "access_key_hash",
+        "signature",
+    ] {
+        let mut bad_hex = good.clone();
+        bad_hex[field] = json!("zz".repeat(32));
+        expect_error(
+            s.post("/v1/mailboxes", &bad_hex, None).await,
+            400,
+            "bad_request",
+        )
+        .await;
+        let mut short = good.clone();
+        short[field] = json!("abcd");
+        expect_error(
+            s.post("/v1/mailboxes", &short, None).await,
+            400,
+            "bad_request",
+        )
+        .await;
+    }
+    let mut huge = good.clone();
+    huge["padding"] = json!("x".repeat(4096));
+    expect_error(
+        s.post("/v1/mailboxes", &huge, None).await,
+        413,
+        "body_too_large",
+    )
+    .await;
+    // A retention of 0 or above the node's maximum.
+    let zero = create_body(&owner.create_request(0));
+    expect_error(
+        s.post("/v1/mailboxes", &zero, None).await,
+        400,
+        "invalid_argument",
+    )
+    .await;
+    let long = create_body(&owner.create_request(u64::MAX));
+    expect_error(
+        s.post("/v1/mailboxes", &long, None).await,
+        400,
+        "invalid_argument",
+    )
+    .await;
+
+    // Nothing was created: the node holds no mailbox, and the right request succeeds.
+    assert_eq!(metric(&s.metrics().await, "mailboxes"), 0);
+    let r = s.post("/v1/mailboxes", &good, None).await;
+    assert_eq!(expect_json(r, 201).await["mailbox_id"], mid(&owner));
+    let token = s.login(&owner, &owner.device(0)).await;
+    let info = s.info(&owner, &token).await;
+    assert_eq!(info["retention_ms"], RETENTION_MS);
+    assert_eq!(info["messages"], 0);
+
+    // Duplicate → 409 (even with another, valid, retention); the mailbox is unchanged.
+    expect_error(
+        s.post("/v1/mailboxes", &good, None).await,
+        409,
+        "mailbox_exists",
+    )
+    .await;
+    let other = create_body(&owner.create_request(RETENTION_MS / 2));
+    expect_error(
+        s.post("/v1/mailboxes", &other, None).await,
+        409,
+        "mailbox_exists",
+    )
+    .await;
+    // Refused bodies aimed at the existing mailbox change nothing either.
+    expect_error(
+        s.post("/v1/mailboxes", &huge, None).await,
+        413,
+        "body_too_large",
+    )
+    .await;
+    expect_error(
+        s.post("/v1/mailboxes", &forged, None).await,
+        401,
+        "bad_signature",
+    )
+    .await;
+    assert_eq!(s.info(&owner, &token).await, info);
+    assert_eq!(metric(&s.metrics().await, "mailboxes"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poll_orders_pages_and_long_polls() {
+    let mut s = Server::start(|_| {}).await;
+    let owner = Owner::from_seed(4);
+    s.create(&owner).await;
+    let token = s.login(&owner, &owner.device(0)).await;
+
+    let empty = s.poll_ok(&owner, &token, "").await;
+    assert_eq!(seqs(&empty), Vec::<u64>::new());
+    assert_eq!(empty["last_seq"], 0);
+
+    for i in 0..5u8 {
+        let receipt = s.deposit(&owner, &[b'm', i]).await;
+        assert_eq!(receipt.seq, u64::from(i) + 1);
+    }
+    let page = s.poll_ok(&owner, &token, "").await;
+    assert_eq!(seqs(&page), vec![1, 2, 3, 4, 5]);
+    assert_eq!(page["last_seq"], 5);
+    for (i, m) in page["messages"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(
+            open_message(&owner, m),
+            vec![b'm', u8::try_from(i).unwrap()]
+        );
+        assert!(m["expires_at_ms"].as_u64().unwrap() > m["received_at_ms"].as_u64().unwrap());
+    }
+    assert_eq!(
+        seqs(&s.poll_ok(&owner, &token, "?after=2").await),
+        vec![3, 4, 5]
+    );
+    assert_eq!(
+        seqs(&s.poll_ok(&owner, &token, "?limit=2").await),
+        vec![1, 2]
+    );
+    assert_eq!(
+        seqs(&s.poll_ok(&owner, &token, "?after=2&limit=2").await),
+        vec![3, 4]
+    );
+    assert_eq!(
+        seqs(&s.poll_ok(&owner, &token, "?after=5").await),
+        Vec::<u64>::new()
+    );
+    assert_eq!(seqs(&s.poll_ok(&owner, &token, "?limit=0").await), vec![1]);
+
+    // Refused cursors and queries change nothing.
+    let info = s.info(&owner, &token).await;
+    expect_error(s.poll(&owner, &token, "?after=6").await, 400, "bad_cursor").await;
+    expect_error(
+        s.poll(&owner, &token, "?after=18446744073709551615").await,
+        400,
+        "bad_cursor",
+    )
+    .await;
+    for query in [
+        "?after=abc",
+        "?after=-1",
+        "?limit=x",
+        "?wait=soon",
+        "?colour=blue",
+    ] {
+        expect_error(s.poll(&owner, &token, query).await, 400, "bad_request").await;
+    }
+    let r = s.get("/v1/mailboxes/not-hex/messages", Some(&token)).await;
+    expect_error(r, 400, "bad_request").await;
+    assert_eq!(s.info(&owner, &token).await, info);
+    assert_eq!(
+        seqs(&s.poll_ok(&owner, &token, "").await),
+        vec![1, 2, 3, 4, 5]
+    );
+
+    // Long poll: returns as soon as a deposit lands.
+    let depositor = {
+        let node = s.node.clone();
+        let mut rng = ChaCha20Rng::seed_from_u64(44);
+        let dedup = DedupId::random(&mut rng);
+        let envelope = owner
+            .envelope(&mut rng, dedup, None, None, b"late")
+            .unwrap();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            node.deposit(Incoming::Deposit(envelope)).await.unwrap()
+        })
+    };
+    let started = Instant::now();
+    let page = s.poll_ok(&owner, &token, "?after=5&wait=3000").await;
+    let took = started.elapsed();
+    assert_eq!(seqs(&page), vec![6]);
+    assert_eq!(open_message(&owner, &page["messages"][0]), b"late");
+    assert!(
+        took < Duration::from_millis(2500),
+        "long poll took {took:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(250),
+        "long poll returned before the deposit"
+    );
+    assert_eq!(depositor.await.unwrap().seq, 6);
+
+    // Nothing arrives: empty after the wait.
+    let started = Instant::now();
+    let page = s.poll_ok(&owner, &token, "?after=6&wait=300").await;
+    let took = started.elapsed();
+    assert_eq!(seqs(&page), Vec::<u64>::new());
+    assert_eq!(page["last_seq"], 6);
+    assert!(
+        took >= Duration::from_millis(280),
+        "returned after {took:?}"
+    );
+    assert!(
+        took < Duration::from_millis(2500),
+        "returned after {took:?}"
+    );
+    assert_eq!(metric(&s.metrics().await, "polls_waiting"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_devices_receive_and_ack_independently() {
+    let mut s = Server::start(|_| {}).await;
+    let owner = Owner::from_seed(5);
+    s.create(&owner).await;
+    let first = owner.device(0);
+    let second = owner.device(1);
+    let t1 = s.login(&owner, &first).await;
+    for i in 0..4u8 {
+        s.deposit(&owner, &[b'a', i]).await;
+    }
+
+    // Cumulative acks for the only device; older acks are no-ops; beyond last → 400.
+    let info = s.info(&owner, &t1).await;
+    assert_eq!(info["messages"], 4);
+    expect_error(s.ack(&owner, &t1, 5).await, 400, "bad_cursor").await;
+    expect_error(s.ack(&owner, &t1, u64::MAX).await, 400, "bad_cursor").await;
+    let r = s
+        .post(
+            &format!("/v1/mailboxes/{}/ack", mid(&owner)),
+            &json!({"up_to": "one"}),
+            Some(&t1),
+        )
+        .await;
+    expect_error(r, 400, "bad_request").await;
+    assert_eq!(s.info(&owner, &t1).await, info);
+    assert_eq!(s.ack_ok(&owner, &t1, 1).await, 1);
+    assert_eq!(s.ack_ok(&owner, &t1, 0).await, 1);
+    assert_eq!(s.info(&owner, &t1).await["messages"], 3);
+    assert_eq!(seqs(&s.poll_ok(&owner, &t1, "").await), vec![2, 3, 4]);
+
+    // Register a second device: a signature not by the owner is refused.
+    let devices = format!("/v1/mailboxes/{}/devices", mid(&owner));
+    let info = s.info(&owner, &t1).await;
+    let by_itself = {
+        use ed25519_dalek::Signer;
+        let mut t = b"whispr-mailbox-device-v1".to_vec();
+        t.extend_from_slice(owner.mailbox_id.as_bytes());
+        t.extend_from_slice(&second.verifying_key().to_bytes());
+        second.sign(&t).to_bytes()
+    };
+    let r = s
+        .post(
+            &devices,
+            &json!({"device_key": key_hex(&second), "signature": hex::encode(by_itself)}),
+            Some(&t1),
+        )
+        .await;
+    expect_error(r, 401, "bad_signature").await;
+    // The owner's signature for another device does not register this one.
+    let r = s
+        .post(
+            &devices,
+            &json!({"device_key": key_hex(&second),
+                    "signature": hex::encode(owner.sign_device(&owner.device(2)))}),
+            Some(&t1),
+        )
+        .await;
+    expect_error(r, 401, "bad_signature").await;
+    let r = s
+        .post(
+            &devices,
+            &json!({"device_key": "12", "signature": hex::encode(owner.sign_device(&second))}),
+            Some(&t1),
+        )
+        .await;
+    expect_error(r, 400, "bad_request").await;
+    assert_eq!(s.info(&owner, &t1).await, info);
+    let challenge = s.challenge(&owner, &second).await;
+    let signature = owner.sign_login(&second, AUDIENCE, &challenge);
+    let r = s
+        .login_raw(&mid(&owner), &key_hex(&second), &challenge, &signature)
+        .await;
+    expect_error(r, 401, "unauthorized").await;
+
+    let r = s
+        .post(
+            &devices,
+            &json!({"device_key": key_hex(&second), "signature": hex::encode(owner.sign_device(&second))}),
+            Some(&t1),
+        )
+        .await;
+    assert_eq!(r.status(), 204);
+    let info = s.info(&owner, &t1).await;
+    let devs = info["devices"].as_array().unwrap();
+    assert_eq!(devs.len(), 2);
+    // The new device starts at the oldest cursor: it sees everything still stored.
+    assert!(devs.contains(&json!({"device_key": key_hex(&second), "cursor": 1})));
+    let t2 = s.login(&owner, &second).await;
+
+    // Each device receives every message and acks on its own.
+    assert_eq!(seqs(&s.poll_ok(&owner, &t1, "").await), vec![2, 3, 4]);
+    assert_eq!(seqs(&s.poll_ok(&owner, &t2, "").await), vec![2, 3, 4]);
+    assert_eq!(s.ack_ok(&owner, &t1, 3).await, 3);
+    assert_eq!(
+        s.info(&owner, &t1).await["messages"],
+        3,
+        "deleted before both acked"
+    );
+    assert_eq!(seqs(&s.poll_ok(&owner, &t1, "").await), vec![4]);
+    assert_eq!(seqs(&s.poll_ok(&owner, &t2, "").await), vec![2, 3, 4]);
+    assert_eq!(s.ack_ok(&owner, &t2, 2).await, 2);
+    assert_eq!(s.info(&owner, &t2).await["messages"], 2);
+    assert_eq!(s.ack_ok(&owner, &t2, 4).await, 4);
+    // Device 2 is ahead now; the minimum (device 1 at 3) decides.
+    assert_eq!(s.info(&owner, &t2).await["messages"], 1);
+    assert_eq!(seqs(&s.poll_ok(&owner, &t2, "").await), Vec::<u64>::new());
+    assert_eq!(seqs(&s.poll_ok(&owner, &t1, "").await), vec![4]);
+    assert_eq!(s.ack_ok(&owner, &t1, 4).await, 4);
+    assert_eq!(s.info(&owner, &t1).await["messages"], 0);
+
+    // A message only the removed device had not acknowledged goes with it.
+    s.deposit(&owner, b"last").await;
+    assert_eq!(s.ack_ok(&owner, &t1, 5).await, 5);
+    assert_eq!(s.info(&owner, &t1).await["messages"], 1);
+    let second_path = format!("{devices}/{}", key_hex(&second));
+    // Only the owner's session may remove a device.
+    let info = s.info(&owner, &t1).await;
+    expect_error(s.delete(&second_path, &t2).await, 403, "forbidden").await;
+    let owner_path = format!("{devices}/{}", key_hex(&first));
+    expect_error(s.delete(&owner_path, &t2).await, 403, "forbidden").await;
+    // The owner key itself cannot be removed.
+    expect_error(s.delete(&owner_path, &t1).await, 400, "invalid_argument").await;
+    expect_error(
+        s.delete(&format!("{devices}/zz"), &t1).await,
+        400,
+        "bad_request",
+    )
+    .await;
+    assert_eq!(s.info(&owner, &t1).await, info);
+    assert_eq!(s.delete(&second_path, &t1).await.status(), 204);
+    expect_error(
+        s.get(&format!("/v1/mailboxes/{}", mid(&owner)), Some(&t2))
+            .await,
+        401,
+        "unauthorized",
+    )
+    .await;
+    expect_error(s.poll(&owner, &t2, "").await, 401, "unauthorized").await;
+    let info = s.info(&owner, &t1).await;
+    assert_eq!(info["devices"].as_array().unwrap().len(), 1);
+    assert_eq!(info["messages"], 0);
+    // Removing it again: not a device any more.
+    expect_error(s.delete(&second_path, &t1).await, 403, "unknown_device").await;
+    // It cannot log in again.
+    let challenge = s.challenge(&owner, &second).await;
+    let signature = owner.sign_login(&second, AUDIENCE, &challenge);
+    let r = s
+        .login_raw(&mid(&owner), &key_hex(&second), &challenge, &signature)
+        .await;
+    expect_error(r, 401, "unauthorized").await;
+    assert_eq!(s.info(&owner, &t1).await, info);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_pushes_takes_acks_and_refuses_used_or_foreign_tickets() {
+    let mut s = Server::start(|_| {}).await;
+    let a = Owner::from_seed(6);
+    let b = Owner::from_seed(7);
+    s.create(&a).await;
+    s.create(&b).await;
+    let token = s.login(&a, &a.device(0)).await;
+    let token_b = s.login(&b, &b.device(0)).await;
+
+    let ticket = s.stream_ticket(&a, &token).await;
+    assert_eq!(ticket.len(), 64);
+    let url = s.stream_url(&mid(&a), &ticket);
+    let mut ws = ws_connect(&url).await;
+    // Give the server a moment to start its loop, then deposit.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.deposit(&a, b"pushed").await;
+    let event = next_event(&mut ws).await;
+    assert_eq!(event["type"], "message", "{event}");
+    assert_eq!(event["message"]["seq"], 1);
+    assert_eq!(open_message(&a, &event["message"]), b"pushed");
+    ws_send(&mut ws, r#"{"type":"ack","up_to":1}"#).await;
+    let event = next_event(&mut ws).await;
+    assert_eq!(event, json!({"type": "acked", "cursor": 1}));
+    let info = s.info(&a, &token).await;
+    assert_eq!(info["devices"][0]["cursor"], 1);
+    assert_eq!(info["messages"], 0);
+
+    // Malformed frames get an error event; the stream stays open and works.
+    for bad in [
+        "not json",
+        r#"{"type":"ack"}"#,
+        r#"{"type":"nack","up_to":1}"#,
+        r#"{"type":"ack","up_to":1,"extra":true}"#,
+        r#"{"type":"ack","up_to":-3}"#,
+    ] {
+        ws_send(&mut ws, bad).await;
+        let event = next_event(&mut ws).await;
+        assert_eq!(event["type"], "error", "{bad}: {event}");
+        assert_eq!(event["error"], "bad_request", "{bad}: {event}");
+    }
+    ws_send(&mut ws, r#"{"type":"ack","up_to":99}"#).await;
+    let event = next_event(&mut ws).await;
+    assert_eq!(event["type"], "error");
+    assert_eq!(event["error"], "bad_cursor");
+    ws.send(tungstenite::Message::Binary(vec![1u8, 2, 3].into()))
+        .await
+        .unwrap();
+    assert_eq!(s.info(&a, &token).await, info);
+    s.deposit(&a, b"second").await;
+    let event = next_event(&mut ws).await;
+    assert_eq!(event["type"], "message", "{event}");
+    assert_eq!(event["message"]["seq"], 2);
+    ws_send(&mut ws, r#"{"type":"ack","up_to":2}"#).await;
+    assert_eq!(
+        next_event(&mut ws).await,
+        json!({"type": "acked", "cursor": 2})
+    );
+    assert_eq!(metric(&s.metrics().await, "streams_open"), 1);
+
+    // The ticket is single-use.
+    ws_refused(&url, 401, "unauthorized").await;
+    // A ticket of mailbox B on mailbox A's stream → 401 (and it is consumed).
+    let ticket_b = s.stream_ticket(&b, &token_b).await;
+    ws_refused(&s.stream_url(&mid(&a), &ticket_b), 401, "unauthorized").await;
+    ws_refused(&s.stream_url(&mid(&b), &ticket_b), 401, "unauthorized").await;
+    // Malformed and unknown tickets.
+    ws_refused(&s.stream_url(&mid(&a), "zz"), 401, "unauthorized").await;
+    ws_refused(
+        &s.stream_url(&mid(&a), &hex::encode([9u8; 32])),
+        401,
+        "unauthorized",
+    )
+    .await;
+    // Nothing of that disturbed the open stream.
+    s.deposit(&a, b"third").await;
+    let event = next_event(&mut ws).await;
+    assert_eq!(event["message"]["seq"], 3);
+
+    // A stream opened with `after` starts there; a bad `after` is refused before upgrading.
+    let ticket = s.stream_ticket(&a, &token).await;
+    ws_refused(
+        &format!("{}&after=99", s.stream_url(&mid(&a), &ticket)),
+        400,
+        "bad_cursor",
+    )
+    .await;
+    let ticket = s.stream_ticket(&a, &token).await;
+    let mut ws2 = ws_connect(&s.stream_url(&mid(&a), &ticket)).await;
+    // Device cursor is 2: message 3 is pushed again to the new stream.
+    let event = next_event(&mut ws2).await;
+    assert_eq!(event["message"]["seq"], 3);
+    ws2.close(None).await.unwrap();
+    ws.close(None).await.unwrap();
+
+    // The stream ends with the session: after logout no new ticket can be had.
+    let r = s
+        .http
+        .post(s.url("/v1/auth/logout"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let r = s
+        .post(
+            &format!("/v1/mailboxes/{}/stream-ticket", mid(&a)),
+            &json!({}),
+            Some(&token),
+        )
+        .await;
+    expect_error(r, 401, "unauthorized").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_stream_is_closed() {
+    let s = Server::start(|c| c.api.stream_idle_ms = 400).await;
+    let owner = Owner::from_seed(8);
+    s.create(&owner).await;
+    let token = s.login(&owner, &owner.device(0)).await;
+    let ticket = s.stream_ticket(&owner, &token).await;
+    let mut ws = ws_connect(&s.stream_url(&mid(&owner), &ticket)).await;
+    let started = Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(tungstenite::Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "idle stream still open after 5 s");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_per_connection_limit_answers_429_with_retry_after() {
+    let mut s = Server::start(|c| c.api.ops_per_min_per_connection = 5).await;
+    // One keep-alive connection.
+    s.http = reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let owner = Owner::from_seed(9);
+    s.create(&owner).await; // 1
+    let token = s.login(&owner, &owner.device(0)).await; // 2, 3
+    s.deposit(&owner, b"one").await;
+    s.deposit(&owner, b"two").await;
+    s.info(&owner, &token).await; // 4
+    assert_eq!(s.ack_ok(&owner, &token, 1).await, 1); // 5
+    let r = s.ack(&owner, &token, 2).await; // 6
+    let retry_after = r.headers().get(reqwest::header::RETRY_AFTER).cloned();
+    expect_error(r, 429, "rate_limited").await;
+    let retry_after: u64 = retry_after.unwrap().to_str().unwrap().parse().unwrap();
+    assert!(metric(&s.metrics_on_new_connection().await, "rate_limited_total") >= 1);
+
+    // The refused ack changed nothing (checked on a fresh connection).
+    let fresh = Server {
+        node: s.node.clone(),
+        addr: s.addr,
+        base: s.base.clone(),
+        http: http_client(),
+        rng: ChaCha20Rng::seed_from_u64(1),
+        stop: None,
+        _dir: tempfile::tempdir().unwrap(),
+    };
+    let token2 = fresh.login(&owner, &owner.device(0)).await;
+    let info = fresh.info(&owner, &token2).await;
+    assert_eq!(info["devices"][0]["cursor"], 1);
+    assert_eq!(info["messages"], 1);
+
+    // The policy is per minute: 5 operations/min refill one every 12 s, so the answer says
+    // to wait about that long, and a retry a second later is still refused.
+    assert!(
+        (10..=60).contains(&retry_after),
+        "Retry-After {retry_after} s for a 5/min limit"
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    expect_error(s.ack(&owner, &token, 2).await, 429, "rate_limited").await;
+    assert_eq!(fresh.info(&owner, &token2).await["devices"][0]["cursor"], 1);
+}
+
+/// The limiter's arithmetic on a synthetic clock: `per_min` operations per minute.
+#[test]
+fn connection_limiter_refills_per_minute() {
+    let peer: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+    let mut limiter = ConnectionLimiter::new(5, 16);
+    let t0 = 1_000_000;
+    for _ in 0..5 {
+        limiter.check(peer, t0).unwrap();
+    }
+    let retry_ms = limiter.check(peer, t0).unwrap_err();
+    assert!(
+        (11_000..=12_000).contains(&retry_ms),
+        "5/min: next operation in {retry_ms} ms, expected about 12 s"
+    );
+    // One second later: a twelfth of an operation has been refilled, not five.
+    assert!(
+        limiter.check(peer, t0 + 1_000).is_err(),
+        "5/min allowed a 6th op after 1 s"
+    );
+    assert!(limiter.check(peer, t0 + 11_000).is_err());
+    limiter.check(peer, t0 + 12_000).unwrap();
+    assert!(limiter.check(peer, t0 + 12_001).is_err());
+    // A full minute idle refills the whole bucket, and no more.
+    let t1 = t0 + 12_000 + 60_000;
+    for _ in 0..5 {
+        limiter.check(peer, t1).unwrap();
+    }
+    assert!(limiter.check(peer, t1).is_err());
+    // Other connections have their own bucket.
+    limiter
+        .check("127.0.0.1:4001".parse().unwrap(), t1)
+        .unwrap();
+    // 200/min (the policy default): 200 in a burst, then one every 300 ms.
+    let mut limiter = ConnectionLimiter::new(200, 16);
+    for _ in 0..200 {
+        limiter.check(peer, t0).unwrap();
+    }
+    assert!(
+        limiter.check(peer, t0 + 100).is_err(),
+        "200/min refilled an op in 100 ms"
+    );
+    limiter.check(peer, t0 + 300).unwrap();
+}
+
+impl Server {
+    async fn metrics_on_new_connection(&self) -> String {
+        let r = http_client()
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_per_mailbox_limit_answers_429_with_retry_after() {
+    let mut s = Server::start(|c| c.api.connections_per_mailbox_max = 1).await;
+    let owner = Owner::from_seed(10);
+    s.create(&owner).await;
+    let token = s.login(&owner, &owner.device(0)).await;
+
+    // A long poll holds the mailbox's only slot.
+    let first = {
+        let http = http_client();
+        let url = s.url(&format!("/v1/mailboxes/{}/messages?wait=3000", mid(&owner)));
+        let token = token.clone();
+        tokio::spawn(async move {
+            let r = http.get(url).bearer_auth(token).send().await.unwrap();
+            expect_json(r, 200).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(metric(&s.metrics().await, "polls_waiting"), 1);
+    // A second concurrent long poll → 429 + Retry-After; a plain poll is not limited.
+    let r = s.poll(&owner, &token, "?wait=1000").await;
+    expect_error(r, 429, "rate_limited").await;
+    assert_eq!(
+        seqs(&s.poll_ok(&owner, &token, "").await),
+        Vec::<u64>::new()
+    );
+    // So is a stream.
+    let ticket = s.stream_ticket(&owner, &token).await;
+    ws_refused(&s.stream_url(&mid(&owner), &ticket), 429, "rate_limited").await;
+
+    // A deposit ends the first poll; the slot is free again.
+    s.deposit(&owner, b"wake").await;
+    let page = first.await.unwrap();
+    assert_eq!(seqs(&page), vec![1]);
+    let started = Instant::now();
+    let page = s.poll_ok(&owner, &token, "?after=1&wait=300").await;
+    assert_eq!(seqs(&page), Vec::<u64>::new());
+    assert!(started.elapsed() >= Duration::from_millis(280));
+
+    // A stream holds the slot too, until it is closed.
+    let ticket = s.stream_ticket(&owner, &token).await;
+    let mut ws = ws_connect(&s.stream_url(&mid(&owner), &ticket)).await;
+    assert_eq!(next_event(&mut ws).await["message"]["seq"], 1);
+    expect_error(
+        s.poll(&owner, &token, "?after=1&wait=1000").await,
+        429,
+        "rate_limited",
+    )
+    .await;
+    ws.close(None).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = s.poll(&owner, &token, "?after=1&wait=50").await;
+        if r.status() == 200 {
+            break;
+        }
+        expect_error(r, 429, "rate_limited").await;
+        assert!(
+            Instant::now() < deadline,
+            "closed stream still holds its slot"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_long_poll_releases_its_slot_and_gauge() {
+    let s = Server::start(|c| c.api.connections_per_mailbox_max = 1).await;
+    let owner = Owner::from_seed(17);
+    s.create(&owner).await;
+    let token = s.login(&owner, &owner.device(0)).await;
+    // The client gives up after 200 ms of a 1 s long poll and closes its connection.
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let gave_up = impatient
+        .get(s.url(&format!("/v1/mailboxes/{}/messages?wait=1000", mid(&owner))))
+        .bearer_auth(&token)
+        .send()
+        .await;
+    assert!(gave_up.is_err());
+    drop(impatient);
+    // Whether the server cancelled the handler or let it run out its wait, by now the slot
+    // is free and the gauge is back to zero.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let page = s.poll_ok(&owner, &token, "?wait=100").await;
+    assert_eq!(seqs(&page), Vec::<u64>::new());
+    assert_eq!(
+        metric(&s.metrics().await, "polls_waiting"),
+        0,
+        "an abandoned long poll is still counted as waiting"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_refused_by_a_limit_keeps_its_ticket() {
+    // "A refused request changes nothing": a 429 (retry later) must not burn the ticket.
+    let mut s = Server::start(|c| c.api.connections_per_mailbox_max = 1).await;
+    let owner = Owner::from_seed(11);
+    s.create(&owner).await;
+    let token = s.login(&owner, &owner.device(0)).await;
+    let holder = s.stream_ticket(&owner, &token).await;
+    let mut ws = ws_connect(&s.stream_url(&mid(&owner), &holder)).await;
+    let ticket = s.stream_ticket(&owner, &token).await;
+    let url = s.stream_url(&mid(&owner), &ticket);
+    ws_refused(&url, 429, "rate_limited").await;
+    ws.close(None).await.unwrap();
+    drop(ws);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.deposit(&owner, b"x").await;
+    let mut ws = match tokio_tungstenite::connect_async(url.as_str()).await {
+        Ok((ws, _)) => ws,
+        Err(e) => panic!("the ticket refused with 429 no longer opens the stream: {e}"),
+    };
+    assert_eq!(next_event(&mut ws).await["message"]["seq"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prekey_upload_checks_owner_signatures() {
+    let s = Server::start(|_| {}).await;
+    let owner = Owner::from_seed(12);
+    s.create(&owner).await;
+    let token = s.login(&owner, &owner.device(0)).await;
+    let path = format!("/v1/mailboxes/{}/prekeys", mid(&owner));
+    let signer = &owner.owner;
+    let identity_key = [0x11u8; 32];
+    let upload = |prekeys: &[SignedPrekey], identity_signature: [u8; 64]| {
+        json!({
+            "identity_key": hex::encode(identity_key),
+            "identity_signature": hex::encode(identity_signature),
+            "prekeys": prekeys.iter().map(|p| json!({
+                "key_id": p.key_id,
+                "key": hex::encode(p.key),
+                "fallback": p.fallback,
+                "signature": hex::encode(p.signature),
+            })).collect::<Vec<_>>(),
+        })
+    };
+    let put = |body: Value| {
+        s.http
+            .put(s.url(&path))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+    };
+    let identity_signature = sign_identity(signer, &owner.mailbox_id, &identity_key);
+    let mut keys: Vec<SignedPrekey> = (1..=3u32)
+        .map(|id| {
+            SignedPrekey::sign(
+                signer,
+                &owner.mailbox_id,
+                id,
+                false,
+                [u8::try_from(id).unwrap(); 32],
+            )
+        })
+        .collect();
+    keys.push(SignedPrekey::sign(
+        signer,
+        &owner.mailbox_id,
+        100,
+        true,
+        [0xfe; 32],
+    ));
+    assert_eq!(s.info(&owner, &token).await["prekeys_left"], 0);
+    let r = put(upload(&keys, identity_signature)).await.unwrap();
+    assert_eq!(expect_json(r, 200).await["one_time_keys"], 3);
+    let info = s.info(&owner, &token).await;
+    assert_eq!(info["prekeys_left"], 3);
+
+    // A prekey with a bad signature, a key signed by another key, a bad identity signature.
+    let mut tampered = keys.clone();
+    tampered[1].signature[3] ^= 1;
+    let r = put(upload(&tampered, identity_signature)).await.unwrap();
+    expect_error(r, 401, "bad_signature").await;
+    let mut foreign = keys.clone();
+    foreign.push(SignedPrekey::sign(
+        &owner.device(1),
+        &owner.mailbox_id,
+        9,
+        false,
+        [9; 32],
+    ));
+    let r = put(upload(&foreign, identity_signature)).await.unwrap();
+    expect_error(r, 401, "bad_signature").await;
+    let mut flipped = keys.clone();
+    flipped[0].fallback = true;
+    let r = put(upload(&flipped, identity_signature)).await.unwrap();
+    expect_error(r, 401, "bad_signature").await;
+    let mut bad_identity = identity_signature;
+    bad_identity[0] ^= 1;
+    let r = put(upload(&keys, bad_identity)).await.unwrap();
+    expect_error(r, 401, "bad_signature").await;
+    // Signed for another mailbox.
+    let other = Owner::from_seed(13);
+    let r = put(upload(
+        &keys,
+        sign_identity(signer, &other.mailbox_id, &identity_key),
+    ))
+    .await
+    .unwrap();
+    expect_error(r, 401, "bad_signature").await;
+    let mut bad_hex = upload(&keys, identity_signature);
+    bad_hex["prekeys"][0]["key"] = json!("xyz");
+    expect_error(put(bad_hex).await.unwrap(), 400, "bad_request").await;
+    assert_eq!(s.info(&owner, &token).await, info);
+
+    // A replacement upload replaces.
+    let r = put(upload(&keys[..1], identity_signature)).await.unwrap();
+    assert_eq!(expect_json(r, 200).await["one_time_keys"], 1);
+    assert_eq!(s.info(&owner, &token).await["prekeys_left"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_is_sealed_and_delete_erases() {
+    let mut s = Server::start(|_| {}).await;
+    let owner = Owner::from_seed(14);
+    s.create(&owner).await;
+    let token = s.login(&owner, &owner.device(0)).await;
+    for body in [b"one".as_slice(), b"two", b"three"] {
+        s.deposit(&owner, body).await;
+    }
+    assert_eq!(s.ack_ok(&owner, &token, 1).await, 1);
+    let second = owner.device(1);
+    let r = s
+        .post(
+            &format!("/v1/mailboxes/{}/devices", mid(&owner)),
+            &json!({"device_key": key_hex(&second), "signature": hex::encode(owner.sign_device(&second))}),
+            Some(&token),
+        )
+        .await;
+    assert_eq!(r.status(), 204);
+    let token2 = s.login(&owner, &second).await;
+
+    let export_path = format!("/v1/mailboxes/{}/export", mid(&owner));
+    let export = expect_json(s.get(&export_path, Some(&token)).await, 200).await;
+    assert_eq!(export["version"], 1);
+    assert_eq!(export["mailbox"]["mailbox_id"], mid(&owner));
+    assert_eq!(
+        export["mailbox"]["mailbox_key"],
+        hex::encode(owner.mailbox_secret.public_key().to_bytes())
+    );
+    assert_eq!(export["mailbox"]["messages"], 2);
+    assert_eq!(seqs(&export), vec![2, 3]);
+    let bodies: Vec<Vec<u8>> = export["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| open_message(&owner, m))
+        .collect();
+    assert_eq!(bodies, vec![b"two".to_vec(), b"three".to_vec()]);
+    // Sealed: the stored envelope does not carry the access key.
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(export["messages"][0]["envelope"].as_str().unwrap())
+        .unwrap();
+    assert!(
+        !raw.windows(32).any(|w| w == owner.access_token.as_bytes()),
+        "export carries the access key"
+    );
+    // Any device of the mailbox may export.
+    let export2 = expect_json(s.get(&export_path, Some(&token2)).await, 200).await;
+    assert_eq!(seqs(&export2), vec![2, 3]);
+
+    // DELETE by a device that is not the owner key → 403, nothing erased.
+    let info = s.info(&owner, &token).await;
+    let delete_path = format!("/v1/mailboxes/{}", mid(&owner));
+    expect_error(s.delete(&delete_path, &token2).await, 403, "forbidden").await;
+    assert_eq!(s.info(&owner, &token).await, info);
+    s.deposit(&owner, b"four").await;
+
+    // Owner → 204; every session ends, login fails, deposits find no mailbox.
+    let before = metric(&s.metrics().await, "mailboxes");
+    assert_eq!(s.delete(&delete_path, &token).await.status(), 204);
+    expect_error(s.get(&delete_path, Some(&token)).await, 401, "unauthorized").await;
+    expect_error(
+        s.get(&delete_path, Some(&token2)).await,
+        401,
+        "unauthorized",
+    )
+    .await;
+    expect_error(s.get(&export_path, Some(&token)).await, 401, "unauthorized").await;
+    let challenge = s.challenge(&owner, &owner.device(0)).await;
+    let signature = owner.sign_login(&owner.device(0), AUDIENCE, &challenge);
+    let r = s
+        .login_raw(
+            &mid(&owner),
+            &key_hex(&owner.device(0)),
+            &challenge,
+            &signature,
+        )
+        .await;
+    expect_error(r, 401, "unauthorized").await;
+    let dedup = DedupId::random(&mut s.rng);
+    let envelope = owner
+        .envelope(&mut s.rng, dedup, None, None, b"late")
+        .unwrap();
+    let refused = s.node.deposit(Incoming::Deposit(envelope)).await;
+    assert!(
+        matches!(refused, Err(MailboxError::UnknownMailbox)),
+        "{refused:?}"
+    );
+    let m = s.metrics().await;
+    assert_eq!(metric(&m, "mailboxes"), before - 1);
+    assert_eq!(metric(&m, "messages"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_document_matches_the_router() {
+    let mut s = Server::start(|_| {}).await;
+    let owner = Owner::from_seed(15);
+    s.create(&owner).await;
+    s.deposit(&owner, b"counted").await;
+
+    let r = s.get("/v1/openapi.json", None).await;
+    assert_eq!(r.status(), 200);
+    let doc: Value = r.json().await.unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+    let paths = doc["paths"].as_object().unwrap();
+    let exercised = [
+        ("post", "/v1/mailboxes"),
+        ("post", "/v1/auth/challenge"),
+        ("post", "/v1/auth/login"),
+        ("post", "/v1/auth/logout"),
+        ("get", "/v1/mailboxes/{id}"),
+        ("delete", "/v1/mailboxes/{id}"),
+        ("get", "/v1/mailboxes/{id}/messages"),
+        ("post", "/v1/mailboxes/{id}/ack"),
+        ("post", "/v1/mailboxes/{id}/stream-ticket"),
+        ("get", "/v1/mailboxes/{id}/stream"),
+        ("post", "/v1/mailboxes/{id}/devices"),
+        ("delete", "/v1/mailboxes/{id}/devices/{device}"),
+        ("put", "/v1/mailboxes/{id}/prekeys"),
+        ("get", "/v1/mailboxes/{id}/export"),
+        ("get", "/healthz"),
+        ("get", "/metrics"),
+    ];
+    for (method, path) in exercised {
+        assert!(
+            paths.get(path).and_then(|p| p.get(method)).is_some(),
+            "the document lacks {method} {path}"
+        );
+    }
+
+    // Every documented operation is routed: nothing answers the fallback's 404 or a 405.
+    let some_id = hex::encode([0x42u8; 32]);
+    let some_device = hex::encode([0x43u8; 32]);
+    let mut checked = 0;
+    for (path, item) in paths {
+        if path == "/v1/openapi.json" {
+            continue;
+        }
+        let concrete = path
+            .replace("{id}", &some_id)
+            .replace("{device}", &some_device);
+        assert!(!concrete.contains('{'), "unknown path parameter in {path}");
+        for method in item.as_object().unwrap().keys() {
+            let m = match method.as_str() {
+                "get" => reqwest::Method::GET,
+                "post" => reqwest::Method::POST,
+                "put" => reqwest::Method::PUT,
+                "delete" => reqwest::Method::DELETE,
+                "patch" => reqwest::Method::PATCH,
+                "parameters" | "summary" | "description" | "servers" => continue,
+                other => panic!("unexpected method {other} on {path}"),
+            };
+            let mut request = s.http.request(m.clone(), s.url(&concrete));
+            if m != reqwest::Method::GET && m != reqwest::Method::DELETE {
+                request = request.json(&json!({}));
+            }
+            let r = request.send().await.unwrap();
+            let status = r.status().as_u16();
+            let text = r.text().await.unwrap();
+            assert_ne!(
+                status, 405,
+                "{method} {path} is documented but not routed: {text}"
+            );
+            if status == 404 {
+                let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                assert_ne!(
+                    v["error"], "not_found",
+                    "{method} {path} is documented but not routed"
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= exercised.len(),
+        "only {checked} operations documented"
+    );
+    // The fallback itself is a JSON 404.
+    expect_error(s.get("/v1/nowhere", None).await, 404, "not_found").await;
+    expect_error(
+        s.get(&format!("/v1/mailboxes/{some_id}/nowhere"), None)
+            .await,
+        404,
+        "not_found",
+    )
+    .await;
+
+    let r = s.get("/healthz", None).await;
+    assert_eq!(r.status(), 200);
+    let metrics = s.metrics().await;
+    assert!(
+        metrics.contains("whispr_mailbox_deposits_stored_total"),
+        "{metrics}"
+    );
+    assert_eq!(metric(&metrics, "deposits_stored_total"), 1);
+    assert_eq!(metric(&metrics, "mailboxes"), 1);
+    for secret in [
+        mid(&owner),
+        key_hex(&owner.device(0)),
+        hex::encode(owner.access_token.as_bytes()),
+    ] {
+        assert!(!metrics.contains(&secret), "metrics carry an id or key");
+        assert!(
+            !metrics.contains(&secret[..16]),
+            "metrics carry part of an id or key"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_the_api_and_refuses_plain_http() {
+    install_crypto();
+    let certs = tempfile::tempdir().unwrap();
+    let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert_pem = generated.cert.pem();
+    let cert_file = certs.path().join("cert.pem");
+    let key_file = certs.path().join("key.pem");
+    std::fs::write(&cert_file, &cert_pem).unwrap();
+    std::fs::write(&key_file, generated.signing_key.serialize_pem()).unwrap();
+    let mut s = Server::start(|c| {
+        c.api.tls_cert_file = Some(cert_file.clone());
+        c.api.tls_key_file = Some(key_file.clone());
+    })
+    .await;
+    let port = s.addr.port();
+    s.http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
+        .resolve("localhost", s.addr)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    s.base = format!("https://localhost:{port}");
+
+    let owner = Owner::from_seed(16);
+    s.create(&owner).await;
+    let token = s.login(&owner, &owner.device(0)).await;
+    s.deposit(&owner, b"over tls").await;
+    let page = s.poll_ok(&owner, &token, "").await;
+    assert_eq!(open_message(&owner, &page["messages"][0]), b"over tls");
+    expect_error(s.poll(&owner, &token, "?after=9").await, 400, "bad_cursor").await;
+
+    // Plain HTTP to the TLS port fails; so does HTTPS to a client that does not trust it.
+    let plain = http_client()
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    assert!(
+        plain.is_err(),
+        "plain HTTP answered: {:?}",
+        plain.map(|r| r.status())
+    );
+    let untrusting = reqwest::Client::builder()
+        .resolve("localhost", s.addr)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+        .get(format!("https://localhost:{port}/healthz"))
+        .send()
+        .await;
+    assert!(untrusting.is_err(), "an untrusted certificate was accepted");
+
+    // Plain HTTP is only allowed on loopback.
+    let mut config = NodeConfig::with_data_dir(certs.path().join("unused"));
+    config.api.listen = "0.0.0.0:7400".parse().unwrap();
+    let err = config.check().unwrap_err();
+    assert_eq!(err.key, "api.tls_cert_file");
+    assert!(err.to_string().contains("api.tls_cert_file"), "{err}");
+    config.api.listen = "[::]:7400".parse().unwrap();
+    assert_eq!(config.check().unwrap_err().key, "api.tls_cert_file");
+    config.api.tls_cert_file = Some(cert_file.clone());
+    assert_eq!(config.check().unwrap_err().key, "api.tls_key_file");
+    config.api.tls_key_file = Some(key_file.clone());
+    config.check().unwrap();
+    config.api.listen = "[::1]:7400".parse().unwrap();
+    config.api.tls_cert_file = None;
+    config.api.tls_key_file = None;
+    config.check().unwrap();
+}
+
+/// Waits up to 2 s for the server to end a stream; fails if it pushes a message instead.
+async fn expect_stream_end(ws: &mut Ws, what: &str) {
+    let ended = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(tungstenite::Message::Close(_))) => return,
+                Some(Ok(tungstenite::Message::Text(text))) => {
+                    let event: Value = serde_json::from_str(&text).unwrap();
+                    assert_ne!(
+                        event["type"], "message",
+                        "{what}: the stream still pushes {event}"
+                    );
+                }
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "{what}: the stream is still open after 2 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ending_the_session_ends_its_open_stream() {
+    let mut s = Server::start(|_| {}).await;
+    let owner = Owner::from_seed(18);
+    s.create(&owner).await;
+
+    // Logout: the session is over, so is its stream (documented: a stream ends with its
+    // session); new messages are not pushed to it.
+    let token = s.login(&owner, &owner.device(0)).await;
+    let ticket = s.stream_ticket(&owner, &token).await;
+    let mut ws = ws_connect(&s.stream_url(&mid(&owner), &ticket)).await;
+    let r = s
+        .http
+        .post(s.url("/v1/auth/logout"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    s.deposit(&owner, b"after logout").await;
+    expect_stream_end(&mut ws, "after logout").await;
+
+    // Removing a device ends its stream.
+    let token = s.login(&owner, &owner.device(0)).await;
+    let second = owner.device(1);
+    let r = s
+        .post(
+            &format!("/v1/mailboxes/{}/devices", mid(&owner)),
+            &json!({"device_key": key_hex(&second), "signature": hex::encode(owner.sign_device(&second))}),
+            Some(&token),
+        )
+        .await;
+    assert_eq!(r.status(), 204);
+    let token2 = s.login(&owner, &second).await;
+    let ticket = s.stream_ticket(&owner, &token2).await;
+    let mut ws = ws_connect(&s.stream_url(&mid(&owner), &ticket)).await;
+    assert_eq!(next_event(&mut ws).await["message"]["seq"], 1);
+    let r = s
+        .delete(
+            &format!("/v1/mailboxes/{}/devices/{}", mid(&owner), key_hex(&second)),
+            &token,
+        )
+        .await;
+    assert_eq!(r.status(), 204);
+    expect_stream_end(&mut ws, "after the device was removed").await;
+
+    // Erasing the mailbox ends every stream of it, even with nothing new deposited.
+    let ticket = s.stream_ticket(&owner, &token).await;
+    let mut ws = ws_connect(&s.stream_url(&mid(&owner), &ticket)).await;
+    assert_eq!(next_event(&mut ws).await["message"]["seq"], 1);
+    let r = s
+        .delete(&format!("/v1/mailboxes/{}", mid(&owner)), &token)
+        .await;
+    assert_eq!(r.status(), 204);
+    expect_stream_end(&mut ws, "after erasure").await;
+}

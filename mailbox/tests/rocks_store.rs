@@ -1,0 +1,715 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    missing_docs
+)]
+//! The [`MailboxStore`] contract, run against both [`MemoryStore`] and [`RocksStore`], and
+//! the RocksDB-specific behaviour: durability across reopen, poisoning, statistics,
+//! compaction after erasure, configuration.
+
+use std::ops::ControlFlow;
+use std::path::Path;
+
+use whispr_mailbox::rocks::{RocksOptions, RocksStore};
+use whispr_mailbox::store::{Cf, MailboxStore, MemoryStore, Op, StoreError};
+
+fn put(cf: Cf, key: &[u8], value: &[u8]) -> Op {
+    Op::Put {
+        cf,
+        key: key.to_vec(),
+        value: value.to_vec(),
+    }
+}
+
+fn del(cf: Cf, key: &[u8]) -> Op {
+    Op::Delete {
+        cf,
+        key: key.to_vec(),
+    }
+}
+
+fn del_range(cf: Cf, from: &[u8], to: &[u8]) -> Op {
+    Op::DeleteRange {
+        cf,
+        from: from.to_vec(),
+        to: to.to_vec(),
+    }
+}
+
+/// Every entry of `cf` in `from..to`, in the order `scan` gives them.
+fn scan_all<S: MailboxStore>(s: &S, cf: Cf, from: &[u8], to: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut out = Vec::new();
+    s.scan(cf, from, to, &mut |k, v| {
+        out.push((k.to_vec(), v.to_vec()));
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    out
+}
+
+fn keys<S: MailboxStore>(s: &S, cf: Cf, from: &[u8], to: &[u8]) -> Vec<Vec<u8>> {
+    scan_all(s, cf, from, to)
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect()
+}
+
+fn v(keys: &[&[u8]]) -> Vec<Vec<u8>> {
+    keys.iter().map(|k| k.to_vec()).collect()
+}
+
+/// Everything the core relies on. `s` must be empty.
+fn contract<S: MailboxStore>(s: &S) {
+    assert!(!s.is_poisoned());
+    for cf in Cf::ALL {
+        assert_eq!(
+            scan_all(s, cf, &[], &[0xFF; 8]),
+            vec![],
+            "{cf:?} starts empty"
+        );
+    }
+
+    // --- put / get / overwrite / delete -------------------------------------------------
+    assert_eq!(s.get(Cf::Mailboxes, b"a").unwrap(), None);
+    s.write(vec![put(Cf::Mailboxes, b"a", b"1")], true).unwrap();
+    assert_eq!(s.get(Cf::Mailboxes, b"a").unwrap(), Some(b"1".to_vec()));
+    s.write(vec![put(Cf::Mailboxes, b"a", b"2")], false)
+        .unwrap();
+    assert_eq!(s.get(Cf::Mailboxes, b"a").unwrap(), Some(b"2".to_vec()));
+    s.write(vec![del(Cf::Mailboxes, b"a")], true).unwrap();
+    assert_eq!(s.get(Cf::Mailboxes, b"a").unwrap(), None);
+    // Deleting a missing key is fine; an empty batch is fine.
+    s.write(vec![del(Cf::Mailboxes, b"missing")], true).unwrap();
+    s.write(vec![], true).unwrap();
+    // Empty values and binary keys (0x00, 0xFF) are kept exactly.
+    s.write(
+        vec![
+            put(Cf::Prekeys, &[0x00], b""),
+            put(Cf::Prekeys, &[0xFF, 0x00, 0xFF], &[0u8; 300]),
+        ],
+        true,
+    )
+    .unwrap();
+    assert_eq!(s.get(Cf::Prekeys, &[0x00]).unwrap(), Some(vec![]));
+    assert_eq!(
+        s.get(Cf::Prekeys, &[0xFF, 0x00, 0xFF]).unwrap(),
+        Some(vec![0u8; 300])
+    );
+    s.write(
+        vec![
+            del(Cf::Prekeys, &[0x00]),
+            del(Cf::Prekeys, &[0xFF, 0x00, 0xFF]),
+        ],
+        true,
+    )
+    .unwrap();
+
+    // --- scan: order, bounds, Break ---------------------------------------------------------
+    // Written out of order; big-endian timestamps as in the expiry index.
+    let stamps: [u64; 6] = [300, 1, 256, 65_536, 2, 255];
+    s.write(
+        stamps
+            .iter()
+            .map(|t| put(Cf::Expiry, &t.to_be_bytes(), &t.to_le_bytes()))
+            .collect(),
+        true,
+    )
+    .unwrap();
+    let all = scan_all(s, Cf::Expiry, &[], &[0xFF; 9]);
+    let mut sorted = stamps.to_vec();
+    sorted.sort_unstable();
+    assert_eq!(
+        all,
+        sorted
+            .iter()
+            .map(|t| (t.to_be_bytes().to_vec(), t.to_le_bytes().to_vec()))
+            .collect::<Vec<_>>(),
+        "scan yields every entry in key order with its value"
+    );
+    // `from` inclusive, `to` exclusive.
+    let in_range: Vec<u64> = scan_all(s, Cf::Expiry, &2u64.to_be_bytes(), &300u64.to_be_bytes())
+        .iter()
+        .map(|(k, _)| u64::from_be_bytes(k.as_slice().try_into().unwrap()))
+        .collect();
+    assert_eq!(in_range, vec![2, 255, 256]);
+    // Bounds that are not keys, shorter and longer than the keys.
+    assert_eq!(
+        keys(
+            s,
+            Cf::Expiry,
+            &[0, 0, 0, 0, 0, 0, 1],
+            &[0, 0, 0, 0, 0, 1, 0, 0, 1]
+        ),
+        v(&[
+            &256u64.to_be_bytes(),
+            &300u64.to_be_bytes(),
+            &65_536u64.to_be_bytes()
+        ]),
+        "keys sort bytewise: 255 is below the 7-byte bound, 65536 below the 9-byte one"
+    );
+    // Empty and inverted ranges call nothing.
+    let mut calls = 0;
+    for (from, to) in [
+        (1u64.to_be_bytes(), 1u64.to_be_bytes()),
+        (300u64.to_be_bytes(), 2u64.to_be_bytes()),
+    ] {
+        s.scan(Cf::Expiry, &from, &to, &mut |_, _| {
+            calls += 1;
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    }
+    assert_eq!(calls, 0);
+    // Break stops the scan right away.
+    let mut seen = Vec::new();
+    s.scan(Cf::Expiry, &[], &[0xFF; 9], &mut |k, _| {
+        seen.push(k.to_vec());
+        if seen.len() == 2 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })
+    .unwrap();
+    assert_eq!(seen, v(&[&1u64.to_be_bytes(), &2u64.to_be_bytes()]));
+    // A range past the last key is empty.
+    assert!(keys(s, Cf::Expiry, &[0xFF], &[0xFF, 0xFF]).is_empty());
+    s.write(vec![del_range(Cf::Expiry, &[], &[0xFF; 9])], true)
+        .unwrap();
+    assert!(keys(s, Cf::Expiry, &[], &[0xFF; 9]).is_empty());
+
+    // --- DeleteRange: from inclusive, to exclusive -------------------------------------
+    let sid = [7u8; 4];
+    let env_key = |seq: u64| [sid.as_slice(), &seq.to_be_bytes()].concat();
+    s.write(
+        (0..10u64)
+            .map(|seq| put(Cf::Envelopes, &env_key(seq), b"sealed"))
+            .chain([
+                put(Cf::Envelopes, &[6u8; 4], b"other mailbox before"),
+                put(Cf::Envelopes, &[8u8; 4], b"other mailbox after"),
+            ])
+            .collect(),
+        true,
+    )
+    .unwrap();
+    s.write(
+        vec![del_range(Cf::Envelopes, &env_key(2), &env_key(5))],
+        true,
+    )
+    .unwrap();
+    let left: Vec<Vec<u8>> = keys(s, Cf::Envelopes, &sid, &[8u8; 4]);
+    assert_eq!(
+        left,
+        [0u64, 1, 5, 6, 7, 8, 9]
+            .iter()
+            .map(|seq| env_key(*seq))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(s.get(Cf::Envelopes, &env_key(2)).unwrap(), None);
+    assert_eq!(s.get(Cf::Envelopes, &env_key(4)).unwrap(), None);
+    assert!(s.get(Cf::Envelopes, &env_key(5)).unwrap().is_some());
+    // Empty and inverted ranges remove nothing (and are not errors).
+    s.write(
+        vec![
+            del_range(Cf::Envelopes, &env_key(6), &env_key(6)),
+            del_range(Cf::Envelopes, &env_key(9), &env_key(0)),
+        ],
+        true,
+    )
+    .unwrap();
+    assert!(!s.is_poisoned());
+    assert_eq!(keys(s, Cf::Envelopes, &sid, &[8u8; 4]).len(), 7);
+    // A whole mailbox: `sid ‖ 00…` up to the next sid; neighbours are untouched.
+    s.write(vec![del_range(Cf::Envelopes, &sid, &[7, 7, 7, 8])], true)
+        .unwrap();
+    assert!(keys(s, Cf::Envelopes, &sid, &[7, 7, 7, 8]).is_empty());
+    assert_eq!(
+        keys(s, Cf::Envelopes, &[], &[0xFF]),
+        v(&[&[6u8; 4], &[8u8; 4]])
+    );
+    // A key written after a range delete is visible again.
+    s.write(vec![put(Cf::Envelopes, &env_key(3), b"again")], true)
+        .unwrap();
+    assert_eq!(
+        s.get(Cf::Envelopes, &env_key(3)).unwrap(),
+        Some(b"again".to_vec())
+    );
+
+    // --- column families are separate ----------------------------------------------------
+    s.write(
+        Cf::ALL
+            .iter()
+            .map(|cf| put(*cf, b"shared", cf.name().as_bytes()))
+            .collect(),
+        true,
+    )
+    .unwrap();
+    for cf in Cf::ALL {
+        assert_eq!(
+            s.get(cf, b"shared").unwrap(),
+            Some(cf.name().as_bytes().to_vec())
+        );
+    }
+    s.write(
+        vec![
+            del(Cf::Dedup, b"shared"),
+            del_range(Cf::Prekeys, b"s", b"t"),
+        ],
+        true,
+    )
+    .unwrap();
+    assert_eq!(s.get(Cf::Dedup, b"shared").unwrap(), None);
+    assert_eq!(s.get(Cf::Prekeys, b"shared").unwrap(), None);
+    for cf in [Cf::Mailboxes, Cf::Envelopes, Cf::Expiry] {
+        assert_eq!(
+            scan_all(s, cf, b"s", b"t"),
+            vec![(b"shared".to_vec(), cf.name().as_bytes().to_vec())],
+            "{cf:?} sees only its own entry"
+        );
+    }
+
+    // --- a batch applies in order, as one ------------------------------------------------
+    s.write(
+        vec![
+            put(Cf::Dedup, b"x1", b"first"),
+            put(Cf::Dedup, b"x1", b"second"),
+            put(Cf::Dedup, b"x2", b"gone"),
+            del(Cf::Dedup, b"x2"),
+            put(Cf::Dedup, b"x3", b"gone"),
+            del_range(Cf::Dedup, b"x3", b"x4"),
+            del_range(Cf::Dedup, b"y0", b"y9"),
+            put(Cf::Dedup, b"y5", b"after the range delete"),
+        ],
+        true,
+    )
+    .unwrap();
+    assert_eq!(
+        scan_all(s, Cf::Dedup, b"x", b"z"),
+        vec![
+            (b"x1".to_vec(), b"second".to_vec()),
+            (b"y5".to_vec(), b"after the range delete".to_vec()),
+        ]
+    );
+    batches_are_atomic_to_readers(s);
+    assert!(!s.is_poisoned());
+}
+
+/// A writer moves a balance between two keys in one batch per step (one key also moves in
+/// and out of a range delete); concurrent scans and gets never see a half-applied batch.
+fn batches_are_atomic_to_readers<S: MailboxStore>(s: &S) {
+    const STEPS: u64 = 300;
+    const TOTAL: u64 = 1_000;
+    let value = |n: u64| n.to_be_bytes().to_vec();
+    s.write(
+        vec![
+            put(Cf::Mailboxes, b"atomic/a", &value(TOTAL)),
+            put(Cf::Mailboxes, b"atomic/b", &value(0)),
+            put(Cf::Mailboxes, b"atomic/step", &value(0)),
+        ],
+        true,
+    )
+    .unwrap();
+    let read = |k: &[u8], v: &[u8]| -> (Vec<u8>, u64) {
+        (k.to_vec(), u64::from_be_bytes(v.try_into().unwrap()))
+    };
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for step in 1..=STEPS {
+                let moved = step % TOTAL;
+                let mut ops = vec![
+                    put(Cf::Mailboxes, b"atomic/a", &value(TOTAL - moved)),
+                    put(Cf::Mailboxes, b"atomic/b", &value(moved)),
+                ];
+                // Odd steps: the step key is removed by a range delete and then put back.
+                if step % 2 == 1 {
+                    ops.push(del_range(Cf::Mailboxes, b"atomic/s", b"atomic/t"));
+                }
+                ops.push(put(Cf::Mailboxes, b"atomic/step", &value(step)));
+                s.write(ops, step % 3 == 0).unwrap();
+            }
+        });
+        for _ in 0..2 {
+            scope.spawn(|| {
+                let mut last_step = 0;
+                while last_step < STEPS {
+                    let mut seen = Vec::new();
+                    s.scan(Cf::Mailboxes, b"atomic/", b"atomic0", &mut |k, v| {
+                        seen.push(read(k, v));
+                        ControlFlow::Continue(())
+                    })
+                    .unwrap();
+                    assert_eq!(seen.len(), 3, "all three keys, never a half batch");
+                    let [(_, a), (_, b), (_, step)] =
+                        [&seen[0], &seen[1], &seen[2]].map(Clone::clone);
+                    assert_eq!(a + b, TOTAL, "a scan sees whole batches");
+                    assert_eq!(b, step % TOTAL, "a scan sees whole batches");
+                    assert!(step >= last_step, "later scans never go back");
+                    last_step = step;
+                    std::thread::yield_now();
+                }
+            });
+        }
+    });
+    s.write(vec![del_range(Cf::Mailboxes, b"atomic/", b"atomic0")], true)
+        .unwrap();
+}
+
+/// A write that fails poisons the store: the failed batch left nothing behind, later writes
+/// are refused with [`StoreError::Poisoned`], reads still work. `break_store` makes the next
+/// write fail.
+fn poisoning<S: MailboxStore>(s: &S, break_store: impl FnOnce(&S)) {
+    s.write(vec![put(Cf::Mailboxes, b"kept", b"value")], true)
+        .unwrap();
+    break_store(s);
+    let secret_key = b"SECRET-KEY-BYTES";
+    let err = s
+        .write(
+            vec![
+                put(Cf::Mailboxes, secret_key, b"SECRET-VALUE"),
+                del(Cf::Mailboxes, b"kept"),
+            ],
+            true,
+        )
+        .unwrap_err();
+    let StoreError::Backend(message) = &err else {
+        panic!("expected a backend error, got {err:?}");
+    };
+    assert!(
+        !message.contains("SECRET"),
+        "no key or value in the message: {message}"
+    );
+    assert!(s.is_poisoned());
+    // Nothing of the failed batch is visible.
+    assert_eq!(s.get(Cf::Mailboxes, secret_key).unwrap(), None);
+    assert_eq!(
+        s.get(Cf::Mailboxes, b"kept").unwrap(),
+        Some(b"value".to_vec())
+    );
+    // Every later write is refused, even an empty or unsynced one.
+    for (ops, sync) in [
+        (vec![put(Cf::Dedup, b"k", b"v")], true),
+        (vec![del(Cf::Mailboxes, b"kept")], false),
+        (vec![], true),
+    ] {
+        assert!(matches!(s.write(ops, sync), Err(StoreError::Poisoned)));
+    }
+    assert!(s.is_poisoned());
+    assert_eq!(
+        s.get(Cf::Mailboxes, b"kept").unwrap(),
+        Some(b"value".to_vec())
+    );
+}
+
+fn open(path: &Path) -> RocksStore {
+    RocksStore::open(path, small_options()).unwrap()
+}
+
+/// Small buffers so that tests stay light.
+fn small_options() -> RocksOptions {
+    RocksOptions {
+        write_buffer_bytes: 1 << 20,
+        db_write_buffer_bytes: 4 << 20,
+        block_cache_bytes: 1 << 20,
+        ..RocksOptions::default()
+    }
+}
+
+#[test]
+fn memory_store_meets_the_contract() {
+    contract(&MemoryStore::new());
+}
+
+#[test]
+fn rocks_store_meets_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("db"));
+    contract(&store);
+    // Again once everything is in SST files rather than memtables.
+    store.flush().unwrap();
+    store.compact().unwrap();
+    assert!(!store.is_poisoned());
+}
+
+#[test]
+fn rocks_store_meets_the_contract_from_sst_files() {
+    // The same checks with every write flushed right away: reads then merge SST files and
+    // range tombstones from several levels instead of one memtable.
+    struct Flushing(RocksStore);
+    impl MailboxStore for Flushing {
+        fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.0.get(cf, key)
+        }
+        fn scan(
+            &self,
+            cf: Cf,
+            from: &[u8],
+            to: &[u8],
+            f: &mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>,
+        ) -> Result<(), StoreError> {
+            self.0.scan(cf, from, to, f)
+        }
+        fn write(&self, ops: Vec<Op>, sync: bool) -> Result<(), StoreError> {
+            self.0.write(ops, sync)?;
+            self.0.flush()
+        }
+        fn is_poisoned(&self) -> bool {
+            self.0.is_poisoned()
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    contract(&Flushing(open(dir.path())));
+}
+
+#[test]
+fn memory_store_poisons_on_failed_write() {
+    poisoning(&MemoryStore::new(), MemoryStore::fail_next_write);
+}
+
+#[test]
+fn rocks_store_poisons_on_failed_write() {
+    // A real RocksDB failure: the database directory disappears, so the next flush cannot
+    // create its SST file; RocksDB records a background error and refuses every write from
+    // then on.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let store = open(&path);
+    poisoning(&store, |s| {
+        std::fs::remove_dir_all(s.path()).unwrap();
+        assert!(s.flush().is_err(), "flush into a deleted directory fails");
+        assert!(!s.is_poisoned(), "only a failed write poisons");
+    });
+}
+
+#[test]
+fn rocks_store_data_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    {
+        let store = open(&path);
+        store
+            .write(
+                (0..100u32)
+                    .map(|i| put(Cf::Envelopes, &i.to_be_bytes(), &[i as u8; 64]))
+                    .chain([put(Cf::Mailboxes, b"m", b"record")])
+                    .collect(),
+                true,
+            )
+            .unwrap();
+        // Half on disk in SST files, half only in the WAL.
+        store.flush().unwrap();
+        store
+            .write(
+                vec![
+                    del_range(Cf::Envelopes, &10u32.to_be_bytes(), &90u32.to_be_bytes()),
+                    del(Cf::Envelopes, &95u32.to_be_bytes()),
+                    put(Cf::Expiry, &5u64.to_be_bytes(), b"x"),
+                ],
+                true,
+            )
+            .unwrap();
+        assert_eq!(store.path(), path);
+    }
+    let store = open(&path);
+    assert!(!store.is_poisoned());
+    let left: Vec<u32> = keys(&store, Cf::Envelopes, &[], &[0xFF; 5])
+        .iter()
+        .map(|k| u32::from_be_bytes(k.as_slice().try_into().unwrap()))
+        .collect();
+    let expected: Vec<u32> = (0..10).chain(90..95).chain(96..100).collect();
+    assert_eq!(left, expected);
+    assert_eq!(
+        store.get(Cf::Envelopes, &3u32.to_be_bytes()).unwrap(),
+        Some(vec![3u8; 64])
+    );
+    assert_eq!(
+        store.get(Cf::Mailboxes, b"m").unwrap(),
+        Some(b"record".to_vec())
+    );
+    assert_eq!(
+        store.get(Cf::Expiry, &5u64.to_be_bytes()).unwrap(),
+        Some(b"x".to_vec())
+    );
+    // Counters start again at the reopen.
+    assert_eq!(store.stats().synced_writes, 0);
+}
+
+#[test]
+fn rocks_store_stats_count_wal_and_sst_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let before = store.stats();
+    assert_eq!(before.synced_writes, 0);
+    assert_eq!(before.sst_bytes_live, 0);
+
+    let value = vec![0xABu8; 4096];
+    store
+        .write(vec![put(Cf::Envelopes, b"k1", &value)], true)
+        .unwrap();
+    let after_sync = store.stats();
+    assert_eq!(after_sync.synced_writes, 1);
+    assert!(
+        after_sync.wal_bytes_written >= before.wal_bytes_written + 4096,
+        "{before:?} -> {after_sync:?}"
+    );
+
+    store
+        .write(vec![put(Cf::Envelopes, b"k2", &value)], false)
+        .unwrap();
+    let after_unsynced = store.stats();
+    assert_eq!(
+        after_unsynced.synced_writes, 1,
+        "unsynced writes are not counted"
+    );
+    assert!(after_unsynced.wal_bytes_written >= after_sync.wal_bytes_written + 4096);
+    assert_eq!(after_unsynced.sst_bytes_written, 0, "nothing flushed yet");
+
+    store.flush().unwrap();
+    let flushed = store.stats();
+    assert!(flushed.sst_bytes_written >= 2 * 4096, "{flushed:?}");
+    assert!(flushed.sst_bytes_live >= 2 * 4096, "{flushed:?}");
+    assert_eq!(store.sst_bytes_live().unwrap(), flushed.sst_bytes_live);
+    assert!(store.statistics().is_some());
+
+    // Statistics off: the tickers read zero, the rest still works.
+    let dir = tempfile::tempdir().unwrap();
+    let quiet = RocksStore::open(
+        dir.path(),
+        RocksOptions {
+            statistics: false,
+            ..small_options()
+        },
+    )
+    .unwrap();
+    quiet.write(vec![put(Cf::Dedup, b"k", b"v")], true).unwrap();
+    quiet.flush().unwrap();
+    let stats = quiet.stats();
+    assert_eq!(stats.wal_bytes_written, 0);
+    assert_eq!(stats.sst_bytes_written, 0);
+    assert_eq!(stats.synced_writes, 1);
+    assert!(stats.sst_bytes_live > 0);
+    assert!(quiet.statistics().is_none());
+}
+
+/// Every file under `dir` whose bytes contain `needle`.
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut hits = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let bytes = std::fs::read(entry.path()).unwrap_or_default();
+        if bytes.windows(needle.len()).any(|w| w == needle) {
+            hits.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    hits
+}
+
+#[test]
+fn rocks_store_compaction_drops_erased_data_from_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let secret = b"erase-me:0123456789abcdef0123456789abcdef";
+    // The erased key record, and envelopes around others' data, spread over several SST
+    // files and the memtable.
+    store
+        .write(
+            vec![
+                put(Cf::Mailboxes, b"sid-1/key", secret),
+                put(Cf::Mailboxes, b"sid-2/key", b"someone else's key"),
+            ],
+            true,
+        )
+        .unwrap();
+    store.flush().unwrap();
+    for i in 0..50u32 {
+        store
+            .write(
+                vec![
+                    put(
+                        Cf::Envelopes,
+                        &[b"sid-1/".as_slice(), &i.to_be_bytes()].concat(),
+                        secret,
+                    ),
+                    put(
+                        Cf::Envelopes,
+                        &[b"sid-2/".as_slice(), &i.to_be_bytes()].concat(),
+                        b"kept",
+                    ),
+                ],
+                true,
+            )
+            .unwrap();
+        if i % 10 == 0 {
+            store.flush().unwrap();
+        }
+    }
+    assert!(!files_containing(dir.path(), secret).is_empty());
+    let live_before = store.stats().sst_bytes_live;
+
+    store
+        .write(
+            vec![
+                del(Cf::Mailboxes, b"sid-1/key"),
+                del_range(Cf::Envelopes, b"sid-1/", b"sid-10"),
+            ],
+            true,
+        )
+        .unwrap();
+    store.compact().unwrap();
+
+    assert_eq!(
+        files_containing(dir.path(), secret),
+        Vec::<String>::new(),
+        "no SST or WAL file holds the erased bytes any more"
+    );
+    let stats = store.stats();
+    assert!(
+        stats.sst_bytes_live < live_before,
+        "{live_before} -> {stats:?}"
+    );
+    assert!(stats.sst_bytes_written > 0);
+    assert_eq!(
+        keys(&store, Cf::Envelopes, b"sid-1/", b"sid-10"),
+        Vec::<Vec<u8>>::new()
+    );
+    assert_eq!(keys(&store, Cf::Envelopes, b"sid-2/", b"sid-20").len(), 50);
+    assert_eq!(
+        store.get(Cf::Mailboxes, b"sid-2/key").unwrap(),
+        Some(b"someone else's key".to_vec())
+    );
+}
+
+#[test]
+fn rocks_store_open_failure_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-directory");
+    std::fs::write(&file, b"x").unwrap();
+    let err = RocksStore::open(&file, small_options()).unwrap_err();
+    assert!(matches!(err, StoreError::Backend(_)), "{err:?}");
+    // The same directory cannot be opened twice (RocksDB's lock file).
+    let db = dir.path().join("db");
+    let _first = open(&db);
+    assert!(matches!(
+        RocksStore::open(&db, small_options()),
+        Err(StoreError::Backend(_))
+    ));
+}
+
+#[test]
+fn rocks_options_from_toml() {
+    let defaults: RocksOptions = toml::from_str("").unwrap();
+    assert_eq!(defaults, RocksOptions::default());
+    assert!(defaults.statistics);
+    let tuned: RocksOptions =
+        toml::from_str("block_cache_bytes = 1048576\nstatistics = false").unwrap();
+    assert_eq!(
+        tuned,
+        RocksOptions {
+            block_cache_bytes: 1 << 20,
+            statistics: false,
+            ..RocksOptions::default()
+        }
+    );
+    assert!(toml::from_str::<RocksOptions>("block_cache = 1").is_err());
+}

@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# "Durable deposits", ours vs Redis: starts a throw-away redis-server (Debian's; it is installed
-# with apt-get if missing) on a free loopback port, with an append-only file fsynced on every
-# write (--appendonly yes --appendfsync always --save ''), runs the `deposits` bench of
+# "Durable deposits", ours vs Redis: runs, beside a throw-away redis-server
+# (bench/with-redis.sh: Debian's, appendfsync always), the `deposits` bench of
 # whispr-mailbox against it, and stops Redis.
 #
 #   CARGO_TARGET_DIR=/work/target bash mailbox/bench/run.sh [--quick] [--secs S] [...]
@@ -18,85 +17,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 CARGO=${CARGO:-cargo}
 
-if ! command -v redis-server >/dev/null 2>&1; then
-    echo "redis-server missing: installing Debian's redis-server" >&2
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y redis-server
-fi
-server=$(command -v redis-server)
-
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/whispr-mailbox-bench.XXXXXX")
-mkdir -p "$tmp/redis" "$tmp/ours"
-conf="$tmp/redis/redis.conf"
-pidfile="$tmp/redis/redis.pid"
-port=""
-
-stop_redis() {
-    if [ -n "$port" ]; then
-        redis-cli -h 127.0.0.1 -p "$port" shutdown nosave >/dev/null 2>&1 || true
-    fi
-    if [ -s "$pidfile" ]; then
-        pid=$(cat "$pidfile")
-        for _ in $(seq 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill "$pid" 2>/dev/null || true
-    fi
-}
-
-cleanup() {
-    stop_redis
-    if [ "${WHISPR_BENCH_KEEP:-0}" = 1 ]; then
-        echo "kept $tmp" >&2
-    else
-        rm -rf "$tmp"
-    fi
-}
-trap cleanup EXIT
-
-port_free() {
-    ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-}
-
-started=""
-for _ in $(seq 20); do
-    candidate=$((20000 + RANDOM % 30000))
-    port_free "$candidate" || continue
-    cat >"$conf" <<CONF
-bind 127.0.0.1
-port $candidate
-dir $tmp/redis
-appendonly yes
-appendfsync always
-save ""
-auto-aof-rewrite-percentage 0
-daemonize no
-pidfile $pidfile
-logfile $tmp/redis/redis.log
-CONF
-    "$server" "$conf" </dev/null >/dev/null 2>&1 &
-    port=$candidate
-    for _ in $(seq 100); do
-        if redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null | grep -q PONG; then
-            started=1
-            break
-        fi
-        sleep 0.05
-    done
-    [ -n "$started" ] && break
-    stop_redis
-    port=""
-done
-if [ -z "$started" ]; then
-    echo "could not start redis-server; log:" >&2
-    cat "$tmp/redis/redis.log" >&2 || true
-    exit 1
-fi
-echo "redis-server $("$server" --version | sed -n 's/.*v=\([^ ]*\).*/\1/p') on 127.0.0.1:$port, data in $tmp" >&2
-
-WHISPR_BENCH_DIR="$tmp/ours" \
-    "$CARGO" bench -p whispr-mailbox --bench deposits -- \
-    --redis-port "$port" --redis-conf "$conf" --redis-server "$server" "$@"
+# The bench takes Redis's address as flags; they are known only once Redis runs.
+exec bash bench/with-redis.sh mailbox bash -c \
+    'exec "$0" bench -p whispr-mailbox --bench deposits -- --redis-port "$WHISPR_BENCH_REDIS_PORT" \
+        --redis-conf "$WHISPR_BENCH_REDIS_CONF" --redis-server "$WHISPR_BENCH_REDIS_SERVER" "$@"' \
+    "$CARGO" "$@"

@@ -76,7 +76,7 @@
 //! Output: markdown tables on stdout, then one JSON line (`{"bench":"mailbox-deposits",…}`).
 //! The Redis client is a small RESP2 client over `std::net::TcpStream` in this file.
 
-use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -536,13 +536,13 @@ fn ours_cell(
 }
 
 fn redis_cell(addr: &str, cell: usize, concurrency: usize, bytes: &[u8], args: &Args) -> Run {
-    let mut admin = Redis::connect(addr).expect("connect to Redis");
+    let mut admin = Redis::connect(addr, 1 << 16).expect("connect to Redis");
     let aof_dir = aof_dir(&mut admin);
     let keys: Vec<String> = (0..concurrency)
         .map(|i| format!("whispr:bench:{cell}:{i}"))
         .collect();
     let conns: Vec<Redis> = (0..concurrency)
-        .map(|_| Redis::connect(addr).expect("connect to Redis"))
+        .map(|_| Redis::connect(addr, 1 << 16).expect("connect to Redis"))
         .collect();
     let aof0 = dir_size(&aof_dir);
     let start = Instant::now();
@@ -860,133 +860,11 @@ fn run_ours_restart(root: &Path, args: &Args) -> OursRestart {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Redis: a minimal pipelined RESP2 client (as in timer-service/benches/timers.rs)
+// Redis: the shared RESP2 client (bench/resp.rs)
 
-#[derive(Debug)]
-enum Reply {
-    Status,
-    Error(String),
-    Int(i64),
-    Bulk(Option<Vec<u8>>),
-    Array(Option<Vec<Reply>>),
-}
-
-impl Reply {
-    fn array(self) -> Vec<Reply> {
-        match self {
-            Reply::Array(Some(v)) => v,
-            Reply::Array(None) => Vec::new(),
-            other => panic!("expected an array, got {other:?}"),
-        }
-    }
-
-    fn bulk(self) -> Vec<u8> {
-        match self {
-            Reply::Bulk(Some(v)) => v,
-            other => panic!("expected a bulk string, got {other:?}"),
-        }
-    }
-
-    fn ok(self) {
-        if let Reply::Error(e) = self {
-            panic!("redis error: {e}");
-        }
-    }
-}
-
-struct Redis {
-    reader: BufReader<TcpStream>,
-    writer: BufWriter<TcpStream>,
-    pending: usize,
-}
-
-impl Redis {
-    fn connect(addr: &str) -> std::io::Result<Redis> {
-        let stream = TcpStream::connect(addr)?;
-        stream.set_nodelay(true)?;
-        Ok(Redis {
-            reader: BufReader::with_capacity(1 << 16, stream.try_clone()?),
-            writer: BufWriter::with_capacity(1 << 16, stream),
-            pending: 0,
-        })
-    }
-
-    fn args(&mut self, args: &[&[u8]]) -> &mut Self {
-        write!(self.writer, "*{}\r\n", args.len()).expect("write");
-        for a in args {
-            write!(self.writer, "${}\r\n", a.len()).expect("write");
-            self.writer.write_all(a).expect("write");
-            self.writer.write_all(b"\r\n").expect("write");
-        }
-        self.pending += 1;
-        self
-    }
-
-    /// Sends everything queued and reads one reply per command.
-    fn exec(&mut self) -> std::io::Result<Vec<Reply>> {
-        self.writer.flush()?;
-        let n = std::mem::take(&mut self.pending);
-        (0..n).map(|_| self.read()).collect()
-    }
-
-    fn call(&mut self, args: &[&[u8]]) -> std::io::Result<Reply> {
-        self.args(args);
-        Ok(self.exec()?.pop().expect("one reply"))
-    }
-
-    fn line(&mut self) -> std::io::Result<String> {
-        let mut line = String::new();
-        if self.reader.read_line(&mut line)? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        Ok(line.trim_end_matches(['\r', '\n']).to_owned())
-    }
-
-    fn read(&mut self) -> std::io::Result<Reply> {
-        let line = self.line()?;
-        let (kind, rest) = line.split_at(1);
-        let int = |s: &str| -> i64 { s.parse().expect("RESP integer") };
-        Ok(match kind {
-            "+" => Reply::Status,
-            "-" => Reply::Error(rest.to_owned()),
-            ":" => Reply::Int(int(rest)),
-            "$" => match int(rest) {
-                -1 => Reply::Bulk(None),
-                len => {
-                    let mut buf = vec![0u8; len as usize + 2];
-                    self.reader.read_exact(&mut buf)?;
-                    buf.truncate(len as usize);
-                    Reply::Bulk(Some(buf))
-                }
-            },
-            "*" => match int(rest) {
-                -1 => Reply::Array(None),
-                len => Reply::Array(Some(
-                    (0..len)
-                        .map(|_| self.read())
-                        .collect::<std::io::Result<_>>()?,
-                )),
-            },
-            _ => panic!("bad RESP line {line:?}"),
-        })
-    }
-
-    fn info_field(&mut self, section: &str, field: &str) -> String {
-        let text = String::from_utf8(self.call(&[b"INFO", section.as_bytes()]).unwrap().bulk())
-            .expect("INFO text");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{field}:")).map(str::to_owned))
-            .unwrap_or_else(|| panic!("INFO {section} has no {field}"))
-    }
-
-    fn config_get(&mut self, key: &str) -> String {
-        let mut v = self
-            .call(&[b"CONFIG", b"GET", key.as_bytes()])
-            .unwrap()
-            .array();
-        String::from_utf8(v.pop().expect("CONFIG GET value").bulk()).expect("UTF-8")
-    }
-}
+#[path = "../../bench/resp.rs"]
+mod resp;
+use resp::{Redis, Reply};
 
 fn aof_dir(r: &mut Redis) -> PathBuf {
     PathBuf::from(r.config_get("dir")).join(r.config_get("appenddirname"))
@@ -994,7 +872,8 @@ fn aof_dir(r: &mut Redis) -> PathBuf {
 
 /// Checks the server is configured as the comparison needs; returns its version.
 fn redis_check(addr: &str) -> String {
-    let mut r = Redis::connect(addr).unwrap_or_else(|e| panic!("connect to Redis {addr}: {e}"));
+    let mut r =
+        Redis::connect(addr, 1 << 16).unwrap_or_else(|e| panic!("connect to Redis {addr}: {e}"));
     assert_eq!(r.config_get("appendonly"), "yes", "Redis must run with AOF");
     assert_eq!(
         r.config_get("appendfsync"),
@@ -1061,7 +940,7 @@ fn redis_restart(
     let (mut conn, mut loading_replies) = (None::<Redis>, 0u32);
     let elapsed = loop {
         let Some(c) = conn.as_mut() else {
-            conn = Redis::connect(addr).ok();
+            conn = Redis::connect(addr, 1 << 16).ok();
             if conn.is_none() {
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -1101,7 +980,7 @@ struct RedisRestarts {
 fn run_redis_restart(addr: &str, conf: &str, args: &Args) -> RedisRestarts {
     let n = args.restart_messages;
     let mailboxes = n.div_ceil(FILL_PER_MAILBOX);
-    let mut r = Redis::connect(addr).expect("connect to Redis");
+    let mut r = Redis::connect(addr, 1 << 16).expect("connect to Redis");
     // Drop phase 1's history from the AOF: the restart replays only the fill.
     rewrite_aof(&mut r);
     let dir = aof_dir(&mut r);

@@ -284,7 +284,12 @@ impl<R: rand::CryptoRng> Sessions<R> {
 
     /// Ends a session.
     pub fn logout(&mut self, now: UnixTime, token: &[u8; 32]) {
-        let _ = self.sessions.take(now, &hash(token));
+        self.end(now, &hash(token));
+    }
+
+    /// Ends the session with this token hash ([`Session::token_hash`]).
+    pub fn end(&mut self, now: UnixTime, token_hash: &[u8; 32]) {
+        let _ = self.sessions.take(now, token_hash);
     }
 
     /// Issues a one-time stream ticket for an authenticated session.

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use whispr_protocol::envelope::Envelope;
-use whispr_protocol::payload::{FinalMessage, PrekeyRequest, Reply};
+use whispr_protocol::payload::{PrekeyRequest, Reply};
 use whispr_protocol::prekeys::{PrekeyBundle, SignedPrekey, verify_identity};
 use whispr_protocol::sphinx::Surb;
 use whispr_protocol::{AccessToken, DedupId, MailboxId, ReplyKey, SurbId, UnixTime};
@@ -858,27 +858,6 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         }
     }
 
-    /// Handles a final-hop payload for this node: deposits go through [`Self::deposit_many`]
-    /// (one at a time here), prekey requests through [`Self::handle_prekey_request`].
-    pub fn handle_final(
-        &mut self,
-        now: UnixTime,
-        message: FinalMessage,
-    ) -> Result<Option<DepositReceipt>> {
-        match message {
-            FinalMessage::Deposit(envelope) => self
-                .deposit_many(now, vec![Incoming::Deposit(envelope)])
-                .into_iter()
-                .next()
-                .unwrap_or(Err(MailboxError::WrongDestination))
-                .map(Some),
-            FinalMessage::PrekeyRequest(request) => {
-                self.handle_prekey_request(now, request).map(|()| None)
-            }
-            FinalMessage::Hold(_) | FinalMessage::Cancel(_) => Err(MailboxError::WrongDestination),
-        }
-    }
-
     /// Stores a batch of incoming messages with one synced write (group commit) and returns
     /// one result per input, in order. Redeliveries of a stored deposit are acknowledged
     /// again and not stored twice. Acks (for deposits that carry a SURB) are output only
@@ -1154,24 +1133,6 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             }
         }
         Ok(out)
-    }
-
-    /// True when `fetch` for this device would return something now.
-    pub fn has_messages_after(
-        &self,
-        now: UnixTime,
-        mailbox: &MailboxId,
-        device: &[u8; 32],
-        after: Option<u64>,
-    ) -> bool {
-        let Ok(m) = self.mailbox(mailbox) else {
-            return false;
-        };
-        let cursor = m.cursors.get(device).copied().unwrap_or(u64::MAX);
-        let start = after.unwrap_or(0).max(cursor).saturating_add(1);
-        m.messages
-            .range(start..)
-            .any(|(_, info)| info.expires_at > now.0)
     }
 
     /// The last sequence number assigned in `mailbox`.

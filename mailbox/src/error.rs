@@ -49,9 +49,6 @@ pub enum MailboxError {
     /// Wire input failed to decode or validate.
     #[error("malformed input: {0}")]
     Malformed(#[from] whispr_protocol::Error),
-    /// The final payload is not for a mailbox node (hold or cancel requests go to timers).
-    #[error("not a mailbox request")]
-    WrongDestination,
     /// Storage failed; after a failed write the store is poisoned.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -61,6 +58,9 @@ pub enum MailboxError {
     /// The master key file could not be read or created.
     #[error("master key file: {0}")]
     KeyFile(String),
+    /// The node could not set up its directories or threads.
+    #[error("node start-up: {0}")]
+    Startup(String),
 }
 
 impl MailboxError {
@@ -69,7 +69,10 @@ impl MailboxError {
     pub fn is_caller_error(&self) -> bool {
         !matches!(
             self,
-            MailboxError::Store(_) | MailboxError::Corrupt(_) | MailboxError::KeyFile(_)
+            MailboxError::Store(_)
+                | MailboxError::Corrupt(_)
+                | MailboxError::KeyFile(_)
+                | MailboxError::Startup(_)
         )
     }
 
@@ -87,11 +90,11 @@ impl MailboxError {
             MailboxError::BadCursor(_) => "bad_cursor",
             MailboxError::InvalidArgument(_) => "invalid_argument",
             MailboxError::Malformed(_) => "malformed",
-            MailboxError::WrongDestination => "wrong_destination",
             MailboxError::Store(StoreError::Poisoned) => "store_poisoned",
             MailboxError::Store(_) => "store",
             MailboxError::Corrupt(_) => "corrupt",
             MailboxError::KeyFile(_) => "key_file",
+            MailboxError::Startup(_) => "startup",
         }
     }
 }

@@ -99,8 +99,7 @@ impl From<MailboxError> for ApiError {
             MailboxError::AlreadyExpired
             | MailboxError::BadCursor(_)
             | MailboxError::InvalidArgument(_)
-            | MailboxError::Malformed(_)
-            | MailboxError::WrongDestination => StatusCode::BAD_REQUEST,
+            | MailboxError::Malformed(_) => StatusCode::BAD_REQUEST,
             MailboxError::Store(StoreError::Poisoned) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -787,21 +786,8 @@ async fn login(
 #[utoipa::path(post, path = "/v1/auth/logout", tag = "auth",
     responses((status = 204), (status = 401, body = ErrorBody)),
     security(("bearer" = [])))]
-async fn logout(
-    State(node): State<MailboxNode>,
-    _auth: Authed,
-    parts: axum::http::HeaderMap,
-) -> ApiResult<StatusCode> {
-    if let Some(token) = parts
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    {
-        let mut bytes = [0u8; 32];
-        if hex::decode_to_slice(token.trim(), &mut bytes).is_ok() {
-            node.sessions().logout(now(), &bytes);
-        }
-    }
+async fn logout(State(node): State<MailboxNode>, auth: Authed) -> ApiResult<StatusCode> {
+    node.sessions().end(now(), &auth.0.token_hash);
     revoked(&node);
     Ok(StatusCode::NO_CONTENT)
 }

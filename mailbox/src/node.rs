@@ -5,21 +5,24 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, oneshot};
-use whispr_protocol::UnixTime;
 use whispr_protocol::payload::Reply;
 use whispr_protocol::sphinx::Surb;
 use whispr_timer_service::config::QueueConfig;
 use whispr_timer_service::queue::TimerQueue;
 use whispr_timer_service::rocks::{RocksOptions as TimerRocksOptions, RocksStore as TimerStore};
 use whispr_timer_service::task::{Category, NewTask};
+
+/// Shared with the timer node: the `[log]` table, config errors naming the key to fix, and
+/// the driver's clock.
+pub use whispr_timer_service::node::{ConfigError, LogConfig, now};
 
 use crate::auth::{AuthConfig, Sessions};
 use crate::config::CoreConfig;
@@ -112,18 +115,6 @@ impl Default for ApiConfig {
     }
 }
 
-/// `[log]`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogConfig {
-    /// JSON lines instead of text.
-    #[serde(default)]
-    pub json: bool,
-    /// Filter directives when `RUST_LOG` is not set (default `info`).
-    #[serde(default)]
-    pub filter: Option<String>,
-}
-
 /// `[commit]`: group commit.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -142,16 +133,6 @@ impl Default for CommitConfig {
             queue_max: 8192,
         }
     }
-}
-
-/// A configuration problem, naming the key to fix.
-#[derive(Debug, thiserror::Error)]
-#[error("{key}: {problem}")]
-pub struct ConfigError {
-    /// The config key.
-    pub key: String,
-    /// What is wrong.
-    pub problem: String,
 }
 
 impl NodeConfig {
@@ -249,16 +230,6 @@ impl NodeConfig {
     }
 }
 
-/// Wall-clock now. Only drivers read the clock.
-pub fn now() -> UnixTime {
-    UnixTime(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0),
-    )
-}
-
 /// Where SURB replies (deposit acks, prekey bundles) go: the mesh layer.
 pub trait ReplySink: Send + Sync + 'static {
     /// Sends `reply` through `surb`. Must not block.
@@ -324,7 +295,6 @@ pub(crate) struct Shared {
     sweeper_wake: Notify,
     replies: Arc<dyn ReplySink>,
     pub(crate) metrics: Metrics,
-    healthy: AtomicBool,
     /// Open long polls and streams per mailbox.
     pub(crate) mailbox_connections: Mutex<BTreeMap<[u8; 32], usize>>,
     pub(crate) limiter: Mutex<crate::http::ConnectionLimiter>,
@@ -354,7 +324,7 @@ impl MailboxNode {
     /// writer and the expiry sweeper. Must be called inside a tokio runtime.
     pub fn open(config: NodeConfig, replies: Arc<dyn ReplySink>) -> Result<MailboxNode> {
         std::fs::create_dir_all(&config.data_dir)
-            .map_err(|e| MailboxError::KeyFile(format!("cannot create data_dir: {e}")))?;
+            .map_err(|e| MailboxError::Startup(format!("cannot create data_dir: {e}")))?;
         let mut seed_rng = match config.rng_seed {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => rand::make_rng(),
@@ -398,7 +368,6 @@ impl MailboxNode {
                 sweeper_wake: Notify::new(),
                 replies,
                 metrics: Metrics::default(),
-                healthy: AtomicBool::new(true),
                 mailbox_connections: Mutex::new(BTreeMap::new()),
                 limiter: Mutex::new(limiter),
             }),
@@ -409,7 +378,7 @@ impl MailboxNode {
         std::thread::Builder::new()
             .name("mailbox-commit".into())
             .spawn(move || writer.commit_loop(rx))
-            .map_err(|e| MailboxError::KeyFile(format!("cannot start the writer: {e}")))?;
+            .map_err(|e| MailboxError::Startup(format!("cannot start the writer: {e}")))?;
         let sweeper = node.clone();
         tokio::spawn(async move { sweeper.sweep_loop().await });
         Ok(node)
@@ -435,7 +404,7 @@ impl MailboxNode {
 
     /// False once the store is poisoned.
     pub fn is_healthy(&self) -> bool {
-        self.shared.healthy.load(Ordering::Relaxed) && !self.core().store().is_poisoned()
+        !self.core().store().is_poisoned()
     }
 
     /// Hands core outputs to the mesh (replies) and the timer queue (sweeps).
@@ -551,7 +520,6 @@ impl MailboxNode {
                         metrics.deposits_refused.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(mailbox = %tag, reason = e.kind(), "deposit refused");
                         if !e.is_caller_error() {
-                            self.shared.healthy.store(false, Ordering::Relaxed);
                             tracing::error!(error = %e, "deposit write failed");
                         }
                     }
@@ -582,8 +550,8 @@ impl MailboxNode {
         }
     }
 
-    /// Runs every expiry sweep that is due (also called by tests).
-    pub fn run_due_sweeps(&self) {
+    /// Runs every expiry sweep that is due.
+    fn run_due_sweeps(&self) {
         let fired = match lock(&self.shared.timers).poll_due(now(), 64) {
             Ok(f) => f,
             Err(e) => {

@@ -58,7 +58,7 @@
 //! 5. **Catch-up**: the N overdue timers are then fired as fast as possible: the maximum
 //!    sustained fire rate.
 //!
-//! The Redis client is a small pipelined RESP2 client over `std::net::TcpStream` in this file
+//! The Redis client is the small pipelined RESP2 client over `std::net::TcpStream` in `bench/resp.rs`
 //! (no extra dependency).
 #![allow(
     clippy::unwrap_used,
@@ -69,7 +69,6 @@
     missing_docs
 )]
 
-use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -542,145 +541,11 @@ fn ours_restart(path: &Path) -> (Queue, f64, String) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Redis: a minimal pipelined RESP2 client
+// Redis: the shared RESP2 client (bench/resp.rs)
 
-#[derive(Debug)]
-enum Reply {
-    Status,
-    Error(String),
-    Int(i64),
-    Bulk(Option<Vec<u8>>),
-    Array(Option<Vec<Reply>>),
-}
-
-impl Reply {
-    fn array(self) -> Vec<Reply> {
-        match self {
-            Reply::Array(Some(v)) => v,
-            Reply::Array(None) => Vec::new(),
-            other => die!("expected an array, got {other:?}"),
-        }
-    }
-
-    fn bulk(self) -> Vec<u8> {
-        match self {
-            Reply::Bulk(Some(v)) => v,
-            other => die!("expected a bulk string, got {other:?}"),
-        }
-    }
-
-    fn ok(self) {
-        match self {
-            Reply::Status | Reply::Int(_) | Reply::Bulk(_) | Reply::Array(_) => {}
-            Reply::Error(e) => die!("redis error: {e}"),
-        }
-    }
-}
-
-struct Redis {
-    reader: BufReader<TcpStream>,
-    writer: BufWriter<TcpStream>,
-    pending: usize,
-}
-
-impl Redis {
-    fn connect(addr: &str) -> std::io::Result<Redis> {
-        let stream = TcpStream::connect(addr)?;
-        stream.set_nodelay(true)?;
-        Ok(Redis {
-            reader: BufReader::with_capacity(1 << 20, stream.try_clone()?),
-            writer: BufWriter::with_capacity(1 << 20, stream),
-            pending: 0,
-        })
-    }
-
-    /// Queues a command of `argc` arguments; follow with exactly `argc` [`Self::arg`] calls.
-    fn cmd(&mut self, argc: usize) -> &mut Self {
-        write!(self.writer, "*{argc}\r\n").expect("write");
-        self.pending += 1;
-        self
-    }
-
-    fn arg(&mut self, a: &[u8]) -> &mut Self {
-        write!(self.writer, "${}\r\n", a.len()).expect("write");
-        self.writer.write_all(a).expect("write");
-        self.writer.write_all(b"\r\n").expect("write");
-        self
-    }
-
-    fn args(&mut self, args: &[&[u8]]) -> &mut Self {
-        self.cmd(args.len());
-        for a in args {
-            self.arg(a);
-        }
-        self
-    }
-
-    /// Sends everything queued and reads one reply per command.
-    fn exec(&mut self) -> std::io::Result<Vec<Reply>> {
-        self.writer.flush()?;
-        let n = std::mem::take(&mut self.pending);
-        (0..n).map(|_| self.read()).collect()
-    }
-
-    fn call(&mut self, args: &[&[u8]]) -> std::io::Result<Reply> {
-        self.args(args);
-        Ok(self.exec()?.pop().expect("one reply"))
-    }
-
-    fn line(&mut self) -> std::io::Result<String> {
-        let mut line = String::new();
-        if self.reader.read_line(&mut line)? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        Ok(line.trim_end_matches(['\r', '\n']).to_owned())
-    }
-
-    fn read(&mut self) -> std::io::Result<Reply> {
-        let line = self.line()?;
-        let (kind, rest) = line.split_at(1);
-        let int = |s: &str| -> i64 { s.parse().expect("RESP integer") };
-        Ok(match kind {
-            "+" => Reply::Status,
-            "-" => Reply::Error(rest.to_owned()),
-            ":" => Reply::Int(int(rest)),
-            "$" => match int(rest) {
-                -1 => Reply::Bulk(None),
-                len => {
-                    let mut buf = vec![0u8; len as usize + 2];
-                    self.reader.read_exact(&mut buf)?;
-                    buf.truncate(len as usize);
-                    Reply::Bulk(Some(buf))
-                }
-            },
-            "*" => match int(rest) {
-                -1 => Reply::Array(None),
-                len => Reply::Array(Some(
-                    (0..len)
-                        .map(|_| self.read())
-                        .collect::<std::io::Result<_>>()?,
-                )),
-            },
-            _ => die!("bad RESP line {line:?}"),
-        })
-    }
-
-    fn info_field(&mut self, section: &str, field: &str) -> String {
-        let text = String::from_utf8(self.call(&[b"INFO", section.as_bytes()]).unwrap().bulk())
-            .expect("INFO text");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{field}:")).map(str::to_owned))
-            .unwrap_or_else(|| die!("INFO {section} has no {field}"))
-    }
-
-    fn config_get(&mut self, key: &str) -> String {
-        let mut v = self
-            .call(&[b"CONFIG", b"GET", key.as_bytes()])
-            .unwrap()
-            .array();
-        String::from_utf8(v.pop().expect("CONFIG GET value").bulk()).expect("UTF-8")
-    }
-}
+#[path = "../../bench/resp.rs"]
+mod resp;
+use resp::{Redis, Reply};
 
 /// Schedules `jobs` on Redis: per batch one round trip `MULTI; ZADD; HSET; EXEC`.
 fn redis_schedule(
@@ -806,7 +671,7 @@ fn redis_restart(
     let (mut conn, mut loading_replies) = (None, 0u32);
     let first = loop {
         let Some(c) = conn.as_mut() else {
-            conn = Redis::connect(addr).ok();
+            conn = Redis::connect(addr, 1 << 20).ok();
             if conn.is_none() {
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -866,7 +731,7 @@ fn run_redis(args: &Args, jobs: &[Job], addr: &str) -> (Outcome, String) {
     let b = args.batch;
     let mut out = Outcome::default();
     let mut spawned = None;
-    let mut r = Redis::connect(addr).expect("connect to Redis");
+    let mut r = Redis::connect(addr, 1 << 20).expect("connect to Redis");
     let version = r.info_field("server", "redis_version");
     let dir = PathBuf::from(r.config_get("dir")).join(r.config_get("appenddirname"));
     assert_eq!(r.config_get("appendonly"), "yes", "Redis must run with AOF");

@@ -68,7 +68,8 @@ pub struct RocksOptions {
     /// RocksDB's informational `LOG` files kept (rotated at 8 MiB). Default 4.
     pub info_log_files_kept: u32,
     /// Record RocksDB statistics (read by [`RocksStore::statistics`],
-    /// [`RocksStore::bytes_written`], [`RocksStore::wal_bytes_written`]). Default true.
+    /// [`RocksStore::bytes_written`], [`RocksStore::wal_bytes_written`], and the mailbox
+    /// store's counters). Default true.
     pub statistics: bool,
 }
 
@@ -88,8 +89,8 @@ impl Default for RocksOptions {
 }
 
 impl RocksOptions {
-    /// The database-wide options.
-    fn db_options(&self) -> Options {
+    /// The database-wide options (also used by the mailbox store).
+    pub fn db_options(&self) -> Options {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -106,8 +107,8 @@ impl RocksOptions {
         opts
     }
 
-    /// The options of one of our column families.
-    fn cf_options(&self, cache: &Cache) -> Options {
+    /// The options of one of our column families (also used by the mailbox store).
+    pub fn cf_options(&self, cache: &Cache) -> Options {
         let mut table = BlockBasedOptions::default();
         table.set_block_cache(cache);
         let mut opts = Options::default();
@@ -115,6 +116,10 @@ impl RocksOptions {
         opts.set_write_buffer_size(self.write_buffer_bytes);
         opts.set_max_write_buffer_number(i32::try_from(self.max_write_buffers).unwrap_or(2));
         opts.set_block_based_table_factory(&table);
+        // RocksDB's default since 8.4, stated here: level sizes follow the data, so deleted
+        // ranges (range tombstones, old key prefixes) reach the bottom level and are dropped
+        // without a large space amplification.
+        opts.set_level_compaction_dynamic_level_bytes(true);
         opts
     }
 }

@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use rand::SeedableRng;
 use tracing_subscriber::EnvFilter;
 use whispr_mailbox::core::Incoming;
 use whispr_mailbox::node::{MailboxNode, NoMesh, NodeConfig, now};
@@ -163,15 +162,15 @@ async fn stress(
     }));
     let out = Arc::new(std::sync::Mutex::new(std::io::stdout()));
     let mut tasks = Vec::new();
-    for worker in 0..concurrency {
+    for _ in 0..concurrency {
         let node = node.clone();
         let owner = owner.clone();
         let remaining = remaining.clone();
         let out = out.clone();
         tasks.push(tokio::spawn(async move {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(
-                now().0 ^ (worker as u64).rotate_left(32) ^ u64::from(std::process::id()),
-            );
+            // OS-seeded: dedup ids must not repeat across runs of this tool (a seed made
+            // from the clock and pid collided across kill -9 rounds in CI).
+            let mut rng: rand::rngs::StdRng = rand::make_rng();
             let body = vec![0x5a; body_bytes];
             loop {
                 let ordering = std::sync::atomic::Ordering::SeqCst;

@@ -3,3 +3,5 @@
 //!
 //! Filled in by the issue "The mesh: relay nodes on libp2p, with mailbox and timer nodes as
 //! destinations". Until then this crate is intentionally empty.
+
+pub mod mesh;

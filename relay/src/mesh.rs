@@ -1,0 +1,514 @@
+//! The libp2p + tokio driver of the [`Router`]: the mesh a relay runs and a mailbox or timer
+//! node embeds.
+//!
+//! # Tasks
+//!
+//! [`Mesh::new`] loads the keys, opens the replay store and builds the swarm; nothing runs
+//! until [`MeshRunner::run`], which starts:
+//!
+//! * **the core** (one task, owning the [`Router`]): it takes packets and other events from one
+//!   bounded channel, calls [`Router::handle_input`] with the wall-clock time (read by
+//!   [`unix_now`], the only clock of the driver), sleeps until [`Router::poll_timeout`], and
+//!   hands the outputs on: sends to the per-peer sender tasks, final payloads to the
+//!   [`LocalDestination`], replay tags to the persistence thread (one synced write at a time;
+//!   tags arriving meanwhile are grouped into the next write), drops to the metrics only;
+//! * **the persistence thread**, owning the [`ReplayStore`];
+//! * **the swarm task**: TCP + Noise + Yamux, identify, ping, Kademlia (discovery), gossipsub
+//!   (descriptors on [`DESCRIPTOR_TOPIC`]) and `libp2p-stream` (packets); it validates and
+//!   keeps descriptors, publishes this node's own one, and feeds the descriptor addresses to
+//!   the dialer;
+//! * **the directory task**, which rebuilds the [`Directory`] from the descriptors held (at
+//!   most once per [`directory_rebuild_interval`]) and gives it to the core and the handle;
+//! * **the epoch task**, which rotates the Sphinx keys at each key epoch boundary;
+//! * the acceptors of the packet and client stream protocols, and one sender task per next
+//!   hop.
+//!
+//! # Wire protocols
+//!
+//! * [`PACKETS_PROTOCOL`] (`/whispr/packets/1`), between nodes: one long-lived stream per
+//!   ordered pair of nodes, carrying raw frames of exactly [`PACKET_SIZE`] bytes, no header.
+//!   The reader stops reading while the router is full (backpressure through Yamux's flow
+//!   control) instead of reading and dropping.
+//! * [`CLIENT_PROTOCOL`] (`/whispr/client/1`), from clients to edge relays (registered only
+//!   when `router.edge` is set): the client writes frames of [`PACKET_SIZE`] bytes; after each
+//!   one the relay writes one status byte ([`client_status_code`]). Each stream is one
+//!   [`ClientId`] for the rate limits.
+//!
+//! # Descriptors
+//!
+//! This node's descriptor lists `mesh.external_addresses`, or else the addresses it actually
+//! listens on that are not unspecified, **without** a `/p2p/<peer id>` suffix (the peer id is
+//! a field of the descriptor; leaving it out keeps each address well under the protocol's
+//! 256-byte limit). At most [`ADDRESSES_MAX`] are published.
+//!
+//! # Logs
+//!
+//! Nothing here logs a node id, peer id, address, mailbox id or key: only counts and
+//! [`DropReason::label`]s, at `debug` level for per-packet events.
+
+mod engine;
+mod metrics;
+mod streams;
+mod swarm;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::{mpsc, watch};
+use whispr_protocol::directory::{ADDRESS_LEN_MAX, ADDRESSES_MAX, Directory, Role};
+use whispr_protocol::sphinx::Packet;
+use whispr_protocol::{KeyEpoch, NodeId, UnixTime};
+
+use crate::config::{ConfigError, MeshConfig};
+use crate::keys::{EpochKeys, Identity, KeyFileError};
+use crate::router::{ClientId, Delivery, DropReason, Router, Source};
+use crate::storage::{ReplayStore, RocksOptions, RocksReplayStore, StoreError};
+
+pub use streams::{CLIENT_PROTOCOL, PACKETS_PROTOCOL, client_status_code, client_status_decode};
+pub use swarm::DESCRIPTOR_TOPIC;
+
+use self::engine::RouterEvent;
+use self::metrics::Metrics;
+
+/// Where final payloads for this node go (the mailbox or timer core of an embedding node).
+pub trait LocalDestination: Send + Sync + 'static {
+    /// A final payload for this node (mailbox deposit, timer hold…). Must not block: spawn if
+    /// it must wait.
+    fn deliver(&self, delivery: Delivery);
+}
+
+/// What [`Mesh::new`] needs.
+#[derive(Clone, Debug)]
+pub struct MeshOptions {
+    /// The `[mesh]` section.
+    pub config: MeshConfig,
+    /// The node's data directory: keys in `config.key_dir(data_dir)`, the replay store in
+    /// `data_dir/replay`.
+    pub data_dir: PathBuf,
+    /// Roles added to `config.roles` in the descriptor ([`Role::Mailbox`] or [`Role::Timer`]
+    /// for embedding nodes).
+    pub extra_roles: Vec<Role>,
+}
+
+/// A mesh failure.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    /// The configuration is invalid.
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// A key file could not be read or created.
+    #[error("keys: {0}")]
+    Keys(#[from] KeyFileError),
+    /// The replay store failed.
+    #[error("replay store: {0}")]
+    Storage(#[from] StoreError),
+    /// The transport could not be built.
+    #[error("transport: {0}")]
+    Transport(String),
+    /// A listen address could not be bound (the message names the `mesh.listen` index).
+    #[error("listen: {0}")]
+    Listen(String),
+    /// The mesh has stopped.
+    #[error("the mesh has stopped")]
+    Stopped,
+    /// A bounded queue is full; try again later.
+    #[error("queue full")]
+    QueueFull,
+    /// The first hop of a locally sent packet is not in the directory.
+    #[error("first hop not in the directory")]
+    UnknownHop,
+    /// A task of the mesh failed.
+    #[error("mesh task failed: {0}")]
+    Task(String),
+}
+
+/// Builds a mesh.
+#[derive(Debug)]
+pub struct Mesh;
+
+impl Mesh {
+    /// Loads/creates keys, opens the replay store (restoring tags into the router), builds the
+    /// swarm and starts listening. Nothing is processed until [`MeshRunner::run`].
+    ///
+    /// Must be called within a Tokio runtime (the TCP listeners register with its reactor).
+    #[allow(clippy::new_ret_no_self)] // `Mesh` is only the constructor's namespace.
+    pub fn new(options: MeshOptions) -> Result<(MeshHandle, MeshRunner), MeshError> {
+        let MeshOptions {
+            config,
+            data_dir,
+            extra_roles,
+        } = options;
+        config.check()?;
+        check_descriptor_fields(&config, &extra_roles)?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(MeshError::Listen(
+                "Mesh::new must be called within a Tokio runtime".into(),
+            ));
+        }
+        let key_dir = config.key_dir(&data_dir);
+        let identity = Identity::load_or_create(&key_dir)?;
+        let epoch_len = Duration::from_millis(config.router.epoch_len_ms);
+        let epoch_keys = EpochKeys::new(&key_dir, epoch_len);
+        let now = unix_now();
+        let keys = epoch_keys.rotate(now, 1)?;
+        let current = KeyEpoch::containing(now, epoch_len);
+
+        let mut store = RocksReplayStore::open(&data_dir.join("replay"), &RocksOptions::default())?;
+        store.prune_before(current.previous().unwrap_or(current))?;
+        let tags = store.load()?;
+
+        let node_id = identity.node_id();
+        let keypair = identity.libp2p_keypair();
+        let peer_id = keypair.public().to_peer_id();
+        let mut built = swarm::build(&config, &keypair)?;
+        let listen_addrs = swarm::start_listening(&mut built.swarm, &config)?;
+
+        let inbox_len = config.peer_queue_max.max(64);
+        let (inbox_tx, inbox_rx) = mpsc::channel(inbox_len);
+        let (listen_tx, _) = watch::channel(listen_addrs);
+        let mut roles: Vec<Role> = config.roles.iter().map(|r| Role::from(*r)).collect();
+        roles.extend(extra_roles);
+
+        let shared = Arc::new(Shared {
+            node_id,
+            peer_id,
+            inbox: inbox_tx,
+            next_client: AtomicU64::new(1),
+            directory: RwLock::new(Arc::new(Directory::default())),
+            directory_bytes: RwLock::new(Arc::new(Directory::encode(&[]))),
+            listen_addrs: listen_tx,
+            metrics: Metrics::default(),
+            store_ok: AtomicBool::new(true),
+            keys_ok: AtomicBool::new(true),
+            stopped: AtomicBool::new(false),
+        });
+        let handle = MeshHandle {
+            shared: shared.clone(),
+        };
+        let runner = MeshRunner {
+            shared,
+            config,
+            identity,
+            roles,
+            epoch_keys,
+            keys,
+            keys_epoch: current,
+            tags,
+            store: Box::new(store),
+            built,
+            inbox: inbox_rx,
+        };
+        Ok((handle, runner))
+    }
+}
+
+fn check_descriptor_fields(config: &MeshConfig, extra_roles: &[Role]) -> Result<(), MeshError> {
+    if config.roles.is_empty() && extra_roles.is_empty() {
+        return Err(ConfigError::new(
+            "mesh.roles",
+            "a node needs at least one role (edge, mix, or the embedding node's)",
+        )
+        .into());
+    }
+    if extra_roles.contains(&Role::Mix) {
+        return Err(ConfigError::new("mesh.roles", "mix is a relay role set in mesh.roles").into());
+    }
+    if config.external_addresses.len() > ADDRESSES_MAX {
+        return Err(ConfigError::new(
+            "mesh.external_addresses",
+            format!("at most {ADDRESSES_MAX} addresses"),
+        )
+        .into());
+    }
+    if config
+        .external_addresses
+        .iter()
+        .chain(config.api_url.iter())
+        .any(|a| a.len() > ADDRESS_LEN_MAX)
+    {
+        return Err(ConfigError::new(
+            "mesh.external_addresses",
+            format!("addresses and api_url are at most {ADDRESS_LEN_MAX} bytes"),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// The current time, from the system clock: the driver's only clock.
+pub fn unix_now() -> UnixTime {
+    let millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    UnixTime(millis)
+}
+
+/// How often the directory is rebuilt at most: a quarter of the publication interval,
+/// between 100 ms and 5 s. Each rebuild verifies every descriptor's signature again
+/// ([`Directory::build`]), so this bounds that work for large networks.
+pub fn directory_rebuild_interval(config: &MeshConfig) -> Duration {
+    Duration::from_millis((config.descriptor_publish_ms / 4).clamp(100, 5_000))
+}
+
+/// State shared by the handle and the tasks.
+struct Shared {
+    node_id: NodeId,
+    peer_id: PeerId,
+    inbox: mpsc::Sender<RouterEvent>,
+    next_client: AtomicU64,
+    directory: RwLock<Arc<Directory>>,
+    directory_bytes: RwLock<Arc<Vec<u8>>>,
+    listen_addrs: watch::Sender<Vec<Multiaddr>>,
+    metrics: Metrics,
+    store_ok: AtomicBool,
+    keys_ok: AtomicBool,
+    stopped: AtomicBool,
+}
+
+fn read<T: Clone>(lock: &RwLock<T>) -> T {
+    lock.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+fn write<T>(lock: &RwLock<T>, value: T) {
+    *lock.write().unwrap_or_else(|e| e.into_inner()) = value;
+}
+
+/// A cheap, cloneable handle on a mesh: send packets, read the directory and the metrics.
+/// Usable before [`MeshRunner::run`] starts (packets queue in bounded channels).
+#[derive(Clone)]
+pub struct MeshHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for MeshHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshHandle").finish_non_exhaustive()
+    }
+}
+
+impl MeshHandle {
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.shared.node_id
+    }
+
+    /// This node's libp2p peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.shared.peer_id
+    }
+
+    /// Sends a packet this node originates (SURB reply, deferred send) to `first_hop`; if
+    /// `first_hop` is this node, it goes through the local router as [`Source::Local`].
+    /// [`MeshError::QueueFull`] when the bounded queue is full, [`MeshError::Stopped`] after
+    /// shutdown, [`MeshError::UnknownHop`] when `first_hop` is not in the directory. Never
+    /// blocks.
+    pub fn send(&self, first_hop: NodeId, packet: Packet) -> Result<(), MeshError> {
+        let event = if first_hop == self.shared.node_id {
+            RouterEvent::Packet {
+                from: Source::Local,
+                bytes: packet.into_bytes(),
+                reply: None,
+            }
+        } else {
+            if read(&self.shared.directory).get(&first_hop).is_none() {
+                return Err(MeshError::UnknownHop);
+            }
+            RouterEvent::Forward {
+                to: first_hop,
+                packet,
+            }
+        };
+        self.shared.inbox.try_send(event).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => MeshError::QueueFull,
+            mpsc::error::TrySendError::Closed(_) => MeshError::Stopped,
+        })
+    }
+
+    /// A packet from a client connection (HTTP `POST /v1/packets`, or the libp2p client
+    /// protocol), answered with the router's verdict. Waits while the core's queue is full;
+    /// answers `Err(DropReason::QueueFull)` once the mesh has stopped.
+    pub async fn submit_client(&self, client: ClientId, bytes: Vec<u8>) -> Result<(), DropReason> {
+        engine::submit(&self.shared.inbox, Source::Client(client), bytes).await
+    }
+
+    /// A client connection closed: its rate-limit state can go.
+    pub fn client_closed(&self, client: ClientId) {
+        // Best effort: a full queue only delays forgetting (the table is bounded anyway).
+        let _ = self
+            .shared
+            .inbox
+            .try_send(RouterEvent::ClientClosed(client));
+    }
+
+    /// A fresh [`ClientId`] (unique per process).
+    pub fn new_client_id(&self) -> ClientId {
+        ClientId(self.shared.next_client.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The validated directory (this node's own descriptor included).
+    pub fn directory(&self) -> Arc<Directory> {
+        read(&self.shared.directory)
+    }
+
+    /// The valid signed descriptors, encoded with [`Directory::encode`] (for
+    /// `GET /v1/directory`).
+    pub fn directory_bytes(&self) -> Vec<u8> {
+        read(&self.shared.directory_bytes).as_ref().clone()
+    }
+
+    /// Addresses actually listened on (after binding port 0 etc.). Listeners on specific IP
+    /// addresses are known as soon as [`Mesh::new`] returns; those on an unspecified address
+    /// (`0.0.0.0`) once [`MeshRunner::run`] has enumerated the interfaces (see
+    /// [`MeshHandle::listening`]).
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.shared.listen_addrs.borrow().clone()
+    }
+
+    /// Waits until at least one listen address is known, and returns them.
+    pub async fn listening(&self) -> Vec<Multiaddr> {
+        let mut rx = self.shared.listen_addrs.subscribe();
+        match rx.wait_for(|a| !a.is_empty()).await {
+            Ok(addrs) => addrs.clone(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Prometheus text lines for the mesh (no identifiers in labels).
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics.render()
+    }
+
+    /// False when the replay store is poisoned, the key rotation failed, or the core stopped.
+    pub fn is_healthy(&self) -> bool {
+        self.shared.store_ok.load(Ordering::Relaxed)
+            && self.shared.keys_ok.load(Ordering::Relaxed)
+            && !self.shared.stopped.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs a mesh built by [`Mesh::new`].
+pub struct MeshRunner {
+    shared: Arc<Shared>,
+    config: MeshConfig,
+    identity: Identity,
+    roles: Vec<Role>,
+    epoch_keys: EpochKeys,
+    keys: Vec<(KeyEpoch, whispr_protocol::sphinx::SphinxSecretKey)>,
+    keys_epoch: KeyEpoch,
+    tags: Vec<(KeyEpoch, whispr_protocol::sphinx::ReplayTag)>,
+    store: Box<dyn ReplayStore>,
+    built: swarm::Built,
+    inbox: mpsc::Receiver<RouterEvent>,
+}
+
+impl std::fmt::Debug for MeshRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshRunner").finish_non_exhaustive()
+    }
+}
+
+impl MeshRunner {
+    /// Runs until `shutdown` resolves. `destination` is `None` for a pure relay (final
+    /// payloads are then dropped with [`DropReason::NoDestination`] by the router).
+    ///
+    /// Returns an error when one of the mesh's tasks fails; the handle's
+    /// [`MeshHandle::is_healthy`] is false from then on.
+    pub async fn run(
+        self,
+        destination: Option<Arc<dyn LocalDestination>>,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), MeshError> {
+        let MeshRunner {
+            shared,
+            config,
+            identity,
+            roles,
+            epoch_keys,
+            keys,
+            keys_epoch,
+            tags,
+            store,
+            built,
+            inbox,
+        } = self;
+        let mut router = Router::new(shared.node_id, config.router.clone(), destination.is_some());
+        let public = crate::keys::public_keys(&keys);
+        router.set_keys(keys);
+        router.restore_replay_tags(tags);
+
+        let (capacity_tx, capacity_rx) = watch::channel(router.has_capacity());
+        let (persist, persist_thread) = engine::Persist::start(store)?;
+        let swarm::Built {
+            swarm,
+            control,
+            packets_in,
+            clients_in,
+        } = built;
+
+        let mut tasks = tokio::task::JoinSet::new();
+        let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Vec::new()));
+        let (command_tx, command_rx) = mpsc::channel(8);
+        let swarm_task = swarm::SwarmTask::new(
+            swarm,
+            &config,
+            &identity,
+            roles,
+            public,
+            snapshot_tx,
+            command_rx,
+            shared.clone(),
+        );
+        tasks.spawn(swarm_task.run());
+        tasks.spawn(engine::directory_task(snapshot_rx, shared.clone()));
+        tasks.spawn(engine::epoch_task(
+            epoch_keys,
+            config.router.epoch_len_ms,
+            keys_epoch,
+            command_tx,
+            shared.clone(),
+        ));
+        tasks.spawn(streams::accept_peers(
+            packets_in,
+            shared.inbox.clone(),
+            capacity_rx,
+            config.descriptors_max,
+            shared.clone(),
+        ));
+        if let Some(clients_in) = clients_in {
+            tasks.spawn(streams::accept_clients(
+                clients_in,
+                shared.clone(),
+                config.client_streams_max,
+            ));
+        }
+
+        let core = engine::Core::new(
+            router,
+            inbox,
+            persist,
+            control,
+            destination,
+            capacity_tx,
+            shared.clone(),
+            config.peer_queue_max,
+        );
+        let result = tokio::select! {
+            () = core.run(shutdown) => Ok(()),
+            Some(ended) = tasks.join_next() => Err(MeshError::Task(match ended {
+                Ok(()) => "a mesh task ended".into(),
+                Err(e) if e.is_panic() => "a mesh task panicked".into(),
+                Err(_) => "a mesh task was cancelled".into(),
+            })),
+        };
+        shared.stopped.store(true, Ordering::Relaxed);
+        tasks.shutdown().await;
+        // The core (and with it the persistence thread's queue) is gone: wait for the last
+        // write to finish and the store to close.
+        let _ = tokio::task::spawn_blocking(move || persist_thread.join()).await;
+        result
+    }
+}

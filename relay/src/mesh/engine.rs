@@ -1,0 +1,480 @@
+//! The core task that owns the [`Router`], the replay-store thread, and the directory and
+//! key-epoch tasks.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use libp2p_stream::Control;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+use whispr_protocol::directory::{Directory, SignedDescriptor};
+use whispr_protocol::sphinx::{Packet, ReplayTag, SphinxSecretKey};
+use whispr_protocol::{KeyEpoch, NodeId};
+
+use super::swarm::SwarmCommand;
+use super::{LocalDestination, MeshError, Shared, streams, unix_now, write};
+use crate::keys::EpochKeys;
+use crate::router::{ClientId, DropReason, Input, Output, Router, Source};
+use crate::storage::ReplayStore;
+
+/// Events handled by the core, in one bounded channel.
+pub(crate) enum RouterEvent {
+    /// A packet to process.
+    Packet {
+        from: Source,
+        bytes: Vec<u8>,
+        /// Where to answer with the verdict (clients).
+        reply: Option<oneshot::Sender<Result<(), DropReason>>>,
+    },
+    /// A packet this node originates, for a remote first hop (not processed here).
+    Forward { to: NodeId, packet: Packet },
+    /// A new directory.
+    Directory(Arc<Directory>),
+    /// Rotated keys; tags of epochs before `prune_before` can go from the store.
+    Keys {
+        keys: Vec<(KeyEpoch, SphinxSecretKey)>,
+        prune_before: KeyEpoch,
+    },
+    /// A client connection closed.
+    ClientClosed(ClientId),
+}
+
+/// Submits a packet and waits for the router's verdict.
+pub(crate) async fn submit(
+    inbox: &mpsc::Sender<RouterEvent>,
+    from: Source,
+    bytes: Vec<u8>,
+) -> Result<(), DropReason> {
+    let (tx, rx) = oneshot::channel();
+    let event = RouterEvent::Packet {
+        from,
+        bytes,
+        reply: Some(tx),
+    };
+    if inbox.send(event).await.is_err() {
+        return Err(DropReason::QueueFull);
+    }
+    rx.await.unwrap_or(Err(DropReason::QueueFull))
+}
+
+enum PersistCmd {
+    Write {
+        batch: u64,
+        tags: Vec<(KeyEpoch, ReplayTag)>,
+    },
+    Prune(KeyEpoch),
+}
+
+enum PersistDone {
+    Written(u64),
+    Pruned,
+    Failed,
+}
+
+/// The replay store's thread and the group commit in front of it: one write in flight;
+/// tags that arrive meanwhile go into the next write.
+pub(crate) struct Persist {
+    commands: mpsc::Sender<PersistCmd>,
+    done: mpsc::Receiver<PersistDone>,
+    in_flight: bool,
+    pending: Vec<(KeyEpoch, ReplayTag)>,
+    pending_batch: Option<u64>,
+    pending_prune: Option<KeyEpoch>,
+    failed: bool,
+}
+
+impl Persist {
+    /// Starts the thread owning `store`.
+    pub(crate) fn start(
+        mut store: Box<dyn ReplayStore>,
+    ) -> Result<(Persist, std::thread::JoinHandle<()>), MeshError> {
+        let (commands, mut command_rx) = mpsc::channel::<PersistCmd>(2);
+        let (done_tx, done) = mpsc::channel(2);
+        let thread = std::thread::Builder::new()
+            .name("whispr-replay-store".into())
+            .spawn(move || {
+                while let Some(command) = command_rx.blocking_recv() {
+                    let result = match command {
+                        PersistCmd::Write { batch, tags } => {
+                            store.persist(&tags).map(|()| PersistDone::Written(batch))
+                        }
+                        PersistCmd::Prune(epoch) => {
+                            store.prune_before(epoch).map(|()| PersistDone::Pruned)
+                        }
+                    };
+                    let done = result.unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "replay store write failed; node unhealthy");
+                        PersistDone::Failed
+                    });
+                    if done_tx.blocking_send(done).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| MeshError::Task(format!("replay store thread: {e}")))?;
+        Ok((
+            Persist {
+                commands,
+                done,
+                in_flight: false,
+                pending: Vec::new(),
+                pending_batch: None,
+                pending_prune: None,
+                failed: false,
+            },
+            thread,
+        ))
+    }
+
+    fn add(&mut self, batch: u64, tags: Vec<(KeyEpoch, ReplayTag)>) {
+        if self.failed {
+            // Nothing becomes durable any more; the packets waiting stay held (and the
+            // queue fills up, so the node stops taking packets) until a restart.
+            return;
+        }
+        self.pending.extend(tags);
+        self.pending_batch = Some(batch);
+        self.kick();
+    }
+
+    fn prune(&mut self, epoch: KeyEpoch) {
+        self.pending_prune = Some(epoch);
+        self.kick();
+    }
+
+    fn kick(&mut self) {
+        if self.in_flight || self.failed {
+            return;
+        }
+        let command = if let Some(batch) = self.pending_batch.take() {
+            PersistCmd::Write {
+                batch,
+                tags: std::mem::take(&mut self.pending),
+            }
+        } else if let Some(epoch) = self.pending_prune.take() {
+            PersistCmd::Prune(epoch)
+        } else {
+            return;
+        };
+        // One command in flight at a time, so the channel always has room.
+        if self.commands.try_send(command).is_err() {
+            self.failed = true;
+        } else {
+            self.in_flight = true;
+        }
+    }
+}
+
+/// The core: owns the router.
+pub(crate) struct Core {
+    router: Router,
+    inbox: mpsc::Receiver<RouterEvent>,
+    persist: Persist,
+    control: Control,
+    destination: Option<Arc<dyn LocalDestination>>,
+    capacity: watch::Sender<bool>,
+    shared: Arc<Shared>,
+    peer_queue_max: usize,
+    peers: HashMap<NodeId, mpsc::Sender<Packet>>,
+    senders: JoinSet<()>,
+    directory: Arc<Directory>,
+}
+
+/// Events handled per wake-up before outputs are drained.
+const EVENTS_PER_STEP: usize = 256;
+
+impl Core {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        router: Router,
+        inbox: mpsc::Receiver<RouterEvent>,
+        persist: Persist,
+        control: Control,
+        destination: Option<Arc<dyn LocalDestination>>,
+        capacity: watch::Sender<bool>,
+        shared: Arc<Shared>,
+        peer_queue_max: usize,
+    ) -> Core {
+        Core {
+            router,
+            inbox,
+            persist,
+            control,
+            destination,
+            capacity,
+            shared,
+            peer_queue_max: peer_queue_max.max(1),
+            peers: HashMap::new(),
+            senders: JoinSet::new(),
+            directory: Arc::new(Directory::default()),
+        }
+    }
+
+    /// Runs until `shutdown` resolves.
+    pub(crate) async fn run(mut self, shutdown: impl std::future::Future<Output = ()> + Send) {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut persist_alive = true;
+        // Start-up: release anything due (nothing is held yet) and publish the gauges.
+        let _ = self.input(Input::Timeout);
+        self.after_step();
+        loop {
+            let wake = self
+                .router
+                .poll_timeout()
+                .map(|at| Duration::from_millis(at.0.saturating_sub(unix_now().0)));
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                done = self.persist.done.recv(), if persist_alive => match done {
+                    Some(done) => self.persisted(done),
+                    None => {
+                        persist_alive = false;
+                        self.persist.failed = true;
+                        self.shared.store_ok.store(false, Ordering::Relaxed);
+                    }
+                },
+                event = self.inbox.recv() => {
+                    let Some(event) = event else { break };
+                    self.event(event);
+                    for _ in 1..EVENTS_PER_STEP {
+                        match self.inbox.try_recv() {
+                            Ok(event) => self.event(event),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                () = sleep_opt(wake) => {
+                    let _ = self.input(Input::Timeout);
+                }
+                Some(_) = self.senders.join_next(), if !self.senders.is_empty() => {}
+            }
+            self.after_step();
+        }
+    }
+
+    fn input(&mut self, input: Input) -> Result<(), DropReason> {
+        let result = self.router.handle_input(unix_now(), input);
+        self.drain();
+        result
+    }
+
+    fn event(&mut self, event: RouterEvent) {
+        match event {
+            RouterEvent::Packet { from, bytes, reply } => {
+                let verdict = self.input(Input::Packet { from, bytes });
+                if let Some(reply) = reply {
+                    let _ = reply.send(verdict);
+                }
+            }
+            RouterEvent::Forward { to, packet } => {
+                if self.directory.get(&to).is_some() {
+                    self.send(to, packet);
+                } else {
+                    self.shared
+                        .metrics
+                        .send_failed
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            RouterEvent::Directory(directory) => {
+                // Senders of nodes that left the directory end once their queue is drained.
+                self.peers.retain(|node, _| directory.get(node).is_some());
+                self.directory = directory.clone();
+                let _ = self.input(Input::Directory(directory));
+            }
+            RouterEvent::Keys { keys, prune_before } => {
+                self.router.set_keys(keys);
+                self.persist.prune(prune_before);
+                let _ = self.input(Input::Timeout);
+            }
+            RouterEvent::ClientClosed(client) => {
+                let _ = self.input(Input::ClientClosed(client));
+            }
+        }
+    }
+
+    fn persisted(&mut self, done: PersistDone) {
+        self.persist.in_flight = false;
+        match done {
+            PersistDone::Written(batch) => {
+                let _ = self.input(Input::TagsDurable { batch });
+            }
+            PersistDone::Pruned => {}
+            PersistDone::Failed => {
+                self.persist.failed = true;
+                self.persist.pending.clear();
+                self.persist.pending_batch = None;
+                self.shared.store_ok.store(false, Ordering::Relaxed);
+            }
+        }
+        self.persist.kick();
+    }
+
+    fn drain(&mut self) {
+        while let Some(output) = self.router.poll_output() {
+            match output {
+                Output::Send { to, packet, held } => {
+                    self.shared.metrics.observe_hold(held);
+                    self.send(to, packet);
+                }
+                Output::Deliver(delivery) => {
+                    if let Some(destination) = &self.destination {
+                        destination.deliver(delivery);
+                    }
+                }
+                Output::PersistTags { batch, tags } => self.persist.add(batch, tags),
+                Output::Drop { reason } => {
+                    tracing::debug!(reason = reason.label(), "packet dropped");
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, to: NodeId, packet: Packet) {
+        let sender = match self.peers.get(&to) {
+            Some(sender) if !sender.is_closed() => sender,
+            _ => {
+                let Some(peer) = streams::peer_id_of(&to) else {
+                    self.shared
+                        .metrics
+                        .send_failed
+                        .fetch_add(1, Ordering::Relaxed);
+                    return;
+                };
+                let (tx, rx) = mpsc::channel(self.peer_queue_max);
+                self.senders.spawn(streams::peer_sender(
+                    peer,
+                    rx,
+                    self.control.clone(),
+                    self.shared.clone(),
+                ));
+                self.peers.entry(to).insert_entry(tx).into_mut()
+            }
+        };
+        if sender.try_send(packet).is_err() {
+            self.shared
+                .metrics
+                .send_failed
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn after_step(&mut self) {
+        let has_capacity = self.router.has_capacity();
+        self.capacity.send_if_modified(|held| {
+            let changed = *held != has_capacity;
+            *held = has_capacity;
+            changed
+        });
+        let metrics = &self.shared.metrics;
+        metrics.set_stats(self.router.stats());
+        metrics.queue_depth.store(
+            u64::try_from(self.router.queue_len()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        metrics.replay_tags.store(
+            u64::try_from(self.router.replay_tags()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+}
+
+async fn sleep_opt(duration: Option<Duration>) {
+    match duration {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Rebuilds the directory from the latest snapshot of descriptors, then hands it to the core
+/// and the handle. Snapshots sent while a build runs are coalesced (a watch channel).
+pub(crate) async fn directory_task(
+    mut snapshots: watch::Receiver<Arc<Vec<SignedDescriptor>>>,
+    shared: Arc<Shared>,
+) {
+    while snapshots.changed().await.is_ok() {
+        let snapshot = snapshots.borrow_and_update().clone();
+        let now = unix_now();
+        let built = tokio::task::spawn_blocking(move || {
+            let (directory, rejections) = Directory::build(now, &snapshot);
+            let rejected: HashSet<usize> = rejections.iter().map(|r| r.index).collect();
+            let valid: Vec<SignedDescriptor> = snapshot
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !rejected.contains(i))
+                .map(|(_, d)| d.clone())
+                .collect();
+            (Arc::new(directory), Directory::encode(&valid))
+        })
+        .await;
+        let Ok((directory, bytes)) = built else {
+            break;
+        };
+        shared.metrics.directory_nodes.store(
+            u64::try_from(directory.len()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        write(&shared.directory, directory.clone());
+        write(&shared.directory_bytes, Arc::new(bytes));
+        if shared
+            .inbox
+            .send(RouterEvent::Directory(directory))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+}
+
+/// Rotates the Sphinx keys at each key epoch boundary: the router gets the new secret keys,
+/// the swarm task the public ones (and republishes the descriptor), and the replay store
+/// forgets the tags of epochs before the previous one.
+pub(crate) async fn epoch_task(
+    keys: EpochKeys,
+    epoch_len_ms: u64,
+    mut held_epoch: KeyEpoch,
+    swarm: mpsc::Sender<SwarmCommand>,
+    shared: Arc<Shared>,
+) {
+    let epoch_len = Duration::from_millis(epoch_len_ms.max(1));
+    loop {
+        let now = unix_now();
+        let current = KeyEpoch::containing(now, epoch_len);
+        if current == held_epoch {
+            // Sleep until just past the next boundary.
+            let next = current.0.saturating_add(1).saturating_mul(epoch_len_ms);
+            let wait = next.saturating_sub(now.0).saturating_add(50);
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            continue;
+        }
+        let rotating = keys.clone();
+        let rotated = tokio::task::spawn_blocking(move || rotating.rotate(now, 1)).await;
+        match rotated {
+            Ok(Ok(secret)) => {
+                shared.keys_ok.store(true, Ordering::Relaxed);
+                held_epoch = current;
+                let public = crate::keys::public_keys(&secret);
+                let event = RouterEvent::Keys {
+                    keys: secret,
+                    prune_before: current.previous().unwrap_or(current),
+                };
+                if shared.inbox.send(event).await.is_err() {
+                    return;
+                }
+                if swarm.send(SwarmCommand::PublicKeys(public)).await.is_err() {
+                    return;
+                }
+                tracing::info!(epoch = current.0, "sphinx keys rotated");
+            }
+            Ok(Err(e)) => {
+                shared.keys_ok.store(false, Ordering::Relaxed);
+                tracing::error!(error = %e, "sphinx key rotation failed; retrying in 10 s");
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+            Err(_) => return,
+        }
+    }
+}

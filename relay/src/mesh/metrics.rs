@@ -1,0 +1,233 @@
+//! The mesh's metrics, rendered as Prometheus text. No label carries an identifier.
+
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::router::{DropReason, RouterStats};
+
+/// Upper bounds of the hold-time histogram, in seconds (the longest hop delay is 600 s).
+const HOLD_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0,
+];
+
+#[derive(Default)]
+struct Histogram {
+    /// Observations per bucket (not cumulative); the last one is `+Inf`.
+    buckets: [AtomicU64; HOLD_BUCKETS.len() + 1],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, value: Duration) {
+        let secs = value.as_secs_f64();
+        let index = HOLD_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(HOLD_BUCKETS.len());
+        if let Some(bucket) = self.buckets.get(index) {
+            bucket.fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(
+            u64::try_from(value.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// Counters and gauges of one mesh.
+#[derive(Default)]
+pub(crate) struct Metrics {
+    /// The router's counters, copied by the core after each step.
+    stats: Mutex<RouterStats>,
+    pub(crate) queue_depth: AtomicU64,
+    pub(crate) replay_tags: AtomicU64,
+    pub(crate) peers_connected: AtomicU64,
+    pub(crate) directory_nodes: AtomicU64,
+    pub(crate) descriptors_held: AtomicU64,
+    pub(crate) descriptors_rejected: AtomicU64,
+    pub(crate) send_failed: AtomicU64,
+    pub(crate) client_streams: AtomicU64,
+    pub(crate) client_streams_refused: AtomicU64,
+    pub(crate) peer_streams_refused: AtomicU64,
+    hold: Histogram,
+}
+
+fn load(a: &AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
+impl Metrics {
+    pub(crate) fn set_stats(&self, stats: &RouterStats) {
+        let mut held = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        if *held != *stats {
+            held.clone_from(stats);
+        }
+    }
+
+    pub(crate) fn observe_hold(&self, held: Duration) {
+        self.hold.observe(held);
+    }
+
+    pub(crate) fn render(&self) -> String {
+        let stats = self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut out = String::with_capacity(4096);
+        let mut line = |s: std::fmt::Arguments<'_>| {
+            let _ = out.write_fmt(s);
+            out.push('\n');
+        };
+        line(format_args!(
+            "# HELP whispr_mesh_packets_in_total Packets offered to the router, by source."
+        ));
+        line(format_args!("# TYPE whispr_mesh_packets_in_total counter"));
+        for (source, n) in [
+            ("peer", stats.in_peer),
+            ("client", stats.in_client),
+            ("local", stats.in_local),
+        ] {
+            line(format_args!(
+                "whispr_mesh_packets_in_total{{source=\"{source}\"}} {n}"
+            ));
+        }
+        for (name, help, value) in [
+            (
+                "whispr_mesh_packets_out_total",
+                "Packets sent on to the next hop.",
+                stats.out,
+            ),
+            (
+                "whispr_mesh_packets_delivered_total",
+                "Final payloads delivered to the local destination.",
+                stats.delivered,
+            ),
+            (
+                "whispr_mesh_rate_delayed_total",
+                "Packets accepted past a rate budget with an extra delay.",
+                stats.rate_delayed,
+            ),
+            (
+                "whispr_mesh_send_failed_total",
+                "Packets the router released that could not be written to the next hop.",
+                load(&self.send_failed),
+            ),
+            (
+                "whispr_mesh_descriptors_rejected_total",
+                "Gossiped descriptors refused (bad signature, expired, wrong author).",
+                load(&self.descriptors_rejected),
+            ),
+            (
+                "whispr_mesh_client_streams_refused_total",
+                "Client streams refused at the concurrency limit.",
+                load(&self.client_streams_refused),
+            ),
+            (
+                "whispr_mesh_peer_streams_refused_total",
+                "Inbound packet streams refused (unknown key type or stream limits).",
+                load(&self.peer_streams_refused),
+            ),
+        ] {
+            line(format_args!("# HELP {name} {help}"));
+            line(format_args!("# TYPE {name} counter"));
+            line(format_args!("{name} {value}"));
+        }
+        line(format_args!(
+            "# HELP whispr_mesh_packets_dropped_total Packets refused or dropped by the router, by reason."
+        ));
+        line(format_args!(
+            "# TYPE whispr_mesh_packets_dropped_total counter"
+        ));
+        for reason in DropReason::ALL {
+            let n = stats.dropped.get(&reason).copied().unwrap_or(0);
+            line(format_args!(
+                "whispr_mesh_packets_dropped_total{{reason=\"{}\"}} {n}",
+                reason.label()
+            ));
+        }
+        for (name, help, value) in [
+            (
+                "whispr_mesh_queue_depth",
+                "Packets held by the router (mixing delay or awaiting a durable replay tag).",
+                load(&self.queue_depth),
+            ),
+            (
+                "whispr_mesh_peers_connected",
+                "Peers with an open connection.",
+                load(&self.peers_connected),
+            ),
+            (
+                "whispr_mesh_directory_nodes",
+                "Valid descriptors in the directory.",
+                load(&self.directory_nodes),
+            ),
+            (
+                "whispr_mesh_descriptors_held",
+                "Descriptors held before validation into the directory.",
+                load(&self.descriptors_held),
+            ),
+            (
+                "whispr_mesh_replay_tags",
+                "Replay tags held in memory (current and previous key epoch).",
+                load(&self.replay_tags),
+            ),
+            (
+                "whispr_mesh_client_streams",
+                "Open client packet streams.",
+                load(&self.client_streams),
+            ),
+        ] {
+            line(format_args!("# HELP {name} {help}"));
+            line(format_args!("# TYPE {name} gauge"));
+            line(format_args!("{name} {value}"));
+        }
+        line(format_args!(
+            "# HELP whispr_mesh_hold_seconds How long packets were held before being sent on."
+        ));
+        line(format_args!("# TYPE whispr_mesh_hold_seconds histogram"));
+        let mut cumulative = 0u64;
+        for (bound, bucket) in HOLD_BUCKETS.iter().zip(self.hold.buckets.iter()) {
+            cumulative = cumulative.saturating_add(load(bucket));
+            line(format_args!(
+                "whispr_mesh_hold_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
+            ));
+        }
+        let count = load(&self.hold.count);
+        line(format_args!(
+            "whispr_mesh_hold_seconds_bucket{{le=\"+Inf\"}} {count}"
+        ));
+        line(format_args!(
+            "whispr_mesh_hold_seconds_sum {}",
+            load(&self.hold.sum_micros) as f64 / 1e6
+        ));
+        line(format_args!("whispr_mesh_hold_seconds_count {count}"));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_drop_reason_and_a_cumulative_histogram() {
+        let m = Metrics::default();
+        let mut stats = RouterStats::default();
+        stats.dropped.insert(DropReason::Replay, 3);
+        m.set_stats(&stats);
+        m.observe_hold(Duration::from_millis(7));
+        m.observe_hold(Duration::from_secs(2));
+        m.observe_hold(Duration::from_secs(4000));
+        let text = m.render();
+        for reason in DropReason::ALL {
+            assert!(text.contains(&format!("reason=\"{}\"", reason.label())));
+        }
+        assert!(text.contains("whispr_mesh_packets_dropped_total{reason=\"replay\"} 3\n"));
+        assert!(text.contains("whispr_mesh_hold_seconds_bucket{le=\"0.01\"} 1\n"));
+        assert!(text.contains("whispr_mesh_hold_seconds_bucket{le=\"2.5\"} 2\n"));
+        assert!(text.contains("whispr_mesh_hold_seconds_bucket{le=\"600\"} 2\n"));
+        assert!(text.contains("whispr_mesh_hold_seconds_bucket{le=\"+Inf\"} 3\n"));
+        assert!(text.contains("whispr_mesh_hold_seconds_count 3\n"));
+    }
+}

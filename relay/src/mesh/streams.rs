@@ -1,0 +1,370 @@
+//! The packet and client stream protocols: per-peer sender tasks, inbound readers with
+//! backpressure, and the client ingress of edge relays.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
+use libp2p::{PeerId, Stream, StreamProtocol};
+use libp2p_stream::{Control, IncomingStreams};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use whispr_protocol::NodeId;
+use whispr_protocol::sphinx::{PACKET_SIZE, Packet};
+
+use super::Shared;
+use super::engine::{RouterEvent, submit};
+use super::metrics::Metrics;
+use crate::router::{DropReason, Source};
+
+/// The packet protocol between nodes: raw frames of exactly `PACKET_SIZE` bytes.
+pub const PACKETS_PROTOCOL: StreamProtocol = StreamProtocol::new("/whispr/packets/1");
+/// The client protocol of edge relays: frames of `PACKET_SIZE` bytes, each answered with a
+/// status byte ([`client_status_code`]).
+pub const CLIENT_PROTOCOL: StreamProtocol = StreamProtocol::new("/whispr/client/1");
+
+/// First back-off after a failed stream open or write.
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+/// Longest back-off.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Opening a stream (dial included) gives up after this.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
+/// A frame write that makes no progress for this long breaks the stream.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A client stream idle for this long is closed.
+const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Concurrent inbound packet streams from one peer, at most.
+const PEER_STREAMS_MAX: usize = 4;
+
+/// The status byte answering a client frame on [`CLIENT_PROTOCOL`]:
+///
+/// | code | meaning |
+/// |---|---|
+/// | 0 | accepted |
+/// | 1 | `wrong_size` |
+/// | 2 | `unknown_epoch` |
+/// | 3 | `malformed` |
+/// | 4 | `replay` |
+/// | 5 | `replay_filter_full` |
+/// | 6 | `queue_full` (also: the relay is shutting down) |
+/// | 7 | `rate_limited` |
+/// | 8 | `not_edge` |
+/// | 9 | `unknown_next_hop` |
+/// | 10 | `no_destination` |
+/// | 11 | `delay_too_long` |
+///
+/// Other values are reserved; a client should treat them as a refusal.
+pub fn client_status_code(verdict: Result<(), DropReason>) -> u8 {
+    match verdict {
+        Ok(()) => 0,
+        Err(DropReason::WrongSize) => 1,
+        Err(DropReason::UnknownEpoch) => 2,
+        Err(DropReason::Malformed) => 3,
+        Err(DropReason::Replay) => 4,
+        Err(DropReason::ReplayFilterFull) => 5,
+        Err(DropReason::QueueFull) => 6,
+        Err(DropReason::RateLimited) => 7,
+        Err(DropReason::NotEdge) => 8,
+        Err(DropReason::UnknownNextHop) => 9,
+        Err(DropReason::NoDestination) => 10,
+        Err(DropReason::DelayTooLong) => 11,
+    }
+}
+
+/// The verdict a status byte stands for ([`client_status_code`]); `None` for a reserved value.
+pub fn client_status_decode(code: u8) -> Option<Result<(), DropReason>> {
+    if code == 0 {
+        return Some(Ok(()));
+    }
+    DropReason::ALL
+        .into_iter()
+        .find(|r| client_status_code(Err(*r)) == code)
+        .map(Err)
+}
+
+/// The node id of an Ed25519 peer id (the node id is the Ed25519 public key); `None` for
+/// other key types.
+pub(crate) fn node_id_of(peer: &PeerId) -> Option<NodeId> {
+    let bytes = peer.to_bytes();
+    let key = bytes.strip_prefix(&[0x00, 0x24, 0x08, 0x01, 0x12, 0x20][..])?;
+    NodeId::from_slice("peer id", key).ok()
+}
+
+/// The peer id of a node.
+pub(crate) fn peer_id_of(node: &NodeId) -> Option<PeerId> {
+    PeerId::from_bytes(&node.libp2p_peer_id_bytes()).ok()
+}
+
+/// Sends the packets of one next hop over one long-lived stream, reopening it (and so
+/// re-dialling) with back-off after a failure. A packet whose stream could not be opened or
+/// whose write failed is counted in `send_failed` and dropped.
+pub(crate) async fn peer_sender(
+    peer: PeerId,
+    mut packets: mpsc::Receiver<Packet>,
+    mut control: Control,
+    shared: Arc<Shared>,
+) {
+    let metrics: &Metrics = &shared.metrics;
+    let mut stream: Option<Stream> = None;
+    let mut backoff = BACKOFF_MIN;
+    let mut next_attempt = Instant::now();
+    while let Some(packet) = packets.recv().await {
+        if stream.is_none() {
+            tokio::time::sleep_until(next_attempt).await;
+            match tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, PACKETS_PROTOCOL))
+                .await
+            {
+                Ok(Ok(s)) => {
+                    stream = Some(s);
+                    backoff = BACKOFF_MIN;
+                }
+                Ok(Err(_)) | Err(_) => {
+                    metrics.send_failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("packet stream could not be opened; backing off");
+                    next_attempt = Instant::now() + backoff;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            }
+        }
+        let Some(s) = stream.as_mut() else {
+            continue;
+        };
+        let mut frames = vec![packet];
+        // Write what else is queued before flushing once.
+        while frames.len() < 64 {
+            match packets.try_recv() {
+                Ok(p) => frames.push(p),
+                Err(_) => break,
+            }
+        }
+        let count = frames.len();
+        let written = tokio::time::timeout(WRITE_TIMEOUT, async {
+            let mut done = 0usize;
+            for frame in &frames {
+                s.write_all(frame.as_bytes()).await.map_err(|_| done)?;
+                done = done.saturating_add(1);
+            }
+            s.flush().await.map_err(|_| done)?;
+            Ok::<(), usize>(())
+        })
+        .await;
+        let failed = match written {
+            Ok(Ok(())) => 0,
+            // Frames before the failing one may or may not have arrived; count the rest.
+            Ok(Err(done)) => count.saturating_sub(done),
+            Err(_) => count,
+        };
+        if failed > 0 {
+            metrics
+                .send_failed
+                .fetch_add(u64::try_from(failed).unwrap_or(u64::MAX), Ordering::Relaxed);
+            tracing::debug!(failed, "packet stream broke; reopening with back-off");
+            stream = None;
+            next_attempt = Instant::now() + backoff;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+    if let Some(mut s) = stream {
+        let _ = s.close().await;
+    }
+}
+
+/// Counts inbound streams per peer; the count goes down when the guard drops.
+#[derive(Clone, Default)]
+struct PerPeer(Arc<Mutex<HashMap<NodeId, usize>>>);
+
+struct PerPeerGuard {
+    table: PerPeer,
+    node: NodeId,
+}
+
+impl PerPeer {
+    fn enter(&self, node: NodeId) -> Option<PerPeerGuard> {
+        let mut table = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = table.entry(node).or_insert(0);
+        if *count >= PEER_STREAMS_MAX {
+            return None;
+        }
+        *count = count.saturating_add(1);
+        Some(PerPeerGuard {
+            table: self.clone(),
+            node,
+        })
+    }
+}
+
+impl Drop for PerPeerGuard {
+    fn drop(&mut self) {
+        let mut table = self.table.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = table.get_mut(&self.node) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                table.remove(&self.node);
+            }
+        }
+    }
+}
+
+/// Accepts inbound packet streams: at most `streams_max` in all and [`PEER_STREAMS_MAX`] per
+/// peer; a peer whose id is not an Ed25519 key has its stream closed.
+pub(crate) async fn accept_peers(
+    mut incoming: IncomingStreams,
+    inbox: mpsc::Sender<RouterEvent>,
+    capacity: watch::Receiver<bool>,
+    streams_max: usize,
+    shared: Arc<Shared>,
+) {
+    let limit = Arc::new(Semaphore::new(streams_max.max(1)));
+    let per_peer = PerPeer::default();
+    let mut readers = JoinSet::new();
+    loop {
+        let (peer, stream) = tokio::select! {
+            next = incoming.next() => match next {
+                Some(s) => s,
+                None => break,
+            },
+            Some(_) = readers.join_next(), if !readers.is_empty() => continue,
+        };
+        let refuse = || {
+            shared
+                .metrics
+                .peer_streams_refused
+                .fetch_add(1, Ordering::Relaxed);
+        };
+        let Some(node) = node_id_of(&peer) else {
+            refuse();
+            drop(stream);
+            continue;
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            refuse();
+            continue;
+        };
+        let Some(guard) = per_peer.enter(node) else {
+            refuse();
+            continue;
+        };
+        readers.spawn(read_peer(
+            node,
+            stream,
+            inbox.clone(),
+            capacity.clone(),
+            (permit, guard),
+        ));
+    }
+}
+
+async fn read_peer<G: Send>(
+    node: NodeId,
+    mut stream: Stream,
+    inbox: mpsc::Sender<RouterEvent>,
+    mut capacity: watch::Receiver<bool>,
+    _guards: G,
+) {
+    loop {
+        // Backpressure: read the next frame only when the router can take it.
+        if capacity.wait_for(|has| *has).await.is_err() {
+            break;
+        }
+        let mut frame = vec![0u8; PACKET_SIZE];
+        if stream.read_exact(&mut frame).await.is_err() {
+            break;
+        }
+        let event = RouterEvent::Packet {
+            from: Source::Peer(node),
+            bytes: frame,
+            reply: None,
+        };
+        if inbox.send(event).await.is_err() {
+            break;
+        }
+    }
+    let _ = stream.close().await;
+}
+
+/// Accepts client streams, at most `streams_max` at once (others are closed at once).
+pub(crate) async fn accept_clients(
+    mut incoming: IncomingStreams,
+    shared: Arc<Shared>,
+    streams_max: usize,
+) {
+    let limit = Arc::new(Semaphore::new(streams_max.max(1)));
+    let mut clients = JoinSet::new();
+    loop {
+        let (_peer, stream) = tokio::select! {
+            next = incoming.next() => match next {
+                Some(s) => s,
+                None => break,
+            },
+            Some(_) = clients.join_next(), if !clients.is_empty() => continue,
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            shared
+                .metrics
+                .client_streams_refused
+                .fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+            continue;
+        };
+        clients.spawn(serve_client(stream, shared.clone(), permit));
+    }
+}
+
+async fn serve_client(
+    mut stream: Stream,
+    shared: Arc<Shared>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let metrics = &shared.metrics;
+    metrics.client_streams.fetch_add(1, Ordering::Relaxed);
+    let client = crate::router::ClientId(shared.next_client.fetch_add(1, Ordering::Relaxed));
+    loop {
+        let mut frame = vec![0u8; PACKET_SIZE];
+        match tokio::time::timeout(CLIENT_IDLE_TIMEOUT, stream.read_exact(&mut frame)).await {
+            Ok(Ok(())) => {}
+            _ => break,
+        }
+        let verdict = submit(&shared.inbox, Source::Client(client), frame).await;
+        let code = client_status_code(verdict);
+        let answered = tokio::time::timeout(WRITE_TIMEOUT, async {
+            stream.write_all(&[code]).await?;
+            stream.flush().await
+        })
+        .await;
+        if !matches!(answered, Ok(Ok(()))) {
+            break;
+        }
+    }
+    let _ = stream.close().await;
+    let _ = shared.inbox.send(RouterEvent::ClientClosed(client)).await;
+    metrics.client_streams.fetch_sub(1, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_codes_round_trip() {
+        assert_eq!(client_status_decode(0), Some(Ok(())));
+        for (i, reason) in DropReason::ALL.into_iter().enumerate() {
+            let code = client_status_code(Err(reason));
+            assert_eq!(usize::from(code), i + 1);
+            assert_eq!(client_status_decode(code), Some(Err(reason)));
+        }
+        assert_eq!(client_status_decode(200), None);
+    }
+
+    #[test]
+    fn peer_ids_and_node_ids_convert() {
+        let keypair = libp2p::identity::Keypair::generate_ed25519();
+        let peer = keypair.public().to_peer_id();
+        let node = node_id_of(&peer).unwrap();
+        assert_eq!(peer_id_of(&node), Some(peer));
+        assert_eq!(node.libp2p_peer_id_bytes(), peer.to_bytes());
+    }
+}

@@ -1,0 +1,409 @@
+//! The mesh driver over real sockets: three in-process nodes on 127.0.0.1 (an edge relay, a
+//! layer-1 mix and a destination node with a recording [`LocalDestination`]) find each other
+//! through the first one, gossip their descriptors, and carry a Sphinx packet end to end,
+//! from the HTTP-style `submit_client` and from the libp2p client protocol.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use whispr_protocol::directory::{Directory, Role};
+use whispr_protocol::sphinx::{Packet, RouteHop, build_packet};
+use whispr_protocol::{DestinationAddress, KeyEpoch, NodeId};
+use whispr_relay::config::{MeshConfig, RelayRole};
+use whispr_relay::mesh::{
+    CLIENT_PROTOCOL, LocalDestination, Mesh, MeshError, MeshHandle, MeshOptions,
+    client_status_decode, unix_now,
+};
+use whispr_relay::router::{Delivery, DropReason, RouterConfig};
+
+/// Records what reaches the destination.
+struct Recorder(mpsc::UnboundedSender<Delivery>);
+
+impl LocalDestination for Recorder {
+    fn deliver(&self, delivery: Delivery) {
+        let _ = self.0.send(delivery);
+    }
+}
+
+struct Node {
+    handle: MeshHandle,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), MeshError>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    async fn stop(mut self) -> MeshHandle {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(10), &mut self.task)
+            .await
+            .expect("mesh stops within 10 s")
+            .unwrap()
+            .unwrap();
+        self.handle
+    }
+}
+
+fn mesh_config(
+    roles: Vec<RelayRole>,
+    mix_layer: u32,
+    edge: bool,
+    bootstrap: &[String],
+) -> MeshConfig {
+    MeshConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
+        bootstrap: bootstrap.to_vec(),
+        roles,
+        mix_layer,
+        descriptor_publish_ms: 300,
+        descriptor_validity_ms: 60_000,
+        router: RouterConfig {
+            edge,
+            ..RouterConfig::default()
+        },
+        ..MeshConfig::default()
+    }
+}
+
+fn start(
+    config: MeshConfig,
+    extra_roles: Vec<Role>,
+    destination: Option<Arc<dyn LocalDestination>>,
+) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let (handle, runner) = Mesh::new(MeshOptions {
+        config,
+        data_dir: dir.path().to_path_buf(),
+        extra_roles,
+    })
+    .unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(runner.run(destination, async {
+        let _ = stopped.await;
+    }));
+    Node {
+        handle,
+        stop: Some(stop),
+        task,
+        _dir: dir,
+    }
+}
+
+/// Bootstrap address of a node: its first listen address with `/p2p/<peer id>`.
+fn bootstrap_addr(handle: &MeshHandle) -> String {
+    let addrs = handle.listen_addrs();
+    assert!(
+        !addrs.is_empty(),
+        "a 127.0.0.1 listener is known after new()"
+    );
+    format!("{}/p2p/{}", addrs[0], handle.peer_id())
+}
+
+async fn wait_for_directories(nodes: &[&MeshHandle], size: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if nodes.iter().all(|n| n.directory().len() == size) {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let sizes: Vec<usize> = nodes.iter().map(|n| n.directory().len()).collect();
+            panic!("directories did not reach {size} nodes in 30 s: {sizes:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn hop(directory: &Directory, node: NodeId, epoch: KeyEpoch) -> RouteHop {
+    let descriptor = directory.get(&node).expect("node in the directory");
+    RouteHop {
+        node,
+        sphinx_key: *descriptor.sphinx_key(epoch).expect("key for the epoch"),
+    }
+}
+
+fn packet(route: &[RouteHop], destination: DestinationAddress, plaintext: &[u8]) -> Packet {
+    let delays = vec![Duration::ZERO; route.len() - 1];
+    build_packet(&mut rand::rng(), route, &delays, destination, plaintext).unwrap()
+}
+
+async fn next_delivery(rx: &mut mpsc::UnboundedReceiver<Delivery>) -> Delivery {
+    tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("a delivery within 20 s")
+        .expect("recorder alive")
+}
+
+/// Captures this crate's logs (debug and up) so the test can check they carry no
+/// identifiers.
+fn captured_logs() -> &'static Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("whispr_relay=debug"))
+            .with_writer(move || LogWriter(sink.clone()))
+            .with_ansi(false)
+            .finish();
+        let _ = tracing::subscriber::set_global_default(subscriber);
+        logs
+    })
+}
+
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A bare libp2p client (random identity, only the stream behaviour) connected to `edge`.
+async fn client_control(edge: &MeshHandle) -> (libp2p_stream::Control, JoinHandle<()>) {
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default(),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|_| libp2p_stream::Behaviour::new())
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    let control = swarm.behaviour().new_control();
+    let addr: libp2p::Multiaddr = bootstrap_addr(edge).parse().unwrap();
+    swarm.dial(addr).unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let _ = swarm.select_next_some().await;
+        }
+    });
+    (control, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_carry_a_packet_end_to_end() {
+    let logs = captured_logs();
+
+    let edge = start(
+        mesh_config(vec![RelayRole::Edge], 0, true, &[]),
+        vec![],
+        None,
+    );
+    let bootstrap = [bootstrap_addr(&edge.handle)];
+    let mix = start(
+        mesh_config(vec![RelayRole::Mix], 1, false, &bootstrap),
+        vec![],
+        None,
+    );
+    let (deliveries_tx, mut deliveries) = mpsc::unbounded_channel();
+    let destination = start(
+        mesh_config(vec![], 0, false, &bootstrap),
+        vec![Role::Mailbox],
+        Some(Arc::new(Recorder(deliveries_tx))),
+    );
+    let handles = [&edge.handle, &mix.handle, &destination.handle];
+    wait_for_directories(&handles, 3).await;
+    for h in handles {
+        assert!(h.is_healthy());
+        assert!(
+            h.directory().get(&h.node_id()).is_some(),
+            "own descriptor held"
+        );
+        let encoded = h.directory_bytes();
+        let (decoded, rejected) = Directory::decode(unix_now(), &encoded).unwrap();
+        assert_eq!((decoded.len(), rejected.len()), (3, 0));
+    }
+
+    // A packet along edge → mix → destination, submitted as from an HTTP client.
+    let directory = edge.handle.directory();
+    let epoch = KeyEpoch::containing(
+        unix_now(),
+        Duration::from_millis(RouterConfig::default().epoch_len_ms),
+    );
+    let route = [
+        hop(&directory, edge.handle.node_id(), epoch),
+        hop(&directory, mix.handle.node_id(), epoch),
+        hop(&directory, destination.handle.node_id(), epoch),
+    ];
+    let address = DestinationAddress([7u8; 32]);
+    let plaintext = b"through the mesh".to_vec();
+    let bytes = packet(&route, address, &plaintext).into_bytes();
+    let client = edge.handle.new_client_id();
+    assert_eq!(
+        edge.handle.submit_client(client, bytes.clone()).await,
+        Ok(())
+    );
+    match next_delivery(&mut deliveries).await {
+        Delivery::Final {
+            destination: got,
+            plaintext: got_plaintext,
+        } => {
+            assert_eq!(got, address);
+            assert_eq!(got_plaintext, plaintext);
+        }
+        other => panic!("unexpected delivery {other:?}"),
+    }
+
+    // The same bytes again: the edge's replay filter refuses them.
+    assert_eq!(
+        edge.handle.submit_client(client, bytes).await,
+        Err(DropReason::Replay)
+    );
+    // Not a packet's size.
+    assert_eq!(
+        edge.handle.submit_client(client, vec![0u8; 100]).await,
+        Err(DropReason::WrongSize)
+    );
+    edge.handle.client_closed(client);
+    // A mix relay takes no client packets.
+    let other = packet(&route, address, b"x").into_bytes();
+    assert_eq!(
+        mix.handle
+            .submit_client(mix.handle.new_client_id(), other)
+            .await,
+        Err(DropReason::NotEdge)
+    );
+
+    // The libp2p client protocol: one status byte per frame.
+    let (mut control, client_swarm) = client_control(&edge.handle).await;
+    let mut stream = tokio::time::timeout(
+        Duration::from_secs(10),
+        control.open_stream(edge.handle.peer_id(), CLIENT_PROTOCOL),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let second = packet(&route, address, b"over the client protocol");
+    let mut status = [0u8; 1];
+    stream.write_all(second.as_bytes()).await.unwrap();
+    stream.flush().await.unwrap();
+    stream.read_exact(&mut status).await.unwrap();
+    assert_eq!(client_status_decode(status[0]), Some(Ok(())));
+    match next_delivery(&mut deliveries).await {
+        Delivery::Final { plaintext, .. } => assert_eq!(plaintext, b"over the client protocol"),
+        other => panic!("unexpected delivery {other:?}"),
+    }
+    stream.write_all(second.as_bytes()).await.unwrap();
+    stream.flush().await.unwrap();
+    stream.read_exact(&mut status).await.unwrap();
+    assert_eq!(
+        client_status_decode(status[0]),
+        Some(Err(DropReason::Replay))
+    );
+    drop(stream);
+    client_swarm.abort();
+
+    // A packet this node originates, with itself as first hop, goes through its router.
+    let local = packet(&route, address, b"sent locally");
+    edge.handle.send(edge.handle.node_id(), local).unwrap();
+    match next_delivery(&mut deliveries).await {
+        Delivery::Final { plaintext, .. } => assert_eq!(plaintext, b"sent locally"),
+        other => panic!("unexpected delivery {other:?}"),
+    }
+    // And one sent straight to a remote first hop (the mix) skips the local router.
+    let from_mix = packet(&route[1..], address, b"first hop remote");
+    edge.handle.send(mix.handle.node_id(), from_mix).unwrap();
+    match next_delivery(&mut deliveries).await {
+        Delivery::Final { plaintext, .. } => assert_eq!(plaintext, b"first hop remote"),
+        other => panic!("unexpected delivery {other:?}"),
+    }
+    let stranger = NodeId([9u8; 32]);
+    assert!(matches!(
+        edge.handle.send(stranger, packet(&route, address, b"?")),
+        Err(MeshError::UnknownHop)
+    ));
+
+    // Metrics.
+    let edge_metrics = edge.handle.metrics_text();
+    for line in [
+        "whispr_mesh_packets_dropped_total{reason=\"replay\"} 2\n",
+        "whispr_mesh_packets_dropped_total{reason=\"wrong_size\"} 1\n",
+        "whispr_mesh_packets_dropped_total{reason=\"not_edge\"} 0\n",
+        "whispr_mesh_packets_in_total{source=\"client\"} 5\n",
+        "whispr_mesh_packets_in_total{source=\"local\"} 1\n",
+        "whispr_mesh_directory_nodes 3\n",
+        "whispr_mesh_send_failed_total 0\n",
+    ] {
+        assert!(
+            edge_metrics.contains(line),
+            "missing {line:?} in:\n{edge_metrics}"
+        );
+    }
+    assert!(edge_metrics.contains("whispr_mesh_hold_seconds_count "));
+    assert!(edge_metrics.contains("whispr_mesh_peers_connected "));
+    let destination_metrics = destination.handle.metrics_text();
+    assert!(
+        destination_metrics.contains("whispr_mesh_packets_delivered_total 4\n"),
+        "{destination_metrics}"
+    );
+    let mix_metrics = mix.handle.metrics_text();
+    assert!(
+        mix_metrics.contains("whispr_mesh_packets_dropped_total{reason=\"not_edge\"} 1\n"),
+        "{mix_metrics}"
+    );
+
+    // Shutdown: the handle reports it.
+    let identifiers: Vec<String> = handles
+        .iter()
+        .flat_map(|h| {
+            let node = h.node_id();
+            let mut ids = vec![h.peer_id().to_string(), hex::encode(node.0)];
+            ids.extend(h.listen_addrs().iter().map(|a| a.to_string()));
+            ids
+        })
+        .collect();
+    let edge_handle = edge.stop().await;
+    assert!(!edge_handle.is_healthy());
+    assert!(matches!(
+        edge_handle.send(edge_handle.node_id(), packet(&route, address, b"late")),
+        Err(MeshError::Stopped)
+    ));
+    mix.stop().await;
+    destination.stop().await;
+
+    let logs = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    for id in identifiers {
+        assert!(
+            !logs.contains(&id),
+            "an identifier reached the logs:\n{logs}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn bad_configurations_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let no_role = Mesh::new(MeshOptions {
+        config: mesh_config(vec![], 0, false, &[]),
+        data_dir: dir.path().to_path_buf(),
+        extra_roles: vec![],
+    });
+    assert!(matches!(no_role, Err(MeshError::Config(_))));
+    let mut bad_listen = mesh_config(vec![RelayRole::Edge], 0, true, &[]);
+    bad_listen.listen = vec!["/ip4/127.0.0.1/udp/0".into()];
+    let refused = Mesh::new(MeshOptions {
+        config: bad_listen,
+        data_dir: dir.path().to_path_buf(),
+        extra_roles: vec![],
+    });
+    assert!(matches!(refused, Err(MeshError::Listen(_))), "{refused:?}");
+}

@@ -1319,6 +1319,10 @@ async fn metrics(State(node): State<MailboxNode>) -> Response {
         "Synced RocksDB writes.",
         store.synced_writes,
     );
+    if let Some((mesh, mesh_metrics)) = node.mesh() {
+        out.push_str(&mesh_metrics.render());
+        out.push_str(&mesh.metrics_text());
+    }
     let mut response = out.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

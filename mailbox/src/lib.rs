@@ -30,6 +30,7 @@ pub mod core;
 pub mod crypto;
 pub mod error;
 pub mod http;
+pub mod mesh;
 pub mod node;
 pub mod pii;
 pub mod rocks;

@@ -14,9 +14,12 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use whispr_mailbox::core::Incoming;
+use whispr_mailbox::mesh::{MailboxDestination, MeshMetrics, MeshReplies};
 use whispr_mailbox::node::{MailboxNode, NoMesh, NodeConfig, now};
 use whispr_mailbox::testkit::Owner;
+use whispr_protocol::directory::Role;
 use whispr_protocol::{DedupId, UnixTime};
+use whispr_relay::mesh::{Mesh, MeshOptions};
 
 #[derive(Parser)]
 #[command(name = "whispr-mailbox", version, about = "Whispr Mesh mailbox node")]
@@ -111,14 +114,54 @@ fn main() -> anyhow::Result<()> {
 async fn run(config: NodeConfig) -> anyhow::Result<()> {
     let listen = config.api.listen;
     let tls = config.api.tls_cert_file.is_some();
-    let node =
-        MailboxNode::open(config, Arc::new(NoMesh::default())).context("opening the node")?;
     let listener = std::net::TcpListener::bind(listen)
         .with_context(|| format!("api.listen: cannot bind {listen}"))?;
     let port = listener.local_addr()?.port();
-    // The port only: addresses stay out of logs.
-    tracing::info!(port, tls, "mailbox node started");
-    node.serve(listener, shutdown_signal()).await?;
+    let Some(mesh_config) = config.mesh.clone() else {
+        let node =
+            MailboxNode::open(config, Arc::new(NoMesh::default())).context("opening the node")?;
+        // The port only: addresses stay out of logs.
+        tracing::info!(port, tls, mesh = false, "mailbox node started");
+        node.serve(listener, shutdown_signal()).await?;
+        tracing::info!("stopped");
+        return Ok(());
+    };
+    let data_dir = config.data_dir.clone();
+    let (mesh, runner) = Mesh::new(MeshOptions {
+        config: mesh_config,
+        data_dir: data_dir.clone(),
+        extra_roles: vec![Role::Mailbox],
+    })
+    .context("joining the mesh")?;
+    let metrics = Arc::new(MeshMetrics::default());
+    let node = MailboxNode::open(
+        config,
+        Arc::new(MeshReplies::new(mesh.clone(), metrics.clone())),
+    )
+    .context("opening the node")?;
+    node.attach_mesh(mesh.clone(), metrics.clone());
+    whispr_relay::node_info::write_node_info(&data_dir, &mesh, port);
+    tracing::info!(port, tls, mesh = true, "mailbox node started");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut mesh_stop = stop_rx.clone();
+    let destination = Arc::new(MailboxDestination::new(node.clone(), metrics));
+    let mesh_task = tokio::spawn(runner.run(Some(destination), async move {
+        let _ = mesh_stop.changed().await;
+    }));
+    let mut http_stop = stop_rx;
+    let http = tokio::spawn({
+        let node = node.clone();
+        async move {
+            node.serve(listener, async move {
+                let _ = http_stop.changed().await;
+            })
+            .await
+        }
+    });
+    shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    let _ = http.await;
+    mesh_task.await.context("mesh task")?.context("mesh")?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -66,6 +66,10 @@ pub struct NodeConfig {
     /// Seed for every random choice (tests and the simulator only); `None` draws from the OS.
     #[serde(default)]
     pub rng_seed: Option<u64>,
+    /// Joining the mesh (deposits, prekey requests and SURB replies arrive through it). Without
+    /// this section the node serves its owners only.
+    #[serde(default)]
+    pub mesh: Option<whispr_relay::config::MeshConfig>,
 }
 
 fn default_audience() -> String {
@@ -149,6 +153,7 @@ impl NodeConfig {
             commit: CommitConfig::default(),
             rocksdb: RocksOptions::default(),
             rng_seed: None,
+            mesh: None,
         }
     }
 
@@ -168,6 +173,18 @@ impl NodeConfig {
 
     /// Checks values that TOML types cannot.
     pub fn check(&self) -> Result<(), ConfigError> {
+        if let Some(mesh) = &self.mesh {
+            mesh.check().map_err(|e| ConfigError {
+                key: e.key,
+                problem: e.problem,
+            })?;
+            if !mesh.roles.is_empty() || mesh.mix_layer != 0 {
+                return Err(ConfigError {
+                    key: "mesh.roles".into(),
+                    problem: "a mailbox node has the mailbox role only; leave roles empty".into(),
+                });
+            }
+        }
         let fail = |key: &str, problem: &str| {
             Err(ConfigError {
                 key: key.into(),
@@ -294,6 +311,11 @@ pub(crate) struct Shared {
     /// Woken when a sweep is scheduled.
     sweeper_wake: Notify,
     replies: Arc<dyn ReplySink>,
+    /// The embedded mesh, once joined.
+    mesh: std::sync::OnceLock<(
+        whispr_relay::mesh::MeshHandle,
+        Arc<crate::mesh::MeshMetrics>,
+    )>,
     pub(crate) metrics: Metrics,
     /// Open long polls and streams per mailbox.
     pub(crate) mailbox_connections: Mutex<BTreeMap<[u8; 32], usize>>,
@@ -367,6 +389,7 @@ impl MailboxNode {
                 new_messages: Notify::new(),
                 sweeper_wake: Notify::new(),
                 replies,
+                mesh: std::sync::OnceLock::new(),
                 metrics: Metrics::default(),
                 mailbox_connections: Mutex::new(BTreeMap::new()),
                 limiter: Mutex::new(limiter),
@@ -404,7 +427,27 @@ impl MailboxNode {
 
     /// False once the store is poisoned.
     pub fn is_healthy(&self) -> bool {
-        !self.core().store().is_poisoned()
+        !self.core().store().is_poisoned() && self.mesh().is_none_or(|(mesh, _)| mesh.is_healthy())
+    }
+
+    /// Records the mesh this node joined: its routes (`GET /v1/directory`), metrics and
+    /// health join the node's API. Only the first call counts.
+    pub fn attach_mesh(
+        &self,
+        mesh: whispr_relay::mesh::MeshHandle,
+        metrics: Arc<crate::mesh::MeshMetrics>,
+    ) {
+        let _ = self.shared.mesh.set((mesh, metrics));
+    }
+
+    /// The mesh, if joined.
+    pub fn mesh(
+        &self,
+    ) -> Option<&(
+        whispr_relay::mesh::MeshHandle,
+        Arc<crate::mesh::MeshMetrics>,
+    )> {
+        self.shared.mesh.get()
     }
 
     /// Hands core outputs to the mesh (replies) and the timer queue (sweeps).
@@ -607,31 +650,18 @@ impl MailboxNode {
         listener: std::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        listener.set_nonblocking(true)?;
-        let app =
-            crate::http::router(self.clone()).into_make_service_with_connect_info::<SocketAddr>();
-        let handle = axum_server::Handle::new();
-        let h = handle.clone();
-        tokio::spawn(async move {
-            shutdown.await;
-            h.graceful_shutdown(Some(Duration::from_secs(5)));
-        });
-        let api = &self.shared.config.api;
-        match (&api.tls_cert_file, &api.tls_key_file) {
-            (Some(cert), Some(key)) => {
-                let _ = rustls::crypto::ring::default_provider().install_default();
-                let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key).await?;
-                axum_server::tls_rustls::from_tcp_rustls(listener, tls)?
-                    .handle(handle)
-                    .serve(app)
-                    .await
-            }
-            _ => {
-                axum_server::from_tcp(listener)?
-                    .handle(handle)
-                    .serve(app)
-                    .await
-            }
+        let mut app = crate::http::router(self.clone());
+        if let Some((mesh, _)) = self.mesh() {
+            app = app.merge(whispr_relay::http::mesh_routes(mesh.clone(), None));
         }
+        let api = &self.shared.config.api;
+        let tls = match (&api.tls_cert_file, &api.tls_key_file) {
+            (Some(cert), Some(key)) => Some(whispr_relay::http::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        };
+        whispr_relay::http::serve(app, listener, tls, shutdown).await
     }
 }

@@ -154,3 +154,16 @@ impl Owner {
         )
     }
 }
+
+/// The JSON body of `POST /v1/mailboxes` for `req`.
+pub fn create_body(req: &CreateMailbox) -> serde_json::Value {
+    serde_json::json!({
+        "mailbox_id": hex::encode(req.mailbox_id.as_bytes()),
+        "mailbox_key": hex::encode(req.mailbox_key),
+        "owner_key": hex::encode(req.owner_key),
+        "access_key_hash": hex::encode(req.access_key_hash),
+        "reply_key": req.reply_key.map(hex::encode),
+        "retention_ms": req.retention_ms,
+        "signature": hex::encode(req.signature),
+    })
+}

@@ -24,10 +24,10 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite;
 use whispr_mailbox::MailboxError;
-use whispr_mailbox::core::{CreateMailbox, DepositReceipt, Incoming};
+use whispr_mailbox::core::{DepositReceipt, Incoming};
 use whispr_mailbox::http::ConnectionLimiter;
 use whispr_mailbox::node::{MailboxNode, NoMesh, NodeConfig};
-use whispr_mailbox::testkit::Owner;
+use whispr_mailbox::testkit::{Owner, create_body};
 use whispr_protocol::DedupId;
 use whispr_protocol::envelope::Envelope;
 use whispr_protocol::prekeys::{SignedPrekey, sign_identity};
@@ -45,18 +45,6 @@ fn mid(owner: &Owner) -> String {
 
 fn key_hex(device: &SigningKey) -> String {
     hex::encode(device.verifying_key().to_bytes())
-}
-
-fn create_body(req: &CreateMailbox) -> Value {
-    json!({
-        "mailbox_id": hex::encode(req.mailbox_id.as_bytes()),
-        "mailbox_key": hex::encode(req.mailbox_key),
-        "owner_key": hex::encode(req.owner_key),
-        "access_key_hash": hex::encode(req.access_key_hash),
-        "reply_key": req.reply_key.map(hex::encode),
-        "retention_ms": req.retention_ms,
-        "signature": hex::encode(req.signature),
-    })
 }
 
 fn http_client() -> reqwest::Client {

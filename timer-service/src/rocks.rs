@@ -18,10 +18,9 @@ use std::path::{Path, PathBuf};
 
 use rocksdb::statistics::Ticker;
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType,
+    Cache, ColumnFamily, ColumnFamilyDescriptor, DB,
     IteratorMode, Options, WriteBatch, WriteOptions,
 };
-use serde::{Deserialize, Serialize};
 use whispr_protocol::UnixTime;
 
 use crate::error::{Result, TimerError};
@@ -40,89 +39,9 @@ const FAMILIES: [&str; 3] = [CF_TASKS, CF_PAYLOADS, CF_META];
 /// Length of a key in `tasks`.
 const TASK_KEY_LEN: usize = 8 + 16;
 
-const MIB: usize = 1024 * 1024;
-
-/// RocksDB tuning for a [`RocksStore`]. Every cache and buffer is bounded here.
-///
-/// Memory use is roughly `block_cache_bytes` + `db_write_buffer_bytes` (the memtables of all
-/// column families together; each one is flushed at `write_buffer_bytes`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RocksOptions {
-    /// Size of one column family's memtable before it is flushed to an SST file. Default
-    /// 8 MiB.
-    pub write_buffer_bytes: usize,
-    /// Memtables of one column family held at once (the active one and those being flushed).
-    /// Default 2.
-    pub max_write_buffers: u32,
-    /// Total memtable size over all column families; reaching it forces a flush. Default
-    /// 32 MiB.
-    pub db_write_buffer_bytes: usize,
-    /// Shared LRU cache of SST blocks. Default 32 MiB.
-    pub block_cache_bytes: usize,
-    /// Most files RocksDB keeps open. Default 256.
-    pub max_open_files: u32,
-    /// WAL size over all column families after which memtables are flushed so that old WAL
-    /// files can be deleted. Default 64 MiB.
-    pub max_total_wal_bytes: u64,
-    /// RocksDB's informational `LOG` files kept (rotated at 8 MiB). Default 4.
-    pub info_log_files_kept: u32,
-    /// Record RocksDB statistics (read by [`RocksStore::statistics`],
-    /// [`RocksStore::bytes_written`], [`RocksStore::wal_bytes_written`], and the mailbox
-    /// store's counters). Default true.
-    pub statistics: bool,
-}
-
-impl Default for RocksOptions {
-    fn default() -> Self {
-        RocksOptions {
-            write_buffer_bytes: 8 * MIB,
-            max_write_buffers: 2,
-            db_write_buffer_bytes: 32 * MIB,
-            block_cache_bytes: 32 * MIB,
-            max_open_files: 256,
-            max_total_wal_bytes: 64 * 1024 * 1024,
-            info_log_files_kept: 4,
-            statistics: true,
-        }
-    }
-}
-
-impl RocksOptions {
-    /// The database-wide options (also used by the mailbox store).
-    pub fn db_options(&self) -> Options {
-        let mut opts = Options::default();
-        opts.create_if_missing(true);
-        opts.create_missing_column_families(true);
-        opts.set_paranoid_checks(true);
-        opts.set_max_open_files(i32::try_from(self.max_open_files).unwrap_or(i32::MAX));
-        opts.set_db_write_buffer_size(self.db_write_buffer_bytes);
-        opts.set_max_total_wal_size(self.max_total_wal_bytes);
-        opts.set_keep_log_file_num(usize::try_from(self.info_log_files_kept).unwrap_or(1));
-        opts.set_max_log_file_size(8 * MIB);
-        opts.set_compression_type(DBCompressionType::None);
-        if self.statistics {
-            opts.enable_statistics();
-        }
-        opts
-    }
-
-    /// The options of one of our column families (also used by the mailbox store).
-    pub fn cf_options(&self, cache: &Cache) -> Options {
-        let mut table = BlockBasedOptions::default();
-        table.set_block_cache(cache);
-        let mut opts = Options::default();
-        opts.set_compression_type(DBCompressionType::None);
-        opts.set_write_buffer_size(self.write_buffer_bytes);
-        opts.set_max_write_buffer_number(i32::try_from(self.max_write_buffers).unwrap_or(2));
-        opts.set_block_based_table_factory(&table);
-        // RocksDB's default since 8.4, stated here: level sizes follow the data, so deleted
-        // ranges (range tombstones, old key prefixes) reach the bottom level and are dropped
-        // without a large space amplification.
-        opts.set_level_compaction_dynamic_level_bytes(true);
-        opts
-    }
-}
+/// RocksDB tuning, shared by every store of the project (defined with the mesh's replay
+/// store, the lowest crate that opens RocksDB).
+pub use whispr_relay::storage::RocksOptions;
 
 /// The [`TaskStore`] on RocksDB. See the module documentation for the layout.
 pub struct RocksStore {

@@ -1,0 +1,216 @@
+//! The mailbox node as a destination of the mesh.
+//!
+//! * [`MailboxDestination`] takes the final payloads the embedded mesh driver delivers: a
+//!   deposit goes through the group-commit writer ([`MailboxNode::deposit`]), a prekey request
+//!   to [`MailboxNode::handle_prekey_request`], a SURB reply into the mailbox of its
+//!   destination. Hold and cancel requests are for timer nodes and are refused (counted).
+//! * [`MeshReplies`] is the [`ReplySink`] that sends the core's ack and prekey replies back
+//!   through their SURBs.
+//!
+//! Nothing here logs an identifier; outcomes are counted in [`MeshMetrics`] and shown on
+//! `/metrics`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use whispr_protocol::payload::{FinalMessage, Reply};
+use whispr_protocol::sphinx::{Surb, use_surb};
+use whispr_protocol::{DestinationAddress, MailboxId};
+use whispr_relay::mesh::{LocalDestination, MeshHandle};
+use whispr_relay::router::Delivery;
+
+use crate::core::Incoming;
+use crate::node::{MailboxNode, ReplySink};
+
+/// Counters of the mesh side.
+#[derive(Debug, Default)]
+pub struct MeshMetrics {
+    /// Deposits from the mesh stored (or acknowledged again as duplicates).
+    pub deposits_accepted: AtomicU64,
+    /// Deposits from the mesh refused by the core (bad token, quota, rate, expired …).
+    pub deposits_refused: AtomicU64,
+    /// SURB replies stored into a mailbox.
+    pub surb_replies_accepted: AtomicU64,
+    /// SURB replies refused.
+    pub surb_replies_refused: AtomicU64,
+    /// Prekey requests answered.
+    pub prekey_requests: AtomicU64,
+    /// Prekey requests refused.
+    pub prekey_requests_refused: AtomicU64,
+    /// Final payloads that do not decode or are not for a mailbox node.
+    pub payloads_refused: AtomicU64,
+    /// Replies sent into the mesh.
+    pub replies_sent: AtomicU64,
+    /// Replies that could not be sent (bad SURB, mesh queue full).
+    pub replies_failed: AtomicU64,
+}
+
+impl MeshMetrics {
+    /// Prometheus text.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for (name, help, v) in [
+            (
+                "deposits_accepted",
+                "Deposits from the mesh stored or re-acknowledged.",
+                &self.deposits_accepted,
+            ),
+            (
+                "deposits_refused",
+                "Deposits from the mesh refused.",
+                &self.deposits_refused,
+            ),
+            (
+                "surb_replies_accepted",
+                "SURB replies stored.",
+                &self.surb_replies_accepted,
+            ),
+            (
+                "surb_replies_refused",
+                "SURB replies refused.",
+                &self.surb_replies_refused,
+            ),
+            (
+                "prekey_requests",
+                "Prekey requests answered.",
+                &self.prekey_requests,
+            ),
+            (
+                "prekey_requests_refused",
+                "Prekey requests refused.",
+                &self.prekey_requests_refused,
+            ),
+            (
+                "payloads_refused",
+                "Final payloads not for a mailbox node or undecodable.",
+                &self.payloads_refused,
+            ),
+            (
+                "replies_sent",
+                "Replies sent through SURBs.",
+                &self.replies_sent,
+            ),
+            (
+                "replies_failed",
+                "Replies that could not be sent.",
+                &self.replies_failed,
+            ),
+        ] {
+            out.push_str(&format!(
+                "# HELP whispr_mailbox_mesh_{name}_total {help}\n# TYPE whispr_mailbox_mesh_{name}_total counter\nwhispr_mailbox_mesh_{name}_total {}\n",
+                v.load(Ordering::Relaxed)
+            ));
+        }
+        out
+    }
+}
+
+/// Sends replies through SURBs into the mesh.
+pub struct MeshReplies {
+    mesh: MeshHandle,
+    metrics: Arc<MeshMetrics>,
+}
+
+impl MeshReplies {
+    /// Replies through `mesh`, counted in `metrics`.
+    pub fn new(mesh: MeshHandle, metrics: Arc<MeshMetrics>) -> MeshReplies {
+        MeshReplies { mesh, metrics }
+    }
+}
+
+impl ReplySink for MeshReplies {
+    fn send_reply(&self, surb: Surb, reply: Reply) {
+        let sent = reply
+            .encode()
+            .and_then(|bytes| use_surb(&surb, &bytes))
+            .map_err(|_| ())
+            .and_then(|(first_hop, packet)| self.mesh.send(first_hop, packet).map_err(|_| ()));
+        let counter = if sent.is_ok() {
+            &self.metrics.replies_sent
+        } else {
+            &self.metrics.replies_failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The mailbox node as the mesh's local destination.
+pub struct MailboxDestination {
+    node: MailboxNode,
+    metrics: Arc<MeshMetrics>,
+}
+
+impl MailboxDestination {
+    /// Delivers into `node`.
+    pub fn new(node: MailboxNode, metrics: Arc<MeshMetrics>) -> MailboxDestination {
+        MailboxDestination { node, metrics }
+    }
+
+    fn deposit(&self, incoming: Incoming, reply: bool) {
+        let node = self.node.clone();
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            let ok = node.deposit(incoming).await.is_ok();
+            let counter = match (reply, ok) {
+                (false, true) => &metrics.deposits_accepted,
+                (false, false) => &metrics.deposits_refused,
+                (true, true) => &metrics.surb_replies_accepted,
+                (true, false) => &metrics.surb_replies_refused,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        });
+    }
+}
+
+impl LocalDestination for MailboxDestination {
+    fn deliver(&self, delivery: Delivery) {
+        match delivery {
+            Delivery::Final {
+                destination,
+                plaintext,
+            } => match FinalMessage::decode_for(destination, &plaintext) {
+                Ok(FinalMessage::Deposit(envelope)) => {
+                    self.deposit(Incoming::Deposit(envelope), false);
+                }
+                Ok(FinalMessage::PrekeyRequest(request)) => {
+                    let node = self.node.clone();
+                    let metrics = self.metrics.clone();
+                    // Consuming a one-time prekey is a synced write.
+                    tokio::task::spawn_blocking(move || {
+                        let counter = if node.handle_prekey_request(request).is_ok() {
+                            &metrics.prekey_requests
+                        } else {
+                            &metrics.prekey_requests_refused
+                        };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    });
+                }
+                Ok(FinalMessage::Hold(_) | FinalMessage::Cancel(_)) | Err(_) => {
+                    self.metrics
+                        .payloads_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            },
+            Delivery::SurbReply {
+                destination,
+                surb_id,
+                sealed,
+            } => {
+                if destination == DestinationAddress::NODE_SERVICE {
+                    self.metrics
+                        .payloads_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                self.deposit(
+                    Incoming::SurbReply {
+                        mailbox_id: MailboxId(destination.0),
+                        surb_id,
+                        payload: sealed,
+                    },
+                    true,
+                );
+            }
+        }
+    }
+}

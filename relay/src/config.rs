@@ -1,0 +1,356 @@
+//! Configuration: `[mesh]` (shared by every node kind that joins the mesh) and the relay
+//! binary's own file. Every section refuses unknown keys; errors name the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use whispr_protocol::directory::Role;
+
+use crate::router::RouterConfig;
+
+/// A configuration problem, naming the key to fix.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {problem}")]
+pub struct ConfigError {
+    /// The config key.
+    pub key: String,
+    /// What is wrong.
+    pub problem: String,
+}
+
+impl ConfigError {
+    /// A problem with `key`.
+    pub fn new(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+        ConfigError {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Reads a TOML file into `T`, naming the offending key on error.
+pub fn load_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(path.display().to_string(), e.to_string()))?;
+    toml::from_str(&text).map_err(|e| {
+        // toml's message names the key and the line; keep only what it says.
+        ConfigError::new(path.display().to_string(), e.to_string())
+    })
+}
+
+/// `[log]`: logging.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// JSON lines instead of text.
+    #[serde(default)]
+    pub json: bool,
+    /// Filter directives when `RUST_LOG` is not set (default `info`).
+    #[serde(default)]
+    pub filter: Option<String>,
+}
+
+impl LogConfig {
+    /// Installs the global tracing subscriber (to stderr).
+    pub fn init(&self) {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(self.filter.as_deref().unwrap_or("info"))
+        });
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr);
+        if self.json {
+            let _ = builder.json().try_init();
+        } else {
+            let _ = builder.try_init();
+        }
+    }
+}
+
+/// A relay's role in the mesh (mailbox and timer nodes add theirs when they embed the mesh).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayRole {
+    /// Takes packets from clients.
+    Edge,
+    /// Mixes packets in its layer.
+    Mix,
+}
+
+impl From<RelayRole> for Role {
+    fn from(r: RelayRole) -> Role {
+        match r {
+            RelayRole::Edge => Role::Edge,
+            RelayRole::Mix => Role::Mix,
+        }
+    }
+}
+
+/// `[mesh]`: how a node joins the mesh.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshConfig {
+    /// libp2p listen multiaddresses. Default `["/ip4/0.0.0.0/tcp/7410"]`.
+    #[serde(default = "default_listen")]
+    pub listen: Vec<String>,
+    /// Addresses published in the node's descriptor (what others dial). Default: the listen
+    /// addresses that are not unspecified (`0.0.0.0`); set it behind NAT or when listening on
+    /// `0.0.0.0`.
+    #[serde(default)]
+    pub external_addresses: Vec<String>,
+    /// Peers to join through: multiaddresses ending in `/p2p/<peer id>`.
+    #[serde(default)]
+    pub bootstrap: Vec<String>,
+    /// Directory of the identity and Sphinx key files. Default `<data_dir>/keys`.
+    #[serde(default)]
+    pub key_dir: Option<PathBuf>,
+    /// Roles of a relay: `edge` and/or `mix` (mailbox and timer nodes set theirs).
+    #[serde(default)]
+    pub roles: Vec<RelayRole>,
+    /// Mix layer (1–3) of a mix relay.
+    #[serde(default)]
+    pub mix_layer: u32,
+    /// Public base URL of the node's HTTP API, published in its descriptor.
+    #[serde(default)]
+    pub api_url: Option<String>,
+    /// How often the node republishes its descriptor, in milliseconds (default 60 000).
+    #[serde(default = "default_publish_ms")]
+    pub descriptor_publish_ms: u64,
+    /// How long a published descriptor stays valid, in milliseconds (default 3 h).
+    #[serde(default = "default_validity_ms")]
+    pub descriptor_validity_ms: u64,
+    /// Packets queued per outgoing peer stream before the router's sends back up.
+    #[serde(default = "default_peer_queue")]
+    pub peer_queue_max: usize,
+    /// Concurrent client packet streams (libp2p client ingress), at most.
+    #[serde(default = "default_client_streams")]
+    pub client_streams_max: usize,
+    /// Descriptors held, at most (the network's size bound).
+    #[serde(default = "default_descriptors_max")]
+    pub descriptors_max: usize,
+    /// Router limits.
+    #[serde(default)]
+    pub router: RouterConfig,
+}
+
+fn default_listen() -> Vec<String> {
+    vec!["/ip4/0.0.0.0/tcp/7410".into()]
+}
+fn default_publish_ms() -> u64 {
+    60_000
+}
+fn default_validity_ms() -> u64 {
+    3 * 3600 * 1000
+}
+fn default_peer_queue() -> usize {
+    4096
+}
+fn default_client_streams() -> usize {
+    1024
+}
+fn default_descriptors_max() -> usize {
+    whispr_protocol::directory::DIRECTORY_NODES_MAX
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig {
+            listen: default_listen(),
+            external_addresses: Vec::new(),
+            bootstrap: Vec::new(),
+            key_dir: None,
+            roles: Vec::new(),
+            mix_layer: 0,
+            api_url: None,
+            descriptor_publish_ms: default_publish_ms(),
+            descriptor_validity_ms: default_validity_ms(),
+            peer_queue_max: default_peer_queue(),
+            client_streams_max: default_client_streams(),
+            descriptors_max: default_descriptors_max(),
+            router: RouterConfig::default(),
+        }
+    }
+}
+
+impl MeshConfig {
+    /// Checks values that serde cannot.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.listen.is_empty() {
+            return Err(ConfigError::new("mesh.listen", "at least one address"));
+        }
+        for (key, list) in [
+            ("mesh.listen", &self.listen),
+            ("mesh.external_addresses", &self.external_addresses),
+            ("mesh.bootstrap", &self.bootstrap),
+        ] {
+            for a in list {
+                a.parse::<libp2p::Multiaddr>()
+                    .map_err(|e| ConfigError::new(key, format!("{a:?}: {e}")))?;
+            }
+        }
+        for a in &self.bootstrap {
+            let addr: libp2p::Multiaddr = a
+                .parse()
+                .map_err(|e| ConfigError::new("mesh.bootstrap", format!("{a:?}: {e}")))?;
+            if !addr
+                .iter()
+                .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
+            {
+                return Err(ConfigError::new(
+                    "mesh.bootstrap",
+                    format!("{a:?} must end in /p2p/<peer id>"),
+                ));
+            }
+        }
+        if self.roles.contains(&RelayRole::Mix)
+            && !(1..=whispr_protocol::directory::MIX_LAYERS_MAX).contains(&self.mix_layer)
+        {
+            return Err(ConfigError::new(
+                "mesh.mix_layer",
+                "a mix needs a layer 1–3",
+            ));
+        }
+        if !self.roles.contains(&RelayRole::Mix) && self.mix_layer != 0 {
+            return Err(ConfigError::new(
+                "mesh.mix_layer",
+                "only mix relays have a layer",
+            ));
+        }
+        if self.descriptor_publish_ms == 0
+            || self.descriptor_validity_ms <= self.descriptor_publish_ms
+        {
+            return Err(ConfigError::new(
+                "mesh.descriptor_validity_ms",
+                "must be longer than descriptor_publish_ms (> 0)",
+            ));
+        }
+        if self.descriptor_validity_ms
+            > u64::try_from(whispr_protocol::directory::VALIDITY_MAX.as_millis()).unwrap_or(0)
+        {
+            return Err(ConfigError::new(
+                "mesh.descriptor_validity_ms",
+                "above the protocol's 7 days",
+            ));
+        }
+        if self.router.queue_max == 0 || self.peer_queue_max == 0 {
+            return Err(ConfigError::new("mesh.router.queue_max", "must be > 0"));
+        }
+        if self.router.epoch_len_ms < 1000 {
+            return Err(ConfigError::new(
+                "mesh.router.epoch_len_ms",
+                "at least 1000",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The key directory for a node whose data lives in `data_dir`.
+    pub fn key_dir(&self, data_dir: &Path) -> PathBuf {
+        self.key_dir
+            .clone()
+            .unwrap_or_else(|| data_dir.join("keys"))
+    }
+}
+
+/// `[http]` of the relay: the client API (`/v1/directory`, `/v1/packets`, `/metrics`,
+/// `/healthz`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Listen address. Default `127.0.0.1:7480`.
+    #[serde(default = "default_http_listen")]
+    pub listen: SocketAddr,
+    /// TLS certificate chain (PEM). Without it the API is plain HTTP, allowed only on
+    /// loopback.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Packets per `POST /v1/packets` batch, at most.
+    #[serde(default = "default_batch_max")]
+    pub batch_max: usize,
+}
+
+fn default_http_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7480))
+}
+fn default_batch_max() -> usize {
+    64
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: default_http_listen(),
+            tls_cert: None,
+            tls_key: None,
+            batch_max: default_batch_max(),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// TLS present, or loopback.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), Some(_)) => Ok(()),
+            (None, None) if self.listen.ip().is_loopback() => Ok(()),
+            (None, None) => Err(ConfigError::new(
+                "http.tls_cert",
+                "plain HTTP is allowed only on a loopback address; set tls_cert and tls_key",
+            )),
+            _ => Err(ConfigError::new(
+                "http.tls_key",
+                "tls_cert and tls_key go together",
+            )),
+        }
+        .and_then(|()| {
+            if self.batch_max == 0 {
+                Err(ConfigError::new("http.batch_max", "must be > 0"))
+            } else {
+                Ok(())
+            }
+        })
+    }
+}
+
+/// The relay binary's configuration file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Keys (`keys/`) and the replay store (`replay/`).
+    pub data_dir: PathBuf,
+    /// Joining the mesh.
+    #[serde(default)]
+    pub mesh: MeshConfig,
+    /// The HTTP API.
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+impl RelayConfig {
+    /// Reads and checks the file.
+    pub fn load(path: &Path) -> Result<RelayConfig, ConfigError> {
+        let config: RelayConfig = load_toml(path)?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Checks every section.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        self.mesh.check()?;
+        self.http.check()?;
+        if self.mesh.roles.is_empty() {
+            return Err(ConfigError::new(
+                "mesh.roles",
+                "a relay is \"edge\", \"mix\" or both",
+            ));
+        }
+        Ok(())
+    }
+}

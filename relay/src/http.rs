@@ -1,0 +1,205 @@
+//! The HTTP side of a mesh node: `GET /v1/directory` (every node), `POST /v1/packets` (edge
+//! relays), and the relay binary's `/metrics` and `/healthz`; plus [`serve`], which every
+//! node kind uses to serve its API over plain HTTP (loopback) or TLS (rustls).
+//!
+//! `POST /v1/packets` takes `application/octet-stream`: 1 to `batch_max` packets of exactly
+//! `PACKET_SIZE` bytes, back to back. Each is rate limited with the connection's limit (one
+//! [`ClientId`] per TCP connection). The answer is JSON: `{"accepted": n, "results": [..]}`,
+//! one entry per packet, `"ok"` or the refusal's label (`replay`, `rate_limited`, …). Status
+//! 200 when every packet was accepted or refused for its own content; 429 with
+//! `Retry-After` when the connection is over its limit; 400 for a body that is not a whole
+//! number of packets; 413 for too many.
+
+use std::hash::{BuildHasher, Hasher};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use whispr_protocol::sphinx::PACKET_SIZE;
+
+use crate::mesh::MeshHandle;
+use crate::router::{ClientId, DropReason};
+
+#[derive(Clone)]
+struct MeshState {
+    mesh: MeshHandle,
+    batch_max: usize,
+    hasher: Arc<std::collections::hash_map::RandomState>,
+}
+
+/// The routes every mesh node serves: `GET /v1/directory`, and `POST /v1/packets` when
+/// `packets_batch_max` is set (edge relays).
+pub fn mesh_routes(mesh: MeshHandle, packets_batch_max: Option<usize>) -> axum::Router {
+    let state = MeshState {
+        mesh,
+        batch_max: packets_batch_max.unwrap_or(0),
+        hasher: Arc::new(std::collections::hash_map::RandomState::new()),
+    };
+    let mut router = axum::Router::new().route("/v1/directory", get(directory));
+    if packets_batch_max.is_some() {
+        router = router.route(
+            "/v1/packets",
+            post(packets).layer(DefaultBodyLimit::max(
+                state.batch_max.saturating_mul(PACKET_SIZE).max(PACKET_SIZE),
+            )),
+        );
+    }
+    router.with_state(state)
+}
+
+/// The relay binary's API: [`mesh_routes`] plus `/metrics` and `/healthz`.
+pub fn relay_routes(mesh: MeshHandle, packets_batch_max: Option<usize>) -> axum::Router {
+    let ops = axum::Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .with_state(mesh.clone());
+    mesh_routes(mesh, packets_batch_max).merge(ops)
+}
+
+async fn directory(State(state): State<MeshState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/x-protobuf")],
+        state.mesh.directory_bytes(),
+    )
+        .into_response()
+}
+
+fn error(status: StatusCode, kind: &str, message: &str) -> Response {
+    (
+        status,
+        Json(serde_json::json!({ "error": kind, "message": message })),
+    )
+        .into_response()
+}
+
+async fn packets(
+    State(state): State<MeshState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let octets = headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/octet-stream"));
+    if !octets {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send application/octet-stream",
+        );
+    }
+    if body.is_empty() || !body.len().is_multiple_of(PACKET_SIZE) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "wrong_size",
+            "the body must be a whole number of packets",
+        );
+    }
+    if body.len() / PACKET_SIZE > state.batch_max {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "batch_too_large",
+            "too many packets in one request",
+        );
+    }
+    // One rate budget per TCP connection; the address is hashed with a per-process key and
+    // never stored or logged.
+    let client = {
+        let mut h = state.hasher.build_hasher();
+        h.write(peer.to_string().as_bytes());
+        ClientId(h.finish())
+    };
+    let mut accepted = 0usize;
+    let mut limited = false;
+    let mut results = Vec::with_capacity(body.len() / PACKET_SIZE);
+    for chunk in body.chunks(PACKET_SIZE) {
+        match state.mesh.submit_client(client, chunk.to_vec()).await {
+            Ok(()) => {
+                accepted += 1;
+                results.push("ok");
+            }
+            Err(reason) => {
+                limited |= reason == DropReason::RateLimited;
+                results.push(reason.label());
+            }
+        }
+    }
+    let body = Json(serde_json::json!({ "accepted": accepted, "results": results }));
+    if limited {
+        let mut response = (StatusCode::TOO_MANY_REQUESTS, body).into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        response
+    } else {
+        body.into_response()
+    }
+}
+
+async fn metrics(State(mesh): State<MeshHandle>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        mesh.metrics_text(),
+    )
+        .into_response()
+}
+
+async fn healthz(State(mesh): State<MeshHandle>) -> Response {
+    if mesh.is_healthy() {
+        (StatusCode::OK, "ok").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "unhealthy").into_response()
+    }
+}
+
+/// TLS material for [`serve`].
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves (then drains for up to 5 s): TLS with
+/// rustls when `tls` is set, plain HTTP otherwise (callers allow that only on loopback).
+/// Handlers see the peer address through `ConnectInfo<SocketAddr>`.
+pub async fn serve(
+    app: axum::Router,
+    listener: std::net::TcpListener,
+    tls: Option<TlsFiles>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
+    let handle = axum_server::Handle::new();
+    let h = handle.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        h.graceful_shutdown(Some(Duration::from_secs(5)));
+    });
+    match tls {
+        Some(files) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let tls =
+                axum_server::tls_rustls::RustlsConfig::from_pem_file(files.cert, files.key).await?;
+            axum_server::tls_rustls::from_tcp_rustls(listener, tls)?
+                .handle(handle)
+                .serve(app)
+                .await
+        }
+        None => {
+            axum_server::from_tcp(listener)?
+                .handle(handle)
+                .serve(app)
+                .await
+        }
+    }
+}

@@ -145,6 +145,21 @@ async fn next_delivery(rx: &mut mpsc::UnboundedReceiver<Delivery>) -> Delivery {
         .expect("recorder alive")
 }
 
+/// Waits up to 5 s for `line` to appear in the node's metrics.
+async fn eventually_contains(handle: &MeshHandle, line: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = handle.metrics_text();
+        if text.contains(line) {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("missing {line:?} in:\n{text}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Captures this crate's logs (debug and up) so the test can check they carry no
 /// identifiers.
 fn captured_logs() -> &'static Arc<Mutex<Vec<u8>>> {
@@ -332,8 +347,7 @@ async fn three_nodes_carry_a_packet_end_to_end() {
         Err(MeshError::UnknownHop)
     ));
 
-    // Metrics.
-    let edge_metrics = edge.handle.metrics_text();
+    // Metrics (the counters are published after the step that delivered, so wait a little).
     for line in [
         "whispr_mesh_packets_dropped_total{reason=\"replay\"} 2\n",
         "whispr_mesh_packets_dropped_total{reason=\"wrong_size\"} 1\n",
@@ -342,24 +356,21 @@ async fn three_nodes_carry_a_packet_end_to_end() {
         "whispr_mesh_packets_in_total{source=\"local\"} 1\n",
         "whispr_mesh_directory_nodes 3\n",
         "whispr_mesh_send_failed_total 0\n",
+        "whispr_mesh_hold_seconds_count 3\n",
+        "whispr_mesh_peers_connected 2\n",
     ] {
-        assert!(
-            edge_metrics.contains(line),
-            "missing {line:?} in:\n{edge_metrics}"
-        );
+        eventually_contains(&edge.handle, line).await;
     }
-    assert!(edge_metrics.contains("whispr_mesh_hold_seconds_count "));
-    assert!(edge_metrics.contains("whispr_mesh_peers_connected "));
-    let destination_metrics = destination.handle.metrics_text();
-    assert!(
-        destination_metrics.contains("whispr_mesh_packets_delivered_total 4\n"),
-        "{destination_metrics}"
-    );
-    let mix_metrics = mix.handle.metrics_text();
-    assert!(
-        mix_metrics.contains("whispr_mesh_packets_dropped_total{reason=\"not_edge\"} 1\n"),
-        "{mix_metrics}"
-    );
+    eventually_contains(
+        &destination.handle,
+        "whispr_mesh_packets_delivered_total 4\n",
+    )
+    .await;
+    eventually_contains(
+        &mix.handle,
+        "whispr_mesh_packets_dropped_total{reason=\"not_edge\"} 1\n",
+    )
+    .await;
 
     // Shutdown: the handle reports it.
     let identifiers: Vec<String> = handles

@@ -43,7 +43,11 @@ struct Node {
 }
 
 impl Node {
-    async fn stop(mut self) -> MeshHandle {
+    async fn stop(self) -> MeshHandle {
+        self.stop_keeping_data().await.0
+    }
+
+    async fn stop_keeping_data(mut self) -> (MeshHandle, tempfile::TempDir) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -52,7 +56,7 @@ impl Node {
             .expect("mesh stops within 10 s")
             .unwrap()
             .unwrap();
-        self.handle
+        (self.handle, self._dir)
     }
 }
 
@@ -82,7 +86,20 @@ fn start(
     extra_roles: Vec<Role>,
     destination: Option<Arc<dyn LocalDestination>>,
 ) -> Node {
-    let dir = tempfile::tempdir().unwrap();
+    start_in(
+        tempfile::tempdir().unwrap(),
+        config,
+        extra_roles,
+        destination,
+    )
+}
+
+fn start_in(
+    dir: tempfile::TempDir,
+    config: MeshConfig,
+    extra_roles: Vec<Role>,
+    destination: Option<Arc<dyn LocalDestination>>,
+) -> Node {
     let (handle, runner) = Mesh::new(MeshOptions {
         config,
         data_dir: dir.path().to_path_buf(),
@@ -417,4 +434,49 @@ async fn bad_configurations_are_refused() {
         extra_roles: vec![],
     });
     assert!(matches!(refused, Err(MeshError::Listen(_))), "{refused:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_tags_survive_a_restart() {
+    // One node that is both an edge and a destination: a one-hop route delivers locally.
+    let config = || mesh_config(vec![RelayRole::Edge], 0, true, &[]);
+    let (tx, mut deliveries) = mpsc::unbounded_channel();
+    let node = start(config(), vec![Role::Mailbox], Some(Arc::new(Recorder(tx))));
+    wait_for_directories(&[&node.handle], 1).await;
+    let id = node.handle.node_id();
+    let epoch = KeyEpoch::containing(
+        unix_now(),
+        Duration::from_millis(RouterConfig::default().epoch_len_ms),
+    );
+    let route = [hop(&node.handle.directory(), id, epoch)];
+    let bytes = packet(&route, DestinationAddress([1u8; 32]), b"once").into_bytes();
+    let client = node.handle.new_client_id();
+    assert_eq!(
+        node.handle.submit_client(client, bytes.clone()).await,
+        Ok(())
+    );
+    // Delivered only once its replay tag is durable.
+    assert!(matches!(
+        next_delivery(&mut deliveries).await,
+        Delivery::Final { plaintext, .. } if plaintext == b"once"
+    ));
+    let (_, dir) = node.stop_keeping_data().await;
+
+    // Same data directory: same keys, and the tag is restored from the replay store.
+    let (tx, mut deliveries) = mpsc::unbounded_channel();
+    let node = start_in(
+        dir,
+        config(),
+        vec![Role::Mailbox],
+        Some(Arc::new(Recorder(tx))),
+    );
+    assert_eq!(node.handle.node_id(), id);
+    let client = node.handle.new_client_id();
+    assert_eq!(
+        node.handle.submit_client(client, bytes).await,
+        Err(DropReason::Replay)
+    );
+    assert!(node.handle.is_healthy());
+    node.stop().await;
+    assert!(deliveries.try_recv().is_err());
 }

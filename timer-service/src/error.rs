@@ -4,7 +4,7 @@
 ///
 /// [`TimerError::is_caller_error`] separates bad requests (the caller's fault: refuse, change
 /// nothing) from failures of the node itself (storage, corruption). No variant carries a
-/// payload, an owner tag or a token.
+/// payload, an owner tag, a token, a hold id or a cancel capability.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum TimerError {
@@ -64,6 +64,12 @@ pub enum TimerError {
     /// A task id that is not 32 hex digits.
     #[error("task id must be 32 hex digits")]
     BadTaskId,
+    /// A part of a held packet was refused (see [`crate::holds`]).
+    #[error("held packet: {0}")]
+    Hold(#[from] crate::holds::HoldError),
+    /// The cancel capability does not match the held packet's cancel hash: nothing changed.
+    #[error("wrong cancel capability")]
+    BadCapability,
 
     // ---- node errors -----------------------------------------------------------------------
     /// A write failed earlier; the store refuses further writes until restarted.

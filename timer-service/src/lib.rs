@@ -9,6 +9,8 @@
 //!   round-robin so that one category's flood cannot starve another; firing is
 //!   at-least-once with leases, retries with exponential back-off and quarantine.
 //! * [`rocks::RocksStore`] keeps tasks in RocksDB, keyed by due time, every write synced.
+//! * [`holds::HoldAssembler`] joins the parts of held packets (sent by clients through the
+//!   mesh) into the Sphinx packet that a deferred send injects at its release time.
 //! * [`audit::AuditLog`] is the hash-chained JSON-lines log of administrative actions.
 //! * The `whispr-timer` binary is the timer node: admin HTTP API, metrics, workers.
 #![cfg_attr(
@@ -25,6 +27,7 @@ pub mod audit;
 pub mod config;
 pub mod deferred;
 mod error;
+pub mod holds;
 pub mod node;
 pub mod queue;
 pub mod rocks;

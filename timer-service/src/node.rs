@@ -3,6 +3,14 @@
 //! This is the tokio/axum driver around [`TimerQueue`]: it reads the clock, runs handlers
 //! with the execution timeout, and translates HTTP calls into queue operations, auditing
 //! every administrative call.
+//!
+//! The mesh layer hands it what clients send to the timer service through the mesh:
+//! [`TimerNode::accept_hold_part`] for the parts of a held packet (joined by a
+//! [`HoldAssembler`], then stored as a deferred send whose task id is the hold id) and
+//! [`TimerNode::cancel_hold`] for cancel requests. These come from anonymous clients, not
+//! from an operator, so they are not written to the audit log (which records administrative
+//! actions only, and must not become a record of which hold arrived or was cancelled when);
+//! no hold id, capability or packet byte is logged either.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -23,18 +31,23 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::Notify;
-use whispr_protocol::UnixTime;
+use whispr_protocol::payload::HeldPacketPart;
+use whispr_protocol::sphinx::Surb;
+use whispr_protocol::{CancelCapability, HoldId, UnixTime};
 
 use crate::audit::{AuditAction, AuditLog};
 use crate::config::QueueConfig;
 use crate::deferred::{DeferredSend, PacketInjector};
 use crate::error::TimerError;
-use crate::queue::{CategoryStats, FailOutcome, TimerQueue};
+use crate::holds::{HoldAssembler, HoldConfig, HoldError, PartOutcome, check_part};
+use crate::queue::{CategoryStats, FailOutcome, ScheduleOutcome, TimerQueue};
 use crate::rocks::{RocksOptions, RocksStore};
-use crate::task::{Category, FiredTask, TaskId};
+use crate::task::{Category, FiredTask, NewTask, TaskId};
 
 const AUDIT_ANCHOR_KEY: &str = "audit_anchor";
 const ACTOR: &str = "admin-api";
+/// Priority of deferred sends (held packets).
+const DEFERRED_SEND_PRIORITY: u8 = 5;
 /// Fire-lag histogram bucket bounds, in milliseconds.
 const LAG_BUCKETS_MS: [u64; 10] = [10, 50, 100, 250, 500, 1000, 5000, 30_000, 60_000, 300_000];
 
@@ -55,6 +68,9 @@ pub struct NodeConfig {
     /// Worker loop.
     #[serde(default)]
     pub worker: WorkerConfig,
+    /// Held packets received through the mesh.
+    #[serde(default)]
+    pub holds: HoldConfig,
 }
 
 /// `[admin]`: the admin HTTP API.
@@ -166,6 +182,9 @@ impl NodeConfig {
         if self.worker.idle_poll_ms == 0 {
             return fail("worker.idle_poll_ms", "must be at least 1");
         }
+        if self.holds.partial_ttl_secs == 0 {
+            return fail("holds.partial_ttl_secs", "must be at least 1");
+        }
         Ok(())
     }
 }
@@ -223,6 +242,7 @@ impl Metrics {
 
 struct NodeState {
     queue: TimerQueue<RocksStore, StdRng>,
+    holds: HoldAssembler,
     audit: AuditLog,
     audit_path: PathBuf,
     fired: VecDeque<FiredRecord>,
@@ -241,6 +261,46 @@ struct Shared {
 #[derive(Clone)]
 pub struct TimerNode {
     shared: Arc<Shared>,
+}
+
+/// What [`TimerNode::accept_hold_part`] did with a part. For `Scheduled` and
+/// `AlreadyScheduled` the mesh layer answers `Reply::HoldAck { hold_id, cancelled: false }`
+/// through each of `ack_surbs`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HoldOutcome {
+    /// The part is held; other parts of its hold are still missing (no acknowledgement yet).
+    Incomplete,
+    /// It completed its hold, which is now on disk, to be injected at its release time.
+    Scheduled {
+        /// The hold.
+        hold_id: HoldId,
+        /// The ack SURBs of all its parts.
+        ack_surbs: Vec<Surb>,
+    },
+    /// The hold is stored already (a retransmission): nothing changed.
+    AlreadyScheduled {
+        /// The hold.
+        hold_id: HoldId,
+        /// The ack SURB of this part, if it had one.
+        ack_surbs: Vec<Surb>,
+    },
+}
+
+/// What [`TimerNode::cancel_hold`] did. In both cases the mesh layer answers
+/// `Reply::HoldAck { hold_id, cancelled: true }` through the request's ack SURB.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CancelOutcome {
+    /// The scheduled hold was removed from the store; it will not be injected.
+    Cancelled {
+        /// The hold.
+        hold_id: HoldId,
+    },
+    /// The hold was still being assembled: its parts were dropped.
+    PartialDiscarded {
+        /// The hold.
+        hold_id: HoldId,
+    },
 }
 
 /// Why the node could not start.
@@ -290,11 +350,13 @@ impl TimerNode {
         if seq > 0 {
             queue.set_node_meta(AUDIT_ANCHOR_KEY, encode_anchor(seq, &hash))?;
         }
+        let holds = HoldAssembler::new(config.holds.clone());
         Ok(TimerNode {
             shared: Arc::new(Shared {
                 config,
                 state: Mutex::new(NodeState {
                     queue,
+                    holds,
                     audit,
                     audit_path,
                     fired: VecDeque::new(),
@@ -348,9 +410,124 @@ impl TimerNode {
         crate::audit::verify(&state.audit_path, anchor)
     }
 
-    /// Cancels a held deferred send.
+    /// Cancels a task, whatever its category, without any capability check: for the node's
+    /// own use. Cancel requests from the mesh go through [`Self::cancel_hold`].
     pub fn cancel(&self, id: &TaskId) -> Result<(), TimerError> {
         self.lock().queue.cancel(id)
+    }
+
+    /// Takes one part of a held packet (called by the mesh layer for
+    /// `FinalMessage::Hold`). When the part completes its hold (see [`crate::holds`] for the
+    /// rules), the packet is stored as a deferred send with the hold id as task id, due at the
+    /// hold's release time, before this returns. A part of a hold that is stored already (a
+    /// retransmission) gives [`HoldOutcome::AlreadyScheduled`] and changes nothing, provided it
+    /// agrees with the stored hold (first hop and cancel hash); otherwise
+    /// [`HoldError::Mismatch`].
+    ///
+    /// Errors: [`TimerError::Hold`] for a refused part (out of range, disagreeing, duplicate,
+    /// wrong total length, release time beyond `holds.release_ahead_max_ms` or more than
+    /// `holds.release_late_max_ms` past, too many partial holds), the queue's own refusals
+    /// (e.g. [`TimerError::QueueFull`]) and storage failures. A hold whose scheduling fails is
+    /// dropped (the client retransmits it, having had no acknowledgement).
+    pub fn accept_hold_part(&self, part: HeldPacketPart) -> Result<HoldOutcome, TimerError> {
+        check_part(&part)?;
+        let at = now();
+        let hold_id = part.hold_id;
+        let id = TaskId(hold_id.0);
+        let mut state = self.lock();
+        if let Some(meta) = state.queue.task(&id) {
+            if meta.category != Category::DeferredSend {
+                return Err(HoldError::Mismatch.into());
+            }
+            let stored = DeferredSend::decode(&state.queue.payload(&id)?)?;
+            if stored.first_hop != part.first_hop || stored.cancel_hash != part.cancel_hash {
+                return Err(HoldError::Mismatch.into());
+            }
+            return Ok(HoldOutcome::AlreadyScheduled {
+                hold_id,
+                ack_surbs: part.ack_surb.into_iter().collect(),
+            });
+        }
+        let hold = match state.holds.accept(at, part)? {
+            PartOutcome::Incomplete => return Ok(HoldOutcome::Incomplete),
+            PartOutcome::Complete(hold) => hold,
+        };
+        let send = DeferredSend {
+            first_hop: hold.first_hop,
+            cancel_hash: hold.cancel_hash,
+            packet: hold.packet,
+        };
+        let outcome = state.queue.schedule_with_id(
+            at,
+            id,
+            NewTask {
+                category: Category::DeferredSend,
+                priority: DEFERRED_SEND_PRIORITY,
+                due_at: hold.release_at,
+                payload: send.encode(),
+                owner: None,
+            },
+        )?;
+        drop(state);
+        Ok(match outcome {
+            ScheduleOutcome::Scheduled => {
+                self.shared.wake.notify_one();
+                HoldOutcome::Scheduled {
+                    hold_id,
+                    ack_surbs: hold.ack_surbs,
+                }
+            }
+            ScheduleOutcome::AlreadyScheduled => HoldOutcome::AlreadyScheduled {
+                hold_id,
+                ack_surbs: hold.ack_surbs,
+            },
+        })
+    }
+
+    /// Cancels a held packet (called by the mesh layer for `FinalMessage::Cancel`) if
+    /// SHA-256(`capability`) equals its cancel hash (compared in constant time): a stored hold
+    /// is removed from the store before this returns, a hold still being assembled loses its
+    /// parts.
+    ///
+    /// Errors, all changing nothing: [`TimerError::NotFound`] when no hold `hold_id` is
+    /// stored or being assembled (never received, fired already, or cancelled already);
+    /// [`TimerError::BadCapability`] when the capability does not match;
+    /// [`TimerError::WrongState`] when the hold is being injected at this moment (it may have
+    /// left already; if injecting it fails, it can be cancelled again before its retry).
+    pub fn cancel_hold(
+        &self,
+        hold_id: HoldId,
+        capability: &CancelCapability,
+    ) -> Result<CancelOutcome, TimerError> {
+        let presented = Sha256::digest(capability.as_bytes());
+        let matches =
+            |cancel_hash: &[u8; 32]| bool::from(cancel_hash.as_slice().ct_eq(presented.as_slice()));
+        let id = TaskId(hold_id.0);
+        let mut state = self.lock();
+        match state.queue.task(&id) {
+            Some(meta) if meta.category == Category::DeferredSend => {
+                let stored = DeferredSend::decode(&state.queue.payload(&id)?)?;
+                if !matches(&stored.cancel_hash) {
+                    return Err(TimerError::BadCapability);
+                }
+                if state.queue.is_running(&id) {
+                    return Err(TimerError::WrongState("being injected"));
+                }
+                state.queue.cancel(&id)?;
+                drop(state);
+                self.shared.wake.notify_one();
+                Ok(CancelOutcome::Cancelled { hold_id })
+            }
+            Some(_) => Err(TimerError::NotFound),
+            None => match state.holds.cancel_hash(&hold_id).map(matches) {
+                None => Err(TimerError::NotFound),
+                Some(false) => Err(TimerError::BadCapability),
+                Some(true) => {
+                    state.holds.discard(&hold_id);
+                    Ok(CancelOutcome::PartialDiscarded { hold_id })
+                }
+            },
+        }
     }
 
     /// Runs the worker loop until `shutdown` resolves.

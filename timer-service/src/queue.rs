@@ -4,8 +4,10 @@
 //!
 //! A driver owns one [`TimerQueue`] and loops:
 //!
-//! 1. [`TimerQueue::schedule`] / [`TimerQueue::schedule_many`] / [`TimerQueue::cancel`] as
-//!    requests arrive (each returns only after the store has the change on disk);
+//! 1. [`TimerQueue::schedule`] / [`TimerQueue::schedule_many`] (or, with ids chosen by the
+//!    caller, [`TimerQueue::schedule_with_id`] / [`TimerQueue::schedule_many_with_ids`]) /
+//!    [`TimerQueue::cancel`] as requests arrive (each returns only after the store has the
+//!    change on disk);
 //! 2. [`TimerQueue::poll_due`] to lease the tasks due now (at most `concurrency_max` running
 //!    at once), hand each to its handler, and call [`TimerQueue::complete`] or
 //!    [`TimerQueue::fail`] with the outcome;
@@ -39,6 +41,16 @@ pub enum FailOutcome {
     Retry(UnixTime),
     /// It failed `attempts_max` times and was quarantined.
     Quarantined,
+}
+
+/// What [`TimerQueue::schedule_with_id`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScheduleOutcome {
+    /// The task is new, and on disk.
+    Scheduled,
+    /// A task with this id is held already (scheduled, running or quarantined); nothing
+    /// changed.
+    AlreadyScheduled,
 }
 
 /// Counts for one category, for the admin API and metrics.
@@ -244,14 +256,66 @@ impl<S: TaskStore, R: CryptoRng> TimerQueue<S, R> {
         now: UnixTime,
         tasks: Vec<NewTask>,
     ) -> Result<Vec<Result<TaskId>>> {
+        let results = self.schedule_batch(now, tasks.into_iter().map(|t| (None, t)).collect())?;
+        Ok(results.into_iter().map(|r| r.map(|(id, _)| id)).collect())
+    }
+
+    /// Schedules one task under an id chosen by the caller (e.g. a held packet's hold id, so
+    /// that a retransmitted request is stored once); see [`Self::schedule_many_with_ids`].
+    pub fn schedule_with_id(
+        &mut self,
+        now: UnixTime,
+        id: TaskId,
+        task: NewTask,
+    ) -> Result<ScheduleOutcome> {
+        self.schedule_many_with_ids(now, vec![(id, task)])?
+            .pop()
+            .unwrap_or(Err(TimerError::Storage("empty batch result".into())))
+    }
+
+    /// [`Self::schedule_many`] with ids chosen by the caller. A task whose id is held already
+    /// (scheduled, running or quarantined), or that an earlier entry of the same batch uses,
+    /// gives [`ScheduleOutcome::AlreadyScheduled`] before any other check and changes nothing;
+    /// the others are checked and written (one synced write) as in [`Self::schedule_many`].
+    pub fn schedule_many_with_ids(
+        &mut self,
+        now: UnixTime,
+        tasks: Vec<(TaskId, NewTask)>,
+    ) -> Result<Vec<Result<ScheduleOutcome>>> {
+        let results = self.schedule_batch(
+            now,
+            tasks
+                .into_iter()
+                .map(|(id, task)| (Some(id), task))
+                .collect(),
+        )?;
+        Ok(results
+            .into_iter()
+            .map(|r| r.map(|(_, outcome)| outcome))
+            .collect())
+    }
+
+    /// The body of the scheduling calls: tasks without an id get a random one.
+    fn schedule_batch(
+        &mut self,
+        now: UnixTime,
+        tasks: Vec<(Option<TaskId>, NewTask)>,
+    ) -> Result<Vec<Result<(TaskId, ScheduleOutcome)>>> {
         let today = now.0 / DAY_MS;
         let mut results = Vec::with_capacity(tasks.len());
         let mut batch = Vec::new();
         let mut accepted: Vec<TaskMeta> = Vec::new();
+        let mut batch_ids: BTreeSet<TaskId> = BTreeSet::new();
         let mut added: BTreeMap<Category, usize> = BTreeMap::new();
         let mut owners: BTreeMap<[u8; 16], (u64, u32)> = BTreeMap::new();
         let mut owners_new = 0usize;
-        for task in tasks {
+        for (chosen_id, task) in tasks {
+            if let Some(id) = chosen_id
+                && (self.tasks.contains_key(&id) || batch_ids.contains(&id))
+            {
+                results.push(Ok((id, ScheduleOutcome::AlreadyScheduled)));
+                continue;
+            }
             if let Err(e) = self.validate(now, &task) {
                 results.push(Err(e));
                 continue;
@@ -298,10 +362,14 @@ impl<S: TaskStore, R: CryptoRng> TimerQueue<S, R> {
                 }
                 owners.insert(key, (today, count.saturating_add(1)));
             }
-            let mut id = [0u8; 16];
-            self.rng.fill_bytes(&mut id);
+            let id = chosen_id.unwrap_or_else(|| {
+                let mut id = [0u8; 16];
+                self.rng.fill_bytes(&mut id);
+                TaskId(id)
+            });
+            batch_ids.insert(id);
             let meta = TaskMeta {
-                id: TaskId(id),
+                id,
                 category: task.category,
                 priority: task.priority,
                 due_at: task.due_at,
@@ -316,7 +384,7 @@ impl<S: TaskStore, R: CryptoRng> TimerQueue<S, R> {
                 payload: Some(task.payload),
                 previous_due: None,
             });
-            results.push(Ok(meta.id));
+            results.push(Ok((meta.id, ScheduleOutcome::Scheduled)));
             accepted.push(meta);
         }
         // Owner counters of past days are dropped when the table needs room.
@@ -656,6 +724,13 @@ impl<S: TaskStore, R: CryptoRng> TimerQueue<S, R> {
     /// A stored task's record.
     pub fn task(&self, id: &TaskId) -> Option<&TaskMeta> {
         self.tasks.get(id)
+    }
+
+    /// A stored task's payload (read from the store); [`TimerError::NotFound`] if there is no
+    /// such task.
+    pub fn payload(&self, id: &TaskId) -> Result<Vec<u8>> {
+        self.get(id)?;
+        self.store.payload(id)
     }
 
     /// Whether a task is running.

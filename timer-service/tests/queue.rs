@@ -15,7 +15,7 @@ use rand_chacha::ChaCha20Rng;
 use whispr_protocol::UnixTime;
 use whispr_timer_service::TimerError;
 use whispr_timer_service::config::QueueConfig;
-use whispr_timer_service::queue::{FailOutcome, TimerQueue};
+use whispr_timer_service::queue::{FailOutcome, ScheduleOutcome, TimerQueue};
 use whispr_timer_service::store::MemoryStore;
 use whispr_timer_service::task::{Category, NewTask, TaskId};
 
@@ -382,6 +382,121 @@ fn purge_and_quarantine_by_admin() {
     let stats = q.stats(at(100));
     assert_eq!(stats[&Category::Expiry], Default::default());
     assert_eq!(stats[&Category::Maintenance].quarantined, 1);
+}
+
+#[test]
+fn a_chosen_id_is_stored_once_whatever_the_task_state() {
+    let mut q = queue(QueueConfig {
+        concurrency_max: 10,
+        attempts_max: 1,
+        ..QueueConfig::default()
+    });
+    let id = TaskId([0x42; 16]);
+    let first = task(Category::DeferredSend, 5, 100);
+    assert_eq!(
+        q.schedule_with_id(T0, id, first.clone()),
+        Ok(ScheduleOutcome::Scheduled)
+    );
+    assert_eq!(q.task(&id).unwrap().due_at, at(100));
+    assert_eq!(q.payload(&id).unwrap(), first.payload);
+    // Again with another due time and payload: nothing changes.
+    let other = task(Category::DeferredSend, 1, 50);
+    assert_eq!(
+        q.schedule_with_id(T0, id, other.clone()),
+        Ok(ScheduleOutcome::AlreadyScheduled)
+    );
+    assert_eq!(q.len(), 1);
+    assert_eq!(q.task(&id).unwrap().due_at, at(100));
+    assert_eq!(q.task(&id).unwrap().priority, 5);
+    assert_eq!(q.store().len(), 1);
+    // Running.
+    let fired = q.poll_due(at(100), 10).unwrap();
+    assert_eq!(fired[0].id, id);
+    assert_eq!(fired[0].payload, first.payload);
+    assert_eq!(
+        q.schedule_with_id(at(100), id, other.clone()),
+        Ok(ScheduleOutcome::AlreadyScheduled)
+    );
+    assert!(q.is_running(&id));
+    // Quarantined (attempts_max = 1).
+    assert_eq!(q.fail(at(101), &id), Ok(FailOutcome::Quarantined));
+    assert_eq!(
+        q.schedule_with_id(at(101), id, other.clone()),
+        Ok(ScheduleOutcome::AlreadyScheduled)
+    );
+    // Gone: the id can be used again.
+    q.cancel(&id).unwrap();
+    assert_eq!(q.payload(&id), Err(TimerError::NotFound));
+    assert_eq!(
+        q.schedule_with_id(at(102), id, other.clone()),
+        Ok(ScheduleOutcome::Scheduled)
+    );
+    assert_eq!(q.payload(&id).unwrap(), other.payload);
+    // The chosen id survives a reopen.
+    let store = take_store(q);
+    let mut q = TimerQueue::open(config(), store, ChaCha20Rng::seed_from_u64(3)).unwrap();
+    assert_eq!(
+        q.schedule_with_id(at(103), id, first),
+        Ok(ScheduleOutcome::AlreadyScheduled)
+    );
+    assert_eq!(q.payload(&id).unwrap(), other.payload);
+}
+
+#[test]
+fn chosen_ids_keep_the_limits_and_group_commit() {
+    let mut q = queue(QueueConfig {
+        queue_tasks_max: 2,
+        ..config()
+    });
+    let (a, b, c) = (TaskId([1; 16]), TaskId([2; 16]), TaskId([3; 16]));
+    let results = q
+        .schedule_many_with_ids(
+            T0,
+            vec![
+                (a, task(Category::DeferredSend, 0, 0)),
+                (a, task(Category::DeferredSend, 0, 1)),
+                (b, task(Category::DeferredSend, 10, 0)),
+                (b, task(Category::DeferredSend, 0, 2)),
+                (c, task(Category::DeferredSend, 0, 3)),
+            ],
+        )
+        .unwrap();
+    assert_eq!(
+        results,
+        vec![
+            Ok(ScheduleOutcome::Scheduled),
+            Ok(ScheduleOutcome::AlreadyScheduled),
+            Err(TimerError::PriorityOutOfRange(10)),
+            Ok(ScheduleOutcome::Scheduled),
+            Err(TimerError::QueueFull {
+                category: "deferred_send",
+                max: 2
+            }),
+        ]
+    );
+    assert_eq!(q.len(), 2);
+    assert_eq!(q.task(&b).unwrap().due_at, at(2));
+    // A full queue still answers for an id it holds.
+    assert_eq!(
+        q.schedule_with_id(T0, a, task(Category::DeferredSend, 0, 9)),
+        Ok(ScheduleOutcome::AlreadyScheduled)
+    );
+    // A failed write accepts none of the batch.
+    let mut store = MemoryStore::new();
+    store.fail_next_write();
+    let mut q = TimerQueue::open(config(), store, ChaCha20Rng::seed_from_u64(1)).unwrap();
+    assert!(matches!(
+        q.schedule_many_with_ids(
+            T0,
+            vec![
+                (a, task(Category::DeferredSend, 0, 0)),
+                (b, task(Category::DeferredSend, 0, 0))
+            ]
+        ),
+        Err(TimerError::Storage(_))
+    ));
+    assert!(q.is_empty());
+    assert!(q.task(&a).is_none());
 }
 
 proptest! {

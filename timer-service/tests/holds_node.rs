@@ -1,0 +1,524 @@
+//! Held packets through a real timer node (RocksDB store, worker loop, wall clock): parts
+//! joined and scheduled once under the hold id, retransmissions acknowledged again, cancels
+//! checked against the cancel hash, and the packet injected byte for byte at its release time.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use sha2::{Digest, Sha256};
+use tempfile::TempDir;
+use whispr_protocol::payload::HeldPacketPart;
+use whispr_protocol::sphinx::{
+    PACKET_SIZE, RouteHop, SphinxPublicKey, SphinxSecretKey, Surb, create_surb,
+};
+use whispr_protocol::{CancelCapability, DestinationAddress, HoldId, NodeId, SurbId, UnixTime};
+use whispr_timer_service::TimerError;
+use whispr_timer_service::config::QueueConfig;
+use whispr_timer_service::deferred::{DeferredSend, PacketInjector};
+use whispr_timer_service::holds::{HoldConfig, HoldError};
+use whispr_timer_service::node::{
+    AdminConfig, CancelOutcome, HoldOutcome, LogConfig, NodeConfig, TimerNode, WorkerConfig, now,
+};
+use whispr_timer_service::queue::TimerQueue;
+use whispr_timer_service::rocks::{RocksOptions, RocksStore};
+use whispr_timer_service::task::{Category, TaskId};
+
+/// The network, as a test double: records what the node injects.
+#[derive(Default)]
+struct Recorder {
+    sent: Mutex<Vec<DeferredSend>>,
+}
+
+impl PacketInjector for Recorder {
+    fn inject(&self, send: DeferredSend) -> Result<(), String> {
+        self.sent.lock().unwrap().push(send);
+        Ok(())
+    }
+}
+
+impl Recorder {
+    fn sent(&self) -> Vec<DeferredSend> {
+        self.sent.lock().unwrap().clone()
+    }
+}
+
+fn config(dir: &Path) -> NodeConfig {
+    NodeConfig {
+        data_dir: dir.to_path_buf(),
+        admin: AdminConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            token: "test-admin-token-0123456789abcdefghijklmnop".into(),
+            allow_non_loopback: false,
+        },
+        log: LogConfig::default(),
+        queue: QueueConfig {
+            rng_seed: Some(1),
+            ..QueueConfig::default()
+        },
+        worker: WorkerConfig {
+            idle_poll_ms: 20,
+            ..WorkerConfig::default()
+        },
+        holds: HoldConfig {
+            release_ahead_max_ms: 24 * 3600 * 1000,
+            ..HoldConfig::default()
+        },
+    }
+}
+
+/// A node with a recording injector and its worker loop running on its own runtime.
+struct Running {
+    node: TimerNode,
+    recorder: Arc<Recorder>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    runtime: tokio::runtime::Runtime,
+}
+
+/// Runs `node`'s worker loop on a runtime of its own, until the sender is used or dropped.
+fn spawn_worker(node: &TimerNode) -> (tokio::sync::oneshot::Sender<()>, tokio::runtime::Runtime) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = node.clone();
+    runtime.spawn(async move {
+        worker
+            .run_worker(async move {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    (stop, runtime)
+}
+
+impl Running {
+    fn start(dir: &Path) -> Running {
+        let recorder = Arc::new(Recorder::default());
+        let node = TimerNode::open(config(dir), recorder.clone()).unwrap();
+        let (stop, runtime) = spawn_worker(&node);
+        Running {
+            node,
+            recorder,
+            stop: Some(stop),
+            runtime,
+        }
+    }
+
+    /// Waits until `count` packets were injected (or the deadline passes); returns them.
+    fn wait_for_sent(&self, count: usize, deadline: Duration) -> Vec<DeferredSend> {
+        let until = Instant::now() + deadline;
+        while self.recorder.sent().len() < count && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.recorder.sent()
+    }
+
+    /// Stops the worker and closes the node (and so its RocksDB).
+    fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.runtime.shutdown_timeout(Duration::from_secs(5));
+        drop(self.node);
+    }
+}
+
+/// A SURB (random: two calls never give the same one).
+fn surb(seed: u64) -> Surb {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let hops: Vec<RouteHop> = (0..3)
+        .map(|i| RouteHop {
+            node: NodeId([i + 1; 32]),
+            sphinx_key: SphinxPublicKey::from(&SphinxSecretKey::random_from_rng(&mut rng)),
+        })
+        .collect();
+    create_surb(
+        &mut rng,
+        &hops,
+        &[Duration::from_secs(1); 2],
+        DestinationAddress([1; 32]),
+        SurbId([7; 16]),
+    )
+    .unwrap()
+    .0
+}
+
+/// A held packet of `count` parts, each with its own ack SURB, and its capability.
+struct Hold {
+    id: HoldId,
+    capability: CancelCapability,
+    packet: Vec<u8>,
+    first_hop: NodeId,
+    parts: Vec<HeldPacketPart>,
+}
+
+fn hold(seed: u8, release_at: UnixTime, count: u32) -> Hold {
+    let id = HoldId([seed; 16]);
+    let capability = CancelCapability([seed ^ 0x5A; 32]);
+    let cancel_hash: [u8; 32] = Sha256::digest(capability.as_bytes()).into();
+    let packet: Vec<u8> = (0..PACKET_SIZE)
+        .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed))
+        .collect();
+    let first_hop = NodeId([0xE0 ^ seed; 32]);
+    let size = PACKET_SIZE.div_ceil(count as usize);
+    let parts = (0..count)
+        .map(|i| HeldPacketPart {
+            hold_id: id,
+            part_index: i,
+            part_count: count,
+            release_at,
+            cancel_hash,
+            first_hop,
+            data: packet[i as usize * size..((i as usize + 1) * size).min(PACKET_SIZE)].to_vec(),
+            ack_surb: Some(surb(u64::from(seed) * 10 + u64::from(i))),
+        })
+        .collect();
+    Hold {
+        id,
+        capability,
+        packet,
+        first_hop,
+        parts,
+    }
+}
+
+fn in_ms(ms: u64) -> UnixTime {
+    UnixTime(now().0 + ms)
+}
+
+#[test]
+fn three_parts_in_shuffled_order_are_stored_once_and_retransmissions_acked_again() {
+    let dir = TempDir::new().unwrap();
+    let h = hold(1, in_ms(3_600_000), 3);
+    {
+        let node = TimerNode::open(config(dir.path()), Arc::new(Recorder::default())).unwrap();
+        assert_eq!(
+            node.accept_hold_part(h.parts[2].clone()).unwrap(),
+            HoldOutcome::Incomplete
+        );
+        assert_eq!(
+            node.accept_hold_part(h.parts[0].clone()).unwrap(),
+            HoldOutcome::Incomplete
+        );
+        assert_eq!(
+            node.accept_hold_part(h.parts[1].clone()).unwrap(),
+            HoldOutcome::Scheduled {
+                hold_id: h.id,
+                ack_surbs: h
+                    .parts
+                    .iter()
+                    .map(|p| p.ack_surb.clone().unwrap())
+                    .collect(),
+            }
+        );
+        // The client got no ack and sends every part again, in another order.
+        for i in [1, 2, 0] {
+            assert_eq!(
+                node.accept_hold_part(h.parts[i].clone()).unwrap(),
+                HoldOutcome::AlreadyScheduled {
+                    hold_id: h.id,
+                    ack_surbs: vec![h.parts[i].ack_surb.clone().unwrap()],
+                }
+            );
+        }
+        // A part that disagrees with the stored hold is refused.
+        let mut other = h.parts[0].clone();
+        other.cancel_hash = [0; 32];
+        assert_eq!(
+            node.accept_hold_part(other),
+            Err(TimerError::Hold(HoldError::Mismatch))
+        );
+    }
+    // On disk: one deferred send, under the hold id, due at the release time.
+    let store = RocksStore::open(&dir.path().join("db"), RocksOptions::default()).unwrap();
+    let queue =
+        TimerQueue::open(QueueConfig::default(), store, ChaCha20Rng::seed_from_u64(1)).unwrap();
+    assert_eq!(queue.len(), 1);
+    let id = TaskId(h.id.0);
+    let meta = queue.task(&id).unwrap();
+    assert_eq!(meta.category, Category::DeferredSend);
+    assert_eq!(meta.due_at, h.parts[0].release_at);
+    let stored = DeferredSend::decode(&queue.payload(&id).unwrap()).unwrap();
+    assert_eq!(stored.first_hop, h.first_hop);
+    assert_eq!(stored.cancel_hash, h.parts[0].cancel_hash);
+    assert_eq!(stored.packet.as_bytes(), h.packet.as_slice());
+}
+
+#[test]
+fn the_fired_deferred_send_carries_the_reassembled_packet_exactly() {
+    let dir = TempDir::new().unwrap();
+    let node = Running::start(dir.path());
+    let h = hold(2, in_ms(1500), 4);
+    for i in [3, 1, 0] {
+        assert_eq!(
+            node.node.accept_hold_part(h.parts[i].clone()).unwrap(),
+            HoldOutcome::Incomplete
+        );
+    }
+    assert!(matches!(
+        node.node.accept_hold_part(h.parts[2].clone()).unwrap(),
+        HoldOutcome::Scheduled { .. }
+    ));
+    assert!(
+        node.recorder.sent().is_empty(),
+        "not before its release time"
+    );
+    let sent = node.wait_for_sent(1, Duration::from_secs(20));
+    assert!(now() >= h.parts[0].release_at);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].first_hop, h.first_hop);
+    assert_eq!(sent[0].cancel_hash, h.parts[0].cancel_hash);
+    assert_eq!(sent[0].packet.as_bytes(), h.packet.as_slice());
+    // Fired once, then gone: a cancel finds nothing.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(node.recorder.sent().len(), 1);
+    assert_eq!(
+        node.node.cancel_hold(h.id, &h.capability),
+        Err(TimerError::NotFound)
+    );
+    node.stop();
+}
+
+#[test]
+fn a_wrong_capability_is_refused_and_the_hold_still_fires() {
+    let dir = TempDir::new().unwrap();
+    let node = Running::start(dir.path());
+    let h = hold(3, in_ms(800), 3);
+    for part in &h.parts {
+        node.node.accept_hold_part(part.clone()).unwrap();
+    }
+    let mut wrong = h.capability;
+    wrong.0[31] ^= 1;
+    assert_eq!(
+        node.node.cancel_hold(h.id, &wrong),
+        Err(TimerError::BadCapability)
+    );
+    assert_eq!(
+        node.node.cancel_hold(h.id, &CancelCapability([0; 32])),
+        Err(TimerError::BadCapability)
+    );
+    // Still stored: a retransmitted part is acknowledged.
+    assert!(matches!(
+        node.node.accept_hold_part(h.parts[0].clone()).unwrap(),
+        HoldOutcome::AlreadyScheduled { .. }
+    ));
+    let sent = node.wait_for_sent(1, Duration::from_secs(20));
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].packet.as_bytes(), h.packet.as_slice());
+    node.stop();
+}
+
+#[test]
+fn the_right_capability_cancels_and_the_hold_never_fires() {
+    let dir = TempDir::new().unwrap();
+    let node = Running::start(dir.path());
+    let cancelled = hold(4, in_ms(600), 3);
+    let kept = hold(5, in_ms(900), 2);
+    for part in cancelled.parts.iter().chain(&kept.parts) {
+        node.node.accept_hold_part(part.clone()).unwrap();
+    }
+    // Unknown hold.
+    assert_eq!(
+        node.node
+            .cancel_hold(HoldId([0xFF; 16]), &cancelled.capability),
+        Err(TimerError::NotFound)
+    );
+    // Another hold's capability does not cancel this one.
+    assert_eq!(
+        node.node.cancel_hold(cancelled.id, &kept.capability),
+        Err(TimerError::BadCapability)
+    );
+    assert_eq!(
+        node.node.cancel_hold(cancelled.id, &cancelled.capability),
+        Ok(CancelOutcome::Cancelled {
+            hold_id: cancelled.id
+        })
+    );
+    assert_eq!(
+        node.node.cancel_hold(cancelled.id, &cancelled.capability),
+        Err(TimerError::NotFound)
+    );
+    // The other hold fires; by then the cancelled one was due too, and never fired.
+    let sent = node.wait_for_sent(1, Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(500));
+    let sent_later = node.recorder.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent_later, sent);
+    assert!(now() > cancelled.parts[0].release_at);
+    assert_eq!(sent[0].packet.as_bytes(), kept.packet.as_slice());
+    node.stop();
+    // Not on disk either.
+    let store = RocksStore::open(&dir.path().join("db"), RocksOptions::default()).unwrap();
+    let queue =
+        TimerQueue::open(QueueConfig::default(), store, ChaCha20Rng::seed_from_u64(1)).unwrap();
+    assert!(queue.is_empty());
+}
+
+/// An injector that signals when it is called, waits to be released, then fails (the first
+/// hop is unreachable).
+struct Gate {
+    entered: Mutex<mpsc::Sender<()>>,
+    release: Mutex<mpsc::Receiver<()>>,
+    calls: AtomicUsize,
+}
+
+impl PacketInjector for Gate {
+    fn inject(&self, _send: DeferredSend) -> Result<(), String> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let _ = self.entered.lock().unwrap().send(());
+        let _ = self
+            .release
+            .lock()
+            .unwrap()
+            .recv_timeout(Duration::from_secs(30));
+        Err("first hop unreachable".into())
+    }
+}
+
+#[test]
+fn a_hold_being_injected_cannot_be_cancelled_but_one_waiting_to_retry_can() {
+    let dir = TempDir::new().unwrap();
+    let (entered_tx, entered) = mpsc::channel();
+    let (release, release_rx) = mpsc::channel();
+    let gate = Arc::new(Gate {
+        entered: Mutex::new(entered_tx),
+        release: Mutex::new(release_rx),
+        calls: AtomicUsize::new(0),
+    });
+    let node = TimerNode::open(config(dir.path()), gate.clone()).unwrap();
+    let (stop, runtime) = spawn_worker(&node);
+    let h = hold(11, in_ms(300), 1);
+    node.accept_hold_part(h.parts[0].clone()).unwrap();
+    entered.recv_timeout(Duration::from_secs(20)).unwrap();
+    // Being injected: it may be on its way, so the cancel is refused (and checked first).
+    assert_eq!(
+        node.cancel_hold(h.id, &CancelCapability([0; 32])),
+        Err(TimerError::BadCapability)
+    );
+    assert_eq!(
+        node.cancel_hold(h.id, &h.capability),
+        Err(TimerError::WrongState("being injected"))
+    );
+    // The injection fails; the hold waits for its retry (1 s back-off) and can be cancelled.
+    release.send(()).unwrap();
+    let until = Instant::now() + Duration::from_secs(20);
+    let outcome = loop {
+        match node.cancel_hold(h.id, &h.capability) {
+            Err(TimerError::WrongState(_)) if Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => break other,
+        }
+    };
+    assert_eq!(outcome, Ok(CancelOutcome::Cancelled { hold_id: h.id }));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        gate.calls.load(Ordering::SeqCst),
+        1,
+        "no retry after the cancel"
+    );
+    let _ = stop.send(());
+    runtime.shutdown_timeout(Duration::from_secs(5));
+}
+
+#[test]
+fn a_hold_still_being_assembled_can_be_cancelled() {
+    let dir = TempDir::new().unwrap();
+    let node = TimerNode::open(config(dir.path()), Arc::new(Recorder::default())).unwrap();
+    let h = hold(6, in_ms(3_600_000), 3);
+    node.accept_hold_part(h.parts[0].clone()).unwrap();
+    node.accept_hold_part(h.parts[1].clone()).unwrap();
+    assert_eq!(
+        node.cancel_hold(h.id, &CancelCapability([1; 32])),
+        Err(TimerError::BadCapability)
+    );
+    assert_eq!(
+        node.cancel_hold(h.id, &h.capability),
+        Ok(CancelOutcome::PartialDiscarded { hold_id: h.id })
+    );
+    // Its last part alone no longer completes it.
+    assert_eq!(
+        node.accept_hold_part(h.parts[2].clone()).unwrap(),
+        HoldOutcome::Incomplete
+    );
+    assert_eq!(
+        node.cancel_hold(h.id, &h.capability),
+        Ok(CancelOutcome::PartialDiscarded { hold_id: h.id })
+    );
+    assert_eq!(
+        node.cancel_hold(h.id, &h.capability),
+        Err(TimerError::NotFound)
+    );
+}
+
+#[test]
+fn release_times_outside_the_window_and_bad_parts_are_refused() {
+    let dir = TempDir::new().unwrap();
+    let node = TimerNode::open(config(dir.path()), Arc::new(Recorder::default())).unwrap();
+    let far = hold(7, in_ms(24 * 3600 * 1000 + 60_000), 1);
+    assert_eq!(
+        node.accept_hold_part(far.parts[0].clone()),
+        Err(TimerError::Hold(HoldError::ReleaseTooFar {
+            max_ms: 24 * 3600 * 1000
+        }))
+    );
+    let late = hold(8, UnixTime(now().0 - 2 * 3600 * 1000), 1);
+    assert_eq!(
+        node.accept_hold_part(late.parts[0].clone()),
+        Err(TimerError::Hold(HoldError::ReleaseTooLate {
+            max_ms: 3600 * 1000
+        }))
+    );
+    // Slightly late is fine: it fires at once.
+    let slightly = hold(9, UnixTime(now().0 - 60_000), 1);
+    assert!(matches!(
+        node.accept_hold_part(slightly.parts[0].clone()).unwrap(),
+        HoldOutcome::Scheduled { .. }
+    ));
+    let mut bad = hold(10, in_ms(60_000), 2).parts.remove(0);
+    bad.part_index = 2;
+    assert_eq!(
+        node.accept_hold_part(bad),
+        Err(TimerError::Hold(HoldError::PartOutOfRange))
+    );
+    assert!(TimerError::Hold(HoldError::Mismatch).is_caller_error());
+    assert!(TimerError::BadCapability.is_caller_error());
+}
+
+#[test]
+fn holds_config_is_a_table_with_unknown_keys_refused() {
+    let dir = TempDir::new().unwrap();
+    let base = format!(
+        "data_dir = \"{}\"\n[admin]\ntoken = \"test-admin-token-0123456789abcdefghijklmnop\"\n",
+        dir.path().display()
+    );
+    let path = dir.path().join("timer.toml");
+    std::fs::write(
+        &path,
+        format!("{base}[holds]\npartial_max = 5\nrelease_ahead_max_ms = 1000\n"),
+    )
+    .unwrap();
+    let config = NodeConfig::load(&path).unwrap();
+    assert_eq!(config.holds.partial_max, 5);
+    assert_eq!(config.holds.release_ahead_max_ms, 1000);
+    assert_eq!(config.holds.partial_ttl_secs, 600);
+    std::fs::write(&path, format!("{base}[holds]\npartial_maxx = 5\n")).unwrap();
+    assert!(NodeConfig::load(&path).is_err());
+    std::fs::write(&path, format!("{base}[holds]\npartial_ttl_secs = 0\n")).unwrap();
+    assert_eq!(
+        NodeConfig::load(&path).unwrap_err().key,
+        "holds.partial_ttl_secs"
+    );
+}

@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 use whispr_mailbox::core::Incoming;
 use whispr_mailbox::mesh::{MailboxDestination, MeshMetrics, MeshReplies};
 use whispr_mailbox::node::{MailboxNode, NoMesh, NodeConfig, now};
@@ -60,19 +59,6 @@ enum Command {
     },
 }
 
-fn init_tracing(json: bool, filter: Option<&str>) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(filter.unwrap_or("info")));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<NodeConfig> {
     let path = path.context("--config FILE is required")?;
     NodeConfig::load(path).with_context(|| format!("in config file {}", path.display()))
@@ -87,7 +73,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let config = load_config(cli.config.as_ref())?;
-    init_tracing(config.log.json, config.log.filter.as_deref());
+    whispr_relay::config::init_logging(config.log.json, config.log.filter.as_deref());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -52,19 +52,44 @@ pub struct LogConfig {
 }
 
 impl LogConfig {
-    /// Installs the global tracing subscriber (to stderr).
+    /// Installs the global tracing subscriber (to stderr); see [`init_logging`].
     pub fn init(&self) {
-        let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-            tracing_subscriber::EnvFilter::new(self.filter.as_deref().unwrap_or("info"))
-        });
-        let builder = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr);
-        if self.json {
-            let _ = builder.json().try_init();
-        } else {
-            let _ = builder.try_init();
+        init_logging(self.json, self.filter.as_deref());
+    }
+}
+
+/// libp2p's own crates log peer ids and addresses (at info and below); they are capped at
+/// `warn` unless the filter names them explicitly.
+const LIBP2P_TARGETS: [&str; 6] = [
+    "libp2p",
+    "multistream_select",
+    "yamux",
+    "snow",
+    "netlink",
+    "if_watch",
+];
+
+/// Installs the global tracing subscriber of a node (to stderr): `RUST_LOG` if set, otherwise
+/// `filter` (default `info`); JSON lines when `json`. Every node binary calls this.
+pub fn init_logging(json: bool, filter: Option<&str>) {
+    let mut directives = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| filter.unwrap_or("info").to_string());
+    for target in LIBP2P_TARGETS {
+        if !directives.contains(target) {
+            directives.push_str(&format!(",{target}=warn"));
         }
+    }
+    let env_filter = tracing_subscriber::EnvFilter::try_new(&directives)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(env_filter)
+        .with_writer(std::io::stderr);
+    if json {
+        let _ = builder.json().try_init();
+    } else {
+        let _ = builder.try_init();
     }
 }
 

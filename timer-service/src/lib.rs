@@ -28,6 +28,7 @@ pub mod config;
 pub mod deferred;
 mod error;
 pub mod holds;
+pub mod mesh;
 pub mod node;
 pub mod queue;
 pub mod rocks;

@@ -13,10 +13,12 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use rand::{RngExt, SeedableRng};
-use tracing_subscriber::EnvFilter;
 use whispr_protocol::UnixTime;
+use whispr_protocol::directory::Role;
+use whispr_relay::mesh::{Mesh, MeshOptions};
 use whispr_timer_service::config::QueueConfig;
-use whispr_timer_service::deferred::NoMesh;
+use whispr_timer_service::deferred::{NoMesh, PacketInjector};
+use whispr_timer_service::mesh::{MeshInjector, MeshMetrics, TimerDestination};
 use whispr_timer_service::node::{NodeConfig, TimerNode, now};
 use whispr_timer_service::queue::TimerQueue;
 use whispr_timer_service::rocks::{RocksOptions, RocksStore};
@@ -59,19 +61,6 @@ enum Command {
     },
 }
 
-fn init_tracing(json: bool, filter: Option<&str>) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(filter.unwrap_or("info")));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<NodeConfig> {
     let path = path.context("--config FILE is required")?;
     NodeConfig::load(path).with_context(|| format!("in config file {}", path.display()))
@@ -82,12 +71,12 @@ fn main() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
             let config = load_config(cli.config.as_ref())?;
-            init_tracing(config.log.json, config.log.filter.as_deref());
+            whispr_relay::config::init_logging(config.log.json, config.log.filter.as_deref());
             run(config)
         }
         Command::AuditVerify => {
             let config = load_config(cli.config.as_ref())?;
-            init_tracing(config.log.json, config.log.filter.as_deref());
+            whispr_relay::config::init_logging(config.log.json, config.log.filter.as_deref());
             let node = TimerNode::open(config, Arc::new(NoMesh))?;
             let report = node.verify_audit()?;
             writeln!(
@@ -118,12 +107,45 @@ fn run(config: NodeConfig) -> anyhow::Result<()> {
         .context("starting the tokio runtime")?;
     runtime.block_on(async move {
         let listen = config.admin.listen;
-        let node = TimerNode::open(config, Arc::new(NoMesh)).context("opening the node")?;
+        let data_dir = config.data_dir.clone();
+        // With a `[mesh]` section the node joins the mesh: held packets arrive through it and
+        // are injected into it; without one, deferred sends fail (and end in quarantine).
+        let mesh = match config.mesh.clone() {
+            Some(mesh_config) => Some(
+                Mesh::new(MeshOptions {
+                    config: mesh_config,
+                    data_dir: data_dir.clone(),
+                    extra_roles: vec![Role::Timer],
+                })
+                .context("joining the mesh")?,
+            ),
+            None => None,
+        };
+        let injector: Arc<dyn PacketInjector> = match &mesh {
+            Some((handle, _)) => Arc::new(MeshInjector::new(handle.clone())),
+            None => Arc::new(NoMesh),
+        };
+        let node = TimerNode::open(config, injector).context("opening the node")?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("admin.listen: cannot bind {listen}"))?;
-        tracing::info!(admin = %listener.local_addr()?, "timer node started");
+        let port = listener.local_addr()?.port();
+        // The port only: addresses stay out of logs.
+        tracing::info!(port, mesh = mesh.is_some(), "timer node started");
+        let mut app = node.router();
+        let mut mesh_task = None;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        if let Some((handle, runner)) = mesh {
+            let metrics = Arc::new(MeshMetrics::default());
+            node.attach_mesh(handle.clone(), metrics.clone());
+            app = app.merge(whispr_relay::http::mesh_routes(handle.clone(), None));
+            whispr_relay::node_info::write_node_info(&data_dir, &handle, port);
+            let destination = Arc::new(TimerDestination::new(node.clone(), handle, metrics));
+            let mut stop = stop_rx.clone();
+            mesh_task = Some(tokio::spawn(runner.run(Some(destination), async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })));
+        }
         let worker = {
             let node = node.clone();
             let mut stop = stop_rx.clone();
@@ -135,13 +157,13 @@ fn run(config: NodeConfig) -> anyhow::Result<()> {
             })
         };
         let server = {
-            let node = node.clone();
             let mut stop = stop_rx.clone();
             tokio::spawn(async move {
-                node.serve(listener, async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                    .await
             })
         };
         shutdown_signal().await;
@@ -149,6 +171,9 @@ fn run(config: NodeConfig) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
         let _ = worker.await;
         server.await.context("admin server task")??;
+        if let Some(task) = mesh_task {
+            task.await.context("mesh task")?.context("mesh")?;
+        }
         Ok(())
     })
 }

@@ -71,6 +71,10 @@ pub struct NodeConfig {
     /// Held packets received through the mesh.
     #[serde(default)]
     pub holds: HoldConfig,
+    /// Joining the mesh (held packets arrive through it and are injected into it). Without
+    /// this section deferred sends fail and end in quarantine.
+    #[serde(default)]
+    pub mesh: Option<whispr_relay::config::MeshConfig>,
 }
 
 /// `[admin]`: the admin HTTP API.
@@ -185,6 +189,18 @@ impl NodeConfig {
         if self.holds.partial_ttl_secs == 0 {
             return fail("holds.partial_ttl_secs", "must be at least 1");
         }
+        if let Some(mesh) = &self.mesh {
+            mesh.check().map_err(|e| ConfigError {
+                key: e.key,
+                problem: e.problem,
+            })?;
+            if !mesh.roles.is_empty() || mesh.mix_layer != 0 {
+                return fail(
+                    "mesh.roles",
+                    "a timer node has the timer role only; leave roles empty",
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -255,6 +271,11 @@ struct Shared {
     injector: Arc<dyn PacketInjector>,
     metrics: Metrics,
     healthy: AtomicBool,
+    /// The embedded mesh, once joined.
+    mesh: std::sync::OnceLock<(
+        whispr_relay::mesh::MeshHandle,
+        Arc<crate::mesh::MeshMetrics>,
+    )>,
 }
 
 /// A running timer node.
@@ -365,6 +386,7 @@ impl TimerNode {
                 injector,
                 metrics: Metrics::default(),
                 healthy: AtomicBool::new(true),
+                mesh: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -482,6 +504,16 @@ impl TimerNode {
                 ack_surbs: hold.ack_surbs,
             },
         })
+    }
+
+    /// Records the mesh this node joined: its metrics and health join the admin API's.
+    /// Only the first call counts.
+    pub fn attach_mesh(
+        &self,
+        mesh: whispr_relay::mesh::MeshHandle,
+        metrics: Arc<crate::mesh::MeshMetrics>,
+    ) {
+        let _ = self.shared.mesh.set((mesh, metrics));
     }
 
     /// Cancels a held packet (called by the mesh layer for `FinalMessage::Cancel`) if
@@ -766,7 +798,12 @@ fn authorize(node: &TimerNode, headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 async fn healthz(State(node): State<TimerNode>) -> impl IntoResponse {
-    if node.shared.healthy.load(Ordering::Relaxed) {
+    let mesh_ok = node
+        .shared
+        .mesh
+        .get()
+        .is_none_or(|(mesh, _)| mesh.is_healthy());
+    if node.shared.healthy.load(Ordering::Relaxed) && mesh_ok {
         (StatusCode::OK, "ok\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "store failing\n")
@@ -1073,5 +1110,9 @@ async fn metrics(State(node): State<TimerNode>) -> impl IntoResponse {
         "whispr_timer_admin_auth_failures_total {}",
         m.auth_failures.load(Ordering::Relaxed)
     );
+    if let Some((mesh, mesh_metrics)) = node.shared.mesh.get() {
+        out.push_str(&mesh_metrics.render());
+        out.push_str(&mesh.metrics_text());
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 
 use rocksdb::statistics::Ticker;
 use rocksdb::{
-    Cache, ColumnFamily, ColumnFamilyDescriptor, DB,
-    IteratorMode, Options, WriteBatch, WriteOptions,
+    Cache, ColumnFamily, ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch,
+    WriteOptions,
 };
 use whispr_protocol::UnixTime;
 

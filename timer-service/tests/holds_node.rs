@@ -73,6 +73,7 @@ fn config(dir: &Path) -> NodeConfig {
             release_ahead_max_ms: 24 * 3600 * 1000,
             ..HoldConfig::default()
         },
+        mesh: None,
     }
 }
 

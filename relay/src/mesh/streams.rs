@@ -29,7 +29,7 @@ pub const CLIENT_PROTOCOL: StreamProtocol = StreamProtocol::new("/whispr/client/
 /// First back-off after a failed stream open or write.
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 /// Longest back-off.
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Opening a stream (dial included) gives up after this.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
 /// A frame write that makes no progress for this long breaks the stream.
@@ -112,27 +112,6 @@ pub(crate) async fn peer_sender(
     let mut backoff = BACKOFF_MIN;
     let mut next_attempt = Instant::now();
     while let Some(packet) = packets.recv().await {
-        if stream.is_none() {
-            tokio::time::sleep_until(next_attempt).await;
-            match tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, PACKETS_PROTOCOL))
-                .await
-            {
-                Ok(Ok(s)) => {
-                    stream = Some(s);
-                    backoff = BACKOFF_MIN;
-                }
-                Ok(Err(_)) | Err(_) => {
-                    metrics.send_failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!("packet stream could not be opened; backing off");
-                    next_attempt = Instant::now() + backoff;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    continue;
-                }
-            }
-        }
-        let Some(s) = stream.as_mut() else {
-            continue;
-        };
         let mut frames = vec![packet];
         // Write what else is queued before flushing once.
         while frames.len() < 64 {
@@ -142,27 +121,48 @@ pub(crate) async fn peer_sender(
             }
         }
         let count = frames.len();
-        let written = tokio::time::timeout(WRITE_TIMEOUT, async {
-            let mut done = 0usize;
-            for frame in &frames {
-                s.write_all(frame.as_bytes()).await.map_err(|_| done)?;
-                done = done.saturating_add(1);
+        // A stream that breaks on write is usually stale (the peer restarted): reopen at once
+        // and write the batch again. Frames that did arrive before the break come twice; the
+        // next hop's replay filter drops the copies.
+        let mut sent = false;
+        for attempt in 0..2 {
+            if stream.is_none() {
+                if attempt == 0 {
+                    tokio::time::sleep_until(next_attempt).await;
+                }
+                match tokio::time::timeout(
+                    OPEN_TIMEOUT,
+                    control.open_stream(peer, PACKETS_PROTOCOL),
+                )
+                .await
+                {
+                    Ok(Ok(s)) => stream = Some(s),
+                    Ok(Err(_)) | Err(_) => break,
+                }
             }
-            s.flush().await.map_err(|_| done)?;
-            Ok::<(), usize>(())
-        })
-        .await;
-        let failed = match written {
-            Ok(Ok(())) => 0,
-            // Frames before the failing one may or may not have arrived; count the rest.
-            Ok(Err(done)) => count.saturating_sub(done),
-            Err(_) => count,
-        };
-        if failed > 0 {
+            let Some(s) = stream.as_mut() else {
+                break;
+            };
+            let written = tokio::time::timeout(WRITE_TIMEOUT, async {
+                for frame in &frames {
+                    s.write_all(frame.as_bytes()).await?;
+                }
+                s.flush().await
+            })
+            .await;
+            if matches!(written, Ok(Ok(()))) {
+                sent = true;
+                break;
+            }
+            stream = None;
+        }
+        if sent {
+            backoff = BACKOFF_MIN;
+        } else {
             metrics
                 .send_failed
-                .fetch_add(u64::try_from(failed).unwrap_or(u64::MAX), Ordering::Relaxed);
-            tracing::debug!(failed, "packet stream broke; reopening with back-off");
+                .fetch_add(u64::try_from(count).unwrap_or(u64::MAX), Ordering::Relaxed);
+            tracing::debug!(count, "packet stream unavailable; backing off");
             stream = None;
             next_attempt = Instant::now() + backoff;
             backoff = (backoff * 2).min(BACKOFF_MAX);

@@ -1,0 +1,208 @@
+//! The timer node in the mesh.
+//!
+//! * [`MeshInjector`] is the [`PacketInjector`] that sends a due held packet to its first hop.
+//! * [`TimerDestination`] takes the final payloads for this node: hold parts
+//!   ([`TimerNode::accept_hold_part`]) and cancel requests ([`TimerNode::cancel_hold`]), and
+//!   answers each through its ack SURB with `Reply::HoldAck`.
+//!
+//! Outcomes are counted ([`MeshMetrics`]); nothing here logs an identifier.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use whispr_protocol::DestinationAddress;
+use whispr_protocol::HoldId;
+use whispr_protocol::payload::{FinalMessage, Reply};
+use whispr_protocol::sphinx::{Surb, use_surb};
+use whispr_relay::mesh::{LocalDestination, MeshHandle};
+use whispr_relay::router::Delivery;
+
+use crate::deferred::{DeferredSend, PacketInjector};
+use crate::node::{CancelOutcome, HoldOutcome, TimerNode};
+
+/// Sends due held packets into the mesh.
+pub struct MeshInjector {
+    mesh: MeshHandle,
+}
+
+impl MeshInjector {
+    /// Injects through `mesh`.
+    pub fn new(mesh: MeshHandle) -> MeshInjector {
+        MeshInjector { mesh }
+    }
+}
+
+impl PacketInjector for MeshInjector {
+    fn inject(&self, send: DeferredSend) -> Result<(), String> {
+        self.mesh
+            .send(send.first_hop, send.packet)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Counters of the mesh side of a timer node.
+#[derive(Debug, Default)]
+pub struct MeshMetrics {
+    /// Hold parts accepted (held, or completing a hold).
+    pub parts_accepted: AtomicU64,
+    /// Holds completed and stored.
+    pub holds_scheduled: AtomicU64,
+    /// Retransmitted holds acknowledged again.
+    pub holds_duplicate: AtomicU64,
+    /// Parts refused (mismatch, table full, release time out of range, storage).
+    pub parts_refused: AtomicU64,
+    /// Holds cancelled.
+    pub cancels: AtomicU64,
+    /// Cancel requests refused (wrong capability, unknown hold).
+    pub cancels_refused: AtomicU64,
+    /// Final payloads that are not for a timer node or do not decode.
+    pub payloads_refused: AtomicU64,
+    /// Acknowledgements sent.
+    pub acks_sent: AtomicU64,
+    /// Acknowledgements that could not be sent.
+    pub acks_failed: AtomicU64,
+}
+
+impl MeshMetrics {
+    /// Prometheus text.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for (name, help, v) in [
+            (
+                "parts_accepted",
+                "Hold parts accepted.",
+                &self.parts_accepted,
+            ),
+            ("holds_scheduled", "Holds stored.", &self.holds_scheduled),
+            (
+                "holds_duplicate",
+                "Retransmitted holds acknowledged again.",
+                &self.holds_duplicate,
+            ),
+            ("parts_refused", "Hold parts refused.", &self.parts_refused),
+            ("cancels", "Holds cancelled.", &self.cancels),
+            (
+                "cancels_refused",
+                "Cancel requests refused.",
+                &self.cancels_refused,
+            ),
+            (
+                "payloads_refused",
+                "Final payloads not for a timer node.",
+                &self.payloads_refused,
+            ),
+            (
+                "acks_sent",
+                "Acknowledgements sent through SURBs.",
+                &self.acks_sent,
+            ),
+            (
+                "acks_failed",
+                "Acknowledgements that could not be sent.",
+                &self.acks_failed,
+            ),
+        ] {
+            out.push_str(&format!(
+                "# HELP whispr_timer_mesh_{name}_total {help}\n# TYPE whispr_timer_mesh_{name}_total counter\nwhispr_timer_mesh_{name}_total {}\n",
+                v.load(Ordering::Relaxed)
+            ));
+        }
+        out
+    }
+}
+
+/// The timer node as the mesh's local destination.
+#[derive(Clone)]
+pub struct TimerDestination {
+    node: TimerNode,
+    mesh: MeshHandle,
+    metrics: Arc<MeshMetrics>,
+}
+
+impl TimerDestination {
+    /// Delivers into `node`, answering through `mesh`.
+    pub fn new(node: TimerNode, mesh: MeshHandle, metrics: Arc<MeshMetrics>) -> TimerDestination {
+        TimerDestination {
+            node,
+            mesh,
+            metrics,
+        }
+    }
+
+    fn ack(&self, surbs: Vec<Surb>, hold_id: HoldId, cancelled: bool) {
+        let Ok(reply) = (Reply::HoldAck { hold_id, cancelled }).encode() else {
+            self.metrics.acks_failed.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        for surb in surbs {
+            let sent = use_surb(&surb, &reply)
+                .map_err(|_| ())
+                .and_then(|(hop, packet)| self.mesh.send(hop, packet).map_err(|_| ()));
+            let counter = if sent.is_ok() {
+                &self.metrics.acks_sent
+            } else {
+                &self.metrics.acks_failed
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Handles one final payload (blocking: it writes to the store).
+    fn handle(&self, delivery: Delivery) {
+        let m = &self.metrics;
+        let Delivery::Final {
+            destination,
+            plaintext,
+        } = delivery
+        else {
+            m.payloads_refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if destination != DestinationAddress::NODE_SERVICE {
+            m.payloads_refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        match FinalMessage::decode_for(destination, &plaintext) {
+            Ok(FinalMessage::Hold(part)) => match self.node.accept_hold_part(part) {
+                Ok(HoldOutcome::Incomplete) => {
+                    m.parts_accepted.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(HoldOutcome::Scheduled { hold_id, ack_surbs }) => {
+                    m.parts_accepted.fetch_add(1, Ordering::Relaxed);
+                    m.holds_scheduled.fetch_add(1, Ordering::Relaxed);
+                    self.ack(ack_surbs, hold_id, false);
+                }
+                Ok(HoldOutcome::AlreadyScheduled { hold_id, ack_surbs }) => {
+                    m.holds_duplicate.fetch_add(1, Ordering::Relaxed);
+                    self.ack(ack_surbs, hold_id, false);
+                }
+                Err(_) => {
+                    m.parts_refused.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+            Ok(FinalMessage::Cancel(cancel)) => {
+                match self.node.cancel_hold(cancel.hold_id, &cancel.capability) {
+                    Ok(CancelOutcome::Cancelled { hold_id })
+                    | Ok(CancelOutcome::PartialDiscarded { hold_id }) => {
+                        m.cancels.fetch_add(1, Ordering::Relaxed);
+                        self.ack(cancel.ack_surb.into_iter().collect(), hold_id, true);
+                    }
+                    Err(_) => {
+                        m.cancels_refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            Ok(FinalMessage::Deposit(_) | FinalMessage::PrekeyRequest(_)) | Err(_) => {
+                m.payloads_refused.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl LocalDestination for TimerDestination {
+    fn deliver(&self, delivery: Delivery) {
+        let this = self.clone();
+        // Accepting a hold is a synced RocksDB write.
+        tokio::task::spawn_blocking(move || this.handle(delivery));
+    }
+}

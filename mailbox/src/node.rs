@@ -174,16 +174,7 @@ impl NodeConfig {
     /// Checks values that TOML types cannot.
     pub fn check(&self) -> Result<(), ConfigError> {
         if let Some(mesh) = &self.mesh {
-            mesh.check().map_err(|e| ConfigError {
-                key: e.key,
-                problem: e.problem,
-            })?;
-            if !mesh.roles.is_empty() || mesh.mix_layer != 0 {
-                return Err(ConfigError {
-                    key: "mesh.roles".into(),
-                    problem: "a mailbox node has the mailbox role only; leave roles empty".into(),
-                });
-            }
+            mesh.check_destination()?;
         }
         let fail = |key: &str, problem: &str| {
             Err(ConfigError {

@@ -258,13 +258,35 @@ impl MeshConfig {
                 "above the protocol's 7 days",
             ));
         }
-        if self.router.queue_max == 0 || self.peer_queue_max == 0 {
+        if self.router.queue_max == 0 {
             return Err(ConfigError::new("mesh.router.queue_max", "must be > 0"));
+        }
+        if self.peer_queue_max == 0 {
+            return Err(ConfigError::new("mesh.peer_queue_max", "must be > 0"));
         }
         if self.router.epoch_len_ms < 1000 {
             return Err(ConfigError::new(
                 "mesh.router.epoch_len_ms",
                 "at least 1000",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the section of a node that is a final destination (mailbox, timer): such a node
+    /// has no relay role and takes no client packets.
+    pub fn check_destination(&self) -> Result<(), ConfigError> {
+        self.check()?;
+        if !self.roles.is_empty() || self.mix_layer != 0 {
+            return Err(ConfigError::new(
+                "mesh.roles",
+                "mailbox and timer nodes have their own role only; leave roles and mix_layer unset",
+            ));
+        }
+        if self.router.edge {
+            return Err(ConfigError::new(
+                "mesh.router.edge",
+                "only relays take client packets",
             ));
         }
         Ok(())

@@ -104,17 +104,8 @@ fn default_admin_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7300))
 }
 
-/// `[log]`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogConfig {
-    /// JSON lines instead of text.
-    #[serde(default)]
-    pub json: bool,
-    /// Filter directives when `RUST_LOG` is not set (default `info`).
-    #[serde(default)]
-    pub filter: Option<String>,
-}
+/// `[log]` (shared by every node kind).
+pub use whispr_relay::config::LogConfig;
 
 /// `[worker]`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -135,15 +126,8 @@ impl Default for WorkerConfig {
     }
 }
 
-/// A configuration problem, naming the key to fix.
-#[derive(Debug, thiserror::Error)]
-#[error("{key}: {problem}")]
-pub struct ConfigError {
-    /// The config key.
-    pub key: String,
-    /// What is wrong.
-    pub problem: String,
-}
+/// A configuration problem, naming the key to fix (shared by every node kind).
+pub use whispr_relay::config::ConfigError;
 
 impl NodeConfig {
     /// Reads and checks a TOML file.
@@ -190,16 +174,7 @@ impl NodeConfig {
             return fail("holds.partial_ttl_secs", "must be at least 1");
         }
         if let Some(mesh) = &self.mesh {
-            mesh.check().map_err(|e| ConfigError {
-                key: e.key,
-                problem: e.problem,
-            })?;
-            if !mesh.roles.is_empty() || mesh.mix_layer != 0 {
-                return fail(
-                    "mesh.roles",
-                    "a timer node has the timer role only; leave roles empty",
-                );
-            }
+            mesh.check_destination()?;
         }
         Ok(())
     }

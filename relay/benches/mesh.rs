@@ -1,0 +1,1572 @@
+//! Relay / mesh benchmark: what one relay hop costs and what a 3-hop chain carries, measured in
+//! one run on one machine so that the ratios between the parts mean something.
+//!
+//! Not a criterion bench (`harness = false`): it prints markdown tables.
+//!
+//! ```sh
+//! /work/c.sh bench -p whispr-relay --bench mesh
+//! # one part only, or other sizes:
+//! /work/c.sh bench -p whispr-relay --bench mesh -- --only hop,noise
+//! /work/c.sh bench -p whispr-relay --bench mesh -- --windows 1:500,256:20000
+//! ```
+//!
+//! Parts, in the order they run:
+//!
+//! 1. **Per-hop CPU at a mix hop** (`hop`), single thread, no I/O: `R` rounds of `P` packets.
+//!    The packets are built beforehand for edge → mix → destination (zero delays) and their
+//!    edge layer is peeled beforehand too, so each one is what the mix receives. In every
+//!    round, in rotating order, the same `P` packets go through
+//!    * `Router::handle_input` of a mix router (source a peer, rate limits unlimited), its
+//!      outputs drained, each `Output::PersistTags` answered at once with
+//!      `Input::TagsDurable` (so no durability wait and no I/O is in the figure);
+//!    * the same with one `TagsDurable` per round (the `P` tags acknowledged together, as a
+//!      group commit does when the fsync takes a while): the packets wait in the router until
+//!      then;
+//!    * `whispr_protocol::sphinx::process_packet` alone;
+//!    * raw `sphinx_packet::SphinxPacket::from_bytes(..).process(&key)`;
+//!    * `P` X25519 scalar multiplications (`StaticSecret::diffie_hellman`), the unit of
+//!      `docs/benchmarks.md`.
+//!
+//!    Each router variant is its own `Router` (so replay filters never refuse). The table
+//!    gives medians over rounds of µs per packet, and medians of the per-round ratios.
+//! 2. **Noise XX handshakes** (`noise`): `Noise_XX_25519_ChaChaPoly_SHA256` with `snow`, the
+//!    way libp2p-noise sets it up (ring for SHA-256 and ChaCha20-Poly1305, x25519-dalek's
+//!    `x25519` for every Curve25519 operation, static keys given to the builder on each
+//!    handshake, a 104-byte payload in messages 2 and 3 like libp2p's identity payload, but
+//!    no signature check), both sides in memory on one thread, against bursts of X25519 DH in
+//!    the same rounds. The Curve25519 operations per handshake are counted, not assumed.
+//! 3. **libp2p connection establishment** (`conns`) over loopback TCP, both ends in this
+//!    process (the 2-worker runtime): TCP + multistream-select + Noise XX (with the identity
+//!    signature checks) + Yamux, `dummy` behaviour, `K` dials in flight.
+//! 4. **Replay-store durability floor** (`fsync`): synced `RocksReplayStore::persist` of 8
+//!    tags, back to back.
+//! 5. **3-hop loopback chain** (`mesh`): three in-process meshes (edge, mix layer 1,
+//!    destination with a recording `LocalDestination`) on 127.0.0.1 (TCP + Noise + Yamux),
+//!    `RateLimit::unlimited()` for peers and clients, RocksDB replay stores in a temporary
+//!    directory (`WHISPR_BENCH_DIR` to choose where). Packets (zero delays, the sequence
+//!    number in the plaintext) are built before the clock starts. For each window `W`, `N`
+//!    packets are submitted through `MeshHandle::submit_client` on the edge, at most `W`
+//!    submitted and not yet delivered at any time; latency is submit → `deliver` at the
+//!    destination. Delivered must equal sent (zero drop); the nodes' drop and send-failure
+//!    counters are checked too. CPU time per delivered packet comes from
+//!    `/proc/self/task/*/schedstat`, grouped by thread name (the bench's own submitting tasks
+//!    run on the same Tokio workers and are included), and the machine's busy time from
+//!    `/proc/stat` (other processes compete for the same cores: compare "cores busy" of this
+//!    process and of the machine). The replay stores' synced writes and the tags they carried
+//!    are counted in the nodes' RocksDB write-ahead logs (one WAL record per write batch).
+//!
+//! Options: `--only hop,noise,conns,fsync,mesh`, `--windows W:N,...` (default
+//! `1:1000,16:5000,128:20000,1024:40000`), `--warmup N` (default 1000), `--hop-rounds R`
+//! (default 20), `--hop-packets P` (default 256), `--noise-rounds R` (default 30), `--conns M`
+//! (default 2000), `--conns-parallel K` (default 16).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::print_stderr,
+    clippy::indexing_slicing,
+    clippy::panic,
+    missing_docs
+)]
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
+use futures::StreamExt as _;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{SwarmEvent, dummy};
+use rand::RngExt as _;
+use tokio::sync::{Semaphore, oneshot};
+use tokio::task::JoinHandle;
+use whispr_protocol::directory::{Directory, NodeDescriptor, Role, SignedDescriptor};
+use whispr_protocol::sphinx::{
+    HopAction, REPLAY_TAG_SIZE, ReplayTag, RouteHop, SphinxPublicKey, SphinxSecretKey,
+    build_packet, process_packet,
+};
+use whispr_protocol::{DestinationAddress, KeyEpoch, NodeId, UnixTime};
+use whispr_relay::config::{MeshConfig, RelayRole};
+use whispr_relay::mesh::{LocalDestination, Mesh, MeshError, MeshHandle, MeshOptions, unix_now};
+use whispr_relay::router::{Delivery, Input, Output, RateLimit, Router, RouterConfig, Source};
+use whispr_relay::storage::{ReplayStore, RocksOptions, RocksReplayStore};
+use x25519_dalek::{PublicKey as XPublicKey, StaticSecret};
+
+// ---------------------------------------------------------------------------------------------
+// Arguments and small helpers
+
+struct Args {
+    parts: Vec<String>,
+    windows: Vec<(usize, usize)>,
+    warmup: usize,
+    hop_rounds: usize,
+    hop_packets: usize,
+    noise_rounds: usize,
+    conns: usize,
+    conns_parallel: usize,
+}
+
+impl Args {
+    fn runs(&self, part: &str) -> bool {
+        self.parts.iter().any(|p| p == part)
+    }
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        parts: ["hop", "noise", "conns", "fsync", "mesh"]
+            .map(String::from)
+            .to_vec(),
+        windows: vec![(1, 1000), (16, 5000), (128, 20_000), (1024, 40_000)],
+        warmup: 1000,
+        hop_rounds: 20,
+        hop_packets: 256,
+        noise_rounds: 30,
+        conns: 2000,
+        conns_parallel: 16,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| -> String {
+            it.next()
+                .unwrap_or_else(|| panic!("{name} needs a value"))
+                .replace('_', "")
+        };
+        match arg.as_str() {
+            // cargo bench passes `--bench` to harness = false targets.
+            "--bench" => {}
+            "--only" => {
+                args.parts = value("--only").split(',').map(String::from).collect();
+            }
+            "--windows" => {
+                args.windows = value("--windows")
+                    .split(',')
+                    .map(|wn| {
+                        let (w, n) = wn.split_once(':').expect("--windows W:N,...");
+                        (w.parse().expect("W"), n.parse().expect("N"))
+                    })
+                    .collect();
+            }
+            "--warmup" => args.warmup = value("--warmup").parse().expect("--warmup N"),
+            "--hop-rounds" => args.hop_rounds = value("--hop-rounds").parse().expect("R"),
+            "--hop-packets" => args.hop_packets = value("--hop-packets").parse().expect("P"),
+            "--noise-rounds" => args.noise_rounds = value("--noise-rounds").parse().expect("R"),
+            "--conns" => args.conns = value("--conns").parse().expect("M"),
+            "--conns-parallel" => {
+                args.conns_parallel = value("--conns-parallel").parse().expect("K")
+            }
+            other => {
+                panic!("unknown argument {other:?} (see the doc comment of relay/benches/mesh.rs)")
+            }
+        }
+    }
+    assert!(args.windows.iter().all(|(w, n)| *w > 0 && *n > 0));
+    assert!(args.hop_rounds > 0 && args.hop_packets > 0 && args.noise_rounds > 0);
+    args
+}
+
+fn median(values: &[f64]) -> f64 {
+    percentile(values, 50.0)
+}
+
+/// Nearest-rank percentile of unsorted values.
+fn percentile(values: &[f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+fn quartiles(values: &[f64]) -> String {
+    format!(
+        "{:.2} [{:.2}–{:.2}]",
+        median(values),
+        percentile(values, 25.0),
+        percentile(values, 75.0)
+    )
+}
+
+/// CPU time (ns) per thread group, from `/proc/self/task/*/schedstat` (threads alive now).
+fn thread_cpu() -> BTreeMap<&'static str, u64> {
+    let mut groups = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return groups;
+    };
+    for task in tasks.filter_map(Result::ok) {
+        let path = task.path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        let ns: u64 = std::fs::read_to_string(path.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next().and_then(|n| n.parse().ok()))
+            .unwrap_or(0);
+        let group = match comm.trim() {
+            // Workers and the blocking pool share the name.
+            c if c.starts_with("tokio") => "tokio threads",
+            c if c.starts_with("whispr-replay") => "replay-store threads",
+            c if c.starts_with("rocksdb") => "rocksdb background",
+            _ => "other threads",
+        };
+        *groups.entry(group).or_insert(0) += ns;
+    }
+    groups
+}
+
+/// CPU time (ns) of the whole process, dead threads included (`/proc/self/stat`, ticks).
+fn process_cpu_ns() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // After the command name: state is field 3, utime 14, stime 15 (1-based).
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks(11) + ticks(12)) * 10_000_000 // USER_HZ = 100 on Linux
+}
+
+/// Busy time (ns) of the whole machine, all processes (`/proc/stat`, ticks).
+fn machine_busy_ns() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal: all but idle and iowait.
+    let busy: u64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&i| ticks.get(i))
+        .sum();
+    busy * 10_000_000
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+struct CpuSnapshot {
+    threads: BTreeMap<&'static str, u64>,
+    process: u64,
+    machine: u64,
+    at: Instant,
+}
+
+impl CpuSnapshot {
+    fn now() -> CpuSnapshot {
+        CpuSnapshot {
+            threads: thread_cpu(),
+            process: process_cpu_ns(),
+            machine: machine_busy_ns(),
+            at: Instant::now(),
+        }
+    }
+
+    /// Per group, µs of CPU per `units` since `self`.
+    fn per_unit_since(&self, units: usize) -> (f64, BTreeMap<&'static str, f64>) {
+        self.since(units).0
+    }
+
+    /// [`Self::per_unit_since`], and the cores kept busy by this process and by the whole
+    /// machine (CPU time / wall time).
+    #[allow(clippy::type_complexity)]
+    fn since(&self, units: usize) -> ((f64, BTreeMap<&'static str, f64>), (f64, f64)) {
+        let now = CpuSnapshot::now();
+        let wall = now.at.duration_since(self.at).as_nanos().max(1) as f64;
+        let busy = (
+            now.process.saturating_sub(self.process) as f64 / wall,
+            now.machine.saturating_sub(self.machine) as f64 / wall,
+        );
+        let per = |ns: u64| ns as f64 / 1000.0 / units.max(1) as f64;
+        let groups = now
+            .threads
+            .iter()
+            .map(|(g, ns)| {
+                let before = self.threads.get(g).copied().unwrap_or(0);
+                (*g, per(ns.saturating_sub(before)))
+            })
+            .collect();
+        (
+            (per(now.process.saturating_sub(self.process)), groups),
+            busy,
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// In-memory nodes (as in relay/tests/router.rs)
+
+const EPOCH_MS: u64 = 3_600_000;
+const T0: UnixTime = UnixTime(1_000 * EPOCH_MS + 5_000);
+
+struct MemNode {
+    identity: SigningKey,
+    sphinx: Vec<(KeyEpoch, SphinxSecretKey)>,
+    role: Role,
+    layer: u32,
+}
+
+impl MemNode {
+    fn new(seed: u8, role: Role, layer: u32) -> MemNode {
+        let sphinx = (999..=1000u64)
+            .map(|e| {
+                let mut k = [seed; 32];
+                k[1] = e as u8;
+                (KeyEpoch(e), SphinxSecretKey::from(k))
+            })
+            .collect();
+        MemNode {
+            identity: SigningKey::from_bytes(&[seed; 32]),
+            sphinx,
+            role,
+            layer,
+        }
+    }
+
+    fn id(&self) -> NodeId {
+        NodeId(self.identity.verifying_key().to_bytes())
+    }
+
+    fn key(&self, epoch: KeyEpoch) -> &SphinxSecretKey {
+        &self.sphinx.iter().find(|(e, _)| *e == epoch).unwrap().1
+    }
+
+    fn hop(&self, epoch: KeyEpoch) -> RouteHop {
+        RouteHop {
+            node: self.id(),
+            sphinx_key: SphinxPublicKey::from(self.key(epoch)),
+        }
+    }
+
+    fn descriptor(&self) -> SignedDescriptor {
+        NodeDescriptor {
+            node_id: self.id(),
+            peer_id: self.id().libp2p_peer_id_bytes(),
+            roles: [self.role].into_iter().collect(),
+            mix_layer: self.layer,
+            addresses: vec![],
+            api_url: None,
+            sphinx_keys: self
+                .sphinx
+                .iter()
+                .map(|(e, k)| (*e, SphinxPublicKey::from(k)))
+                .collect(),
+            published_at: UnixTime(T0.0 - 1000),
+            expires_at: UnixTime(T0.0 + 3_600_000),
+        }
+        .sign(&self.identity)
+        .unwrap()
+    }
+}
+
+/// Builds `count` packets for `route` with zero delays, on all cores; packet `i` carries the
+/// sequence number `first + i` in its first 8 plaintext bytes.
+fn build_packets(route: &[RouteHop], first: u64, count: usize) -> Vec<Vec<u8>> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let chunk = count.div_ceil(threads).max(1);
+    let delays = vec![Duration::ZERO; route.len() - 1];
+    let destination = DestinationAddress([7u8; 32]);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..count)
+            .step_by(chunk)
+            .map(|start| {
+                let delays = &delays;
+                s.spawn(move || {
+                    let mut rng = rand::rng();
+                    (start..(start + chunk).min(count))
+                        .map(|i| {
+                            let mut plaintext = [0u8; 64];
+                            plaintext[..8].copy_from_slice(&(first + i as u64).to_le_bytes());
+                            build_packet(&mut rng, route, delays, destination, &plaintext)
+                                .unwrap()
+                                .into_bytes()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Part 1: per-hop CPU
+
+struct HopResult {
+    /// µs per packet, per round, by variant.
+    us: BTreeMap<&'static str, Vec<f64>>,
+    /// Per-round ratios.
+    ratios: BTreeMap<&'static str, Vec<f64>>,
+    packets: usize,
+}
+
+const V_ROUTER: &str = "Router::handle_input, tags durable at once";
+const V_ROUTER_GROUP: &str = "Router::handle_input, one TagsDurable per round";
+const V_PROCESS: &str = "whispr_protocol::sphinx::process_packet";
+const V_RAW: &str = "sphinx_packet SphinxPacket::from_bytes + process";
+const V_DH: &str = "X25519 StaticSecret::diffie_hellman";
+
+/// Feeds one input and drains the outputs; `ack` answers `PersistTags` at once.
+fn drive(router: &mut Router, input: Input, ack: bool, last_batch: &mut u64, sent: &mut usize) {
+    let mut input = Some(input);
+    while let Some(next) = input.take() {
+        router.handle_input(T0, next).unwrap();
+        while let Some(output) = router.poll_output() {
+            match output {
+                Output::PersistTags { batch, tags } => {
+                    black_box(tags);
+                    *last_batch = batch;
+                    if ack {
+                        input = Some(Input::TagsDurable { batch });
+                    }
+                }
+                Output::Send { packet, .. } => {
+                    black_box(packet);
+                    *sent += 1;
+                }
+                Output::Deliver(d) => panic!("a mix hop delivered {d:?}"),
+                Output::Drop { reason } => panic!("dropped: {reason}"),
+            }
+        }
+    }
+}
+
+fn bench_hop(args: &Args) -> HopResult {
+    let edge = MemNode::new(1, Role::Edge, 0);
+    let mix = MemNode::new(2, Role::Mix, 1);
+    let dest = MemNode::new(3, Role::Mailbox, 0);
+    let epoch = KeyEpoch::containing(T0, Duration::from_millis(EPOCH_MS));
+    let (directory, rejected) = Directory::build(
+        T0,
+        &[edge.descriptor(), mix.descriptor(), dest.descriptor()],
+    );
+    assert!(rejected.is_empty(), "{rejected:?}");
+    let directory = Arc::new(directory);
+    let route = [edge.hop(epoch), mix.hop(epoch), dest.hop(epoch)];
+    let total = args.hop_rounds * args.hop_packets;
+    eprintln!("hop: building {total} packets and peeling their edge layer…");
+    let at_mix: Vec<Vec<u8>> = build_packets(&route, 0, total)
+        .into_iter()
+        .map(
+            |p| match process_packet(&[edge.key(epoch)], &p).unwrap().action {
+                HopAction::Forward { packet, .. } => packet.into_bytes(),
+                other => panic!("edge did not forward: {other:?}"),
+            },
+        )
+        .collect();
+
+    let config = RouterConfig {
+        peer_rate: RateLimit::unlimited(),
+        epoch_len_ms: EPOCH_MS,
+        ..RouterConfig::default()
+    };
+    let new_router = || {
+        let mut r = Router::new(mix.id(), config.clone(), false);
+        r.set_keys(mix.sphinx.clone());
+        r.handle_input(T0, Input::Directory(directory.clone()))
+            .unwrap();
+        r
+    };
+    let mut router = new_router();
+    let mut router_group = new_router();
+    let from = Source::Peer(edge.id());
+    let mix_key = mix.key(epoch).clone();
+    let dh_secret = StaticSecret::from([9u8; 32]);
+    let dh_public = XPublicKey::from(&StaticSecret::from([11u8; 32]));
+
+    // Warm-up: a few packets through every path (not timed; fresh routers afterwards).
+    {
+        let mut warm = new_router();
+        let (mut b, mut s) = (0, 0);
+        for p in at_mix.iter().take(16) {
+            drive(
+                &mut warm,
+                Input::Packet {
+                    from,
+                    bytes: p.clone(),
+                },
+                true,
+                &mut b,
+                &mut s,
+            );
+            black_box(process_packet(&[&mix_key], p).unwrap());
+            black_box(
+                sphinx_packet::SphinxPacket::from_bytes(p)
+                    .unwrap()
+                    .process(&mix_key)
+                    .unwrap(),
+            );
+        }
+    }
+
+    let variants = [V_ROUTER, V_ROUTER_GROUP, V_PROCESS, V_RAW, V_DH];
+    let mut us: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
+    let n = args.hop_packets;
+    for round in 0..args.hop_rounds {
+        let chunk = &at_mix[round * n..(round + 1) * n];
+        let mut this: BTreeMap<&'static str, f64> = BTreeMap::new();
+        for k in 0..variants.len() {
+            let variant = variants[(round + k) % variants.len()];
+            let elapsed = match variant {
+                V_ROUTER | V_ROUTER_GROUP => {
+                    let group = variant == V_ROUTER_GROUP;
+                    let r = if group {
+                        &mut router_group
+                    } else {
+                        &mut router
+                    };
+                    let owned: Vec<Vec<u8>> = chunk.to_vec();
+                    let (mut last, mut sent) = (0u64, 0usize);
+                    let t = Instant::now();
+                    for bytes in owned {
+                        drive(
+                            r,
+                            Input::Packet { from, bytes },
+                            !group,
+                            &mut last,
+                            &mut sent,
+                        );
+                    }
+                    if group {
+                        drive(
+                            r,
+                            Input::TagsDurable { batch: last },
+                            false,
+                            &mut last,
+                            &mut sent,
+                        );
+                    }
+                    let e = t.elapsed();
+                    assert_eq!(sent, n, "{variant}: every packet sent on");
+                    e
+                }
+                V_PROCESS => {
+                    let t = Instant::now();
+                    for p in chunk {
+                        black_box(process_packet(&[&mix_key], black_box(p)).unwrap());
+                    }
+                    t.elapsed()
+                }
+                V_RAW => {
+                    let t = Instant::now();
+                    for p in chunk {
+                        let packet = sphinx_packet::SphinxPacket::from_bytes(black_box(p)).unwrap();
+                        black_box(packet.process(&mix_key).unwrap());
+                    }
+                    t.elapsed()
+                }
+                _ => {
+                    let t = Instant::now();
+                    for _ in 0..n {
+                        black_box(black_box(&dh_secret).diffie_hellman(black_box(&dh_public)));
+                    }
+                    t.elapsed()
+                }
+            };
+            this.insert(variant, elapsed.as_secs_f64() * 1e6 / n as f64);
+        }
+        for (v, x) in this {
+            us.entry(v).or_default().push(x);
+        }
+    }
+    let ratio =
+        |a: &str, b: &str| -> Vec<f64> { us[a].iter().zip(&us[b]).map(|(x, y)| x / y).collect() };
+    let mut ratios = BTreeMap::new();
+    for v in [V_ROUTER, V_ROUTER_GROUP, V_PROCESS, V_RAW] {
+        ratios.insert(v, ratio(v, V_RAW));
+    }
+    for v in variants {
+        let key: &'static str = match v {
+            V_ROUTER => "router/x25519",
+            V_ROUTER_GROUP => "router group/x25519",
+            V_PROCESS => "process/x25519",
+            V_RAW => "raw/x25519",
+            _ => "x25519/x25519",
+        };
+        ratios.insert(key, ratio(v, V_DH));
+    }
+    HopResult {
+        us,
+        ratios,
+        packets: total,
+    }
+}
+
+fn print_hop(args: &Args, r: &HopResult) {
+    println!("\n## Per-hop CPU at a mix hop (one thread, no I/O)\n");
+    println!(
+        "{} rounds × {} packets ({} packets, each through every variant); medians of the per-round \
+         µs/packet [first–third quartile], and medians of the per-round ratios.\n",
+        args.hop_rounds, args.hop_packets, r.packets
+    );
+    println!("| what one packet costs | µs/packet | ratio to raw sphinx-packet | X25519 units |");
+    println!("|---|---:|---:|---:|");
+    let units = |v: &str| match v {
+        V_ROUTER => "router/x25519",
+        V_ROUTER_GROUP => "router group/x25519",
+        V_PROCESS => "process/x25519",
+        V_RAW => "raw/x25519",
+        _ => "x25519/x25519",
+    };
+    for v in [V_ROUTER, V_ROUTER_GROUP, V_PROCESS, V_RAW, V_DH] {
+        let to_raw = r
+            .ratios
+            .get(v)
+            .map_or_else(|| "—".to_string(), |x| quartiles(x));
+        println!(
+            "| {v} | {} | {to_raw} | {:.2} |",
+            quartiles(&r.us[v]),
+            median(&r.ratios[units(v)])
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Part 2: Noise XX handshakes in memory
+
+static SET_STATIC: AtomicU64 = AtomicU64::new(0);
+static GENERATE: AtomicU64 = AtomicU64::new(0);
+static DH: AtomicU64 = AtomicU64::new(0);
+
+/// libp2p-noise's Curve25519 for snow: x25519-dalek's `x25519` for the public key of a set or
+/// generated secret and for each DH (a Montgomery ladder every time).
+#[derive(Default)]
+struct NoiseKeypair {
+    secret: [u8; 32],
+    public: [u8; 32],
+}
+
+impl snow::types::Dh for NoiseKeypair {
+    fn name(&self) -> &'static str {
+        "25519"
+    }
+    fn pub_len(&self) -> usize {
+        32
+    }
+    fn priv_len(&self) -> usize {
+        32
+    }
+    fn set(&mut self, privkey: &[u8]) {
+        SET_STATIC.fetch_add(1, Ordering::Relaxed);
+        self.secret.copy_from_slice(&privkey[..32]);
+        self.public = x25519_dalek::x25519(self.secret, x25519_dalek::X25519_BASEPOINT_BYTES);
+    }
+    fn generate(&mut self, rng: &mut dyn snow::types::Random) -> Result<(), snow::Error> {
+        GENERATE.fetch_add(1, Ordering::Relaxed);
+        rng.try_fill_bytes(&mut self.secret)?;
+        self.public = x25519_dalek::x25519(self.secret, x25519_dalek::X25519_BASEPOINT_BYTES);
+        Ok(())
+    }
+    fn pubkey(&self) -> &[u8] {
+        &self.public
+    }
+    fn privkey(&self) -> &[u8] {
+        &self.secret
+    }
+    fn dh(&self, pubkey: &[u8], out: &mut [u8]) -> Result<(), snow::Error> {
+        DH.fetch_add(1, Ordering::Relaxed);
+        let mut p = [0u8; 32];
+        p.copy_from_slice(&pubkey[..32]);
+        out[..32].copy_from_slice(&x25519_dalek::x25519(self.secret, p));
+        Ok(())
+    }
+}
+
+/// libp2p-noise's resolver on native targets: ring for hashes and ciphers.
+struct NoiseResolver;
+
+impl snow::resolvers::CryptoResolver for NoiseResolver {
+    fn resolve_rng(&self) -> Option<Box<dyn snow::types::Random>> {
+        snow::resolvers::RingResolver.resolve_rng()
+    }
+    fn resolve_dh(&self, choice: &snow::params::DHChoice) -> Option<Box<dyn snow::types::Dh>> {
+        matches!(choice, snow::params::DHChoice::Curve25519)
+            .then(|| Box::new(NoiseKeypair::default()) as Box<dyn snow::types::Dh>)
+    }
+    fn resolve_hash(
+        &self,
+        choice: &snow::params::HashChoice,
+    ) -> Option<Box<dyn snow::types::Hash>> {
+        snow::resolvers::RingResolver.resolve_hash(choice)
+    }
+    fn resolve_cipher(
+        &self,
+        choice: &snow::params::CipherChoice,
+    ) -> Option<Box<dyn snow::types::Cipher>> {
+        snow::resolvers::RingResolver.resolve_cipher(choice)
+    }
+}
+
+/// libp2p's handshake payload: protobuf identity key (36 bytes) and signature (64), framed.
+const NOISE_PAYLOAD_LEN: usize = 104;
+
+fn noise_handshake(params: &snow::params::NoiseParams, i_static: &[u8], r_static: &[u8]) {
+    let payload = [0x5au8; NOISE_PAYLOAD_LEN];
+    fn build<'a>(params: &snow::params::NoiseParams, key: &'a [u8]) -> snow::Builder<'a> {
+        snow::Builder::with_resolver(params.clone(), Box::new(NoiseResolver))
+            .local_private_key(key)
+            .unwrap()
+    }
+    let mut initiator = build(params, i_static).build_initiator().unwrap();
+    let mut responder = build(params, r_static).build_responder().unwrap();
+    let mut msg = [0u8; 512];
+    let mut out = [0u8; 512];
+    let n = initiator.write_message(&[], &mut msg).unwrap();
+    responder.read_message(&msg[..n], &mut out).unwrap();
+    let n = responder.write_message(&payload, &mut msg).unwrap();
+    initiator.read_message(&msg[..n], &mut out).unwrap();
+    let n = initiator.write_message(&payload, &mut msg).unwrap();
+    let got = responder.read_message(&msg[..n], &mut out).unwrap();
+    assert_eq!(got, NOISE_PAYLOAD_LEN);
+    let i = initiator.into_transport_mode().unwrap();
+    let r = responder.into_transport_mode().unwrap();
+    black_box((i, r));
+}
+
+struct NoiseResult {
+    handshakes_per_s: Vec<f64>,
+    dh_per_s: Vec<f64>,
+    /// Per round: handshakes/s ÷ (DH/s ÷ 6).
+    ratio_dh6: Vec<f64>,
+    set_per_hs: f64,
+    generate_per_hs: f64,
+    dh_per_hs: f64,
+}
+
+fn bench_noise(args: &Args) -> NoiseResult {
+    let params: snow::params::NoiseParams = "Noise_XX_25519_ChaChaPoly_SHA256".parse().unwrap();
+    let mut rng = rand::rng();
+    let i_static: [u8; 32] = rng.random();
+    let r_static: [u8; 32] = rng.random();
+    let dh_secret = StaticSecret::from([9u8; 32]);
+    let dh_public = XPublicKey::from(&StaticSecret::from([11u8; 32]));
+    for _ in 0..20 {
+        noise_handshake(&params, &i_static, &r_static);
+    }
+    const HS: usize = 60;
+    const DHS: usize = 600;
+    let mut result = NoiseResult {
+        handshakes_per_s: vec![],
+        dh_per_s: vec![],
+        ratio_dh6: vec![],
+        set_per_hs: 0.0,
+        generate_per_hs: 0.0,
+        dh_per_hs: 0.0,
+    };
+    for c in [&SET_STATIC, &GENERATE, &DH] {
+        c.store(0, Ordering::Relaxed);
+    }
+    for round in 0..args.noise_rounds {
+        let mut hs = 0.0;
+        let mut dh = 0.0;
+        for k in 0..2 {
+            if (round + k) % 2 == 0 {
+                let t = Instant::now();
+                for _ in 0..HS {
+                    noise_handshake(&params, &i_static, &r_static);
+                }
+                hs = HS as f64 / t.elapsed().as_secs_f64();
+            } else {
+                let t = Instant::now();
+                for _ in 0..DHS {
+                    black_box(black_box(&dh_secret).diffie_hellman(black_box(&dh_public)));
+                }
+                dh = DHS as f64 / t.elapsed().as_secs_f64();
+            }
+        }
+        result.handshakes_per_s.push(hs);
+        result.dh_per_s.push(dh);
+        result.ratio_dh6.push(hs / (dh / 6.0));
+    }
+    let count = (args.noise_rounds * HS) as f64;
+    result.set_per_hs = SET_STATIC.load(Ordering::Relaxed) as f64 / count;
+    result.generate_per_hs = GENERATE.load(Ordering::Relaxed) as f64 / count;
+    result.dh_per_hs = DH.load(Ordering::Relaxed) as f64 / count;
+    result
+}
+
+fn print_noise(args: &Args, r: &NoiseResult) {
+    let ladders = r.set_per_hs + r.generate_per_hs + r.dh_per_hs;
+    let per_ladder: Vec<f64> = r
+        .handshakes_per_s
+        .iter()
+        .zip(&r.dh_per_s)
+        .map(|(h, d)| h / (d / ladders))
+        .collect();
+    println!("\n## Noise XX handshakes in memory (snow, one thread, both sides)\n");
+    println!(
+        "`Noise_XX_25519_ChaChaPoly_SHA256` set up as libp2p-noise does; {} rounds of 60 handshakes \
+         alternating with 600 X25519 DH; medians [quartiles] over rounds.\n",
+        args.noise_rounds
+    );
+    println!("| metric | value |");
+    println!("|---|---:|");
+    println!(
+        "| handshakes/s (both sides on one core) | {} |",
+        quartiles(&r.handshakes_per_s)
+    );
+    println!(
+        "| µs per handshake | {:.1} |",
+        1e6 / median(&r.handshakes_per_s)
+    );
+    println!("| X25519 DH/s | {} |", quartiles(&r.dh_per_s));
+    println!(
+        "| handshakes/s ÷ (DH/s ÷ 6) | {} |",
+        quartiles(&r.ratio_dh6)
+    );
+    println!(
+        "| Curve25519 ladders per handshake, counted | {ladders:.0} ({:.0} DH + {:.0} ephemeral keygen + {:.0} static public key) |",
+        r.dh_per_hs, r.generate_per_hs, r.set_per_hs
+    );
+    println!(
+        "| handshakes/s ÷ (DH/s ÷ {ladders:.0}) | {} |",
+        quartiles(&per_ladder)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Part 3: libp2p connection establishment over loopback TCP
+
+fn conn_swarm() -> libp2p::Swarm<dummy::Behaviour> {
+    libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default().nodelay(true),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|_| dummy::Behaviour)
+        .unwrap()
+        .build()
+}
+
+struct ConnResult {
+    established: usize,
+    errors: usize,
+    per_s: f64,
+    cpu_us: f64,
+}
+
+async fn bench_conns(total: usize, parallel: usize) -> ConnResult {
+    let mut listener = conn_swarm();
+    listener
+        .listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+        .unwrap();
+    let addr = loop {
+        if let SwarmEvent::NewListenAddr { address, .. } = listener.select_next_some().await {
+            break address;
+        }
+    };
+    let peer = *listener.local_peer_id();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let accepted_in = accepted.clone();
+    let listening = tokio::spawn(async move {
+        loop {
+            if let SwarmEvent::ConnectionEstablished { .. } = listener.select_next_some().await {
+                accepted_in.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    let mut dialer = conn_swarm();
+    let mut run = async |count: usize| -> (usize, usize, Duration) {
+        let dial = |d: &mut libp2p::Swarm<dummy::Behaviour>| {
+            d.dial(
+                DialOpts::peer_id(peer)
+                    .addresses(vec![addr.clone()])
+                    .condition(PeerCondition::Always)
+                    .build(),
+            )
+            .unwrap();
+        };
+        let t = Instant::now();
+        let mut dialed = 0;
+        while dialed < parallel.min(count) {
+            dial(&mut dialer);
+            dialed += 1;
+        }
+        let (mut ok, mut errors) = (0, 0);
+        while ok + errors < count {
+            match dialer.select_next_some().await {
+                SwarmEvent::ConnectionEstablished { .. } => ok += 1,
+                SwarmEvent::OutgoingConnectionError { .. } => errors += 1,
+                _ => continue,
+            }
+            if dialed < count {
+                dial(&mut dialer);
+                dialed += 1;
+            }
+        }
+        let elapsed = t.elapsed();
+        (ok, errors, elapsed)
+    };
+    run(50.min(total)).await;
+    let cpu = CpuSnapshot::now();
+    let (ok, errors, elapsed) = run(total).await;
+    let (cpu_us, _) = cpu.per_unit_since(ok);
+    listening.abort();
+    ConnResult {
+        established: ok,
+        errors,
+        per_s: ok as f64 / elapsed.as_secs_f64(),
+        cpu_us,
+    }
+}
+
+fn print_conns(parallel: usize, r: &ConnResult) {
+    println!(
+        "\n## libp2p connection establishment over loopback TCP (both ends in this process)\n"
+    );
+    println!("| metric | value |");
+    println!("|---|---:|");
+    println!(
+        "| connections established (errors) | {} ({}) |",
+        r.established, r.errors
+    );
+    println!("| dials in flight | {parallel} |");
+    println!("| connections/s | {:.0} |", r.per_s);
+    println!(
+        "| process CPU per connection, both ends (µs) | {:.0} |",
+        r.cpu_us
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Part 4: the replay store's synced write
+
+struct FsyncResult {
+    p50_ms: f64,
+    p99_ms: f64,
+    mean_ms: f64,
+}
+
+fn bench_fsync(root: &std::path::Path) -> FsyncResult {
+    let dir = tempfile::tempdir_in(root).unwrap();
+    let mut store = RocksReplayStore::open(dir.path(), &RocksOptions::default()).unwrap();
+    let mut rng = rand::rng();
+    let mut ms = Vec::new();
+    for i in 0..220 {
+        let tags: Vec<(KeyEpoch, ReplayTag)> = (0..8)
+            .map(|_| {
+                (
+                    KeyEpoch(1),
+                    ReplayTag(rng.random::<[u8; REPLAY_TAG_SIZE]>()),
+                )
+            })
+            .collect();
+        let t = Instant::now();
+        store.persist(&tags).unwrap();
+        if i >= 20 {
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    FsyncResult {
+        p50_ms: percentile(&ms, 50.0),
+        p99_ms: percentile(&ms, 99.0),
+        mean_ms: ms.iter().sum::<f64>() / ms.len() as f64,
+    }
+}
+
+/// Synced writes and replay tags in the RocksDB write-ahead logs (`*.log`) of `dir`: one
+/// logical WAL record per `WriteBatch` (its header: sequence number, u64, then entry count,
+/// u32). Physical records: CRC (4), length (2), type (1; 1 full, 2 first, 3 middle, 4 last)
+/// in 32 KiB blocks; a header of zeros is the unwritten end.
+fn wal_batches(dir: &std::path::Path) -> (u64, u64) {
+    const BLOCK: usize = 32 * 1024;
+    let (mut batches, mut entries) = (0u64, 0u64);
+    let mut count = |record: &[u8]| {
+        if let Some(n) = record.get(8..12) {
+            batches += 1;
+            entries += u64::from(u32::from_le_bytes(n.try_into().unwrap()));
+        }
+    };
+    let Ok(files) = std::fs::read_dir(dir) else {
+        return (0, 0);
+    };
+    for file in files.filter_map(Result::ok) {
+        if file.path().extension().is_none_or(|e| e != "log") {
+            continue;
+        }
+        let Ok(data) = std::fs::read(file.path()) else {
+            continue;
+        };
+        let mut pos = 0;
+        let mut record = Vec::new();
+        while pos + 7 <= data.len() {
+            let block_end = (pos / BLOCK + 1) * BLOCK;
+            if block_end - pos < 7 {
+                pos = block_end;
+                continue;
+            }
+            let len = usize::from(u16::from_le_bytes([data[pos + 4], data[pos + 5]]));
+            let kind = data[pos + 6];
+            let end = pos + 7 + len;
+            if (kind == 0 && len == 0) || end > data.len() {
+                break;
+            }
+            let fragment = &data[pos + 7..end];
+            match kind {
+                1 => count(fragment),
+                2 => record = fragment.to_vec(),
+                3 => record.extend_from_slice(fragment),
+                4 => {
+                    record.extend_from_slice(fragment);
+                    count(&record);
+                }
+                _ => {}
+            }
+            pos = end;
+        }
+    }
+    (batches, entries)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Part 5: the 3-hop chain over loopback
+
+/// Submit and arrival times (ns since `base`, +1 so that 0 means "not yet") by sequence
+/// number.
+struct Arrivals {
+    base: Instant,
+    submitted: Vec<AtomicU64>,
+    arrived: Vec<AtomicU64>,
+    delivered: AtomicUsize,
+    duplicates: AtomicUsize,
+    strangers: AtomicUsize,
+    window: Mutex<Arc<Semaphore>>,
+}
+
+impl Arrivals {
+    fn now(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX) + 1
+    }
+}
+
+struct Recorder(Arc<Arrivals>);
+
+impl LocalDestination for Recorder {
+    fn deliver(&self, delivery: Delivery) {
+        let a = &self.0;
+        let now = a.now();
+        let seq = match &delivery {
+            Delivery::Final { plaintext, .. } if plaintext.len() >= 8 => {
+                u64::from_le_bytes(plaintext[..8].try_into().unwrap()) as usize
+            }
+            _ => usize::MAX,
+        };
+        match a.arrived.get(seq) {
+            Some(slot) => {
+                if slot.swap(now, Ordering::Relaxed) == 0 {
+                    a.delivered.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    a.duplicates.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            None => {
+                a.strangers.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        a.window.lock().unwrap().add_permits(1);
+    }
+}
+
+struct Node {
+    handle: MeshHandle,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), MeshError>>,
+    dir: tempfile::TempDir,
+}
+
+fn mesh_config(
+    roles: Vec<RelayRole>,
+    mix_layer: u32,
+    edge: bool,
+    bootstrap: &[String],
+) -> MeshConfig {
+    MeshConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
+        bootstrap: bootstrap.to_vec(),
+        roles,
+        mix_layer,
+        descriptor_publish_ms: 300,
+        router: RouterConfig {
+            edge,
+            peer_rate: RateLimit::unlimited(),
+            client_rate: RateLimit::unlimited(),
+            ..RouterConfig::default()
+        },
+        ..MeshConfig::default()
+    }
+}
+
+fn start_node(
+    root: &std::path::Path,
+    config: MeshConfig,
+    extra_roles: Vec<Role>,
+    destination: Option<Arc<dyn LocalDestination>>,
+) -> Node {
+    let dir = tempfile::tempdir_in(root).unwrap();
+    let (handle, runner) = Mesh::new(MeshOptions {
+        config,
+        data_dir: dir.path().to_path_buf(),
+        extra_roles,
+    })
+    .unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(runner.run(destination, async {
+        let _ = stopped.await;
+    }));
+    Node {
+        handle,
+        stop,
+        task,
+        dir,
+    }
+}
+
+fn bootstrap_addr(handle: &MeshHandle) -> String {
+    let addrs = handle.listen_addrs();
+    format!("{}/p2p/{}", addrs[0], handle.peer_id())
+}
+
+/// Sum of the `whispr_mesh_packets_dropped_total` lines and the send failures of a node.
+fn drop_counters(handle: &MeshHandle) -> (u64, u64) {
+    let text = handle.metrics_text();
+    let value = |l: &str| -> u64 {
+        l.rsplit_once(' ')
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let dropped = text
+        .lines()
+        .filter(|l| l.starts_with("whispr_mesh_packets_dropped_total{"))
+        .map(value)
+        .sum();
+    let failed = text
+        .lines()
+        .filter(|l| l.starts_with("whispr_mesh_send_failed_total "))
+        .map(value)
+        .sum();
+    (dropped, failed)
+}
+
+struct WindowResult {
+    window: usize,
+    sent: usize,
+    delivered: usize,
+    refused: usize,
+    per_s: f64,
+    per_s_mid: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    cpu_us: f64,
+    cpu_groups: BTreeMap<&'static str, f64>,
+    /// Synced replay-store writes of the three nodes, and the tags they carried.
+    replay_writes: u64,
+    replay_tags: u64,
+    cores_busy: f64,
+    machine_busy: f64,
+    loadavg: String,
+}
+
+fn wal_total(dirs: &[PathBuf]) -> (u64, u64) {
+    dirs.iter()
+        .map(|d| wal_batches(d))
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+}
+
+async fn run_window(
+    edge: &MeshHandle,
+    wal_dirs: &[PathBuf],
+    arrivals: &Arc<Arrivals>,
+    packets: Vec<Vec<u8>>,
+    first: usize,
+    window: usize,
+) -> WindowResult {
+    let n = packets.len();
+    let semaphore = Arc::new(Semaphore::new(window));
+    *arrivals.window.lock().unwrap() = semaphore.clone();
+    let refused = Arc::new(AtomicUsize::new(0));
+    let client = edge.new_client_id();
+    let before = arrivals.delivered.load(Ordering::Relaxed);
+    let wal_before = wal_total(wal_dirs);
+    let cpu = CpuSnapshot::now();
+    for (i, bytes) in packets.into_iter().enumerate() {
+        semaphore.acquire().await.unwrap().forget();
+        let (edge, arrivals, refused, semaphore) = (
+            edge.clone(),
+            arrivals.clone(),
+            refused.clone(),
+            semaphore.clone(),
+        );
+        tokio::spawn(async move {
+            arrivals.submitted[first + i].store(arrivals.now(), Ordering::Relaxed);
+            if let Err(reason) = edge.submit_client(client, bytes).await {
+                eprintln!("mesh: packet {} refused by the edge: {reason}", first + i);
+                refused.fetch_add(1, Ordering::Relaxed);
+                semaphore.add_permits(1);
+            }
+        });
+    }
+    // Wait for every packet (or 30 s without progress).
+    let mut last_progress = Instant::now();
+    let mut last_count = 0;
+    loop {
+        let done =
+            arrivals.delivered.load(Ordering::Relaxed) - before + refused.load(Ordering::Relaxed);
+        if done >= n {
+            break;
+        }
+        if done != last_count {
+            last_count = done;
+            last_progress = Instant::now();
+        } else if last_progress.elapsed() > Duration::from_secs(30) {
+            eprintln!("mesh: W = {window}: no progress for 30 s, {done}/{n} accounted for");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let delivered_count = arrivals.delivered.load(Ordering::Relaxed) - before;
+    let ((cpu_us, cpu_groups), (cores_busy, machine_busy)) = cpu.since(delivered_count);
+    let (replay_writes, replay_tags) = wal_total(wal_dirs);
+    let (replay_writes, replay_tags) = (replay_writes - wal_before.0, replay_tags - wal_before.1);
+    let mut latencies = Vec::with_capacity(n);
+    let mut submits = Vec::with_capacity(n);
+    let mut arrivals_ns = Vec::with_capacity(n);
+    for seq in first..first + n {
+        let s = arrivals.submitted[seq].load(Ordering::Relaxed);
+        let a = arrivals.arrived[seq].load(Ordering::Relaxed);
+        if s > 0 {
+            submits.push(s);
+        }
+        if a > 0 && s > 0 {
+            latencies.push((a.saturating_sub(s)) as f64 / 1e6);
+            arrivals_ns.push(a);
+        }
+    }
+    arrivals_ns.sort_unstable();
+    let start = submits.iter().copied().min().unwrap_or(0);
+    let end = arrivals_ns.last().copied().unwrap_or(start);
+    let per_s = arrivals_ns.len() as f64 / ((end - start) as f64 / 1e9);
+    // The middle 80 % of arrivals (ramp-up and tail left out).
+    let (lo, hi) = (arrivals_ns.len() / 10, arrivals_ns.len() * 9 / 10);
+    let per_s_mid = if hi > lo + 1 {
+        (hi - lo) as f64 / ((arrivals_ns[hi - 1] - arrivals_ns[lo]) as f64 / 1e9)
+    } else {
+        per_s
+    };
+    WindowResult {
+        window,
+        sent: n,
+        delivered: delivered_count,
+        refused: refused.load(Ordering::Relaxed),
+        per_s,
+        per_s_mid,
+        p50_ms: percentile(&latencies, 50.0),
+        p99_ms: percentile(&latencies, 99.0),
+        max_ms: percentile(&latencies, 100.0),
+        cpu_us,
+        cpu_groups,
+        replay_writes,
+        replay_tags,
+        cores_busy,
+        machine_busy,
+        loadavg: loadavg(),
+    }
+}
+
+struct MeshResult {
+    windows: Vec<WindowResult>,
+    duplicates: usize,
+    strangers: usize,
+    /// (node, dropped, send failures)
+    counters: Vec<(&'static str, u64, u64)>,
+    build_s: f64,
+    built: usize,
+}
+
+async fn bench_mesh(windows_n: Vec<(usize, usize)>, warmup: usize, root: PathBuf) -> MeshResult {
+    let total = warmup + windows_n.iter().map(|(_, n)| n).sum::<usize>();
+    let arrivals = Arc::new(Arrivals {
+        base: Instant::now(),
+        submitted: (0..total).map(|_| AtomicU64::new(0)).collect(),
+        arrived: (0..total).map(|_| AtomicU64::new(0)).collect(),
+        delivered: AtomicUsize::new(0),
+        duplicates: AtomicUsize::new(0),
+        strangers: AtomicUsize::new(0),
+        window: Mutex::new(Arc::new(Semaphore::new(0))),
+    });
+
+    let edge = start_node(
+        &root,
+        mesh_config(vec![RelayRole::Edge], 0, true, &[]),
+        vec![],
+        None,
+    );
+    let bootstrap = [bootstrap_addr(&edge.handle)];
+    let mix = start_node(
+        &root,
+        mesh_config(vec![RelayRole::Mix], 1, false, &bootstrap),
+        vec![],
+        None,
+    );
+    let destination = start_node(
+        &root,
+        mesh_config(vec![], 0, false, &bootstrap),
+        vec![Role::Mailbox],
+        Some(Arc::new(Recorder(arrivals.clone()))),
+    );
+    let nodes = [&edge, &mix, &destination];
+    let wal_dirs: Vec<PathBuf> = nodes.iter().map(|n| n.dir.path().join("replay")).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !nodes.iter().all(|n| n.handle.directory().len() == 3) {
+        assert!(
+            Instant::now() < deadline,
+            "directories incomplete after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let directory = edge.handle.directory();
+    let epoch = KeyEpoch::containing(
+        unix_now(),
+        Duration::from_millis(RouterConfig::default().epoch_len_ms),
+    );
+    let hop = |node: NodeId| RouteHop {
+        node,
+        sphinx_key: *directory.get(&node).unwrap().sphinx_key(epoch).unwrap(),
+    };
+    let route = [
+        hop(edge.handle.node_id()),
+        hop(mix.handle.node_id()),
+        hop(destination.handle.node_id()),
+    ];
+    eprintln!("mesh: directories complete; building {total} packets…");
+    let t = Instant::now();
+    let route_for_build = route.clone();
+    let mut packets =
+        tokio::task::spawn_blocking(move || build_packets(&route_for_build, 0, total))
+            .await
+            .unwrap();
+    let build_s = t.elapsed().as_secs_f64();
+    eprintln!("mesh: built in {build_s:.1} s");
+
+    let mut rest = packets.split_off(warmup);
+    let warm = run_window(&edge.handle, &wal_dirs, &arrivals, packets, 0, 64).await;
+    eprintln!(
+        "mesh: warm-up {} packets, W = 64: {}/{} delivered, {:.0} packets/s",
+        warm.sent, warm.delivered, warm.sent, warm.per_s
+    );
+    let mut first = warmup;
+    let mut windows = Vec::new();
+    for &(w, n) in &windows_n {
+        let tail = rest.split_off(n);
+        let chunk = std::mem::replace(&mut rest, tail);
+        let r = run_window(&edge.handle, &wal_dirs, &arrivals, chunk, first, w).await;
+        eprintln!(
+            "mesh: W = {w}: {}/{} delivered ({} refused), {:.0} packets/s, p50 {:.2} ms, p99 {:.2} ms",
+            r.delivered, r.sent, r.refused, r.per_s, r.p50_ms, r.p99_ms
+        );
+        first += n;
+        windows.push(r);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Counters are published after each core step; let them settle.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let counters = vec![
+        ("edge", drop_counters(&edge.handle)),
+        ("mix", drop_counters(&mix.handle)),
+        ("destination", drop_counters(&destination.handle)),
+    ]
+    .into_iter()
+    .map(|(n, (d, f))| (n, d, f))
+    .collect();
+    for node in [edge, mix, destination] {
+        let _ = node.stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(10), node.task).await;
+    }
+    MeshResult {
+        windows,
+        duplicates: arrivals.duplicates.load(Ordering::Relaxed),
+        strangers: arrivals.strangers.load(Ordering::Relaxed),
+        counters,
+        build_s,
+        built: total,
+    }
+}
+
+fn print_mesh(r: &MeshResult, fsync: Option<&FsyncResult>, hop: Option<&HopResult>) {
+    println!("\n## 3-hop loopback chain (edge → mix → destination), mixing off\n");
+    println!(
+        "Three in-process meshes on 127.0.0.1 (TCP + Noise + Yamux), one 2-worker Tokio runtime; \
+         {} packets built beforehand in {:.1} s (not timed). Latency: `submit_client` → `deliver`.\n",
+        r.built, r.build_s
+    );
+    let groups: Vec<&'static str> = {
+        let mut g: Vec<&'static str> = r
+            .windows
+            .iter()
+            .flat_map(|w| w.cpu_groups.keys().copied())
+            .collect();
+        g.sort_unstable();
+        g.dedup();
+        g
+    };
+    print!(
+        "| window W | sent | delivered | refused | packets/s | packets/s (middle 80 %) | p50 (ms) | p99 (ms) | max (ms) | cores busy (this process) | cores busy (machine) | load average after | synced replay writes (3 nodes) | tags per write | CPU µs/packet (process)"
+    );
+    for g in &groups {
+        print!(" | {g} (µs/packet)");
+    }
+    println!(" |");
+    print!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:");
+    for _ in &groups {
+        print!("|---:");
+    }
+    println!("|");
+    for w in &r.windows {
+        print!(
+            "| {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {:.1} | {:.0}",
+            w.window,
+            w.sent,
+            w.delivered,
+            w.refused,
+            w.per_s,
+            w.per_s_mid,
+            w.p50_ms,
+            w.p99_ms,
+            w.max_ms,
+            w.cores_busy,
+            w.machine_busy,
+            w.loadavg,
+            w.replay_writes,
+            w.replay_tags as f64 / w.replay_writes.max(1) as f64,
+            w.cpu_us
+        );
+        for g in &groups {
+            print!(" | {:.0}", w.cpu_groups.get(g).copied().unwrap_or(0.0));
+        }
+        println!(" |");
+    }
+    let zero_drop = r
+        .windows
+        .iter()
+        .all(|w| w.delivered == w.sent && w.refused == 0)
+        && r.duplicates == 0
+        && r.strangers == 0
+        && r.counters.iter().all(|(_, d, f)| *d == 0 && *f == 0);
+    println!();
+    println!(
+        "Zero drop: **{}** (duplicates {}, unknown deliveries {}; router drops / send failures: {}).",
+        if zero_drop { "yes" } else { "NO" },
+        r.duplicates,
+        r.strangers,
+        r.counters
+            .iter()
+            .map(|(n, d, f)| format!("{n} {d}/{f}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if let Some(f) = fsync {
+        println!(
+            "Replay store synced write of 8 tags, back to back (200 writes): p50 {:.2} ms, p99 {:.2} ms, \
+             mean {:.2} ms. Synced writes and tags per write are counted in the nodes' RocksDB WALs.",
+            f.p50_ms, f.p99_ms, f.mean_ms
+        );
+    }
+    if let Some(h) = hop {
+        let router = median(&h.us[V_ROUTER]);
+        println!(
+            "Sphinx + router CPU of the three hops, from the per-hop part of this run: 3 × {router:.1} = {:.0} µs per packet.",
+            3.0 * router
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn main() {
+    let args = parse_args();
+    let root = match std::env::var_os("WHISPR_BENCH_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => std::env::temp_dir(),
+    };
+    std::fs::create_dir_all(&root).unwrap();
+    let started = Instant::now();
+    let load_start = loadavg();
+    eprintln!(
+        "mesh bench: parts {:?}, {} cores",
+        args.parts,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+
+    let hop = args.runs("hop").then(|| bench_hop(&args));
+    eprintln!("[{:.0} s] hop done", started.elapsed().as_secs_f64());
+    let noise = args.runs("noise").then(|| bench_noise(&args));
+    eprintln!("[{:.0} s] noise done", started.elapsed().as_secs_f64());
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let conns = args.runs("conns").then(|| {
+        let (m, k) = (args.conns, args.conns_parallel);
+        runtime.block_on(async move { tokio::spawn(bench_conns(m, k)).await.unwrap() })
+    });
+    eprintln!("[{:.0} s] conns done", started.elapsed().as_secs_f64());
+    let fsync = args.runs("fsync").then(|| bench_fsync(&root));
+    eprintln!("[{:.0} s] fsync done", started.elapsed().as_secs_f64());
+    let mesh = args.runs("mesh").then(|| {
+        let (windows, warmup, root) = (args.windows.clone(), args.warmup, root.clone());
+        runtime.block_on(async move {
+            tokio::spawn(bench_mesh(windows, warmup, root))
+                .await
+                .unwrap()
+        })
+    });
+    eprintln!("[{:.0} s] mesh done", started.elapsed().as_secs_f64());
+
+    println!("# whispr-relay mesh bench");
+    println!(
+        "\n{} cores; load average at the start {load_start}, at the end {}.",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        loadavg()
+    );
+    if let Some(r) = &hop {
+        print_hop(&args, r);
+    }
+    if let Some(r) = &noise {
+        print_noise(&args, r);
+    }
+    if let Some(r) = &conns {
+        print_conns(args.conns_parallel, r);
+    }
+    if let Some(r) = &mesh {
+        print_mesh(r, fsync.as_ref(), hop.as_ref());
+    } else if let Some(f) = &fsync {
+        println!(
+            "\nReplay store synced write of 8 tags (200 writes): p50 {:.2} ms, p99 {:.2} ms, mean {:.2} ms.",
+            f.p50_ms, f.p99_ms, f.mean_ms
+        );
+    }
+    println!("\nWhole run: {:.0} s.", started.elapsed().as_secs_f64());
+}

@@ -56,3 +56,4 @@ bench:
 	$(CARGO) bench -p whispr-protocol --bench protocol
 	bash timer-service/bench/run.sh
 	bash mailbox/bench/run.sh
+	$(CARGO) bench -p whispr-relay --bench mesh

@@ -398,6 +398,8 @@ pub struct Router {
     durable_batch: u64,
     /// Due packets waiting for their batch to be durable, in release order.
     waiting_durable: VecDeque<Held>,
+    /// `durable_batch` at the last scan of `waiting_durable`.
+    scanned_durable: u64,
     buckets: HashMap<Source, Bucket>,
     touch: u64,
     outputs: VecDeque<Output>,
@@ -432,6 +434,7 @@ impl Router {
             next_batch: 1,
             durable_batch: 0,
             waiting_durable: VecDeque::new(),
+            scanned_durable: 0,
             buckets: HashMap::new(),
             touch: 0,
             outputs: VecDeque::new(),

@@ -145,6 +145,11 @@ pub struct MeshConfig {
     /// How long a published descriptor stays valid, in milliseconds (default 3 h).
     #[serde(default = "default_validity_ms")]
     pub descriptor_validity_ms: u64,
+    /// Key epochs whose Sphinx keys are published ahead of time (default 12, at most 14: a
+    /// descriptor holds 16 keys, the previous and current epochs included). With 1-hour epochs
+    /// this is how far ahead a deferred send can be built.
+    #[serde(default = "default_keys_ahead")]
+    pub sphinx_keys_ahead: u64,
     /// Packets queued per outgoing peer stream before the router's sends back up.
     #[serde(default = "default_peer_queue")]
     pub peer_queue_max: usize,
@@ -168,6 +173,9 @@ fn default_publish_ms() -> u64 {
 fn default_validity_ms() -> u64 {
     3 * 3600 * 1000
 }
+fn default_keys_ahead() -> u64 {
+    12
+}
 fn default_peer_queue() -> usize {
     4096
 }
@@ -190,6 +198,7 @@ impl Default for MeshConfig {
             api_url: None,
             descriptor_publish_ms: default_publish_ms(),
             descriptor_validity_ms: default_validity_ms(),
+            sphinx_keys_ahead: default_keys_ahead(),
             peer_queue_max: default_peer_queue(),
             client_streams_max: default_client_streams(),
             descriptors_max: default_descriptors_max(),
@@ -260,6 +269,15 @@ impl MeshConfig {
         }
         if self.router.queue_max == 0 {
             return Err(ConfigError::new("mesh.router.queue_max", "must be > 0"));
+        }
+        let keys_max = u64::try_from(whispr_protocol::directory::EPOCH_KEYS_MAX)
+            .unwrap_or(16)
+            .saturating_sub(2);
+        if self.sphinx_keys_ahead == 0 || self.sphinx_keys_ahead > keys_max {
+            return Err(ConfigError::new(
+                "mesh.sphinx_keys_ahead",
+                format!("1 to {keys_max}"),
+            ));
         }
         if self.peer_queue_max == 0 {
             return Err(ConfigError::new("mesh.peer_queue_max", "must be > 0"));

@@ -132,14 +132,17 @@ impl Identity {
 pub struct EpochKeys {
     dir: PathBuf,
     epoch_len: Duration,
+    ahead: u64,
 }
 
 impl EpochKeys {
-    /// Keys in `dir` for epochs of `epoch_len`.
-    pub fn new(dir: &Path, epoch_len: Duration) -> EpochKeys {
+    /// Keys in `dir` for epochs of `epoch_len`, held `ahead` epochs in advance (so that
+    /// packets to be released later, e.g. held by a timer node, can be built now).
+    pub fn new(dir: &Path, epoch_len: Duration, ahead: u64) -> EpochKeys {
         EpochKeys {
             dir: dir.to_path_buf(),
             epoch_len,
+            ahead,
         }
     }
 
@@ -149,11 +152,8 @@ impl EpochKeys {
 
     /// Makes sure the keys of the previous (if present), current and next `ahead` epochs
     /// exist, deletes older ones, and returns the secret keys held, oldest first.
-    pub fn rotate(
-        &self,
-        now: UnixTime,
-        ahead: u64,
-    ) -> Result<Vec<(KeyEpoch, SphinxSecretKey)>, KeyFileError> {
+    pub fn rotate(&self, now: UnixTime) -> Result<Vec<(KeyEpoch, SphinxSecretKey)>, KeyFileError> {
+        let ahead = self.ahead;
         let current = KeyEpoch::containing(now, self.epoch_len);
         let oldest = current.previous().unwrap_or(current);
         // Delete keys older than the previous epoch.
@@ -224,13 +224,13 @@ mod tests {
     #[test]
     fn epoch_keys_rotate_and_old_ones_are_deleted() {
         let dir = tempfile::tempdir().unwrap();
-        let keys = EpochKeys::new(dir.path(), Duration::from_secs(10));
-        let first = keys.rotate(UnixTime(100_000), 1).unwrap();
+        let keys = EpochKeys::new(dir.path(), Duration::from_secs(10), 1);
+        let first = keys.rotate(UnixTime(100_000)).unwrap();
         assert_eq!(
             first.iter().map(|(e, _)| e.0).collect::<Vec<_>>(),
             vec![10, 11]
         );
-        let second = keys.rotate(UnixTime(110_000), 1).unwrap();
+        let second = keys.rotate(UnixTime(110_000)).unwrap();
         assert_eq!(
             second.iter().map(|(e, _)| e.0).collect::<Vec<_>>(),
             vec![10, 11, 12]
@@ -240,7 +240,7 @@ mod tests {
             SphinxPublicKey::from(&first[1].1),
             SphinxPublicKey::from(&second[1].1)
         );
-        let third = keys.rotate(UnixTime(130_000), 1).unwrap();
+        let third = keys.rotate(UnixTime(130_000)).unwrap();
         assert_eq!(
             third.iter().map(|(e, _)| e.0).collect::<Vec<_>>(),
             vec![12, 13, 14]

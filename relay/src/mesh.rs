@@ -151,9 +151,9 @@ impl Mesh {
         let key_dir = config.key_dir(&data_dir);
         let identity = Identity::load_or_create(&key_dir)?;
         let epoch_len = Duration::from_millis(config.router.epoch_len_ms);
-        let epoch_keys = EpochKeys::new(&key_dir, epoch_len);
+        let epoch_keys = EpochKeys::new(&key_dir, epoch_len, config.sphinx_keys_ahead);
         let now = unix_now();
-        let keys = epoch_keys.rotate(now, 1)?;
+        let keys = epoch_keys.rotate(now)?;
         let current = KeyEpoch::containing(now, epoch_len);
 
         let mut store = RocksReplayStore::open(&data_dir.join("replay"), &RocksOptions::default())?;

@@ -52,7 +52,9 @@ pub struct HoldConfig {
     pub partial_max: usize,
     /// A partial hold is dropped this long after its first part arrived. Default 600 s.
     pub partial_ttl_secs: u64,
-    /// Furthest release time accepted, in milliseconds from now. Default 30 days.
+    /// Furthest release time accepted, in milliseconds from now. Default 1 day: a held
+    /// packet is built with the Sphinx keys of its release epoch, which nodes publish
+    /// `mesh.sphinx_keys_ahead` (12) hours ahead.
     pub release_ahead_max_ms: u64,
     /// A release time further in the past than this is refused (the packet's Sphinx keys have
     /// most likely expired by then). Default 1 hour (one key epoch).
@@ -64,7 +66,7 @@ impl Default for HoldConfig {
         HoldConfig {
             partial_max: 10_000,
             partial_ttl_secs: 600,
-            release_ahead_max_ms: 30 * DAY_MS,
+            release_ahead_max_ms: DAY_MS,
             release_late_max_ms: 3600 * 1000,
         }
     }

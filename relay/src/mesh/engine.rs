@@ -451,7 +451,7 @@ pub(crate) async fn epoch_task(
             continue;
         }
         let rotating = keys.clone();
-        let rotated = tokio::task::spawn_blocking(move || rotating.rotate(now, 1)).await;
+        let rotated = tokio::task::spawn_blocking(move || rotating.rotate(now)).await;
         match rotated {
             Ok(Ok(secret)) => {
                 shared.keys_ok.store(true, Ordering::Relaxed);

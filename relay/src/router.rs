@@ -693,11 +693,18 @@ impl Router {
     }
 
     fn release_due(&mut self) {
+        let mut moved = false;
         while self.queue.peek().is_some_and(|h| h.release_at <= self.now) {
             if let Some(held) = self.queue.pop() {
                 self.waiting_durable.push_back(held);
+                moved = true;
             }
         }
+        // Rescan the packets waiting for their tags only when something can have changed.
+        if !moved && self.durable_batch == self.scanned_durable {
+            return;
+        }
+        self.scanned_durable = self.durable_batch;
         // Release in order, only packets whose replay tag is on disk.
         let mut still_waiting = VecDeque::new();
         while let Some(held) = self.waiting_durable.pop_front() {

@@ -1,5 +1,16 @@
 //! Network simulator: a deterministic discrete-event driver over the same relay, mailbox
 //! and timer cores as the real nodes.
 //!
-//! Filled in by the issue "Network simulator: deterministic, at scale, over the real
-//! protocol cores". Until then this crate is intentionally empty.
+//! Being built for the issue "Network simulator: deterministic, at scale, over the real
+//! protocol cores". What exists so far: [`engine`], the event heap and the seeded RNG tree.
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+pub mod engine;

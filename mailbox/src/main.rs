@@ -108,7 +108,8 @@ async fn run(config: NodeConfig) -> anyhow::Result<()> {
             MailboxNode::open(config, Arc::new(NoMesh::default())).context("opening the node")?;
         // The port only: addresses stay out of logs.
         tracing::info!(port, tls, mesh = false, "mailbox node started");
-        node.serve(listener, shutdown_signal()).await?;
+        node.serve(listener, whispr_relay::signals::shutdown_signal())
+            .await?;
         tracing::info!("stopped");
         return Ok(());
     };
@@ -144,28 +145,12 @@ async fn run(config: NodeConfig) -> anyhow::Result<()> {
             .await
         }
     });
-    shutdown_signal().await;
+    whispr_relay::signals::shutdown_signal().await;
     let _ = stop_tx.send(true);
     let _ = http.await;
     mesh_task.await.context("mesh task")?.context("mesh")?;
     tracing::info!("stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                biased;
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = ctrl_c.await;
-        }
-    }
 }
 
 async fn stress(

@@ -25,4 +25,5 @@ pub mod keys;
 pub mod mesh;
 pub mod node_info;
 pub mod router;
+pub mod signals;
 pub mod storage;

@@ -95,26 +95,11 @@ async fn run(config: RelayConfig) -> anyhow::Result<()> {
     let mesh_task = tokio::spawn(runner.run(None, async move {
         let _ = mesh_stop.changed().await;
     }));
-    shutdown_signal().await;
+    whispr_relay::signals::shutdown_signal().await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let mesh_result = mesh_task.await.context("mesh task")?;
     let _ = http.await;
     mesh_result.context("mesh")?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = ctrl_c.await;
-        }
-    }
 }

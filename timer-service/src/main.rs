@@ -166,7 +166,7 @@ fn run(config: NodeConfig) -> anyhow::Result<()> {
                     .await
             })
         };
-        shutdown_signal().await;
+        whispr_relay::signals::shutdown_signal().await;
         tracing::info!("stopping");
         let _ = stop_tx.send(true);
         let _ = worker.await;
@@ -176,30 +176,6 @@ fn run(config: NodeConfig) -> anyhow::Result<()> {
         }
         Ok(())
     })
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            biased;
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
 }
 
 fn stress(

@@ -51,6 +51,8 @@ pub struct MeshMetrics {
     pub holds_duplicate: AtomicU64,
     /// Parts refused (mismatch, table full, release time out of range, storage).
     pub parts_refused: AtomicU64,
+    /// Late parts of a cancelled hold (answered "cancelled", not scheduled).
+    pub parts_of_cancelled: AtomicU64,
     /// Holds cancelled.
     pub cancels: AtomicU64,
     /// Cancel requests refused (wrong capability, unknown hold).
@@ -80,6 +82,11 @@ impl MeshMetrics {
                 &self.holds_duplicate,
             ),
             ("parts_refused", "Hold parts refused.", &self.parts_refused),
+            (
+                "parts_of_cancelled",
+                "Late parts of cancelled holds.",
+                &self.parts_of_cancelled,
+            ),
             ("cancels", "Holds cancelled.", &self.cancels),
             (
                 "cancels_refused",
@@ -175,6 +182,10 @@ impl TimerDestination {
                 Ok(HoldOutcome::AlreadyScheduled { hold_id, ack_surbs }) => {
                     m.holds_duplicate.fetch_add(1, Ordering::Relaxed);
                     self.ack(ack_surbs, hold_id, false);
+                }
+                Ok(HoldOutcome::Cancelled { hold_id, ack_surbs }) => {
+                    m.parts_of_cancelled.fetch_add(1, Ordering::Relaxed);
+                    self.ack(ack_surbs, hold_id, true);
                 }
                 Err(_) => {
                     m.parts_refused.fetch_add(1, Ordering::Relaxed);

@@ -48,6 +48,15 @@ const AUDIT_ANCHOR_KEY: &str = "audit_anchor";
 const ACTOR: &str = "admin-api";
 /// Priority of deferred sends (held packets).
 const DEFERRED_SEND_PRIORITY: u8 = 5;
+/// Payload prefix of the maintenance task that stands for a cancelled hold until its release
+/// time has passed (plus the late window), so that a retransmitted part cannot bring it back.
+const HOLD_TOMBSTONE: &[u8] = b"hold-tombstone:";
+
+fn tombstone_hash(payload: &[u8]) -> Option<[u8; 32]> {
+    payload
+        .strip_prefix(HOLD_TOMBSTONE)
+        .and_then(|h| <[u8; 32]>::try_from(h).ok())
+}
 /// Fire-lag histogram bucket bounds, in milliseconds.
 const LAG_BUCKETS_MS: [u64; 10] = [10, 50, 100, 250, 500, 1000, 5000, 30_000, 60_000, 300_000];
 
@@ -273,6 +282,14 @@ pub enum HoldOutcome {
         /// The ack SURBs of all its parts.
         ack_surbs: Vec<Surb>,
     },
+    /// The hold was cancelled: a late retransmission of one of its parts, refused (the mesh
+    /// layer answers `Reply::HoldAck { cancelled: true }`).
+    Cancelled {
+        /// The hold.
+        hold_id: HoldId,
+        /// The ack SURB of this part, if it had one.
+        ack_surbs: Vec<Surb>,
+    },
     /// The hold is stored already (a retransmission): nothing changed.
     AlreadyScheduled {
         /// The hold.
@@ -433,6 +450,17 @@ impl TimerNode {
         let id = TaskId(hold_id.0);
         let mut state = self.lock();
         if let Some(meta) = state.queue.task(&id) {
+            if meta.category == Category::Maintenance
+                && let Some(hash) = tombstone_hash(&state.queue.payload(&id)?)
+            {
+                if hash != part.cancel_hash {
+                    return Err(HoldError::Mismatch.into());
+                }
+                return Ok(HoldOutcome::Cancelled {
+                    hold_id,
+                    ack_surbs: part.ack_surb.into_iter().collect(),
+                });
+            }
             if meta.category != Category::DeferredSend {
                 return Err(HoldError::Mismatch.into());
             }
@@ -520,10 +548,38 @@ impl TimerNode {
                 if state.queue.is_running(&id) {
                     return Err(TimerError::WrongState("being injected"));
                 }
+                let until = meta.due_at.saturating_add(Duration::from_millis(
+                    self.shared.config.holds.release_late_max_ms,
+                ));
                 state.queue.cancel(&id)?;
+                // The tombstone keeps the id until no part of this hold can be accepted any
+                // more. (Written after the cancel: a crash in between loses only the
+                // tombstone, never un-cancels.)
+                let mut payload = HOLD_TOMBSTONE.to_vec();
+                payload.extend_from_slice(&stored.cancel_hash);
+                let at = now();
+                state.queue.schedule_with_id(
+                    at,
+                    id,
+                    NewTask {
+                        category: Category::Maintenance,
+                        priority: 0,
+                        due_at: UnixTime(until.0.max(at.0)),
+                        payload,
+                        owner: None,
+                    },
+                )?;
                 drop(state);
                 self.shared.wake.notify_one();
                 Ok(CancelOutcome::Cancelled { hold_id })
+            }
+            Some(meta) if meta.category == Category::Maintenance => {
+                // A cancel sent again: acknowledged again if it holds the capability.
+                match tombstone_hash(&state.queue.payload(&id)?) {
+                    Some(hash) if matches(&hash) => Ok(CancelOutcome::Cancelled { hold_id }),
+                    Some(_) => Err(TimerError::BadCapability),
+                    None => Err(TimerError::NotFound),
+                }
             }
             Some(_) => Err(TimerError::NotFound),
             None => match state.holds.cancel_hash(&hold_id).map(matches) {
@@ -689,6 +745,8 @@ fn handle(injector: &dyn PacketInjector, task: FiredTask) -> Result<(), String> 
         // quarantine after retries, where an admin can look at it).
         Category::Maintenance => match task.payload.as_slice() {
             b"noop" => Ok(()),
+            // A cancelled hold's tombstone has served its time.
+            p if tombstone_hash(p).is_some() => Ok(()),
             _ => Err("unknown maintenance action".into()),
         },
         Category::Expiry => Err("expiries are handled by mailbox nodes".into()),

@@ -83,6 +83,17 @@ impl RateLimit {
         }
     }
 
+    /// Between nodes: relays forward many users' packets, so the budget is far above one
+    /// user's; it bounds a misbehaving peer, not the traffic.
+    pub fn per_peer() -> RateLimit {
+        RateLimit {
+            per_minute: 600_000,
+            burst: 20_000,
+            penalty_packets: 10_000,
+            delay_max_ms: 1_000,
+        }
+    }
+
     /// Effectively unlimited (between nodes of a test or a trusted cluster).
     pub fn unlimited() -> RateLimit {
         RateLimit {
@@ -102,9 +113,12 @@ pub struct RouterConfig {
     pub queue_max: usize,
     /// Replay tags remembered per key epoch; past it, packets of that epoch are refused.
     pub replay_tags_per_epoch_max: usize,
-    /// Limit per peer node.
+    /// Limit per peer node. A table giving only some keys keeps this limit's defaults for
+    /// the others (not the generic [`RateLimit::default`]).
+    #[serde(deserialize_with = "peer_rate")]
     pub peer_rate: RateLimit,
-    /// Limit per client connection (edge relays).
+    /// Limit per client connection (edge relays); partial tables as for `peer_rate`.
+    #[serde(deserialize_with = "client_rate")]
     pub client_rate: RateLimit,
     /// Sources tracked by the rate limiter, at most (least recently seen forgotten first).
     pub rate_sources_max: usize,
@@ -114,17 +128,42 @@ pub struct RouterConfig {
     pub epoch_len_ms: u64,
 }
 
+/// Some keys of a rate-limit table; the others come from the limit's own default.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PartialRateLimit {
+    per_minute: Option<u32>,
+    burst: Option<u32>,
+    penalty_packets: Option<u32>,
+    delay_max_ms: Option<u64>,
+}
+
+impl PartialRateLimit {
+    fn over(self, base: RateLimit) -> RateLimit {
+        RateLimit {
+            per_minute: self.per_minute.unwrap_or(base.per_minute),
+            burst: self.burst.unwrap_or(base.burst),
+            penalty_packets: self.penalty_packets.unwrap_or(base.penalty_packets),
+            delay_max_ms: self.delay_max_ms.unwrap_or(base.delay_max_ms),
+        }
+    }
+}
+
+fn peer_rate<'de, D: serde::Deserializer<'de>>(d: D) -> Result<RateLimit, D::Error> {
+    <PartialRateLimit as serde::Deserialize>::deserialize(d).map(|p| p.over(RateLimit::per_peer()))
+}
+
+fn client_rate<'de, D: serde::Deserializer<'de>>(d: D) -> Result<RateLimit, D::Error> {
+    <PartialRateLimit as serde::Deserialize>::deserialize(d)
+        .map(|p| p.over(RateLimit::per_connection()))
+}
+
 impl Default for RouterConfig {
     fn default() -> Self {
         RouterConfig {
             queue_max: 100_000,
             replay_tags_per_epoch_max: 10_000_000,
-            peer_rate: RateLimit {
-                per_minute: 600_000,
-                burst: 20_000,
-                penalty_packets: 10_000,
-                delay_max_ms: 1_000,
-            },
+            peer_rate: RateLimit::per_peer(),
             client_rate: RateLimit::per_connection(),
             rate_sources_max: 100_000,
             edge: false,

@@ -638,3 +638,29 @@ proptest! {
         prop_assert_eq!(mix.queue_len(), 0);
     }
 }
+
+#[test]
+fn a_partial_rate_table_keeps_that_limits_own_defaults() {
+    let config: RouterConfig =
+        toml::from_str("[peer_rate]\nburst = 7\n[client_rate]\nper_minute = 50\n").unwrap();
+    assert_eq!(
+        config.peer_rate,
+        RateLimit {
+            burst: 7,
+            ..RateLimit::per_peer()
+        }
+    );
+    assert_eq!(
+        config.client_rate,
+        RateLimit {
+            per_minute: 50,
+            ..RateLimit::per_connection()
+        }
+    );
+    assert_eq!(
+        toml::from_str::<RouterConfig>("").unwrap(),
+        RouterConfig::default()
+    );
+    let unknown = toml::from_str::<RouterConfig>("[peer_rate]\nbrust = 7\n").unwrap_err();
+    assert!(unknown.to_string().contains("brust"), "{unknown}");
+}

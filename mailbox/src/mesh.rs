@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use whispr_protocol::payload::{FinalMessage, Reply};
-use whispr_protocol::sphinx::{Surb, use_surb};
+use whispr_protocol::sphinx::Surb;
 use whispr_protocol::{DestinationAddress, MailboxId};
 use whispr_relay::mesh::{LocalDestination, MeshHandle};
 use whispr_relay::router::Delivery;
@@ -48,60 +48,56 @@ pub struct MeshMetrics {
 impl MeshMetrics {
     /// Prometheus text.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        for (name, help, v) in [
-            (
-                "deposits_accepted",
-                "Deposits from the mesh stored or re-acknowledged.",
-                &self.deposits_accepted,
-            ),
-            (
-                "deposits_refused",
-                "Deposits from the mesh refused.",
-                &self.deposits_refused,
-            ),
-            (
-                "surb_replies_accepted",
-                "SURB replies stored.",
-                &self.surb_replies_accepted,
-            ),
-            (
-                "surb_replies_refused",
-                "SURB replies refused.",
-                &self.surb_replies_refused,
-            ),
-            (
-                "prekey_requests",
-                "Prekey requests answered.",
-                &self.prekey_requests,
-            ),
-            (
-                "prekey_requests_refused",
-                "Prekey requests refused.",
-                &self.prekey_requests_refused,
-            ),
-            (
-                "payloads_refused",
-                "Final payloads not for a mailbox node or undecodable.",
-                &self.payloads_refused,
-            ),
-            (
-                "replies_sent",
-                "Replies sent through SURBs.",
-                &self.replies_sent,
-            ),
-            (
-                "replies_failed",
-                "Replies that could not be sent.",
-                &self.replies_failed,
-            ),
-        ] {
-            out.push_str(&format!(
-                "# HELP whispr_mailbox_mesh_{name}_total {help}\n# TYPE whispr_mailbox_mesh_{name}_total counter\nwhispr_mailbox_mesh_{name}_total {}\n",
-                v.load(Ordering::Relaxed)
-            ));
-        }
-        out
+        whispr_relay::http::prometheus_counters(
+            "whispr_mailbox_mesh",
+            &[
+                (
+                    "deposits_accepted",
+                    "Deposits from the mesh stored or re-acknowledged.",
+                    &self.deposits_accepted,
+                ),
+                (
+                    "deposits_refused",
+                    "Deposits from the mesh refused.",
+                    &self.deposits_refused,
+                ),
+                (
+                    "surb_replies_accepted",
+                    "SURB replies stored.",
+                    &self.surb_replies_accepted,
+                ),
+                (
+                    "surb_replies_refused",
+                    "SURB replies refused.",
+                    &self.surb_replies_refused,
+                ),
+                (
+                    "prekey_requests",
+                    "Prekey requests answered.",
+                    &self.prekey_requests,
+                ),
+                (
+                    "prekey_requests_refused",
+                    "Prekey requests refused.",
+                    &self.prekey_requests_refused,
+                ),
+                (
+                    "payloads_refused",
+                    "Final payloads not for a mailbox node or undecodable.",
+                    &self.payloads_refused,
+                ),
+                (
+                    "replies_sent",
+                    "Replies sent through SURBs.",
+                    &self.replies_sent,
+                ),
+                (
+                    "replies_failed",
+                    "Replies that could not be sent.",
+                    &self.replies_failed,
+                ),
+            ],
+        )
     }
 }
 
@@ -120,11 +116,7 @@ impl MeshReplies {
 
 impl ReplySink for MeshReplies {
     fn send_reply(&self, surb: Surb, reply: Reply) {
-        let sent = reply
-            .encode()
-            .and_then(|bytes| use_surb(&surb, &bytes))
-            .map_err(|_| ())
-            .and_then(|(first_hop, packet)| self.mesh.send(first_hop, packet).map_err(|_| ()));
+        let sent = self.mesh.send_reply(&surb, &reply);
         let counter = if sent.is_ok() {
             &self.metrics.replies_sent
         } else {

@@ -20,9 +20,12 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha20Rng;
-use serde_json::{Value, json};
+use serde_json::Value;
 use whispr_mailbox::testkit::Owner;
 use whispr_protocol::envelope::Envelope;
+
+#[path = "support/login.rs"]
+mod support;
 
 const BIN: &str = env!("CARGO_BIN_EXE_whispr-mailbox");
 
@@ -97,36 +100,7 @@ impl Node {
     }
 
     async fn login(&self, owner: &Owner) -> String {
-        let device = owner.device(0);
-        let device_hex = hex::encode(device.verifying_key().to_bytes());
-        let mailbox = hex::encode(owner.mailbox_id.as_bytes());
-        let c: Value = self
-            .http
-            .post(format!("{}/v1/auth/challenge", self.base))
-            .json(&json!({"mailbox_id": mailbox, "device_key": device_hex}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let mut challenge = [0u8; 32];
-        hex::decode_to_slice(c["challenge"].as_str().unwrap(), &mut challenge).unwrap();
-        assert_eq!(c["audience"], "test-node");
-        let signature = owner.sign_login(&device, "test-node", &challenge);
-        let r = self
-            .http
-            .post(format!("{}/v1/auth/login", self.base))
-            .json(&json!({
-                "mailbox_id": mailbox, "device_key": device_hex,
-                "challenge": hex::encode(challenge), "signature": hex::encode(signature),
-            }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        let v: Value = r.json().await.unwrap();
-        v["token"].as_str().unwrap().to_string()
+        support::login(&self.http, &self.base, owner, "test-node").await
     }
 
     /// Every message served to the owner device, paging with the cursor.

@@ -159,6 +159,23 @@ async fn healthz(State(mesh): State<MeshHandle>) -> Response {
     }
 }
 
+/// Prometheus text for monotonic counters: `{prefix}_{name}_total` with its help line, for
+/// each `(name, help, counter)`. Names and help carry no identifiers.
+pub fn prometheus_counters(
+    prefix: &str,
+    counters: &[(&str, &str, &std::sync::atomic::AtomicU64)],
+) -> String {
+    let mut out = String::new();
+    for (name, help, value) in counters {
+        let value = value.load(std::sync::atomic::Ordering::Relaxed);
+        out.push_str(&format!(
+            "# HELP {prefix}_{name}_total {help}\n# TYPE {prefix}_{name}_total counter\n\
+             {prefix}_{name}_total {value}\n"
+        ));
+    }
+    out
+}
+
 /// TLS material for [`serve`].
 #[derive(Clone, Debug)]
 pub struct TlsFiles {

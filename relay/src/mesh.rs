@@ -123,6 +123,9 @@ pub enum MeshError {
     /// A task of the mesh failed.
     #[error("mesh task failed: {0}")]
     Task(String),
+    /// A reply could not be put into its SURB (too long, or a malformed SURB).
+    #[error("reply: {0}")]
+    Reply(whispr_protocol::Error),
 }
 
 /// Builds a mesh.
@@ -250,8 +253,9 @@ pub fn unix_now() -> UnixTime {
 /// How often the directory is rebuilt at most: a quarter of the publication interval,
 /// between 100 ms and 5 s. Each rebuild verifies every descriptor's signature again
 /// ([`Directory::build`]), so this bounds that work for large networks.
-pub fn directory_rebuild_interval(config: &MeshConfig) -> Duration {
-    Duration::from_millis((config.descriptor_publish_ms / 4).clamp(100, 5_000))
+pub fn directory_rebuild_interval(publish_every: Duration) -> Duration {
+    let publish_ms = u64::try_from(publish_every.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis((publish_ms / 4).clamp(100, 5_000))
 }
 
 /// State shared by the handle and the tasks.
@@ -326,6 +330,19 @@ impl MeshHandle {
             mpsc::error::TrySendError::Full(_) => MeshError::QueueFull,
             mpsc::error::TrySendError::Closed(_) => MeshError::Stopped,
         })
+    }
+
+    /// Sends `reply` through `surb` (acks, prekey bundles): the reply is encoded, sealed into
+    /// the SURB's packet and sent to the SURB's first hop as [`MeshHandle::send`] does.
+    pub fn send_reply(
+        &self,
+        surb: &whispr_protocol::sphinx::Surb,
+        reply: &whispr_protocol::payload::Reply,
+    ) -> Result<(), MeshError> {
+        let bytes = reply.encode().map_err(MeshError::Reply)?;
+        let (first_hop, packet) =
+            whispr_protocol::sphinx::use_surb(surb, &bytes).map_err(MeshError::Reply)?;
+        self.send(first_hop, packet)
     }
 
     /// A packet from a client connection (HTTP `POST /v1/packets`, or the libp2p client

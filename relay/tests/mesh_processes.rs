@@ -36,6 +36,9 @@ use whispr_protocol::{
     CancelCapability, DedupId, DestinationAddress, HoldId, KeyEpoch, NodeId, UnixTime,
 };
 
+#[path = "../../mailbox/tests/support/login.rs"]
+mod support;
+
 const RELAY: &str = env!("CARGO_BIN_EXE_whispr-relay");
 const AUDIENCE: &str = "mesh-test";
 const ADMIN_TOKEN: &str = "mesh-test-admin-token-0123456789abcdef";
@@ -312,36 +315,7 @@ impl Client {
     }
 
     async fn login(&self, base: &str, owner: &Owner) -> String {
-        let device = owner.device(0);
-        let device_hex = hex::encode(device.verifying_key().to_bytes());
-        let mailbox = hex::encode(owner.mailbox_id.as_bytes());
-        let c: Value = self
-            .http
-            .post(format!("{base}/v1/auth/challenge"))
-            .json(&json!({"mailbox_id": mailbox, "device_key": device_hex}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let mut challenge = [0u8; 32];
-        hex::decode_to_slice(c["challenge"].as_str().unwrap(), &mut challenge).unwrap();
-        let signature = owner.sign_login(&device, AUDIENCE, &challenge);
-        let v: Value = self
-            .http
-            .post(format!("{base}/v1/auth/login"))
-            .json(&json!({
-                "mailbox_id": mailbox, "device_key": device_hex,
-                "challenge": hex::encode(challenge), "signature": hex::encode(signature),
-            }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v["token"].as_str().unwrap().to_string()
+        support::login(&self.http, base, owner, AUDIENCE).await
     }
 
     async fn messages(&self, base: &str, owner: &Owner, token: &str) -> Vec<Value> {

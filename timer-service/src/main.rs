@@ -126,8 +126,7 @@ fn run(config: NodeConfig) -> anyhow::Result<()> {
             None => Arc::new(NoMesh),
         };
         let node = TimerNode::open(config, injector).context("opening the node")?;
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
+        let listener = std::net::TcpListener::bind(listen)
             .with_context(|| format!("admin.listen: cannot bind {listen}"))?;
         let port = listener.local_addr()?.port();
         // The port only: addresses stay out of logs.
@@ -159,11 +158,11 @@ fn run(config: NodeConfig) -> anyhow::Result<()> {
         let server = {
             let mut stop = stop_rx.clone();
             tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    })
-                    .await
+                // Plain HTTP: the admin listener is loopback unless allow_non_loopback.
+                whispr_relay::http::serve(app, listener, None, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
             })
         };
         whispr_relay::signals::shutdown_signal().await;

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use whispr_protocol::DestinationAddress;
 use whispr_protocol::HoldId;
 use whispr_protocol::payload::{FinalMessage, Reply};
-use whispr_protocol::sphinx::{Surb, use_surb};
+use whispr_protocol::sphinx::Surb;
 use whispr_relay::mesh::{LocalDestination, MeshHandle};
 use whispr_relay::router::Delivery;
 
@@ -68,53 +68,49 @@ pub struct MeshMetrics {
 impl MeshMetrics {
     /// Prometheus text.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        for (name, help, v) in [
-            (
-                "parts_accepted",
-                "Hold parts accepted.",
-                &self.parts_accepted,
-            ),
-            ("holds_scheduled", "Holds stored.", &self.holds_scheduled),
-            (
-                "holds_duplicate",
-                "Retransmitted holds acknowledged again.",
-                &self.holds_duplicate,
-            ),
-            ("parts_refused", "Hold parts refused.", &self.parts_refused),
-            (
-                "parts_of_cancelled",
-                "Late parts of cancelled holds.",
-                &self.parts_of_cancelled,
-            ),
-            ("cancels", "Holds cancelled.", &self.cancels),
-            (
-                "cancels_refused",
-                "Cancel requests refused.",
-                &self.cancels_refused,
-            ),
-            (
-                "payloads_refused",
-                "Final payloads not for a timer node.",
-                &self.payloads_refused,
-            ),
-            (
-                "acks_sent",
-                "Acknowledgements sent through SURBs.",
-                &self.acks_sent,
-            ),
-            (
-                "acks_failed",
-                "Acknowledgements that could not be sent.",
-                &self.acks_failed,
-            ),
-        ] {
-            out.push_str(&format!(
-                "# HELP whispr_timer_mesh_{name}_total {help}\n# TYPE whispr_timer_mesh_{name}_total counter\nwhispr_timer_mesh_{name}_total {}\n",
-                v.load(Ordering::Relaxed)
-            ));
-        }
-        out
+        whispr_relay::http::prometheus_counters(
+            "whispr_timer_mesh",
+            &[
+                (
+                    "parts_accepted",
+                    "Hold parts accepted.",
+                    &self.parts_accepted,
+                ),
+                ("holds_scheduled", "Holds stored.", &self.holds_scheduled),
+                (
+                    "holds_duplicate",
+                    "Retransmitted holds acknowledged again.",
+                    &self.holds_duplicate,
+                ),
+                ("parts_refused", "Hold parts refused.", &self.parts_refused),
+                (
+                    "parts_of_cancelled",
+                    "Late parts of cancelled holds.",
+                    &self.parts_of_cancelled,
+                ),
+                ("cancels", "Holds cancelled.", &self.cancels),
+                (
+                    "cancels_refused",
+                    "Cancel requests refused.",
+                    &self.cancels_refused,
+                ),
+                (
+                    "payloads_refused",
+                    "Final payloads not for a timer node.",
+                    &self.payloads_refused,
+                ),
+                (
+                    "acks_sent",
+                    "Acknowledgements sent through SURBs.",
+                    &self.acks_sent,
+                ),
+                (
+                    "acks_failed",
+                    "Acknowledgements that could not be sent.",
+                    &self.acks_failed,
+                ),
+            ],
+        )
     }
 }
 
@@ -137,15 +133,9 @@ impl TimerDestination {
     }
 
     fn ack(&self, surbs: Vec<Surb>, hold_id: HoldId, cancelled: bool) {
-        let Ok(reply) = (Reply::HoldAck { hold_id, cancelled }).encode() else {
-            self.metrics.acks_failed.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
+        let reply = Reply::HoldAck { hold_id, cancelled };
         for surb in surbs {
-            let sent = use_surb(&surb, &reply)
-                .map_err(|_| ())
-                .and_then(|(hop, packet)| self.mesh.send(hop, packet).map_err(|_| ()));
-            let counter = if sent.is_ok() {
+            let counter = if self.mesh.send_reply(&surb, &reply).is_ok() {
                 &self.metrics.acks_sent
             } else {
                 &self.metrics.acks_failed

@@ -705,17 +705,6 @@ impl TimerNode {
             .with_state(self.clone())
     }
 
-    /// Serves [`Self::router`] on `listener` until `shutdown` resolves.
-    pub async fn serve(
-        &self,
-        listener: tokio::net::TcpListener,
-        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<()> {
-        axum::serve(listener, self.router())
-            .with_graceful_shutdown(shutdown)
-            .await
-    }
-
     fn audit(
         &self,
         state: &mut NodeState,

@@ -142,6 +142,8 @@ pub(crate) fn build(config: &MeshConfig, keypair: &Keypair) -> Result<Built, Mes
     );
     let mut kad_config = kad::Config::new(KAD_PROTOCOL);
     kad_config.set_periodic_bootstrap_interval(Some(KAD_WALK_INTERVAL));
+    // Kademlia is for peer discovery only: records other peers PUT are not stored.
+    kad_config.set_record_filtering(kad::StoreInserts::FilterBoth);
     let mut kad =
         kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), kad_config);
     kad.set_mode(Some(kad::Mode::Server));
@@ -315,7 +317,7 @@ impl SwarmTask {
         maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The first tick of an interval is immediate; the bootstrap peers were just dialled.
         maintenance.tick().await;
-        let rebuild_every = directory_rebuild_interval_of(self.publish_every);
+        let rebuild_every = directory_rebuild_interval(self.publish_every);
         let mut rebuild = tokio::time::interval(rebuild_every);
         rebuild.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut commands_open = true;
@@ -607,14 +609,6 @@ impl SwarmTask {
             Err(e) => tracing::debug!(error = %e, "descriptor publication failed"),
         }
     }
-}
-
-fn directory_rebuild_interval_of(publish_every: Duration) -> Duration {
-    let config = MeshConfig {
-        descriptor_publish_ms: u64::try_from(publish_every.as_millis()).unwrap_or(u64::MAX),
-        ..MeshConfig::default()
-    };
-    directory_rebuild_interval(&config)
 }
 
 /// True for an address on `0.0.0.0` or `::`.

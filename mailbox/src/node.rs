@@ -159,14 +159,7 @@ impl NodeConfig {
 
     /// Reads and checks a TOML file.
     pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            key: path.display().to_string(),
-            problem: format!("cannot read: {e}"),
-        })?;
-        let config: NodeConfig = toml::from_str(&text).map_err(|e| ConfigError {
-            key: "config".into(),
-            problem: e.to_string(),
-        })?;
+        let config: NodeConfig = whispr_relay::config::load_toml(path)?;
         config.check()?;
         Ok(config)
     }

@@ -32,11 +32,9 @@ impl ConfigError {
 /// Reads a TOML file into `T`, naming the offending key on error.
 pub fn load_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::new(path.display().to_string(), e.to_string()))?;
-    toml::from_str(&text).map_err(|e| {
-        // toml's message names the key and the line; keep only what it says.
-        ConfigError::new(path.display().to_string(), e.to_string())
-    })
+        .map_err(|e| ConfigError::new(path.display().to_string(), format!("cannot read: {e}")))?;
+    // toml's message names the key and the line.
+    toml::from_str(&text).map_err(|e| ConfigError::new("config", e.to_string()))
 }
 
 /// `[log]`: logging.

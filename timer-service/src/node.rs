@@ -141,14 +141,7 @@ pub use whispr_relay::config::ConfigError;
 impl NodeConfig {
     /// Reads and checks a TOML file.
     pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            key: path.display().to_string(),
-            problem: format!("cannot read: {e}"),
-        })?;
-        let config: NodeConfig = toml::from_str(&text).map_err(|e| ConfigError {
-            key: "config".into(),
-            problem: e.to_string(),
-        })?;
+        let config: NodeConfig = whispr_relay::config::load_toml(path)?;
         config.check()?;
         Ok(config)
     }
@@ -227,6 +220,8 @@ struct CategoryMetrics {
 struct Metrics {
     per_category: [CategoryMetrics; 3],
     auth_failures: AtomicU64,
+    /// Cancelled holds whose tombstone could not be stored.
+    tombstones_lost: AtomicU64,
 }
 
 fn category_index(c: Category) -> usize {
@@ -553,12 +548,14 @@ impl TimerNode {
                 ));
                 state.queue.cancel(&id)?;
                 // The tombstone keeps the id until no part of this hold can be accepted any
-                // more. (Written after the cancel: a crash in between loses only the
-                // tombstone, never un-cancels.)
+                // more. It is written after the cancel: if it cannot be (crash, full
+                // maintenance queue), only that protection is lost — the cancel stands and is
+                // acknowledged, and a late part rebuilding the hold would inject the very same
+                // packet, which its first hop's replay filter refuses within the key epochs.
                 let mut payload = HOLD_TOMBSTONE.to_vec();
                 payload.extend_from_slice(&stored.cancel_hash);
                 let at = now();
-                state.queue.schedule_with_id(
+                let tombstone = state.queue.schedule_with_id(
                     at,
                     id,
                     NewTask {
@@ -568,8 +565,15 @@ impl TimerNode {
                         payload,
                         owner: None,
                     },
-                )?;
+                );
                 drop(state);
+                if let Err(e) = tombstone {
+                    self.shared
+                        .metrics
+                        .tombstones_lost
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "cancelled hold's tombstone not stored");
+                }
                 self.shared.wake.notify_one();
                 Ok(CancelOutcome::Cancelled { hold_id })
             }
@@ -1132,6 +1136,14 @@ async fn metrics(State(node): State<TimerNode>) -> impl IntoResponse {
         "whispr_timer_admin_auth_failures_total {}",
         m.auth_failures.load(Ordering::Relaxed)
     );
+    out.push_str(&whispr_relay::http::prometheus_counters(
+        "whispr_timer",
+        &[(
+            "tombstones_lost",
+            "Cancelled holds whose tombstone (which refuses late parts) could not be stored.",
+            &m.tombstones_lost,
+        )],
+    ));
     if let Some((mesh, mesh_metrics)) = node.shared.mesh.get() {
         out.push_str(&mesh_metrics.render());
         out.push_str(&mesh.metrics_text());

@@ -22,33 +22,7 @@ use whispr_protocol::{MailboxId, UnixTime};
 
 use crate::error::{MailboxError, Result};
 
-/// Domain prefix of the login signature.
-pub const LOGIN_PREFIX: &[u8] = b"whispr-mailbox-login-v1";
-
-/// The bytes a device signs to log in:
-/// `"whispr-mailbox-login-v1" ‖ len(audience) (u16 BE) ‖ audience ‖ mailbox_id ‖ device_key ‖
-/// challenge`.
-pub fn login_transcript(
-    audience: &str,
-    mailbox: &MailboxId,
-    device: &[u8; 32],
-    challenge: &[u8; 32],
-) -> Vec<u8> {
-    let mut t = Vec::with_capacity(LOGIN_PREFIX.len() + 2 + audience.len() + 96);
-    t.extend_from_slice(LOGIN_PREFIX);
-    let len = u16::try_from(audience.len()).unwrap_or(u16::MAX);
-    t.extend_from_slice(&len.to_be_bytes());
-    t.extend_from_slice(
-        audience
-            .as_bytes()
-            .get(..usize::from(len))
-            .unwrap_or_default(),
-    );
-    t.extend_from_slice(mailbox.as_bytes());
-    t.extend_from_slice(device);
-    t.extend_from_slice(challenge);
-    t
-}
+pub use whispr_protocol::mailbox_api::{LOGIN_PREFIX, login_transcript};
 
 /// Limits and lifetimes of [`Sessions`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -27,15 +27,14 @@ use whispr_protocol::prekeys::{PrekeyBundle, SignedPrekey, verify_identity};
 use whispr_protocol::sphinx::Surb;
 use whispr_protocol::{AccessToken, DedupId, MailboxId, ReplyKey, SurbId, UnixTime};
 
+pub use whispr_protocol::mailbox_api::{
+    CREATE_PREFIX, DEVICE_PREFIX, create_transcript, device_transcript,
+};
+
 use crate::config::CoreConfig;
 use crate::crypto::{DataKey, MasterKey, SID_LEN, StorageId};
 use crate::error::{MailboxError, Result};
 use crate::store::{Cf, MailboxStore, Op};
-
-/// Domain prefix of the proof of possession signed at creation.
-pub const CREATE_PREFIX: &[u8] = b"whispr-mailbox-create-v1";
-/// Domain prefix of a device registration signed by the owner.
-pub const DEVICE_PREFIX: &[u8] = b"whispr-mailbox-device-v1";
 
 const TAG_RECORD: u8 = 0;
 const TAG_CURSOR: u8 = 1;
@@ -84,43 +83,6 @@ pub struct CreateMailbox {
     pub retention_ms: u64,
     /// Owner signature over [`create_transcript`].
     pub signature: [u8; 64],
-}
-
-/// The bytes the owner signs to create a mailbox: proof that it holds `owner_key` and binds
-/// every other field.
-pub fn create_transcript(
-    mailbox_id: &MailboxId,
-    mailbox_key: &[u8; 32],
-    owner_key: &[u8; 32],
-    access_key_hash: &[u8; 32],
-    reply_key: Option<&[u8; 32]>,
-    retention_ms: u64,
-) -> Vec<u8> {
-    let mut t = Vec::with_capacity(CREATE_PREFIX.len() + 32 * 5 + 9);
-    t.extend_from_slice(CREATE_PREFIX);
-    t.extend_from_slice(mailbox_id.as_bytes());
-    t.extend_from_slice(mailbox_key);
-    t.extend_from_slice(owner_key);
-    t.extend_from_slice(access_key_hash);
-    match reply_key {
-        // The reply key is secret: sign its hash.
-        Some(k) => {
-            t.push(1);
-            t.extend_from_slice(&Sha256::digest(k));
-        }
-        None => t.push(0),
-    }
-    t.extend_from_slice(&retention_ms.to_be_bytes());
-    t
-}
-
-/// The bytes the owner signs to register `device_key` on `mailbox_id`.
-pub fn device_transcript(mailbox_id: &MailboxId, device_key: &[u8; 32]) -> Vec<u8> {
-    let mut t = Vec::with_capacity(DEVICE_PREFIX.len() + 64);
-    t.extend_from_slice(DEVICE_PREFIX);
-    t.extend_from_slice(mailbox_id.as_bytes());
-    t.extend_from_slice(device_key);
-    t
 }
 
 /// The result of one deposit.

@@ -436,6 +436,20 @@ impl Directory {
         destination: &NodeId,
         mix_layers: u32,
     ) -> Result<Vec<RouteHop>> {
+        self.select_route_avoiding(rng, epoch, destination, mix_layers, &[])
+    }
+
+    /// [`Self::select_route`] without the relays in `avoid` (for example relays on the route
+    /// of a packet that was never acknowledged). Fails with [`Error::NoRoute`] when a layer
+    /// has no other relay; the destination itself is never avoided.
+    pub fn select_route_avoiding<R: rand::CryptoRng + ?Sized>(
+        &self,
+        rng: &mut R,
+        epoch: KeyEpoch,
+        destination: &NodeId,
+        mix_layers: u32,
+        avoid: &[NodeId],
+    ) -> Result<Vec<RouteHop>> {
         if mix_layers == 0 || mix_layers > MIX_LAYERS_MAX {
             return Err(Error::InvalidArgument("a route has 1 to 3 mix layers"));
         }
@@ -449,13 +463,15 @@ impl Directory {
         let mut route = Vec::with_capacity(HOPS_MAX);
         route.push(last.clone());
         let edge = self
-            .pick(rng, epoch, &route, |n| n.has_role(Role::Edge))
+            .pick(rng, epoch, &route, |n| {
+                n.has_role(Role::Edge) && !avoid.contains(&n.node_id)
+            })
             .ok_or(Error::NoRoute("no edge relay with a key for the epoch"))?;
         route.push(edge);
         for layer in 1..=mix_layers {
             let mix = self
                 .pick(rng, epoch, &route, |n| {
-                    n.has_role(Role::Mix) && n.mix_layer == layer
+                    n.has_role(Role::Mix) && n.mix_layer == layer && !avoid.contains(&n.node_id)
                 })
                 .ok_or(Error::NoRoute("a mix layer has no other node with a key"))?;
             route.push(mix);

@@ -29,6 +29,7 @@ mod error;
 pub mod fragment;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod mailbox_api;
 pub mod payload;
 pub mod prekeys;
 pub mod sphinx;

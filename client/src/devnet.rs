@@ -1,0 +1,489 @@
+//! A local Whispr network of real node processes on loopback (`whispr devnet up`): relays (the
+//! first is the edge, the others layer-1 mixes), mailbox nodes and timer nodes, each with its
+//! own data directory, config and log under the devnet directory, joined over libp2p.
+//!
+//! Files in the devnet directory: `devnet.json` (the supervisor's pid and every node's name,
+//! kind, pid, HTTP port and log), `directory-url` (written once every node sees the whole
+//! network), `NAME.toml`, `NAME/` (data) and `logs/NAME.log`.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use whispr_protocol::UnixTime;
+
+use crate::client::now_ms;
+use crate::error::{ClientError, Result};
+use crate::net::Net;
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct DevnetOptions {
+    /// The devnet directory.
+    pub dir: PathBuf,
+    /// Relays (at least 2: one edge, then mixes).
+    pub relays: usize,
+    /// Mailbox nodes.
+    pub mailboxes: usize,
+    /// Timer nodes.
+    pub timers: usize,
+    /// Where the node binaries are.
+    pub bin_dir: PathBuf,
+    /// Raise the per-connection and per-mailbox rate limits far above the policy's (for load
+    /// benchmarks only; the default keeps the production limits).
+    pub relaxed_limits: bool,
+}
+
+/// One node of a devnet.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// `edge`, `mix1`, …, `mailbox1`, …, `timer1`, …
+    pub name: String,
+    /// `relay`, `mailbox` or `timer`.
+    pub kind: String,
+    /// Its process id.
+    pub pid: u32,
+    /// HTTP port (API, or admin API for timers).
+    pub http_port: u16,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+/// `devnet.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DevnetRecord {
+    /// The `whispr devnet up` process.
+    pub supervisor_pid: u32,
+    /// The directory URL clients use.
+    pub directory_url: String,
+    /// The nodes.
+    pub nodes: Vec<NodeRecord>,
+}
+
+/// A running devnet; its nodes are stopped (SIGTERM, then SIGKILL after 10 s) on drop.
+#[derive(Debug)]
+pub struct Devnet {
+    dir: PathBuf,
+    children: Vec<(String, Child)>,
+    record: DevnetRecord,
+}
+
+/// The directory holding the node binaries: `WHISPR_BIN_DIR`, else the directory of the
+/// running executable (cargo puts `whispr`, `whispr-relay`, `whispr-mailbox` and
+/// `whispr-timer` side by side), else its parent (for test and example binaries in `deps/`
+/// or `examples/`).
+pub fn default_bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("WHISPR_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    for _ in 0..2 {
+        if dir.join("whispr-relay").exists() {
+            return dir;
+        }
+        if let Some(p) = dir.parent() {
+            dir = p.to_path_buf();
+        }
+    }
+    dir
+}
+
+fn free_port() -> Result<u16> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(ClientError::io("finding a free port"))
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).map_err(ClientError::io("writing a devnet file"))
+}
+
+struct Plan {
+    name: String,
+    kind: &'static str,
+    binary: PathBuf,
+    config: PathBuf,
+    data: PathBuf,
+    http_port: u16,
+}
+
+fn mesh_section(port: u16, bootstrap: Option<&str>, extra: &str) -> String {
+    let bootstrap = bootstrap
+        .map(|b| format!("bootstrap = [\"{b}\"]\n"))
+        .unwrap_or_default();
+    format!(
+        "[mesh]\nlisten = [\"/ip4/127.0.0.1/tcp/{port}\"]\n{bootstrap}descriptor_publish_ms = 1000\n{extra}"
+    )
+}
+
+fn plan_node(
+    opts: &DevnetOptions,
+    name: &str,
+    kind: &'static str,
+    bootstrap: Option<&str>,
+) -> Result<Plan> {
+    let dir = &opts.dir;
+    let data = dir.join(name);
+    let http_port = free_port()?;
+    let mesh_port = free_port()?;
+    let config = dir.join(format!("{name}.toml"));
+    let api = format!("http://127.0.0.1:{http_port}");
+    let relaxed = opts.relaxed_limits;
+    let (binary, text) = match kind {
+        "relay" => {
+            let roles = if name == "edge" {
+                "roles = [\"edge\"]\n".to_string()
+            } else {
+                "roles = [\"mix\"]\nmix_layer = 1\n".to_string()
+            };
+            let limits = if relaxed {
+                "\n[mesh.router.client_rate]\nper_minute = 6000000\nburst = 100000\n"
+            } else {
+                ""
+            };
+            (
+                "whispr-relay",
+                format!(
+                    "data_dir = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n\n{}{limits}",
+                    data.display(),
+                    mesh_section(
+                        mesh_port,
+                        bootstrap,
+                        &format!("{roles}api_url = \"{api}\"\n")
+                    )
+                ),
+            )
+        }
+        "mailbox" => {
+            let (ops, deposits) = if relaxed {
+                (
+                    "ops_per_min_per_connection = 6000000\n",
+                    "\n[limits]\ndeposits_per_min = 6000000\n",
+                )
+            } else {
+                ("", "")
+            };
+            (
+                "whispr-mailbox",
+                format!(
+                    "data_dir = \"{}\"\naudience = \"devnet-{name}\"\n\n[api]\nlisten = \"127.0.0.1:{http_port}\"\n{ops}{deposits}\n{}",
+                    data.display(),
+                    mesh_section(mesh_port, bootstrap, &format!("api_url = \"{api}\"\n"))
+                ),
+            )
+        }
+        _ => {
+            let mut token = [0u8; 24];
+            rand::Rng::fill_bytes(&mut rand::rng(), &mut token);
+            (
+                "whispr-timer",
+                format!(
+                    "data_dir = \"{}\"\n\n[admin]\nlisten = \"127.0.0.1:{http_port}\"\ntoken = \"{}\"\n\n[worker]\nidle_poll_ms = 100\n\n{}",
+                    data.display(),
+                    hex::encode(token),
+                    mesh_section(mesh_port, bootstrap, "")
+                ),
+            )
+        }
+    };
+    write(&config, &text)?;
+    Ok(Plan {
+        name: name.to_string(),
+        kind,
+        binary: opts.bin_dir.join(binary),
+        config,
+        data,
+        http_port,
+    })
+}
+
+fn spawn(dir: &Path, plan: &Plan) -> Result<Child> {
+    if !plan.binary.exists() {
+        return Err(ClientError::InvalidArgument(format!(
+            "{} not found: build the workspace binaries (cargo build --workspace --bins) or set WHISPR_BIN_DIR",
+            plan.binary.display()
+        )));
+    }
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs).map_err(ClientError::io("creating the log directory"))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(logs.join(format!("{}.log", plan.name)))
+        .map_err(ClientError::io("opening a node log"))?;
+    let _ = std::fs::remove_file(plan.data.join("node-info.json"));
+    Command::new(&plan.binary)
+        .arg("--config")
+        .arg(&plan.config)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(ClientError::io("starting a node"))
+}
+
+/// Waits for `node-info.json` and returns the node's `/ip4/…/tcp/…/p2p/…` address.
+fn wait_multiaddr(plan: &Plan, child: &mut Child) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let path = plan.data.join("node-info.json");
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(ClientError::InvalidArgument(format!(
+                "{} exited at start ({status}); see its log",
+                plan.name
+            )));
+        }
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                if let (Some(addr), Some(peer)) = (
+                    v["listen"]
+                        .as_array()
+                        .and_then(|a| a.first())
+                        .and_then(|a| a.as_str()),
+                    v["peer_id"].as_str(),
+                ) {
+                    return Ok(if addr.contains("/p2p/") {
+                        addr.to_string()
+                    } else {
+                        format!("{addr}/p2p/{peer}")
+                    });
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(ClientError::Unreachable {
+        node: "devnet node",
+        reason: format!("{} wrote no node-info.json within 60 s", plan.name),
+    })
+}
+
+impl Devnet {
+    /// Starts the nodes and waits until every relay and mailbox node sees all of them.
+    pub async fn up(opts: DevnetOptions) -> Result<Devnet> {
+        if opts.relays < 2 || opts.mailboxes < 1 || opts.timers < 1 {
+            return Err(ClientError::InvalidArgument(
+                "a devnet needs at least 2 relays (an edge and a mix), 1 mailbox node and 1 timer"
+                    .to_string(),
+            ));
+        }
+        let dir = opts.dir.clone();
+        std::fs::create_dir_all(&dir).map_err(ClientError::io("creating the devnet directory"))?;
+        if let Ok(text) = std::fs::read_to_string(dir.join("devnet.json")) {
+            if let Ok(r) = serde_json::from_str::<DevnetRecord>(&text) {
+                if alive(r.supervisor_pid) {
+                    return Err(ClientError::InvalidArgument(format!(
+                        "a devnet is already running in {} (pid {})",
+                        dir.display(),
+                        r.supervisor_pid
+                    )));
+                }
+            }
+        }
+        let _ = std::fs::remove_file(dir.join("directory-url"));
+        let mut devnet = Devnet {
+            dir: dir.clone(),
+            children: Vec::new(),
+            record: DevnetRecord {
+                supervisor_pid: std::process::id(),
+                directory_url: String::new(),
+                nodes: Vec::new(),
+            },
+        };
+        let edge = plan_node(&opts, "edge", "relay", None)?;
+        let mut child = spawn(&dir, &edge)?;
+        let boot = wait_multiaddr(&edge, &mut child);
+        devnet.add(&edge, child);
+        let boot = boot?;
+        let mut plans = Vec::new();
+        for i in 1..opts.relays {
+            plans.push(plan_node(&opts, &format!("mix{i}"), "relay", Some(&boot))?);
+        }
+        for i in 1..=opts.mailboxes {
+            plans.push(plan_node(
+                &opts,
+                &format!("mailbox{i}"),
+                "mailbox",
+                Some(&boot),
+            )?);
+        }
+        for i in 1..=opts.timers {
+            plans.push(plan_node(
+                &opts,
+                &format!("timer{i}"),
+                "timer",
+                Some(&boot),
+            )?);
+        }
+        for plan in &plans {
+            let child = spawn(&dir, plan)?;
+            devnet.add(plan, child);
+        }
+        let total = 1 + plans.len();
+        devnet.record.directory_url = format!("http://127.0.0.1:{}/v1/directory", edge.http_port);
+        devnet.write_record()?;
+        let net = Net::new()?;
+        let watch: Vec<String> = std::iter::once(&edge)
+            .chain(plans.iter().filter(|p| p.kind != "timer"))
+            .map(|p| format!("http://127.0.0.1:{}/v1/directory", p.http_port))
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let mut all = true;
+            for url in &watch {
+                match net.directory(url, UnixTime(now_ms())).await {
+                    Ok(d) if d.len() == total => {}
+                    _ => all = false,
+                }
+            }
+            if all {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(ClientError::Unreachable {
+                    node: "devnet",
+                    reason: "the nodes did not see each other within 120 s; see logs/".to_string(),
+                });
+            }
+            for (name, c) in &mut devnet.children {
+                if let Ok(Some(status)) = c.try_wait() {
+                    return Err(ClientError::InvalidArgument(format!(
+                        "{name} exited ({status}); see its log"
+                    )));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        write(
+            &dir.join("directory-url"),
+            &format!("{}\n", devnet.record.directory_url),
+        )?;
+        Ok(devnet)
+    }
+
+    fn add(&mut self, plan: &Plan, child: Child) {
+        self.record.nodes.push(NodeRecord {
+            name: plan.name.clone(),
+            kind: plan.kind.to_string(),
+            pid: child.id(),
+            http_port: plan.http_port,
+            log: self.dir.join("logs").join(format!("{}.log", plan.name)),
+        });
+        self.children.push((plan.name.clone(), child));
+    }
+
+    fn write_record(&self) -> Result<()> {
+        let text = serde_json::to_string_pretty(&self.record)
+            .map_err(|e| ClientError::CorruptState(e.to_string()))?;
+        write(&self.dir.join("devnet.json"), &text)
+    }
+
+    /// The directory URL.
+    pub fn directory_url(&self) -> &str {
+        &self.record.directory_url
+    }
+
+    /// The record (nodes, pids, ports).
+    pub fn record(&self) -> &DevnetRecord {
+        &self.record
+    }
+
+    /// Nodes that exited on their own (name and status).
+    pub fn exited(&mut self) -> Vec<String> {
+        self.children
+            .iter_mut()
+            .filter_map(|(n, c)| match c.try_wait() {
+                Ok(Some(s)) => Some(format!("{n} ({s})")),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Stops every node: SIGTERM, then SIGKILL after 10 s; removes `devnet.json` and
+    /// `directory-url`.
+    pub fn stop(&mut self) {
+        for (_, c) in &self.children {
+            if let Ok(pid) = i32::try_from(c.id()) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for (_, c) in &mut self.children {
+            loop {
+                match c.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() > deadline => {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        }
+        self.children.clear();
+        let _ = std::fs::remove_file(self.dir.join("devnet.json"));
+        let _ = std::fs::remove_file(self.dir.join("directory-url"));
+    }
+}
+
+impl Drop for Devnet {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    i32::try_from(pid).is_ok_and(|p| kill(Pid::from_raw(p), None).is_ok())
+}
+
+/// Reads `devnet.json` in `dir`.
+pub fn record(dir: &Path) -> Result<DevnetRecord> {
+    let text = std::fs::read_to_string(dir.join("devnet.json")).map_err(|_| {
+        ClientError::InvalidArgument(format!("no running devnet in {}", dir.display()))
+    })?;
+    serde_json::from_str(&text).map_err(|e| ClientError::CorruptState(e.to_string()))
+}
+
+/// Asks the devnet supervisor in `dir` to stop its nodes, and waits until it has.
+pub fn down(dir: &Path) -> Result<()> {
+    let r = record(dir)?;
+    let pid = i32::try_from(r.supervisor_pid)
+        .map_err(|_| ClientError::CorruptState("supervisor pid".to_string()))?;
+    if kill(Pid::from_raw(pid), Signal::SIGTERM).is_err() {
+        // The supervisor is gone (killed?): stop its nodes directly.
+        for n in &r.nodes {
+            if let Ok(p) = i32::try_from(n.pid) {
+                let _ = kill(Pid::from_raw(p), Signal::SIGTERM);
+            }
+        }
+        let _ = std::fs::remove_file(dir.join("devnet.json"));
+        return Ok(());
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive(r.supervisor_pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// Kills node `name` of the devnet in `dir` with SIGKILL (a crash, for demos and tests).
+pub fn kill_node(dir: &Path, name: &str) -> Result<()> {
+    let r = record(dir)?;
+    let node = r
+        .nodes
+        .iter()
+        .find(|n| n.name == name)
+        .ok_or_else(|| ClientError::InvalidArgument(format!("no node named {name}")))?;
+    let pid =
+        i32::try_from(node.pid).map_err(|_| ClientError::CorruptState("node pid".to_string()))?;
+    kill(Pid::from_raw(pid), Signal::SIGKILL)
+        .map_err(|e| ClientError::InvalidArgument(format!("cannot kill {name}: {e}")))
+}

@@ -1,0 +1,637 @@
+//! `whispr`: the Whispr Mesh command-line client, and `whispr devnet` to run a local network.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{Parser, Subcommand};
+use rand::RngExt;
+use serde_json::{Value, json};
+use whispr_client::devnet::{self, Devnet, DevnetOptions};
+use whispr_client::{
+    Client, ClientError, KdfParams, Notice, OutState, Receipts, Received, SendOptions, Settings,
+    now_ms,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "whispr",
+    version,
+    about = "Whispr Mesh: private messages over a mixnet"
+)]
+struct Cli {
+    /// The client's home directory (keys, contacts, state; encrypted at rest).
+    /// (Default: $WHISPR_HOME, else ~/.whispr.)
+    #[arg(long, global = true)]
+    home: Option<PathBuf>,
+    /// Machine-readable output: one JSON object per result.
+    #[arg(long, global = true)]
+    json: bool,
+    /// File holding the passphrase (otherwise the WHISPR_PASSPHRASE environment variable).
+    #[arg(long, global = true)]
+    passphrase_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Creates a client: identity keys, encrypted home directory.
+    Init {
+        /// The directory URL (an edge relay's `/v1/directory`).
+        #[arg(long)]
+        directory: String,
+        /// Mean mixing delay per hop in ms (0 turns mixing off).
+        #[arg(long)]
+        mix_delay_ms: Option<u64>,
+        /// Receipts to send: read, delivery or none.
+        #[arg(long)]
+        receipts: Option<String>,
+        /// A fragment not acknowledged within this many ms is sent again on a fresh route.
+        #[arg(long)]
+        retransmit_after_ms: Option<u64>,
+        /// Cover traffic while `recv --follow` runs, packets per minute (Poisson).
+        #[arg(long)]
+        cover_per_min: Option<f64>,
+    },
+    /// Creates a mailbox for a new contact and prints the invitation to give them.
+    Invite {
+        /// The name the contact will have here.
+        #[arg(long)]
+        name: Option<String>,
+        /// A shorter invitation without a one-time key: the contact fetches one through the
+        /// mesh.
+        #[arg(long)]
+        short: bool,
+    },
+    /// Accepts an invitation.
+    Accept {
+        /// The invitation text (`WHISPR1:…`).
+        invitation: String,
+        /// The name the inviter will have here.
+        #[arg(long)]
+        name: String,
+    },
+    /// Sends a message (TEXT `-` reads it from standard input).
+    Send {
+        /// Contact name.
+        name: String,
+        /// The text.
+        text: String,
+        /// Release time (RFC 3339, e.g. 2026-11-21T18:00:00Z): a timer node holds it till then.
+        #[arg(long, conflicts_with = "in_")]
+        at: Option<String>,
+        /// Release after this long (e.g. 30s, 5m, 2h).
+        #[arg(long = "in", id = "in_")]
+        in_: Option<String>,
+        /// Disappearing message: gone from the mailbox and the recipient's history after this
+        /// long (e.g. 10s, 1h).
+        #[arg(long)]
+        expire_after: Option<String>,
+        /// Return once handed to the mesh, without waiting for the mailbox's ack.
+        #[arg(long)]
+        no_wait: bool,
+        /// Longest wait for the acks, in seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// Fetches, decrypts and shows new messages and notices.
+    Recv {
+        /// Keep receiving until interrupted.
+        #[arg(long)]
+        follow: bool,
+        /// Long-poll wait in seconds.
+        #[arg(long)]
+        wait: Option<u64>,
+    },
+    /// Cancels a scheduled send before its release.
+    Cancel {
+        /// Its id (from `send` or `status`).
+        id: u64,
+    },
+    /// Lists contacts.
+    Contacts,
+    /// Shows the safety number shared with a contact.
+    Safety {
+        /// Contact name.
+        name: String,
+        /// Records that you compared it with the contact and it matched.
+        #[arg(long)]
+        verified: bool,
+    },
+    /// Pending acks, scheduled sends and recent outgoing messages.
+    Status,
+    /// The messages received from a contact (disappearing ones vanish at their time).
+    History {
+        /// Contact name.
+        name: String,
+    },
+    /// A local network of real node processes.
+    Devnet {
+        #[command(subcommand)]
+        command: DevnetCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevnetCommand {
+    /// Starts relays, mailbox and timer nodes on loopback; stops them on Ctrl-C or `down`.
+    Up {
+        /// Devnet directory (configs, data, logs, `directory-url`).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Relays: the first is the edge, the others mixes.
+        #[arg(long, default_value_t = 3)]
+        relays: usize,
+        /// Mailbox nodes.
+        #[arg(long, default_value_t = 3)]
+        mailboxes: usize,
+        /// Timer nodes.
+        #[arg(long, default_value_t = 1)]
+        timers: usize,
+        /// Raise rate limits far above the policy's (load benchmarks only).
+        #[arg(long)]
+        relaxed_limits: bool,
+    },
+    /// Stops the devnet running in DIR.
+    Down {
+        /// Devnet directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Kills one node with SIGKILL (to watch the network route around it).
+    Kill {
+        /// Devnet directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Node name (edge, mix1, mailbox2, timer1, …).
+        node: String,
+    },
+}
+
+fn home(cli: &Cli) -> PathBuf {
+    cli.home.clone().unwrap_or_else(|| {
+        if let Some(h) = std::env::var_os("WHISPR_HOME") {
+            return PathBuf::from(h);
+        }
+        std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_default()
+            .join(".whispr")
+    })
+}
+
+fn passphrase(cli: &Cli) -> Result<Vec<u8>, ClientError> {
+    if let Some(f) = &cli.passphrase_file {
+        let text = std::fs::read_to_string(f).map_err(|source| ClientError::Io {
+            what: "reading the passphrase file",
+            source,
+        })?;
+        return Ok(text.trim_end_matches(['\n', '\r']).as_bytes().to_vec());
+    }
+    match std::env::var("WHISPR_PASSPHRASE") {
+        Ok(p) if !p.is_empty() => Ok(p.into_bytes()),
+        _ => Err(ClientError::InvalidArgument(
+            "no passphrase: set WHISPR_PASSPHRASE or pass --passphrase-file".to_string(),
+        )),
+    }
+}
+
+fn parse_duration(what: &str, s: &str) -> Result<Duration, ClientError> {
+    humantime::parse_duration(s)
+        .map_err(|e| ClientError::InvalidArgument(format!("{what}: {e} (e.g. 30s, 5m, 2h)")))
+}
+
+fn time_text(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn print_received(json_out: bool, r: &Received) {
+    if json_out {
+        println!(
+            "{}",
+            json!({"type": "message", "from": r.from, "text": r.text, "sent_ms": r.sent_ms,
+                   "received_ms": r.received_ms, "expires_ms": r.expires_ms})
+        );
+    } else {
+        let expiry = r
+            .expires_ms
+            .map(|e| format!("  (disappears at {})", time_text(e)))
+            .unwrap_or_default();
+        println!("[{}] {}: {}{expiry}", time_text(r.sent_ms), r.from, r.text);
+    }
+}
+
+fn print_notice(json_out: bool, n: &Notice) {
+    if json_out {
+        println!(
+            "{}",
+            json!({"type": "notice", "kind": n.kind, "contact": n.contact, "id": n.id,
+                   "text": n.text, "at_ms": n.at_ms})
+        );
+    } else {
+        println!("  * {}", n.text);
+    }
+}
+
+fn out(json_out: bool, v: Value, text: String) {
+    if json_out {
+        println!("{v}");
+    } else {
+        println!("{text}");
+    }
+}
+
+fn state_name(s: OutState) -> String {
+    serde_json::to_value(s)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+async fn recv(cli: &Cli, follow: bool, wait: Option<u64>) -> Result<(), ClientError> {
+    let pass = passphrase(cli)?;
+    let mut client = Client::open(&home(cli), &pass)?;
+    let vault = client.vault().clone();
+    let cover = client.settings().cover_per_min;
+    let wait = Duration::from_secs(wait.unwrap_or(if follow { 2 } else { 1 }));
+    let mut next_cover = None;
+    loop {
+        client.sync(wait).await?;
+        for r in client.take_unread() {
+            print_received(cli.json, &r);
+        }
+        for n in client.take_notices() {
+            print_notice(cli.json, &n);
+        }
+        client.flush().await?;
+        if !follow {
+            return Ok(());
+        }
+        if cover > 0.0 {
+            let now = now_ms();
+            let mut rng = rand::rng();
+            let mut draw = |from: u64| {
+                let u: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
+                from + (-u.ln() * 60_000.0 / cover) as u64
+            };
+            let due = *next_cover.get_or_insert_with(|| draw(now));
+            if now >= due {
+                let _ = client.send_cover().await;
+                next_cover = Some(draw(now));
+            }
+        }
+        // Release the home directory between rounds so that other commands can run.
+        drop(client);
+        let stop = tokio::select! {
+            _ = tokio::signal::ctrl_c() => true,
+            () = tokio::time::sleep(Duration::from_millis(100)) => false,
+        };
+        if stop {
+            return Ok(());
+        }
+        client = Client::reopen(&vault)?;
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
+    let j = cli.json;
+    match &cli.command {
+        Command::Init {
+            directory,
+            mix_delay_ms,
+            receipts,
+            retransmit_after_ms,
+            cover_per_min,
+        } => {
+            let mut settings = Settings::default();
+            if let Some(d) = mix_delay_ms {
+                settings.mix_delay_ms = *d;
+            }
+            if let Some(r) = retransmit_after_ms {
+                settings.retransmit_after_ms = *r;
+            }
+            if let Some(c) = cover_per_min {
+                settings.cover_per_min = c.max(0.0);
+            }
+            if let Some(r) = receipts {
+                settings.receipts = match r.as_str() {
+                    "read" => Receipts::Read,
+                    "delivery" => Receipts::Delivery,
+                    "none" => Receipts::None,
+                    _ => {
+                        return Err(ClientError::InvalidArgument(
+                            "--receipts takes read, delivery or none".to_string(),
+                        ));
+                    }
+                };
+            }
+            let pass = passphrase(&cli)?;
+            let client = Client::init(
+                &home(&cli),
+                &pass,
+                directory,
+                settings,
+                KdfParams::default(),
+            )?;
+            let (ed, curve) = client.identity_keys();
+            out(
+                j,
+                json!({"home": home(&cli), "identity_key": ed, "olm_identity_key": curve}),
+                format!("client created in {}", home(&cli).display()),
+            );
+        }
+        Command::Invite { name, short } => {
+            let pass = passphrase(&cli)?;
+            let mut client = Client::open(&home(&cli), &pass)?;
+            let text = client.invite(name.as_deref(), !short).await?;
+            out(j, json!({"invitation": text}), text.clone());
+        }
+        Command::Accept { invitation, name } => {
+            let pass = passphrase(&cli)?;
+            let mut client = Client::open(&home(&cli), &pass)?;
+            let id = client.accept(invitation, name).await?;
+            let state = client.wait_stored(id, Duration::from_secs(60)).await?;
+            out(
+                j,
+                json!({"contact": name, "hello": state_name(state)}),
+                format!("{name} added; hello {}", state_name(state)),
+            );
+        }
+        Command::Send {
+            name,
+            text,
+            at,
+            in_,
+            expire_after,
+            no_wait,
+            timeout,
+        } => {
+            let pass = passphrase(&cli)?;
+            let body = if text == "-" {
+                let mut s = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut s)
+                    .map_err(|source| ClientError::Io {
+                        what: "reading standard input",
+                        source,
+                    })?;
+                s
+            } else {
+                text.clone()
+            };
+            let at_ms = match (at, in_) {
+                (Some(t), _) => Some(
+                    humantime::parse_rfc3339_weak(t)
+                        .map_err(|e| ClientError::InvalidArgument(format!("--at: {e}")))?
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                        .map_err(|_| {
+                            ClientError::InvalidArgument("--at: before 1970".to_string())
+                        })?,
+                ),
+                (None, Some(d)) => Some(
+                    now_ms()
+                        + u64::try_from(parse_duration("--in", d)?.as_millis()).unwrap_or(u64::MAX),
+                ),
+                _ => None,
+            };
+            let expire_after = expire_after
+                .as_deref()
+                .map(|d| parse_duration("--expire-after", d))
+                .transpose()?;
+            let mut client = Client::open(&home(&cli), &pass)?;
+            let id = client
+                .send(
+                    name,
+                    &body,
+                    SendOptions {
+                        at_ms,
+                        expire_after,
+                    },
+                )
+                .await?;
+            let state = if *no_wait {
+                None
+            } else {
+                Some(
+                    client
+                        .wait_stored(id, Duration::from_secs(*timeout))
+                        .await?,
+                )
+            };
+            let info = client.status().into_iter().find(|o| o.id == id);
+            let fragments = info.as_ref().map_or(0, |o| o.fragments);
+            let retrans = info.as_ref().map_or(0, |o| o.retransmissions);
+            for n in client.take_notices() {
+                if n.kind == "failed" && !j {
+                    print_notice(j, &n);
+                }
+            }
+            client.save()?;
+            let state_text = state
+                .map(state_name)
+                .unwrap_or_else(|| "sending".to_string());
+            let what = if at_ms.is_some() && state == Some(OutState::Scheduled) {
+                "held by a timer node".to_string()
+            } else {
+                state_text.clone()
+            };
+            out(
+                j,
+                json!({"id": id, "state": state_text, "fragments": fragments,
+                       "retransmissions": retrans, "release_ms": at_ms}),
+                format!(
+                    "message {id} ({fragments} fragment(s), {retrans} retransmission(s)): {what}"
+                ),
+            );
+            if state == Some(OutState::Failed) {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Recv { follow, wait } => recv(&cli, *follow, *wait).await?,
+        Command::Cancel { id } => {
+            let pass = passphrase(&cli)?;
+            let mut client = Client::open(&home(&cli), &pass)?;
+            client.cancel(*id).await?;
+            let state = client.wait_stored(*id, Duration::from_secs(60)).await?;
+            out(
+                j,
+                json!({"id": id, "state": state_name(state)}),
+                format!("message {id}: {}", state_name(state)),
+            );
+            if state != OutState::Cancelled {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Contacts => {
+            let pass = passphrase(&cli)?;
+            let client = Client::open(&home(&cli), &pass)?;
+            let list = client.contacts();
+            let text = list
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{}  {}{}",
+                        c.name,
+                        c.state,
+                        if c.verified { "  verified" } else { "" }
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            out(j, json!({"contacts": list}), text);
+        }
+        Command::Safety { name, verified } => {
+            let pass = passphrase(&cli)?;
+            let mut client = Client::open(&home(&cli), &pass)?;
+            if *verified {
+                client.set_verified(name)?;
+            }
+            let number = client.safety_number(name)?;
+            out(
+                j,
+                json!({"contact": name, "safety_number": number}),
+                format!(
+                    "safety number with {name}:\n{number}\nCompare it with {name}'s, in person or over a trusted channel."
+                ),
+            );
+        }
+        Command::Status => {
+            let pass = passphrase(&cli)?;
+            let client = Client::open(&home(&cli), &pass)?;
+            let list = client.status();
+            let text = list
+                .iter()
+                .map(|o| {
+                    let release = o
+                        .release_ms
+                        .map(|r| format!(", release {}", time_text(r)))
+                        .unwrap_or_default();
+                    format!(
+                        "{:>4}  to {}  {:?}  {}  {}/{} acked, {} retransmission(s){release}",
+                        o.id,
+                        o.contact,
+                        o.kind,
+                        state_name(o.state),
+                        o.fragments_acked,
+                        o.fragments,
+                        o.retransmissions
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            out(j, json!({"outgoing": list}), text);
+        }
+        Command::History { name } => {
+            let pass = passphrase(&cli)?;
+            let client = Client::open(&home(&cli), &pass)?;
+            let list = client.history(name);
+            if j {
+                println!("{}", json!({"messages": list}));
+            } else {
+                for r in &list {
+                    print_received(false, r);
+                }
+            }
+        }
+        Command::Devnet { command } => match command {
+            DevnetCommand::Up {
+                dir,
+                relays,
+                mailboxes,
+                timers,
+                relaxed_limits,
+            } => {
+                let mut net = Devnet::up(DevnetOptions {
+                    dir: dir.clone(),
+                    relays: *relays,
+                    mailboxes: *mailboxes,
+                    timers: *timers,
+                    bin_dir: devnet::default_bin_dir(),
+                    relaxed_limits: *relaxed_limits,
+                })
+                .await?;
+                out(
+                    j,
+                    json!({"directory_url": net.directory_url(), "nodes": net.record().nodes}),
+                    format!(
+                        "devnet up: {} nodes; directory {}\n(Ctrl-C or `whispr devnet down --dir {}` stops it)",
+                        net.record().nodes.len(),
+                        net.directory_url(),
+                        dir.display()
+                    ),
+                );
+                wait_for_stop(&mut net).await;
+                net.stop();
+                out(j, json!({"stopped": true}), "devnet stopped".to_string());
+            }
+            DevnetCommand::Down { dir } => {
+                devnet::down(dir)?;
+                out(j, json!({"stopped": true}), "devnet stopped".to_string());
+            }
+            DevnetCommand::Kill { dir, node } => {
+                devnet::kill_node(dir, node)?;
+                out(
+                    j,
+                    json!({"killed": node}),
+                    format!("{node} killed (SIGKILL)"),
+                );
+            }
+        },
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_stop(net: &mut Devnet) {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    let mut reported = 0;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return,
+            _ = term.recv() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {
+                let exited = net.exited();
+                if exited.len() > reported {
+                    for e in exited.iter().skip(reported) {
+                        eprintln!("devnet: node exited: {e}");
+                    }
+                    reported = exited.len();
+                }
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json_out = cli.json;
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            if json_out {
+                println!("{}", json!({"error": e.to_string()}));
+            } else {
+                eprintln!("error: {e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

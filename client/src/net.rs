@@ -1,0 +1,321 @@
+//! HTTP to the nodes: the directory, an edge relay's packet ingress, and the mailbox API
+//! (`docs/mailbox.md`). Every error comes back typed; nothing here logs ids or tokens.
+
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use ed25519_dalek::ed25519::signature::Signer;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use whispr_protocol::directory::Directory;
+use whispr_protocol::mailbox_api::{create_transcript, login_transcript};
+use whispr_protocol::{MailboxId, UnixTime};
+
+use crate::error::{ClientError, Result};
+use crate::state::OwnedMailbox;
+
+/// A message as the mailbox API returns it.
+#[derive(Clone, Debug, Deserialize)]
+pub struct StoredMessage {
+    /// Sequence number.
+    pub seq: u64,
+    /// `envelope` or `surb_reply`.
+    pub kind: String,
+    /// Base64 `SealedEnvelope` (kind `envelope`).
+    #[serde(default)]
+    pub envelope: Option<String>,
+    /// SURB id, hex (kind `surb_reply`).
+    #[serde(default)]
+    pub surb_id: Option<String>,
+    /// Base64 sealed reply (kind `surb_reply`).
+    #[serde(default)]
+    pub payload: Option<String>,
+    /// When the node drops it, ms.
+    #[serde(default)]
+    pub expires_at_ms: Option<u64>,
+}
+
+/// The HTTP client.
+#[derive(Clone, Debug)]
+pub struct Net {
+    http: reqwest::Client,
+}
+
+async fn error_of(node: &'static str, r: reqwest::Response) -> ClientError {
+    let status = r.status().as_u16();
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body: Value = r.json().await.unwrap_or(Value::Null);
+    let mut message = body["message"].as_str().unwrap_or("").to_string();
+    if let Some(s) = retry {
+        message = format!("{message} (retry after {s} s)");
+    }
+    ClientError::Node {
+        node,
+        status,
+        kind: body["error"].as_str().unwrap_or("unknown").to_string(),
+        message,
+    }
+}
+
+fn unreachable(node: &'static str) -> impl FnOnce(reqwest::Error) -> ClientError {
+    move |e| ClientError::Unreachable {
+        node,
+        reason: if e.is_timeout() {
+            "timed out".to_string()
+        } else if e.is_connect() {
+            "connection failed".to_string()
+        } else {
+            "request failed".to_string()
+        },
+    }
+}
+
+/// The owner signing key of a mailbox.
+pub fn owner_key(m: &OwnedMailbox) -> SigningKey {
+    SigningKey::from_bytes(&m.owner_seed)
+}
+
+impl Net {
+    /// A client with sane timeouts (long polls add their wait).
+    pub fn new() -> Result<Net> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|_| ClientError::Unreachable {
+                node: "http client",
+                reason: "could not be built".to_string(),
+            })?;
+        Ok(Net { http })
+    }
+
+    /// Fetches and validates the directory.
+    pub async fn directory(&self, url: &str, now: UnixTime) -> Result<Directory> {
+        let r = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(unreachable("directory"))?;
+        if !r.status().is_success() {
+            return Err(error_of("directory", r).await);
+        }
+        let bytes = r.bytes().await.map_err(unreachable("directory"))?;
+        Ok(Directory::decode(now, &bytes)?.0)
+    }
+
+    /// Posts packets to an edge relay; the per-packet results (`ok` or a drop reason).
+    pub async fn submit(&self, api: &str, packets: &[Vec<u8>]) -> Result<Vec<String>> {
+        let body: Vec<u8> = packets.concat();
+        let r = self
+            .http
+            .post(format!("{api}/v1/packets"))
+            .header("content-type", "application/octet-stream")
+            .body(body)
+            .send()
+            .await
+            .map_err(unreachable("edge relay"))?;
+        if !r.status().is_success() {
+            return Err(error_of("edge relay", r).await);
+        }
+        let v: Value = r.json().await.map_err(unreachable("edge relay"))?;
+        Ok(v["results"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|x| x.as_str().unwrap_or("unknown").to_string())
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Creates `m` on its node.
+    pub async fn create_mailbox(
+        &self,
+        m: &OwnedMailbox,
+        mailbox_key: [u8; 32],
+        retention_ms: u64,
+    ) -> Result<()> {
+        let owner = owner_key(m);
+        let owner_pub = owner.verifying_key().to_bytes();
+        let hash: [u8; 32] = Sha256::digest(m.access).into();
+        let transcript = create_transcript(
+            &MailboxId(m.id),
+            &mailbox_key,
+            &owner_pub,
+            &hash,
+            Some(&m.reply_key),
+            retention_ms,
+        );
+        let body = json!({
+            "mailbox_id": hex::encode(m.id),
+            "mailbox_key": hex::encode(mailbox_key),
+            "owner_key": hex::encode(owner_pub),
+            "access_key_hash": hex::encode(hash),
+            "reply_key": hex::encode(m.reply_key),
+            "retention_ms": retention_ms,
+            "signature": hex::encode(owner.sign(&transcript).to_bytes()),
+        });
+        let r = self
+            .http
+            .post(format!("{}/v1/mailboxes", m.api_url))
+            .json(&body)
+            .send()
+            .await
+            .map_err(unreachable("mailbox"))?;
+        if r.status().as_u16() != 201 {
+            return Err(error_of("mailbox", r).await);
+        }
+        Ok(())
+    }
+
+    /// Logs in to `m` (challenge, signed login); the token and its expiry.
+    pub async fn login(&self, m: &OwnedMailbox) -> Result<(String, u64)> {
+        let owner = owner_key(m);
+        let device = hex::encode(owner.verifying_key().to_bytes());
+        let mailbox = hex::encode(m.id);
+        let r = self
+            .http
+            .post(format!("{}/v1/auth/challenge", m.api_url))
+            .json(&json!({"mailbox_id": mailbox, "device_key": device}))
+            .send()
+            .await
+            .map_err(unreachable("mailbox"))?;
+        if !r.status().is_success() {
+            return Err(error_of("mailbox", r).await);
+        }
+        let c: Value = r.json().await.map_err(unreachable("mailbox"))?;
+        let mut challenge = [0u8; 32];
+        hex::decode_to_slice(c["challenge"].as_str().unwrap_or(""), &mut challenge).map_err(
+            |_| ClientError::Node {
+                node: "mailbox",
+                status: 200,
+                kind: "malformed".to_string(),
+                message: "challenge is not 32 hex bytes".to_string(),
+            },
+        )?;
+        let audience = c["audience"].as_str().unwrap_or("");
+        let signature = owner.sign(&login_transcript(
+            audience,
+            &MailboxId(m.id),
+            &owner.verifying_key().to_bytes(),
+            &challenge,
+        ));
+        let r = self
+            .http
+            .post(format!("{}/v1/auth/login", m.api_url))
+            .json(&json!({
+                "mailbox_id": mailbox, "device_key": device,
+                "challenge": hex::encode(challenge),
+                "signature": hex::encode(signature.to_bytes()),
+            }))
+            .send()
+            .await
+            .map_err(unreachable("mailbox"))?;
+        if !r.status().is_success() {
+            return Err(error_of("mailbox", r).await);
+        }
+        let v: Value = r.json().await.map_err(unreachable("mailbox"))?;
+        Ok((
+            v["token"].as_str().unwrap_or("").to_string(),
+            v["expires_at_ms"].as_u64().unwrap_or(0),
+        ))
+    }
+
+    /// Messages of `m` after its cursor, waiting up to `wait` for one.
+    pub async fn poll(
+        &self,
+        m: &OwnedMailbox,
+        token: &str,
+        wait: Duration,
+    ) -> Result<Vec<StoredMessage>> {
+        let r = self
+            .http
+            .get(format!(
+                "{}/v1/mailboxes/{}/messages?after={}&limit=100&wait={}",
+                m.api_url,
+                hex::encode(m.id),
+                m.cursor,
+                wait.as_millis()
+            ))
+            .bearer_auth(token)
+            .timeout(wait + Duration::from_secs(30))
+            .send()
+            .await
+            .map_err(unreachable("mailbox"))?;
+        if !r.status().is_success() {
+            return Err(error_of("mailbox", r).await);
+        }
+        #[derive(Deserialize)]
+        struct Page {
+            messages: Vec<StoredMessage>,
+        }
+        let page: Page = r.json().await.map_err(unreachable("mailbox"))?;
+        Ok(page.messages)
+    }
+
+    /// Acknowledges every message of `m` up to `up_to` (the node deletes them).
+    pub async fn ack(&self, m: &OwnedMailbox, token: &str, up_to: u64) -> Result<()> {
+        let r = self
+            .http
+            .post(format!(
+                "{}/v1/mailboxes/{}/ack",
+                m.api_url,
+                hex::encode(m.id)
+            ))
+            .bearer_auth(token)
+            .json(&json!({ "up_to": up_to }))
+            .send()
+            .await
+            .map_err(unreachable("mailbox"))?;
+        if !r.status().is_success() {
+            return Err(error_of("mailbox", r).await);
+        }
+        Ok(())
+    }
+
+    /// Replaces the prekeys of `m` (`body` as in `docs/mailbox.md`).
+    pub async fn put_prekeys(&self, m: &OwnedMailbox, token: &str, body: &Value) -> Result<()> {
+        let r = self
+            .http
+            .put(format!(
+                "{}/v1/mailboxes/{}/prekeys",
+                m.api_url,
+                hex::encode(m.id)
+            ))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .map_err(unreachable("mailbox"))?;
+        if !r.status().is_success() {
+            return Err(error_of("mailbox", r).await);
+        }
+        Ok(())
+    }
+
+    /// The raw export of `m` (to check what a node still stores).
+    pub async fn export(&self, m: &OwnedMailbox, token: &str) -> Result<Value> {
+        let r = self
+            .http
+            .get(format!(
+                "{}/v1/mailboxes/{}/export",
+                m.api_url,
+                hex::encode(m.id)
+            ))
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(unreachable("mailbox"))?;
+        if !r.status().is_success() {
+            return Err(error_of("mailbox", r).await);
+        }
+        r.json().await.map_err(unreachable("mailbox"))
+    }
+}

@@ -1,0 +1,445 @@
+//! What the client keeps in its (encrypted) home directory. Plain data, serialised as JSON
+//! inside the sealed state file (`vault.rs`); every table is bounded by [`Settings`].
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+use vodozemac::olm::{AccountPickle, SessionPickle};
+
+/// Serde helpers: fixed-size byte arrays as hex, byte strings as base64.
+pub(crate) mod hexa {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer, const N: usize>(v: &[u8; N], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(
+        d: D,
+    ) -> Result<[u8; N], D::Error> {
+        let text = String::deserialize(d)?;
+        let mut out = [0u8; N];
+        hex::decode_to_slice(&text, &mut out).map_err(serde::de::Error::custom)?;
+        Ok(out)
+    }
+}
+
+pub(crate) mod b64 {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Which receipts this client sends (it always accepts the ones it gets).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Receipts {
+    /// None.
+    None,
+    /// "Delivered" when a message is received and decrypted.
+    Delivery,
+    /// "Delivered", and "read" when it is shown.
+    Read,
+}
+
+/// The user's settings and the bounds of every table in the state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Receipts sent to contacts.
+    pub receipts: Receipts,
+    /// Mix layers per route; `None` uses every layer the directory has (at most 3).
+    pub mix_layers: Option<u32>,
+    /// Mean mixing delay per hop (exponential, Loopix), in ms. 0 turns mixing off.
+    pub mix_delay_ms: u64,
+    /// A fragment not acknowledged within this is retransmitted on a fresh route.
+    pub retransmit_after_ms: u64,
+    /// Sends of one fragment before the message is reported as failed.
+    pub attempts_max: u32,
+    /// Retention asked for new mailboxes (the node caps it).
+    pub retention_ms: u64,
+    /// Cover traffic while `recv --follow` runs: Poisson rate in packets per minute (0: off).
+    pub cover_per_min: f64,
+    /// Long-poll wait per mailbox, in ms.
+    pub poll_wait_ms: u64,
+    /// Most received messages kept in the local history.
+    pub history_max: usize,
+    /// Most outstanding reply blocks (acks awaited).
+    pub surbs_max: usize,
+    /// Most outgoing messages tracked (sending, or finished and kept for `status`).
+    pub outbox_max: usize,
+    /// Most bytes of partly received messages kept.
+    pub partial_bytes_max: usize,
+    /// Message ids remembered per contact to drop duplicates.
+    pub seen_max: usize,
+    /// Largest message accepted for sending, in bytes.
+    pub message_bytes_max: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            receipts: Receipts::Read,
+            mix_layers: None,
+            mix_delay_ms: 50,
+            retransmit_after_ms: 10_000,
+            attempts_max: 5,
+            retention_ms: 7 * 24 * 3600 * 1000,
+            cover_per_min: 0.0,
+            poll_wait_ms: 1_000,
+            history_max: 1_000,
+            surbs_max: 20_000,
+            outbox_max: 1_000,
+            partial_bytes_max: 8 * 1024 * 1024,
+            seen_max: 10_000,
+            message_bytes_max: 1024 * 1024 - 4096,
+        }
+    }
+}
+
+/// A mailbox this client owns (one per contact relationship).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct OwnedMailbox {
+    /// Mailbox id.
+    #[serde(with = "hexa")]
+    pub id: [u8; 32],
+    /// HPKE secret key envelopes are sealed to.
+    #[serde(with = "hexa")]
+    pub secret: [u8; 32],
+    /// Owner (and only device) Ed25519 seed; a fresh key per mailbox, so that nodes cannot
+    /// link a user's mailboxes.
+    #[serde(with = "hexa")]
+    pub owner_seed: [u8; 32],
+    /// The access key given to the contact.
+    #[serde(with = "hexa")]
+    pub access: [u8; 32],
+    /// Mints the ids of SURBs leading back here.
+    #[serde(with = "hexa")]
+    pub reply_key: [u8; 32],
+    /// The mailbox node (rendezvous placement at creation).
+    #[serde(with = "hexa")]
+    pub node: [u8; 32],
+    /// The node's API.
+    pub api_url: String,
+    /// Last sequence number processed.
+    pub cursor: u64,
+    /// Session token and its expiry (ms).
+    pub token: Option<String>,
+    /// When the token expires.
+    pub token_expires_ms: u64,
+}
+
+/// A contact's mailbox, where this client deposits.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct PeerMailbox {
+    /// Mailbox id.
+    #[serde(with = "hexa")]
+    pub id: [u8; 32],
+    /// HPKE public key.
+    #[serde(with = "hexa")]
+    pub key: [u8; 32],
+    /// Access key.
+    #[serde(with = "hexa")]
+    pub access: [u8; 32],
+}
+
+/// A contact relationship.
+#[derive(Serialize, Deserialize)]
+pub struct Contact {
+    /// Local name.
+    pub name: String,
+    /// Where the contact deposits for us.
+    pub mine: OwnedMailbox,
+    /// Where we deposit for the contact (unknown until their hello arrives).
+    pub theirs: Option<PeerMailbox>,
+    /// Their Ed25519 identity key (sealed-sender certificates).
+    #[serde(with = "hexa")]
+    pub their_identity: [u8; 32],
+    /// Their Curve25519 Olm identity key.
+    #[serde(with = "hexa")]
+    pub their_curve: [u8; 32],
+    /// The Olm session (taken out while the client runs; see `Client::save`).
+    pub session: Option<SessionPickle>,
+    /// True once something from them was decrypted.
+    pub heard_from: bool,
+    /// Set by the user after comparing safety numbers.
+    pub verified: bool,
+    /// Message ids already received (bounded), newest last.
+    pub seen: VecDeque<String>,
+    /// For a contact who answered our invitation: its one-time key (to recognise a second
+    /// acceptor of the same invitation).
+    pub invitation_key: Option<[u8; 32]>,
+    /// Created, ms.
+    pub created_ms: u64,
+}
+
+/// An invitation this client issued and nobody has answered yet (or that was answered and is
+/// kept to recognise reuse).
+#[derive(Serialize, Deserialize)]
+pub struct PendingInvitation {
+    /// Name for the contact who answers.
+    pub name: String,
+    /// Its mailbox.
+    pub mailbox: OwnedMailbox,
+    /// The one-time key in it.
+    #[serde(with = "hexa")]
+    pub one_time_key: [u8; 32],
+    /// Created, ms.
+    pub created_ms: u64,
+}
+
+/// What an outgoing message is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutKind {
+    /// A text.
+    Text,
+    /// The first message after accepting an invitation.
+    Hello,
+    /// A delivery or read receipt.
+    Receipt,
+}
+
+/// Where an outgoing message is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutState {
+    /// Fragments still unacknowledged.
+    Sending,
+    /// Held by a timer node until its time.
+    Scheduled,
+    /// Cancel sent, not yet acknowledged.
+    Cancelling,
+    /// Cancelled: the timer node dropped it.
+    Cancelled,
+    /// Every fragment stored in the contact's mailbox.
+    Stored,
+    /// The contact's client received it.
+    Delivered,
+    /// The contact read it.
+    Read,
+    /// Gave up after `attempts_max` sends of a fragment.
+    Failed,
+}
+
+/// One fragment of an outgoing message.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct OutFragment {
+    /// Dedup id (the same on every retransmission).
+    #[serde(with = "hexa")]
+    pub dedup: [u8; 16],
+    /// The sealed envelope, without its ack SURB (a fresh one is attached per send).
+    #[serde(with = "b64")]
+    pub envelope: Vec<u8>,
+    /// Acknowledged by the mailbox.
+    pub acked: bool,
+    /// Sends so far.
+    pub attempts: u32,
+    /// Last send (or the release time of a scheduled one), ms.
+    pub sent_ms: u64,
+    /// Relays of the last route (avoided on retransmission).
+    pub route: Vec<String>,
+}
+
+/// A packet held by a timer node.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Hold {
+    /// Hold id.
+    #[serde(with = "hexa")]
+    pub hold_id: [u8; 16],
+    /// Cancel capability.
+    #[serde(with = "hexa")]
+    pub capability: [u8; 32],
+    /// The timer node.
+    #[serde(with = "hexa")]
+    pub timer: [u8; 32],
+    /// First hop of the held packet.
+    #[serde(with = "hexa")]
+    pub first_hop: [u8; 32],
+    /// The held packet.
+    #[serde(with = "b64")]
+    pub packet: Vec<u8>,
+    /// Which parts the timer acknowledged.
+    pub parts_acked: Vec<bool>,
+    /// Cancel acknowledged.
+    pub cancel_acked: bool,
+    /// Sends of the parts (or of the cancel).
+    pub attempts: u32,
+    /// Last send, ms.
+    pub sent_ms: u64,
+}
+
+/// An outgoing message.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Outgoing {
+    /// Local id (shown to the user; `cancel` takes it).
+    pub id: u64,
+    /// Contact name.
+    pub contact: String,
+    /// What it is.
+    pub kind: OutKind,
+    /// End-to-end message id.
+    #[serde(with = "hexa")]
+    pub message_id: [u8; 16],
+    /// Where it is.
+    pub state: OutState,
+    /// Created, ms.
+    pub created_ms: u64,
+    /// Release time of a scheduled send.
+    pub release_ms: Option<u64>,
+    /// Mailbox expiry asked for.
+    pub expires_ms: Option<u64>,
+    /// Its fragments.
+    pub fragments: Vec<OutFragment>,
+    /// Timer holds of a scheduled send (one per fragment).
+    pub holds: Vec<Hold>,
+    /// Fragment sends beyond the first.
+    pub retransmissions: u32,
+    /// Bytes of the message before encryption.
+    pub len: usize,
+}
+
+/// What an awaited reply is for.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "for", rename_all = "snake_case")]
+pub enum SurbPurpose {
+    /// The deposit ack of a fragment.
+    DepositAck {
+        /// Outgoing id.
+        out: u64,
+        /// Fragment index.
+        fragment: usize,
+    },
+    /// A timer's ack of a hold part or cancel.
+    HoldAck {
+        /// Outgoing id.
+        out: u64,
+        /// Hold index.
+        hold: usize,
+        /// Part index (ignored for cancels).
+        part: usize,
+    },
+    /// A prekey bundle.
+    Prekeys,
+    /// The ack of a cover packet.
+    Cover,
+}
+
+/// An outstanding reply block.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct PendingSurb {
+    /// SURB id (hex).
+    pub id: String,
+    /// What opens the reply.
+    #[serde(with = "b64")]
+    pub recovery: Vec<u8>,
+    /// What it is for.
+    pub purpose: SurbPurpose,
+    /// Forgotten after this, ms.
+    pub expires_ms: u64,
+}
+
+/// A fragment of a message not complete yet.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct StoredFragment {
+    /// The contact's name.
+    pub contact: String,
+    /// Message id (hex).
+    pub message_id: String,
+    /// Index, count, total length.
+    pub index: u32,
+    /// Fragment count.
+    pub count: u32,
+    /// Message length.
+    pub total_len: u32,
+    /// SHA-256 of the message.
+    #[serde(with = "hexa")]
+    pub digest: [u8; 32],
+    /// The fragment's data.
+    #[serde(with = "b64")]
+    pub data: Vec<u8>,
+    /// Arrival, ms.
+    pub received_ms: u64,
+}
+
+/// A message in the local history.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// Contact name.
+    pub contact: String,
+    /// Message id (hex).
+    pub message_id: String,
+    /// The text.
+    pub text: String,
+    /// The sender's clock when sent, ms.
+    pub sent_ms: u64,
+    /// When it arrived here, ms.
+    pub received_ms: u64,
+    /// Disappearing message: deleted from the history at this time, ms.
+    pub expires_ms: Option<u64>,
+    /// Shown to the user by `recv`.
+    pub shown: bool,
+}
+
+/// Something to tell the user at the next `recv`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Notice {
+    /// When, ms.
+    pub at_ms: u64,
+    /// Kind: `contact_established`, `delivered`, `read`, `stored`, `failed`, `cancelled`,
+    /// `scheduled`, `identity_changed`, `invitation_reused`, `undecryptable`.
+    pub kind: String,
+    /// The contact.
+    pub contact: Option<String>,
+    /// The outgoing message's local id.
+    pub id: Option<u64>,
+    /// A sentence for people.
+    pub text: String,
+}
+
+/// The whole client state.
+#[derive(Serialize, Deserialize)]
+pub struct State {
+    /// Format version.
+    pub version: u32,
+    /// Where the directory is fetched.
+    pub directory_url: String,
+    /// Ed25519 identity seed (sealed-sender certificates).
+    #[serde(with = "hexa")]
+    pub identity_seed: [u8; 32],
+    /// The Olm account (Curve25519 identity and one-time keys; taken out while the client
+    /// runs).
+    pub account: Option<AccountPickle>,
+    /// Settings.
+    pub settings: Settings,
+    /// Contacts.
+    pub contacts: Vec<Contact>,
+    /// Invitations issued.
+    pub invitations: Vec<PendingInvitation>,
+    /// Outgoing messages.
+    pub outbox: Vec<Outgoing>,
+    /// Outstanding SURBs.
+    pub surbs: Vec<PendingSurb>,
+    /// Fragments of incomplete messages.
+    pub partial: Vec<StoredFragment>,
+    /// Received messages.
+    pub history: Vec<HistoryEntry>,
+    /// Things to tell the user.
+    pub notices: Vec<Notice>,
+    /// Prekey bundles received through the mesh (wire bytes), by SURB id.
+    pub prekey_replies: Vec<(String, String)>,
+    /// Next local id.
+    pub next_id: u64,
+    /// Cover packets sent.
+    pub cover_sent: u64,
+}

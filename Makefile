@@ -10,7 +10,7 @@ FUZZ_SECONDS ?= 30
 # Forbidden in whispr-protocol's normal dependency tree.
 PROTOCOL_FORBIDDEN := tokio|libp2p|rocksdb|librocksdb-sys|axum|hyper|mio
 
-.PHONY: deps test fmt-check clippy check-deps unit fuzz bench
+.PHONY: deps demo test fmt-check clippy check-deps unit fuzz bench
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -22,6 +22,12 @@ deps:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust with rustup (https://rustup.rs)"; exit 1; }
 	@$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 	@$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
+
+# A local network of real node processes and two users talking through it (scripts/demo.sh).
+# Same profile as the tests (`test`, in target/debug), so the demo reuses their build.
+demo: deps
+	$(CARGO) build --workspace --bins --profile test
+	bash scripts/demo.sh
 
 test: deps fmt-check clippy check-deps unit
 

@@ -36,8 +36,8 @@ use crate::invite::Invitation;
 use crate::net::{Net, StoredMessage, owner_key};
 use crate::state::{
     Contact, HistoryEntry, Hold, Notice, OutFragment, OutKind, OutState, Outgoing, OwnedMailbox,
-    PeerMailbox, PendingInvitation, PendingSurb, Receipts, Settings, State, StoredFragment,
-    SurbPurpose,
+    PeerMailbox, PendingInvitation, PendingSurb, Receipts, RelayHealth, Settings, State,
+    StoredFragment, SurbPurpose,
 };
 use crate::vault::{KdfParams, LockGuard, Vault};
 
@@ -51,6 +51,10 @@ const HELLO_PREFIX: &[u8] = b"whispr-hello-v1";
 const SAFETY_PREFIX: &[u8] = b"whispr-safety-v1";
 /// How long after a release time a scheduled fragment may be retransmitted directly.
 const RELEASE_GRACE_MS: u64 = 5_000;
+/// Route outcomes older than this do not count towards a relay's health.
+const RELAY_HEALTH_WINDOW_MS: u64 = 60 * 1000;
+/// Relays whose health is tracked.
+const RELAY_HEALTH_MAX: usize = 10_000;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -152,6 +156,7 @@ pub struct Client {
     rng: StdRng,
     directory: Option<(Directory, u64)>,
     receipts_due: BTreeMap<(String, String), Vec<String>>,
+    last_surb_route: Vec<String>,
 }
 
 impl std::fmt::Debug for Client {
@@ -237,6 +242,7 @@ impl Client {
             prekey_replies: Vec::new(),
             next_id: 1,
             cover_sent: 0,
+            relay_health: Vec::new(),
         };
         let mut c = Client {
             vault,
@@ -248,6 +254,7 @@ impl Client {
             rng: rand::make_rng(),
             directory: None,
             receipts_due: BTreeMap::new(),
+            last_surb_route: Vec::new(),
         };
         c.save()?;
         Ok(c)
@@ -286,6 +293,7 @@ impl Client {
             rng: rand::make_rng(),
             directory: None,
             receipts_due: BTreeMap::new(),
+            last_surb_route: Vec::new(),
         };
         c.purge_expired(now_ms());
         Ok(c)
@@ -394,9 +402,67 @@ impl Client {
         avoid: &[NodeId],
     ) -> Result<Vec<RouteHop>> {
         let layers = self.mix_layers(dir);
-        dir.select_route_avoiding(&mut self.rng, epoch, destination, layers, avoid)
+        let mut avoid_all: Vec<NodeId> = avoid.to_vec();
+        avoid_all.extend(self.suspects());
+        dir.select_route_avoiding(&mut self.rng, epoch, destination, layers, &avoid_all)
+            .or_else(|_| {
+                let suspects = self.suspects();
+                dir.select_route_avoiding(&mut self.rng, epoch, destination, layers, &suspects)
+            })
             .or_else(|_| dir.select_route(&mut self.rng, epoch, destination, layers))
             .map_err(|e| ClientError::NoRoute(e.to_string()))
+    }
+
+    /// Mix relays on more lost than acknowledged routes within the last minute (at least one
+    /// lost): avoided while another mix of the same layer exists. Only mixes are judged; the
+    /// edge relay answers the client directly, and a route always has one.
+    fn suspects(&self) -> Vec<NodeId> {
+        let now = now_ms();
+        let window = RELAY_HEALTH_WINDOW_MS.max(self.state.settings.retransmit_after_ms * 3);
+        self.state
+            .relay_health
+            .iter()
+            .filter(|h| {
+                let recent = h
+                    .outcomes
+                    .iter()
+                    .filter(|(t, _)| now.saturating_sub(*t) < window);
+                let (ok, lost) =
+                    recent.fold(
+                        (0u32, 0u32),
+                        |(o, l), (_, good)| {
+                            if *good { (o + 1, l) } else { (o, l + 1) }
+                        },
+                    );
+                lost >= 1 && lost > ok
+            })
+            .filter_map(|h| h32(&h.node, "relay").ok().map(NodeId))
+            .collect()
+    }
+
+    fn record_health(&mut self, mixes: &[String], ok: bool) {
+        let now = now_ms();
+        for n in mixes {
+            let pos = match self.state.relay_health.iter().position(|h| h.node == *n) {
+                Some(p) => p,
+                None => {
+                    if self.state.relay_health.len() >= RELAY_HEALTH_MAX {
+                        self.state.relay_health.remove(0);
+                    }
+                    self.state.relay_health.push(RelayHealth {
+                        node: n.clone(),
+                        outcomes: Default::default(),
+                    });
+                    self.state.relay_health.len() - 1
+                }
+            };
+            if let Some(h) = self.state.relay_health.get_mut(pos) {
+                h.outcomes.push_back((now, ok));
+                while h.outcomes.len() > 64 {
+                    h.outcomes.pop_front();
+                }
+            }
+        }
     }
 
     fn delays(&mut self, n: usize) -> Vec<Duration> {
@@ -421,6 +487,11 @@ impl Client {
         let route = self.route(dir, epoch, &node, &[])?;
         // The replier (a mailbox or timer node) sends straight into the first mix layer.
         let hops: Vec<RouteHop> = route.into_iter().skip(1).collect();
+        self.last_surb_route = hops
+            .iter()
+            .take(hops.len().saturating_sub(1))
+            .map(|h| hex::encode(h.node.0))
+            .collect();
         let delays = self.delays(hops.len().saturating_sub(1));
         let id = MailboxId(mailbox.id);
         let surb_id = ReplyKey(mailbox.reply_key).mint_surb_id(&mut self.rng, &id);
@@ -808,6 +879,7 @@ impl Client {
                 attempts: 0,
                 sent_ms: 0,
                 route: Vec::new(),
+                surb_route: Vec::new(),
             });
         }
         let id = self.next_id();
@@ -963,14 +1035,14 @@ impl Client {
         for (f, avoid) in due {
             let (edge, packet, route) = self.deposit_packet(dir, id, f, now, &avoid)?;
             packets.push((edge, packet));
-            routes.push((f, route));
+            routes.push((f, route, self.last_surb_route.clone()));
         }
         self.submit_all(packets).await;
         if let Some(o) = self
             .out_index(id)
             .and_then(|i| self.state.outbox.get_mut(i))
         {
-            for (f, route) in routes {
+            for (f, route, surb_route) in routes {
                 if let Some(fr) = o.fragments.get_mut(f) {
                     if fr.attempts > 0 {
                         o.retransmissions = o.retransmissions.saturating_add(1);
@@ -978,6 +1050,7 @@ impl Client {
                     fr.attempts = fr.attempts.saturating_add(1);
                     fr.sent_ms = now;
                     fr.route = route.iter().map(|n| hex::encode(n.0)).collect();
+                    fr.surb_route = surb_route;
                 }
             }
         }
@@ -1241,6 +1314,7 @@ impl Client {
         let after = self.state.settings.retransmit_after_ms;
         let max = self.state.settings.attempts_max;
         let mut failed = Vec::new();
+        let mut lost: Vec<Vec<String>> = Vec::new();
         let mut work: Vec<(u64, Vec<(usize, Vec<NodeId>)>, Vec<usize>, Vec<usize>)> = Vec::new();
         for o in &self.state.outbox {
             let mut frags = Vec::new();
@@ -1257,14 +1331,18 @@ impl Client {
                             failed.push(o.id);
                             break;
                         }
-                        // Avoid the relays of the unacknowledged route, not its destination.
-                        let mut avoid: Vec<NodeId> = f
+                        // The relays of the unacknowledged routes (forward and ack) lose a
+                        // point; the destination is not a relay.
+                        let mut relays: Vec<String> = f
                             .route
                             .iter()
-                            .filter_map(|h| h32(h, "route").ok().map(NodeId))
+                            .skip(1)
+                            .take(f.route.len().saturating_sub(2))
+                            .cloned()
                             .collect();
-                        avoid.pop();
-                        frags.push((i, avoid));
+                        relays.extend(f.surb_route.iter().cloned());
+                        lost.push(relays);
+                        frags.push((i, Vec::new()));
                     }
                     if o.state == OutState::Scheduled && o.release_ms.is_some_and(|r| now < r) {
                         for (i, h) in o.holds.iter().enumerate() {
@@ -1297,6 +1375,9 @@ impl Client {
             if !frags.is_empty() || !holds.is_empty() || !cancels.is_empty() {
                 work.push((o.id, frags, holds, cancels));
             }
+        }
+        for relays in lost {
+            self.record_health(&relays, false);
         }
         for id in failed {
             if let Some(o) = self
@@ -1491,10 +1572,19 @@ impl Client {
                     return;
                 };
                 let mut stored = None;
+                let mut carried = Vec::new();
                 if let Some(o) = self.state.outbox.get_mut(i) {
                     if let Some(f) = o.fragments.get_mut(*fragment) {
-                        if f.dedup == dedup_id.0 {
+                        if f.dedup == dedup_id.0 && !f.acked {
                             f.acked = true;
+                            carried = f
+                                .route
+                                .iter()
+                                .skip(1)
+                                .take(f.route.len().saturating_sub(2))
+                                .cloned()
+                                .collect();
+                            carried.extend(f.surb_route.iter().cloned());
                         }
                     }
                     if o.fragments.iter().all(|f| f.acked)
@@ -1504,6 +1594,7 @@ impl Client {
                         stored = Some((o.contact.clone(), o.kind, o.id));
                     }
                 }
+                self.record_health(&carried, true);
                 if let Some((contact, kind, id)) = stored {
                     if kind == OutKind::Text {
                         self.notice(

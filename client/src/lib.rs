@@ -28,5 +28,5 @@ pub mod vault;
 
 pub use client::{Client, ContactInfo, OutgoingInfo, Received, SendOptions, now_ms};
 pub use error::{ClientError, Result};
-pub use state::{Notice, OutState, Receipts, Settings};
+pub use state::{Notice, OutKind, OutState, Receipts, Settings};
 pub use vault::KdfParams;

@@ -11,8 +11,8 @@ use rand::RngExt;
 use serde_json::{Value, json};
 use whispr_client::devnet::{self, Devnet, DevnetOptions};
 use whispr_client::{
-    Client, ClientError, KdfParams, Notice, OutState, Receipts, Received, SendOptions, Settings,
-    now_ms,
+    Client, ClientError, KdfParams, Notice, OutKind, OutState, Receipts, Received, SendOptions,
+    Settings, now_ms,
 };
 
 #[derive(Parser)]
@@ -501,8 +501,17 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
         }
         Command::Status => {
             let pass = passphrase(&cli)?;
-            let client = Client::open(&home(&cli), &pass)?;
-            let list = client.status();
+            let mut client = Client::open(&home(&cli), &pass)?;
+            // Take in the acks that arrived since the last command (no waiting).
+            client.sync(Duration::ZERO).await?;
+            let list: Vec<_> = client
+                .status()
+                .into_iter()
+                .filter(|o| {
+                    o.kind != OutKind::Receipt
+                        || matches!(o.state, OutState::Sending | OutState::Failed)
+                })
+                .collect();
             let text = list
                 .iter()
                 .map(|o| {

@@ -249,6 +249,9 @@ pub struct OutFragment {
     pub sent_ms: u64,
     /// Relays of the last route (avoided on retransmission).
     pub route: Vec<String>,
+    /// Relays of the last ack SURB's route.
+    #[serde(default)]
+    pub surb_route: Vec<String>,
 }
 
 /// A packet held by a timer node.
@@ -442,4 +445,16 @@ pub struct State {
     pub next_id: u64,
     /// Cover packets sent.
     pub cover_sent: u64,
+    /// What this client saw of each relay lately: routes acknowledged and routes lost.
+    #[serde(default)]
+    pub relay_health: Vec<RelayHealth>,
+}
+
+/// The latest outcomes of routes through one mix relay: (time in ms, acknowledged).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RelayHealth {
+    /// Node id (hex).
+    pub node: String,
+    /// Newest last, at most 64.
+    pub outcomes: VecDeque<(u64, bool)>,
 }

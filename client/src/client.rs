@@ -831,7 +831,7 @@ impl Client {
             .filter(|o| {
                 matches!(
                     o.state,
-                    OutState::Sending | OutState::Scheduled | OutState::Cancelling
+                    OutState::Sending | OutState::Scheduled | OutState::Held | OutState::Cancelling
                 )
             })
             .count();
@@ -889,7 +889,7 @@ impl Client {
             match self.state.outbox.iter().position(|o| {
                 !matches!(
                     o.state,
-                    OutState::Sending | OutState::Scheduled | OutState::Cancelling
+                    OutState::Sending | OutState::Scheduled | OutState::Held | OutState::Cancelling
                 )
             }) {
                 Some(p) => {
@@ -1234,8 +1234,10 @@ impl Client {
         let Some(o) = self.out_index(id).and_then(|i| self.state.outbox.get(i)) else {
             return Err(ClientError::UnknownScheduled(id));
         };
-        if !matches!(o.state, OutState::Scheduled | OutState::Cancelling)
-            || o.release_ms.is_none_or(|r| r <= now)
+        if !matches!(
+            o.state,
+            OutState::Scheduled | OutState::Held | OutState::Cancelling
+        ) || o.release_ms.is_none_or(|r| r <= now)
         {
             return Err(ClientError::UnknownScheduled(id));
         }
@@ -1321,7 +1323,7 @@ impl Client {
             let mut holds = Vec::new();
             let mut cancels = Vec::new();
             match o.state {
-                OutState::Sending | OutState::Scheduled => {
+                OutState::Sending | OutState::Scheduled | OutState::Held => {
                     let released = o.release_ms.is_none_or(|r| now >= r + RELEASE_GRACE_MS);
                     for (i, f) in o.fragments.iter().enumerate() {
                         if f.acked || !released || now < f.sent_ms.saturating_add(after) {
@@ -1588,7 +1590,10 @@ impl Client {
                         }
                     }
                     if o.fragments.iter().all(|f| f.acked)
-                        && matches!(o.state, OutState::Sending | OutState::Scheduled)
+                        && matches!(
+                            o.state,
+                            OutState::Sending | OutState::Scheduled | OutState::Held
+                        )
                     {
                         o.state = OutState::Stored;
                         stored = Some((o.contact.clone(), o.kind, o.id));
@@ -1629,6 +1634,7 @@ impl Client {
                         && o.state == OutState::Scheduled
                         && o.holds.iter().all(|h| h.parts_acked.iter().all(|a| *a))
                     {
+                        o.state = OutState::Held;
                         event = Some(("scheduled", o.contact.clone(), o.id));
                     }
                 }
@@ -2029,16 +2035,7 @@ impl Client {
             let state = self
                 .out_index(id)
                 .and_then(|i| self.state.outbox.get(i))
-                .map(|o| {
-                    if o.state == OutState::Scheduled
-                        && !o.holds.is_empty()
-                        && o.holds.iter().all(|h| h.parts_acked.iter().all(|a| *a))
-                    {
-                        // Held by its timer nodes: as far as a scheduled send goes for now.
-                        return OutState::Stored;
-                    }
-                    o.state
-                })
+                .map(|o| o.state)
                 .ok_or(ClientError::UnknownScheduled(id))?;
             if !matches!(
                 state,
@@ -2191,14 +2188,23 @@ impl Client {
         Ok(())
     }
 
-    /// What the mailbox node of `name`'s relationship (ours) still stores, still sealed: the
-    /// number of stored messages (for checks that disappearing messages are gone).
-    pub async fn stored_on_node(&mut self, name: &str) -> Result<usize> {
+    /// What the mailbox node of our relationship with `name` still stores (its export,
+    /// still sealed): the expiry time (ms) of each stored message. Lets a user check that a
+    /// disappearing message is gone from the node.
+    pub async fn stored_on_node(&mut self, name: &str) -> Result<Vec<u64>> {
         let mut m = self.contact(name)?.mine.clone();
         let token = self.token(&mut m).await?;
         self.store_mailbox(&m);
         let v = self.net.export(&m, &token).await?;
-        Ok(v["messages"].as_array().map_or(0, Vec::len))
+        self.save()?;
+        Ok(v["messages"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|m| m["expires_at_ms"].as_u64())
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 
     /// The identity keys (Ed25519, Curve25519) as hex, for display.

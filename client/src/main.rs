@@ -73,6 +73,9 @@ enum Command {
         /// The name the inviter will have here.
         #[arg(long)]
         name: String,
+        /// Longest wait for the hello's ack, in seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
     },
     /// Sends a message (TEXT `-` reads it from standard input).
     Send {
@@ -349,16 +352,26 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
             let text = client.invite(name.as_deref(), !short).await?;
             out(j, json!({"invitation": text}), text.clone());
         }
-        Command::Accept { invitation, name } => {
+        Command::Accept {
+            invitation,
+            name,
+            timeout,
+        } => {
             let pass = passphrase(&cli)?;
             let mut client = Client::open(&home(&cli), &pass)?;
             let id = client.accept(invitation, name).await?;
-            let state = client.wait_stored(id, Duration::from_secs(60)).await?;
+            let state = client
+                .wait_stored(id, Duration::from_secs(*timeout))
+                .await?;
             out(
                 j,
                 json!({"contact": name, "hello": state_name(state)}),
                 format!("{name} added; hello {}", state_name(state)),
             );
+            if state != OutState::Stored && state != OutState::Delivered && state != OutState::Read
+            {
+                return Ok(ExitCode::FAILURE);
+            }
         }
         Command::Send {
             name,
@@ -434,7 +447,7 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
             let state_text = state
                 .map(state_name)
                 .unwrap_or_else(|| "sending".to_string());
-            let what = if at_ms.is_some() && state == Some(OutState::Scheduled) {
+            let what = if state == Some(OutState::Held) {
                 "held by a timer node".to_string()
             } else {
                 state_text.clone()

@@ -216,8 +216,10 @@ pub enum OutKind {
 pub enum OutState {
     /// Fragments still unacknowledged.
     Sending,
-    /// Held by a timer node until its time.
+    /// Handed to timer nodes, not yet acknowledged by all of them.
     Scheduled,
+    /// Held by timer nodes until its time (every part acknowledged).
+    Held,
     /// Cancel sent, not yet acknowledged.
     Cancelling,
     /// Cancelled: the timer node dropped it.

@@ -12,7 +12,7 @@ use ed25519_dalek::{Signature, SigningKey, VerifyingKey};
 use rand::rngs::StdRng;
 use rand::{Rng, RngExt};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256, Sha512};
 use vodozemac::Curve25519PublicKey;
 use vodozemac::olm::{Account, OlmMessage, Session, SessionConfig};
@@ -368,14 +368,14 @@ impl Client {
 
     async fn directory(&mut self) -> Result<Directory> {
         let now = now_ms();
-        if let Some((d, at)) = &self.directory {
-            if now.saturating_sub(*at) < 10_000 {
-                return Ok(d.clone());
-            }
+        if let Some((d, at)) = &self.directory
+            && now.saturating_sub(*at) < 10_000
+        {
+            return Ok(d.clone());
         }
         let d = self
             .net
-            .directory(&format!("{}", self.state.directory_url), UnixTime(now))
+            .directory(&self.state.directory_url.to_string(), UnixTime(now))
             .await?;
         self.directory = Some((d.clone(), now));
         Ok(d)
@@ -633,10 +633,10 @@ impl Client {
 
     /// A valid session token for `m` (logs in when there is none or it is about to expire).
     async fn token(&self, m: &mut OwnedMailbox) -> Result<String> {
-        if let Some(t) = &m.token {
-            if m.token_expires_ms > now_ms() + 60_000 {
-                return Ok(t.clone());
-            }
+        if let Some(t) = &m.token
+            && m.token_expires_ms > now_ms() + 60_000
+        {
+            return Ok(t.clone());
         }
         let (token, expires) = self.net.login(m).await?;
         m.token = Some(token.clone());
@@ -1115,9 +1115,9 @@ impl Client {
         let mut holds = Vec::new();
         for f in 0..count {
             let (_, packet, route) = self.deposit_packet(&dir, id, f, release_ms, &[])?;
-            let timer = *timers
-                .get(self.rng.random_range(0..timers.len()))
-                .unwrap_or(&timers[0]);
+            let Some(&timer) = timers.get(self.rng.random_range(0..timers.len())) else {
+                continue;
+            };
             holds.push(Hold {
                 hold_id: HoldId::random(&mut self.rng).0,
                 capability: CancelCapability::random(&mut self.rng).0,
@@ -1317,7 +1317,9 @@ impl Client {
         let max = self.state.settings.attempts_max;
         let mut failed = Vec::new();
         let mut lost: Vec<Vec<String>> = Vec::new();
-        let mut work: Vec<(u64, Vec<(usize, Vec<NodeId>)>, Vec<usize>, Vec<usize>)> = Vec::new();
+        // (outgoing id, fragments to resend, holds to resend, cancels to resend)
+        type Work = (u64, Vec<(usize, Vec<NodeId>)>, Vec<usize>, Vec<usize>);
+        let mut work: Vec<Work> = Vec::new();
         for o in &self.state.outbox {
             let mut frags = Vec::new();
             let mut holds = Vec::new();
@@ -1385,17 +1387,16 @@ impl Client {
             if let Some(o) = self
                 .out_index(id)
                 .and_then(|i| self.state.outbox.get_mut(i))
+                && o.state != OutState::Failed
             {
-                if o.state != OutState::Failed {
-                    o.state = OutState::Failed;
-                    let (contact, kind) = (o.contact.clone(), o.kind);
-                    self.notice(
-                        "failed",
-                        Some(&contact),
-                        Some(id),
-                        format!("gave up on {kind:?} message {id} after {max} attempts"),
-                    );
-                }
+                o.state = OutState::Failed;
+                let (contact, kind) = (o.contact.clone(), o.kind);
+                self.notice(
+                    "failed",
+                    Some(&contact),
+                    Some(id),
+                    format!("gave up on {kind:?} message {id} after {max} attempts"),
+                );
             }
             work.retain(|w| w.0 != id);
         }
@@ -1576,18 +1577,19 @@ impl Client {
                 let mut stored = None;
                 let mut carried = Vec::new();
                 if let Some(o) = self.state.outbox.get_mut(i) {
-                    if let Some(f) = o.fragments.get_mut(*fragment) {
-                        if f.dedup == dedup_id.0 && !f.acked {
-                            f.acked = true;
-                            carried = f
-                                .route
-                                .iter()
-                                .skip(1)
-                                .take(f.route.len().saturating_sub(2))
-                                .cloned()
-                                .collect();
-                            carried.extend(f.surb_route.iter().cloned());
-                        }
+                    if let Some(f) = o.fragments.get_mut(*fragment)
+                        && f.dedup == dedup_id.0
+                        && !f.acked
+                    {
+                        f.acked = true;
+                        carried = f
+                            .route
+                            .iter()
+                            .skip(1)
+                            .take(f.route.len().saturating_sub(2))
+                            .cloned()
+                            .collect();
+                        carried.extend(f.surb_route.iter().cloned());
                     }
                     if o.fragments.iter().all(|f| f.acked)
                         && matches!(
@@ -1600,15 +1602,15 @@ impl Client {
                     }
                 }
                 self.record_health(&carried, true);
-                if let Some((contact, kind, id)) = stored {
-                    if kind == OutKind::Text {
-                        self.notice(
-                            "stored",
-                            Some(&contact),
-                            Some(id),
-                            format!("message {id} is in {contact}'s mailbox"),
-                        );
-                    }
+                if let Some((contact, kind, id)) = stored
+                    && kind == OutKind::Text
+                {
+                    self.notice(
+                        "stored",
+                        Some(&contact),
+                        Some(id),
+                        format!("message {id} is in {contact}'s mailbox"),
+                    );
                 }
             }
             (SurbPurpose::HoldAck { out, hold, part }, Reply::HoldAck { hold_id, cancelled }) => {
@@ -2197,11 +2199,12 @@ impl Client {
         self.store_mailbox(&m);
         let v = self.net.export(&m, &token).await?;
         self.save()?;
-        Ok(v["messages"]
+        Ok(v.get("messages")
+            .unwrap_or(&Value::Null)
             .as_array()
             .map(|a| {
                 a.iter()
-                    .filter_map(|m| m["expires_at_ms"].as_u64())
+                    .filter_map(|m| m.get("expires_at_ms").unwrap_or(&Value::Null).as_u64())
                     .collect()
             })
             .unwrap_or_default())

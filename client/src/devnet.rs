@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use whispr_protocol::UnixTime;
 
 use crate::client::now_ms;
@@ -240,22 +241,22 @@ fn wait_multiaddr(plan: &Plan, child: &mut Child) -> Result<String> {
                 plan.name
             )));
         }
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-                if let (Some(addr), Some(peer)) = (
-                    v["listen"]
-                        .as_array()
-                        .and_then(|a| a.first())
-                        .and_then(|a| a.as_str()),
-                    v["peer_id"].as_str(),
-                ) {
-                    return Ok(if addr.contains("/p2p/") {
-                        addr.to_string()
-                    } else {
-                        format!("{addr}/p2p/{peer}")
-                    });
-                }
-            }
+        if let Ok(text) = std::fs::read_to_string(&path)
+            && let Ok(v) = serde_json::from_str::<Value>(&text)
+            && let (Some(addr), Some(peer)) = (
+                v.get("listen")
+                    .unwrap_or(&Value::Null)
+                    .as_array()
+                    .and_then(|a| a.first())
+                    .and_then(|a| a.as_str()),
+                v.get("peer_id").unwrap_or(&Value::Null).as_str(),
+            )
+        {
+            return Ok(if addr.contains("/p2p/") {
+                addr.to_string()
+            } else {
+                format!("{addr}/p2p/{peer}")
+            });
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -276,16 +277,15 @@ impl Devnet {
         }
         let dir = opts.dir.clone();
         std::fs::create_dir_all(&dir).map_err(ClientError::io("creating the devnet directory"))?;
-        if let Ok(text) = std::fs::read_to_string(dir.join("devnet.json")) {
-            if let Ok(r) = serde_json::from_str::<DevnetRecord>(&text) {
-                if alive(r.supervisor_pid) {
-                    return Err(ClientError::InvalidArgument(format!(
-                        "a devnet is already running in {} (pid {})",
-                        dir.display(),
-                        r.supervisor_pid
-                    )));
-                }
-            }
+        if let Ok(text) = std::fs::read_to_string(dir.join("devnet.json"))
+            && let Ok(r) = serde_json::from_str::<DevnetRecord>(&text)
+            && alive(r.supervisor_pid)
+        {
+            return Err(ClientError::InvalidArgument(format!(
+                "a devnet is already running in {} (pid {})",
+                dir.display(),
+                r.supervisor_pid
+            )));
         }
         let _ = std::fs::remove_file(dir.join("directory-url"));
         let mut devnet = Devnet {

@@ -50,14 +50,24 @@ async fn error_of(node: &'static str, r: reqwest::Response) -> ClientError {
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let body: Value = r.json().await.unwrap_or(Value::Null);
-    let mut message = body["message"].as_str().unwrap_or("").to_string();
+    let mut message = body
+        .get("message")
+        .unwrap_or(&Value::Null)
+        .as_str()
+        .unwrap_or("")
+        .to_string();
     if let Some(s) = retry {
         message = format!("{message} (retry after {s} s)");
     }
     ClientError::Node {
         node,
         status,
-        kind: body["error"].as_str().unwrap_or("unknown").to_string(),
+        kind: body
+            .get("error")
+            .unwrap_or(&Value::Null)
+            .as_str()
+            .unwrap_or("unknown")
+            .to_string(),
         message,
     }
 }
@@ -125,7 +135,8 @@ impl Net {
             return Err(error_of("edge relay", r).await);
         }
         let v: Value = r.json().await.map_err(unreachable("edge relay"))?;
-        Ok(v["results"]
+        Ok(v.get("results")
+            .unwrap_or(&Value::Null)
             .as_array()
             .map(|a| {
                 a.iter()
@@ -192,15 +203,24 @@ impl Net {
         }
         let c: Value = r.json().await.map_err(unreachable("mailbox"))?;
         let mut challenge = [0u8; 32];
-        hex::decode_to_slice(c["challenge"].as_str().unwrap_or(""), &mut challenge).map_err(
-            |_| ClientError::Node {
-                node: "mailbox",
-                status: 200,
-                kind: "malformed".to_string(),
-                message: "challenge is not 32 hex bytes".to_string(),
-            },
-        )?;
-        let audience = c["audience"].as_str().unwrap_or("");
+        hex::decode_to_slice(
+            c.get("challenge")
+                .unwrap_or(&Value::Null)
+                .as_str()
+                .unwrap_or(""),
+            &mut challenge,
+        )
+        .map_err(|_| ClientError::Node {
+            node: "mailbox",
+            status: 200,
+            kind: "malformed".to_string(),
+            message: "challenge is not 32 hex bytes".to_string(),
+        })?;
+        let audience = c
+            .get("audience")
+            .unwrap_or(&Value::Null)
+            .as_str()
+            .unwrap_or("");
         let signature = owner.sign(&login_transcript(
             audience,
             &MailboxId(m.id),
@@ -223,8 +243,15 @@ impl Net {
         }
         let v: Value = r.json().await.map_err(unreachable("mailbox"))?;
         Ok((
-            v["token"].as_str().unwrap_or("").to_string(),
-            v["expires_at_ms"].as_u64().unwrap_or(0),
+            v.get("token")
+                .unwrap_or(&Value::Null)
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+            v.get("expires_at_ms")
+                .unwrap_or(&Value::Null)
+                .as_u64()
+                .unwrap_or(0),
         ))
     }
 

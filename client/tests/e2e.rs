@@ -270,7 +270,7 @@ fn private_messages_end_to_end_over_a_devnet_of_real_processes() {
     assert_eq!(sent[0]["state"], "stored", "{sent:?}");
     assert_eq!(sent[0]["fragments"], 86);
     let got = bob.recv_until("the 100 KiB message", |m| !m.is_empty());
-    assert_eq!(texts(&got), [big.clone()]);
+    assert_eq!(texts(&got), [big]);
 
     // A scheduled send arrives at its time; a cancelled one never does.
     let before = now_ms();

@@ -276,3 +276,86 @@ impl Vault {
         &self.dir
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FAST: KdfParams = KdfParams {
+        m_kib: 64,
+        t: 1,
+        p: 1,
+    };
+
+    #[test]
+    fn state_round_trips_and_only_opens_with_the_passphrase() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("home");
+        let v = Vault::create(&home, b"right", FAST).unwrap();
+        let lock = v.lock().unwrap();
+        v.save(&lock, b"{\"secret\": 1}").unwrap();
+        drop(lock);
+        let (_, plain) = Vault::open(&home, b"right").unwrap();
+        assert_eq!(plain.as_slice(), b"{\"secret\": 1}");
+        assert!(matches!(
+            Vault::open(&home, b"wrong"),
+            Err(ClientError::WrongPassphrase)
+        ));
+        // The plaintext is nowhere on disk.
+        let raw = std::fs::read(Vault::state_path(&home)).unwrap();
+        assert!(!raw.windows(6).any(|w| w == b"secret"));
+        // A second client cannot be created over it.
+        assert!(matches!(
+            Vault::create(&home, b"right", FAST),
+            Err(ClientError::AlreadyInitialized(_))
+        ));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(Vault::state_path(&home))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "state file readable by others");
+        }
+    }
+
+    #[test]
+    fn altered_state_or_header_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().to_path_buf();
+        let v = Vault::create(&home, b"pw", FAST).unwrap();
+        let lock = v.lock().unwrap();
+        v.save(&lock, b"state").unwrap();
+        let path = Vault::state_path(&home);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut file: serde_json::Value = serde_json::from_str(&text).unwrap();
+        // Lower the KDF cost in the clear header: bound as associated data, so refused.
+        file["params"]["t"] = serde_json::json!(2);
+        std::fs::write(&path, file.to_string()).unwrap();
+        assert!(Vault::open(&home, b"pw").is_err());
+        std::fs::write(&path, "not json").unwrap();
+        assert!(matches!(
+            Vault::open(&home, b"pw"),
+            Err(ClientError::CorruptState(_))
+        ));
+        assert!(matches!(
+            Vault::open(&dir.path().join("none"), b"pw"),
+            Err(ClientError::NotInitialized(_))
+        ));
+    }
+
+    #[test]
+    fn the_lock_excludes_a_second_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = Vault::create(dir.path(), b"pw", FAST).unwrap();
+        let held = v.lock().unwrap();
+        let file = OpenOptions::new()
+            .write(true)
+            .open(dir.path().join(LOCK_FILE))
+            .unwrap();
+        assert!(file.try_lock().is_err(), "a second lock was granted");
+        drop(held);
+        assert!(file.try_lock().is_ok());
+    }
+}

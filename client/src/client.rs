@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use ed25519_dalek::ed25519::signature::Signer;
 use ed25519_dalek::{Signature, SigningKey, VerifyingKey};
+use futures_util::{FutureExt, StreamExt};
 use rand::rngs::StdRng;
 use rand::{Rng, RngExt};
 use serde::{Deserialize, Serialize};
@@ -117,8 +118,9 @@ pub struct Received {
 pub struct ContactInfo {
     /// Name.
     pub name: String,
-    /// `pending` (invitation not answered), `waiting` (we accepted, no answer yet) or
-    /// `established`.
+    /// `pending` (our invitation, not answered), `waiting` (we accepted, no answer yet),
+    /// `answering` (they answered our invitation; their hello, which says where to write to
+    /// them, has not arrived yet) or `established`.
     pub state: String,
     /// Safety number verified by the user.
     pub verified: bool,
@@ -157,6 +159,7 @@ pub struct Client {
     directory: Option<(Directory, u64)>,
     receipts_due: BTreeMap<(String, String), Vec<String>>,
     last_surb_route: Vec<String>,
+    refused: BTreeMap<String, u64>,
 }
 
 impl std::fmt::Debug for Client {
@@ -255,6 +258,7 @@ impl Client {
             directory: None,
             receipts_due: BTreeMap::new(),
             last_surb_route: Vec::new(),
+            refused: BTreeMap::new(),
         };
         c.save()?;
         Ok(c)
@@ -294,6 +298,7 @@ impl Client {
             directory: None,
             receipts_due: BTreeMap::new(),
             last_surb_route: Vec::new(),
+            refused: BTreeMap::new(),
         };
         c.purge_expired(now_ms());
         Ok(c)
@@ -418,7 +423,8 @@ impl Client {
     /// edge relay answers the client directly, and a route always has one.
     fn suspects(&self) -> Vec<NodeId> {
         let now = now_ms();
-        let window = RELAY_HEALTH_WINDOW_MS.max(self.state.settings.retransmit_after_ms * 3);
+        let window =
+            RELAY_HEALTH_WINDOW_MS.max(self.state.settings.retransmit_after_ms.saturating_mul(3));
         self.state
             .relay_health
             .iter()
@@ -994,11 +1000,24 @@ impl Client {
                     .iter()
                     .filter_map(|i| packets.get(*i).map(|p| p.1.clone()))
                     .collect();
-                if let Ok(results) = self.net.submit(&edge, &batch).await {
-                    for (i, r) in chunk.iter().zip(results) {
-                        if let Some(slot) = ok.get_mut(*i) {
-                            *slot = r == "ok";
+                match self.net.submit(&edge, &batch).await {
+                    Ok(results) => {
+                        for (i, r) in chunk.iter().zip(results) {
+                            if let Some(slot) = ok.get_mut(*i) {
+                                *slot = r == "ok";
+                            }
+                            if r != "ok" {
+                                *self.refused.entry(r).or_default() += 1;
+                            }
                         }
+                    }
+                    Err(e) => {
+                        let reason = match e {
+                            ClientError::Node { status, kind, .. } => format!("{status} {kind}"),
+                            _ => "unreachable".to_string(),
+                        };
+                        *self.refused.entry(reason).or_default() +=
+                            u64::try_from(chunk.len()).unwrap_or(u64::MAX);
                     }
                 }
             }
@@ -1007,7 +1026,58 @@ impl Client {
     }
 
     /// Sends every unacknowledged fragment of outgoing `id` that is due, on fresh routes.
+    /// Messages to `contact` sent and not yet stored.
+    fn in_flight(&self, contact: &str) -> usize {
+        self.state
+            .outbox
+            .iter()
+            .filter(|o| {
+                o.contact == contact
+                    && o.state == OutState::Sending
+                    && o.fragments.iter().any(|f| f.attempts > 0)
+            })
+            .count()
+    }
+
+    /// Sends waiting messages, oldest first, as far as each contact's window allows.
+    async fn pump(&mut self) -> Result<()> {
+        let window = self.state.settings.olm_window.max(1);
+        let mut room: BTreeMap<String, usize> = BTreeMap::new();
+        let mut due = Vec::new();
+        for o in &self.state.outbox {
+            if o.state != OutState::Sending || o.fragments.iter().any(|f| f.attempts > 0) {
+                continue;
+            }
+            let left = room
+                .entry(o.contact.clone())
+                .or_insert_with(|| window.saturating_sub(self.in_flight(&o.contact)));
+            if *left > 0 {
+                *left -= 1;
+                due.push(o.id);
+            }
+        }
+        if due.is_empty() {
+            return Ok(());
+        }
+        let dir = self.directory().await?;
+        let now = now_ms();
+        let mut items = Vec::new();
+        for id in due {
+            if let Some(o) = self.out_index(id).and_then(|i| self.state.outbox.get(i)) {
+                items.extend((0..o.fragments.len()).map(|f| (id, f, Vec::new())));
+            }
+        }
+        self.send_many(&dir, items, now).await
+    }
+
     async fn transmit(&mut self, id: u64) -> Result<()> {
+        let Some(o) = self.out_index(id).and_then(|i| self.state.outbox.get(i)) else {
+            return Ok(());
+        };
+        if self.in_flight(&o.contact.clone()) >= self.state.settings.olm_window.max(1) {
+            // Waits for the window (sent by a later `sync`).
+            return Ok(());
+        }
         let dir = self.directory().await?;
         let now = now_ms();
         let Some(o) = self.out_index(id).and_then(|i| self.state.outbox.get(i)) else {
@@ -1030,31 +1100,64 @@ impl Client {
         due: Vec<(usize, Vec<NodeId>)>,
         now: u64,
     ) -> Result<()> {
+        let items = due.into_iter().map(|(f, avoid)| (id, f, avoid)).collect();
+        self.send_many(dir, items, now).await
+    }
+
+    /// Builds and submits the deposit packets of (outgoing id, fragment) pairs in as few
+    /// requests as possible, and records each send.
+    async fn send_many(
+        &mut self,
+        dir: &Directory,
+        items: Vec<(u64, usize, Vec<NodeId>)>,
+        now: u64,
+    ) -> Result<()> {
         let mut packets = Vec::new();
         let mut routes = Vec::new();
-        for (f, avoid) in due {
+        for (id, f, avoid) in items {
             let (edge, packet, route) = self.deposit_packet(dir, id, f, now, &avoid)?;
             packets.push((edge, packet));
-            routes.push((f, route, self.last_surb_route.clone()));
+            routes.push((id, f, route, self.last_surb_route.clone()));
         }
         self.submit_all(packets).await;
-        if let Some(o) = self
-            .out_index(id)
-            .and_then(|i| self.state.outbox.get_mut(i))
-        {
-            for (f, route, surb_route) in routes {
-                if let Some(fr) = o.fragments.get_mut(f) {
-                    if fr.attempts > 0 {
-                        o.retransmissions = o.retransmissions.saturating_add(1);
-                    }
-                    fr.attempts = fr.attempts.saturating_add(1);
-                    fr.sent_ms = now;
-                    fr.route = route.iter().map(|n| hex::encode(n.0)).collect();
-                    fr.surb_route = surb_route;
+        for (id, f, route, surb_route) in routes {
+            let Some(o) = self
+                .out_index(id)
+                .and_then(|i| self.state.outbox.get_mut(i))
+            else {
+                continue;
+            };
+            if let Some(fr) = o.fragments.get_mut(f) {
+                if fr.attempts > 0 {
+                    o.retransmissions = o.retransmissions.saturating_add(1);
                 }
+                fr.attempts = fr.attempts.saturating_add(1);
+                fr.sent_ms = now;
+                fr.route = route.iter().map(|n| hex::encode(n.0)).collect();
+                fr.surb_route = surb_route;
             }
         }
         Ok(())
+    }
+
+    /// Sends several (contact, text) messages at once: each is encrypted and fragmented as by
+    /// [`Client::send`], the packets go out in shared requests (within each contact's
+    /// `olm_window`; the rest at the next [`Client::sync`]) and the state is saved once.
+    /// For bursts (and the end-to-end benchmark); their local ids.
+    pub async fn send_batch(&mut self, messages: &[(String, String)]) -> Result<Vec<u64>> {
+        let now = now_ms();
+        let mut ids = Vec::with_capacity(messages.len());
+        for (name, text) in messages {
+            let app = AppMessage::Text {
+                body: text.clone(),
+                sent_ms: now,
+                expire_after_ms: None,
+            };
+            ids.push(self.queue(name, OutKind::Text, &app, None, None)?);
+        }
+        let result = self.pump().await;
+        self.save()?;
+        result.map(|()| ids)
     }
 
     /// Sends `text` to contact `name`; the local id. Returns once the packets are handed to
@@ -1090,6 +1193,17 @@ impl Client {
             Some(at) => self.schedule(id, at).await,
             None => self.transmit(id).await,
         };
+        if result.is_err() {
+            // Not handed to the mesh: forget it rather than send it later behind the user's
+            // back (the error is reported; sending again is the user's call).
+            self.state.outbox.retain(|o| o.id != id);
+            self.state.surbs.retain(|s| match &s.purpose {
+                SurbPurpose::DepositAck { out, .. } | SurbPurpose::HoldAck { out, .. } => {
+                    *out != id
+                }
+                _ => true,
+            });
+        }
         self.save()?;
         result.map(|()| id)
     }
@@ -1453,23 +1567,51 @@ impl Client {
         for m in &boxes {
             self.store_mailbox(m);
         }
-        let polls = futures_util::future::join_all(boxes.iter().zip(&tokens).map(|(m, t)| {
-            let net = self.net.clone();
-            let t = t.as_ref().ok().cloned();
-            async move {
-                match t {
-                    Some(t) => net.poll(m, &t, wait).await,
-                    None => Err(ClientError::Unreachable {
-                        node: "mailbox",
-                        reason: "login failed".to_string(),
-                    }),
+        // Long-poll every mailbox at once; as soon as one has something, take what the others
+        // already returned and drop the rest (they are polled again next round), so that one
+        // busy mailbox is not held back by the idle ones' waits.
+        let mut pending: futures_util::stream::FuturesUnordered<_> = boxes
+            .iter()
+            .zip(&tokens)
+            .enumerate()
+            .map(|(i, (m, t))| {
+                let net = self.net.clone();
+                let t = t.as_ref().ok().cloned();
+                async move {
+                    let r = match t {
+                        Some(t) => net.poll(m, &t, wait).await,
+                        None => Err(ClientError::Unreachable {
+                            node: "mailbox",
+                            reason: "login failed".to_string(),
+                        }),
+                    };
+                    (i, r)
                 }
+            })
+            .collect();
+        let mut polls: Vec<Option<Result<Vec<StoredMessage>>>> =
+            boxes.iter().map(|_| None).collect();
+        while let Some((i, r)) = pending.next().await {
+            let got = matches!(&r, Ok(m) if !m.is_empty());
+            if let Some(slot) = polls.get_mut(i) {
+                *slot = Some(r);
             }
-        }))
-        .await;
+            if got {
+                while let Some(Some((i, r))) = pending.next().now_or_never() {
+                    if let Some(slot) = polls.get_mut(i) {
+                        *slot = Some(r);
+                    }
+                }
+                break;
+            }
+        }
+        drop(pending);
         let mut first_error = None;
+        let mut failures = 0usize;
         let mut acks = Vec::new();
+        let polled = polls.iter().filter(|p| p.is_some()).count();
         for (m, result) in boxes.iter().zip(polls) {
+            let Some(result) = result else { continue };
             match result {
                 Ok(messages) => {
                     let Some(last) = messages.last().map(|x| x.seq) else {
@@ -1489,6 +1631,7 @@ impl Client {
                         m2.token = None;
                         self.store_mailbox(&m2);
                     }
+                    failures += 1;
                     first_error.get_or_insert(e);
                 }
             }
@@ -1503,10 +1646,13 @@ impl Client {
         }
         self.send_receipts().await;
         self.retransmit_due().await?;
+        self.pump().await?;
         self.purge_expired(now_ms());
         self.save()?;
+        // One unreachable node must not stop the others from being read; only when every
+        // mailbox failed is the round an error.
         match first_error {
-            Some(e) if boxes.len() == 1 => Err(e),
+            Some(e) if failures == polled => Err(e),
             _ => Ok(()),
         }
     }
@@ -1598,6 +1744,13 @@ impl Client {
                         )
                     {
                         o.state = OutState::Stored;
+                        // Never sent again: the sealed copies are no longer needed.
+                        for f in &mut o.fragments {
+                            f.envelope = Vec::new();
+                        }
+                        for h in &mut o.holds {
+                            h.packet = Vec::new();
+                        }
                         stored = Some((o.contact.clone(), o.kind, o.id));
                     }
                 }
@@ -1911,8 +2064,7 @@ impl Client {
                 sent_ms,
                 expire_after_ms,
             } => {
-                let expires_ms =
-                    expire_after_ms.map(|d| sent_ms.max(now.min(sent_ms)).saturating_add(d));
+                let expires_ms = expire_after_ms.map(|d| sent_ms.min(now).saturating_add(d));
                 if expires_ms.is_some_and(|e| e <= now) {
                     // Arrived after its time: deleted unseen.
                     return Ok(());
@@ -2032,7 +2184,8 @@ impl Client {
 
     /// Waits (syncing) until outgoing `id` leaves the sending state, or `timeout`; its state.
     pub async fn wait_stored(&mut self, id: u64, timeout: Duration) -> Result<OutState> {
-        let deadline = now_ms() + u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let deadline =
+            now_ms().saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
         loop {
             let state = self
                 .out_index(id)
@@ -2216,6 +2369,13 @@ impl Client {
             hex::encode(self.identity().verifying_key().to_bytes()),
             hex::encode(self.account.curve25519_key().to_bytes()),
         )
+    }
+
+    /// Packets an edge relay did not take since this client was opened, by reason (a drop
+    /// reason such as `rate_limited`, an HTTP status, or `unreachable`); they are retransmitted
+    /// like lost ones.
+    pub fn refused_packets(&self) -> &BTreeMap<String, u64> {
+        &self.refused
     }
 
     /// Ids of the own mailboxes (hex) — for tests that check what nodes store.

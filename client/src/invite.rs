@@ -161,6 +161,21 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any text, and any bytes behind the prefix, decode to an invitation or a typed
+        /// error; never a panic.
+        #[test]
+        fn arbitrary_input_never_panics(text in ".{0,600}", bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let _ = Invitation::decode(&text);
+            let _ = Invitation::decode(&format!("WHISPR1:{}", data_encoding::BASE32_NOPAD.encode(&bytes)));
+            // With a valid checksum, only the layout checks stand between bytes and a value.
+            let mut with_sum = bytes.clone();
+            let sum = Sha256::digest(&bytes);
+            with_sum.extend_from_slice(&sum[..4]);
+            let _ = Invitation::decode(&format!("WHISPR1:{}", data_encoding::BASE32_NOPAD.encode(&with_sum)));
+        }
+    }
+
     #[test]
     fn damaged_invitations_are_refused_with_a_reason() {
         let text = sample(true).encode();

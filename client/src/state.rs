@@ -84,6 +84,10 @@ pub struct Settings {
     pub seen_max: usize,
     /// Largest message accepted for sending, in bytes.
     pub message_bytes_max: usize,
+    /// Messages per contact in flight (sent, not yet stored) at once; later ones wait. The
+    /// mixnet reorders packets and an Olm receiver keeps only 40 skipped message keys per
+    /// chain, so more than that in flight could make messages undecryptable. Keep it below 40.
+    pub olm_window: usize,
 }
 
 impl Default for Settings {
@@ -103,6 +107,7 @@ impl Default for Settings {
             partial_bytes_max: 8 * 1024 * 1024,
             seen_max: 10_000,
             message_bytes_max: 1024 * 1024 - 4096,
+            olm_window: 32,
         }
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use ed25519_dalek::ed25519::signature::Signer;
 use ed25519_dalek::{Signature, SigningKey, VerifyingKey};
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, RngExt};
 use serde::{Deserialize, Serialize};
@@ -1568,8 +1568,8 @@ impl Client {
             self.store_mailbox(m);
         }
         // Long-poll every mailbox at once; as soon as one has something, take what the others
-        // already returned and drop the rest (they are polled again next round), so that one
-        // busy mailbox is not held back by the idle ones' waits.
+        // return within 5 ms and drop the rest (they are polled again next round), so that
+        // a busy mailbox is not held back by the idle ones' waits.
         let mut pending: futures_util::stream::FuturesUnordered<_> = boxes
             .iter()
             .zip(&tokens)
@@ -1596,8 +1596,12 @@ impl Client {
             if let Some(slot) = polls.get_mut(i) {
                 *slot = Some(r);
             }
-            if got {
-                while let Some(Some((i, r))) = pending.next().now_or_never() {
+            if got && !wait.is_zero() {
+                // The mailboxes that have something answer within a round trip; the idle ones
+                // sit in their long poll. (Without a wait, every poll returns at once.)
+                while let Ok(Some((i, r))) =
+                    tokio::time::timeout(Duration::from_millis(5), pending.next()).await
+                {
                     if let Some(slot) = polls.get_mut(i) {
                         *slot = Some(r);
                     }

@@ -31,7 +31,7 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
         return 0;
     }
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
+    sorted.get(i).or(sorted.last()).copied().unwrap_or(0)
 }
 
 struct Scenario {

@@ -1661,6 +1661,75 @@ impl Client {
         }
     }
 
+    /// Stream endpoints (mailbox id hex, `ws://` URL with a fresh ticket) of every mailbox we
+    /// own except those in `skip`, for [`crate::net::run_stream`]; logs in where needed.
+    pub async fn stream_endpoints(&mut self, skip: &[String]) -> Result<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        for mut m in self.owned_mailboxes() {
+            if skip.contains(&hex::encode(m.id)) {
+                continue;
+            }
+            let token = self.token(&mut m).await?;
+            self.store_mailbox(&m);
+            let ticket = self.net.stream_ticket(&m, &token).await?;
+            out.push((hex::encode(m.id), crate::net::stream_url(&m, &ticket)?));
+        }
+        self.save()?;
+        Ok(out)
+    }
+
+    /// Processes messages pushed by mailbox streams (mailbox id hex, message), like a poll
+    /// round: durable first, then acknowledged to the nodes; then receipts, retransmissions
+    /// and queued sends.
+    pub async fn ingest(&mut self, pushed: Vec<(String, StoredMessage)>) -> Result<()> {
+        let mut acks: BTreeMap<String, u64> = BTreeMap::new();
+        for (mailbox, msg) in pushed {
+            let Some(m) = self
+                .owned_mailboxes()
+                .into_iter()
+                .find(|m| hex::encode(m.id) == mailbox)
+            else {
+                continue;
+            };
+            if msg.seq <= m.cursor {
+                continue;
+            }
+            self.process(&m, &msg);
+            let mut m2 = m.clone();
+            m2.cursor = msg.seq;
+            self.store_mailbox(&m2);
+            acks.insert(mailbox, msg.seq);
+        }
+        self.save()?;
+        for (mailbox, up_to) in acks {
+            if let Some(mut m) = self
+                .owned_mailboxes()
+                .into_iter()
+                .find(|m| hex::encode(m.id) == mailbox)
+            {
+                let token = self.token(&mut m).await?;
+                self.store_mailbox(&m);
+                let _ = self.net.ack(&m, &token, up_to).await;
+            }
+        }
+        self.tick().await
+    }
+
+    /// Housekeeping without polling: sends due receipts, retransmits, sends what the windows
+    /// allow, forgets what expired; saves.
+    pub async fn tick(&mut self) -> Result<()> {
+        self.send_receipts().await;
+        self.retransmit_due().await?;
+        self.pump().await?;
+        self.purge_expired(now_ms());
+        self.save()
+    }
+
+    /// Cover packets sent by this client so far.
+    pub fn cover_sent(&self) -> u64 {
+        self.state.cover_sent
+    }
+
     fn process(&mut self, m: &OwnedMailbox, msg: &StoredMessage) {
         let b64 = base64::engine::general_purpose::STANDARD;
         match msg.kind.as_str() {

@@ -108,6 +108,10 @@ enum Command {
         /// Long-poll wait in seconds.
         #[arg(long)]
         wait: Option<u64>,
+        /// With --follow: have the mailbox nodes push messages over WebSocket streams instead
+        /// of long-polling (plain-HTTP nodes, such as a devnet's, only).
+        #[arg(long, requires = "follow")]
+        stream: bool,
     },
     /// Cancels a scheduled send before its release.
     Cancel {
@@ -260,7 +264,8 @@ async fn recv(cli: &Cli, follow: bool, wait: Option<u64>) -> Result<(), ClientEr
     let vault = client.vault().clone();
     let cover = client.settings().cover_per_min;
     let wait = Duration::from_secs(wait.unwrap_or(if follow { 2 } else { 1 }));
-    let mut next_cover = None;
+    let mut next_cover_at = None;
+    let mut stop_signals = StopSignals::new()?;
     loop {
         client.sync(wait).await?;
         for r in client.take_unread() {
@@ -275,27 +280,147 @@ async fn recv(cli: &Cli, follow: bool, wait: Option<u64>) -> Result<(), ClientEr
         }
         if cover > 0.0 {
             let now = now_ms();
-            let mut rng = rand::rng();
-            let mut draw = |from: u64| {
-                let u: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
-                from + (-u.ln() * 60_000.0 / cover) as u64
-            };
-            let due = *next_cover.get_or_insert_with(|| draw(now));
+            let due = *next_cover_at.get_or_insert_with(|| next_cover(now, cover));
             if now >= due {
                 let _ = client.send_cover().await;
-                next_cover = Some(draw(now));
+                next_cover_at = Some(next_cover(now, cover));
             }
         }
         // Release the home directory between rounds so that other commands can run.
         drop(client);
         let stop = tokio::select! {
-            _ = tokio::signal::ctrl_c() => true,
+            () = stop_signals.recv() => true,
             () = tokio::time::sleep(Duration::from_millis(100)) => false,
         };
         if stop {
             return Ok(());
         }
         client = Client::reopen(&vault)?;
+    }
+}
+
+/// SIGINT (Ctrl-C) and SIGTERM, listened to from the start: a signal that arrives while the
+/// loop is busy is kept until the loop next waits (a fresh `ctrl_c()` per wait would miss it).
+struct StopSignals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> Result<StopSignals, ClientError> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let io = |source| ClientError::Io {
+            what: "installing signal handlers",
+            source,
+        };
+        Ok(StopSignals {
+            int: signal(SignalKind::interrupt()).map_err(io)?,
+            term: signal(SignalKind::terminate()).map_err(io)?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+    }
+}
+
+/// Cover traffic: the next send time of a Poisson process of `per_min` packets a minute.
+fn next_cover(from: u64, per_min: f64) -> u64 {
+    let u: f64 = rand::rng().random_range(f64::MIN_POSITIVE..1.0);
+    from + (-u.ln() * 60_000.0 / per_min) as u64
+}
+
+/// `recv --follow --stream`: one WebSocket stream per mailbox; pushed messages are processed
+/// as they come, housekeeping (retransmissions, receipts, cover) runs every second, and the
+/// streams are reopened when they end or when mailboxes are added.
+async fn recv_stream(cli: &Cli) -> Result<(), ClientError> {
+    let pass = passphrase(cli)?;
+    let mut client = Client::open(&home(cli), &pass)?;
+    let vault = client.vault().clone();
+    let cover = client.settings().cover_per_min;
+    // Whatever is already stored is fetched once by polling.
+    client.sync(Duration::ZERO).await?;
+    for r in client.take_unread() {
+        print_received(cli.json, &r);
+    }
+    for n in client.take_notices() {
+        print_notice(cli.json, &n);
+    }
+    client.flush().await?;
+    drop(client);
+    let mut stop_signals = StopSignals::new()?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
+    let mut streams: std::collections::HashMap<String, tokio::task::JoinHandle<()>> =
+        Default::default();
+    let mut next = if cover > 0.0 {
+        Some(next_cover(now_ms(), cover))
+    } else {
+        None
+    };
+    loop {
+        // (Re)open a stream for every mailbox that has none running.
+        streams.retain(|_, h| !h.is_finished());
+        let running: Vec<String> = streams.keys().cloned().collect();
+        let mut client = Client::reopen(&vault)?;
+        if client.mailbox_ids().iter().any(|m| !running.contains(m)) {
+            let endpoints = client.stream_endpoints(&running).await?;
+            for (mailbox, url) in endpoints {
+                if streams.contains_key(&mailbox) {
+                    continue;
+                }
+                let tx = tx.clone();
+                let m = mailbox.clone();
+                streams.insert(
+                    mailbox,
+                    tokio::spawn(async move {
+                        let _ = whispr_client::net::run_stream(url, m, tx).await;
+                    }),
+                );
+            }
+        }
+        drop(client);
+        let mut pushed = Vec::new();
+        let stop = tokio::select! {
+            () = stop_signals.recv() => true,
+            got = rx.recv() => {
+                if let Some(x) = got {
+                    pushed.push(x);
+                    while let Ok(x) = rx.try_recv() {
+                        pushed.push(x);
+                    }
+                }
+                false
+            }
+            () = tokio::time::sleep(Duration::from_secs(1)) => false,
+        };
+        if stop {
+            for h in streams.values() {
+                h.abort();
+            }
+            return Ok(());
+        }
+        let mut client = Client::reopen(&vault)?;
+        if pushed.is_empty() {
+            client.tick().await?;
+        } else {
+            client.ingest(pushed).await?;
+        }
+        if let Some(due) = next {
+            if now_ms() >= due {
+                let _ = client.send_cover().await;
+                next = Some(next_cover(now_ms(), cover));
+            }
+        }
+        for r in client.take_unread() {
+            print_received(cli.json, &r);
+        }
+        for n in client.take_notices() {
+            print_notice(cli.json, &n);
+        }
+        client.flush().await?;
     }
 }
 
@@ -464,7 +589,17 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::Recv { follow, wait } => recv(&cli, *follow, *wait).await?,
+        Command::Recv {
+            follow,
+            wait,
+            stream,
+        } => {
+            if *stream {
+                recv_stream(&cli).await?;
+            } else {
+                recv(&cli, *follow, *wait).await?;
+            }
+        }
         Command::Cancel { id } => {
             let pass = passphrase(&cli)?;
             let mut client = Client::open(&home(&cli), &pass)?;
@@ -608,16 +743,14 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
 }
 
 async fn wait_for_stop(net: &mut Devnet) {
-    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    else {
+    let Ok(mut stop) = StopSignals::new() else {
         let _ = tokio::signal::ctrl_c().await;
         return;
     };
     let mut reported = 0;
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return,
-            _ = term.recv() => return,
+            () = stop.recv() => return,
             () = tokio::time::sleep(Duration::from_secs(1)) => {
                 let exited = net.exited();
                 if exited.len() > reported {

@@ -327,6 +327,29 @@ impl Net {
         Ok(())
     }
 
+    /// A one-time ticket for the WebSocket stream of `m`.
+    pub async fn stream_ticket(&self, m: &OwnedMailbox, token: &str) -> Result<String> {
+        let r = self
+            .http
+            .post(format!(
+                "{}/v1/mailboxes/{}/stream-ticket",
+                m.api_url,
+                hex::encode(m.id)
+            ))
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(unreachable("mailbox"))?;
+        if !r.status().is_success() {
+            return Err(error_of("mailbox", r).await);
+        }
+        let v: Value = r.json().await.map_err(unreachable("mailbox"))?;
+        Ok(v.get("token")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string())
+    }
+
     /// The raw export of `m` (to check what a node still stores).
     pub async fn export(&self, m: &OwnedMailbox, token: &str) -> Result<Value> {
         let r = self
@@ -345,4 +368,61 @@ impl Net {
         }
         r.json().await.map_err(unreachable("mailbox"))
     }
+}
+
+/// The WebSocket address of `m`'s stream after its cursor, for a ticket. Plain `ws://` only
+/// (a devnet or a node on loopback); TLS streams are not supported yet, poll instead.
+pub fn stream_url(m: &OwnedMailbox, ticket: &str) -> Result<String> {
+    let rest = m.api_url.strip_prefix("http://").ok_or_else(|| {
+        ClientError::InvalidArgument(
+            "streaming needs a plain-HTTP (loopback) mailbox node; over TLS, poll instead"
+                .to_string(),
+        )
+    })?;
+    Ok(format!(
+        "ws://{rest}/v1/mailboxes/{}/stream?ticket={ticket}&after={}",
+        hex::encode(m.id),
+        m.cursor
+    ))
+}
+
+/// Connects to a mailbox stream and forwards every message to `tx` with the mailbox id (hex);
+/// returns when the stream ends (idle timeout, session expiry, node restart) or `tx` closes.
+pub async fn run_stream(
+    url: String,
+    mailbox: String,
+    tx: tokio::sync::mpsc::Sender<(String, StoredMessage)>,
+) -> Result<()> {
+    use futures_util::StreamExt;
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .map_err(|_| ClientError::Unreachable {
+            node: "mailbox",
+            reason: "stream connection failed".to_string(),
+        })?;
+    while let Some(frame) = ws.next().await {
+        let Ok(tokio_tungstenite::tungstenite::Message::Text(text)) = frame else {
+            if frame.is_err() {
+                break;
+            }
+            continue;
+        };
+        let Ok(v) = serde_json::from_str::<Value>(&text) else {
+            continue;
+        };
+        if v.get("type").and_then(Value::as_str) != Some("message") {
+            continue;
+        }
+        let Some(Ok(msg)) = v
+            .get("message")
+            .cloned()
+            .map(serde_json::from_value::<StoredMessage>)
+        else {
+            continue;
+        };
+        if tx.send((mailbox.clone(), msg)).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
 }

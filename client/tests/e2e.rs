@@ -431,6 +431,65 @@ fn private_messages_end_to_end_over_a_devnet_of_real_processes() {
         "the mailbox saw the retransmitted copies"
     );
 
+    // Streaming: `recv --follow --stream` gets messages pushed over WebSocket, and sends cover
+    // traffic (Poisson) that never shows up as a message.
+    {
+        let mut c = bob.client();
+        c.settings_mut().cover_per_min = 600.0;
+        c.save().unwrap();
+    }
+    let cover_before = bob.client().cover_sent();
+    let mut follower = Command::new(WHISPR)
+        .arg("--home")
+        .arg(&bob.home)
+        .args(["--json", "recv", "--follow", "--stream"])
+        .env("WHISPR_PASSPHRASE", bob.pass)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = follower.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    alice.ok(&["send", "bob", "streamed"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut streamed = Vec::new();
+    while Instant::now() < deadline && !texts(&streamed).contains(&"streamed".to_string()) {
+        if let Ok(v) = rx.recv_timeout(Duration::from_millis(200)) {
+            if v["type"] == "message" {
+                streamed.push(v);
+            }
+        }
+    }
+    assert_eq!(texts(&streamed), ["streamed"], "pushed over the stream");
+    std::thread::sleep(Duration::from_secs(3));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(follower.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    assert!(
+        follower.wait().unwrap().success(),
+        "Ctrl-C ends recv --follow cleanly"
+    );
+    reader.join().unwrap();
+    let extra: Vec<Value> = rx.try_iter().filter(|v| v["type"] == "message").collect();
+    assert!(extra.is_empty(), "cover traffic must not show: {extra:?}");
+    let mut c = bob.client();
+    assert!(c.cover_sent() > cover_before, "cover packets were sent");
+    c.settings_mut().cover_per_min = 0.0;
+    c.save().unwrap();
+    drop(c);
+
     // A mix killed mid-conversation: lost fragments are retransmitted through the other mix.
     let killed = Command::new(WHISPR)
         .args(["devnet", "kill", "--dir"])

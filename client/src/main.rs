@@ -408,11 +408,11 @@ async fn recv_stream(cli: &Cli) -> Result<(), ClientError> {
         } else {
             client.ingest(pushed).await?;
         }
-        if let Some(due) = next {
-            if now_ms() >= due {
-                let _ = client.send_cover().await;
-                next = Some(next_cover(now_ms(), cover));
-            }
+        if let Some(due) = next
+            && now_ms() >= due
+        {
+            let _ = client.send_cover().await;
+            next = Some(next_cover(now_ms(), cover));
         }
         for r in client.take_unread() {
             print_received(cli.json, &r);

@@ -464,10 +464,10 @@ fn private_messages_end_to_end_over_a_devnet_of_real_processes() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut streamed = Vec::new();
     while Instant::now() < deadline && !texts(&streamed).contains(&"streamed".to_string()) {
-        if let Ok(v) = rx.recv_timeout(Duration::from_millis(200)) {
-            if v["type"] == "message" {
-                streamed.push(v);
-            }
+        if let Ok(v) = rx.recv_timeout(Duration::from_millis(200))
+            && v["type"] == "message"
+        {
+            streamed.push(v);
         }
     }
     assert_eq!(texts(&streamed), ["streamed"], "pushed over the stream");

@@ -1258,6 +1258,21 @@ impl Client {
         self.send_holds(&dir, id, &all).await
     }
 
+    /// Records a send (parts or cancel) of the holds `which` of outgoing `id`.
+    fn holds_sent(&mut self, id: u64, which: &[usize], now: u64) {
+        if let Some(o) = self
+            .out_index(id)
+            .and_then(|i| self.state.outbox.get_mut(i))
+        {
+            for &h in which {
+                if let Some(hold) = o.holds.get_mut(h) {
+                    hold.attempts = hold.attempts.saturating_add(1);
+                    hold.sent_ms = now;
+                }
+            }
+        }
+    }
+
     async fn send_holds(&mut self, dir: &Directory, id: u64, which: &[usize]) -> Result<()> {
         let now = now_ms();
         let epoch = epoch_at(now);
@@ -1306,17 +1321,7 @@ impl Client {
             }
         }
         self.submit_all(packets).await;
-        if let Some(o) = self
-            .out_index(id)
-            .and_then(|i| self.state.outbox.get_mut(i))
-        {
-            for &h in which {
-                if let Some(hold) = o.holds.get_mut(h) {
-                    hold.attempts = hold.attempts.saturating_add(1);
-                    hold.sent_ms = now;
-                }
-            }
-        }
+        self.holds_sent(id, which, now);
         Ok(())
     }
 
@@ -1410,17 +1415,7 @@ impl Client {
             )?);
         }
         self.submit_all(packets).await;
-        if let Some(o) = self
-            .out_index(id)
-            .and_then(|i| self.state.outbox.get_mut(i))
-        {
-            for &h in which {
-                if let Some(hold) = o.holds.get_mut(h) {
-                    hold.attempts = hold.attempts.saturating_add(1);
-                    hold.sent_ms = now;
-                }
-            }
-        }
+        self.holds_sent(id, which, now);
         Ok(())
     }
 

@@ -90,7 +90,43 @@ pub fn owner_key(m: &OwnedMailbox) -> SigningKey {
     SigningKey::from_bytes(&m.owner_seed)
 }
 
+/// An HTTP method of the mailbox API.
+#[derive(Clone, Copy)]
+enum Method {
+    Get,
+    Post,
+    Put,
+}
+
 impl Net {
+    /// One call to the mailbox API of `m`: `path` below `/v1/mailboxes/{id}`, with the session
+    /// token and a JSON body if given; the response if it succeeded, else the typed error.
+    async fn mailbox_call(
+        &self,
+        method: Method,
+        m: &OwnedMailbox,
+        path: &str,
+        token: &str,
+        body: Option<&Value>,
+    ) -> Result<reqwest::Response> {
+        let url = format!("{}/v1/mailboxes/{}{path}", m.api_url, hex::encode(m.id));
+        let request = match method {
+            Method::Get => self.http.get(url),
+            Method::Post => self.http.post(url),
+            Method::Put => self.http.put(url),
+        }
+        .bearer_auth(token);
+        let request = match body {
+            Some(b) => request.json(b),
+            None => request,
+        };
+        let r = request.send().await.map_err(unreachable("mailbox"))?;
+        if !r.status().is_success() {
+            return Err(error_of("mailbox", r).await);
+        }
+        Ok(r)
+    }
+
     /// A client with sane timeouts (long polls add their wait).
     pub fn new() -> Result<Net> {
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -289,60 +325,29 @@ impl Net {
 
     /// Acknowledges every message of `m` up to `up_to` (the node deletes them).
     pub async fn ack(&self, m: &OwnedMailbox, token: &str, up_to: u64) -> Result<()> {
-        let r = self
-            .http
-            .post(format!(
-                "{}/v1/mailboxes/{}/ack",
-                m.api_url,
-                hex::encode(m.id)
-            ))
-            .bearer_auth(token)
-            .json(&json!({ "up_to": up_to }))
-            .send()
-            .await
-            .map_err(unreachable("mailbox"))?;
-        if !r.status().is_success() {
-            return Err(error_of("mailbox", r).await);
-        }
-        Ok(())
+        self.mailbox_call(
+            Method::Post,
+            m,
+            "/ack",
+            token,
+            Some(&json!({ "up_to": up_to })),
+        )
+        .await
+        .map(drop)
     }
 
     /// Replaces the prekeys of `m` (`body` as in `docs/mailbox.md`).
     pub async fn put_prekeys(&self, m: &OwnedMailbox, token: &str, body: &Value) -> Result<()> {
-        let r = self
-            .http
-            .put(format!(
-                "{}/v1/mailboxes/{}/prekeys",
-                m.api_url,
-                hex::encode(m.id)
-            ))
-            .bearer_auth(token)
-            .json(body)
-            .send()
+        self.mailbox_call(Method::Put, m, "/prekeys", token, Some(body))
             .await
-            .map_err(unreachable("mailbox"))?;
-        if !r.status().is_success() {
-            return Err(error_of("mailbox", r).await);
-        }
-        Ok(())
+            .map(drop)
     }
 
     /// A one-time ticket for the WebSocket stream of `m`.
     pub async fn stream_ticket(&self, m: &OwnedMailbox, token: &str) -> Result<String> {
         let r = self
-            .http
-            .post(format!(
-                "{}/v1/mailboxes/{}/stream-ticket",
-                m.api_url,
-                hex::encode(m.id)
-            ))
-            .bearer_auth(token)
-            .send()
-            .await
-            .map_err(unreachable("mailbox"))?;
-        if !r.status().is_success() {
-            return Err(error_of("mailbox", r).await);
-        }
+            .mailbox_call(Method::Post, m, "/stream-ticket", token, None)
+            .await?;
         let v: Value = r.json().await.map_err(unreachable("mailbox"))?;
         Ok(v.get("token")
             .and_then(Value::as_str)
@@ -353,19 +358,8 @@ impl Net {
     /// The raw export of `m` (to check what a node still stores).
     pub async fn export(&self, m: &OwnedMailbox, token: &str) -> Result<Value> {
         let r = self
-            .http
-            .get(format!(
-                "{}/v1/mailboxes/{}/export",
-                m.api_url,
-                hex::encode(m.id)
-            ))
-            .bearer_auth(token)
-            .send()
-            .await
-            .map_err(unreachable("mailbox"))?;
-        if !r.status().is_success() {
-            return Err(error_of("mailbox", r).await);
-        }
+            .mailbox_call(Method::Get, m, "/export", token, None)
+            .await?;
         r.json().await.map_err(unreachable("mailbox"))
     }
 }

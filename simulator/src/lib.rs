@@ -2,7 +2,8 @@
 //! and timer cores as the real nodes.
 //!
 //! Being built for the issue "Network simulator: deterministic, at scale, over the real
-//! protocol cores". What exists so far: [`engine`], the event heap and the seeded RNG tree.
+//! protocol cores". What exists so far: [`engine`], the event heap and the seeded RNG tree;
+//! [`anonymity`], the observer's sender entropy and the timing-correlation attack.
 #![cfg_attr(
     test,
     allow(
@@ -13,4 +14,5 @@
     )
 )]
 
+pub mod anonymity;
 pub mod engine;

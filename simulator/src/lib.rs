@@ -3,7 +3,8 @@
 //!
 //! Being built for the issue "Network simulator: deterministic, at scale, over the real
 //! protocol cores". What exists so far: [`engine`], the event heap and the seeded RNG tree;
-//! [`anonymity`], the observer's sender entropy and the timing-correlation attack.
+//! [`anonymity`], the observer's sender entropy and the timing-correlation attack; [`links`],
+//! latency distributions, bandwidth, loss and partitions.
 #![cfg_attr(
     test,
     allow(
@@ -16,3 +17,4 @@
 
 pub mod anonymity;
 pub mod engine;
+pub mod links;

@@ -57,6 +57,9 @@ const RELAY_HEALTH_WINDOW_MS: u64 = 60 * 1000;
 /// Relays whose health is tracked.
 const RELAY_HEALTH_MAX: usize = 10_000;
 
+/// What to send again for one outgoing message: (its id, fragments, holds, cancels).
+type Resend = (u64, Vec<usize>, Vec<usize>, Vec<usize>);
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -399,51 +402,66 @@ impl Client {
         deepest.clamp(1, 3)
     }
 
+    /// A route for `epoch` to `destination` that avoids suspect mixes when the directory
+    /// allows it (see [`Self::suspects`]), else any route.
     fn route(
         &mut self,
         dir: &Directory,
         epoch: KeyEpoch,
         destination: &NodeId,
-        avoid: &[NodeId],
     ) -> Result<Vec<RouteHop>> {
         let layers = self.mix_layers(dir);
-        let mut avoid_all: Vec<NodeId> = avoid.to_vec();
-        avoid_all.extend(self.suspects());
-        dir.select_route_avoiding(&mut self.rng, epoch, destination, layers, &avoid_all)
-            .or_else(|_| {
-                let suspects = self.suspects();
-                dir.select_route_avoiding(&mut self.rng, epoch, destination, layers, &suspects)
-            })
+        let suspects = self.suspects(dir);
+        dir.select_route_avoiding(&mut self.rng, epoch, destination, layers, &suspects)
             .or_else(|_| dir.select_route(&mut self.rng, epoch, destination, layers))
             .map_err(|e| ClientError::NoRoute(e.to_string()))
     }
 
-    /// Mix relays on more lost than acknowledged routes within the last minute (at least one
-    /// lost): avoided while another mix of the same layer exists. Only mixes are judged; the
-    /// edge relay answers the client directly, and a route always has one.
-    fn suspects(&self) -> Vec<NodeId> {
+    /// Mix relays judged unhealthy from this client's own routes within the last minute
+    /// (at least three `retransmit_after_ms`): those on more lost than acknowledged routes, and
+    /// those whose run of losses since their last ack is longer than another mix's of the
+    /// same layer (a mix that died after carrying traffic still has old acks; every lost route
+    /// charges it, while a live mix's run ends at its next ack). Avoided while another mix of
+    /// the same layer exists. Only mixes are judged: the edge relay answers the client
+    /// directly, and a route always has one.
+    fn suspects(&self, dir: &Directory) -> Vec<NodeId> {
         let now = now_ms();
         let window =
             RELAY_HEALTH_WINDOW_MS.max(self.state.settings.retransmit_after_ms.saturating_mul(3));
-        self.state
-            .relay_health
-            .iter()
-            .filter(|h| {
-                let recent = h
-                    .outcomes
-                    .iter()
-                    .filter(|(t, _)| now.saturating_sub(*t) < window);
-                let (ok, lost) =
-                    recent.fold(
-                        (0u32, 0u32),
-                        |(o, l), (_, good)| {
-                            if *good { (o + 1, l) } else { (o, l + 1) }
-                        },
-                    );
-                lost >= 1 && lost > ok
-            })
-            .filter_map(|h| h32(&h.node, "relay").ok().map(NodeId))
-            .collect()
+        // (ok, lost, losses since the last ok) per mix, over the window.
+        let score = |node: &NodeId| -> (u32, u32, u32) {
+            let hex_id = hex::encode(node.0);
+            let Some(h) = self.state.relay_health.iter().find(|h| h.node == hex_id) else {
+                return (0, 0, 0);
+            };
+            h.outcomes
+                .iter()
+                .filter(|(t, _)| now.saturating_sub(*t) < window)
+                .fold((0, 0, 0), |(ok, lost, run), (_, good)| {
+                    if *good {
+                        (ok + 1, lost, 0)
+                    } else {
+                        (ok, lost + 1, run + 1)
+                    }
+                })
+        };
+        let mut layers: BTreeMap<u32, Vec<(NodeId, (u32, u32, u32))>> = BTreeMap::new();
+        for n in dir.nodes().filter(|n| n.has_role(Role::Mix)) {
+            layers
+                .entry(n.mix_layer)
+                .or_default()
+                .push((n.node_id, score(&n.node_id)));
+        }
+        let mut out = Vec::new();
+        for mixes in layers.values() {
+            let shortest_run = mixes.iter().map(|(_, s)| s.2).min().unwrap_or(0);
+            for (node, (ok, lost, run)) in mixes {
+                if (*lost >= 1 && lost > ok) || *run > shortest_run {
+                    out.push(*node);
+                }
+            }
+        }
+        out
     }
 
     fn record_health(&mut self, mixes: &[String], ok: bool) {
@@ -490,7 +508,7 @@ impl Client {
         expires_ms: u64,
     ) -> Result<Surb> {
         let node = NodeId(mailbox.node);
-        let route = self.route(dir, epoch, &node, &[])?;
+        let route = self.route(dir, epoch, &node)?;
         // The replier (a mailbox or timer node) sends straight into the first mix layer.
         let hops: Vec<RouteHop> = route.into_iter().skip(1).collect();
         self.last_surb_route = hops
@@ -728,7 +746,7 @@ impl Client {
             binding: hex::encode(identity.sign(&hello_transcript(&curve, &me)).to_bytes()),
         };
         let id = self.queue(name, OutKind::Hello, &hello, None, None)?;
-        self.transmit(id).await?;
+        self.pump().await?;
         self.save()?;
         Ok(id)
     }
@@ -761,7 +779,7 @@ impl Client {
                 reply_surb: surb,
             })
             .encode()?;
-            let route = self.route(&dir, epoch, &node, &[])?;
+            let route = self.route(&dir, epoch, &node)?;
             let delays = self.delays(route.len() - 1);
             let packet = build_packet(
                 &mut self.rng,
@@ -930,14 +948,13 @@ impl Client {
     }
 
     /// Builds the deposit packet of fragment `f` of outgoing `id`, for keys of `at_ms`'s epoch,
-    /// avoiding `avoid`: (edge API, packet, route).
+    /// (edge API, packet, route).
     fn deposit_packet(
         &mut self,
         dir: &Directory,
         id: u64,
         f: usize,
         at_ms: u64,
-        avoid: &[NodeId],
     ) -> Result<(String, Vec<u8>, Vec<NodeId>)> {
         let o = self
             .out_index(id)
@@ -973,7 +990,7 @@ impl Client {
             .first()
             .copied()
             .ok_or_else(|| ClientError::NoRoute("no mailbox node".to_string()))?;
-        let route = self.route(dir, epoch, &node, avoid)?;
+        let route = self.route(dir, epoch, &node)?;
         let delays = self.delays(route.len().saturating_sub(1));
         let plaintext = FinalMessage::Deposit(envelope).encode()?;
         let packet = build_packet(
@@ -1064,44 +1081,10 @@ impl Client {
         let mut items = Vec::new();
         for id in due {
             if let Some(o) = self.out_index(id).and_then(|i| self.state.outbox.get(i)) {
-                items.extend((0..o.fragments.len()).map(|f| (id, f, Vec::new())));
+                items.extend((0..o.fragments.len()).map(|f| (id, f)));
             }
         }
         self.send_many(&dir, items, now).await
-    }
-
-    async fn transmit(&mut self, id: u64) -> Result<()> {
-        let Some(o) = self.out_index(id).and_then(|i| self.state.outbox.get(i)) else {
-            return Ok(());
-        };
-        if self.in_flight(&o.contact.clone()) >= self.state.settings.olm_window.max(1) {
-            // Waits for the window (sent by a later `sync`).
-            return Ok(());
-        }
-        let dir = self.directory().await?;
-        let now = now_ms();
-        let Some(o) = self.out_index(id).and_then(|i| self.state.outbox.get(i)) else {
-            return Ok(());
-        };
-        let due: Vec<(usize, Vec<NodeId>)> = o
-            .fragments
-            .iter()
-            .enumerate()
-            .filter(|(_, f)| !f.acked && f.attempts == 0)
-            .map(|(i, _)| (i, Vec::new()))
-            .collect();
-        self.send_fragments(&dir, id, due, now).await
-    }
-
-    async fn send_fragments(
-        &mut self,
-        dir: &Directory,
-        id: u64,
-        due: Vec<(usize, Vec<NodeId>)>,
-        now: u64,
-    ) -> Result<()> {
-        let items = due.into_iter().map(|(f, avoid)| (id, f, avoid)).collect();
-        self.send_many(dir, items, now).await
     }
 
     /// Builds and submits the deposit packets of (outgoing id, fragment) pairs in as few
@@ -1109,13 +1092,13 @@ impl Client {
     async fn send_many(
         &mut self,
         dir: &Directory,
-        items: Vec<(u64, usize, Vec<NodeId>)>,
+        items: Vec<(u64, usize)>,
         now: u64,
     ) -> Result<()> {
         let mut packets = Vec::new();
         let mut routes = Vec::new();
-        for (id, f, avoid) in items {
-            let (edge, packet, route) = self.deposit_packet(dir, id, f, now, &avoid)?;
+        for (id, f) in items {
+            let (edge, packet, route) = self.deposit_packet(dir, id, f, now)?;
             packets.push((edge, packet));
             routes.push((id, f, route, self.last_surb_route.clone()));
         }
@@ -1191,7 +1174,7 @@ impl Client {
         let id = self.queue(name, OutKind::Text, &app, expires, opts.at_ms)?;
         let result = match opts.at_ms {
             Some(at) => self.schedule(id, at).await,
-            None => self.transmit(id).await,
+            None => self.pump().await,
         };
         if result.is_err() {
             // Not handed to the mesh: forget it rather than send it later behind the user's
@@ -1228,7 +1211,7 @@ impl Client {
             .map_or(0, |o| o.fragments.len());
         let mut holds = Vec::new();
         for f in 0..count {
-            let (_, packet, route) = self.deposit_packet(&dir, id, f, release_ms, &[])?;
+            let (_, packet, route) = self.deposit_packet(&dir, id, f, release_ms)?;
             let Some(&timer) = timers.get(self.rng.random_range(0..timers.len())) else {
                 continue;
             };
@@ -1333,7 +1316,7 @@ impl Client {
         message: FinalMessage,
     ) -> Result<(String, Vec<u8>)> {
         let epoch = epoch_at(now_ms());
-        let route = self.route(dir, epoch, node, &[])?;
+        let route = self.route(dir, epoch, node)?;
         let delays = self.delays(route.len().saturating_sub(1));
         let packet = build_packet(
             &mut self.rng,
@@ -1419,16 +1402,15 @@ impl Client {
         Ok(())
     }
 
-    /// Retransmits what is due and gives up on what has had `attempts_max` sends.
-    async fn retransmit_due(&mut self) -> Result<()> {
-        let now = now_ms();
+    /// Decides, without I/O, what is due for a resend at `now`: marks as failed what has had
+    /// `attempts_max` sends (with a notice), charges the relays of lost routes, and returns
+    /// per outgoing message the fragments, holds and cancels to send again.
+    fn plan_retransmissions(&mut self, now: u64) -> Vec<Resend> {
         let after = self.state.settings.retransmit_after_ms;
         let max = self.state.settings.attempts_max;
         let mut failed = Vec::new();
         let mut lost: Vec<Vec<String>> = Vec::new();
-        // (outgoing id, fragments to resend, holds to resend, cancels to resend)
-        type Work = (u64, Vec<(usize, Vec<NodeId>)>, Vec<usize>, Vec<usize>);
-        let mut work: Vec<Work> = Vec::new();
+        let mut work: Vec<Resend> = Vec::new();
         for o in &self.state.outbox {
             let mut frags = Vec::new();
             let mut holds = Vec::new();
@@ -1455,7 +1437,7 @@ impl Client {
                             .collect();
                         relays.extend(f.surb_route.iter().cloned());
                         lost.push(relays);
-                        frags.push((i, Vec::new()));
+                        frags.push(i);
                     }
                     if o.state == OutState::Scheduled && o.release_ms.is_some_and(|r| now < r) {
                         for (i, h) in o.holds.iter().enumerate() {
@@ -1509,13 +1491,21 @@ impl Client {
             }
             work.retain(|w| w.0 != id);
         }
+        work
+    }
+
+    /// Retransmits what [`Self::plan_retransmissions`] finds due.
+    async fn retransmit_due(&mut self) -> Result<()> {
+        let now = now_ms();
+        let work = self.plan_retransmissions(now);
         if work.is_empty() {
             return Ok(());
         }
         let dir = self.directory().await?;
         for (id, frags, holds, cancels) in work {
             if !frags.is_empty() {
-                self.send_fragments(&dir, id, frags, now).await?;
+                self.send_many(&dir, frags.into_iter().map(|f| (id, f)).collect(), now)
+                    .await?;
             }
             if !holds.is_empty() {
                 self.send_holds(&dir, id, &holds).await?;
@@ -2191,10 +2181,11 @@ impl Client {
         let due = std::mem::take(&mut self.receipts_due);
         for ((name, kind), ids) in due {
             let app = AppMessage::Receipt { kind, of: ids };
-            if let Ok(id) = self.queue(&name, OutKind::Receipt, &app, None, None) {
-                let _ = self.transmit(id).await;
-            }
+            // A contact we can no longer write to simply gets no receipt.
+            let _ = self.queue(&name, OutKind::Receipt, &app, None, None);
         }
+        // Failures are retried by the next round's pump.
+        let _ = self.pump().await;
     }
 
     /// Received messages not shown yet, oldest first; marks them shown and, if the user sends
@@ -2396,7 +2387,7 @@ impl Client {
             },
         )?;
         let node = NodeId(m.node);
-        let route = self.route(&dir, epoch, &node, &[])?;
+        let route = self.route(&dir, epoch, &node)?;
         let delays = self.delays(route.len().saturating_sub(1));
         let packet = build_packet(
             &mut self.rng,
@@ -2469,4 +2460,95 @@ fn check_bundle(bundle: &PrekeyBundle, inv: &Invitation) -> Result<[u8; 32]> {
         .ok_or(ClientError::InvalidInvitation(
             "the inviter has no one-time key left: ask for a new invitation",
         ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(dir: &Path) -> Client {
+        let kdf = KdfParams {
+            m_kib: 64,
+            t: 1,
+            p: 1,
+        };
+        Client::init(
+            dir,
+            b"pw",
+            "http://127.0.0.1:9/v1/directory",
+            Settings::default(),
+            kdf,
+        )
+        .unwrap()
+    }
+
+    fn fragment(acked: bool, attempts: u32, sent_ms: u64) -> OutFragment {
+        OutFragment {
+            dedup: [1; 16],
+            envelope: Vec::new(),
+            acked,
+            attempts,
+            sent_ms,
+            route: vec!["ed".into(), "m1".into(), "dest".into()],
+            surb_route: vec!["m2".into()],
+        }
+    }
+
+    fn outgoing(id: u64, fragments: Vec<OutFragment>) -> Outgoing {
+        Outgoing {
+            id,
+            contact: "bob".into(),
+            kind: OutKind::Text,
+            message_id: [2; 16],
+            state: OutState::Sending,
+            created_ms: 0,
+            release_ms: None,
+            expires_ms: None,
+            fragments,
+            holds: Vec::new(),
+            retransmissions: 0,
+            len: 10,
+        }
+    }
+
+    #[test]
+    fn retransmission_plan_resends_what_is_overdue_and_gives_up_at_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = client(dir.path());
+        let now = 1_000_000;
+        let after = c.state.settings.retransmit_after_ms;
+        let max = c.state.settings.attempts_max;
+        c.state.outbox.push(outgoing(
+            1,
+            vec![
+                fragment(true, 1, 0),
+                fragment(false, 1, now - after),
+                fragment(false, 1, now - after + 1),
+            ],
+        ));
+        c.state
+            .outbox
+            .push(outgoing(2, vec![fragment(false, max, 0)]));
+        let plan = c.plan_retransmissions(now);
+        // Only the overdue, unacknowledged fragment of message 1; message 2 failed.
+        assert_eq!(plan, vec![(1, vec![1], vec![], vec![])]);
+        assert_eq!(c.state.outbox[1].state, OutState::Failed);
+        let notices = c.take_notices();
+        assert_eq!(notices.len(), 1);
+        assert_eq!(
+            (notices[0].kind.as_str(), notices[0].id),
+            ("failed", Some(2))
+        );
+        // The mixes of the lost route (forward and ack) are charged, not the edge or the
+        // destination.
+        let charged: Vec<&str> = c
+            .state
+            .relay_health
+            .iter()
+            .map(|h| h.node.as_str())
+            .collect();
+        assert_eq!(charged, ["m1", "m2"]);
+        // Planning again at once plans nothing new for the failed message.
+        assert!(c.plan_retransmissions(now).iter().all(|w| w.0 != 2));
+    }
 }

@@ -77,6 +77,8 @@ fn unreachable(node: &'static str) -> impl FnOnce(reqwest::Error) -> ClientError
         node,
         reason: if e.is_timeout() {
             "timed out".to_string()
+        } else if e.is_decode() {
+            "answered something that is not the expected JSON".to_string()
         } else if e.is_connect() {
             "connection failed".to_string()
         } else {

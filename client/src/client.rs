@@ -428,8 +428,9 @@ impl Client {
         let now = now_ms();
         let window =
             RELAY_HEALTH_WINDOW_MS.max(self.state.settings.retransmit_after_ms.saturating_mul(3));
-        // (ok, lost, losses since the last ok) per mix, over the window.
-        let score = |node: &NodeId| -> (u32, u32, u32) {
+        /// (acked routes, lost routes, losses since the last ack) of one mix.
+        type Score = (u32, u32, u32);
+        let score = |node: &NodeId| -> Score {
             let hex_id = hex::encode(node.0);
             let Some(h) = self.state.relay_health.iter().find(|h| h.node == hex_id) else {
                 return (0, 0, 0);
@@ -445,7 +446,7 @@ impl Client {
                     }
                 })
         };
-        let mut layers: BTreeMap<u32, Vec<(NodeId, (u32, u32, u32))>> = BTreeMap::new();
+        let mut layers: BTreeMap<u32, Vec<(NodeId, Score)>> = BTreeMap::new();
         for n in dir.nodes().filter(|n| n.has_role(Role::Mix)) {
             layers
                 .entry(n.mix_layer)

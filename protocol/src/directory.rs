@@ -38,6 +38,8 @@ pub const DESCRIPTOR_LEN_MAX: usize = 8 * 1024;
 pub const DIRECTORY_LEN_MAX: usize = 16 * 1024 * 1024;
 /// Most descriptors in a directory.
 pub const DIRECTORY_NODES_MAX: usize = 20_000;
+/// Draws from a role's nodes before route selection falls back to scanning the directory.
+const PICK_TRIES: u32 = 32;
 
 /// What a node does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -294,6 +296,12 @@ pub struct Rejection {
 #[derive(Clone, Debug, Default)]
 pub struct Directory {
     nodes: BTreeMap<NodeId, NodeDescriptor>,
+    /// Edge relays, in node-id order (so that route selection need not scan every node).
+    edges: Vec<NodeId>,
+    /// Mixes of layer `i + 1`, in node-id order.
+    mix_layers: Vec<Vec<NodeId>>,
+    /// Mailbox nodes, in node-id order.
+    mailboxes: Vec<NodeId>,
 }
 
 impl Directory {
@@ -344,7 +352,35 @@ impl Directory {
         }
         rejections.sort_by_key(|r| r.index);
         let nodes = nodes.into_iter().map(|(id, (_, d))| (id, d)).collect();
-        (Directory { nodes }, rejections)
+        (Directory::index(nodes), rejections)
+    }
+
+    fn index(nodes: BTreeMap<NodeId, NodeDescriptor>) -> Directory {
+        let edges = nodes
+            .values()
+            .filter(|n| n.has_role(Role::Edge))
+            .map(|n| n.node_id)
+            .collect();
+        let mix_layers = (1..=MIX_LAYERS_MAX)
+            .map(|layer| {
+                nodes
+                    .values()
+                    .filter(|n| n.has_role(Role::Mix) && n.mix_layer == layer)
+                    .map(|n| n.node_id)
+                    .collect()
+            })
+            .collect();
+        let mailboxes = nodes
+            .values()
+            .filter(|n| n.has_role(Role::Mailbox))
+            .map(|n| n.node_id)
+            .collect();
+        Directory {
+            nodes,
+            edges,
+            mix_layers,
+            mailboxes,
+        }
     }
 
     /// Decodes a `Directory` protobuf and validates it as [`Directory::build`] does.
@@ -395,6 +431,44 @@ impl Directory {
             node: node.node_id,
             sphinx_key: *key,
         })
+    }
+
+    /// A uniform choice among `pool`'s nodes that pass `wanted`, are not in `exclude` and have
+    /// a key for `epoch`. Draws from the pool and rejects misses (uniform over the accepted
+    /// subset); after [`PICK_TRIES`] misses (most of the pool excluded) it falls back to the
+    /// full scan, which has the same distribution.
+    fn pick_from<R: rand::CryptoRng + ?Sized>(
+        &self,
+        rng: &mut R,
+        epoch: KeyEpoch,
+        exclude: &[RouteHop],
+        pool: &[NodeId],
+        wanted: impl Fn(&NodeDescriptor) -> bool,
+    ) -> Option<RouteHop> {
+        let len = u64::try_from(pool.len()).ok()?;
+        if len == 0 {
+            return None;
+        }
+        let zone = u64::MAX - (u64::MAX % len);
+        let mut tries = 0;
+        while tries < PICK_TRIES {
+            let x = rng.next_u64();
+            if x >= zone {
+                continue;
+            }
+            tries += 1;
+            let candidate = pool
+                .get(usize::try_from(x % len).ok()?)
+                .and_then(|id| self.nodes.get(id));
+            if let Some(n) = candidate
+                && !exclude.iter().any(|hop| hop.node == n.node_id)
+                && wanted(n)
+                && let Some(hop) = self.hop(n, epoch)
+            {
+                return Some(hop);
+            }
+        }
+        self.pick(rng, epoch, exclude, wanted)
     }
 
     fn pick<R: rand::CryptoRng + ?Sized>(
@@ -463,14 +537,19 @@ impl Directory {
         let mut route = Vec::with_capacity(HOPS_MAX);
         route.push(last.clone());
         let edge = self
-            .pick(rng, epoch, &route, |n| {
+            .pick_from(rng, epoch, &route, &self.edges, |n| {
                 n.has_role(Role::Edge) && !avoid.contains(&n.node_id)
             })
             .ok_or(Error::NoRoute("no edge relay with a key for the epoch"))?;
         route.push(edge);
         for layer in 1..=mix_layers {
+            let pool = self
+                .mix_layers
+                .get(usize::try_from(layer).unwrap_or(usize::MAX).wrapping_sub(1))
+                .map(Vec::as_slice)
+                .unwrap_or_default();
             let mix = self
-                .pick(rng, epoch, &route, |n| {
+                .pick_from(rng, epoch, &route, pool, |n| {
                     n.has_role(Role::Mix) && n.mix_layer == layer && !avoid.contains(&n.node_id)
                 })
                 .ok_or(Error::NoRoute("a mix layer has no other node with a key"))?;
@@ -485,24 +564,22 @@ impl Directory {
     /// hashing: each mailbox node scores SHA-256(domain ‖ mailbox ‖ node), highest first.
     /// Adding or removing a node moves only the mailboxes that scored it among their top R.
     pub fn mailbox_replicas(&self, mailbox: &MailboxId, replicas: usize) -> Vec<NodeId> {
-        let mut scored: Vec<([u8; 32], NodeId)> = self
-            .nodes
-            .values()
-            .filter(|n| n.has_role(Role::Mailbox))
-            .map(|n| {
-                let mut h = Sha256::new();
-                h.update(RENDEZVOUS_PREFIX);
-                h.update(mailbox.as_bytes());
-                h.update(n.node_id.as_bytes());
-                (h.finalize().into(), n.node_id)
-            })
-            .collect();
-        scored.sort_by(|a, b| b.cmp(a));
-        scored
-            .into_iter()
-            .take(replicas)
-            .map(|(_, id)| id)
-            .collect()
+        let mut prefix = Sha256::new();
+        prefix.update(RENDEZVOUS_PREFIX);
+        prefix.update(mailbox.as_bytes());
+        // Keep the best `replicas` scores only (highest first): O(nodes × replicas).
+        let mut best: Vec<([u8; 32], NodeId)> = Vec::with_capacity(replicas.saturating_add(1));
+        for node in &self.mailboxes {
+            let mut h = prefix.clone();
+            h.update(node.as_bytes());
+            let score: [u8; 32] = h.finalize().into();
+            let at = best.partition_point(|(s, id)| (*s, *id) > (score, *node));
+            if at < replicas {
+                best.insert(at, (score, *node));
+                best.truncate(replicas);
+            }
+        }
+        best.into_iter().map(|(_, id)| id).collect()
     }
 }
 

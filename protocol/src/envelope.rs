@@ -401,6 +401,32 @@ impl Envelope {
         Envelope::from_wire(wire::decode(bytes, PLAINTEXT_LEN_MAX)?)
     }
 
+    /// An envelope whose sealed part is `ciphertext_len` zero bytes instead of an HPKE
+    /// ciphertext: nobody can open it. For the simulator's `fast` mode only, where nodes
+    /// treat the sealed part as opaque bytes and the simulated recipient identifies the
+    /// message by its dedup id. Fails like [`Envelope::seal`] on the reserved mailbox id and
+    /// on a length above the maximum.
+    #[doc(hidden)]
+    pub fn filler(outer: OuterFields, ciphertext_len: usize) -> Result<Envelope> {
+        if outer.mailbox_id.0 == [0u8; 32] {
+            return Err(Error::InvalidArgument(
+                "the all-zero mailbox id is reserved (node service address)",
+            ));
+        }
+        if ciphertext_len > CIPHERTEXT_LEN_MAX {
+            return Err(Error::TooLarge {
+                what: "envelope content",
+                len: ciphertext_len,
+                max: CIPHERTEXT_LEN_MAX,
+            });
+        }
+        Ok(Envelope {
+            outer,
+            hpke_enc: [0u8; HPKE_ENC_SIZE],
+            ciphertext: vec![0u8; ciphertext_len],
+        })
+    }
+
     /// Length of the sealed part.
     pub fn ciphertext_len(&self) -> usize {
         self.ciphertext.len()

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use whispr_protocol::directory::Directory;
 use whispr_protocol::sphinx::{
-    HopAction, Packet, ReplayFilter, ReplayTag, SphinxSecretKey, process_packet,
+    HopAction, Packet, PacketProcessor, ReplayFilter, ReplayTag, SphinxProcessor, SphinxSecretKey,
 };
 use whispr_protocol::{
     DestinationAddress, Error as ProtocolError, KeyEpoch, NodeId, SurbId, UnixTime,
@@ -423,6 +423,7 @@ fn admit(bucket: &mut Bucket, limit: &RateLimit, now: UnixTime) -> Admit {
 /// The router of one node.
 pub struct Router {
     local: NodeId,
+    processor: Arc<dyn PacketProcessor>,
     config: RouterConfig,
     keys: Vec<(KeyEpoch, SphinxSecretKey)>,
     has_destination: bool,
@@ -459,9 +460,20 @@ impl Router {
     /// A router for node `local`. `has_destination`: this node has a local destination
     /// (mailbox or timer core) for final payloads.
     pub fn new(local: NodeId, config: RouterConfig, has_destination: bool) -> Router {
+        Router::with_processor(local, config, has_destination, Arc::new(SphinxProcessor))
+    }
+
+    /// [`Router::new`] with another packet processor (the simulator's `fast` codec).
+    pub fn with_processor(
+        local: NodeId,
+        config: RouterConfig,
+        has_destination: bool,
+        processor: Arc<dyn PacketProcessor>,
+    ) -> Router {
         let filter = ReplayFilter::new(config.replay_tags_per_epoch_max);
         Router {
             local,
+            processor,
             config,
             keys: Vec::new(),
             has_destination,
@@ -605,8 +617,10 @@ impl Router {
             })
             .collect();
         let key_refs: Vec<&SphinxSecretKey> = keys.iter().map(|(_, k)| *k).collect();
-        let processed =
-            process_packet(&key_refs, bytes).map_err(|e| DropReason::from_protocol(&e))?;
+        let processed = self
+            .processor
+            .process(&key_refs, bytes)
+            .map_err(|e| DropReason::from_protocol(&e))?;
         let epoch = keys
             .get(processed.key_index)
             .map(|(e, _)| *e)

@@ -1,0 +1,2281 @@
+//! The simulated network: real routers ([`whispr_relay::router::Router`]), real mailbox cores
+//! ([`whispr_mailbox::core::MailboxCore`] over the in-memory store) and real timer cores
+//! ([`whispr_timer_service::holds::HoldAssembler`] and
+//! [`whispr_timer_service::queue::TimerQueue`] over the in-memory task store), joined by
+//! simulated links, driven by simulated clients, one event at a time.
+//!
+//! Clients are modelled here (the client crate does HTTP inline): each has one mailbox on the
+//! node rendezvous hashing gives it; it sends each fragment as a sealed-sender deposit in a
+//! packet built for a stratified route with exponential per-hop delays and a SURB for the
+//! deposit ack back into its own mailbox, retransmits unacknowledged fragments, fetches its
+//! mailbox through the core's owner API when something is stored for it and it is online,
+//! and sends loop cover traffic. The observer and the metrics see everything; the nodes see
+//! only what the real nodes would.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use rand::{Rng, RngExt, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use sha2::{Digest, Sha256};
+use whispr_mailbox::config::CoreConfig;
+use whispr_mailbox::core::{
+    CreateMailbox, Incoming, MailboxCore, MessageBody, Output as CoreOutput,
+};
+use whispr_mailbox::crypto::MasterKey;
+use whispr_mailbox::store::MemoryStore;
+use whispr_protocol::directory::{Directory, NodeDescriptor, Role, SignedDescriptor};
+use whispr_protocol::envelope::{
+    Envelope, EnvelopeContent, MailboxPublicKey, MailboxSecretKey, OuterFields,
+};
+use whispr_protocol::fragment::{FRAGMENT_DATA_LEN, Fragment, fragment_message};
+use whispr_protocol::mailbox_api::create_transcript;
+use whispr_protocol::payload::{FinalMessage, HeldPacketPart, Reply};
+use whispr_protocol::sphinx::{PACKET_SIZE, SphinxPublicKey, SphinxSecretKey};
+use whispr_protocol::{
+    AccessToken, DedupId, DestinationAddress, HoldId, KeyEpoch, MailboxId, MessageId, NodeId,
+    ReplyKey, SurbId, UnixTime,
+};
+use whispr_relay::router::{
+    ClientId, Delivery, Input, Output as RouterOutput, RateLimit, Router, RouterConfig, Source,
+};
+use whispr_timer_service::config::QueueConfig;
+use whispr_timer_service::deferred::DeferredSend;
+use whispr_timer_service::holds::{HoldAssembler, HoldConfig, PartOutcome};
+use whispr_timer_service::queue::TimerQueue;
+use whispr_timer_service::store::MemoryStore as TaskStore;
+use whispr_timer_service::task::{Category, NewTask, TaskId};
+
+use crate::anonymity::{self, Entry};
+use crate::codec::{Mode, Recovery};
+use crate::engine::{EventQueue, RngTree};
+use crate::links::{Link, Partition};
+use crate::scenario::{ChurnAction, GraphSpec, Scenario, ScenarioError, SizeSpec};
+
+/// Simulated time zero (2027-01-15): a fixed date, so runs do not depend on the clock.
+pub const START_MS: u64 = 1_800_000_000_000;
+const RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// What a node is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeKind {
+    /// Edge relay.
+    Edge,
+    /// Mix of a layer (1-based).
+    Mix(u32),
+    /// Mailbox node.
+    Mailbox,
+    /// Timer node.
+    Timer,
+}
+
+struct TimerCore {
+    holds: HoldAssembler,
+    queue: TimerQueue<TaskStore, ChaCha20Rng>,
+}
+
+struct Node {
+    name: String,
+    kind: NodeKind,
+    id: NodeId,
+    keys: Vec<(KeyEpoch, [u8; 32])>,
+    descriptor: SignedDescriptor,
+    router: Router,
+    up: bool,
+    in_directory: bool,
+    compromised: bool,
+    wake_at: Option<u64>,
+    mailbox: Option<MailboxCore<MemoryStore, ChaCha20Rng>>,
+    master: [u8; 32],
+    timer: Option<TimerCore>,
+    timer_due: Option<u64>,
+    persisted_tags: Vec<(KeyEpoch, whispr_protocol::sphinx::ReplayTag)>,
+    restarts: u64,
+    peak_bytes: u64,
+    peak_messages: u64,
+}
+
+struct Client {
+    signing: SigningKey,
+    mailbox_id: MailboxId,
+    access: AccessToken,
+    reply_key: ReplyKey,
+    hpke: Option<MailboxSecretKey>,
+    hpke_public: Option<MailboxPublicKey>,
+    node: u32,
+    contacts: Vec<u32>,
+    sender: bool,
+    online: bool,
+    fetch_scheduled: bool,
+    rng: ChaCha20Rng,
+    pending: HashMap<SurbId, (u32, u16, Recovery)>,
+}
+
+#[derive(Clone, Debug)]
+struct Frag {
+    dedup: DedupId,
+    attempts: u8,
+    stored: bool,
+    fetched: bool,
+    acked: bool,
+    /// First attempt's send time, route (node indices) and chosen delays, for sampled
+    /// messages.
+    trace: Option<Trace>,
+}
+
+#[derive(Clone, Debug)]
+struct Trace {
+    sent_ms: u64,
+    route: Vec<u32>,
+    delays_ms: Vec<u64>,
+    exit_ms: Option<u64>,
+}
+
+struct Msg {
+    from: u32,
+    to: u32,
+    sent_ms: u64,
+    size: u64,
+    frags: Vec<Frag>,
+    stored_frags: u16,
+    fetched_frags: u16,
+    acked_frags: u16,
+    stored_ms: Option<u64>,
+    delivered_ms: Option<u64>,
+    acked_ms: Option<u64>,
+    expires_ms: Option<u64>,
+    failed: bool,
+    sampled: bool,
+    /// Real mode: the message id and its fragments (for sealing and retransmission).
+    real: Option<(MessageId, Vec<Fragment>)>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Side {
+    Frag(u32, u16),
+    Cover(u32),
+}
+
+#[derive(Clone, Copy, Debug)]
+enum From {
+    Peer(u32),
+    Client(u32),
+}
+
+#[derive(Debug)]
+enum Ev {
+    Arrive { node: u32, from: From, bytes: Vec<u8> },
+    Wake { node: u32 },
+    NextMessage { client: u32 },
+    Cover { client: u32 },
+    Retransmit { msg: u32, frag: u16, attempt: u8 },
+    Toggle { client: u32 },
+    Fetch { client: u32 },
+    Sweep { node: u32 },
+    TimerDue { node: u32 },
+    Churn { node: u32, action: ChurnAction },
+    RandomCrash { node: u32 },
+    Sample,
+    Final,
+}
+
+impl Ev {
+    fn label(&self) -> &'static str {
+        match self {
+            Ev::Arrive { .. } => "arrive",
+            Ev::Wake { .. } => "wake",
+            Ev::NextMessage { .. } => "message",
+            Ev::Cover { .. } => "cover",
+            Ev::Retransmit { .. } => "retransmit",
+            Ev::Toggle { .. } => "toggle",
+            Ev::Fetch { .. } => "fetch",
+            Ev::Sweep { .. } => "sweep",
+            Ev::TimerDue { .. } => "timer",
+            Ev::Churn { .. } => "churn",
+            Ev::RandomCrash { .. } => "crash",
+            Ev::Sample => "sample",
+            Ev::Final => "final",
+        }
+    }
+
+    fn subject(&self) -> i64 {
+        match self {
+            Ev::Arrive { node, .. }
+            | Ev::Wake { node }
+            | Ev::Sweep { node }
+            | Ev::TimerDue { node }
+            | Ev::Churn { node, .. }
+            | Ev::RandomCrash { node } => i64::from(*node),
+            Ev::NextMessage { client }
+            | Ev::Cover { client }
+            | Ev::Toggle { client }
+            | Ev::Fetch { client } => i64::from(*client),
+            Ev::Retransmit { msg, .. } => i64::from(*msg),
+            Ev::Sample | Ev::Final => -1,
+        }
+    }
+}
+
+/// Counters gathered during a run.
+#[derive(Clone, Debug, Default)]
+pub struct Counters {
+    /// Messages the workload created.
+    pub messages_sent: u64,
+    /// Of which scheduled sends.
+    pub scheduled_sent: u64,
+    /// Fragments sent (first attempts).
+    pub fragments_sent: u64,
+    /// Retransmitted fragment packets.
+    pub retransmissions: u64,
+    /// Cover packets sent.
+    pub cover_sent: u64,
+    /// Cover packets fetched back.
+    pub cover_received: u64,
+    /// Hold-part packets sent to timer nodes.
+    pub hold_parts_sent: u64,
+    /// Packets put on any link (client or node).
+    pub link_packets: u64,
+    /// Bytes put on any link.
+    pub wire_bytes: u64,
+    /// Packets lost on links (loss probability).
+    pub lost_link: u64,
+    /// Packets lost to partitions.
+    pub lost_partition: u64,
+    /// Packets sent to a node that was down.
+    pub lost_down: u64,
+    /// Router drops by reason.
+    pub router_drops: BTreeMap<String, u64>,
+    /// Deposits refused by mailbox cores, by reason.
+    pub deposit_refusals: BTreeMap<String, u64>,
+    /// Final payloads refused (wrong kind for the node).
+    pub payloads_refused: u64,
+    /// Deposit acks received by senders.
+    pub acks_received: u64,
+    /// Transport duplicates a recipient fetched (suppressed by its dedup).
+    pub duplicate_fragments_fetched: u64,
+    /// Fragments that failed at the sender (no route, or attempts exhausted).
+    pub fragments_failed: u64,
+    /// Route selections that failed.
+    pub no_route: u64,
+    /// Holds accepted and scheduled by timer nodes.
+    pub holds_scheduled: u64,
+    /// Holds released by timer nodes.
+    pub holds_released: u64,
+    /// Node crashes (scripted and random).
+    pub crashes: u64,
+    /// Events by kind.
+    pub events: BTreeMap<&'static str, u64>,
+    /// Replies that could not be sent through their SURB.
+    pub replies_failed: u64,
+    /// Packet hops processed by routers (packets offered to a router).
+    pub packet_hops: u64,
+}
+
+/// One time-series sample.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Sample {
+    /// Simulated seconds since the start.
+    pub t_s: f64,
+    /// Messages sent so far.
+    pub sent: u64,
+    /// Messages delivered so far.
+    pub delivered: u64,
+    /// Messages fully acknowledged so far.
+    pub acked: u64,
+    /// Messages failed so far.
+    pub failed: u64,
+    /// Events waiting in the queue (packets in flight and timers).
+    pub pending_events: u64,
+    /// Bytes put on links so far.
+    pub wire_bytes: u64,
+    /// Bytes stored on all mailbox nodes now.
+    pub stored_bytes: u64,
+    /// Nodes up now.
+    pub nodes_up: u64,
+}
+
+/// Per-message results the report needs.
+#[derive(Clone, Debug, Default)]
+pub struct Results {
+    /// Delivery latencies, ms (send or release → recipient has every fragment).
+    pub latency_ms: Vec<f64>,
+    /// Network latencies, ms (send or release → last fragment stored at the mailbox).
+    pub network_latency_ms: Vec<f64>,
+    /// Delivery time (s since start) of each delivered message.
+    pub delivered_at_s: Vec<f64>,
+    /// Per sampled message: (entropy bits, anonymity set, normalised degree, attack right).
+    pub anonymity: Vec<(f64, f64, f64, bool)>,
+    /// Sampled messages whose whole route was compromised (sender linked to recipient).
+    pub fully_traced: u64,
+    /// Messages sent, delivered, acknowledged, failed, expired undelivered.
+    pub sent: u64,
+    /// Delivered.
+    pub delivered: u64,
+    /// Acknowledged.
+    pub acked: u64,
+    /// Failed.
+    pub failed: u64,
+    /// Expired before delivery.
+    pub expired_undelivered: u64,
+    /// Delivered messages' fragments.
+    pub delivered_fragments: u64,
+    /// Delivered messages' bytes.
+    pub delivered_bytes: u64,
+    /// Invariant violations (empty when the run is correct).
+    pub violations: Vec<String>,
+    /// Counters.
+    pub counters: Counters,
+    /// Time series.
+    pub samples: Vec<Sample>,
+    /// Per mailbox node: peak stored bytes and messages.
+    pub mailbox_peaks: Vec<(u64, u64)>,
+    /// Events processed.
+    pub events: u64,
+    /// Number of nodes and clients.
+    pub nodes: usize,
+    /// Clients.
+    pub clients: usize,
+    /// Messages whose recipient's mailbox node is compromised.
+    pub recipient_node_compromised: u64,
+}
+
+/// A simulation ready to run.
+pub struct World {
+    sc: Scenario,
+    mode: Mode,
+    q: EventQueue<Ev>,
+    link_rng: ChaCha20Rng,
+    work_rng: ChaCha20Rng,
+    nodes: Vec<Node>,
+    index: HashMap<NodeId, u32>,
+    clients: Vec<Client>,
+    by_mailbox: HashMap<MailboxId, u32>,
+    directory: Arc<Directory>,
+    node_link: Link,
+    client_link: Link,
+    node_latency_mean: f64,
+    client_latency_mean: f64,
+    partitions: Vec<Partition>,
+    msgs: Vec<Msg>,
+    side: HashMap<DedupId, Side>,
+    by_message_id: HashMap<MessageId, u32>,
+    entries: Vec<Entry>,
+    counters: Counters,
+    samples: Vec<Sample>,
+    end_ms: u64,
+    send_end_ms: u64,
+    sample_stride: u64,
+    envelope_overhead: usize,
+    keep_tags: bool,
+    timers: Vec<u32>,
+    log: Option<Box<dyn Write>>,
+    violations: Vec<String>,
+    stop_after: Option<u64>,
+}
+
+fn ms(t: UnixTime) -> u64 {
+    t.0
+}
+
+fn exp_ms<R: Rng + ?Sized>(rng: &mut R, mean_ms: f64) -> f64 {
+    let u: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
+    -u.ln() * mean_ms
+}
+
+fn poisson_gap<R: Rng + ?Sized>(rng: &mut R, per_min: f64) -> Option<u64> {
+    if per_min <= 0.0 {
+        return None;
+    }
+    let gap = exp_ms(rng, 60_000.0 / per_min).ceil();
+    Some((gap as u64).max(1))
+}
+
+fn node_name(kind: NodeKind, i: usize) -> String {
+    match kind {
+        NodeKind::Edge => format!("edge-{i}"),
+        NodeKind::Mix(l) => format!("mix-{l}-{i}"),
+        NodeKind::Mailbox => format!("mailbox-{i}"),
+        NodeKind::Timer => format!("timer-{i}"),
+    }
+}
+
+fn matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => pattern == name,
+    }
+}
+
+impl World {
+    /// Builds the network for `sc` with `seed`. `base` is the scenario file's directory (for
+    /// latency matrices). Optionally logs every event to `log`.
+    pub fn new(
+        sc: Scenario,
+        seed: u64,
+        base: &std::path::Path,
+        log: Option<Box<dyn Write>>,
+    ) -> Result<World, ScenarioError> {
+        let tree = RngTree::new(seed);
+        let mode = sc.mode;
+        let node_link = sc.node_link(base)?;
+        let client_link = sc.client_link(base)?;
+        let node_latency_mean = sc.links.latency.mean_ms(&node_link.latency);
+        let client_latency_mean = sc.links.client_latency.mean_ms(&client_link.latency);
+        let start = UnixTime(START_MS);
+        let send_end_ms = START_MS + (sc.duration_s * 1000.0) as u64;
+        let end_ms = send_end_ms + (sc.drain_s * 1000.0) as u64;
+        let horizon = end_ms + (sc.workload.schedule_ahead_s * 1000.0) as u64 + 3_600_000;
+        let epoch_len = whispr_protocol::KEY_EPOCH_LEN.as_millis() as u64;
+        let first_epoch = START_MS / epoch_len;
+        let last_epoch = horizon / epoch_len;
+        if last_epoch - first_epoch >= 16 {
+            return Err(ScenarioError::Invalid(
+                "duration + drain + schedule_ahead must fit in 15 key epochs (15 h)".into(),
+            ));
+        }
+        let t = &sc.topology;
+        let mut kinds: Vec<(NodeKind, usize, bool)> = Vec::new();
+        for i in 0..t.edges {
+            kinds.push((NodeKind::Edge, i, true));
+        }
+        for layer in 1..=t.mix_layers {
+            for i in 0..t.mixes_per_layer + sc.churn.late_mixes_per_layer {
+                kinds.push((NodeKind::Mix(layer), i, i < t.mixes_per_layer));
+            }
+        }
+        for i in 0..t.mailboxes {
+            kinds.push((NodeKind::Mailbox, i, true));
+        }
+        for i in 0..t.timers {
+            kinds.push((NodeKind::Timer, i, true));
+        }
+        let mut adversary = tree.stream("adversary", 0);
+        let mut nodes = Vec::with_capacity(kinds.len());
+        let mut index = HashMap::new();
+        for (n, (kind, i, present)) in kinds.into_iter().enumerate() {
+            let mut rng = tree.stream("node", n as u64);
+            let mut seed_bytes = [0u8; 32];
+            rng.fill_bytes(&mut seed_bytes);
+            let identity = SigningKey::from_bytes(&seed_bytes);
+            let id = NodeId(identity.verifying_key().to_bytes());
+            let mut keys = Vec::new();
+            let mut public = BTreeMap::new();
+            for e in first_epoch..=last_epoch {
+                let mut k = [0u8; 32];
+                rng.fill_bytes(&mut k);
+                let secret = SphinxSecretKey::from(k);
+                public.insert(KeyEpoch(e), SphinxPublicKey::from(&secret));
+                keys.push((KeyEpoch(e), k));
+            }
+            let (roles, layer) = match kind {
+                NodeKind::Edge => (vec![Role::Edge], 0),
+                NodeKind::Mix(l) => (vec![Role::Mix], l),
+                NodeKind::Mailbox => (vec![Role::Mailbox], 0),
+                NodeKind::Timer => (vec![Role::Timer], 0),
+            };
+            let descriptor = NodeDescriptor {
+                node_id: id,
+                peer_id: id.libp2p_peer_id_bytes(),
+                roles: roles.into_iter().collect(),
+                mix_layer: layer,
+                addresses: Vec::new(),
+                api_url: None,
+                sphinx_keys: public,
+                published_at: start,
+                expires_at: UnixTime(horizon + 86_400_000),
+            }
+            .sign(&identity)
+            .map_err(|e| ScenarioError::Invalid(format!("descriptor: {e}")))?;
+            let fraction = match kind {
+                NodeKind::Edge | NodeKind::Mix(_) => sc.adversary.compromised_relays,
+                NodeKind::Mailbox => sc.adversary.compromised_mailboxes,
+                NodeKind::Timer => sc.adversary.compromised_timers,
+            };
+            let compromised = fraction > 0.0 && adversary.random_range(0.0..1.0) < fraction;
+            let mut master = [0u8; 32];
+            rng.fill_bytes(&mut master);
+            let mut node = Node {
+                name: node_name(kind, i),
+                kind,
+                id,
+                keys,
+                descriptor,
+                router: Router::new(id, RouterConfig::default(), false),
+                up: present,
+                in_directory: present,
+                compromised,
+                wake_at: None,
+                mailbox: None,
+                master,
+                timer: None,
+                timer_due: None,
+                persisted_tags: Vec::new(),
+                restarts: 0,
+                peak_bytes: 0,
+                peak_messages: 0,
+            };
+            index.insert(id, n as u32);
+            node.router = Self::make_router(&sc, mode, &node);
+            nodes.push(node);
+        }
+        let keep_tags = !sc.churn.events.is_empty() || sc.churn.relay_crashes_per_hour > 0.0;
+        let mut world = World {
+            mode,
+            q: EventQueue::new(start),
+            link_rng: tree.stream("links", 0),
+            work_rng: tree.stream("workload", 0),
+            nodes,
+            index,
+            clients: Vec::new(),
+            by_mailbox: HashMap::new(),
+            directory: Arc::new(Directory::default()),
+            node_link,
+            client_link,
+            node_latency_mean,
+            client_latency_mean,
+            partitions: Vec::new(),
+            msgs: Vec::new(),
+            side: HashMap::new(),
+            by_message_id: HashMap::new(),
+            entries: Vec::new(),
+            counters: Counters::default(),
+            samples: Vec::new(),
+            end_ms,
+            send_end_ms,
+            sample_stride: 1,
+            envelope_overhead: 0,
+            keep_tags,
+            timers: Vec::new(),
+            log,
+            violations: Vec::new(),
+            stop_after: None,
+            sc,
+        };
+        world.partitions = world.resolve_partitions()?;
+        world.rebuild_directory();
+        world.open_destinations(start)?;
+        world.envelope_overhead = Self::measure_envelope_overhead(&tree)?;
+        world.make_clients(&tree, start)?;
+        world.schedule_start(&tree);
+        Ok(world)
+    }
+
+    /// Stops after `events` events (for benchmarks of a prefix of a long run).
+    pub fn stop_after(&mut self, events: u64) {
+        self.stop_after = Some(events);
+    }
+
+    fn make_router(sc: &Scenario, mode: Mode, node: &Node) -> Router {
+        let client_rate = match sc.limits.client_packets_per_min {
+            0 => RateLimit::unlimited(),
+            n => RateLimit {
+                per_minute: n,
+                burst: n,
+                ..RateLimit::per_connection()
+            },
+        };
+        let config = RouterConfig {
+            queue_max: sc.limits.router_queue_max,
+            replay_tags_per_epoch_max: sc.limits.replay_tags_per_epoch_max,
+            peer_rate: RateLimit::unlimited(),
+            client_rate,
+            edge: node.kind == NodeKind::Edge,
+            ..RouterConfig::default()
+        };
+        let has_destination = matches!(node.kind, NodeKind::Mailbox | NodeKind::Timer);
+        let mut router = Router::with_processor(node.id, config, has_destination, mode.processor());
+        router.set_keys(
+            node.keys
+                .iter()
+                .map(|(e, k)| (*e, SphinxSecretKey::from(*k)))
+                .collect(),
+        );
+        router
+    }
+
+    fn measure_envelope_overhead(tree: &RngTree) -> Result<usize, ScenarioError> {
+        // The HPKE ciphertext's length beyond the fragment data, measured on a real seal so
+        // that fast mode stores exactly the bytes real mode would.
+        let mut rng = tree.stream("calibration", 0);
+        let secret = MailboxSecretKey::generate(&mut rng);
+        let signing = SigningKey::from_bytes(&[7u8; 32]);
+        let data = vec![0u8; 100];
+        let frags = fragment_message(MessageId::random(&mut rng), &data)
+            .map_err(|e| ScenarioError::Invalid(e.to_string()))?;
+        let frag = frags
+            .first()
+            .ok_or_else(|| ScenarioError::Invalid("no fragment".into()))?;
+        let access_token = AccessToken::random(&mut rng);
+        let dedup_id = DedupId::random(&mut rng);
+        let env = Envelope::seal(
+            &mut rng,
+            &secret.public_key(),
+            &signing,
+            OuterFields {
+                mailbox_id: MailboxId([1u8; 32]),
+                access_token,
+                dedup_id,
+                expires_at: None,
+                ack_surb: None,
+            },
+            &EnvelopeContent {
+                message_id: frag.message_id,
+                fragment: frag.info.clone(),
+                content: frag.data.clone(),
+            },
+        )
+        .map_err(|e| ScenarioError::Invalid(e.to_string()))?;
+        Ok(env.ciphertext_len().saturating_sub(data.len()))
+    }
+
+    fn resolve_partitions(&self) -> Result<Vec<Partition>, ScenarioError> {
+        let mut out = Vec::new();
+        for p in &self.sc.links.partitions {
+            let mut groups = Vec::new();
+            for g in &p.groups {
+                let members: Vec<usize> = self
+                    .nodes
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, n)| g.iter().any(|pat| matches(pat, &n.name)))
+                    .map(|(i, _)| i)
+                    .collect();
+                if members.is_empty() {
+                    return Err(ScenarioError::Invalid(format!(
+                        "partition group {g:?} names no node"
+                    )));
+                }
+                groups.push(members);
+            }
+            out.push(Partition {
+                start_ms: START_MS + (p.start_s * 1000.0) as u64,
+                end_ms: START_MS + (p.end_s * 1000.0) as u64,
+                groups,
+            });
+        }
+        Ok(out)
+    }
+
+    fn rebuild_directory(&mut self) {
+        let descriptors: Vec<SignedDescriptor> = self
+            .nodes
+            .iter()
+            .filter(|n| n.in_directory)
+            .map(|n| n.descriptor.clone())
+            .collect();
+        let (directory, _rejected) = Directory::build(UnixTime(START_MS), &descriptors);
+        self.directory = Arc::new(directory);
+        let now = self.q.now();
+        for n in &mut self.nodes {
+            let _ = n
+                .router
+                .handle_input(now, Input::Directory(self.directory.clone()));
+        }
+        self.timers = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.in_directory && n.kind == NodeKind::Timer)
+            .map(|(i, _)| i as u32)
+            .collect();
+    }
+
+    fn core_config(&self) -> CoreConfig {
+        CoreConfig {
+            deposits_per_min: self.sc.limits.deposits_per_mailbox_per_min,
+            mailboxes_max: self.sc.topology.clients.max(1),
+            ..CoreConfig::default()
+        }
+    }
+
+    fn open_destinations(&mut self, now: UnixTime) -> Result<(), ScenarioError> {
+        for i in 0..self.nodes.len() {
+            self.open_destination(i, MemoryStore::new(), TaskStore::new(), now)?;
+        }
+        Ok(())
+    }
+
+    fn open_destination(
+        &mut self,
+        i: usize,
+        store: MemoryStore,
+        tasks: TaskStore,
+        now: UnixTime,
+    ) -> Result<(), ScenarioError> {
+        let config = self.core_config();
+        let seed = 0x5eed_0000 + i as u64 + self.get(i).map_or(0, |n| n.restarts) * 1_000_003;
+        let Some(node) = self.nodes.get_mut(i) else {
+            return Ok(());
+        };
+        match node.kind {
+            NodeKind::Mailbox => {
+                let rng = ChaCha20Rng::seed_from_u64(seed ^ u64::from_be_bytes(
+                    node.master[..8].try_into().unwrap_or([0; 8]),
+                ));
+                let core = MailboxCore::open(
+                    config,
+                    store,
+                    MasterKey::from_bytes(&node.master),
+                    rng,
+                    now,
+                )
+                .map_err(|e| ScenarioError::Invalid(format!("mailbox core: {e}")))?;
+                node.mailbox = Some(core);
+            }
+            NodeKind::Timer => {
+                let rng = ChaCha20Rng::seed_from_u64(seed);
+                let queue = TimerQueue::open(QueueConfig::default(), tasks, rng)
+                    .map_err(|e| ScenarioError::Invalid(format!("timer queue: {e}")))?;
+                node.timer = Some(TimerCore {
+                    holds: HoldAssembler::new(HoldConfig::default()),
+                    queue,
+                });
+            }
+            _ => {}
+        }
+        self.drain_core(i);
+        Ok(())
+    }
+
+    fn get(&self, i: usize) -> Option<&Node> {
+        self.nodes.get(i)
+    }
+
+    fn make_clients(&mut self, tree: &RngTree, now: UnixTime) -> Result<(), ScenarioError> {
+        let n = self.sc.topology.clients;
+        let real = self.mode == Mode::Real;
+        for c in 0..n {
+            let mut rng = tree.stream("client", c as u64);
+            let mut seed = [0u8; 32];
+            rng.fill_bytes(&mut seed);
+            let signing = SigningKey::from_bytes(&seed);
+            let mailbox_id = MailboxId::random(&mut rng);
+            let access = AccessToken::random(&mut rng);
+            let reply_key = ReplyKey::random(&mut rng);
+            let (hpke, hpke_public, mailbox_key) = if real {
+                let s = MailboxSecretKey::generate(&mut rng);
+                let p = s.public_key();
+                let b = p.to_bytes();
+                (Some(s), Some(p), b)
+            } else {
+                let mut b = [0u8; 32];
+                rng.fill_bytes(&mut b);
+                (None, None, b)
+            };
+            let node_id = self
+                .directory
+                .mailbox_replicas(&mailbox_id, 1)
+                .first()
+                .copied()
+                .ok_or_else(|| ScenarioError::Invalid("no mailbox node".into()))?;
+            let node = *self
+                .index
+                .get(&node_id)
+                .ok_or_else(|| ScenarioError::Invalid("mailbox node unknown".into()))?;
+            let owner_key = signing.verifying_key().to_bytes();
+            let hash: [u8; 32] = Sha256::digest(access.as_bytes()).into();
+            let transcript = create_transcript(
+                &mailbox_id,
+                &mailbox_key,
+                &owner_key,
+                &hash,
+                Some(&reply_key.0),
+                RETENTION_MS,
+            );
+            let request = CreateMailbox {
+                mailbox_id,
+                mailbox_key,
+                owner_key,
+                access_key_hash: hash,
+                reply_key: Some(reply_key.0),
+                retention_ms: RETENTION_MS,
+                signature: ed25519_dalek::Signer::sign(&signing, &transcript).to_bytes(),
+            };
+            if let Some(core) = self
+                .nodes
+                .get_mut(node as usize)
+                .and_then(|n| n.mailbox.as_mut())
+            {
+                core.create_mailbox(now, request)
+                    .map_err(|e| ScenarioError::Invalid(format!("create mailbox: {e}")))?;
+            }
+            self.by_mailbox.insert(mailbox_id, c as u32);
+            self.clients.push(Client {
+                signing,
+                mailbox_id,
+                access,
+                reply_key,
+                hpke,
+                hpke_public,
+                node,
+                contacts: Vec::new(),
+                sender: false,
+                online: true,
+                fetch_scheduled: false,
+                rng,
+                pending: HashMap::new(),
+            });
+        }
+        self.make_graph();
+        Ok(())
+    }
+
+    fn make_graph(&mut self) {
+        let n = self.clients.len();
+        let w = self.sc.workload.clone();
+        let rng = &mut self.work_rng;
+        // Senders.
+        for c in &mut self.clients {
+            c.sender = w.senders_fraction >= 1.0 || rng.random_range(0.0..1.0) < w.senders_fraction;
+        }
+        match w.graph {
+            GraphSpec::Uniform { contacts } => {
+                for (i, c) in self.clients.iter_mut().enumerate() {
+                    let mut set = Vec::with_capacity(contacts);
+                    while set.len() < contacts.min(n - 1) {
+                        let j = rng.random_range(0..n) as u32;
+                        if j as usize != i && !set.contains(&j) {
+                            set.push(j);
+                        }
+                    }
+                    c.contacts = set;
+                }
+            }
+            GraphSpec::PowerLaw {
+                exponent,
+                max_contacts,
+                popularity,
+            } => {
+                // Popularity: a random ranking, weight rank^-popularity; cumulative table.
+                let mut order: Vec<u32> = (0..n as u32).collect();
+                for i in (1..n).rev() {
+                    let j = rng.random_range(0..=i);
+                    order.swap(i, j);
+                }
+                let mut cumulative = Vec::with_capacity(n);
+                let mut total = 0.0;
+                for rank in 0..n {
+                    total += ((rank + 1) as f64).powf(-popularity);
+                    cumulative.push(total);
+                }
+                // Degree: P(k) ∝ k^-exponent on [1, max], by inverse transform on a table.
+                let kmax = max_contacts.min(n - 1).max(1);
+                let mut degree_cdf = Vec::with_capacity(kmax);
+                let mut dt = 0.0;
+                for k in 1..=kmax {
+                    dt += (k as f64).powf(-exponent);
+                    degree_cdf.push(dt);
+                }
+                for (i, c) in self.clients.iter_mut().enumerate() {
+                    let u = rng.random_range(0.0..dt);
+                    let k = degree_cdf.partition_point(|x| *x < u) + 1;
+                    let mut set = Vec::with_capacity(k);
+                    let mut tries = 0;
+                    while set.len() < k && tries < 50 * k {
+                        tries += 1;
+                        let u = rng.random_range(0.0..total);
+                        let rank = cumulative.partition_point(|x| *x < u).min(n - 1);
+                        let j = order.get(rank).copied().unwrap_or(0);
+                        if j as usize != i && !set.contains(&j) {
+                            set.push(j);
+                        }
+                    }
+                    if set.is_empty() {
+                        set.push(((i + 1) % n) as u32);
+                    }
+                    c.contacts = set;
+                }
+            }
+        }
+    }
+
+    fn schedule_start(&mut self, tree: &RngTree) {
+        let now = START_MS;
+        let w = self.sc.workload.clone();
+        let expected = self.clients.iter().filter(|c| c.sender).count() as f64
+            * w.rate_per_client_per_min
+            * self.sc.duration_s
+            / 60.0;
+        let sample = self.sc.adversary.anonymity_sample.max(1) as f64;
+        self.sample_stride = ((expected / sample).floor() as u64).max(1);
+        let on = w.online.on_mean_s * 1000.0;
+        let off = w.online.off_mean_s * 1000.0;
+        for c in 0..self.clients.len() {
+            let Some(client) = self.clients.get_mut(c) else {
+                continue;
+            };
+            if client.sender
+                && let Some(gap) = poisson_gap(&mut client.rng, w.rate_per_client_per_min)
+            {
+                self.q.schedule(UnixTime(now + gap), Ev::NextMessage { client: c as u32 });
+            }
+            if let Some(gap) = poisson_gap(&mut client.rng, w.cover_per_min) {
+                self.q.schedule(UnixTime(now + gap), Ev::Cover { client: c as u32 });
+            }
+            if on > 0.0 {
+                client.online = client.rng.random_range(0.0..1.0) < on / (on + off).max(1.0);
+                let mean = if client.online { on } else { off };
+                let gap = exp_ms(&mut client.rng, mean).ceil() as u64;
+                self.q.schedule(UnixTime(now + gap.max(1)), Ev::Toggle { client: c as u32 });
+            }
+        }
+        for e in self.sc.churn.events.clone() {
+            if let Some(node) = self.nodes.iter().position(|n| n.name == e.node) {
+                self.q.schedule(
+                    UnixTime(now + (e.at_s * 1000.0) as u64),
+                    Ev::Churn {
+                        node: node as u32,
+                        action: e.action,
+                    },
+                );
+            } else {
+                self.violations
+                    .push(format!("churn event names unknown node {:?}", e.node));
+            }
+        }
+        if self.sc.churn.late_mixes_per_layer > 0 {
+            let at = now + (self.sc.churn.join_at_s * 1000.0) as u64;
+            for (i, n) in self.nodes.iter().enumerate() {
+                if !n.in_directory {
+                    self.q.schedule(
+                        UnixTime(at),
+                        Ev::Churn {
+                            node: i as u32,
+                            action: ChurnAction::Join,
+                        },
+                    );
+                }
+            }
+        }
+        if self.sc.churn.relay_crashes_per_hour > 0.0 {
+            let mut rng = tree.stream("churn", 0);
+            let per_min = self.sc.churn.relay_crashes_per_hour / 60.0;
+            for (i, n) in self.nodes.iter().enumerate() {
+                if matches!(n.kind, NodeKind::Edge | NodeKind::Mix(_))
+                    && let Some(gap) = poisson_gap(&mut rng, per_min)
+                {
+                    self.q
+                        .schedule(UnixTime(now + gap), Ev::RandomCrash { node: i as u32 });
+                }
+            }
+        }
+        self.q.schedule(UnixTime(now), Ev::Sample);
+        self.q.schedule(UnixTime(self.end_ms), Ev::Final);
+    }
+
+    /// Runs to the end; `progress` is called now and then with (simulated fraction done,
+    /// events processed).
+    pub fn run(mut self, mut progress: impl FnMut(f64, u64)) -> Results {
+        let span = (self.end_ms - START_MS).max(1) as f64;
+        let mut next_report = 0u64;
+        while let Some((at, ev)) = self.q.pop() {
+            if ms(at) > self.end_ms {
+                break;
+            }
+            if let Some(max) = self.stop_after
+                && self.q.processed() > max
+            {
+                break;
+            }
+            let label = ev.label();
+            *self.counters.events.entry(label).or_insert(0) += 1;
+            if let Some(log) = self.log.as_mut() {
+                let _ = writeln!(log, "{} {} {}", ms(at) - START_MS, label, ev.subject());
+            }
+            let is_final = matches!(ev, Ev::Final);
+            self.handle(ev);
+            if is_final {
+                break;
+            }
+            if self.q.processed() >= next_report {
+                next_report = self.q.processed() + 200_000;
+                progress((ms(at) - START_MS) as f64 / span, self.q.processed());
+            }
+        }
+        if let Some(log) = self.log.as_mut() {
+            let _ = log.flush();
+        }
+        progress(1.0, self.q.processed());
+        self.finish()
+    }
+
+    fn now(&self) -> u64 {
+        ms(self.q.now())
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        match ev {
+            Ev::Arrive { node, from, bytes } => self.arrive(node, from, bytes),
+            Ev::Wake { node } => {
+                let now = self.now();
+                if let Some(n) = self.nodes.get_mut(node as usize) {
+                    if n.wake_at == Some(now) {
+                        n.wake_at = None;
+                    }
+                    if n.up {
+                        let _ = n.router.handle_input(UnixTime(now), Input::Timeout);
+                        self.drain_router(node as usize);
+                    }
+                }
+            }
+            Ev::NextMessage { client } => self.next_message(client),
+            Ev::Cover { client } => self.cover(client),
+            Ev::Retransmit { msg, frag, attempt } => self.retransmit(msg, frag, attempt),
+            Ev::Toggle { client } => self.toggle(client),
+            Ev::Fetch { client } => self.fetch(client),
+            Ev::Sweep { node } => {
+                let now = UnixTime(self.now());
+                if let Some(n) = self.nodes.get_mut(node as usize)
+                    && n.up
+                    && let Some(core) = n.mailbox.as_mut()
+                {
+                    let _ = core.sweep_expired(now);
+                }
+                self.drain_core(node as usize);
+            }
+            Ev::TimerDue { node } => self.timer_due(node),
+            Ev::Churn { node, action } => self.churn(node, action),
+            Ev::RandomCrash { node } => self.random_crash(node),
+            Ev::Sample => self.sample(),
+            Ev::Final => {
+                // Everyone comes online one last time and fetches.
+                for c in 0..self.clients.len() as u32 {
+                    self.fetch(c);
+                }
+                self.sample();
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- links
+
+    fn transmit(&mut self, from: From, to: u32, bytes: Vec<u8>) {
+        let now = self.now();
+        self.counters.link_packets += 1;
+        self.counters.wire_bytes += bytes.len() as u64;
+        let (link, from_index) = match from {
+            From::Peer(n) => (&self.node_link, n as usize),
+            From::Client(c) => {
+                self.entries.push(Entry {
+                    sender: c as usize,
+                    at_ms: (now - START_MS) as f64,
+                });
+                (&self.client_link, self.nodes.len() + c as usize)
+            }
+        };
+        if let From::Peer(n) = from
+            && self
+                .partitions
+                .iter()
+                .any(|p| p.separates(n as usize, to as usize, now))
+        {
+            self.counters.lost_partition += 1;
+            return;
+        }
+        match link.transmit(&mut self.link_rng, from_index, to as usize, bytes.len()) {
+            None => self.counters.lost_link += 1,
+            Some(d) => {
+                let at = now + d.as_millis() as u64;
+                self.q.schedule(UnixTime(at), Ev::Arrive { node: to, from, bytes });
+            }
+        }
+    }
+
+    fn arrive(&mut self, node: u32, from: From, bytes: Vec<u8>) {
+        let now = UnixTime(self.now());
+        let source = match from {
+            From::Peer(p) => match self.nodes.get(p as usize) {
+                Some(n) => Source::Peer(n.id),
+                None => return,
+            },
+            From::Client(c) => Source::Client(ClientId(u64::from(c))),
+        };
+        let Some(n) = self.nodes.get_mut(node as usize) else {
+            return;
+        };
+        if !n.up {
+            self.counters.lost_down += 1;
+            return;
+        }
+        self.counters.packet_hops += 1;
+        let _ = n.router.handle_input(
+            now,
+            Input::Packet {
+                from: source,
+                bytes,
+            },
+        );
+        self.drain_router(node as usize);
+    }
+
+    fn drain_router(&mut self, i: usize) {
+        let now = self.now();
+        loop {
+            let Some(n) = self.nodes.get_mut(i) else {
+                return;
+            };
+            let Some(out) = n.router.poll_output() else {
+                break;
+            };
+            match out {
+                RouterOutput::Send { to, packet, .. } => {
+                    if let Some(&to) = self.index.get(&to) {
+                        self.transmit(From::Peer(i as u32), to, packet.into_bytes());
+                    }
+                }
+                RouterOutput::Deliver(d) => self.deliver(i, d),
+                RouterOutput::PersistTags { batch, tags } => {
+                    if self.keep_tags {
+                        n.persisted_tags.extend(tags);
+                    }
+                    let _ = n
+                        .router
+                        .handle_input(UnixTime(now), Input::TagsDurable { batch });
+                }
+                RouterOutput::Drop { reason } => {
+                    *self
+                        .counters
+                        .router_drops
+                        .entry(reason.label().to_string())
+                        .or_insert(0) += 1;
+                }
+            }
+        }
+        let Some(n) = self.nodes.get_mut(i) else {
+            return;
+        };
+        if let Some(t) = n.router.poll_timeout() {
+            let t = ms(t).max(now);
+            if n.wake_at.is_none_or(|w| t < w) {
+                n.wake_at = Some(t);
+                self.q.schedule(UnixTime(t), Ev::Wake { node: i as u32 });
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- destinations
+
+    fn deliver(&mut self, i: usize, d: Delivery) {
+        let kind = match self.nodes.get(i) {
+            Some(n) => n.kind,
+            None => return,
+        };
+        match (kind, d) {
+            (
+                NodeKind::Mailbox,
+                Delivery::Final {
+                    destination,
+                    plaintext,
+                },
+            ) => match FinalMessage::decode_for(destination, &plaintext) {
+                Ok(FinalMessage::Deposit(env)) => {
+                    let dedup = env.outer.dedup_id;
+                    let mailbox = env.outer.mailbox_id;
+                    self.deposit(i, Incoming::Deposit(env), mailbox, Some(dedup));
+                }
+                _ => self.counters.payloads_refused += 1,
+            },
+            (
+                NodeKind::Mailbox,
+                Delivery::SurbReply {
+                    destination,
+                    surb_id,
+                    sealed,
+                },
+            ) => {
+                let mailbox = MailboxId(destination.0);
+                self.deposit(
+                    i,
+                    Incoming::SurbReply {
+                        mailbox_id: mailbox,
+                        surb_id,
+                        payload: sealed,
+                    },
+                    mailbox,
+                    None,
+                );
+            }
+            (
+                NodeKind::Timer,
+                Delivery::Final {
+                    destination,
+                    plaintext,
+                },
+            ) => match FinalMessage::decode_for(destination, &plaintext) {
+                Ok(FinalMessage::Hold(part)) => self.hold(i, part),
+                _ => self.counters.payloads_refused += 1,
+            },
+            _ => self.counters.payloads_refused += 1,
+        }
+    }
+
+    fn deposit(&mut self, i: usize, incoming: Incoming, mailbox: MailboxId, dedup: Option<DedupId>) {
+        let now = self.now();
+        let Some(core) = self.nodes.get_mut(i).and_then(|n| n.mailbox.as_mut()) else {
+            return;
+        };
+        let result = core
+            .deposit_many(UnixTime(now), vec![incoming])
+            .pop()
+            .unwrap_or(Err(whispr_mailbox::MailboxError::InvalidArgument("no result")));
+        match result {
+            Ok(receipt) => {
+                if !receipt.duplicate {
+                    self.on_stored(mailbox, dedup);
+                }
+            }
+            Err(e) => {
+                *self
+                    .counters
+                    .deposit_refusals
+                    .entry(e.kind().to_string())
+                    .or_insert(0) += 1;
+            }
+        }
+        self.drain_core(i);
+    }
+
+    fn drain_core(&mut self, i: usize) {
+        loop {
+            let Some(n) = self.nodes.get_mut(i) else {
+                return;
+            };
+            let Some(core) = n.mailbox.as_mut() else {
+                return;
+            };
+            let Some(out) = core.poll_output() else {
+                return;
+            };
+            match out {
+                CoreOutput::Reply { surb, reply } => {
+                    let sent = reply
+                        .encode()
+                        .and_then(|bytes| self.mode.use_surb(&surb, &bytes));
+                    match sent {
+                        Ok((first, packet)) => {
+                            if let Some(&to) = self.index.get(&first) {
+                                self.transmit(From::Peer(i as u32), to, packet.into_bytes());
+                            }
+                        }
+                        Err(_) => self.counters.replies_failed += 1,
+                    }
+                }
+                CoreOutput::ScheduleSweep { at } => {
+                    self.q.schedule(at, Ev::Sweep { node: i as u32 });
+                }
+            }
+        }
+    }
+
+    fn on_stored(&mut self, mailbox: MailboxId, dedup: Option<DedupId>) {
+        let now = self.now();
+        let Some(&client) = self.by_mailbox.get(&mailbox) else {
+            return;
+        };
+        let mut is_message = false;
+        if let Some(dedup) = dedup
+            && let Some(Side::Frag(m, f)) = self.side.get(&dedup).copied()
+            && let Some(msg) = self.msgs.get_mut(m as usize)
+            && let Some(frag) = msg.frags.get_mut(f as usize)
+        {
+            is_message = true;
+            if !frag.stored {
+                frag.stored = true;
+                if let Some(trace) = frag.trace.as_mut()
+                    && frag.attempts == 1
+                    && trace.exit_ms.is_none()
+                {
+                    trace.exit_ms = Some(now);
+                }
+                msg.stored_frags += 1;
+                if usize::from(msg.stored_frags) == msg.frags.len() {
+                    msg.stored_ms = Some(now);
+                }
+            }
+        }
+        let online = self.clients.get(client as usize).is_some_and(|c| c.online);
+        // Acks and cover are fetched by the (awake) sender; messages when the recipient is
+        // online.
+        if !is_message || online {
+            self.schedule_fetch(client);
+        }
+    }
+
+    fn schedule_fetch(&mut self, client: u32) {
+        let now = self.now();
+        let delay = self.sc.workload.fetch_delay_ms;
+        let Some(c) = self.clients.get_mut(client as usize) else {
+            return;
+        };
+        if c.fetch_scheduled {
+            return;
+        }
+        c.fetch_scheduled = true;
+        let push = self
+            .client_link
+            .latency
+            .sample(&mut self.link_rng, 0, 0)
+            .as_millis() as u64;
+        self.q.schedule(
+            UnixTime(now + push + delay.ceil() as u64),
+            Ev::Fetch { client },
+        );
+    }
+
+    fn fetch(&mut self, client: u32) {
+        let now = self.now();
+        let batch = self.sc.limits.fetch_batch;
+        let Some(c) = self.clients.get_mut(client as usize) else {
+            return;
+        };
+        c.fetch_scheduled = false;
+        let mailbox = c.mailbox_id;
+        let owner = c.signing.verifying_key().to_bytes();
+        let node = c.node as usize;
+        if !self.nodes.get(node).is_some_and(|n| n.up) {
+            // The mailbox node is down: try again in a second.
+            if let Some(c) = self.clients.get_mut(client as usize) {
+                c.fetch_scheduled = true;
+            }
+            if now + 1000 < self.end_ms {
+                self.q.schedule(UnixTime(now + 1000), Ev::Fetch { client });
+            }
+            return;
+        }
+        loop {
+            let Some(core) = self.nodes.get_mut(node).and_then(|n| n.mailbox.as_mut()) else {
+                return;
+            };
+            let got = match core.fetch(UnixTime(now), &mailbox, &owner, None, batch) {
+                Ok(g) => g,
+                Err(e) => {
+                    self.violations
+                        .push(format!("fetch by client {client} refused: {e}"));
+                    return;
+                }
+            };
+            let Some(last) = got.last().map(|m| m.seq) else {
+                break;
+            };
+            let full = got.len() >= batch;
+            if let Err(e) = core.ack(&mailbox, &owner, last) {
+                self.violations.push(format!("ack by client {client} refused: {e}"));
+                return;
+            }
+            for m in got {
+                if m.expires_at.0 <= now {
+                    self.violations.push(format!(
+                        "message served {} ms after its expiry",
+                        now - m.expires_at.0
+                    ));
+                }
+                self.fetched(client, m.body);
+            }
+            if !full {
+                break;
+            }
+        }
+        self.drain_core(node);
+    }
+
+    fn fetched(&mut self, client: u32, body: MessageBody) {
+        let now = self.now();
+        match body {
+            MessageBody::Envelope(bytes) => {
+                let Ok(env) = Envelope::decode(&bytes) else {
+                    self.violations.push("stored envelope does not decode".into());
+                    return;
+                };
+                let dedup = env.outer.dedup_id;
+                match self.side.get(&dedup).copied() {
+                    Some(Side::Cover(owner)) => {
+                        if owner != client {
+                            self.violations
+                                .push("cover packet delivered to a wrong mailbox".into());
+                        }
+                        self.counters.cover_received += 1;
+                        self.side.remove(&dedup);
+                    }
+                    Some(Side::Frag(m, f)) => {
+                        if self.mode == Mode::Real {
+                            self.check_opened(client, m, f, &env);
+                        }
+                        let Some(msg) = self.msgs.get_mut(m as usize) else {
+                            return;
+                        };
+                        if msg.to != client {
+                            self.violations
+                                .push(format!("message {m} delivered to a wrong mailbox"));
+                            return;
+                        }
+                        let Some(frag) = msg.frags.get_mut(f as usize) else {
+                            return;
+                        };
+                        if frag.fetched {
+                            self.counters.duplicate_fragments_fetched += 1;
+                            return;
+                        }
+                        frag.fetched = true;
+                        msg.fetched_frags += 1;
+                        if usize::from(msg.fetched_frags) == msg.frags.len() {
+                            if msg.delivered_ms.is_some() {
+                                self.violations.push(format!("message {m} delivered twice"));
+                            }
+                            msg.delivered_ms = Some(now);
+                        }
+                    }
+                    None => self
+                        .violations
+                        .push("fetched an envelope nobody sent".into()),
+                }
+            }
+            MessageBody::SurbReply { surb_id, payload } => {
+                let Some(c) = self.clients.get_mut(client as usize) else {
+                    return;
+                };
+                let Some((m, f, recovery)) = c.pending.remove(&surb_id) else {
+                    // An ack for a fragment already acked through another SURB.
+                    return;
+                };
+                let reply = recovery.open(&payload).and_then(|b| Reply::decode(&b));
+                let Some(msg) = self.msgs.get_mut(m as usize) else {
+                    return;
+                };
+                let Some(frag) = msg.frags.get_mut(f as usize) else {
+                    return;
+                };
+                match reply {
+                    Ok(Reply::DepositAck { dedup_id, .. }) if dedup_id == frag.dedup => {
+                        self.counters.acks_received += 1;
+                        if !frag.acked {
+                            frag.acked = true;
+                            msg.acked_frags += 1;
+                            if usize::from(msg.acked_frags) == msg.frags.len() {
+                                msg.acked_ms = Some(now);
+                            }
+                        }
+                    }
+                    _ => self
+                        .violations
+                        .push(format!("ack for message {m} does not open or match")),
+                }
+            }
+        }
+    }
+
+    fn check_opened(&mut self, client: u32, m: u32, f: u16, env: &Envelope) {
+        let Some(secret) = self.clients.get(client as usize).and_then(|c| c.hpke.as_ref()) else {
+            return;
+        };
+        let Some(msg) = self.msgs.get(m as usize) else {
+            return;
+        };
+        let expected_sender = self
+            .clients
+            .get(msg.from as usize)
+            .map(|c| c.signing.verifying_key());
+        match env.open(secret) {
+            Ok(opened) => {
+                let id_ok = msg
+                    .real
+                    .as_ref()
+                    .is_some_and(|(id, _)| *id == opened.content.message_id);
+                if Some(opened.sender) != expected_sender
+                    || !id_ok
+                    || u32::from(f) != opened.content.fragment.index
+                {
+                    self.violations
+                        .push(format!("message {m}: opened envelope does not match"));
+                }
+            }
+            Err(e) => self
+                .violations
+                .push(format!("message {m}: envelope does not open: {e}")),
+        }
+    }
+
+    fn hold(&mut self, i: usize, part: HeldPacketPart) {
+        let now = UnixTime(self.now());
+        let Some(timer) = self.nodes.get_mut(i).and_then(|n| n.timer.as_mut()) else {
+            return;
+        };
+        let hold = match timer.holds.accept(now, part) {
+            Ok(PartOutcome::Complete(h)) => h,
+            Ok(PartOutcome::Incomplete) => return,
+            Err(_) => {
+                self.counters.payloads_refused += 1;
+                return;
+            }
+        };
+        let send = DeferredSend {
+            first_hop: hold.first_hop,
+            cancel_hash: hold.cancel_hash,
+            packet: hold.packet,
+        };
+        let scheduled = timer.queue.schedule_with_id(
+            now,
+            TaskId(hold.hold_id.0),
+            NewTask {
+                category: Category::DeferredSend,
+                priority: 5,
+                due_at: hold.release_at,
+                payload: send.encode(),
+                owner: None,
+            },
+        );
+        if scheduled.is_ok() {
+            self.counters.holds_scheduled += 1;
+        } else {
+            self.counters.payloads_refused += 1;
+        }
+        self.schedule_timer(i);
+    }
+
+    fn schedule_timer(&mut self, i: usize) {
+        let now = self.now();
+        let Some(n) = self.nodes.get_mut(i) else {
+            return;
+        };
+        let Some(timer) = n.timer.as_ref() else {
+            return;
+        };
+        if let Some(t) = timer.queue.poll_timeout() {
+            let t = ms(t).max(now);
+            if n.timer_due.is_none_or(|d| t < d) {
+                n.timer_due = Some(t);
+                self.q.schedule(UnixTime(t), Ev::TimerDue { node: i as u32 });
+            }
+        }
+    }
+
+    fn timer_due(&mut self, node: u32) {
+        let now = self.now();
+        let i = node as usize;
+        let Some(n) = self.nodes.get_mut(i) else {
+            return;
+        };
+        if n.timer_due == Some(now) {
+            n.timer_due = None;
+        }
+        if !n.up {
+            return;
+        }
+        let Some(timer) = n.timer.as_mut() else {
+            return;
+        };
+        let fired = timer.queue.poll_due(UnixTime(now), 10_000).unwrap_or_default();
+        let mut sends = Vec::new();
+        for task in fired {
+            if let Ok(send) = DeferredSend::decode(&task.payload) {
+                sends.push(send);
+            }
+            let _ = timer.queue.complete(&task.id);
+        }
+        for send in sends {
+            self.counters.holds_released += 1;
+            if let Some(&to) = self.index.get(&send.first_hop) {
+                self.transmit(From::Peer(node), to, send.packet.into_bytes());
+            }
+        }
+        self.schedule_timer(i);
+    }
+
+    // ---------------------------------------------------------------- clients
+
+    fn draw_size(&mut self, client: u32) -> u64 {
+        let spec = self.sc.workload.message_size.clone();
+        let Some(c) = self.clients.get_mut(client as usize) else {
+            return 0;
+        };
+        match spec {
+            SizeSpec::Constant { bytes } => bytes,
+            SizeSpec::Uniform { min, max } => c.rng.random_range(min..=max),
+            SizeSpec::LogNormal { median, sigma, max } => {
+                let u1: f64 = c.rng.random_range(f64::MIN_POSITIVE..1.0);
+                let u2: f64 = c.rng.random_range(0.0..1.0);
+                let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+                ((median.ln() + sigma * z).exp().round() as u64).min(max)
+            }
+        }
+    }
+
+    fn next_message(&mut self, client: u32) {
+        let now = self.now();
+        let w = self.sc.workload.clone();
+        let Some(c) = self.clients.get_mut(client as usize) else {
+            return;
+        };
+        if let Some(gap) = poisson_gap(&mut c.rng, w.rate_per_client_per_min)
+            && now + gap < self.send_end_ms
+        {
+            self.q
+                .schedule(UnixTime(now + gap), Ev::NextMessage { client });
+        }
+        if c.contacts.is_empty() {
+            return;
+        }
+        let to = c
+            .contacts
+            .get(c.rng.random_range(0..c.contacts.len()))
+            .copied()
+            .unwrap_or(0);
+        let scheduled = w.scheduled_fraction > 0.0
+            && !self.timers.is_empty()
+            && c.rng.random_range(0.0..1.0) < w.scheduled_fraction;
+        let size = self.draw_size(client);
+        let release = if scheduled {
+            now + (w.schedule_ahead_s * 1000.0) as u64
+        } else {
+            now
+        };
+        let id = self.msgs.len() as u32;
+        let frag_count = (size as usize).div_ceil(FRAGMENT_DATA_LEN).max(1);
+        let real = if self.mode == Mode::Real {
+            let Some(c) = self.clients.get_mut(client as usize) else {
+                return;
+            };
+            let message_id = MessageId::random(&mut c.rng);
+            let mut data = vec![0u8; size as usize];
+            c.rng.fill_bytes(&mut data);
+            match fragment_message(message_id, &data) {
+                Ok(f) => {
+                    self.by_message_id.insert(message_id, id);
+                    Some((message_id, f))
+                }
+                Err(_) => return,
+            }
+        } else {
+            None
+        };
+        let sampled = !scheduled && u64::from(id) % self.sample_stride == 0;
+        let mut frags = Vec::with_capacity(frag_count);
+        for f in 0..frag_count {
+            let Some(c) = self.clients.get_mut(client as usize) else {
+                return;
+            };
+            let dedup = DedupId::random(&mut c.rng);
+            self.side.insert(dedup, Side::Frag(id, f as u16));
+            frags.push(Frag {
+                dedup,
+                attempts: 0,
+                stored: false,
+                fetched: false,
+                acked: false,
+                trace: None,
+            });
+        }
+        let expires_ms = (w.expire_after_s > 0.0).then(|| release + (w.expire_after_s * 1000.0) as u64);
+        self.msgs.push(Msg {
+            from: client,
+            to,
+            sent_ms: release,
+            size,
+            frags,
+            stored_frags: 0,
+            fetched_frags: 0,
+            acked_frags: 0,
+            stored_ms: None,
+            delivered_ms: None,
+            acked_ms: None,
+            expires_ms,
+            failed: false,
+            sampled,
+            real,
+        });
+        self.counters.messages_sent += 1;
+        if scheduled {
+            self.counters.scheduled_sent += 1;
+        }
+        for f in 0..frag_count {
+            self.counters.fragments_sent += 1;
+            if scheduled {
+                self.send_held(id, f as u16, release);
+            } else {
+                self.send_fragment(id, f as u16);
+            }
+        }
+    }
+
+    /// Builds fragment `f` of message `m` for sending at `at_ms` (its epoch's keys):
+    /// (first hop, packet bytes, route, delays).
+    fn build_fragment(
+        &mut self,
+        m: u32,
+        f: u16,
+        at_ms: u64,
+    ) -> Option<(u32, Vec<u8>, Vec<u32>, Vec<u64>)> {
+        let mean = Duration::from_secs_f64(self.sc.mixing.delay_ms_mean / 1000.0);
+        let layers = self.sc.topology.mix_layers;
+        let epoch = KeyEpoch(at_ms / whispr_protocol::KEY_EPOCH_LEN.as_millis() as u64);
+        let msg = self.msgs.get(m as usize)?;
+        let (from, to, expires) = (msg.from, msg.to, msg.expires_ms);
+        let frag = msg.frags.get(f as usize)?;
+        let dedup = frag.dedup;
+        let content = msg.real.as_ref().and_then(|(id, frags)| {
+            frags.get(f as usize).map(|fr| EnvelopeContent {
+                message_id: *id,
+                fragment: fr.info.clone(),
+                content: fr.data.clone(),
+            })
+        });
+        let data_len = if f as usize + 1 == msg.frags.len() {
+            let rem = msg.size as usize % FRAGMENT_DATA_LEN;
+            if rem == 0 && msg.size > 0 { FRAGMENT_DATA_LEN } else { rem }
+        } else {
+            FRAGMENT_DATA_LEN
+        };
+        let recipient = self.clients.get(to as usize)?;
+        let (r_mailbox, r_access, r_node, r_hpke) = (
+            recipient.mailbox_id,
+            recipient.access.clone(),
+            recipient.node,
+            recipient.hpke_public.clone(),
+        );
+        let dest_node = self.nodes.get(r_node as usize)?.id;
+        let sender_node_id = self.nodes.get(self.clients.get(from as usize)?.node as usize)?.id;
+        let directory = self.directory.clone();
+        let mode = self.mode;
+        let sender = self.clients.get_mut(from as usize)?;
+        let route = directory.select_route(&mut sender.rng, epoch, &dest_node, layers);
+        let back = directory.select_route(&mut sender.rng, epoch, &sender_node_id, layers);
+        let (Ok(route), Ok(back)) = (route, back) else {
+            self.counters.no_route += 1;
+            return None;
+        };
+        let delays = whispr_protocol::directory::sample_delays(&mut sender.rng, route.len() - 1, mean);
+        let back_delays =
+            whispr_protocol::directory::sample_delays(&mut sender.rng, back.len() - 1, mean);
+        let surb_id = sender.reply_key.mint_surb_id(&mut sender.rng, &sender.mailbox_id);
+        let (surb, recovery) = mode
+            .create_surb(
+                &mut sender.rng,
+                &back,
+                &back_delays,
+                DestinationAddress::mailbox(&sender.mailbox_id),
+                surb_id,
+            )
+            .ok()?;
+        let outer = OuterFields {
+            mailbox_id: r_mailbox,
+            access_token: r_access,
+            dedup_id: dedup,
+            expires_at: expires.map(UnixTime),
+            ack_surb: Some(surb),
+        };
+        let envelope = match (mode, content, r_hpke) {
+            (Mode::Real, Some(content), Some(key)) => {
+                Envelope::seal(&mut sender.rng, &key, &sender.signing, outer, &content).ok()?
+            }
+            _ => Envelope::filler(outer, data_len + self.envelope_overhead).ok()?,
+        };
+        let plaintext = FinalMessage::Deposit(envelope).encode().ok()?;
+        let packet = mode
+            .build_packet(
+                &mut sender.rng,
+                &route,
+                &delays,
+                DestinationAddress::mailbox(&r_mailbox),
+                &plaintext,
+            )
+            .ok()?;
+        sender.pending.insert(surb_id, (m, f, recovery));
+        let path: Vec<u32> = route
+            .iter()
+            .filter_map(|h| self.index.get(&h.node).copied())
+            .collect();
+        let first = *path.first()?;
+        let delays_ms = delays.iter().map(|d| d.as_millis() as u64).collect();
+        Some((first, packet.into_bytes(), path, delays_ms))
+    }
+
+    fn send_fragment(&mut self, m: u32, f: u16) {
+        let now = self.now();
+        let Some((first, bytes, route, delays)) = self.build_fragment(m, f, now) else {
+            self.fail_fragment(m, f);
+            return;
+        };
+        let Some(msg) = self.msgs.get_mut(m as usize) else {
+            return;
+        };
+        let from = msg.from;
+        let sampled = msg.sampled && f == 0;
+        let Some(frag) = msg.frags.get_mut(f as usize) else {
+            return;
+        };
+        frag.attempts = frag.attempts.saturating_add(1);
+        let attempt = frag.attempts;
+        if sampled && attempt == 1 {
+            frag.trace = Some(Trace {
+                sent_ms: now,
+                route,
+                delays_ms: delays,
+                exit_ms: None,
+            });
+        }
+        if attempt > 1 {
+            self.counters.retransmissions += 1;
+        }
+        self.transmit(From::Client(from), first, bytes);
+        if self.sc.retransmit.enabled {
+            self.q.schedule(
+                UnixTime(now + self.sc.retransmit.after_ms),
+                Ev::Retransmit {
+                    msg: m,
+                    frag: f,
+                    attempt,
+                },
+            );
+        }
+    }
+
+    fn fail_fragment(&mut self, m: u32, f: u16) {
+        self.counters.fragments_failed += 1;
+        if let Some(msg) = self.msgs.get_mut(m as usize) {
+            msg.failed = true;
+            let _ = f;
+        }
+    }
+
+    fn send_held(&mut self, m: u32, f: u16, release: u64) {
+        let now = self.now();
+        let Some((first, bytes, _, _)) = self.build_fragment(m, f, release) else {
+            self.fail_fragment(m, f);
+            return;
+        };
+        let Some(msg) = self.msgs.get_mut(m as usize) else {
+            return;
+        };
+        let from = msg.from;
+        if let Some(frag) = msg.frags.get_mut(f as usize) {
+            frag.attempts = 1;
+        }
+        let Some(first_hop) = self.nodes.get(first as usize).map(|n| n.id) else {
+            return;
+        };
+        let timers = self.timers.clone();
+        let Some(c) = self.clients.get_mut(from as usize) else {
+            return;
+        };
+        let Some(&timer) = timers.get(c.rng.random_range(0..timers.len().max(1))) else {
+            self.fail_fragment(m, f);
+            return;
+        };
+        let hold_id = HoldId::random(&mut c.rng);
+        let half = PACKET_SIZE / 2;
+        let parts = [bytes.get(..half), bytes.get(half..)];
+        for (index, data) in parts.into_iter().enumerate() {
+            let part = HeldPacketPart {
+                hold_id,
+                part_index: index as u32,
+                part_count: 2,
+                release_at: UnixTime(release),
+                cancel_hash: [0u8; 32],
+                first_hop,
+                data: data.unwrap_or_default().to_vec(),
+                ack_surb: None,
+            };
+            let Ok(plaintext) = FinalMessage::Hold(part).encode() else {
+                self.fail_fragment(m, f);
+                return;
+            };
+            let Some(sent) = self.send_to_service(from, timer, &plaintext) else {
+                self.fail_fragment(m, f);
+                return;
+            };
+            self.transmit(From::Client(from), sent.0, sent.1);
+            self.counters.hold_parts_sent += 1;
+        }
+        if self.sc.retransmit.enabled {
+            self.q.schedule(
+                UnixTime(release.max(now) + self.sc.retransmit.after_ms),
+                Ev::Retransmit {
+                    msg: m,
+                    frag: f,
+                    attempt: 1,
+                },
+            );
+        }
+    }
+
+    /// A packet from `client` to node `target`'s service address: (first hop, bytes).
+    fn send_to_service(&mut self, client: u32, target: u32, plaintext: &[u8]) -> Option<(u32, Vec<u8>)> {
+        let now = self.now();
+        let mean = Duration::from_secs_f64(self.sc.mixing.delay_ms_mean / 1000.0);
+        let epoch = KeyEpoch(now / whispr_protocol::KEY_EPOCH_LEN.as_millis() as u64);
+        let target_id = self.nodes.get(target as usize)?.id;
+        let directory = self.directory.clone();
+        let c = self.clients.get_mut(client as usize)?;
+        let Ok(route) = directory.select_route(&mut c.rng, epoch, &target_id, self.sc.topology.mix_layers)
+        else {
+            self.counters.no_route += 1;
+            return None;
+        };
+        let delays = whispr_protocol::directory::sample_delays(&mut c.rng, route.len() - 1, mean);
+        let packet = self
+            .mode
+            .build_packet(&mut c.rng, &route, &delays, DestinationAddress::NODE_SERVICE, plaintext)
+            .ok()?;
+        let first = *self.index.get(&route.first()?.node)?;
+        Some((first, packet.into_bytes()))
+    }
+
+    fn retransmit(&mut self, m: u32, f: u16, attempt: u8) {
+        let max = self.sc.retransmit.attempts_max;
+        let Some(msg) = self.msgs.get(m as usize) else {
+            return;
+        };
+        if msg.failed {
+            return;
+        }
+        let Some(frag) = msg.frags.get(f as usize) else {
+            return;
+        };
+        if frag.acked || frag.attempts != attempt {
+            return;
+        }
+        if u32::from(attempt) >= max {
+            self.fail_fragment(m, f);
+            return;
+        }
+        self.send_fragment(m, f);
+    }
+
+    fn cover(&mut self, client: u32) {
+        let now = self.now();
+        let per_min = self.sc.workload.cover_per_min;
+        let Some(c) = self.clients.get_mut(client as usize) else {
+            return;
+        };
+        if let Some(gap) = poisson_gap(&mut c.rng, per_min)
+            && now + gap < self.end_ms
+        {
+            self.q.schedule(UnixTime(now + gap), Ev::Cover { client });
+        }
+        if !c.online {
+            return;
+        }
+        let dedup = DedupId::random(&mut c.rng);
+        let outer = OuterFields {
+            mailbox_id: c.mailbox_id,
+            access_token: c.access.clone(),
+            dedup_id: dedup,
+            expires_at: None,
+            ack_surb: None,
+        };
+        let envelope = match (&c.hpke_public, self.mode) {
+            (Some(key), Mode::Real) => {
+                let content = EnvelopeContent {
+                    message_id: MessageId::random(&mut c.rng),
+                    fragment: match fragment_message(MessageId([0u8; 16]), &[]) {
+                        Ok(f) => match f.into_iter().next() {
+                            Some(f) => f.info,
+                            None => return,
+                        },
+                        Err(_) => return,
+                    },
+                    content: Vec::new(),
+                };
+                Envelope::seal(&mut c.rng, key, &c.signing, outer, &content)
+            }
+            _ => Envelope::filler(outer, self.envelope_overhead),
+        };
+        let Ok(envelope) = envelope else {
+            return;
+        };
+        let mailbox = c.mailbox_id;
+        let node = c.node;
+        let Ok(plaintext) = FinalMessage::Deposit(envelope).encode() else {
+            return;
+        };
+        let mean = Duration::from_secs_f64(self.sc.mixing.delay_ms_mean / 1000.0);
+        let epoch = KeyEpoch(now / whispr_protocol::KEY_EPOCH_LEN.as_millis() as u64);
+        let Some(target) = self.nodes.get(node as usize).map(|n| n.id) else {
+            return;
+        };
+        let directory = self.directory.clone();
+        let Some(c) = self.clients.get_mut(client as usize) else {
+            return;
+        };
+        let Ok(route) =
+            directory.select_route(&mut c.rng, epoch, &target, self.sc.topology.mix_layers)
+        else {
+            self.counters.no_route += 1;
+            return;
+        };
+        let delays = whispr_protocol::directory::sample_delays(&mut c.rng, route.len() - 1, mean);
+        let Ok(packet) = self.mode.build_packet(
+            &mut c.rng,
+            &route,
+            &delays,
+            DestinationAddress::mailbox(&mailbox),
+            &plaintext,
+        ) else {
+            return;
+        };
+        let Some(&first) = route.first().and_then(|h| self.index.get(&h.node)) else {
+            return;
+        };
+        self.side.insert(dedup, Side::Cover(client));
+        self.counters.cover_sent += 1;
+        self.transmit(From::Client(client), first, packet.into_bytes());
+    }
+
+    fn toggle(&mut self, client: u32) {
+        let now = self.now();
+        let on = self.sc.workload.online.on_mean_s * 1000.0;
+        let off = self.sc.workload.online.off_mean_s * 1000.0;
+        let Some(c) = self.clients.get_mut(client as usize) else {
+            return;
+        };
+        c.online = !c.online;
+        let mean = if c.online { on } else { off };
+        let gap = exp_ms(&mut c.rng, mean).ceil() as u64;
+        let online = c.online;
+        self.q
+            .schedule(UnixTime(now + gap.max(1)), Ev::Toggle { client });
+        if online {
+            self.schedule_fetch(client);
+        }
+    }
+
+    // ---------------------------------------------------------------- churn
+
+    fn churn(&mut self, node: u32, action: ChurnAction) {
+        let now = UnixTime(self.now());
+        let i = node as usize;
+        match action {
+            ChurnAction::Crash | ChurnAction::Leave => {
+                let Some(n) = self.nodes.get_mut(i) else {
+                    return;
+                };
+                if n.up {
+                    self.counters.crashes += 1;
+                }
+                n.up = false;
+                n.wake_at = None;
+                n.timer_due = None;
+                if action == ChurnAction::Leave {
+                    n.in_directory = false;
+                    self.rebuild_directory();
+                }
+            }
+            ChurnAction::Restart | ChurnAction::Join => {
+                let Some(n) = self.nodes.get_mut(i) else {
+                    return;
+                };
+                if n.up {
+                    return;
+                }
+                n.restarts += 1;
+                // Memory is lost; what the real node keeps on disk comes back.
+                let mut router = Self::make_router(&self.sc, self.mode, n);
+                router.restore_replay_tags(n.persisted_tags.iter().copied());
+                let _ = router.handle_input(now, Input::Directory(self.directory.clone()));
+                n.router = router;
+                n.up = true;
+                let store = n.mailbox.take().map(|c| c.store().clone());
+                let tasks = n.timer.take().map(|t| t.queue.store().clone());
+                let kind = n.kind;
+                let join = action == ChurnAction::Join && !n.in_directory;
+                if join {
+                    n.in_directory = true;
+                }
+                if matches!(kind, NodeKind::Mailbox | NodeKind::Timer)
+                    && let Err(e) = self.open_destination(
+                        i,
+                        store.unwrap_or_default(),
+                        tasks.unwrap_or_default(),
+                        now,
+                    )
+                {
+                    self.violations.push(format!("restart of node {i}: {e}"));
+                }
+                if join {
+                    self.rebuild_directory();
+                }
+                self.schedule_timer(i);
+            }
+        }
+    }
+
+    fn random_crash(&mut self, node: u32) {
+        let now = self.now();
+        let per_min = self.sc.churn.relay_crashes_per_hour / 60.0;
+        let down = self.sc.churn.down_mean_s * 1000.0;
+        let down_for = (exp_ms(&mut self.work_rng, down).ceil() as u64).max(1);
+        self.churn(node, ChurnAction::Crash);
+        self.q.schedule(
+            UnixTime(now + down_for),
+            Ev::Churn {
+                node,
+                action: ChurnAction::Restart,
+            },
+        );
+        if let Some(gap) = poisson_gap(&mut self.work_rng, per_min) {
+            self.q
+                .schedule(UnixTime(now + down_for + gap), Ev::RandomCrash { node });
+        }
+    }
+
+    // ---------------------------------------------------------------- metrics
+
+    fn sample(&mut self) {
+        let now = self.now();
+        let mut stored = 0;
+        for n in &mut self.nodes {
+            if let Some(core) = n.mailbox.as_ref() {
+                let s = core.stats();
+                stored += s.bytes;
+                n.peak_bytes = n.peak_bytes.max(s.bytes);
+                n.peak_messages = n.peak_messages.max(s.messages);
+            }
+        }
+        let (mut delivered, mut acked, mut failed) = (0, 0, 0);
+        for m in &self.msgs {
+            delivered += u64::from(m.delivered_ms.is_some());
+            acked += u64::from(m.acked_ms.is_some());
+            failed += u64::from(m.failed);
+        }
+        self.samples.push(Sample {
+            t_s: (now - START_MS) as f64 / 1000.0,
+            sent: self.counters.messages_sent,
+            delivered,
+            acked,
+            failed,
+            pending_events: self.q.len() as u64,
+            wire_bytes: self.counters.wire_bytes,
+            stored_bytes: stored,
+            nodes_up: self.nodes.iter().filter(|n| n.up).count() as u64,
+        });
+        let every = (self.sc.output.sample_every_s * 1000.0) as u64;
+        if now + every < self.end_ms {
+            self.q.schedule(UnixTime(now + every.max(1)), Ev::Sample);
+        }
+    }
+
+    fn anonymity_of(&self, msg: &Msg) -> Option<((f64, f64, f64, bool), bool)> {
+        let trace = msg.frags.first()?.trace.as_ref()?;
+        let exit = trace.exit_ms?;
+        let population = self.clients.len();
+        // Trace back through compromised hops from the end of the route: the observer then
+        // knows when the packet reached the first hop of that compromised suffix.
+        let hops = trace.route.len().saturating_sub(1); // delaying hops (all but the last)
+        let mut j = hops; // index of the hop whose arrival time the observer knows
+        let mut known_ms = exit as f64;
+        while j > 0 {
+            let prev = j - 1;
+            let compromised = trace
+                .route
+                .get(prev)
+                .and_then(|n| self.nodes.get(*n as usize))
+                .is_some_and(|n| n.compromised);
+            if !compromised {
+                break;
+            }
+            let held = trace.delays_ms.get(prev).copied().unwrap_or(0) as f64;
+            known_ms -= held + self.node_latency_mean;
+            j = prev;
+        }
+        if j == 0 {
+            // Every delaying hop is compromised: the edge saw the sender.
+            return Some(((0.0, 1.0, 0.0, true), true));
+        }
+        let fixed = self.client_latency_mean + (j as f64 - 1.0) * self.node_latency_mean;
+        let mean = self.sc.mixing.delay_ms_mean;
+        let k = j as u32;
+        let exit_rel = known_ms - START_MS as f64;
+        // Entries that could explain the exit: within [exit - fixed - window, exit - fixed].
+        let window = if mean > 0.0 {
+            mean * (k as f64 + 12.0 * (k as f64).sqrt() + 12.0)
+        } else {
+            0.0
+        };
+        let tolerance = 1.0;
+        let hi = exit_rel - fixed + tolerance;
+        let lo = exit_rel - fixed - window - tolerance;
+        let from = self.entries.partition_point(|e| e.at_ms < lo);
+        let to = self.entries.partition_point(|e| e.at_ms <= hi);
+        let window_entries = self.entries.get(from..to)?;
+        let weights = anonymity::timing_distribution(
+            window_entries,
+            exit_rel,
+            fixed,
+            k,
+            mean,
+            population,
+            tolerance,
+        );
+        let a = anonymity::anonymity(&weights, population);
+        let right = anonymity::best_guess(&weights) == Some(msg.from as usize);
+        let _ = trace.sent_ms;
+        Some(((a.entropy_bits, a.anonymity_set, a.normalised_degree, right), false))
+    }
+
+    fn finish(mut self) -> Results {
+        let end = self.now();
+        let mut r = Results {
+            nodes: self.nodes.len(),
+            clients: self.clients.len(),
+            events: self.q.processed(),
+            ..Results::default()
+        };
+        for (i, m) in self.msgs.iter().enumerate() {
+            r.sent += 1;
+            if m.failed {
+                r.failed += 1;
+            }
+            if m.acked_ms.is_some() {
+                r.acked += 1;
+            }
+            if self
+                .nodes
+                .get(self.clients.get(m.to as usize).map_or(0, |c| c.node as usize))
+                .is_some_and(|n| n.compromised)
+            {
+                r.recipient_node_compromised += 1;
+            }
+            match m.delivered_ms {
+                Some(d) => {
+                    r.delivered += 1;
+                    r.delivered_fragments += m.frags.len() as u64;
+                    r.delivered_bytes += m.size;
+                    r.latency_ms.push(d.saturating_sub(m.sent_ms) as f64);
+                    r.delivered_at_s.push((d - START_MS) as f64 / 1000.0);
+                    if let Some(s) = m.stored_ms {
+                        r.network_latency_ms.push(s.saturating_sub(m.sent_ms) as f64);
+                    }
+                }
+                None => {
+                    let expired = m.expires_ms.is_some_and(|e| e <= end);
+                    if expired {
+                        r.expired_undelivered += 1;
+                    }
+                    if m.acked_ms.is_some() && !expired {
+                        self.violations.push(format!(
+                            "message {i} was acknowledged but never delivered nor expired"
+                        ));
+                    }
+                }
+            }
+            if m.sampled
+                && let Some((a, traced)) = self.anonymity_of(m)
+            {
+                r.anonymity.push(a);
+                r.fully_traced += u64::from(traced);
+            }
+        }
+        r.mailbox_peaks = self
+            .nodes
+            .iter()
+            .filter(|n| n.kind == NodeKind::Mailbox)
+            .map(|n| (n.peak_bytes, n.peak_messages))
+            .collect();
+        r.violations = std::mem::take(&mut self.violations);
+        r.counters = std::mem::take(&mut self.counters);
+        r.samples = std::mem::take(&mut self.samples);
+        r
+    }
+}

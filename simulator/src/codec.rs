@@ -23,9 +23,9 @@ use std::time::Duration;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use whispr_protocol::sphinx::{
-    self, HopAction, PACKET_SIZE, PLAINTEXT_LEN_MAX, Packet, PacketProcessor, Processed,
-    REPLAY_TAG_SIZE, ReplayTag, RouteHop, SURB_SIZE, SphinxProcessor, SphinxSecretKey, Surb,
-    SurbRecovery,
+    self, HopAction, PACKET_SIZE, PAYLOAD_SIZE, PLAINTEXT_LEN_MAX, Packet, PacketProcessor,
+    Processed, REPLAY_TAG_SIZE, ReplayTag, RouteHop, SURB_SIZE, SphinxProcessor, SphinxSecretKey,
+    Surb, SurbRecovery,
 };
 use whispr_protocol::{DestinationAddress, Error, NodeId, Result, SurbId};
 
@@ -55,6 +55,7 @@ const BODY_AT: usize = HEADER + 2;
 // Both layouts must fit the fixed sizes they stand in for.
 const _: () = assert!(HEADER <= SURB_SIZE);
 const _: () = assert!(BODY_AT + PLAINTEXT_LEN_MAX <= PACKET_SIZE);
+const _: () = assert!(2 + PLAINTEXT_LEN_MAX <= PAYLOAD_SIZE);
 
 /// The fast [`PacketProcessor`].
 #[derive(Clone, Copy, Debug, Default)]
@@ -133,11 +134,7 @@ impl PacketProcessor for FastProcessor {
         } else {
             let destination = DestinationAddress(read_32(bytes, ROUTE_END)?);
             let mut id = [0u8; 16];
-            id.copy_from_slice(
-                bytes
-                    .get(ROUTE_END + 32..HEADER)
-                    .ok_or(invalid("short"))?,
-            );
+            id.copy_from_slice(bytes.get(ROUTE_END + 32..HEADER).ok_or(invalid("short"))?);
             let len = usize::from(u16::from_be_bytes([
                 *bytes.get(LEN_AT).ok_or(invalid("short"))?,
                 *bytes.get(LEN_AT + 1).ok_or(invalid("short"))?,
@@ -151,11 +148,22 @@ impl PacketProcessor for FastProcessor {
                     destination,
                     plaintext: body,
                 },
-                KIND_REPLY => HopAction::DeliverSurbReply {
-                    destination,
-                    surb_id: SurbId(id),
-                    sealed: body,
-                },
+                KIND_REPLY => {
+                    // A real sealed reply is a whole Sphinx payload; store as many bytes.
+                    let mut sealed = vec![0u8; PAYLOAD_SIZE];
+                    if let Some(prefix) = sealed.get_mut(..2) {
+                        prefix.copy_from_slice(&u16::try_from(len).unwrap_or(0).to_be_bytes());
+                    }
+                    sealed
+                        .get_mut(2..2 + body.len())
+                        .ok_or(invalid("reply too long"))?
+                        .copy_from_slice(&body);
+                    HopAction::DeliverSurbReply {
+                        destination,
+                        surb_id: SurbId(id),
+                        sealed,
+                    }
+                }
                 _ => return Err(invalid("unknown fast packet kind")),
             }
         };
@@ -178,7 +186,9 @@ fn fast_header<R: Rng + ?Sized>(
     len: usize,
 ) -> Result<Vec<u8>> {
     if route.is_empty() || route.len() > HOPS || delays.len() + 1 != route.len() {
-        return Err(Error::InvalidArgument("route of 1 to 5 hops with one delay less"));
+        return Err(Error::InvalidArgument(
+            "route of 1 to 5 hops with one delay less",
+        ));
     }
     let mut out = vec![0u8; len];
     let count = u8::try_from(route.len()).map_err(|_| invalid("route"))?;
@@ -244,7 +254,17 @@ impl Recovery {
     pub fn open(&self, sealed: &[u8]) -> Result<Vec<u8>> {
         match self {
             Recovery::Real(r) => r.open(sealed),
-            Recovery::Fast => Ok(sealed.to_vec()),
+            Recovery::Fast => {
+                let len = sealed
+                    .get(..2)
+                    .and_then(|b| <[u8; 2]>::try_from(b).ok())
+                    .map(|b| usize::from(u16::from_be_bytes(b)))
+                    .ok_or(invalid("short fast reply"))?;
+                Ok(sealed
+                    .get(2..2 + len)
+                    .ok_or(invalid("fast reply length"))?
+                    .to_vec())
+            }
         }
     }
 }
@@ -395,7 +415,10 @@ mod tests {
         tags.sort_unstable();
         tags.dedup();
         assert_eq!(tags.len(), 4, "one distinct replay tag per hop");
-        assert!(FastProcessor.process(&[], &bytes).is_err(), "no key, no entry");
+        assert!(
+            FastProcessor.process(&[], &bytes).is_err(),
+            "no key, no entry"
+        );
     }
 
     #[test]

@@ -149,7 +149,8 @@ fn main() -> ExitCode {
             out,
             params,
             quiet,
-        } => seed_from_env(seed).and_then(|seed| run_one(&scenario, &params, seed, &out, quiet).map(|_| ())),
+        } => seed_from_env(seed)
+            .and_then(|seed| run_one(&scenario, &params, seed, &out, quiet).map(|_| ())),
         Command::Sweep {
             scenario,
             param,

@@ -228,7 +228,11 @@ pub struct Summary {
 }
 
 fn per(a: u64, b: u64) -> f64 {
-    if b == 0 { 0.0 } else { round(a as f64 / b as f64) }
+    if b == 0 {
+        0.0
+    } else {
+        round(a as f64 / b as f64)
+    }
 }
 
 /// Builds the summary of a run.
@@ -236,7 +240,7 @@ pub fn summarise(sc: &Scenario, seed: u64, r: &Results) -> Summary {
     let c = &r.counters;
     let entropy: Vec<f64> = r.anonymity.iter().map(|a| a.0).collect();
     let n = r.anonymity.len();
-    let mean = |f: &dyn Fn(&(f64, f64, f64, bool)) -> f64| {
+    let mean = |f: &dyn Fn(&crate::world::MessageAnonymity) -> f64| {
         if n == 0 {
             0.0
         } else {
@@ -554,11 +558,17 @@ pub fn write_sweep(dir: &Path, param: &str, rows: &[SweepRow]) -> std::io::Resul
             series: vec![
                 Series {
                     name: "p50".into(),
-                    points: numeric.iter().map(|(v, s)| (*v, s.latency_ms.p50)).collect(),
+                    points: numeric
+                        .iter()
+                        .map(|(v, s)| (*v, s.latency_ms.p50))
+                        .collect(),
                 },
                 Series {
                     name: "p95".into(),
-                    points: numeric.iter().map(|(v, s)| (*v, s.latency_ms.p95)).collect(),
+                    points: numeric
+                        .iter()
+                        .map(|(v, s)| (*v, s.latency_ms.p95))
+                        .collect(),
                 },
             ],
         },
@@ -617,7 +627,10 @@ mod tests {
     fn nearest_rank_percentiles() {
         let v: Vec<f64> = (1..=100).map(f64::from).collect();
         let d = Distribution::of(&v);
-        assert_eq!((d.p50, d.p95, d.p99, d.max, d.min), (50.0, 95.0, 99.0, 100.0, 1.0));
+        assert_eq!(
+            (d.p50, d.p95, d.p99, d.max, d.min),
+            (50.0, 95.0, 99.0, 100.0, 1.0)
+        );
         assert_eq!(d.mean, 50.5);
         assert_eq!(Distribution::of(&[]), Distribution::default());
     }

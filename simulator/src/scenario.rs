@@ -590,7 +590,10 @@ impl Scenario {
         }
         let w = &self.workload;
         for (x, name) in [
-            (w.rate_per_client_per_min, "workload.rate_per_client_per_min"),
+            (
+                w.rate_per_client_per_min,
+                "workload.rate_per_client_per_min",
+            ),
             (w.cover_per_min, "workload.cover_per_min"),
             (w.schedule_ahead_s, "workload.schedule_ahead_s"),
             (w.expire_after_s, "workload.expire_after_s"),
@@ -605,15 +608,23 @@ impl Scenario {
         for (x, name) in [
             (w.senders_fraction, "workload.senders_fraction"),
             (w.scheduled_fraction, "workload.scheduled_fraction"),
-            (self.adversary.compromised_relays, "adversary.compromised_relays"),
+            (
+                self.adversary.compromised_relays,
+                "adversary.compromised_relays",
+            ),
             (
                 self.adversary.compromised_mailboxes,
                 "adversary.compromised_mailboxes",
             ),
-            (self.adversary.compromised_timers, "adversary.compromised_timers"),
+            (
+                self.adversary.compromised_timers,
+                "adversary.compromised_timers",
+            ),
         ] {
             if !(0.0..=1.0).contains(&x) {
-                return Err(ScenarioError::Invalid(format!("{name} must be within [0, 1]")));
+                return Err(ScenarioError::Invalid(format!(
+                    "{name} must be within [0, 1]"
+                )));
             }
         }
         if w.scheduled_fraction > 0.0 && t.timers == 0 {
@@ -630,14 +641,20 @@ impl Scenario {
                 exponent,
                 max_contacts,
                 popularity,
-            } if !(*exponent > 1.0) || *max_contacts == 0 || !pos(*popularity) => {
+            } if exponent.is_nan()
+                || *exponent <= 1.0
+                || *max_contacts == 0
+                || !pos(*popularity) =>
+            {
                 return bad("power law: exponent > 1, max_contacts ≥ 1, popularity ≥ 0");
             }
             _ => {}
         }
         match &w.message_size {
             SizeSpec::Uniform { min, max } if min > max => return bad("message_size: min > max"),
-            SizeSpec::LogNormal { median, sigma, .. } if !(*median > 0.0) || !pos(*sigma) => {
+            SizeSpec::LogNormal { median, sigma, .. }
+                if median.is_nan() || *median <= 0.0 || !pos(*sigma) =>
+            {
                 return bad("message_size: median > 0, sigma ≥ 0");
             }
             _ => {}
@@ -649,7 +666,8 @@ impl Scenario {
         if max_size > whispr_protocol::fragment::MESSAGE_LEN_MAX as u64 {
             return bad("message sizes are at most 1 MiB");
         }
-        if self.retransmit.enabled && (self.retransmit.attempts_max == 0 || self.retransmit.after_ms == 0)
+        if self.retransmit.enabled
+            && (self.retransmit.attempts_max == 0 || self.retransmit.after_ms == 0)
         {
             return bad("retransmit: attempts_max and after_ms must be ≥ 1");
         }
@@ -661,7 +679,7 @@ impl Scenario {
         if self.limits.fetch_batch == 0 || self.limits.router_queue_max == 0 {
             return bad("limits must be ≥ 1");
         }
-        if !(self.output.sample_every_s > 0.0) {
+        if self.output.sample_every_s.is_nan() || self.output.sample_every_s <= 0.0 {
             return bad("output.sample_every_s must be > 0");
         }
         if self.churn.late_mixes_per_layer > 0 && !pos(self.churn.join_at_s) {

@@ -110,7 +110,12 @@ struct Client {
     sender: bool,
     online: bool,
     fetch_scheduled: bool,
+    /// Keys, HPKE, packet construction.
     rng: ChaCha20Rng,
+    /// Routes, delays, ids: the same in both modes.
+    route: ChaCha20Rng,
+    /// Workload draws: the same in both modes.
+    work: ChaCha20Rng,
     pending: HashMap<SurbId, (u32, u16, Recovery)>,
 }
 
@@ -167,17 +172,44 @@ enum From {
 
 #[derive(Debug)]
 enum Ev {
-    Arrive { node: u32, from: From, bytes: Vec<u8> },
-    Wake { node: u32 },
-    NextMessage { client: u32 },
-    Cover { client: u32 },
-    Retransmit { msg: u32, frag: u16, attempt: u8 },
-    Toggle { client: u32 },
-    Fetch { client: u32 },
-    Sweep { node: u32 },
-    TimerDue { node: u32 },
-    Churn { node: u32, action: ChurnAction },
-    RandomCrash { node: u32 },
+    Arrive {
+        node: u32,
+        from: From,
+        bytes: Vec<u8>,
+    },
+    Wake {
+        node: u32,
+    },
+    NextMessage {
+        client: u32,
+    },
+    Cover {
+        client: u32,
+    },
+    Retransmit {
+        msg: u32,
+        frag: u16,
+        attempt: u8,
+    },
+    Toggle {
+        client: u32,
+    },
+    Fetch {
+        client: u32,
+    },
+    Sweep {
+        node: u32,
+    },
+    TimerDue {
+        node: u32,
+    },
+    Churn {
+        node: u32,
+        action: ChurnAction,
+    },
+    RandomCrash {
+        node: u32,
+    },
     Sample,
     Final,
 }
@@ -297,6 +329,13 @@ pub struct Sample {
     pub nodes_up: u64,
 }
 
+/// One sampled message's (entropy bits, anonymity set, normalised degree, whether the
+/// timing attack named the true sender).
+pub type MessageAnonymity = (f64, f64, f64, bool);
+
+/// A fragment ready to send: first hop, packet bytes, route (node indices), delays (ms).
+type Built = (u32, Vec<u8>, Vec<u32>, Vec<u64>);
+
 /// Per-message results the report needs.
 #[derive(Clone, Debug, Default)]
 pub struct Results {
@@ -307,7 +346,7 @@ pub struct Results {
     /// Delivery time (s since start) of each delivered message.
     pub delivered_at_s: Vec<f64>,
     /// Per sampled message: (entropy bits, anonymity set, normalised degree, attack right).
-    pub anonymity: Vec<(f64, f64, f64, bool)>,
+    pub anonymity: Vec<MessageAnonymity>,
     /// Sampled messages whose whole route was compromised (sender linked to recipient).
     pub fully_traced: u64,
     /// Messages sent, delivered, acknowledged, failed, expired undelivered.
@@ -623,7 +662,7 @@ impl World {
             },
             &EnvelopeContent {
                 message_id: frag.message_id,
-                fragment: frag.info.clone(),
+                fragment: frag.info,
                 content: frag.data.clone(),
             },
         )
@@ -712,17 +751,12 @@ impl World {
         };
         match node.kind {
             NodeKind::Mailbox => {
-                let rng = ChaCha20Rng::seed_from_u64(seed ^ u64::from_be_bytes(
-                    node.master[..8].try_into().unwrap_or([0; 8]),
-                ));
-                let core = MailboxCore::open(
-                    config,
-                    store,
-                    MasterKey::from_bytes(&node.master),
-                    rng,
-                    now,
-                )
-                .map_err(|e| ScenarioError::Invalid(format!("mailbox core: {e}")))?;
+                let rng = ChaCha20Rng::seed_from_u64(
+                    seed ^ u64::from_be_bytes(node.master[..8].try_into().unwrap_or([0; 8])),
+                );
+                let core =
+                    MailboxCore::open(config, store, MasterKey::from_bytes(&node.master), rng, now)
+                        .map_err(|e| ScenarioError::Invalid(format!("mailbox core: {e}")))?;
                 node.mailbox = Some(core);
             }
             NodeKind::Timer => {
@@ -816,6 +850,8 @@ impl World {
                 online: true,
                 fetch_scheduled: false,
                 rng,
+                route: tree.stream("client-route", c as u64),
+                work: tree.stream("client-work", c as u64),
                 pending: HashMap::new(),
             });
         }
@@ -908,18 +944,21 @@ impl World {
                 continue;
             };
             if client.sender
-                && let Some(gap) = poisson_gap(&mut client.rng, w.rate_per_client_per_min)
+                && let Some(gap) = poisson_gap(&mut client.work, w.rate_per_client_per_min)
             {
-                self.q.schedule(UnixTime(now + gap), Ev::NextMessage { client: c as u32 });
+                self.q
+                    .schedule(UnixTime(now + gap), Ev::NextMessage { client: c as u32 });
             }
-            if let Some(gap) = poisson_gap(&mut client.rng, w.cover_per_min) {
-                self.q.schedule(UnixTime(now + gap), Ev::Cover { client: c as u32 });
+            if let Some(gap) = poisson_gap(&mut client.work, w.cover_per_min) {
+                self.q
+                    .schedule(UnixTime(now + gap), Ev::Cover { client: c as u32 });
             }
             if on > 0.0 {
-                client.online = client.rng.random_range(0.0..1.0) < on / (on + off).max(1.0);
+                client.online = client.work.random_range(0.0..1.0) < on / (on + off).max(1.0);
                 let mean = if client.online { on } else { off };
-                let gap = exp_ms(&mut client.rng, mean).ceil() as u64;
-                self.q.schedule(UnixTime(now + gap.max(1)), Ev::Toggle { client: c as u32 });
+                let gap = exp_ms(&mut client.work, mean).ceil() as u64;
+                self.q
+                    .schedule(UnixTime(now + gap.max(1)), Ev::Toggle { client: c as u32 });
             }
         }
         for e in self.sc.churn.events.clone() {
@@ -1079,7 +1118,14 @@ impl World {
             None => self.counters.lost_link += 1,
             Some(d) => {
                 let at = now + d.as_millis() as u64;
-                self.q.schedule(UnixTime(at), Ev::Arrive { node: to, from, bytes });
+                self.q.schedule(
+                    UnixTime(at),
+                    Ev::Arrive {
+                        node: to,
+                        from,
+                        bytes,
+                    },
+                );
             }
         }
     }
@@ -1212,7 +1258,13 @@ impl World {
         }
     }
 
-    fn deposit(&mut self, i: usize, incoming: Incoming, mailbox: MailboxId, dedup: Option<DedupId>) {
+    fn deposit(
+        &mut self,
+        i: usize,
+        incoming: Incoming,
+        mailbox: MailboxId,
+        dedup: Option<DedupId>,
+    ) {
         let now = self.now();
         let Some(core) = self.nodes.get_mut(i).and_then(|n| n.mailbox.as_mut()) else {
             return;
@@ -1220,7 +1272,9 @@ impl World {
         let result = core
             .deposit_many(UnixTime(now), vec![incoming])
             .pop()
-            .unwrap_or(Err(whispr_mailbox::MailboxError::InvalidArgument("no result")));
+            .unwrap_or(Err(whispr_mailbox::MailboxError::InvalidArgument(
+                "no result",
+            )));
         match result {
             Ok(receipt) => {
                 if !receipt.duplicate {
@@ -1362,7 +1416,8 @@ impl World {
             };
             let full = got.len() >= batch;
             if let Err(e) = core.ack(&mailbox, &owner, last) {
-                self.violations.push(format!("ack by client {client} refused: {e}"));
+                self.violations
+                    .push(format!("ack by client {client} refused: {e}"));
                 return;
             }
             for m in got {
@@ -1386,7 +1441,8 @@ impl World {
         match body {
             MessageBody::Envelope(bytes) => {
                 let Ok(env) = Envelope::decode(&bytes) else {
-                    self.violations.push("stored envelope does not decode".into());
+                    self.violations
+                        .push("stored envelope does not decode".into());
                     return;
                 };
                 let dedup = env.outer.dedup_id;
@@ -1467,7 +1523,11 @@ impl World {
     }
 
     fn check_opened(&mut self, client: u32, m: u32, f: u16, env: &Envelope) {
-        let Some(secret) = self.clients.get(client as usize).and_then(|c| c.hpke.as_ref()) else {
+        let Some(secret) = self
+            .clients
+            .get(client as usize)
+            .and_then(|c| c.hpke.as_ref())
+        else {
             return;
         };
         let Some(msg) = self.msgs.get(m as usize) else {
@@ -1546,7 +1606,8 @@ impl World {
             let t = ms(t).max(now);
             if n.timer_due.is_none_or(|d| t < d) {
                 n.timer_due = Some(t);
-                self.q.schedule(UnixTime(t), Ev::TimerDue { node: i as u32 });
+                self.q
+                    .schedule(UnixTime(t), Ev::TimerDue { node: i as u32 });
             }
         }
     }
@@ -1566,7 +1627,10 @@ impl World {
         let Some(timer) = n.timer.as_mut() else {
             return;
         };
-        let fired = timer.queue.poll_due(UnixTime(now), 10_000).unwrap_or_default();
+        let fired = timer
+            .queue
+            .poll_due(UnixTime(now), 10_000)
+            .unwrap_or_default();
         let mut sends = Vec::new();
         for task in fired {
             if let Ok(send) = DeferredSend::decode(&task.payload) {
@@ -1592,10 +1656,10 @@ impl World {
         };
         match spec {
             SizeSpec::Constant { bytes } => bytes,
-            SizeSpec::Uniform { min, max } => c.rng.random_range(min..=max),
+            SizeSpec::Uniform { min, max } => c.work.random_range(min..=max),
             SizeSpec::LogNormal { median, sigma, max } => {
-                let u1: f64 = c.rng.random_range(f64::MIN_POSITIVE..1.0);
-                let u2: f64 = c.rng.random_range(0.0..1.0);
+                let u1: f64 = c.work.random_range(f64::MIN_POSITIVE..1.0);
+                let u2: f64 = c.work.random_range(0.0..1.0);
                 let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
                 ((median.ln() + sigma * z).exp().round() as u64).min(max)
             }
@@ -1608,7 +1672,7 @@ impl World {
         let Some(c) = self.clients.get_mut(client as usize) else {
             return;
         };
-        if let Some(gap) = poisson_gap(&mut c.rng, w.rate_per_client_per_min)
+        if let Some(gap) = poisson_gap(&mut c.work, w.rate_per_client_per_min)
             && now + gap < self.send_end_ms
         {
             self.q
@@ -1619,12 +1683,12 @@ impl World {
         }
         let to = c
             .contacts
-            .get(c.rng.random_range(0..c.contacts.len()))
+            .get(c.work.random_range(0..c.contacts.len()))
             .copied()
             .unwrap_or(0);
         let scheduled = w.scheduled_fraction > 0.0
             && !self.timers.is_empty()
-            && c.rng.random_range(0.0..1.0) < w.scheduled_fraction;
+            && c.work.random_range(0.0..1.0) < w.scheduled_fraction;
         let size = self.draw_size(client);
         let release = if scheduled {
             now + (w.schedule_ahead_s * 1000.0) as u64
@@ -1656,7 +1720,7 @@ impl World {
             let Some(c) = self.clients.get_mut(client as usize) else {
                 return;
             };
-            let dedup = DedupId::random(&mut c.rng);
+            let dedup = DedupId::random(&mut c.route);
             self.side.insert(dedup, Side::Frag(id, f as u16));
             frags.push(Frag {
                 dedup,
@@ -1667,7 +1731,8 @@ impl World {
                 trace: None,
             });
         }
-        let expires_ms = (w.expire_after_s > 0.0).then(|| release + (w.expire_after_s * 1000.0) as u64);
+        let expires_ms =
+            (w.expire_after_s > 0.0).then(|| release + (w.expire_after_s * 1000.0) as u64);
         self.msgs.push(Msg {
             from: client,
             to,
@@ -1701,12 +1766,7 @@ impl World {
 
     /// Builds fragment `f` of message `m` for sending at `at_ms` (its epoch's keys):
     /// (first hop, packet bytes, route, delays).
-    fn build_fragment(
-        &mut self,
-        m: u32,
-        f: u16,
-        at_ms: u64,
-    ) -> Option<(u32, Vec<u8>, Vec<u32>, Vec<u64>)> {
+    fn build_fragment(&mut self, m: u32, f: u16, at_ms: u64) -> Option<Built> {
         let mean = Duration::from_secs_f64(self.sc.mixing.delay_ms_mean / 1000.0);
         let layers = self.sc.topology.mix_layers;
         let epoch = KeyEpoch(at_ms / whispr_protocol::KEY_EPOCH_LEN.as_millis() as u64);
@@ -1717,38 +1777,48 @@ impl World {
         let content = msg.real.as_ref().and_then(|(id, frags)| {
             frags.get(f as usize).map(|fr| EnvelopeContent {
                 message_id: *id,
-                fragment: fr.info.clone(),
+                fragment: fr.info,
                 content: fr.data.clone(),
             })
         });
         let data_len = if f as usize + 1 == msg.frags.len() {
             let rem = msg.size as usize % FRAGMENT_DATA_LEN;
-            if rem == 0 && msg.size > 0 { FRAGMENT_DATA_LEN } else { rem }
+            if rem == 0 && msg.size > 0 {
+                FRAGMENT_DATA_LEN
+            } else {
+                rem
+            }
         } else {
             FRAGMENT_DATA_LEN
         };
         let recipient = self.clients.get(to as usize)?;
         let (r_mailbox, r_access, r_node, r_hpke) = (
             recipient.mailbox_id,
-            recipient.access.clone(),
+            recipient.access,
             recipient.node,
             recipient.hpke_public.clone(),
         );
         let dest_node = self.nodes.get(r_node as usize)?.id;
-        let sender_node_id = self.nodes.get(self.clients.get(from as usize)?.node as usize)?.id;
+        let sender_node_id = self
+            .nodes
+            .get(self.clients.get(from as usize)?.node as usize)?
+            .id;
         let directory = self.directory.clone();
         let mode = self.mode;
         let sender = self.clients.get_mut(from as usize)?;
-        let route = directory.select_route(&mut sender.rng, epoch, &dest_node, layers);
-        let back = directory.select_route(&mut sender.rng, epoch, &sender_node_id, layers);
+        let route = directory.select_route(&mut sender.route, epoch, &dest_node, layers);
+        let back = directory.select_route(&mut sender.route, epoch, &sender_node_id, layers);
         let (Ok(route), Ok(back)) = (route, back) else {
             self.counters.no_route += 1;
             return None;
         };
-        let delays = whispr_protocol::directory::sample_delays(&mut sender.rng, route.len() - 1, mean);
+        let delays =
+            whispr_protocol::directory::sample_delays(&mut sender.route, route.len() - 1, mean);
         let back_delays =
-            whispr_protocol::directory::sample_delays(&mut sender.rng, back.len() - 1, mean);
-        let surb_id = sender.reply_key.mint_surb_id(&mut sender.rng, &sender.mailbox_id);
+            whispr_protocol::directory::sample_delays(&mut sender.route, back.len() - 1, mean);
+        let surb_id = sender
+            .reply_key
+            .mint_surb_id(&mut sender.route, &sender.mailbox_id);
         let (surb, recovery) = mode
             .create_surb(
                 &mut sender.rng,
@@ -1859,11 +1929,11 @@ impl World {
         let Some(c) = self.clients.get_mut(from as usize) else {
             return;
         };
-        let Some(&timer) = timers.get(c.rng.random_range(0..timers.len().max(1))) else {
+        let Some(&timer) = timers.get(c.route.random_range(0..timers.len().max(1))) else {
             self.fail_fragment(m, f);
             return;
         };
-        let hold_id = HoldId::random(&mut c.rng);
+        let hold_id = HoldId::random(&mut c.route);
         let half = PACKET_SIZE / 2;
         let parts = [bytes.get(..half), bytes.get(half..)];
         for (index, data) in parts.into_iter().enumerate() {
@@ -1901,22 +1971,34 @@ impl World {
     }
 
     /// A packet from `client` to node `target`'s service address: (first hop, bytes).
-    fn send_to_service(&mut self, client: u32, target: u32, plaintext: &[u8]) -> Option<(u32, Vec<u8>)> {
+    fn send_to_service(
+        &mut self,
+        client: u32,
+        target: u32,
+        plaintext: &[u8],
+    ) -> Option<(u32, Vec<u8>)> {
         let now = self.now();
         let mean = Duration::from_secs_f64(self.sc.mixing.delay_ms_mean / 1000.0);
         let epoch = KeyEpoch(now / whispr_protocol::KEY_EPOCH_LEN.as_millis() as u64);
         let target_id = self.nodes.get(target as usize)?.id;
         let directory = self.directory.clone();
         let c = self.clients.get_mut(client as usize)?;
-        let Ok(route) = directory.select_route(&mut c.rng, epoch, &target_id, self.sc.topology.mix_layers)
+        let Ok(route) =
+            directory.select_route(&mut c.route, epoch, &target_id, self.sc.topology.mix_layers)
         else {
             self.counters.no_route += 1;
             return None;
         };
-        let delays = whispr_protocol::directory::sample_delays(&mut c.rng, route.len() - 1, mean);
+        let delays = whispr_protocol::directory::sample_delays(&mut c.route, route.len() - 1, mean);
         let packet = self
             .mode
-            .build_packet(&mut c.rng, &route, &delays, DestinationAddress::NODE_SERVICE, plaintext)
+            .build_packet(
+                &mut c.rng,
+                &route,
+                &delays,
+                DestinationAddress::NODE_SERVICE,
+                plaintext,
+            )
             .ok()?;
         let first = *self.index.get(&route.first()?.node)?;
         Some((first, packet.into_bytes()))
@@ -1949,7 +2031,7 @@ impl World {
         let Some(c) = self.clients.get_mut(client as usize) else {
             return;
         };
-        if let Some(gap) = poisson_gap(&mut c.rng, per_min)
+        if let Some(gap) = poisson_gap(&mut c.work, per_min)
             && now + gap < self.end_ms
         {
             self.q.schedule(UnixTime(now + gap), Ev::Cover { client });
@@ -1957,10 +2039,10 @@ impl World {
         if !c.online {
             return;
         }
-        let dedup = DedupId::random(&mut c.rng);
+        let dedup = DedupId::random(&mut c.route);
         let outer = OuterFields {
             mailbox_id: c.mailbox_id,
-            access_token: c.access.clone(),
+            access_token: c.access,
             dedup_id: dedup,
             expires_at: None,
             ack_surb: None,
@@ -2000,12 +2082,12 @@ impl World {
             return;
         };
         let Ok(route) =
-            directory.select_route(&mut c.rng, epoch, &target, self.sc.topology.mix_layers)
+            directory.select_route(&mut c.route, epoch, &target, self.sc.topology.mix_layers)
         else {
             self.counters.no_route += 1;
             return;
         };
-        let delays = whispr_protocol::directory::sample_delays(&mut c.rng, route.len() - 1, mean);
+        let delays = whispr_protocol::directory::sample_delays(&mut c.route, route.len() - 1, mean);
         let Ok(packet) = self.mode.build_packet(
             &mut c.rng,
             &route,
@@ -2032,7 +2114,7 @@ impl World {
         };
         c.online = !c.online;
         let mean = if c.online { on } else { off };
-        let gap = exp_ms(&mut c.rng, mean).ceil() as u64;
+        let gap = exp_ms(&mut c.work, mean).ceil() as u64;
         let online = c.online;
         self.q
             .schedule(UnixTime(now + gap.max(1)), Ev::Toggle { client });
@@ -2156,7 +2238,7 @@ impl World {
         }
     }
 
-    fn anonymity_of(&self, msg: &Msg) -> Option<((f64, f64, f64, bool), bool)> {
+    fn anonymity_of(&self, msg: &Msg) -> Option<(MessageAnonymity, bool)> {
         let trace = msg.frags.first()?.trace.as_ref()?;
         let exit = trace.exit_ms?;
         let population = self.clients.len();
@@ -2183,7 +2265,8 @@ impl World {
             // Every delaying hop is compromised: the edge saw the sender.
             return Some(((0.0, 1.0, 0.0, true), true));
         }
-        let fixed = self.client_latency_mean + (j as f64 - 1.0) * self.node_latency_mean;
+        // The client's link and j node links lie before hop j (index 0 is the edge).
+        let fixed = self.client_latency_mean + j as f64 * self.node_latency_mean;
         let mean = self.sc.mixing.delay_ms_mean;
         let k = j as u32;
         let exit_rel = known_ms - START_MS as f64;
@@ -2211,7 +2294,10 @@ impl World {
         let a = anonymity::anonymity(&weights, population);
         let right = anonymity::best_guess(&weights) == Some(msg.from as usize);
         let _ = trace.sent_ms;
-        Some(((a.entropy_bits, a.anonymity_set, a.normalised_degree, right), false))
+        Some((
+            (a.entropy_bits, a.anonymity_set, a.normalised_degree, right),
+            false,
+        ))
     }
 
     fn finish(mut self) -> Results {
@@ -2232,7 +2318,11 @@ impl World {
             }
             if self
                 .nodes
-                .get(self.clients.get(m.to as usize).map_or(0, |c| c.node as usize))
+                .get(
+                    self.clients
+                        .get(m.to as usize)
+                        .map_or(0, |c| c.node as usize),
+                )
                 .is_some_and(|n| n.compromised)
             {
                 r.recipient_node_compromised += 1;
@@ -2245,7 +2335,8 @@ impl World {
                     r.latency_ms.push(d.saturating_sub(m.sent_ms) as f64);
                     r.delivered_at_s.push((d - START_MS) as f64 / 1000.0);
                     if let Some(s) = m.stored_ms {
-                        r.network_latency_ms.push(s.saturating_sub(m.sent_ms) as f64);
+                        r.network_latency_ms
+                            .push(s.saturating_sub(m.sent_ms) as f64);
                     }
                 }
                 None => {

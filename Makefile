@@ -10,7 +10,7 @@ FUZZ_SECONDS ?= 30
 # Forbidden in whispr-protocol's normal dependency tree.
 PROTOCOL_FORBIDDEN := tokio|libp2p|rocksdb|librocksdb-sys|axum|hyper|mio
 
-.PHONY: deps demo test fmt-check clippy check-deps unit fuzz bench
+.PHONY: deps demo test fmt-check clippy check-deps unit fuzz bench sim-build sim-docs sim-bench
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -63,3 +63,23 @@ bench:
 	bash timer-service/bench/run.sh
 	bash mailbox/bench/run.sh
 	$(CARGO) bench -p whispr-relay --bench mesh
+
+# The simulator's binary, in the tests' profile (target/debug/whispr-sim, or under
+# $CARGO_TARGET_DIR). `target/debug/whispr-sim run simulator/scenarios/small.toml --out DIR`.
+SIM_BIN = $${CARGO_TARGET_DIR:-target}/debug/whispr-sim
+sim-build:
+	$(CARGO) build --workspace --bins --profile test
+
+# Regenerates the sweep plots shown in docs/simulator.md.
+sim-docs: sim-build
+	rm -rf target/sim/loopix-sweep
+	$(SIM_BIN) sweep simulator/scenarios/loopix-like.toml --param mixing.delay_ms_mean=10,20,50,100,200 --seed 1 --out target/sim/loopix-sweep
+	mkdir -p docs/simulator
+	cp target/sim/loopix-sweep/sweep.csv target/sim/loopix-sweep/*.svg target/sim/loopix-sweep/*.png docs/simulator/
+	cp target/sim/loopix-sweep/mixing.delay_ms_mean=50/latency_cdf.png target/sim/loopix-sweep/mixing.delay_ms_mean=50/entropy.png target/sim/loopix-sweep/mixing.delay_ms_mean=50/delivery.png docs/simulator/
+
+# The large scenario (10k nodes, 100k users, >1M messages): the benchmark in docs/benchmarks.md.
+sim-bench: sim-build
+	rm -rf target/sim/large
+	/usr/bin/time -v $(SIM_BIN) run simulator/scenarios/large.toml --seed 1 --out target/sim/large
+	cat target/sim/large/run.json

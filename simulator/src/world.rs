@@ -43,11 +43,10 @@ use whispr_relay::router::{
     ClientId, Delivery, Input, Output as RouterOutput, RateLimit, Router, RouterConfig, Source,
 };
 use whispr_timer_service::config::QueueConfig;
-use whispr_timer_service::deferred::DeferredSend;
+use whispr_timer_service::deferred::{DeferredSend, release_task};
 use whispr_timer_service::holds::{HoldAssembler, HoldConfig, PartOutcome};
 use whispr_timer_service::queue::TimerQueue;
 use whispr_timer_service::store::MemoryStore as TaskStore;
-use whispr_timer_service::task::{Category, NewTask, TaskId};
 
 use crate::anonymity::{self, Entry};
 use crate::codec::{Mode, Recovery};
@@ -1570,22 +1569,8 @@ impl World {
                 return;
             }
         };
-        let send = DeferredSend {
-            first_hop: hold.first_hop,
-            cancel_hash: hold.cancel_hash,
-            packet: hold.packet,
-        };
-        let scheduled = timer.queue.schedule_with_id(
-            now,
-            TaskId(hold.hold_id.0),
-            NewTask {
-                category: Category::DeferredSend,
-                priority: 5,
-                due_at: hold.release_at,
-                payload: send.encode(),
-                owner: None,
-            },
-        );
+        let (task_id, task) = release_task(hold);
+        let scheduled = timer.queue.schedule_with_id(now, task_id, task);
         if scheduled.is_ok() {
             self.counters.holds_scheduled += 1;
         } else {

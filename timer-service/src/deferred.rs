@@ -13,6 +13,32 @@ use crate::error::{Result, TimerError};
 /// Length of an encoded [`DeferredSend`].
 pub const ENCODED_LEN: usize = 32 + 32 + PACKET_SIZE;
 
+/// Priority of deferred sends (held packets) in the timer queue.
+pub const DEFERRED_SEND_PRIORITY: u8 = 5;
+
+/// The timer-queue task that releases a completed hold: its id (the hold id, so that a
+/// retransmitted part finds it) and the task. The timer node and the simulator schedule
+/// holds through this one function.
+pub fn release_task(
+    hold: crate::holds::CompletedHold,
+) -> (crate::task::TaskId, crate::task::NewTask) {
+    let send = DeferredSend {
+        first_hop: hold.first_hop,
+        cancel_hash: hold.cancel_hash,
+        packet: hold.packet,
+    };
+    (
+        crate::task::TaskId(hold.hold_id.0),
+        crate::task::NewTask {
+            category: crate::task::Category::DeferredSend,
+            priority: DEFERRED_SEND_PRIORITY,
+            due_at: hold.release_at,
+            payload: send.encode(),
+            owner: None,
+        },
+    )
+}
+
 /// A packet to inject and the node to send it to.
 #[derive(Clone, PartialEq, Eq)]
 pub struct DeferredSend {

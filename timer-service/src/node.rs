@@ -37,7 +37,7 @@ use whispr_protocol::{CancelCapability, HoldId, UnixTime};
 
 use crate::audit::{AuditAction, AuditLog};
 use crate::config::QueueConfig;
-use crate::deferred::{DeferredSend, PacketInjector};
+use crate::deferred::{DeferredSend, PacketInjector, release_task};
 use crate::error::TimerError;
 use crate::holds::{HoldAssembler, HoldConfig, HoldError, PartOutcome, check_part};
 use crate::queue::{CategoryStats, FailOutcome, ScheduleOutcome, TimerQueue};
@@ -46,8 +46,6 @@ use crate::task::{Category, FiredTask, NewTask, TaskId};
 
 const AUDIT_ANCHOR_KEY: &str = "audit_anchor";
 const ACTOR: &str = "admin-api";
-/// Priority of deferred sends (held packets).
-const DEFERRED_SEND_PRIORITY: u8 = 5;
 /// Payload prefix of the maintenance task that stands for a cancelled hold until its release
 /// time has passed (plus the late window), so that a retransmitted part cannot bring it back.
 const HOLD_TOMBSTONE: &[u8] = b"hold-tombstone:";
@@ -468,39 +466,22 @@ impl TimerNode {
                 ack_surbs: part.ack_surb.into_iter().collect(),
             });
         }
-        let hold = match state.holds.accept(at, part)? {
+        let mut hold = match state.holds.accept(at, part)? {
             PartOutcome::Incomplete => return Ok(HoldOutcome::Incomplete),
             PartOutcome::Complete(hold) => hold,
         };
-        let send = DeferredSend {
-            first_hop: hold.first_hop,
-            cancel_hash: hold.cancel_hash,
-            packet: hold.packet,
-        };
-        let outcome = state.queue.schedule_with_id(
-            at,
-            id,
-            NewTask {
-                category: Category::DeferredSend,
-                priority: DEFERRED_SEND_PRIORITY,
-                due_at: hold.release_at,
-                payload: send.encode(),
-                owner: None,
-            },
-        )?;
+        let ack_surbs = std::mem::take(&mut hold.ack_surbs);
+        let (task_id, task) = release_task(hold);
+        let outcome = state.queue.schedule_with_id(at, task_id, task)?;
         drop(state);
         Ok(match outcome {
             ScheduleOutcome::Scheduled => {
                 self.shared.wake.notify_one();
-                HoldOutcome::Scheduled {
-                    hold_id,
-                    ack_surbs: hold.ack_surbs,
-                }
+                HoldOutcome::Scheduled { hold_id, ack_surbs }
             }
-            ScheduleOutcome::AlreadyScheduled => HoldOutcome::AlreadyScheduled {
-                hold_id,
-                ack_surbs: hold.ack_surbs,
-            },
+            ScheduleOutcome::AlreadyScheduled => {
+                HoldOutcome::AlreadyScheduled { hold_id, ack_surbs }
+            }
         })
     }
 

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use rand::{Rng, RngExt, SeedableRng};
+use rand::{Rng, RngExt};
 use rand_chacha::ChaCha20Rng;
 use sha2::{Digest, Sha256};
 use whispr_mailbox::config::CoreConfig;
@@ -27,14 +27,16 @@ use whispr_mailbox::core::{
 };
 use whispr_mailbox::crypto::MasterKey;
 use whispr_mailbox::store::MemoryStore;
-use whispr_protocol::directory::{Directory, NodeDescriptor, Role, SignedDescriptor};
+use whispr_protocol::directory::{
+    Directory, NodeDescriptor, Role, SignedDescriptor, sample_delays,
+};
 use whispr_protocol::envelope::{
     Envelope, EnvelopeContent, MailboxPublicKey, MailboxSecretKey, OuterFields,
 };
 use whispr_protocol::fragment::{FRAGMENT_DATA_LEN, Fragment, fragment_message};
 use whispr_protocol::mailbox_api::create_transcript;
 use whispr_protocol::payload::{FinalMessage, HeldPacketPart, Reply};
-use whispr_protocol::sphinx::{PACKET_SIZE, SphinxPublicKey, SphinxSecretKey};
+use whispr_protocol::sphinx::{PACKET_SIZE, RouteHop, SphinxPublicKey, SphinxSecretKey};
 use whispr_protocol::{
     AccessToken, DedupId, DestinationAddress, HoldId, KeyEpoch, MailboxId, MessageId, NodeId,
     ReplyKey, SurbId, UnixTime,
@@ -125,14 +127,13 @@ struct Frag {
     stored: bool,
     fetched: bool,
     acked: bool,
-    /// First attempt's send time, route (node indices) and chosen delays, for sampled
-    /// messages.
+    /// First attempt's route (node indices), chosen delays and arrival at the mailbox node,
+    /// for sampled messages.
     trace: Option<Trace>,
 }
 
 #[derive(Clone, Debug)]
 struct Trace {
-    sent_ms: u64,
     route: Vec<u32>,
     delays_ms: Vec<u64>,
     exit_ms: Option<u64>,
@@ -383,6 +384,7 @@ pub struct Results {
 /// A simulation ready to run.
 pub struct World {
     sc: Scenario,
+    tree: RngTree,
     mode: Mode,
     q: EventQueue<Ev>,
     link_rng: ChaCha20Rng,
@@ -471,7 +473,7 @@ impl World {
         let last_epoch = horizon / epoch_len;
         if last_epoch - first_epoch >= 16 {
             return Err(ScenarioError::Invalid(
-                "duration + drain + schedule_ahead must fit in 15 key epochs (15 h)".into(),
+                "duration + drain + schedule_ahead + 1 h must fit in the 16 key epochs a descriptor carries".into(),
             ));
         }
         let t = &sc.topology;
@@ -561,6 +563,7 @@ impl World {
         }
         let keep_tags = !sc.churn.events.is_empty() || sc.churn.relay_crashes_per_hour > 0.0;
         let mut world = World {
+            tree,
             mode,
             q: EventQueue::new(start),
             link_rng: tree.stream("links", 0),
@@ -744,22 +747,21 @@ impl World {
         now: UnixTime,
     ) -> Result<(), ScenarioError> {
         let config = self.core_config();
-        let seed = 0x5eed_0000 + i as u64 + self.get(i).map_or(0, |n| n.restarts) * 1_000_003;
+        // One stream per node and incarnation (a restarted core draws afresh).
+        let stream = ((i as u64) << 24) | self.get(i).map_or(0, |n| n.restarts);
         let Some(node) = self.nodes.get_mut(i) else {
             return Ok(());
         };
         match node.kind {
             NodeKind::Mailbox => {
-                let rng = ChaCha20Rng::seed_from_u64(
-                    seed ^ u64::from_be_bytes(node.master[..8].try_into().unwrap_or([0; 8])),
-                );
+                let rng = self.tree.stream("mailbox-core", stream);
                 let core =
                     MailboxCore::open(config, store, MasterKey::from_bytes(&node.master), rng, now)
                         .map_err(|e| ScenarioError::Invalid(format!("mailbox core: {e}")))?;
                 node.mailbox = Some(core);
             }
             NodeKind::Timer => {
-                let rng = ChaCha20Rng::seed_from_u64(seed);
+                let rng = self.tree.stream("timer-core", stream);
                 let queue = TimerQueue::open(QueueConfig::default(), tasks, rng)
                     .map_err(|e| ScenarioError::Invalid(format!("timer queue: {e}")))?;
                 node.timer = Some(TimerCore {
@@ -1367,10 +1369,11 @@ impl World {
             return;
         }
         c.fetch_scheduled = true;
+        let (node, endpoint) = (c.node as usize, self.nodes.len() + client as usize);
         let push = self
             .client_link
             .latency
-            .sample(&mut self.link_rng, 0, 0)
+            .sample(&mut self.link_rng, node, endpoint)
             .as_millis() as u64;
         self.q.schedule(
             UnixTime(now + push + delay.ceil() as u64),
@@ -1749,16 +1752,66 @@ impl World {
         }
     }
 
-    /// Builds fragment `f` of message `m` for sending at `at_ms` (its epoch's keys):
-    /// (first hop, packet bytes, route, delays).
-    fn build_fragment(&mut self, m: u32, f: u16, at_ms: u64) -> Option<Built> {
+    /// The key epoch of a time.
+    fn epoch(at_ms: u64) -> KeyEpoch {
+        KeyEpoch(at_ms / whispr_protocol::KEY_EPOCH_LEN.as_millis() as u64)
+    }
+
+    /// A fresh stratified route from `client` to node `target` for `epoch`, with the
+    /// client's exponential per-hop delays.
+    fn pick_route(
+        &mut self,
+        client: u32,
+        target: u32,
+        epoch: KeyEpoch,
+    ) -> Option<(Vec<RouteHop>, Vec<Duration>)> {
         let mean = Duration::from_secs_f64(self.sc.mixing.delay_ms_mean / 1000.0);
         let layers = self.sc.topology.mix_layers;
-        let epoch = KeyEpoch(at_ms / whispr_protocol::KEY_EPOCH_LEN.as_millis() as u64);
+        let target = self.nodes.get(target as usize)?.id;
+        let c = self.clients.get_mut(client as usize)?;
+        let Ok(route) = self
+            .directory
+            .select_route(&mut c.route, epoch, &target, layers)
+        else {
+            self.counters.no_route += 1;
+            return None;
+        };
+        let delays = sample_delays(&mut c.route, route.len() - 1, mean);
+        Some((route, delays))
+    }
+
+    /// A packet from `client` to node `target` (addressed to `destination` there) on a
+    /// fresh route for `epoch`.
+    fn route_packet(
+        &mut self,
+        client: u32,
+        target: u32,
+        destination: DestinationAddress,
+        plaintext: &[u8],
+        epoch: KeyEpoch,
+    ) -> Option<Built> {
+        let (route, delays) = self.pick_route(client, target, epoch)?;
+        let c = self.clients.get_mut(client as usize)?;
+        let packet = self
+            .mode
+            .build_packet(&mut c.rng, &route, &delays, destination, plaintext)
+            .ok()?;
+        let path: Vec<u32> = route
+            .iter()
+            .filter_map(|h| self.index.get(&h.node).copied())
+            .collect();
+        let first = *path.first()?;
+        let delays_ms = delays.iter().map(|d| d.as_millis() as u64).collect();
+        Some((first, packet.into_bytes(), path, delays_ms))
+    }
+
+    /// Builds fragment `f` of message `m` for sending at `at_ms` (its epoch's keys), with a
+    /// SURB for the deposit ack back into the sender's mailbox.
+    fn build_fragment(&mut self, m: u32, f: u16, at_ms: u64) -> Option<Built> {
+        let epoch = Self::epoch(at_ms);
         let msg = self.msgs.get(m as usize)?;
         let (from, to, expires) = (msg.from, msg.to, msg.expires_ms);
-        let frag = msg.frags.get(f as usize)?;
-        let dedup = frag.dedup;
+        let dedup = msg.frags.get(f as usize)?.dedup;
         let content = msg.real.as_ref().and_then(|(id, frags)| {
             frags.get(f as usize).map(|fr| EnvelopeContent {
                 message_id: *id,
@@ -1783,24 +1836,10 @@ impl World {
             recipient.node,
             recipient.hpke_public.clone(),
         );
-        let dest_node = self.nodes.get(r_node as usize)?.id;
-        let sender_node_id = self
-            .nodes
-            .get(self.clients.get(from as usize)?.node as usize)?
-            .id;
-        let directory = self.directory.clone();
+        let own_node = self.clients.get(from as usize)?.node;
+        let (back, back_delays) = self.pick_route(from, own_node, epoch)?;
         let mode = self.mode;
         let sender = self.clients.get_mut(from as usize)?;
-        let route = directory.select_route(&mut sender.route, epoch, &dest_node, layers);
-        let back = directory.select_route(&mut sender.route, epoch, &sender_node_id, layers);
-        let (Ok(route), Ok(back)) = (route, back) else {
-            self.counters.no_route += 1;
-            return None;
-        };
-        let delays =
-            whispr_protocol::directory::sample_delays(&mut sender.route, route.len() - 1, mean);
-        let back_delays =
-            whispr_protocol::directory::sample_delays(&mut sender.route, back.len() - 1, mean);
         let surb_id = sender
             .reply_key
             .mint_surb_id(&mut sender.route, &sender.mailbox_id);
@@ -1827,29 +1866,23 @@ impl World {
             _ => Envelope::filler(outer, data_len + self.envelope_overhead).ok()?,
         };
         let plaintext = FinalMessage::Deposit(envelope).encode().ok()?;
-        let packet = mode
-            .build_packet(
-                &mut sender.rng,
-                &route,
-                &delays,
-                DestinationAddress::mailbox(&r_mailbox),
-                &plaintext,
-            )
-            .ok()?;
-        sender.pending.insert(surb_id, (m, f, recovery));
-        let path: Vec<u32> = route
-            .iter()
-            .filter_map(|h| self.index.get(&h.node).copied())
-            .collect();
-        let first = *path.first()?;
-        let delays_ms = delays.iter().map(|d| d.as_millis() as u64).collect();
-        Some((first, packet.into_bytes(), path, delays_ms))
+        let built = self.route_packet(
+            from,
+            r_node,
+            DestinationAddress::mailbox(&r_mailbox),
+            &plaintext,
+            epoch,
+        )?;
+        if let Some(sender) = self.clients.get_mut(from as usize) {
+            sender.pending.insert(surb_id, (m, f, recovery));
+        }
+        Some(built)
     }
 
     fn send_fragment(&mut self, m: u32, f: u16) {
         let now = self.now();
         let Some((first, bytes, route, delays)) = self.build_fragment(m, f, now) else {
-            self.fail_fragment(m, f);
+            self.fail_fragment(m);
             return;
         };
         let Some(msg) = self.msgs.get_mut(m as usize) else {
@@ -1864,7 +1897,6 @@ impl World {
         let attempt = frag.attempts;
         if sampled && attempt == 1 {
             frag.trace = Some(Trace {
-                sent_ms: now,
                 route,
                 delays_ms: delays,
                 exit_ms: None,
@@ -1886,18 +1918,18 @@ impl World {
         }
     }
 
-    fn fail_fragment(&mut self, m: u32, f: u16) {
+    /// A fragment of message `m` cannot be sent (no route) or was given up: so is `m`.
+    fn fail_fragment(&mut self, m: u32) {
         self.counters.fragments_failed += 1;
         if let Some(msg) = self.msgs.get_mut(m as usize) {
             msg.failed = true;
-            let _ = f;
         }
     }
 
     fn send_held(&mut self, m: u32, f: u16, release: u64) {
         let now = self.now();
         let Some((first, bytes, _, _)) = self.build_fragment(m, f, release) else {
-            self.fail_fragment(m, f);
+            self.fail_fragment(m);
             return;
         };
         let Some(msg) = self.msgs.get_mut(m as usize) else {
@@ -1915,7 +1947,7 @@ impl World {
             return;
         };
         let Some(&timer) = timers.get(c.route.random_range(0..timers.len().max(1))) else {
-            self.fail_fragment(m, f);
+            self.fail_fragment(m);
             return;
         };
         let hold_id = HoldId::random(&mut c.route);
@@ -1933,14 +1965,20 @@ impl World {
                 ack_surb: None,
             };
             let Ok(plaintext) = FinalMessage::Hold(part).encode() else {
-                self.fail_fragment(m, f);
+                self.fail_fragment(m);
                 return;
             };
-            let Some(sent) = self.send_to_service(from, timer, &plaintext) else {
-                self.fail_fragment(m, f);
+            let Some((first, bytes, _, _)) = self.route_packet(
+                from,
+                timer,
+                DestinationAddress::NODE_SERVICE,
+                &plaintext,
+                Self::epoch(now),
+            ) else {
+                self.fail_fragment(m);
                 return;
             };
-            self.transmit(From::Client(from), sent.0, sent.1);
+            self.transmit(From::Client(from), first, bytes);
             self.counters.hold_parts_sent += 1;
         }
         if self.sc.retransmit.enabled {
@@ -1953,40 +1991,6 @@ impl World {
                 },
             );
         }
-    }
-
-    /// A packet from `client` to node `target`'s service address: (first hop, bytes).
-    fn send_to_service(
-        &mut self,
-        client: u32,
-        target: u32,
-        plaintext: &[u8],
-    ) -> Option<(u32, Vec<u8>)> {
-        let now = self.now();
-        let mean = Duration::from_secs_f64(self.sc.mixing.delay_ms_mean / 1000.0);
-        let epoch = KeyEpoch(now / whispr_protocol::KEY_EPOCH_LEN.as_millis() as u64);
-        let target_id = self.nodes.get(target as usize)?.id;
-        let directory = self.directory.clone();
-        let c = self.clients.get_mut(client as usize)?;
-        let Ok(route) =
-            directory.select_route(&mut c.route, epoch, &target_id, self.sc.topology.mix_layers)
-        else {
-            self.counters.no_route += 1;
-            return None;
-        };
-        let delays = whispr_protocol::directory::sample_delays(&mut c.route, route.len() - 1, mean);
-        let packet = self
-            .mode
-            .build_packet(
-                &mut c.rng,
-                &route,
-                &delays,
-                DestinationAddress::NODE_SERVICE,
-                plaintext,
-            )
-            .ok()?;
-        let first = *self.index.get(&route.first()?.node)?;
-        Some((first, packet.into_bytes()))
     }
 
     fn retransmit(&mut self, m: u32, f: u16, attempt: u8) {
@@ -2004,7 +2008,7 @@ impl World {
             return;
         }
         if u32::from(attempt) >= max {
-            self.fail_fragment(m, f);
+            self.fail_fragment(m);
             return;
         }
         self.send_fragment(m, f);
@@ -2057,37 +2061,18 @@ impl World {
         let Ok(plaintext) = FinalMessage::Deposit(envelope).encode() else {
             return;
         };
-        let mean = Duration::from_secs_f64(self.sc.mixing.delay_ms_mean / 1000.0);
-        let epoch = KeyEpoch(now / whispr_protocol::KEY_EPOCH_LEN.as_millis() as u64);
-        let Some(target) = self.nodes.get(node as usize).map(|n| n.id) else {
-            return;
-        };
-        let directory = self.directory.clone();
-        let Some(c) = self.clients.get_mut(client as usize) else {
-            return;
-        };
-        let Ok(route) =
-            directory.select_route(&mut c.route, epoch, &target, self.sc.topology.mix_layers)
-        else {
-            self.counters.no_route += 1;
-            return;
-        };
-        let delays = whispr_protocol::directory::sample_delays(&mut c.route, route.len() - 1, mean);
-        let Ok(packet) = self.mode.build_packet(
-            &mut c.rng,
-            &route,
-            &delays,
+        let Some((first, bytes, _, _)) = self.route_packet(
+            client,
+            node,
             DestinationAddress::mailbox(&mailbox),
             &plaintext,
+            Self::epoch(now),
         ) else {
-            return;
-        };
-        let Some(&first) = route.first().and_then(|h| self.index.get(&h.node)) else {
             return;
         };
         self.side.insert(dedup, Side::Cover(client));
         self.counters.cover_sent += 1;
-        self.transmit(From::Client(client), first, packet.into_bytes());
+        self.transmit(From::Client(client), first, bytes);
     }
 
     fn toggle(&mut self, client: u32) {
@@ -2278,7 +2263,6 @@ impl World {
         );
         let a = anonymity::anonymity(&weights, population);
         let right = anonymity::best_guess(&weights) == Some(msg.from as usize);
-        let _ = trace.sent_ms;
         Some((
             (a.entropy_bits, a.anonymity_set, a.normalised_degree, right),
             false,

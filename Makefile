@@ -3,14 +3,13 @@
 
 SHELL := /bin/bash
 CARGO ?= cargo
-export CARGO_PROFILE_DEV_BUILD_OVERRIDE_DEBUG := line-tables-only
 # Debian packages the build needs: a C/C++ toolchain for RocksDB, libclang for its bindings.
 APT_PACKAGES := build-essential pkg-config libclang-dev
 FUZZ_SECONDS ?= 30
 # Forbidden in whispr-protocol's normal dependency tree.
 PROTOCOL_FORBIDDEN := tokio|libp2p|rocksdb|librocksdb-sys|axum|hyper|mio
 
-.PHONY: deps demo test fmt-check clippy check-deps unit fuzz bench sim-build sim-docs sim-bench
+.PHONY: deps demo test fmt-check clippy check-deps unit fuzz bench sim-build sim-docs sim-bench flaky-hunt
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -58,11 +57,19 @@ unit:
 fuzz:
 	FUZZ_SECONDS=$(FUZZ_SECONDS) bash fuzz/run.sh
 
+# `--workspace --bench NAME`, never `-p PACKAGE`: cargo unifies features over the packages it
+# is asked for, so each `-p` would be its own feature set and its own build of RocksDB's C++.
 bench:
-	$(CARGO) bench -p whispr-protocol --bench protocol
+	$(CARGO) bench --workspace --bench protocol
 	bash timer-service/bench/run.sh
 	bash mailbox/bench/run.sh
-	$(CARGO) bench -p whispr-relay --bench mesh
+	$(CARGO) bench --workspace --bench mesh
+
+# The process-level tests N times in a row beside two CPU burners, failures per test
+# (scripts/flaky-hunt.sh; docs/testing.md).
+N ?= 10
+flaky-hunt:
+	bash scripts/flaky-hunt.sh $(N)
 
 # The simulator's binary, in the tests' profile (target/debug/whispr-sim, or under
 # $CARGO_TARGET_DIR). `target/debug/whispr-sim run simulator/scenarios/small.toml --out DIR`.

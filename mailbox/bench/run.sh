@@ -19,6 +19,6 @@ CARGO=${CARGO:-cargo}
 
 # The bench takes Redis's address as flags; they are known only once Redis runs.
 exec bash bench/with-redis.sh mailbox bash -c \
-    'exec "$0" bench -p whispr-mailbox --bench deposits -- --redis-port "$WHISPR_BENCH_REDIS_PORT" \
+    'exec "$0" bench --workspace --bench deposits -- --redis-port "$WHISPR_BENCH_REDIS_PORT" \
         --redis-conf "$WHISPR_BENCH_REDIS_CONF" --redis-server "$WHISPR_BENCH_REDIS_SERVER" "$@"' \
     "$CARGO" "$@"

@@ -20,7 +20,7 @@
 //! ```
 //!
 //! or directly, ours only (no Redis columns):
-//! `cargo bench -p whispr-mailbox --bench deposits -- [--quick]`.
+//! `cargo bench --workspace --bench deposits -- [--quick]`.
 //!
 //! Options: `--quick` (smoke run: one round of short cells, 5k-message write-amplification
 //! runs, 50k messages for the restart), `--rounds R` (default 3), `--secs S` (measured seconds

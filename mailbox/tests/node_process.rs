@@ -12,9 +12,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -29,21 +29,21 @@ mod support;
 
 const BIN: &str = env!("CARGO_BIN_EXE_whispr-mailbox");
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+/// Longest wait for a node to start, or for the load tool to acknowledge deposits. Generous:
+/// a loaded machine can be slow to start a process and open RocksDB, and a deadline costs time
+/// only when the test fails.
+const START: Duration = Duration::from_secs(120);
 
-fn write_config(dir: &Path, port: u16, extra: &str) -> PathBuf {
+/// The node listens on port 0 (the kernel picks a free one, which no other process can take
+/// between a test choosing it and the node binding it) and logs JSON lines, from which the
+/// test reads the port back (see [`started_port`]). `extra` goes into `[limits]`.
+fn write_config(dir: &Path, extra: &str) -> PathBuf {
     let path = dir.join("mailbox.toml");
     std::fs::write(
         &path,
         format!(
-            "data_dir = \"{}\"\naudience = \"test-node\"\n\n[api]\nlisten = \"127.0.0.1:{port}\"\n\
-             ops_per_min_per_connection = 1000000\n\n\
+            "data_dir = \"{}\"\naudience = \"test-node\"\n\n[log]\njson = true\n\n\
+             [api]\nlisten = \"127.0.0.1:0\"\nops_per_min_per_connection = 1000000\n\n\
              [limits]\nmailbox_messages_max = 1000000\nmailbox_bytes_max = 4000000000\n\
              deposits_per_min = 100000000\n{extra}",
             dir.join("data").display()
@@ -51,6 +51,18 @@ fn write_config(dir: &Path, port: u16, extra: &str) -> PathBuf {
     )
     .unwrap();
     path
+}
+
+/// The port in the node's "mailbox node started" line, if `log` has one after byte `offset`
+/// (a line still being written does not parse yet).
+fn started_port(log: &Path, offset: u64) -> Option<u16> {
+    let bytes = std::fs::read(log).ok()?;
+    let text = String::from_utf8_lossy(bytes.get(usize::try_from(offset).ok()?..)?).into_owned();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "mailbox node started")
+        .and_then(|v| v["fields"]["port"].as_u64())
+        .and_then(|p| u16::try_from(p).ok())
 }
 
 struct Node {
@@ -61,8 +73,12 @@ struct Node {
 }
 
 impl Node {
-    async fn start(config: &Path, port: u16, log: PathBuf) -> Node {
+    /// Starts the node (appending its log to `log`), reads its port from the log and waits
+    /// until it answers `/healthz`.
+    async fn start(config: &Path, log: PathBuf) -> Node {
         let _ = rustls::crypto::ring::default_provider().install_default();
+        // Only this start's lines count: the log may hold an earlier run's.
+        let offset = std::fs::metadata(&log).map_or(0, |m| m.len());
         let stderr = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -76,13 +92,28 @@ impl Node {
             .stderr(stderr)
             .spawn()
             .unwrap();
-        let node = Node {
+        // Owned by `node` from here on, so that a panic below kills it.
+        let mut node = Node {
             child,
-            base: format!("http://127.0.0.1:{port}"),
+            base: String::new(),
             http: reqwest::Client::new(),
             log,
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + START;
+        let port = loop {
+            if let Some(port) = started_port(&node.log, offset) {
+                break port;
+            }
+            if let Some(status) = node.child.try_wait().unwrap() {
+                panic!(
+                    "the node exited at start ({status}):\n{}",
+                    std::fs::read_to_string(&node.log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "the node did not start in time");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        node.base = format!("http://127.0.0.1:{port}");
         while Instant::now() < deadline {
             if let Ok(r) = node.http.get(format!("{}/healthz", node.base)).send().await
                 && r.status() == 200
@@ -146,13 +177,63 @@ fn dedup_of(message: &Value) -> String {
     hex::encode(envelope.outer.dedup_id.as_bytes())
 }
 
+/// When the deposit load tool is killed (SIGKILL: no chance to flush or clean up).
+#[derive(Clone, Copy)]
+enum Kill {
+    /// Never: it runs to completion, which must be a success.
+    Never,
+    /// This long after it was started: sometimes while the store is still opening.
+    AfterStart(Duration),
+    /// This long after its first acknowledged deposit, and not before `min_acked` of them:
+    /// mid-write, however long the machine takes to start it.
+    AfterAcks { delay: Duration, min_acked: usize },
+}
+
+/// Waits until the first acknowledgement is `delay` old and `min_acked` came in all.
+fn wait_for_acks(
+    acks: &mpsc::Receiver<()>,
+    delay: Duration,
+    min_acked: usize,
+) -> Result<(), String> {
+    let deadline = Instant::now() + START;
+    let mut seen = 0usize;
+    let mut kill_at: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        if let Some(at) = kill_at
+            && seen >= min_acked
+            && now >= at
+        {
+            return Ok(());
+        }
+        if now >= deadline {
+            return Err(format!(
+                "stress-deposit acknowledged {seen} deposits in {START:?}"
+            ));
+        }
+        let until = match kill_at {
+            Some(at) if seen >= min_acked => at.min(deadline),
+            _ => deadline,
+        };
+        match acks.recv_timeout(until.saturating_duration_since(now)) {
+            Ok(()) => {
+                seen += 1;
+                if kill_at.is_none() {
+                    kill_at = Some(Instant::now() + delay);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(format!(
+                    "stress-deposit ended by itself after {seen} acknowledged deposits"
+                ));
+            }
+        }
+    }
+}
+
 /// Runs the deposit load tool; returns the (dedup id, seq) lines it printed.
-fn stress(
-    config: &Path,
-    seed: u64,
-    args: &[&str],
-    kill_after: Option<Duration>,
-) -> Vec<(String, u64)> {
+fn stress(config: &Path, seed: u64, args: &[&str], kill: Kill) -> Vec<(String, u64)> {
     let mut child = Command::new(BIN)
         .arg("--config")
         .arg(config)
@@ -166,29 +247,48 @@ fn stress(
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
+    let (tx, acks) = mpsc::channel();
     let reader = std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
         let mut lines = Vec::new();
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            lines.push(line);
+        let mut line = String::new();
+        // Only complete lines count: a line cut by the kill was not reported as acknowledged
+        // (its deposit may or may not be stored).
+        while let Ok(n) = reader.read_line(&mut line) {
+            if n == 0 || !line.ends_with('\n') {
+                break;
+            }
+            if line.starts_with("acked ") {
+                let _ = tx.send(());
+            }
+            lines.push(line.trim_end().to_owned());
+            line.clear();
         }
         lines
     });
-    if let Some(d) = kill_after {
-        std::thread::sleep(d);
-        // SIGKILL: no chance to flush or clean up.
+    let waited = match kill {
+        Kill::Never => Ok(()),
+        Kill::AfterStart(d) => {
+            std::thread::sleep(d);
+            Ok(())
+        }
+        Kill::AfterAcks { delay, min_acked } => wait_for_acks(&acks, delay, min_acked),
+    };
+    if !matches!(kill, Kill::Never) {
         child.kill().unwrap();
     }
     let status = child.wait().unwrap();
-    if kill_after.is_none() {
+    // Only now (the tool is gone, not left running for ever).
+    if let Err(e) = waited {
+        panic!("{e}");
+    }
+    if matches!(kill, Kill::Never) {
         assert!(status.success(), "stress-deposit failed");
     }
     reader
         .join()
         .unwrap()
         .into_iter()
-        // A line cut by the kill has no seq or a short id; the deposit may or may not be
-        // stored, and it was not reported as acknowledged.
         .filter_map(|l| {
             let mut parts = l.split(' ');
             match (parts.next(), parts.next(), parts.next()) {
@@ -204,16 +304,24 @@ fn stress(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_deposits_survive_kill_9_and_are_served_exactly_once_in_order() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let config = write_config(dir.path(), port, "");
+    let config = write_config(dir.path(), "");
     let seed = 7;
     let mut rng = ChaCha20Rng::seed_from_u64(0x6b11);
     let mut acked: BTreeMap<String, u64> = BTreeMap::new();
     let rounds = 50;
     for round in 0..rounds {
-        // Random moments: sometimes while the store is still opening, mostly mid-write.
-        let kill_after = Duration::from_millis(rng.random_range(20..400));
-        let lines = stress(&config, seed, &["--concurrency", "8"], Some(kill_after));
+        // Random moments: every fourth round counted from the start (sometimes while the
+        // store is still opening, however slow the machine), the others from the first
+        // acknowledgement (mid-write, and at least 3 acknowledged deposits per round).
+        let kill = if round % 4 == 0 {
+            Kill::AfterStart(Duration::from_millis(rng.random_range(20..400)))
+        } else {
+            Kill::AfterAcks {
+                delay: Duration::from_millis(rng.random_range(0..380)),
+                min_acked: 3,
+            }
+        };
+        let lines = stress(&config, seed, &["--concurrency", "8"], kill);
         for (id, seq) in lines {
             assert!(
                 acked.insert(id, seq).is_none(),
@@ -233,7 +341,7 @@ async fn acknowledged_deposits_survive_kill_9_and_are_served_exactly_once_in_ord
         acked.len()
     );
 
-    let node = Node::start(&config, port, dir.path().join("node.log")).await;
+    let node = Node::start(&config, dir.path().join("node.log")).await;
     let owner = Owner::from_seed(seed);
     let token = node.login(&owner).await;
     let served = node.fetch_all(&owner, &token).await;
@@ -265,10 +373,12 @@ async fn acknowledged_deposits_survive_kill_9_and_are_served_exactly_once_in_ord
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_expired_is_served_before_or_after_a_restart_past_expiry() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let config = write_config(dir.path(), port, "expiry_bucket_ms = 500\n");
+    let config = write_config(dir.path(), "expiry_bucket_ms = 500\n");
     let seed = 11;
     let owner = Owner::from_seed(seed);
+    // Every short-lived deposit is made after this, and expires 10 s after it was made: ample
+    // time to start the node and see them all before the first expires.
+    let short_from = Instant::now();
     let short = stress(
         &config,
         seed,
@@ -278,24 +388,34 @@ async fn nothing_expired_is_served_before_or_after_a_restart_past_expiry() {
             "--concurrency",
             "4",
             "--expire-in-ms",
-            "3000",
+            "10000",
         ],
-        None,
+        Kill::Never,
     );
-    let long = stress(&config, seed, &["--count", "5", "--concurrency", "1"], None);
+    let long = stress(
+        &config,
+        seed,
+        &["--count", "5", "--concurrency", "1"],
+        Kill::Never,
+    );
     assert_eq!(short.len(), 20);
     assert_eq!(long.len(), 5);
     let long_ids: BTreeSet<String> = long.iter().map(|(id, _)| id.clone()).collect();
+    // Every short-lived deposit was made before this, so has expired 10 s after it.
     let written_at = Instant::now();
 
     // Running node: everything is served before the expiry, only the long-lived ones after.
-    let mut node = Node::start(&config, port, dir.path().join("node.log")).await;
+    let mut node = Node::start(&config, dir.path().join("node.log")).await;
     let token = node.login(&owner).await;
     let before = node.fetch_all(&owner, &token).await;
-    if written_at.elapsed() < Duration::from_millis(2500) {
-        assert_eq!(before.len(), 25);
+    // (Checked if the fetch ended before the first expiry, with a margin between the test's
+    // clock and the node's.)
+    if short_from.elapsed() < Duration::from_millis(9_500) {
+        assert_eq!(before.len(), 25, "served before the expiry");
+    } else {
+        eprintln!("the node started after the first expiry; not checked before it");
     }
-    tokio::time::sleep(Duration::from_millis(3200).saturating_sub(written_at.elapsed())).await;
+    tokio::time::sleep(Duration::from_millis(10_200).saturating_sub(written_at.elapsed())).await;
     let after: BTreeSet<String> = node
         .fetch_all(&owner, &token)
         .await
@@ -304,7 +424,7 @@ async fn nothing_expired_is_served_before_or_after_a_restart_past_expiry() {
         .collect();
     assert_eq!(after, long_ids, "an expired message was served");
     // The sweep (through the timer queue) deletes them soon after.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + START;
     loop {
         let metrics = node
             .http
@@ -338,11 +458,12 @@ async fn nothing_expired_is_served_before_or_after_a_restart_past_expiry() {
             "--expire-in-ms",
             "1000",
         ],
-        None,
+        Kill::Never,
     );
     assert_eq!(short2.len(), 10);
+    // Every one of them was made before now, so has expired 1 s from now.
     std::thread::sleep(Duration::from_millis(1500));
-    let node = Node::start(&config, port, dir.path().join("node.log")).await;
+    let node = Node::start(&config, dir.path().join("node.log")).await;
     let token = node.login(&owner).await;
     let served: BTreeSet<String> = node
         .fetch_all(&owner, &token)

@@ -35,7 +35,7 @@
 //! Inputs that an operation consumes are made outside the timing; outputs of the 1 MiB benches
 //! are dropped, untimed, right after each call.
 //!
-//! Run: `CARGO_TARGET_DIR=/work/target-bench cargo bench -p whispr-protocol --bench protocol`.
+//! Run: `CARGO_TARGET_DIR=/work/target-bench cargo bench --workspace --bench protocol`.
 //!
 //! Instruction-count mode (stable on noisy machines, for `valgrind --tool=callgrind`): with
 //! `WHISPR_BENCH_COUNT=<bench>` (e.g. `sphinx/process_packet_first_hop`) the binary skips

@@ -336,6 +336,63 @@ impl Client {
     }
 }
 
+/// One HTTP/1.1 connection that the test holds open itself, so that every request it sends
+/// is on the same TCP connection (and so under one rate budget).
+struct RawConnection {
+    stream: tokio::io::BufReader<tokio::net::TcpStream>,
+    port: u16,
+}
+
+impl RawConnection {
+    async fn open(port: u16) -> RawConnection {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        RawConnection {
+            stream: tokio::io::BufReader::new(stream),
+            port,
+        }
+    }
+
+    /// Posts `body` as `application/octet-stream`; returns the status, the response's header
+    /// block (lower-cased) and its JSON body.
+    async fn post(&mut self, path: &str, body: &[u8]) -> (u16, String, Value) {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: 127.0.0.1:{}\r\n\
+             content-type: application/octet-stream\r\ncontent-length: {}\r\n\r\n",
+            self.port,
+            body.len()
+        );
+        let s = self.stream.get_mut();
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(body).await.unwrap();
+        let mut headers = String::new();
+        loop {
+            let mut line = String::new();
+            let n = self.stream.read_line(&mut line).await.unwrap();
+            assert!(n > 0, "the server closed the connection");
+            headers.push_str(&line.to_ascii_lowercase());
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let status: u16 = headers
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status line: {headers}"));
+        let length: usize = headers
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or_else(|| panic!("no content-length: {headers}"));
+        let mut body = vec![0u8; length];
+        self.stream.read_exact(&mut body).await.unwrap();
+        (status, headers, serde_json::from_slice(&body).unwrap())
+    }
+}
+
 fn hop(dir: &Directory, node: NodeId, epoch: KeyEpoch) -> RouteHop {
     RouteHop {
         node,
@@ -542,7 +599,7 @@ async fn packets_cross_a_mesh_of_real_processes() {
     );
     client.submit(&edge, &p).await;
     let got = alice
-        .wait_for(&client, "the deposit", Duration::from_secs(20), |m| {
+        .wait_for(&client, "the deposit", Duration::from_secs(60), |m| {
             Mailbox::has(m, first) == 1
         })
         .await;
@@ -555,7 +612,7 @@ async fn packets_cross_a_mesh_of_real_processes() {
     let opened = envelope.open(&alice.owner.mailbox_secret).unwrap();
     assert_eq!(opened.content.content, b"hello through the mesh");
     let acks = sender
-        .wait_for(&client, "the deposit ack", Duration::from_secs(20), |m| {
+        .wait_for(&client, "the deposit ack", Duration::from_secs(60), |m| {
             !replies(m, &recovery).is_empty()
         })
         .await;
@@ -611,7 +668,8 @@ async fn packets_cross_a_mesh_of_real_processes() {
         }
         (hold_id, capability, recoveries, packets)
     };
-    let release_at = UnixTime(now_ms() + 5_000);
+    // Far enough ahead that the cancel below lands first even on a slow, loaded machine.
+    let release_at = UnixTime(now_ms() + 20_000);
     let (kept, cancelled) = (
         DedupId::random(&mut client.rng),
         DedupId::random(&mut client.rng),
@@ -622,7 +680,7 @@ async fn packets_cross_a_mesh_of_real_processes() {
         client.submit(&edge, p).await;
     }
     let acked = sender
-        .wait_for(&client, "the hold acks", Duration::from_secs(20), |m| {
+        .wait_for(&client, "the hold acks", Duration::from_secs(60), |m| {
             kept_acks
                 .iter()
                 .chain(&gone_acks)
@@ -661,7 +719,7 @@ async fn packets_cross_a_mesh_of_real_processes() {
     .unwrap();
     client.submit(&edge, &p).await;
     let acked = sender
-        .wait_for(&client, "the cancel ack", Duration::from_secs(20), |m| {
+        .wait_for(&client, "the cancel ack", Duration::from_secs(60), |m| {
             !replies(m, &cancel_recovery).is_empty()
         })
         .await;
@@ -677,15 +735,18 @@ async fn packets_cross_a_mesh_of_real_processes() {
         .wait_for(
             &client,
             "the deferred deposit",
-            Duration::from_secs(20),
+            Duration::from_secs(60),
             |m| Mailbox::has(m, kept) == 1,
         )
         .await;
     let stored_at = released.iter().find(|m| dedup_of(m) == Some(kept)).unwrap()["received_at_ms"]
         .as_u64()
         .unwrap();
+    // Never early. Late only by the worker's poll and the mesh's transit: the bound is loose
+    // (a loaded machine is slow) and only catches a release that waited for something else;
+    // release latency is measured in benchmarks, not here.
     assert!(
-        stored_at >= release_at.0 && stored_at <= release_at.0 + 1_000,
+        stored_at >= release_at.0 && stored_at <= release_at.0 + 15_000,
         "released {} ms after its time",
         stored_at as i64 - release_at.0 as i64
     );
@@ -704,7 +765,7 @@ async fn packets_cross_a_mesh_of_real_processes() {
         .wait_for(
             &client,
             "the packet sent via mix1",
-            Duration::from_secs(20),
+            Duration::from_secs(60),
             |m| Mailbox::has(m, replayed) == 1,
         )
         .await;
@@ -720,7 +781,7 @@ async fn packets_cross_a_mesh_of_real_processes() {
     );
     client.submit(&edge, &p).await;
     alice
-        .wait_for(&client, "delivery via mix2", Duration::from_secs(20), |m| {
+        .wait_for(&client, "delivery via mix2", Duration::from_secs(60), |m| {
             Mailbox::has(m, during) == 1
         })
         .await;
@@ -762,34 +823,32 @@ async fn packets_cross_a_mesh_of_real_processes() {
     let junk: Vec<u8> = (0..PACKET_SIZE).map(|_| client.rng.random()).collect();
     let (status, v) = client.post_packets(&edge, &[&junk]).await;
     assert_eq!((status, &v["results"]), (200, &json!(["unknown_epoch"])));
-    // A flood on one connection: past 200 packets/min (and the delayed grace), refused.
-    let flood = reqwest::Client::new();
+    // A flood on one connection: past 200 packets/min (and the delayed grace), refused. The
+    // budget belongs to the TCP connection, so the flood goes over one connection that the
+    // test holds itself: an HTTP client's pool may open a second connection when the first is
+    // not yet back in the pool, and a fresh connection has a fresh budget (the likely cause of
+    // "never rate limited" on a loaded machine). Batches
+    // go on until the first refusal; the budget (200 + 40 delayed) refills at 200/min, so
+    // only a machine taking minutes per batch could keep up with it.
+    let mut conn = RawConnection::open(edge.http_port).await;
+    let batch: Vec<u8> = (0..64).flat_map(|_| junk.clone()).collect();
     let mut limited = false;
-    for _ in 0..5 {
-        let body: Vec<u8> = (0..64).flat_map(|_| junk.clone()).collect();
-        let r = flood
-            .post(format!("{}/v1/packets", edge.base()))
-            .header("content-type", "application/octet-stream")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        // The body is read every time, so that the connection (and its rate budget) is
-        // reused for the next batch.
-        let status = r.status();
-        let retry_after = r.headers().contains_key("retry-after");
-        let v: Value = r.json().await.unwrap();
+    let mut sent = 0;
+    for _ in 0..20 {
+        let (status, headers, v) = conn.post("/v1/packets", &batch).await;
+        sent += 64;
         if status == 429 {
-            assert!(retry_after);
-            assert!(
-                v["results"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|x| x == "rate_limited")
-            );
+            assert!(headers.contains("\r\nretry-after:"), "{headers}");
+            let results = v["results"].as_array().unwrap();
+            assert!(results.iter().any(|x| x == "rate_limited"), "{v}");
+            // Never before the budget: 200 tokens and 40 delayed packets.
+            let ok_or_epoch =
+                sent - 64 + results.iter().take_while(|x| *x != "rate_limited").count();
+            assert!(ok_or_epoch >= 240, "refused after {ok_or_epoch} packets");
             limited = true;
+            break;
         }
+        assert_eq!(status, 200, "{v}");
     }
     assert!(limited, "the flood was never rate limited");
     let fine = DedupId::random(&mut client.rng);
@@ -805,7 +864,7 @@ async fn packets_cross_a_mesh_of_real_processes() {
         .wait_for(
             &client,
             "delivery after the flood",
-            Duration::from_secs(20),
+            Duration::from_secs(60),
             |m| Mailbox::has(m, fine) == 1,
         )
         .await;

@@ -17,4 +17,4 @@ cd "$(dirname "$0")/../.."
 CARGO=${CARGO:-cargo}
 
 exec bash bench/with-redis.sh timer \
-    "$CARGO" bench -p whispr-timer-service --bench timers -- "$@"
+    "$CARGO" bench --workspace --bench timers -- "$@"

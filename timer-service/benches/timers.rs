@@ -11,7 +11,7 @@
 //! ```
 //!
 //! or directly, ours only (no Redis columns):
-//! `cargo bench -p whispr-timer-service --bench timers -- [--timers N] [--batch B]`.
+//! `cargo bench --workspace --bench timers -- [--timers N] [--batch B]`.
 //!
 //! Options: `--timers N`, `--batch B`, `--window-secs W` (due times spread over W seconds;
 //! default 25 s × N / 1M, at least 5 s), `--lead-secs L` (the due window starts L seconds

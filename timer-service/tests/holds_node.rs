@@ -33,22 +33,37 @@ use whispr_timer_service::queue::TimerQueue;
 use whispr_timer_service::rocks::{RocksOptions, RocksStore};
 use whispr_timer_service::task::{Category, TaskId};
 
-/// The network, as a test double: records what the node injects.
+/// Longest wait for the worker to fire or finish something. Generous: on a loaded machine the
+/// worker's threads can wait long for a CPU, and a deadline costs time only when the test
+/// fails.
+const WAIT: Duration = Duration::from_secs(120);
+
+/// The network, as a test double: records what the node injects, and when.
 #[derive(Default)]
 struct Recorder {
-    sent: Mutex<Vec<DeferredSend>>,
+    sent: Mutex<Vec<(UnixTime, DeferredSend)>>,
 }
 
 impl PacketInjector for Recorder {
     fn inject(&self, send: DeferredSend) -> Result<(), String> {
-        self.sent.lock().unwrap().push(send);
+        self.sent.lock().unwrap().push((now(), send));
         Ok(())
     }
 }
 
 impl Recorder {
     fn sent(&self) -> Vec<DeferredSend> {
-        self.sent.lock().unwrap().clone()
+        self.sent
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, s)| s.clone())
+            .collect()
+    }
+
+    /// When each packet was injected (by the node's clock).
+    fn injected_at(&self) -> Vec<UnixTime> {
+        self.sent.lock().unwrap().iter().map(|(t, _)| *t).collect()
     }
 }
 
@@ -104,10 +119,40 @@ fn spawn_worker(node: &TimerNode) -> (tokio::sync::oneshot::Sender<()>, tokio::r
     (stop, runtime)
 }
 
+/// A node with a recording injector, its worker loop not running yet: nothing fires until
+/// [`Running::with_worker`], however long the steps before take.
+fn open_recording(dir: &Path) -> (TimerNode, Arc<Recorder>) {
+    let recorder = Arc::new(Recorder::default());
+    let node = TimerNode::open(config(dir), recorder.clone()).unwrap();
+    (node, recorder)
+}
+
+/// Cancels hold `id` once it is not being injected (a fired hold is removed when its
+/// injection ends); the outcome.
+fn cancel_when_not_injected(
+    node: &TimerNode,
+    id: HoldId,
+    capability: &CancelCapability,
+) -> Result<CancelOutcome, TimerError> {
+    let until = Instant::now() + WAIT;
+    loop {
+        match node.cancel_hold(id, capability) {
+            Err(TimerError::WrongState(_)) if Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
+}
+
 impl Running {
     fn start(dir: &Path) -> Running {
-        let recorder = Arc::new(Recorder::default());
-        let node = TimerNode::open(config(dir), recorder.clone()).unwrap();
+        let (node, recorder) = open_recording(dir);
+        Running::with_worker(node, recorder)
+    }
+
+    /// Starts the worker loop of `node` (opened by [`open_recording`]).
+    fn with_worker(node: TimerNode, recorder: Arc<Recorder>) -> Running {
         let (stop, runtime) = spawn_worker(&node);
         Running {
             node,
@@ -272,50 +317,60 @@ fn the_fired_deferred_send_carries_the_reassembled_packet_exactly() {
         node.node.accept_hold_part(h.parts[2].clone()).unwrap(),
         HoldOutcome::Scheduled { .. }
     ));
-    assert!(
-        node.recorder.sent().is_empty(),
-        "not before its release time"
-    );
-    let sent = node.wait_for_sent(1, Duration::from_secs(20));
+    // Not before its release time: nothing was injected by a moment before it (on a machine so
+    // slow that this runs after it, the injection time below still tells).
+    let early = node.recorder.sent();
+    if now() < h.parts[0].release_at {
+        assert!(early.is_empty(), "not before its release time");
+    }
+    let sent = node.wait_for_sent(1, WAIT);
     assert!(now() >= h.parts[0].release_at);
     assert_eq!(sent.len(), 1);
+    assert!(
+        node.recorder.injected_at()[0] >= h.parts[0].release_at,
+        "injected before its release time"
+    );
     assert_eq!(sent[0].first_hop, h.first_hop);
     assert_eq!(sent[0].cancel_hash, h.parts[0].cancel_hash);
     assert_eq!(sent[0].packet.as_bytes(), h.packet.as_slice());
-    // Fired once, then gone: a cancel finds nothing.
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(node.recorder.sent().len(), 1);
+    // Fired once, then gone: once its injection is over, a cancel finds nothing; and after the
+    // worker stopped, it was injected once.
     assert_eq!(
-        node.node.cancel_hold(h.id, &h.capability),
+        cancel_when_not_injected(&node.node, h.id, &h.capability),
         Err(TimerError::NotFound)
     );
+    let recorder = node.recorder.clone();
     node.stop();
+    assert_eq!(recorder.sent().len(), 1);
 }
 
 #[test]
 fn a_wrong_capability_is_refused_and_the_hold_still_fires() {
     let dir = TempDir::new().unwrap();
-    let node = Running::start(dir.path());
+    // The worker starts after the checks below: until then the hold cannot fire, however
+    // long they take.
+    let (node, recorder) = open_recording(dir.path());
     let h = hold(3, in_ms(800), 3);
     for part in &h.parts {
-        node.node.accept_hold_part(part.clone()).unwrap();
+        node.accept_hold_part(part.clone()).unwrap();
     }
     let mut wrong = h.capability;
     wrong.0[31] ^= 1;
     assert_eq!(
-        node.node.cancel_hold(h.id, &wrong),
+        node.cancel_hold(h.id, &wrong),
         Err(TimerError::BadCapability)
     );
     assert_eq!(
-        node.node.cancel_hold(h.id, &CancelCapability([0; 32])),
+        node.cancel_hold(h.id, &CancelCapability([0; 32])),
         Err(TimerError::BadCapability)
     );
     // Still stored: a retransmitted part is acknowledged.
     assert!(matches!(
-        node.node.accept_hold_part(h.parts[0].clone()).unwrap(),
+        node.accept_hold_part(h.parts[0].clone()).unwrap(),
         HoldOutcome::AlreadyScheduled { .. }
     ));
-    let sent = node.wait_for_sent(1, Duration::from_secs(20));
+    let node = Running::with_worker(node, recorder);
+    let sent = node.wait_for_sent(1, WAIT);
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].packet.as_bytes(), h.packet.as_slice());
     node.stop();
@@ -324,56 +379,64 @@ fn a_wrong_capability_is_refused_and_the_hold_still_fires() {
 #[test]
 fn the_right_capability_cancels_and_the_hold_never_fires() {
     let dir = TempDir::new().unwrap();
-    let node = Running::start(dir.path());
+    // The worker starts once the hold is cancelled: until then nothing can fire, however long
+    // the steps below take (the cancelled hold is due in 600 ms).
+    let (node, recorder) = open_recording(dir.path());
     let cancelled = hold(4, in_ms(600), 3);
     let kept = hold(5, in_ms(900), 2);
     for part in cancelled.parts.iter().chain(&kept.parts) {
-        node.node.accept_hold_part(part.clone()).unwrap();
+        node.accept_hold_part(part.clone()).unwrap();
     }
     // Unknown hold.
     assert_eq!(
-        node.node
-            .cancel_hold(HoldId([0xFF; 16]), &cancelled.capability),
+        node.cancel_hold(HoldId([0xFF; 16]), &cancelled.capability),
         Err(TimerError::NotFound)
     );
     // Another hold's capability does not cancel this one.
     assert_eq!(
-        node.node.cancel_hold(cancelled.id, &kept.capability),
+        node.cancel_hold(cancelled.id, &kept.capability),
         Err(TimerError::BadCapability)
     );
     assert_eq!(
-        node.node.cancel_hold(cancelled.id, &cancelled.capability),
+        node.cancel_hold(cancelled.id, &cancelled.capability),
         Ok(CancelOutcome::Cancelled {
             hold_id: cancelled.id
         })
     );
     // A cancel sent again is acknowledged again; a wrong capability still is not.
     assert_eq!(
-        node.node.cancel_hold(cancelled.id, &cancelled.capability),
+        node.cancel_hold(cancelled.id, &cancelled.capability),
         Ok(CancelOutcome::Cancelled {
             hold_id: cancelled.id
         })
     );
     assert_eq!(
-        node.node.cancel_hold(cancelled.id, &kept.capability),
+        node.cancel_hold(cancelled.id, &kept.capability),
         Err(TimerError::BadCapability)
     );
     // A late retransmission of a part does not bring the hold back.
     for part in &cancelled.parts {
         assert!(matches!(
-            node.node.accept_hold_part(part.clone()),
+            node.accept_hold_part(part.clone()),
             Ok(HoldOutcome::Cancelled { hold_id, .. }) if hold_id == cancelled.id
         ));
     }
-    // The other hold fires; by then the cancelled one was due too, and never fired.
-    let sent = node.wait_for_sent(1, Duration::from_secs(20));
-    std::thread::sleep(Duration::from_millis(500));
-    let sent_later = node.recorder.sent();
+    // The other hold fires; by then the cancelled one was due too (the worker fires in due
+    // order), and never fired.
+    let node = Running::with_worker(node, recorder);
+    let sent = node.wait_for_sent(1, WAIT);
     assert_eq!(sent.len(), 1);
-    assert_eq!(sent_later, sent);
     assert!(now() > cancelled.parts[0].release_at);
     assert_eq!(sent[0].packet.as_bytes(), kept.packet.as_slice());
+    // Once the kept hold's injection is over (it is then gone), the worker is stopped: nothing
+    // else was injected while it ran.
+    assert_eq!(
+        cancel_when_not_injected(&node.node, kept.id, &kept.capability),
+        Err(TimerError::NotFound)
+    );
+    let recorder = node.recorder.clone();
     node.stop();
+    assert_eq!(recorder.sent(), sent);
     // Not on disk either.
     let store = RocksStore::open(&dir.path().join("db"), RocksOptions::default()).unwrap();
     let queue =
@@ -388,23 +451,21 @@ fn the_right_capability_cancels_and_the_hold_never_fires() {
     assert_eq!(queue.len(), 1);
 }
 
-/// An injector that signals when it is called, waits to be released, then fails (the first
-/// hop is unreachable).
+/// An injector that records the first hop of what it is given, signals when it is called,
+/// waits to be released, then fails (the first hop is unreachable).
 struct Gate {
     entered: Mutex<mpsc::Sender<()>>,
     release: Mutex<mpsc::Receiver<()>>,
     calls: AtomicUsize,
+    first_hops: Mutex<Vec<NodeId>>,
 }
 
 impl PacketInjector for Gate {
-    fn inject(&self, _send: DeferredSend) -> Result<(), String> {
+    fn inject(&self, send: DeferredSend) -> Result<(), String> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        self.first_hops.lock().unwrap().push(send.first_hop);
         let _ = self.entered.lock().unwrap().send(());
-        let _ = self
-            .release
-            .lock()
-            .unwrap()
-            .recv_timeout(Duration::from_secs(30));
+        let _ = self.release.lock().unwrap().recv_timeout(WAIT);
         Err("first hop unreachable".into())
     }
 }
@@ -418,12 +479,17 @@ fn a_hold_being_injected_cannot_be_cancelled_but_one_waiting_to_retry_can() {
         entered: Mutex::new(entered_tx),
         release: Mutex::new(release_rx),
         calls: AtomicUsize::new(0),
+        first_hops: Mutex::new(Vec::new()),
     });
-    let node = TimerNode::open(config(dir.path()), gate.clone()).unwrap();
+    let mut config = config(dir.path());
+    // The retry after a failed injection comes 3 s later: ample time for the cancel below,
+    // however slow the machine.
+    config.queue.backoff_base_ms = 3_000;
+    let node = TimerNode::open(config, gate.clone()).unwrap();
     let (stop, runtime) = spawn_worker(&node);
     let h = hold(11, in_ms(300), 1);
     node.accept_hold_part(h.parts[0].clone()).unwrap();
-    entered.recv_timeout(Duration::from_secs(20)).unwrap();
+    entered.recv_timeout(WAIT).unwrap();
     // Being injected: it may be on its way, so the cancel is refused (and checked first).
     assert_eq!(
         node.cancel_hold(h.id, &CancelCapability([0; 32])),
@@ -433,24 +499,24 @@ fn a_hold_being_injected_cannot_be_cancelled_but_one_waiting_to_retry_can() {
         node.cancel_hold(h.id, &h.capability),
         Err(TimerError::WrongState("being injected"))
     );
-    // The injection fails; the hold waits for its retry (1 s back-off) and can be cancelled.
+    // The injection fails; the hold waits for its retry (3 s back-off) and can be cancelled.
     release.send(()).unwrap();
-    let until = Instant::now() + Duration::from_secs(20);
-    let outcome = loop {
-        match node.cancel_hold(h.id, &h.capability) {
-            Err(TimerError::WrongState(_)) if Instant::now() < until => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            other => break other,
-        }
-    };
-    assert_eq!(outcome, Ok(CancelOutcome::Cancelled { hold_id: h.id }));
-    std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(
-        gate.calls.load(Ordering::SeqCst),
-        1,
+        cancel_when_not_injected(&node, h.id, &h.capability),
+        Ok(CancelOutcome::Cancelled { hold_id: h.id })
+    );
+    // No retry after the cancel: another hold, due 1 s after the retry would have been, is
+    // the next (and only other) packet the worker injects.
+    let witness = hold(12, in_ms(4_000), 1);
+    node.accept_hold_part(witness.parts[0].clone()).unwrap();
+    entered.recv_timeout(WAIT).unwrap();
+    assert_eq!(
+        *gate.first_hops.lock().unwrap(),
+        vec![h.first_hop, witness.first_hop],
         "no retry after the cancel"
     );
+    assert_eq!(gate.calls.load(Ordering::SeqCst), 2);
+    release.send(()).unwrap();
     let _ = stop.send(());
     runtime.shutdown_timeout(Duration::from_secs(5));
 }

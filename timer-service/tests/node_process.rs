@@ -10,7 +10,7 @@
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -20,6 +20,7 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use whispr_protocol::UnixTime;
 use whispr_timer_service::config::QueueConfig;
+use whispr_timer_service::node::now;
 use whispr_timer_service::queue::TimerQueue;
 use whispr_timer_service::rocks::{RocksOptions, RocksStore};
 use whispr_timer_service::task::TaskId;
@@ -27,20 +28,21 @@ use whispr_timer_service::task::TaskId;
 const BIN: &str = env!("CARGO_BIN_EXE_whispr-timer");
 const TOKEN: &str = "test-admin-token-0123456789abcdefghijklmnop";
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+/// Longest wait for a node to start or stop, for a request, or for tasks to fire. Generous:
+/// a loaded machine can be slow to start a process and open RocksDB, and a deadline costs time
+/// only when the test fails.
+const WAIT: Duration = Duration::from_secs(120);
 
-fn write_config(dir: &Path, port: u16, concurrency: usize) -> PathBuf {
+/// The admin API listens on port 0 (the kernel picks a free one, which no other process can
+/// take between a test choosing it and the node binding it); the node logs JSON lines, from
+/// which the test reads the port back (see [`started_port`]).
+fn write_config(dir: &Path, concurrency: usize) -> PathBuf {
     let path = dir.join("timer.toml");
     std::fs::write(
         &path,
         format!(
-            "data_dir = \"{}\"\n\n[admin]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"{TOKEN}\"\n\n\
+            "data_dir = \"{}\"\n\n[log]\njson = true\n\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n\n\
              [queue]\nconcurrency_max = {concurrency}\n\n[worker]\nidle_poll_ms = 50\n",
             dir.join("data").display()
         ),
@@ -49,23 +51,52 @@ fn write_config(dir: &Path, port: u16, concurrency: usize) -> PathBuf {
     path
 }
 
+/// The port in the node's "timer node started" line, if `log` has one (a line still being
+/// written does not parse yet).
+fn started_port(log: &Path) -> Option<u16> {
+    std::fs::read_to_string(log)
+        .ok()?
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "timer node started")
+        .and_then(|v| v["fields"]["port"].as_u64())
+        .and_then(|p| u16::try_from(p).ok())
+}
+
 struct NodeProcess {
     child: Child,
     port: u16,
 }
 
 impl NodeProcess {
-    fn start(config: &Path, port: u16) -> NodeProcess {
+    /// Starts the node (its log, of this start only, in `log`), reads its port from the log
+    /// and waits until it answers `/healthz`.
+    fn start(config: &Path, log: &Path) -> NodeProcess {
+        let stderr = std::fs::File::create(log).unwrap();
         let child = Command::new(BIN)
             .arg("--config")
             .arg(config)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap();
-        let node = NodeProcess { child, port };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Owned by `node` from here on, so that a panic below kills it.
+        let mut node = NodeProcess { child, port: 0 };
+        let deadline = Instant::now() + WAIT;
+        node.port = loop {
+            if let Some(port) = started_port(log) {
+                break port;
+            }
+            if let Some(status) = node.child.try_wait().unwrap() {
+                panic!(
+                    "the node exited at start ({status}):\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "the node did not start in time");
+            std::thread::sleep(Duration::from_millis(50));
+        };
         while Instant::now() < deadline {
             if let Ok((200, _)) = node.request("GET", "/healthz", None, None) {
                 return node;
@@ -84,7 +115,7 @@ impl NodeProcess {
         body: Option<&str>,
     ) -> std::io::Result<(u16, String)> {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.set_read_timeout(Some(WAIT))?;
         let body = body.unwrap_or("");
         let mut request =
             format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
@@ -139,7 +170,7 @@ fn unsafe_free_terminate(child: &mut Child) {
         .arg("-TERM")
         .arg(child.id().to_string())
         .status();
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + WAIT;
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
             return;
@@ -220,14 +251,30 @@ fn acknowledged_tasks_survive_kill_9_at_random_moments() {
                 line.clear();
             }
         });
-        // Kill at a random moment: during start-up, or while it writes.
-        std::thread::sleep(Duration::from_millis(rng.random_range(20..250)));
+        // Kill at a random moment: every fourth round counted from the start (during start-up,
+        // or while it writes), the others from its first acknowledged write (while it writes,
+        // however long the machine took to start it).
+        let mut first = None;
+        if round % 4 == 0 {
+            std::thread::sleep(Duration::from_millis(rng.random_range(20..250)));
+        } else {
+            let delay = Duration::from_millis(rng.random_range(0..230));
+            match rx.recv_timeout(WAIT) {
+                Ok(line) => first = Some(line),
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("round {round}: no task acknowledged within {WAIT:?} ({e})");
+                }
+            }
+            std::thread::sleep(delay);
+        }
         child.kill().unwrap(); // SIGKILL
         let status = child.wait().unwrap();
         assert!(!status.success(), "the child was supposed to be killed");
         reader.join().unwrap();
         let before = acknowledged.len();
-        for line in rx.try_iter() {
+        for line in first.into_iter().chain(rx.try_iter()) {
             acknowledged.insert(TaskId::parse(&line).unwrap());
         }
         if acknowledged.len() > before {
@@ -267,9 +314,8 @@ fn acknowledged_tasks_survive_kill_9_at_random_moments() {
 #[test]
 fn overdue_tasks_fire_in_order_after_downtime() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let config = write_config(dir.path(), port, 1);
-    let node = NodeProcess::start(&config, port);
+    let config = write_config(dir.path(), 1);
+    let node = NodeProcess::start(&config, &dir.path().join("node-1.log"));
     node.stop();
     let data = dir.path().join("data");
     let mut child = stress(&data, 30, 1, 1500, 7);
@@ -285,8 +331,8 @@ fn overdue_tasks_fire_in_order_after_downtime() {
     assert_eq!(scheduled.len(), 30);
     // Downtime: every due time passes.
     std::thread::sleep(Duration::from_millis(2000));
-    let node = NodeProcess::start(&config, port);
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let node = NodeProcess::start(&config, &dir.path().join("node-2.log"));
+    let deadline = Instant::now() + WAIT;
     let fired = loop {
         let (status, fired) = node.admin("GET", "/v1/admin/fired", None);
         assert_eq!(status, 200);
@@ -318,8 +364,7 @@ fn overdue_tasks_fire_in_order_after_downtime() {
 #[test]
 fn admin_api_authenticates_refuses_bad_input_and_audits() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let config = write_config(dir.path(), port, 5);
+    let config = write_config(dir.path(), 5);
     // A paused category holds a task that we can inspect.
     let mut child = stress(&dir.path().join("data"), 1, 1, 3_600_000, 3);
     let mut ids = String::new();
@@ -331,7 +376,18 @@ fn admin_api_authenticates_refuses_bad_input_and_audits() {
         .unwrap();
     child.wait().unwrap();
     let task = ids.trim().to_owned();
-    let node = NodeProcess::start(&config, port);
+    // Its due time is a fixed offset from the seed (5.7 minutes with seed 3): far enough
+    // ahead that the task is still scheduled when inspected below, however slow the machine.
+    {
+        let queue = open_queue(&dir.path().join("data"));
+        let due = queue.task(&TaskId::parse(&task).unwrap()).unwrap().due_at;
+        let ahead_s = due.0.saturating_sub(now().0) / 1000;
+        assert!(
+            ahead_s >= 2 * 60,
+            "the test task is due in {ahead_s} s, too soon for this test: choose another seed"
+        );
+    }
+    let node = NodeProcess::start(&config, &dir.path().join("node.log"));
 
     // Health and metrics need no token; admin calls do.
     assert_eq!(node.request("GET", "/healthz", None, None).unwrap().0, 200);

@@ -416,16 +416,20 @@ pub(crate) async fn directory_task(
             u64::try_from(directory.len()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
-        write(&shared.directory, directory.clone());
-        write(&shared.directory_bytes, Arc::new(bytes));
+        // The router first, then what the node serves and checks against: the inbox is
+        // processed in order, so a packet sent by someone who has seen the new directory
+        // (`GET /v1/directory`) reaches the router after it, not before (it was refused as
+        // `unknown_next_hop` in that window).
         if shared
             .inbox
-            .send(RouterEvent::Directory(directory))
+            .send(RouterEvent::Directory(directory.clone()))
             .await
             .is_err()
         {
             break;
         }
+        write(&shared.directory, directory);
+        write(&shared.directory_bytes, Arc::new(bytes));
     }
 }
 

@@ -664,3 +664,121 @@ fn a_partial_rate_table_keeps_that_limits_own_defaults() {
     let unknown = toml::from_str::<RouterConfig>("[peer_rate]\nbrust = 7\n").unwrap_err();
     assert!(unknown.to_string().contains("brust"), "{unknown}");
 }
+
+/// A packet whose route passes through `node` `loops` times in a row before `dest`, with
+/// `delay_ms` at each of those hops (security review, finding 4: self-loops).
+fn looping_packet(
+    node: &Node,
+    dest: &Node,
+    rng: &mut ChaCha20Rng,
+    epoch: KeyEpoch,
+    loops: usize,
+    delay_ms: u64,
+) -> Packet {
+    let mut route: Vec<RouteHop> = (0..loops).map(|_| node.hop(epoch)).collect();
+    route.push(dest.hop(epoch));
+    build_packet(
+        rng,
+        &route,
+        &vec![Duration::from_millis(delay_ms); loops],
+        DestinationAddress([7; 32]),
+        b"loop",
+    )
+    .unwrap()
+}
+
+/// Finding 4: a few sources holding long-delayed, self-looping packets must not deny the
+/// queue to everyone else. Five clients each fill what they can; a sixth still gets in.
+#[test]
+fn a_few_sources_cannot_take_the_whole_queue() {
+    let net = net();
+    let mut rng = ChaCha20Rng::seed_from_u64(11);
+    let mut store = MemoryReplayStore::default();
+    let mut edge = with_directory(
+        net.edge.router(
+            RouterConfig {
+                queue_max: 1_000,
+                ..config(true)
+            },
+            false,
+        ),
+        &net,
+    );
+    let epoch = epoch_of(T0);
+    let mut accepted = 0;
+    for client in 0..5u64 {
+        for _ in 0..200 {
+            let p = looping_packet(&net.edge, &net.dest, &mut rng, epoch, 4, 10_000);
+            if edge
+                .handle_input(
+                    T0,
+                    Input::Packet {
+                        from: Source::Client(ClientId(client)),
+                        bytes: p.as_bytes().to_vec(),
+                    },
+                )
+                .is_ok()
+            {
+                accepted += 1;
+            }
+        }
+    }
+    drain(&mut edge, T0, &mut store);
+    assert!(accepted > 0);
+    let p = packet(&net, &mut rng, epoch, [0, 0], b"legit");
+    let r = edge.handle_input(
+        T0,
+        Input::Packet {
+            from: Source::Client(ClientId(99)),
+            bytes: p.as_bytes().to_vec(),
+        },
+    );
+    assert_eq!(r, Ok(()), "a new source found the queue taken");
+}
+
+/// Finding 4: a route through the same relay several times in a row is charged to the
+/// source that sent it at every pass, so looping buys no queue time the source's rate does
+/// not pay for.
+#[test]
+fn a_self_loop_is_charged_to_its_source_at_every_pass() {
+    let net = net();
+    let mut rng = ChaCha20Rng::seed_from_u64(12);
+    let mut store = MemoryReplayStore::default();
+    let mut edge = with_directory(
+        net.edge.router(
+            RouterConfig {
+                client_rate: RateLimit {
+                    per_minute: 1,
+                    burst: 5,
+                    penalty_packets: 0,
+                    delay_max_ms: 0,
+                },
+                ..config(true)
+            },
+            false,
+        ),
+        &net,
+    );
+    let epoch = epoch_of(T0);
+    let client = Source::Client(ClientId(7));
+    for _ in 0..5 {
+        let p = looping_packet(&net.edge, &net.dest, &mut rng, epoch, 4, 1_000);
+        edge.handle_input(
+            T0,
+            Input::Packet {
+                from: client,
+                bytes: p.as_bytes().to_vec(),
+            },
+        )
+        .unwrap();
+    }
+    drain(&mut edge, T0, &mut store);
+    assert_eq!(edge.queue_len(), 5);
+    // After one delay, each packet comes round for its second pass: the source's budget is
+    // spent, so the loops are refused, not held again.
+    let t = UnixTime(T0.0 + 1_000);
+    edge.handle_input(t, Input::Timeout).unwrap();
+    drain(&mut edge, t, &mut store);
+    assert_eq!(edge.queue_len(), 0, "self-loops were held again for free");
+    assert_eq!(edge.stats().dropped[&DropReason::RateLimited], 5);
+}

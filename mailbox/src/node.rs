@@ -63,8 +63,10 @@ pub struct NodeConfig {
     /// RocksDB tuning of the mailbox store.
     #[serde(default)]
     pub rocksdb: RocksOptions,
-    /// Seed for every random choice (tests and the simulator only); `None` draws from the OS.
-    #[serde(default)]
+    /// Seed for every random choice (tests, benchmarks and the simulator only); `None` draws
+    /// from the OS. Not readable from a config file: a seeded node repeats its master key,
+    /// session tokens and AEAD nonces at every start.
+    #[serde(skip)]
     pub rng_seed: Option<u64>,
     /// Joining the mesh (deposits, prekey requests and SURB replies arrive through it). Without
     /// this section the node serves its owners only.

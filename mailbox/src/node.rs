@@ -63,8 +63,10 @@ pub struct NodeConfig {
     /// RocksDB tuning of the mailbox store.
     #[serde(default)]
     pub rocksdb: RocksOptions,
-    /// Seed for every random choice (tests and the simulator only); `None` draws from the OS.
-    #[serde(default)]
+    /// Seed for every random choice (tests, benchmarks and the simulator only); `None` draws
+    /// from the OS. Not readable from a config file: a seeded node repeats its master key,
+    /// session tokens and AEAD nonces at every start.
+    #[serde(skip)]
     pub rng_seed: Option<u64>,
     /// Joining the mesh (deposits, prekey requests and SURB replies arrive through it). Without
     /// this section the node serves its owners only.
@@ -647,5 +649,34 @@ impl MailboxNode {
             _ => None,
         };
         whispr_relay::http::serve(app, listener, tls, shutdown).await
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    /// Security review, finding 13: with `rng_seed` set, the master key, session tokens and
+    /// AEAD nonces replay the same stream at every start (nonce reuse under the same data
+    /// keys, predictable tokens). A config file cannot set it; only tests and the simulator,
+    /// in code, can.
+    #[test]
+    fn a_config_file_cannot_make_the_node_deterministic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mailbox.toml");
+        let data = dir.path().join("data");
+        std::fs::write(
+            &path,
+            format!("data_dir = \"{}\"\nrng_seed = 7\n", data.display()),
+        )
+        .unwrap();
+        let err = match NodeConfig::load(&path) {
+            Ok(_) => panic!("a config file set rng_seed"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("rng_seed"), "{err}");
+        std::fs::write(&path, format!("data_dir = \"{}\"\n", data.display())).unwrap();
+        assert_eq!(NodeConfig::load(&path).unwrap().rng_seed, None);
     }
 }

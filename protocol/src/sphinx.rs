@@ -16,7 +16,7 @@
 //! while a 1 MiB message still needs only 874 packets; it is the payload size Loopix and Nym
 //! use for the same trade-off. See `docs/protocol.md`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use sphinx_packet::constants::{NODE_ADDRESS_LENGTH, PAYLOAD_KEY_SEED_SIZE};
@@ -45,8 +45,10 @@ pub const PLAINTEXT_LEN_MAX: usize = PAYLOAD_SIZE - PAYLOAD_OVERHEAD_SIZE;
 pub const HOPS_MAX: usize = sphinx_packet::constants::MAX_PATH_LENGTH;
 /// Size of an encoded SURB: header, first hop address and one payload key seed.
 pub const SURB_SIZE: usize = HEADER_SIZE + NODE_ADDRESS_LENGTH + PAYLOAD_KEY_SEED_SIZE;
-/// Largest per-hop delay a packet may ask for; a hop refuses packets asking for more.
-pub const HOP_DELAY_MAX: Duration = Duration::from_secs(600);
+/// Largest per-hop delay a packet may ask for; a hop refuses packets asking for more. Mixing
+/// delays are a second or less; longer holds go to timer nodes. Bounding the hop delay bounds
+/// how long one packet can occupy a mixing queue (security review, finding 4).
+pub const HOP_DELAY_MAX: Duration = Duration::from_secs(60);
 /// Size of a replay tag.
 pub const REPLAY_TAG_SIZE: usize = sphinx_packet::constants::REPLAY_TAG_SIZE;
 
@@ -447,49 +449,110 @@ pub fn use_surb(surb: &Surb, reply: &[u8]) -> Result<(NodeId, Packet)> {
     Ok((NodeId(first_hop.to_bytes()), Packet::from_sphinx(&packet)?))
 }
 
-/// A bounded set of replay tags per key epoch, for the current and the previous epoch.
+/// Replay tags per key epoch, for the current and the previous epoch, in bounded memory.
 ///
 /// In-memory; the relay persists the tags it accepts so that a restart does not reopen
-/// replays. When an epoch's set is full, new packets for it are refused
-/// ([`Error::Full`]) rather than accepted unchecked.
+/// replays. An epoch's tags are kept exactly up to [`ReplayFilter::EXACT_TAGS_MAX`] (or the
+/// capacity, if smaller), then in a Bloom filter sized for `tags_per_epoch_max` tags at a
+/// false-positive rate of [`ReplayFilter::FALSE_POSITIVE_RATE`]. A replay is always refused
+/// (a Bloom filter has no false negatives) and the memory never grows past the filter's
+/// size; past the capacity a fresh packet is refused as a replay with a probability that
+/// grows slowly (about 0.3 % at twice the capacity, 7 % at three times), so that someone
+/// flooding the filter degrades it gradually instead of shutting the relay for the rest of
+/// the epoch, and the sender of a refused packet retransmits through another route.
 #[derive(Debug, Clone)]
 pub struct ReplayFilter {
     tags_per_epoch_max: usize,
-    epochs: BTreeMap<KeyEpoch, BTreeSet<ReplayTag>>,
+    seed: u128,
+    epochs: BTreeMap<KeyEpoch, EpochTags>,
+}
+
+#[derive(Debug, Clone)]
+enum EpochTags {
+    Exact(HashSet<ReplayTag>),
+    Bloom {
+        filter: fastbloom::BloomFilter,
+        len: usize,
+    },
+}
+
+impl EpochTags {
+    fn len(&self) -> usize {
+        match self {
+            EpochTags::Exact(tags) => tags.len(),
+            EpochTags::Bloom { len, .. } => *len,
+        }
+    }
 }
 
 impl ReplayFilter {
-    /// A filter keeping at most `tags_per_epoch_max` tags per epoch.
+    /// Tags kept exactly per epoch before switching to the Bloom filter (about 4 MiB).
+    pub const EXACT_TAGS_MAX: usize = 1 << 16;
+    /// The Bloom filter's false-positive rate at its capacity.
+    pub const FALSE_POSITIVE_RATE: f64 = 1e-6;
+
+    /// A filter sized for `tags_per_epoch_max` tags per epoch, with a fixed hashing seed.
     pub fn new(tags_per_epoch_max: usize) -> ReplayFilter {
+        ReplayFilter::with_seed(tags_per_epoch_max, 0)
+    }
+
+    /// [`ReplayFilter::new`] with the Bloom filter's hashing seed (nodes use their own, so
+    /// that no two relays' filters collide on the same tags; the simulator stays
+    /// deterministic).
+    pub fn with_seed(tags_per_epoch_max: usize, seed: u128) -> ReplayFilter {
         ReplayFilter {
-            tags_per_epoch_max,
+            tags_per_epoch_max: tags_per_epoch_max.max(1),
+            seed,
             epochs: BTreeMap::new(),
         }
     }
 
-    /// Records `tag` for `epoch`; [`Error::Replayed`] if it was seen before. Epochs older than
-    /// `epoch`'s predecessor are forgotten (their keys are gone, so their packets cannot be
-    /// processed any more).
+    /// Records `tag` for `epoch`; [`Error::Replayed`] if it was seen before (or, past the
+    /// exact part, may have been). Epochs older than `epoch`'s predecessor are forgotten
+    /// (their keys are gone, so their packets cannot be processed any more).
     pub fn check_and_insert(&mut self, epoch: KeyEpoch, tag: ReplayTag) -> Result<()> {
         let oldest_kept = epoch.previous().unwrap_or(epoch);
         self.epochs.retain(|e, _| *e >= oldest_kept);
-        let tags = self.epochs.entry(epoch).or_default();
-        if tags.contains(&tag) {
-            return Err(Error::Replayed);
+        let exact_max = self.tags_per_epoch_max.min(Self::EXACT_TAGS_MAX);
+        let tags = self
+            .epochs
+            .entry(epoch)
+            .or_insert_with(|| EpochTags::Exact(HashSet::new()));
+        if let EpochTags::Exact(set) = tags
+            && set.len() >= exact_max
+            && !set.contains(&tag)
+        {
+            let mut filter = fastbloom::BloomFilter::with_false_pos(Self::FALSE_POSITIVE_RATE)
+                .seed(&self.seed)
+                .expected_items(self.tags_per_epoch_max);
+            for t in set.iter() {
+                filter.insert(t);
+            }
+            *tags = EpochTags::Bloom {
+                filter,
+                len: set.len(),
+            };
         }
-        if tags.len() >= self.tags_per_epoch_max {
-            return Err(Error::Full {
-                what: "replay tags per epoch",
-                max: self.tags_per_epoch_max,
-            });
+        match tags {
+            EpochTags::Exact(set) => {
+                if !set.insert(tag) {
+                    return Err(Error::Replayed);
+                }
+            }
+            EpochTags::Bloom { filter, len } => {
+                if filter.contains(&tag) {
+                    return Err(Error::Replayed);
+                }
+                filter.insert(&tag);
+                *len = len.saturating_add(1);
+            }
         }
-        tags.insert(tag);
         Ok(())
     }
 
-    /// Number of tags held, over all epochs.
+    /// Number of tags recorded, over all epochs.
     pub fn len(&self) -> usize {
-        self.epochs.values().map(BTreeSet::len).sum()
+        self.epochs.values().map(EpochTags::len).sum()
     }
 
     /// True when no tag is held.

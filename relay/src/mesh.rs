@@ -457,7 +457,7 @@ impl MeshRunner {
         router.set_keys(keys);
         router.restore_replay_tags(tags);
 
-        let (capacity_tx, capacity_rx) = watch::channel(router.has_capacity());
+        let (capacity_tx, capacity_rx) = watch::channel(streams::Admission::of(&router));
         let (persist, persist_thread) = engine::Persist::start(store)?;
         let swarm::Built {
             swarm,

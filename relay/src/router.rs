@@ -10,9 +10,12 @@
 //! 3. Checks the replay tag against that epoch's filter (bounded); the new tag must be made
 //!    durable by the driver ([`Output::PersistTags`]) before the packet leaves this node, so a
 //!    crash and restart cannot reopen a replay.
-//! 4. Holds a forward packet for the delay the sender chose for this hop, in a bounded queue
-//!    (when it is full, new packets are refused; accepted ones are never dropped), then emits
-//!    [`Output::Send`]; a final payload becomes [`Output::Deliver`] for the local destination.
+//! 4. Holds a forward packet for the delay the sender chose for this hop (at most the relay's
+//!    `hop_delay_max_ms`), in a bounded queue shared fairly between sources (when a source is
+//!    over its share, or the queue is full, new packets are refused; accepted ones are never
+//!    dropped), then emits [`Output::Send`]; a final payload becomes [`Output::Deliver`] for
+//!    the local destination. A route that comes back to this node at once is processed again
+//!    as its original source's packet: rate limit and queue share included.
 //!
 //! Every refusal is counted by reason in [`RouterStats`] and reported as [`Output::Drop`];
 //! neither carries an identifier.
@@ -23,7 +26,8 @@ use std::time::Duration;
 
 use whispr_protocol::directory::Directory;
 use whispr_protocol::sphinx::{
-    HopAction, Packet, PacketProcessor, ReplayFilter, ReplayTag, SphinxProcessor, SphinxSecretKey,
+    HOP_DELAY_MAX, HopAction, Packet, PacketProcessor, ReplayFilter, ReplayTag, SphinxProcessor,
+    SphinxSecretKey,
 };
 use whispr_protocol::{
     DestinationAddress, Error as ProtocolError, KeyEpoch, NodeId, SurbId, UnixTime,
@@ -111,7 +115,9 @@ impl RateLimit {
 pub struct RouterConfig {
     /// Packets held for their mixing delay (and awaiting a durable replay tag), at most.
     pub queue_max: usize,
-    /// Replay tags remembered per key epoch; past it, packets of that epoch are refused.
+    /// Replay tags per key epoch the filter is sized for: kept exactly up to 65 536, then in
+    /// a Bloom filter of about 3.6 bytes a tag at this capacity (10 M: 36 MB an epoch, two
+    /// epochs held). Past it, fresh packets start being refused as replays, gradually.
     pub replay_tags_per_epoch_max: usize,
     /// Limit per peer node. A table giving only some keys keeps this limit's defaults for
     /// the others (not the generic [`RateLimit::default`]).
@@ -126,6 +132,10 @@ pub struct RouterConfig {
     pub edge: bool,
     /// Length of a key epoch, in milliseconds.
     pub epoch_len_ms: u64,
+    /// Longest delay this relay holds a packet for at one hop, in milliseconds (at most the
+    /// protocol's [`HOP_DELAY_MAX`]); longer ones are refused (`delay_too_long`). Long holds
+    /// belong to timer nodes, not to mixing queues.
+    pub hop_delay_max_ms: u64,
 }
 
 /// Some keys of a rate-limit table; the others come from the limit's own default.
@@ -168,6 +178,7 @@ impl Default for RouterConfig {
             rate_sources_max: 100_000,
             edge: false,
             epoch_len_ms: 3_600_000,
+            hop_delay_max_ms: u64::try_from(HOP_DELAY_MAX.as_millis()).unwrap_or(u64::MAX),
         }
     }
 }
@@ -194,6 +205,9 @@ pub enum DropReason {
     /// The mixing queue is full (backpressure).
     #[error("queue full")]
     QueueFull,
+    /// The source holds its fair share of the mixing queue already.
+    #[error("source over its queue share")]
+    QueueShare,
     /// The source is over its rate limit.
     #[error("rate limited")]
     RateLimited,
@@ -213,7 +227,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, for metrics.
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::WrongSize,
         DropReason::UnknownEpoch,
         DropReason::Malformed,
@@ -225,6 +239,7 @@ impl DropReason {
         DropReason::UnknownNextHop,
         DropReason::NoDestination,
         DropReason::DelayTooLong,
+        DropReason::QueueShare,
     ];
 
     /// A stable label (metrics, API errors).
@@ -241,6 +256,7 @@ impl DropReason {
             DropReason::UnknownNextHop => "unknown_next_hop",
             DropReason::NoDestination => "no_destination",
             DropReason::DelayTooLong => "delay_too_long",
+            DropReason::QueueShare => "queue_share",
         }
     }
 
@@ -354,6 +370,8 @@ struct Held {
     batch: u64,
     action: Pending,
     accepted_at: UnixTime,
+    /// The source the packet came from (a self-loop keeps its first source).
+    origin: Source,
 }
 
 #[derive(Debug)]
@@ -441,7 +459,11 @@ pub struct Router {
     /// `durable_batch` at the last scan of `waiting_durable`.
     scanned_durable: u64,
     buckets: HashMap<Source, Bucket>,
+    /// Buckets by last use (`Bucket::touched`), for O(log n) eviction of the oldest.
+    bucket_lru: BTreeMap<u64, Source>,
     touch: u64,
+    /// Packets held per source (queue and waiting for durable tags); `Local` is not counted.
+    held_by: HashMap<Source, usize>,
     outputs: VecDeque<Output>,
     stats: RouterStats,
     now: UnixTime,
@@ -470,7 +492,12 @@ impl Router {
         has_destination: bool,
         processor: Arc<dyn PacketProcessor>,
     ) -> Router {
-        let filter = ReplayFilter::new(config.replay_tags_per_epoch_max);
+        // The Bloom part of the filter is seeded with the node's id: deterministic (the
+        // simulator replays runs), and different on every relay.
+        let mut seed = [0u8; 16];
+        seed.copy_from_slice(local.0.get(..16).unwrap_or(&[0u8; 16]));
+        let filter =
+            ReplayFilter::with_seed(config.replay_tags_per_epoch_max, u128::from_le_bytes(seed));
         Router {
             local,
             processor,
@@ -487,7 +514,9 @@ impl Router {
             waiting_durable: VecDeque::new(),
             scanned_durable: 0,
             buckets: HashMap::new(),
+            bucket_lru: BTreeMap::new(),
             touch: 0,
+            held_by: HashMap::new(),
             outputs: VecDeque::new(),
             stats: RouterStats::default(),
             now: UnixTime(0),
@@ -523,10 +552,48 @@ impl Router {
         self.queue.len().saturating_add(self.waiting_durable.len())
     }
 
-    /// Whether a new packet would fit in the queue. The driver stops reading from peers
-    /// while this is false (backpressure) instead of reading and dropping.
+    /// Whether a new packet would fit in the queue at all.
     pub fn has_capacity(&self) -> bool {
         self.queue_len() < self.config.queue_max
+    }
+
+    /// Whether a new packet from `source` would be admitted to the queue. The driver stops
+    /// reading from a peer while this is false for it (backpressure on that peer only).
+    ///
+    /// The queue is shared between the sources that hold packets in it: with `n` of them
+    /// (counting `source`), each may hold at most `queue_max / (n + 1)`, and a source that
+    /// already holds packets may add more only while a share, `queue_max / (n + 1)`, stays
+    /// free; so a source that holds nothing yet always finds room, and a few sources cannot
+    /// take the queue from everyone else. The node's own packets (`Local`) need only room.
+    pub fn has_capacity_for(&self, source: Source) -> bool {
+        let len = self.queue_len();
+        if len >= self.config.queue_max {
+            return false;
+        }
+        if source == Source::Local {
+            return true;
+        }
+        let held = self.held_by.get(&source).copied().unwrap_or(0);
+        let sources = self.held_by.len() + usize::from(held == 0);
+        let share = (self.config.queue_max / sources.saturating_add(1)).max(1);
+        held == 0 || (held < share && len < self.config.queue_max.saturating_sub(share))
+    }
+
+    /// Peers whose packets [`Router::has_capacity_for`] would refuse now (all of them when the
+    /// queue is full), for the driver's per-peer backpressure. `None`: every peer is blocked.
+    pub fn blocked_peers(&self) -> Option<Vec<NodeId>> {
+        if !self.has_capacity() {
+            return None;
+        }
+        Some(
+            self.held_by
+                .keys()
+                .filter_map(|s| match s {
+                    Source::Peer(node) if !self.has_capacity_for(*s) => Some(*node),
+                    _ => None,
+                })
+                .collect(),
+        )
     }
 
     /// Replay tags held, all epochs.
@@ -551,7 +618,7 @@ impl Router {
     pub fn handle_input(&mut self, now: UnixTime, input: Input) -> Result<(), DropReason> {
         self.now = UnixTime(self.now.0.max(now.0));
         let result = match input {
-            Input::Packet { from, bytes } => self.handle_packet(from, &bytes),
+            Input::Packet { from, bytes } => self.handle_packet(from, &bytes, false),
             Input::Timeout => Ok(()),
             Input::Directory(directory) => {
                 self.directory = directory;
@@ -562,7 +629,14 @@ impl Router {
                 Ok(())
             }
             Input::ClientClosed(id) => {
-                self.buckets.remove(&Source::Client(id));
+                // A closed client's packets still held keep its budget: a loop coming round
+                // must not find a fresh one.
+                let source = Source::Client(id);
+                if !self.held_by.contains_key(&source)
+                    && let Some(bucket) = self.buckets.remove(&source)
+                {
+                    self.bucket_lru.remove(&bucket.touched);
+                }
                 Ok(())
             }
         };
@@ -589,8 +663,16 @@ impl Router {
         self.outputs.push_back(Output::Drop { reason });
     }
 
-    fn handle_packet(&mut self, from: Source, bytes: &[u8]) -> Result<(), DropReason> {
+    /// `looped`: the packet is the next layer of one that this node just forwarded to itself;
+    /// `from` is then the source of the packet that started the loop, charged again.
+    fn handle_packet(
+        &mut self,
+        from: Source,
+        bytes: &[u8],
+        looped: bool,
+    ) -> Result<(), DropReason> {
         match from {
+            _ if looped => self.stats.in_local += 1,
             Source::Peer(_) => self.stats.in_peer += 1,
             Source::Client(_) => self.stats.in_client += 1,
             Source::Local => self.stats.in_local += 1,
@@ -600,6 +682,9 @@ impl Router {
         }
         if !self.has_capacity() {
             return Err(DropReason::QueueFull);
+        }
+        if !self.has_capacity_for(from) {
+            return Err(DropReason::QueueShare);
         }
         let extra = self.rate_check(from)?;
         let current = self.epoch_at(self.now);
@@ -639,6 +724,9 @@ impl Router {
             } => {
                 if next_hop != self.local && self.directory.get(&next_hop).is_none() {
                     return Err(DropReason::UnknownNextHop);
+                }
+                if delay > Duration::from_millis(self.config.hop_delay_max_ms) {
+                    return Err(DropReason::DelayTooLong);
                 }
                 (
                     delay,
@@ -690,7 +778,11 @@ impl Router {
             batch: self.next_batch,
             action,
             accepted_at: self.now,
+            origin: from,
         });
+        if from != Source::Local {
+            *self.held_by.entry(from).or_insert(0) += 1;
+        }
         Ok(())
     }
 
@@ -712,6 +804,8 @@ impl Router {
             penalty_used: 0,
             touched: touch,
         });
+        self.bucket_lru.remove(&bucket.touched);
+        self.bucket_lru.insert(touch, from);
         bucket.touched = touch;
         match admit(bucket, &limit, now) {
             Admit::Now => Ok(Duration::ZERO),
@@ -724,13 +818,9 @@ impl Router {
     }
 
     fn evict_bucket(&mut self) {
-        // Forget the least recently seen source. O(n), only when the table is full.
-        if let Some(oldest) = self
-            .buckets
-            .iter()
-            .min_by_key(|(_, b)| b.touched)
-            .map(|(s, _)| *s)
-        {
+        // Forget the least recently seen source: O(log n), so that a stream of new
+        // connections costs the router thread nothing more than their packets.
+        if let Some((_, oldest)) = self.bucket_lru.pop_first() {
             self.buckets.remove(&oldest);
         }
     }
@@ -766,11 +856,18 @@ impl Router {
                 continue;
             }
             let held_for = self.now.saturating_since(held.accepted_at);
+            if let Some(n) = self.held_by.get_mut(&held.origin) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.held_by.remove(&held.origin);
+                }
+            }
             match held.action {
                 Pending::Send { to, packet } if to == self.local => {
-                    // A route through this node twice: process the next layer here.
+                    // A route through this node twice: process the next layer here, as a new
+                    // packet of the same source (its rate and queue share pay for it).
                     let bytes = packet.into_bytes();
-                    if let Err(reason) = self.handle_packet(Source::Local, &bytes) {
+                    if let Err(reason) = self.handle_packet(held.origin, &bytes, true) {
                         self.drop_packet(reason);
                     }
                 }

@@ -664,3 +664,291 @@ fn a_partial_rate_table_keeps_that_limits_own_defaults() {
     let unknown = toml::from_str::<RouterConfig>("[peer_rate]\nbrust = 7\n").unwrap_err();
     assert!(unknown.to_string().contains("brust"), "{unknown}");
 }
+
+/// A packet whose route passes through `node` `loops` times in a row before `dest`, with
+/// `delay_ms` at each of those hops (security review, finding 4: self-loops).
+fn looping_packet(
+    node: &Node,
+    dest: &Node,
+    rng: &mut ChaCha20Rng,
+    epoch: KeyEpoch,
+    loops: usize,
+    delay_ms: u64,
+) -> Packet {
+    let mut route: Vec<RouteHop> = (0..loops).map(|_| node.hop(epoch)).collect();
+    route.push(dest.hop(epoch));
+    build_packet(
+        rng,
+        &route,
+        &vec![Duration::from_millis(delay_ms); loops],
+        DestinationAddress([7; 32]),
+        b"loop",
+    )
+    .unwrap()
+}
+
+/// Finding 4: a few sources holding long-delayed, self-looping packets must not deny the
+/// queue to everyone else. Five clients each fill what they can; a sixth still gets in.
+#[test]
+fn a_few_sources_cannot_take_the_whole_queue() {
+    let net = net();
+    let mut rng = ChaCha20Rng::seed_from_u64(11);
+    let mut store = MemoryReplayStore::default();
+    let mut edge = with_directory(
+        net.edge.router(
+            RouterConfig {
+                queue_max: 1_000,
+                ..config(true)
+            },
+            false,
+        ),
+        &net,
+    );
+    let epoch = epoch_of(T0);
+    let mut accepted = 0;
+    for client in 0..5u64 {
+        for _ in 0..200 {
+            let p = looping_packet(&net.edge, &net.dest, &mut rng, epoch, 4, 10_000);
+            if edge
+                .handle_input(
+                    T0,
+                    Input::Packet {
+                        from: Source::Client(ClientId(client)),
+                        bytes: p.as_bytes().to_vec(),
+                    },
+                )
+                .is_ok()
+            {
+                accepted += 1;
+            }
+        }
+    }
+    drain(&mut edge, T0, &mut store);
+    assert!(accepted > 0);
+    let p = packet(&net, &mut rng, epoch, [0, 0], b"legit");
+    let r = edge.handle_input(
+        T0,
+        Input::Packet {
+            from: Source::Client(ClientId(99)),
+            bytes: p.as_bytes().to_vec(),
+        },
+    );
+    assert_eq!(r, Ok(()), "a new source found the queue taken");
+}
+
+/// Finding 4: a route through the same relay several times in a row is charged to the
+/// source that sent it at every pass, so looping buys no queue time the source's rate does
+/// not pay for.
+#[test]
+fn a_self_loop_is_charged_to_its_source_at_every_pass() {
+    let net = net();
+    let mut rng = ChaCha20Rng::seed_from_u64(12);
+    let mut store = MemoryReplayStore::default();
+    let mut edge = with_directory(
+        net.edge.router(
+            RouterConfig {
+                client_rate: RateLimit {
+                    per_minute: 1,
+                    burst: 5,
+                    penalty_packets: 0,
+                    delay_max_ms: 0,
+                },
+                ..config(true)
+            },
+            false,
+        ),
+        &net,
+    );
+    let epoch = epoch_of(T0);
+    let client = Source::Client(ClientId(7));
+    for _ in 0..5 {
+        let p = looping_packet(&net.edge, &net.dest, &mut rng, epoch, 4, 1_000);
+        edge.handle_input(
+            T0,
+            Input::Packet {
+                from: client,
+                bytes: p.as_bytes().to_vec(),
+            },
+        )
+        .unwrap();
+    }
+    drain(&mut edge, T0, &mut store);
+    assert_eq!(edge.queue_len(), 5);
+    // After one delay, each packet comes round for its second pass: the source's budget is
+    // spent, so the loops are refused, not held again.
+    let t = UnixTime(T0.0 + 1_000);
+    edge.handle_input(t, Input::Timeout).unwrap();
+    drain(&mut edge, t, &mut store);
+    assert_eq!(edge.queue_len(), 0, "self-loops were held again for free");
+    assert_eq!(edge.stats().dropped[&DropReason::RateLimited], 5);
+}
+
+/// Finding 4, the driver's side: a peer over its share is the only one the router asks the
+/// driver to stop reading; the others keep flowing.
+#[test]
+fn only_the_peer_over_its_share_is_held_back() {
+    let net = net();
+    let mut rng = ChaCha20Rng::seed_from_u64(13);
+    let mut store = MemoryReplayStore::default();
+    let mut mix = with_directory(
+        net.mix.router(
+            RouterConfig {
+                queue_max: 90,
+                ..config(false)
+            },
+            false,
+        ),
+        &net,
+    );
+    let epoch = epoch_of(T0);
+    // Packets as the edge forwards them: peeled once, so the mix holds them for its delay.
+    let mut edge = with_directory(net.edge.router(config(true), false), &net);
+    let mut forwarded = |rng: &mut ChaCha20Rng| {
+        let p = packet(&net, rng, epoch, [0, 30_000], b"f");
+        edge.handle_input(
+            T0,
+            Input::Packet {
+                from: Source::Client(ClientId(1)),
+                bytes: p.as_bytes().to_vec(),
+            },
+        )
+        .unwrap();
+        drain(&mut edge, T0, &mut MemoryReplayStore::default())
+            .into_iter()
+            .find_map(|o| match o {
+                Output::Send { packet, .. } => Some(packet.into_bytes()),
+                _ => None,
+            })
+            .unwrap()
+    };
+    let flooder = Source::Peer(net.edge.id());
+    let honest = Source::Peer(NodeId([9; 32]));
+    let mut accepted = 0;
+    let mut refused = None;
+    for _ in 0..90 {
+        let bytes = forwarded(&mut rng);
+        match mix.handle_input(
+            T0,
+            Input::Packet {
+                from: flooder,
+                bytes,
+            },
+        ) {
+            Ok(()) => accepted += 1,
+            Err(reason) => {
+                refused = Some(reason);
+                break;
+            }
+        }
+    }
+    drain(&mut mix, T0, &mut store);
+    // Alone, a source may hold half the queue (a share stays free for a newcomer).
+    assert_eq!(accepted, 45);
+    assert_eq!(refused, Some(DropReason::QueueShare));
+    assert!(!mix.has_capacity_for(flooder));
+    assert!(mix.has_capacity_for(honest));
+    assert_eq!(mix.blocked_peers(), Some(vec![net.edge.id()]));
+    let bytes = forwarded(&mut rng);
+    assert_eq!(
+        mix.handle_input(
+            T0,
+            Input::Packet {
+                from: honest,
+                bytes
+            }
+        ),
+        Ok(())
+    );
+    // Once the held packets leave, the flooder is read again.
+    let later = UnixTime(T0.0 + 30_000);
+    mix.handle_input(later, Input::Timeout).unwrap();
+    drain(&mut mix, later, &mut store);
+    assert_eq!(mix.queue_len(), 0);
+    assert!(mix.has_capacity_for(flooder));
+    assert_eq!(mix.blocked_peers(), Some(vec![]));
+}
+
+/// Security review, finding 15: buckets of sources that went away are evicted oldest first,
+/// in O(log n) (the router thread scanned every bucket for each new connection). A client
+/// whose packets are still held keeps its budget after it closes: a loop coming round must
+/// not find a fresh one.
+#[test]
+fn rate_buckets_are_evicted_least_recent_first_and_kept_while_packets_are_held() {
+    let net = net();
+    let mut rng = ChaCha20Rng::seed_from_u64(14);
+    let mut store = MemoryReplayStore::default();
+    let mut edge = with_directory(
+        net.edge.router(
+            RouterConfig {
+                rate_sources_max: 3,
+                client_rate: RateLimit {
+                    per_minute: 1,
+                    burst: 1,
+                    penalty_packets: 0,
+                    delay_max_ms: 0,
+                },
+                ..config(true)
+            },
+            false,
+        ),
+        &net,
+    );
+    let epoch = epoch_of(T0);
+    let mut send = |edge: &mut Router, client: u64, delay: u64| {
+        let p = packet(&net, &mut rng, epoch, [delay, 0], b"b");
+        edge.handle_input(
+            T0,
+            Input::Packet {
+                from: Source::Client(ClientId(client)),
+                bytes: p.as_bytes().to_vec(),
+            },
+        )
+    };
+    // Clients 1, 2, 3 spend their one-packet budget; 4 arrives: 1, the oldest, is forgotten
+    // (and so gets a new budget), 2 and 3 are still limited.
+    for c in 1..=4 {
+        assert_eq!(send(&mut edge, c, 0), Ok(()), "client {c}");
+    }
+    assert_eq!(send(&mut edge, 3, 0), Err(DropReason::RateLimited));
+    assert_eq!(send(&mut edge, 1, 0), Ok(()));
+    drain(&mut edge, T0, &mut store);
+    // Client 5 sends a packet held 10 s, then closes: its spent budget stays with the packet.
+    assert_eq!(send(&mut edge, 5, 10_000), Ok(()));
+    drain(&mut edge, T0, &mut store);
+    edge.handle_input(T0, Input::ClientClosed(ClientId(5)))
+        .unwrap();
+    assert_eq!(send(&mut edge, 5, 0), Err(DropReason::RateLimited));
+    // Client 1's packets are gone: closing forgets its bucket.
+    edge.handle_input(T0, Input::ClientClosed(ClientId(1)))
+        .unwrap();
+    assert_eq!(send(&mut edge, 1, 0), Ok(()));
+}
+
+/// Finding 4: the relay's own cap on a hop's delay.
+#[test]
+fn a_hop_delay_above_the_relays_cap_is_refused() {
+    let net = net();
+    let mut rng = ChaCha20Rng::seed_from_u64(15);
+    let mut edge = with_directory(
+        net.edge.router(
+            RouterConfig {
+                hop_delay_max_ms: 5_000,
+                ..config(true)
+            },
+            false,
+        ),
+        &net,
+    );
+    let epoch = epoch_of(T0);
+    for (delay, verdict) in [(5_000, Ok(())), (5_001, Err(DropReason::DelayTooLong))] {
+        let p = packet(&net, &mut rng, epoch, [delay, 0], b"d");
+        let r = edge.handle_input(
+            T0,
+            Input::Packet {
+                from: Source::Client(ClientId(1)),
+                bytes: p.as_bytes().to_vec(),
+            },
+        );
+        assert_eq!(r, verdict, "delay {delay} ms");
+    }
+}

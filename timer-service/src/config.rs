@@ -32,7 +32,9 @@ pub struct QueueConfig {
     pub backoff_max_ms: u64,
     /// Furthest due time accepted, in days from now. Default 365.
     pub horizon_days_max: u32,
-    /// Seed for task ids in tests and the simulator; `None` draws from the OS.
+    /// Seed for task ids in tests and the simulator; `None` draws from the OS. Not readable
+    /// from a config file (task ids would repeat at every start).
+    #[serde(skip)]
     pub rng_seed: Option<u64>,
 }
 

@@ -1131,3 +1131,31 @@ async fn metrics(State(node): State<TimerNode>) -> impl IntoResponse {
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    /// Security review, finding 13: `[queue] rng_seed` in a config file made task ids (and
+    /// with them cancel handles) the same at every start. Only code (tests, the simulator)
+    /// can set it.
+    #[test]
+    fn a_config_file_cannot_seed_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("timer.toml");
+        let base = format!(
+            "data_dir = \"{}\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{}\"\n",
+            dir.path().join("data").display(),
+            "t".repeat(40)
+        );
+        std::fs::write(&path, format!("{base}\n[queue]\nrng_seed = 7\n")).unwrap();
+        let err = match NodeConfig::load(&path) {
+            Ok(_) => panic!("a config file set queue.rng_seed"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("rng_seed"), "{err}");
+        std::fs::write(&path, &base).unwrap();
+        assert_eq!(NodeConfig::load(&path).unwrap().queue.rng_seed, None);
+    }
+}

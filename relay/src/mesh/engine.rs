@@ -174,7 +174,7 @@ pub(crate) struct Core {
     persist: Persist,
     control: Control,
     destination: Option<Arc<dyn LocalDestination>>,
-    capacity: watch::Sender<bool>,
+    capacity: watch::Sender<streams::Admission>,
     shared: Arc<Shared>,
     peer_queue_max: usize,
     peers: HashMap<NodeId, mpsc::Sender<Packet>>,
@@ -193,7 +193,7 @@ impl Core {
         persist: Persist,
         control: Control,
         destination: Option<Arc<dyn LocalDestination>>,
-        capacity: watch::Sender<bool>,
+        capacity: watch::Sender<streams::Admission>,
         shared: Arc<Shared>,
         peer_queue_max: usize,
     ) -> Core {
@@ -362,10 +362,10 @@ impl Core {
     }
 
     fn after_step(&mut self) {
-        let has_capacity = self.router.has_capacity();
+        let admission = streams::Admission::of(&self.router);
         self.capacity.send_if_modified(|held| {
-            let changed = *held != has_capacity;
-            *held = has_capacity;
+            let changed = *held != admission;
+            *held = admission;
             changed
         });
         let metrics = &self.shared.metrics;

@@ -55,6 +55,7 @@ const PEER_STREAMS_MAX: usize = 4;
 /// | 9 | `unknown_next_hop` |
 /// | 10 | `no_destination` |
 /// | 11 | `delay_too_long` |
+/// | 12 | `queue_share` (this connection holds its share of the mixing queue: slow down) |
 ///
 /// Other values are reserved; a client should treat them as a refusal.
 pub fn client_status_code(verdict: Result<(), DropReason>) -> u8 {
@@ -71,6 +72,7 @@ pub fn client_status_code(verdict: Result<(), DropReason>) -> u8 {
         Err(DropReason::UnknownNextHop) => 9,
         Err(DropReason::NoDestination) => 10,
         Err(DropReason::DelayTooLong) => 11,
+        Err(DropReason::QueueShare) => 12,
     }
 }
 
@@ -209,12 +211,44 @@ impl Drop for PerPeerGuard {
     }
 }
 
+/// Which peers the router takes packets from now: the peer readers' backpressure. A peer over
+/// its share of the mixing queue is no longer read (TCP then slows it down); the others are.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) enum Admission {
+    /// Every peer.
+    #[default]
+    All,
+    /// Every peer but these.
+    AllBut(Arc<std::collections::BTreeSet<NodeId>>),
+    /// No peer: the queue is full.
+    Nobody,
+}
+
+impl Admission {
+    /// The router's current admission.
+    pub(crate) fn of(router: &crate::router::Router) -> Admission {
+        match router.blocked_peers() {
+            None => Admission::Nobody,
+            Some(blocked) if blocked.is_empty() => Admission::All,
+            Some(blocked) => Admission::AllBut(Arc::new(blocked.into_iter().collect())),
+        }
+    }
+
+    fn admits(&self, node: &NodeId) -> bool {
+        match self {
+            Admission::All => true,
+            Admission::AllBut(blocked) => !blocked.contains(node),
+            Admission::Nobody => false,
+        }
+    }
+}
+
 /// Accepts inbound packet streams: at most `streams_max` in all and [`PEER_STREAMS_MAX`] per
 /// peer; a peer whose id is not an Ed25519 key has its stream closed.
 pub(crate) async fn accept_peers(
     mut incoming: IncomingStreams,
     inbox: mpsc::Sender<RouterEvent>,
-    capacity: watch::Receiver<bool>,
+    capacity: watch::Receiver<Admission>,
     streams_max: usize,
     shared: Arc<Shared>,
 ) {
@@ -262,12 +296,12 @@ async fn read_peer<G: Send>(
     node: NodeId,
     mut stream: Stream,
     inbox: mpsc::Sender<RouterEvent>,
-    mut capacity: watch::Receiver<bool>,
+    mut capacity: watch::Receiver<Admission>,
     _guards: G,
 ) {
     loop {
-        // Backpressure: read the next frame only when the router can take it.
-        if capacity.wait_for(|has| *has).await.is_err() {
+        // Backpressure: read the next frame only when the router takes this peer's packets.
+        if capacity.wait_for(|a| a.admits(&node)).await.is_err() {
             break;
         }
         let mut frame = vec![0u8; PACKET_SIZE];

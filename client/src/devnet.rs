@@ -94,6 +94,9 @@ pub fn default_bin_dir() -> PathBuf {
     dir
 }
 
+/// Times a node that exits at start (a port taken between picking and binding it) is started.
+const START_ATTEMPTS: u32 = 3;
+
 fn free_port() -> Result<u16> {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -297,11 +300,28 @@ impl Devnet {
                 nodes: Vec::new(),
             },
         };
-        let edge = plan_node(&opts, "edge", "relay", None)?;
-        let mut child = spawn(&dir, &edge)?;
-        let boot = wait_multiaddr(&edge, &mut child);
-        devnet.add(&edge, child);
-        let boot = boot?;
+        // Ports are picked free and handed to the node, which binds them a moment later: on a
+        // busy machine another socket can take one in between, and the node exits at start.
+        // Such a node is started again on other ports, a few times.
+        let mut attempt = 1;
+        let (edge, boot) = loop {
+            let edge = plan_node(&opts, "edge", "relay", None)?;
+            let mut child = spawn(&dir, &edge)?;
+            match wait_multiaddr(&edge, &mut child) {
+                Ok(boot) => {
+                    devnet.add(&edge, child);
+                    break (edge, boot);
+                }
+                Err(ClientError::InvalidArgument(_)) if attempt < START_ATTEMPTS => {
+                    let _ = child.wait();
+                    attempt += 1;
+                }
+                Err(e) => {
+                    devnet.add(&edge, child);
+                    return Err(e);
+                }
+            }
+        };
         let mut plans = Vec::new();
         for i in 1..opts.relays {
             plans.push(plan_node(&opts, &format!("mix{i}"), "relay", Some(&boot))?);
@@ -330,12 +350,13 @@ impl Devnet {
         devnet.record.directory_url = format!("http://127.0.0.1:{}/v1/directory", edge.http_port);
         devnet.write_record()?;
         let net = Net::new()?;
-        let watch: Vec<String> = std::iter::once(&edge)
-            .chain(plans.iter().filter(|p| p.kind != "timer"))
-            .map(|p| format!("http://127.0.0.1:{}/v1/directory", p.http_port))
-            .collect();
+        let mut attempts = vec![1u32; plans.len()];
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
+            let watch: Vec<String> = std::iter::once(&edge)
+                .chain(plans.iter().filter(|p| p.kind != "timer"))
+                .map(|p| format!("http://127.0.0.1:{}/v1/directory", p.http_port))
+                .collect();
             let mut all = true;
             for url in &watch {
                 match net.directory(url, UnixTime(now_ms())).await {
@@ -352,12 +373,40 @@ impl Devnet {
                     reason: "the nodes did not see each other within 120 s; see logs/".to_string(),
                 });
             }
-            for (name, c) in &mut devnet.children {
+            let mut restart = Vec::new();
+            for (i, (name, c)) in devnet.children.iter_mut().enumerate() {
                 if let Ok(Some(status)) = c.try_wait() {
-                    return Err(ClientError::InvalidArgument(format!(
-                        "{name} exited ({status}); see its log"
-                    )));
+                    // children[0] is the edge; the others follow `plans`.
+                    match i.checked_sub(1) {
+                        Some(j) if attempts.get(j).is_some_and(|a| *a < START_ATTEMPTS) => {
+                            restart.push((i, j));
+                        }
+                        _ => {
+                            return Err(ClientError::InvalidArgument(format!(
+                                "{name} exited ({status}); see its log"
+                            )));
+                        }
+                    }
                 }
+            }
+            for (i, j) in restart {
+                let (Some(old), Some(n)) = (plans.get(j), attempts.get_mut(j)) else {
+                    continue;
+                };
+                *n += 1;
+                let plan = plan_node(&opts, &old.name, old.kind, Some(&boot))?;
+                let child = spawn(&dir, &plan)?;
+                if let (Some(slot), Some(record)) =
+                    (devnet.children.get_mut(i), devnet.record.nodes.get_mut(i))
+                {
+                    record.pid = child.id();
+                    record.http_port = plan.http_port;
+                    slot.1 = child;
+                }
+                if let Some(p) = plans.get_mut(j) {
+                    *p = plan;
+                }
+                devnet.write_record()?;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }

@@ -135,6 +135,9 @@ impl Net {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(60))
+            // Nodes close a connection that sends no request for 30 s
+            // (`whispr_relay::http::HEADER_READ_TIMEOUT`): never reuse one that close to it.
+            .pool_idle_timeout(Duration::from_secs(20))
             .build()
             .map_err(|_| ClientError::Unreachable {
                 node: "http client",

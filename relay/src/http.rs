@@ -185,13 +185,31 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+/// How long a client may take to send a request's headers, the first request's included;
+/// past it, the connection is closed (a slowloris holds connections open by sending headers
+/// byte by byte, or not at all). hyper enforces it only when given a timer, which
+/// `axum-server` does not give it: [`serve`] does.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Serves `app` on `listener` until `shutdown` resolves (then drains for up to 5 s): TLS with
 /// rustls when `tls` is set, plain HTTP otherwise (callers allow that only on loopback).
-/// Handlers see the peer address through `ConnectInfo<SocketAddr>`.
+/// Handlers see the peer address through `ConnectInfo<SocketAddr>`. A client that does not
+/// send a request's headers within [`HEADER_READ_TIMEOUT`] is disconnected.
 pub async fn serve(
     app: axum::Router,
     listener: std::net::TcpListener,
     tls: Option<TlsFiles>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_with(app, listener, tls, HEADER_READ_TIMEOUT, shutdown).await
+}
+
+/// [`serve`] with another header-read timeout (tests).
+pub async fn serve_with(
+    app: axum::Router,
+    listener: std::net::TcpListener,
+    tls: Option<TlsFiles>,
+    header_read_timeout: Duration,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
@@ -207,16 +225,94 @@ pub async fn serve(
             let _ = rustls::crypto::ring::default_provider().install_default();
             let tls =
                 axum_server::tls_rustls::RustlsConfig::from_pem_file(files.cert, files.key).await?;
-            axum_server::tls_rustls::from_tcp_rustls(listener, tls)?
-                .handle(handle)
-                .serve(app)
-                .await
+            let mut server =
+                axum_server::tls_rustls::from_tcp_rustls(listener, tls)?.handle(handle);
+            time_out_slow_headers(server.http_builder(), header_read_timeout);
+            server.serve(app).await
         }
         None => {
-            axum_server::from_tcp(listener)?
-                .handle(handle)
-                .serve(app)
-                .await
+            let mut server = axum_server::from_tcp(listener)?.handle(handle);
+            time_out_slow_headers(server.http_builder(), header_read_timeout);
+            server.serve(app).await
         }
+    }
+}
+
+fn time_out_slow_headers(
+    builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    timeout: Duration,
+) {
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(timeout);
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn server(
+        header_read_timeout: Duration,
+    ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new().route("/healthz", get(|| async { "ok" }));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve_with(
+            app,
+            listener,
+            None,
+            header_read_timeout,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        (addr, stop)
+    }
+
+    /// Reads until the server closes the connection (or 60 s, far past the timeout); what it
+    /// sent meanwhile.
+    async fn until_closed(conn: &mut tokio::net::TcpStream) -> Vec<u8> {
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(60), async {
+            let mut buf = [0u8; 1024];
+            loop {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got.extend_from_slice(buf.get(..n).unwrap_or_default()),
+                }
+            }
+        })
+        .await;
+        assert!(read.is_ok(), "the server kept the connection open");
+        got
+    }
+
+    /// Security review, finding 12: without a timer, hyper silently disabled its header-read
+    /// timeout, so a client sending half a request held its connection forever. Now it is
+    /// closed once the timeout passes; a complete request is served.
+    ///
+    /// Not covered yet: a client that sends nothing at all, or a prefix of the HTTP/2
+    /// preface, stays in hyper-util's protocol detection, which has no timeout.
+    #[tokio::test]
+    async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+        let (addr, _stop) = server(Duration::from_secs(1)).await;
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+            .await
+            .unwrap();
+        let answered = until_closed(&mut slow).await;
+        assert!(!answered.starts_with(b"HTTP/1.1 200"), "{answered:?}");
+        // A client that sends its request in time is served as before.
+        let mut prompt = tokio::net::TcpStream::connect(addr).await.unwrap();
+        prompt
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = until_closed(&mut prompt).await;
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
     }
 }

@@ -19,6 +19,7 @@
 )]
 
 mod client;
+pub mod core;
 pub mod devnet;
 mod error;
 pub mod invite;
@@ -26,7 +27,8 @@ pub mod net;
 pub mod state;
 pub mod vault;
 
-pub use client::{Client, ContactInfo, OutgoingInfo, Received, SendOptions, now_ms};
+pub use client::{Client, now_ms};
+pub use core::{ClientCore, ContactInfo, OutgoingInfo, Output, Received, SendOptions};
 pub use error::{ClientError, Result};
 pub use state::{Notice, OutKind, OutState, Receipts, Settings};
 pub use vault::KdfParams;

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use ed25519_dalek::SigningKey;
 use ed25519_dalek::ed25519::signature::Signer;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -15,26 +14,7 @@ use whispr_protocol::{MailboxId, UnixTime};
 use crate::error::{ClientError, Result};
 use crate::state::OwnedMailbox;
 
-/// A message as the mailbox API returns it.
-#[derive(Clone, Debug, Deserialize)]
-pub struct StoredMessage {
-    /// Sequence number.
-    pub seq: u64,
-    /// `envelope` or `surb_reply`.
-    pub kind: String,
-    /// Base64 `SealedEnvelope` (kind `envelope`).
-    #[serde(default)]
-    pub envelope: Option<String>,
-    /// SURB id, hex (kind `surb_reply`).
-    #[serde(default)]
-    pub surb_id: Option<String>,
-    /// Base64 sealed reply (kind `surb_reply`).
-    #[serde(default)]
-    pub payload: Option<String>,
-    /// When the node drops it, ms.
-    #[serde(default)]
-    pub expires_at_ms: Option<u64>,
-}
+pub use crate::core::StoredMessage;
 
 /// The HTTP client.
 #[derive(Clone, Debug)]
@@ -87,10 +67,7 @@ fn unreachable(node: &'static str) -> impl FnOnce(reqwest::Error) -> ClientError
     }
 }
 
-/// The owner signing key of a mailbox.
-pub fn owner_key(m: &OwnedMailbox) -> SigningKey {
-    SigningKey::from_bytes(&m.owner_seed)
-}
+pub use crate::core::owner_key;
 
 /// An HTTP method of the mailbox API.
 #[derive(Clone, Copy)]

@@ -1,0 +1,728 @@
+//! The client core: every decision the client makes, with no clock, socket, file or task
+//! (the shape of `relay/src/router.rs`, after quinn-proto and str0m).
+//!
+//! The caller — the `whispr` command's [`crate::Client`] over HTTP, or the simulator over its
+//! simulated network — does the I/O and tells the core what happened; the core changes its
+//! state and queues what to do:
+//!
+//! - **Commands** are methods that take the current time: [`ClientCore::send`],
+//!   [`ClientCore::cancel`], [`ClientCore::prepare_invite`], [`ClientCore::accept_start`], …
+//! - **Inputs** are methods too: [`ClientCore::set_directory`] (a fresh directory),
+//!   [`ClientCore::handle_fetched`] (messages a mailbox returned, by poll or stream),
+//!   [`ClientCore::note_refused`] (what an edge relay refused), [`ClientCore::set_token`].
+//! - **Timers**: [`ClientCore::poll_timeout`] says when the core wants
+//!   [`ClientCore::handle_timeout`] called next (retransmissions, receipts, queued sends).
+//! - **Outputs** come out of [`ClientCore::poll_output`]: packets for an edge relay, mailbox
+//!   acknowledgements, and "save the state now" (always before the acknowledgements that
+//!   depend on it). User events are the notices ([`ClientCore::take_notices`]) and received
+//!   messages ([`ClientCore::take_unread`]).
+//!
+//! All randomness comes from two injected RNGs: `rng` for decisions and ids (routes, delays,
+//! mailbox and message ids, timer choice) and `crypto_rng` for key material and the
+//! randomness inside packets and envelopes, so that a caller that swaps the crypto (the
+//! simulator's fast mode) makes the same decisions from the same seed. Olm is the exception:
+//! vodozemac draws its own keys and nonces (that changes ciphertext bytes, never a decision).
+//!
+//! Modules, one sentence each: [`routes`] picks routes, delays and reply blocks and judges
+//! relays by their acks; [`contacts`] creates invitations, accepts them and answers them;
+//! [`sending`] encrypts, fragments and sends messages, retransmits them and sends cover;
+//! [`scheduling`] hands messages to timer nodes and cancels them; [`receiving`] opens what
+//! mailboxes return (acks, messages, receipts) and reassembles it.
+
+mod contacts;
+mod receiving;
+mod routes;
+mod scheduling;
+mod sending;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use ed25519_dalek::SigningKey;
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha512};
+use vodozemac::olm::{Account, Session};
+use whispr_protocol::directory::Directory;
+use whispr_protocol::{KEY_EPOCH_LEN, KeyEpoch, NodeId, UnixTime};
+
+pub use contacts::{AcceptPlan, InvitePlan};
+
+use crate::error::{ClientError, Result};
+use crate::state::{
+    Notice, OutKind, OutState, OwnedMailbox, PeerMailbox, Receipts, Settings, State,
+};
+
+/// One-time keys uploaded to a new mailbox for anonymous prekey fetches.
+const PREKEYS_UPLOADED: usize = 4;
+/// How long a SURB is remembered beyond its expected use.
+const SURB_TTL_MS: u64 = 3600 * 1000;
+/// Fragments of an incomplete message are dropped after this.
+const PARTIAL_AGE_MAX_MS: u64 = 24 * 3600 * 1000;
+const HELLO_PREFIX: &[u8] = b"whispr-hello-v1";
+const SAFETY_PREFIX: &[u8] = b"whispr-safety-v1";
+/// How long after a release time a scheduled fragment may be retransmitted directly.
+const RELEASE_GRACE_MS: u64 = 5_000;
+/// Route outcomes older than this do not count towards a relay's health.
+const RELAY_HEALTH_WINDOW_MS: u64 = 60 * 1000;
+/// Relays whose health is tracked.
+const RELAY_HEALTH_MAX: usize = 10_000;
+
+/// A message as a mailbox returns it (poll or stream), the input of
+/// [`ClientCore::handle_fetched`].
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// Sequence number.
+    pub seq: u64,
+    /// `envelope` or `surb_reply`.
+    pub kind: String,
+    /// Base64 `SealedEnvelope` (kind `envelope`).
+    #[serde(default)]
+    pub envelope: Option<String>,
+    /// SURB id, hex (kind `surb_reply`).
+    #[serde(default)]
+    pub surb_id: Option<String>,
+    /// Base64 sealed reply (kind `surb_reply`).
+    #[serde(default)]
+    pub payload: Option<String>,
+    /// When the node drops it, ms.
+    #[serde(default)]
+    pub expires_at_ms: Option<u64>,
+}
+
+/// What the core asks its driver to do, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Hand `packet` to the ingress of edge relay `edge` (drivers batch by edge). What the
+    /// edge refuses is reported with [`ClientCore::note_refused`]; a lost packet is
+    /// retransmitted when its ack does not come.
+    Transmit {
+        /// The edge relay.
+        edge: NodeId,
+        /// A Sphinx packet.
+        packet: Vec<u8>,
+    },
+    /// Persist the state ([`ClientCore::encode_state`]) before going on with the outputs
+    /// after this one.
+    Save,
+    /// Acknowledge to mailbox `mailbox` every message up to `up_to` (the node may delete
+    /// them); only after the preceding [`Output::Save`] is durable.
+    Ack {
+        /// Mailbox id.
+        mailbox: [u8; 32],
+        /// Last sequence number processed.
+        up_to: u64,
+    },
+}
+
+/// What travels end to end, inside Olm.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum AppMessage {
+    /// The acceptor's first message: where to answer, bound to its identity key.
+    Hello {
+        identity: String,
+        curve: String,
+        mailbox: String,
+        mailbox_key: String,
+        access: String,
+        binding: String,
+    },
+    /// A text.
+    Text {
+        body: String,
+        sent_ms: u64,
+        expire_after_ms: Option<u64>,
+    },
+    /// Receipts for message ids (hex).
+    Receipt { kind: String, of: Vec<String> },
+}
+
+/// Options of [`ClientCore::send`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SendOptions {
+    /// Release time (ms): hand the message to a timer node until then.
+    pub at_ms: Option<u64>,
+    /// Disappearing message: the mailbox drops it and the recipient deletes it this long
+    /// after it is sent (or released).
+    pub expire_after: Option<std::time::Duration>,
+}
+
+/// A received message, as shown to the user.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Received {
+    /// Contact name.
+    pub from: String,
+    /// The text.
+    pub text: String,
+    /// Sender's clock, ms.
+    pub sent_ms: u64,
+    /// Arrival, ms.
+    pub received_ms: u64,
+    /// Deleted locally at this time (disappearing message).
+    pub expires_ms: Option<u64>,
+}
+
+/// A contact as listed.
+#[derive(Clone, Debug, Serialize)]
+pub struct ContactInfo {
+    /// Name.
+    pub name: String,
+    /// `pending` (our invitation, not answered), `waiting` (we accepted, no answer yet),
+    /// `answering` (they answered our invitation; their hello, which says where to write to
+    /// them, has not arrived yet) or `established`.
+    pub state: String,
+    /// Safety number verified by the user.
+    pub verified: bool,
+}
+
+/// An outgoing message, as reported by `status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct OutgoingInfo {
+    /// Local id.
+    pub id: u64,
+    /// Contact.
+    pub contact: String,
+    /// `text`, `hello` or `receipt`.
+    pub kind: OutKind,
+    /// State.
+    pub state: OutState,
+    /// Fragments acknowledged by the mailbox.
+    pub fragments_acked: usize,
+    /// Fragments.
+    pub fragments: usize,
+    /// Retransmitted fragments.
+    pub retransmissions: u32,
+    /// Release time of a scheduled send.
+    pub release_ms: Option<u64>,
+}
+
+/// The client core (see the module documentation).
+pub struct ClientCore {
+    state: State,
+    account: Account,
+    sessions: HashMap<String, Session>,
+    rng: StdRng,
+    crypto_rng: StdRng,
+    directory: Option<Directory>,
+    receipts_due: BTreeMap<(String, String), Vec<String>>,
+    last_surb_route: Vec<String>,
+    refused: BTreeMap<String, u64>,
+    outputs: VecDeque<Output>,
+    /// The time of the input being handled, ms.
+    now: u64,
+    /// Queued messages could not be sent (no route): not tried again before this, ms.
+    pump_blocked_until: u64,
+}
+
+impl std::fmt::Debug for ClientCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientCore")
+            .field("contacts", &self.state.contacts.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn h32(s: &str, what: &'static str) -> Result<[u8; 32]> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(s, &mut out)
+        .map_err(|_| ClientError::Olm(format!("{what}: not 32 hex bytes")))?;
+    Ok(out)
+}
+
+fn epoch_at(ms: u64) -> KeyEpoch {
+    KeyEpoch::containing(UnixTime(ms), KEY_EPOCH_LEN)
+}
+
+fn fingerprint(ed: &[u8; 32], curve: &[u8; 32]) -> String {
+    let mut h: Vec<u8> = [SAFETY_PREFIX, ed, curve].concat();
+    for _ in 0..5200 {
+        let mut d = Sha512::new();
+        d.update(&h);
+        d.update(ed);
+        d.update(curve);
+        h = d.finalize().to_vec();
+    }
+    h.chunks(5)
+        .take(6)
+        .map(|c| {
+            let v = c.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+            format!("{:05}", v % 100_000)
+        })
+        .collect()
+}
+
+fn hello_transcript(curve: &[u8; 32], mailbox: &PeerMailbox) -> Vec<u8> {
+    [
+        HELLO_PREFIX,
+        curve.as_slice(),
+        mailbox.id.as_slice(),
+        mailbox.key.as_slice(),
+        mailbox.access.as_slice(),
+    ]
+    .concat()
+}
+
+/// The owner signing key of a mailbox.
+pub fn owner_key(m: &OwnedMailbox) -> SigningKey {
+    SigningKey::from_bytes(&m.owner_seed)
+}
+
+/// Whether an outgoing message still needs work (acks, holds or a cancel).
+fn active(state: OutState) -> bool {
+    matches!(
+        state,
+        OutState::Sending | OutState::Scheduled | OutState::Held | OutState::Cancelling
+    )
+}
+
+impl ClientCore {
+    /// A new client: a fresh identity (from `crypto_rng`) and Olm account, no contacts;
+    /// decisions and ids are drawn from `rng`.
+    pub fn new(
+        directory_url: &str,
+        settings: Settings,
+        rng: StdRng,
+        mut crypto_rng: StdRng,
+    ) -> ClientCore {
+        use rand::Rng;
+        let mut identity_seed = [0u8; 32];
+        crypto_rng.fill_bytes(&mut identity_seed);
+        let state = State {
+            version: 1,
+            directory_url: directory_url.trim_end_matches('/').to_string(),
+            identity_seed,
+            account: None,
+            settings,
+            contacts: Vec::new(),
+            invitations: Vec::new(),
+            outbox: Vec::new(),
+            surbs: Vec::new(),
+            partial: Vec::new(),
+            history: Vec::new(),
+            notices: Vec::new(),
+            prekey_replies: Vec::new(),
+            next_id: 1,
+            cover_sent: 0,
+            relay_health: Vec::new(),
+        };
+        ClientCore::with_state(state, Account::new(), HashMap::new(), rng, crypto_rng)
+    }
+
+    fn with_state(
+        state: State,
+        account: Account,
+        sessions: HashMap<String, Session>,
+        rng: StdRng,
+        crypto_rng: StdRng,
+    ) -> ClientCore {
+        ClientCore {
+            state,
+            account,
+            sessions,
+            rng,
+            crypto_rng,
+            directory: None,
+            receipts_due: BTreeMap::new(),
+            last_surb_route: Vec::new(),
+            refused: BTreeMap::new(),
+            outputs: VecDeque::new(),
+            now: 0,
+            pump_blocked_until: 0,
+        }
+    }
+
+    /// A client from the bytes of [`Self::encode_state`]; what expired by `now` is dropped.
+    pub fn decode_state(
+        bytes: &[u8],
+        now: u64,
+        rng: StdRng,
+        crypto_rng: StdRng,
+    ) -> Result<ClientCore> {
+        let mut state: State = serde_json::from_slice(bytes)
+            .map_err(|e| ClientError::CorruptState(format!("state: {e}")))?;
+        let account = state
+            .account
+            .take()
+            .map(Account::from_pickle)
+            .ok_or_else(|| ClientError::CorruptState("no Olm account".to_string()))?;
+        let mut sessions = HashMap::new();
+        for c in &mut state.contacts {
+            if let Some(p) = c.session.take() {
+                sessions.insert(c.name.clone(), Session::from_pickle(p));
+            }
+        }
+        let mut core = ClientCore::with_state(state, account, sessions, rng, crypto_rng);
+        core.now = now;
+        core.purge_expired();
+        Ok(core)
+    }
+
+    /// The whole state with the Olm account and sessions, for the encrypted vault.
+    pub fn encode_state(&mut self) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+        self.state.account = Some(self.account.pickle());
+        for c in &mut self.state.contacts {
+            c.session = self.sessions.get(&c.name).map(Session::pickle);
+        }
+        let bytes = serde_json::to_vec(&self.state)
+            .map_err(|e| ClientError::CorruptState(format!("encoding: {e}")));
+        self.state.account = None;
+        for c in &mut self.state.contacts {
+            c.session = None;
+        }
+        bytes.map(zeroize::Zeroizing::new)
+    }
+
+    fn at(&mut self, now: u64) {
+        self.now = now;
+    }
+
+    fn push(&mut self, o: Output) {
+        if o == Output::Save && self.outputs.back() == Some(&Output::Save) {
+            return;
+        }
+        self.outputs.push_back(o);
+    }
+
+    fn save(&mut self) {
+        self.push(Output::Save);
+    }
+
+    /// The next thing to do, in order.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// When [`Self::handle_timeout`] should run next (ms): the earliest retransmission, or
+    /// now when receipts or queued messages are waiting. `None`: nothing is pending.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let after = self.state.settings.retransmit_after_ms;
+        let mut next: Option<u64> = None;
+        let mut at = |t: u64| next = Some(next.map_or(t, |n: u64| n.min(t)));
+        if !self.receipts_due.is_empty() {
+            at(self.now);
+        }
+        let window = self.state.settings.olm_window.max(1);
+        let mut in_flight: BTreeMap<&str, usize> = BTreeMap::new();
+        for o in &self.state.outbox {
+            if o.state == OutState::Sending && o.fragments.iter().any(|f| f.attempts > 0) {
+                *in_flight.entry(o.contact.as_str()).or_default() += 1;
+            }
+        }
+        for o in &self.state.outbox {
+            match o.state {
+                OutState::Sending | OutState::Scheduled | OutState::Held => {
+                    let released = o
+                        .release_ms
+                        .map_or(0, |r| r.saturating_add(RELEASE_GRACE_MS));
+                    for f in o.fragments.iter().filter(|f| !f.acked) {
+                        if o.state == OutState::Sending && f.attempts == 0 {
+                            // Waiting: sent now if the contact's window has room (an ack
+                            // opened it), else looked at again a retransmission delay on.
+                            let busy = in_flight.get(o.contact.as_str()).copied().unwrap_or(0);
+                            at(if busy < window {
+                                self.now.max(self.pump_blocked_until)
+                            } else {
+                                self.now.saturating_add(after)
+                            });
+                            continue;
+                        }
+                        at(f.sent_ms.saturating_add(after).max(released));
+                    }
+                    if o.state == OutState::Scheduled {
+                        for h in o.holds.iter().filter(|h| !h.parts_acked.iter().all(|a| *a)) {
+                            at(h.sent_ms.saturating_add(after));
+                        }
+                    }
+                }
+                OutState::Cancelling => {
+                    for h in o.holds.iter().filter(|h| !h.cancel_acked) {
+                        at(h.sent_ms.saturating_add(after));
+                    }
+                }
+                _ => {}
+            }
+        }
+        next
+    }
+
+    /// Housekeeping at `now`: sends due receipts, retransmits what is overdue, sends what the
+    /// windows allow, forgets what expired.
+    pub fn handle_timeout(&mut self, now: u64) -> Result<()> {
+        self.at(now);
+        self.send_receipts();
+        let result = self.retransmit_due().and_then(|()| self.pump());
+        self.purge_expired();
+        self.save();
+        result
+    }
+
+    /// A directory the driver fetched (and checked); routes are drawn from it from now on.
+    pub fn set_directory(&mut self, directory: Directory) {
+        self.directory = Some(directory);
+    }
+
+    /// The directory in use, if any.
+    pub fn directory(&self) -> Option<&Directory> {
+        self.directory.as_ref()
+    }
+
+    fn dir(&self) -> Result<Directory> {
+        self.directory
+            .clone()
+            .ok_or_else(|| ClientError::NoRoute("no directory yet".to_string()))
+    }
+
+    /// Where the directory is fetched.
+    pub fn directory_url(&self) -> &str {
+        &self.state.directory_url
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &Settings {
+        &self.state.settings
+    }
+
+    /// Changes the settings.
+    pub fn settings_mut(&mut self) -> &mut Settings {
+        &mut self.state.settings
+    }
+
+    fn identity(&self) -> SigningKey {
+        SigningKey::from_bytes(&self.state.identity_seed)
+    }
+
+    fn next_id(&mut self) -> u64 {
+        let id = self.state.next_id;
+        self.state.next_id = id.saturating_add(1);
+        id
+    }
+
+    fn notice(&mut self, kind: &str, contact: Option<&str>, id: Option<u64>, text: String) {
+        self.state.notices.push(Notice {
+            at_ms: self.now,
+            kind: kind.to_string(),
+            contact: contact.map(str::to_string),
+            id,
+            text,
+        });
+        let max = self.state.settings.history_max.max(1);
+        if self.state.notices.len() > max {
+            let excess = self.state.notices.len() - max;
+            self.state.notices.drain(..excess);
+        }
+    }
+
+    fn purge_expired(&mut self) {
+        let now = self.now;
+        self.state
+            .history
+            .retain(|h| h.expires_ms.is_none_or(|e| e > now));
+        self.state.surbs.retain(|s| s.expires_ms > now);
+        self.state
+            .partial
+            .retain(|p| p.received_ms.saturating_add(PARTIAL_AGE_MAX_MS) > now);
+    }
+
+    fn out_index(&self, id: u64) -> Option<usize> {
+        self.state.outbox.iter().position(|o| o.id == id)
+    }
+
+    /// Every mailbox this client owns: one per contact and per pending invitation.
+    pub fn owned_mailboxes(&self) -> Vec<OwnedMailbox> {
+        self.state
+            .contacts
+            .iter()
+            .map(|c| c.mine.clone())
+            .chain(self.state.invitations.iter().map(|i| i.mailbox.clone()))
+            .collect()
+    }
+
+    fn mailbox_mut(&mut self, id: &[u8; 32]) -> Option<&mut OwnedMailbox> {
+        if let Some(c) = self.state.contacts.iter_mut().find(|c| c.mine.id == *id) {
+            return Some(&mut c.mine);
+        }
+        self.state
+            .invitations
+            .iter_mut()
+            .find(|i| i.mailbox.id == *id)
+            .map(|i| &mut i.mailbox)
+    }
+
+    /// Records the session token of mailbox `id` (or forgets it: `None`, e.g. after a 401).
+    pub fn set_token(&mut self, id: &[u8; 32], token: Option<(String, u64)>) {
+        if let Some(m) = self.mailbox_mut(id) {
+            match token {
+                Some((t, expires)) => {
+                    m.token = Some(t);
+                    m.token_expires_ms = expires;
+                }
+                None => m.token = None,
+            }
+        }
+    }
+
+    /// Counts `count` packets an edge relay did not take, by `reason` (a drop reason such as
+    /// `rate_limited`, an HTTP status, or `unreachable`).
+    pub fn note_refused(&mut self, reason: &str, count: u64) {
+        *self.refused.entry(reason.to_string()).or_default() += count;
+    }
+
+    /// Packets an edge relay did not take since this core was made, by reason; they are
+    /// retransmitted like lost ones.
+    pub fn refused_packets(&self) -> &BTreeMap<String, u64> {
+        &self.refused
+    }
+
+    /// Cover packets sent by this client so far.
+    pub fn cover_sent(&self) -> u64 {
+        self.state.cover_sent
+    }
+
+    /// The state of outgoing message `id`.
+    pub fn out_state(&self, id: u64) -> Option<OutState> {
+        self.out_index(id)
+            .and_then(|i| self.state.outbox.get(i))
+            .map(|o| o.state)
+    }
+
+    /// Received messages not shown yet, oldest first; marks them shown and, if the user sends
+    /// read receipts, queues them (sent at the next [`Self::handle_timeout`]).
+    pub fn take_unread(&mut self) -> Vec<Received> {
+        let mut out = Vec::new();
+        for h in &mut self.state.history {
+            if !h.shown {
+                h.shown = true;
+                out.push(Received {
+                    from: h.contact.clone(),
+                    text: h.text.clone(),
+                    sent_ms: h.sent_ms,
+                    received_ms: h.received_ms,
+                    expires_ms: h.expires_ms,
+                });
+                if self.state.settings.receipts == Receipts::Read {
+                    self.receipts_due
+                        .entry((h.contact.clone(), "read".to_string()))
+                        .or_default()
+                        .push(h.message_id.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// Notices (delivery, failures, identity changes, …) not shown yet; clears them.
+    pub fn take_notices(&mut self) -> Vec<Notice> {
+        std::mem::take(&mut self.state.notices)
+    }
+
+    /// The local history of `name` at `now` (disappearing messages past their time are gone).
+    pub fn history(&self, name: &str, now: u64) -> Vec<Received> {
+        self.state
+            .history
+            .iter()
+            .filter(|h| h.contact == name && h.expires_ms.is_none_or(|e| e > now))
+            .map(|h| Received {
+                from: h.contact.clone(),
+                text: h.text.clone(),
+                sent_ms: h.sent_ms,
+                received_ms: h.received_ms,
+                expires_ms: h.expires_ms,
+            })
+            .collect()
+    }
+
+    /// Contacts and pending invitations.
+    pub fn contacts(&self) -> Vec<ContactInfo> {
+        self.state
+            .contacts
+            .iter()
+            .map(|c| ContactInfo {
+                name: c.name.clone(),
+                state: if c.theirs.is_none() {
+                    "answering".to_string()
+                } else if c.heard_from {
+                    "established".to_string()
+                } else {
+                    "waiting".to_string()
+                },
+                verified: c.verified,
+            })
+            .chain(self.state.invitations.iter().map(|i| ContactInfo {
+                name: i.name.clone(),
+                state: "pending".to_string(),
+                verified: false,
+            }))
+            .collect()
+    }
+
+    /// Our mailbox for contact `name` (where they deposit).
+    pub fn contact_mailbox(&self, name: &str) -> Result<OwnedMailbox> {
+        self.contact(name).map(|c| c.mine.clone())
+    }
+
+    /// The safety number shared with `name`: 60 digits that both sides compute from both
+    /// identity keys (Ed25519 and Curve25519); compare them out of band.
+    pub fn safety_number(&self, name: &str) -> Result<String> {
+        let c = self.contact(name)?;
+        let mine = fingerprint(
+            &self.identity().verifying_key().to_bytes(),
+            &self.account.curve25519_key().to_bytes(),
+        );
+        let theirs = fingerprint(&c.their_identity, &c.their_curve);
+        let (a, b) = if mine <= theirs {
+            (mine, theirs)
+        } else {
+            (theirs, mine)
+        };
+        let digits = format!("{a}{b}");
+        Ok(digits
+            .as_bytes()
+            .chunks(5)
+            .map(|c| String::from_utf8_lossy(c).to_string())
+            .collect::<Vec<_>>()
+            .join(" "))
+    }
+
+    /// Marks `name` as verified (after comparing safety numbers).
+    pub fn set_verified(&mut self, name: &str) -> Result<()> {
+        let c = self
+            .state
+            .contacts
+            .iter_mut()
+            .find(|c| c.name == name)
+            .ok_or_else(|| ClientError::UnknownContact(name.to_string()))?;
+        c.verified = true;
+        self.save();
+        Ok(())
+    }
+
+    /// Outgoing messages still in flight (sending, scheduled, cancelling) and the last
+    /// finished ones.
+    pub fn status(&self) -> Vec<OutgoingInfo> {
+        self.state
+            .outbox
+            .iter()
+            .map(|o| OutgoingInfo {
+                id: o.id,
+                contact: o.contact.clone(),
+                kind: o.kind,
+                state: o.state,
+                fragments_acked: o.fragments.iter().filter(|f| f.acked).count(),
+                fragments: o.fragments.len(),
+                retransmissions: o.retransmissions,
+                release_ms: o.release_ms,
+            })
+            .collect()
+    }
+
+    /// The identity keys (Ed25519, Curve25519) as hex, for display.
+    pub fn identity_keys(&self) -> (String, String) {
+        (
+            hex::encode(self.identity().verifying_key().to_bytes()),
+            hex::encode(self.account.curve25519_key().to_bytes()),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,465 @@
+//! Receiving: what a mailbox returns is either a reply through one of our SURBs (a deposit,
+//! hold or cancel ack, a prekey bundle) or an envelope from a contact, which is opened,
+//! reassembled, decrypted (Olm) and acted on (hello, text, receipt).
+
+use std::time::Duration;
+
+use base64::Engine;
+use vodozemac::olm::OlmMessage;
+use whispr_protocol::UnixTime;
+use whispr_protocol::envelope::{Envelope, EnvelopeContent, MailboxSecretKey};
+use whispr_protocol::fragment::{Fragment, FragmentInfo, Inserted, Reassembler, ReassemblyLimits};
+use whispr_protocol::payload::Reply;
+use whispr_protocol::sphinx::SurbRecovery;
+
+use super::{AppMessage, ClientCore, Output, PARTIAL_AGE_MAX_MS, StoredMessage, h32};
+use crate::error::{ClientError, Result};
+use crate::state::{
+    HistoryEntry, OutKind, OutState, OwnedMailbox, PeerMailbox, PendingSurb, Receipts,
+    StoredFragment, SurbPurpose,
+};
+
+impl ClientCore {
+    /// Messages mailbox `mailbox` returned at `now` (a poll page or stream pushes, in order).
+    /// Processes those after the mailbox's cursor, then asks for the state to be saved and
+    /// for the messages to be acknowledged to the node ([`Output::Save`], [`Output::Ack`]).
+    /// Messages for a mailbox we do not own are ignored.
+    pub fn handle_fetched(&mut self, now: u64, mailbox: &[u8; 32], messages: &[StoredMessage]) {
+        self.at(now);
+        let Some(m) = self
+            .owned_mailboxes()
+            .into_iter()
+            .find(|m| m.id == *mailbox)
+        else {
+            return;
+        };
+        let mut cursor = m.cursor;
+        for msg in messages {
+            if msg.seq <= cursor {
+                continue;
+            }
+            self.process(&m, msg);
+            cursor = msg.seq;
+        }
+        if cursor == m.cursor {
+            return;
+        }
+        if let Some(mine) = self.mailbox_mut(mailbox) {
+            mine.cursor = cursor;
+        }
+        // Durable first, then acknowledged: a crash in between re-reads messages, which the
+        // seen ids and the SURB table make harmless.
+        self.save();
+        self.push(Output::Ack {
+            mailbox: *mailbox,
+            up_to: cursor,
+        });
+    }
+
+    fn process(&mut self, m: &OwnedMailbox, msg: &StoredMessage) {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        match msg.kind.as_str() {
+            "surb_reply" => {
+                let (Some(id), Some(payload)) = (&msg.surb_id, &msg.payload) else {
+                    return;
+                };
+                let Some(pos) = self.state.surbs.iter().position(|s| s.id == *id) else {
+                    return;
+                };
+                // The SURB is used up only by a reply that opens under it: garbage under its
+                // id (from whoever learnt the id) does not cost us the genuine reply.
+                let opened = self.state.surbs.get(pos).and_then(|surb| {
+                    let sealed = b64.decode(payload).ok()?;
+                    let recovery = SurbRecovery::from_bytes(&surb.recovery).ok()?;
+                    let opened = recovery.open(&sealed).ok()?;
+                    let reply = Reply::decode(&opened).ok()?;
+                    Some((opened, reply))
+                });
+                let Some((opened, reply)) = opened else {
+                    return;
+                };
+                let surb = self.state.surbs.remove(pos);
+                self.on_reply(&surb, reply, &opened);
+            }
+            "envelope" => {
+                let Some(e) = &msg.envelope else { return };
+                let Ok(bytes) = b64.decode(e) else { return };
+                if let Err(e) = self.on_envelope(m, &bytes) {
+                    let contact = self.owner_name(m);
+                    self.notice(
+                        "undecryptable",
+                        contact.as_deref(),
+                        None,
+                        format!("a message was dropped: {e}"),
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn owner_name(&self, m: &OwnedMailbox) -> Option<String> {
+        self.state
+            .contacts
+            .iter()
+            .find(|c| c.mine.id == m.id)
+            .map(|c| c.name.clone())
+            .or_else(|| {
+                self.state
+                    .invitations
+                    .iter()
+                    .find(|i| i.mailbox.id == m.id)
+                    .map(|i| i.name.clone())
+            })
+    }
+
+    fn on_reply(&mut self, surb: &PendingSurb, reply: Reply, raw: &[u8]) {
+        match (&surb.purpose, reply) {
+            (SurbPurpose::DepositAck { out, fragment }, Reply::DepositAck { dedup_id, .. }) => {
+                let Some(i) = self.out_index(*out) else {
+                    return;
+                };
+                let mut stored = None;
+                let mut carried = Vec::new();
+                if let Some(o) = self.state.outbox.get_mut(i) {
+                    if let Some(f) = o.fragments.get_mut(*fragment)
+                        && f.dedup == dedup_id.0
+                        && !f.acked
+                    {
+                        f.acked = true;
+                        carried = f
+                            .route
+                            .iter()
+                            .skip(1)
+                            .take(f.route.len().saturating_sub(2))
+                            .cloned()
+                            .collect();
+                        carried.extend(f.surb_route.iter().cloned());
+                    }
+                    if o.fragments.iter().all(|f| f.acked)
+                        && matches!(
+                            o.state,
+                            OutState::Sending | OutState::Scheduled | OutState::Held
+                        )
+                    {
+                        o.state = OutState::Stored;
+                        // Never sent again: the sealed copies are no longer needed.
+                        for f in &mut o.fragments {
+                            f.envelope = Vec::new();
+                        }
+                        for h in &mut o.holds {
+                            h.packet = Vec::new();
+                        }
+                        stored = Some((o.contact.clone(), o.kind, o.id));
+                    }
+                }
+                self.record_health(&carried, true);
+                if let Some((contact, kind, id)) = stored
+                    && kind == OutKind::Text
+                {
+                    self.notice(
+                        "stored",
+                        Some(&contact),
+                        Some(id),
+                        format!("message {id} is in {contact}'s mailbox"),
+                    );
+                }
+            }
+            (SurbPurpose::HoldAck { out, hold, part }, Reply::HoldAck { hold_id, cancelled }) => {
+                let Some(i) = self.out_index(*out) else {
+                    return;
+                };
+                let mut event = None;
+                if let Some(o) = self.state.outbox.get_mut(i) {
+                    if let Some(h) = o.holds.get_mut(*hold) {
+                        if h.hold_id != hold_id.0 {
+                            return;
+                        }
+                        if cancelled {
+                            h.cancel_acked = true;
+                        } else if let Some(p) = h.parts_acked.get_mut(*part) {
+                            *p = true;
+                        }
+                    }
+                    if o.state == OutState::Cancelling && o.holds.iter().all(|h| h.cancel_acked) {
+                        o.state = OutState::Cancelled;
+                        event = Some(("cancelled", o.contact.clone(), o.id));
+                    } else if !cancelled
+                        && o.state == OutState::Scheduled
+                        && o.holds.iter().all(|h| h.parts_acked.iter().all(|a| *a))
+                    {
+                        o.state = OutState::Held;
+                        event = Some(("scheduled", o.contact.clone(), o.id));
+                    }
+                }
+                if let Some((kind, contact, id)) = event {
+                    let text = if kind == "cancelled" {
+                        format!("scheduled message {id} to {contact} was cancelled")
+                    } else {
+                        format!("message {id} to {contact} is held by a timer node")
+                    };
+                    self.notice(kind, Some(&contact), Some(id), text);
+                }
+            }
+            (SurbPurpose::Prekeys, Reply::Prekeys(_)) => {
+                self.state.prekey_replies.push((
+                    surb.id.clone(),
+                    base64::engine::general_purpose::STANDARD.encode(raw),
+                ));
+                if self.state.prekey_replies.len() > 16 {
+                    self.state.prekey_replies.remove(0);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_envelope(&mut self, m: &OwnedMailbox, bytes: &[u8]) -> Result<()> {
+        let envelope = Envelope::decode(bytes)?;
+        let opened = envelope.open(&MailboxSecretKey::from_bytes(&m.secret)?)?;
+        let sender = opened.sender.to_bytes();
+        if sender == self.identity().verifying_key().to_bytes() {
+            // Our own cover traffic.
+            return Ok(());
+        }
+        let Some(name) = self.owner_name(m) else {
+            return Ok(());
+        };
+        let message_id = hex::encode(opened.content.message_id.as_bytes());
+        let is_contact = self.state.contacts.iter().any(|c| c.mine.id == m.id);
+        if is_contact {
+            let c = self.contact(&name)?;
+            if c.their_identity != sender {
+                let reused = c.invitation_key.is_some();
+                if reused {
+                    self.notice(
+                        "invitation_reused",
+                        Some(&name),
+                        None,
+                        format!(
+                            "someone other than {name} answered the invitation you gave {name}; refused"
+                        ),
+                    );
+                } else {
+                    self.notice(
+                        "identity_changed",
+                        Some(&name),
+                        None,
+                        format!(
+                            "a message claiming to be from {name} has another identity key; refused"
+                        ),
+                    );
+                }
+                return Ok(());
+            }
+            if c.seen.contains(&message_id) {
+                return Ok(());
+            }
+        }
+        let Some(whole) = self.reassemble(&name, &message_id, &opened.content)? else {
+            return Ok(());
+        };
+        let (&t, body) = whole
+            .split_first()
+            .ok_or(ClientError::Olm("empty message".to_string()))?;
+        let olm = OlmMessage::from_parts(usize::from(t), body)
+            .map_err(|e| ClientError::Olm(e.to_string()))?;
+        let plaintext = if is_contact {
+            let session = self
+                .sessions
+                .get_mut(&name)
+                .ok_or_else(|| ClientError::NotEstablished(name.clone()))?;
+            // A retransmitted copy whose first copy was already read, or garbage, fails here.
+            session
+                .decrypt(&olm)
+                .map_err(|e| ClientError::Olm(e.to_string()))?
+        } else {
+            self.answer_invitation(m, &name, &olm, sender)?
+        };
+        if let Some(c) = self.state.contacts.iter_mut().find(|c| c.name == name) {
+            c.heard_from = true;
+            c.seen.push_back(message_id.clone());
+            while c.seen.len() > self.state.settings.seen_max.max(1) {
+                c.seen.pop_front();
+            }
+        }
+        let app: AppMessage = serde_json::from_slice(&plaintext)
+            .map_err(|_| ClientError::Olm("undecodable message".to_string()))?;
+        self.on_app(&name, &message_id, app, sender)
+    }
+
+    fn reassemble(
+        &mut self,
+        name: &str,
+        message_id: &str,
+        content: &EnvelopeContent,
+    ) -> Result<Option<Vec<u8>>> {
+        let now = self.now;
+        let mut r: Reassembler<()> = Reassembler::new(ReassemblyLimits {
+            messages_max: 2,
+            bytes_max: usize::MAX,
+            age_max: Duration::from_millis(PARTIAL_AGE_MAX_MS),
+            completed_max: 1,
+        });
+        let mine: Vec<&StoredFragment> = self
+            .state
+            .partial
+            .iter()
+            .filter(|p| p.contact == name && p.message_id == message_id)
+            .collect();
+        for p in &mine {
+            let _ = r.insert(
+                UnixTime(now),
+                (),
+                Fragment {
+                    message_id: content.message_id,
+                    info: FragmentInfo {
+                        index: p.index,
+                        count: p.count,
+                        total_len: p.total_len,
+                        message_digest: p.digest,
+                    },
+                    data: p.data.clone(),
+                },
+            );
+        }
+        match r.insert(
+            UnixTime(now),
+            (),
+            Fragment {
+                message_id: content.message_id,
+                info: content.fragment,
+                data: content.content.clone(),
+            },
+        )? {
+            Inserted::Duplicate => Ok(None),
+            Inserted::Complete(bytes) => {
+                self.state
+                    .partial
+                    .retain(|p| !(p.contact == name && p.message_id == message_id));
+                Ok(Some(bytes))
+            }
+            Inserted::Pending => {
+                self.state.partial.push(StoredFragment {
+                    contact: name.to_string(),
+                    message_id: message_id.to_string(),
+                    index: content.fragment.index,
+                    count: content.fragment.count,
+                    total_len: content.fragment.total_len,
+                    digest: content.fragment.message_digest,
+                    data: content.content.clone(),
+                    received_ms: now,
+                });
+                let mut total: usize = self.state.partial.iter().map(|p| p.data.len()).sum();
+                while total > self.state.settings.partial_bytes_max {
+                    let Some(oldest) = self.state.partial.first().map(|p| p.message_id.clone())
+                    else {
+                        break;
+                    };
+                    self.state.partial.retain(|p| p.message_id != oldest);
+                    total = self.state.partial.iter().map(|p| p.data.len()).sum();
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    fn on_app(
+        &mut self,
+        name: &str,
+        message_id: &str,
+        app: AppMessage,
+        sender: [u8; 32],
+    ) -> Result<()> {
+        let now = self.now;
+        match app {
+            AppMessage::Hello {
+                identity,
+                curve,
+                mailbox,
+                mailbox_key,
+                access,
+                binding,
+            } => {
+                let identity = h32(&identity, "hello identity")?;
+                let curve = h32(&curve, "hello curve")?;
+                let theirs = PeerMailbox {
+                    id: h32(&mailbox, "hello mailbox")?,
+                    key: h32(&mailbox_key, "hello mailbox key")?,
+                    access: h32(&access, "hello access")?,
+                };
+                let sig = hex::decode(binding)
+                    .ok()
+                    .and_then(|b| <[u8; 64]>::try_from(b).ok())
+                    .ok_or_else(|| ClientError::Olm("hello binding".to_string()))?;
+                self.check_hello(name, sender, identity, curve, &theirs, sig)?;
+                if let Some(c) = self.state.contacts.iter_mut().find(|c| c.name == name) {
+                    c.theirs = Some(theirs);
+                }
+                self.notice(
+                    "contact_established",
+                    Some(name),
+                    None,
+                    format!("{name} accepted your invitation"),
+                );
+            }
+            AppMessage::Text {
+                body,
+                sent_ms,
+                expire_after_ms,
+            } => {
+                let expires_ms = expire_after_ms.map(|d| sent_ms.min(now).saturating_add(d));
+                if expires_ms.is_some_and(|e| e <= now) {
+                    // Arrived after its time: deleted unseen.
+                    return Ok(());
+                }
+                self.state.history.push(HistoryEntry {
+                    contact: name.to_string(),
+                    message_id: message_id.to_string(),
+                    text: body,
+                    sent_ms,
+                    received_ms: now,
+                    expires_ms,
+                    shown: false,
+                });
+                let max = self.state.settings.history_max.max(1);
+                if self.state.history.len() > max {
+                    let excess = self.state.history.len() - max;
+                    self.state.history.drain(..excess);
+                }
+                if self.state.settings.receipts != Receipts::None {
+                    self.receipts_due
+                        .entry((name.to_string(), "delivered".to_string()))
+                        .or_default()
+                        .push(message_id.to_string());
+                }
+            }
+            AppMessage::Receipt { kind, of } => {
+                let new_state = match kind.as_str() {
+                    "delivered" => OutState::Delivered,
+                    "read" => OutState::Read,
+                    _ => return Ok(()),
+                };
+                let mut events = Vec::new();
+                for o in &mut self.state.outbox {
+                    if o.contact == name
+                        && of.contains(&hex::encode(o.message_id))
+                        && o.state != OutState::Read
+                    {
+                        o.state = new_state;
+                        events.push(o.id);
+                    }
+                }
+                for id in events {
+                    self.notice(
+                        &kind,
+                        Some(name),
+                        Some(id),
+                        format!("{name}: message {id} {kind}"),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,168 @@
+//! Routes, per-hop delays and reply blocks, and the health of relays judged from this
+//! client's own acknowledgements.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use whispr_protocol::directory::{Directory, Role, sample_delays};
+use whispr_protocol::sphinx::{RouteHop, Surb, create_surb};
+use whispr_protocol::{DestinationAddress, KeyEpoch, MailboxId, NodeId, ReplyKey};
+
+use super::{ClientCore, RELAY_HEALTH_MAX, RELAY_HEALTH_WINDOW_MS};
+use crate::error::{ClientError, Result};
+use crate::state::{OwnedMailbox, PendingSurb, RelayHealth, SurbPurpose};
+
+impl ClientCore {
+    fn mix_layers(&self, dir: &Directory) -> u32 {
+        if let Some(l) = self.state.settings.mix_layers {
+            return l.clamp(1, 3);
+        }
+        let deepest = dir
+            .nodes()
+            .filter(|n| n.has_role(Role::Mix))
+            .map(|n| n.mix_layer)
+            .max()
+            .unwrap_or(1);
+        deepest.clamp(1, 3)
+    }
+
+    /// A route for `epoch` to `destination` that avoids suspect mixes when the directory
+    /// allows it (see [`Self::suspects`]), else any route.
+    pub(super) fn route(
+        &mut self,
+        dir: &Directory,
+        epoch: KeyEpoch,
+        destination: &NodeId,
+    ) -> Result<Vec<RouteHop>> {
+        let layers = self.mix_layers(dir);
+        let suspects = self.suspects(dir);
+        dir.select_route_avoiding(&mut self.rng, epoch, destination, layers, &suspects)
+            .or_else(|_| dir.select_route(&mut self.rng, epoch, destination, layers))
+            .map_err(|e| ClientError::NoRoute(e.to_string()))
+    }
+
+    /// Mix relays judged unhealthy from this client's own routes within the last minute
+    /// (at least three `retransmit_after_ms`): those on more lost than acknowledged routes, and
+    /// those whose run of losses since their last ack is longer than another mix's of the
+    /// same layer (a mix that died after carrying traffic still has old acks; every lost route
+    /// charges it, while a live mix's run ends at its next ack). Avoided while another mix of
+    /// the same layer exists. Only mixes are judged: the edge relay answers the client
+    /// directly, and a route always has one.
+    pub(super) fn suspects(&self, dir: &Directory) -> Vec<NodeId> {
+        let now = self.now;
+        let window =
+            RELAY_HEALTH_WINDOW_MS.max(self.state.settings.retransmit_after_ms.saturating_mul(3));
+        /// (acked routes, lost routes, losses since the last ack) of one mix.
+        type Score = (u32, u32, u32);
+        let score = |node: &NodeId| -> Score {
+            let hex_id = hex::encode(node.0);
+            let Some(h) = self.state.relay_health.iter().find(|h| h.node == hex_id) else {
+                return (0, 0, 0);
+            };
+            h.outcomes
+                .iter()
+                .filter(|(t, _)| now.saturating_sub(*t) < window)
+                .fold((0, 0, 0), |(ok, lost, run), (_, good)| {
+                    if *good {
+                        (ok + 1, lost, 0)
+                    } else {
+                        (ok, lost + 1, run + 1)
+                    }
+                })
+        };
+        let mut layers: BTreeMap<u32, Vec<(NodeId, Score)>> = BTreeMap::new();
+        for n in dir.nodes().filter(|n| n.has_role(Role::Mix)) {
+            layers
+                .entry(n.mix_layer)
+                .or_default()
+                .push((n.node_id, score(&n.node_id)));
+        }
+        let mut out = Vec::new();
+        for mixes in layers.values() {
+            let shortest_run = mixes.iter().map(|(_, s)| s.2).min().unwrap_or(0);
+            for (node, (ok, lost, run)) in mixes {
+                if (*lost >= 1 && lost > ok) || *run > shortest_run {
+                    out.push(*node);
+                }
+            }
+        }
+        out
+    }
+
+    pub(super) fn record_health(&mut self, mixes: &[String], ok: bool) {
+        let now = self.now;
+        for n in mixes {
+            let pos = match self.state.relay_health.iter().position(|h| h.node == *n) {
+                Some(p) => p,
+                None => {
+                    if self.state.relay_health.len() >= RELAY_HEALTH_MAX {
+                        self.state.relay_health.remove(0);
+                    }
+                    self.state.relay_health.push(RelayHealth {
+                        node: n.clone(),
+                        outcomes: Default::default(),
+                    });
+                    self.state.relay_health.len() - 1
+                }
+            };
+            if let Some(h) = self.state.relay_health.get_mut(pos) {
+                h.outcomes.push_back((now, ok));
+                while h.outcomes.len() > 64 {
+                    h.outcomes.pop_front();
+                }
+            }
+        }
+    }
+
+    pub(super) fn delays(&mut self, n: usize) -> Vec<Duration> {
+        let mean = Duration::from_millis(self.state.settings.mix_delay_ms);
+        if mean.is_zero() {
+            vec![Duration::ZERO; n]
+        } else {
+            sample_delays(&mut self.rng, n, mean)
+        }
+    }
+
+    /// A SURB leading back into `mailbox`, remembered under `purpose`.
+    pub(super) fn new_surb(
+        &mut self,
+        dir: &Directory,
+        mailbox: &OwnedMailbox,
+        purpose: SurbPurpose,
+        epoch: KeyEpoch,
+        expires_ms: u64,
+    ) -> Result<Surb> {
+        let node = NodeId(mailbox.node);
+        let route = self.route(dir, epoch, &node)?;
+        // The replier (a mailbox or timer node) sends straight into the first mix layer.
+        let hops: Vec<RouteHop> = route.into_iter().skip(1).collect();
+        self.last_surb_route = hops
+            .iter()
+            .take(hops.len().saturating_sub(1))
+            .map(|h| hex::encode(h.node.0))
+            .collect();
+        let delays = self.delays(hops.len().saturating_sub(1));
+        let id = MailboxId(mailbox.id);
+        let surb_id = ReplyKey(mailbox.reply_key).mint_surb_id(&mut self.rng, &id);
+        let (surb, recovery) = create_surb(
+            &mut self.crypto_rng,
+            &hops,
+            &delays,
+            DestinationAddress::mailbox(&id),
+            surb_id,
+        )?;
+        let max = self.state.settings.surbs_max.max(1);
+        if self.state.surbs.len() >= max {
+            // The oldest outstanding ack is forgotten: at worst its fragment is retransmitted.
+            let excess = self.state.surbs.len() + 1 - max;
+            self.state.surbs.drain(..excess);
+        }
+        self.state.surbs.push(PendingSurb {
+            id: hex::encode(surb_id.as_bytes()),
+            recovery: recovery.to_bytes().to_vec(),
+            purpose,
+            expires_ms,
+        });
+        Ok(surb)
+    }
+}

@@ -1,0 +1,789 @@
+//! Core unit tests: inputs in, outputs checked, no I/O, fixed seeds. A small in-test network
+//! (one edge, three mixes, one mailbox node, one timer node, real Sphinx keys) peels the
+//! core's packets hop by hop and plays the mailbox and timer nodes, acknowledging through the
+//! SURBs the packets carry.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use base64::Engine;
+use ed25519_dalek::SigningKey;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use sha2::{Digest, Sha256};
+use whispr_protocol::directory::{Directory, NodeDescriptor, Role};
+use whispr_protocol::envelope::{Envelope, EnvelopeContent, MailboxSecretKey, OuterFields};
+use whispr_protocol::fragment::fragment_message;
+use whispr_protocol::payload::{FinalMessage, HeldPacketPart, Reply};
+use whispr_protocol::sphinx::{
+    HopAction, SphinxPublicKey, SphinxSecretKey, Surb, process_packet, use_surb,
+};
+use whispr_protocol::{
+    AccessToken, DedupId, DestinationAddress, KEY_EPOCH_LEN, KeyEpoch, MailboxId, MessageId,
+    NodeId, UnixTime,
+};
+
+use super::*;
+use crate::state::{OutFragment, Outgoing};
+
+const T0: u64 = 1_800_000_000_000;
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// What reached a final hop.
+#[derive(Debug)]
+enum Arrival {
+    /// A forward packet's payload at `node`.
+    Final {
+        node: NodeId,
+        message: FinalMessage,
+        path: Vec<NodeId>,
+    },
+    /// A SURB reply for mailbox `mailbox`.
+    Reply {
+        mailbox: [u8; 32],
+        surb_id: String,
+        sealed: Vec<u8>,
+    },
+}
+
+struct TestNet {
+    directory: Directory,
+    keys: BTreeMap<NodeId, SphinxSecretKey>,
+    edge: NodeId,
+    mixes: Vec<NodeId>,
+    timer: NodeId,
+    /// Stored messages by mailbox id.
+    boxes: BTreeMap<[u8; 32], Vec<StoredMessage>>,
+    seq: u64,
+    /// Whether the mailbox and timer nodes acknowledge through the SURBs they get.
+    acks: bool,
+}
+
+impl TestNet {
+    fn new() -> TestNet {
+        let epoch = KeyEpoch::containing(UnixTime(T0), KEY_EPOCH_LEN);
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut keys = BTreeMap::new();
+        let mut descriptors = Vec::new();
+        let mut ids = Vec::new();
+        let kinds = [
+            (Role::Edge, 0),
+            (Role::Mix, 1),
+            (Role::Mix, 1),
+            (Role::Mix, 1),
+            (Role::Mailbox, 0),
+            (Role::Timer, 0),
+        ];
+        for (role, layer) in kinds {
+            let identity = SigningKey::generate(&mut rng);
+            let id = NodeId(identity.verifying_key().to_bytes());
+            // One key serves every epoch of the test (a few hours at most).
+            let secret = SphinxSecretKey::random_from_rng(&mut rng);
+            let public = SphinxPublicKey::from(&secret);
+            let sphinx_keys = (0..4).map(|i| (KeyEpoch(epoch.0 + i), public)).collect();
+            keys.insert(id, secret);
+            descriptors.push(
+                NodeDescriptor {
+                    node_id: id,
+                    peer_id: id.libp2p_peer_id_bytes(),
+                    roles: BTreeSet::from([role]),
+                    mix_layer: layer,
+                    addresses: Vec::new(),
+                    api_url: Some(format!("http://node-{}", ids.len())),
+                    sphinx_keys,
+                    published_at: UnixTime(T0 - 1000),
+                    expires_at: UnixTime(T0 + 86_400_000),
+                }
+                .sign(&identity)
+                .unwrap(),
+            );
+            ids.push(id);
+        }
+        let (directory, rejected) = Directory::build(UnixTime(T0), &descriptors);
+        assert!(rejected.is_empty());
+        TestNet {
+            directory,
+            keys,
+            edge: ids[0],
+            mixes: ids[1..4].to_vec(),
+            timer: ids[5],
+            boxes: BTreeMap::new(),
+            seq: 0,
+            acks: true,
+        }
+    }
+
+    fn core(&self, seed: u64) -> ClientCore {
+        let settings = Settings {
+            mix_delay_ms: 0,
+            ..Settings::default()
+        };
+        let mut c = ClientCore::new(
+            "http://directory",
+            settings,
+            StdRng::seed_from_u64(seed),
+            StdRng::seed_from_u64(seed + 1000),
+        );
+        c.set_directory(self.directory.clone());
+        c
+    }
+
+    /// Peels `packet` from `first` to its final hop.
+    fn carry(&self, first: NodeId, packet: &[u8]) -> Arrival {
+        let mut node = first;
+        let mut bytes = packet.to_vec();
+        let mut path = vec![node];
+        loop {
+            let key = &self.keys[&node];
+            let processed = process_packet(&[key], &bytes).unwrap();
+            match processed.action {
+                HopAction::Forward {
+                    next_hop, packet, ..
+                } => {
+                    node = next_hop;
+                    path.push(node);
+                    bytes = packet.into_bytes();
+                }
+                HopAction::Deliver {
+                    destination,
+                    plaintext,
+                } => {
+                    return Arrival::Final {
+                        node,
+                        message: FinalMessage::decode_for(destination, &plaintext).unwrap(),
+                        path,
+                    };
+                }
+                HopAction::DeliverSurbReply {
+                    destination,
+                    surb_id,
+                    sealed,
+                } => {
+                    return Arrival::Reply {
+                        mailbox: destination.0,
+                        surb_id: hex::encode(surb_id.as_bytes()),
+                        sealed,
+                    };
+                }
+            }
+        }
+    }
+
+    fn store(&mut self, mailbox: [u8; 32], mut msg: StoredMessage) {
+        self.seq += 1;
+        msg.seq = self.seq;
+        self.boxes.entry(mailbox).or_default().push(msg);
+    }
+
+    /// Sends `reply` through `surb` into its creator's mailbox.
+    fn reply(&mut self, surb: &Surb, reply: Reply) -> Arrival {
+        let (first, packet) = use_surb(surb, &reply.encode().unwrap()).unwrap();
+        self.arrive(first, packet.as_bytes())
+    }
+
+    /// A packet reaches `first`: carried to its end and acted on as the nodes would.
+    fn arrive(&mut self, first: NodeId, packet: &[u8]) -> Arrival {
+        let arrival = self.carry(first, packet);
+        match &arrival {
+            Arrival::Reply {
+                mailbox,
+                surb_id,
+                sealed,
+            } => self.store(
+                *mailbox,
+                StoredMessage {
+                    seq: 0,
+                    kind: "surb_reply".into(),
+                    envelope: None,
+                    surb_id: Some(surb_id.clone()),
+                    payload: Some(B64.encode(sealed)),
+                    expires_at_ms: None,
+                },
+            ),
+            Arrival::Final { message, .. } => match message.clone() {
+                FinalMessage::Deposit(mut e) => {
+                    let surb = e.outer.ack_surb.take();
+                    let (mailbox, dedup_id) = (e.outer.mailbox_id.0, e.outer.dedup_id);
+                    self.store(
+                        mailbox,
+                        StoredMessage {
+                            seq: 0,
+                            kind: "envelope".into(),
+                            envelope: Some(B64.encode(e.encode())),
+                            surb_id: None,
+                            payload: None,
+                            expires_at_ms: None,
+                        },
+                    );
+                    if let (Some(s), true) = (surb, self.acks) {
+                        let expires_at = UnixTime(T0 + 86_400_000);
+                        self.reply(
+                            &s,
+                            Reply::DepositAck {
+                                dedup_id,
+                                expires_at,
+                            },
+                        );
+                    }
+                }
+                FinalMessage::Hold(part) => {
+                    if let (Some(s), true) = (part.ack_surb.clone(), self.acks) {
+                        let hold_id = part.hold_id;
+                        self.reply(
+                            &s,
+                            Reply::HoldAck {
+                                hold_id,
+                                cancelled: false,
+                            },
+                        );
+                    }
+                }
+                FinalMessage::Cancel(c) => {
+                    if let (Some(s), true) = (c.ack_surb.clone(), self.acks) {
+                        self.reply(
+                            &s,
+                            Reply::HoldAck {
+                                hold_id: c.hold_id,
+                                cancelled: true,
+                            },
+                        );
+                    }
+                }
+                FinalMessage::PrekeyRequest(_) => {}
+            },
+        }
+        arrival
+    }
+
+    /// Takes every output of `core`: packets are carried (and acted on), acks delete.
+    fn run(&mut self, core: &mut ClientCore) -> Vec<Arrival> {
+        let mut out = Vec::new();
+        while let Some(o) = core.poll_output() {
+            match o {
+                Output::Transmit { edge, packet } => {
+                    assert_eq!(edge, self.edge, "clients enter through an edge");
+                    out.push(self.arrive(edge, &packet));
+                }
+                Output::Save => {}
+                Output::Ack { mailbox, up_to } => {
+                    if let Some(b) = self.boxes.get_mut(&mailbox) {
+                        b.retain(|m| m.seq > up_to);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// `core` fetches every mailbox it owns.
+    fn fetch(&mut self, core: &mut ClientCore, now: u64) {
+        for m in core.owned_mailboxes() {
+            let messages = self.boxes.get(&m.id).cloned().unwrap_or_default();
+            core.handle_fetched(now, &m.id, &messages);
+        }
+    }
+
+    /// Alice (seed 1) invites, bob (seed 2) accepts; both established.
+    fn pair(&mut self) -> (ClientCore, ClientCore) {
+        let mut alice = self.core(1);
+        let mut bob = self.core(2);
+        let plan = alice.prepare_invite(T0, Some("bob"), true).unwrap();
+        let text = alice.commit_invite(T0, plan);
+        let accept = bob.accept_start(T0, &text, "alice").unwrap();
+        let otk = accept.invitation.one_time_key.unwrap();
+        bob.accept_finish(T0, "alice", &accept.invitation, otk)
+            .unwrap();
+        self.run(&mut bob);
+        self.fetch(&mut alice, T0 + 100);
+        self.run(&mut alice);
+        self.fetch(&mut bob, T0 + 100);
+        self.run(&mut bob);
+        let states = |c: &ClientCore| {
+            c.contacts()
+                .into_iter()
+                .map(|i| i.state)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(states(&alice), ["established"]);
+        // Bob hears from alice with her first message.
+        assert_eq!(states(&bob), ["waiting"]);
+        alice.take_notices();
+        bob.take_notices();
+        (alice, bob)
+    }
+}
+
+fn deposits(arrivals: &[Arrival]) -> Vec<&Envelope> {
+    arrivals
+        .iter()
+        .filter_map(|a| match a {
+            Arrival::Final {
+                message: FinalMessage::Deposit(e),
+                ..
+            } => Some(e),
+            _ => None,
+        })
+        .collect()
+}
+
+fn kinds(notices: &[Notice]) -> Vec<&str> {
+    notices.iter().map(|n| n.kind.as_str()).collect()
+}
+
+#[test]
+fn a_message_to_a_contact_whose_window_is_full_waits_for_an_ack() {
+    let mut net = TestNet::new();
+    let (mut alice, mut bob) = net.pair();
+    alice.settings_mut().olm_window = 1;
+    net.acks = false;
+    let first = alice
+        .send(T0 + 1000, "bob", "one", SendOptions::default())
+        .unwrap();
+    let second = alice
+        .send(T0 + 1001, "bob", "two", SendOptions::default())
+        .unwrap();
+    let sent = net.run(&mut alice);
+    assert_eq!(deposits(&sent).len(), 1, "only the first message goes out");
+    assert_eq!(alice.out_state(second), Some(OutState::Sending));
+    assert!(
+        alice
+            .status()
+            .iter()
+            .any(|o| o.id == second && o.retransmissions == 0),
+        "the second is not sent"
+    );
+    // Still nothing for the second at a timeout before the first is acknowledged.
+    alice.handle_timeout(T0 + 2000).unwrap();
+    assert!(deposits(&net.run(&mut alice)).is_empty());
+    // From now on the mailbox node acknowledges; the first is retransmitted when due (not
+    // the second) and acknowledged, which opens the window.
+    net.acks = true;
+    alice
+        .handle_timeout(T0 + 1000 + alice.settings().retransmit_after_ms)
+        .unwrap();
+    let resent = net.run(&mut alice);
+    assert_eq!(
+        deposits(&resent).len(),
+        1,
+        "the first is retransmitted, not the second"
+    );
+    net.fetch(&mut alice, T0 + 12_000);
+    assert_eq!(alice.out_state(first), Some(OutState::Stored));
+    assert!(alice.poll_timeout().is_some_and(|t| t <= T0 + 12_000));
+    alice.handle_timeout(T0 + 12_000).unwrap();
+    let next = net.run(&mut alice);
+    assert_eq!(deposits(&next).len(), 1, "the ack let the second go");
+    net.fetch(&mut bob, T0 + 13_000);
+    let texts: Vec<String> = bob.take_unread().into_iter().map(|r| r.text).collect();
+    assert_eq!(texts, ["one", "two"]);
+}
+
+#[test]
+fn an_overdue_fragment_is_resent_on_a_fresh_route_with_the_same_dedup_id() {
+    let mut net = TestNet::new();
+    let (mut alice, _bob) = net.pair();
+    net.acks = false;
+    let id = alice
+        .send(T0 + 1000, "bob", "hello", SendOptions::default())
+        .unwrap();
+    let first = net.run(&mut alice);
+    let Arrival::Final {
+        path,
+        message: FinalMessage::Deposit(e1),
+        ..
+    } = &first[0]
+    else {
+        panic!("a deposit")
+    };
+    let lost_mix = path[1];
+    assert!(net.mixes.contains(&lost_mix));
+    let after = alice.settings().retransmit_after_ms;
+    // Not before it is due.
+    alice.handle_timeout(T0 + 1000 + after - 1).unwrap();
+    assert!(net.run(&mut alice).is_empty());
+    assert_eq!(alice.poll_timeout(), Some(T0 + 1000 + after));
+    alice.handle_timeout(T0 + 1000 + after).unwrap();
+    let second = net.run(&mut alice);
+    let Arrival::Final {
+        path: path2,
+        message: FinalMessage::Deposit(e2),
+        ..
+    } = &second[0]
+    else {
+        panic!("a deposit")
+    };
+    assert_ne!(path2[1], lost_mix, "the mix of the lost route is avoided");
+    assert_eq!(
+        e1.outer.dedup_id, e2.outer.dedup_id,
+        "the mailbox drops the copy"
+    );
+    assert_ne!(e1.outer.ack_surb, e2.outer.ack_surb, "a fresh ack SURB");
+    assert_eq!(alice.status()[0].retransmissions, 1);
+    // After attempts_max sends, the message fails with a notice.
+    let max = u64::from(alice.settings().attempts_max);
+    for k in 2..=max {
+        alice.handle_timeout(T0 + 1000 + k * after).unwrap();
+        net.run(&mut alice);
+    }
+    assert_eq!(alice.out_state(id), Some(OutState::Failed));
+    assert_eq!(kinds(&alice.take_notices()), ["failed"]);
+}
+
+#[test]
+fn a_reply_opens_only_for_its_own_surb() {
+    let mut net = TestNet::new();
+    let (mut alice, _bob) = net.pair();
+    net.acks = false;
+    let one = alice
+        .send(T0 + 1000, "bob", "one", SendOptions::default())
+        .unwrap();
+    let two = alice
+        .send(T0 + 1000, "bob", "two", SendOptions::default())
+        .unwrap();
+    let sent = net.run(&mut alice);
+    let carried = deposits(&sent);
+    assert_eq!(carried.len(), 2);
+    let (e1, e2) = (carried[0].clone(), carried[1].clone());
+    let ack = |e: &Envelope| Reply::DepositAck {
+        dedup_id: e.outer.dedup_id,
+        expires_at: UnixTime(T0 + 1),
+    };
+    let base = net.seq;
+    net.seq += 5;
+    // The genuine ack of message one, and message two's SURB carrying an ack of message
+    // one's dedup id.
+    let Arrival::Reply {
+        surb_id: id_two, ..
+    } = net.reply(e2.outer.ack_surb.as_ref().unwrap(), ack(&e1))
+    else {
+        panic!("a reply")
+    };
+    let Arrival::Reply { sealed, .. } = net.reply(e1.outer.ack_surb.as_ref().unwrap(), ack(&e1))
+    else {
+        panic!("a reply")
+    };
+    // Message one's reply presented under message two's SURB id does not open, and does not
+    // use up message two's SURB.
+    let mine = alice.contact_mailbox("bob").unwrap().id;
+    let swapped = StoredMessage {
+        seq: base + 1,
+        kind: "surb_reply".into(),
+        envelope: None,
+        surb_id: Some(id_two),
+        payload: Some(B64.encode(&sealed)),
+        expires_at_ms: None,
+    };
+    alice.handle_fetched(T0 + 2000, &mine, &[swapped]);
+    assert_eq!(alice.out_state(one), Some(OutState::Sending));
+    assert_eq!(alice.out_state(two), Some(OutState::Sending));
+    // The stored replies: one's own ack counts; two's SURB with one's dedup id does not.
+    net.fetch(&mut alice, T0 + 2000);
+    assert_eq!(alice.out_state(one), Some(OutState::Stored));
+    assert_eq!(alice.out_state(two), Some(OutState::Sending));
+}
+
+#[test]
+fn a_scheduled_send_hands_hold_parts_to_a_timer_and_a_cancel_reaches_it() {
+    let mut net = TestNet::new();
+    let (mut alice, _bob) = net.pair();
+    let release = T0 + 60_000;
+    let id = alice
+        .send(
+            T0 + 1000,
+            "bob",
+            "later",
+            SendOptions {
+                at_ms: Some(release),
+                expire_after: None,
+            },
+        )
+        .unwrap();
+    let sent = net.run(&mut alice);
+    let parts: Vec<&HeldPacketPart> = sent
+        .iter()
+        .filter_map(|a| match a {
+            Arrival::Final {
+                node,
+                message: FinalMessage::Hold(p),
+                ..
+            } if *node == net.timer => Some(p),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(parts.len(), 2, "one fragment's packet in two parts");
+    assert!(parts.iter().all(|p| p.release_at == UnixTime(release)));
+    assert!(parts.iter().all(|p| p.hold_id == parts[0].hold_id));
+    assert!(
+        parts
+            .iter()
+            .all(|p| net.mixes.contains(&p.first_hop) || p.first_hop == net.edge)
+    );
+    let cancel_hash = parts[0].cancel_hash;
+    assert!(
+        deposits(&sent).is_empty(),
+        "nothing is deposited before the release"
+    );
+    net.fetch(&mut alice, T0 + 2000);
+    assert_eq!(alice.out_state(id), Some(OutState::Held));
+    assert_eq!(kinds(&alice.take_notices()), ["scheduled"]);
+    // Cancel: the capability whose hash the parts carry goes to the same timer.
+    alice.cancel(T0 + 3000, id).unwrap();
+    let cancels = net.run(&mut alice);
+    let caps: Vec<[u8; 32]> = cancels
+        .iter()
+        .filter_map(|a| match a {
+            Arrival::Final {
+                node,
+                message: FinalMessage::Cancel(c),
+                ..
+            } if *node == net.timer => Some(c.capability.0),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(caps.len(), 1);
+    assert_eq!(<[u8; 32]>::from(Sha256::digest(caps[0])), cancel_hash);
+    net.fetch(&mut alice, T0 + 4000);
+    assert_eq!(alice.out_state(id), Some(OutState::Cancelled));
+    assert_eq!(kinds(&alice.take_notices()), ["cancelled"]);
+    // Nothing is retransmitted after the release: the message was cancelled.
+    alice.handle_timeout(release + 60_000).unwrap();
+    assert!(net.run(&mut alice).is_empty());
+    assert_eq!(alice.poll_timeout(), None);
+}
+
+#[test]
+fn receipts_travel_back_delivered_then_read() {
+    let mut net = TestNet::new();
+    let (mut alice, mut bob) = net.pair();
+    let id = alice
+        .send(T0 + 1000, "bob", "hi", SendOptions::default())
+        .unwrap();
+    net.run(&mut alice);
+    net.fetch(&mut alice, T0 + 1500);
+    assert_eq!(alice.out_state(id), Some(OutState::Stored));
+    net.fetch(&mut bob, T0 + 2000);
+    net.run(&mut bob);
+    // A delivery receipt is due at once.
+    assert_eq!(bob.poll_timeout(), Some(T0 + 2000));
+    bob.handle_timeout(T0 + 2000).unwrap();
+    net.run(&mut bob);
+    net.fetch(&mut alice, T0 + 3000);
+    assert_eq!(alice.out_state(id), Some(OutState::Delivered));
+    // Shown to bob: a read receipt.
+    assert_eq!(bob.take_unread().len(), 1);
+    bob.handle_timeout(T0 + 4000).unwrap();
+    net.run(&mut bob);
+    net.fetch(&mut alice, T0 + 5000);
+    assert_eq!(alice.out_state(id), Some(OutState::Read));
+    let notices = alice.take_notices();
+    assert_eq!(kinds(&notices), ["stored", "delivered", "read"]);
+}
+
+#[test]
+fn a_message_under_another_identity_is_refused() {
+    let mut net = TestNet::new();
+    let (mut alice, mut bob) = net.pair();
+    let mine = bob.contact_mailbox("alice").unwrap();
+    let key = MailboxSecretKey::from_bytes(&mine.secret)
+        .unwrap()
+        .public_key();
+    let mut rng = StdRng::seed_from_u64(99);
+    let mallory = SigningKey::generate(&mut rng);
+    let message_id = MessageId::random(&mut rng);
+    let fragment = fragment_message(message_id, b"it is me, bob")
+        .unwrap()
+        .remove(0);
+    let dedup_id = DedupId::random(&mut rng);
+    let forged = Envelope::seal(
+        &mut rng,
+        &key,
+        &mallory,
+        OuterFields {
+            mailbox_id: MailboxId(mine.id),
+            access_token: AccessToken(mine.access),
+            dedup_id,
+            expires_at: None,
+            ack_surb: None,
+        },
+        &EnvelopeContent {
+            message_id,
+            fragment: fragment.info,
+            content: fragment.data,
+        },
+    )
+    .unwrap();
+    let msg = StoredMessage {
+        seq: 1_000,
+        kind: "envelope".into(),
+        envelope: Some(B64.encode(forged.encode())),
+        surb_id: None,
+        payload: None,
+        expires_at_ms: None,
+    };
+    // On the acceptor's side: another identity than the one it accepted.
+    bob.handle_fetched(T0 + 1000, &mine.id, std::slice::from_ref(&msg));
+    assert_eq!(kinds(&bob.take_notices()), ["identity_changed"]);
+    assert!(bob.take_unread().is_empty());
+    // It is acknowledged to the node (so that it is not served again), after a save.
+    assert_eq!(bob.poll_output(), Some(Output::Save));
+    assert_eq!(
+        bob.poll_output(),
+        Some(Output::Ack {
+            mailbox: mine.id,
+            up_to: 1_000
+        })
+    );
+    // On the inviter's side: a second answer to the invitation alice gave bob.
+    let theirs = alice.contact_mailbox("bob").unwrap();
+    let key = MailboxSecretKey::from_bytes(&theirs.secret)
+        .unwrap()
+        .public_key();
+    let forged = Envelope::seal(
+        &mut rng,
+        &key,
+        &mallory,
+        OuterFields {
+            mailbox_id: MailboxId(theirs.id),
+            access_token: AccessToken(theirs.access),
+            dedup_id,
+            expires_at: None,
+            ack_surb: None,
+        },
+        &EnvelopeContent {
+            message_id,
+            fragment: fragment_message(message_id, b"it is me, bob")
+                .unwrap()
+                .remove(0)
+                .info,
+            content: b"it is me, bob".to_vec(),
+        },
+    )
+    .unwrap();
+    let msg = StoredMessage {
+        envelope: Some(B64.encode(forged.encode())),
+        ..msg
+    };
+    alice.handle_fetched(T0 + 1000, &theirs.id, &[msg]);
+    assert_eq!(kinds(&alice.take_notices()), ["invitation_reused"]);
+    assert!(alice.take_unread().is_empty());
+}
+
+#[test]
+fn same_seeds_same_decisions() {
+    let run = || {
+        let mut net = TestNet::new();
+        let (mut alice, _bob) = net.pair();
+        net.acks = false;
+        alice
+            .send(T0 + 1000, "bob", "x", SendOptions::default())
+            .unwrap();
+        let mut paths = Vec::new();
+        for k in 0..3 {
+            alice
+                .handle_timeout(T0 + 1000 + k * alice.settings().retransmit_after_ms)
+                .unwrap();
+            for a in net.run(&mut alice) {
+                if let Arrival::Final { path, .. } = a {
+                    paths.push(path);
+                }
+            }
+        }
+        paths
+    };
+    let a = run();
+    assert_eq!(a.len(), 3);
+    assert_eq!(a, run());
+}
+
+fn fragment(acked: bool, attempts: u32, sent_ms: u64) -> OutFragment {
+    OutFragment {
+        dedup: [1; 16],
+        envelope: Vec::new(),
+        acked,
+        attempts,
+        sent_ms,
+        route: vec!["ed".into(), "m1".into(), "dest".into()],
+        surb_route: vec!["m2".into()],
+    }
+}
+
+fn outgoing(id: u64, fragments: Vec<OutFragment>) -> Outgoing {
+    Outgoing {
+        id,
+        contact: "bob".into(),
+        kind: OutKind::Text,
+        message_id: [2; 16],
+        state: OutState::Sending,
+        created_ms: 0,
+        release_ms: None,
+        expires_ms: None,
+        fragments,
+        holds: Vec::new(),
+        retransmissions: 0,
+        len: 10,
+    }
+}
+
+#[test]
+fn retransmission_plan_resends_what_is_overdue_and_gives_up_at_the_bound() {
+    let net = TestNet::new();
+    let mut c = net.core(5);
+    let now = T0;
+    let after = c.state.settings.retransmit_after_ms;
+    let max = c.state.settings.attempts_max;
+    c.state.outbox.push(outgoing(
+        1,
+        vec![
+            fragment(true, 1, 0),
+            fragment(false, 1, now - after),
+            fragment(false, 1, now - after + 1),
+            // Never sent (waiting for the window): not a retransmission.
+            fragment(false, 0, 0),
+        ],
+    ));
+    c.state
+        .outbox
+        .push(outgoing(2, vec![fragment(false, max, 0)]));
+    let plan = c.plan_retransmissions(now);
+    // Only the overdue, unacknowledged fragment of message 1; message 2 failed.
+    assert_eq!(plan, vec![(1, vec![1], vec![], vec![])]);
+    assert_eq!(c.state.outbox[1].state, OutState::Failed);
+    let notices = c.take_notices();
+    assert_eq!(notices.len(), 1);
+    assert_eq!(
+        (notices[0].kind.as_str(), notices[0].id),
+        ("failed", Some(2))
+    );
+    // The mixes of the lost route (forward and ack) are charged, not the edge or the
+    // destination.
+    let charged: Vec<&str> = c
+        .state
+        .relay_health
+        .iter()
+        .map(|h| h.node.as_str())
+        .collect();
+    assert_eq!(charged, ["m1", "m2"]);
+    // Planning again at once plans nothing new for the failed message.
+    assert!(c.plan_retransmissions(now).iter().all(|w| w.0 != 2));
+}
+
+#[test]
+fn state_survives_encoding_and_a_restarted_core_carries_on() {
+    let mut net = TestNet::new();
+    let (mut alice, mut bob) = net.pair();
+    let bytes = alice.encode_state().unwrap();
+    let mut alice = ClientCore::decode_state(
+        &bytes,
+        T0 + 500,
+        StdRng::seed_from_u64(11),
+        StdRng::seed_from_u64(12),
+    )
+    .unwrap();
+    alice.set_directory(net.directory.clone());
+    alice
+        .send(T0 + 1000, "bob", "after restart", SendOptions::default())
+        .unwrap();
+    net.run(&mut alice);
+    net.fetch(&mut bob, T0 + 2000);
+    assert_eq!(bob.take_unread()[0].text, "after restart");
+    let _ = DestinationAddress::NODE_SERVICE;
+}

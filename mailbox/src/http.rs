@@ -1,11 +1,12 @@
-//! The client API (axum): handlers translate HTTP into core calls and core results into JSON.
+//! The client API (axum): handlers translate HTTP into core calls and core results into JSON,
+//! and [`MailboxNode::serve`] serves them (with the mesh's routes once joined). This module
+//! sits above [`crate::node`]: it uses the node, the node never uses it.
 //! Every route is described by the generated OpenAPI document at `GET /v1/openapi.json`.
 //!
 //! Errors are JSON `{"error": kind, "message": text}` with a 4xx status for the caller's
 //! mistakes and 5xx for the node's; every limit answers 429 with `Retry-After`. Nothing here
 //! logs an id, token, key or address.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -23,14 +24,43 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
+use whispr_node_kit::clock::now;
 use whispr_protocol::MailboxId;
 use whispr_protocol::prekeys::SignedPrekey;
 
 use crate::auth::Session;
 use crate::core::{CreateMailbox, MessageBody, PrekeyUpload, StoredMessage};
 use crate::error::MailboxError;
-use crate::node::{MailboxNode, now};
+use crate::node::MailboxNode;
 use crate::store::StoreError;
+
+// ---------------------------------------------------------------------------------------
+// Serving
+
+impl MailboxNode {
+    /// Serves the API on `listener` until `shutdown` resolves. TLS when the config names a
+    /// certificate; otherwise plain HTTP (only allowed on loopback, see
+    /// [`crate::node::NodeConfig::check`]).
+    pub async fn serve(
+        &self,
+        listener: std::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let mut app = router(self.clone());
+        if let Some((mesh, _)) = self.mesh() {
+            app = app.merge(whispr_relay::http::mesh_routes(mesh.clone(), None));
+        }
+        let api = &self.shared.config.api;
+        let tls = match (&api.tls_cert_file, &api.tls_key_file) {
+            (Some(cert), Some(key)) => Some(whispr_relay::http::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        };
+        whispr_relay::http::serve(app, listener, tls, shutdown).await
+    }
+}
 
 // ---------------------------------------------------------------------------------------
 // Errors
@@ -257,55 +287,6 @@ impl Authed {
 
 // ---------------------------------------------------------------------------------------
 // Limits
-
-/// Per-connection request rate limiter (token bucket per remote socket address), bounded.
-#[derive(Debug)]
-pub struct ConnectionLimiter {
-    per_min: u64,
-    max: usize,
-    buckets: BTreeMap<SocketAddr, (u64, u64)>,
-}
-
-impl ConnectionLimiter {
-    /// `per_min` requests per minute per connection, tracking at most `max` connections.
-    pub fn new(per_min: u64, max: usize) -> ConnectionLimiter {
-        ConnectionLimiter {
-            per_min,
-            max,
-            buckets: BTreeMap::new(),
-        }
-    }
-
-    /// Takes one token for `peer`; `Err(retry_after_ms)` when none is left.
-    pub fn check(&mut self, peer: SocketAddr, now_ms: u64) -> Result<(), u64> {
-        // Units of 1/60,000 token: `per_min` tokens per minute is `per_min` units per ms.
-        const TOKEN: u64 = 60_000;
-        let capacity = self.per_min.saturating_mul(TOKEN);
-        if !self.buckets.contains_key(&peer) && self.buckets.len() >= self.max {
-            // Forget the connection seen longest ago (its bucket has refilled the most).
-            if let Some(oldest) = self
-                .buckets
-                .iter()
-                .min_by_key(|(_, (_, last))| *last)
-                .map(|(k, _)| *k)
-            {
-                self.buckets.remove(&oldest);
-            }
-        }
-        let (units, last) = self.buckets.entry(peer).or_insert((capacity, now_ms));
-        let elapsed = now_ms.saturating_sub(*last);
-        *units = units
-            .saturating_add(elapsed.saturating_mul(self.per_min))
-            .min(capacity);
-        *last = (*last).max(now_ms);
-        if *units >= TOKEN {
-            *units -= TOKEN;
-            Ok(())
-        } else {
-            Err((TOKEN - *units).div_ceil(self.per_min.max(1)))
-        }
-    }
-}
 
 async fn limit_connection(
     State(node): State<MailboxNode>,

@@ -10,8 +10,11 @@
 //!   tests and the simulator.
 //! - [`crypto`]: encryption at rest (master key, per-mailbox data keys).
 //! - [`auth::Sessions`]: challenge/response login, session tokens and stream tickets.
-//! - [`node`]: the `whispr-mailbox` binary's driver: config, the axum API over TLS, expiry
-//!   through the timer queue, metrics.
+//! - [`node`]: the `whispr-mailbox` binary's driver: config, group commit, expiry through
+//!   the timer queue; [`http`] serves its client API over TLS and [`mesh`] connects it to the
+//!   mesh. Both sit above [`node`]; what all three share sits below it ([`metrics`],
+//!   [`limiter`]). Plumbing shared with the other node binaries (config files, logging,
+//!   signals, the clock) is in `whispr-node-kit`.
 //!
 //! Operators and client developers: see `docs/mailbox.md`.
 #![cfg_attr(
@@ -30,7 +33,9 @@ pub mod core;
 pub mod crypto;
 pub mod error;
 pub mod http;
+pub mod limiter;
 pub mod mesh;
+pub mod metrics;
 pub mod node;
 pub mod pii;
 pub mod rocks;

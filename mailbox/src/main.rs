@@ -14,8 +14,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use whispr_mailbox::core::Incoming;
 use whispr_mailbox::mesh::{MailboxDestination, MeshMetrics, MeshReplies};
-use whispr_mailbox::node::{MailboxNode, NoMesh, NodeConfig, now};
+use whispr_mailbox::node::{MailboxNode, NoMesh, NodeConfig};
 use whispr_mailbox::testkit::Owner;
+use whispr_node_kit::clock::now;
 use whispr_protocol::directory::Role;
 use whispr_protocol::{DedupId, UnixTime};
 use whispr_relay::mesh::{Mesh, MeshOptions};
@@ -73,7 +74,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let config = load_config(cli.config.as_ref())?;
-    whispr_relay::config::init_logging(config.log.json, config.log.filter.as_deref());
+    config.log.init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -108,7 +109,7 @@ async fn run(config: NodeConfig) -> anyhow::Result<()> {
             MailboxNode::open(config, Arc::new(NoMesh::default())).context("opening the node")?;
         // The port only: addresses stay out of logs.
         tracing::info!(port, tls, mesh = false, "mailbox node started");
-        node.serve(listener, whispr_relay::signals::shutdown_signal())
+        node.serve(listener, whispr_node_kit::shutdown::shutdown_signal())
             .await?;
         tracing::info!("stopped");
         return Ok(());
@@ -145,7 +146,7 @@ async fn run(config: NodeConfig) -> anyhow::Result<()> {
             .await
         }
     });
-    whispr_relay::signals::shutdown_signal().await;
+    whispr_node_kit::shutdown::shutdown_signal().await;
     let _ = stop_tx.send(true);
     let _ = http.await;
     mesh_task.await.context("mesh task")?.context("mesh")?;

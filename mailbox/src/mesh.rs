@@ -11,7 +11,7 @@
 //! `/metrics`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use whispr_protocol::payload::{FinalMessage, Reply};
 use whispr_protocol::sphinx::Surb;
@@ -22,84 +22,8 @@ use whispr_relay::router::Delivery;
 use crate::core::Incoming;
 use crate::node::{MailboxNode, ReplySink};
 
-/// Counters of the mesh side.
-#[derive(Debug, Default)]
-pub struct MeshMetrics {
-    /// Deposits from the mesh stored (or acknowledged again as duplicates).
-    pub deposits_accepted: AtomicU64,
-    /// Deposits from the mesh refused by the core (bad token, quota, rate, expired …).
-    pub deposits_refused: AtomicU64,
-    /// SURB replies stored into a mailbox.
-    pub surb_replies_accepted: AtomicU64,
-    /// SURB replies refused.
-    pub surb_replies_refused: AtomicU64,
-    /// Prekey requests answered.
-    pub prekey_requests: AtomicU64,
-    /// Prekey requests refused.
-    pub prekey_requests_refused: AtomicU64,
-    /// Final payloads that do not decode or are not for a mailbox node.
-    pub payloads_refused: AtomicU64,
-    /// Replies sent into the mesh.
-    pub replies_sent: AtomicU64,
-    /// Replies that could not be sent (bad SURB, mesh queue full).
-    pub replies_failed: AtomicU64,
-}
-
-impl MeshMetrics {
-    /// Prometheus text.
-    pub fn render(&self) -> String {
-        whispr_relay::http::prometheus_counters(
-            "whispr_mailbox_mesh",
-            &[
-                (
-                    "deposits_accepted",
-                    "Deposits from the mesh stored or re-acknowledged.",
-                    &self.deposits_accepted,
-                ),
-                (
-                    "deposits_refused",
-                    "Deposits from the mesh refused.",
-                    &self.deposits_refused,
-                ),
-                (
-                    "surb_replies_accepted",
-                    "SURB replies stored.",
-                    &self.surb_replies_accepted,
-                ),
-                (
-                    "surb_replies_refused",
-                    "SURB replies refused.",
-                    &self.surb_replies_refused,
-                ),
-                (
-                    "prekey_requests",
-                    "Prekey requests answered.",
-                    &self.prekey_requests,
-                ),
-                (
-                    "prekey_requests_refused",
-                    "Prekey requests refused.",
-                    &self.prekey_requests_refused,
-                ),
-                (
-                    "payloads_refused",
-                    "Final payloads not for a mailbox node or undecodable.",
-                    &self.payloads_refused,
-                ),
-                (
-                    "replies_sent",
-                    "Replies sent through SURBs.",
-                    &self.replies_sent,
-                ),
-                (
-                    "replies_failed",
-                    "Replies that could not be sent.",
-                    &self.replies_failed,
-                ),
-            ],
-        )
-    }
-}
+/// The mesh side's counters (kept in [`crate::metrics`], below the node, which shows them).
+pub use crate::metrics::MeshMetrics;
 
 /// Sends replies through SURBs into the mesh.
 pub struct MeshReplies {

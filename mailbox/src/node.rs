@@ -1,6 +1,7 @@
-//! The mailbox node: configuration, the tokio driver around [`MailboxCore`] (group commit,
-//! expiry sweeps through the timer queue, wake-ups for long polls and streams) and serving
-//! the HTTP API ([`crate::http`]).
+//! The mailbox node: configuration and the tokio driver around [`MailboxCore`] (group
+//! commit, expiry sweeps through the timer queue, wake-ups for long polls and streams). The
+//! HTTP API ([`crate::http`], which also holds [`MailboxNode::serve`]) and the mesh layer
+//! ([`crate::mesh`]) are built on top of this module; it imports neither.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,6 +14,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, oneshot};
+use whispr_node_kit::clock::now;
 use whispr_protocol::payload::Reply;
 use whispr_protocol::sphinx::Surb;
 use whispr_timer_service::config::QueueConfig;
@@ -20,17 +22,22 @@ use whispr_timer_service::queue::TimerQueue;
 use whispr_timer_service::rocks::{RocksOptions as TimerRocksOptions, RocksStore as TimerStore};
 use whispr_timer_service::task::{Category, NewTask};
 
-/// Shared with the timer node: the `[log]` table, config errors naming the key to fix, and
-/// the driver's clock.
-pub use whispr_timer_service::node::{ConfigError, LogConfig, now};
-
 use crate::auth::{AuthConfig, Sessions};
 use crate::config::CoreConfig;
 use crate::core::{DepositReceipt, Incoming, MailboxCore, Output};
 use crate::crypto::MasterKey;
 use crate::error::{MailboxError, Result};
+use crate::limiter::ConnectionLimiter;
+use crate::metrics::MeshMetrics;
 use crate::rocks::{RocksOptions, RocksStore};
 use crate::store::MailboxStore;
+
+/// Shared by every node kind (`whispr-node-kit`): the `[log]` table and config errors naming
+/// the key to fix.
+pub use whispr_node_kit::{ConfigError, LogConfig};
+
+/// The node's counters (kept in [`crate::metrics`], below the node and its API).
+pub use crate::metrics::Metrics;
 
 /// The mailbox node's TOML configuration.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -161,7 +168,7 @@ impl NodeConfig {
 
     /// Reads and checks a TOML file.
     pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
-        let config: NodeConfig = whispr_relay::config::load_toml(path)?;
+        let config: NodeConfig = whispr_node_kit::config::load_toml(path)?;
         config.check()?;
         Ok(config)
     }
@@ -252,33 +259,6 @@ impl ReplySink for NoMesh {
     }
 }
 
-/// Node counters exported on `/metrics`.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    /// Deposits stored.
-    pub deposits_stored: AtomicU64,
-    /// Redelivered deposits acknowledged again.
-    pub deposits_duplicate: AtomicU64,
-    /// Deposits refused (any reason).
-    pub deposits_refused: AtomicU64,
-    /// Group-commit writes.
-    pub commit_batches: AtomicU64,
-    /// Deposits in those writes.
-    pub commit_batched: AtomicU64,
-    /// SURB replies handed to the mesh.
-    pub replies_sent: AtomicU64,
-    /// Expired messages deleted by sweeps.
-    pub swept: AtomicU64,
-    /// Requests answered 429.
-    pub rate_limited: AtomicU64,
-    /// Failed logins.
-    pub auth_failures: AtomicU64,
-    /// Open streams.
-    pub streams_open: AtomicU64,
-    /// Open long polls.
-    pub polls_waiting: AtomicU64,
-}
-
 type Core = MailboxCore<RocksStore, StdRng>;
 
 struct DepositJob {
@@ -298,14 +278,11 @@ pub(crate) struct Shared {
     sweeper_wake: Notify,
     replies: Arc<dyn ReplySink>,
     /// The embedded mesh, once joined.
-    mesh: std::sync::OnceLock<(
-        whispr_relay::mesh::MeshHandle,
-        Arc<crate::mesh::MeshMetrics>,
-    )>,
+    mesh: std::sync::OnceLock<(whispr_relay::mesh::MeshHandle, Arc<MeshMetrics>)>,
     pub(crate) metrics: Metrics,
     /// Open long polls and streams per mailbox.
     pub(crate) mailbox_connections: Mutex<BTreeMap<[u8; 32], usize>>,
-    pub(crate) limiter: Mutex<crate::http::ConnectionLimiter>,
+    pub(crate) limiter: Mutex<ConnectionLimiter>,
 }
 
 /// A running mailbox node (cheap to clone).
@@ -361,7 +338,7 @@ impl MailboxNode {
             StdRng::from_rng(&mut seed_rng),
         );
         let (tx, rx) = mpsc::channel(config.commit.queue_max);
-        let limiter = crate::http::ConnectionLimiter::new(
+        let limiter = ConnectionLimiter::new(
             config.api.ops_per_min_per_connection,
             config.api.connections_tracked_max,
         );
@@ -418,21 +395,12 @@ impl MailboxNode {
 
     /// Records the mesh this node joined: its routes (`GET /v1/directory`), metrics and
     /// health join the node's API. Only the first call counts.
-    pub fn attach_mesh(
-        &self,
-        mesh: whispr_relay::mesh::MeshHandle,
-        metrics: Arc<crate::mesh::MeshMetrics>,
-    ) {
+    pub fn attach_mesh(&self, mesh: whispr_relay::mesh::MeshHandle, metrics: Arc<MeshMetrics>) {
         let _ = self.shared.mesh.set((mesh, metrics));
     }
 
     /// The mesh, if joined.
-    pub fn mesh(
-        &self,
-    ) -> Option<&(
-        whispr_relay::mesh::MeshHandle,
-        Arc<crate::mesh::MeshMetrics>,
-    )> {
+    pub fn mesh(&self) -> Option<&(whispr_relay::mesh::MeshHandle, Arc<MeshMetrics>)> {
         self.shared.mesh.get()
     }
 
@@ -626,29 +594,6 @@ impl MailboxNode {
                 }
             }
         }
-    }
-
-    /// Serves the API on `listener` until `shutdown` resolves. TLS when the config names a
-    /// certificate; otherwise plain HTTP (only allowed on loopback, see
-    /// [`NodeConfig::check`]).
-    pub async fn serve(
-        &self,
-        listener: std::net::TcpListener,
-        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<()> {
-        let mut app = crate::http::router(self.clone());
-        if let Some((mesh, _)) = self.mesh() {
-            app = app.merge(whispr_relay::http::mesh_routes(mesh.clone(), None));
-        }
-        let api = &self.shared.config.api;
-        let tls = match (&api.tls_cert_file, &api.tls_key_file) {
-            (Some(cert), Some(key)) => Some(whispr_relay::http::TlsFiles {
-                cert: cert.clone(),
-                key: key.clone(),
-            }),
-            _ => None,
-        };
-        whispr_relay::http::serve(app, listener, tls, shutdown).await
     }
 }
 

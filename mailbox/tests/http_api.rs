@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite;
 use whispr_mailbox::MailboxError;
 use whispr_mailbox::core::{DepositReceipt, Incoming};
-use whispr_mailbox::http::ConnectionLimiter;
+use whispr_mailbox::limiter::ConnectionLimiter;
 use whispr_mailbox::node::{MailboxNode, NoMesh, NodeConfig};
 use whispr_mailbox::testkit::{Owner, create_body};
 use whispr_protocol::DedupId;

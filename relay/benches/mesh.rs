@@ -90,7 +90,7 @@ use whispr_protocol::sphinx::{
 };
 use whispr_protocol::{DestinationAddress, KeyEpoch, NodeId, UnixTime};
 use whispr_relay::config::{MeshConfig, RelayRole};
-use whispr_relay::mesh::{LocalDestination, Mesh, MeshError, MeshHandle, MeshOptions, unix_now};
+use whispr_relay::mesh::{LocalDestination, Mesh, MeshError, MeshHandle, MeshOptions};
 use whispr_relay::router::{Delivery, Input, Output, RateLimit, Router, RouterConfig, Source};
 use whispr_relay::storage::{ReplayStore, RocksOptions, RocksReplayStore};
 use x25519_dalek::{PublicKey as XPublicKey, StaticSecret};
@@ -1347,7 +1347,7 @@ async fn bench_mesh(windows_n: Vec<(usize, usize)>, warmup: usize, root: PathBuf
     }
     let directory = edge.handle.directory();
     let epoch = KeyEpoch::containing(
-        unix_now(),
+        whispr_node_kit::clock::now(),
         Duration::from_millis(RouterConfig::default().epoch_len_ms),
     );
     let hop = |node: NodeId| RouteHop {

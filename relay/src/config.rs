@@ -9,87 +9,9 @@ use whispr_protocol::directory::Role;
 
 use crate::router::RouterConfig;
 
-/// A configuration problem, naming the key to fix.
-#[derive(Debug, thiserror::Error)]
-#[error("{key}: {problem}")]
-pub struct ConfigError {
-    /// The config key.
-    pub key: String,
-    /// What is wrong.
-    pub problem: String,
-}
-
-impl ConfigError {
-    /// A problem with `key`.
-    pub fn new(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
-        ConfigError {
-            key: key.into(),
-            problem: problem.into(),
-        }
-    }
-}
-
-/// Reads a TOML file into `T`, naming the offending key on error.
-pub fn load_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::new(path.display().to_string(), format!("cannot read: {e}")))?;
-    // toml's message names the key and the line.
-    toml::from_str(&text).map_err(|e| ConfigError::new("config", e.to_string()))
-}
-
-/// `[log]`: logging.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogConfig {
-    /// JSON lines instead of text.
-    #[serde(default)]
-    pub json: bool,
-    /// Filter directives when `RUST_LOG` is not set (default `info`).
-    #[serde(default)]
-    pub filter: Option<String>,
-}
-
-impl LogConfig {
-    /// Installs the global tracing subscriber (to stderr); see [`init_logging`].
-    pub fn init(&self) {
-        init_logging(self.json, self.filter.as_deref());
-    }
-}
-
-/// libp2p's own crates log peer ids and addresses (at info and below); they are capped at
-/// `warn` unless the filter names them explicitly.
-const LIBP2P_TARGETS: [&str; 6] = [
-    "libp2p",
-    "multistream_select",
-    "yamux",
-    "snow",
-    "netlink",
-    "if_watch",
-];
-
-/// Installs the global tracing subscriber of a node (to stderr): `RUST_LOG` if set, otherwise
-/// `filter` (default `info`); JSON lines when `json`. Every node binary calls this.
-pub fn init_logging(json: bool, filter: Option<&str>) {
-    let mut directives = std::env::var("RUST_LOG")
-        .ok()
-        .filter(|v| !v.trim().is_empty())
-        .unwrap_or_else(|| filter.unwrap_or("info").to_string());
-    for target in LIBP2P_TARGETS {
-        if !directives.contains(target) {
-            directives.push_str(&format!(",{target}=warn"));
-        }
-    }
-    let env_filter = tracing_subscriber::EnvFilter::try_new(&directives)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(env_filter)
-        .with_writer(std::io::stderr);
-    if json {
-        let _ = builder.json().try_init();
-    } else {
-        let _ = builder.try_init();
-    }
-}
+/// Shared by every node kind (`whispr-node-kit`); named here because the sections below use
+/// them.
+pub use whispr_node_kit::{ConfigError, LogConfig};
 
 /// A relay's role in the mesh (mailbox and timer nodes add theirs when they embed the mesh).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -399,7 +321,7 @@ pub struct RelayConfig {
 impl RelayConfig {
     /// Reads and checks the file.
     pub fn load(path: &Path) -> Result<RelayConfig, ConfigError> {
-        let config: RelayConfig = load_toml(path)?;
+        let config: RelayConfig = whispr_node_kit::config::load_toml(path)?;
         config.check()?;
         Ok(config)
     }

@@ -9,6 +9,10 @@
 //! * [`config`]: `[mesh]`, `[http]`, `[log]` and the relay's configuration file.
 //! * [`mesh`]: the libp2p + tokio driver ([`mesh::Mesh`], [`mesh::MeshHandle`]).
 //! * [`http`]: the client-facing HTTP API of a mesh node.
+//! * [`node_info`]: `node-info.json` for a node in the mesh.
+//!
+//! Plumbing shared with the other node binaries (config files, logging, signals, node info,
+//! the wall clock) is in `whispr-node-kit`.
 #![cfg_attr(
     test,
     allow(
@@ -25,5 +29,4 @@ pub mod keys;
 pub mod mesh;
 pub mod node_info;
 pub mod router;
-pub mod signals;
 pub mod storage;

@@ -95,7 +95,7 @@ async fn run(config: RelayConfig) -> anyhow::Result<()> {
     let mesh_task = tokio::spawn(runner.run(None, async move {
         let _ = mesh_stop.changed().await;
     }));
-    whispr_relay::signals::shutdown_signal().await;
+    whispr_node_kit::shutdown::shutdown_signal().await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let mesh_result = mesh_task.await.context("mesh task")?;

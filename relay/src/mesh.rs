@@ -8,7 +8,7 @@
 //!
 //! * **the core** (one task, owning the [`Router`]): it takes packets and other events from one
 //!   bounded channel, calls [`Router::handle_input`] with the wall-clock time (read by
-//!   [`unix_now`], the only clock of the driver), sleeps until [`Router::poll_timeout`], and
+//!   `whispr_node_kit::clock::now`, the only clock of the driver), sleeps until [`Router::poll_timeout`], and
 //!   hands the outputs on: sends to the per-peer sender tasks, final payloads to the
 //!   [`LocalDestination`], replay tags to the persistence thread (one synced write at a time;
 //!   tags arriving meanwhile are grouped into the next write), drops to the metrics only;
@@ -48,37 +48,32 @@
 
 mod engine;
 mod metrics;
+mod shared;
 mod streams;
 mod swarm;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, watch};
 use whispr_protocol::directory::{ADDRESS_LEN_MAX, ADDRESSES_MAX, Directory, Role};
 use whispr_protocol::sphinx::Packet;
-use whispr_protocol::{KeyEpoch, NodeId, UnixTime};
+use whispr_protocol::{KeyEpoch, NodeId};
 
 use crate::config::{ConfigError, MeshConfig};
-use crate::keys::{EpochKeys, Identity, KeyFileError};
-use crate::router::{ClientId, Delivery, DropReason, Router, Source};
-use crate::storage::{ReplayStore, RocksOptions, RocksReplayStore, StoreError};
+use crate::keys::{EpochKeys, Identity};
+use crate::router::{ClientId, DropReason, Router, Source};
+use crate::storage::{ReplayStore, RocksOptions, RocksReplayStore};
 
+pub use shared::{LocalDestination, MeshError};
 pub use streams::{CLIENT_PROTOCOL, PACKETS_PROTOCOL, client_status_code, client_status_decode};
-pub use swarm::DESCRIPTOR_TOPIC;
+pub use swarm::{DESCRIPTOR_TOPIC, directory_rebuild_interval};
 
-use self::engine::RouterEvent;
 use self::metrics::Metrics;
-
-/// Where final payloads for this node go (the mailbox or timer core of an embedding node).
-pub trait LocalDestination: Send + Sync + 'static {
-    /// A final payload for this node (mailbox deposit, timer hold…). Must not block: spawn if
-    /// it must wait.
-    fn deliver(&self, delivery: Delivery);
-}
+use self::shared::{RouterEvent, Shared, read};
 
 /// What [`Mesh::new`] needs.
 #[derive(Clone, Debug)]
@@ -91,41 +86,6 @@ pub struct MeshOptions {
     /// Roles added to `config.roles` in the descriptor ([`Role::Mailbox`] or [`Role::Timer`]
     /// for embedding nodes).
     pub extra_roles: Vec<Role>,
-}
-
-/// A mesh failure.
-#[derive(Debug, thiserror::Error)]
-pub enum MeshError {
-    /// The configuration is invalid.
-    #[error("configuration: {0}")]
-    Config(#[from] ConfigError),
-    /// A key file could not be read or created.
-    #[error("keys: {0}")]
-    Keys(#[from] KeyFileError),
-    /// The replay store failed.
-    #[error("replay store: {0}")]
-    Storage(#[from] StoreError),
-    /// The transport could not be built.
-    #[error("transport: {0}")]
-    Transport(String),
-    /// A listen address could not be bound (the message names the `mesh.listen` index).
-    #[error("listen: {0}")]
-    Listen(String),
-    /// The mesh has stopped.
-    #[error("the mesh has stopped")]
-    Stopped,
-    /// A bounded queue is full; try again later.
-    #[error("queue full")]
-    QueueFull,
-    /// The first hop of a locally sent packet is not in the directory.
-    #[error("first hop not in the directory")]
-    UnknownHop,
-    /// A task of the mesh failed.
-    #[error("mesh task failed: {0}")]
-    Task(String),
-    /// A reply could not be put into its SURB (too long, or a malformed SURB).
-    #[error("reply: {0}")]
-    Reply(whispr_protocol::Error),
 }
 
 /// Builds a mesh.
@@ -155,7 +115,7 @@ impl Mesh {
         let identity = Identity::load_or_create(&key_dir)?;
         let epoch_len = Duration::from_millis(config.router.epoch_len_ms);
         let epoch_keys = EpochKeys::new(&key_dir, epoch_len, config.sphinx_keys_ahead);
-        let now = unix_now();
+        let now = whispr_node_kit::clock::now();
         let keys = epoch_keys.rotate(now)?;
         let current = KeyEpoch::containing(now, epoch_len);
 
@@ -241,46 +201,6 @@ fn check_descriptor_fields(config: &MeshConfig, extra_roles: &[Role]) -> Result<
     Ok(())
 }
 
-/// The current time, from the system clock: the driver's only clock.
-pub fn unix_now() -> UnixTime {
-    let millis = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0);
-    UnixTime(millis)
-}
-
-/// How often the directory is rebuilt at most: a quarter of the publication interval,
-/// between 100 ms and 5 s. Each rebuild verifies every descriptor's signature again
-/// ([`Directory::build`]), so this bounds that work for large networks.
-pub fn directory_rebuild_interval(publish_every: Duration) -> Duration {
-    let publish_ms = u64::try_from(publish_every.as_millis()).unwrap_or(u64::MAX);
-    Duration::from_millis((publish_ms / 4).clamp(100, 5_000))
-}
-
-/// State shared by the handle and the tasks.
-struct Shared {
-    node_id: NodeId,
-    peer_id: PeerId,
-    inbox: mpsc::Sender<RouterEvent>,
-    next_client: AtomicU64,
-    directory: RwLock<Arc<Directory>>,
-    directory_bytes: RwLock<Arc<Vec<u8>>>,
-    listen_addrs: watch::Sender<Vec<Multiaddr>>,
-    metrics: Metrics,
-    store_ok: AtomicBool,
-    keys_ok: AtomicBool,
-    stopped: AtomicBool,
-}
-
-fn read<T: Clone>(lock: &RwLock<T>) -> T {
-    lock.read().unwrap_or_else(|e| e.into_inner()).clone()
-}
-
-fn write<T>(lock: &RwLock<T>, value: T) {
-    *lock.write().unwrap_or_else(|e| e.into_inner()) = value;
-}
-
 /// A cheap, cloneable handle on a mesh: send packets, read the directory and the metrics.
 /// Usable before [`MeshRunner::run`] starts (packets queue in bounded channels).
 #[derive(Clone)]
@@ -349,7 +269,7 @@ impl MeshHandle {
     /// protocol), answered with the router's verdict. Waits while the core's queue is full;
     /// answers `Err(DropReason::QueueFull)` once the mesh has stopped.
     pub async fn submit_client(&self, client: ClientId, bytes: Vec<u8>) -> Result<(), DropReason> {
-        engine::submit(&self.shared.inbox, Source::Client(client), bytes).await
+        shared::submit(&self.shared.inbox, Source::Client(client), bytes).await
     }
 
     /// A client connection closed: its rate-limit state can go.

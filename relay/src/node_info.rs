@@ -1,36 +1,39 @@
-//! `<data_dir>/node-info.json`: what a started node tells its operator and scripts (the devnet,
-//! the tests): its libp2p peer id, node id, listen addresses and HTTP port. Logs never carry
-//! these; this file is the place to look them up.
+//! `<data_dir>/node-info.json` for a node in the mesh (the file and its format are
+//! [`whispr_node_kit::info::NodeInfo`]): its libp2p peer id, node id, listen addresses and
+//! HTTP port, for operators and scripts. Logs never carry these.
 
 use std::path::Path;
 use std::time::Duration;
 
+use whispr_node_kit::info::NodeInfo;
+
 use crate::mesh::MeshHandle;
+
+/// How long to wait for the swarm to bind its listen addresses before writing anyway.
+const LISTEN_WAIT: Duration = Duration::from_secs(10);
+
+/// This node's info, with the addresses it listens on now.
+pub fn node_info(mesh: &MeshHandle, http_port: u16) -> NodeInfo {
+    NodeInfo {
+        http_port,
+        listen: mesh
+            .listen_addrs()
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        node_id: hex::encode(mesh.node_id().as_bytes()),
+        peer_id: mesh.peer_id().to_string(),
+    }
+}
 
 /// Writes the file once the swarm has bound its listen addresses (in a background task; a
 /// failure is logged without the path's contents).
 pub fn write_node_info(data_dir: &Path, mesh: &MeshHandle, http_port: u16) {
-    let path = data_dir.join("node-info.json");
+    let data_dir = data_dir.to_path_buf();
     let mesh = mesh.clone();
     tokio::spawn(async move {
-        for _ in 0..200 {
-            if !mesh.listen_addrs().is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let info = serde_json::json!({
-            "peer_id": mesh.peer_id().to_string(),
-            "node_id": hex::encode(mesh.node_id().as_bytes()),
-            "listen": mesh.listen_addrs().iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "http_port": http_port,
-        });
-        let tmp = path.with_extension("json.tmp");
-        let written = serde_json::to_vec_pretty(&info)
-            .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
-            .and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(e) = written {
+        let _ = tokio::time::timeout(LISTEN_WAIT, mesh.listening()).await;
+        if let Err(e) = node_info(&mesh, http_port).write(&data_dir) {
             tracing::error!(error = %e.kind(), "cannot write node-info.json");
         }
     });

@@ -16,13 +16,14 @@ use std::time::Duration;
 use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use whispr_node_kit::clock::now;
 use whispr_protocol::directory::{Directory, Role};
 use whispr_protocol::sphinx::{Packet, RouteHop, build_packet};
 use whispr_protocol::{DestinationAddress, KeyEpoch, NodeId};
 use whispr_relay::config::{MeshConfig, RelayRole};
 use whispr_relay::mesh::{
     CLIENT_PROTOCOL, LocalDestination, Mesh, MeshError, MeshHandle, MeshOptions,
-    client_status_decode, unix_now,
+    client_status_decode,
 };
 use whispr_relay::router::{Delivery, DropReason, RouterConfig};
 
@@ -266,14 +267,14 @@ async fn three_nodes_carry_a_packet_end_to_end() {
             "own descriptor held"
         );
         let encoded = h.directory_bytes();
-        let (decoded, rejected) = Directory::decode(unix_now(), &encoded).unwrap();
+        let (decoded, rejected) = Directory::decode(now(), &encoded).unwrap();
         assert_eq!((decoded.len(), rejected.len()), (3, 0));
     }
 
     // A packet along edge → mix → destination, submitted as from an HTTP client.
     let directory = edge.handle.directory();
     let epoch = KeyEpoch::containing(
-        unix_now(),
+        now(),
         Duration::from_millis(RouterConfig::default().epoch_len_ms),
     );
     let route = [
@@ -450,7 +451,7 @@ async fn replay_tags_survive_a_restart() {
     wait_for_directories(&[&node.handle], 1).await;
     let id = node.handle.node_id();
     let epoch = KeyEpoch::containing(
-        unix_now(),
+        now(),
         Duration::from_millis(RouterConfig::default().epoch_len_ms),
     );
     let route = [hop(&node.handle.directory(), id, epoch)];

@@ -12,7 +12,10 @@
 //! * [`holds::HoldAssembler`] joins the parts of held packets (sent by clients through the
 //!   mesh) into the Sphinx packet that a deferred send injects at its release time.
 //! * [`audit::AuditLog`] is the hash-chained JSON-lines log of administrative actions.
-//! * The `whispr-timer` binary is the timer node: admin HTTP API, metrics, workers.
+//! * [`node::TimerNode`] is the `whispr-timer` binary's driver: admin HTTP API, metrics,
+//!   workers. [`mesh`] connects it to the mesh and sits above it; [`metrics`] holds the mesh
+//!   counters both use, below both. Plumbing shared with the other node binaries (config
+//!   files, logging, signals, the clock) is in `whispr-node-kit`.
 #![cfg_attr(
     test,
     allow(
@@ -29,6 +32,7 @@ pub mod deferred;
 mod error;
 pub mod holds;
 pub mod mesh;
+pub mod metrics;
 pub mod node;
 pub mod queue;
 pub mod rocks;

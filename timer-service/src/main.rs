@@ -13,13 +13,14 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use rand::{RngExt, SeedableRng};
+use whispr_node_kit::clock::now;
 use whispr_protocol::UnixTime;
 use whispr_protocol::directory::Role;
 use whispr_relay::mesh::{Mesh, MeshOptions};
 use whispr_timer_service::config::QueueConfig;
 use whispr_timer_service::deferred::{NoMesh, PacketInjector};
 use whispr_timer_service::mesh::{MeshInjector, MeshMetrics, TimerDestination};
-use whispr_timer_service::node::{NodeConfig, TimerNode, now};
+use whispr_timer_service::node::{NodeConfig, TimerNode};
 use whispr_timer_service::queue::TimerQueue;
 use whispr_timer_service::rocks::{RocksOptions, RocksStore};
 use whispr_timer_service::task::{Category, NewTask};
@@ -71,12 +72,12 @@ fn main() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
             let config = load_config(cli.config.as_ref())?;
-            whispr_relay::config::init_logging(config.log.json, config.log.filter.as_deref());
+            config.log.init();
             run(config)
         }
         Command::AuditVerify => {
             let config = load_config(cli.config.as_ref())?;
-            whispr_relay::config::init_logging(config.log.json, config.log.filter.as_deref());
+            config.log.init();
             let node = TimerNode::open(config, Arc::new(NoMesh))?;
             let report = node.verify_audit()?;
             writeln!(
@@ -165,7 +166,7 @@ fn run(config: NodeConfig) -> anyhow::Result<()> {
                 .await
             })
         };
-        whispr_relay::signals::shutdown_signal().await;
+        whispr_node_kit::shutdown::shutdown_signal().await;
         tracing::info!("stopping");
         let _ = stop_tx.send(true);
         let _ = worker.await;

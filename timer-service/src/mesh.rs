@@ -8,7 +8,7 @@
 //! Outcomes are counted ([`MeshMetrics`]); nothing here logs an identifier.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use whispr_protocol::DestinationAddress;
 use whispr_protocol::HoldId;
@@ -19,6 +19,9 @@ use whispr_relay::router::Delivery;
 
 use crate::deferred::{DeferredSend, PacketInjector};
 use crate::node::{CancelOutcome, HoldOutcome, TimerNode};
+
+/// The mesh side's counters (kept in [`crate::metrics`], below the node, which shows them).
+pub use crate::metrics::MeshMetrics;
 
 /// Sends due held packets into the mesh.
 pub struct MeshInjector {
@@ -37,80 +40,6 @@ impl PacketInjector for MeshInjector {
         self.mesh
             .send(send.first_hop, send.packet)
             .map_err(|e| e.to_string())
-    }
-}
-
-/// Counters of the mesh side of a timer node.
-#[derive(Debug, Default)]
-pub struct MeshMetrics {
-    /// Hold parts accepted (held, or completing a hold).
-    pub parts_accepted: AtomicU64,
-    /// Holds completed and stored.
-    pub holds_scheduled: AtomicU64,
-    /// Retransmitted holds acknowledged again.
-    pub holds_duplicate: AtomicU64,
-    /// Parts refused (mismatch, table full, release time out of range, storage).
-    pub parts_refused: AtomicU64,
-    /// Late parts of a cancelled hold (answered "cancelled", not scheduled).
-    pub parts_of_cancelled: AtomicU64,
-    /// Holds cancelled.
-    pub cancels: AtomicU64,
-    /// Cancel requests refused (wrong capability, unknown hold).
-    pub cancels_refused: AtomicU64,
-    /// Final payloads that are not for a timer node or do not decode.
-    pub payloads_refused: AtomicU64,
-    /// Acknowledgements sent.
-    pub acks_sent: AtomicU64,
-    /// Acknowledgements that could not be sent.
-    pub acks_failed: AtomicU64,
-}
-
-impl MeshMetrics {
-    /// Prometheus text.
-    pub fn render(&self) -> String {
-        whispr_relay::http::prometheus_counters(
-            "whispr_timer_mesh",
-            &[
-                (
-                    "parts_accepted",
-                    "Hold parts accepted.",
-                    &self.parts_accepted,
-                ),
-                ("holds_scheduled", "Holds stored.", &self.holds_scheduled),
-                (
-                    "holds_duplicate",
-                    "Retransmitted holds acknowledged again.",
-                    &self.holds_duplicate,
-                ),
-                ("parts_refused", "Hold parts refused.", &self.parts_refused),
-                (
-                    "parts_of_cancelled",
-                    "Late parts of cancelled holds.",
-                    &self.parts_of_cancelled,
-                ),
-                ("cancels", "Holds cancelled.", &self.cancels),
-                (
-                    "cancels_refused",
-                    "Cancel requests refused.",
-                    &self.cancels_refused,
-                ),
-                (
-                    "payloads_refused",
-                    "Final payloads not for a timer node.",
-                    &self.payloads_refused,
-                ),
-                (
-                    "acks_sent",
-                    "Acknowledgements sent through SURBs.",
-                    &self.acks_sent,
-                ),
-                (
-                    "acks_failed",
-                    "Acknowledgements that could not be sent.",
-                    &self.acks_failed,
-                ),
-            ],
-        )
     }
 }
 

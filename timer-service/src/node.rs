@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::rejection::JsonRejection;
@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::Notify;
+use whispr_node_kit::clock::now;
 use whispr_protocol::payload::HeldPacketPart;
 use whispr_protocol::sphinx::Surb;
 use whispr_protocol::{CancelCapability, HoldId, UnixTime};
@@ -40,6 +41,7 @@ use crate::config::QueueConfig;
 use crate::deferred::{DeferredSend, PacketInjector, release_task};
 use crate::error::TimerError;
 use crate::holds::{HoldAssembler, HoldConfig, HoldError, PartOutcome, check_part};
+use crate::metrics::MeshMetrics;
 use crate::queue::{CategoryStats, FailOutcome, ScheduleOutcome, TimerQueue};
 use crate::rocks::{RocksOptions, RocksStore};
 use crate::task::{Category, FiredTask, NewTask, TaskId};
@@ -111,8 +113,9 @@ fn default_admin_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7300))
 }
 
-/// `[log]` (shared by every node kind).
-pub use whispr_relay::config::LogConfig;
+/// Shared by every node kind (`whispr-node-kit`): the `[log]` table and config errors naming
+/// the key to fix.
+pub use whispr_node_kit::{ConfigError, LogConfig};
 
 /// `[worker]`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -133,13 +136,10 @@ impl Default for WorkerConfig {
     }
 }
 
-/// A configuration problem, naming the key to fix (shared by every node kind).
-pub use whispr_relay::config::ConfigError;
-
 impl NodeConfig {
     /// Reads and checks a TOML file.
     pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
-        let config: NodeConfig = whispr_relay::config::load_toml(path)?;
+        let config: NodeConfig = whispr_node_kit::config::load_toml(path)?;
         config.check()?;
         Ok(config)
     }
@@ -178,16 +178,6 @@ impl NodeConfig {
         }
         Ok(())
     }
-}
-
-/// Wall-clock now. Only drivers read the clock.
-pub fn now() -> UnixTime {
-    UnixTime(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0),
-    )
 }
 
 /// A fired task's outcome, kept for `GET /v1/admin/fired`.
@@ -249,10 +239,7 @@ struct Shared {
     metrics: Metrics,
     healthy: AtomicBool,
     /// The embedded mesh, once joined.
-    mesh: std::sync::OnceLock<(
-        whispr_relay::mesh::MeshHandle,
-        Arc<crate::mesh::MeshMetrics>,
-    )>,
+    mesh: std::sync::OnceLock<(whispr_relay::mesh::MeshHandle, Arc<MeshMetrics>)>,
 }
 
 /// A running timer node.
@@ -487,11 +474,7 @@ impl TimerNode {
 
     /// Records the mesh this node joined: its metrics and health join the admin API's.
     /// Only the first call counts.
-    pub fn attach_mesh(
-        &self,
-        mesh: whispr_relay::mesh::MeshHandle,
-        metrics: Arc<crate::mesh::MeshMetrics>,
-    ) {
+    pub fn attach_mesh(&self, mesh: whispr_relay::mesh::MeshHandle, metrics: Arc<MeshMetrics>) {
         let _ = self.shared.mesh.set((mesh, metrics));
     }
 

@@ -17,6 +17,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
+use whispr_node_kit::clock::now;
 use whispr_protocol::payload::HeldPacketPart;
 use whispr_protocol::sphinx::{
     PACKET_SIZE, RouteHop, SphinxPublicKey, SphinxSecretKey, Surb, create_surb,
@@ -27,7 +28,7 @@ use whispr_timer_service::config::QueueConfig;
 use whispr_timer_service::deferred::{DeferredSend, PacketInjector};
 use whispr_timer_service::holds::{HoldConfig, HoldError};
 use whispr_timer_service::node::{
-    AdminConfig, CancelOutcome, HoldOutcome, LogConfig, NodeConfig, TimerNode, WorkerConfig, now,
+    AdminConfig, CancelOutcome, HoldOutcome, LogConfig, NodeConfig, TimerNode, WorkerConfig,
 };
 use whispr_timer_service::queue::TimerQueue;
 use whispr_timer_service::rocks::{RocksOptions, RocksStore};

@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha20Rng;
+use whispr_node_kit::clock::now;
 use whispr_protocol::UnixTime;
 use whispr_timer_service::config::QueueConfig;
-use whispr_timer_service::node::now;
 use whispr_timer_service::queue::TimerQueue;
 use whispr_timer_service::rocks::{RocksOptions, RocksStore};
 use whispr_timer_service::task::TaskId;

@@ -7,57 +7,18 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use libp2p_stream::Control;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use whispr_protocol::directory::{Directory, SignedDescriptor};
-use whispr_protocol::sphinx::{Packet, ReplayTag, SphinxSecretKey};
+use whispr_protocol::sphinx::{Packet, ReplayTag};
 use whispr_protocol::{KeyEpoch, NodeId};
 
+use super::shared::{LocalDestination, MeshError, RouterEvent, Shared, write};
+use super::streams;
 use super::swarm::SwarmCommand;
-use super::{LocalDestination, MeshError, Shared, streams, unix_now, write};
 use crate::keys::EpochKeys;
-use crate::router::{ClientId, DropReason, Input, Output, Router, Source};
+use crate::router::{DropReason, Input, Output, Router};
 use crate::storage::ReplayStore;
-
-/// Events handled by the core, in one bounded channel.
-pub(crate) enum RouterEvent {
-    /// A packet to process.
-    Packet {
-        from: Source,
-        bytes: Vec<u8>,
-        /// Where to answer with the verdict (clients).
-        reply: Option<oneshot::Sender<Result<(), DropReason>>>,
-    },
-    /// A packet this node originates, for a remote first hop (not processed here).
-    Forward { to: NodeId, packet: Packet },
-    /// A new directory.
-    Directory(Arc<Directory>),
-    /// Rotated keys; tags of epochs before `prune_before` can go from the store.
-    Keys {
-        keys: Vec<(KeyEpoch, SphinxSecretKey)>,
-        prune_before: KeyEpoch,
-    },
-    /// A client connection closed.
-    ClientClosed(ClientId),
-}
-
-/// Submits a packet and waits for the router's verdict.
-pub(crate) async fn submit(
-    inbox: &mpsc::Sender<RouterEvent>,
-    from: Source,
-    bytes: Vec<u8>,
-) -> Result<(), DropReason> {
-    let (tx, rx) = oneshot::channel();
-    let event = RouterEvent::Packet {
-        from,
-        bytes,
-        reply: Some(tx),
-    };
-    if inbox.send(event).await.is_err() {
-        return Err(DropReason::QueueFull);
-    }
-    rx.await.unwrap_or(Err(DropReason::QueueFull))
-}
 
 enum PersistCmd {
     Write {
@@ -220,10 +181,9 @@ impl Core {
         let _ = self.input(Input::Timeout);
         self.after_step();
         loop {
-            let wake = self
-                .router
-                .poll_timeout()
-                .map(|at| Duration::from_millis(at.0.saturating_sub(unix_now().0)));
+            let wake = self.router.poll_timeout().map(|at| {
+                Duration::from_millis(at.0.saturating_sub(whispr_node_kit::clock::now().0))
+            });
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
@@ -255,7 +215,9 @@ impl Core {
     }
 
     fn input(&mut self, input: Input) -> Result<(), DropReason> {
-        let result = self.router.handle_input(unix_now(), input);
+        let result = self
+            .router
+            .handle_input(whispr_node_kit::clock::now(), input);
         self.drain();
         result
     }
@@ -396,7 +358,7 @@ pub(crate) async fn directory_task(
 ) {
     while snapshots.changed().await.is_ok() {
         let snapshot = snapshots.borrow_and_update().clone();
-        let now = unix_now();
+        let now = whispr_node_kit::clock::now();
         let built = tokio::task::spawn_blocking(move || {
             let (directory, rejections) = Directory::build(now, &snapshot);
             let rejected: HashSet<usize> = rejections.iter().map(|r| r.index).collect();
@@ -445,7 +407,7 @@ pub(crate) async fn epoch_task(
 ) {
     let epoch_len = Duration::from_millis(epoch_len_ms.max(1));
     loop {
-        let now = unix_now();
+        let now = whispr_node_kit::clock::now();
         let current = KeyEpoch::containing(now, epoch_len);
         if current == held_epoch {
             // Sleep until just past the next boundary.

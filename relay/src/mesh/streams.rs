@@ -15,9 +15,8 @@ use tokio::time::Instant;
 use whispr_protocol::NodeId;
 use whispr_protocol::sphinx::{PACKET_SIZE, Packet};
 
-use super::Shared;
-use super::engine::{RouterEvent, submit};
 use super::metrics::Metrics;
+use super::shared::{RouterEvent, Shared, submit};
 use crate::router::{DropReason, Source};
 
 /// The packet protocol between nodes: raw frames of exactly `PACKET_SIZE` bytes.

@@ -29,13 +29,21 @@ use whispr_protocol::directory::{
 use whispr_protocol::sphinx::SphinxPublicKey;
 use whispr_protocol::{KeyEpoch, NodeId, UnixTime};
 
+use super::shared::{MeshError, Shared};
 use super::streams::{CLIENT_PROTOCOL, PACKETS_PROTOCOL};
-use super::{MeshError, Shared, directory_rebuild_interval, unix_now};
 use crate::config::MeshConfig;
 use crate::keys::Identity;
 
 /// The gossipsub topic descriptors are published on.
 pub const DESCRIPTOR_TOPIC: &str = "whispr/descriptors/1";
+
+/// How often the directory is rebuilt at most: a quarter of the publication interval,
+/// between 100 ms and 5 s. Each rebuild verifies every descriptor's signature again
+/// ([`Directory::build`]), so this bounds that work for large networks.
+pub fn directory_rebuild_interval(publish_every: Duration) -> Duration {
+    let publish_ms = u64::try_from(publish_every.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis((publish_ms / 4).clamp(100, 5_000))
+}
 /// Kademlia protocol name (a DHT of Whispr nodes only, apart from the public IPFS one).
 const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/whispr/kad/1.0.0");
 /// Identify's protocol version.
@@ -436,7 +444,7 @@ impl SwarmTask {
     /// Checks a gossiped descriptor: it decodes, verifies now, was published by the node it
     /// describes, and is newer than the one held.
     fn validate(&mut self, source: Option<PeerId>, data: &[u8]) -> MessageAcceptance {
-        let now = unix_now();
+        let now = whispr_node_kit::clock::now();
         let Ok(signed) = SignedDescriptor::decode(data) else {
             return MessageAcceptance::Reject;
         };
@@ -520,7 +528,7 @@ impl SwarmTask {
     }
 
     fn maintain(&mut self) {
-        self.expire(unix_now());
+        self.expire(whispr_node_kit::clock::now());
         if self.swarm.connected_peers().next().is_none() {
             // Alone: try the bootstrap peers again.
             self.join_bootstrap();
@@ -572,7 +580,7 @@ impl SwarmTask {
     }
 
     fn publish(&mut self) {
-        let now = unix_now();
+        let now = whispr_node_kit::clock::now();
         self.last_publish = Some(Instant::now());
         self.next_publish = Instant::now() + self.publish_every;
         let descriptor = NodeDescriptor {

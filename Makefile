@@ -8,6 +8,8 @@ APT_PACKAGES := build-essential pkg-config libclang-dev
 FUZZ_SECONDS ?= 30
 # Forbidden in whispr-protocol's normal dependency tree.
 PROTOCOL_FORBIDDEN := tokio|libp2p|rocksdb|librocksdb-sys|axum|hyper|mio
+# Forbidden in the client core (client/src/core): a clock, I/O, a runtime or a task.
+CORE_FORBIDDEN := tokio|reqwest|tungstenite|SystemTime|Instant|std::fs|std::net|std::thread|std::io|async |\.await|now_ms|crate::(net|vault|devnet|client)
 
 .PHONY: deps demo test fmt-check clippy check-deps unit fuzz bench sim-build sim-docs sim-bench flaky-hunt
 
@@ -41,11 +43,15 @@ fmt-check:
 clippy:
 	$(CARGO) clippy --workspace --all-targets --profile test -- -D warnings
 
-# whispr-protocol must not depend on a runtime, network or storage crate.
+# whispr-protocol must not depend on a runtime, network or storage crate; the client core
+# (client/src/core) must not read a clock or do I/O.
 check-deps:
 	@found=$$($(CARGO) tree -p whispr-protocol -e normal --prefix none | sed 's/ .*//' | grep -xE '$(PROTOCOL_FORBIDDEN)' | sort -u); \
 	if [ -n "$$found" ]; then echo "whispr-protocol depends on forbidden crates: $$found"; exit 1; fi; \
 	echo "whispr-protocol: no runtime, network or storage dependency"
+	@found=$$(grep -nE '$(CORE_FORBIDDEN)' client/src/core/*.rs); \
+	if [ -n "$$found" ]; then echo "the client core reads a clock or does I/O:"; echo "$$found"; exit 1; fi; \
+	echo "client core: no clock, socket, file or task"
 
 # The whole test suite, doc tests included; also replays the committed fuzz corpus
 # (protocol/tests/fuzz_corpus.rs).

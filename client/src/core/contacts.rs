@@ -13,7 +13,6 @@ use whispr_protocol::directory::Directory;
 use whispr_protocol::envelope::MailboxSecretKey;
 use whispr_protocol::payload::{FinalMessage, PrekeyRequest, Reply};
 use whispr_protocol::prekeys::{PrekeyBundle, SignedPrekey, sign_identity};
-use whispr_protocol::sphinx::build_packet;
 use whispr_protocol::{AccessToken, DestinationAddress, MailboxId, NodeId};
 
 use super::{
@@ -286,7 +285,7 @@ impl ClientCore {
         .encode()?;
         let route = self.route(&dir, epoch, &node)?;
         let delays = self.delays(route.len().saturating_sub(1));
-        let packet = build_packet(
+        let packet = self.codec.build_packet(
             &mut self.crypto_rng,
             &route,
             &delays,
@@ -294,10 +293,7 @@ impl ClientCore {
             &plaintext,
         )?;
         let edge = route.first().map_or(node, |h| h.node);
-        self.push(Output::Transmit {
-            edge,
-            packet: packet.into_bytes(),
-        });
+        self.push(Output::Transmit { edge, packet });
         Ok(surb_id)
     }
 

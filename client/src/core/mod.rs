@@ -29,6 +29,7 @@
 //! [`scheduling`] hands messages to timer nodes and cancels them; [`receiving`] opens what
 //! mailboxes return (acks, messages, receipts) and reassembles it.
 
+mod codec;
 mod contacts;
 mod receiving;
 mod routes;
@@ -45,6 +46,7 @@ use vodozemac::olm::{Account, Session};
 use whispr_protocol::directory::Directory;
 use whispr_protocol::{KEY_EPOCH_LEN, KeyEpoch, NodeId, UnixTime};
 
+pub use codec::{PacketCodec, SphinxCodec};
 pub use contacts::{AcceptPlan, InvitePlan};
 
 use crate::error::{ClientError, Result};
@@ -203,6 +205,7 @@ pub struct ClientCore {
     sessions: HashMap<String, Session>,
     rng: StdRng,
     crypto_rng: StdRng,
+    codec: Box<dyn PacketCodec>,
     directory: Option<Directory>,
     receipts_due: BTreeMap<(String, String), Vec<String>>,
     last_surb_route: Vec<String>,
@@ -321,6 +324,7 @@ impl ClientCore {
             sessions,
             rng,
             crypto_rng,
+            codec: Box::new(SphinxCodec),
             directory: None,
             receipts_due: BTreeMap::new(),
             last_surb_route: Vec::new(),
@@ -370,6 +374,20 @@ impl ClientCore {
             c.session = None;
         }
         bytes.map(zeroize::Zeroizing::new)
+    }
+
+    /// Replaces the packet codec (Sphinx by default; the simulator's fast mode swaps it).
+    pub fn set_codec(&mut self, codec: Box<dyn PacketCodec>) {
+        self.codec = codec;
+    }
+
+    /// The dedup ids of outgoing message `id`'s fragments, in order (the mailbox node sees
+    /// them; the simulator follows fragments by them).
+    pub fn fragment_dedups(&self, id: u64) -> Vec<[u8; 16]> {
+        self.out_index(id)
+            .and_then(|i| self.state.outbox.get(i))
+            .map(|o| o.fragments.iter().map(|f| f.dedup).collect())
+            .unwrap_or_default()
     }
 
     fn at(&mut self, now: u64) {

@@ -10,7 +10,6 @@ use whispr_protocol::UnixTime;
 use whispr_protocol::envelope::{Envelope, EnvelopeContent, MailboxSecretKey};
 use whispr_protocol::fragment::{Fragment, FragmentInfo, Inserted, Reassembler, ReassemblyLimits};
 use whispr_protocol::payload::Reply;
-use whispr_protocol::sphinx::SurbRecovery;
 
 use super::{AppMessage, ClientCore, Output, PARTIAL_AGE_MAX_MS, StoredMessage, h32};
 use crate::error::{ClientError, Result};
@@ -70,8 +69,7 @@ impl ClientCore {
                 // id (from whoever learnt the id) does not cost us the genuine reply.
                 let opened = self.state.surbs.get(pos).and_then(|surb| {
                     let sealed = b64.decode(payload).ok()?;
-                    let recovery = SurbRecovery::from_bytes(&surb.recovery).ok()?;
-                    let opened = recovery.open(&sealed).ok()?;
+                    let opened = self.codec.open_reply(&surb.recovery, &sealed).ok()?;
                     let reply = Reply::decode(&opened).ok()?;
                     Some((opened, reply))
                 });

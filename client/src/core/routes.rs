@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use whispr_protocol::directory::{Directory, Role, sample_delays};
-use whispr_protocol::sphinx::{RouteHop, Surb, create_surb};
+use whispr_protocol::sphinx::{RouteHop, Surb};
 use whispr_protocol::{DestinationAddress, KeyEpoch, MailboxId, NodeId, ReplyKey};
 
 use super::{ClientCore, RELAY_HEALTH_MAX, RELAY_HEALTH_WINDOW_MS};
@@ -144,7 +144,7 @@ impl ClientCore {
         let delays = self.delays(hops.len().saturating_sub(1));
         let id = MailboxId(mailbox.id);
         let surb_id = ReplyKey(mailbox.reply_key).mint_surb_id(&mut self.rng, &id);
-        let (surb, recovery) = create_surb(
+        let (surb, recovery) = self.codec.create_surb(
             &mut self.crypto_rng,
             &hops,
             &delays,
@@ -159,7 +159,7 @@ impl ClientCore {
         }
         self.state.surbs.push(PendingSurb {
             id: hex::encode(surb_id.as_bytes()),
-            recovery: recovery.to_bytes().to_vec(),
+            recovery,
             purpose,
             expires_ms,
         });

@@ -6,7 +6,7 @@ use rand::RngExt;
 use sha2::{Digest, Sha256};
 use whispr_protocol::directory::{Directory, Role};
 use whispr_protocol::payload::{CancelHold, FinalMessage, HeldPacketPart};
-use whispr_protocol::sphinx::{PACKET_SIZE, build_packet};
+use whispr_protocol::sphinx::PACKET_SIZE;
 use whispr_protocol::{CancelCapability, DestinationAddress, HoldId, NodeId, UnixTime};
 
 use super::{ClientCore, Output, SURB_TTL_MS, epoch_at};
@@ -137,7 +137,7 @@ impl ClientCore {
         let epoch = epoch_at(self.now);
         let route = self.route(dir, epoch, node)?;
         let delays = self.delays(route.len().saturating_sub(1));
-        let packet = build_packet(
+        let packet = self.codec.build_packet(
             &mut self.crypto_rng,
             &route,
             &delays,
@@ -145,10 +145,7 @@ impl ClientCore {
             &message.encode()?,
         )?;
         let edge = route.first().map_or(*node, |h| h.node);
-        self.push(Output::Transmit {
-            edge,
-            packet: packet.into_bytes(),
-        });
+        self.push(Output::Transmit { edge, packet });
         Ok(())
     }
 

@@ -8,7 +8,6 @@ use whispr_protocol::envelope::{
     Envelope, EnvelopeContent, MailboxPublicKey, MailboxSecretKey, OuterFields,
 };
 use whispr_protocol::payload::FinalMessage;
-use whispr_protocol::sphinx::build_packet;
 use whispr_protocol::{
     AccessToken, DedupId, DestinationAddress, MailboxId, MessageId, NodeId, UnixTime,
     fragment::fragment_message,
@@ -238,7 +237,7 @@ impl ClientCore {
         let route = self.route(dir, epoch, &node)?;
         let delays = self.delays(route.len().saturating_sub(1));
         let plaintext = FinalMessage::Deposit(envelope).encode()?;
-        let packet = build_packet(
+        let packet = self.codec.build_packet(
             &mut self.crypto_rng,
             &route,
             &delays,
@@ -247,7 +246,7 @@ impl ClientCore {
         )?;
         let nodes: Vec<NodeId> = route.iter().map(|h| h.node).collect();
         let edge = nodes.first().copied().unwrap_or(node);
-        Ok((edge, packet.into_bytes(), nodes))
+        Ok((edge, packet, nodes))
     }
 
     /// Messages to `contact` sent and not yet stored.
@@ -501,7 +500,7 @@ impl ClientCore {
         let node = NodeId(m.node);
         let route = self.route(&dir, epoch, &node)?;
         let delays = self.delays(route.len().saturating_sub(1));
-        let packet = build_packet(
+        let packet = self.codec.build_packet(
             &mut self.crypto_rng,
             &route,
             &delays,
@@ -509,10 +508,7 @@ impl ClientCore {
             &FinalMessage::Deposit(envelope).encode()?,
         )?;
         let edge = route.first().map_or(node, |h| h.node);
-        self.push(Output::Transmit {
-            edge,
-            packet: packet.into_bytes(),
-        });
+        self.push(Output::Transmit { edge, packet });
         self.state.cover_sent = self.state.cover_sent.saturating_add(1);
         self.save();
         Ok(())

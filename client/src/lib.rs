@@ -28,7 +28,10 @@ pub mod state;
 pub mod vault;
 
 pub use client::{Client, now_ms};
-pub use core::{ClientCore, ContactInfo, OutgoingInfo, Output, Received, SendOptions};
+pub use core::{
+    ClientCore, ContactInfo, OutgoingInfo, Output, PacketCodec, Received, SendOptions,
+    StoredMessage,
+};
 pub use error::{ClientError, Result};
 pub use state::{Notice, OutKind, OutState, Receipts, Settings};
 pub use vault::KdfParams;

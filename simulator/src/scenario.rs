@@ -341,6 +341,9 @@ pub struct Workload {
     /// How long a recipient that is online takes to fetch after a message is stored (ms;
     /// the stream push or the poll).
     pub fetch_delay_ms: f64,
+    /// Receipts the clients send (`none`, `delivery`, `read`): each is a message of its own
+    /// back to the sender. `none` by default, so that a scenario's load is its workload.
+    pub receipts: whispr_client::Receipts,
 }
 
 impl Default for Workload {
@@ -356,6 +359,7 @@ impl Default for Workload {
             cover_per_min: 0.0,
             online: OnlineSpec::default(),
             fetch_delay_ms: 0.0,
+            receipts: whispr_client::Receipts::None,
         }
     }
 }

@@ -4,43 +4,46 @@
 //! [`whispr_timer_service::queue::TimerQueue`] over the in-memory task store), joined by
 //! simulated links, driven by simulated clients, one event at a time.
 //!
-//! Clients are modelled here (the client crate does HTTP inline): each has one mailbox on the
-//! node rendezvous hashing gives it; it sends each fragment as a sealed-sender deposit in a
-//! packet built for a stratified route with exponential per-hop delays and a SURB for the
-//! deposit ack back into its own mailbox, retransmits unacknowledged fragments, fetches its
-//! mailbox through the core's owner API when something is stored for it and it is online,
-//! and sends loop cover traffic. The observer and the metrics see everything; the nodes see
-//! only what the real nodes would.
+//! Clients are the real client core ([`whispr_client::ClientCore`]), the one the `whispr`
+//! command drives: one mailbox per contact relationship (set up before the start with real
+//! invitations and hellos, carried out of band), Olm sessions and windows, sealed-sender
+//! envelopes, routes that avoid suspect mixes, ack SURBs, the retransmission plan, timer
+//! holds, receipts and cover. The simulator is its driver: it carries the core's packets to
+//! edge relays over simulated links, fetches its mailboxes through the mailbox cores' owner
+//! API when something is stored for it and it is online, and calls it when its timers are
+//! due. In `fast` mode the core's packet codec is swapped for the fast one, as the routers'
+//! is. The observer and the metrics see everything; the nodes see only what the real nodes
+//! would.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use base64::Engine;
 use ed25519_dalek::SigningKey;
-use rand::{Rng, RngExt};
+use rand::rngs::StdRng;
+use rand::{Rng, RngExt, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use sha2::{Digest, Sha256};
+use whispr_client::core::owner_key;
+use whispr_client::{
+    ClientCore, Output as ClientOutput, PacketCodec, SendOptions, Settings, StoredMessage,
+};
 use whispr_mailbox::config::CoreConfig;
 use whispr_mailbox::core::{
     CreateMailbox, Incoming, MailboxCore, MessageBody, Output as CoreOutput,
 };
 use whispr_mailbox::crypto::MasterKey;
 use whispr_mailbox::store::MemoryStore;
-use whispr_protocol::directory::{
-    Directory, NodeDescriptor, Role, SignedDescriptor, sample_delays,
-};
-use whispr_protocol::envelope::{
-    Envelope, EnvelopeContent, MailboxPublicKey, MailboxSecretKey, OuterFields,
-};
-use whispr_protocol::fragment::{FRAGMENT_DATA_LEN, Fragment, fragment_message};
+use whispr_protocol::directory::{Directory, NodeDescriptor, Role, SignedDescriptor};
+use whispr_protocol::envelope::Envelope;
 use whispr_protocol::mailbox_api::create_transcript;
 use whispr_protocol::payload::{FinalMessage, HeldPacketPart, Reply};
-use whispr_protocol::sphinx::{PACKET_SIZE, RouteHop, SphinxPublicKey, SphinxSecretKey};
-use whispr_protocol::{
-    AccessToken, DedupId, DestinationAddress, HoldId, KeyEpoch, MailboxId, MessageId, NodeId,
-    ReplyKey, SurbId, UnixTime,
+use whispr_protocol::sphinx::{
+    HopAction, RouteHop, SphinxPublicKey, SphinxSecretKey, Surb, SurbRecovery,
 };
+use whispr_protocol::{DedupId, DestinationAddress, KeyEpoch, MailboxId, NodeId, SurbId, UnixTime};
 use whispr_relay::router::{
     ClientId, Delivery, Input, Output as RouterOutput, RateLimit, Router, RouterConfig, Source,
 };
@@ -99,34 +102,127 @@ struct Node {
     peak_messages: u64,
 }
 
+/// What the simulator learns from a packet a client core builds (its codec sees the route
+/// and delays the Sphinx header hides).
+#[derive(Debug)]
+struct Build {
+    route: Vec<NodeId>,
+    delays_ms: Vec<u64>,
+    kind: BuildKind,
+}
+
+#[derive(Debug)]
+enum BuildKind {
+    /// A deposit (dedup id, mailbox).
+    Deposit(DedupId, MailboxId),
+    /// A part of a timer hold.
+    Hold,
+    /// Anything else (cancels, prekey requests).
+    Other,
+}
+
+/// The client core's packet codec in the simulator: the run's mode (Sphinx or fast), and a
+/// record of every packet built.
+struct SimCodec {
+    mode: Mode,
+    builds: Arc<Mutex<Vec<Build>>>,
+}
+
+impl PacketCodec for SimCodec {
+    fn build_packet(
+        &self,
+        rng: &mut StdRng,
+        route: &[RouteHop],
+        delays: &[Duration],
+        destination: DestinationAddress,
+        plaintext: &[u8],
+    ) -> whispr_protocol::Result<Vec<u8>> {
+        let kind = match FinalMessage::decode_for(destination, plaintext) {
+            Ok(FinalMessage::Deposit(e)) => {
+                BuildKind::Deposit(e.outer.dedup_id, e.outer.mailbox_id)
+            }
+            Ok(FinalMessage::Hold(_)) => BuildKind::Hold,
+            _ => BuildKind::Other,
+        };
+        if let Ok(mut b) = self.builds.lock() {
+            b.push(Build {
+                route: route.iter().map(|h| h.node).collect(),
+                delays_ms: delays.iter().map(|d| d.as_millis() as u64).collect(),
+                kind,
+            });
+        }
+        self.mode
+            .build_packet(rng, route, delays, destination, plaintext)
+            .map(|p| p.into_bytes())
+    }
+
+    fn create_surb(
+        &self,
+        rng: &mut StdRng,
+        route: &[RouteHop],
+        delays: &[Duration],
+        destination: DestinationAddress,
+        surb_id: SurbId,
+    ) -> whispr_protocol::Result<(Surb, Vec<u8>)> {
+        self.mode
+            .create_surb(rng, route, delays, destination, surb_id)
+            .map(|(s, r)| match r {
+                Recovery::Real(r) => (s, r.to_bytes().to_vec()),
+                Recovery::Fast => (s, Vec::new()),
+            })
+    }
+
+    fn open_reply(&self, recovery: &[u8], sealed: &[u8]) -> whispr_protocol::Result<Vec<u8>> {
+        if recovery.is_empty() {
+            Recovery::Fast.open(sealed)
+        } else {
+            SurbRecovery::from_bytes(recovery)?.open(sealed)
+        }
+    }
+}
+
 struct Client {
-    signing: SigningKey,
-    mailbox_id: MailboxId,
-    access: AccessToken,
-    reply_key: ReplyKey,
-    hpke: Option<MailboxSecretKey>,
-    hpke_public: Option<MailboxPublicKey>,
-    node: u32,
+    /// The real client core.
+    core: ClientCore,
+    /// What its codec built since the simulator last looked.
+    builds: Arc<Mutex<Vec<Build>>>,
     contacts: Vec<u32>,
     sender: bool,
     online: bool,
     fetch_scheduled: bool,
-    /// Keys, HPKE, packet construction.
-    rng: ChaCha20Rng,
-    /// Routes, delays, ids: the same in both modes.
-    route: ChaCha20Rng,
+    /// When the core's next timeout is scheduled.
+    wake_at: Option<u64>,
     /// Workload draws: the same in both modes.
     work: ChaCha20Rng,
-    pending: HashMap<SurbId, (u32, u16, Recovery)>,
+    /// The core's local id of each outgoing message → the message's index.
+    outgoing: HashMap<u64, u32>,
+}
+
+/// The core's name for client `c` (contacts are named after the simulated user).
+fn name_of(c: u32) -> String {
+    format!("u{c}")
+}
+
+/// A message's text: its index (so that the recipient's core names it back) padded to its
+/// drawn size.
+fn message_text(m: u32, size: u64) -> String {
+    let mut t = format!("{m:010}");
+    while (t.len() as u64) < size {
+        t.push('x');
+    }
+    t
+}
+
+fn message_index(text: &str) -> Option<u32> {
+    text.get(..10).and_then(|d| d.parse().ok())
 }
 
 #[derive(Clone, Debug)]
 struct Frag {
-    dedup: DedupId,
-    attempts: u8,
+    /// Packets built for it (the first send, then retransmissions).
+    builds: u8,
     stored: bool,
     fetched: bool,
-    acked: bool,
     /// First attempt's route (node indices), chosen delays and arrival at the mailbox node,
     /// for sampled messages.
     trace: Option<Trace>,
@@ -147,21 +243,22 @@ struct Msg {
     frags: Vec<Frag>,
     stored_frags: u16,
     fetched_frags: u16,
-    acked_frags: u16,
     stored_ms: Option<u64>,
     delivered_ms: Option<u64>,
     acked_ms: Option<u64>,
     expires_ms: Option<u64>,
     failed: bool,
     sampled: bool,
-    /// Real mode: the message id and its fragments (for sealing and retransmission).
-    real: Option<(MessageId, Vec<Fragment>)>,
+    /// The node of the recipient's mailbox it is deposited into.
+    dest_node: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug)]
 enum Side {
     Frag(u32, u16),
     Cover(u32),
+    /// A hello or a receipt (the client's own traffic, not a workload message).
+    Control,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -186,10 +283,9 @@ enum Ev {
     Cover {
         client: u32,
     },
-    Retransmit {
-        msg: u32,
-        frag: u16,
-        attempt: u8,
+    /// A client core's timer (retransmissions, receipts, queued sends).
+    ClientWake {
+        client: u32,
     },
     Toggle {
         client: u32,
@@ -221,7 +317,7 @@ impl Ev {
             Ev::Wake { .. } => "wake",
             Ev::NextMessage { .. } => "message",
             Ev::Cover { .. } => "cover",
-            Ev::Retransmit { .. } => "retransmit",
+            Ev::ClientWake { .. } => "client_wake",
             Ev::Toggle { .. } => "toggle",
             Ev::Fetch { .. } => "fetch",
             Ev::Sweep { .. } => "sweep",
@@ -244,8 +340,8 @@ impl Ev {
             Ev::NextMessage { client }
             | Ev::Cover { client }
             | Ev::Toggle { client }
-            | Ev::Fetch { client } => i64::from(*client),
-            Ev::Retransmit { msg, .. } => i64::from(*msg),
+            | Ev::Fetch { client }
+            | Ev::ClientWake { client } => i64::from(*client),
             Ev::Sample | Ev::Final => -1,
         }
     }
@@ -266,6 +362,9 @@ pub struct Counters {
     pub cover_sent: u64,
     /// Cover packets fetched back.
     pub cover_received: u64,
+    /// Hellos and receipts deposited by clients (their own traffic besides messages and
+    /// cover).
+    pub control_sent: u64,
     /// Hold-part packets sent to timer nodes.
     pub hold_parts_sent: u64,
     /// Packets put on any link (client or node).
@@ -284,11 +383,11 @@ pub struct Counters {
     pub deposit_refusals: BTreeMap<String, u64>,
     /// Final payloads refused (wrong kind for the node).
     pub payloads_refused: u64,
-    /// Deposit acks received by senders.
+    /// SURB replies (deposit and hold acks) fetched by clients.
     pub acks_received: u64,
     /// Transport duplicates a recipient fetched (suppressed by its dedup).
     pub duplicate_fragments_fetched: u64,
-    /// Fragments that failed at the sender (no route, or attempts exhausted).
+    /// Messages the sender's core gave up on (no route, or attempts exhausted).
     pub fragments_failed: u64,
     /// Route selections that failed.
     pub no_route: u64,
@@ -332,9 +431,6 @@ pub struct Sample {
 /// One sampled message's (entropy bits, anonymity set, normalised degree, whether the
 /// timing attack named the true sender).
 pub type MessageAnonymity = (f64, f64, f64, bool);
-
-/// A fragment ready to send: first hop, packet bytes, route (node indices), delays (ms).
-type Built = (u32, Vec<u8>, Vec<u32>, Vec<u64>);
 
 /// Per-message results the report needs.
 #[derive(Clone, Debug, Default)]
@@ -401,14 +497,12 @@ pub struct World {
     partitions: Vec<Partition>,
     msgs: Vec<Msg>,
     side: HashMap<DedupId, Side>,
-    by_message_id: HashMap<MessageId, u32>,
     entries: Vec<Entry>,
     counters: Counters,
     samples: Vec<Sample>,
     end_ms: u64,
     send_end_ms: u64,
     sample_stride: u64,
-    envelope_overhead: usize,
     keep_tags: bool,
     timers: Vec<u32>,
     log: Option<Box<dyn Write>>,
@@ -580,14 +674,12 @@ impl World {
             partitions: Vec::new(),
             msgs: Vec::new(),
             side: HashMap::new(),
-            by_message_id: HashMap::new(),
             entries: Vec::new(),
             counters: Counters::default(),
             samples: Vec::new(),
             end_ms,
             send_end_ms,
             sample_stride: 1,
-            envelope_overhead: 0,
             keep_tags,
             timers: Vec::new(),
             log,
@@ -598,7 +690,6 @@ impl World {
         world.partitions = world.resolve_partitions()?;
         world.rebuild_directory();
         world.open_destinations(start)?;
-        world.envelope_overhead = Self::measure_envelope_overhead(&tree)?;
         world.make_clients(&tree, start)?;
         world.schedule_start(&tree);
         Ok(world)
@@ -635,41 +726,6 @@ impl World {
                 .collect(),
         );
         router
-    }
-
-    fn measure_envelope_overhead(tree: &RngTree) -> Result<usize, ScenarioError> {
-        // The HPKE ciphertext's length beyond the fragment data, measured on a real seal so
-        // that fast mode stores exactly the bytes real mode would.
-        let mut rng = tree.stream("calibration", 0);
-        let secret = MailboxSecretKey::generate(&mut rng);
-        let signing = SigningKey::from_bytes(&[7u8; 32]);
-        let data = vec![0u8; 100];
-        let frags = fragment_message(MessageId::random(&mut rng), &data)
-            .map_err(|e| ScenarioError::Invalid(e.to_string()))?;
-        let frag = frags
-            .first()
-            .ok_or_else(|| ScenarioError::Invalid("no fragment".into()))?;
-        let access_token = AccessToken::random(&mut rng);
-        let dedup_id = DedupId::random(&mut rng);
-        let env = Envelope::seal(
-            &mut rng,
-            &secret.public_key(),
-            &signing,
-            OuterFields {
-                mailbox_id: MailboxId([1u8; 32]),
-                access_token,
-                dedup_id,
-                expires_at: None,
-                ack_surb: None,
-            },
-            &EnvelopeContent {
-                message_id: frag.message_id,
-                fragment: frag.info,
-                content: frag.data.clone(),
-            },
-        )
-        .map_err(|e| ScenarioError::Invalid(e.to_string()))?;
-        Ok(env.ciphertext_len().saturating_sub(data.len()))
     }
 
     fn resolve_partitions(&self) -> Result<Vec<Partition>, ScenarioError> {
@@ -709,6 +765,9 @@ impl World {
             .collect();
         let (directory, _rejected) = Directory::build(UnixTime(START_MS), &descriptors);
         self.directory = Arc::new(directory);
+        for c in &mut self.clients {
+            c.core.set_directory((*self.directory).clone());
+        }
         let now = self.q.now();
         for n in &mut self.nodes {
             let _ = n
@@ -727,7 +786,8 @@ impl World {
     fn core_config(&self) -> CoreConfig {
         CoreConfig {
             deposits_per_min: self.sc.limits.deposits_per_mailbox_per_min,
-            mailboxes_max: self.sc.topology.clients.max(1),
+            // One mailbox per contact relationship and side.
+            mailboxes_max: self.sc.topology.clients.saturating_mul(64).max(64),
             ..CoreConfig::default()
         }
     }
@@ -779,84 +839,163 @@ impl World {
         self.nodes.get(i)
     }
 
+    fn client_settings(&self) -> Settings {
+        let r = &self.sc.retransmit;
+        Settings {
+            receipts: self.sc.workload.receipts,
+            mix_layers: Some(self.sc.topology.mix_layers),
+            mix_delay_ms: self.sc.mixing.delay_ms_mean.round() as u64,
+            // Without retransmission nothing is ever due again (nor given up).
+            retransmit_after_ms: if r.enabled { r.after_ms } else { u64::MAX / 4 },
+            attempts_max: r.attempts_max.max(1),
+            retention_ms: RETENTION_MS,
+            ..Settings::default()
+        }
+    }
+
     fn make_clients(&mut self, tree: &RngTree, now: UnixTime) -> Result<(), ScenarioError> {
         let n = self.sc.topology.clients;
-        let real = self.mode == Mode::Real;
+        let settings = self.client_settings();
         for c in 0..n {
-            let mut rng = tree.stream("client", c as u64);
+            // Decisions and ids from one stream, key material and packet randomness from
+            // another: the same decisions in both modes.
             let mut seed = [0u8; 32];
-            rng.fill_bytes(&mut seed);
-            let signing = SigningKey::from_bytes(&seed);
-            let mailbox_id = MailboxId::random(&mut rng);
-            let access = AccessToken::random(&mut rng);
-            let reply_key = ReplyKey::random(&mut rng);
-            let (hpke, hpke_public, mailbox_key) = if real {
-                let s = MailboxSecretKey::generate(&mut rng);
-                let p = s.public_key();
-                let b = p.to_bytes();
-                (Some(s), Some(p), b)
-            } else {
-                let mut b = [0u8; 32];
-                rng.fill_bytes(&mut b);
-                (None, None, b)
-            };
-            let node_id = self
-                .directory
-                .mailbox_replicas(&mailbox_id, 1)
-                .first()
-                .copied()
-                .ok_or_else(|| ScenarioError::Invalid("no mailbox node".into()))?;
-            let node = *self
-                .index
-                .get(&node_id)
-                .ok_or_else(|| ScenarioError::Invalid("mailbox node unknown".into()))?;
-            let owner_key = signing.verifying_key().to_bytes();
-            let hash: [u8; 32] = Sha256::digest(access.as_bytes()).into();
-            let transcript = create_transcript(
-                &mailbox_id,
-                &mailbox_key,
-                &owner_key,
-                &hash,
-                Some(&reply_key.0),
-                RETENTION_MS,
-            );
-            let request = CreateMailbox {
-                mailbox_id,
-                mailbox_key,
-                owner_key,
-                access_key_hash: hash,
-                reply_key: Some(reply_key.0),
-                retention_ms: RETENTION_MS,
-                signature: ed25519_dalek::Signer::sign(&signing, &transcript).to_bytes(),
-            };
-            if let Some(core) = self
-                .nodes
-                .get_mut(node as usize)
-                .and_then(|n| n.mailbox.as_mut())
-            {
-                core.create_mailbox(now, request)
-                    .map_err(|e| ScenarioError::Invalid(format!("create mailbox: {e}")))?;
-            }
-            self.by_mailbox.insert(mailbox_id, c as u32);
+            tree.stream("client-route", c as u64).fill_bytes(&mut seed);
+            let rng = StdRng::from_seed(seed);
+            tree.stream("client", c as u64).fill_bytes(&mut seed);
+            let crypto_rng = StdRng::from_seed(seed);
+            let mut core = ClientCore::new("sim://directory", settings.clone(), rng, crypto_rng);
+            let builds = Arc::new(Mutex::new(Vec::new()));
+            core.set_codec(Box::new(SimCodec {
+                mode: self.mode,
+                builds: builds.clone(),
+            }));
+            core.set_directory((*self.directory).clone());
             self.clients.push(Client {
-                signing,
-                mailbox_id,
-                access,
-                reply_key,
-                hpke,
-                hpke_public,
-                node,
+                core,
+                builds,
                 contacts: Vec::new(),
                 sender: false,
                 online: true,
                 fetch_scheduled: false,
-                rng,
-                route: tree.stream("client-route", c as u64),
+                wake_at: None,
                 work: tree.stream("client-work", c as u64),
-                pending: HashMap::new(),
+                outgoing: HashMap::new(),
             });
         }
         self.make_graph();
+        self.introduce(now)
+    }
+
+    /// Every pair of users with an edge in the contact graph becomes a relationship before
+    /// the start: the lower index invites, the other accepts and sends its hello; packets
+    /// are carried out of band (no link, no delay, no router queue), so that the run starts
+    /// with established contacts and nothing of the setup in its metrics.
+    fn introduce(&mut self, now: UnixTime) -> Result<(), ScenarioError> {
+        let mut pairs = BTreeSet::new();
+        for (i, c) in self.clients.iter().enumerate() {
+            for &j in &c.contacts {
+                let i = i as u32;
+                pairs.insert((i.min(j), i.max(j)));
+            }
+        }
+        let t = ms(now);
+        let invalid = |e: whispr_client::ClientError| ScenarioError::Invalid(format!("setup: {e}"));
+        for (a, b) in pairs {
+            let plan = self
+                .client_mut(a)?
+                .core
+                .prepare_invite(t, Some(&name_of(b)), true)
+                .map_err(invalid)?;
+            self.create_mailbox(a, &plan.mailbox, plan.mailbox_key, plan.retention_ms, now)?;
+            let text = self.client_mut(a)?.core.commit_invite(t, plan);
+            let accept = self
+                .client_mut(b)?
+                .core
+                .accept_start(t, &text, &name_of(a))
+                .map_err(invalid)?;
+            self.create_mailbox(
+                b,
+                &accept.mailbox,
+                accept.mailbox_key,
+                accept.retention_ms,
+                now,
+            )?;
+            let otk = accept
+                .invitation
+                .one_time_key
+                .ok_or_else(|| ScenarioError::Invalid("setup: no one-time key".into()))?;
+            self.client_mut(b)?
+                .core
+                .accept_finish(t, &name_of(a), &accept.invitation, otk)
+                .map_err(invalid)?;
+            self.drive_client(b, true);
+            self.fetch_client(a, true);
+            self.fetch_client(b, true);
+        }
+        // Setup is not part of the run.
+        for c in &mut self.clients {
+            if let Ok(mut b) = c.builds.lock() {
+                b.clear();
+            }
+            c.core.take_notices();
+            c.core.take_unread();
+        }
+        self.side.clear();
+        self.counters = Counters::default();
+        Ok(())
+    }
+
+    fn client_mut(&mut self, c: u32) -> Result<&mut Client, ScenarioError> {
+        self.clients
+            .get_mut(c as usize)
+            .ok_or_else(|| ScenarioError::Invalid("no such client".into()))
+    }
+
+    /// Creates mailbox `m` of client `owner` on its node (what the client's driver does over
+    /// HTTP).
+    fn create_mailbox(
+        &mut self,
+        owner: u32,
+        m: &whispr_client::state::OwnedMailbox,
+        mailbox_key: [u8; 32],
+        retention_ms: u64,
+        now: UnixTime,
+    ) -> Result<(), ScenarioError> {
+        let mailbox_id = MailboxId(m.id);
+        let node = *self
+            .index
+            .get(&NodeId(m.node))
+            .ok_or_else(|| ScenarioError::Invalid("mailbox node unknown".into()))?;
+        let owner_key = owner_key(m);
+        let owner_pub = owner_key.verifying_key().to_bytes();
+        let hash: [u8; 32] = Sha256::digest(m.access).into();
+        let transcript = create_transcript(
+            &mailbox_id,
+            &mailbox_key,
+            &owner_pub,
+            &hash,
+            Some(&m.reply_key),
+            retention_ms,
+        );
+        let request = CreateMailbox {
+            mailbox_id,
+            mailbox_key,
+            owner_key: owner_pub,
+            access_key_hash: hash,
+            reply_key: Some(m.reply_key),
+            retention_ms,
+            signature: ed25519_dalek::Signer::sign(&owner_key, &transcript).to_bytes(),
+        };
+        if let Some(core) = self
+            .nodes
+            .get_mut(node as usize)
+            .and_then(|n| n.mailbox.as_mut())
+        {
+            core.create_mailbox(now, request)
+                .map_err(|e| ScenarioError::Invalid(format!("create mailbox: {e}")))?;
+        }
+        self.by_mailbox.insert(mailbox_id, owner);
         Ok(())
     }
 
@@ -1063,9 +1202,9 @@ impl World {
             }
             Ev::NextMessage { client } => self.next_message(client),
             Ev::Cover { client } => self.cover(client),
-            Ev::Retransmit { msg, frag, attempt } => self.retransmit(msg, frag, attempt),
+            Ev::ClientWake { client } => self.client_wake(client),
             Ev::Toggle { client } => self.toggle(client),
-            Ev::Fetch { client } => self.fetch(client),
+            Ev::Fetch { client } => self.fetch_client(client, false),
             Ev::Sweep { node } => {
                 let now = UnixTime(self.now());
                 if let Some(n) = self.nodes.get_mut(node as usize)
@@ -1083,7 +1222,7 @@ impl World {
             Ev::Final => {
                 // Everyone comes online one last time and fetches.
                 for c in 0..self.clients.len() as u32 {
-                    self.fetch(c);
+                    self.fetch_client(c, false);
                 }
                 self.sample();
             }
@@ -1279,7 +1418,7 @@ impl World {
         match result {
             Ok(receipt) => {
                 if !receipt.duplicate {
-                    self.on_stored(mailbox, dedup);
+                    self.on_stored(i, mailbox, dedup);
                 }
             }
             Err(e) => {
@@ -1325,41 +1464,39 @@ impl World {
         }
     }
 
-    fn on_stored(&mut self, mailbox: MailboxId, dedup: Option<DedupId>) {
+    fn on_stored(&mut self, node: usize, mailbox: MailboxId, dedup: Option<DedupId>) {
         let now = self.now();
         let Some(&client) = self.by_mailbox.get(&mailbox) else {
             return;
         };
-        let mut is_message = false;
-        if let Some(dedup) = dedup
-            && let Some(Side::Frag(m, f)) = self.side.get(&dedup).copied()
+        let side = dedup.and_then(|d| self.side.get(&d).copied());
+        // Hellos and receipts wait for their recipient like messages; acks and cover are
+        // fetched by the (awake) sender.
+        let is_message = matches!(side, Some(Side::Frag(..) | Side::Control));
+        if let Some(Side::Frag(m, f)) = side
             && let Some(msg) = self.msgs.get_mut(m as usize)
             && let Some(frag) = msg.frags.get_mut(f as usize)
+            && !frag.stored
         {
-            is_message = true;
-            if !frag.stored {
-                frag.stored = true;
-                if let Some(trace) = frag.trace.as_mut()
-                    && frag.attempts == 1
-                    && trace.exit_ms.is_none()
-                {
-                    trace.exit_ms = Some(now);
-                }
-                msg.stored_frags += 1;
-                if usize::from(msg.stored_frags) == msg.frags.len() {
-                    msg.stored_ms = Some(now);
-                }
+            frag.stored = true;
+            if let Some(trace) = frag.trace.as_mut()
+                && frag.builds == 1
+                && trace.exit_ms.is_none()
+            {
+                trace.exit_ms = Some(now);
+            }
+            msg.stored_frags += 1;
+            if usize::from(msg.stored_frags) == msg.frags.len() {
+                msg.stored_ms = Some(now);
             }
         }
         let online = self.clients.get(client as usize).is_some_and(|c| c.online);
-        // Acks and cover are fetched by the (awake) sender; messages when the recipient is
-        // online.
         if !is_message || online {
-            self.schedule_fetch(client);
+            self.schedule_fetch(client, node);
         }
     }
 
-    fn schedule_fetch(&mut self, client: u32) {
+    fn schedule_fetch(&mut self, client: u32, node: usize) {
         let now = self.now();
         let delay = self.sc.workload.fetch_delay_ms;
         let Some(c) = self.clients.get_mut(client as usize) else {
@@ -1369,7 +1506,7 @@ impl World {
             return;
         }
         c.fetch_scheduled = true;
-        let (node, endpoint) = (c.node as usize, self.nodes.len() + client as usize);
+        let endpoint = self.nodes.len() + client as usize;
         let push = self
             .client_link
             .latency
@@ -1381,181 +1518,455 @@ impl World {
         );
     }
 
-    fn fetch(&mut self, client: u32) {
+    /// Client `client` fetches every mailbox it owns (as its `sync` does), hands what comes
+    /// back to its core and carries out what the core asks for. `offline`: during setup.
+    fn fetch_client(&mut self, client: u32, offline: bool) {
         let now = self.now();
-        let batch = self.sc.limits.fetch_batch;
+        let batch = self.sc.limits.fetch_batch.max(1);
         let Some(c) = self.clients.get_mut(client as usize) else {
             return;
         };
         c.fetch_scheduled = false;
-        let mailbox = c.mailbox_id;
-        let owner = c.signing.verifying_key().to_bytes();
-        let node = c.node as usize;
-        if !self.nodes.get(node).is_some_and(|n| n.up) {
-            // The mailbox node is down: try again in a second.
-            if let Some(c) = self.clients.get_mut(client as usize) {
-                c.fetch_scheduled = true;
-            }
-            if now + 1000 < self.end_ms {
-                self.q.schedule(UnixTime(now + 1000), Ev::Fetch { client });
-            }
-            return;
-        }
-        loop {
-            let Some(core) = self.nodes.get_mut(node).and_then(|n| n.mailbox.as_mut()) else {
-                return;
+        let boxes = c.core.owned_mailboxes();
+        let mut down = None;
+        for m in boxes {
+            let Some(&node) = self.index.get(&NodeId(m.node)) else {
+                continue;
             };
-            let got = match core.fetch(UnixTime(now), &mailbox, &owner, None, batch) {
-                Ok(g) => g,
-                Err(e) => {
-                    self.violations
-                        .push(format!("fetch by client {client} refused: {e}"));
-                    return;
-                }
-            };
-            let Some(last) = got.last().map(|m| m.seq) else {
-                break;
-            };
-            let full = got.len() >= batch;
-            if let Err(e) = core.ack(&mailbox, &owner, last) {
-                self.violations
-                    .push(format!("ack by client {client} refused: {e}"));
-                return;
+            let node = node as usize;
+            if !self.nodes.get(node).is_some_and(|n| n.up) {
+                down = Some(node);
+                continue;
             }
-            for m in got {
-                if m.expires_at.0 <= now {
-                    self.violations.push(format!(
-                        "message served {} ms after its expiry",
-                        now - m.expires_at.0
-                    ));
-                }
-                self.fetched(client, m.body);
-            }
-            if !full {
-                break;
-            }
-        }
-        self.drain_core(node);
-    }
-
-    fn fetched(&mut self, client: u32, body: MessageBody) {
-        let now = self.now();
-        match body {
-            MessageBody::Envelope(bytes) => {
-                let Ok(env) = Envelope::decode(&bytes) else {
-                    self.violations
-                        .push("stored envelope does not decode".into());
-                    return;
+            let mailbox = MailboxId(m.id);
+            let owner = owner_key(&m).verifying_key().to_bytes();
+            while let Some(core) = self.nodes.get_mut(node).and_then(|n| n.mailbox.as_mut()) {
+                let got = match core.fetch(UnixTime(now), &mailbox, &owner, None, batch) {
+                    Ok(g) => g,
+                    Err(e) => {
+                        self.violations
+                            .push(format!("fetch by client {client} refused: {e}"));
+                        break;
+                    }
                 };
-                let dedup = env.outer.dedup_id;
-                match self.side.get(&dedup).copied() {
-                    Some(Side::Cover(owner)) => {
-                        if owner != client {
-                            self.violations
-                                .push("cover packet delivered to a wrong mailbox".into());
-                        }
-                        self.counters.cover_received += 1;
-                        self.side.remove(&dedup);
+                let Some(last) = got.last().map(|m| m.seq) else {
+                    break;
+                };
+                let full = got.len() >= batch;
+                let mut messages = Vec::with_capacity(got.len());
+                for m in got {
+                    if m.expires_at.0 <= now {
+                        self.violations.push(format!(
+                            "message served {} ms after its expiry",
+                            now - m.expires_at.0
+                        ));
                     }
-                    Some(Side::Frag(m, f)) => {
-                        if self.mode == Mode::Real {
-                            self.check_opened(client, m, f, &env);
-                        }
-                        let Some(msg) = self.msgs.get_mut(m as usize) else {
-                            return;
-                        };
-                        if msg.to != client {
-                            self.violations
-                                .push(format!("message {m} delivered to a wrong mailbox"));
-                            return;
-                        }
-                        let Some(frag) = msg.frags.get_mut(f as usize) else {
-                            return;
-                        };
-                        if frag.fetched {
-                            self.counters.duplicate_fragments_fetched += 1;
-                            return;
-                        }
-                        frag.fetched = true;
-                        msg.fetched_frags += 1;
-                        if usize::from(msg.fetched_frags) == msg.frags.len() {
-                            if msg.delivered_ms.is_some() {
-                                self.violations.push(format!("message {m} delivered twice"));
-                            }
-                            msg.delivered_ms = Some(now);
-                        }
-                    }
-                    None => self
-                        .violations
-                        .push("fetched an envelope nobody sent".into()),
+                    messages.push(self.fetched(client, m.seq, m.body));
                 }
-            }
-            MessageBody::SurbReply { surb_id, payload } => {
                 let Some(c) = self.clients.get_mut(client as usize) else {
                     return;
                 };
-                let Some((m, f, recovery)) = c.pending.remove(&surb_id) else {
-                    // An ack for a fragment already acked through another SURB.
-                    return;
-                };
-                let reply = recovery.open(&payload).and_then(|b| Reply::decode(&b));
-                let Some(msg) = self.msgs.get_mut(m as usize) else {
-                    return;
-                };
-                let Some(frag) = msg.frags.get_mut(f as usize) else {
-                    return;
-                };
-                match reply {
-                    Ok(Reply::DepositAck { dedup_id, .. }) if dedup_id == frag.dedup => {
-                        self.counters.acks_received += 1;
-                        if !frag.acked {
-                            frag.acked = true;
-                            msg.acked_frags += 1;
-                            if usize::from(msg.acked_frags) == msg.frags.len() {
-                                msg.acked_ms = Some(now);
-                            }
-                        }
-                    }
-                    _ => self
+                c.core.handle_fetched(now, &m.id, &messages);
+                let acked = self.drive_client(client, offline);
+                // The core acknowledges what it processed; nothing new means it had read
+                // these already (and a page that is not acknowledged would come back).
+                if !full
+                    || !acked
+                        .iter()
+                        .any(|(id, up_to)| *id == m.id && *up_to >= last)
+                {
+                    break;
+                }
+            }
+            if offline {
+                self.drain_core_offline(node);
+            } else {
+                self.drain_core(node);
+            }
+        }
+        if let Some(node) = down
+            && !offline
+        {
+            // A mailbox node is down: try again in a second.
+            if let Some(c) = self.clients.get_mut(client as usize) {
+                c.fetch_scheduled = true;
+            }
+            let _ = node;
+            if now + 1000 < self.end_ms {
+                self.q.schedule(UnixTime(now + 1000), Ev::Fetch { client });
+            }
+        }
+        // Like the real client's round: receipts, retransmissions, queued sends.
+        if let Some(c) = self.clients.get_mut(client as usize) {
+            let _ = c.core.handle_timeout(now);
+        }
+        self.drive_client(client, offline);
+    }
+
+    /// A message a mailbox core returned, as the mailbox API gives it to a client; follows
+    /// the fragments and cover it carries.
+    fn fetched(&mut self, client: u32, seq: u64, body: MessageBody) -> StoredMessage {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        match body {
+            MessageBody::Envelope(bytes) => {
+                match Envelope::decode(&bytes) {
+                    Ok(env) => self.follow_fetched(client, env.outer.dedup_id),
+                    Err(_) => self
                         .violations
-                        .push(format!("ack for message {m} does not open or match")),
+                        .push("stored envelope does not decode".into()),
+                }
+                StoredMessage {
+                    seq,
+                    kind: "envelope".into(),
+                    envelope: Some(b64.encode(bytes)),
+                    surb_id: None,
+                    payload: None,
+                    expires_at_ms: None,
+                }
+            }
+            MessageBody::SurbReply { surb_id, payload } => {
+                self.counters.acks_received += 1;
+                StoredMessage {
+                    seq,
+                    kind: "surb_reply".into(),
+                    envelope: None,
+                    surb_id: Some(hex::encode(surb_id.as_bytes())),
+                    payload: Some(b64.encode(payload)),
+                    expires_at_ms: None,
                 }
             }
         }
     }
 
-    fn check_opened(&mut self, client: u32, m: u32, f: u16, env: &Envelope) {
-        let Some(secret) = self
-            .clients
-            .get(client as usize)
-            .and_then(|c| c.hpke.as_ref())
-        else {
-            return;
-        };
-        let Some(msg) = self.msgs.get(m as usize) else {
-            return;
-        };
-        let expected_sender = self
-            .clients
-            .get(msg.from as usize)
-            .map(|c| c.signing.verifying_key());
-        match env.open(secret) {
-            Ok(opened) => {
-                let id_ok = msg
-                    .real
-                    .as_ref()
-                    .is_some_and(|(id, _)| *id == opened.content.message_id);
-                if Some(opened.sender) != expected_sender
-                    || !id_ok
-                    || u32::from(f) != opened.content.fragment.index
-                {
+    fn follow_fetched(&mut self, client: u32, dedup: DedupId) {
+        match self.side.get(&dedup).copied() {
+            Some(Side::Cover(owner)) => {
+                if owner != client {
                     self.violations
-                        .push(format!("message {m}: opened envelope does not match"));
+                        .push("cover packet delivered to a wrong mailbox".into());
+                }
+                self.counters.cover_received += 1;
+                self.side.remove(&dedup);
+            }
+            Some(Side::Frag(m, f)) => {
+                let Some(msg) = self.msgs.get_mut(m as usize) else {
+                    return;
+                };
+                if msg.to != client {
+                    self.violations
+                        .push(format!("message {m} delivered to a wrong mailbox"));
+                    return;
+                }
+                let Some(frag) = msg.frags.get_mut(f as usize) else {
+                    return;
+                };
+                if frag.fetched {
+                    self.counters.duplicate_fragments_fetched += 1;
+                    return;
+                }
+                frag.fetched = true;
+                msg.fetched_frags += 1;
+            }
+            Some(Side::Control) => {}
+            None => self
+                .violations
+                .push("fetched an envelope nobody sent".into()),
+        }
+    }
+
+    /// Carries out what client `client`'s core asks for: packets to their edge (or, during
+    /// setup, straight through the nodes), acknowledgements to mailbox cores. Then follows
+    /// what it built and what it told its user, and schedules its next timeout. The
+    /// acknowledgements made.
+    fn drive_client(&mut self, client: u32, offline: bool) -> Vec<([u8; 32], u64)> {
+        let now = self.now();
+        let mut acked = Vec::new();
+        loop {
+            let Some(c) = self.clients.get_mut(client as usize) else {
+                return acked;
+            };
+            let Some(out) = c.core.poll_output() else {
+                break;
+            };
+            match out {
+                ClientOutput::Transmit { edge, packet } => {
+                    if offline {
+                        self.carry_offline(edge, packet);
+                    } else if let Some(&to) = self.index.get(&edge) {
+                        self.transmit(From::Client(client), to, packet);
+                    }
+                }
+                ClientOutput::Save => {}
+                ClientOutput::Ack { mailbox, up_to } => {
+                    let Some(m) = c
+                        .core
+                        .owned_mailboxes()
+                        .into_iter()
+                        .find(|m| m.id == mailbox)
+                    else {
+                        continue;
+                    };
+                    let owner = owner_key(&m).verifying_key().to_bytes();
+                    if let Some(core) = self
+                        .index
+                        .get(&NodeId(m.node))
+                        .and_then(|&n| self.nodes.get_mut(n as usize))
+                        .filter(|n| n.up)
+                        .and_then(|n| n.mailbox.as_mut())
+                        && core.ack(&MailboxId(mailbox), &owner, up_to).is_ok()
+                    {
+                        acked.push((mailbox, up_to));
+                    }
                 }
             }
-            Err(e) => self
-                .violations
-                .push(format!("message {m}: envelope does not open: {e}")),
+        }
+        self.account_builds(client);
+        self.client_events(client, now);
+        if !offline {
+            self.schedule_wake(client);
+        }
+        acked
+    }
+
+    /// Follows the packets client `client` built: first sends and retransmissions of
+    /// message fragments (with the sampled messages' routes), cover, hellos and receipts,
+    /// hold parts.
+    fn account_builds(&mut self, client: u32) {
+        let Some(c) = self.clients.get(client as usize) else {
+            return;
+        };
+        let builds = match c.builds.lock() {
+            Ok(mut b) => std::mem::take(&mut *b),
+            Err(_) => return,
+        };
+        for b in builds {
+            let dedup_mailbox = match b.kind {
+                BuildKind::Deposit(d, m) => (d, m),
+                BuildKind::Hold => {
+                    self.counters.hold_parts_sent += 1;
+                    continue;
+                }
+                BuildKind::Other => continue,
+            };
+            let (dedup, mailbox) = dedup_mailbox;
+            match self.side.get(&dedup).copied() {
+                Some(Side::Frag(m, f)) => {
+                    let route: Vec<u32> = b
+                        .route
+                        .iter()
+                        .filter_map(|n| self.index.get(n).copied())
+                        .collect();
+                    let Some(msg) = self.msgs.get_mut(m as usize) else {
+                        continue;
+                    };
+                    let sampled = msg.sampled && f == 0;
+                    if msg.dest_node.is_none() {
+                        msg.dest_node = route.last().copied();
+                    }
+                    let Some(frag) = msg.frags.get_mut(f as usize) else {
+                        continue;
+                    };
+                    frag.builds = frag.builds.saturating_add(1);
+                    if frag.builds == 1 {
+                        self.counters.fragments_sent += 1;
+                        if sampled {
+                            frag.trace = Some(Trace {
+                                route,
+                                delays_ms: b.delays_ms,
+                                exit_ms: None,
+                            });
+                        }
+                    } else {
+                        self.counters.retransmissions += 1;
+                    }
+                }
+                Some(Side::Cover(_) | Side::Control) => {
+                    self.counters.retransmissions += 1;
+                }
+                None => {
+                    if self.by_mailbox.get(&mailbox) == Some(&client) {
+                        self.counters.cover_sent += 1;
+                        self.side.insert(dedup, Side::Cover(client));
+                    } else {
+                        self.counters.control_sent += 1;
+                        self.side.insert(dedup, Side::Control);
+                    }
+                }
+            }
+        }
+    }
+
+    /// What client `client`'s core told its user: messages received, stored and failed
+    /// sends, and anything that would be a bug.
+    fn client_events(&mut self, client: u32, now: u64) {
+        let Some(c) = self.clients.get_mut(client as usize) else {
+            return;
+        };
+        let notices = c.core.take_notices();
+        let unread = c.core.take_unread();
+        for n in notices {
+            let m = n.id.and_then(|id| c.outgoing.get(&id).copied());
+            match (n.kind.as_str(), m) {
+                ("stored", Some(m)) => {
+                    if let Some(msg) = self.msgs.get_mut(m as usize) {
+                        msg.acked_ms.get_or_insert(now);
+                    }
+                }
+                ("failed", Some(m)) => {
+                    if let Some(msg) = self.msgs.get_mut(m as usize)
+                        && !msg.failed
+                    {
+                        msg.failed = true;
+                        self.counters.fragments_failed += 1;
+                    }
+                }
+                ("undecryptable" | "identity_changed" | "invitation_reused", _) => self
+                    .violations
+                    .push(format!("client {client}: {}: {}", n.kind, n.text)),
+                _ => {}
+            }
+        }
+        for r in unread {
+            let Some(m) = message_index(&r.text) else {
+                self.violations.push(format!(
+                    "client {client} received a text the workload never sent"
+                ));
+                continue;
+            };
+            let Some(msg) = self.msgs.get_mut(m as usize) else {
+                continue;
+            };
+            if msg.to != client || r.from != name_of(msg.from) {
+                self.violations.push(format!(
+                    "message {m} received by the wrong client or from the wrong contact"
+                ));
+                continue;
+            }
+            if msg.delivered_ms.is_some() {
+                self.violations.push(format!("message {m} delivered twice"));
+                continue;
+            }
+            msg.delivered_ms = Some(now);
+        }
+    }
+
+    fn schedule_wake(&mut self, client: u32) {
+        let now = self.now();
+        let Some(c) = self.clients.get_mut(client as usize) else {
+            return;
+        };
+        let Some(t) = c.core.poll_timeout() else {
+            return;
+        };
+        // A core that wants to run "now" again runs at the next millisecond at the earliest,
+        // so that a core that cannot make progress does not spin.
+        let t = t.max(now + 1);
+        if c.wake_at.is_none_or(|w| t < w || w < now) && t <= self.end_ms {
+            c.wake_at = Some(t);
+            self.q.schedule(UnixTime(t), Ev::ClientWake { client });
+        }
+    }
+
+    fn client_wake(&mut self, client: u32) {
+        let now = self.now();
+        let Some(c) = self.clients.get_mut(client as usize) else {
+            return;
+        };
+        if c.wake_at != Some(now) {
+            // Superseded by an earlier wake that rescheduled.
+            return;
+        }
+        c.wake_at = None;
+        let _ = c.core.handle_timeout(now);
+        self.drive_client(client, false);
+    }
+
+    /// Setup: a client's packet goes through the nodes at once (no link, no queue, no
+    /// router), and what the destination answers comes back the same way.
+    fn carry_offline(&mut self, first: NodeId, packet: Vec<u8>) {
+        let now = self.now();
+        let epoch = KeyEpoch(now / whispr_protocol::KEY_EPOCH_LEN.as_millis() as u64);
+        let processor = self.mode.processor();
+        let mut node = first;
+        let mut bytes = packet;
+        for _ in 0..16 {
+            let Some(&i) = self.index.get(&node) else {
+                return;
+            };
+            let Some(key) = self
+                .nodes
+                .get(i as usize)
+                .and_then(|n| n.keys.iter().find(|(e, _)| *e == epoch))
+                .map(|(_, k)| SphinxSecretKey::from(*k))
+            else {
+                return;
+            };
+            let Ok(processed) = processor.process(&[&key], &bytes) else {
+                self.violations.push("setup packet does not open".into());
+                return;
+            };
+            let delivery = match processed.action {
+                HopAction::Forward {
+                    next_hop, packet, ..
+                } => {
+                    node = next_hop;
+                    bytes = packet.into_bytes();
+                    continue;
+                }
+                HopAction::Deliver {
+                    destination,
+                    plaintext,
+                } => match FinalMessage::decode_for(destination, &plaintext) {
+                    Ok(FinalMessage::Deposit(env)) => Incoming::Deposit(env),
+                    _ => return,
+                },
+                HopAction::DeliverSurbReply {
+                    destination,
+                    surb_id,
+                    sealed,
+                } => Incoming::SurbReply {
+                    mailbox_id: MailboxId(destination.0),
+                    surb_id,
+                    payload: sealed,
+                },
+            };
+            let Some(core) = self
+                .nodes
+                .get_mut(i as usize)
+                .and_then(|n| n.mailbox.as_mut())
+            else {
+                return;
+            };
+            if let Some(Err(e)) = core.deposit_many(UnixTime(now), vec![delivery]).pop() {
+                self.violations.push(format!("setup deposit refused: {e}"));
+            }
+            self.drain_core_offline(i as usize);
+            return;
+        }
+    }
+
+    /// Setup: a mailbox core's replies go back out of band.
+    fn drain_core_offline(&mut self, i: usize) {
+        loop {
+            let Some(core) = self.nodes.get_mut(i).and_then(|n| n.mailbox.as_mut()) else {
+                return;
+            };
+            let Some(out) = core.poll_output() else {
+                return;
+            };
+            match out {
+                CoreOutput::Reply { surb, reply } => {
+                    if let Ok((first, packet)) = reply
+                        .encode()
+                        .and_then(|bytes| self.mode.use_surb(&surb, &bytes))
+                    {
+                        self.carry_offline(first, packet.into_bytes());
+                    }
+                }
+                CoreOutput::ScheduleSweep { at } => {
+                    self.q.schedule(at, Ev::Sweep { node: i as u32 });
+                }
+            }
         }
     }
 
@@ -1564,7 +1975,31 @@ impl World {
         let Some(timer) = self.nodes.get_mut(i).and_then(|n| n.timer.as_mut()) else {
             return;
         };
-        let hold = match timer.holds.accept(now, part) {
+        let (hold_id, ack_surb) = (part.hold_id, part.ack_surb.clone());
+        let outcome = timer.holds.accept(now, part);
+        if outcome.is_ok()
+            && let Some(surb) = ack_surb
+        {
+            // The timer node acknowledges each part it took, as the real one does.
+            let sent = Reply::HoldAck {
+                hold_id,
+                cancelled: false,
+            }
+            .encode()
+            .and_then(|bytes| self.mode.use_surb(&surb, &bytes));
+            match sent {
+                Ok((first, packet)) => {
+                    if let Some(&to) = self.index.get(&first) {
+                        self.transmit(From::Peer(i as u32), to, packet.into_bytes());
+                    }
+                }
+                Err(_) => self.counters.replies_failed += 1,
+            }
+        }
+        let Some(timer) = self.nodes.get_mut(i).and_then(|n| n.timer.as_mut()) else {
+            return;
+        };
+        let hold = match outcome {
             Ok(PartOutcome::Complete(h)) => h,
             Ok(PartOutcome::Incomplete) => return,
             Err(_) => {
@@ -1684,43 +2119,43 @@ impl World {
             now
         };
         let id = self.msgs.len() as u32;
-        let frag_count = (size as usize).div_ceil(FRAGMENT_DATA_LEN).max(1);
-        let real = if self.mode == Mode::Real {
-            let Some(c) = self.clients.get_mut(client as usize) else {
-                return;
-            };
-            let message_id = MessageId::random(&mut c.rng);
-            let mut data = vec![0u8; size as usize];
-            c.rng.fill_bytes(&mut data);
-            match fragment_message(message_id, &data) {
-                Ok(f) => {
-                    self.by_message_id.insert(message_id, id);
-                    Some((message_id, f))
-                }
-                Err(_) => return,
-            }
-        } else {
-            None
-        };
         let sampled = !scheduled && u64::from(id) % self.sample_stride == 0;
-        let mut frags = Vec::with_capacity(frag_count);
-        for f in 0..frag_count {
-            let Some(c) = self.clients.get_mut(client as usize) else {
-                return;
-            };
-            let dedup = DedupId::random(&mut c.route);
-            self.side.insert(dedup, Side::Frag(id, f as u16));
-            frags.push(Frag {
-                dedup,
-                attempts: 0,
-                stored: false,
-                fetched: false,
-                acked: false,
-                trace: None,
-            });
-        }
         let expires_ms =
             (w.expire_after_s > 0.0).then(|| release + (w.expire_after_s * 1000.0) as u64);
+        let opts = SendOptions {
+            at_ms: scheduled.then_some(release),
+            expire_after: (w.expire_after_s > 0.0)
+                .then(|| Duration::from_secs_f64(w.expire_after_s)),
+        };
+        let Some(c) = self.clients.get_mut(client as usize) else {
+            return;
+        };
+        let sent = c
+            .core
+            .send(now, &name_of(to), &message_text(id, size), opts);
+        let mut frags = Vec::new();
+        let failed = match sent {
+            Ok(local) => {
+                c.outgoing.insert(local, id);
+                for (f, dedup) in c.core.fragment_dedups(local).into_iter().enumerate() {
+                    let dedup = DedupId(dedup);
+                    self.side.insert(dedup, Side::Frag(id, f as u16));
+                    frags.push(Frag {
+                        builds: 0,
+                        stored: false,
+                        fetched: false,
+                        trace: None,
+                    });
+                }
+                false
+            }
+            Err(_) => {
+                // No route (or no timer): the core refuses and forgets it.
+                self.counters.no_route += 1;
+                self.counters.fragments_failed += 1;
+                true
+            }
+        };
         self.msgs.push(Msg {
             from: client,
             to,
@@ -1729,289 +2164,19 @@ impl World {
             frags,
             stored_frags: 0,
             fetched_frags: 0,
-            acked_frags: 0,
             stored_ms: None,
             delivered_ms: None,
             acked_ms: None,
             expires_ms,
-            failed: false,
+            failed,
             sampled,
-            real,
+            dest_node: None,
         });
         self.counters.messages_sent += 1;
         if scheduled {
             self.counters.scheduled_sent += 1;
         }
-        for f in 0..frag_count {
-            self.counters.fragments_sent += 1;
-            if scheduled {
-                self.send_held(id, f as u16, release);
-            } else {
-                self.send_fragment(id, f as u16);
-            }
-        }
-    }
-
-    /// The key epoch of a time.
-    fn epoch(at_ms: u64) -> KeyEpoch {
-        KeyEpoch(at_ms / whispr_protocol::KEY_EPOCH_LEN.as_millis() as u64)
-    }
-
-    /// A fresh stratified route from `client` to node `target` for `epoch`, with the
-    /// client's exponential per-hop delays.
-    fn pick_route(
-        &mut self,
-        client: u32,
-        target: u32,
-        epoch: KeyEpoch,
-    ) -> Option<(Vec<RouteHop>, Vec<Duration>)> {
-        let mean = Duration::from_secs_f64(self.sc.mixing.delay_ms_mean / 1000.0);
-        let layers = self.sc.topology.mix_layers;
-        let target = self.nodes.get(target as usize)?.id;
-        let c = self.clients.get_mut(client as usize)?;
-        let Ok(route) = self
-            .directory
-            .select_route(&mut c.route, epoch, &target, layers)
-        else {
-            self.counters.no_route += 1;
-            return None;
-        };
-        let delays = sample_delays(&mut c.route, route.len() - 1, mean);
-        Some((route, delays))
-    }
-
-    /// A packet from `client` to node `target` (addressed to `destination` there) on a
-    /// fresh route for `epoch`.
-    fn route_packet(
-        &mut self,
-        client: u32,
-        target: u32,
-        destination: DestinationAddress,
-        plaintext: &[u8],
-        epoch: KeyEpoch,
-    ) -> Option<Built> {
-        let (route, delays) = self.pick_route(client, target, epoch)?;
-        let c = self.clients.get_mut(client as usize)?;
-        let packet = self
-            .mode
-            .build_packet(&mut c.rng, &route, &delays, destination, plaintext)
-            .ok()?;
-        let path: Vec<u32> = route
-            .iter()
-            .filter_map(|h| self.index.get(&h.node).copied())
-            .collect();
-        let first = *path.first()?;
-        let delays_ms = delays.iter().map(|d| d.as_millis() as u64).collect();
-        Some((first, packet.into_bytes(), path, delays_ms))
-    }
-
-    /// Builds fragment `f` of message `m` for sending at `at_ms` (its epoch's keys), with a
-    /// SURB for the deposit ack back into the sender's mailbox.
-    fn build_fragment(&mut self, m: u32, f: u16, at_ms: u64) -> Option<Built> {
-        let epoch = Self::epoch(at_ms);
-        let msg = self.msgs.get(m as usize)?;
-        let (from, to, expires) = (msg.from, msg.to, msg.expires_ms);
-        let dedup = msg.frags.get(f as usize)?.dedup;
-        let content = msg.real.as_ref().and_then(|(id, frags)| {
-            frags.get(f as usize).map(|fr| EnvelopeContent {
-                message_id: *id,
-                fragment: fr.info,
-                content: fr.data.clone(),
-            })
-        });
-        let data_len = if f as usize + 1 == msg.frags.len() {
-            let rem = msg.size as usize % FRAGMENT_DATA_LEN;
-            if rem == 0 && msg.size > 0 {
-                FRAGMENT_DATA_LEN
-            } else {
-                rem
-            }
-        } else {
-            FRAGMENT_DATA_LEN
-        };
-        let recipient = self.clients.get(to as usize)?;
-        let (r_mailbox, r_access, r_node, r_hpke) = (
-            recipient.mailbox_id,
-            recipient.access,
-            recipient.node,
-            recipient.hpke_public.clone(),
-        );
-        let own_node = self.clients.get(from as usize)?.node;
-        let (back, back_delays) = self.pick_route(from, own_node, epoch)?;
-        let mode = self.mode;
-        let sender = self.clients.get_mut(from as usize)?;
-        let surb_id = sender
-            .reply_key
-            .mint_surb_id(&mut sender.route, &sender.mailbox_id);
-        let (surb, recovery) = mode
-            .create_surb(
-                &mut sender.rng,
-                &back,
-                &back_delays,
-                DestinationAddress::mailbox(&sender.mailbox_id),
-                surb_id,
-            )
-            .ok()?;
-        let outer = OuterFields {
-            mailbox_id: r_mailbox,
-            access_token: r_access,
-            dedup_id: dedup,
-            expires_at: expires.map(UnixTime),
-            ack_surb: Some(surb),
-        };
-        let envelope = match (mode, content, r_hpke) {
-            (Mode::Real, Some(content), Some(key)) => {
-                Envelope::seal(&mut sender.rng, &key, &sender.signing, outer, &content).ok()?
-            }
-            _ => Envelope::filler(outer, data_len + self.envelope_overhead).ok()?,
-        };
-        let plaintext = FinalMessage::Deposit(envelope).encode().ok()?;
-        let built = self.route_packet(
-            from,
-            r_node,
-            DestinationAddress::mailbox(&r_mailbox),
-            &plaintext,
-            epoch,
-        )?;
-        if let Some(sender) = self.clients.get_mut(from as usize) {
-            sender.pending.insert(surb_id, (m, f, recovery));
-        }
-        Some(built)
-    }
-
-    fn send_fragment(&mut self, m: u32, f: u16) {
-        let now = self.now();
-        let Some((first, bytes, route, delays)) = self.build_fragment(m, f, now) else {
-            self.fail_fragment(m);
-            return;
-        };
-        let Some(msg) = self.msgs.get_mut(m as usize) else {
-            return;
-        };
-        let from = msg.from;
-        let sampled = msg.sampled && f == 0;
-        let Some(frag) = msg.frags.get_mut(f as usize) else {
-            return;
-        };
-        frag.attempts = frag.attempts.saturating_add(1);
-        let attempt = frag.attempts;
-        if sampled && attempt == 1 {
-            frag.trace = Some(Trace {
-                route,
-                delays_ms: delays,
-                exit_ms: None,
-            });
-        }
-        if attempt > 1 {
-            self.counters.retransmissions += 1;
-        }
-        self.transmit(From::Client(from), first, bytes);
-        if self.sc.retransmit.enabled {
-            self.q.schedule(
-                UnixTime(now + self.sc.retransmit.after_ms),
-                Ev::Retransmit {
-                    msg: m,
-                    frag: f,
-                    attempt,
-                },
-            );
-        }
-    }
-
-    /// A fragment of message `m` cannot be sent (no route) or was given up: so is `m`.
-    fn fail_fragment(&mut self, m: u32) {
-        self.counters.fragments_failed += 1;
-        if let Some(msg) = self.msgs.get_mut(m as usize) {
-            msg.failed = true;
-        }
-    }
-
-    fn send_held(&mut self, m: u32, f: u16, release: u64) {
-        let now = self.now();
-        let Some((first, bytes, _, _)) = self.build_fragment(m, f, release) else {
-            self.fail_fragment(m);
-            return;
-        };
-        let Some(msg) = self.msgs.get_mut(m as usize) else {
-            return;
-        };
-        let from = msg.from;
-        if let Some(frag) = msg.frags.get_mut(f as usize) {
-            frag.attempts = 1;
-        }
-        let Some(first_hop) = self.nodes.get(first as usize).map(|n| n.id) else {
-            return;
-        };
-        let timers = self.timers.clone();
-        let Some(c) = self.clients.get_mut(from as usize) else {
-            return;
-        };
-        let Some(&timer) = timers.get(c.route.random_range(0..timers.len().max(1))) else {
-            self.fail_fragment(m);
-            return;
-        };
-        let hold_id = HoldId::random(&mut c.route);
-        let half = PACKET_SIZE / 2;
-        let parts = [bytes.get(..half), bytes.get(half..)];
-        for (index, data) in parts.into_iter().enumerate() {
-            let part = HeldPacketPart {
-                hold_id,
-                part_index: index as u32,
-                part_count: 2,
-                release_at: UnixTime(release),
-                cancel_hash: [0u8; 32],
-                first_hop,
-                data: data.unwrap_or_default().to_vec(),
-                ack_surb: None,
-            };
-            let Ok(plaintext) = FinalMessage::Hold(part).encode() else {
-                self.fail_fragment(m);
-                return;
-            };
-            let Some((first, bytes, _, _)) = self.route_packet(
-                from,
-                timer,
-                DestinationAddress::NODE_SERVICE,
-                &plaintext,
-                Self::epoch(now),
-            ) else {
-                self.fail_fragment(m);
-                return;
-            };
-            self.transmit(From::Client(from), first, bytes);
-            self.counters.hold_parts_sent += 1;
-        }
-        if self.sc.retransmit.enabled {
-            self.q.schedule(
-                UnixTime(release.max(now) + self.sc.retransmit.after_ms),
-                Ev::Retransmit {
-                    msg: m,
-                    frag: f,
-                    attempt: 1,
-                },
-            );
-        }
-    }
-
-    fn retransmit(&mut self, m: u32, f: u16, attempt: u8) {
-        let max = self.sc.retransmit.attempts_max;
-        let Some(msg) = self.msgs.get(m as usize) else {
-            return;
-        };
-        if msg.failed {
-            return;
-        }
-        let Some(frag) = msg.frags.get(f as usize) else {
-            return;
-        };
-        if frag.acked || frag.attempts != attempt {
-            return;
-        }
-        if u32::from(attempt) >= max {
-            self.fail_fragment(m);
-            return;
-        }
-        self.send_fragment(m, f);
+        self.drive_client(client, false);
     }
 
     fn cover(&mut self, client: u32) {
@@ -2028,51 +2193,10 @@ impl World {
         if !c.online {
             return;
         }
-        let dedup = DedupId::random(&mut c.route);
-        let outer = OuterFields {
-            mailbox_id: c.mailbox_id,
-            access_token: c.access,
-            dedup_id: dedup,
-            expires_at: None,
-            ack_surb: None,
-        };
-        let envelope = match (&c.hpke_public, self.mode) {
-            (Some(key), Mode::Real) => {
-                let content = EnvelopeContent {
-                    message_id: MessageId::random(&mut c.rng),
-                    fragment: match fragment_message(MessageId([0u8; 16]), &[]) {
-                        Ok(f) => match f.into_iter().next() {
-                            Some(f) => f.info,
-                            None => return,
-                        },
-                        Err(_) => return,
-                    },
-                    content: Vec::new(),
-                };
-                Envelope::seal(&mut c.rng, key, &c.signing, outer, &content)
-            }
-            _ => Envelope::filler(outer, self.envelope_overhead),
-        };
-        let Ok(envelope) = envelope else {
-            return;
-        };
-        let mailbox = c.mailbox_id;
-        let node = c.node;
-        let Ok(plaintext) = FinalMessage::Deposit(envelope).encode() else {
-            return;
-        };
-        let Some((first, bytes, _, _)) = self.route_packet(
-            client,
-            node,
-            DestinationAddress::mailbox(&mailbox),
-            &plaintext,
-            Self::epoch(now),
-        ) else {
-            return;
-        };
-        self.side.insert(dedup, Side::Cover(client));
-        self.counters.cover_sent += 1;
-        self.transmit(From::Client(client), first, bytes);
+        if c.core.send_cover(now).is_err() {
+            self.counters.no_route += 1;
+        }
+        self.drive_client(client, false);
     }
 
     fn toggle(&mut self, client: u32) {
@@ -2089,7 +2213,14 @@ impl World {
         self.q
             .schedule(UnixTime(now + gap.max(1)), Ev::Toggle { client });
         if online {
-            self.schedule_fetch(client);
+            // The push latency of the client's first mailbox node stands for its polls'.
+            let node = c
+                .core
+                .owned_mailboxes()
+                .first()
+                .and_then(|m| self.index.get(&NodeId(m.node)).copied())
+                .unwrap_or(0);
+            self.schedule_fetch(client, node as usize);
         }
     }
 
@@ -2285,13 +2416,8 @@ impl World {
             if m.acked_ms.is_some() {
                 r.acked += 1;
             }
-            if self
-                .nodes
-                .get(
-                    self.clients
-                        .get(m.to as usize)
-                        .map_or(0, |c| c.node as usize),
-                )
+            if m.dest_node
+                .and_then(|n| self.nodes.get(n as usize))
                 .is_some_and(|n| n.compromised)
             {
                 r.recipient_node_compromised += 1;

@@ -33,6 +33,11 @@
 //!   when `router.edge` is set): the client writes frames of [`PACKET_SIZE`] bytes; after each
 //!   one the relay writes one status byte ([`client_status_code`]). Each stream is one
 //!   [`ClientId`] for the rate limits.
+//! * [`ACKED_PACKETS_PROTOCOL`] (`/whispr/packets-acked/1`), between nodes, served by every
+//!   node: frames of [`PACKET_SIZE`] bytes, each answered with the router's verdict as one
+//!   status byte (the same codes). [`MeshHandle::send_acknowledged`] sends one packet per
+//!   stream this way (timer nodes releasing held packets: a release counts only once its first
+//!   hop has taken it). Same stream limits as [`PACKETS_PROTOCOL`], counted apart.
 //!
 //! # Descriptors
 //!
@@ -69,7 +74,10 @@ use crate::router::{ClientId, DropReason, Router, Source};
 use crate::storage::{ReplayStore, RocksOptions, RocksReplayStore};
 
 pub use shared::{LocalDestination, MeshError};
-pub use streams::{CLIENT_PROTOCOL, PACKETS_PROTOCOL, client_status_code, client_status_decode};
+pub use streams::{
+    ACKED_PACKETS_PROTOCOL, CLIENT_PROTOCOL, PACKETS_PROTOCOL, client_status_code,
+    client_status_decode,
+};
 pub use swarm::{DESCRIPTOR_TOPIC, directory_rebuild_interval};
 
 use self::metrics::Metrics;
@@ -139,6 +147,7 @@ impl Mesh {
             node_id,
             peer_id,
             inbox: inbox_tx,
+            control: built.control.clone(),
             next_client: AtomicU64::new(1),
             directory: RwLock::new(Arc::new(Directory::default())),
             directory_bytes: RwLock::new(Arc::new(Directory::encode(&[]))),
@@ -250,6 +259,40 @@ impl MeshHandle {
             mpsc::error::TrySendError::Full(_) => MeshError::QueueFull,
             mpsc::error::TrySendError::Closed(_) => MeshError::Stopped,
         })
+    }
+
+    /// Sends a packet this node originates to `first_hop` and waits for the first hop's
+    /// verdict: `Ok` only once the first hop's router has taken the packet (for a remote first
+    /// hop, over [`ACKED_PACKETS_PROTOCOL`], one stream per packet; for this node, from the
+    /// local router as [`Source::Local`]). [`MeshError::Refused`] with the first hop's reason,
+    /// [`MeshError::Unreachable`] when no verdict came (within about 80 s at most),
+    /// [`MeshError::UnknownHop`] when `first_hop` is not in the directory,
+    /// [`MeshError::Stopped`] after shutdown. For a node that must not lose the packet (a
+    /// timer node releasing a held packet); [`MeshHandle::send`] is fire-and-forget.
+    pub async fn send_acknowledged(
+        &self,
+        first_hop: NodeId,
+        packet: Packet,
+    ) -> Result<(), MeshError> {
+        if self.shared.stopped.load(Ordering::Relaxed) || self.shared.inbox.is_closed() {
+            return Err(MeshError::Stopped);
+        }
+        if first_hop == self.shared.node_id {
+            return shared::submit(&self.shared.inbox, Source::Local, packet.into_bytes())
+                .await
+                .map_err(MeshError::Refused);
+        }
+        if read(&self.shared.directory).get(&first_hop).is_none() {
+            return Err(MeshError::UnknownHop);
+        }
+        let Some(peer) = streams::peer_id_of(&first_hop) else {
+            return Err(MeshError::UnknownHop);
+        };
+        match streams::send_acknowledged(self.shared.control.clone(), peer, &packet).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(reason)) => Err(MeshError::Refused(reason)),
+            Err(why) => Err(MeshError::Unreachable(why)),
+        }
     }
 
     /// Sends `reply` through `surb` (acks, prekey bundles): the reply is encoded, sealed into
@@ -383,6 +426,7 @@ impl MeshRunner {
             swarm,
             control,
             packets_in,
+            acked_in,
             clients_in,
         } = built;
 
@@ -411,7 +455,14 @@ impl MeshRunner {
         tasks.spawn(streams::accept_peers(
             packets_in,
             shared.inbox.clone(),
-            capacity_rx,
+            Some(capacity_rx),
+            config.descriptors_max,
+            shared.clone(),
+        ));
+        tasks.spawn(streams::accept_peers(
+            acked_in,
+            shared.inbox.clone(),
+            None,
             config.descriptors_max,
             shared.clone(),
         ));

@@ -55,6 +55,12 @@ pub enum TimerError {
         /// The bound.
         max: usize,
     },
+    /// The timer node stores `holds.held_max` holds and tombstones: no new one is accepted.
+    #[error("too many holds stored ({max})")]
+    HoldsFull {
+        /// The bound.
+        max: usize,
+    },
     /// No task with this id.
     #[error("no such task")]
     NotFound,

@@ -22,8 +22,14 @@
 //! * `release_at` may be at most [`HoldConfig::release_ahead_max_ms`] ahead of now and at most
 //!   [`HoldConfig::release_late_max_ms`] behind it;
 //! * at most [`HoldConfig::partial_max`] holds are being assembled at once: a part that would
-//!   start another one is refused ([`HoldError::TableFull`]); nothing is evicted to make room.
-//!   A partial hold is dropped [`HoldConfig::partial_ttl_secs`] after its first part arrived.
+//!   start another one makes room by dropping the partial hold whose first part arrived first
+//!   (counted, [`HoldAssembler::evicted_total`]; its sender retransmits, having had no
+//!   acknowledgement). Refusing instead let anyone lock every new hold out by keeping the table
+//!   full with first parts (security review, finding 14: about 17 parts/s at the defaults);
+//!   now a flood must drop a real hold between the arrival of its first and last parts, a few
+//!   seconds, so it needs about `partial_max` / that gap parts per second. Only with
+//!   `partial_max = 0` is a part refused ([`HoldError::TableFull`]). A partial hold is also
+//!   dropped [`HoldConfig::partial_ttl_secs`] after its first part arrived.
 //!
 //! A refused part changes nothing. The assembler is sans-IO: it never reads a clock (every
 //! call takes `now`) and keeps its state in memory only (partial holds are lost on restart;
@@ -47,8 +53,8 @@ const DAY_MS: u64 = 24 * 3600 * 1000;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HoldConfig {
-    /// Most holds being assembled (some parts arrived, not all) at once. Default 10,000
-    /// (about 40 MiB at most).
+    /// Most holds being assembled (some parts arrived, not all) at once; a new one drops the
+    /// oldest when full. Default 10,000 (about 40 MiB at most).
     pub partial_max: usize,
     /// A partial hold is dropped this long after its first part arrived. Default 600 s.
     pub partial_ttl_secs: u64,
@@ -59,6 +65,19 @@ pub struct HoldConfig {
     /// A release time further in the past than this is refused (the packet's Sphinx keys have
     /// most likely expired by then). Default 1 hour (one key epoch).
     pub release_late_max_ms: u64,
+    /// Most holds a timer node stores at once: held sends waiting for their release (retrying
+    /// or quarantined included) and the tombstones of cancelled holds, which keep a cancelled
+    /// hold's id until no part of it can be accepted any more. A hold that would go over it is
+    /// refused, and so is the cancel of a hold still being assembled (its tombstone needs a
+    /// place; the sender retries). The cancel of a stored hold never needs one: its tombstone
+    /// takes the hold's place. Each place costs a sender two packets (two parts, or a part and
+    /// a cancel) and lasts until the release time plus `release_late_max_ms`. Used by the timer
+    /// node, not by the assembler. Default 1,000,000.
+    pub held_max: usize,
+    /// Final payloads (hold parts, cancels) from the mesh handled at once, each on a blocking
+    /// thread (a synced write); more are dropped and counted (senders retransmit what is not
+    /// acknowledged). Used by the timer node's mesh layer. Default 64.
+    pub deliveries_in_flight_max: usize,
 }
 
 impl Default for HoldConfig {
@@ -68,6 +87,8 @@ impl Default for HoldConfig {
             partial_ttl_secs: 600,
             release_ahead_max_ms: DAY_MS,
             release_late_max_ms: 3600 * 1000,
+            held_max: 1_000_000,
+            deliveries_in_flight_max: 64,
         }
     }
 }
@@ -105,7 +126,7 @@ pub enum HoldError {
         /// [`PACKET_SIZE`].
         expected: usize,
     },
-    /// [`HoldConfig::partial_max`] holds are being assembled: a new one is refused.
+    /// [`HoldConfig::partial_max`] is 0: a hold of more than one part is refused.
     #[error("too many partial holds ({max})")]
     TableFull {
         /// The bound.
@@ -190,6 +211,8 @@ pub struct HoldAssembler {
     partials: BTreeMap<HoldId, Partial>,
     /// The same holds ordered by when their first part arrived, for expiry.
     by_start: BTreeSet<(UnixTime, HoldId)>,
+    /// Partial holds dropped to make room, since start.
+    evicted: u64,
 }
 
 impl fmt::Debug for HoldAssembler {
@@ -220,7 +243,18 @@ impl HoldAssembler {
             config,
             partials: BTreeMap::new(),
             by_start: BTreeSet::new(),
+            evicted: 0,
         }
+    }
+
+    /// Partial holds dropped so far to make room for new ones (a counter for metrics).
+    pub fn evicted_total(&self) -> u64 {
+        self.evicted
+    }
+
+    /// The release time of a hold being assembled.
+    pub fn release_at(&self, hold_id: &HoldId) -> Option<UnixTime> {
+        self.partials.get(hold_id).map(|p| p.release_at)
     }
 
     /// The limits in force.
@@ -326,12 +360,19 @@ impl HoldAssembler {
                 )
                 .map(PartOutcome::Complete);
             }
-            None if self.partials.len() >= self.config.partial_max => {
-                return Err(HoldError::TableFull {
-                    max: self.config.partial_max,
-                });
+            None if self.config.partial_max == 0 => {
+                return Err(HoldError::TableFull { max: 0 });
             }
-            None => {}
+            None => {
+                // Full: the oldest partial hold makes room.
+                while self.partials.len() >= self.config.partial_max {
+                    let Some((_, oldest)) = self.by_start.pop_first() else {
+                        break;
+                    };
+                    self.partials.remove(&oldest);
+                    self.evicted = self.evicted.saturating_add(1);
+                }
+            }
         }
         // The part is accepted from here on.
         let hold_id = part.hold_id;

@@ -23,22 +23,38 @@ use crate::node::{CancelOutcome, HoldOutcome, TimerNode};
 /// The mesh side's counters (kept in [`crate::metrics`], below the node, which shows them).
 pub use crate::metrics::MeshMetrics;
 
-/// Sends due held packets into the mesh.
+/// Sends due held packets into the mesh, each with
+/// [`MeshHandle::send_acknowledged`]: an injection succeeds only once the packet's first hop
+/// has taken it (security review, finding 9). Otherwise the task fails, is retried with
+/// back-off and ends in quarantine after `queue.attempts_max` attempts; it is never completed
+/// on a local enqueue.
 pub struct MeshInjector {
     mesh: MeshHandle,
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl MeshInjector {
-    /// Injects through `mesh`.
+    /// Injects through `mesh`. Call it within the Tokio runtime the mesh runs on: injections
+    /// (on the worker's blocking threads) wait for the first hop's verdict on it.
     pub fn new(mesh: MeshHandle) -> MeshInjector {
-        MeshInjector { mesh }
+        MeshInjector {
+            mesh,
+            runtime: tokio::runtime::Handle::try_current().ok(),
+        }
     }
 }
 
 impl PacketInjector for MeshInjector {
+    /// Blocks until the first hop's verdict (about 80 s at most); must not run on an async
+    /// worker thread (the timer node calls it on a blocking thread).
     fn inject(&self, send: DeferredSend) -> Result<(), String> {
-        self.mesh
-            .send(send.first_hop, send.packet)
+        let runtime = self
+            .runtime
+            .clone()
+            .or_else(|| tokio::runtime::Handle::try_current().ok())
+            .ok_or_else(|| "no Tokio runtime to reach the mesh".to_string())?;
+        runtime
+            .block_on(self.mesh.send_acknowledged(send.first_hop, send.packet))
             .map_err(|e| e.to_string())
     }
 }
@@ -49,15 +65,21 @@ pub struct TimerDestination {
     node: TimerNode,
     mesh: MeshHandle,
     metrics: Arc<MeshMetrics>,
+    /// Deliveries being handled (`holds.deliveries_in_flight_max`).
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl TimerDestination {
     /// Delivers into `node`, answering through `mesh`.
     pub fn new(node: TimerNode, mesh: MeshHandle, metrics: Arc<MeshMetrics>) -> TimerDestination {
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(
+            node.hold_config().deliveries_in_flight_max.max(1),
+        ));
         TimerDestination {
             node,
             mesh,
             metrics,
+            in_flight,
         }
     }
 
@@ -131,8 +153,18 @@ impl TimerDestination {
 
 impl LocalDestination for TimerDestination {
     fn deliver(&self, delivery: Delivery) {
+        // At most `holds.deliveries_in_flight_max` at once (security review, finding 14: the
+        // blocking pool's queue is unbounded); the rest are dropped and counted, and their
+        // senders retransmit what is not acknowledged.
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            self.metrics.deliveries_shed.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
         let this = self.clone();
         // Accepting a hold is a synced RocksDB write.
-        tokio::task::spawn_blocking(move || this.handle(delivery));
+        tokio::task::spawn_blocking(move || {
+            this.handle(delivery);
+            drop(permit);
+        });
     }
 }

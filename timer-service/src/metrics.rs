@@ -26,6 +26,8 @@ pub struct MeshMetrics {
     pub acks_sent: AtomicU64,
     /// Acknowledgements that could not be sent.
     pub acks_failed: AtomicU64,
+    /// Final payloads dropped because `holds.deliveries_in_flight_max` were being handled.
+    pub deliveries_shed: AtomicU64,
 }
 
 impl MeshMetrics {
@@ -71,6 +73,11 @@ impl MeshMetrics {
                     "acks_failed",
                     "Acknowledgements that could not be sent.",
                     &self.acks_failed,
+                ),
+                (
+                    "deliveries_shed",
+                    "Final payloads dropped while holds.deliveries_in_flight_max were handled.",
+                    &self.deliveries_shed,
                 ),
             ],
         )

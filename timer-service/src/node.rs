@@ -48,8 +48,10 @@ use crate::task::{Category, FiredTask, NewTask, TaskId};
 
 const AUDIT_ANCHOR_KEY: &str = "audit_anchor";
 const ACTOR: &str = "admin-api";
-/// Payload prefix of the maintenance task that stands for a cancelled hold until its release
-/// time has passed (plus the late window), so that a retransmitted part cannot bring it back.
+/// Payload prefix of the task that stands for a cancelled hold until its release time has
+/// passed (plus the late window), so that a retransmitted part cannot bring it back: a
+/// deferred-send task under the hold's id (a maintenance task in stores written before
+/// security review finding 14 was fixed; those are still honoured).
 const HOLD_TOMBSTONE: &[u8] = b"hold-tombstone:";
 
 fn tombstone_hash(payload: &[u8]) -> Option<[u8; 32]> {
@@ -173,6 +175,9 @@ impl NodeConfig {
         if self.holds.partial_ttl_secs == 0 {
             return fail("holds.partial_ttl_secs", "must be at least 1");
         }
+        if self.holds.deliveries_in_flight_max == 0 {
+            return fail("holds.deliveries_in_flight_max", "must be at least 1");
+        }
         if let Some(mesh) = &self.mesh {
             mesh.check_destination()?;
         }
@@ -199,6 +204,7 @@ pub struct FiredRecord {
 struct CategoryMetrics {
     fired: AtomicU64,
     failed: AtomicU64,
+    quarantined: AtomicU64,
     lag_buckets: [AtomicU64; LAG_BUCKETS_MS.len()],
     lag_count: AtomicU64,
     lag_sum_ms: AtomicU64,
@@ -208,8 +214,6 @@ struct CategoryMetrics {
 struct Metrics {
     per_category: [CategoryMetrics; 3],
     auth_failures: AtomicU64,
-    /// Cancelled holds whose tombstone could not be stored.
-    tombstones_lost: AtomicU64,
 }
 
 fn category_index(c: Category) -> usize {
@@ -430,9 +434,11 @@ impl TimerNode {
         let id = TaskId(hold_id.0);
         let mut state = self.lock();
         if let Some(meta) = state.queue.task(&id) {
-            if meta.category == Category::Maintenance
-                && let Some(hash) = tombstone_hash(&state.queue.payload(&id)?)
-            {
+            let category = meta.category;
+            let payload = state.queue.payload(&id)?;
+            // A cancelled hold's tombstone (in its own place since finding 14 of the security
+            // review; in the maintenance queue before).
+            if let Some(hash) = tombstone_hash(&payload) {
                 if hash != part.cancel_hash {
                     return Err(HoldError::Mismatch.into());
                 }
@@ -441,10 +447,10 @@ impl TimerNode {
                     ack_surbs: part.ack_surb.into_iter().collect(),
                 });
             }
-            if meta.category != Category::DeferredSend {
+            if category != Category::DeferredSend {
                 return Err(HoldError::Mismatch.into());
             }
-            let stored = DeferredSend::decode(&state.queue.payload(&id)?)?;
+            let stored = DeferredSend::decode(&payload)?;
             if stored.first_hop != part.first_hop || stored.cancel_hash != part.cancel_hash {
                 return Err(HoldError::Mismatch.into());
             }
@@ -457,6 +463,10 @@ impl TimerNode {
             PartOutcome::Incomplete => return Ok(HoldOutcome::Incomplete),
             PartOutcome::Complete(hold) => hold,
         };
+        let held_max = self.shared.config.holds.held_max;
+        if state.queue.count(Category::DeferredSend) >= held_max {
+            return Err(TimerError::HoldsFull { max: held_max });
+        }
         let ack_surbs = std::mem::take(&mut hold.ack_surbs);
         let (task_id, task) = release_task(hold);
         let outcome = state.queue.schedule_with_id(at, task_id, task)?;
@@ -472,6 +482,11 @@ impl TimerNode {
         })
     }
 
+    /// The `[holds]` limits in force.
+    pub fn hold_config(&self) -> &HoldConfig {
+        &self.shared.config.holds
+    }
+
     /// Records the mesh this node joined: its metrics and health join the admin API's.
     /// Only the first call counts.
     pub fn attach_mesh(&self, mesh: whispr_relay::mesh::MeshHandle, metrics: Arc<MeshMetrics>) {
@@ -479,15 +494,20 @@ impl TimerNode {
     }
 
     /// Cancels a held packet (called by the mesh layer for `FinalMessage::Cancel`) if
-    /// SHA-256(`capability`) equals its cancel hash (compared in constant time): a stored hold
-    /// is removed from the store before this returns, a hold still being assembled loses its
-    /// parts.
+    /// SHA-256(`capability`) equals its cancel hash (compared in constant time). Before this
+    /// returns, the hold's tombstone is on disk, due at its release time plus
+    /// `holds.release_late_max_ms`: until then a part of the hold (a late retransmission, or a
+    /// replay) is answered "cancelled" and cannot rebuild it. A stored hold is replaced by its
+    /// tombstone in one write (which needs no room of its own); a hold still being assembled
+    /// loses its parts once its tombstone is stored. A cancel sent again is acknowledged again.
     ///
     /// Errors, all changing nothing: [`TimerError::NotFound`] when no hold `hold_id` is
-    /// stored or being assembled (never received, fired already, or cancelled already);
+    /// stored or being assembled (never received, or fired already);
     /// [`TimerError::BadCapability`] when the capability does not match;
     /// [`TimerError::WrongState`] when the hold is being injected at this moment (it may have
-    /// left already; if injecting it fails, it can be cancelled again before its retry).
+    /// left already; if injecting it fails, it can be cancelled again before its retry);
+    /// [`TimerError::HoldsFull`] (or the queue's [`TimerError::QueueFull`]) when a hold being
+    /// assembled has no room for its tombstone (the sender retries the cancel).
     pub fn cancel_hold(
         &self,
         hold_id: HoldId,
@@ -497,67 +517,73 @@ impl TimerNode {
         let matches =
             |cancel_hash: &[u8; 32]| bool::from(cancel_hash.as_slice().ct_eq(presented.as_slice()));
         let id = TaskId(hold_id.0);
+        let late = Duration::from_millis(self.shared.config.holds.release_late_max_ms);
+        let at = now();
         let mut state = self.lock();
+        let tombstone = |cancel_hash: &[u8; 32], release_at: UnixTime| {
+            let mut payload = HOLD_TOMBSTONE.to_vec();
+            payload.extend_from_slice(cancel_hash);
+            NewTask {
+                category: Category::DeferredSend,
+                priority: 0,
+                due_at: UnixTime(release_at.saturating_add(late).0.max(at.0)),
+                payload,
+                owner: None,
+            }
+        };
         match state.queue.task(&id) {
-            Some(meta) if meta.category == Category::DeferredSend => {
-                let stored = DeferredSend::decode(&state.queue.payload(&id)?)?;
+            Some(meta) => {
+                let (category, due_at) = (meta.category, meta.due_at);
+                let payload = state.queue.payload(&id)?;
+                if let Some(hash) = tombstone_hash(&payload) {
+                    // A cancel sent again: acknowledged again if it holds the capability.
+                    return if matches(&hash) {
+                        Ok(CancelOutcome::Cancelled { hold_id })
+                    } else {
+                        Err(TimerError::BadCapability)
+                    };
+                }
+                if category != Category::DeferredSend {
+                    return Err(TimerError::NotFound);
+                }
+                let stored = DeferredSend::decode(&payload)?;
                 if !matches(&stored.cancel_hash) {
                     return Err(TimerError::BadCapability);
                 }
                 if state.queue.is_running(&id) {
                     return Err(TimerError::WrongState("being injected"));
                 }
-                let until = meta.due_at.saturating_add(Duration::from_millis(
-                    self.shared.config.holds.release_late_max_ms,
-                ));
-                state.queue.cancel(&id)?;
-                // The tombstone keeps the id until no part of this hold can be accepted any
-                // more. It is written after the cancel: if it cannot be (crash, full
-                // maintenance queue), only that protection is lost — the cancel stands and is
-                // acknowledged, and a late part rebuilding the hold would inject the very same
-                // packet, which its first hop's replay filter refuses within the key epochs.
-                let mut payload = HOLD_TOMBSTONE.to_vec();
-                payload.extend_from_slice(&stored.cancel_hash);
-                let at = now();
-                let tombstone = state.queue.schedule_with_id(
-                    at,
-                    id,
-                    NewTask {
-                        category: Category::Maintenance,
-                        priority: 0,
-                        due_at: UnixTime(until.0.max(at.0)),
-                        payload,
-                        owner: None,
-                    },
-                );
+                // `due_at` is the release time, or a later retry: either way no part of the
+                // hold is accepted after it plus the late window.
+                state
+                    .queue
+                    .replace(at, &id, tombstone(&stored.cancel_hash, due_at))?;
                 drop(state);
-                if let Err(e) = tombstone {
-                    self.shared
-                        .metrics
-                        .tombstones_lost
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, "cancelled hold's tombstone not stored");
-                }
                 self.shared.wake.notify_one();
                 Ok(CancelOutcome::Cancelled { hold_id })
             }
-            Some(meta) if meta.category == Category::Maintenance => {
-                // A cancel sent again: acknowledged again if it holds the capability.
-                match tombstone_hash(&state.queue.payload(&id)?) {
-                    Some(hash) if matches(&hash) => Ok(CancelOutcome::Cancelled { hold_id }),
-                    Some(_) => Err(TimerError::BadCapability),
-                    None => Err(TimerError::NotFound),
+            None => {
+                let (Some(cancel_hash), Some(release_at)) = (
+                    state.holds.cancel_hash(&hold_id).copied(),
+                    state.holds.release_at(&hold_id),
+                ) else {
+                    return Err(TimerError::NotFound);
+                };
+                if !matches(&cancel_hash) {
+                    return Err(TimerError::BadCapability);
                 }
+                let held_max = self.shared.config.holds.held_max;
+                if state.queue.count(Category::DeferredSend) >= held_max {
+                    return Err(TimerError::HoldsFull { max: held_max });
+                }
+                state
+                    .queue
+                    .schedule_with_id(at, id, tombstone(&cancel_hash, release_at))?;
+                state.holds.discard(&hold_id);
+                drop(state);
+                self.shared.wake.notify_one();
+                Ok(CancelOutcome::PartialDiscarded { hold_id })
             }
-            Some(_) => Err(TimerError::NotFound),
-            None => match state.holds.cancel_hash(&hold_id).map(matches) {
-                None => Err(TimerError::NotFound),
-                Some(false) => Err(TimerError::BadCapability),
-                Some(true) => {
-                    state.holds.discard(&hold_id);
-                    Ok(CancelOutcome::PartialDiscarded { hold_id })
-                }
-            },
         }
     }
 
@@ -626,7 +652,10 @@ impl TimerNode {
                 metrics.failed.fetch_add(1, Ordering::Relaxed);
                 state.queue.fail(finished, &id).map(|o| match o {
                     FailOutcome::Retry(_) => "retry",
-                    FailOutcome::Quarantined => "quarantined",
+                    FailOutcome::Quarantined => {
+                        metrics.quarantined.fetch_add(1, Ordering::Relaxed);
+                        "quarantined"
+                    }
                 })
             };
             match result {
@@ -694,6 +723,8 @@ impl TimerNode {
 /// Runs one fired task's handler (on a blocking thread).
 fn handle(injector: &dyn PacketInjector, task: FiredTask) -> Result<(), String> {
     match task.category {
+        // A cancelled hold's tombstone has served its time: nothing is sent.
+        Category::DeferredSend if tombstone_hash(&task.payload).is_some() => Ok(()),
         Category::DeferredSend => {
             let send = DeferredSend::decode(&task.payload).map_err(|e| e.to_string())?;
             injector.inject(send)
@@ -999,7 +1030,10 @@ async fn admin_fired(
 
 async fn metrics(State(node): State<TimerNode>) -> impl IntoResponse {
     use std::fmt::Write;
-    let stats = node.lock().queue.stats(now());
+    let (stats, evicted) = {
+        let state = node.lock();
+        (state.queue.stats(now()), state.holds.evicted_total())
+    };
     let m = &node.shared.metrics;
     let mut out = String::new();
     let _ = writeln!(
@@ -1100,12 +1134,26 @@ async fn metrics(State(node): State<TimerNode>) -> impl IntoResponse {
         "whispr_timer_admin_auth_failures_total {}",
         m.auth_failures.load(Ordering::Relaxed)
     );
+    let _ = writeln!(
+        out,
+        "# HELP whispr_timer_quarantined_total Tasks quarantined after failing queue.attempts_max times."
+    );
+    let _ = writeln!(out, "# TYPE whispr_timer_quarantined_total counter");
+    for c in Category::ALL {
+        let _ = writeln!(
+            out,
+            "whispr_timer_quarantined_total{{category=\"{}\"}} {}",
+            c.name(),
+            m.category(c).quarantined.load(Ordering::Relaxed)
+        );
+    }
+    let evicted = AtomicU64::new(evicted);
     out.push_str(&whispr_relay::http::prometheus_counters(
         "whispr_timer",
         &[(
-            "tombstones_lost",
-            "Cancelled holds whose tombstone (which refuses late parts) could not be stored.",
-            &m.tombstones_lost,
+            "partial_holds_evicted",
+            "Partial holds dropped to make room for new ones (holds.partial_max).",
+            &evicted,
         )],
     ));
     if let Some((mesh, mesh_metrics)) = node.shared.mesh.get() {

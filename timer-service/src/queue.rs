@@ -721,6 +721,47 @@ impl<S: TaskStore, R: CryptoRng> TimerQueue<S, R> {
         Ok(ids.len())
     }
 
+    /// Replaces a task that is not running, in one synced write, by another under the same id
+    /// and in the same category: new priority, due time and payload, attempts reset, scheduled
+    /// (e.g. a cancelled held send by its tombstone, which then needs no room of its own).
+    /// [`TimerError::NotFound`] without such a task, [`TimerError::WrongState`] while it runs;
+    /// the new task is checked as [`Self::schedule`] checks one (except the queue's capacity
+    /// and the owner's daily count, which the replaced task held already).
+    pub fn replace(&mut self, now: UnixTime, id: &TaskId, task: NewTask) -> Result<()> {
+        let old = self.get(id)?.clone();
+        if self.leased.contains_key(id) {
+            return Err(TimerError::WrongState("running"));
+        }
+        if task.category != old.category {
+            return Err(TimerError::WrongState("in another category"));
+        }
+        self.validate(now, &task)?;
+        let meta = TaskMeta {
+            id: *id,
+            category: old.category,
+            priority: task.priority,
+            due_at: task.due_at,
+            created_at: now,
+            attempts: 0,
+            state: TaskState::Scheduled,
+            payload_len: u32::try_from(task.payload.len()).unwrap_or(u32::MAX),
+        };
+        self.store.apply(vec![Mutation::PutTask {
+            meta: meta.clone(),
+            payload: Some(task.payload),
+            previous_due: Some(old.due_at),
+        }])?;
+        self.unindex(&old);
+        self.index(&meta);
+        self.tasks.insert(*id, meta);
+        Ok(())
+    }
+
+    /// Tasks held in `category` (scheduled, running and quarantined).
+    pub fn count(&self, category: Category) -> usize {
+        self.counts.get(&category).copied().unwrap_or(0)
+    }
+
     /// A stored task's record.
     pub fn task(&self, id: &TaskId) -> Option<&TaskMeta> {
         self.tasks.get(id)

@@ -242,7 +242,7 @@ fn release_time_must_be_within_the_configured_window() {
 }
 
 #[test]
-fn a_full_table_refuses_new_holds_but_completes_the_ones_it_has() {
+fn a_full_table_drops_its_oldest_partial_hold_for_a_new_one() {
     let mut a = HoldAssembler::new(HoldConfig {
         partial_max: 2,
         ..HoldConfig::default()
@@ -255,31 +255,44 @@ fn a_full_table_refuses_new_holds_but_completes_the_ones_it_has() {
             PartOutcome::Incomplete
         );
     }
+    // A new hold drops the oldest (by its first part's arrival, then id), counted.
     let third = split(12, &packet_bytes(12), 2);
+    let later = UnixTime(T0.0 + 1);
     assert_eq!(
-        a.accept(T0, third[0].clone()),
-        Err(HoldError::TableFull { max: 2 })
+        a.accept(later, third[0].clone()).unwrap(),
+        PartOutcome::Incomplete
     );
     assert_eq!(a.len(), 2);
-    assert!(a.contains(&HoldId([10; 16])) && a.contains(&HoldId([11; 16])));
+    assert_eq!(a.evicted_total(), 1);
+    assert!(!a.contains(&HoldId([10; 16])));
+    assert!(a.contains(&HoldId([11; 16])) && a.contains(&HoldId([12; 16])));
     // One-part holds need no room.
     assert!(matches!(
-        a.accept(T0, split(13, &packet_bytes(13), 1).remove(0)),
+        a.accept(later, split(13, &packet_bytes(13), 1).remove(0)),
         Ok(PartOutcome::Complete(_))
     ));
-    // Completing a hold makes room.
-    let hold = complete(a.accept(T0, held[0][1].clone()).unwrap());
-    assert_eq!(hold.packet.as_bytes(), packet_bytes(10).as_slice());
+    assert_eq!(a.evicted_total(), 1);
+    // The others complete.
+    let hold = complete(a.accept(later, held[1][1].clone()).unwrap());
+    assert_eq!(hold.packet.as_bytes(), packet_bytes(11).as_slice());
+    let hold = complete(a.accept(later, third[1].clone()).unwrap());
+    assert_eq!(hold.packet.as_bytes(), packet_bytes(12).as_slice());
+    assert!(a.is_empty());
+    // Without room at all, holds of more than one part are refused.
+    let mut none = HoldAssembler::new(HoldConfig {
+        partial_max: 0,
+        ..HoldConfig::default()
+    });
     assert_eq!(
-        a.accept(T0, third[0].clone()).unwrap(),
-        PartOutcome::Incomplete
+        none.accept(T0, held[0][0].clone()),
+        Err(HoldError::TableFull { max: 0 })
     );
 }
 
 #[test]
 fn partial_holds_expire_after_their_ttl() {
     let mut a = HoldAssembler::new(HoldConfig {
-        partial_max: 1,
+        partial_max: 2,
         partial_ttl_secs: 60,
         ..HoldConfig::default()
     });
@@ -291,23 +304,22 @@ fn partial_holds_expire_after_their_ttl() {
     );
     let just_before = UnixTime(T0.0 + 59_999);
     assert_eq!(
-        a.accept(just_before, new[0].clone()),
-        Err(HoldError::TableFull { max: 1 })
-    );
-    assert_eq!(a.expire(just_before), 0);
-    // At the TTL the old hold is dropped, and the new one gets its place.
-    let at_ttl = UnixTime(T0.0 + 60_000);
-    assert_eq!(
-        a.accept(at_ttl, new[0].clone()).unwrap(),
+        a.accept(just_before, new[0].clone()).unwrap(),
         PartOutcome::Incomplete
     );
-    assert!(!a.contains(&old[0].hold_id));
-    // The old hold's second part now starts a new partial hold (refused here: table full).
+    assert_eq!(a.expire(just_before), 0);
+    assert!(a.contains(&old[0].hold_id));
+    // At the TTL the old hold is dropped (not evicted: the table had room).
+    let at_ttl = UnixTime(T0.0 + 60_000);
+    assert_eq!(a.expire(at_ttl), 1);
+    assert!(!a.contains(&old[0].hold_id) && a.contains(&new[0].hold_id));
+    // The old hold's second part now starts a new partial hold.
     assert_eq!(
-        a.accept(at_ttl, old[1].clone()),
-        Err(HoldError::TableFull { max: 1 })
+        a.accept(at_ttl, old[1].clone()).unwrap(),
+        PartOutcome::Incomplete
     );
-    assert_eq!(a.expire(UnixTime(T0.0 + 120_000)), 1);
+    assert_eq!(a.evicted_total(), 0);
+    assert_eq!(a.expire(UnixTime(T0.0 + 120_000)), 2);
     assert!(a.is_empty());
 }
 

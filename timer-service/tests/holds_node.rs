@@ -442,14 +442,16 @@ fn the_right_capability_cancels_and_the_hold_never_fires() {
     let store = RocksStore::open(&dir.path().join("db"), RocksOptions::default()).unwrap();
     let queue =
         TimerQueue::open(QueueConfig::default(), store, ChaCha20Rng::seed_from_u64(1)).unwrap();
-    // Only the cancelled hold's tombstone is left (until its release time plus the late
-    // window); no packet.
+    // Only the cancelled hold's tombstone is left, in the hold's own place (until its release
+    // time plus the late window); no packet.
     let left: Vec<Category> = [TaskId(cancelled.id.0), TaskId(kept.id.0)]
         .iter()
         .filter_map(|id| queue.task(id).map(|t| t.category))
         .collect();
-    assert_eq!(left, vec![Category::Maintenance]);
+    assert_eq!(left, vec![Category::DeferredSend]);
     assert_eq!(queue.len(), 1);
+    let tombstone = queue.payload(&TaskId(cancelled.id.0)).unwrap();
+    assert!(DeferredSend::decode(&tombstone).is_err(), "no packet left");
 }
 
 /// An injector that records the first hop of what it is given, signals when it is called,
@@ -537,18 +539,21 @@ fn a_hold_still_being_assembled_can_be_cancelled() {
         node.cancel_hold(h.id, &h.capability),
         Ok(CancelOutcome::PartialDiscarded { hold_id: h.id })
     );
-    // Its last part alone no longer completes it.
-    assert_eq!(
-        node.accept_hold_part(h.parts[2].clone()).unwrap(),
-        HoldOutcome::Incomplete
-    );
+    // Its parts no longer complete it: its tombstone answers them "cancelled".
+    for part in &h.parts {
+        assert!(matches!(
+            node.accept_hold_part(part.clone()),
+            Ok(HoldOutcome::Cancelled { hold_id, .. }) if hold_id == h.id
+        ));
+    }
+    // A cancel sent again is acknowledged again; a wrong capability still is not.
     assert_eq!(
         node.cancel_hold(h.id, &h.capability),
-        Ok(CancelOutcome::PartialDiscarded { hold_id: h.id })
+        Ok(CancelOutcome::Cancelled { hold_id: h.id })
     );
     assert_eq!(
-        node.cancel_hold(h.id, &h.capability),
-        Err(TimerError::NotFound)
+        node.cancel_hold(h.id, &CancelCapability([1; 32])),
+        Err(TimerError::BadCapability)
     );
 }
 
@@ -610,4 +615,162 @@ fn holds_config_is_a_table_with_unknown_keys_refused() {
         NodeConfig::load(&path).unwrap_err().key,
         "holds.partial_ttl_secs"
     );
+}
+
+/// Security review, finding 14: anyone could fill the table of partial holds with first parts
+/// (10,000 at 600 s each, about 17 parts/s), after which every new hold of two parts or more
+/// was refused. A full table now makes room by dropping its oldest partial hold (counted), so
+/// a flood has to outpace the few seconds between the parts of a real hold.
+#[test]
+fn a_flood_of_first_parts_does_not_lock_out_a_fresh_hold() {
+    let dir = TempDir::new().unwrap();
+    let node = TimerNode::open(config(dir.path()), Arc::new(Recorder::default())).unwrap();
+    let partial_max = HoldConfig::default().partial_max;
+    let mut rng = ChaCha20Rng::seed_from_u64(14);
+    let release_at = in_ms(3_600_000);
+    for _ in 0..partial_max {
+        let id: [u8; 16] = rand::RngExt::random(&mut rng);
+        let part = HeldPacketPart {
+            hold_id: HoldId(id),
+            part_index: 0,
+            part_count: 2,
+            release_at,
+            cancel_hash: [0; 32],
+            first_hop: NodeId([1; 32]),
+            data: vec![0; PACKET_SIZE / 2],
+            ack_surb: None,
+        };
+        assert_eq!(
+            node.accept_hold_part(part).unwrap(),
+            HoldOutcome::Incomplete
+        );
+    }
+    let fresh = hold(30, release_at, 2);
+    assert_eq!(
+        node.accept_hold_part(fresh.parts[0].clone()),
+        Ok(HoldOutcome::Incomplete),
+        "a fresh hold's first part is refused once attackers filled the partial table"
+    );
+    assert!(matches!(
+        node.accept_hold_part(fresh.parts[1].clone()),
+        Ok(HoldOutcome::Scheduled { hold_id, .. }) if hold_id == fresh.id
+    ));
+}
+
+/// Security review, finding 14: the tombstone of a cancelled hold was a task of the shared
+/// maintenance queue, written after the cancel and skipped when that queue was full. The
+/// cancel was acknowledged anyway, and the hold's parts sent again rebuilt it: the "cancelled"
+/// message was delivered. The tombstone now takes the hold's own place, in the same write.
+#[test]
+fn a_cancelled_hold_stays_cancelled_when_the_maintenance_queue_is_full() {
+    let dir = TempDir::new().unwrap();
+    // The maintenance queue (one task at most here) is full.
+    {
+        let store = RocksStore::open(&dir.path().join("db"), RocksOptions::default()).unwrap();
+        let mut queue =
+            TimerQueue::open(QueueConfig::default(), store, ChaCha20Rng::seed_from_u64(2)).unwrap();
+        queue
+            .schedule(
+                now(),
+                whispr_timer_service::task::NewTask {
+                    category: Category::Maintenance,
+                    priority: 0,
+                    due_at: in_ms(24 * 3600 * 1000),
+                    payload: b"noop".to_vec(),
+                    owner: None,
+                },
+            )
+            .unwrap();
+    }
+    let mut config = config(dir.path());
+    config.queue.queue_tasks_max = 1;
+    let node = TimerNode::open(config, Arc::new(Recorder::default())).unwrap();
+    let victim = hold(32, in_ms(3_600_000), 2);
+    for part in &victim.parts {
+        node.accept_hold_part(part.clone()).unwrap();
+    }
+    assert_eq!(
+        node.cancel_hold(victim.id, &victim.capability),
+        Ok(CancelOutcome::Cancelled { hold_id: victim.id })
+    );
+    // Both parts sent again (late retransmissions still in the mixes, or an attacker who
+    // recorded them) must not bring the cancelled hold back.
+    for part in &victim.parts {
+        let outcome = node.accept_hold_part(part.clone());
+        assert!(
+            matches!(outcome, Ok(HoldOutcome::Cancelled { .. })),
+            "a part of a cancelled hold gave {outcome:?}"
+        );
+    }
+}
+
+/// Security review, finding 14: a hold cancelled while its parts were still arriving left no
+/// trace, so its parts arriving (again) after the cancel rebuilt it and it was delivered.
+#[test]
+fn a_hold_cancelled_while_being_assembled_cannot_be_rebuilt_by_late_parts() {
+    let dir = TempDir::new().unwrap();
+    let node = TimerNode::open(config(dir.path()), Arc::new(Recorder::default())).unwrap();
+    let h = hold(33, in_ms(3_600_000), 2);
+    assert_eq!(
+        node.accept_hold_part(h.parts[0].clone()),
+        Ok(HoldOutcome::Incomplete)
+    );
+    assert_eq!(
+        node.cancel_hold(h.id, &h.capability),
+        Ok(CancelOutcome::PartialDiscarded { hold_id: h.id })
+    );
+    for part in &h.parts {
+        let outcome = node.accept_hold_part(part.clone());
+        assert!(
+            matches!(outcome, Ok(HoldOutcome::Cancelled { hold_id, .. }) if hold_id == h.id),
+            "a late part of a hold cancelled while being assembled gave {outcome:?}"
+        );
+    }
+}
+
+/// Security review, finding 14: held sends and tombstones are bounded by `holds.held_max`
+/// (the deferred-send queue held up to `queue.queue_tasks_max`, a million, before). The
+/// cancel of a stored hold needs no room (its tombstone takes its place); the cancel of a
+/// hold being assembled does, and is refused (unacknowledged: the sender retries) without it.
+#[test]
+fn held_sends_and_tombstones_are_bounded_by_holds_held_max() {
+    let dir = TempDir::new().unwrap();
+    let mut config = config(dir.path());
+    config.holds.held_max = 2;
+    let node = TimerNode::open(config, Arc::new(Recorder::default())).unwrap();
+    let release_at = in_ms(3_600_000);
+    let (a, b, c) = (
+        hold(40, release_at, 1),
+        hold(41, release_at, 1),
+        hold(42, release_at, 2),
+    );
+    for h in [&a, &b] {
+        assert!(matches!(
+            node.accept_hold_part(h.parts[0].clone()),
+            Ok(HoldOutcome::Scheduled { .. })
+        ));
+    }
+    // A hold being assembled takes no place yet, but cannot be stored once complete.
+    assert_eq!(
+        node.accept_hold_part(c.parts[0].clone()),
+        Ok(HoldOutcome::Incomplete)
+    );
+    assert_eq!(
+        node.cancel_hold(c.id, &c.capability),
+        Err(TimerError::HoldsFull { max: 2 })
+    );
+    assert_eq!(
+        node.accept_hold_part(c.parts[1].clone()),
+        Err(TimerError::HoldsFull { max: 2 })
+    );
+    // A stored hold is cancelled in place, full or not.
+    assert_eq!(
+        node.cancel_hold(a.id, &a.capability),
+        Ok(CancelOutcome::Cancelled { hold_id: a.id })
+    );
+    assert!(matches!(
+        node.accept_hold_part(a.parts[0].clone()),
+        Ok(HoldOutcome::Cancelled { .. })
+    ));
+    assert!(TimerError::HoldsFull { max: 2 }.is_caller_error());
 }

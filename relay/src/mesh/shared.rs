@@ -53,6 +53,14 @@ pub enum MeshError {
     /// The first hop of a locally sent packet is not in the directory.
     #[error("first hop not in the directory")]
     UnknownHop,
+    /// The first hop answered a packet sent with [`super::MeshHandle::send_acknowledged`]
+    /// with a refusal.
+    #[error("first hop refused the packet: {}", .0.label())]
+    Refused(DropReason),
+    /// No verdict came for a packet sent with [`super::MeshHandle::send_acknowledged`]: the
+    /// first hop is down, unreachable or too slow, or the link broke.
+    #[error("first hop unreachable: {0}")]
+    Unreachable(String),
     /// A task of the mesh failed.
     #[error("mesh task failed: {0}")]
     Task(String),
@@ -106,6 +114,8 @@ pub(super) struct Shared {
     pub(super) node_id: NodeId,
     pub(super) peer_id: PeerId,
     pub(super) inbox: mpsc::Sender<RouterEvent>,
+    /// Opens streams for [`super::MeshHandle::send_acknowledged`].
+    pub(super) control: libp2p_stream::Control,
     pub(super) next_client: AtomicU64,
     pub(super) directory: RwLock<Arc<Directory>>,
     pub(super) directory_bytes: RwLock<Arc<Vec<u8>>>,

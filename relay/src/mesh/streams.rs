@@ -24,6 +24,11 @@ pub const PACKETS_PROTOCOL: StreamProtocol = StreamProtocol::new("/whispr/packet
 /// The client protocol of edge relays: frames of `PACKET_SIZE` bytes, each answered with a
 /// status byte ([`client_status_code`]).
 pub const CLIENT_PROTOCOL: StreamProtocol = StreamProtocol::new("/whispr/client/1");
+/// The acknowledged packet protocol between nodes, served by every node: frames of
+/// `PACKET_SIZE` bytes from a peer, each answered with the router's verdict as a status byte
+/// ([`client_status_code`]). A node that must know its packet was taken (a timer node
+/// releasing a held packet) sends it this way instead of on [`PACKETS_PROTOCOL`].
+pub const ACKED_PACKETS_PROTOCOL: StreamProtocol = StreamProtocol::new("/whispr/packets-acked/1");
 
 /// First back-off after a failed stream open or write.
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
@@ -37,6 +42,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Concurrent inbound packet streams from one peer, at most.
 const PEER_STREAMS_MAX: usize = 4;
+/// Longest wait for the verdict on an acknowledged packet.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The status byte answering a client frame on [`CLIENT_PROTOCOL`]:
 ///
@@ -243,11 +250,13 @@ impl Admission {
 }
 
 /// Accepts inbound packet streams: at most `streams_max` in all and [`PEER_STREAMS_MAX`] per
-/// peer; a peer whose id is not an Ed25519 key has its stream closed.
+/// peer; a peer whose id is not an Ed25519 key has its stream closed. With `capacity`, the
+/// streams are [`PACKETS_PROTOCOL`] ones (read while the router admits the peer); without,
+/// [`ACKED_PACKETS_PROTOCOL`] ones (every frame answered with its verdict).
 pub(crate) async fn accept_peers(
     mut incoming: IncomingStreams,
     inbox: mpsc::Sender<RouterEvent>,
-    capacity: watch::Receiver<Admission>,
+    capacity: Option<watch::Receiver<Admission>>,
     streams_max: usize,
     shared: Arc<Shared>,
 ) {
@@ -281,13 +290,21 @@ pub(crate) async fn accept_peers(
             refuse();
             continue;
         };
-        readers.spawn(read_peer(
-            node,
-            stream,
-            inbox.clone(),
-            capacity.clone(),
-            (permit, guard),
-        ));
+        match &capacity {
+            Some(capacity) => readers.spawn(read_peer(
+                node,
+                stream,
+                inbox.clone(),
+                capacity.clone(),
+                (permit, guard),
+            )),
+            None => readers.spawn(serve_acked_peer(
+                node,
+                stream,
+                inbox.clone(),
+                (permit, guard),
+            )),
+        };
     }
 }
 
@@ -317,6 +334,69 @@ async fn read_peer<G: Send>(
         }
     }
     let _ = stream.close().await;
+}
+
+/// Answers the frames of one [`ACKED_PACKETS_PROTOCOL`] stream with their verdicts.
+async fn serve_acked_peer<G: Send>(
+    node: NodeId,
+    mut stream: Stream,
+    inbox: mpsc::Sender<RouterEvent>,
+    _guards: G,
+) {
+    loop {
+        let mut frame = vec![0u8; PACKET_SIZE];
+        match tokio::time::timeout(CLIENT_IDLE_TIMEOUT, stream.read_exact(&mut frame)).await {
+            Ok(Ok(())) => {}
+            _ => break,
+        }
+        let verdict = submit(&inbox, Source::Peer(node), frame).await;
+        let answered = tokio::time::timeout(WRITE_TIMEOUT, async {
+            stream.write_all(&[client_status_code(verdict)]).await?;
+            stream.flush().await
+        })
+        .await;
+        if !matches!(answered, Ok(Ok(()))) {
+            break;
+        }
+    }
+    let _ = stream.close().await;
+}
+
+/// Sends one packet to `peer` on a fresh [`ACKED_PACKETS_PROTOCOL`] stream and returns the
+/// peer's verdict; `Err` (a message without identifiers) when no verdict came: the stream
+/// could not be opened (peer down, unreachable, or not speaking the protocol), broke, or the
+/// answer did not come in time.
+pub(crate) async fn send_acknowledged(
+    mut control: Control,
+    peer: PeerId,
+    packet: &Packet,
+) -> Result<Result<(), DropReason>, String> {
+    let mut stream = match tokio::time::timeout(
+        OPEN_TIMEOUT,
+        control.open_stream(peer, ACKED_PACKETS_PROTOCOL),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(_)) => return Err("cannot open a stream to the first hop".into()),
+        Err(_) => return Err("opening a stream to the first hop timed out".into()),
+    };
+    let exchanged = tokio::time::timeout(WRITE_TIMEOUT.saturating_add(ANSWER_TIMEOUT), async {
+        stream.write_all(packet.as_bytes()).await?;
+        stream.flush().await?;
+        let mut code = [0u8; 1];
+        stream.read_exact(&mut code).await?;
+        Ok::<u8, std::io::Error>(code[0])
+    })
+    .await;
+    let _ = stream.close().await;
+    match exchanged {
+        Ok(Ok(code)) => {
+            client_status_decode(code).ok_or_else(|| format!("reserved status byte {code}"))
+        }
+        Ok(Err(_)) => Err("the stream to the first hop broke".into()),
+        Err(_) => Err("no verdict from the first hop in time".into()),
+    }
 }
 
 /// Accepts client streams, at most `streams_max` at once (others are closed at once).

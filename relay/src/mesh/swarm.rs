@@ -30,7 +30,7 @@ use whispr_protocol::sphinx::SphinxPublicKey;
 use whispr_protocol::{KeyEpoch, NodeId, UnixTime};
 
 use super::shared::{MeshError, Shared};
-use super::streams::{CLIENT_PROTOCOL, PACKETS_PROTOCOL};
+use super::streams::{ACKED_PACKETS_PROTOCOL, CLIENT_PROTOCOL, PACKETS_PROTOCOL};
 use crate::config::MeshConfig;
 use crate::keys::Identity;
 
@@ -133,6 +133,7 @@ pub(crate) struct Built {
     pub(crate) swarm: Swarm<Behaviour>,
     pub(crate) control: Control,
     pub(crate) packets_in: IncomingStreams,
+    pub(crate) acked_in: IncomingStreams,
     pub(crate) clients_in: Option<IncomingStreams>,
 }
 
@@ -172,6 +173,9 @@ pub(crate) fn build(config: &MeshConfig, keypair: &Keypair) -> Result<Built, Mes
     let stream = libp2p_stream::Behaviour::new();
     let mut control = stream.new_control();
     let packets_in = control.accept(PACKETS_PROTOCOL).map_err(transport_error)?;
+    let acked_in = control
+        .accept(ACKED_PACKETS_PROTOCOL)
+        .map_err(transport_error)?;
     let clients_in = if config.router.edge {
         Some(control.accept(CLIENT_PROTOCOL).map_err(transport_error)?)
     } else {
@@ -201,6 +205,7 @@ pub(crate) fn build(config: &MeshConfig, keypair: &Keypair) -> Result<Built, Mes
         swarm,
         control,
         packets_in,
+        acked_in,
         clients_in,
     })
 }

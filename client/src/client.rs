@@ -133,7 +133,7 @@ impl Client {
         }
         let url = self.core.directory_url().to_string();
         let d = self.net.directory(&url, UnixTime(now)).await?;
-        self.core.set_directory(d);
+        self.core.set_directory(std::sync::Arc::new(d));
         self.directory_at = Some(now);
         Ok(())
     }

@@ -766,7 +766,7 @@ impl World {
         let (directory, _rejected) = Directory::build(UnixTime(START_MS), &descriptors);
         self.directory = Arc::new(directory);
         for c in &mut self.clients {
-            c.core.set_directory((*self.directory).clone());
+            c.core.set_directory(self.directory.clone());
         }
         let now = self.q.now();
         for n in &mut self.nodes {
@@ -870,7 +870,7 @@ impl World {
                 mode: self.mode,
                 builds: builds.clone(),
             }));
-            core.set_directory((*self.directory).clone());
+            core.set_directory(self.directory.clone());
             self.clients.push(Client {
                 core,
                 builds,

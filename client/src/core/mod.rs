@@ -37,6 +37,7 @@ mod scheduling;
 mod sending;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 
 use ed25519_dalek::SigningKey;
 use rand::rngs::StdRng;
@@ -206,7 +207,7 @@ pub struct ClientCore {
     rng: StdRng,
     crypto_rng: StdRng,
     codec: Box<dyn PacketCodec>,
-    directory: Option<Directory>,
+    directory: Option<Arc<Directory>>,
     receipts_due: BTreeMap<(String, String), Vec<String>>,
     last_surb_route: Vec<String>,
     refused: BTreeMap<String, u64>,
@@ -475,16 +476,17 @@ impl ClientCore {
     }
 
     /// A directory the driver fetched (and checked); routes are drawn from it from now on.
-    pub fn set_directory(&mut self, directory: Directory) {
+    /// Shared, not copied: a simulator gives every client the same one.
+    pub fn set_directory(&mut self, directory: Arc<Directory>) {
         self.directory = Some(directory);
     }
 
     /// The directory in use, if any.
     pub fn directory(&self) -> Option<&Directory> {
-        self.directory.as_ref()
+        self.directory.as_deref()
     }
 
-    fn dir(&self) -> Result<Directory> {
+    fn dir(&self) -> Result<Arc<Directory>> {
         self.directory
             .clone()
             .ok_or_else(|| ClientError::NoRoute("no directory yet".to_string()))

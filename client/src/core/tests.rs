@@ -4,6 +4,7 @@
 //! SURBs the packets carry.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use base64::Engine;
 use ed25519_dalek::SigningKey;
@@ -123,7 +124,7 @@ impl TestNet {
             StdRng::seed_from_u64(seed),
             StdRng::seed_from_u64(seed + 1000),
         );
-        c.set_directory(self.directory.clone());
+        c.set_directory(Arc::new(self.directory.clone()));
         c
     }
 
@@ -778,7 +779,7 @@ fn state_survives_encoding_and_a_restarted_core_carries_on() {
         StdRng::seed_from_u64(12),
     )
     .unwrap();
-    alice.set_directory(net.directory.clone());
+    alice.set_directory(Arc::new(net.directory.clone()));
     alice
         .send(T0 + 1000, "bob", "after restart", SendOptions::default())
         .unwrap();

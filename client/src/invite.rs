@@ -2,17 +2,23 @@
 //! as one line of text that is also QR-friendly (`WHISPR1:` then RFC 4648 base32, upper case:
 //! only characters of a QR code's alphanumeric mode).
 //!
-//! Layout (bytes): version `1` ‖ flags (bit 0: a one-time key follows) ‖ mailbox id (32) ‖
+//! Layout (bytes): version `2` ‖ flags (bit 0: a one-time key follows) ‖ mailbox id (32) ‖
 //! mailbox HPKE key (32) ‖ access key (32) ‖ mailbox owner key (Ed25519, 32) ‖ identity key
-//! (Ed25519, 32) ‖ Olm identity key (Curve25519, 32) ‖ [one-time key (32)] ‖ first 4 bytes of
-//! SHA-256 of everything before (catches copy errors).
+//! (Ed25519, 32) ‖ Olm identity key (Curve25519, 32) ‖ mailbox node id (32) ‖ [one-time key
+//! (32)] ‖ first 4 bytes of SHA-256 of everything before (catches copy errors).
+//!
+//! The mailbox node is pinned: the acceptor deposits there and nowhere else, whatever later
+//! directories say (a node that wins rendezvous placement afterwards gets nothing). Version
+//! `1` (no node) is still read; its acceptor pins the node placement gives at acceptance.
 
 use sha2::{Digest, Sha256};
 
 use crate::error::{ClientError, Result};
 
 const PREFIX: &str = "WHISPR1:";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+/// Invitations made before the mailbox node was pinned.
+const VERSION_UNPINNED: u8 = 1;
 const FLAG_ONE_TIME_KEY: u8 = 1;
 
 /// A decoded invitation.
@@ -32,6 +38,8 @@ pub struct Invitation {
     pub curve: [u8; 32],
     /// A one-time key; without it the acceptor fetches one through the mesh.
     pub one_time_key: Option<[u8; 32]>,
+    /// The node holding the mailbox (version 1 invitations have none).
+    pub node: Option<[u8; 32]>,
 }
 
 impl std::fmt::Debug for Invitation {
@@ -45,8 +53,12 @@ impl std::fmt::Debug for Invitation {
 impl Invitation {
     /// The invitation as text.
     pub fn encode(&self) -> String {
-        let mut b = Vec::with_capacity(2 + 7 * 32 + 4);
-        b.push(VERSION);
+        let mut b = Vec::with_capacity(2 + 8 * 32 + 4);
+        b.push(if self.node.is_some() {
+            VERSION
+        } else {
+            VERSION_UNPINNED
+        });
         b.push(if self.one_time_key.is_some() {
             FLAG_ONE_TIME_KEY
         } else {
@@ -61,6 +73,9 @@ impl Invitation {
             &self.curve,
         ] {
             b.extend_from_slice(k);
+        }
+        if let Some(n) = &self.node {
+            b.extend_from_slice(n);
         }
         if let Some(k) = &self.one_time_key {
             b.extend_from_slice(k);
@@ -94,19 +109,22 @@ impl Invitation {
         let (&version, rest) = content
             .split_first()
             .ok_or(ClientError::InvalidInvitation("too short"))?;
-        if version != VERSION {
-            return Err(ClientError::InvalidInvitation("unknown version"));
-        }
+        let pinned = match version {
+            VERSION => 1,
+            VERSION_UNPINNED => 0,
+            _ => return Err(ClientError::InvalidInvitation("unknown version")),
+        };
         let (&flags, rest) = rest
             .split_first()
             .ok_or(ClientError::InvalidInvitation("too short"))?;
-        let keys = if flags == FLAG_ONE_TIME_KEY {
-            7
+        let otk = if flags == FLAG_ONE_TIME_KEY {
+            1
         } else if flags == 0 {
-            6
+            0
         } else {
             return Err(ClientError::InvalidInvitation("unknown flags"));
         };
+        let keys = 6 + pinned + otk;
         if rest.len() != keys * 32 {
             return Err(ClientError::InvalidInvitation("wrong length"));
         }
@@ -124,7 +142,8 @@ impl Invitation {
             owner_key: key(3),
             identity: key(4),
             curve: key(5),
-            one_time_key: (keys == 7).then(|| key(6)),
+            node: (pinned == 1).then(|| key(6)),
+            one_time_key: (otk == 1).then(|| key(6 + pinned)),
         })
     }
 }
@@ -143,6 +162,19 @@ mod tests {
             identity: [5; 32],
             curve: [6; 32],
             one_time_key: otk.then_some([7; 32]),
+            node: Some([8; 32]),
+        }
+    }
+
+    #[test]
+    fn an_unpinned_version_1_invitation_still_reads() {
+        for otk in [true, false] {
+            let old = Invitation {
+                node: None,
+                ..sample(otk)
+            };
+            let text = old.encode();
+            assert_eq!(Invitation::decode(&text).unwrap(), old);
         }
     }
 

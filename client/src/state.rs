@@ -156,6 +156,10 @@ pub struct PeerMailbox {
     /// Access key.
     #[serde(with = "hexa")]
     pub access: [u8; 32],
+    /// The node holding it, pinned when the relationship was made (all zero in states
+    /// written before pinning: placement from the directory then).
+    #[serde(with = "hexa", default)]
+    pub node: [u8; 32],
 }
 
 /// A contact relationship.

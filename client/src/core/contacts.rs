@@ -178,6 +178,7 @@ impl ClientCore {
             identity: self.identity().verifying_key().to_bytes(),
             curve,
             one_time_key: inline_prekey.then(|| inline.to_bytes()),
+            node: Some(mailbox.node),
         };
         Ok(InvitePlan {
             name,
@@ -223,6 +224,11 @@ impl ClientCore {
         let mailbox_key = MailboxSecretKey::from_bytes(&mine.secret)?
             .public_key()
             .to_bytes();
+        // Pinned by the invitation; an old one pins today's placement.
+        let node = match inv.node {
+            Some(n) => n,
+            None => Self::mailbox_node(&dir, &MailboxId(inv.mailbox_id))?.0,
+        };
         self.state.contacts.push(Contact {
             name: name.to_string(),
             mine: mine.clone(),
@@ -230,6 +236,7 @@ impl ClientCore {
                 id: inv.mailbox_id,
                 key: inv.mailbox_key,
                 access: inv.access,
+                node,
             }),
             their_identity: inv.identity,
             their_curve: inv.curve,
@@ -265,11 +272,10 @@ impl ClientCore {
         let epoch = epoch_at(now);
         let mine = self.contact(name)?.mine.clone();
         let target = MailboxId(inv.mailbox_id);
-        let node = dir
-            .mailbox_replicas(&target, 1)
-            .first()
-            .copied()
-            .ok_or_else(|| ClientError::NoRoute("no mailbox node".to_string()))?;
+        let node = match inv.node {
+            Some(n) => NodeId(n),
+            None => Self::mailbox_node(&dir, &target)?,
+        };
         let surb = self.new_surb(&dir, &mine, SurbPurpose::Prekeys, epoch, now + SURB_TTL_MS)?;
         let surb_id = self
             .state
@@ -347,6 +353,7 @@ impl ClientCore {
                 .public_key()
                 .to_bytes(),
             access: mine.access,
+            node: mine.node,
         };
         let curve = self.account.curve25519_key().to_bytes();
         let identity = self.identity();
@@ -356,7 +363,12 @@ impl ClientCore {
             mailbox: hex::encode(me.id),
             mailbox_key: hex::encode(me.key),
             access: hex::encode(me.access),
-            binding: hex::encode(identity.sign(&hello_transcript(&curve, &me)).to_bytes()),
+            binding: hex::encode(
+                identity
+                    .sign(&hello_transcript(&curve, &me, true))
+                    .to_bytes(),
+            ),
+            node: Some(hex::encode(me.node)),
         };
         let id = self.queue(name, OutKind::Hello, &hello, None, None)?;
         let result = self.pump();
@@ -410,9 +422,9 @@ impl ClientCore {
         &self,
         name: &str,
         sender: [u8; 32],
-        identity: [u8; 32],
-        curve: [u8; 32],
+        (identity, curve): ([u8; 32], [u8; 32]),
         theirs: &PeerMailbox,
+        pinned: bool,
         binding: [u8; 64],
     ) -> Result<()> {
         let c = self.contact(name)?;
@@ -422,14 +434,24 @@ impl ClientCore {
         VerifyingKey::from_bytes(&identity)
             .and_then(|k| {
                 k.verify_strict(
-                    &hello_transcript(&curve, theirs),
+                    &hello_transcript(&curve, theirs, pinned),
                     &ed25519_dalek::Signature::from_bytes(&binding),
                 )
             })
             .map_err(|_| ClientError::Olm("hello binding does not verify".to_string()))
     }
 
-    /// The node of a contact's mailbox `target` in `dir` (rendezvous placement).
+    /// Where to deposit into a contact's mailbox: its pinned node (states from before
+    /// pinning: rendezvous placement in `dir`).
+    pub(super) fn peer_node(dir: &Directory, theirs: &PeerMailbox) -> Result<NodeId> {
+        if theirs.node != [0u8; 32] {
+            return Ok(NodeId(theirs.node));
+        }
+        Self::mailbox_node(dir, &MailboxId(theirs.id))
+    }
+
+    /// The node rendezvous placement gives mailbox `target` in `dir` (used only where nothing
+    /// is pinned: at creation, and for relationships made before pinning).
     pub(super) fn mailbox_node(dir: &Directory, target: &MailboxId) -> Result<NodeId> {
         dir.mailbox_replicas(target, 1)
             .first()

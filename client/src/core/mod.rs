@@ -129,6 +129,10 @@ enum AppMessage {
         mailbox_key: String,
         access: String,
         binding: String,
+        /// The node of the acceptor's mailbox, pinned (absent from hellos of clients that
+        /// did not pin; the receiver then pins the directory's placement).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        node: Option<String>,
     },
     /// A text.
     Text {
@@ -255,13 +259,16 @@ fn fingerprint(ed: &[u8; 32], curve: &[u8; 32]) -> String {
         .collect()
 }
 
-fn hello_transcript(curve: &[u8; 32], mailbox: &PeerMailbox) -> Vec<u8> {
+/// What a hello's binding signs: where to answer, and (when pinned) on which node.
+fn hello_transcript(curve: &[u8; 32], mailbox: &PeerMailbox, pinned: bool) -> Vec<u8> {
+    let node: &[u8] = if pinned { &mailbox.node } else { &[] };
     [
         HELLO_PREFIX,
         curve.as_slice(),
         mailbox.id.as_slice(),
         mailbox.key.as_slice(),
         mailbox.access.as_slice(),
+        node,
     ]
     .concat()
 }

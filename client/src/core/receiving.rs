@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use base64::Engine;
 use vodozemac::olm::OlmMessage;
-use whispr_protocol::UnixTime;
 use whispr_protocol::envelope::{Envelope, EnvelopeContent, MailboxSecretKey};
 use whispr_protocol::fragment::{Fragment, FragmentInfo, Inserted, Reassembler, ReassemblyLimits};
 use whispr_protocol::payload::Reply;
+use whispr_protocol::{MailboxId, UnixTime};
 
 use super::{AppMessage, ClientCore, Output, PARTIAL_AGE_MAX_MS, StoredMessage, h32};
 use crate::error::{ClientError, Result};
@@ -378,19 +378,30 @@ impl ClientCore {
                 mailbox_key,
                 access,
                 binding,
+                node,
             } => {
                 let identity = h32(&identity, "hello identity")?;
                 let curve = h32(&curve, "hello curve")?;
-                let theirs = PeerMailbox {
+                let pinned = node.is_some();
+                let mut theirs = PeerMailbox {
                     id: h32(&mailbox, "hello mailbox")?,
                     key: h32(&mailbox_key, "hello mailbox key")?,
                     access: h32(&access, "hello access")?,
+                    node: match &node {
+                        Some(n) => h32(n, "hello node")?,
+                        None => [0u8; 32],
+                    },
                 };
                 let sig = hex::decode(binding)
                     .ok()
                     .and_then(|b| <[u8; 64]>::try_from(b).ok())
                     .ok_or_else(|| ClientError::Olm("hello binding".to_string()))?;
-                self.check_hello(name, sender, identity, curve, &theirs, sig)?;
+                self.check_hello(name, sender, (identity, curve), &theirs, pinned, sig)?;
+                if !pinned {
+                    // A client that does not pin: pin today's placement.
+                    let dir = self.dir()?;
+                    theirs.node = Self::mailbox_node(&dir, &MailboxId(theirs.id))?.0;
+                }
                 if let Some(c) = self.state.contacts.iter_mut().find(|c| c.name == name) {
                     c.theirs = Some(theirs);
                 }

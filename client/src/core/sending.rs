@@ -233,7 +233,7 @@ impl ClientCore {
             at_ms + SURB_TTL_MS,
         )?);
         let target = MailboxId(theirs.id);
-        let node = Self::mailbox_node(dir, &target)?;
+        let node = Self::peer_node(dir, &theirs)?;
         let route = self.route(dir, epoch, &node)?;
         let delays = self.delays(route.len().saturating_sub(1));
         let plaintext = FinalMessage::Deposit(envelope).encode()?;

@@ -48,6 +48,7 @@ enum Arrival {
 
 struct TestNet {
     directory: Directory,
+    descriptors: Vec<whispr_protocol::directory::SignedDescriptor>,
     keys: BTreeMap<NodeId, SphinxSecretKey>,
     edge: NodeId,
     mixes: Vec<NodeId>,
@@ -103,6 +104,7 @@ impl TestNet {
         assert!(rejected.is_empty());
         TestNet {
             directory,
+            descriptors,
             keys,
             edge: ids[0],
             mixes: ids[1..4].to_vec(),
@@ -110,6 +112,41 @@ impl TestNet {
             boxes: BTreeMap::new(),
             seq: 0,
             acks: true,
+        }
+    }
+
+    /// Grinds keys until a new mailbox node wins rendezvous placement for `mailbox`, and
+    /// publishes it (finding 3 of the security review); its id.
+    fn add_node_winning(&mut self, mailbox: &MailboxId) -> NodeId {
+        let epoch = KeyEpoch::containing(UnixTime(T0), KEY_EPOCH_LEN);
+        let mut rng = StdRng::seed_from_u64(1234);
+        loop {
+            let identity = SigningKey::generate(&mut rng);
+            let id = NodeId(identity.verifying_key().to_bytes());
+            let secret = SphinxSecretKey::random_from_rng(&mut rng);
+            let public = SphinxPublicKey::from(&secret);
+            let descriptor = NodeDescriptor {
+                node_id: id,
+                peer_id: id.libp2p_peer_id_bytes(),
+                roles: BTreeSet::from([Role::Mailbox]),
+                mix_layer: 0,
+                addresses: Vec::new(),
+                api_url: Some("http://rogue".into()),
+                sphinx_keys: (0..4).map(|i| (KeyEpoch(epoch.0 + i), public)).collect(),
+                published_at: UnixTime(T0 - 1000),
+                expires_at: UnixTime(T0 + 86_400_000),
+            }
+            .sign(&identity)
+            .unwrap();
+            let mut all = self.descriptors.clone();
+            all.push(descriptor);
+            let (directory, _) = Directory::build(UnixTime(T0), &all);
+            if directory.mailbox_replicas(mailbox, 1) == [id] {
+                self.keys.insert(id, secret);
+                self.descriptors = all;
+                self.directory = directory;
+                return id;
+            }
         }
     }
 
@@ -787,4 +824,69 @@ fn state_survives_encoding_and_a_restarted_core_carries_on() {
     net.fetch(&mut bob, T0 + 2000);
     assert_eq!(bob.take_unread()[0].text, "after restart");
     let _ = DestinationAddress::NODE_SERVICE;
+}
+
+#[test]
+fn a_node_that_later_wins_placement_gets_no_deposit_for_a_pinned_mailbox() {
+    let mut net = TestNet::new();
+    let (mut alice, mut bob) = net.pair();
+    // Bob deposits into alice's mailbox for him, created on the node placement chose then.
+    let target = alice.contact_mailbox("bob").unwrap();
+    let rogue = net.add_node_winning(&MailboxId(target.id));
+    assert_ne!(rogue, NodeId(target.node));
+    bob.set_directory(Arc::new(net.directory.clone()));
+    alice.set_directory(Arc::new(net.directory.clone()));
+    bob.send(
+        T0 + 1000,
+        "alice",
+        "where do you go?",
+        SendOptions::default(),
+    )
+    .unwrap();
+    let sent = net.run(&mut bob);
+    let finals: Vec<NodeId> = sent
+        .iter()
+        .filter_map(|a| match a {
+            Arrival::Final {
+                node,
+                message: FinalMessage::Deposit(_),
+                ..
+            } => Some(*node),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        finals,
+        [NodeId(target.node)],
+        "the deposit goes where the mailbox is"
+    );
+    // The other direction is pinned by bob's hello: a node ground for bob's mailbox gets
+    // nothing from alice either.
+    let theirs = bob.contact_mailbox("alice").unwrap();
+    let rogue2 = net.add_node_winning(&MailboxId(theirs.id));
+    alice.set_directory(Arc::new(net.directory.clone()));
+    alice
+        .send(T0 + 1500, "bob", "and back", SendOptions::default())
+        .unwrap();
+    let back: Vec<NodeId> = net
+        .run(&mut alice)
+        .iter()
+        .filter_map(|a| match a {
+            Arrival::Final {
+                node,
+                message: FinalMessage::Deposit(_),
+                ..
+            } => Some(*node),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(back, [NodeId(theirs.node)]);
+    assert_ne!(back, [rogue2]);
+    // Alice's own cover and SURBs lead to her mailbox's node too, never to the newcomer.
+    alice.send_cover(T0 + 2000).unwrap();
+    for a in net.run(&mut alice) {
+        if let Arrival::Final { node, .. } = a {
+            assert_ne!(node, rogue);
+        }
+    }
 }

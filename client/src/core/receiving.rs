@@ -128,8 +128,7 @@ impl ClientCore {
                         carried = f
                             .route
                             .iter()
-                            .skip(1)
-                            .take(f.route.len().saturating_sub(2))
+                            .take(f.route.len().saturating_sub(1))
                             .cloned()
                             .collect();
                         carried.extend(f.surb_route.iter().cloned());

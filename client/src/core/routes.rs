@@ -41,18 +41,22 @@ impl ClientCore {
             .map_err(|e| ClientError::NoRoute(e.to_string()))
     }
 
-    /// Mix relays judged unhealthy from this client's own routes within the last minute
-    /// (at least three `retransmit_after_ms`): those on more lost than acknowledged routes, and
-    /// those whose run of losses since their last ack is longer than another mix's of the
-    /// same layer (a mix that died after carrying traffic still has old acks; every lost route
-    /// charges it, while a live mix's run ends at its next ack). Avoided while another mix of
-    /// the same layer exists. Only mixes are judged: the edge relay answers the client
-    /// directly, and a route always has one.
+    /// Relays (edges and mixes) this client avoids, judged from its own routes within the
+    /// window (the last minute, at least three `retransmit_after_ms`). Every lost route blames
+    /// all its relays, the edge included, and every acknowledged one credits them: an edge
+    /// that drops packets is charged like the mixes it drops them for. A relay is suspect
+    /// after two losses in a row since its last ack, or at least two losses and more losses
+    /// than acks. Of each group of n relays (the edges; each mix layer) at most
+    /// `max(1, ⌊n/3⌋)` are avoided, the worst first, and never all of them: an adversary that
+    /// makes honest relays lose packets pushes routes onto its own relays only that far. With
+    /// a of a layer's n mixes it carries at most a / (n − max(1, ⌊n/3⌋)) of the routes (one
+    /// mix of three: half), where the old rule (any loss run longer than another mix's) gave
+    /// it all of them.
     pub(super) fn suspects(&self, dir: &Directory) -> Vec<NodeId> {
         let now = self.now;
         let window =
             RELAY_HEALTH_WINDOW_MS.max(self.state.settings.retransmit_after_ms.saturating_mul(3));
-        /// (acked routes, lost routes, losses since the last ack) of one mix.
+        /// (acked routes, lost routes, losses since the last ack) of one relay.
         type Score = (u32, u32, u32);
         let score = |node: &NodeId| -> Score {
             let hex_id = hex::encode(node.0);
@@ -70,21 +74,39 @@ impl ClientCore {
                     }
                 })
         };
-        let mut layers: BTreeMap<u32, Vec<(NodeId, Score)>> = BTreeMap::new();
-        for n in dir.nodes().filter(|n| n.has_role(Role::Mix)) {
-            layers
-                .entry(n.mix_layer)
-                .or_default()
-                .push((n.node_id, score(&n.node_id)));
+        // Group 0: the edges; group k: mix layer k.
+        let mut groups: BTreeMap<u32, Vec<(NodeId, Score)>> = BTreeMap::new();
+        for n in dir.nodes() {
+            if n.has_role(Role::Edge) {
+                groups
+                    .entry(0)
+                    .or_default()
+                    .push((n.node_id, score(&n.node_id)));
+            }
+            if n.has_role(Role::Mix) && n.mix_layer > 0 {
+                groups
+                    .entry(n.mix_layer)
+                    .or_default()
+                    .push((n.node_id, score(&n.node_id)));
+            }
         }
         let mut out = Vec::new();
-        for mixes in layers.values() {
-            let shortest_run = mixes.iter().map(|(_, s)| s.2).min().unwrap_or(0);
-            for (node, (ok, lost, run)) in mixes {
-                if (*lost >= 1 && lost > ok) || *run > shortest_run {
-                    out.push(*node);
-                }
-            }
+        for relays in groups.values() {
+            let n = relays.len();
+            let cap = if n < 2 { 0 } else { (n / 3).max(1).min(n - 1) };
+            let mut bad: Vec<&(NodeId, Score)> = relays
+                .iter()
+                .filter(|(_, (ok, lost, run))| *run >= 2 || (*lost >= 2 && lost > ok))
+                .collect();
+            // Worst first: the longest run of losses, then the most net losses.
+            bad.sort_by_key(|(node, (ok, lost, run))| {
+                (
+                    std::cmp::Reverse(*run),
+                    std::cmp::Reverse(i64::from(*lost) - i64::from(*ok)),
+                    *node,
+                )
+            });
+            out.extend(bad.into_iter().take(cap).map(|(node, _)| *node));
         }
         out
     }

@@ -353,13 +353,12 @@ impl ClientCore {
                             failed.push(o.id);
                             break;
                         }
-                        // The relays of the unacknowledged routes (forward and ack) lose a
-                        // point; the destination is not a relay.
+                        // Every relay of the unacknowledged routes (forward and ack), the
+                        // edge included, loses a point; the destination is not a relay.
                         let mut relays: Vec<String> = f
                             .route
                             .iter()
-                            .skip(1)
-                            .take(f.route.len().saturating_sub(2))
+                            .take(f.route.len().saturating_sub(1))
                             .cloned()
                             .collect();
                         relays.extend(f.surb_route.iter().cloned());

@@ -302,6 +302,8 @@ pub struct Directory {
     mix_layers: Vec<Vec<NodeId>>,
     /// Mailbox nodes, in node-id order.
     mailboxes: Vec<NodeId>,
+    /// The consensus it was built from, if any ([`Directory::from_consensus`]).
+    consensus: Option<crate::consensus::ConsensusInfo>,
 }
 
 impl Directory {
@@ -380,7 +382,19 @@ impl Directory {
             edges,
             mix_layers,
             mailboxes,
+            consensus: None,
         }
+    }
+
+    pub(crate) fn set_consensus_info(&mut self, info: crate::consensus::ConsensusInfo) {
+        self.consensus = Some(info);
+    }
+
+    /// The consensus this directory was built from: `None` for a directory of descriptors
+    /// that no authority vouched for ([`Directory::build`], [`Directory::decode`]), which
+    /// clients and nodes must not route over (tests and the simulator only).
+    pub fn consensus(&self) -> Option<&crate::consensus::ConsensusInfo> {
+        self.consensus.as_ref()
     }
 
     /// Decodes a `Directory` protobuf and validates it as [`Directory::build`] does.

@@ -88,6 +88,16 @@ pub enum Error {
         /// The bound.
         max: usize,
     },
+    /// A signed document (consensus) without enough valid signatures from pinned keys.
+    #[error("{what} has {valid} valid authority signatures, {required} required")]
+    TooFewSignatures {
+        /// The document.
+        what: &'static str,
+        /// Distinct pinned authorities whose signature verifies.
+        valid: usize,
+        /// The network's threshold.
+        required: usize,
+    },
     /// A node descriptor that the directory refuses.
     #[error("descriptor rejected: {0}")]
     DescriptorRejected(&'static str),

@@ -23,6 +23,7 @@
     )
 )]
 
+pub mod consensus;
 pub mod directory;
 pub mod envelope;
 mod error;

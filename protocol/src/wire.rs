@@ -46,6 +46,10 @@ versioned!(
     DescriptorBody => "descriptor body",
     SignedDescriptor => "signed descriptor",
     Directory => "directory",
+    ConsensusBody => "consensus body",
+    Consensus => "consensus",
+    VoteBody => "vote body",
+    Vote => "vote",
 );
 
 /// Decodes a top-level message of at most `len_max` bytes and checks its version.

@@ -252,6 +252,7 @@ fn wire_seeds(rng: &mut ChaCha20Rng) -> Seeds {
             message_id: vec![3; 16],
             fragment: Some(info.to_wire()),
             content: b"content".to_vec(),
+            padding: Vec::new(),
         }),
     );
     let body = descriptors(rng).swap_remove(0).0.body;

@@ -174,6 +174,68 @@ impl std::fmt::Debug for Envelope {
     }
 }
 
+/// The length every sealed content of at most one fragment is padded to: the widest encoding
+/// of a full fragment (every field at its largest) plus two bytes, so that the smallest
+/// padding field always fits.
+fn padded_len() -> usize {
+    static LEN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *LEN.get_or_init(|| {
+        let widest = wire::EnvelopeContent {
+            version: u32::MAX,
+            sender: Some(wire::SenderCertificate {
+                identity_key: vec![0xFF; 32],
+                signature: vec![0xFF; 64],
+            }),
+            message_id: vec![0xFF; 16],
+            fragment: Some(wire::FragmentInfo {
+                index: u32::MAX,
+                count: u32::MAX,
+                total_len: u32::MAX,
+                message_digest: vec![0xFF; 32],
+            }),
+            content: vec![0xFF; crate::fragment::FRAGMENT_DATA_LEN],
+            padding: Vec::new(),
+        };
+        wire::encode(&widest).len() + 2
+    })
+}
+
+/// Appends `EnvelopeContent.padding` fields (field 6, bytes, zeros) to an encoded content so
+/// that it is [`padded_len`] long (security review finding 7: lengths must not tell a receipt
+/// from a text or cover). Appending fields to an encoded protobuf message is a valid encoding
+/// of the message with those fields; decoders that predate the field skip it. Contents longer
+/// than a fragment are left as they are.
+fn pad_content(plaintext: &mut Vec<u8>) {
+    let mut missing = padded_len().saturating_sub(plaintext.len());
+    while missing >= 2 {
+        // One field is tag (1) ‖ varint(n) ‖ n zeros; find n for the whole gap, else put an
+        // empty field (2 bytes) and try again (a gap of exactly 130 has no single field).
+        let fit = (1..=5usize).find_map(|width| {
+            let n = missing.checked_sub(1 + width)?;
+            (varint_len(n) == width).then_some(n)
+        });
+        let n = fit.unwrap_or(0);
+        plaintext.push(0x32); // field 6, length-delimited
+        let mut v = n;
+        while v >= 0x80 {
+            plaintext.push(u8::try_from(v & 0x7F).unwrap_or(0) | 0x80);
+            v >>= 7;
+        }
+        plaintext.push(u8::try_from(v).unwrap_or(0));
+        plaintext.resize(plaintext.len() + n, 0);
+        missing -= 1 + varint_len(n) + n;
+    }
+}
+
+fn varint_len(mut n: usize) -> usize {
+    let mut len = 1;
+    while n >= 0x80 {
+        n >>= 7;
+        len += 1;
+    }
+    len
+}
+
 fn aad(outer: &OuterFields) -> Vec<u8> {
     let mut aad = Vec::with_capacity(AAD_PREFIX.len() + 4 + 32 + 16 + 8);
     aad.extend_from_slice(AAD_PREFIX);
@@ -240,8 +302,10 @@ impl Envelope {
             message_id: content.message_id.as_bytes().to_vec(),
             fragment: Some(content.fragment.to_wire()),
             content: content.content.clone(),
+            padding: Vec::new(),
         };
-        let plaintext = zeroize::Zeroizing::new(wire::encode(&inner));
+        let mut plaintext = zeroize::Zeroizing::new(wire::encode(&inner));
+        pad_content(&mut plaintext);
         let (enc, ciphertext) = hpke::single_shot_seal_with_rng::<Aead, Kdf, Kem>(
             &OpModeS::Base,
             &recipient.0,

@@ -313,3 +313,42 @@ fn malformed_envelopes_get_typed_errors() {
     assert!(MailboxPublicKey::from_bytes(&[1; 31]).is_err());
     assert!(Envelope::decode(&wire::encode(&good)).is_ok());
 }
+
+/// Security review finding 7: the length of what a sender sealed must not show. Every
+/// fragment-sized content (a 10-byte receipt, a hello, a short text, a full fragment, cover)
+/// seals to the same ciphertext length, so that the mailbox node and anyone who sees the
+/// sizes of polls cannot tell them apart.
+#[test]
+fn envelopes_of_every_content_length_up_to_a_fragment_are_the_same_size() {
+    let mut rng = rng(9);
+    let recipient = MailboxSecretKey::generate(&mut rng);
+    let sender = SigningKey::generate(&mut rng);
+    let mut lens = Vec::new();
+    for len in [
+        0,
+        1,
+        10,
+        70,
+        126,
+        127,
+        128,
+        129,
+        130,
+        200,
+        1000,
+        1199,
+        FRAGMENT_DATA_LEN,
+    ] {
+        let c = content_with_len(&mut rng, len);
+        let o = outer(&mut rng, None);
+        let sealed = Envelope::seal(&mut rng, &recipient.public_key(), &sender, o, &c).unwrap();
+        lens.push((len, sealed.ciphertext_len()));
+        // Padding does not change what opens.
+        assert_eq!(sealed.open(&recipient).unwrap().content, c);
+    }
+    let first = lens[0].1;
+    assert!(
+        lens.iter().all(|(_, l)| *l == first),
+        "ciphertext lengths by content length: {lens:?}"
+    );
+}

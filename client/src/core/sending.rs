@@ -455,17 +455,31 @@ impl ClientCore {
     }
 
     /// Sends one cover packet at `now`: a dummy deposit, sealed by us to one of our own
-    /// mailboxes, indistinguishable on the wire from a real one; dropped on receipt.
+    /// mailboxes, padded like every envelope and acknowledged into another of our mailboxes:
+    /// indistinguishable from a real one on the wire and at the mailbox node; dropped on
+    /// receipt.
     pub fn send_cover(&mut self, now: u64) -> Result<()> {
         self.at(now);
         let boxes = self.owned_mailboxes();
         if boxes.is_empty() {
             return Ok(());
         }
+        let pick = self.rng.random_range(0..boxes.len());
         let m = boxes
-            .get(self.rng.random_range(0..boxes.len()))
+            .get(pick)
             .cloned()
             .ok_or(ClientError::Full("mailboxes"))?;
+        // Its ack goes back into another of our mailboxes, as a message's ack comes back into
+        // ours while the message went into the contact's: a node holding the deposit's
+        // mailbox cannot tell cover by its ack (security review finding 7).
+        let ack_box = if boxes.len() > 1 {
+            let other = self.rng.random_range(0..boxes.len() - 1);
+            boxes.get(if other >= pick { other + 1 } else { other })
+        } else {
+            boxes.get(pick)
+        }
+        .cloned()
+        .ok_or(ClientError::Full("mailboxes"))?;
         let dir = self.dir()?;
         let epoch = epoch_at(now);
         let secret = MailboxSecretKey::from_bytes(&m.secret)?;
@@ -476,7 +490,7 @@ impl ClientCore {
             .into_iter()
             .next()
             .ok_or(ClientError::Full("fragments"))?;
-        let surb = self.new_surb(&dir, &m, SurbPurpose::Cover, epoch, now + SURB_TTL_MS)?;
+        let surb = self.new_surb(&dir, &ack_box, SurbPurpose::Cover, epoch, now + SURB_TTL_MS)?;
         let identity = self.identity();
         let dedup_id = DedupId::random(&mut self.rng);
         let envelope = Envelope::seal(

@@ -984,3 +984,42 @@ fn a_dead_mix_is_avoided_after_two_losses() {
         "the dead mix carried {via_dead} of {routes} routes"
     );
 }
+
+#[test]
+fn cover_looks_like_a_message_to_the_mailbox_node() {
+    let mut net = TestNet::new();
+    let (mut alice, _bob) = net.pair();
+    // A second mailbox (a pending invitation), so that cover can be acknowledged elsewhere.
+    let plan = alice.prepare_invite(T0, Some("carol"), true).unwrap();
+    alice.commit_invite(T0, plan);
+    net.acks = false;
+    alice
+        .send(T0 + 1000, "bob", "short text", SendOptions::default())
+        .unwrap();
+    let text = net.run(&mut alice);
+    let text = deposits(&text)[0].clone();
+    for k in 0..8 {
+        alice.send_cover(T0 + 2000 + k).unwrap();
+        let sent = net.run(&mut alice);
+        let cover = deposits(&sent)[0].clone();
+        // The same size at the node (security review finding 7)…
+        assert_eq!(cover.ciphertext_len(), text.ciphertext_len());
+        let mut a = cover.clone();
+        let mut b = text.clone();
+        a.outer.ack_surb = None;
+        b.outer.ack_surb = None;
+        assert_eq!(a.encode().len(), b.encode().len());
+        // …and its ack goes back into another of our mailboxes, as a message's ack goes into
+        // ours while the deposit went into the contact's.
+        let Arrival::Reply { mailbox, .. } = net.reply(
+            cover.outer.ack_surb.as_ref().unwrap(),
+            Reply::DepositAck {
+                dedup_id: cover.outer.dedup_id,
+                expires_at: UnixTime(T0 + 1),
+            },
+        ) else {
+            panic!("a reply")
+        };
+        assert_ne!(mailbox, cover.outer.mailbox_id.0);
+    }
+}

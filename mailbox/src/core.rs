@@ -553,15 +553,21 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             .collect()
     }
 
-    /// Deletes of a mailbox's expiry index entries (keyed by time first: found by a scan).
+    /// Deletes of a mailbox's expiry index entries. The index is keyed by time first, so
+    /// they are not found by scanning it (that would walk every message of the node): every
+    /// deposit wrote its expiry entry together with its dedup entry (`sid ‖ dedup id` →
+    /// `seq ‖ expires_at`), so the mailbox's own dedup range (a bounded prefix scan) names
+    /// each of its expiry keys. A sweep deletes both together.
     fn expiry_ops(&self, sid: &StorageId) -> Result<Vec<Op>> {
         let mut ops = Vec::new();
         self.store
-            .scan(Cf::Expiry, &[], &[0xff; 8 + SID_LEN + 9], &mut |k, _| {
-                if k.get(8..8 + SID_LEN) == Some(sid.as_slice()) {
+            .scan(Cf::Dedup, sid, &sid_end(sid), &mut |k, v| {
+                if let (Some(seq), Some(expires_at)) = (u64_at(v, 0), u64_at(v, 8))
+                    && k.get(..SID_LEN) == Some(sid.as_slice())
+                {
                     ops.push(Op::Delete {
                         cf: Cf::Expiry,
-                        key: k.to_vec(),
+                        key: expiry_key(expires_at, sid, seq),
                     });
                 }
                 ControlFlow::Continue(())

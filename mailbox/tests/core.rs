@@ -2606,3 +2606,94 @@ fn has_messages<S: MailboxStore, R: rand::CryptoRng>(
         .unwrap()
         .is_empty()
 }
+
+/// A store that counts the expiry-index keys its scans visit.
+#[derive(Clone)]
+struct CountingStore {
+    inner: MemoryStore,
+    expiry_visited: std::sync::Arc<AtomicU64>,
+}
+
+impl MailboxStore for CountingStore {
+    fn get(
+        &self,
+        cf: Cf,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, whispr_mailbox::store::StoreError> {
+        self.inner.get(cf, key)
+    }
+
+    fn scan(
+        &self,
+        cf: Cf,
+        from: &[u8],
+        to: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> std::ops::ControlFlow<()>,
+    ) -> Result<(), whispr_mailbox::store::StoreError> {
+        let visited = &self.expiry_visited;
+        self.inner.scan(cf, from, to, &mut |k, v| {
+            if cf == Cf::Expiry {
+                visited.fetch_add(1, Ordering::Relaxed);
+            }
+            f(k, v)
+        })
+    }
+
+    fn write(&self, ops: Vec<Op>, sync: bool) -> Result<(), whispr_mailbox::store::StoreError> {
+        self.inner.write(ops, sync)
+    }
+
+    fn is_poisoned(&self) -> bool {
+        self.inner.is_poisoned()
+    }
+}
+
+/// Security review, finding 11 (a): erasing a mailbox scanned the whole expiry index (one
+/// entry per message deposited on the node within the retention period, acknowledged ones
+/// included) under the core lock, so create–erase in a loop stalled the node. Erasing an empty
+/// mailbox must visit (almost) none of the other mailboxes' expiry entries.
+#[test]
+fn erasing_an_empty_mailbox_does_not_walk_other_mailboxes_expiry_entries() {
+    let store = CountingStore {
+        inner: MemoryStore::new(),
+        expiry_visited: std::sync::Arc::new(AtomicU64::new(0)),
+    };
+    let config = CoreConfig {
+        deposits_per_min: 1_000_000,
+        ..CoreConfig::default()
+    };
+    let mut core = MailboxCore::open(
+        config,
+        store.clone(),
+        MasterKey::from_bytes(&MASTER),
+        core_rng(),
+        T0,
+    )
+    .unwrap();
+    let mut r = rng(31);
+    let alice = Owner::new(&mut r);
+    let bob = Owner::new(&mut r);
+    core.create_mailbox(T0, alice.request(HOUR)).unwrap();
+    let envelopes: Vec<Envelope> = (0..10_000u32)
+        .map(|i| alice.note(&mut r, &i.to_be_bytes()))
+        .collect();
+    for chunk in envelopes.chunks(500) {
+        let results = core.deposit_many(T0, chunk.iter().cloned().map(Incoming::Deposit).collect());
+        assert!(results.iter().all(Result::is_ok));
+    }
+    assert_eq!(store.inner.len(Cf::Expiry), 10_000);
+
+    core.create_mailbox(T0, bob.request(HOUR)).unwrap();
+    store.expiry_visited.store(0, Ordering::Relaxed);
+    core.erase(&bob.id).unwrap();
+    let visited = store.expiry_visited.load(Ordering::Relaxed);
+    assert!(
+        visited < 100,
+        "erasing an empty mailbox visited {visited} expiry keys"
+    );
+    // Erasing Alice still removes every trace of hers, the expiry entries included.
+    core.erase(&alice.id).unwrap();
+    assert_eq!(store.inner.len(Cf::Expiry), 0);
+    assert_eq!(store.inner.len(Cf::Dedup), 0);
+    assert_eq!(store.inner.len(Cf::Envelopes), 0);
+}

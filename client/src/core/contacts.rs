@@ -79,13 +79,22 @@ impl ClientCore {
             || self.state.invitations.iter().any(|i| i.name == name)
     }
 
-    fn new_owned_mailbox(&mut self, dir: &Directory) -> Result<(OwnedMailbox, [u8; 32])> {
+    /// A new mailbox on the node rendezvous placement ranks first for it, or second when the
+    /// first is `avoid` (the node of the contact's mailbox: a node holding both mailboxes of
+    /// a relationship would see each deposit and its ack — security review finding 5).
+    fn new_owned_mailbox(
+        &mut self,
+        dir: &Directory,
+        avoid: Option<NodeId>,
+    ) -> Result<(OwnedMailbox, [u8; 32])> {
         let mut id = [0u8; 32];
         self.rng.fill_bytes(&mut id);
         let secret = MailboxSecretKey::generate(&mut self.crypto_rng);
-        let node = dir
-            .mailbox_replicas(&MailboxId(id), 1)
-            .first()
+        let ranked = dir.mailbox_replicas(&MailboxId(id), 2);
+        let node = ranked
+            .iter()
+            .find(|n| Some(**n) != avoid)
+            .or(ranked.first())
             .copied()
             .ok_or_else(|| ClientError::NoRoute("no mailbox node in the directory".to_string()))?;
         // A node without an API address cannot be reached over HTTP: the driver says so.
@@ -146,7 +155,7 @@ impl ClientCore {
         };
         self.check_name(&name)?;
         let dir = self.dir()?;
-        let (mailbox, mailbox_key) = self.new_owned_mailbox(&dir)?;
+        let (mailbox, mailbox_key) = self.new_owned_mailbox(&dir, None)?;
         let generated = self.account.generate_one_time_keys(PREKEYS_UPLOADED + 1);
         self.account.mark_keys_as_published();
         let mut keys = generated.created.into_iter();
@@ -220,15 +229,15 @@ impl ClientCore {
             return Err(ClientError::InvalidInvitation("it is your own invitation"));
         }
         let dir = self.dir()?;
-        let (mine, _) = self.new_owned_mailbox(&dir)?;
-        let mailbox_key = MailboxSecretKey::from_bytes(&mine.secret)?
-            .public_key()
-            .to_bytes();
         // Pinned by the invitation; an old one pins today's placement.
         let node = match inv.node {
             Some(n) => n,
             None => Self::mailbox_node(&dir, &MailboxId(inv.mailbox_id))?.0,
         };
+        let (mine, _) = self.new_owned_mailbox(&dir, Some(NodeId(node)))?;
+        let mailbox_key = MailboxSecretKey::from_bytes(&mine.secret)?
+            .public_key()
+            .to_bytes();
         self.state.contacts.push(Contact {
             name: name.to_string(),
             mine: mine.clone(),

@@ -76,6 +76,7 @@ impl TestNet {
             (Role::Mix, 1),
             (Role::Mailbox, 0),
             (Role::Timer, 0),
+            (Role::Mailbox, 0),
         ];
         for (role, layer) in kinds {
             let identity = SigningKey::generate(&mut rng);
@@ -333,8 +334,12 @@ impl TestNet {
 
     /// Alice (seed 1) invites, bob (seed 2) accepts; both established.
     fn pair(&mut self) -> (ClientCore, ClientCore) {
-        let mut alice = self.core(1);
-        let mut bob = self.core(2);
+        self.pair_seeded(1, 2)
+    }
+
+    fn pair_seeded(&mut self, a: u64, b: u64) -> (ClientCore, ClientCore) {
+        let mut alice = self.core(a);
+        let mut bob = self.core(b);
         let plan = alice.prepare_invite(T0, Some("bob"), true).unwrap();
         let text = alice.commit_invite(T0, plan);
         let accept = bob.accept_start(T0, &text, "alice").unwrap();
@@ -1022,4 +1027,19 @@ fn cover_looks_like_a_message_to_the_mailbox_node() {
         };
         assert_ne!(mailbox, cover.outer.mailbox_id.0);
     }
+}
+
+#[test]
+fn the_two_mailboxes_of_a_relationship_are_on_different_nodes() {
+    // Security review finding 5: a node holding both mailboxes of a pair sees a deposit into
+    // one and, a few mix delays later, its ack into the other.
+    let mut net = TestNet::new();
+    let mut together = 0;
+    for k in 0..12 {
+        let (alice, bob) = net.pair_seeded(100 + 2 * k, 101 + 2 * k);
+        let a = alice.contact_mailbox("bob").unwrap().node;
+        let b = bob.contact_mailbox("alice").unwrap().node;
+        together += usize::from(a == b);
+    }
+    assert_eq!(together, 0, "{together} of 12 relationships on one node");
 }

@@ -42,6 +42,8 @@ pub struct Client {
     _lock: LockGuard,
     core: ClientCore,
     net: Net,
+    /// One HTTP client per own mailbox (see [`Client::net_for`]).
+    mailbox_nets: BTreeMap<[u8; 32], Net>,
     /// When the core's directory was fetched, ms.
     directory_at: Option<u64>,
 }
@@ -70,6 +72,7 @@ impl Client {
             _lock: lock,
             core: ClientCore::new(directory_url, settings, os_rng(), os_rng()),
             net: Net::new()?,
+            mailbox_nets: BTreeMap::new(),
             directory_at: None,
         };
         c.save()?;
@@ -92,6 +95,7 @@ impl Client {
             _lock: lock,
             core,
             net: Net::new()?,
+            mailbox_nets: BTreeMap::new(),
             directory_at: None,
         })
     }
@@ -138,6 +142,18 @@ impl Client {
         Ok(())
     }
 
+    /// The HTTP client for mailbox `id`: one per mailbox, with its own connections, so that
+    /// no two of a user's mailboxes share a connection by which their node could link them
+    /// (security review finding 8).
+    fn net_for(&mut self, id: &[u8; 32]) -> Result<Net> {
+        if let Some(n) = self.mailbox_nets.get(id) {
+            return Ok(n.clone());
+        }
+        let n = Net::new()?;
+        self.mailbox_nets.insert(*id, n.clone());
+        Ok(n)
+    }
+
     fn mailbox(&self, id: &[u8; 32]) -> Option<OwnedMailbox> {
         self.core
             .owned_mailboxes()
@@ -153,7 +169,7 @@ impl Client {
         {
             return Ok(t.clone());
         }
-        let (token, expires) = self.net.login(m).await?;
+        let (token, expires) = self.net_for(&m.id)?.login(m).await?;
         self.core.set_token(&m.id, Some((token.clone(), expires)));
         Ok(token)
     }
@@ -174,7 +190,9 @@ impl Client {
                     {
                         // A lost ack only means the messages are read again (and dropped as
                         // duplicates).
-                        let _ = self.net.ack(&m, &token, up_to).await;
+                        if let Ok(net) = self.net_for(&m.id) {
+                            let _ = net.ack(&m, &token, up_to).await;
+                        }
                     }
                 }
             }
@@ -229,12 +247,11 @@ impl Client {
                 "a node publishes no API address".to_string(),
             ));
         }
-        self.net
-            .create_mailbox(&plan.mailbox, plan.mailbox_key, plan.retention_ms)
+        let net = self.net_for(&plan.mailbox.id)?;
+        net.create_mailbox(&plan.mailbox, plan.mailbox_key, plan.retention_ms)
             .await?;
-        let (token, expires) = self.net.login(&plan.mailbox).await?;
-        self.net
-            .put_prekeys(&plan.mailbox, &token, &plan.prekeys)
+        let (token, expires) = net.login(&plan.mailbox).await?;
+        net.put_prekeys(&plan.mailbox, &token, &plan.prekeys)
             .await?;
         plan.mailbox.token = Some(token);
         plan.mailbox.token_expires_ms = expires;
@@ -273,7 +290,7 @@ impl Client {
                 "a node publishes no API address".to_string(),
             ));
         }
-        self.net
+        self.net_for(&plan.mailbox.id)?
             .create_mailbox(&plan.mailbox, plan.mailbox_key, plan.retention_ms)
             .await?;
         match plan.invitation.one_time_key {
@@ -339,8 +356,10 @@ impl Client {
     pub async fn sync(&mut self, wait: Duration) -> Result<()> {
         let boxes = self.core.owned_mailboxes();
         let mut tokens = Vec::new();
+        let mut nets = Vec::new();
         for m in &boxes {
             tokens.push(self.token(m).await);
+            nets.push(self.net_for(&m.id)?);
         }
         // Long-poll every mailbox at once; as soon as one has something, take what the others
         // return within 5 ms and drop the rest (they are polled again next round), so that
@@ -348,9 +367,9 @@ impl Client {
         let mut pending: futures_util::stream::FuturesUnordered<_> = boxes
             .iter()
             .zip(&tokens)
+            .zip(nets)
             .enumerate()
-            .map(|(i, (m, t))| {
-                let net = self.net.clone();
+            .map(|(i, ((m, t), net))| {
                 let t = t.as_ref().ok().cloned();
                 async move {
                     let r = match t {
@@ -421,7 +440,7 @@ impl Client {
                 continue;
             }
             let token = self.token(&m).await?;
-            let ticket = self.net.stream_ticket(&m, &token).await?;
+            let ticket = self.net_for(&m.id)?.stream_ticket(&m, &token).await?;
             out.push((hex::encode(m.id), crate::net::stream_url(&m, &ticket)?));
         }
         self.save()?;
@@ -543,7 +562,7 @@ impl Client {
     pub async fn stored_on_node(&mut self, name: &str) -> Result<Vec<u64>> {
         let m = self.core.contact_mailbox(name)?;
         let token = self.token(&m).await?;
-        let v = self.net.export(&m, &token).await?;
+        let v = self.net_for(&m.id)?.export(&m, &token).await?;
         self.save()?;
         Ok(v.get("messages")
             .unwrap_or(&Value::Null)
@@ -575,5 +594,84 @@ impl Client {
             .iter()
             .map(|m| hex::encode(m.id))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An HTTP/1.1 server that answers every request with an empty JSON object on a kept-alive
+    /// connection and counts the connections it accepted.
+    async fn counting_server() -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = count.clone();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                seen.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    while let Ok(n) = conn.read(&mut chunk).await {
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            let reply = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+                            if conn.write_all(reply.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (format!("http://{addr}"), count)
+    }
+
+    /// Security review finding 8: a node that sees two mailboxes' requests on one connection
+    /// links them. Each mailbox has its own HTTP client, hence its own connections; the shared
+    /// client (the control) does reuse one connection, which is what linked them before.
+    #[tokio::test]
+    async fn two_mailboxes_never_share_a_connection() {
+        let home = tempfile::tempdir().unwrap();
+        let kdf = KdfParams {
+            m_kib: 64,
+            t: 1,
+            p: 1,
+        };
+        let mut c = Client::init(
+            home.path(),
+            b"pw",
+            "http://127.0.0.1:9",
+            Settings::default(),
+            kdf,
+        )
+        .unwrap();
+        let (url, count) = counting_server().await;
+        for _ in 0..2 {
+            let _ = c.net.submit(&url, &[]).await;
+        }
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            1,
+            "the shared client keeps its connection"
+        );
+        for id in [[1u8; 32], [2u8; 32], [1u8; 32], [2u8; 32]] {
+            let net = c.net_for(&id).unwrap();
+            let _ = net.submit(&url, &[]).await;
+        }
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            3,
+            "one more connection per mailbox, each kept for that mailbox only"
+        );
     }
 }

@@ -7,6 +7,7 @@ use ed25519_dalek::VerifyingKey;
 use ed25519_dalek::ed25519::signature::Signer;
 use rand::Rng;
 use serde_json::json;
+use sha2::{Digest, Sha256};
 use vodozemac::Curve25519PublicKey;
 use vodozemac::olm::{OlmMessage, SessionConfig};
 use whispr_protocol::directory::Directory;
@@ -165,6 +166,10 @@ impl ClientCore {
         let owner = owner_key(&mailbox);
         let curve = self.account.curve25519_key().to_bytes();
         let id = MailboxId(mailbox.id);
+        // Not the Olm identity key itself, which is the same for every mailbox of the user
+        // and would let nodes link them (security review finding 8): a commitment to it that
+        // only someone holding the invitation can check.
+        let committed = identity_commitment(&id, &curve);
         let prekeys: Vec<serde_json::Value> = keys
             .enumerate()
             .map(|(i, k)| {
@@ -195,8 +200,8 @@ impl ClientCore {
             mailbox_key,
             retention_ms: self.state.settings.retention_ms,
             prekeys: json!({
-                "identity_key": hex::encode(curve),
-                "identity_signature": hex::encode(sign_identity(&owner, &id, &curve)),
+                "identity_key": hex::encode(committed),
+                "identity_signature": hex::encode(sign_identity(&owner, &id, &committed)),
                 "prekeys": prekeys,
             }),
             invitation: invitation.encode(),
@@ -469,11 +474,23 @@ impl ClientCore {
     }
 }
 
+/// What a mailbox's prekeys carry in place of its owner's Olm identity key:
+/// SHA-256("whispr-prekey-identity-v1" ‖ mailbox id ‖ Curve25519 identity key). Different for
+/// every mailbox of a user; checkable by whoever holds the invitation (which names the key).
+fn identity_commitment(mailbox: &MailboxId, curve: &[u8; 32]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"whispr-prekey-identity-v1");
+    h.update(mailbox.as_bytes());
+    h.update(curve);
+    h.finalize().into()
+}
+
 fn check_bundle(bundle: &PrekeyBundle, inv: &Invitation) -> Result<[u8; 32]> {
     let owner = VerifyingKey::from_bytes(&inv.owner_key)
         .map_err(|_| ClientError::InvalidInvitation("owner key"))?;
-    bundle.verify(&owner, &MailboxId(inv.mailbox_id))?;
-    if bundle.identity_key != inv.curve {
+    let mailbox = MailboxId(inv.mailbox_id);
+    bundle.verify(&owner, &mailbox)?;
+    if bundle.identity_key != identity_commitment(&mailbox, &inv.curve) {
         return Err(ClientError::IdentityChanged("the inviter".to_string()));
     }
     bundle

@@ -1043,3 +1043,18 @@ fn the_two_mailboxes_of_a_relationship_are_on_different_nodes() {
     }
     assert_eq!(together, 0, "{together} of 12 relationships on one node");
 }
+
+#[test]
+fn mailbox_nodes_cannot_link_a_users_invitation_mailboxes_by_their_prekeys() {
+    // Security review finding 8: the prekeys uploaded to each new mailbox must not carry a
+    // value that is the same for every mailbox of the user.
+    let net = TestNet::new();
+    let mut alice = net.core(1);
+    let (_, curve) = alice.identity_keys();
+    let one = alice.prepare_invite(T0, Some("bob"), false).unwrap();
+    let two = alice.prepare_invite(T0, Some("carol"), false).unwrap();
+    let key = |p: &InvitePlan| p.prekeys["identity_key"].as_str().unwrap().to_string();
+    assert_ne!(key(&one), key(&two));
+    assert_ne!(key(&one), curve);
+    assert_ne!(key(&two), curve);
+}

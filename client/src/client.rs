@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures_util::StreamExt;
 use rand::rngs::StdRng;
 use serde_json::Value;
+use whispr_protocol::consensus::Network;
 use whispr_protocol::{NodeId, UnixTime};
 
 use crate::core::{ClientCore, ContactInfo, OutgoingInfo, Output, Received, SendOptions};
@@ -46,6 +47,8 @@ pub struct Client {
     mailbox_nets: BTreeMap<[u8; 32], Net>,
     /// When the core's directory was fetched, ms.
     directory_at: Option<u64>,
+    /// Epoch of the newest consensus accepted (an older one is refused: replay).
+    consensus_epoch: Option<u64>,
 }
 
 impl std::fmt::Debug for Client {
@@ -74,6 +77,7 @@ impl Client {
             net: Net::new()?,
             mailbox_nets: BTreeMap::new(),
             directory_at: None,
+            consensus_epoch: None,
         };
         c.save()?;
         Ok(c)
@@ -97,6 +101,7 @@ impl Client {
             net: Net::new()?,
             mailbox_nets: BTreeMap::new(),
             directory_at: None,
+            consensus_epoch: None,
         })
     }
 
@@ -136,7 +141,26 @@ impl Client {
             return Ok(());
         }
         let url = self.core.directory_url().to_string();
-        let d = self.net.directory(&url, UnixTime(now)).await?;
+        let d = match self.settings().network.as_deref() {
+            Some(text) => {
+                let network = Network::parse(text)?;
+                // The mirror first, then each pinned authority.
+                let mut urls = vec![url];
+                urls.extend(
+                    network
+                        .authorities()
+                        .iter()
+                        .map(|a| format!("{}/v1/consensus", a.url.trim_end_matches('/'))),
+                );
+                let d = self
+                    .net
+                    .directory(&urls, &network, UnixTime(now), self.consensus_epoch)
+                    .await?;
+                self.consensus_epoch = d.consensus().map(|c| c.epoch);
+                d
+            }
+            None => self.net.unpinned_directory(&url, UnixTime(now)).await?,
+        };
         self.core.set_directory(std::sync::Arc::new(d));
         self.directory_at = Some(now);
         Ok(())

@@ -359,7 +359,7 @@ impl Devnet {
                 .collect();
             let mut all = true;
             for url in &watch {
-                match net.directory(url, UnixTime(now_ms())).await {
+                match net.unpinned_directory(url, UnixTime(now_ms())).await {
                     Ok(d) if d.len() == total => {}
                     _ => all = false,
                 }

@@ -55,6 +55,11 @@ enum Command {
         /// Cover traffic while `recv --follow` runs, packets per minute (Poisson).
         #[arg(long)]
         cover_per_min: Option<f64>,
+        /// The network file pinning the directory authorities (`whispr devnet up` writes one):
+        /// from then on a directory is accepted only with the threshold of their signatures,
+        /// and `--directory` is a mere mirror.
+        #[arg(long)]
+        network: Option<std::path::PathBuf>,
     },
     /// Creates a mailbox for a new contact and prints the invitation to give them.
     Invite {
@@ -433,8 +438,16 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
             receipts,
             retransmit_after_ms,
             cover_per_min,
+            network,
         } => {
             let mut settings = Settings::default();
+            if let Some(path) = network {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ClientError::InvalidArgument(format!("--network {}: {e}", path.display()))
+                })?;
+                whispr_protocol::consensus::Network::parse(&text)?;
+                settings.network = Some(text);
+            }
             if let Some(d) = mix_delay_ms {
                 settings.mix_delay_ms = *d;
             }

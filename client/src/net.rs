@@ -7,6 +7,7 @@ use ed25519_dalek::ed25519::signature::Signer;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use whispr_protocol::consensus::{Consensus, Network, VerifiedConsensus};
 use whispr_protocol::directory::Directory;
 use whispr_protocol::mailbox_api::{create_transcript, login_transcript};
 use whispr_protocol::{MailboxId, UnixTime};
@@ -123,8 +124,60 @@ impl Net {
         Ok(Net { http })
     }
 
-    /// Fetches and validates the directory.
-    pub async fn directory(&self, url: &str, now: UnixTime) -> Result<Directory> {
+    /// The directory of the first consensus, fetched from `urls` in order (a mirror first,
+    /// then each pinned authority's `/v1/consensus`), that carries the threshold of valid
+    /// signatures of `network`'s authorities, is valid at `now` and is not older than
+    /// `min_epoch` (an old consensus replayed within its validity). Anything else is refused,
+    /// whatever served it; with every source refused, the last reason is returned.
+    pub async fn directory(
+        &self,
+        urls: &[String],
+        network: &Network,
+        now: UnixTime,
+        min_epoch: Option<u64>,
+    ) -> Result<Directory> {
+        let mut last = ClientError::Unreachable {
+            node: "directory",
+            reason: "no source".to_string(),
+        };
+        for url in urls {
+            match self.consensus(url, network, now).await {
+                Ok(v) if min_epoch.is_some_and(|m| v.epoch < m) => {
+                    last = ClientError::Protocol(whispr_protocol::Error::Malformed {
+                        what: "consensus",
+                        reason: "older than the one already accepted",
+                    });
+                }
+                Ok(v) => return Ok(Directory::from_consensus(now, &v)),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    async fn consensus(
+        &self,
+        url: &str,
+        network: &Network,
+        now: UnixTime,
+    ) -> Result<VerifiedConsensus> {
+        let r = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(unreachable("directory"))?;
+        if !r.status().is_success() {
+            return Err(error_of("directory", r).await);
+        }
+        let bytes = r.bytes().await.map_err(unreachable("directory"))?;
+        Ok(Consensus::decode(&bytes)?.verify(now, network)?)
+    }
+
+    /// Fetches a plain directory of self-signed descriptors, trusting whoever serves it: only
+    /// for a client that pins no authority (`Settings::network` unset; devnets from before
+    /// authorities). Never use it with a network pinned.
+    pub async fn unpinned_directory(&self, url: &str, now: UnixTime) -> Result<Directory> {
         let r = self
             .http
             .get(url)

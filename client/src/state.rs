@@ -88,6 +88,11 @@ pub struct Settings {
     /// mixnet reorders packets and an Olm receiver keeps only 40 skipped message keys per
     /// chain, so more than that in flight could make messages undecryptable. Keep it below 40.
     pub olm_window: usize,
+    /// The pinned directory authorities: the network file's text (`whispr-network 1`, the
+    /// threshold, one `authority KEY URL` line each; `docs/protocol.md`). When set, a
+    /// directory is accepted only as a consensus with the threshold of their signatures,
+    /// fetched from `directory_url` (a mere mirror) or from the authorities themselves.
+    pub network: Option<String>,
 }
 
 impl Default for Settings {
@@ -108,6 +113,7 @@ impl Default for Settings {
             seen_max: 10_000,
             message_bytes_max: 1024 * 1024 - 4096,
             olm_window: 32,
+            network: None,
         }
     }
 }

@@ -173,6 +173,8 @@ pub struct NodesReport {
     pub holds_scheduled: u64,
     /// Holds released.
     pub holds_released: u64,
+    /// Releases whose first hop was down: the timer retries them (finding 9).
+    pub hold_release_retries: u64,
     /// Final payloads refused.
     pub payloads_refused: u64,
     /// SURB replies that could not be sent.
@@ -307,6 +309,7 @@ pub fn summarise(sc: &Scenario, seed: u64, r: &Results) -> Summary {
             crashes: c.crashes,
             holds_scheduled: c.holds_scheduled,
             holds_released: c.holds_released,
+            hold_release_retries: c.hold_release_retries,
             payloads_refused: c.payloads_refused,
             replies_failed: c.replies_failed,
             duplicate_fragments_fetched: c.duplicate_fragments_fetched,

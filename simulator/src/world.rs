@@ -395,6 +395,8 @@ pub struct Counters {
     pub holds_scheduled: u64,
     /// Holds released by timer nodes.
     pub holds_released: u64,
+    /// Releases whose first hop was down (retried later by the timer queue).
+    pub hold_release_retries: u64,
     /// Node crashes (scripted and random).
     pub crashes: u64,
     /// Events by kind.
@@ -2056,14 +2058,30 @@ impl World {
             .unwrap_or_default();
         let mut sends = Vec::new();
         for task in fired {
-            if let Ok(send) = DeferredSend::decode(&task.payload) {
-                sends.push(send);
+            match DeferredSend::decode(&task.payload) {
+                Ok(send) => sends.push((task.id, send)),
+                Err(_) => {
+                    let _ = timer.queue.complete(&task.id);
+                }
             }
-            let _ = timer.queue.complete(&task.id);
         }
-        for send in sends {
+        for (id, send) in sends {
+            // As the real timer node does: a release completes only once its first hop took
+            // it; a first hop that is down fails the task, which is retried with back-off and
+            // quarantined after the bound (security review finding 9).
+            let to = self.index.get(&send.first_hop).copied();
+            let accepted = to.is_some_and(|t| self.nodes.get(t as usize).is_some_and(|n| n.up));
+            if let Some(timer) = self.nodes.get_mut(i).and_then(|n| n.timer.as_mut()) {
+                if accepted {
+                    let _ = timer.queue.complete(&id);
+                } else {
+                    let _ = timer.queue.fail(UnixTime(now), &id);
+                    self.counters.hold_release_retries += 1;
+                    continue;
+                }
+            }
             self.counters.holds_released += 1;
-            if let Some(&to) = self.index.get(&send.first_hop) {
+            if let Some(to) = to {
                 self.transmit(From::Peer(node), to, send.packet.into_bytes());
             }
         }

@@ -6,12 +6,17 @@ CARGO ?= cargo
 # Debian packages the build needs: a C/C++ toolchain for RocksDB, libclang for its bindings.
 APT_PACKAGES := build-essential pkg-config libclang-dev
 FUZZ_SECONDS ?= 30
+# cargo-deny, installed by `make deps` when missing (deny.toml is written for this version);
+# built in cargo's own temporary directory, not in CARGO_TARGET_DIR (which .ci/run sets).
+CARGO_DENY_VERSION := 0.20.2
+# The one platform deny.toml checks ([graph] targets); `make deny` fetches its crates.
+DENY_TARGET := x86_64-unknown-linux-gnu
 # Forbidden in whispr-protocol's normal dependency tree.
 PROTOCOL_FORBIDDEN := tokio|libp2p|rocksdb|librocksdb-sys|axum|hyper|mio
 # Forbidden in the client core (client/src/core): a clock, I/O, a runtime or a task.
 CORE_FORBIDDEN := tokio|reqwest|tungstenite|SystemTime|Instant|std::fs|std::net|std::thread|std::io|async |\.await|now_ms|crate::(net|vault|devnet|client)
 
-.PHONY: deps demo test fmt-check clippy check-deps unit fuzz bench sim-build sim-docs sim-bench flaky-hunt
+.PHONY: deps demo test fmt-check clippy check-deps deny audit unit fuzz bench sim-build sim-docs sim-bench flaky-hunt
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -23,6 +28,7 @@ deps:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust with rustup (https://rustup.rs)"; exit 1; }
 	@$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 	@$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
+	@$(CARGO) deny --version >/dev/null 2>&1 || env -u CARGO_TARGET_DIR $(CARGO) install cargo-deny --locked --version $(CARGO_DENY_VERSION)
 
 # A local network of real node processes and two users talking through it (scripts/demo.sh).
 # Same profile as the tests (`test`, in target/debug), so the demo reuses their build.
@@ -30,7 +36,7 @@ demo: deps
 	$(CARGO) build --workspace --bins --profile test
 	bash scripts/demo.sh
 
-test: deps fmt-check clippy check-deps unit
+test: deps fmt-check clippy check-deps deny unit
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
@@ -52,6 +58,20 @@ check-deps:
 	@found=$$(grep -nE '$(CORE_FORBIDDEN)' client/src/core/*.rs); \
 	if [ -n "$$found" ]; then echo "the client core reads a clock or does I/O:"; echo "$$found"; exit 1; fi; \
 	echo "client core: no clock, socket, file or task"
+
+# Supply chain (deny.toml; docs/dependencies.md, "Supply chain"): licences against the
+# allow-list, banned crates and wildcard versions, crates.io as the only source. The check
+# itself is offline (`--frozen`); `cargo fetch` only downloads what the build downloads anyway
+# from crates.io (a no-op after a build), so `make deny` also works before the first build.
+deny:
+	$(CARGO) fetch --locked --target $(DENY_TARGET)
+	$(CARGO) deny --frozen check --hide-inclusion-graph licenses bans sources
+
+# Known advisories (RustSec) against Cargo.lock. Needs github.com to clone or update the
+# advisory database into $CARGO_HOME/advisory-dbs, so it is not part of `make test`; it fails
+# with "failed to fetch advisory database" where GitHub is unreachable (docs/dependencies.md).
+audit:
+	$(CARGO) deny --locked check --hide-inclusion-graph advisories
 
 # The whole test suite, doc tests included; also replays the committed fuzz corpus
 # (protocol/tests/fuzz_corpus.rs).

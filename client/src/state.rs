@@ -88,6 +88,10 @@ pub struct Settings {
     /// mixnet reorders packets and an Olm receiver keeps only 40 skipped message keys per
     /// chain, so more than that in flight could make messages undecryptable. Keep it below 40.
     pub olm_window: usize,
+    /// Mean of the random delay before a receipt leaves (exponential, at most six times the
+    /// mean), so that a deposit does not follow the poll that fetched the message it answers
+    /// (security review finding 5). 0 sends receipts in the same round.
+    pub receipt_delay_ms: u64,
     /// The pinned directory authorities: the network file's text (`whispr-network 1`, the
     /// threshold, one `authority KEY URL` line each; `docs/protocol.md`). When set, a
     /// directory is accepted only as a consensus with the threshold of their signatures,
@@ -113,6 +117,7 @@ impl Default for Settings {
             seen_max: 10_000,
             message_bytes_max: 1024 * 1024 - 4096,
             olm_window: 32,
+            receipt_delay_ms: 10_000,
             network: None,
         }
     }
@@ -465,6 +470,23 @@ pub struct State {
     /// What this client saw of each relay lately: routes acknowledged and routes lost.
     #[serde(default)]
     pub relay_health: Vec<RelayHealth>,
+    /// Receipts waiting for their time (kept across runs, so that a one-shot `recv` does not
+    /// lose them).
+    #[serde(default)]
+    pub receipts_due: Vec<DueReceipts>,
+}
+
+/// Receipts of one kind to one contact, sent together at `due_ms`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DueReceipts {
+    /// The contact.
+    pub contact: String,
+    /// `delivered` or `read`.
+    pub kind: String,
+    /// Message ids (hex).
+    pub ids: Vec<String>,
+    /// When they leave, ms.
+    pub due_ms: u64,
 }
 
 /// The latest outcomes of routes through one mix relay: (time in ms, acknowledged).

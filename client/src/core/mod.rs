@@ -212,7 +212,6 @@ pub struct ClientCore {
     crypto_rng: StdRng,
     codec: Box<dyn PacketCodec>,
     directory: Option<Arc<Directory>>,
-    receipts_due: BTreeMap<(String, String), Vec<String>>,
     last_surb_route: Vec<String>,
     refused: BTreeMap<String, u64>,
     outputs: VecDeque<Output>,
@@ -315,6 +314,7 @@ impl ClientCore {
             next_id: 1,
             cover_sent: 0,
             relay_health: Vec::new(),
+            receipts_due: Vec::new(),
         };
         ClientCore::with_state(state, Account::new(), HashMap::new(), rng, crypto_rng)
     }
@@ -334,7 +334,6 @@ impl ClientCore {
             crypto_rng,
             codec: Box::new(SphinxCodec),
             directory: None,
-            receipts_due: BTreeMap::new(),
             last_surb_route: Vec::new(),
             refused: BTreeMap::new(),
             outputs: VecDeque::new(),
@@ -424,8 +423,8 @@ impl ClientCore {
         let after = self.state.settings.retransmit_after_ms;
         let mut next: Option<u64> = None;
         let mut at = |t: u64| next = Some(next.map_or(t, |n: u64| n.min(t)));
-        if !self.receipts_due.is_empty() {
-            at(self.now);
+        if let Some(due) = self.state.receipts_due.iter().map(|r| r.due_ms).min() {
+            at(due);
         }
         let window = self.state.settings.olm_window.max(1);
         let mut in_flight: BTreeMap<&str, usize> = BTreeMap::new();
@@ -550,6 +549,38 @@ impl ClientCore {
             .retain(|p| p.received_ms.saturating_add(PARTIAL_AGE_MAX_MS) > now);
     }
 
+    /// Queues a receipt of `kind` for message `id` of `contact`: with the others of its kind
+    /// already waiting, or at a new random time (mean `receipt_delay_ms`, at most six times
+    /// it).
+    fn queue_receipt(&mut self, contact: &str, kind: &str, id: String) {
+        if let Some(r) = self
+            .state
+            .receipts_due
+            .iter_mut()
+            .find(|r| r.contact == contact && r.kind == kind)
+        {
+            if r.ids.len() < 1_000 {
+                r.ids.push(id);
+            }
+            return;
+        }
+        let mean = self.state.settings.receipt_delay_ms;
+        let delay = if mean == 0 {
+            0
+        } else {
+            // 53 random bits → u in (0, 1]; −ln(u) is Exp(1).
+            let bits = rand::Rng::next_u64(&mut self.rng) >> 11;
+            let u = (bits as f64 + 1.0) / (1u64 << 53) as f64;
+            ((-u.ln() * mean as f64) as u64).min(mean.saturating_mul(6))
+        };
+        self.state.receipts_due.push(crate::state::DueReceipts {
+            contact: contact.to_string(),
+            kind: kind.to_string(),
+            ids: vec![id],
+            due_ms: self.now.saturating_add(delay),
+        });
+    }
+
     fn out_index(&self, id: u64) -> Option<usize> {
         self.state.outbox.iter().position(|o| o.id == id)
     }
@@ -616,6 +647,7 @@ impl ClientCore {
     /// read receipts, queues them (sent at the next [`Self::handle_timeout`]).
     pub fn take_unread(&mut self) -> Vec<Received> {
         let mut out = Vec::new();
+        let mut read = Vec::new();
         for h in &mut self.state.history {
             if !h.shown {
                 h.shown = true;
@@ -627,12 +659,12 @@ impl ClientCore {
                     expires_ms: h.expires_ms,
                 });
                 if self.state.settings.receipts == Receipts::Read {
-                    self.receipts_due
-                        .entry((h.contact.clone(), "read".to_string()))
-                        .or_default()
-                        .push(h.message_id.clone());
+                    read.push((h.contact.clone(), h.message_id.clone()));
                 }
             }
+        }
+        for (contact, id) in read {
+            self.queue_receipt(&contact, "read", id);
         }
         out
     }

@@ -436,10 +436,7 @@ impl ClientCore {
                     self.state.history.drain(..excess);
                 }
                 if self.state.settings.receipts != Receipts::None {
-                    self.receipts_due
-                        .entry((name.to_string(), "delivered".to_string()))
-                        .or_default()
-                        .push(message_id.to_string());
+                    self.queue_receipt(name, "delivered", message_id.to_string());
                 }
             }
             AppMessage::Receipt { kind, of } => {

@@ -444,8 +444,13 @@ impl ClientCore {
     /// Queues the receipts that are due as messages to their contacts and sends what the
     /// windows allow.
     pub(super) fn send_receipts(&mut self) {
-        let due = std::mem::take(&mut self.receipts_due);
-        for ((name, kind), ids) in due {
+        let now = self.now;
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.state.receipts_due)
+            .into_iter()
+            .partition(|r| r.due_ms <= now);
+        self.state.receipts_due = later;
+        for r in due {
+            let (name, kind, ids) = (r.contact, r.kind, r.ids);
             let app = AppMessage::Receipt { kind, of: ids };
             // A contact we can no longer write to simply gets no receipt.
             let _ = self.queue(&name, OutKind::Receipt, &app, None, None);

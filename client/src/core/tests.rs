@@ -618,17 +618,20 @@ fn receipts_travel_back_delivered_then_read() {
     assert_eq!(alice.out_state(id), Some(OutState::Stored));
     net.fetch(&mut bob, T0 + 2000);
     net.run(&mut bob);
-    // A delivery receipt is due at once.
-    assert_eq!(bob.poll_timeout(), Some(T0 + 2000));
-    bob.handle_timeout(T0 + 2000).unwrap();
+    // A delivery receipt is due after a random delay (at most six mean delays).
+    let mean = bob.settings().receipt_delay_ms;
+    let due = bob.poll_timeout().unwrap();
+    assert!(due > T0 + 2000 && due <= T0 + 2000 + 6 * mean, "{due}");
+    bob.handle_timeout(due).unwrap();
     net.run(&mut bob);
-    net.fetch(&mut alice, T0 + 3000);
+    net.fetch(&mut alice, due + 1000);
     assert_eq!(alice.out_state(id), Some(OutState::Delivered));
-    // Shown to bob: a read receipt.
+    // Shown to bob: a read receipt, at its own random time.
     assert_eq!(bob.take_unread().len(), 1);
-    bob.handle_timeout(T0 + 4000).unwrap();
+    let due = bob.poll_timeout().unwrap();
+    bob.handle_timeout(due).unwrap();
     net.run(&mut bob);
-    net.fetch(&mut alice, T0 + 5000);
+    net.fetch(&mut alice, due + 1000);
     assert_eq!(alice.out_state(id), Some(OutState::Read));
     let notices = alice.take_notices();
     assert_eq!(kinds(&notices), ["stored", "delivered", "read"]);
@@ -1057,4 +1060,29 @@ fn mailbox_nodes_cannot_link_a_users_invitation_mailboxes_by_their_prekeys() {
     assert_ne!(key(&one), key(&two));
     assert_ne!(key(&one), curve);
     assert_ne!(key(&two), curve);
+}
+
+#[test]
+fn a_receipt_does_not_leave_in_the_round_that_fetched_its_message() {
+    // Security review finding 5: a poll answered by a deposit at once links the recipient's
+    // mailbox to the sender's at a node (or observer) that sees both.
+    let mut net = TestNet::new();
+    let (mut alice, mut bob) = net.pair();
+    alice
+        .send(T0 + 1000, "bob", "hi", SendOptions::default())
+        .unwrap();
+    net.run(&mut alice);
+    net.fetch(&mut bob, T0 + 2000);
+    bob.handle_timeout(T0 + 2000).unwrap();
+    let same_round: usize = net
+        .run(&mut bob)
+        .iter()
+        .filter(|a| matches!(a, Arrival::Final { .. }))
+        .count();
+    assert_eq!(same_round, 0, "a receipt left with the fetch");
+    // It leaves later, at a random time the core asks to be woken for.
+    let due = bob.poll_timeout().unwrap();
+    assert!(due > T0 + 2000, "due at once");
+    bob.handle_timeout(due).unwrap();
+    assert_eq!(deposits(&net.run(&mut bob)).len(), 1);
 }

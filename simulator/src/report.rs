@@ -175,6 +175,10 @@ pub struct NodesReport {
     pub holds_released: u64,
     /// Releases whose first hop was down: the timer retries them (finding 9).
     pub hold_release_retries: u64,
+    /// Packets clients built on a route through a Sybil node (not in a consensus).
+    pub sybil_routes: u64,
+    /// Packets sent to a Sybil node.
+    pub lost_sybil: u64,
     /// Final payloads refused.
     pub payloads_refused: u64,
     /// SURB replies that could not be sent.
@@ -310,6 +314,8 @@ pub fn summarise(sc: &Scenario, seed: u64, r: &Results) -> Summary {
             holds_scheduled: c.holds_scheduled,
             holds_released: c.holds_released,
             hold_release_retries: c.hold_release_retries,
+            sybil_routes: c.sybil_routes,
+            lost_sybil: c.lost_sybil,
             payloads_refused: c.payloads_refused,
             replies_failed: c.replies_failed,
             duplicate_fragments_fetched: c.duplicate_fragments_fetched,

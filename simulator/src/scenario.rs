@@ -100,8 +100,13 @@ pub struct Topology {
     pub mailboxes: usize,
     /// Timer nodes.
     pub timers: usize,
-    /// Clients (users), each with one mailbox.
+    /// Clients (users); one mailbox per contact relationship and side.
     pub clients: usize,
+    /// Directory authorities (simulated: they vote and sign once per directory change). The
+    /// directory is their consensus: a node is in it only if a majority admits it. 0: no
+    /// authorities, every self-signed descriptor offered is in the directory (the attack of
+    /// security review finding 1).
+    pub authorities: usize,
 }
 
 impl Default for Topology {
@@ -113,6 +118,7 @@ impl Default for Topology {
             mailboxes: 3,
             timers: 1,
             clients: 20,
+            authorities: 3,
         }
     }
 }
@@ -454,6 +460,12 @@ pub struct Adversary {
     /// Messages whose sender anonymity is computed (evenly spread over the run; the cost is
     /// proportional to this times the packets in the observer's window).
     pub anonymity_sample: usize,
+    /// Sybil mix descriptors offered, as a fraction of all mix descriptors offered: validly
+    /// self-signed, of nodes the attacker runs (not simulated: a packet sent to one is lost
+    /// to the network, and every route through one is counted in `nodes_report.sybil_routes`).
+    /// A minority of the authorities (⌊(n − 1) / 2⌋) admits them; the consensus must leave them
+    /// out.
+    pub sybil_fraction: f64,
 }
 
 impl Default for Adversary {
@@ -463,6 +475,7 @@ impl Default for Adversary {
             compromised_mailboxes: 0.0,
             compromised_timers: 0.0,
             anonymity_sample: 2000,
+            sybil_fraction: 0.0,
         }
     }
 }
@@ -637,6 +650,12 @@ impl Scenario {
         }
         if w.scheduled_fraction > 0.0 && t.timers == 0 {
             return bad("scheduled sends need timer nodes");
+        }
+        if !(0.0..0.99).contains(&self.adversary.sybil_fraction) {
+            return bad("adversary.sybil_fraction must be within [0, 0.99)");
+        }
+        if t.authorities > whispr_protocol::consensus::AUTHORITIES_MAX {
+            return bad("topology.authorities: at most 9");
         }
         match &w.graph {
             GraphSpec::Uniform { contacts } if *contacts == 0 || *contacts >= t.clients => {

@@ -397,6 +397,10 @@ pub struct Counters {
     pub holds_released: u64,
     /// Releases whose first hop was down (retried later by the timer queue).
     pub hold_release_retries: u64,
+    /// Packets clients built on a route through a Sybil node (one not run by the network).
+    pub sybil_routes: u64,
+    /// Packets sent to a Sybil node (lost to the network).
+    pub lost_sybil: u64,
     /// Node crashes (scripted and random).
     pub crashes: u64,
     /// Events by kind.
@@ -492,6 +496,13 @@ pub struct World {
     clients: Vec<Client>,
     by_mailbox: HashMap<MailboxId, u32>,
     directory: Arc<Directory>,
+    /// The simulated directory authorities' keys.
+    authorities: Vec<SigningKey>,
+    /// Sybil mix descriptors offered to the authorities (and, without authorities, in the
+    /// directory).
+    sybils: Vec<SignedDescriptor>,
+    /// Directory rebuilds so far (the consensus epoch).
+    directory_epoch: u64,
     node_link: Link,
     client_link: Link,
     node_latency_mean: f64,
@@ -669,6 +680,9 @@ impl World {
             clients: Vec::new(),
             by_mailbox: HashMap::new(),
             directory: Arc::new(Directory::default()),
+            authorities: Vec::new(),
+            sybils: Vec::new(),
+            directory_epoch: 0,
             node_link,
             client_link,
             node_latency_mean,
@@ -690,6 +704,14 @@ impl World {
             sc,
         };
         world.partitions = world.resolve_partitions()?;
+        world.authorities = (0..world.sc.topology.authorities)
+            .map(|i| {
+                let mut seed = [0u8; 32];
+                tree.stream("authority", i as u64).fill_bytes(&mut seed);
+                SigningKey::from_bytes(&seed)
+            })
+            .collect();
+        world.sybils = world.make_sybils(&tree, first_epoch, last_epoch, horizon)?;
         world.rebuild_directory();
         world.open_destinations(start)?;
         world.make_clients(&tree, start)?;
@@ -758,6 +780,128 @@ impl World {
         Ok(out)
     }
 
+    /// Sybil mix descriptors: `sybil_fraction` of all mix descriptors offered, validly
+    /// self-signed, of nodes that are not simulated.
+    fn make_sybils(
+        &self,
+        tree: &RngTree,
+        first_epoch: u64,
+        last_epoch: u64,
+        horizon: u64,
+    ) -> Result<Vec<SignedDescriptor>, ScenarioError> {
+        let f = self.sc.adversary.sybil_fraction;
+        let t = &self.sc.topology;
+        let honest = (t.mixes_per_layer * t.mix_layers as usize) as f64;
+        let count = (f / (1.0 - f) * honest).round() as usize;
+        let mut rng = tree.stream("sybil", 0);
+        let mut out = Vec::with_capacity(count);
+        for i in 0..count {
+            let mut seed = [0u8; 32];
+            rng.fill_bytes(&mut seed);
+            let identity = SigningKey::from_bytes(&seed);
+            let id = NodeId(identity.verifying_key().to_bytes());
+            let mut public = BTreeMap::new();
+            for e in first_epoch..=last_epoch {
+                let mut k = [0u8; 32];
+                rng.fill_bytes(&mut k);
+                public.insert(
+                    KeyEpoch(e),
+                    SphinxPublicKey::from(&SphinxSecretKey::from(k)),
+                );
+            }
+            let descriptor = NodeDescriptor {
+                node_id: id,
+                peer_id: id.libp2p_peer_id_bytes(),
+                roles: [Role::Mix].into_iter().collect(),
+                mix_layer: (i as u32 % t.mix_layers.max(1)) + 1,
+                addresses: Vec::new(),
+                api_url: None,
+                sphinx_keys: public,
+                published_at: UnixTime(START_MS),
+                expires_at: UnixTime(horizon + 86_400_000),
+            }
+            .sign(&identity)
+            .map_err(|e| ScenarioError::Invalid(format!("sybil descriptor: {e}")))?;
+            out.push(descriptor);
+        }
+        Ok(out)
+    }
+
+    /// The directory every node and client uses: with authorities, their consensus (each
+    /// honest authority admits the nodes in the directory; a minority also admits the
+    /// Sybils), signed and verified as clients verify it; without, every descriptor offered.
+    fn build_directory(&mut self, descriptors: Vec<SignedDescriptor>) -> Directory {
+        use whispr_protocol::consensus::{
+            Authority, Consensus, Network, VoteContent, compute_consensus,
+        };
+        let start = UnixTime(START_MS);
+        if self.authorities.is_empty() {
+            let mut all = descriptors;
+            all.extend(self.sybils.iter().cloned());
+            return Directory::build(start, &all).0;
+        }
+        self.directory_epoch += 1;
+        let epoch = self.directory_epoch;
+        let network = match Network::new(
+            self.authorities
+                .iter()
+                .map(|k| Authority {
+                    key: k.verifying_key().to_bytes(),
+                    url: String::new(),
+                })
+                .collect(),
+            None,
+        ) {
+            Ok(n) => n,
+            Err(e) => {
+                self.violations.push(format!("authorities: {e}"));
+                return Directory::default();
+            }
+        };
+        let valid_after = start;
+        let valid_until = UnixTime(START_MS + 3 * 24 * 3600 * 1000 - 1);
+        let malicious = if self.sybils.is_empty() {
+            0
+        } else {
+            (self.authorities.len() - 1) / 2
+        };
+        let mut votes = Vec::new();
+        for (i, k) in self.authorities.iter().enumerate() {
+            let mut admitted = descriptors.clone();
+            if i < malicious {
+                admitted.extend(self.sybils.iter().cloned());
+            }
+            let vote = VoteContent {
+                authority: k.verifying_key().to_bytes(),
+                epoch,
+                valid_after,
+                valid_until,
+                descriptors: admitted,
+            }
+            .sign(k)
+            .and_then(|v| v.verify(&network));
+            match vote {
+                Ok(v) => votes.push(v),
+                Err(e) => self.violations.push(format!("vote: {e}")),
+            }
+        }
+        let verified = compute_consensus(&network, epoch, valid_after, valid_until, &votes)
+            .and_then(|body| {
+                let mut c = Consensus::new(&body);
+                for k in &self.authorities {
+                    c.sign(k);
+                }
+                c.verify(UnixTime(self.q.now().0.max(START_MS)), &network)
+            });
+        match verified {
+            Ok(v) => Directory::from_consensus(start, &v),
+            Err(e) => {
+                self.violations.push(format!("consensus: {e}"));
+                Directory::default()
+            }
+        }
+    }
+
     fn rebuild_directory(&mut self) {
         let descriptors: Vec<SignedDescriptor> = self
             .nodes
@@ -765,7 +909,7 @@ impl World {
             .filter(|n| n.in_directory)
             .map(|n| n.descriptor.clone())
             .collect();
-        let (directory, _rejected) = Directory::build(UnixTime(START_MS), &descriptors);
+        let directory = self.build_directory(descriptors);
         self.directory = Arc::new(directory);
         for c in &mut self.clients {
             c.core.set_directory(self.directory.clone());
@@ -1312,6 +1456,8 @@ impl World {
                 RouterOutput::Send { to, packet, .. } => {
                     if let Some(&to) = self.index.get(&to) {
                         self.transmit(From::Peer(i as u32), to, packet.into_bytes());
+                    } else {
+                        self.counters.lost_sybil += 1;
                     }
                 }
                 RouterOutput::Deliver(d) => self.deliver(i, d),
@@ -1742,6 +1888,9 @@ impl World {
             Err(_) => return,
         };
         for b in builds {
+            if b.route.iter().any(|n| !self.index.contains_key(n)) {
+                self.counters.sybil_routes += 1;
+            }
             let dedup_mailbox = match b.kind {
                 BuildKind::Deposit(d, m) => (d, m),
                 BuildKind::Hold => {

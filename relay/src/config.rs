@@ -79,10 +79,28 @@ pub struct MeshConfig {
     /// Descriptors held, at most (the network's size bound).
     #[serde(default = "default_descriptors_max")]
     pub descriptors_max: usize,
+    /// The network file pinning the directory authorities (keys, URLs, threshold; see
+    /// `docs/operators.md`). When set, the node routes only to the members of the latest
+    /// consensus it fetched from the authorities (`GET /v1/consensus`) and verified, takes
+    /// packet streams only from them (and, for [`CONSENSUS_GRACE`] after a new consensus,
+    /// from the previous one's members), and serves that consensus at `GET /v1/consensus`.
+    /// When unset, the directory is every valid self-signed descriptor gossiped: for
+    /// development only (anyone can join and attract routes).
+    #[serde(default)]
+    pub network_file: Option<PathBuf>,
+    /// How often the consensus is fetched from the authorities, in milliseconds (default
+    /// 60 000; only with `network_file`).
+    #[serde(default = "default_consensus_poll_ms")]
+    pub consensus_poll_ms: u64,
     /// Router limits.
     #[serde(default)]
     pub router: RouterConfig,
 }
+
+/// How long the members of the previous consensus still have their packet streams accepted
+/// after a newer consensus replaced it: packets that were built on the old one, or sent by a
+/// node that has not fetched the new one yet, still get through the epoch change.
+pub const CONSENSUS_GRACE: std::time::Duration = std::time::Duration::from_secs(10 * 60);
 
 fn default_listen() -> Vec<String> {
     vec!["/ip4/0.0.0.0/tcp/7410".into()]
@@ -101,6 +119,9 @@ fn default_peer_queue() -> usize {
 }
 fn default_client_streams() -> usize {
     1024
+}
+fn default_consensus_poll_ms() -> u64 {
+    60_000
 }
 fn default_descriptors_max() -> usize {
     whispr_protocol::directory::DIRECTORY_NODES_MAX
@@ -122,6 +143,8 @@ impl Default for MeshConfig {
             peer_queue_max: default_peer_queue(),
             client_streams_max: default_client_streams(),
             descriptors_max: default_descriptors_max(),
+            network_file: None,
+            consensus_poll_ms: default_consensus_poll_ms(),
             router: RouterConfig::default(),
         }
     }
@@ -202,6 +225,9 @@ impl MeshConfig {
         if self.peer_queue_max == 0 {
             return Err(ConfigError::new("mesh.peer_queue_max", "must be > 0"));
         }
+        if self.consensus_poll_ms < 100 {
+            return Err(ConfigError::new("mesh.consensus_poll_ms", "at least 100"));
+        }
         if self.router.epoch_len_ms < 1000 {
             return Err(ConfigError::new(
                 "mesh.router.epoch_len_ms",
@@ -228,6 +254,19 @@ impl MeshConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The pinned network of `network_file`, if set.
+    pub fn network(&self) -> Result<Option<whispr_protocol::consensus::Network>, ConfigError> {
+        let Some(path) = &self.network_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("mesh.network_file", format!("{}: {e}", path.display()))
+        })?;
+        whispr_protocol::consensus::Network::parse(&text)
+            .map(Some)
+            .map_err(|e| ConfigError::new("mesh.network_file", format!("{}: {e}", path.display())))
     }
 
     /// The key directory for a node whose data lives in `data_dir`.

@@ -1,6 +1,7 @@
-//! The HTTP side of a mesh node: `GET /v1/directory` (every node), `POST /v1/packets` (edge
-//! relays), and the relay binary's `/metrics` and `/healthz`; plus [`serve`], which every
-//! node kind uses to serve its API over plain HTTP (loopback) or TLS (rustls).
+//! The HTTP side of a mesh node: `GET /v1/directory` and `GET /v1/consensus` (every node),
+//! `POST /v1/packets` (edge relays), and the relay binary's `/metrics` and `/healthz`; plus
+//! [`serve`], which every node kind uses to serve its API over plain HTTP (loopback) or TLS
+//! (rustls).
 //!
 //! `POST /v1/packets` takes `application/octet-stream`: 1 to `batch_max` packets of exactly
 //! `PACKET_SIZE` bytes, back to back. Each is rate limited with the connection's limit (one
@@ -34,15 +35,18 @@ struct MeshState {
     hasher: Arc<std::collections::hash_map::RandomState>,
 }
 
-/// The routes every mesh node serves: `GET /v1/directory`, and `POST /v1/packets` when
-/// `packets_batch_max` is set (edge relays).
+/// The routes every mesh node serves: `GET /v1/directory` (the gossiped descriptors),
+/// `GET /v1/consensus` (the verified consensus, with a pinned network), and
+/// `POST /v1/packets` when `packets_batch_max` is set (edge relays).
 pub fn mesh_routes(mesh: MeshHandle, packets_batch_max: Option<usize>) -> axum::Router {
     let state = MeshState {
         mesh,
         batch_max: packets_batch_max.unwrap_or(0),
         hasher: Arc::new(std::collections::hash_map::RandomState::new()),
     };
-    let mut router = axum::Router::new().route("/v1/directory", get(directory));
+    let mut router = axum::Router::new()
+        .route("/v1/directory", get(directory))
+        .route("/v1/consensus", get(consensus));
     if packets_batch_max.is_some() {
         router = router.route(
             "/v1/packets",
@@ -69,6 +73,19 @@ async fn directory(State(state): State<MeshState>) -> Response {
         state.mesh.directory_bytes(),
     )
         .into_response()
+}
+
+/// The consensus this node routes by (a mirror of the authorities'), verified when fetched;
+/// 404 without a pinned network or before the first one.
+async fn consensus(State(state): State<MeshState>) -> Response {
+    match state.mesh.consensus_bytes() {
+        Some(bytes) => ([(header::CONTENT_TYPE, "application/x-protobuf")], bytes).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "no_consensus",
+            "this node has no verified consensus (no network file, or none fetched yet)",
+        ),
+    }
 }
 
 fn error(status: StatusCode, kind: &str, message: &str) -> Response {

@@ -18,7 +18,14 @@
 //!   keeps descriptors, publishes this node's own one, and feeds the descriptor addresses to
 //!   the dialer;
 //! * **the directory task**, which rebuilds the [`Directory`] from the descriptors held (at
-//!   most once per [`directory_rebuild_interval`]) and gives it to the core and the handle;
+//!   most once per [`directory_rebuild_interval`]) and gives it to the core and the handle
+//!   (without a pinned network: for development only, as anyone can join), or, with
+//!   `mesh.network_file`, only keeps the gossiped descriptors for `GET /v1/directory`;
+//! * **the consensus task** (with `mesh.network_file` only), which fetches the consensus from
+//!   the pinned authorities every `mesh.consensus_poll_ms`, verifies it, and gives the core and
+//!   the handle the directory of its members ([`Directory::from_consensus`]); packet streams
+//!   are then accepted only from those members (and the previous consensus's, for
+//!   [`crate::config::CONSENSUS_GRACE`]);
 //! * **the epoch task**, which rotates the Sphinx keys at each key epoch boundary;
 //! * the acceptors of the packet and client stream protocols, and one sender task per next
 //!   hop.
@@ -114,6 +121,7 @@ impl Mesh {
         } = options;
         config.check()?;
         check_descriptor_fields(&config, &extra_roles)?;
+        let network = config.network()?;
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(MeshError::Listen(
                 "Mesh::new must be called within a Tokio runtime".into(),
@@ -151,6 +159,9 @@ impl Mesh {
             next_client: AtomicU64::new(1),
             directory: RwLock::new(Arc::new(Directory::default())),
             directory_bytes: RwLock::new(Arc::new(Directory::encode(&[]))),
+            pinned: network.is_some(),
+            consensus_bytes: RwLock::new(None),
+            members: RwLock::new(Arc::new(shared::Members::default())),
             listen_addrs: listen_tx,
             metrics: Metrics::default(),
             store_ok: AtomicBool::new(true),
@@ -163,6 +174,7 @@ impl Mesh {
         let runner = MeshRunner {
             shared,
             config,
+            network,
             identity,
             roles,
             epoch_keys,
@@ -340,6 +352,18 @@ impl MeshHandle {
         read(&self.shared.directory_bytes).as_ref().clone()
     }
 
+    /// The verified consensus this node routes by, as the authorities served it (for
+    /// `GET /v1/consensus`); `None` without a pinned network (`mesh.network_file`) or before
+    /// the first one was fetched.
+    pub fn consensus_bytes(&self) -> Option<Vec<u8>> {
+        read(&self.shared.consensus_bytes).map(|b| b.as_ref().clone())
+    }
+
+    /// Whether this node pins directory authorities (`mesh.network_file` set).
+    pub fn is_pinned(&self) -> bool {
+        self.shared.pinned
+    }
+
     /// Addresses actually listened on (after binding port 0 etc.). Listeners on specific IP
     /// addresses are known as soon as [`Mesh::new`] returns; those on an unspecified address
     /// (`0.0.0.0`) once [`MeshRunner::run`] has enumerated the interfaces (see
@@ -374,6 +398,7 @@ impl MeshHandle {
 pub struct MeshRunner {
     shared: Arc<Shared>,
     config: MeshConfig,
+    network: Option<whispr_protocol::consensus::Network>,
     identity: Identity,
     roles: Vec<Role>,
     epoch_keys: EpochKeys,
@@ -405,6 +430,7 @@ impl MeshRunner {
         let MeshRunner {
             shared,
             config,
+            network,
             identity,
             roles,
             epoch_keys,
@@ -445,6 +471,13 @@ impl MeshRunner {
         );
         tasks.spawn(swarm_task.run());
         tasks.spawn(engine::directory_task(snapshot_rx, shared.clone()));
+        if let Some(network) = network {
+            tasks.spawn(engine::consensus_task(
+                network,
+                Duration::from_millis(config.consensus_poll_ms),
+                shared.clone(),
+            ));
+        }
         tasks.spawn(engine::epoch_task(
             epoch_keys,
             config.router.epoch_len_ms,

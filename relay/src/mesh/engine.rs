@@ -9,13 +9,15 @@ use std::time::Duration;
 use libp2p_stream::Control;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
+use whispr_protocol::consensus::{CONSENSUS_LEN_MAX, Consensus, Network, VerifiedConsensus};
 use whispr_protocol::directory::{Directory, SignedDescriptor};
 use whispr_protocol::sphinx::{Packet, ReplayTag};
 use whispr_protocol::{KeyEpoch, NodeId};
 
-use super::shared::{LocalDestination, MeshError, RouterEvent, Shared, write};
+use super::shared::{LocalDestination, Members, MeshError, RouterEvent, Shared, write};
 use super::streams;
 use super::swarm::SwarmCommand;
+use crate::config::CONSENSUS_GRACE;
 use crate::keys::EpochKeys;
 use crate::router::{DropReason, Input, Output, Router};
 use crate::storage::ReplayStore;
@@ -374,6 +376,13 @@ pub(crate) async fn directory_task(
         let Ok((directory, bytes)) = built else {
             break;
         };
+        if shared.pinned {
+            // The routing directory comes from the consensus ([`consensus_task`]); the
+            // gossiped descriptors are only served at `GET /v1/directory`, for the
+            // authorities to read.
+            write(&shared.directory_bytes, Arc::new(bytes));
+            continue;
+        }
         shared.metrics.directory_nodes.store(
             u64::try_from(directory.len()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
@@ -393,6 +402,130 @@ pub(crate) async fn directory_task(
         write(&shared.directory, directory);
         write(&shared.directory_bytes, Arc::new(bytes));
     }
+}
+
+/// With a pinned network: fetches the consensus from the authorities every `poll`, verifies
+/// it, and hands the router the directory of the newest one (never an older epoch than the
+/// one held); updates the members whose packet streams are accepted and the bytes served at
+/// `GET /v1/consensus`. The directory is rebuilt at each poll too, as descriptors expire
+/// inside a consensus's window.
+pub(crate) async fn consensus_task(network: Network, poll: Duration, shared: Arc<Shared>) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let Ok(http) = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(20))
+        .build()
+    else {
+        tracing::error!("cannot build the HTTP client for the consensus");
+        return;
+    };
+    let mut held: Option<VerifiedConsensus> = None;
+    let mut start = 0usize;
+    let mut ticks = tokio::time::interval(poll);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let now = whispr_node_kit::clock::now();
+        let authorities = network.authorities();
+        let count = authorities.len().max(1);
+        let mut fresh = None;
+        for i in 0..count {
+            let Some(authority) = authorities.get((start + i) % count) else {
+                continue;
+            };
+            let url = format!("{}/v1/consensus", authority.url.trim_end_matches('/'));
+            let Some(bytes) = fetch_consensus(&http, &url).await else {
+                continue;
+            };
+            let Ok(verified) = Consensus::decode(&bytes).and_then(|c| c.verify(now, &network))
+            else {
+                tracing::warn!("an authority served a consensus that does not verify");
+                continue;
+            };
+            let newer = match &held {
+                None => true,
+                Some(h) => {
+                    verified.epoch > h.epoch
+                        || (verified.epoch == h.epoch && verified.signers.len() > h.signers.len())
+                }
+            };
+            if newer {
+                fresh = Some((verified, bytes));
+            }
+            break;
+        }
+        start = start.wrapping_add(1);
+        let changed_members = match fresh {
+            Some((verified, bytes)) => {
+                let epoch_changed = held.as_ref().is_none_or(|h| h.epoch != verified.epoch);
+                write(&shared.consensus_bytes, Some(Arc::new(bytes)));
+                if epoch_changed {
+                    tracing::info!(
+                        epoch = verified.epoch,
+                        signers = verified.signers.len(),
+                        authorities = verified.authorities,
+                        nodes = verified.descriptors.len(),
+                        "new consensus"
+                    );
+                }
+                held = Some(verified);
+                epoch_changed
+            }
+            None => false,
+        };
+        let Some(consensus) = &held else {
+            continue;
+        };
+        if now >= consensus.valid_until {
+            tracing::warn!("the consensus held has expired and no newer one could be fetched");
+        }
+        let directory = Arc::new(Directory::from_consensus(now, consensus));
+        let current = super::shared::read(&shared.directory);
+        if !changed_members && directory.len() == current.len() {
+            continue;
+        }
+        if changed_members {
+            let ids: HashSet<NodeId> = directory.nodes().map(|n| n.node_id).collect();
+            let previous = super::shared::read(&shared.members);
+            write(
+                &shared.members,
+                Arc::new(Members {
+                    current: ids,
+                    previous: previous.current.clone(),
+                    previous_until: Some(std::time::Instant::now() + CONSENSUS_GRACE),
+                }),
+            );
+        }
+        shared.metrics.directory_nodes.store(
+            u64::try_from(directory.len()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        if shared
+            .inbox
+            .send(RouterEvent::Directory(directory.clone()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+        write(&shared.directory, directory);
+    }
+}
+
+/// `GET url`, at most [`CONSENSUS_LEN_MAX`] bytes; `None` on any failure.
+async fn fetch_consensus(http: &reqwest::Client, url: &str) -> Option<Vec<u8>> {
+    let mut response = http.get(url).send().await.ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.ok()? {
+        if body.len().saturating_add(chunk.len()) > CONSENSUS_LEN_MAX {
+            return None;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Some(body)
 }
 
 /// Rotates the Sphinx keys at each key epoch boundary: the router gets the new secret keys,

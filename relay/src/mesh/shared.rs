@@ -4,6 +4,7 @@
 //! here, never from `mesh` itself, so that the imports go one way: `mesh` → `engine` →
 //! `swarm` → `streams` → `shared`, `metrics`.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, RwLock};
 
@@ -119,11 +120,44 @@ pub(super) struct Shared {
     pub(super) next_client: AtomicU64,
     pub(super) directory: RwLock<Arc<Directory>>,
     pub(super) directory_bytes: RwLock<Arc<Vec<u8>>>,
+    /// Whether the node pins directory authorities (`mesh.network_file`): then the routing
+    /// directory comes from the consensus only, and peers must be its members.
+    pub(super) pinned: bool,
+    /// The verified consensus, as fetched (served at `GET /v1/consensus`).
+    pub(super) consensus_bytes: RwLock<Option<Arc<Vec<u8>>>>,
+    /// Who may open packet streams to this node (with a pinned network).
+    pub(super) members: RwLock<Arc<Members>>,
     pub(super) listen_addrs: watch::Sender<Vec<Multiaddr>>,
     pub(super) metrics: Metrics,
     pub(super) store_ok: AtomicBool,
     pub(super) keys_ok: AtomicBool,
     pub(super) stopped: AtomicBool,
+}
+
+/// The nodes whose packet streams a node with a pinned network accepts: the members of its
+/// consensus, and those of the previous one until `previous_until`.
+#[derive(Debug, Default)]
+pub(crate) struct Members {
+    pub(crate) current: HashSet<NodeId>,
+    pub(crate) previous: HashSet<NodeId>,
+    pub(crate) previous_until: Option<std::time::Instant>,
+}
+
+impl Members {
+    fn admits(&self, node: &NodeId, now: std::time::Instant) -> bool {
+        self.current.contains(node)
+            || (self.previous_until.is_some_and(|until| now < until)
+                && self.previous.contains(node))
+    }
+}
+
+impl Shared {
+    /// Whether `node` may send packets to this node over a packet stream: always without a
+    /// pinned network; with one, only a member of the consensus (or of the previous one,
+    /// within the grace window).
+    pub(super) fn admits_peer(&self, node: &NodeId) -> bool {
+        !self.pinned || read(&self.members).admits(node, std::time::Instant::now())
+    }
 }
 
 /// Reads a value behind a lock (a panicked writer left it whole: every write is one store).

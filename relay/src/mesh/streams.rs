@@ -250,7 +250,8 @@ impl Admission {
 }
 
 /// Accepts inbound packet streams: at most `streams_max` in all and [`PEER_STREAMS_MAX`] per
-/// peer; a peer whose id is not an Ed25519 key has its stream closed. With `capacity`, the
+/// peer; a peer whose id is not an Ed25519 key, or (with a pinned network) that is not a
+/// consensus member ([`Shared::admits_peer`]), has its stream closed. With `capacity`, the
 /// streams are [`PACKETS_PROTOCOL`] ones (read while the router admits the peer); without,
 /// [`ACKED_PACKETS_PROTOCOL`] ones (every frame answered with its verdict).
 pub(crate) async fn accept_peers(
@@ -282,6 +283,12 @@ pub(crate) async fn accept_peers(
             drop(stream);
             continue;
         };
+        // With a pinned network, only consensus members send packets.
+        if !shared.admits_peer(&node) {
+            refuse();
+            drop(stream);
+            continue;
+        }
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             refuse();
             continue;
@@ -296,12 +303,14 @@ pub(crate) async fn accept_peers(
                 stream,
                 inbox.clone(),
                 capacity.clone(),
+                shared.clone(),
                 (permit, guard),
             )),
             None => readers.spawn(serve_acked_peer(
                 node,
                 stream,
                 inbox.clone(),
+                shared.clone(),
                 (permit, guard),
             )),
         };
@@ -313,6 +322,7 @@ async fn read_peer<G: Send>(
     mut stream: Stream,
     inbox: mpsc::Sender<RouterEvent>,
     mut capacity: watch::Receiver<Admission>,
+    shared: Arc<Shared>,
     _guards: G,
 ) {
     loop {
@@ -322,6 +332,10 @@ async fn read_peer<G: Send>(
         }
         let mut frame = vec![0u8; PACKET_SIZE];
         if stream.read_exact(&mut frame).await.is_err() {
+            break;
+        }
+        // A member dropped from the consensus (past the grace window) loses its stream.
+        if !shared.admits_peer(&node) {
             break;
         }
         let event = RouterEvent::Packet {
@@ -341,6 +355,7 @@ async fn serve_acked_peer<G: Send>(
     node: NodeId,
     mut stream: Stream,
     inbox: mpsc::Sender<RouterEvent>,
+    shared: Arc<Shared>,
     _guards: G,
 ) {
     loop {
@@ -348,6 +363,9 @@ async fn serve_acked_peer<G: Send>(
         match tokio::time::timeout(CLIENT_IDLE_TIMEOUT, stream.read_exact(&mut frame)).await {
             Ok(Ok(())) => {}
             _ => break,
+        }
+        if !shared.admits_peer(&node) {
+            break;
         }
         let verdict = submit(&inbox, Source::Peer(node), frame).await;
         let answered = tokio::time::timeout(WRITE_TIMEOUT, async {

@@ -154,7 +154,7 @@ fn plan_node(
             (
                 "whispr-relay",
                 format!(
-                    "data_dir = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n\n{}{limits}",
+                    "data_dir = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{http_port}\"\nmetrics_interval_ms = 0\n\n{}{limits}",
                     data.display(),
                     mesh_section(
                         mesh_port,
@@ -167,7 +167,7 @@ fn plan_node(
         "mailbox" => {
             let (ops, deposits) = if relaxed {
                 (
-                    "ops_per_min_per_connection = 6000000\n",
+                    "ops_per_min_per_connection = 6000000\nmailbox_creations_per_hour_per_ip = 6000000\n",
                     "\n[limits]\ndeposits_per_min = 6000000\n",
                 )
             } else {
@@ -176,7 +176,7 @@ fn plan_node(
             (
                 "whispr-mailbox",
                 format!(
-                    "data_dir = \"{}\"\naudience = \"devnet-{name}\"\n\n[api]\nlisten = \"127.0.0.1:{http_port}\"\n{ops}{deposits}\n{}",
+                    "data_dir = \"{}\"\naudience = \"devnet-{name}\"\n\n[api]\nlisten = \"127.0.0.1:{http_port}\"\nmetrics_interval_ms = 0\n{ops}{deposits}\n{}",
                     data.display(),
                     mesh_section(mesh_port, bootstrap, &format!("api_url = \"{api}\"\n"))
                 ),

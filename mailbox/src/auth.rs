@@ -10,10 +10,16 @@
 //! - A **stream ticket** is a one-time token valid `ticket_ttl_ms`, for the WebSocket
 //!   upgrade (browsers cannot set headers on it); redeeming it consumes it.
 //!
-//! Every table is bounded; when one is full of live entries, new ones are refused with
-//! [`MailboxError::RateLimited`] rather than evicting live ones.
+//! Every table is bounded. When the session or ticket table is full of live entries, new
+//! ones are refused with [`MailboxError::RateLimited`] rather than evicting live ones. The
+//! challenge table is shared fairly between sources: each source (an IPv4 address or IPv6 /64,
+//! see [`crate::limiter::source_key`]) holds at most `challenges_per_source_max` outstanding
+//! challenges, and a full table drops its oldest challenge for a new one (a real login answers
+//! its challenge within a round trip, so a flood has to refill the whole table faster than
+//! that, from `challenges_max / challenges_per_source_max` sources at least).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
 use ed25519_dalek::{Signature, VerifyingKey};
 use serde::{Deserialize, Serialize};
@@ -34,8 +40,11 @@ pub struct AuthConfig {
     pub session_ttl_ms: u64,
     /// How long a stream ticket can be redeemed. Default 30 s.
     pub ticket_ttl_ms: u64,
-    /// Most outstanding challenges. Default 10,000.
+    /// Most outstanding challenges. Default 10,000. When full, the oldest is dropped.
     pub challenges_max: usize,
+    /// Most outstanding challenges per source (IPv4 address or IPv6 /64); past it the source
+    /// is answered 429. Default 16.
+    pub challenges_per_source_max: usize,
     /// Most live sessions. Default 100,000.
     pub sessions_max: usize,
     /// Most outstanding tickets. Default 10,000.
@@ -49,6 +58,7 @@ impl Default for AuthConfig {
             session_ttl_ms: 15 * 60_000,
             ticket_ttl_ms: 30_000,
             challenges_max: 10_000,
+            challenges_per_source_max: 16,
             sessions_max: 100_000,
             tickets_max: 10_000,
         }
@@ -70,8 +80,10 @@ pub struct Session {
 
 /// A bounded table of entries that expire.
 struct Table<V> {
-    entries: BTreeMap<[u8; 32], (V, u64)>,
+    entries: BTreeMap<[u8; 32], (V, u64, Option<IpAddr>)>,
     by_expiry: BTreeSet<(u64, [u8; 32])>,
+    /// Entries per source, for those inserted with one.
+    per_source: BTreeMap<IpAddr, usize>,
     max: usize,
 }
 
@@ -80,8 +92,24 @@ impl<V> Table<V> {
         Table {
             entries: BTreeMap::new(),
             by_expiry: BTreeSet::new(),
+            per_source: BTreeMap::new(),
             max,
         }
+    }
+
+    /// Removes `key`; its value and expiry time.
+    fn remove(&mut self, key: &[u8; 32]) -> Option<(V, u64)> {
+        let (value, exp, source) = self.entries.remove(key)?;
+        self.by_expiry.remove(&(exp, *key));
+        if let Some(source) = source
+            && let Some(n) = self.per_source.get_mut(&source)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_source.remove(&source);
+            }
+        }
+        Some((value, exp))
     }
 
     fn prune(&mut self, now: UnixTime) {
@@ -89,50 +117,81 @@ impl<V> Table<V> {
             if exp > now.0 {
                 break;
             }
-            self.by_expiry.remove(&(exp, key));
-            self.entries.remove(&key);
+            let _ = self.remove(&key);
         }
     }
 
-    fn insert(&mut self, now: UnixTime, key: [u8; 32], value: V, expires: u64) -> Result<()> {
+    /// Inserts an entry. When the table is full of live entries: refused, or with
+    /// `evict_oldest`, the entry closest to expiry is dropped. With a `source`, at most
+    /// `per_source_max` live entries per source.
+    fn insert(
+        &mut self,
+        now: UnixTime,
+        key: [u8; 32],
+        value: V,
+        expires: u64,
+        source: Option<(IpAddr, usize, bool)>,
+    ) -> Result<()> {
         self.prune(now);
-        if self.entries.len() >= self.max {
+        let evict_oldest = source.is_some_and(|(_, _, evict)| evict);
+        if let Some((source, per_source_max, _)) = source
+            && self.per_source.get(&source).copied().unwrap_or(0) >= per_source_max
+        {
             let retry_after_ms = self
-                .by_expiry
-                .first()
-                .map_or(1000, |(exp, _)| exp.saturating_sub(now.0).max(1));
+                .entries
+                .values()
+                .filter(|(_, _, s)| *s == Some(source))
+                .map(|(_, exp, _)| exp.saturating_sub(now.0).max(1))
+                .min()
+                .unwrap_or(1000);
             return Err(MailboxError::RateLimited {
-                what: "authentication table full",
+                what: "outstanding challenges from this address",
                 retry_after_ms,
             });
         }
-        self.entries.insert(key, (value, expires));
+        if self.entries.len() >= self.max {
+            if evict_oldest && let Some((_, oldest)) = self.by_expiry.first().copied() {
+                let _ = self.remove(&oldest);
+            } else {
+                let retry_after_ms = self
+                    .by_expiry
+                    .first()
+                    .map_or(1000, |(exp, _)| exp.saturating_sub(now.0).max(1));
+                return Err(MailboxError::RateLimited {
+                    what: "authentication table full",
+                    retry_after_ms,
+                });
+            }
+        }
+        let source = source.map(|(s, _, _)| s);
+        if let Some(source) = source {
+            *self.per_source.entry(source).or_insert(0) += 1;
+        }
+        self.entries.insert(key, (value, expires, source));
         self.by_expiry.insert((expires, key));
         Ok(())
     }
 
     fn take(&mut self, now: UnixTime, key: &[u8; 32]) -> Option<V> {
-        let (value, exp) = self.entries.remove(key)?;
-        self.by_expiry.remove(&(exp, *key));
+        let (value, exp) = self.remove(key)?;
         (exp > now.0).then_some(value)
     }
 
     fn get(&self, now: UnixTime, key: &[u8; 32]) -> Option<&V> {
         self.entries
             .get(key)
-            .and_then(|(v, exp)| (*exp > now.0).then_some(v))
+            .and_then(|(v, exp, _)| (*exp > now.0).then_some(v))
     }
 
     fn retain(&mut self, mut keep: impl FnMut(&V) -> bool) {
-        let doomed: Vec<([u8; 32], u64)> = self
+        let doomed: Vec<[u8; 32]> = self
             .entries
             .iter()
-            .filter(|(_, (v, _))| !keep(v))
-            .map(|(k, (_, exp))| (*k, *exp))
+            .filter(|(_, (v, _, _))| !keep(v))
+            .map(|(k, _)| *k)
             .collect();
-        for (k, exp) in doomed {
-            self.entries.remove(&k);
-            self.by_expiry.remove(&(exp, k));
+        for k in doomed {
+            let _ = self.remove(&k);
         }
     }
 
@@ -181,18 +240,44 @@ impl<R: rand::CryptoRng> Sessions<R> {
         &self.audience
     }
 
-    /// Issues a challenge for `device` on `mailbox`. Does not reveal whether either exists.
+    /// Issues a challenge for `device` on `mailbox`, counted against no source (tests and
+    /// in-process callers). Does not reveal whether either exists.
     pub fn challenge(
         &mut self,
         now: UnixTime,
         mailbox: MailboxId,
         device: [u8; 32],
     ) -> Result<([u8; 32], UnixTime)> {
+        self.issue(now, None, mailbox, device)
+    }
+
+    /// Issues a challenge asked for from `source` (the client's address): at most
+    /// `challenges_per_source_max` outstanding per IPv4 address or IPv6 /64; a full table drops
+    /// its oldest challenge. Does not reveal whether the mailbox or device exists.
+    pub fn challenge_from(
+        &mut self,
+        now: UnixTime,
+        source: IpAddr,
+        mailbox: MailboxId,
+        device: [u8; 32],
+    ) -> Result<([u8; 32], UnixTime)> {
+        let source = crate::limiter::source_key(source);
+        self.issue(now, Some(source), mailbox, device)
+    }
+
+    fn issue(
+        &mut self,
+        now: UnixTime,
+        source: Option<IpAddr>,
+        mailbox: MailboxId,
+        device: [u8; 32],
+    ) -> Result<([u8; 32], UnixTime)> {
         let mut challenge = [0u8; 32];
         self.rng.fill_bytes(&mut challenge);
         let expires = now.0.saturating_add(self.config.challenge_ttl_ms);
+        let source = source.map(|s| (s, self.config.challenges_per_source_max.max(1), true));
         self.challenges
-            .insert(now, challenge, (mailbox, device), expires)?;
+            .insert(now, challenge, (mailbox, device), expires, source)?;
         Ok((challenge, UnixTime(expires)))
     }
 
@@ -236,7 +321,8 @@ impl<R: rand::CryptoRng> Sessions<R> {
             expires_at: UnixTime(expires),
             token_hash: hash(&token),
         };
-        self.sessions.insert(now, hash(&token), session, expires)?;
+        self.sessions
+            .insert(now, hash(&token), session, expires, None)?;
         Ok((token, UnixTime(expires)))
     }
 
@@ -274,7 +360,8 @@ impl<R: rand::CryptoRng> Sessions<R> {
             .0
             .saturating_add(self.config.ticket_ttl_ms)
             .min(session.expires_at.0);
-        self.tickets.insert(now, hash(&ticket), session, expires)?;
+        self.tickets
+            .insert(now, hash(&ticket), session, expires, None)?;
         Ok((ticket, UnixTime(expires)))
     }
 

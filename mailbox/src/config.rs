@@ -29,6 +29,10 @@ pub struct CoreConfig {
     pub sweep_batch_max: usize,
     /// Expiry sweeps are scheduled per bucket of this length. Default 60,000 ms.
     pub expiry_bucket_ms: u64,
+    /// A mailbox that nobody has logged in to and that has received no deposit this long after
+    /// its creation is erased, so that abandoned (or mass-created) mailboxes do not hold
+    /// `mailboxes_max` for ever. Default 24 hours.
+    pub unused_mailbox_ttl_ms: u64,
 }
 
 impl Default for CoreConfig {
@@ -45,6 +49,7 @@ impl Default for CoreConfig {
             reply_bytes_max: 4096,
             sweep_batch_max: 10_000,
             expiry_bucket_ms: 60_000,
+            unused_mailbox_ttl_ms: 24 * 3600 * 1000,
         }
     }
 }

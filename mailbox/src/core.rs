@@ -186,6 +186,8 @@ pub struct CoreStats {
     pub messages: u64,
     /// Bytes of stored message values.
     pub bytes: u64,
+    /// Mailboxes erased unused since the core was opened.
+    pub unused_erased: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -198,6 +200,15 @@ struct Record {
     retention_ms: u64,
     created_at_ms: u64,
     devices: Vec<[u8; 32]>,
+    /// Set at the first login. A mailbox never logged in to and without a deposit is erased
+    /// `unused_mailbox_ttl_ms` after its creation. Records written before this field existed
+    /// count as used.
+    #[serde(default = "used_by_default")]
+    used: bool,
+}
+
+fn used_by_default() -> bool {
+    true
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -269,6 +280,12 @@ impl Mailbox {
 
     fn has_device(&self, device: &[u8; 32]) -> bool {
         self.record.devices.iter().any(|d| d == device)
+    }
+
+    /// Never logged in to, and never received a deposit (sequence numbers start at 1 and
+    /// never go back).
+    fn is_unused(&self) -> bool {
+        !self.record.used && self.next_seq <= 1
     }
 }
 
@@ -390,6 +407,10 @@ pub struct MailboxCore<S: MailboxStore, R: rand::CryptoRng> {
     mailboxes: BTreeMap<StorageId, Mailbox>,
     /// Expiry sweeps already asked for (bucket end times).
     sweeps: BTreeSet<u64>,
+    /// Mailboxes not used yet, by the time they are erased if they stay unused (entries of
+    /// mailboxes used or erased since are skipped when due).
+    unused: BTreeSet<(u64, StorageId)>,
+    unused_erased: u64,
     outputs: VecDeque<Output>,
 }
 
@@ -418,6 +439,8 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             rng,
             mailboxes: BTreeMap::new(),
             sweeps: BTreeSet::new(),
+            unused: BTreeSet::new(),
+            unused_erased: 0,
             outputs: VecDeque::new(),
         };
         core.load(now)?;
@@ -523,6 +546,15 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             ops.extend(self.expiry_ops(&sid)?);
             self.store.write(ops, true)?;
         }
+        let unused: Vec<(StorageId, u64)> = self
+            .mailboxes
+            .values()
+            .filter(|m| m.is_unused())
+            .map(|m| (m.sid, m.record.created_at_ms))
+            .collect();
+        for (sid, created_at) in unused {
+            self.track_unused(sid, created_at);
+        }
         // Purge what expired while we were down, then ask for sweeps of the rest: of every
         // expiry entry, also those of acknowledged messages (their dedup ids must go on time).
         while self.sweep_expired(now)? > 0 {}
@@ -575,6 +607,37 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         Ok(ops)
     }
 
+    /// Remembers when an unused mailbox created at `created_at` is to be erased.
+    fn track_unused(&mut self, sid: StorageId, created_at: u64) {
+        let deadline = created_at.saturating_add(self.config.unused_mailbox_ttl_ms);
+        self.unused.insert((deadline, sid));
+    }
+
+    /// When [`Self::erase_unused`] may next have something to do: the end of the earliest
+    /// grace period of a mailbox that was unused when created (or loaded).
+    pub fn next_unused_deadline(&self) -> Option<UnixTime> {
+        self.unused.first().map(|(at, _)| UnixTime(*at))
+    }
+
+    /// Erases every mailbox still unused (never logged in to, no deposit) at the end of its
+    /// grace period, `unused_mailbox_ttl_ms` after its creation; returns how many. The
+    /// driver calls it at [`Self::next_unused_deadline`].
+    pub fn erase_unused(&mut self, now: UnixTime) -> Result<usize> {
+        let mut erased = 0;
+        while let Some((deadline, sid)) = self.unused.first().copied() {
+            if deadline > now.0 {
+                break;
+            }
+            if self.mailboxes.get(&sid).is_some_and(Mailbox::is_unused) {
+                self.erase_sid(&sid)?;
+                erased += 1;
+                self.unused_erased = self.unused_erased.saturating_add(1);
+            }
+            self.unused.remove(&(deadline, sid));
+        }
+        Ok(erased)
+    }
+
     fn want_sweep(&mut self, at: u64) {
         if self.sweeps.insert(at) {
             self.outputs
@@ -612,6 +675,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                 .map(|m| m.messages.len() as u64)
                 .sum(),
             bytes: self.mailboxes.values().map(|m| m.bytes).sum(),
+            unused_erased: self.unused_erased,
         }
     }
 
@@ -693,6 +757,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             retention_ms: request.retention_ms,
             created_at_ms: now.0,
             devices: vec![request.owner_key],
+            used: false,
         };
         let op = self.record_ops(&sid, &key, &record)?;
         self.store.write(vec![op], true)?;
@@ -710,6 +775,26 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                 deposits: Bucket::full(self.config.deposits_per_min, now),
             },
         );
+        self.track_unused(sid, now.0);
+        Ok(())
+    }
+
+    /// Records that an owner device logged in to `mailbox` (one synced write, the first
+    /// time only): from then on it is never erased as unused.
+    pub fn mark_used(&mut self, mailbox: &MailboxId) -> Result<()> {
+        let m = self.mailbox(mailbox)?;
+        if m.record.used {
+            return Ok(());
+        }
+        self.check_writable()?;
+        let (sid, key) = (m.sid, m.key.clone());
+        let mut record = m.record.clone();
+        record.used = true;
+        let op = self.record_ops(&sid, &key, &record)?;
+        self.store.write(vec![op], true)?;
+        if let Some(m) = self.mailboxes.get_mut(&sid) {
+            m.record.used = true;
+        }
         Ok(())
     }
 
@@ -1277,6 +1362,11 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
     pub fn erase(&mut self, mailbox: &MailboxId) -> Result<()> {
         self.check_writable()?;
         let sid = self.mailbox(mailbox)?.sid;
+        self.erase_sid(&sid)
+    }
+
+    fn erase_sid(&mut self, sid: &StorageId) -> Result<()> {
+        let sid = *sid;
         self.store.write(
             vec![Op::Delete {
                 cf: Cf::Mailboxes,

@@ -60,6 +60,16 @@ impl MailboxNode {
         };
         whispr_relay::http::serve(app, listener, tls, shutdown).await
     }
+
+    /// Serves `/metrics` and `/healthz` on `listener` (`api.metrics_listen`; plain HTTP)
+    /// until `shutdown` resolves.
+    pub async fn serve_metrics(
+        &self,
+        listener: std::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        whispr_relay::http::serve(metrics_router(self.clone()), listener, None, shutdown).await
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -685,6 +695,7 @@ pub enum StreamCommand {
         (status = 409, body = ErrorBody), (status = 429, body = ErrorBody)))]
 async fn create_mailbox(
     State(node): State<MailboxNode>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ApiJson(req): ApiJson<CreateMailboxRequest>,
 ) -> ApiResult<(StatusCode, axum::Json<CreatedResponse>)> {
     let request = CreateMailbox {
@@ -701,7 +712,24 @@ async fn create_mailbox(
         signature: hex64("signature", &req.signature)?,
     };
     let tag = crate::pii::Tag::of(request.mailbox_id.as_bytes());
-    node.core().create_mailbox(now(), request)?;
+    // Creation is unauthenticated: limited per source address, so one address (whatever
+    // its number of connections) cannot take the node's `mailboxes_max`.
+    let verdict = node
+        .shared
+        .creations
+        .lock()
+        .map(|mut l| l.check(crate::limiter::source_key(peer.ip()), now().0))
+        .unwrap_or(Ok(()));
+    if let Err(retry_after_ms) = verdict {
+        node.metrics().rate_limited.fetch_add(1, Ordering::Relaxed);
+        return Err(ApiError::too_many(
+            "mailbox creations from this address",
+            retry_after_ms,
+        ));
+    }
+    node.with_core(move |core| core.create_mailbox(now(), request))
+        .await??;
+    node.wake_sweeper();
     tracing::info!(mailbox = %tag, "mailbox created");
     Ok((
         StatusCode::CREATED,
@@ -718,12 +746,13 @@ async fn create_mailbox(
         (status = 429, body = ErrorBody)))]
 async fn challenge(
     State(node): State<MailboxNode>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ApiJson(req): ApiJson<ChallengeRequest>,
 ) -> ApiResult<axum::Json<ChallengeResponse>> {
     let mailbox = mailbox_id(&req.mailbox_id)?;
     let device = hex32("device_key", &req.device_key)?;
     let mut sessions = node.sessions();
-    let (challenge, expires) = sessions.challenge(now(), mailbox, device)?;
+    let (challenge, expires) = sessions.challenge_from(now(), peer.ip(), mailbox, device)?;
     Ok(axum::Json(ChallengeResponse {
         challenge: hex::encode(challenge),
         audience: sessions.audience().to_string(),
@@ -744,7 +773,9 @@ async fn login(
     let device = hex32("device_key", &req.device_key)?;
     let challenge = hex32("challenge", &req.challenge)?;
     let signature = hex64("signature", &req.signature)?;
-    let is_device = node.core().is_device(&mailbox, &device);
+    let is_device = node
+        .with_core(move |core| core.is_device(&mailbox, &device))
+        .await?;
     let result = node
         .sessions()
         .login(now(), mailbox, device, challenge, signature, is_device);
@@ -757,6 +788,9 @@ async fn login(
         );
         ApiError::from(e)
     })?;
+    // The first login makes the mailbox "used": it is no longer erased as unused.
+    node.with_core(move |core| core.mark_used(&mailbox))
+        .await??;
     Ok(axum::Json(TokenResponse {
         token: hex::encode(token),
         expires_at_ms: expires.0,
@@ -773,10 +807,13 @@ async fn logout(State(node): State<MailboxNode>, auth: Authed) -> ApiResult<Stat
     Ok(StatusCode::NO_CONTENT)
 }
 
-fn info_response(node: &MailboxNode, mailbox: &MailboxId) -> ApiResult<InfoResponse> {
-    let core = node.core();
-    let info = core.info(mailbox)?;
-    let prekeys_left = core.prekeys_left(mailbox)?;
+async fn info_response(node: &MailboxNode, mailbox: &MailboxId) -> ApiResult<InfoResponse> {
+    let mailbox = *mailbox;
+    let (info, prekeys_left) = node
+        .with_core(move |core| -> Result<_, MailboxError> {
+            Ok((core.info(&mailbox)?, core.prekeys_left(&mailbox)?))
+        })
+        .await??;
     Ok(InfoResponse {
         mailbox_id: info.mailbox_id,
         mailbox_key: info.mailbox_key,
@@ -808,7 +845,7 @@ async fn get_mailbox(
 ) -> ApiResult<axum::Json<InfoResponse>> {
     let mailbox = mailbox_id(&id)?;
     auth.for_mailbox(&mailbox)?;
-    Ok(axum::Json(info_response(&node, &mailbox)?))
+    Ok(axum::Json(info_response(&node, &mailbox).await?))
 }
 
 /// Polls for messages after a cursor; with `wait`, long-polls until one arrives.
@@ -837,11 +874,13 @@ async fn poll(
         let notified = node.shared.new_messages.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let (messages, last_seq) = {
-            let core = node.core();
-            let messages = core.fetch(now(), &mailbox, &auth.0.device, q.after, limit)?;
-            (messages, core.last_seq(&mailbox)?)
-        };
+        let (device, after) = (auth.0.device, q.after);
+        let (messages, last_seq) = node
+            .with_core(move |core| -> Result<_, MailboxError> {
+                let messages = core.fetch(now(), &mailbox, &device, after, limit)?;
+                Ok((messages, core.last_seq(&mailbox)?))
+            })
+            .await??;
         if !messages.is_empty() || tokio::time::Instant::now() >= deadline {
             return Ok(axum::Json(MessagesResponse {
                 messages: messages.into_iter().map(MessageJson::from).collect(),
@@ -874,7 +913,10 @@ async fn ack(
 ) -> ApiResult<axum::Json<AckResponse>> {
     let mailbox = mailbox_id(&id)?;
     auth.for_mailbox(&mailbox)?;
-    let cursor = node.core().ack(&mailbox, &auth.0.device, req.up_to)?;
+    let device = auth.0.device;
+    let cursor = node
+        .with_core(move |core| core.ack(&mailbox, &device, req.up_to))
+        .await??;
     Ok(axum::Json(AckResponse { cursor }))
 }
 
@@ -924,8 +966,9 @@ async fn stream(
             ApiError::from(e)
         })?;
     // Validate the starting cursor before upgrading.
-    node.core()
-        .fetch(now(), &mailbox, &session.device, q.after, 1)?;
+    let (device, after) = (session.device, q.after);
+    node.with_core(move |core| core.fetch(now(), &mailbox, &device, after, 1).map(|_| ()))
+        .await??;
     Ok(upgrade
         .max_message_size(node.config().api.body_bytes_max)
         .on_upgrade(move |socket| async move {
@@ -963,13 +1006,19 @@ async fn run_stream(
             return;
         }
         // Push everything new.
-        let batch = node.core().fetch(
-            now(),
-            &session.mailbox,
-            &session.device,
-            sent_through,
-            node.config().api.poll_limit_max,
-        );
+        let limit = node.config().api.poll_limit_max;
+        let batch = node
+            .with_core(move |core| {
+                core.fetch(
+                    now(),
+                    &session.mailbox,
+                    &session.device,
+                    sent_through,
+                    limit,
+                )
+            })
+            .await
+            .and_then(|r| r);
         match batch {
             Ok(messages) => {
                 let more = !messages.is_empty();
@@ -1008,7 +1057,13 @@ async fn run_stream(
                     Message::Text(text) => {
                         let event = match serde_json::from_str::<StreamCommand>(&text) {
                             Ok(StreamCommand::Ack { up_to }) => {
-                                match node.core().ack(&session.mailbox, &session.device, up_to) {
+                                let acked = node
+                                    .with_core(move |core| {
+                                        core.ack(&session.mailbox, &session.device, up_to)
+                                    })
+                                    .await
+                                    .and_then(|r| r);
+                                match acked {
                                     Ok(cursor) => StreamEvent::Acked { cursor },
                                     Err(e) => StreamEvent::Error {
                                         error: e.kind().into(),
@@ -1055,7 +1110,8 @@ async fn add_device(
     auth.for_mailbox(&mailbox)?;
     let device = hex32("device_key", &req.device_key)?;
     let signature = hex64("signature", &req.signature)?;
-    node.core().add_device(&mailbox, device, &signature)?;
+    node.with_core(move |core| core.add_device(&mailbox, device, &signature))
+        .await??;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1073,9 +1129,10 @@ async fn remove_device(
 ) -> ApiResult<StatusCode> {
     let mailbox = mailbox_id(&id)?;
     auth.for_mailbox(&mailbox)?;
-    owner_only(&node, &auth, &mailbox)?;
+    owner_only(&node, &auth, &mailbox).await?;
     let device = hex32("device", &device)?;
-    node.core().remove_device(&mailbox, &device)?;
+    node.with_core(move |core| core.remove_device(&mailbox, &device))
+        .await??;
     node.sessions().revoke(&mailbox, Some(&device));
     revoked(&node);
     Ok(StatusCode::NO_CONTENT)
@@ -1086,8 +1143,12 @@ fn revoked(node: &MailboxNode) {
     node.shared.new_messages.notify_waiters();
 }
 
-fn owner_only(node: &MailboxNode, auth: &Authed, mailbox: &MailboxId) -> ApiResult<()> {
-    if !node.core().is_owner(mailbox, &auth.0.device) {
+async fn owner_only(node: &MailboxNode, auth: &Authed, mailbox: &MailboxId) -> ApiResult<()> {
+    let (mailbox, device) = (*mailbox, auth.0.device);
+    if !node
+        .with_core(move |core| core.is_owner(&mailbox, &device))
+        .await?
+    {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
@@ -1127,7 +1188,9 @@ async fn put_prekeys(
         identity_signature: hex64("identity_signature", &req.identity_signature)?,
         prekeys,
     };
-    let one_time_keys = node.core().put_prekeys(&mailbox, upload)?;
+    let one_time_keys = node
+        .with_core(move |core| core.put_prekeys(&mailbox, upload))
+        .await??;
     Ok(axum::Json(PrekeysResponse { one_time_keys }))
 }
 
@@ -1144,9 +1207,11 @@ async fn export(
 ) -> ApiResult<axum::Json<ExportResponse>> {
     let mailbox = mailbox_id(&id)?;
     auth.for_mailbox(&mailbox)?;
-    let info = info_response(&node, &mailbox)?;
+    let info = info_response(&node, &mailbox).await?;
     let t = now();
-    let (_, messages) = node.core().export(t, &mailbox)?;
+    let (_, messages) = node
+        .with_core(move |core| core.export(t, &mailbox))
+        .await??;
     Ok(axum::Json(ExportResponse {
         version: 1,
         exported_at_ms: t.0,
@@ -1168,8 +1233,8 @@ async fn erase(
 ) -> ApiResult<StatusCode> {
     let mailbox = mailbox_id(&id)?;
     auth.for_mailbox(&mailbox)?;
-    owner_only(&node, &auth, &mailbox)?;
-    node.core().erase(&mailbox)?;
+    owner_only(&node, &auth, &mailbox).await?;
+    node.with_core(move |core| core.erase(&mailbox)).await??;
     node.sessions().revoke(&mailbox, None);
     revoked(&node);
     tracing::info!(mailbox = %crate::pii::Tag::of(mailbox.as_bytes()), "mailbox erased");
@@ -1187,10 +1252,38 @@ async fn healthz(State(node): State<MailboxNode>) -> Response {
     }
 }
 
-/// Prometheus metrics (no ids in labels).
+/// Prometheus metrics (no ids in labels): a snapshot at most `api.metrics_interval_ms` old.
+/// Served here only when the API listener is a loopback address and no `api.metrics_listen`
+/// is set; otherwise 404 (scrape the metrics listener).
 #[utoipa::path(get, path = "/metrics", tag = "operations",
-    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain"),
+        (status = 404, body = ErrorBody)))]
 async fn metrics(State(node): State<MailboxNode>) -> Response {
+    if !node.config().api.metrics_on_api() {
+        return fallback().await.into_response();
+    }
+    published_metrics(&node)
+}
+
+/// `/metrics` on the metrics listener.
+async fn metrics_on_listener(State(node): State<MailboxNode>) -> Response {
+    published_metrics(&node)
+}
+
+fn published_metrics(node: &MailboxNode) -> Response {
+    let text = node
+        .shared
+        .metrics_snapshot
+        .get(std::time::Instant::now(), || render_metrics(node));
+    let mut response = text.to_string().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}
+
+fn render_metrics(node: &MailboxNode) -> String {
     let m = node.metrics();
     let (stats, store) = {
         let core = node.core();
@@ -1250,6 +1343,12 @@ async fn metrics(State(node): State<MailboxNode>) -> Response {
         c(&m.swept),
     );
     line(
+        "unused_erased_total",
+        "counter",
+        "Mailboxes erased unused (nobody logged in, no deposit) after their grace period.",
+        c(&m.unused_erased),
+    );
+    line(
         "rate_limited_total",
         "counter",
         "Requests answered 429.",
@@ -1304,12 +1403,16 @@ async fn metrics(State(node): State<MailboxNode>) -> Response {
         out.push_str(&mesh_metrics.render());
         out.push_str(&mesh.metrics_text());
     }
-    let mut response = out.into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4"),
-    );
-    response
+    out
+}
+
+/// The metrics listener's routes: `/metrics` and `/healthz`.
+pub fn metrics_router(node: MailboxNode) -> axum::Router {
+    axum::Router::new()
+        .route("/metrics", axum::routing::get(metrics_on_listener))
+        .route("/healthz", axum::routing::get(healthz))
+        .fallback(fallback)
+        .with_state(node)
 }
 
 #[derive(OpenApi)]

@@ -104,9 +104,17 @@ async fn run(config: NodeConfig) -> anyhow::Result<()> {
     let listener = std::net::TcpListener::bind(listen)
         .with_context(|| format!("api.listen: cannot bind {listen}"))?;
     let port = listener.local_addr()?.port();
+    let metrics_listener = match config.api.metrics_listen {
+        Some(listen) => Some(
+            std::net::TcpListener::bind(listen)
+                .with_context(|| format!("api.metrics_listen: cannot bind {listen}"))?,
+        ),
+        None => None,
+    };
     let Some(mesh_config) = config.mesh.clone() else {
         let node =
             MailboxNode::open(config, Arc::new(NoMesh::default())).context("opening the node")?;
+        spawn_metrics(&node, metrics_listener);
         // The port only: addresses stay out of logs.
         tracing::info!(port, tls, mesh = false, "mailbox node started");
         node.serve(listener, whispr_node_kit::shutdown::shutdown_signal())
@@ -128,6 +136,7 @@ async fn run(config: NodeConfig) -> anyhow::Result<()> {
     )
     .context("opening the node")?;
     node.attach_mesh(mesh.clone(), metrics.clone());
+    spawn_metrics(&node, metrics_listener);
     whispr_relay::node_info::write_node_info(&data_dir, &mesh, port);
     tracing::info!(port, tls, mesh = true, "mailbox node started");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -152,6 +161,18 @@ async fn run(config: NodeConfig) -> anyhow::Result<()> {
     mesh_task.await.context("mesh task")?.context("mesh")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Serves `/metrics` on `api.metrics_listen`, if set, until the process exits.
+fn spawn_metrics(node: &MailboxNode, listener: Option<std::net::TcpListener>) {
+    if let Some(listener) = listener {
+        let node = node.clone();
+        tokio::spawn(async move {
+            if let Err(e) = node.serve_metrics(listener, std::future::pending()).await {
+                tracing::error!(error = %e, "the metrics listener stopped");
+            }
+        });
+    }
 }
 
 async fn stress(

@@ -21,6 +21,8 @@ pub struct Metrics {
     pub replies_sent: AtomicU64,
     /// Expired messages deleted by sweeps.
     pub swept: AtomicU64,
+    /// Mailboxes erased because nobody used them within their grace period.
+    pub unused_erased: AtomicU64,
     /// Requests answered 429.
     pub rate_limited: AtomicU64,
     /// Failed logins.

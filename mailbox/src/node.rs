@@ -27,7 +27,7 @@ use crate::config::CoreConfig;
 use crate::core::{DepositReceipt, Incoming, MailboxCore, Output};
 use crate::crypto::MasterKey;
 use crate::error::{MailboxError, Result};
-use crate::limiter::ConnectionLimiter;
+use crate::limiter::{ConnectionLimiter, RateLimiter};
 use crate::metrics::MeshMetrics;
 use crate::rocks::{RocksOptions, RocksStore};
 use crate::store::MailboxStore;
@@ -109,6 +109,28 @@ pub struct ApiConfig {
     pub stream_idle_ms: u64,
     /// Most messages per poll. Default 100.
     pub poll_limit_max: usize,
+    /// Mailboxes created per hour per source address (IPv4 address or IPv6 /64), in a burst
+    /// of at most this many. Default 30.
+    pub mailbox_creations_per_hour_per_ip: u64,
+    /// A listener of its own for `/metrics` and `/healthz` (plain HTTP). When set, the API
+    /// listener does not serve `/metrics`; when not, the API listener serves it only if it is
+    /// a loopback address (a public node answers 404). Default none.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Allow `metrics_listen` on a non-loopback address (plain HTTP: firewall it). Default
+    /// false.
+    pub metrics_allow_non_loopback: bool,
+    /// `/metrics` shows a snapshot taken at most this often, so that two scrapes never time a
+    /// deposit, an acknowledgement or a poll. 0 publishes live counters (tests, devnets).
+    /// Default 60,000 ms.
+    pub metrics_interval_ms: u64,
+}
+
+impl ApiConfig {
+    /// True when the API listener serves `/metrics`: no `metrics_listen`, and the API
+    /// listener is a loopback address.
+    pub fn metrics_on_api(&self) -> bool {
+        self.metrics_listen.is_none() && self.listen.ip().is_loopback()
+    }
 }
 
 impl Default for ApiConfig {
@@ -124,6 +146,10 @@ impl Default for ApiConfig {
             wait_ms_max: 30_000,
             stream_idle_ms: 120_000,
             poll_limit_max: 100,
+            mailbox_creations_per_hour_per_ip: 30,
+            metrics_listen: None,
+            metrics_allow_non_loopback: false,
+            metrics_interval_ms: 60_000,
         }
     }
 }
@@ -196,6 +222,15 @@ impl NodeConfig {
             (None, Some(_)) => return fail("api.tls_cert_file", "missing (tls_key_file is set)"),
             _ => {}
         }
+        if let Some(listen) = self.api.metrics_listen
+            && !listen.ip().is_loopback()
+            && !self.api.metrics_allow_non_loopback
+        {
+            return fail(
+                "api.metrics_listen",
+                "not a loopback address; set api.metrics_allow_non_loopback = true to allow it",
+            );
+        }
         if self.audience.is_empty() || self.audience.len() > 255 {
             return fail("audience", "must be 1 to 255 bytes");
         }
@@ -214,6 +249,18 @@ impl NodeConfig {
                 self.api.connections_per_mailbox_max as u64,
             ),
             ("api.poll_limit_max", self.api.poll_limit_max as u64),
+            (
+                "api.mailbox_creations_per_hour_per_ip",
+                self.api.mailbox_creations_per_hour_per_ip,
+            ),
+            (
+                "auth.challenges_per_source_max",
+                self.auth.challenges_per_source_max as u64,
+            ),
+            (
+                "limits.unused_mailbox_ttl_ms",
+                self.limits.unused_mailbox_ttl_ms,
+            ),
             ("limits.mailboxes_max", self.limits.mailboxes_max as u64),
             ("limits.devices_max", self.limits.devices_max as u64),
             ("limits.retention_ms_max", self.limits.retention_ms_max),
@@ -283,6 +330,10 @@ pub(crate) struct Shared {
     /// Open long polls and streams per mailbox.
     pub(crate) mailbox_connections: Mutex<BTreeMap<[u8; 32], usize>>,
     pub(crate) limiter: Mutex<ConnectionLimiter>,
+    /// Mailbox creations per source address.
+    pub(crate) creations: Mutex<RateLimiter<std::net::IpAddr>>,
+    /// What `/metrics` publishes (refreshed at most every `api.metrics_interval_ms`).
+    pub(crate) metrics_snapshot: whispr_relay::http::MetricsSnapshot,
 }
 
 /// A running mailbox node (cheap to clone).
@@ -342,6 +393,14 @@ impl MailboxNode {
             config.api.ops_per_min_per_connection,
             config.api.connections_tracked_max,
         );
+        let creations = RateLimiter::per_period(
+            config.api.mailbox_creations_per_hour_per_ip,
+            3_600_000,
+            config.api.connections_tracked_max,
+        );
+        let metrics_snapshot = whispr_relay::http::MetricsSnapshot::new(Duration::from_millis(
+            config.api.metrics_interval_ms,
+        ));
         let node = MailboxNode {
             shared: Arc::new(Shared {
                 config,
@@ -356,6 +415,8 @@ impl MailboxNode {
                 metrics: Metrics::default(),
                 mailbox_connections: Mutex::new(BTreeMap::new()),
                 limiter: Mutex::new(limiter),
+                creations: Mutex::new(creations),
+                metrics_snapshot,
             }),
         };
         // Sweeps asked for while loading.
@@ -372,6 +433,28 @@ impl MailboxNode {
 
     pub(crate) fn core(&self) -> MutexGuard<'_, Core> {
         lock(&self.shared.core)
+    }
+
+    /// Runs `f` with the core on a blocking thread, then hands its outputs on. Core calls
+    /// wait for the core lock and may fsync: async handlers call the core through this, so
+    /// they never block a runtime worker (which also runs the embedded mesh).
+    pub(crate) async fn with_core<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Core) -> T + Send + 'static,
+    ) -> Result<T> {
+        let node = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut core = node.core();
+            let result = f(&mut core);
+            node.drain_outputs(&mut core);
+            result
+        })
+        .await
+        .map_err(|_| {
+            MailboxError::Store(crate::store::StoreError::Backend(
+                "a core task failed".into(),
+            ))
+        })
     }
 
     pub(crate) fn sessions(&self) -> MutexGuard<'_, Sessions<StdRng>> {
@@ -439,7 +522,12 @@ impl MailboxNode {
 
     /// Creates a mailbox (see [`MailboxCore::create_mailbox`]).
     pub fn create_mailbox(&self, request: crate::core::CreateMailbox) -> Result<()> {
-        self.core().create_mailbox(now(), request)
+        let mut core = self.core();
+        let result = core.create_mailbox(now(), request);
+        self.drain_outputs(&mut core);
+        drop(core);
+        self.wake_sweeper();
+        result
     }
 
     /// Deposits one message through the group-commit writer; returns once it is durable.
@@ -533,7 +621,12 @@ impl MailboxNode {
         loop {
             let wait = {
                 let due = lock(&self.shared.timers).poll_timeout();
-                match due {
+                let unused = self.core().next_unused_deadline();
+                let next = match (due, unused) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                match next {
                     Some(at) => Duration::from_millis(at.0.saturating_sub(now().0).min(60_000)),
                     None => Duration::from_secs(60),
                 }
@@ -543,8 +636,35 @@ impl MailboxNode {
                 () = self.shared.sweeper_wake.notified() => continue,
                 () = tokio::time::sleep(wait) => {}
             }
-            self.run_due_sweeps();
+            // Sweeps write (synced) under the core lock: off the runtime's workers.
+            let node = self.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                node.run_due_sweeps();
+                node.erase_unused();
+            })
+            .await;
         }
+    }
+
+    /// Erases the mailboxes left unused past their grace period.
+    fn erase_unused(&self) {
+        let result = self.core().erase_unused(now());
+        match result {
+            Ok(0) => {}
+            Ok(n) => {
+                self.shared
+                    .metrics
+                    .unused_erased
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                tracing::info!(erased = n, "unused mailboxes erased");
+            }
+            Err(e) => tracing::error!(error = %e, "erasing unused mailboxes failed"),
+        }
+    }
+
+    /// Wakes the sweeper so that it recomputes its next wake-up (after a creation).
+    pub(crate) fn wake_sweeper(&self) {
+        self.shared.sweeper_wake.notify_one();
     }
 
     /// Runs every expiry sweep that is due.

@@ -2072,6 +2072,7 @@ fn auth_config() -> AuthConfig {
         session_ttl_ms: 10_000,
         ticket_ttl_ms: 500,
         challenges_max: 3,
+        challenges_per_source_max: 2,
         sessions_max: 3,
         tickets_max: 2,
     }
@@ -2696,4 +2697,57 @@ fn erasing_an_empty_mailbox_does_not_walk_other_mailboxes_expiry_entries() {
     assert_eq!(store.inner.len(Cf::Expiry), 0);
     assert_eq!(store.inner.len(Cf::Dedup), 0);
     assert_eq!(store.inner.len(Cf::Envelopes), 0);
+}
+
+/// Security review, finding 11 (b), in the sans-IO tables: a source holds at most
+/// `challenges_per_source_max` outstanding challenges (IPv6 counted per /64), and a full table
+/// drops its oldest challenge for a new one instead of refusing everybody.
+#[test]
+fn challenges_are_shared_fairly_between_sources() {
+    let mut sessions = Sessions::new(auth_config(), "node".into(), rng(61));
+    let mailbox = MailboxId([7; 32]);
+    let flood: std::net::IpAddr = "2001:db8::1".parse().unwrap();
+    let same_64: std::net::IpAddr = "2001:db8::ffff:2".parse().unwrap();
+    let (first, _) = sessions
+        .challenge_from(T0, flood, mailbox, [1; 32])
+        .unwrap();
+    sessions
+        .challenge_from(at(1), same_64, mailbox, [2; 32])
+        .unwrap();
+    let err = sessions
+        .challenge_from(at(2), flood, mailbox, [3; 32])
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            MailboxError::RateLimited {
+                retry_after_ms: 998,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // Other sources fill the table (3), then push out the oldest challenge.
+    let a: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+    let b: std::net::IpAddr = "192.0.2.2".parse().unwrap();
+    sessions.challenge_from(at(3), a, mailbox, [4; 32]).unwrap();
+    let owner = SigningKey::generate(&mut rng(62));
+    let dk = owner.verifying_key().to_bytes();
+    let (c, _) = sessions.challenge_from(at(4), b, mailbox, dk).unwrap();
+    let sig = owner
+        .sign(&login_transcript("node", &mailbox, &dk, &c))
+        .to_bytes();
+    sessions.login(at(5), mailbox, dk, c, sig, true).unwrap();
+    // The flood's first challenge was dropped for room; its quota came back with it.
+    let sig = owner
+        .sign(&login_transcript("node", &mailbox, &[1; 32], &first))
+        .to_bytes();
+    assert!(
+        sessions
+            .login(at(6), mailbox, [1; 32], first, sig, true)
+            .is_err()
+    );
+    sessions
+        .challenge_from(at(7), flood, mailbox, [5; 32])
+        .unwrap();
 }

@@ -155,6 +155,8 @@ impl Server {
         let dir = tempfile::tempdir().unwrap();
         let mut config = NodeConfig::with_data_dir(dir.path().join("data"));
         config.audience = AUDIENCE.into();
+        // Live metrics: the tests read counters right after what they count.
+        config.api.metrics_interval_ms = 0;
         configure(&mut config);
         config.check().unwrap();
         let node = MailboxNode::open(config, Arc::new(NoMesh::default())).unwrap();
@@ -1850,4 +1852,189 @@ async fn ending_the_session_ends_its_open_stream() {
         .await;
     assert_eq!(r.status(), 204);
     expect_stream_end(&mut ws, "after erasure").await;
+}
+
+/// A client whose connections come from `source` (a loopback address: 127.0.0.0/8 is
+/// all local) and are never reused: every request opens a fresh connection.
+fn client_from(source: &str) -> reqwest::Client {
+    install_crypto();
+    reqwest::Client::builder()
+        .local_address(Some(source.parse().unwrap()))
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+impl Server {
+    /// The same node seen through another client.
+    fn through(&self, http: reqwest::Client) -> Server {
+        Server {
+            node: self.node.clone(),
+            addr: self.addr,
+            base: self.base.clone(),
+            http,
+            rng: ChaCha20Rng::seed_from_u64(2),
+            stop: None,
+            _dir: tempfile::tempdir().unwrap(),
+        }
+    }
+}
+
+/// Security review, finding 11 (b): the login-challenge table is global, so one address
+/// asking for challenges on fresh connections (each with a new per-connection budget) filled
+/// it and nobody else could log in. A flood from one address must leave room for others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_challenge_flood_from_one_address_does_not_lock_out_other_owners() {
+    let s = Server::start(|c| c.auth.challenges_max = 64).await;
+    let owner = Owner::from_seed(41);
+    s.create(&owner).await;
+    let attacker = client_from("127.0.0.1");
+    let stranger = Owner::from_seed(42);
+    let mut granted = 0;
+    for _ in 0..=64 {
+        let r = attacker
+            .post(s.url("/v1/auth/challenge"))
+            .json(&json!({"mailbox_id": mid(&stranger), "device_key": key_hex(&stranger.owner)}))
+            .send()
+            .await
+            .unwrap();
+        if r.status() != 200 {
+            expect_error(r, 429, "rate_limited").await;
+            break;
+        }
+        granted += 1;
+    }
+    assert!(granted >= 1);
+    // The owner, from another address, still logs in.
+    let victim = s.through(client_from("127.0.0.2"));
+    let r = victim
+        .post(
+            "/v1/auth/challenge",
+            &json!({"mailbox_id": mid(&owner), "device_key": key_hex(&owner.owner)}),
+            None,
+        )
+        .await;
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    assert_eq!(
+        status, 200,
+        "after {granted} challenges from one address, another address was refused: {text}"
+    );
+    victim.login(&owner, &owner.device(0)).await;
+}
+
+/// Security review, finding 11 (c): mailbox creation is unauthenticated, so one address
+/// could create mailboxes until `mailboxes_max` and no new user could be served. Creation is
+/// rate limited per address, so others can still create theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_fill_the_node_with_mailboxes() {
+    let s = Server::start(|c| c.limits.mailboxes_max = 100).await;
+    let attacker = s.through(client_from("127.0.0.1"));
+    let mut created = 0;
+    for seed in 1_000..1_101 {
+        let r = attacker
+            .post(
+                "/v1/mailboxes",
+                &create_body(&Owner::from_seed(seed).create_request(RETENTION_MS)),
+                None,
+            )
+            .await;
+        if r.status() != 201 {
+            let status = r.status();
+            let text = r.text().await.unwrap();
+            assert_eq!(status, 429, "{text}");
+            break;
+        }
+        created += 1;
+    }
+    let newcomer = Owner::from_seed(2_000);
+    let r = s
+        .through(client_from("127.0.0.3"))
+        .post(
+            "/v1/mailboxes",
+            &create_body(&newcomer.create_request(RETENTION_MS)),
+            None,
+        )
+        .await;
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    assert_eq!(
+        status, 201,
+        "after {created} mailboxes from one address, another address could not create one: {text}"
+    );
+}
+
+/// Security review, finding 11 (c): mailboxes never expired, so mass-created ones held the
+/// node's capacity for ever. A mailbox nobody logged in to (and that received nothing) is
+/// erased `unused_mailbox_ttl_ms` after its creation; one its owner logged in to stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mailbox_nobody_uses_is_erased_after_its_grace_period() {
+    let s = Server::start(|c| {
+        c.limits.unused_mailbox_ttl_ms = 1_000;
+        c.limits.expiry_bucket_ms = 100;
+    })
+    .await;
+    let unused = Owner::from_seed(51);
+    let used = Owner::from_seed(52);
+    s.create(&unused).await;
+    s.create(&used).await;
+    s.login(&used, &used.device(0)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = s
+            .post(
+                "/v1/mailboxes",
+                &create_body(&unused.create_request(RETENTION_MS)),
+                None,
+            )
+            .await;
+        match r.status().as_u16() {
+            201 => break,
+            409 => {}
+            other => panic!("creating again gave {other}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a mailbox nobody logged in to was still there 60 s after its 1 s grace period"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The one its owner logged in to is still there.
+    let r = s
+        .post(
+            "/v1/mailboxes",
+            &create_body(&used.create_request(RETENTION_MS)),
+            None,
+        )
+        .await;
+    expect_error(r, 409, "mailbox_exists").await;
+}
+
+/// Security review, finding 6: `/metrics` counted deposits, SURB replies and waiting polls in
+/// real time, so anyone scraping it learnt to the second when a mailbox received a deposit.
+/// The published counters change at most once per `metrics_interval_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_do_not_time_a_deposit() {
+    let mut s = Server::start(|c| c.api.metrics_interval_ms = 60_000).await;
+    let owner = Owner::from_seed(61);
+    s.create(&owner).await;
+    let before = metric(&s.metrics().await, "deposits_stored_total");
+    s.deposit(&owner, b"when?").await;
+    let after = metric(&s.metrics().await, "deposits_stored_total");
+    assert_eq!(
+        after, before,
+        "a scrape right after a deposit showed it ({before} -> {after})"
+    );
+}
+
+/// Security review, finding 6: `/metrics` was served on the public API listener. With a
+/// metrics listener configured, the API listener answers 404 for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_not_served_on_the_api_listener_when_a_metrics_listener_is_set() {
+    let s = Server::start(|c| c.api.metrics_listen = Some("127.0.0.1:0".parse().unwrap())).await;
+    let r = s.get("/metrics", None).await;
+    assert_eq!(r.status(), 404, "{}", r.text().await.unwrap());
+    // Health stays on the API listener.
+    assert_eq!(s.get("/healthz", None).await.status(), 200);
 }

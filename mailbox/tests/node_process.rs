@@ -43,7 +43,7 @@ fn write_config(dir: &Path, extra: &str) -> PathBuf {
         &path,
         format!(
             "data_dir = \"{}\"\naudience = \"test-node\"\n\n[log]\njson = true\n\n\
-             [api]\nlisten = \"127.0.0.1:0\"\nops_per_min_per_connection = 1000000\n\n\
+             [api]\nlisten = \"127.0.0.1:0\"\nops_per_min_per_connection = 1000000\nmetrics_interval_ms = 0\n\n\
              [limits]\nmailbox_messages_max = 1000000\nmailbox_bytes_max = 4000000000\n\
              deposits_per_min = 100000000\n{extra}",
             dir.join("data").display()

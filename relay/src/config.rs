@@ -277,8 +277,9 @@ impl MeshConfig {
     }
 }
 
-/// `[http]` of the relay: the client API (`/v1/directory`, `/v1/packets`, `/metrics`,
-/// `/healthz`).
+/// `[http]` of the relay: the client API (`/v1/directory`, `/v1/packets`, `/healthz`) and
+/// `/metrics` (on a listener of its own with `metrics_listen`; on the API listener only when
+/// that is a loopback address).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
@@ -295,6 +296,20 @@ pub struct HttpConfig {
     /// Packets per `POST /v1/packets` batch, at most.
     #[serde(default = "default_batch_max")]
     pub batch_max: usize,
+    /// A listener of its own for `/metrics` and `/healthz` (plain HTTP). When set, the API
+    /// listener does not serve `/metrics`; when not, the API listener serves it only if it is
+    /// a loopback address (a public relay answers 404). Default none.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Allow `metrics_listen` on a non-loopback address (plain HTTP: firewall it). Default
+    /// false.
+    #[serde(default)]
+    pub metrics_allow_non_loopback: bool,
+    /// `/metrics` shows a snapshot taken at most this often, so that two scrapes never tell
+    /// when one packet came or went. 0 publishes live counters (tests, devnets). Default
+    /// 60,000 ms.
+    #[serde(default = "default_metrics_interval_ms")]
+    pub metrics_interval_ms: u64,
 }
 
 fn default_http_listen() -> SocketAddr {
@@ -302,6 +317,9 @@ fn default_http_listen() -> SocketAddr {
 }
 fn default_batch_max() -> usize {
     64
+}
+fn default_metrics_interval_ms() -> u64 {
+    60_000
 }
 
 impl Default for HttpConfig {
@@ -311,13 +329,31 @@ impl Default for HttpConfig {
             tls_cert: None,
             tls_key: None,
             batch_max: default_batch_max(),
+            metrics_listen: None,
+            metrics_allow_non_loopback: false,
+            metrics_interval_ms: default_metrics_interval_ms(),
         }
     }
 }
 
 impl HttpConfig {
+    /// True when the API listener serves `/metrics`: no `metrics_listen`, and the API
+    /// listener is a loopback address.
+    pub fn metrics_on_api(&self) -> bool {
+        self.metrics_listen.is_none() && self.listen.ip().is_loopback()
+    }
+
     /// TLS present, or loopback.
     pub fn check(&self) -> Result<(), ConfigError> {
+        if let Some(listen) = self.metrics_listen
+            && !listen.ip().is_loopback()
+            && !self.metrics_allow_non_loopback
+        {
+            return Err(ConfigError::new(
+                "http.metrics_listen",
+                "not a loopback address; set http.metrics_allow_non_loopback = true to allow it",
+            ));
+        }
         match (&self.tls_cert, &self.tls_key) {
             (Some(_), Some(_)) => Ok(()),
             (None, None) if self.listen.ip().is_loopback() => Ok(()),

@@ -58,13 +58,82 @@ pub fn mesh_routes(mesh: MeshHandle, packets_batch_max: Option<usize>) -> axum::
     router.with_state(state)
 }
 
-/// The relay binary's API: [`mesh_routes`] plus `/metrics` and `/healthz`.
-pub fn relay_routes(mesh: MeshHandle, packets_batch_max: Option<usize>) -> axum::Router {
-    let ops = axum::Router::new()
+/// The relay binary's API: [`mesh_routes`] plus `/healthz`, and `/metrics` when
+/// `http.metrics_on_api()` (see [`crate::config::HttpConfig`]).
+pub fn relay_routes(
+    mesh: MeshHandle,
+    packets_batch_max: Option<usize>,
+    http: &crate::config::HttpConfig,
+) -> axum::Router {
+    let routes = mesh_routes(mesh.clone(), packets_batch_max);
+    if http.metrics_on_api() {
+        routes.merge(metrics_routes(mesh, http))
+    } else {
+        routes.merge(
+            axum::Router::new()
+                .route("/healthz", get(healthz))
+                .with_state(OpsState {
+                    mesh,
+                    snapshot: Arc::new(MetricsSnapshot::new(Duration::ZERO)),
+                }),
+        )
+    }
+}
+
+/// `/metrics` (a snapshot at most `metrics_interval_ms` old) and `/healthz`: on the API
+/// listener of a loopback relay, or on `metrics_listen`.
+pub fn metrics_routes(mesh: MeshHandle, http: &crate::config::HttpConfig) -> axum::Router {
+    axum::Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
-        .with_state(mesh.clone());
-    mesh_routes(mesh, packets_batch_max).merge(ops)
+        .with_state(OpsState {
+            mesh,
+            snapshot: Arc::new(MetricsSnapshot::new(Duration::from_millis(
+                http.metrics_interval_ms,
+            ))),
+        })
+}
+
+#[derive(Clone)]
+struct OpsState {
+    mesh: MeshHandle,
+    snapshot: Arc<MetricsSnapshot>,
+}
+
+/// Metrics published at most once per interval: every scrape within an interval gets the
+/// same text, so the difference between two scrapes covers at least one interval's traffic
+/// and never times one packet (a mixing delay, a deposit). A zero interval publishes live.
+#[derive(Debug)]
+pub struct MetricsSnapshot {
+    interval: Duration,
+    taken: std::sync::Mutex<Option<(std::time::Instant, Arc<str>)>>,
+}
+
+impl MetricsSnapshot {
+    /// Snapshots refreshed at most every `interval`.
+    pub fn new(interval: Duration) -> MetricsSnapshot {
+        MetricsSnapshot {
+            interval,
+            taken: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The published text at `now`: the last snapshot while it is younger than the
+    /// interval, otherwise a new one from `render`.
+    pub fn get(&self, now: std::time::Instant, render: impl FnOnce() -> String) -> Arc<str> {
+        if self.interval.is_zero() {
+            return render().into();
+        }
+        let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
+        match &*taken {
+            Some((at, text)) if now.saturating_duration_since(*at) < self.interval => text.clone(),
+            _ => {
+                let text: Arc<str> = render().into();
+                *taken = Some((now, text.clone()));
+                text
+            }
+        }
+    }
 }
 
 async fn directory(State(state): State<MeshState>) -> Response {
@@ -160,16 +229,19 @@ async fn packets(
     }
 }
 
-async fn metrics(State(mesh): State<MeshHandle>) -> Response {
+async fn metrics(State(ops): State<OpsState>) -> Response {
+    let text = ops
+        .snapshot
+        .get(std::time::Instant::now(), || ops.mesh.metrics_text());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        mesh.metrics_text(),
+        text.to_string(),
     )
         .into_response()
 }
 
-async fn healthz(State(mesh): State<MeshHandle>) -> Response {
-    if mesh.is_healthy() {
+async fn healthz(State(ops): State<OpsState>) -> Response {
+    if ops.mesh.is_healthy() {
         (StatusCode::OK, "ok").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "unhealthy").into_response()
@@ -306,6 +378,45 @@ mod tests {
         .await;
         assert!(read.is_ok(), "the server kept the connection open");
         got
+    }
+
+    /// Security review, finding 6: the published metrics change at most once per interval,
+    /// so the difference between two scrapes never isolates one packet.
+    #[test]
+    fn published_metrics_change_at_most_once_per_interval() {
+        let snapshot = MetricsSnapshot::new(Duration::from_secs(60));
+        let t0 = std::time::Instant::now();
+        assert_eq!(&*snapshot.get(t0, || "a".into()), "a");
+        assert_eq!(
+            &*snapshot.get(t0 + Duration::from_secs(59), || "b".into()),
+            "a"
+        );
+        assert_eq!(
+            &*snapshot.get(t0 + Duration::from_secs(60), || "c".into()),
+            "c"
+        );
+        let live = MetricsSnapshot::new(Duration::ZERO);
+        assert_eq!(&*live.get(t0, || "a".into()), "a");
+        assert_eq!(&*live.get(t0, || "b".into()), "b");
+    }
+
+    #[test]
+    fn a_public_relay_serves_metrics_only_on_its_metrics_listener() {
+        let mut http = crate::config::HttpConfig::default();
+        assert!(http.metrics_on_api(), "loopback API: served there");
+        http.listen = "0.0.0.0:443".parse().unwrap();
+        assert!(!http.metrics_on_api(), "public API: not served there");
+        http.listen = "127.0.0.1:7480".parse().unwrap();
+        http.metrics_listen = Some("127.0.0.1:9480".parse().unwrap());
+        assert!(!http.metrics_on_api());
+        http.check().unwrap();
+        http.metrics_listen = Some("0.0.0.0:9480".parse().unwrap());
+        assert!(
+            http.check().is_err(),
+            "a public metrics listener needs the switch"
+        );
+        http.metrics_allow_non_loopback = true;
+        http.check().unwrap();
     }
 
     /// Security review, finding 12: without a timer, hyper silently disabled its header-read

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use whispr_relay::config::{RelayConfig, RelayRole};
-use whispr_relay::http::{TlsFiles, relay_routes, serve};
+use whispr_relay::http::{TlsFiles, metrics_routes, relay_routes, serve};
 use whispr_relay::keys::Identity;
 use whispr_relay::mesh::{Mesh, MeshOptions};
 use whispr_relay::node_info::write_node_info;
@@ -81,11 +81,32 @@ async fn run(config: RelayConfig) -> anyhow::Result<()> {
         _ => None,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let app = relay_routes(mesh.clone(), edge.then_some(config.http.batch_max));
+    let app = relay_routes(
+        mesh.clone(),
+        edge.then_some(config.http.batch_max),
+        &config.http,
+    );
     let mut http_stop = stop_rx.clone();
     let http = tokio::spawn(serve(app, listener, tls, async move {
         let _ = http_stop.changed().await;
     }));
+    // `/metrics` on a listener of its own (plain HTTP, loopback unless allowed otherwise).
+    let metrics_http = match config.http.metrics_listen {
+        Some(listen) => {
+            let listener =
+                std::net::TcpListener::bind(listen).context("binding the metrics listener")?;
+            let mut stop = stop_rx.clone();
+            Some(tokio::spawn(serve(
+                metrics_routes(mesh.clone(), &config.http),
+                listener,
+                None,
+                async move {
+                    let _ = stop.changed().await;
+                },
+            )))
+        }
+        None => None,
+    };
     tracing::info!(
         edge,
         mix = config.mesh.roles.contains(&RelayRole::Mix),
@@ -100,6 +121,9 @@ async fn run(config: RelayConfig) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     let mesh_result = mesh_task.await.context("mesh task")?;
     let _ = http.await;
+    if let Some(metrics_http) = metrics_http {
+        let _ = metrics_http.await;
+    }
     mesh_result.context("mesh")?;
     Ok(())
 }

@@ -170,7 +170,7 @@ fn relay(dir: &Path, name: &str, roles: &str, layer: u32, bootstrap: Option<&str
     std::fs::write(
         &config,
         format!(
-            "data_dir = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n\n{}",
+            "data_dir = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{http_port}\"\nmetrics_interval_ms = 0\n\n{}",
             data.display(),
             mesh_section(
                 free_port(),
@@ -199,7 +199,7 @@ fn mailbox(dir: &Path, name: &str, bootstrap: &str) -> Proc {
         &config,
         format!(
             "data_dir = \"{}\"\naudience = \"{AUDIENCE}\"\n\n[api]\nlisten = \"127.0.0.1:{http_port}\"\n\
-             ops_per_min_per_connection = 1000000\n\n{}",
+             ops_per_min_per_connection = 1000000\nmetrics_interval_ms = 0\n\n{}",
             data.display(),
             mesh_section(
                 free_port(),

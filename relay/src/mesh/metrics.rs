@@ -7,17 +7,17 @@ use std::time::Duration;
 
 use crate::router::{DropReason, RouterStats};
 
-/// Upper bounds of the hold-time histogram, in seconds (the longest hop delay is 600 s).
-const HOLD_BUCKETS: [f64; 14] = [
-    0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0,
-];
+/// Upper bounds of the hold-time histogram, in seconds. Coarse on purpose: the histogram is
+/// public to whoever can scrape it, and a fine one (or a sum) would tell, from two scrapes
+/// around one packet's release, how long the relay held it: its mixing delay.
+const HOLD_BUCKETS: [f64; 6] = [0.1, 1.0, 10.0, 60.0, 300.0, 600.0];
 
+/// A histogram without `_sum`: the sum of hold times is what gives one packet's delay away.
 #[derive(Default)]
 struct Histogram {
     /// Observations per bucket (not cumulative); the last one is `+Inf`.
     buckets: [AtomicU64; HOLD_BUCKETS.len() + 1],
     count: AtomicU64,
-    sum_micros: AtomicU64,
 }
 
 impl Histogram {
@@ -31,10 +31,6 @@ impl Histogram {
             bucket.fetch_add(1, Ordering::Relaxed);
         }
         self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(
-            u64::try_from(value.as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
     }
 }
 
@@ -183,7 +179,7 @@ impl Metrics {
             line(format_args!("{name} {value}"));
         }
         line(format_args!(
-            "# HELP whispr_mesh_hold_seconds How long packets were held before being sent on."
+            "# HELP whispr_mesh_hold_seconds How long packets were held before being sent on (coarse buckets, no sum)."
         ));
         line(format_args!("# TYPE whispr_mesh_hold_seconds histogram"));
         let mut cumulative = 0u64;
@@ -196,10 +192,6 @@ impl Metrics {
         let count = load(&self.hold.count);
         line(format_args!(
             "whispr_mesh_hold_seconds_bucket{{le=\"+Inf\"}} {count}"
-        ));
-        line(format_args!(
-            "whispr_mesh_hold_seconds_sum {}",
-            load(&self.hold.sum_micros) as f64 / 1e6
         ));
         line(format_args!("whispr_mesh_hold_seconds_count {count}"));
         out
@@ -219,15 +211,29 @@ mod tests {
         m.observe_hold(Duration::from_millis(7));
         m.observe_hold(Duration::from_secs(2));
         m.observe_hold(Duration::from_secs(4000));
+        assert!(!m.render().contains("_sum"));
         let text = m.render();
         for reason in DropReason::ALL {
             assert!(text.contains(&format!("reason=\"{}\"", reason.label())));
         }
         assert!(text.contains("whispr_mesh_packets_dropped_total{reason=\"replay\"} 3\n"));
-        assert!(text.contains("whispr_mesh_hold_seconds_bucket{le=\"0.01\"} 1\n"));
-        assert!(text.contains("whispr_mesh_hold_seconds_bucket{le=\"2.5\"} 2\n"));
+        assert!(text.contains("whispr_mesh_hold_seconds_bucket{le=\"0.1\"} 1\n"));
+        assert!(text.contains("whispr_mesh_hold_seconds_bucket{le=\"1\"} 1\n"));
+        assert!(text.contains("whispr_mesh_hold_seconds_bucket{le=\"10\"} 2\n"));
         assert!(text.contains("whispr_mesh_hold_seconds_bucket{le=\"600\"} 2\n"));
         assert!(text.contains("whispr_mesh_hold_seconds_bucket{le=\"+Inf\"} 3\n"));
         assert!(text.contains("whispr_mesh_hold_seconds_count 3\n"));
+    }
+
+    /// Security review, finding 6: `whispr_mesh_hold_seconds_sum` was printed with µs
+    /// precision, so scraping before and after one packet left gave its exact hold time (the
+    /// edge's mixing delay). No hold time is published finer than a bucket.
+    #[test]
+    fn a_scrape_does_not_give_a_packets_hold_time() {
+        let m = Metrics::default();
+        m.observe_hold(Duration::from_micros(123_457));
+        let text = m.render();
+        assert!(!text.contains("0.123457"), "{text}");
+        assert!(!text.contains("0.123"), "{text}");
     }
 }

@@ -491,6 +491,46 @@ fn descriptor_seeds(rng: &mut ChaCha20Rng) -> Seeds {
     seeds
 }
 
+fn consensus_seeds(rng: &mut ChaCha20Rng) -> Seeds {
+    use whispr_protocol::consensus::{Consensus, VoteContent, compute_consensus};
+    let mut seeds = Seeds::new("consensus");
+    let network = fuzzing::fuzz_network().expect("network");
+    seeds.add("network", network.to_text().into_bytes());
+    let keys: Vec<SigningKey> = (1u8..=3)
+        .map(|i| SigningKey::from_bytes(&[i; 32]))
+        .collect();
+    let descriptors = descriptors(rng);
+    let (valid_after, valid_until) = (UnixTime(NOW.0 - 60_000), UnixTime(NOW.0 + 3_600_000));
+    let votes: Vec<VoteContent> = keys
+        .iter()
+        .map(|k| VoteContent {
+            authority: k.verifying_key().to_bytes(),
+            epoch: 7,
+            valid_after,
+            valid_until,
+            descriptors: descriptors.clone(),
+        })
+        .collect();
+    let signed = votes
+        .first()
+        .expect("a vote")
+        .sign(keys.first().expect("a key"))
+        .expect("sign vote");
+    signed.verify(&network).expect("valid vote");
+    seeds.add("vote", signed.encode());
+    let body = compute_consensus(&network, 7, valid_after, valid_until, &votes).expect("body");
+    let mut consensus = Consensus::new(&body);
+    for k in &keys {
+        consensus.sign(k);
+    }
+    consensus.verify(NOW, &network).expect("valid consensus");
+    seeds.add("consensus-3-of-3", consensus.encode());
+    let mut one = Consensus::new(&body);
+    one.sign(keys.first().expect("a key"));
+    seeds.add("consensus-1-of-3", one.encode());
+    seeds
+}
+
 fn main() {
     let corpus: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
     let mut rng = ChaCha20Rng::seed_from_u64(0x5eed_f022);
@@ -500,6 +540,7 @@ fn main() {
         envelope_seeds(&mut rng),
         fragment_seeds(),
         descriptor_seeds(&mut rng),
+        consensus_seeds(&mut rng),
     ];
     let names: Vec<&str> = all.iter().map(|s| s.target).collect();
     assert_eq!(names, fuzzing::TARGETS, "one seed set per fuzz target");

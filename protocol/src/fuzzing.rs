@@ -10,7 +10,14 @@ use crate::sphinx::{SphinxSecretKey, Surb, SurbRecovery, process_packet};
 use crate::{MessageId, UnixTime, wire};
 
 /// The fuzz targets, by name (the names of `fuzz/fuzz_targets/*.rs` and of the corpus dirs).
-pub const TARGETS: &[&str] = &["wire", "packet", "envelope", "fragment", "descriptor"];
+pub const TARGETS: &[&str] = &[
+    "wire",
+    "packet",
+    "envelope",
+    "fragment",
+    "descriptor",
+    "consensus",
+];
 
 /// Runs the target called `name` on `data`; false if there is no such target.
 pub fn run(name: &str, data: &[u8]) -> bool {
@@ -20,6 +27,7 @@ pub fn run(name: &str, data: &[u8]) -> bool {
         "envelope" => envelope(data),
         "fragment" => fragment(data),
         "descriptor" => descriptor(data),
+        "consensus" => consensus(data),
         _ => return false,
     }
     true
@@ -106,4 +114,39 @@ pub fn descriptor(data: &[u8]) {
         let _ = signed.verify(now);
     }
     let _ = Directory::decode(now, data);
+}
+
+/// The authorities `consensus` verifies against: three keys from the seeds `[1; 32]`,
+/// `[2; 32]` and `[3; 32]`, threshold 2.
+pub fn fuzz_network() -> Option<crate::consensus::Network> {
+    use crate::consensus::{Authority, Network};
+    let authorities = (1u8..=3)
+        .map(|i| Authority {
+            key: ed25519_dalek::SigningKey::from_bytes(&[i; 32])
+                .verifying_key()
+                .to_bytes(),
+            url: format!("http://authority{i}.example"),
+        })
+        .collect();
+    Network::new(authorities, None).ok()
+}
+
+/// Network files (as text), consensus documents and votes: decode, then verify against
+/// [`fuzz_network`] at `UnixTime(1_800_000_000_000)`.
+pub fn consensus(data: &[u8]) {
+    use crate::consensus::{Consensus, Network, SignedVote};
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = Network::parse(text);
+    }
+    let Some(network) = fuzz_network() else {
+        return;
+    };
+    if let Ok(c) = Consensus::decode(data) {
+        if let Ok(verified) = c.verify(UnixTime(1_800_000_000_000), &network) {
+            let _ = Directory::from_consensus(UnixTime(1_800_000_000_000), &verified);
+        }
+    }
+    if let Ok(v) = SignedVote::decode(data) {
+        let _ = v.verify(&network);
+    }
 }

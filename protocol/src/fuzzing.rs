@@ -141,10 +141,10 @@ pub fn consensus(data: &[u8]) {
     let Some(network) = fuzz_network() else {
         return;
     };
-    if let Ok(c) = Consensus::decode(data) {
-        if let Ok(verified) = c.verify(UnixTime(1_800_000_000_000), &network) {
-            let _ = Directory::from_consensus(UnixTime(1_800_000_000_000), &verified);
-        }
+    if let Ok(c) = Consensus::decode(data)
+        && let Ok(verified) = c.verify(UnixTime(1_800_000_000_000), &network)
+    {
+        let _ = Directory::from_consensus(UnixTime(1_800_000_000_000), &verified);
     }
     if let Ok(v) = SignedVote::decode(data) {
         let _ = v.verify(&network);

@@ -29,7 +29,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-bold "Starting a devnet: 3 relays (edge, mix1, mix2), 3 mailbox nodes, 1 timer node"
+bold "Starting a devnet: 3 directory authorities, 3 relays (edge, mix1, mix2), 3 mailbox nodes, 1 timer node"
 "$WHISPR" devnet up --dir "$NET" >"$WORK/devnet.out" 2>&1 &
 DEVNET_PID=$!
 for _ in $(seq 1 240); do
@@ -39,12 +39,15 @@ for _ in $(seq 1 240); do
 done
 [ -s "$NET/directory-url" ] || fail "the devnet did not come up in 2 minutes"
 DIRECTORY="$(cat "$NET/directory-url")"
-ok "every node sees the other six; directory at $DIRECTORY"
+ok "every node sees the other six, and the authorities' consensus lists all seven; directory mirror at $DIRECTORY"
 
 bold "Two users"
-alice init --directory "$DIRECTORY" >/dev/null
-bob init --directory "$DIRECTORY" >/dev/null
-ok "alice and bob each have keys in an encrypted home directory"
+alice init --directory "$DIRECTORY" --network "$NET/network" >/dev/null
+bob init --directory "$DIRECTORY" --network "$NET/network" >/dev/null
+ok "alice and bob each have keys in an encrypted home directory, and pin the devnet's authorities"
+alice directory | tee "$WORK/dir" | sed 's/^/   alice: /'
+grep -q "directory signed by 3/3 authorities" "$WORK/dir" || fail "alice's directory is not signed by the 3 authorities"
+ok "the directory alice routes by is the consensus of the 3 authorities"
 
 bold "alice invites bob; bob accepts"
 INVITATION="$(alice invite --name bob)"

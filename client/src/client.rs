@@ -166,6 +166,19 @@ impl Client {
         Ok(())
     }
 
+    /// The directory the client routes by (fetched now if the one held is too old): its node
+    /// count, and what it keeps of the consensus (signers, epoch) when a network is pinned.
+    pub async fn directory_summary(
+        &mut self,
+    ) -> Result<(usize, Option<whispr_protocol::consensus::ConsensusInfo>)> {
+        self.refresh_directory().await?;
+        Ok(self
+            .core
+            .directory()
+            .map(|d| (d.len(), d.consensus().copied()))
+            .unwrap_or((0, None)))
+    }
+
     /// The HTTP client for mailbox `id`: one per mailbox, with its own connections, so that
     /// no two of a user's mailboxes share a connection by which their node could link them
     /// (security review finding 8).

@@ -1,10 +1,15 @@
-//! A local Whispr network of real node processes on loopback (`whispr devnet up`): relays (the
-//! first is the edge, the others layer-1 mixes), mailbox nodes and timer nodes, each with its
-//! own data directory, config and log under the devnet directory, joined over libp2p.
+//! A local Whispr network of real node processes on loopback (`whispr devnet up`): three
+//! directory authorities (`whispr-authority`), relays (the first is the edge, the others
+//! layer-1 mixes), mailbox nodes and timer nodes, each with its own data directory, config and
+//! log under the devnet directory, joined over libp2p. The nodes pin the authorities (the
+//! network file, `[mesh] network_file`) and route by their consensus only; every node is on
+//! the authorities' allow list.
 //!
 //! Files in the devnet directory: `devnet.json` (the supervisor's pid and every node's name,
-//! kind, pid, HTTP port and log), `directory-url` (written once every node sees the whole
-//! network), `NAME.toml`, `NAME/` (data) and `logs/NAME.log`.
+//! kind, pid, HTTP port and log), `network` (the network file clients pin with
+//! `whispr init --network`), `allowed` (the authorities' allow list), `directory-url` (the
+//! edge's consensus mirror, written once the consensus lists every node), `NAME.toml`, `NAME/`
+//! (data) and `logs/NAME.log`.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -16,6 +21,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use whispr_protocol::UnixTime;
+use whispr_protocol::consensus::{Authority, Network};
 
 use crate::client::now_ms;
 use crate::error::{ClientError, Result};
@@ -94,6 +100,14 @@ pub fn default_bin_dir() -> PathBuf {
     dir
 }
 
+/// Directory authorities a devnet runs.
+pub const AUTHORITIES: usize = 3;
+/// The devnet's consensus period, seconds: short, so that a node is in the consensus a few
+/// seconds after it starts, and a new consensus follows an authority's loss quickly.
+pub const EPOCH_SECS: u64 = 5;
+/// Each consensus stays valid this many periods (one minute).
+const LIFETIME_EPOCHS: u32 = 12;
+
 /// Times a node that exits at start (a port taken between picking and binding it) is started.
 const START_ATTEMPTS: u32 = 3;
 
@@ -117,12 +131,13 @@ struct Plan {
     http_port: u16,
 }
 
-fn mesh_section(port: u16, bootstrap: Option<&str>, extra: &str) -> String {
+fn mesh_section(port: u16, bootstrap: Option<&str>, network: &Path, extra: &str) -> String {
     let bootstrap = bootstrap
         .map(|b| format!("bootstrap = [\"{b}\"]\n"))
         .unwrap_or_default();
     format!(
-        "[mesh]\nlisten = [\"/ip4/127.0.0.1/tcp/{port}\"]\n{bootstrap}descriptor_publish_ms = 1000\n{extra}"
+        "[mesh]\nlisten = [\"/ip4/127.0.0.1/tcp/{port}\"]\n{bootstrap}descriptor_publish_ms = 1000\nnetwork_file = \"{}\"\nconsensus_poll_ms = 1000\n{extra}",
+        network.display()
     )
 }
 
@@ -137,6 +152,8 @@ fn plan_node(
     let http_port = free_port()?;
     let mesh_port = free_port()?;
     let config = dir.join(format!("{name}.toml"));
+    let network = dir.join("network");
+    let network = network.as_path();
     let api = format!("http://127.0.0.1:{http_port}");
     let relaxed = opts.relaxed_limits;
     let (binary, text) = match kind {
@@ -159,6 +176,7 @@ fn plan_node(
                     mesh_section(
                         mesh_port,
                         bootstrap,
+                        network,
                         &format!("{roles}api_url = \"{api}\"\n")
                     )
                 ),
@@ -178,7 +196,12 @@ fn plan_node(
                 format!(
                     "data_dir = \"{}\"\naudience = \"devnet-{name}\"\n\n[api]\nlisten = \"127.0.0.1:{http_port}\"\nmetrics_interval_ms = 0\n{ops}{deposits}\n{}",
                     data.display(),
-                    mesh_section(mesh_port, bootstrap, &format!("api_url = \"{api}\"\n"))
+                    mesh_section(
+                        mesh_port,
+                        bootstrap,
+                        network,
+                        &format!("api_url = \"{api}\"\n")
+                    )
                 ),
             )
         }
@@ -191,7 +214,7 @@ fn plan_node(
                     "data_dir = \"{}\"\n\n[admin]\nlisten = \"127.0.0.1:{http_port}\"\ntoken = \"{}\"\n\n[worker]\nidle_poll_ms = 100\n\n{}",
                     data.display(),
                     hex::encode(token),
-                    mesh_section(mesh_port, bootstrap, "")
+                    mesh_section(mesh_port, bootstrap, network, "")
                 ),
             )
         }
@@ -204,6 +227,93 @@ fn plan_node(
         config,
         data,
         http_port,
+    })
+}
+
+/// An authority's configuration (`descriptor_sources` empty until the edge is up).
+fn authority_plan(
+    opts: &DevnetOptions,
+    i: usize,
+    http_port: u16,
+    sources: &[String],
+) -> Result<Plan> {
+    let dir = &opts.dir;
+    let name = format!("authority{i}");
+    let data = dir.join(&name);
+    let config = dir.join(format!("{name}.toml"));
+    let sources: Vec<String> = sources.iter().map(|s| format!("\"{s}\"")).collect();
+    write(
+        &config,
+        &format!(
+            "data_dir = \"{}\"\nlisten = \"127.0.0.1:{http_port}\"\nnetwork_file = \"{}\"\nallow_file = \"{}\"\ndescriptor_sources = [{}]\nepoch_secs = {EPOCH_SECS}\nlifetime_epochs = {LIFETIME_EPOCHS}\n",
+            data.display(),
+            dir.join("network").display(),
+            dir.join("allowed").display(),
+            sources.join(", ")
+        ),
+    )?;
+    Ok(Plan {
+        name,
+        kind: "authority",
+        binary: opts.bin_dir.join("whispr-authority"),
+        config,
+        data,
+        http_port,
+    })
+}
+
+/// The authority's public key (hex), created on first use (`whispr-authority … key`).
+fn authority_key(plan: &Plan) -> Result<[u8; 32]> {
+    if !plan.binary.exists() {
+        return Err(ClientError::InvalidArgument(format!(
+            "{} not found: build the workspace binaries (cargo build --workspace --bins) or set WHISPR_BIN_DIR",
+            plan.binary.display()
+        )));
+    }
+    let output = Command::new(&plan.binary)
+        .arg("--config")
+        .arg(&plan.config)
+        .arg("key")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(ClientError::io("creating an authority key"))?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    hex::decode(text.trim())
+        .ok()
+        .and_then(|k| <[u8; 32]>::try_from(k).ok())
+        .ok_or_else(|| {
+            ClientError::InvalidArgument(format!(
+                "{} printed no key ({})",
+                plan.name, output.status
+            ))
+        })
+}
+
+/// A node's id from its `node-info.json`, once written.
+fn node_id(plan: &Plan) -> Option<String> {
+    let text = std::fs::read_to_string(plan.data.join("node-info.json")).ok()?;
+    let v: Value = serde_json::from_str(&text).ok()?;
+    v.get("node_id")?.as_str().map(str::to_string)
+}
+
+/// Waits for an authority's `node-info.json` (written once it listens).
+fn wait_authority(plan: &Plan, child: &mut Child) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(ClientError::InvalidArgument(format!(
+                "{} exited at start ({status}); see its log",
+                plan.name
+            )));
+        }
+        if node_id(plan).is_some() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(ClientError::Unreachable {
+        node: "devnet authority",
+        reason: format!("{} wrote no node-info.json within 60 s", plan.name),
     })
 }
 
@@ -291,6 +401,22 @@ impl Devnet {
             )));
         }
         let _ = std::fs::remove_file(dir.join("directory-url"));
+        // The authorities' keys and ports make the network file every node and client pins;
+        // they start once the edge is up (their descriptor source).
+        let mut authorities = Vec::new();
+        let mut pinned = Vec::new();
+        for i in 1..=AUTHORITIES {
+            let plan = authority_plan(&opts, i, free_port()?, &[])?;
+            pinned.push(Authority {
+                key: authority_key(&plan)?,
+                url: format!("http://127.0.0.1:{}", plan.http_port),
+            });
+            authorities.push(plan);
+        }
+        let network = Network::new(pinned, None)?;
+        write(&dir.join("network"), &network.to_text())?;
+        let mut allowed: Vec<String> = Vec::new();
+        write(&dir.join("allowed"), "")?;
         let mut devnet = Devnet {
             dir: dir.clone(),
             children: Vec::new(),
@@ -322,6 +448,19 @@ impl Devnet {
                 }
             }
         };
+        if let Some(id) = node_id(&edge) {
+            allowed.push(id);
+            write(&dir.join("allowed"), &format!("{}\n", allowed.join("\n")))?;
+        }
+        let sources = [format!("http://127.0.0.1:{}/v1/directory", edge.http_port)];
+        for (i, planned) in authorities.iter().enumerate() {
+            // Same port (it is pinned in the network file), now with the edge as source.
+            let plan = authority_plan(&opts, i + 1, planned.http_port, &sources)?;
+            let mut child = spawn(&dir, &plan)?;
+            let started = wait_authority(&plan, &mut child);
+            devnet.add(&plan, child);
+            started?;
+        }
         let mut plans = Vec::new();
         for i in 1..opts.relays {
             plans.push(plan_node(&opts, &format!("mix{i}"), "relay", Some(&boot))?);
@@ -347,20 +486,47 @@ impl Devnet {
             devnet.add(plan, child);
         }
         let total = 1 + plans.len();
-        devnet.record.directory_url = format!("http://127.0.0.1:{}/v1/directory", edge.http_port);
+        devnet.record.directory_url = format!("http://127.0.0.1:{}/v1/consensus", edge.http_port);
         devnet.write_record()?;
         let net = Net::new()?;
         let mut attempts = vec![1u32; plans.len()];
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let watch: Vec<String> = std::iter::once(&edge)
+            // Every node on the allow list once it has an id.
+            let before = allowed.len();
+            for p in &plans {
+                if let Some(id) = node_id(p)
+                    && !allowed.contains(&id)
+                {
+                    allowed.push(id);
+                }
+            }
+            if allowed.len() != before {
+                write(&dir.join("allowed"), &format!("{}\n", allowed.join("\n")))?;
+            }
+            // Every node hears all the others, and serves a consensus that lists them all.
+            let watch: Vec<u16> = std::iter::once(&edge)
                 .chain(plans.iter().filter(|p| p.kind != "timer"))
-                .map(|p| format!("http://127.0.0.1:{}/v1/directory", p.http_port))
+                .map(|p| p.http_port)
                 .collect();
             let mut all = true;
-            for url in &watch {
-                match net.unpinned_directory(url, UnixTime(now_ms())).await {
-                    Ok(d) if d.len() == total => {}
+            for port in &watch {
+                let heard = net
+                    .unpinned_directory(
+                        &format!("http://127.0.0.1:{port}/v1/directory"),
+                        UnixTime(now_ms()),
+                    )
+                    .await;
+                let consensus = net
+                    .directory(
+                        &[format!("http://127.0.0.1:{port}/v1/consensus")],
+                        &network,
+                        UnixTime(now_ms()),
+                        None,
+                    )
+                    .await;
+                match (heard, consensus) {
+                    (Ok(d), Ok(c)) if d.len() == total && c.len() == total => {}
                     _ => all = false,
                 }
             }
@@ -370,14 +536,14 @@ impl Devnet {
             if Instant::now() > deadline {
                 return Err(ClientError::Unreachable {
                     node: "devnet",
-                    reason: "the nodes did not see each other within 120 s; see logs/".to_string(),
+                    reason: "the nodes did not see each other, or the consensus did not list them all, within 120 s; see logs/".to_string(),
                 });
             }
             let mut restart = Vec::new();
             for (i, (name, c)) in devnet.children.iter_mut().enumerate() {
                 if let Ok(Some(status)) = c.try_wait() {
-                    // children[0] is the edge; the others follow `plans`.
-                    match i.checked_sub(1) {
+                    // The edge and the authorities are not restarted; the others follow `plans`.
+                    match plans.iter().position(|p| p.name == *name) {
                         Some(j) if attempts.get(j).is_some_and(|a| *a < START_ATTEMPTS) => {
                             restart.push((i, j));
                         }
@@ -434,7 +600,12 @@ impl Devnet {
         write(&self.dir.join("devnet.json"), &text)
     }
 
-    /// The directory URL.
+    /// The network file clients pin (`whispr init --network`).
+    pub fn network_file(&self) -> PathBuf {
+        self.dir.join("network")
+    }
+
+    /// The directory URL (the edge's mirror of the consensus).
     pub fn directory_url(&self) -> &str {
         &self.record.directory_url
     }

@@ -135,6 +135,9 @@ enum Command {
     },
     /// Pending acks, scheduled sends and recent outgoing messages.
     Status,
+    /// The directory the client routes by: how many authorities signed it, its epoch and
+    /// node count (fetched now if the one held is old).
+    Directory,
     /// The messages received from a contact (disappearing ones vanish at their time).
     History {
         /// Contact name.
@@ -660,6 +663,30 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
                 ),
             );
         }
+        Command::Directory => {
+            let pass = passphrase(&cli)?;
+            let mut client = Client::open(&home(&cli), &pass)?;
+            let (nodes, consensus) = client.directory_summary().await?;
+            let text = match &consensus {
+                Some(c) => format!(
+                    "directory signed by {}/{} authorities (consensus epoch {}, {nodes} nodes)",
+                    c.signers, c.authorities, c.epoch
+                ),
+                None => format!(
+                    "directory not signed by authorities (no network pinned): {nodes} nodes"
+                ),
+            };
+            out(
+                j,
+                json!({
+                    "nodes": nodes,
+                    "signers": consensus.map(|c| c.signers),
+                    "authorities": consensus.map(|c| c.authorities),
+                    "epoch": consensus.map(|c| c.epoch),
+                }),
+                text,
+            );
+        }
         Command::Status => {
             let pass = passphrase(&cli)?;
             let mut client = Client::open(&home(&cli), &pass)?;
@@ -726,11 +753,18 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
                 .await?;
                 out(
                     j,
-                    json!({"directory_url": net.directory_url(), "nodes": net.record().nodes}),
+                    json!({
+                        "directory_url": net.directory_url(),
+                        "network_file": net.network_file(),
+                        "nodes": net.record().nodes,
+                    }),
                     format!(
-                        "devnet up: {} nodes; directory {}\n(Ctrl-C or `whispr devnet down --dir {}` stops it)",
+                        "devnet up: {} nodes ({} directory authorities); directory {}\nclients: whispr init --directory {} --network {}\n(Ctrl-C or `whispr devnet down --dir {}` stops it)",
                         net.record().nodes.len(),
+                        devnet::AUTHORITIES,
                         net.directory_url(),
+                        net.directory_url(),
+                        net.network_file().display(),
                         dir.display()
                     ),
                 );

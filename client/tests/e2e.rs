@@ -310,13 +310,15 @@ fn private_messages_end_to_end_over_a_devnet_of_real_processes() {
     let tmp = tempfile::tempdir().unwrap();
     let mut net = Net::up(&tmp.path().join("devnet"));
     let url = net.url();
+    // The devnet's network file: the clients pin its three directory authorities.
+    let network = net.dir.join("network").display().to_string();
     let user = |name: &str, pass: &'static str| User {
         home: tmp.path().join(name),
         pass,
     };
     let (alice, bob) = (user("alice", "pass-a"), user("bob", "pass-b"));
-    alice.ok(&["init", "--directory", &url]);
-    bob.ok(&["init", "--directory", &url]);
+    alice.ok(&["init", "--directory", &url, "--network", &network]);
+    bob.ok(&["init", "--directory", &url, "--network", &network]);
 
     // A wrong passphrase is refused with a clear error and changes nothing.
     let wrong = User {
@@ -474,7 +476,7 @@ fn private_messages_end_to_end_over_a_devnet_of_real_processes() {
 
     // A second acceptor of the same invitation is refused; the inviter is told.
     let carol = user("carol", "pass-c");
-    carol.ok(&["init", "--directory", &url]);
+    carol.ok(&["init", "--directory", &url, "--network", &network]);
     carol.ok(&["accept", &invitation, "--name", "alice"]);
     let m = alice.recv_notice("invitation_reused");
     assert!(m.is_empty(), "{m:?}");
@@ -497,7 +499,7 @@ fn private_messages_end_to_end_over_a_devnet_of_real_processes() {
     let refused_before =
         net.metric_sum(&mailbox_nodes, "whispr_mailbox_mesh_deposits_refused_total");
     let eve = user("eve", "pass-e");
-    eve.ok(&["init", "--directory", &url]);
+    eve.ok(&["init", "--directory", &url, "--network", &network]);
     let o = eve.cmd(&[
         "accept",
         &forged.encode(),
@@ -531,6 +533,8 @@ fn private_messages_end_to_end_over_a_devnet_of_real_processes() {
         "init",
         "--directory",
         &url,
+        "--network",
+        &network,
         "--retransmit-after-ms",
         "300",
         "--mix-delay-ms",

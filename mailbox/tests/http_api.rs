@@ -1180,26 +1180,33 @@ async fn idle_stream_is_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operations_per_connection_limit_answers_429_with_retry_after() {
     let mut s = Server::start(|c| c.api.ops_per_min_per_connection = 5).await;
-    // One keep-alive connection.
-    s.http = reqwest::Client::builder()
-        .pool_max_idle_per_host(1)
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap();
     let owner = Owner::from_seed(9);
-    s.create(&owner).await; // 1
-    let token = s.login(&owner, &owner.device(0)).await; // 2, 3
+    s.create(&owner).await;
+    let token = s.login(&owner, &owner.device(0)).await;
     s.deposit(&owner, b"one").await;
     s.deposit(&owner, b"two").await;
-    s.info(&owner, &token).await; // 4
-    assert_eq!(s.ack_ok(&owner, &token, 1).await, 1); // 5
-    let r = s.ack(&owner, &token, 2).await; // 6
-    let retry_after = r.headers().get(reqwest::header::RETRY_AFTER).cloned();
-    expect_error(r, 429, "rate_limited").await;
-    let retry_after: u64 = retry_after.unwrap().to_str().unwrap().parse().unwrap();
+    // The budget belongs to a connection: the limited requests go over one raw HTTP/1.1
+    // connection held here (a pooled client may open a second one under load, which gets a
+    // fresh budget, and the test would see no refusal).
+    let mut conn = RawConnection::open(s.addr).await;
+    let info = format!("/v1/mailboxes/{}", mid(&owner));
+    let ack = format!("/v1/mailboxes/{}/ack", mid(&owner));
+    for _ in 0..4 {
+        assert_eq!(conn.request("GET", &info, &token, None).await.0, 200); // 1..4
+    }
+    let (status, _, body) = conn
+        .request("POST", &ack, &token, Some(r#"{"up_to":1}"#))
+        .await; // 5
+    assert_eq!(status, 200, "{body}");
+    let (status, retry_after, body) = conn
+        .request("POST", &ack, &token, Some(r#"{"up_to":2}"#))
+        .await; // 6
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("rate_limited"), "{body}");
+    let retry_after: u64 = retry_after.expect("Retry-After").parse().unwrap();
     assert!(metric(&s.metrics_on_new_connection().await, "rate_limited_total") >= 1);
 
-    // The refused ack changed nothing (checked on a fresh connection).
+    // The refused ack changed nothing (checked with another client: other connections).
     let fresh = Server {
         node: s.node.clone(),
         addr: s.addr,
@@ -1210,9 +1217,9 @@ async fn operations_per_connection_limit_answers_429_with_retry_after() {
         _dir: tempfile::tempdir().unwrap(),
     };
     let token2 = fresh.login(&owner, &owner.device(0)).await;
-    let info = fresh.info(&owner, &token2).await;
-    assert_eq!(info["devices"][0]["cursor"], 1);
-    assert_eq!(info["messages"], 1);
+    let info_now = fresh.info(&owner, &token2).await;
+    assert_eq!(info_now["devices"][0]["cursor"], 1);
+    assert_eq!(info_now["messages"], 1);
 
     // The policy is per minute: 5 operations/min refill one every 12 s, so the answer says
     // to wait about that long, and a retry a second later is still refused.
@@ -1221,8 +1228,85 @@ async fn operations_per_connection_limit_answers_429_with_retry_after() {
         "Retry-After {retry_after} s for a 5/min limit"
     );
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    expect_error(s.ack(&owner, &token, 2).await, 429, "rate_limited").await;
+    let (status, _, _) = conn
+        .request("POST", &ack, &token, Some(r#"{"up_to":2}"#))
+        .await;
+    assert_eq!(status, 429);
+    let mut fresh = fresh;
+    fresh.http = http_client();
     assert_eq!(fresh.info(&owner, &token2).await["devices"][0]["cursor"], 1);
+}
+
+/// One HTTP/1.1 connection driven by hand (requests in sequence, keep-alive).
+struct RawConnection {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawConnection {
+    async fn open(addr: SocketAddr) -> RawConnection {
+        RawConnection {
+            stream: tokio::net::TcpStream::connect(addr).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    /// (status, Retry-After, body) of one request.
+    async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: Option<&str>,
+    ) -> (u16, Option<String>, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let body = body.unwrap_or("");
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        self.stream.write_all(head.as_bytes()).await.unwrap();
+        let read_more = |buf: &mut Vec<u8>, n: usize, chunk: &[u8]| {
+            assert!(n > 0, "the server closed the connection");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let mut chunk = [0u8; 4096];
+        let end = loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end;
+            }
+            let n = self.stream.read(&mut chunk).await.unwrap();
+            read_more(&mut self.buf, n, &chunk);
+        };
+        let head = String::from_utf8_lossy(&self.buf[..end]).to_string();
+        self.buf.drain(..end + 4);
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap();
+        let header = |name: &str| {
+            head.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case(name)
+                    .then(|| v.trim().to_string())
+            })
+        };
+        let len: usize = header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        while self.buf.len() < len {
+            let n = self.stream.read(&mut chunk).await.unwrap();
+            read_more(&mut self.buf, n, &chunk);
+        }
+        let body: Vec<u8> = self.buf.drain(..len).collect();
+        (
+            status,
+            header("retry-after"),
+            String::from_utf8_lossy(&body).to_string(),
+        )
+    }
 }
 
 /// The limiter's arithmetic on a synthetic clock: `per_min` operations per minute.

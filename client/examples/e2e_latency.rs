@@ -60,6 +60,8 @@ fn main() -> Result<(), Error> {
         outbox_max: 1_000_000,
         surbs_max: 1_000_000,
         history_max: 1_000_000,
+        // Pinning the devnet's directory authorities (its network file).
+        network: Some(std::fs::read_to_string(devnet.network_file())?),
         ..Settings::default()
     };
     let mut alice = Client::init(

@@ -100,19 +100,24 @@ async fn main() -> anyhow::Result<()> {
         devnet.directory_url()
     );
 
+    // Both pin the devnet's directory authorities (its network file).
+    let pinned = Settings {
+        network: Some(std::fs::read_to_string(devnet.network_file())?),
+        ..Settings::default()
+    };
     // Each client holds its own home directory's lock; two homes, so both can be open at once.
     let mut alice = Client::init(
         alice_home.path(),
         b"alice's passphrase",
         devnet.directory_url(),
-        Settings::default(),
+        pinned.clone(),
         KdfParams::default(),
     )?;
     let mut bob = Client::init(
         bob_home.path(),
         b"bob's passphrase",
         devnet.directory_url(),
-        Settings::default(),
+        pinned,
         KdfParams::default(),
     )?;
 

@@ -196,6 +196,10 @@ struct Client {
     work: ChaCha20Rng,
     /// The core's local id of each outgoing message → the message's index.
     outgoing: HashMap<u64, u32>,
+    /// Its mailboxes something was stored into since it last fetched them (a fetch of the
+    /// others would return nothing: they are not fetched, which keeps a popular user with
+    /// thousands of relationships from costing thousands of empty fetches per message).
+    dirty: std::collections::BTreeSet<[u8; 32]>,
 }
 
 /// The core's name for client `c` (contacts are named after the simulated user).
@@ -1027,6 +1031,7 @@ impl World {
                 wake_at: None,
                 work: tree.stream("client-work", c as u64),
                 outgoing: HashMap::new(),
+                dirty: std::collections::BTreeSet::new(),
             });
         }
         self.make_graph();
@@ -1076,8 +1081,8 @@ impl World {
                 .accept_finish(t, &name_of(a), &accept.invitation, otk)
                 .map_err(invalid)?;
             self.drive_client(b, true);
-            self.fetch_client(a, true);
-            self.fetch_client(b, true);
+            self.fetch_client(a, true, true);
+            self.fetch_client(b, true, true);
         }
         // Setup is not part of the run.
         for c in &mut self.clients {
@@ -1350,7 +1355,7 @@ impl World {
             Ev::Cover { client } => self.cover(client),
             Ev::ClientWake { client } => self.client_wake(client),
             Ev::Toggle { client } => self.toggle(client),
-            Ev::Fetch { client } => self.fetch_client(client, false),
+            Ev::Fetch { client } => self.fetch_client(client, false, false),
             Ev::Sweep { node } => {
                 let now = UnixTime(self.now());
                 if let Some(n) = self.nodes.get_mut(node as usize)
@@ -1368,7 +1373,7 @@ impl World {
             Ev::Final => {
                 // Everyone comes online one last time and fetches.
                 for c in 0..self.clients.len() as u32 {
-                    self.fetch_client(c, false);
+                    self.fetch_client(c, false, true);
                 }
                 self.sample();
             }
@@ -1638,7 +1643,13 @@ impl World {
                 msg.stored_ms = Some(now);
             }
         }
-        let online = self.clients.get(client as usize).is_some_and(|c| c.online);
+        let online = match self.clients.get_mut(client as usize) {
+            Some(c) => {
+                c.dirty.insert(mailbox.0);
+                c.online
+            }
+            None => false,
+        };
         if !is_message || online {
             self.schedule_fetch(client, node);
         }
@@ -1668,14 +1679,24 @@ impl World {
 
     /// Client `client` fetches every mailbox it owns (as its `sync` does), hands what comes
     /// back to its core and carries out what the core asks for. `offline`: during setup.
-    fn fetch_client(&mut self, client: u32, offline: bool) {
+    /// `all`: every mailbox the client owns (setup, the final round), else those something
+    /// was stored into since they were last fetched.
+    fn fetch_client(&mut self, client: u32, offline: bool, all: bool) {
         let now = self.now();
         let batch = self.sc.limits.fetch_batch.max(1);
         let Some(c) = self.clients.get_mut(client as usize) else {
             return;
         };
         c.fetch_scheduled = false;
-        let boxes = c.core.owned_mailboxes();
+        let boxes = if all {
+            c.dirty.clear();
+            c.core.owned_mailboxes()
+        } else {
+            std::mem::take(&mut c.dirty)
+                .into_iter()
+                .filter_map(|id| c.core.owned_mailbox(&id))
+                .collect()
+        };
         let mut down = None;
         for m in boxes {
             let Some(&node) = self.index.get(&NodeId(m.node)) else {
@@ -1684,6 +1705,9 @@ impl World {
             let node = node as usize;
             if !self.nodes.get(node).is_some_and(|n| n.up) {
                 down = Some(node);
+                if let Some(c) = self.clients.get_mut(client as usize) {
+                    c.dirty.insert(m.id);
+                }
                 continue;
             }
             let mailbox = MailboxId(m.id);
@@ -1846,12 +1870,7 @@ impl World {
                 }
                 ClientOutput::Save => {}
                 ClientOutput::Ack { mailbox, up_to } => {
-                    let Some(m) = c
-                        .core
-                        .owned_mailboxes()
-                        .into_iter()
-                        .find(|m| m.id == mailbox)
-                    else {
+                    let Some(m) = c.core.owned_mailbox(&mailbox) else {
                         continue;
                     };
                     let owner = owner_key(&m).verifying_key().to_bytes();

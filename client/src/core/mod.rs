@@ -595,6 +595,17 @@ impl ClientCore {
             .collect()
     }
 
+    /// Own mailbox `id`, if this client owns it.
+    pub fn owned_mailbox(&self, id: &[u8; 32]) -> Option<OwnedMailbox> {
+        self.state
+            .contacts
+            .iter()
+            .map(|c| &c.mine)
+            .chain(self.state.invitations.iter().map(|i| &i.mailbox))
+            .find(|m| m.id == *id)
+            .cloned()
+    }
+
     fn mailbox_mut(&mut self, id: &[u8; 32]) -> Option<&mut OwnedMailbox> {
         if let Some(c) = self.state.contacts.iter_mut().find(|c| c.mine.id == *id) {
             return Some(&mut c.mine);

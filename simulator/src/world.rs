@@ -1697,14 +1697,14 @@ impl World {
                 .filter_map(|id| c.core.owned_mailbox(&id))
                 .collect()
         };
-        let mut down = None;
+        let mut any_down = false;
         for m in boxes {
             let Some(&node) = self.index.get(&NodeId(m.node)) else {
                 continue;
             };
             let node = node as usize;
             if !self.nodes.get(node).is_some_and(|n| n.up) {
-                down = Some(node);
+                any_down = true;
                 if let Some(c) = self.clients.get_mut(client as usize) {
                     c.dirty.insert(m.id);
                 }
@@ -1756,14 +1756,11 @@ impl World {
                 self.drain_core(node);
             }
         }
-        if let Some(node) = down
-            && !offline
-        {
+        if any_down && !offline {
             // A mailbox node is down: try again in a second.
             if let Some(c) = self.clients.get_mut(client as usize) {
                 c.fetch_scheduled = true;
             }
-            let _ = node;
             if now + 1000 < self.end_ms {
                 self.q.schedule(UnixTime(now + 1000), Ev::Fetch { client });
             }

@@ -4,10 +4,14 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::MailboxId;
+use crate::{MailboxId, NodeId};
 
 /// Domain prefix of the proof of possession signed at creation.
 pub const CREATE_PREFIX: &[u8] = b"whispr-mailbox-create-v1";
+/// Domain prefix of the proof of possession of a replicated mailbox (it names its replica set).
+pub const CREATE_PREFIX_V2: &[u8] = b"whispr-mailbox-create-v2";
+/// Most replicas a mailbox can name.
+pub const REPLICAS_MAX: usize = 5;
 /// Domain prefix of a device registration signed by the owner.
 pub const DEVICE_PREFIX: &[u8] = b"whispr-mailbox-device-v1";
 
@@ -37,6 +41,40 @@ pub fn create_transcript(
     }
     t.extend_from_slice(&retention_ms.to_be_bytes());
     t
+}
+
+/// The bytes the owner signs to create a replicated mailbox (`docs/replication.md`): the v1
+/// fields under [`CREATE_PREFIX_V2`], then the replica set, `n (u8) ‖ n × node id`. Every
+/// replica verifies that it is named; a peer repairing a replica hands it this signed request.
+/// `None` when `replicas` is empty or longer than [`REPLICAS_MAX`].
+pub fn create_transcript_v2(
+    mailbox_id: &MailboxId,
+    mailbox_key: &[u8; 32],
+    owner_key: &[u8; 32],
+    access_key_hash: &[u8; 32],
+    reply_key: Option<&[u8; 32]>,
+    retention_ms: u64,
+    replicas: &[NodeId],
+) -> Option<Vec<u8>> {
+    if replicas.is_empty() || replicas.len() > REPLICAS_MAX {
+        return None;
+    }
+    let v1 = create_transcript(
+        mailbox_id,
+        mailbox_key,
+        owner_key,
+        access_key_hash,
+        reply_key,
+        retention_ms,
+    );
+    let mut t = Vec::with_capacity(v1.len() + 1 + 32 * replicas.len());
+    t.extend_from_slice(CREATE_PREFIX_V2);
+    t.extend_from_slice(&v1[CREATE_PREFIX.len()..]);
+    t.push(replicas.len() as u8);
+    for r in replicas {
+        t.extend_from_slice(&r.0);
+    }
+    Some(t)
 }
 
 /// The bytes the owner signs to register `device_key` on `mailbox_id`.
@@ -74,4 +112,39 @@ pub fn login_transcript(
     t.extend_from_slice(device);
     t.extend_from_slice(challenge);
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_v2_create_transcript_binds_the_replica_set() {
+        let id = MailboxId([1; 32]);
+        let t = |replicas: &[NodeId]| {
+            create_transcript_v2(
+                &id,
+                &[2; 32],
+                &[3; 32],
+                &[4; 32],
+                Some(&[5; 32]),
+                60_000,
+                replicas,
+            )
+        };
+        let one = t(&[NodeId([7; 32])]).expect("one replica");
+        let two = t(&[NodeId([7; 32]), NodeId([8; 32])]).expect("two replicas");
+        let swapped = t(&[NodeId([8; 32]), NodeId([7; 32])]).expect("two replicas");
+        assert_ne!(one, two);
+        assert_ne!(two, swapped);
+        assert!(one.starts_with(CREATE_PREFIX_V2));
+        let v1 = create_transcript(&id, &[2; 32], &[3; 32], &[4; 32], Some(&[5; 32]), 60_000);
+        assert_eq!(
+            one[CREATE_PREFIX_V2.len()..one.len() - 33],
+            v1[CREATE_PREFIX.len()..]
+        );
+        assert_eq!(t(&[]), None);
+        assert_eq!(t(&[NodeId([7; 32]); REPLICAS_MAX + 1]), None);
+        assert!(t(&[NodeId([7; 32]); REPLICAS_MAX]).is_some());
+    }
 }

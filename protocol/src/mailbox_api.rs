@@ -69,7 +69,7 @@ pub fn create_transcript_v2(
     );
     let mut t = Vec::with_capacity(v1.len() + 1 + 32 * replicas.len());
     t.extend_from_slice(CREATE_PREFIX_V2);
-    t.extend_from_slice(&v1[CREATE_PREFIX.len()..]);
+    t.extend_from_slice(v1.get(CREATE_PREFIX.len()..).unwrap_or_default());
     t.push(replicas.len() as u8);
     for r in replicas {
         t.extend_from_slice(&r.0);

@@ -92,6 +92,10 @@ pub struct MeshConfig {
     /// 60 000; only with `network_file`).
     #[serde(default = "default_consensus_poll_ms")]
     pub consensus_poll_ms: u64,
+    /// Node-to-node messages (`/whispr/node-msg/1`), `[mesh.node_messages]`: only used by
+    /// nodes that accept them (mailbox nodes, for replication).
+    #[serde(default)]
+    pub node_messages: NodeMessageConfig,
     /// Router limits.
     #[serde(default)]
     pub router: RouterConfig,
@@ -145,6 +149,7 @@ impl Default for MeshConfig {
             descriptors_max: default_descriptors_max(),
             network_file: None,
             consensus_poll_ms: default_consensus_poll_ms(),
+            node_messages: NodeMessageConfig::default(),
             router: RouterConfig::default(),
         }
     }
@@ -228,6 +233,7 @@ impl MeshConfig {
         if self.consensus_poll_ms < 100 {
             return Err(ConfigError::new("mesh.consensus_poll_ms", "at least 100"));
         }
+        self.node_messages.check()?;
         if self.router.epoch_len_ms < 1000 {
             return Err(ConfigError::new(
                 "mesh.router.epoch_len_ms",
@@ -274,6 +280,113 @@ impl MeshConfig {
         self.key_dir
             .clone()
             .unwrap_or_else(|| data_dir.join("keys"))
+    }
+}
+
+/// `[mesh.node_messages]`: the limits of the node-to-node message protocol
+/// (`/whispr/node-msg/1`, see `crate::mesh`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeMessageConfig {
+    /// Longest message, in bytes (default 1 MiB, at most 16 MiB). A longer one is refused by
+    /// the sender; a longer frame closes the receiving stream.
+    #[serde(default = "default_node_message_max")]
+    pub message_max: usize,
+    /// Messages queued per destination node before sends are refused (default 256).
+    #[serde(default = "default_node_message_queue")]
+    pub queue_max: usize,
+    /// Received messages waiting for the embedding node (default 64); when full, the
+    /// streams are no longer read (backpressure).
+    #[serde(default = "default_node_message_inbox")]
+    pub inbox_max: usize,
+    /// An inbound stream with no frame for this long is closed, in milliseconds (default
+    /// 120 000; at least 100). The sender closes its own idle stream after half of it.
+    #[serde(default = "default_node_message_idle_ms")]
+    pub idle_ms: u64,
+    /// Once a frame's length has arrived, its bytes must arrive within this, in milliseconds
+    /// (default 30 000; at least 100), or the stream is closed.
+    #[serde(default = "default_node_message_frame_ms")]
+    pub frame_ms: u64,
+    /// Concurrent inbound streams from one peer, 1 or 2 (default 2).
+    #[serde(default = "default_node_message_streams_per_peer")]
+    pub streams_per_peer: usize,
+    /// Concurrent inbound streams in all (default 64).
+    #[serde(default = "default_node_message_streams_max")]
+    pub streams_max: usize,
+}
+
+/// The protocol's bound on [`NodeMessageConfig::message_max`].
+pub const NODE_MESSAGE_MAX_LIMIT: usize = 16 << 20;
+
+fn default_node_message_max() -> usize {
+    1 << 20
+}
+fn default_node_message_queue() -> usize {
+    256
+}
+fn default_node_message_inbox() -> usize {
+    64
+}
+fn default_node_message_idle_ms() -> u64 {
+    120_000
+}
+fn default_node_message_frame_ms() -> u64 {
+    30_000
+}
+fn default_node_message_streams_per_peer() -> usize {
+    2
+}
+fn default_node_message_streams_max() -> usize {
+    64
+}
+
+impl Default for NodeMessageConfig {
+    fn default() -> Self {
+        NodeMessageConfig {
+            message_max: default_node_message_max(),
+            queue_max: default_node_message_queue(),
+            inbox_max: default_node_message_inbox(),
+            idle_ms: default_node_message_idle_ms(),
+            frame_ms: default_node_message_frame_ms(),
+            streams_per_peer: default_node_message_streams_per_peer(),
+            streams_max: default_node_message_streams_max(),
+        }
+    }
+}
+
+impl NodeMessageConfig {
+    /// Checks the bounds.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.message_max == 0 || self.message_max > NODE_MESSAGE_MAX_LIMIT {
+            return Err(ConfigError::new(
+                "mesh.node_messages.message_max",
+                format!("1 to {NODE_MESSAGE_MAX_LIMIT}"),
+            ));
+        }
+        for (key, value) in [
+            ("mesh.node_messages.queue_max", self.queue_max),
+            ("mesh.node_messages.inbox_max", self.inbox_max),
+            ("mesh.node_messages.streams_max", self.streams_max),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(key, "must be > 0"));
+            }
+        }
+        if !(1..=2).contains(&self.streams_per_peer) {
+            return Err(ConfigError::new(
+                "mesh.node_messages.streams_per_peer",
+                "1 or 2",
+            ));
+        }
+        for (key, value) in [
+            ("mesh.node_messages.idle_ms", self.idle_ms),
+            ("mesh.node_messages.frame_ms", self.frame_ms),
+        ] {
+            if value < 100 {
+                return Err(ConfigError::new(key, "at least 100"));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -60,6 +60,7 @@
 
 mod engine;
 mod metrics;
+mod node_messages;
 mod shared;
 mod streams;
 mod swarm;
@@ -80,6 +81,7 @@ use crate::keys::{EpochKeys, Identity};
 use crate::router::{ClientId, DropReason, Router, Source};
 use crate::storage::{ReplayStore, RocksOptions, RocksReplayStore};
 
+pub use node_messages::{NODE_MESSAGES_PROTOCOL, NodeMessage};
 pub use shared::{LocalDestination, MeshError};
 pub use streams::{
     ACKED_PACKETS_PROTOCOL, CLIENT_PROTOCOL, PACKETS_PROTOCOL, client_status_code,
@@ -167,6 +169,10 @@ impl Mesh {
             store_ok: AtomicBool::new(true),
             keys_ok: AtomicBool::new(true),
             stopped: AtomicBool::new(false),
+            node_out: node_messages::Outbox::new(
+                config.node_messages.clone(),
+                tokio::runtime::Handle::current(),
+            ),
         });
         let handle = MeshHandle {
             shared: shared.clone(),
@@ -184,6 +190,7 @@ impl Mesh {
             store: Box::new(store),
             built,
             inbox: inbox_rx,
+            node_messages: None,
         };
         Ok((handle, runner))
     }
@@ -307,6 +314,22 @@ impl MeshHandle {
         }
     }
 
+    /// Sends `bytes` to the node `to` over [`NODE_MESSAGES_PROTOCOL`] (node-to-node
+    /// messages, for mailbox replication). Never blocks: the message is queued for `to`'s
+    /// sender task, which writes it on its long-lived stream to `to` (opened on demand).
+    /// Errors: [`MeshError::TooLarge`] above `mesh.node_messages.message_max`,
+    /// [`MeshError::UnknownNode`] when `to` is not in the directory (the consensus, with a
+    /// pinned network) or is this node, [`MeshError::QueueFull`] when `to`'s queue holds
+    /// `mesh.node_messages.queue_max` messages, [`MeshError::Stopped`] after shutdown.
+    ///
+    /// `Ok` means queued, not delivered: delivery is at most once, in order per destination,
+    /// and a message is lost (counted) when its stream cannot be opened or breaks, or when
+    /// `to` does not accept node messages or does not count this node as a member. The
+    /// embedding node's own protocol acknowledges what must be.
+    pub fn send_node_message(&self, to: NodeId, bytes: Vec<u8>) -> Result<(), MeshError> {
+        node_messages::send(&self.shared, to, bytes)
+    }
+
     /// Sends `reply` through `surb` (acks, prekey bundles): the reply is encoded, sealed into
     /// the SURB's packet and sent to the SURB's first hop as [`MeshHandle::send`] does.
     pub fn send_reply(
@@ -408,6 +431,7 @@ pub struct MeshRunner {
     store: Box<dyn ReplayStore>,
     built: swarm::Built,
     inbox: mpsc::Receiver<RouterEvent>,
+    node_messages: Option<(libp2p_stream::IncomingStreams, mpsc::Sender<NodeMessage>)>,
 }
 
 impl std::fmt::Debug for MeshRunner {
@@ -417,6 +441,28 @@ impl std::fmt::Debug for MeshRunner {
 }
 
 impl MeshRunner {
+    /// Makes this node accept [`NODE_MESSAGES_PROTOCOL`] streams (mailbox nodes do, for
+    /// replication; relays and timer nodes do not) and returns the messages received, once
+    /// the mesh runs: each with the node id of its Noise-authenticated sender, a member of
+    /// the directory (of the consensus, or the previous one within the grace window, with a
+    /// pinned network). The channel holds `mesh.node_messages.inbox_max` messages; while it
+    /// is full, no node-message stream is read (the senders' writes then time out and their
+    /// messages are dropped). Call it before [`MeshRunner::run`];
+    /// [`MeshError::AlreadyAccepted`] the second time.
+    pub fn accept_node_messages(&mut self) -> Result<mpsc::Receiver<NodeMessage>, MeshError> {
+        if self.node_messages.is_some() {
+            return Err(MeshError::AlreadyAccepted);
+        }
+        let incoming = self
+            .built
+            .control
+            .accept(NODE_MESSAGES_PROTOCOL)
+            .map_err(|_| MeshError::AlreadyAccepted)?;
+        let (tx, rx) = mpsc::channel(self.config.node_messages.inbox_max.max(1));
+        self.node_messages = Some((incoming, tx));
+        Ok(rx)
+    }
+
     /// Runs until `shutdown` resolves. `destination` is `None` for a pure relay (final
     /// payloads are then dropped with [`DropReason::NoDestination`] by the router).
     ///
@@ -440,6 +486,7 @@ impl MeshRunner {
             store,
             built,
             inbox,
+            node_messages,
         } = self;
         let mut router = Router::new(shared.node_id, config.router.clone(), destination.is_some());
         let public = crate::keys::public_keys(&keys);
@@ -499,6 +546,9 @@ impl MeshRunner {
             config.descriptors_max,
             shared.clone(),
         ));
+        if let Some((incoming, node_inbox)) = node_messages {
+            tasks.spawn(node_messages::accept(incoming, node_inbox, shared.clone()));
+        }
         if let Some(clients_in) = clients_in {
             tasks.spawn(streams::accept_clients(
                 clients_in,
@@ -526,6 +576,7 @@ impl MeshRunner {
             })),
         };
         shared.stopped.store(true, Ordering::Relaxed);
+        shared.node_out.close();
         tasks.shutdown().await;
         // The core (and with it the persistence thread's queue) is gone: wait for the last
         // write to finish and the store to close.

@@ -49,7 +49,84 @@ pub(crate) struct Metrics {
     pub(crate) client_streams: AtomicU64,
     pub(crate) client_streams_refused: AtomicU64,
     pub(crate) peer_streams_refused: AtomicU64,
+    pub(crate) node_messages_sent: AtomicU64,
+    pub(crate) node_messages_received: AtomicU64,
+    /// Node messages dropped, by [`NodeMessageDrop`].
+    node_messages_dropped: [AtomicU64; NodeMessageDrop::ALL.len()],
+    /// Inbound node-message streams refused or closed, by [`StreamClose`].
+    node_streams_closed: [AtomicU64; StreamClose::ALL.len()],
     hold: Histogram,
+}
+
+/// Why a node message was dropped (`whispr_mesh_node_messages_dropped_total{reason}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NodeMessageDrop {
+    /// The destination's outbound queue was full.
+    QueueFull,
+    /// Longer than `message_max` (refused to the caller, or a frame that closed its stream).
+    TooLarge,
+    /// Received from a peer that has left the directory or consensus.
+    NotMember,
+    /// The destination is not in the directory.
+    UnknownNode,
+    /// The stream could not be opened, or broke, or timed out.
+    Io,
+}
+
+impl NodeMessageDrop {
+    pub(crate) const ALL: [NodeMessageDrop; 5] = [
+        NodeMessageDrop::QueueFull,
+        NodeMessageDrop::TooLarge,
+        NodeMessageDrop::NotMember,
+        NodeMessageDrop::UnknownNode,
+        NodeMessageDrop::Io,
+    ];
+
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            NodeMessageDrop::QueueFull => "queue_full",
+            NodeMessageDrop::TooLarge => "too_large",
+            NodeMessageDrop::NotMember => "not_member",
+            NodeMessageDrop::UnknownNode => "unknown_node",
+            NodeMessageDrop::Io => "io",
+        }
+    }
+}
+
+/// Why an inbound node-message stream was refused or closed by this node
+/// (`whispr_mesh_node_message_streams_closed_total{reason}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StreamClose {
+    /// The peer is not a member of the directory or consensus (or its key is no Ed25519 one).
+    NotMember,
+    /// The per-peer or total stream limit was reached.
+    Limit,
+    /// A frame announced more than `message_max` bytes.
+    TooLarge,
+    /// No frame came within `idle_ms`.
+    Idle,
+    /// A frame's bytes did not all come within `frame_ms`.
+    FrameTimeout,
+}
+
+impl StreamClose {
+    pub(crate) const ALL: [StreamClose; 5] = [
+        StreamClose::NotMember,
+        StreamClose::Limit,
+        StreamClose::TooLarge,
+        StreamClose::Idle,
+        StreamClose::FrameTimeout,
+    ];
+
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            StreamClose::NotMember => "not_member",
+            StreamClose::Limit => "limit",
+            StreamClose::TooLarge => "too_large",
+            StreamClose::Idle => "idle",
+            StreamClose::FrameTimeout => "frame_timeout",
+        }
+    }
 }
 
 fn load(a: &AtomicU64) -> u64 {
@@ -61,6 +138,22 @@ impl Metrics {
         let mut held = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         if *held != *stats {
             held.clone_from(stats);
+        }
+    }
+
+    /// Counts `n` node messages dropped for `reason`.
+    pub(crate) fn node_message_dropped(&self, reason: NodeMessageDrop, n: u64) {
+        let index = NodeMessageDrop::ALL.iter().position(|r| *r == reason);
+        if let Some(counter) = index.and_then(|i| self.node_messages_dropped.get(i)) {
+            counter.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts an inbound node-message stream refused or closed for `reason`.
+    pub(crate) fn node_stream_closed(&self, reason: StreamClose) {
+        let index = StreamClose::ALL.iter().position(|r| *r == reason);
+        if let Some(counter) = index.and_then(|i| self.node_streams_closed.get(i)) {
+            counter.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -124,6 +217,16 @@ impl Metrics {
                 "Inbound packet streams refused (unknown key type or stream limits).",
                 load(&self.peer_streams_refused),
             ),
+            (
+                "whispr_mesh_node_messages_sent_total",
+                "Node messages written to their destination's stream.",
+                load(&self.node_messages_sent),
+            ),
+            (
+                "whispr_mesh_node_messages_received_total",
+                "Node messages received and handed to this node.",
+                load(&self.node_messages_received),
+            ),
         ] {
             line(format_args!("# HELP {name} {help}"));
             line(format_args!("# TYPE {name} counter"));
@@ -140,6 +243,35 @@ impl Metrics {
             line(format_args!(
                 "whispr_mesh_packets_dropped_total{{reason=\"{}\"}} {n}",
                 reason.label()
+            ));
+        }
+        line(format_args!(
+            "# HELP whispr_mesh_node_messages_dropped_total Node messages dropped, by reason."
+        ));
+        line(format_args!(
+            "# TYPE whispr_mesh_node_messages_dropped_total counter"
+        ));
+        for (reason, counter) in NodeMessageDrop::ALL
+            .iter()
+            .zip(self.node_messages_dropped.iter())
+        {
+            line(format_args!(
+                "whispr_mesh_node_messages_dropped_total{{reason=\"{}\"}} {}",
+                reason.label(),
+                load(counter)
+            ));
+        }
+        line(format_args!(
+            "# HELP whispr_mesh_node_message_streams_closed_total Inbound node-message streams refused or closed by this node, by reason."
+        ));
+        line(format_args!(
+            "# TYPE whispr_mesh_node_message_streams_closed_total counter"
+        ));
+        for (reason, counter) in StreamClose::ALL.iter().zip(self.node_streams_closed.iter()) {
+            line(format_args!(
+                "whispr_mesh_node_message_streams_closed_total{{reason=\"{}\"}} {}",
+                reason.label(),
+                load(counter)
             ));
         }
         for (name, help, value) in [

@@ -68,6 +68,20 @@ pub enum MeshError {
     /// A reply could not be put into its SURB (too long, or a malformed SURB).
     #[error("reply: {0}")]
     Reply(whispr_protocol::Error),
+    /// The destination of a node message is not in the directory (or is this node).
+    #[error("destination node not in the directory")]
+    UnknownNode,
+    /// A node message is longer than `mesh.node_messages.message_max`.
+    #[error("node message of {len} bytes, above the {max}-byte limit")]
+    TooLarge {
+        /// The message's length.
+        len: usize,
+        /// The configured limit.
+        max: usize,
+    },
+    /// [`super::MeshRunner::accept_node_messages`] was called twice.
+    #[error("node messages are already accepted")]
+    AlreadyAccepted,
 }
 
 /// Events handled by the core, in one bounded channel.
@@ -132,6 +146,9 @@ pub(super) struct Shared {
     pub(super) store_ok: AtomicBool,
     pub(super) keys_ok: AtomicBool,
     pub(super) stopped: AtomicBool,
+    /// Node messages: the queues of the per-destination sender tasks, their limits, and the
+    /// runtime the sender tasks are spawned on.
+    pub(super) node_out: super::node_messages::Outbox,
 }
 
 /// The nodes whose packet streams a node with a pinned network accepts: the members of its
@@ -152,6 +169,17 @@ impl Members {
 }
 
 impl Shared {
+    /// Whether `node` may open a node-message stream to this node: a member of the
+    /// directory; with a pinned network, of the consensus (or of the previous one, within the
+    /// grace window), as for packet streams.
+    pub(super) fn admits_member(&self, node: &NodeId) -> bool {
+        if self.pinned {
+            read(&self.members).admits(node, std::time::Instant::now())
+        } else {
+            read(&self.directory).get(node).is_some()
+        }
+    }
+
     /// Whether `node` may send packets to this node over a packet stream: always without a
     /// pinned network; with one, only a member of the consensus (or of the previous one,
     /// within the grace window).

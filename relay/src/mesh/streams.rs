@@ -31,13 +31,13 @@ pub const CLIENT_PROTOCOL: StreamProtocol = StreamProtocol::new("/whispr/client/
 pub const ACKED_PACKETS_PROTOCOL: StreamProtocol = StreamProtocol::new("/whispr/packets-acked/1");
 
 /// First back-off after a failed stream open or write.
-const BACKOFF_MIN: Duration = Duration::from_millis(250);
+pub(super) const BACKOFF_MIN: Duration = Duration::from_millis(250);
 /// Longest back-off.
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Opening a stream (dial included) gives up after this.
-const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
+pub(super) const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
 /// A frame write that makes no progress for this long breaks the stream.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A client stream idle for this long is closed.
 const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Concurrent inbound packet streams from one peer, at most.
@@ -181,20 +181,31 @@ pub(crate) async fn peer_sender(
     }
 }
 
-/// Counts inbound streams per peer; the count goes down when the guard drops.
-#[derive(Clone, Default)]
-struct PerPeer(Arc<Mutex<HashMap<NodeId, usize>>>);
+/// Counts inbound streams per peer, at most `max` each; the count goes down when the guard
+/// drops.
+#[derive(Clone)]
+pub(super) struct PerPeer {
+    table: Arc<Mutex<HashMap<NodeId, usize>>>,
+    max: usize,
+}
 
-struct PerPeerGuard {
+pub(super) struct PerPeerGuard {
     table: PerPeer,
     node: NodeId,
 }
 
 impl PerPeer {
-    fn enter(&self, node: NodeId) -> Option<PerPeerGuard> {
-        let mut table = self.0.lock().unwrap_or_else(|e| e.into_inner());
+    pub(super) fn new(max: usize) -> PerPeer {
+        PerPeer {
+            table: Arc::default(),
+            max,
+        }
+    }
+
+    pub(super) fn enter(&self, node: NodeId) -> Option<PerPeerGuard> {
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         let count = table.entry(node).or_insert(0);
-        if *count >= PEER_STREAMS_MAX {
+        if *count >= self.max {
             return None;
         }
         *count = count.saturating_add(1);
@@ -207,7 +218,7 @@ impl PerPeer {
 
 impl Drop for PerPeerGuard {
     fn drop(&mut self) {
-        let mut table = self.table.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut table = self.table.table.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(count) = table.get_mut(&self.node) {
             *count = count.saturating_sub(1);
             if *count == 0 {
@@ -262,7 +273,7 @@ pub(crate) async fn accept_peers(
     shared: Arc<Shared>,
 ) {
     let limit = Arc::new(Semaphore::new(streams_max.max(1)));
-    let per_peer = PerPeer::default();
+    let per_peer = PerPeer::new(PEER_STREAMS_MAX);
     let mut readers = JoinSet::new();
     loop {
         let (peer, stream) = tokio::select! {

@@ -531,6 +531,76 @@ fn consensus_seeds(rng: &mut ChaCha20Rng) -> Seeds {
     seeds
 }
 
+fn replica_seeds() -> Seeds {
+    use whispr_protocol::replica::{
+        DeviceRegistration, IdEntry, MessageKind, PushItem, RecordCopy, ReplicaMessage,
+        SignedCreate,
+    };
+    let mut seeds = Seeds::new("replica");
+    let mailbox_id = whispr_protocol::MailboxId([3; 32]);
+    seeds.add(
+        "push",
+        ReplicaMessage::Push {
+            mailbox_id,
+            items: vec![PushItem {
+                id: [1; 16],
+                kind: MessageKind::Envelope,
+                expires_at: NOW,
+                body: vec![0xab; 40],
+            }],
+        }
+        .encode(),
+    );
+    seeds.add(
+        "acked",
+        ReplicaMessage::Acked {
+            mailbox_id,
+            device: [4; 32],
+            ids: vec![[1; 16], [2; 16]],
+        }
+        .encode(),
+    );
+    seeds.add(
+        "ids",
+        ReplicaMessage::Ids {
+            mailbox_id,
+            answer: true,
+            live: vec![IdEntry {
+                id: [1; 16],
+                expires_at: NOW,
+            }],
+            gone: vec![IdEntry {
+                id: [2; 16],
+                expires_at: NOW,
+            }],
+        }
+        .encode(),
+    );
+    seeds.add(
+        "records",
+        ReplicaMessage::Records {
+            records: vec![RecordCopy {
+                create: SignedCreate {
+                    mailbox_id,
+                    mailbox_key: [5; 32],
+                    owner_key: [6; 32],
+                    access_key_hash: [7; 32],
+                    reply_key: Some([8; 32]),
+                    retention_ms: 86_400_000,
+                    replicas: vec![NodeId([9; 32]), NodeId([10; 32]), NodeId([11; 32])],
+                    signature: [12; 64],
+                },
+                devices: vec![DeviceRegistration {
+                    device_key: [13; 32],
+                    signature: [14; 64],
+                }],
+            }],
+        }
+        .encode(),
+    );
+    seeds
+}
+
 fn main() {
     let corpus: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
     let mut rng = ChaCha20Rng::seed_from_u64(0x5eed_f022);
@@ -541,6 +611,7 @@ fn main() {
         fragment_seeds(),
         descriptor_seeds(&mut rng),
         consensus_seeds(&mut rng),
+        replica_seeds(),
     ];
     let names: Vec<&str> = all.iter().map(|s| s.target).collect();
     assert_eq!(names, fuzzing::TARGETS, "one seed set per fuzz target");

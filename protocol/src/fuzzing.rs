@@ -17,6 +17,7 @@ pub const TARGETS: &[&str] = &[
     "fragment",
     "descriptor",
     "consensus",
+    "replica",
 ];
 
 /// Runs the target called `name` on `data`; false if there is no such target.
@@ -28,6 +29,7 @@ pub fn run(name: &str, data: &[u8]) -> bool {
         "fragment" => fragment(data),
         "descriptor" => descriptor(data),
         "consensus" => consensus(data),
+        "replica" => replica(data),
         _ => return false,
     }
     true
@@ -148,5 +150,18 @@ pub fn consensus(data: &[u8]) {
     }
     if let Ok(v) = SignedVote::decode(data) {
         let _ = v.verify(&network);
+    }
+}
+
+/// Mailbox replica messages (`crate::replica`): decode, and re-encode what decodes (the
+/// encoding must decode to the same message).
+pub fn replica(data: &[u8]) {
+    use crate::replica::ReplicaMessage;
+    if let Ok(m) = ReplicaMessage::decode(data) {
+        let again = ReplicaMessage::decode(&m.encode());
+        assert!(
+            again.as_ref() == Ok(&m),
+            "replica message does not round-trip"
+        );
     }
 }

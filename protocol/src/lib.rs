@@ -33,6 +33,7 @@ pub mod fuzzing;
 pub mod mailbox_api;
 pub mod payload;
 pub mod prekeys;
+pub mod replica;
 pub mod sphinx;
 mod types;
 pub mod wire;

@@ -17,13 +17,15 @@ use crate::core::{ClientCore, ContactInfo, OutgoingInfo, Output, Received, SendO
 use crate::error::{ClientError, Result};
 use crate::invite::Invitation;
 use crate::net::{Net, StoredMessage};
-use crate::state::{Notice, OutState, OwnedMailbox, Settings};
+use crate::state::{Notice, OutState, OwnedMailbox, Replica, Settings};
 use crate::vault::{KdfParams, LockGuard, Vault};
 
 /// A directory fetched longer ago than this is fetched again before it is used.
 const DIRECTORY_MAX_AGE_MS: u64 = 10_000;
 /// Packets per ingress request.
 const SUBMIT_BATCH: usize = 64;
+/// A replica the mailbox could not be created on (it was down) is tried again this often.
+const CREATE_RETRY_MS: u64 = 10_000;
 
 /// Milliseconds since the Unix epoch: the client's only clock.
 pub fn now_ms() -> u64 {
@@ -49,6 +51,8 @@ pub struct Client {
     directory_at: Option<u64>,
     /// Epoch of the newest consensus accepted (an older one is refused: replay).
     consensus_epoch: Option<u64>,
+    /// When replicas missing their mailbox were last tried, ms.
+    creations_tried_at: Option<u64>,
 }
 
 impl std::fmt::Debug for Client {
@@ -78,6 +82,7 @@ impl Client {
             mailbox_nets: BTreeMap::new(),
             directory_at: None,
             consensus_epoch: None,
+            creations_tried_at: None,
         };
         c.save()?;
         Ok(c)
@@ -102,6 +107,7 @@ impl Client {
             mailbox_nets: BTreeMap::new(),
             directory_at: None,
             consensus_epoch: None,
+            creations_tried_at: None,
         })
     }
 
@@ -179,14 +185,14 @@ impl Client {
             .unwrap_or((0, None)))
     }
 
-    /// The HTTP client for mailbox `id`: one per mailbox, with its own connections, so that
-    /// no two of a user's mailboxes share a connection by which their node could link them
-    /// (security review finding 8).
+    /// The HTTP client for mailbox `id` (all its replicas): one per mailbox, with its own
+    /// connections, so that no two of a user's mailboxes share a connection by which their
+    /// node could link them (security review finding 8).
     fn net_for(&mut self, id: &[u8; 32]) -> Result<Net> {
         if let Some(n) = self.mailbox_nets.get(id) {
             return Ok(n.clone());
         }
-        let n = Net::new()?;
+        let n = Net::for_mailbox()?;
         self.mailbox_nets.insert(*id, n.clone());
         Ok(n)
     }
@@ -198,17 +204,118 @@ impl Client {
             .find(|m| m.id == *id)
     }
 
-    /// A valid session token for mailbox `m` (logs in when there is none or it is about to
-    /// expire).
-    async fn token(&mut self, m: &OwnedMailbox) -> Result<String> {
-        if let Some(t) = &m.token
-            && m.token_expires_ms > now_ms() + 60_000
+    /// A valid session token for mailbox `m` on its replica `r` (logs in when there is none
+    /// or it is about to expire).
+    async fn token(&mut self, m: &OwnedMailbox, r: &Replica) -> Result<String> {
+        if let Some(t) = &r.token
+            && r.token_expires_ms > now_ms() + 60_000
         {
             return Ok(t.clone());
         }
-        let (token, expires) = self.net_for(&m.id)?.login(m).await?;
-        self.core.set_token(&m.id, Some((token.clone(), expires)));
+        let (token, expires) = self.net_for(&m.id)?.login((m, r)).await?;
+        self.core
+            .set_replica_token(&m.id, &r.node, Some((token.clone(), expires)));
         Ok(token)
+    }
+
+    /// Creates mailbox `m` on its replica `r` (v2 create request naming the whole set), logs
+    /// in there and uploads that replica's slice of the prekeys; records what succeeded in
+    /// `m`. An error leaves the replica to be retried.
+    async fn create_on(
+        &mut self,
+        m: &mut OwnedMailbox,
+        node: [u8; 32],
+        mailbox_key: [u8; 32],
+        retention_ms: u64,
+    ) -> Result<()> {
+        let net = self.net_for(&m.id)?;
+        let r = m
+            .replica(&node)
+            .cloned()
+            .ok_or_else(|| ClientError::CorruptState("replica".to_string()))?;
+        if r.api_url.is_empty() {
+            return Err(ClientError::NoRoute(
+                "a node publishes no API address".to_string(),
+            ));
+        }
+        if !r.created {
+            net.create_mailbox((m, &r), mailbox_key, retention_ms)
+                .await?;
+        }
+        if let Some(slot) = m.replicas.iter_mut().find(|x| x.node == node) {
+            slot.created = true;
+        }
+        if let Some(body) = &r.prekeys {
+            let (token, expires) = net.login((m, &r)).await?;
+            net.put_prekeys((m, &r), &token, body).await?;
+            if let Some(slot) = m.replicas.iter_mut().find(|x| x.node == node) {
+                slot.prekeys = None;
+                slot.token = Some(token);
+                slot.token_expires_ms = expires;
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates mailbox `m` on each of its replicas (at once); fails only when it could be
+    /// created on none. Replicas that were down are retried later
+    /// ([`Client::create_missing_replicas`]).
+    async fn create_replicas(
+        &mut self,
+        m: &mut OwnedMailbox,
+        mailbox_key: [u8; 32],
+        retention_ms: u64,
+    ) -> Result<()> {
+        let mut first_error = None;
+        for node in m.replica_nodes() {
+            if let Err(e) = self.create_on(m, node, mailbox_key, retention_ms).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        if m.replicas.iter().any(|r| r.created) {
+            // Read from a replica that has it.
+            if let Some(i) = m.replicas.iter().position(|r| r.created) {
+                m.reading = i;
+            }
+            return Ok(());
+        }
+        Err(first_error.unwrap_or(ClientError::NoRoute(
+            "no mailbox node to create the mailbox on".to_string(),
+        )))
+    }
+
+    /// Retries, at most every [`CREATE_RETRY_MS`], creating own mailboxes on the replicas
+    /// that were down when they were made (and uploading their prekeys there).
+    async fn create_missing_replicas(&mut self) {
+        let now = now_ms();
+        if self
+            .creations_tried_at
+            .is_some_and(|t| now.saturating_sub(t) < CREATE_RETRY_MS)
+        {
+            return;
+        }
+        self.creations_tried_at = Some(now);
+        for (m, node) in self.core.replicas_to_create() {
+            let Ok(secret) = whispr_protocol::envelope::MailboxSecretKey::from_bytes(&m.secret)
+            else {
+                continue;
+            };
+            let key = secret.public_key().to_bytes();
+            let retention = if m.retention_ms == 0 {
+                self.settings().retention_ms
+            } else {
+                m.retention_ms
+            };
+            let mut copy = m.clone();
+            if self
+                .create_on(&mut copy, node, key, retention)
+                .await
+                .is_ok()
+            {
+                let uploaded = copy.replica(&node).is_some_and(|r| r.prekeys.is_none());
+                self.core.set_replica_created(&m.id, &node, uploaded);
+            }
+        }
     }
 
     /// Carries out what the core asked for, in order: packets to their edges (batched),
@@ -221,14 +328,19 @@ impl Client {
                     packets.entry(edge).or_default().push(packet);
                 }
                 Output::Save => self.save()?,
-                Output::Ack { mailbox, up_to } => {
+                Output::Ack {
+                    mailbox,
+                    node,
+                    up_to,
+                } => {
                     if let Some(m) = self.mailbox(&mailbox)
-                        && let Ok(token) = self.token(&m).await
+                        && let Some(r) = m.replica(&node).cloned()
+                        && let Ok(token) = self.token(&m, &r).await
                     {
                         // A lost ack only means the messages are read again (and dropped as
                         // duplicates).
                         if let Ok(net) = self.net_for(&m.id) {
-                            let _ = net.ack(&m, &token, up_to).await;
+                            let _ = net.ack((&m, &r), &token, up_to).await;
                         }
                     }
                 }
@@ -279,19 +391,10 @@ impl Client {
     pub async fn invite(&mut self, name: Option<&str>, inline_prekey: bool) -> Result<String> {
         self.refresh_directory().await?;
         let mut plan = self.core.prepare_invite(now_ms(), name, inline_prekey)?;
-        if plan.mailbox.api_url.is_empty() {
-            return Err(ClientError::NoRoute(
-                "a node publishes no API address".to_string(),
-            ));
-        }
-        let net = self.net_for(&plan.mailbox.id)?;
-        net.create_mailbox(&plan.mailbox, plan.mailbox_key, plan.retention_ms)
+        let mut mailbox = plan.mailbox.clone();
+        self.create_replicas(&mut mailbox, plan.mailbox_key, plan.retention_ms)
             .await?;
-        let (token, expires) = net.login(&plan.mailbox).await?;
-        net.put_prekeys(&plan.mailbox, &token, &plan.prekeys)
-            .await?;
-        plan.mailbox.token = Some(token);
-        plan.mailbox.token_expires_ms = expires;
+        plan.mailbox = mailbox;
         let text = self.core.commit_invite(now_ms(), plan);
         self.drive().await?;
         Ok(text)
@@ -301,9 +404,9 @@ impl Client {
     /// sends the hello that tells them where to answer.
     pub async fn accept(&mut self, text: &str, name: &str) -> Result<u64> {
         self.refresh_directory().await?;
-        let plan = self.core.accept_start(now_ms(), text, name)?;
+        let mut plan = self.core.accept_start(now_ms(), text, name)?;
         let name = plan.name.clone();
-        let otk = match self.accept_mailbox(&plan).await {
+        let otk = match self.accept_mailbox(&mut plan).await {
             Ok(k) => k,
             Err(e) => {
                 self.core.abandon_accept(&name);
@@ -320,16 +423,14 @@ impl Client {
         id
     }
 
-    /// Creates our mailbox of an acceptance and gets the inviter's one-time key.
-    async fn accept_mailbox(&mut self, plan: &crate::core::AcceptPlan) -> Result<[u8; 32]> {
-        if plan.mailbox.api_url.is_empty() {
-            return Err(ClientError::NoRoute(
-                "a node publishes no API address".to_string(),
-            ));
-        }
-        self.net_for(&plan.mailbox.id)?
-            .create_mailbox(&plan.mailbox, plan.mailbox_key, plan.retention_ms)
+    /// Creates our mailbox of an acceptance (on each replica that is up) and gets the
+    /// inviter's one-time key.
+    async fn accept_mailbox(&mut self, plan: &mut crate::core::AcceptPlan) -> Result<[u8; 32]> {
+        let mut mailbox = plan.mailbox.clone();
+        self.create_replicas(&mut mailbox, plan.mailbox_key, plan.retention_ms)
             .await?;
+        self.core.mailbox_created(&mailbox);
+        plan.mailbox = mailbox;
         match plan.invitation.one_time_key {
             Some(k) => Ok(k),
             None => self.fetch_prekey(&plan.name, &plan.invitation).await,
@@ -387,74 +488,149 @@ impl Client {
         result
     }
 
-    /// One round: polls every mailbox (waiting up to `wait` for something), processes what
-    /// arrived (acks, messages, receipts), acknowledges it to the nodes, sends receipts and
-    /// retransmits what is due. The state is saved.
-    pub async fn sync(&mut self, wait: Duration) -> Result<()> {
-        let boxes = self.core.owned_mailboxes();
-        let mut tokens = Vec::new();
-        let mut nets = Vec::new();
-        for m in &boxes {
-            tokens.push(self.token(m).await);
-            nets.push(self.net_for(&m.id)?);
-        }
-        // Long-poll every mailbox at once; as soon as one has something, take what the others
-        // return within 5 ms and drop the rest (they are polled again next round), so that
-        // a busy mailbox is not held back by the idle ones' waits.
-        let mut pending: futures_util::stream::FuturesUnordered<_> = boxes
-            .iter()
-            .zip(&tokens)
-            .zip(nets)
-            .enumerate()
-            .map(|(i, ((m, t), net))| {
-                let t = t.as_ref().ok().cloned();
-                async move {
-                    let r = match t {
-                        Some(t) => net.poll(m, &t, wait).await,
-                        None => Err(ClientError::Unreachable {
-                            node: "mailbox",
-                            reason: "login failed".to_string(),
-                        }),
-                    };
-                    (i, r)
+    /// The replica of `m` to read from now and a token there: the current one, or, when
+    /// logging in there fails, the next ones of its set in turn (failover).
+    async fn read_target(&mut self, m: &OwnedMailbox) -> Result<(OwnedMailbox, Replica, String)> {
+        let mut m = m.clone();
+        let mut first_error = None;
+        for _ in 0..m.replicas.len().max(1) {
+            let Some(r) = m.current().cloned() else { break };
+            match self.token(&m, &r).await {
+                Ok(token) => return Ok((m, r, token)),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                    if self.core.fail_over(&m.id) == Some(r.node) {
+                        break;
+                    }
+                    match self.mailbox(&m.id) {
+                        Some(next) => m = next,
+                        None => break,
+                    }
                 }
+            }
+        }
+        Err(first_error.unwrap_or(ClientError::Unreachable {
+            node: "mailbox",
+            reason: "no replica".to_string(),
+        }))
+    }
+
+    /// Polls each of `boxes` on the replica read from now (logging in, failing over when
+    /// that fails), all at once; as soon as one has something, takes what the others return
+    /// within 5 ms and drops the rest (they are polled again next round), so that a busy
+    /// mailbox is not held back by the idle ones' waits. Per mailbox: the replica polled and
+    /// the outcome (`None`: not waited for).
+    async fn poll_all(
+        &mut self,
+        boxes: &[OwnedMailbox],
+        wait: Duration,
+    ) -> Vec<Option<(Replica, Result<Vec<StoredMessage>>)>> {
+        let mut targets = Vec::new();
+        for m in boxes {
+            let target = self.read_target(m).await;
+            let net = self.net_for(&m.id);
+            targets.push((target, net));
+        }
+        let mut pending: futures_util::stream::FuturesUnordered<_> = targets
+            .into_iter()
+            .enumerate()
+            .map(|(i, (target, net))| async move {
+                let r = match (target, net) {
+                    (Ok((m, r, t)), Ok(net)) => {
+                        let got = net.poll((&m, &r), &t, wait).await;
+                        Ok((r, got))
+                    }
+                    (Err(e), _) | (_, Err(e)) => Err(e),
+                };
+                (i, r)
             })
             .collect();
-        let mut polls: Vec<Option<Result<Vec<StoredMessage>>>> =
+        let mut polls: Vec<Option<(Replica, Result<Vec<StoredMessage>>)>> =
             boxes.iter().map(|_| None).collect();
-        while let Some((i, r)) = pending.next().await {
-            let got = matches!(&r, Ok(m) if !m.is_empty());
-            if let Some(slot) = polls.get_mut(i) {
-                *slot = Some(r);
+        let mut put = |i: usize, r: Result<(Replica, Result<Vec<StoredMessage>>)>| {
+            if let (Some(slot), Some(m)) = (polls.get_mut(i), boxes.get(i)) {
+                *slot = Some(match r {
+                    Ok(x) => x,
+                    // Not even logged in anywhere: charged to the replica read from.
+                    Err(e) => (m.current().cloned().unwrap_or_else(|| dummy(m)), Err(e)),
+                });
             }
+        };
+        while let Some((i, r)) = pending.next().await {
+            let got = matches!(&r, Ok((_, Ok(m))) if !m.is_empty());
+            put(i, r);
             if got && !wait.is_zero() {
                 // The mailboxes that have something answer within a round trip; the idle ones
                 // sit in their long poll. (Without a wait, every poll returns at once.)
                 while let Ok(Some((i, r))) =
                     tokio::time::timeout(Duration::from_millis(5), pending.next()).await
                 {
-                    if let Some(slot) = polls.get_mut(i) {
-                        *slot = Some(r);
-                    }
+                    put(i, r);
                 }
                 break;
             }
         }
         drop(pending);
+        polls
+    }
+
+    /// One round: polls every mailbox on the replica read from now (waiting up to `wait` for
+    /// something), processes what arrived (acks, messages, receipts), acknowledges it there,
+    /// sends receipts and retransmits what is due. A replica that fails (an error, or no
+    /// answer within [`crate::net::POLL_GRACE`] past the wait) is failed over: the next
+    /// replica of the mailbox's set is read at once, from its own cursor. The state is saved.
+    pub async fn sync(&mut self, wait: Duration) -> Result<()> {
+        let boxes = self.core.owned_mailboxes();
+        let polls = self.poll_all(&boxes, wait).await;
         let mut first_error = None;
         let mut failures = 0usize;
-        let polled = polls.iter().filter(|p| p.is_some()).count();
+        let mut polled = 0usize;
+        let mut failed_over = Vec::new();
         let now = now_ms();
         for (m, result) in boxes.iter().zip(polls) {
-            let Some(result) = result else { continue };
+            let Some((r, result)) = result else { continue };
+            polled += 1;
             match result {
-                Ok(messages) => self.core.handle_fetched(now, &m.id, &messages),
+                Ok(messages) => self
+                    .core
+                    .handle_fetched_from(now, &m.id, &r.node, &messages),
                 Err(e) => {
                     if let ClientError::Node { status: 401, .. } = e {
-                        self.core.set_token(&m.id, None);
+                        // The token expired: log in again next round, same replica.
+                        self.core.set_replica_token(&m.id, &r.node, None);
+                        failures += 1;
+                        first_error.get_or_insert(e);
+                    } else if self.core.fail_over(&m.id).is_some_and(|n| n != r.node) {
+                        failed_over.push(m.id);
+                    } else {
+                        failures += 1;
+                        first_error.get_or_insert(e);
                     }
-                    failures += 1;
-                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        // The mailboxes whose replica failed are read from the next one now, without waiting:
+        // failover within the round.
+        if !failed_over.is_empty() {
+            let retry: Vec<OwnedMailbox> = failed_over
+                .iter()
+                .filter_map(|id| self.mailbox(id))
+                .collect();
+            let polls = self.poll_all(&retry, Duration::ZERO).await;
+            let now = now_ms();
+            for (m, result) in retry.iter().zip(polls) {
+                match result {
+                    Some((r, Ok(messages))) => {
+                        self.core
+                            .handle_fetched_from(now, &m.id, &r.node, &messages);
+                    }
+                    Some((_, Err(e))) => {
+                        // Next round goes on with the replica after it.
+                        let _ = self.core.fail_over(&m.id);
+                        failures += 1;
+                        first_error.get_or_insert(e);
+                    }
+                    None => {}
                 }
             }
         }
@@ -468,30 +644,58 @@ impl Client {
         }
     }
 
-    /// Stream endpoints (mailbox id hex, `ws://` URL with a fresh ticket) of every mailbox we
-    /// own except those in `skip`, for [`crate::net::run_stream`]; logs in where needed.
+    /// Stream endpoints (a tag `mailbox id hex/node id hex` for [`Client::ingest`], `ws://`
+    /// URL with a fresh ticket) of every mailbox we own except those in `skip` (mailbox ids
+    /// hex), on the replica read from now, for [`crate::net::run_stream`]; logs in where
+    /// needed, and fails over to the next replica where that or the ticket fails. A mailbox
+    /// with no replica reachable is left out (tried again next time).
     pub async fn stream_endpoints(&mut self, skip: &[String]) -> Result<Vec<(String, String)>> {
         let mut out = Vec::new();
         for m in self.core.owned_mailboxes() {
             if skip.contains(&hex::encode(m.id)) {
                 continue;
             }
-            let token = self.token(&m).await?;
-            let ticket = self.net_for(&m.id)?.stream_ticket(&m, &token).await?;
-            out.push((hex::encode(m.id), crate::net::stream_url(&m, &ticket)?));
+            for _ in 0..m.replicas.len().max(1) {
+                let Ok((m, r, token)) = self.read_target(&m).await else {
+                    break;
+                };
+                let ticket = match self.net_for(&m.id)?.stream_ticket((&m, &r), &token).await {
+                    Ok(t) => t,
+                    Err(_) => {
+                        if self.core.fail_over(&m.id) == Some(r.node) {
+                            break;
+                        }
+                        continue;
+                    }
+                };
+                out.push((
+                    format!("{}/{}", hex::encode(m.id), hex::encode(r.node)),
+                    crate::net::stream_url((&m, &r), &ticket)?,
+                ));
+                break;
+            }
         }
         self.save()?;
         Ok(out)
     }
 
-    /// Processes messages pushed by mailbox streams (mailbox id hex, message), like a poll
-    /// round: durable first, then acknowledged to the nodes; then receipts, retransmissions
-    /// and queued sends.
+    /// Processes messages pushed by mailbox streams (the stream's tag from
+    /// [`Client::stream_endpoints`], `mailbox id hex/node id hex`, or a mailbox id hex alone
+    /// for the replica read from now; message), like a poll round: durable first, then
+    /// acknowledged to the replica that pushed them; then receipts, retransmissions and
+    /// queued sends.
     pub async fn ingest(&mut self, pushed: Vec<(String, StoredMessage)>) -> Result<()> {
         let now = now_ms();
-        for (mailbox, msg) in pushed {
+        for (tag, msg) in pushed {
+            let (mailbox, node) = tag.split_once('/').unwrap_or((tag.as_str(), ""));
             let mut id = [0u8; 32];
-            if hex::decode_to_slice(&mailbox, &mut id).is_ok() {
+            if hex::decode_to_slice(mailbox, &mut id).is_err() {
+                continue;
+            }
+            let mut n = [0u8; 32];
+            if hex::decode_to_slice(node, &mut n).is_ok() {
+                self.core.handle_fetched_from(now, &id, &n, &[msg]);
+            } else {
                 self.core.handle_fetched(now, &id, &[msg]);
             }
         }
@@ -502,6 +706,7 @@ impl Client {
     /// Housekeeping without polling: sends due receipts, retransmits, sends what the windows
     /// allow, forgets what expired; saves.
     pub async fn tick(&mut self) -> Result<()> {
+        self.create_missing_replicas().await;
         let now = now_ms();
         let result = if self.core.poll_timeout().is_some_and(|t| t <= now) {
             match self.refresh_directory().await {
@@ -598,8 +803,8 @@ impl Client {
     /// disappearing message is gone from the node.
     pub async fn stored_on_node(&mut self, name: &str) -> Result<Vec<u64>> {
         let m = self.core.contact_mailbox(name)?;
-        let token = self.token(&m).await?;
-        let v = self.net_for(&m.id)?.export(&m, &token).await?;
+        let (m, r, token) = self.read_target(&m).await?;
+        let v = self.net_for(&m.id)?.export((&m, &r), &token).await?;
         self.save()?;
         Ok(v.get("messages")
             .unwrap_or(&Value::Null)
@@ -631,6 +836,19 @@ impl Client {
             .iter()
             .map(|m| hex::encode(m.id))
             .collect()
+    }
+}
+
+/// A stand-in replica for a mailbox that has none (never the case once a state is read).
+fn dummy(m: &OwnedMailbox) -> Replica {
+    Replica {
+        node: m.node,
+        api_url: String::new(),
+        cursor: 0,
+        token: None,
+        token_expires_ms: 0,
+        created: false,
+        prekeys: None,
     }
 }
 

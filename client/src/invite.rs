@@ -2,21 +2,28 @@
 //! as one line of text that is also QR-friendly (`WHISPR1:` then RFC 4648 base32, upper case:
 //! only characters of a QR code's alphanumeric mode).
 //!
-//! Layout (bytes): version `2` ‖ flags (bit 0: a one-time key follows) ‖ mailbox id (32) ‖
+//! Layout (bytes): version `3` ‖ flags (bit 0: a one-time key follows) ‖ mailbox id (32) ‖
 //! mailbox HPKE key (32) ‖ access key (32) ‖ mailbox owner key (Ed25519, 32) ‖ identity key
-//! (Ed25519, 32) ‖ Olm identity key (Curve25519, 32) ‖ mailbox node id (32) ‖ [one-time key
-//! (32)] ‖ first 4 bytes of SHA-256 of everything before (catches copy errors).
+//! (Ed25519, 32) ‖ Olm identity key (Curve25519, 32) ‖ n (1 byte, 1 to 5) ‖ n × mailbox node
+//! id (32), the replica set in its pinned order ‖ [one-time key (32)] ‖ first 4 bytes of
+//! SHA-256 of everything before (catches copy errors).
 //!
-//! The mailbox node is pinned: the acceptor deposits there and nowhere else, whatever later
-//! directories say (a node that wins rendezvous placement afterwards gets nothing). Version
-//! `1` (no node) is still read; its acceptor pins the node placement gives at acceptance.
+//! The replica set is pinned: the acceptor deposits there and nowhere else, whatever later
+//! directories say (a node that wins rendezvous placement afterwards gets nothing); attempt k
+//! of a deposit goes to replica k mod n (`docs/replication.md`). Version `2` (one node id
+//! where v3 has n and the set: a set of one) and version `1` (no node) are still read; the
+//! acceptor of a version 1 invitation pins the node placement gives at acceptance.
 
 use sha2::{Digest, Sha256};
+
+use whispr_protocol::mailbox_api::REPLICAS_MAX;
 
 use crate::error::{ClientError, Result};
 
 const PREFIX: &str = "WHISPR1:";
-const VERSION: u8 = 2;
+const VERSION: u8 = 3;
+/// Invitations that pin a single mailbox node (before replication).
+const VERSION_ONE_NODE: u8 = 2;
 /// Invitations made before the mailbox node was pinned.
 const VERSION_UNPINNED: u8 = 1;
 const FLAG_ONE_TIME_KEY: u8 = 1;
@@ -38,8 +45,9 @@ pub struct Invitation {
     pub curve: [u8; 32],
     /// A one-time key; without it the acceptor fetches one through the mesh.
     pub one_time_key: Option<[u8; 32]>,
-    /// The node holding the mailbox (version 1 invitations have none).
-    pub node: Option<[u8; 32]>,
+    /// The replica set of the mailbox, in pinned order (one node in version 2 invitations,
+    /// none in version 1; at most `REPLICAS_MAX`).
+    pub replicas: Vec<[u8; 32]>,
 }
 
 impl std::fmt::Debug for Invitation {
@@ -53,11 +61,11 @@ impl std::fmt::Debug for Invitation {
 impl Invitation {
     /// The invitation as text.
     pub fn encode(&self) -> String {
-        let mut b = Vec::with_capacity(2 + 8 * 32 + 4);
-        b.push(if self.node.is_some() {
-            VERSION
-        } else {
+        let mut b = Vec::with_capacity(3 + (8 + self.replicas.len()) * 32 + 4);
+        b.push(if self.replicas.is_empty() {
             VERSION_UNPINNED
+        } else {
+            VERSION
         });
         b.push(if self.one_time_key.is_some() {
             FLAG_ONE_TIME_KEY
@@ -74,8 +82,11 @@ impl Invitation {
         ] {
             b.extend_from_slice(k);
         }
-        if let Some(n) = &self.node {
-            b.extend_from_slice(n);
+        if !self.replicas.is_empty() {
+            b.push(u8::try_from(self.replicas.len()).unwrap_or(u8::MAX));
+            for n in &self.replicas {
+                b.extend_from_slice(n);
+            }
         }
         if let Some(k) = &self.one_time_key {
             b.extend_from_slice(k);
@@ -109,11 +120,6 @@ impl Invitation {
         let (&version, rest) = content
             .split_first()
             .ok_or(ClientError::InvalidInvitation("too short"))?;
-        let pinned = match version {
-            VERSION => 1,
-            VERSION_UNPINNED => 0,
-            _ => return Err(ClientError::InvalidInvitation("unknown version")),
-        };
         let (&flags, rest) = rest
             .split_first()
             .ok_or(ClientError::InvalidInvitation("too short"))?;
@@ -124,26 +130,42 @@ impl Invitation {
         } else {
             return Err(ClientError::InvalidInvitation("unknown flags"));
         };
-        let keys = 6 + pinned + otk;
-        if rest.len() != keys * 32 {
-            return Err(ClientError::InvalidInvitation("wrong length"));
-        }
-        let key = |i: usize| -> [u8; 32] {
+        let key_at = |bytes: &[u8], i: usize| -> [u8; 32] {
             let mut k = [0u8; 32];
-            if let Some(s) = rest.get(i * 32..(i + 1) * 32) {
+            if let Some(s) = bytes.get(i * 32..(i + 1) * 32) {
                 k.copy_from_slice(s);
             }
             k
         };
+        let (head, tail) = rest.split_at(rest.len().min(6 * 32));
+        // What follows the six keys: the pinned node(s), then the one-time key.
+        let (pinned, tail): (usize, &[u8]) = match version {
+            VERSION => {
+                let (&n, tail) = tail
+                    .split_first()
+                    .ok_or(ClientError::InvalidInvitation("too short"))?;
+                let n = usize::from(n);
+                if n == 0 || n > REPLICAS_MAX {
+                    return Err(ClientError::InvalidInvitation("bad replica count"));
+                }
+                (n, tail)
+            }
+            VERSION_ONE_NODE => (1, tail),
+            VERSION_UNPINNED => (0, tail),
+            _ => return Err(ClientError::InvalidInvitation("unknown version")),
+        };
+        if head.len() != 6 * 32 || tail.len() != (pinned + otk) * 32 {
+            return Err(ClientError::InvalidInvitation("wrong length"));
+        }
         Ok(Invitation {
-            mailbox_id: key(0),
-            mailbox_key: key(1),
-            access: key(2),
-            owner_key: key(3),
-            identity: key(4),
-            curve: key(5),
-            node: (pinned == 1).then(|| key(6)),
-            one_time_key: (otk == 1).then(|| key(6 + pinned)),
+            mailbox_id: key_at(head, 0),
+            mailbox_key: key_at(head, 1),
+            access: key_at(head, 2),
+            owner_key: key_at(head, 3),
+            identity: key_at(head, 4),
+            curve: key_at(head, 5),
+            replicas: (0..pinned).map(|i| key_at(tail, i)).collect(),
+            one_time_key: (otk == 1).then(|| key_at(tail, pinned)),
         })
     }
 }
@@ -162,7 +184,7 @@ mod tests {
             identity: [5; 32],
             curve: [6; 32],
             one_time_key: otk.then_some([7; 32]),
-            node: Some([8; 32]),
+            replicas: vec![[8; 32], [9; 32], [10; 32]],
         }
     }
 
@@ -170,12 +192,64 @@ mod tests {
     fn an_unpinned_version_1_invitation_still_reads() {
         for otk in [true, false] {
             let old = Invitation {
-                node: None,
+                replicas: Vec::new(),
                 ..sample(otk)
             };
             let text = old.encode();
             assert_eq!(Invitation::decode(&text).unwrap(), old);
         }
+    }
+
+    /// A version 2 invitation (one pinned node, as written before replication) reads as a
+    /// replica set of that one node.
+    #[test]
+    fn a_version_2_invitation_still_reads_as_a_set_of_one() {
+        for otk in [true, false] {
+            let inv = Invitation {
+                replicas: vec![[8; 32]],
+                ..sample(otk)
+            };
+            // The v2 layout: no count byte, the node id right after the six keys.
+            let mut b = vec![VERSION_ONE_NODE, u8::from(otk)];
+            for k in [
+                [1u8; 32], [2; 32], [3; 32], [4; 32], [5; 32], [6; 32], [8; 32],
+            ] {
+                b.extend_from_slice(&k);
+            }
+            if otk {
+                b.extend_from_slice(&[7; 32]);
+            }
+            let sum = Sha256::digest(&b);
+            b.extend_from_slice(&sum[..4]);
+            let text = format!("{PREFIX}{}", data_encoding::BASE32_NOPAD.encode(&b));
+            assert_eq!(Invitation::decode(&text).unwrap(), inv);
+        }
+    }
+
+    #[test]
+    fn replica_counts_out_of_range_are_refused() {
+        for n in [0usize, REPLICAS_MAX + 1] {
+            let mut b = vec![VERSION, 0];
+            for _ in 0..6 {
+                b.extend_from_slice(&[1; 32]);
+            }
+            b.push(n as u8);
+            for _ in 0..n {
+                b.extend_from_slice(&[2; 32]);
+            }
+            let sum = Sha256::digest(&b);
+            b.extend_from_slice(&sum[..4]);
+            let text = format!("{PREFIX}{}", data_encoding::BASE32_NOPAD.encode(&b));
+            assert!(matches!(
+                Invitation::decode(&text),
+                Err(ClientError::InvalidInvitation(_))
+            ));
+        }
+        let five = Invitation {
+            replicas: vec![[3; 32]; REPLICAS_MAX],
+            ..sample(true)
+        };
+        assert_eq!(Invitation::decode(&five.encode()).unwrap(), five);
     }
 
     #[test]

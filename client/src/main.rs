@@ -375,16 +375,19 @@ async fn recv_stream(cli: &Cli) -> Result<(), ClientError> {
         let mut client = Client::reopen(&vault)?;
         if client.mailbox_ids().iter().any(|m| !running.contains(m)) {
             let endpoints = client.stream_endpoints(&running).await?;
-            for (mailbox, url) in endpoints {
+            // Each stream reads one replica of its mailbox; its tag names both, so that what
+            // it pushes is acknowledged there (a stream that ends is reopened, on the next
+            // replica if this one no longer answers).
+            for (tag, url) in endpoints {
+                let mailbox = tag.split('/').next().unwrap_or_default().to_string();
                 if streams.contains_key(&mailbox) {
                     continue;
                 }
                 let tx = tx.clone();
-                let m = mailbox.clone();
                 streams.insert(
                     mailbox,
                     tokio::spawn(async move {
-                        let _ = whispr_client::net::run_stream(url, m, tx).await;
+                        let _ = whispr_client::net::run_stream(url, tag, tx).await;
                     }),
                 );
             }

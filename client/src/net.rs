@@ -9,13 +9,21 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use whispr_protocol::consensus::{Consensus, Network, VerifiedConsensus};
 use whispr_protocol::directory::Directory;
-use whispr_protocol::mailbox_api::{create_transcript, login_transcript};
-use whispr_protocol::{MailboxId, UnixTime};
+use whispr_protocol::mailbox_api::{create_transcript_v2, login_transcript};
+use whispr_protocol::{MailboxId, NodeId, UnixTime};
 
 use crate::error::{ClientError, Result};
-use crate::state::OwnedMailbox;
+use crate::state::{OwnedMailbox, Replica};
 
 pub use crate::core::StoredMessage;
+
+/// Connection timeout to a mailbox replica.
+pub const MAILBOX_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How much longer than its wait a poll of a replica may take before it counts as failed (and
+/// reading fails over to the next replica).
+pub const POLL_GRACE: Duration = Duration::from_secs(3);
+/// Timeout of the other calls to a mailbox replica (login, ack, create, prekeys).
+pub const MAILBOX_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The HTTP client.
 #[derive(Clone, Debug)]
@@ -79,17 +87,18 @@ enum Method {
 }
 
 impl Net {
-    /// One call to the mailbox API of `m`: `path` below `/v1/mailboxes/{id}`, with the session
-    /// token and a JSON body if given; the response if it succeeded, else the typed error.
+    /// One call to the mailbox API of `m` on its replica `r`: `path` below
+    /// `/v1/mailboxes/{id}`, with the session token and a JSON body if given; the response if
+    /// it succeeded, else the typed error.
     async fn mailbox_call(
         &self,
         method: Method,
-        m: &OwnedMailbox,
+        (m, r): (&OwnedMailbox, &Replica),
         path: &str,
         token: &str,
         body: Option<&Value>,
     ) -> Result<reqwest::Response> {
-        let url = format!("{}/v1/mailboxes/{}{path}", m.api_url, hex::encode(m.id));
+        let url = format!("{}/v1/mailboxes/{}{path}", r.api_url, hex::encode(m.id));
         let request = match method {
             Method::Get => self.http.get(url),
             Method::Post => self.http.post(url),
@@ -100,7 +109,11 @@ impl Net {
             Some(b) => request.json(b),
             None => request,
         };
-        let r = request.send().await.map_err(unreachable("mailbox"))?;
+        let r = request
+            .timeout(MAILBOX_CALL_TIMEOUT)
+            .send()
+            .await
+            .map_err(unreachable("mailbox"))?;
         if !r.status().is_success() {
             return Err(error_of("mailbox", r).await);
         }
@@ -109,9 +122,19 @@ impl Net {
 
     /// A client with sane timeouts (long polls add their wait).
     pub fn new() -> Result<Net> {
+        Self::with_connect_timeout(Duration::from_secs(5))
+    }
+
+    /// A client for one mailbox's replicas: a short connection timeout, so that reading
+    /// fails over to the next replica within seconds when one is unreachable.
+    pub fn for_mailbox() -> Result<Net> {
+        Self::with_connect_timeout(MAILBOX_CONNECT_TIMEOUT)
+    }
+
+    fn with_connect_timeout(connect: Duration) -> Result<Net> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
+            .connect_timeout(connect)
             .timeout(Duration::from_secs(60))
             // Nodes close a connection that sends no request for 30 s
             // (`whispr_relay::http::HEADER_READ_TIMEOUT`): never reuse one that close to it.
@@ -217,24 +240,32 @@ impl Net {
             .unwrap_or_default())
     }
 
-    /// Creates `m` on its node.
+    /// Creates `m` on its replica `r`: the create request names the whole replica set, in
+    /// pinned order, and is signed over the v2 transcript (`docs/replication.md`). A mailbox
+    /// that exists there already (409: created before, or repaired from a peer) counts as
+    /// created.
     pub async fn create_mailbox(
         &self,
-        m: &OwnedMailbox,
+        (m, r): (&OwnedMailbox, &Replica),
         mailbox_key: [u8; 32],
         retention_ms: u64,
     ) -> Result<()> {
         let owner = owner_key(m);
         let owner_pub = owner.verifying_key().to_bytes();
         let hash: [u8; 32] = Sha256::digest(m.access).into();
-        let transcript = create_transcript(
+        let replicas: Vec<NodeId> = m.replicas.iter().map(|r| NodeId(r.node)).collect();
+        let transcript = create_transcript_v2(
             &MailboxId(m.id),
             &mailbox_key,
             &owner_pub,
             &hash,
             Some(&m.reply_key),
             retention_ms,
-        );
+            &replicas,
+        )
+        .ok_or_else(|| {
+            ClientError::InvalidArgument("a replica set of 1 to 5 nodes is needed".to_string())
+        })?;
         let body = json!({
             "mailbox_id": hex::encode(m.id),
             "mailbox_key": hex::encode(mailbox_key),
@@ -242,29 +273,33 @@ impl Net {
             "access_key_hash": hex::encode(hash),
             "reply_key": hex::encode(m.reply_key),
             "retention_ms": retention_ms,
+            "replicas": replicas.iter().map(|n| hex::encode(n.0)).collect::<Vec<_>>(),
             "signature": hex::encode(owner.sign(&transcript).to_bytes()),
         });
-        let r = self
+        let resp = self
             .http
-            .post(format!("{}/v1/mailboxes", m.api_url))
+            .post(format!("{}/v1/mailboxes", r.api_url))
+            .timeout(MAILBOX_CALL_TIMEOUT)
             .json(&body)
             .send()
             .await
             .map_err(unreachable("mailbox"))?;
-        if r.status().as_u16() != 201 {
-            return Err(error_of("mailbox", r).await);
+        match resp.status().as_u16() {
+            201 | 409 => Ok(()),
+            _ => Err(error_of("mailbox", resp).await),
         }
-        Ok(())
     }
 
-    /// Logs in to `m` (challenge, signed login); the token and its expiry.
-    pub async fn login(&self, m: &OwnedMailbox) -> Result<(String, u64)> {
+    /// Logs in to `m` on its replica `r` (challenge, signed login); the token and its expiry.
+    pub async fn login(&self, (m, r): (&OwnedMailbox, &Replica)) -> Result<(String, u64)> {
         let owner = owner_key(m);
         let device = hex::encode(owner.verifying_key().to_bytes());
         let mailbox = hex::encode(m.id);
+        let api = &r.api_url;
         let r = self
             .http
-            .post(format!("{}/v1/auth/challenge", m.api_url))
+            .post(format!("{api}/v1/auth/challenge"))
+            .timeout(MAILBOX_CALL_TIMEOUT)
             .json(&json!({"mailbox_id": mailbox, "device_key": device}))
             .send()
             .await
@@ -300,7 +335,8 @@ impl Net {
         ));
         let r = self
             .http
-            .post(format!("{}/v1/auth/login", m.api_url))
+            .post(format!("{api}/v1/auth/login"))
+            .timeout(MAILBOX_CALL_TIMEOUT)
             .json(&json!({
                 "mailbox_id": mailbox, "device_key": device,
                 "challenge": hex::encode(challenge),
@@ -326,10 +362,11 @@ impl Net {
         ))
     }
 
-    /// Messages of `m` after its cursor, waiting up to `wait` for one.
+    /// Messages of `m` on its replica `r` after that replica's cursor, waiting up to `wait`
+    /// for one; a replica that does not answer within [`POLL_GRACE`] past the wait fails.
     pub async fn poll(
         &self,
-        m: &OwnedMailbox,
+        (m, r): (&OwnedMailbox, &Replica),
         token: &str,
         wait: Duration,
     ) -> Result<Vec<StoredMessage>> {
@@ -337,13 +374,13 @@ impl Net {
             .http
             .get(format!(
                 "{}/v1/mailboxes/{}/messages?after={}&limit=100&wait={}",
-                m.api_url,
+                r.api_url,
                 hex::encode(m.id),
-                m.cursor,
+                r.cursor,
                 wait.as_millis()
             ))
             .bearer_auth(token)
-            .timeout(wait + Duration::from_secs(30))
+            .timeout(wait + POLL_GRACE)
             .send()
             .await
             .map_err(unreachable("mailbox"))?;
@@ -358,8 +395,9 @@ impl Net {
         Ok(page.messages)
     }
 
-    /// Acknowledges every message of `m` up to `up_to` (the node deletes them).
-    pub async fn ack(&self, m: &OwnedMailbox, token: &str, up_to: u64) -> Result<()> {
+    /// Acknowledges every message of `m` on replica `r` up to `up_to` (the node deletes
+    /// them, and tells its peers).
+    pub async fn ack(&self, m: (&OwnedMailbox, &Replica), token: &str, up_to: u64) -> Result<()> {
         self.mailbox_call(
             Method::Post,
             m,
@@ -371,15 +409,20 @@ impl Net {
         .map(drop)
     }
 
-    /// Replaces the prekeys of `m` (`body` as in `docs/mailbox.md`).
-    pub async fn put_prekeys(&self, m: &OwnedMailbox, token: &str, body: &Value) -> Result<()> {
+    /// Replaces the prekeys of `m` on replica `r` (`body` as in `docs/mailbox.md`).
+    pub async fn put_prekeys(
+        &self,
+        m: (&OwnedMailbox, &Replica),
+        token: &str,
+        body: &Value,
+    ) -> Result<()> {
         self.mailbox_call(Method::Put, m, "/prekeys", token, Some(body))
             .await
             .map(drop)
     }
 
-    /// A one-time ticket for the WebSocket stream of `m`.
-    pub async fn stream_ticket(&self, m: &OwnedMailbox, token: &str) -> Result<String> {
+    /// A one-time ticket for the WebSocket stream of `m` on replica `r`.
+    pub async fn stream_ticket(&self, m: (&OwnedMailbox, &Replica), token: &str) -> Result<String> {
         let r = self
             .mailbox_call(Method::Post, m, "/stream-ticket", token, None)
             .await?;
@@ -390,8 +433,8 @@ impl Net {
             .to_string())
     }
 
-    /// The raw export of `m` (to check what a node still stores).
-    pub async fn export(&self, m: &OwnedMailbox, token: &str) -> Result<Value> {
+    /// The raw export of `m` on replica `r` (to check what a node still stores).
+    pub async fn export(&self, m: (&OwnedMailbox, &Replica), token: &str) -> Result<Value> {
         let r = self
             .mailbox_call(Method::Get, m, "/export", token, None)
             .await?;
@@ -399,10 +442,11 @@ impl Net {
     }
 }
 
-/// The WebSocket address of `m`'s stream after its cursor, for a ticket. Plain `ws://` only
-/// (a devnet or a node on loopback); TLS streams are not supported yet, poll instead.
-pub fn stream_url(m: &OwnedMailbox, ticket: &str) -> Result<String> {
-    let rest = m.api_url.strip_prefix("http://").ok_or_else(|| {
+/// The WebSocket address of `m`'s stream on replica `r` after that replica's cursor, for a
+/// ticket. Plain `ws://` only (a devnet or a node on loopback); TLS streams are not supported
+/// yet, poll instead.
+pub fn stream_url((m, r): (&OwnedMailbox, &Replica), ticket: &str) -> Result<String> {
+    let rest = r.api_url.strip_prefix("http://").ok_or_else(|| {
         ClientError::InvalidArgument(
             "streaming needs a plain-HTTP (loopback) mailbox node; over TLS, poll instead"
                 .to_string(),
@@ -411,7 +455,7 @@ pub fn stream_url(m: &OwnedMailbox, ticket: &str) -> Result<String> {
     Ok(format!(
         "ws://{rest}/v1/mailboxes/{}/stream?ticket={ticket}&after={}",
         hex::encode(m.id),
-        m.cursor
+        r.cursor
     ))
 }
 

@@ -24,6 +24,27 @@ pub(crate) mod hexa {
     }
 }
 
+/// Serde helper: a list of 32-byte ids as hex strings.
+pub(crate) mod hexes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[[u8; 32]], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(hex::encode))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<[u8; 32]>, D::Error> {
+        let texts = Vec::<String>::deserialize(d)?;
+        texts
+            .iter()
+            .map(|t| {
+                let mut out = [0u8; 32];
+                hex::decode_to_slice(t, &mut out).map(|()| out)
+            })
+            .collect::<Result<_, _>>()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 pub(crate) mod b64 {
     use base64::Engine;
     use serde::{Deserialize, Deserializer, Serializer};
@@ -97,6 +118,9 @@ pub struct Settings {
     /// directory is accepted only as a consensus with the threshold of their signatures,
     /// fetched from `directory_url` (a mere mirror) or from the authorities themselves.
     pub network: Option<String>,
+    /// Replicas of each new mailbox (R; `docs/replication.md`): the owner creates it on this
+    /// many mailbox nodes (at most `REPLICAS_MAX`, and no more than the directory has).
+    pub replicas: usize,
 }
 
 impl Default for Settings {
@@ -119,8 +143,40 @@ impl Default for Settings {
             olm_window: 32,
             receipt_delay_ms: 10_000,
             network: None,
+            replicas: 3,
         }
     }
+}
+
+/// One replica of an own mailbox: a mailbox node that holds it, and this client's reading
+/// state there (cursors and tokens are per node: each numbers what it stores).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Replica {
+    /// The node.
+    #[serde(with = "hexa")]
+    pub node: [u8; 32],
+    /// Its API.
+    pub api_url: String,
+    /// Last sequence number processed from this node.
+    #[serde(default)]
+    pub cursor: u64,
+    /// Session token on this node.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// When the token expires (ms).
+    #[serde(default)]
+    pub token_expires_ms: u64,
+    /// The mailbox exists there. False while its creation failed (the node was down):
+    /// retried by the driver until it succeeds.
+    #[serde(default = "yes")]
+    pub created: bool,
+    /// The `PUT /prekeys` body still to upload there (its slice of the one-time keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prekeys: Option<serde_json::Value>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A mailbox this client owns (one per contact relationship).
@@ -142,17 +198,68 @@ pub struct OwnedMailbox {
     /// Mints the ids of SURBs leading back here.
     #[serde(with = "hexa")]
     pub reply_key: [u8; 32],
-    /// The mailbox node (rendezvous placement at creation).
+    /// The first node of the replica set (the only node of a mailbox made before
+    /// replication).
     #[serde(with = "hexa")]
     pub node: [u8; 32],
-    /// The node's API.
-    pub api_url: String,
-    /// Last sequence number processed.
-    pub cursor: u64,
-    /// Session token and its expiry (ms).
-    pub token: Option<String>,
-    /// When the token expires.
-    pub token_expires_ms: u64,
+    /// The replica set, pinned at creation, in its pinned order (states from before
+    /// replication have none: it is made from the single node's fields when the state is
+    /// read, see [`OwnedMailbox::upgrade`]).
+    #[serde(default)]
+    pub replicas: Vec<Replica>,
+    /// Index in `replicas` of the replica read from (the next one on a failure).
+    #[serde(default)]
+    pub reading: usize,
+    /// Retention asked for at creation (to create it later on a replica that was down).
+    #[serde(default)]
+    pub retention_ms: u64,
+    /// The node's API (states from before replication only).
+    #[serde(default, rename = "api_url", skip_serializing)]
+    pub(crate) legacy_api_url: String,
+    /// Last sequence number processed (states from before replication only).
+    #[serde(default, rename = "cursor", skip_serializing)]
+    pub(crate) legacy_cursor: u64,
+    /// Session token (states from before replication only).
+    #[serde(default, rename = "token", skip_serializing)]
+    pub(crate) legacy_token: Option<String>,
+    /// Token expiry (states from before replication only).
+    #[serde(default, rename = "token_expires_ms", skip_serializing)]
+    pub(crate) legacy_token_expires_ms: u64,
+}
+
+impl OwnedMailbox {
+    /// Moves the single node of a state from before replication into a replica set of one.
+    pub(crate) fn upgrade(&mut self) {
+        if self.replicas.is_empty() {
+            self.replicas.push(Replica {
+                node: self.node,
+                api_url: std::mem::take(&mut self.legacy_api_url),
+                cursor: self.legacy_cursor,
+                token: self.legacy_token.take(),
+                token_expires_ms: self.legacy_token_expires_ms,
+                created: true,
+                prekeys: None,
+            });
+        }
+        if self.reading >= self.replicas.len() {
+            self.reading = 0;
+        }
+    }
+
+    /// The replica read from now.
+    pub fn current(&self) -> Option<&Replica> {
+        self.replicas.get(self.reading).or(self.replicas.first())
+    }
+
+    /// Replica on `node`.
+    pub fn replica(&self, node: &[u8; 32]) -> Option<&Replica> {
+        self.replicas.iter().find(|r| r.node == *node)
+    }
+
+    /// The node ids of the replica set, in pinned order.
+    pub fn replica_nodes(&self) -> Vec<[u8; 32]> {
+        self.replicas.iter().map(|r| r.node).collect()
+    }
 }
 
 /// A contact's mailbox, where this client deposits.
@@ -168,9 +275,28 @@ pub struct PeerMailbox {
     #[serde(with = "hexa")]
     pub access: [u8; 32],
     /// The node holding it, pinned when the relationship was made (all zero in states
-    /// written before pinning: placement from the directory then).
+    /// written before pinning: placement from the directory then); the first replica of a
+    /// replicated one.
     #[serde(with = "hexa", default)]
     pub node: [u8; 32],
+    /// Its replica set, pinned (in order: attempt k of a deposit goes to replica k mod R).
+    /// Empty in states from before replication: the single `node` then.
+    #[serde(with = "hexes", default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<[u8; 32]>,
+}
+
+impl PeerMailbox {
+    /// The pinned replica set: `replicas`, or the single pinned `node`; empty when nothing is
+    /// pinned (a relationship from before pinning).
+    pub fn replica_set(&self) -> Vec<[u8; 32]> {
+        if !self.replicas.is_empty() {
+            self.replicas.clone()
+        } else if self.node != [0u8; 32] {
+            vec![self.node]
+        } else {
+            Vec::new()
+        }
+    }
 }
 
 /// A contact relationship.

@@ -999,6 +999,9 @@ impl World {
             retransmit_after_ms: if r.enabled { r.after_ms } else { u64::MAX / 4 },
             attempts_max: r.attempts_max.max(1),
             retention_ms: RETENTION_MS,
+            // The simulated driver creates, reads and acks each mailbox on its first node only
+            // (`OwnedMailbox::node`): one replica until it models the set.
+            replicas: 1,
             ..Settings::default()
         }
     }
@@ -1866,7 +1869,7 @@ impl World {
                     }
                 }
                 ClientOutput::Save => {}
-                ClientOutput::Ack { mailbox, up_to } => {
+                ClientOutput::Ack { mailbox, up_to, .. } => {
                     let Some(m) = c.core.owned_mailbox(&mailbox) else {
                         continue;
                     };

@@ -16,28 +16,32 @@ use whispr_protocol::payload::{FinalMessage, PrekeyRequest, Reply};
 use whispr_protocol::prekeys::{PrekeyBundle, SignedPrekey, sign_identity};
 use whispr_protocol::{AccessToken, DestinationAddress, MailboxId, NodeId};
 
+use whispr_protocol::mailbox_api::REPLICAS_MAX;
+
 use super::{
-    AppMessage, ClientCore, Output, PREKEYS_UPLOADED, SURB_TTL_MS, epoch_at, hello_transcript,
-    owner_key,
+    AppMessage, ClientCore, Output, PREKEYS_UPLOADED, Pinning, SURB_TTL_MS, epoch_at,
+    hello_transcript, owner_key,
 };
 use crate::error::{ClientError, Result};
 use crate::invite::Invitation;
-use crate::state::{Contact, OutKind, OwnedMailbox, PeerMailbox, PendingInvitation, SurbPurpose};
+use crate::state::{
+    Contact, OutKind, OwnedMailbox, PeerMailbox, PendingInvitation, Replica, SurbPurpose,
+};
 
-/// An invitation made by [`ClientCore::prepare_invite`]: the driver creates `mailbox` on its
-/// node and uploads `prekeys`, then commits it ([`ClientCore::commit_invite`]).
+/// An invitation made by [`ClientCore::prepare_invite`]: the driver creates `mailbox` on each
+/// of its replicas and uploads each replica's `prekeys` there (recording what succeeded in
+/// `mailbox.replicas`), then commits it ([`ClientCore::commit_invite`]).
 #[derive(Debug)]
 pub struct InvitePlan {
     /// The contact's name.
     pub name: String,
-    /// The new mailbox (create it on `mailbox.api_url`).
+    /// The new mailbox (create it on each of `mailbox.replicas`; each carries its slice of
+    /// the one-time keys in `prekeys`, the body of its `PUT /prekeys`, `docs/mailbox.md`).
     pub mailbox: OwnedMailbox,
     /// Its HPKE public key.
     pub mailbox_key: [u8; 32],
     /// Retention to ask for.
     pub retention_ms: u64,
-    /// The body of `PUT /prekeys` (`docs/mailbox.md`).
-    pub prekeys: serde_json::Value,
     /// The invitation text to give the contact.
     pub invitation: String,
     one_time_key: [u8; 32],
@@ -80,40 +84,58 @@ impl ClientCore {
             || self.state.invitations.iter().any(|i| i.name == name)
     }
 
-    /// A new mailbox on the node rendezvous placement ranks first for it, or second when the
-    /// first is `avoid` (the node of the contact's mailbox: a node holding both mailboxes of
-    /// a relationship would see each deposit and its ack — security review finding 5).
+    /// A new mailbox on R mailbox nodes (its replica set; R = `Settings::replicas`, at most
+    /// `REPLICAS_MAX` and the mailbox nodes of the directory): the nodes rendezvous placement
+    /// ranks highest for it, those of `avoid` (the replicas of the contact's mailbox) last: a
+    /// node holding both mailboxes of a relationship would see each deposit and its ack
+    /// (security review finding 5), so they are taken only when there are not enough others.
     fn new_owned_mailbox(
         &mut self,
         dir: &Directory,
-        avoid: Option<NodeId>,
+        avoid: &[NodeId],
     ) -> Result<(OwnedMailbox, [u8; 32])> {
         let mut id = [0u8; 32];
         self.rng.fill_bytes(&mut id);
         let secret = MailboxSecretKey::generate(&mut self.crypto_rng);
-        let ranked = dir.mailbox_replicas(&MailboxId(id), 2);
-        let node = ranked
-            .iter()
-            .find(|n| Some(**n) != avoid)
-            .or(ranked.first())
-            .copied()
+        let ranked = dir.mailbox_replicas(&MailboxId(id), dir.len());
+        let r = self.state.settings.replicas.clamp(1, REPLICAS_MAX);
+        let (others, avoided): (Vec<NodeId>, Vec<NodeId>) =
+            ranked.into_iter().partition(|n| !avoid.contains(n));
+        let chosen: Vec<NodeId> = others.into_iter().chain(avoided).take(r).collect();
+        let first = *chosen
+            .first()
             .ok_or_else(|| ClientError::NoRoute("no mailbox node in the directory".to_string()))?;
-        // A node without an API address cannot be reached over HTTP: the driver says so.
-        let api_url = dir
-            .get(&node)
-            .and_then(|d| d.api_url.clone())
-            .unwrap_or_default();
+        let replicas = chosen
+            .iter()
+            .map(|node| Replica {
+                node: node.0,
+                // A node without an API address cannot be reached over HTTP: the driver says
+                // so.
+                api_url: dir
+                    .get(node)
+                    .and_then(|d| d.api_url.clone())
+                    .unwrap_or_default(),
+                cursor: 0,
+                token: None,
+                token_expires_ms: 0,
+                created: false,
+                prekeys: None,
+            })
+            .collect();
         let mut m = OwnedMailbox {
             id,
             secret: *secret.to_bytes(),
             owner_seed: [0; 32],
             access: [0; 32],
             reply_key: [0; 32],
-            node: node.0,
-            api_url,
-            cursor: 0,
-            token: None,
-            token_expires_ms: 0,
+            node: first.0,
+            replicas,
+            reading: 0,
+            retention_ms: self.state.settings.retention_ms,
+            legacy_api_url: String::new(),
+            legacy_cursor: 0,
+            legacy_token: None,
+            legacy_token_expires_ms: 0,
         };
         self.rng.fill_bytes(&mut m.owner_seed);
         self.rng.fill_bytes(&mut m.access);
@@ -156,8 +178,11 @@ impl ClientCore {
         };
         self.check_name(&name)?;
         let dir = self.dir()?;
-        let (mailbox, mailbox_key) = self.new_owned_mailbox(&dir, None)?;
-        let generated = self.account.generate_one_time_keys(PREKEYS_UPLOADED + 1);
+        let (mut mailbox, mailbox_key) = self.new_owned_mailbox(&dir, &[])?;
+        let replicas = mailbox.replicas.len().max(1);
+        let generated = self
+            .account
+            .generate_one_time_keys(PREKEYS_UPLOADED.max(replicas) + 1);
         self.account.mark_keys_as_published();
         let mut keys = generated.created.into_iter();
         let inline = keys
@@ -170,20 +195,30 @@ impl ClientCore {
         // and would let nodes link them (security review finding 8): a commitment to it that
         // only someone holding the invitation can check.
         let committed = identity_commitment(&id, &curve);
-        let prekeys: Vec<serde_json::Value> = keys
-            .enumerate()
-            .map(|(i, k)| {
-                let p = SignedPrekey::sign(
-                    &owner,
-                    &id,
-                    u32::try_from(i).unwrap_or(u32::MAX),
-                    false,
-                    k.to_bytes(),
-                );
-                json!({"key_id": p.key_id, "key": hex::encode(p.key), "fallback": false,
-                       "signature": hex::encode(p.signature)})
-            })
-            .collect();
+        // Prekeys are not replicated: each replica gets its own slice of the one-time keys,
+        // so that no key can be handed out twice (`docs/replication.md`).
+        let mut slices: Vec<Vec<serde_json::Value>> = vec![Vec::new(); replicas];
+        for (i, k) in keys.enumerate() {
+            let p = SignedPrekey::sign(
+                &owner,
+                &id,
+                u32::try_from(i).unwrap_or(u32::MAX),
+                false,
+                k.to_bytes(),
+            );
+            if let Some(slice) = slices.get_mut(i % replicas) {
+                slice.push(json!({"key_id": p.key_id, "key": hex::encode(p.key),
+                    "fallback": false, "signature": hex::encode(p.signature)}));
+            }
+        }
+        let identity_signature = hex::encode(sign_identity(&owner, &id, &committed));
+        for (r, slice) in mailbox.replicas.iter_mut().zip(slices) {
+            r.prekeys = Some(json!({
+                "identity_key": hex::encode(committed),
+                "identity_signature": identity_signature,
+                "prekeys": slice,
+            }));
+        }
         let invitation = Invitation {
             mailbox_id: mailbox.id,
             mailbox_key,
@@ -192,25 +227,20 @@ impl ClientCore {
             identity: self.identity().verifying_key().to_bytes(),
             curve,
             one_time_key: inline_prekey.then(|| inline.to_bytes()),
-            node: Some(mailbox.node),
+            replicas: mailbox.replica_nodes(),
         };
         Ok(InvitePlan {
             name,
             mailbox,
             mailbox_key,
             retention_ms: self.state.settings.retention_ms,
-            prekeys: json!({
-                "identity_key": hex::encode(committed),
-                "identity_signature": hex::encode(sign_identity(&owner, &id, &committed)),
-                "prekeys": prekeys,
-            }),
             invitation: invitation.encode(),
             one_time_key: inline.to_bytes(),
         })
     }
 
-    /// Keeps an invitation whose mailbox now exists on its node (with the token the driver
-    /// got while uploading the prekeys); its text.
+    /// Keeps an invitation whose mailbox now exists on at least one of its replicas (with
+    /// what the driver recorded per replica: created, prekeys uploaded, token); its text.
     pub fn commit_invite(&mut self, now: u64, plan: InvitePlan) -> String {
         self.at(now);
         self.state.invitations.push(PendingInvitation {
@@ -235,11 +265,14 @@ impl ClientCore {
         }
         let dir = self.dir()?;
         // Pinned by the invitation; an old one pins today's placement.
-        let node = match inv.node {
-            Some(n) => n,
-            None => Self::mailbox_node(&dir, &MailboxId(inv.mailbox_id))?.0,
+        let replicas = if inv.replicas.is_empty() {
+            vec![Self::mailbox_node(&dir, &MailboxId(inv.mailbox_id))?.0]
+        } else {
+            inv.replicas.clone()
         };
-        let (mine, _) = self.new_owned_mailbox(&dir, Some(NodeId(node)))?;
+        let node = replicas.first().copied().unwrap_or_default();
+        let avoid: Vec<NodeId> = replicas.iter().copied().map(NodeId).collect();
+        let (mine, _) = self.new_owned_mailbox(&dir, &avoid)?;
         let mailbox_key = MailboxSecretKey::from_bytes(&mine.secret)?
             .public_key()
             .to_bytes();
@@ -251,6 +284,7 @@ impl ClientCore {
                 key: inv.mailbox_key,
                 access: inv.access,
                 node,
+                replicas,
             }),
             their_identity: inv.identity,
             their_curve: inv.curve,
@@ -284,13 +318,27 @@ impl ClientCore {
         self.at(now);
         let dir = self.dir()?;
         let epoch = epoch_at(now);
-        let mine = self.contact(name)?.mine.clone();
+        let contact = self.contact(name)?;
+        let mine = contact.mine.clone();
+        let theirs = contact
+            .theirs
+            .clone()
+            .ok_or_else(|| ClientError::NotEstablished(name.to_string()))?;
         let target = MailboxId(inv.mailbox_id);
-        let node = match inv.node {
-            Some(n) => NodeId(n),
-            None => Self::mailbox_node(&dir, &target)?,
-        };
-        let surb = self.new_surb(&dir, &mine, SurbPurpose::Prekeys, epoch, now + SURB_TTL_MS)?;
+        // Each request goes to the next replica: each holds its own slice of the keys, and
+        // one may be down.
+        let attempt = self.prekey_requests.get(name).copied().unwrap_or(0);
+        self.prekey_requests
+            .insert(name.to_string(), attempt.saturating_add(1));
+        let node = Self::peer_replica(&dir, &theirs, attempt)?;
+        let surb = self.new_surb(
+            &dir,
+            &mine,
+            attempt,
+            SurbPurpose::Prekeys,
+            epoch,
+            now + SURB_TTL_MS,
+        )?;
         let surb_id = self
             .state
             .surbs
@@ -368,6 +416,7 @@ impl ClientCore {
                 .to_bytes(),
             access: mine.access,
             node: mine.node,
+            replicas: mine.replica_nodes(),
         };
         let curve = self.account.curve25519_key().to_bytes();
         let identity = self.identity();
@@ -379,10 +428,11 @@ impl ClientCore {
             access: hex::encode(me.access),
             binding: hex::encode(
                 identity
-                    .sign(&hello_transcript(&curve, &me, true))
+                    .sign(&hello_transcript(&curve, &me, Pinning::Replicas))
                     .to_bytes(),
             ),
-            node: Some(hex::encode(me.node)),
+            node: None,
+            replicas: Some(me.replicas.iter().map(hex::encode).collect()),
         };
         let id = self.queue(name, OutKind::Hello, &hello, None, None)?;
         let result = self.pump();
@@ -438,7 +488,7 @@ impl ClientCore {
         sender: [u8; 32],
         (identity, curve): ([u8; 32], [u8; 32]),
         theirs: &PeerMailbox,
-        pinned: bool,
+        pinned: Pinning,
         binding: [u8; 64],
     ) -> Result<()> {
         let c = self.contact(name)?;
@@ -455,13 +505,21 @@ impl ClientCore {
             .map_err(|_| ClientError::Olm("hello binding does not verify".to_string()))
     }
 
-    /// Where to deposit into a contact's mailbox: its pinned node (states from before
-    /// pinning: rendezvous placement in `dir`).
-    pub(super) fn peer_node(dir: &Directory, theirs: &PeerMailbox) -> Result<NodeId> {
-        if theirs.node != [0u8; 32] {
-            return Ok(NodeId(theirs.node));
+    /// Where attempt `attempt` (0 for the first send, + 1 per retransmission) deposits into a
+    /// contact's mailbox: replica `attempt` mod R of its pinned replica set, counting only the
+    /// replicas present in `dir` (a dead replica costs one retransmission timeout, not the
+    /// message; `docs/replication.md`). States from before pinning: rendezvous placement in
+    /// `dir`.
+    pub(super) fn peer_replica(
+        dir: &Directory,
+        theirs: &PeerMailbox,
+        attempt: u32,
+    ) -> Result<NodeId> {
+        let set = theirs.replica_set();
+        if set.is_empty() {
+            return Self::mailbox_node(dir, &MailboxId(theirs.id));
         }
-        Self::mailbox_node(dir, &MailboxId(theirs.id))
+        Ok(NodeId(pick_replica(dir, &set, attempt)))
     }
 
     /// The node rendezvous placement gives mailbox `target` in `dir` (used only where nothing
@@ -472,6 +530,19 @@ impl ClientCore {
             .copied()
             .ok_or_else(|| ClientError::NoRoute("no mailbox node".to_string()))
     }
+}
+
+/// Replica `attempt` mod n of the n replicas of `set` present in `dir` (of the whole set when
+/// none is: the route then fails, as it would have).
+pub(super) fn pick_replica(dir: &Directory, set: &[[u8; 32]], attempt: u32) -> [u8; 32] {
+    let present: Vec<[u8; 32]> = set
+        .iter()
+        .copied()
+        .filter(|n| dir.get(&NodeId(*n)).is_some())
+        .collect();
+    let from = if present.is_empty() { set } else { &present };
+    let k = usize::try_from(attempt).unwrap_or(usize::MAX);
+    from.get(k % from.len().max(1)).copied().unwrap_or_default()
 }
 
 /// What a mailbox's prekeys carry in place of its owner's Olm identity key:

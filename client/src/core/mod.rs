@@ -55,13 +55,17 @@ use crate::state::{
     Notice, OutKind, OutState, OwnedMailbox, PeerMailbox, Receipts, Settings, State,
 };
 
-/// One-time keys uploaded to a new mailbox for anonymous prekey fetches.
+/// One-time keys uploaded to a new mailbox for anonymous prekey fetches (at least one per
+/// replica), split into disjoint slices, one per replica.
 const PREKEYS_UPLOADED: usize = 4;
 /// How long a SURB is remembered beyond its expected use.
 const SURB_TTL_MS: u64 = 3600 * 1000;
 /// Fragments of an incomplete message are dropped after this.
 const PARTIAL_AGE_MAX_MS: u64 = 24 * 3600 * 1000;
 const HELLO_PREFIX: &[u8] = b"whispr-hello-v1";
+/// The binding of a hello that names a replica set.
+const HELLO_PREFIX_V2: &[u8] = b"whispr-hello-v2";
+
 const SAFETY_PREFIX: &[u8] = b"whispr-safety-v1";
 /// How long after a release time a scheduled fragment may be retransmitted directly.
 const RELEASE_GRACE_MS: u64 = 5_000;
@@ -107,11 +111,14 @@ pub enum Output {
     /// Persist the state ([`ClientCore::encode_state`]) before going on with the outputs
     /// after this one.
     Save,
-    /// Acknowledge to mailbox `mailbox` every message up to `up_to` (the node may delete
-    /// them); only after the preceding [`Output::Save`] is durable.
+    /// Acknowledge to mailbox `mailbox` on its replica `node` every message up to `up_to`
+    /// (sequence numbers of that node; it may delete them, and tells its peers); only after
+    /// the preceding [`Output::Save`] is durable.
     Ack {
         /// Mailbox id.
         mailbox: [u8; 32],
+        /// The replica the messages were read from.
+        node: [u8; 32],
         /// Last sequence number processed.
         up_to: u64,
     },
@@ -133,6 +140,10 @@ enum AppMessage {
         /// did not pin; the receiver then pins the directory's placement).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         node: Option<String>,
+        /// The replica set of the acceptor's mailbox, pinned (hellos since replication; the
+        /// binding then signs [`HELLO_PREFIX_V2`]'s transcript).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        replicas: Option<Vec<String>>,
     },
     /// A text.
     Text {
@@ -219,6 +230,8 @@ pub struct ClientCore {
     now: u64,
     /// Queued messages could not be sent (no route): not tried again before this, ms.
     pump_blocked_until: u64,
+    /// Prekey requests sent per contact being accepted (each goes to the next replica).
+    prekey_requests: BTreeMap<String, u32>,
 }
 
 impl std::fmt::Debug for ClientCore {
@@ -258,18 +271,43 @@ fn fingerprint(ed: &[u8; 32], curve: &[u8; 32]) -> String {
         .collect()
 }
 
-/// What a hello's binding signs: where to answer, and (when pinned) on which node.
-fn hello_transcript(curve: &[u8; 32], mailbox: &PeerMailbox, pinned: bool) -> Vec<u8> {
-    let node: &[u8] = if pinned { &mailbox.node } else { &[] };
-    [
-        HELLO_PREFIX,
-        curve.as_slice(),
-        mailbox.id.as_slice(),
-        mailbox.key.as_slice(),
-        mailbox.access.as_slice(),
-        node,
-    ]
-    .concat()
+/// How a hello pins where to answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pinning {
+    /// Nothing pinned (clients from before pinning).
+    None,
+    /// One node (`PeerMailbox::node`).
+    Node,
+    /// A replica set (`PeerMailbox::replicas`).
+    Replicas,
+}
+
+/// What a hello's binding signs: where to answer, and (when pinned) on which node(s):
+/// `"whispr-hello-v1" ‖ curve ‖ mailbox ‖ key ‖ access [‖ node]`, or for a replica set
+/// `"whispr-hello-v2" ‖ curve ‖ mailbox ‖ key ‖ access ‖ n (u8) ‖ n × node`.
+fn hello_transcript(curve: &[u8; 32], mailbox: &PeerMailbox, pinned: Pinning) -> Vec<u8> {
+    let head = |prefix: &[u8]| {
+        [
+            prefix,
+            curve.as_slice(),
+            mailbox.id.as_slice(),
+            mailbox.key.as_slice(),
+            mailbox.access.as_slice(),
+        ]
+        .concat()
+    };
+    match pinned {
+        Pinning::None => head(HELLO_PREFIX),
+        Pinning::Node => [head(HELLO_PREFIX), mailbox.node.to_vec()].concat(),
+        Pinning::Replicas => {
+            let mut t = head(HELLO_PREFIX_V2);
+            t.push(u8::try_from(mailbox.replicas.len()).unwrap_or(u8::MAX));
+            for n in &mailbox.replicas {
+                t.extend_from_slice(n);
+            }
+            t
+        }
+    }
 }
 
 /// The owner signing key of a mailbox.
@@ -339,6 +377,7 @@ impl ClientCore {
             outputs: VecDeque::new(),
             now: 0,
             pump_blocked_until: 0,
+            prekey_requests: BTreeMap::new(),
         }
     }
 
@@ -361,6 +400,14 @@ impl ClientCore {
             if let Some(p) = c.session.take() {
                 sessions.insert(c.name.clone(), Session::from_pickle(p));
             }
+        }
+        for m in state
+            .contacts
+            .iter_mut()
+            .map(|c| &mut c.mine)
+            .chain(state.invitations.iter_mut().map(|i| &mut i.mailbox))
+        {
+            m.upgrade();
         }
         let mut core = ClientCore::with_state(state, account, sessions, rng, crypto_rng);
         core.now = now;
@@ -617,17 +664,104 @@ impl ClientCore {
             .map(|i| &mut i.mailbox)
     }
 
-    /// Records the session token of mailbox `id` (or forgets it: `None`, e.g. after a 401).
+    /// Records the session token of mailbox `id` on the replica read from now (or forgets
+    /// it: `None`, e.g. after a 401).
     pub fn set_token(&mut self, id: &[u8; 32], token: Option<(String, u64)>) {
-        if let Some(m) = self.mailbox_mut(id) {
-            match token {
-                Some((t, expires)) => {
-                    m.token = Some(t);
-                    m.token_expires_ms = expires;
-                }
-                None => m.token = None,
+        let Some(node) = self
+            .mailbox_mut(id)
+            .and_then(|m| m.current().map(|r| r.node))
+        else {
+            return;
+        };
+        self.set_replica_token(id, &node, token);
+    }
+
+    /// Records the session token of mailbox `id` on its replica `node` (or forgets it).
+    pub fn set_replica_token(
+        &mut self,
+        id: &[u8; 32],
+        node: &[u8; 32],
+        token: Option<(String, u64)>,
+    ) {
+        let Some(r) = self
+            .mailbox_mut(id)
+            .and_then(|m| m.replicas.iter_mut().find(|r| r.node == *node))
+        else {
+            return;
+        };
+        match token {
+            Some((t, expires)) => {
+                r.token = Some(t);
+                r.token_expires_ms = expires;
+            }
+            None => r.token = None,
+        }
+    }
+
+    /// Records that mailbox `id` now exists on its replica `node` (created late, after the
+    /// node was down at creation), and whether its prekeys are uploaded there.
+    pub fn set_replica_created(&mut self, id: &[u8; 32], node: &[u8; 32], prekeys_uploaded: bool) {
+        if let Some(r) = self
+            .mailbox_mut(id)
+            .and_then(|m| m.replicas.iter_mut().find(|r| r.node == *node))
+        {
+            r.created = true;
+            if prekeys_uploaded {
+                r.prekeys = None;
             }
         }
+        self.save();
+    }
+
+    /// What the driver did creating own mailbox `m` (per replica: created, prekeys uploaded,
+    /// token; which one to read from) replaces what the core held of its replicas.
+    pub fn mailbox_created(&mut self, m: &OwnedMailbox) {
+        if let Some(mine) = self.mailbox_mut(&m.id) {
+            mine.replicas = m.replicas.clone();
+            mine.reading = m.reading;
+        }
+        self.save();
+    }
+
+    /// Own mailboxes with a replica the mailbox was not created on yet (or whose prekeys are
+    /// not uploaded there yet): (mailbox, that replica's node), for the driver to retry.
+    pub fn replicas_to_create(&self) -> Vec<(OwnedMailbox, [u8; 32])> {
+        self.owned_mailboxes()
+            .into_iter()
+            .flat_map(|m| {
+                m.replicas
+                    .iter()
+                    .filter(|r| !r.created || r.prekeys.is_some())
+                    .map(|r| r.node)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .map(move |n| (m.clone(), n))
+            })
+            .collect()
+    }
+
+    /// Mailbox `id`'s replica read from failed (an error or a timeout): reading moves to the
+    /// next replica of its set that exists and is in the directory (the one after it in
+    /// pinned order, cyclically); the replica read from now. With one replica, it stays.
+    pub fn fail_over(&mut self, id: &[u8; 32]) -> Option<[u8; 32]> {
+        let dir = self.directory.clone();
+        let m = self.mailbox_mut(id)?;
+        let n = m.replicas.len();
+        let from = m.reading;
+        let next = (1..n).map(|i| (from + i) % n).find(|&i| {
+            m.replicas.get(i).is_some_and(|r| {
+                r.created
+                    && dir
+                        .as_deref()
+                        .is_none_or(|d| d.get(&NodeId(r.node)).is_some())
+            })
+        });
+        if let Some(i) = next {
+            m.reading = i;
+        }
+        let node = m.current().map(|r| r.node);
+        self.save();
+        node
     }
 
     /// Counts `count` packets an edge relay did not take, by `reason` (a drop reason such as

@@ -11,7 +11,9 @@ use whispr_protocol::fragment::{Fragment, FragmentInfo, Inserted, Reassembler, R
 use whispr_protocol::payload::Reply;
 use whispr_protocol::{MailboxId, UnixTime};
 
-use super::{AppMessage, ClientCore, Output, PARTIAL_AGE_MAX_MS, StoredMessage, h32};
+use whispr_protocol::mailbox_api::REPLICAS_MAX;
+
+use super::{AppMessage, ClientCore, Output, PARTIAL_AGE_MAX_MS, Pinning, StoredMessage, h32};
 use crate::error::{ClientError, Result};
 use crate::state::{
     HistoryEntry, OutKind, OutState, OwnedMailbox, PeerMailbox, PendingSurb, Receipts,
@@ -19,20 +21,40 @@ use crate::state::{
 };
 
 impl ClientCore {
-    /// Messages mailbox `mailbox` returned at `now` (a poll page or stream pushes, in order).
-    /// Processes those after the mailbox's cursor, then asks for the state to be saved and
-    /// for the messages to be acknowledged to the node ([`Output::Save`], [`Output::Ack`]).
-    /// Messages for a mailbox we do not own are ignored.
+    /// Messages mailbox `mailbox` returned at `now` from the replica read from now (a poll
+    /// page or stream pushes, in order): see [`Self::handle_fetched_from`].
     pub fn handle_fetched(&mut self, now: u64, mailbox: &[u8; 32], messages: &[StoredMessage]) {
-        self.at(now);
-        let Some(m) = self
-            .owned_mailboxes()
-            .into_iter()
-            .find(|m| m.id == *mailbox)
+        let Some(node) = self
+            .owned_mailbox(mailbox)
+            .and_then(|m| m.current().map(|r| r.node))
         else {
             return;
         };
-        let mut cursor = m.cursor;
+        self.handle_fetched_from(now, mailbox, &node, messages);
+    }
+
+    /// Messages mailbox `mailbox`'s replica `node` returned at `now` (a poll page or stream
+    /// pushes, in order). Processes those after that replica's cursor, then asks for the state
+    /// to be saved and for the messages to be acknowledged to that replica ([`Output::Save`],
+    /// [`Output::Ack`]). A message read before from another replica (after a failover, a
+    /// replica serves what the one read before had served) is dropped by its end-to-end id or
+    /// its SURB, and acknowledged here too. Messages for a mailbox or replica we do not own
+    /// are ignored.
+    pub fn handle_fetched_from(
+        &mut self,
+        now: u64,
+        mailbox: &[u8; 32],
+        node: &[u8; 32],
+        messages: &[StoredMessage],
+    ) {
+        self.at(now);
+        let Some(m) = self.owned_mailbox(mailbox) else {
+            return;
+        };
+        let Some(before) = m.replica(node).map(|r| r.cursor) else {
+            return;
+        };
+        let mut cursor = before;
         for msg in messages {
             if msg.seq <= cursor {
                 continue;
@@ -40,17 +62,21 @@ impl ClientCore {
             self.process(&m, msg);
             cursor = msg.seq;
         }
-        if cursor == m.cursor {
+        if cursor == before {
             return;
         }
-        if let Some(mine) = self.mailbox_mut(mailbox) {
-            mine.cursor = cursor;
+        if let Some(r) = self
+            .mailbox_mut(mailbox)
+            .and_then(|mine| mine.replicas.iter_mut().find(|r| r.node == *node))
+        {
+            r.cursor = cursor;
         }
         // Durable first, then acknowledged: a crash in between re-reads messages, which the
         // seen ids and the SURB table make harmless.
         self.save();
         self.push(Output::Ack {
             mailbox: *mailbox,
+            node: *node,
             up_to: cursor,
         });
     }
@@ -378,25 +404,42 @@ impl ClientCore {
                 access,
                 binding,
                 node,
+                replicas,
             } => {
                 let identity = h32(&identity, "hello identity")?;
                 let curve = h32(&curve, "hello curve")?;
-                let pinned = node.is_some();
+                let replicas = replicas
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|n| h32(n, "hello replica"))
+                    .collect::<Result<Vec<_>>>()?;
+                if replicas.len() > REPLICAS_MAX {
+                    return Err(ClientError::Olm("hello: too many replicas".to_string()));
+                }
+                let pinned = if !replicas.is_empty() {
+                    Pinning::Replicas
+                } else if node.is_some() {
+                    Pinning::Node
+                } else {
+                    Pinning::None
+                };
                 let mut theirs = PeerMailbox {
                     id: h32(&mailbox, "hello mailbox")?,
                     key: h32(&mailbox_key, "hello mailbox key")?,
                     access: h32(&access, "hello access")?,
-                    node: match &node {
-                        Some(n) => h32(n, "hello node")?,
-                        None => [0u8; 32],
+                    node: match (&node, replicas.first()) {
+                        (_, Some(first)) => *first,
+                        (Some(n), None) => h32(n, "hello node")?,
+                        (None, None) => [0u8; 32],
                     },
+                    replicas,
                 };
                 let sig = hex::decode(binding)
                     .ok()
                     .and_then(|b| <[u8; 64]>::try_from(b).ok())
                     .ok_or_else(|| ClientError::Olm("hello binding".to_string()))?;
                 self.check_hello(name, sender, (identity, curve), &theirs, pinned, sig)?;
-                if !pinned {
+                if pinned == Pinning::None {
                     // A client that does not pin: pin today's placement.
                     let dir = self.dir()?;
                     theirs.node = Self::mailbox_node(&dir, &MailboxId(theirs.id))?.0;

@@ -145,16 +145,20 @@ impl ClientCore {
         }
     }
 
-    /// A SURB leading back into `mailbox`, remembered under `purpose`.
+    /// A SURB leading back into `mailbox`, remembered under `purpose`, for attempt `attempt`
+    /// of what it answers: into replica `attempt` mod R of the mailbox's replicas that exist
+    /// and are in `dir` (as deposits do: a dead replica loses one ack, and the retransmission's
+    /// ack goes to the next one; the reply is replicated to the others).
     pub(super) fn new_surb(
         &mut self,
         dir: &Directory,
         mailbox: &OwnedMailbox,
+        attempt: u32,
         purpose: SurbPurpose,
         epoch: KeyEpoch,
         expires_ms: u64,
     ) -> Result<Surb> {
-        let node = NodeId(mailbox.node);
+        let node = own_replica(dir, mailbox, attempt);
         let route = self.route(dir, epoch, &node)?;
         // The replier (a mailbox or timer node) sends straight into the first mix layer.
         let hops: Vec<RouteHop> = route.into_iter().skip(1).collect();
@@ -186,5 +190,20 @@ impl ClientCore {
             expires_ms,
         });
         Ok(surb)
+    }
+}
+
+/// Replica `attempt` mod n of the n replicas of own mailbox `m` that exist and are in `dir`.
+pub(super) fn own_replica(dir: &Directory, m: &OwnedMailbox, attempt: u32) -> NodeId {
+    let created: Vec<[u8; 32]> = m
+        .replicas
+        .iter()
+        .filter(|r| r.created)
+        .map(|r| r.node)
+        .collect();
+    if created.is_empty() {
+        NodeId(m.node)
+    } else {
+        NodeId(super::contacts::pick_replica(dir, &created, attempt))
     }
 }

@@ -102,6 +102,7 @@ impl ClientCore {
                 let surb = self.new_surb(
                     dir,
                     &mine,
+                    hold.attempts,
                     SurbPurpose::HoldAck {
                         out: id,
                         hold: h,
@@ -200,6 +201,7 @@ impl ClientCore {
             let surb = self.new_surb(
                 dir,
                 &mine,
+                hold.attempts,
                 SurbPurpose::HoldAck {
                     out: id,
                     hold: h,

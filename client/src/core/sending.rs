@@ -225,6 +225,7 @@ impl ClientCore {
         envelope.outer.ack_surb = Some(self.new_surb(
             dir,
             &mine,
+            frag.attempts,
             SurbPurpose::DepositAck {
                 out: id,
                 fragment: f,
@@ -233,7 +234,7 @@ impl ClientCore {
             at_ms + SURB_TTL_MS,
         )?);
         let target = MailboxId(theirs.id);
-        let node = Self::peer_node(dir, &theirs)?;
+        let node = Self::peer_replica(dir, &theirs, frag.attempts)?;
         let route = self.route(dir, epoch, &node)?;
         let delays = self.delays(route.len().saturating_sub(1));
         let plaintext = FinalMessage::Deposit(envelope).encode()?;
@@ -495,7 +496,15 @@ impl ClientCore {
             .into_iter()
             .next()
             .ok_or(ClientError::Full("fragments"))?;
-        let surb = self.new_surb(&dir, &ack_box, SurbPurpose::Cover, epoch, now + SURB_TTL_MS)?;
+        // Like a message's first attempt: into the first replica, acked into the first.
+        let surb = self.new_surb(
+            &dir,
+            &ack_box,
+            0,
+            SurbPurpose::Cover,
+            epoch,
+            now + SURB_TTL_MS,
+        )?;
         let identity = self.identity();
         let dedup_id = DedupId::random(&mut self.rng);
         let envelope = Envelope::seal(
@@ -515,7 +524,7 @@ impl ClientCore {
                 content: fragment.data,
             },
         )?;
-        let node = NodeId(m.node);
+        let node = super::routes::own_replica(&dir, &m, 0);
         let route = self.route(&dir, epoch, &node)?;
         let delays = self.delays(route.len().saturating_sub(1));
         let packet = self.codec.build_packet(

@@ -1,7 +1,9 @@
 //! Core unit tests: inputs in, outputs checked, no I/O, fixed seeds. A small in-test network
-//! (one edge, three mixes, one mailbox node, one timer node, real Sphinx keys) peels the
+//! (one edge, three mixes, six mailbox nodes, one timer node, real Sphinx keys) peels the
 //! core's packets hop by hop and plays the mailbox and timer nodes, acknowledging through the
-//! SURBs the packets carry.
+//! SURBs the packets carry. By default every mailbox is one store (ideal replication); with
+//! `replicated` each mailbox node keeps its own copy, numbered by its own sequence, as
+//! replicas do (`docs/replication.md`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -38,8 +40,9 @@ enum Arrival {
         message: FinalMessage,
         path: Vec<NodeId>,
     },
-    /// A SURB reply for mailbox `mailbox`.
+    /// A SURB reply for mailbox `mailbox`, at `node`.
     Reply {
+        node: NodeId,
         mailbox: [u8; 32],
         surb_id: String,
         sealed: Vec<u8>,
@@ -60,6 +63,20 @@ struct TestNet {
     acks: bool,
     /// A malicious edge: it drops the client packets whose next hop is one of these.
     edge_drops: Vec<NodeId>,
+    /// The mailbox nodes.
+    mailbox_nodes: Vec<NodeId>,
+    /// Mailbox nodes that drop everything they get (down, or broken): no store, no ack.
+    dead: Vec<NodeId>,
+    /// Each mailbox node keeps its own copy of each mailbox (`replicas`); reads and acks go
+    /// to one node.
+    replicated: bool,
+    /// Per (node, mailbox): what that node stores, numbered by its own sequence. Every live
+    /// mailbox node gets a copy of each deposit (the entry replica pushes to its peers).
+    replicas: BTreeMap<(NodeId, [u8; 32]), Vec<StoredMessage>>,
+    /// Per node: its last sequence number.
+    node_seq: BTreeMap<NodeId, u64>,
+    /// An ack on one node deletes the acknowledged messages on its peers too.
+    propagate_acks: bool,
 }
 
 impl TestNet {
@@ -76,6 +93,10 @@ impl TestNet {
             (Role::Mix, 1),
             (Role::Mailbox, 0),
             (Role::Timer, 0),
+            (Role::Mailbox, 0),
+            (Role::Mailbox, 0),
+            (Role::Mailbox, 0),
+            (Role::Mailbox, 0),
             (Role::Mailbox, 0),
         ];
         for (role, layer) in kinds {
@@ -116,6 +137,12 @@ impl TestNet {
             seq: 0,
             acks: true,
             edge_drops: Vec::new(),
+            mailbox_nodes: [&ids[4..5], &ids[6..]].concat(),
+            dead: Vec::new(),
+            replicated: false,
+            replicas: BTreeMap::new(),
+            node_seq: BTreeMap::new(),
+            propagate_acks: true,
         }
     }
 
@@ -201,6 +228,7 @@ impl TestNet {
                     sealed,
                 } => {
                     return Arrival::Reply {
+                        node,
                         mailbox: destination.0,
                         surb_id: hex::encode(surb_id.as_bytes()),
                         sealed,
@@ -213,7 +241,21 @@ impl TestNet {
     fn store(&mut self, mailbox: [u8; 32], mut msg: StoredMessage) {
         self.seq += 1;
         msg.seq = self.seq;
-        self.boxes.entry(mailbox).or_default().push(msg);
+        self.boxes.entry(mailbox).or_default().push(msg.clone());
+        // Each live node numbers its copy with its own sequence (far apart, so that a cursor
+        // of one node means nothing on another).
+        for (i, n) in self.mailbox_nodes.clone().into_iter().enumerate() {
+            if self.dead.contains(&n) {
+                continue;
+            }
+            let seq = self.node_seq.entry(n).or_insert(1_000_000 * i as u64);
+            *seq += 1;
+            msg.seq = *seq;
+            self.replicas
+                .entry((n, mailbox))
+                .or_default()
+                .push(msg.clone());
+        }
     }
 
     /// Sends `reply` through `surb` into its creator's mailbox.
@@ -225,11 +267,18 @@ impl TestNet {
     /// A packet reaches `first`: carried to its end and acted on as the nodes would.
     fn arrive(&mut self, first: NodeId, packet: &[u8]) -> Arrival {
         let arrival = self.carry(first, packet);
+        let at = match &arrival {
+            Arrival::Reply { node, .. } | Arrival::Final { node, .. } => *node,
+        };
+        if self.dead.contains(&at) {
+            return arrival;
+        }
         match &arrival {
             Arrival::Reply {
                 mailbox,
                 surb_id,
                 sealed,
+                ..
             } => self.store(
                 *mailbox,
                 StoredMessage {
@@ -314,9 +363,33 @@ impl TestNet {
                     out.push(self.arrive(edge, &packet));
                 }
                 Output::Save => {}
-                Output::Ack { mailbox, up_to } => {
-                    if let Some(b) = self.boxes.get_mut(&mailbox) {
-                        b.retain(|m| m.seq > up_to);
+                Output::Ack {
+                    mailbox,
+                    node,
+                    up_to,
+                } => {
+                    if !self.replicated {
+                        if let Some(b) = self.boxes.get_mut(&mailbox) {
+                            b.retain(|m| m.seq > up_to);
+                        }
+                        continue;
+                    }
+                    assert!(!self.dead.contains(&NodeId(node)), "acked on a dead node");
+                    let Some(b) = self.replicas.get_mut(&(NodeId(node), mailbox)) else {
+                        continue;
+                    };
+                    let (gone, kept): (Vec<StoredMessage>, Vec<StoredMessage>) =
+                        b.drain(..).partition(|m| m.seq <= up_to);
+                    *b = kept;
+                    if self.propagate_acks {
+                        let same = |a: &StoredMessage, b: &StoredMessage| {
+                            (&a.envelope, &a.surb_id) == (&b.envelope, &b.surb_id)
+                        };
+                        for ((_, m), msgs) in self.replicas.iter_mut() {
+                            if *m == mailbox {
+                                msgs.retain(|x| !gone.iter().any(|g| same(g, x)));
+                            }
+                        }
                     }
                 }
             }
@@ -324,11 +397,31 @@ impl TestNet {
         out
     }
 
-    /// `core` fetches every mailbox it owns.
+    /// `core` fetches every mailbox it owns (from the replica it reads, failing over from a
+    /// dead one as the driver does, when `replicated`).
     fn fetch(&mut self, core: &mut ClientCore, now: u64) {
         for m in core.owned_mailboxes() {
-            let messages = self.boxes.get(&m.id).cloned().unwrap_or_default();
-            core.handle_fetched(now, &m.id, &messages);
+            if !self.replicated {
+                let messages = self.boxes.get(&m.id).cloned().unwrap_or_default();
+                core.handle_fetched(now, &m.id, &messages);
+                continue;
+            }
+            let mut node = m.current().unwrap().node;
+            for _ in 0..m.replicas.len() {
+                if !self.dead.contains(&NodeId(node)) {
+                    break;
+                }
+                node = core.fail_over(&m.id).unwrap();
+            }
+            if self.dead.contains(&NodeId(node)) {
+                continue;
+            }
+            let messages = self
+                .replicas
+                .get(&(NodeId(node), m.id))
+                .cloned()
+                .unwrap_or_default();
+            core.handle_fetched_from(now, &m.id, &node, &messages);
         }
     }
 
@@ -688,6 +781,7 @@ fn a_message_under_another_identity_is_refused() {
         bob.poll_output(),
         Some(Output::Ack {
             mailbox: mine.id,
+            node: mine.replicas[0].node,
             up_to: 1_000
         })
     );
@@ -1022,14 +1116,17 @@ fn the_two_mailboxes_of_a_relationship_are_on_different_nodes() {
     // Security review finding 5: a node holding both mailboxes of a pair sees a deposit into
     // one and, a few mix delays later, its ack into the other.
     let mut net = TestNet::new();
+    // With replica sets: no node holds a replica of both, when there are enough nodes (six
+    // mailbox nodes, R = 3).
     let mut together = 0;
     for k in 0..12 {
         let (alice, bob) = net.pair_seeded(100 + 2 * k, 101 + 2 * k);
-        let a = alice.contact_mailbox("bob").unwrap().node;
-        let b = bob.contact_mailbox("alice").unwrap().node;
-        together += usize::from(a == b);
+        let a = alice.contact_mailbox("bob").unwrap().replica_nodes();
+        let b = bob.contact_mailbox("alice").unwrap().replica_nodes();
+        assert_eq!((a.len(), b.len()), (3, 3));
+        together += usize::from(a.iter().any(|n| b.contains(n)));
     }
-    assert_eq!(together, 0, "{together} of 12 relationships on one node");
+    assert_eq!(together, 0, "{together} of 12 relationships share a node");
 }
 
 #[test]
@@ -1041,7 +1138,12 @@ fn mailbox_nodes_cannot_link_a_users_invitation_mailboxes_by_their_prekeys() {
     let (_, curve) = alice.identity_keys();
     let one = alice.prepare_invite(T0, Some("bob"), false).unwrap();
     let two = alice.prepare_invite(T0, Some("carol"), false).unwrap();
-    let key = |p: &InvitePlan| p.prekeys["identity_key"].as_str().unwrap().to_string();
+    let key = |p: &InvitePlan| {
+        p.mailbox.replicas[0].prekeys.as_ref().unwrap()["identity_key"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
     assert_ne!(key(&one), key(&two));
     assert_ne!(key(&one), curve);
     assert_ne!(key(&two), curve);

@@ -28,7 +28,10 @@
 //!   [`crate::config::CONSENSUS_GRACE`]);
 //! * **the epoch task**, which rotates the Sphinx keys at each key epoch boundary;
 //! * the acceptors of the packet and client stream protocols, and one sender task per next
-//!   hop.
+//!   hop;
+//! * with [`MeshRunner::accept_node_messages`], the acceptor of [`NODE_MESSAGES_PROTOCOL`]
+//!   and its readers; and one node-message sender task per destination of
+//!   [`MeshHandle::send_node_message`] (spawned on demand, ending when idle).
 //!
 //! # Wire protocols
 //!
@@ -45,6 +48,21 @@
 //!   status byte (the same codes). [`MeshHandle::send_acknowledged`] sends one packet per
 //!   stream this way (timer nodes releasing held packets: a release counts only once its first
 //!   hop has taken it). Same stream limits as [`PACKETS_PROTOCOL`], counted apart.
+//! * [`NODE_MESSAGES_PROTOCOL`] (`/whispr/node-msg/1`), between nodes, served only by nodes
+//!   that call [`MeshRunner::accept_node_messages`] (mailbox nodes, for replication): frames
+//!   of a u32 big-endian length and that many bytes, at most
+//!   `mesh.node_messages.message_max` (1 MiB); one way; one long-lived stream per ordered
+//!   pair of nodes, opened on demand by [`MeshHandle::send_node_message`]'s sender task (a
+//!   queue of `queue_max` messages per destination; full: the send fails), reopened with
+//!   back-off after a failure, closed by the sender after `idle_ms / 2` without a message.
+//!   The receiver takes streams only from members of the directory (of the consensus and,
+//!   within the grace window, the previous one, with a pinned network), at most
+//!   `streams_per_peer` per peer and `streams_max` in all; it closes a stream with no frame
+//!   for `idle_ms`, one whose frame's bytes take longer than `frame_ms` after its length,
+//!   and one announcing a frame longer than `message_max` (each counted in
+//!   `whispr_mesh_node_message_streams_closed_total{reason}`). Each message is handed on
+//!   with the node id of the Noise-authenticated peer that sent it; delivery is at most
+//!   once, in order per stream.
 //!
 //! # Descriptors
 //!

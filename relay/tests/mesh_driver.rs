@@ -1,7 +1,8 @@
 //! The mesh driver over real sockets: three in-process nodes on 127.0.0.1 (an edge relay, a
 //! layer-1 mix and a destination node with a recording [`LocalDestination`]) find each other
 //! through the first one, gossip their descriptors, and carry a Sphinx packet end to end,
-//! from the HTTP-style `submit_client` and from the libp2p client protocol.
+//! from the HTTP-style `submit_client` and from the libp2p client protocol. Nodes with the
+//! mailbox role accept node-to-node messages (`/whispr/node-msg/1`), as mailbox nodes do.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -23,7 +24,7 @@ use whispr_protocol::{DestinationAddress, KeyEpoch, NodeId};
 use whispr_relay::config::{MeshConfig, RelayRole};
 use whispr_relay::mesh::{
     CLIENT_PROTOCOL, LocalDestination, Mesh, MeshError, MeshHandle, MeshOptions,
-    client_status_decode,
+    NODE_MESSAGES_PROTOCOL, NodeMessage, client_status_decode,
 };
 use whispr_relay::router::{Delivery, DropReason, RouterConfig};
 
@@ -43,6 +44,8 @@ impl LocalDestination for Recorder {
 
 struct Node {
     handle: MeshHandle,
+    /// The node messages received (nodes with the mailbox role only).
+    messages: Option<mpsc::Receiver<NodeMessage>>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), MeshError>>,
     _dir: tempfile::TempDir,
@@ -106,18 +109,21 @@ fn start_in(
     extra_roles: Vec<Role>,
     destination: Option<Arc<dyn LocalDestination>>,
 ) -> Node {
-    let (handle, runner) = Mesh::new(MeshOptions {
+    let accepts_messages = extra_roles.contains(&Role::Mailbox);
+    let (handle, mut runner) = Mesh::new(MeshOptions {
         config,
         data_dir: dir.path().to_path_buf(),
         extra_roles,
     })
     .unwrap();
+    let messages = accepts_messages.then(|| runner.accept_node_messages().unwrap());
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(runner.run(destination, async {
         let _ = stopped.await;
     }));
     Node {
         handle,
+        messages,
         stop: Some(stop),
         task,
         _dir: dir,
@@ -179,6 +185,29 @@ async fn eventually_contains(handle: &MeshHandle, line: &str) {
         if tokio::time::Instant::now() > deadline {
             panic!("missing {line:?} in:\n{text}");
         }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The value of the metric line starting with `prefix` (name and labels), 0 when absent.
+fn metric(handle: &MeshHandle, prefix: &str) -> u64 {
+    handle
+        .metrics_text()
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits (up to 120 s) until the metric line starting with `prefix` reaches `at_least`.
+async fn eventually_at_least(handle: &MeshHandle, prefix: &str, at_least: u64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while metric(handle, prefix) < at_least {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{prefix} stayed below {at_least}:\n{}",
+            handle.metrics_text()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -485,4 +514,162 @@ async fn replay_tags_survive_a_restart() {
     assert!(node.handle.is_healthy());
     node.stop().await;
     assert!(deliveries.try_recv().is_err());
+}
+
+/// Two mailbox-role meshes exchange node messages over real sockets, through a relay that
+/// does not accept them: order and the authenticated sender are kept; a too-long message is
+/// refused to the caller, a too-long frame closes the receiving stream (counted) and the
+/// sender reopens; an idle stream is closed by the receiver and reopened by the sender; an
+/// unknown destination is a typed error; a peer outside the directory has its stream
+/// refused; a destination that does not speak the protocol costs the message (counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_messages_between_meshes() {
+    const SENT: &str = "whispr_mesh_node_messages_sent_total ";
+    const RECEIVED: &str = "whispr_mesh_node_messages_received_total ";
+    let dropped =
+        |reason: &str| format!("whispr_mesh_node_messages_dropped_total{{reason=\"{reason}\"}} ");
+    let closed = |reason: &str| {
+        format!("whispr_mesh_node_message_streams_closed_total{{reason=\"{reason}\"}} ")
+    };
+
+    let relay = start(
+        mesh_config(vec![RelayRole::Edge], 0, true, &[]),
+        vec![],
+        None,
+    );
+    let bootstrap = [bootstrap_addr(&relay.handle)];
+    let mut a_config = mesh_config(vec![], 0, false, &bootstrap);
+    a_config.node_messages.message_max = 4096;
+    let mut b_config = mesh_config(vec![], 0, false, &bootstrap);
+    // B takes shorter messages than A sends, and closes streams idle for 1 s.
+    b_config.node_messages.message_max = 1024;
+    b_config.node_messages.idle_ms = 1000;
+    let a = start(a_config, vec![Role::Mailbox], None);
+    let mut b = start(b_config, vec![Role::Mailbox], None);
+    assert!(relay.messages.is_none() && a.messages.is_some());
+    wait_for_directories(&[&relay.handle, &a.handle, &b.handle], 3).await;
+    let a_id = a.handle.node_id();
+    let b_id = b.handle.node_id();
+    let mut inbox = b.messages.take().unwrap();
+
+    // 100 messages, in order, from A.
+    for i in 0..100u32 {
+        let mut bytes = i.to_be_bytes().to_vec();
+        bytes.resize(4 + usize::try_from(i).unwrap() * 10, 7);
+        a.handle.send_node_message(b_id, bytes).unwrap();
+    }
+    for i in 0..100u32 {
+        let (from, bytes) = tokio::time::timeout(WAIT, inbox.recv())
+            .await
+            .expect("a node message within 120 s")
+            .expect("mesh alive");
+        assert_eq!(from, a_id);
+        assert_eq!(bytes[..4], i.to_be_bytes(), "message {i} in order");
+        assert_eq!(bytes.len(), 4 + usize::try_from(i).unwrap() * 10);
+    }
+    // The counters move just after the bytes do.
+    eventually_at_least(&a.handle, SENT, 100).await;
+    eventually_at_least(&b.handle, RECEIVED, 100).await;
+    assert_eq!(metric(&a.handle, SENT), 100);
+    assert_eq!(metric(&b.handle, RECEIVED), 100);
+
+    // Typed errors, counted, nothing queued.
+    let unknown = whispr_protocol::NodeId([9u8; 32]);
+    assert!(matches!(
+        a.handle.send_node_message(unknown, b"x".to_vec()),
+        Err(MeshError::UnknownNode)
+    ));
+    assert!(matches!(
+        a.handle.send_node_message(a_id, b"x".to_vec()),
+        Err(MeshError::UnknownNode)
+    ));
+    assert!(matches!(
+        a.handle.send_node_message(b_id, vec![0; 4097]),
+        Err(MeshError::TooLarge {
+            len: 4097,
+            max: 4096
+        })
+    ));
+    assert_eq!(metric(&a.handle, &dropped("unknown_node")), 2);
+    assert_eq!(metric(&a.handle, &dropped("too_large")), 1);
+
+    // B closes A's stream once idle for 1 s (A's own idle close comes after 60 s).
+    eventually_at_least(&b.handle, &closed("idle"), 1).await;
+
+    // Messages sent after a close reach B on a new stream. A message may be lost if it is
+    // written just as the receiver closes (at most once): send until one arrives.
+    async fn resend_until_received(
+        from: &MeshHandle,
+        to: whispr_protocol::NodeId,
+        inbox: &mut mpsc::Receiver<NodeMessage>,
+        what: &[u8],
+    ) -> whispr_protocol::NodeId {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what:?} never arrived"
+            );
+            from.send_node_message(to, what.to_vec()).unwrap();
+            if let Ok(Some((sender, bytes))) =
+                tokio::time::timeout(Duration::from_millis(500), inbox.recv()).await
+            {
+                assert_eq!(bytes, what);
+                return sender;
+            }
+        }
+    }
+    assert_eq!(
+        resend_until_received(&a.handle, b_id, &mut inbox, b"after idle").await,
+        a_id
+    );
+
+    // A frame longer than B's limit closes B's stream (counted); A reopens.
+    a.handle.send_node_message(b_id, vec![1; 2000]).unwrap();
+    eventually_at_least(&b.handle, &closed("too_large"), 1).await;
+    assert_eq!(metric(&b.handle, &dropped("too_large")), 1);
+    // Whatever arrived meanwhile was a copy of "after idle"; the long one never does.
+    while let Ok((_, bytes)) = inbox.try_recv() {
+        assert_eq!(bytes, b"after idle");
+    }
+    assert_eq!(
+        resend_until_received(&a.handle, b_id, &mut inbox, b"after too long").await,
+        a_id
+    );
+
+    // A peer outside the directory (a bare libp2p identity) has its stream refused.
+    let (mut control, client_task) = client_control(&b.handle).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut stream = loop {
+        match control
+            .open_stream(b.handle.peer_id(), NODE_MESSAGES_PROTOCOL)
+            .await
+        {
+            Ok(stream) => break stream,
+            Err(e) => {
+                assert!(tokio::time::Instant::now() < deadline, "no stream: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let _ = stream.write_all(&3u32.to_be_bytes()).await;
+    let _ = stream.write_all(b"sybil").await;
+    let _ = stream.flush().await;
+    eventually_at_least(&b.handle, &closed("not_member"), 1).await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut rest)).await;
+    assert!(rest.is_empty());
+    client_task.abort();
+
+    // The relay does not accept node messages: A's message to it is lost, and counted.
+    let io_before = metric(&a.handle, &dropped("io"));
+    a.handle
+        .send_node_message(relay.handle.node_id(), b"to a relay".to_vec())
+        .unwrap();
+    eventually_at_least(&a.handle, &dropped("io"), io_before + 1).await;
+    assert!(inbox.try_recv().is_err(), "nothing else reached B");
+
+    for node in [a, b, relay] {
+        node.stop().await;
+    }
 }

@@ -3,7 +3,8 @@
 //! like any node. A stand-in authority serves a consensus signed by the three pinned keys
 //! that lists the honest nodes only. The honest nodes route by the consensus alone (the
 //! Sybil is heard over gossip but never routed to), mirror it at `consensus_bytes`, and
-//! refuse the Sybil's packet streams.
+//! refuse the Sybil's packet streams. The destination (a mailbox-role node) accepts
+//! node-to-node messages from the members only.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -26,7 +27,7 @@ use whispr_protocol::directory::{DIRECTORY_LEN_MAX, Directory, Role, SignedDescr
 use whispr_protocol::sphinx::{Packet, RouteHop, build_packet};
 use whispr_protocol::{DestinationAddress, KeyEpoch, NodeId, UnixTime};
 use whispr_relay::config::{MeshConfig, RelayRole};
-use whispr_relay::mesh::{LocalDestination, Mesh, MeshError, MeshHandle, MeshOptions};
+use whispr_relay::mesh::{LocalDestination, Mesh, MeshError, MeshHandle, MeshOptions, NodeMessage};
 use whispr_relay::router::{Delivery, DropReason, RouterConfig};
 
 /// Longest wait for anything the mesh does on its own time (generous: a deadline costs time
@@ -43,6 +44,8 @@ impl LocalDestination for Recorder {
 
 struct Node {
     handle: MeshHandle,
+    /// The node messages received (nodes with the mailbox role only).
+    messages: Option<mpsc::Receiver<NodeMessage>>,
     stop: oneshot::Sender<()>,
     task: JoinHandle<Result<(), MeshError>>,
     _dir: tempfile::TempDir,
@@ -89,18 +92,21 @@ fn start(
     destination: Option<Arc<dyn LocalDestination>>,
 ) -> Node {
     let dir = tempfile::tempdir().unwrap();
-    let (handle, runner) = Mesh::new(MeshOptions {
+    let accepts_messages = extra_roles.contains(&Role::Mailbox);
+    let (handle, mut runner) = Mesh::new(MeshOptions {
         config,
         data_dir: dir.path().to_path_buf(),
         extra_roles,
     })
     .unwrap();
+    let messages = accepts_messages.then(|| runner.accept_node_messages().unwrap());
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(runner.run(destination, async {
         let _ = stopped.await;
     }));
     Node {
         handle,
+        messages,
         stop,
         task,
         _dir: dir,
@@ -189,7 +195,7 @@ async fn a_sybil_outside_the_consensus_is_not_routed_to_and_its_streams_are_refu
         None,
     );
     let (deliveries_tx, mut deliveries) = mpsc::unbounded_channel();
-    let destination = start(
+    let mut destination = start(
         config(vec![], 0, false, &bootstrap, pinned),
         vec![Role::Mailbox],
         Some(Arc::new(Recorder(deliveries_tx))),
@@ -333,6 +339,32 @@ async fn a_sybil_outside_the_consensus_is_not_routed_to_and_its_streams_are_refu
         Some(Delivery::Final { plaintext, .. }) => assert_eq!(plaintext, b"from a member"),
         other => panic!("unexpected delivery {other:?}"),
     }
+
+    // Node messages: a member's reach the destination with the member's node id; the
+    // Sybil (which has the destination in its gossip directory) has its stream refused.
+    let mut inbox = destination.messages.take().unwrap();
+    mix.handle
+        .send_node_message(destination.handle.node_id(), b"replica".to_vec())
+        .unwrap();
+    let (from, bytes) = tokio::time::timeout(WAIT, inbox.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (from, bytes.as_slice()),
+        (mix.handle.node_id(), &b"replica"[..])
+    );
+    sybil
+        .handle
+        .send_node_message(destination.handle.node_id(), b"forged replica".to_vec())
+        .unwrap();
+    let refused = "whispr_mesh_node_message_streams_closed_total{reason=\"not_member\"} ";
+    eventually("the Sybil's node-message stream refused", || {
+        let text = destination.handle.metrics_text();
+        text.contains(refused) && !text.contains(&format!("{refused}0\n"))
+    })
+    .await;
+    assert!(inbox.try_recv().is_err(), "nothing from the Sybil");
 
     sybil.stop().await;
     for node in [edge, mix, destination] {

@@ -26,7 +26,7 @@ pub struct AuthorityConfig {
     /// every vote, so an edit applies from the next epoch.
     pub allow_file: PathBuf,
     /// Mesh nodes' `GET /v1/directory` URLs to read gossiped descriptors from (optional:
-    /// nodes may also `POST /v1/descriptors`).
+    /// nodes with `[mesh] network_file` `POST /v1/descriptors` their own).
     #[serde(default)]
     pub descriptor_sources: Vec<String>,
     /// Length of a consensus epoch, seconds (default 3600).

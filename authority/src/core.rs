@@ -107,7 +107,7 @@ pub enum SubmitError {
 pub struct Status {
     /// The current epoch.
     pub epoch: u64,
-    /// Descriptors held.
+    /// Descriptors held (of admitted nodes only).
     pub descriptors: usize,
     /// Of them, admitted by the allow list.
     pub admitted: usize,
@@ -167,19 +167,28 @@ impl AuthorityCore {
     }
 
     /// Replaces the admission policy (the operator edited the allow list); it applies from
-    /// the next vote.
+    /// the next vote. Descriptors of nodes it no longer admits are forgotten; a node it now
+    /// admits is voted for once its descriptor comes again (nodes submit theirs at least once
+    /// per epoch).
     pub fn set_allow_list(&mut self, allow: AllowList) {
+        self.descriptors.retain(|id, _| allow.admits(id));
         self.allow = allow;
     }
 
     /// Takes a node's signed descriptor (submitted, or heard from the mesh) if it verifies at
-    /// `now` and is newer than the one held. Returns whether the policy admits the node.
+    /// `now`, the policy admits the node and it is newer than the one held. Returns whether
+    /// the policy admits the node: a descriptor it does not admit is checked and answered,
+    /// never held, so that the table (at most the allow list's size, and
+    /// [`DIRECTORY_NODES_MAX`]) cannot be filled by self-signed descriptors anyone can make.
     pub fn submit_descriptor(
         &mut self,
         now: UnixTime,
         signed: SignedDescriptor,
     ) -> Result<bool, SubmitError> {
         let d = signed.verify(now).map_err(SubmitError::Invalid)?;
+        if !self.allow.admits(&d.node_id) {
+            return Ok(false);
+        }
         match self.descriptors.get(&d.node_id) {
             Some((held, _)) if *held > d.published_at => {
                 return Err(SubmitError::Stale);
@@ -190,7 +199,7 @@ impl AuthorityCore {
             _ => {}
         }
         self.descriptors.insert(d.node_id, (d.published_at, signed));
-        Ok(self.allow.admits(&d.node_id))
+        Ok(true)
     }
 
     /// Advances to `now`: votes for the current epoch if not done yet, computes and signs the

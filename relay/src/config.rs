@@ -82,7 +82,7 @@ pub struct MeshConfig {
     /// The network file pinning the directory authorities (keys, URLs, threshold; see
     /// `docs/operators.md`). When set, the node routes only to the members of the latest
     /// consensus it fetched from the authorities (`GET /v1/consensus`) and verified, takes
-    /// packet streams only from them (and, for [`CONSENSUS_GRACE`] after a new consensus,
+    /// packet streams only from them (and, for `consensus_grace_ms` after a new consensus,
     /// from the previous one's members), and serves that consensus at `GET /v1/consensus`.
     /// When unset, the directory is every valid self-signed descriptor gossiped: for
     /// development only (anyone can join and attract routes).
@@ -92,6 +92,12 @@ pub struct MeshConfig {
     /// 60 000; only with `network_file`).
     #[serde(default = "default_consensus_poll_ms")]
     pub consensus_poll_ms: u64,
+    /// How long the members of the previous consensus still have their packet streams
+    /// accepted after a newer consensus replaced it, in milliseconds (default
+    /// [`CONSENSUS_GRACE`], 10 minutes; at most [`CONSENSUS_GRACE_MAX`]; only with
+    /// `network_file`). 0 refuses a dropped member at once.
+    #[serde(default = "default_consensus_grace_ms")]
+    pub consensus_grace_ms: u64,
     /// Node-to-node messages (`/whispr/node-msg/1`), `[mesh.node_messages]`: only used by
     /// nodes that accept them (mailbox nodes, for replication).
     #[serde(default)]
@@ -104,7 +110,13 @@ pub struct MeshConfig {
 /// How long the members of the previous consensus still have their packet streams accepted
 /// after a newer consensus replaced it: packets that were built on the old one, or sent by a
 /// node that has not fetched the new one yet, still get through the epoch change.
+///
+/// The default of `mesh.consensus_grace_ms`.
 pub const CONSENSUS_GRACE: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+
+/// The longest `mesh.consensus_grace_ms`: a member dropped from the consensus (its
+/// authorities no longer admit it) keeps sending packets for at most this long.
+pub const CONSENSUS_GRACE_MAX: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 fn default_listen() -> Vec<String> {
     vec!["/ip4/0.0.0.0/tcp/7410".into()]
@@ -126,6 +138,9 @@ fn default_client_streams() -> usize {
 }
 fn default_consensus_poll_ms() -> u64 {
     60_000
+}
+fn default_consensus_grace_ms() -> u64 {
+    u64::try_from(CONSENSUS_GRACE.as_millis()).unwrap_or(u64::MAX)
 }
 fn default_descriptors_max() -> usize {
     whispr_protocol::directory::DIRECTORY_NODES_MAX
@@ -149,6 +164,7 @@ impl Default for MeshConfig {
             descriptors_max: default_descriptors_max(),
             network_file: None,
             consensus_poll_ms: default_consensus_poll_ms(),
+            consensus_grace_ms: default_consensus_grace_ms(),
             node_messages: NodeMessageConfig::default(),
             router: RouterConfig::default(),
         }
@@ -233,6 +249,12 @@ impl MeshConfig {
         if self.consensus_poll_ms < 100 {
             return Err(ConfigError::new("mesh.consensus_poll_ms", "at least 100"));
         }
+        if u128::from(self.consensus_grace_ms) > CONSENSUS_GRACE_MAX.as_millis() {
+            return Err(ConfigError::new(
+                "mesh.consensus_grace_ms",
+                "at most 86400000 (one day)",
+            ));
+        }
         self.node_messages.check()?;
         if self.router.epoch_len_ms < 1000 {
             return Err(ConfigError::new(
@@ -273,6 +295,11 @@ impl MeshConfig {
         whispr_protocol::consensus::Network::parse(&text)
             .map(Some)
             .map_err(|e| ConfigError::new("mesh.network_file", format!("{}: {e}", path.display())))
+    }
+
+    /// `consensus_grace_ms` as a duration.
+    pub fn consensus_grace(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.consensus_grace_ms)
     }
 
     /// The key directory for a node whose data lives in `data_dir`.

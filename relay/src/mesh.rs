@@ -21,11 +21,16 @@
 //!   most once per [`directory_rebuild_interval`]) and gives it to the core and the handle
 //!   (without a pinned network: for development only, as anyone can join), or, with
 //!   `mesh.network_file`, only keeps the gossiped descriptors for `GET /v1/directory`;
+//! * **the submission tasks** (with `mesh.network_file` only), one per pinned authority, which
+//!   `POST` this node's signed descriptor to the authority's `/v1/descriptors` at start, when
+//!   its content changes, once per consensus epoch and before the authority's copy expires,
+//!   with bounded retries (`whispr_mesh_descriptor_submissions_total{result}`); an authority
+//!   admits it by its own policy (its allow list);
 //! * **the consensus task** (with `mesh.network_file` only), which fetches the consensus from
 //!   the pinned authorities every `mesh.consensus_poll_ms`, verifies it, and gives the core and
 //!   the handle the directory of its members ([`Directory::from_consensus`]); packet streams
 //!   are then accepted only from those members (and the previous consensus's, for
-//!   [`crate::config::CONSENSUS_GRACE`]);
+//!   `mesh.consensus_grace_ms`);
 //! * **the epoch task**, which rotates the Sphinx keys at each key epoch boundary;
 //! * the acceptors of the packet and client stream protocols, and one sender task per next
 //!   hop;
@@ -81,6 +86,7 @@ mod metrics;
 mod node_messages;
 mod shared;
 mod streams;
+mod submit;
 mod swarm;
 
 use std::path::PathBuf;
@@ -534,12 +540,23 @@ impl MeshRunner {
             command_rx,
             shared.clone(),
         );
+        let own_descriptor = swarm_task.own_descriptor();
         tasks.spawn(swarm_task.run());
         tasks.spawn(engine::directory_task(snapshot_rx, shared.clone()));
         if let Some(network) = network {
+            let (epochs_tx, epochs_rx) = watch::channel(None);
+            submit::spawn(
+                &mut tasks,
+                &network,
+                own_descriptor,
+                epochs_rx,
+                shared.clone(),
+            );
             tasks.spawn(engine::consensus_task(
                 network,
                 Duration::from_millis(config.consensus_poll_ms),
+                config.consensus_grace(),
+                epochs_tx,
                 shared.clone(),
             ));
         }

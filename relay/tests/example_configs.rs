@@ -123,6 +123,25 @@ fn examples_share_one_bootstrap_list() {
     assert!(lists.windows(2).all(|w| w[0] == w[1]), "{lists:?}");
 }
 
+#[test]
+fn consensus_grace_defaults_to_ten_minutes_and_is_bounded() {
+    let parse = |text: &str| toml::from_str::<MeshConfig>(text).unwrap();
+    let default = parse("");
+    assert_eq!(
+        default.consensus_grace(),
+        whispr_relay::config::CONSENSUS_GRACE
+    );
+    assert_eq!(default.consensus_grace_ms, 600_000);
+    default.check().unwrap();
+    let short = parse("consensus_grace_ms = 0");
+    short.check().unwrap();
+    assert_eq!(short.consensus_grace(), std::time::Duration::ZERO);
+    let day = parse("consensus_grace_ms = 86400000");
+    day.check().unwrap();
+    let err = parse("consensus_grace_ms = 86400001").check().unwrap_err();
+    assert!(err.to_string().contains("mesh.consensus_grace_ms"), "{err}");
+}
+
 /// The keys of a config section and of its nested tables, from its default serialised as
 /// JSON.
 fn keys(value: &serde_json::Value, out: &mut Vec<String>) {

@@ -17,7 +17,6 @@ use whispr_protocol::{KeyEpoch, NodeId};
 use super::shared::{LocalDestination, Members, MeshError, RouterEvent, Shared, write};
 use super::streams;
 use super::swarm::SwarmCommand;
-use crate::config::CONSENSUS_GRACE;
 use crate::keys::EpochKeys;
 use crate::router::{DropReason, Input, Output, Router};
 use crate::storage::ReplayStore;
@@ -409,7 +408,13 @@ pub(crate) async fn directory_task(
 /// one held); updates the members whose packet streams are accepted and the bytes served at
 /// `GET /v1/consensus`. The directory is rebuilt at each poll too, as descriptors expire
 /// inside a consensus's window.
-pub(crate) async fn consensus_task(network: Network, poll: Duration, shared: Arc<Shared>) {
+pub(crate) async fn consensus_task(
+    network: Network,
+    poll: Duration,
+    grace: Duration,
+    epochs: watch::Sender<Option<u64>>,
+    shared: Arc<Shared>,
+) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let Ok(http) = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
@@ -460,6 +465,7 @@ pub(crate) async fn consensus_task(network: Network, poll: Duration, shared: Arc
                 let epoch_changed = held.as_ref().is_none_or(|h| h.epoch != verified.epoch);
                 write(&shared.consensus_bytes, Some(Arc::new(bytes)));
                 if epoch_changed {
+                    epochs.send_replace(Some(verified.epoch));
                     tracing::info!(
                         epoch = verified.epoch,
                         signers = verified.signers.len(),
@@ -492,7 +498,7 @@ pub(crate) async fn consensus_task(network: Network, poll: Duration, shared: Arc
                 Arc::new(Members {
                     current: ids,
                     previous: previous.current.clone(),
-                    previous_until: Some(std::time::Instant::now() + CONSENSUS_GRACE),
+                    previous_until: Some(std::time::Instant::now() + grace),
                 }),
             );
         }

@@ -5,6 +5,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use super::submit::Outcome;
 use crate::router::{DropReason, RouterStats};
 
 /// Upper bounds of the hold-time histogram, in seconds. Coarse on purpose: the histogram is
@@ -49,6 +50,8 @@ pub(crate) struct Metrics {
     pub(crate) client_streams: AtomicU64,
     pub(crate) client_streams_refused: AtomicU64,
     pub(crate) peer_streams_refused: AtomicU64,
+    /// Descriptor submissions to the authorities, by [`Outcome`].
+    descriptor_submissions: [AtomicU64; Outcome::ALL.len()],
     pub(crate) node_messages_sent: AtomicU64,
     pub(crate) node_messages_received: AtomicU64,
     /// Node messages dropped, by [`NodeMessageDrop`].
@@ -157,6 +160,14 @@ impl Metrics {
         }
     }
 
+    /// Counts a descriptor submission to an authority, by its outcome.
+    pub(crate) fn descriptor_submitted(&self, outcome: Outcome) {
+        let index = Outcome::ALL.iter().position(|o| *o == outcome);
+        if let Some(counter) = index.and_then(|i| self.descriptor_submissions.get(i)) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     pub(crate) fn observe_hold(&self, held: Duration) {
         self.hold.observe(held);
     }
@@ -231,6 +242,19 @@ impl Metrics {
             line(format_args!("# HELP {name} {help}"));
             line(format_args!("# TYPE {name} counter"));
             line(format_args!("{name} {value}"));
+        }
+        line(format_args!(
+            "# HELP whispr_mesh_descriptor_submissions_total This node's descriptor submitted to the pinned authorities, by result."
+        ));
+        line(format_args!(
+            "# TYPE whispr_mesh_descriptor_submissions_total counter"
+        ));
+        for (outcome, counter) in Outcome::ALL.iter().zip(self.descriptor_submissions.iter()) {
+            line(format_args!(
+                "whispr_mesh_descriptor_submissions_total{{result=\"{}\"}} {}",
+                outcome.label(),
+                load(counter)
+            ));
         }
         line(format_args!(
             "# HELP whispr_mesh_packets_dropped_total Packets refused or dropped by the router, by reason."

@@ -273,6 +273,8 @@ pub(crate) struct SwarmTask {
     shared: Arc<Shared>,
     next_publish: Instant,
     last_publish: Option<Instant>,
+    /// This node's descriptor as last published (submitted to the authorities).
+    own: watch::Sender<Option<Arc<super::submit::OwnDescriptor>>>,
 }
 
 impl SwarmTask {
@@ -320,7 +322,15 @@ impl SwarmTask {
             shared,
             next_publish: Instant::now(),
             last_publish: None,
+            own: watch::Sender::new(None),
         }
+    }
+
+    /// Follows this node's descriptor as the task publishes it.
+    pub(crate) fn own_descriptor(
+        &self,
+    ) -> watch::Receiver<Option<Arc<super::submit::OwnDescriptor>>> {
+        self.own.subscribe()
     }
 
     /// Runs until aborted.
@@ -607,6 +617,11 @@ impl SwarmTask {
             }
         };
         let bytes = signed.encode();
+        self.own
+            .send_replace(Some(Arc::new(super::submit::OwnDescriptor {
+                descriptor: descriptor.clone(),
+                signed: signed.clone(),
+            })));
         self.hold(signed, &descriptor, None);
         // The node's own descriptor reaches the directory without waiting for the tick.
         self.push_snapshot();

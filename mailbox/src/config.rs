@@ -33,6 +33,28 @@ pub struct CoreConfig {
     /// its creation is erased, so that abandoned (or mass-created) mailboxes do not hold
     /// `mailboxes_max` for ever. Default 24 hours.
     pub unused_mailbox_ttl_ms: u64,
+    /// Replication (`docs/replication.md`): a deposit into a replicated mailbox is
+    /// acknowledged to its sender once this many replicas (this one included) wrote it
+    /// synced. Default 2.
+    pub write_quorum: usize,
+    /// A held deposit receipt is dropped (no receipt; the sender retransmits) when too few
+    /// peers acknowledged the push within this time. Default 10,000 ms.
+    pub replica_ack_timeout_ms: u64,
+    /// Anti-entropy round interval. Default 30,000 ms.
+    pub replica_repair_interval_ms: u64,
+    /// Mailboxes digested per anti-entropy round, and messages pulled or tombstones applied
+    /// per mailbox per answer. Default 64.
+    pub replica_repair_batch: usize,
+    /// Most deposit receipts held waiting for peers; beyond it a receipt is dropped
+    /// (counted). Default 10,000.
+    pub replica_held_max: usize,
+    /// Erased replicated mailboxes remembered (so that a peer that missed the erasure does
+    /// not repair them back). Default 10,000.
+    pub replica_erased_max: usize,
+    /// This node's id (its mesh identity): replicated mailboxes must name it. Set by the
+    /// driver from the mesh, never from a file. `None`: replicated mailboxes are refused.
+    #[serde(skip)]
+    pub node_id: Option<[u8; 32]>,
 }
 
 impl Default for CoreConfig {
@@ -50,6 +72,13 @@ impl Default for CoreConfig {
             sweep_batch_max: 10_000,
             expiry_bucket_ms: 60_000,
             unused_mailbox_ttl_ms: 24 * 3600 * 1000,
+            write_quorum: 2,
+            replica_ack_timeout_ms: 10_000,
+            replica_repair_interval_ms: 30_000,
+            replica_repair_batch: 64,
+            replica_held_max: 10_000,
+            replica_erased_max: 10_000,
+            node_id: None,
         }
     }
 }

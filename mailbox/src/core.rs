@@ -36,9 +36,16 @@ use crate::crypto::{DataKey, MasterKey, SID_LEN, StorageId};
 use crate::error::{MailboxError, Result};
 use crate::store::{Cf, MailboxStore, Op};
 
+mod replica;
+pub use replica::ReplicaStats;
+use whispr_protocol::NodeId;
+use whispr_protocol::replica::ReplicaMessage;
+
 const TAG_RECORD: u8 = 0;
 const TAG_CURSOR: u8 = 1;
 const TAG_SEQ_FLOOR: u8 = 2;
+/// Per-message acknowledgements received from peers: `sid ‖ 3 ‖ seq` → sealed device keys.
+const TAG_ACKS: u8 = 3;
 const TAG_PREKEY_IDENTITY: u8 = 0;
 const TAG_PREKEY_ONE_TIME: u8 = 1;
 const KIND_ENVELOPE: u8 = 0;
@@ -62,6 +69,13 @@ pub enum Output {
     ScheduleSweep {
         /// When messages start expiring.
         at: UnixTime,
+    },
+    /// Send `message` to the replica `peer` (over the mesh's node-to-node channel).
+    Replica {
+        /// The peer replica.
+        peer: NodeId,
+        /// What to send.
+        message: ReplicaMessage,
     },
 }
 
@@ -205,6 +219,15 @@ struct Record {
     /// count as used.
     #[serde(default = "used_by_default")]
     used: bool,
+    /// The replica set of a replicated mailbox (v2 create transcript); empty: this node only.
+    #[serde(default)]
+    replicas: Vec<[u8; 32]>,
+    /// The owner's signature over the v2 create transcript (handed to repairing peers).
+    #[serde(default)]
+    create_signature: Vec<u8>,
+    /// The owner's signatures of the device registrations (device key, signature).
+    #[serde(default)]
+    device_signatures: Vec<([u8; 32], Vec<u8>)>,
 }
 
 fn used_by_default() -> bool {
@@ -218,10 +241,14 @@ struct PrekeyIdentity {
     fallback: Option<(u32, [u8; 32], Vec<u8>)>,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct MessageInfo {
     value_len: u64,
     expires_at: u64,
+    /// The message id (dedup id), shared by every replica.
+    id: [u8; 16],
+    /// Devices that acknowledged it at a peer replica (or out of cursor order).
+    acked: Vec<[u8; 32]>,
 }
 
 /// Token bucket, in units of 1/60,000 token (so `per_min` tokens per minute refill exactly
@@ -392,6 +419,9 @@ struct Prepared {
     surb: Option<Surb>,
     dedup: DedupId,
     needs_write: bool,
+    /// For a replicated mailbox: the mailbox, and the message to push to its peers (`None`
+    /// for a redelivery: read back from the store).
+    replicate: Option<(StorageId, Option<whispr_protocol::replica::PushItem>)>,
 }
 
 fn access_ok(hash: &[u8; 32], token: &AccessToken) -> bool {
@@ -412,6 +442,7 @@ pub struct MailboxCore<S: MailboxStore, R: rand::CryptoRng> {
     unused: BTreeSet<(u64, StorageId)>,
     unused_erased: u64,
     outputs: VecDeque<Output>,
+    replica: replica::ReplicaState,
 }
 
 impl<S: MailboxStore, R: rand::CryptoRng> std::fmt::Debug for MailboxCore<S, R> {
@@ -442,6 +473,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             unused: BTreeSet::new(),
             unused_erased: 0,
             outputs: VecDeque::new(),
+            replica: replica::ReplicaState::new(now),
         };
         core.load(now)?;
         Ok(core)
@@ -456,6 +488,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                 ControlFlow::Continue(())
             })?;
         let mut orphans: BTreeSet<StorageId> = BTreeSet::new();
+        let mut acks: Vec<(StorageId, u64, Vec<[u8; 32]>)> = Vec::new();
         for (k, v) in records {
             let sid = sid_of(&k).ok_or(MailboxError::Corrupt("mailbox key"))?;
             match k.get(SID_LEN).copied() {
@@ -498,6 +531,19 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                     }
                     m.next_seq = m.next_seq.max(seq.saturating_add(1));
                 }
+                Some(TAG_ACKS) => {
+                    let (Some(m), Some(seq)) = (self.mailboxes.get(&sid), u64_at(&k, SID_LEN + 1))
+                    else {
+                        orphans.insert(sid);
+                        continue;
+                    };
+                    let plain = m.key.open(&[b"ack", &k], &v)?;
+                    let devices = plain
+                        .chunks_exact(32)
+                        .filter_map(|d| <[u8; 32]>::try_from(d).ok())
+                        .collect();
+                    acks.push((sid, seq, devices));
+                }
                 Some(TAG_SEQ_FLOOR) => {
                     let Some(m) = self.mailboxes.get_mut(&sid) else {
                         orphans.insert(sid);
@@ -529,6 +575,8 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                                 MessageInfo {
                                     value_len: v.len() as u64,
                                     expires_at,
+                                    id: [0; 16],
+                                    acked: Vec::new(),
                                 },
                             );
                             m.bytes = m.bytes.saturating_add(v.len() as u64);
@@ -541,6 +589,36 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                 }
                 ControlFlow::Continue(())
             })?;
+        // Message ids (and tombstones: dedup entries whose message is gone, whose sequence
+        // numbers must not be reused).
+        let mailboxes = &mut self.mailboxes;
+        self.store
+            .scan(Cf::Dedup, &[], &[0xff; SID_LEN + 17], &mut |k, v| {
+                if let (Some(sid), Some(id), Some(seq), Some(expires_at)) = (
+                    sid_of(k),
+                    k.get(SID_LEN..).and_then(|b| <[u8; 16]>::try_from(b).ok()),
+                    u64_at(v, 0),
+                    u64_at(v, 8),
+                ) && let Some(m) = mailboxes.get_mut(&sid)
+                {
+                    m.next_seq = m.next_seq.max(seq.saturating_add(1));
+                    if let Some(info) = m.messages.get_mut(&seq)
+                        && info.expires_at == expires_at
+                    {
+                        info.id = id;
+                    }
+                }
+                ControlFlow::Continue(())
+            })?;
+        for (sid, seq, devices) in acks {
+            if let Some(info) = self
+                .mailboxes
+                .get_mut(&sid)
+                .and_then(|m| m.messages.get_mut(&seq))
+            {
+                info.acked = devices;
+            }
+        }
         for sid in orphans {
             let mut ops = Self::erase_ops(&sid);
             ops.extend(self.expiry_ops(&sid)?);
@@ -711,8 +789,19 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         })
     }
 
-    /// Creates a mailbox after checking the owner's proof of possession.
+    /// Creates a mailbox after checking the owner's proof of possession (v1 transcript: a
+    /// mailbox on this node only, never replicated).
     pub fn create_mailbox(&mut self, now: UnixTime, request: CreateMailbox) -> Result<()> {
+        self.create_inner(now, request, Vec::new(), false)
+    }
+
+    fn create_inner(
+        &mut self,
+        now: UnixTime,
+        request: CreateMailbox,
+        replicas: Vec<NodeId>,
+        used: bool,
+    ) -> Result<()> {
         self.check_writable()?;
         if request.mailbox_id.0 == [0u8; 32] {
             return Err(MailboxError::InvalidArgument(
@@ -725,16 +814,30 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             ));
         }
         whispr_protocol::envelope::MailboxPublicKey::from_bytes(&request.mailbox_key)?;
-        verify(
-            &request.owner_key,
-            &create_transcript(
+        let transcript = if replicas.is_empty() {
+            create_transcript(
                 &request.mailbox_id,
                 &request.mailbox_key,
                 &request.owner_key,
                 &request.access_key_hash,
                 request.reply_key.as_ref(),
                 request.retention_ms,
-            ),
+            )
+        } else {
+            whispr_protocol::mailbox_api::create_transcript_v2(
+                &request.mailbox_id,
+                &request.mailbox_key,
+                &request.owner_key,
+                &request.access_key_hash,
+                request.reply_key.as_ref(),
+                request.retention_ms,
+                &replicas,
+            )
+            .ok_or(MailboxError::InvalidArgument("1 to 5 replicas"))?
+        };
+        verify(
+            &request.owner_key,
+            &transcript,
             &request.signature,
             "proof of possession",
         )?;
@@ -757,7 +860,14 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             retention_ms: request.retention_ms,
             created_at_ms: now.0,
             devices: vec![request.owner_key],
-            used: false,
+            used,
+            create_signature: if replicas.is_empty() {
+                Vec::new()
+            } else {
+                request.signature.to_vec()
+            },
+            replicas: replicas.iter().map(|r| r.0).collect(),
+            device_signatures: Vec::new(),
         };
         let op = self.record_ops(&sid, &key, &record)?;
         self.store.write(vec![op], true)?;
@@ -775,7 +885,9 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                 deposits: Bucket::full(self.config.deposits_per_min, now),
             },
         );
-        self.track_unused(sid, now.0);
+        if !used {
+            self.track_unused(sid, now.0);
+        }
         Ok(())
     }
 
@@ -840,6 +952,12 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         let start = m.min_cursor();
         let mut record = m.record.clone();
         record.devices.push(device_key);
+        let replicated = !record.replicas.is_empty();
+        if replicated {
+            record
+                .device_signatures
+                .push((device_key, owner_signature.to_vec()));
+        }
         let key = m.key.clone();
         let mut ops = vec![self.record_ops(&sid, &key, &record)?];
         ops.push(self.cursor_op(&sid, &key, &device_key, start));
@@ -847,6 +965,9 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         let m = self.mailbox_mut(mailbox)?;
         m.record = record;
         m.cursors.insert(device_key, start);
+        if replicated {
+            self.announce_record(&sid);
+        }
         Ok(())
     }
 
@@ -877,11 +998,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             key: cursor_key(&sid, &key, device_key),
         });
         if new_min > old_min {
-            ops.push(Op::DeleteRange {
-                cf: Cf::Envelopes,
-                from: envelope_key(&sid, 0),
-                to: envelope_key(&sid, new_min.saturating_add(1)),
-            });
+            ops.extend(Self::delete_through_ops(&sid, new_min));
         }
         self.store.write(ops, true)?;
         let m = self.mailbox_mut(mailbox)?;
@@ -931,12 +1048,14 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         let mut acks: Vec<(usize, Surb, DedupId)> = Vec::new();
         // Whether each result holds only if this batch's write succeeds.
         let mut needs_write: Vec<bool> = Vec::with_capacity(incoming.len());
+        let mut replicate = Vec::with_capacity(incoming.len());
         for item in incoming {
             let prepared = self.prepare(now, item, &mut batch);
             if let (Ok(_), Some(surb)) = (&prepared.result, prepared.surb) {
                 acks.push((results.len(), surb, prepared.dedup));
             }
             needs_write.push(prepared.needs_write);
+            replicate.push(prepared.replicate);
             results.push(prepared.result);
         }
         if !batch.ops.is_empty()
@@ -968,16 +1087,42 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         for at in buckets {
             self.want_sweep(at);
         }
+        // Replicated mailboxes: push to the peers; receipts wait for the write quorum.
+        let mut held_ids: BTreeSet<usize> = BTreeSet::new();
+        let mut pushes: BTreeMap<StorageId, Vec<whispr_protocol::replica::PushItem>> =
+            BTreeMap::new();
+        for (index, r) in replicate.into_iter().enumerate() {
+            let (Some((sid, item)), Some(Ok(receipt))) = (r, results.get(index)) else {
+                continue;
+            };
+            let item = match item {
+                Some(item) => Some(item),
+                None => self.push_item_of(&sid, receipt.seq).unwrap_or(None),
+            };
+            // A redelivery of a message already delivered and deleted: receipt now.
+            let Some(item) = item else { continue };
+            held_ids.insert(index);
+            let list = pushes.entry(sid).or_default();
+            if !list.iter().any(|i| i.id == item.id) {
+                list.push(item);
+            }
+        }
         for (index, surb, dedup_id) in acks {
             if let Some(Ok(receipt)) = results.get(index) {
-                self.outputs.push_back(Output::Reply {
-                    surb,
-                    reply: Reply::DepositAck {
-                        dedup_id,
-                        expires_at: receipt.expires_at,
-                    },
-                });
+                let reply = Reply::DepositAck {
+                    dedup_id,
+                    expires_at: receipt.expires_at,
+                };
+                if held_ids.contains(&index) {
+                    let sid = self.master.storage_id(&receipt.mailbox_id);
+                    self.hold_receipt(now, sid, dedup_id.0, surb, reply);
+                } else {
+                    self.outputs.push_back(Output::Reply { surb, reply });
+                }
             }
+        }
+        for (sid, items) in pushes {
+            self.push_to_peers(&sid, items);
         }
         results
     }
@@ -988,6 +1133,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             surb: None,
             dedup: DedupId([0u8; 16]),
             needs_write: false,
+            replicate: None,
         }
     }
 
@@ -1048,6 +1194,10 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             }
         };
         let sid = self.master.storage_id(&mailbox_id);
+        let replicated = self
+            .mailboxes
+            .get(&sid)
+            .is_some_and(|m| !m.record.replicas.is_empty());
         let duplicate = |seq: u64, expires_at: u64, needs_write: bool| Prepared {
             result: Ok(DepositReceipt {
                 mailbox_id,
@@ -1058,6 +1208,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             surb: surb.clone(),
             dedup,
             needs_write,
+            replicate: replicated.then_some((sid, None)),
         };
         // Redelivery within this batch: stands or falls with the first copy.
         if let Some((seq, expires_at)) = batch.dedup.get(&(sid, dedup.0)) {
@@ -1119,6 +1270,8 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         let info = MessageInfo {
             value_len: value.len() as u64,
             expires_at,
+            id: dedup.0,
+            acked: Vec::new(),
         };
         p.bytes = p.bytes.saturating_add(info.value_len);
         p.added.push((seq, info));
@@ -1151,6 +1304,19 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             surb,
             dedup,
             needs_write: true,
+            replicate: replicated.then_some((
+                sid,
+                Some(whispr_protocol::replica::PushItem {
+                    id: dedup.0,
+                    kind: if kind == KIND_ENVELOPE {
+                        whispr_protocol::replica::MessageKind::Envelope
+                    } else {
+                        whispr_protocol::replica::MessageKind::SurbReply
+                    },
+                    expires_at: UnixTime(expires_at),
+                    body,
+                }),
+            )),
         }
     }
 
@@ -1178,7 +1344,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             if out.len() >= limit {
                 break;
             }
-            if info.expires_at <= now.0 {
+            if info.expires_at <= now.0 || info.acked.contains(device) {
                 continue;
             }
             if let Some(message) = self.read_message(m, *seq)? {
@@ -1245,19 +1411,86 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         let mut cursors = m.cursors.clone();
         cursors.insert(*device, up_to);
         let new_min = cursors.values().copied().min().unwrap_or(0);
+        // What the device acknowledged now (told to the peer replicas), and the messages
+        // above the new minimum cursor that every device has acknowledged by now (some
+        // through peers).
+        let newly: Vec<[u8; 16]> = m
+            .messages
+            .range(cursor.saturating_add(1)..up_to.saturating_add(1))
+            .map(|(_, i)| i.id)
+            .collect();
+        let done: Vec<u64> = m
+            .messages
+            .range(new_min.saturating_add(1)..up_to.saturating_add(1))
+            .filter(|(seq, i)| Self::fully_acked(&m.record.devices, &cursors, **seq, i))
+            .map(|(seq, _)| *seq)
+            .collect();
+        let replicated = !m.record.replicas.is_empty();
         let mut ops = vec![self.cursor_op(&sid, &key, device, up_to)];
         if new_min > old_min {
-            ops.push(Op::DeleteRange {
-                cf: Cf::Envelopes,
-                from: envelope_key(&sid, 0),
-                to: envelope_key(&sid, new_min.saturating_add(1)),
-            });
+            ops.extend(Self::delete_through_ops(&sid, new_min));
+        }
+        for seq in &done {
+            ops.extend(Self::delete_message_ops(&sid, *seq));
         }
         self.store.write(ops, true)?;
         let m = self.mailbox_mut(mailbox)?;
         m.cursors = cursors;
         Self::forget_through(m, new_min);
+        for seq in done {
+            if let Some(info) = m.messages.remove(&seq) {
+                m.bytes = m.bytes.saturating_sub(info.value_len);
+            }
+        }
+        if replicated {
+            self.announce_acked(&sid, *device, newly);
+        }
         Ok(up_to)
+    }
+
+    /// True when every registered device acknowledged message `seq` (by its cursor, or at
+    /// a peer replica).
+    fn fully_acked(
+        devices: &[[u8; 32]],
+        cursors: &BTreeMap<[u8; 32], u64>,
+        seq: u64,
+        info: &MessageInfo,
+    ) -> bool {
+        devices
+            .iter()
+            .all(|d| cursors.get(d).is_some_and(|c| *c >= seq) || info.acked.contains(d))
+    }
+
+    /// Deletes every message (and its peer acknowledgements) up to `seq`; dedup entries
+    /// stay until expiry (tombstones).
+    fn delete_through_ops(sid: &StorageId, seq: u64) -> [Op; 2] {
+        [
+            Op::DeleteRange {
+                cf: Cf::Envelopes,
+                from: envelope_key(sid, 0),
+                to: envelope_key(sid, seq.saturating_add(1)),
+            },
+            Op::DeleteRange {
+                cf: Cf::Mailboxes,
+                from: key_tag_bytes(sid, TAG_ACKS, &0u64.to_be_bytes()),
+                to: key_tag_bytes(sid, TAG_ACKS, &seq.saturating_add(1).to_be_bytes()),
+            },
+        ]
+    }
+
+    /// Deletes one message and its peer acknowledgements; its dedup entry stays until
+    /// expiry (a tombstone).
+    fn delete_message_ops(sid: &StorageId, seq: u64) -> [Op; 2] {
+        [
+            Op::Delete {
+                cf: Cf::Envelopes,
+                key: envelope_key(sid, seq),
+            },
+            Op::Delete {
+                cf: Cf::Mailboxes,
+                key: key_tag_bytes(sid, TAG_ACKS, &seq.to_be_bytes()),
+            },
+        ]
     }
 
     /// Deletes what expired by `now` (at most `sweep_batch_max` messages per call, one
@@ -1302,6 +1535,10 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                 ops.push(Op::Delete {
                     cf: Cf::Envelopes,
                     key: ekey,
+                });
+                ops.push(Op::Delete {
+                    cf: Cf::Mailboxes,
+                    key: key_tag_bytes(&sid, TAG_ACKS, &seq.to_be_bytes()),
                 });
                 gone.entry(sid).or_default().push(seq);
             }
@@ -1361,8 +1598,20 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
     /// at the next start.
     pub fn erase(&mut self, mailbox: &MailboxId) -> Result<()> {
         self.check_writable()?;
-        let sid = self.mailbox(mailbox)?.sid;
-        self.erase_sid(&sid)
+        let m = self.mailbox(mailbox)?;
+        let sid = m.sid;
+        let peers = self.peers_of(m);
+        self.erase_sid(&sid)?;
+        self.remember_erased(sid);
+        for peer in peers {
+            self.outputs.push_back(Output::Replica {
+                peer,
+                message: ReplicaMessage::Erase {
+                    mailbox_id: *mailbox,
+                },
+            });
+        }
+        Ok(())
     }
 
     fn erase_sid(&mut self, sid: &StorageId) -> Result<()> {

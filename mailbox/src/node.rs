@@ -293,6 +293,27 @@ pub trait ReplySink: Send + Sync + 'static {
     fn send_reply(&self, surb: Surb, reply: Reply);
 }
 
+/// Where the core's messages to peer replicas go (the mesh's node-to-node channel,
+/// [`crate::mesh::MeshReplicaTransport`]; a test bus in tests).
+pub trait ReplicaTransport: Send + Sync + 'static {
+    /// Sends the encoded replica message `bytes` to the node `to`. Must not block; delivery
+    /// is at most once (the replication protocol acknowledges and repairs).
+    fn send(&self, to: whispr_protocol::NodeId, bytes: Vec<u8>);
+}
+
+/// Replication counters of the driver (the core's are in [`crate::core::ReplicaStats`]).
+#[derive(Debug, Default)]
+pub struct ReplicaMetrics {
+    /// Replica messages handed to the transport.
+    pub sent: AtomicU64,
+    /// Replica messages dropped because no transport is attached.
+    pub unsent: AtomicU64,
+    /// Replica messages received.
+    pub received: AtomicU64,
+    /// Received replica messages that did not decode.
+    pub malformed: AtomicU64,
+}
+
 /// A reply sink for a node not yet joined to a mesh: replies are counted and dropped.
 #[derive(Debug, Default)]
 pub struct NoMesh {
@@ -326,6 +347,9 @@ pub(crate) struct Shared {
     replies: Arc<dyn ReplySink>,
     /// The embedded mesh, once joined.
     mesh: std::sync::OnceLock<(whispr_relay::mesh::MeshHandle, Arc<MeshMetrics>)>,
+    /// Where replica messages go, once attached.
+    replica_transport: std::sync::OnceLock<Arc<dyn ReplicaTransport>>,
+    pub(crate) replica_metrics: ReplicaMetrics,
     pub(crate) metrics: Metrics,
     /// Open long polls and streams per mailbox.
     pub(crate) mailbox_connections: Mutex<BTreeMap<[u8; 32], usize>>,
@@ -412,6 +436,8 @@ impl MailboxNode {
                 sweeper_wake: Notify::new(),
                 replies,
                 mesh: std::sync::OnceLock::new(),
+                replica_transport: std::sync::OnceLock::new(),
+                replica_metrics: ReplicaMetrics::default(),
                 metrics: Metrics::default(),
                 mailbox_connections: Mutex::new(BTreeMap::new()),
                 limiter: Mutex::new(limiter),
@@ -482,6 +508,77 @@ impl MailboxNode {
         let _ = self.shared.mesh.set((mesh, metrics));
     }
 
+    /// Sends the core's replica messages through `transport` (only the first call counts).
+    /// Set `limits.node_id` in the config before [`Self::open`]: replicated mailboxes need it.
+    pub fn attach_replica_transport(&self, transport: Arc<dyn ReplicaTransport>) {
+        let _ = self.shared.replica_transport.set(transport);
+    }
+
+    /// Replication counters of the driver.
+    pub fn replica_metrics(&self) -> &ReplicaMetrics {
+        &self.shared.replica_metrics
+    }
+
+    /// Replication counters of the core.
+    pub fn replica_stats(&self) -> crate::core::ReplicaStats {
+        self.core().replica_stats()
+    }
+
+    /// Handles a message from the peer replica `from` (authenticated by the transport). The
+    /// core may write (synced): call it from a blocking thread, as
+    /// [`Self::handle_replica_message`] does.
+    pub fn handle_replica_bytes(&self, from: whispr_protocol::NodeId, bytes: &[u8]) {
+        let metrics = &self.shared.replica_metrics;
+        metrics.received.fetch_add(1, Ordering::Relaxed);
+        let message = match whispr_protocol::replica::ReplicaMessage::decode(bytes) {
+            Ok(m) => m,
+            Err(_) => {
+                metrics.malformed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        let stored = matches!(
+            message,
+            whispr_protocol::replica::ReplicaMessage::Push { .. }
+        );
+        let result = {
+            let mut core = self.core();
+            let result = core.handle_replica(now(), from, message);
+            self.drain_outputs(&mut core);
+            result
+        };
+        match result {
+            Ok(()) => {
+                if stored {
+                    self.shared.new_messages.notify_waiters();
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "replica message failed"),
+        }
+        // Creations (record repair) and new messages may move the sweeper's next wake-up.
+        self.wake_sweeper();
+    }
+
+    /// [`Self::handle_replica_bytes`] on a blocking thread.
+    pub async fn handle_replica_message(&self, from: whispr_protocol::NodeId, bytes: Vec<u8>) {
+        let node = self.clone();
+        let _ = tokio::task::spawn_blocking(move || node.handle_replica_bytes(from, &bytes)).await;
+    }
+
+    /// Receives replica messages from `rx` until it closes, one at a time (the channel's
+    /// bound is the backpressure).
+    pub fn spawn_replica_receiver(
+        &self,
+        mut rx: mpsc::Receiver<(whispr_protocol::NodeId, Vec<u8>)>,
+    ) -> tokio::task::JoinHandle<()> {
+        let node = self.clone();
+        tokio::spawn(async move {
+            while let Some((from, bytes)) = rx.recv().await {
+                node.handle_replica_message(from, bytes).await;
+            }
+        })
+    }
+
     /// The mesh, if joined.
     pub fn mesh(&self) -> Option<&(whispr_relay::mesh::MeshHandle, Arc<MeshMetrics>)> {
         self.shared.mesh.get()
@@ -515,6 +612,18 @@ impl MailboxNode {
                         tracing::warn!(error = %e, "cannot schedule an expiry sweep");
                     }
                     self.shared.sweeper_wake.notify_one();
+                }
+                Output::Replica { peer, message } => {
+                    let metrics = &self.shared.replica_metrics;
+                    match self.shared.replica_transport.get() {
+                        Some(t) => {
+                            metrics.sent.fetch_add(1, Ordering::Relaxed);
+                            t.send(peer, message.encode());
+                        }
+                        None => {
+                            metrics.unsent.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                 }
             }
         }
@@ -621,11 +730,11 @@ impl MailboxNode {
         loop {
             let wait = {
                 let due = lock(&self.shared.timers).poll_timeout();
-                let unused = self.core().next_unused_deadline();
-                let next = match (due, unused) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
+                let (unused, replica) = {
+                    let core = self.core();
+                    (core.next_unused_deadline(), core.replica_timeout())
                 };
+                let next = [due, unused, replica].into_iter().flatten().min();
                 match next {
                     Some(at) => Duration::from_millis(at.0.saturating_sub(now().0).min(60_000)),
                     None => Duration::from_secs(60),
@@ -641,9 +750,19 @@ impl MailboxNode {
             let _ = tokio::task::spawn_blocking(move || {
                 node.run_due_sweeps();
                 node.erase_unused();
+                node.replica_tick();
             })
             .await;
         }
+    }
+
+    /// Replication timers: held receipts that timed out, anti-entropy rounds.
+    fn replica_tick(&self) {
+        let mut core = self.core();
+        if let Err(e) = core.tick(now()) {
+            tracing::error!(error = %e, "replica tick failed");
+        }
+        self.drain_outputs(&mut core);
     }
 
     /// Erases the mailboxes left unused past their grace period.

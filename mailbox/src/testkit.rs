@@ -92,6 +92,27 @@ impl Owner {
         }
     }
 
+    /// A signed creation request of a mailbox replicated on `replicas` (v2 transcript).
+    pub fn create_request_replicated(
+        &self,
+        retention_ms: u64,
+        replicas: &[whispr_protocol::NodeId],
+    ) -> CreateMailbox {
+        let mut req = self.create_request(retention_ms);
+        let transcript = whispr_protocol::mailbox_api::create_transcript_v2(
+            &req.mailbox_id,
+            &req.mailbox_key,
+            &req.owner_key,
+            &req.access_key_hash,
+            req.reply_key.as_ref(),
+            retention_ms,
+            replicas,
+        )
+        .unwrap_or_default();
+        req.signature = self.owner.sign(&transcript).to_bytes();
+        req
+    }
+
     /// The owner's signature registering `device`.
     pub fn sign_device(&self, device: &SigningKey) -> [u8; 64] {
         self.owner
@@ -153,6 +174,19 @@ impl Owner {
             &content,
         )
     }
+}
+
+/// The JSON body of `POST /v1/mailboxes` for a replicated `req` (`replicas` as hex).
+pub fn create_body_replicated(
+    req: &CreateMailbox,
+    replicas: &[whispr_protocol::NodeId],
+) -> serde_json::Value {
+    let mut body = create_body(req);
+    if let Some(map) = body.as_object_mut() {
+        let hex: Vec<String> = replicas.iter().map(|r| hex::encode(r.0)).collect();
+        map.insert("replicas".into(), serde_json::json!(hex));
+    }
+    body
 }
 
 /// The JSON body of `POST /v1/mailboxes` for `req`.

@@ -324,7 +324,7 @@ fn replies(outputs: &[Output]) -> Vec<(&Surb, &Reply)> {
         .iter()
         .filter_map(|o| match o {
             Output::Reply { surb, reply } => Some((surb, reply)),
-            Output::ScheduleSweep { .. } => None,
+            Output::ScheduleSweep { .. } | Output::Replica { .. } => None,
         })
         .collect()
 }
@@ -334,7 +334,7 @@ fn sweeps(outputs: &[Output]) -> Vec<UnixTime> {
         .iter()
         .filter_map(|o| match o {
             Output::ScheduleSweep { at } => Some(*at),
-            Output::Reply { .. } => None,
+            Output::Reply { .. } | Output::Replica { .. } => None,
         })
         .collect()
 }

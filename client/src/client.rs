@@ -35,6 +35,16 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The error of a client that pins no directory authority.
+fn no_network() -> ClientError {
+    ClientError::InvalidArgument(
+        "no directory authorities pinned: this client accepts a directory only as a consensus \
+         signed by the authorities of a network file (create the client with \
+         `whispr init --network FILE`)"
+            .to_string(),
+    )
+}
+
 fn os_rng() -> StdRng {
     rand::make_rng()
 }
@@ -165,11 +175,19 @@ impl Client {
                 self.consensus_epoch = d.consensus().map(|c| c.epoch);
                 d
             }
-            None => self.net.unpinned_directory(&url, UnixTime(now)).await?,
+            // A directory nobody signed is refused from any source (issue 14): a client
+            // without a pinned network has no directory, so it builds no route.
+            None => return Err(no_network()),
         };
         self.core.set_directory(std::sync::Arc::new(d));
         self.directory_at = Some(now);
         Ok(())
+    }
+
+    /// Whether this client pins directory authorities (`Settings::network`): without, it
+    /// accepts no directory and cannot send or receive.
+    pub fn is_pinned(&self) -> bool {
+        self.settings().network.is_some()
     }
 
     /// The directory the client routes by (fetched now if the one held is too old): its node

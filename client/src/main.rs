@@ -55,10 +55,10 @@ enum Command {
         /// Cover traffic while `recv --follow` runs, packets per minute (Poisson).
         #[arg(long)]
         cover_per_min: Option<f64>,
-        /// The network file pinning the directory authorities (`whispr devnet up` writes one):
-        /// from then on a directory is accepted only with the threshold of their signatures,
+        /// The network file pinning the directory authorities (`whispr devnet up` writes one;
+        /// required): a directory is accepted only with the threshold of their signatures,
         /// and `--directory` is a mere mirror.
-        #[arg(long)]
+        #[arg(long, required = true)]
         network: Option<std::path::PathBuf>,
     },
     /// Creates a mailbox for a new contact and prints the invitation to give them.

@@ -197,9 +197,10 @@ impl Net {
         Ok(Consensus::decode(&bytes)?.verify(now, network)?)
     }
 
-    /// Fetches a plain directory of self-signed descriptors, trusting whoever serves it: only
-    /// for a client that pins no authority (`Settings::network` unset; devnets from before
-    /// authorities). Never use it with a network pinned.
+    /// Fetches a plain directory of self-signed descriptors, trusting whoever serves it: what
+    /// a node hears on the mesh (`GET /v1/directory`), for the devnet supervisor's check that
+    /// the nodes hear each other. A client never routes by it: [`crate::Client`] accepts only
+    /// a consensus of its pinned authorities.
     pub async fn unpinned_directory(&self, url: &str, now: UnixTime) -> Result<Directory> {
         let r = self
             .http

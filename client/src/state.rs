@@ -117,6 +117,8 @@ pub struct Settings {
     /// threshold, one `authority KEY URL` line each; `docs/protocol.md`). When set, a
     /// directory is accepted only as a consensus with the threshold of their signatures,
     /// fetched from `directory_url` (a mere mirror) or from the authorities themselves.
+    /// When unset, no directory is accepted at all (a client never trusts an unsigned one),
+    /// so the client can neither send nor receive: `whispr init` requires `--network`.
     pub network: Option<String>,
     /// Replicas of each new mailbox (R; `docs/replication.md`): the owner creates it on this
     /// many mailbox nodes (at most `REPLICAS_MAX`, and no more than the directory has).

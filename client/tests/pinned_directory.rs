@@ -162,13 +162,64 @@ async fn a_plain_directory_from_a_mirror_is_refused() {
     f.serve("/mirror", Directory::encode(&f.attacker));
     let got = f.fetch(None).await;
     assert!(got.is_err(), "accepted a directory no authority signed");
-    // The same over the unpinned path a client without authorities still uses.
+    // Only the devnet supervisor's gossip check reads it as it is (no client routes by it).
     let legacy = Net::new()
         .unwrap()
         .unpinned_directory(&format!("{}/mirror", f.base), now())
         .await
         .unwrap();
     assert!(legacy.consensus().is_none());
+}
+
+/// A client created without a network file used to trust whatever its directory URL served
+/// (a plain directory of self-signed descriptors, over plain HTTP): it now refuses every
+/// directory, the attacker's plain one and even a valid consensus, as it pins no authority.
+#[tokio::test]
+async fn a_client_that_pins_no_authority_accepts_no_directory() {
+    let f = fixture().await;
+    f.serve("/mirror", Directory::encode(&f.attacker));
+    let home = tempfile::tempdir().unwrap();
+    let kdf = whispr_client::KdfParams {
+        m_kib: 64,
+        t: 1,
+        p: 1,
+    };
+    let mut client = whispr_client::Client::init(
+        home.path(),
+        b"pw",
+        &format!("{}/mirror", f.base),
+        whispr_client::Settings::default(),
+        kdf,
+    )
+    .unwrap();
+    assert!(!client.is_pinned());
+    let got = client.directory_summary().await;
+    assert!(
+        matches!(&got, Err(whispr_client::ClientError::InvalidArgument(m)) if m.contains("--network")),
+        "an unpinned client took a directory: {got:?}"
+    );
+    f.serve(
+        "/mirror",
+        f.consensus(1, 0, &[&f.keys[0], &f.keys[1], &f.keys[2]]),
+    );
+    assert!(client.directory_summary().await.is_err());
+}
+
+/// `whispr init` creates no client without a network file.
+#[test]
+fn whispr_init_requires_a_network_file() {
+    let home = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_whispr"))
+        .arg("--home")
+        .arg(home.path().join("c"))
+        .args(["init", "--directory", "http://127.0.0.1:9/v1/directory"])
+        .env("WHISPR_PASSPHRASE", "pw")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--network"), "{stderr}");
+    assert!(!home.path().join("c").exists(), "a home was created");
 }
 
 #[tokio::test]

@@ -433,9 +433,13 @@ impl TestNet {
     fn pair_seeded(&mut self, a: u64, b: u64) -> (ClientCore, ClientCore) {
         let mut alice = self.core(a);
         let mut bob = self.core(b);
-        let plan = alice.prepare_invite(T0, Some("bob"), true).unwrap();
+        let mut plan = alice.prepare_invite(T0, Some("bob"), true).unwrap();
+        // What the driver does: the mailbox is created on every replica.
+        created(&mut plan.mailbox);
         let text = alice.commit_invite(T0, plan);
-        let accept = bob.accept_start(T0, &text, "alice").unwrap();
+        let mut accept = bob.accept_start(T0, &text, "alice").unwrap();
+        created(&mut accept.mailbox);
+        bob.mailbox_created(&accept.mailbox);
         let otk = accept.invitation.one_time_key.unwrap();
         bob.accept_finish(T0, "alice", &accept.invitation, otk)
             .unwrap();
@@ -456,6 +460,14 @@ impl TestNet {
         alice.take_notices();
         bob.take_notices();
         (alice, bob)
+    }
+}
+
+/// Records `m` as created on each of its replicas, its prekeys uploaded (as the driver does).
+fn created(m: &mut OwnedMailbox) {
+    for r in &mut m.replicas {
+        r.created = true;
+        r.prekeys = None;
     }
 }
 
@@ -1172,4 +1184,335 @@ fn a_receipt_does_not_leave_in_the_round_that_fetched_its_message() {
     assert!(due > T0 + 2000, "due at once");
     bob.handle_timeout(due).unwrap();
     assert_eq!(deposits(&net.run(&mut bob)).len(), 1);
+}
+
+/// The node each deposit among `arrivals` reached.
+fn deposit_nodes(arrivals: &[Arrival]) -> Vec<NodeId> {
+    arrivals
+        .iter()
+        .filter_map(|a| match a {
+            Arrival::Final {
+                node,
+                message: FinalMessage::Deposit(_),
+                ..
+            } => Some(*node),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn invitations_and_hellos_pin_the_whole_replica_set() {
+    let mut net = TestNet::new();
+    let (alice, bob) = net.pair();
+    let alices = alice.contact_mailbox("bob").unwrap();
+    let bobs = bob.contact_mailbox("alice").unwrap();
+    assert_eq!(alices.replicas.len(), 3);
+    assert!(alices.replicas.iter().all(|r| r.created));
+    // Distinct nodes, each with its own API address.
+    let nodes = alices.replica_nodes();
+    assert_eq!(nodes.iter().collect::<BTreeSet<_>>().len(), 3);
+    assert!(
+        alices
+            .replicas
+            .iter()
+            .all(|r| r.api_url.starts_with("http://node-"))
+    );
+    // Bob learnt alice's set from the invitation, alice learnt bob's from his hello, in
+    // their pinned order.
+    let theirs = |c: &ClientCore, name: &str| c.contact(name).unwrap().theirs.clone().unwrap();
+    assert_eq!(theirs(&bob, "alice").replicas, nodes);
+    assert_eq!(theirs(&alice, "bob").replicas, bobs.replica_nodes());
+    // R is capped by the mailbox nodes of the directory.
+    let mut carol = net.core(9);
+    carol.settings_mut().replicas = 9;
+    let plan = carol.prepare_invite(T0, Some("x"), true).unwrap();
+    assert_eq!(plan.mailbox.replicas.len(), net.mailbox_nodes.len().min(5));
+}
+
+#[test]
+fn each_replica_gets_its_own_slice_of_the_one_time_keys() {
+    let net = TestNet::new();
+    let mut alice = net.core(1);
+    let plan = alice.prepare_invite(T0, Some("bob"), false).unwrap();
+    let mut seen = BTreeSet::new();
+    for r in &plan.mailbox.replicas {
+        let body = r.prekeys.as_ref().unwrap();
+        let keys = body["prekeys"].as_array().unwrap();
+        assert!(!keys.is_empty(), "a replica without a one-time key");
+        for k in keys {
+            assert!(
+                seen.insert(k["key"].as_str().unwrap().to_string()),
+                "a key given twice"
+            );
+        }
+    }
+}
+
+#[test]
+fn attempt_k_goes_to_replica_k_mod_r_skipping_those_not_in_the_directory() {
+    let mut net = TestNet::new();
+    let (mut alice, _bob) = net.pair();
+    let set: Vec<NodeId> = alice
+        .contact("bob")
+        .unwrap()
+        .theirs
+        .as_ref()
+        .unwrap()
+        .replicas
+        .iter()
+        .map(|n| NodeId(*n))
+        .collect();
+    let own = alice.contact_mailbox("bob").unwrap().replica_nodes();
+    net.acks = false;
+    let after = alice.settings().retransmit_after_ms;
+    // Three messages: every first attempt goes to the first replica (pinned order, whatever
+    // the directory's order), the retransmissions walk the set.
+    let mut t = T0 + 1000;
+    for i in 0..3 {
+        alice
+            .send(t + i, "bob", "hello", SendOptions::default())
+            .unwrap();
+    }
+    let mut sent = net.run(&mut alice);
+    let mut acks_into = Vec::new();
+    for k in 0..4usize {
+        assert_eq!(
+            deposit_nodes(&sent),
+            vec![set[k % 3]; 3],
+            "attempt {k} of each message"
+        );
+        // The ack SURB of attempt k leads into our own replica k mod R.
+        for e in deposits(&sent) {
+            let Arrival::Reply { node, .. } = net.reply(
+                e.outer.ack_surb.as_ref().unwrap(),
+                Reply::DepositAck {
+                    dedup_id: e.outer.dedup_id,
+                    expires_at: UnixTime(T0 + 1),
+                },
+            ) else {
+                panic!("a reply")
+            };
+            acks_into.push(node);
+        }
+        net.boxes.clear();
+        t += after + 10;
+        alice.handle_timeout(t).unwrap();
+        sent = net.run(&mut alice);
+    }
+    let expected: Vec<NodeId> = (0..4).flat_map(|k| vec![NodeId(own[k % 3]); 3]).collect();
+    assert_eq!(acks_into, expected);
+    // A replica that left the directory is skipped: the others take turns.
+    let gone = set[1];
+    let kept: Vec<_> = net
+        .descriptors
+        .iter()
+        .filter(|d| d.verify(UnixTime(T0)).unwrap().node_id != gone)
+        .cloned()
+        .collect();
+    let (smaller, _) = Directory::build(UnixTime(T0), &kept);
+    alice.set_directory(Arc::new(smaller));
+    let again = alice
+        .send(t + 1, "bob", "again", SendOptions::default())
+        .unwrap();
+    let dedup = alice.fragment_dedups(again)[0];
+    let mut nodes = Vec::new();
+    for _ in 0..4 {
+        for a in net.run(&mut alice) {
+            if let Arrival::Final {
+                node,
+                message: FinalMessage::Deposit(e),
+                ..
+            } = a
+                && e.outer.dedup_id.0 == dedup
+            {
+                nodes.push(node);
+            }
+        }
+        t += after + 10;
+        alice.handle_timeout(t).unwrap();
+    }
+    assert_eq!(nodes, [set[0], set[2], set[0], set[2]]);
+}
+
+#[test]
+fn with_one_replica_dropping_everything_every_message_gets_its_receipt_via_the_next() {
+    let mut net = TestNet::new();
+    net.replicated = true;
+    let (mut alice, mut bob) = net.pair();
+    bob.settings_mut().receipt_delay_ms = 0;
+    // The first replica of bob's mailbox (where every first attempt goes) drops everything.
+    let bobs = bob.contact_mailbox("alice").unwrap();
+    let dead = NodeId(bobs.replicas[0].node);
+    net.dead = vec![dead];
+    let after = alice.settings().retransmit_after_ms;
+    let mut ids = Vec::new();
+    for i in 0..5u64 {
+        ids.push(
+            alice
+                .send(
+                    T0 + 1000 + i,
+                    "bob",
+                    &format!("m{i}"),
+                    SendOptions::default(),
+                )
+                .unwrap(),
+        );
+    }
+    assert_eq!(deposit_nodes(&net.run(&mut alice)), vec![dead; 5]);
+    let mut shown = Vec::new();
+    let mut t = T0 + 1000;
+    for _ in 0..6 {
+        t += after + 10;
+        alice.handle_timeout(t).unwrap();
+        net.run(&mut alice);
+        net.fetch(&mut bob, t + 100);
+        shown.extend(bob.take_unread().into_iter().map(|r| r.text));
+        bob.handle_timeout(t + 200).unwrap();
+        net.run(&mut bob);
+        net.fetch(&mut alice, t + 300);
+        net.run(&mut alice);
+    }
+    for id in &ids {
+        assert!(
+            matches!(
+                alice.out_state(*id),
+                Some(OutState::Delivered | OutState::Read)
+            ),
+            "message {id}: {:?}",
+            alice.out_state(*id)
+        );
+    }
+    // One retransmission timeout each, not the message.
+    assert!(
+        alice
+            .status()
+            .iter()
+            .filter(|o| ids.contains(&o.id))
+            .all(|o| o.retransmissions == 1),
+        "{:?}",
+        alice.status()
+    );
+    shown.sort();
+    assert_eq!(shown, ["m0", "m1", "m2", "m3", "m4"], "each shown once");
+    // Bob reads from the next replica now.
+    let now_reading = bob.contact_mailbox("alice").unwrap();
+    assert_ne!(NodeId(now_reading.current().unwrap().node), dead);
+    assert!(!kinds(&alice.take_notices()).contains(&"failed"));
+}
+
+#[test]
+fn a_failover_that_serves_old_messages_again_shows_nothing_twice_and_loses_nothing() {
+    let mut net = TestNet::new();
+    net.replicated = true;
+    // Acks have not reached the other replicas yet when the one read from dies.
+    net.propagate_acks = false;
+    let (mut alice, mut bob) = net.pair();
+    let long = "x".repeat(5_000);
+    let texts = ["one".to_string(), long.clone(), "three".to_string()];
+    for (i, text) in texts.iter().enumerate() {
+        alice
+            .send(T0 + 1000 + i as u64, "bob", text, SendOptions::default())
+            .unwrap();
+    }
+    net.run(&mut alice);
+    net.fetch(&mut bob, T0 + 2000);
+    net.run(&mut bob);
+    let mut shown: Vec<String> = bob.take_unread().into_iter().map(|r| r.text).collect();
+    assert_eq!(shown.len(), 3);
+    let first = NodeId(bob.contact_mailbox("alice").unwrap().replicas[0].node);
+    // Acknowledged on the first replica only.
+    assert!(net.replicas[&(first, bob.contact_mailbox("alice").unwrap().id)].is_empty());
+    // Two more, then the replica bob read dies; the next one serves all five again.
+    for (i, text) in ["four", "five"].iter().enumerate() {
+        alice
+            .send(T0 + 3000 + i as u64, "bob", text, SendOptions::default())
+            .unwrap();
+    }
+    net.run(&mut alice);
+    net.dead = vec![first];
+    net.fetch(&mut bob, T0 + 4000);
+    net.run(&mut bob);
+    shown.extend(bob.take_unread().into_iter().map(|r| r.text));
+    // It comes back, the second one dies: bob reads the first from its own cursor there.
+    net.dead = vec![NodeId(
+        bob.contact_mailbox("alice").unwrap().replicas[1].node,
+    )];
+    net.fetch(&mut bob, T0 + 5000);
+    net.run(&mut bob);
+    shown.extend(bob.take_unread().into_iter().map(|r| r.text));
+    let mut expected: Vec<String> = texts.to_vec();
+    expected.extend(["four".to_string(), "five".to_string()]);
+    shown.sort();
+    expected.sort();
+    assert_eq!(shown, expected, "every message, each once");
+    let notices = kinds(&bob.take_notices())
+        .into_iter()
+        .map(str::to_string)
+        .collect::<Vec<_>>();
+    assert!(
+        !notices.iter().any(|k| k == "undecryptable"),
+        "a copy read again reached Olm: {notices:?}"
+    );
+    // Each replica's cursor is its own.
+    let m = bob.contact_mailbox("alice").unwrap();
+    let cursors: Vec<u64> = m.replicas.iter().map(|r| r.cursor).collect();
+    assert!(
+        cursors[0] > 0 && cursors[1] > 0 && cursors[0] != cursors[1],
+        "{cursors:?}"
+    );
+}
+
+#[test]
+fn a_state_from_before_replication_reads_as_a_set_of_one() {
+    let mut net = TestNet::new();
+    let (mut alice, _bob) = net.pair();
+    let bytes = alice.encode_state().unwrap();
+    let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    // Rewrite the state as the single-node client wrote it.
+    let c = &mut v["contacts"][0];
+    let node = c["mine"]["replicas"][0]["node"].clone();
+    let api = c["mine"]["replicas"][0]["api_url"].clone();
+    let mine = c["mine"].as_object_mut().unwrap();
+    mine.remove("replicas");
+    mine.remove("reading");
+    mine.remove("retention_ms");
+    mine.insert("api_url".into(), api.clone());
+    mine.insert("cursor".into(), 42.into());
+    mine.insert("token".into(), "tok".into());
+    mine.insert("token_expires_ms".into(), 7.into());
+    c["theirs"].as_object_mut().unwrap().remove("replicas");
+    v["settings"].as_object_mut().unwrap().remove("replicas");
+    let old = serde_json::to_vec(&v).unwrap();
+    let mut alice = ClientCore::decode_state(
+        &old,
+        T0 + 500,
+        StdRng::seed_from_u64(11),
+        StdRng::seed_from_u64(12),
+    )
+    .unwrap();
+    let m = alice.contact_mailbox("bob").unwrap();
+    assert_eq!(m.replicas.len(), 1);
+    let r = &m.replicas[0];
+    assert_eq!(hex::encode(r.node), node.as_str().unwrap());
+    assert_eq!(r.api_url, api.as_str().unwrap());
+    assert_eq!(
+        (r.cursor, r.token.as_deref(), r.token_expires_ms),
+        (42, Some("tok"), 7)
+    );
+    assert!(r.created);
+    assert_eq!(alice.settings().replicas, 3);
+    // The peer's single pinned node is its set; sending still goes there.
+    let theirs = alice.contact("bob").unwrap().theirs.clone().unwrap();
+    assert!(theirs.replicas.is_empty());
+    alice.set_directory(Arc::new(net.directory.clone()));
+    alice
+        .send(T0 + 1000, "bob", "still here", SendOptions::default())
+        .unwrap();
+    assert_eq!(deposit_nodes(&net.run(&mut alice)), [NodeId(theirs.node)]);
+    // Written back, the upgraded form stays.
+    let again = alice.encode_state().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&again).unwrap();
+    assert_eq!(v["contacts"][0]["mine"]["replicas"][0]["cursor"], 42);
+    assert!(v["contacts"][0]["mine"].get("cursor").is_none());
 }

@@ -149,6 +149,9 @@ pub enum MessageBody {
 pub struct StoredMessage {
     /// Sequence number (cursor value).
     pub seq: u64,
+    /// The message id, the same on every replica: the envelope's dedup id, or the SURB id
+    /// of a SURB reply.
+    pub id: [u8; 16],
     /// When the node stored it.
     pub received_at: UnixTime,
     /// When the node drops it.
@@ -1384,8 +1387,10 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             }
             _ => return Err(MailboxError::Corrupt("message kind")),
         };
+        let id = m.messages.get(&seq).map_or([0; 16], |i| i.id);
         Ok(Some(StoredMessage {
             seq,
+            id,
             received_at: UnixTime(received_at),
             expires_at: UnixTime(expires_at),
             body,

@@ -414,6 +414,11 @@ pub struct CreateMailboxRequest {
     pub retention_ms: u64,
     /// Owner Ed25519 signature over the creation transcript (see docs/mailbox.md), hex.
     pub signature: String,
+    /// The mailbox's replica set (1 to 5 node ids, hex), which must name this node: the
+    /// signature is then over the v2 transcript (`docs/replication.md`). Absent: the v1
+    /// transcript, a mailbox on this node only, never replicated.
+    #[serde(default)]
+    pub replicas: Option<Vec<String>>,
 }
 
 /// Answer to a creation.
@@ -482,8 +487,12 @@ pub struct PollQuery {
 /// A stored message.
 #[derive(Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 pub struct MessageJson {
-    /// Sequence number; use it as `after` and `up_to`.
+    /// Sequence number; use it as `after` and `up_to`. Per replica.
     pub seq: u64,
+    /// Message id, 16 bytes hex, the same on every replica of the mailbox (the envelope's
+    /// dedup id, or the SURB id of a SURB reply).
+    #[serde(default)]
+    pub id: String,
     /// When the node stored it (Unix ms).
     pub received_at_ms: u64,
     /// When the node drops it (Unix ms).
@@ -514,6 +523,7 @@ impl From<StoredMessage> for MessageJson {
         };
         MessageJson {
             seq: m.seq,
+            id: hex::encode(m.id),
             received_at_ms: m.received_at.0,
             expires_at_ms: m.expires_at.0,
             kind: kind.into(),
@@ -711,6 +721,22 @@ async fn create_mailbox(
         retention_ms: req.retention_ms,
         signature: hex64("signature", &req.signature)?,
     };
+    let replicas = match &req.replicas {
+        None => None,
+        Some(list)
+            if list.is_empty() || list.len() > whispr_protocol::mailbox_api::REPLICAS_MAX =>
+        {
+            return Err(ApiError::bad_request(format!(
+                "replicas: 1 to {} node ids",
+                whispr_protocol::mailbox_api::REPLICAS_MAX
+            )));
+        }
+        Some(list) => Some(
+            list.iter()
+                .map(|r| hex32("replicas", r).map(whispr_protocol::NodeId))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
     let tag = crate::pii::Tag::of(request.mailbox_id.as_bytes());
     // Creation is unauthenticated: limited per source address, so one address (whatever
     // its number of connections) cannot take the node's `mailboxes_max`.
@@ -727,8 +753,11 @@ async fn create_mailbox(
             retry_after_ms,
         ));
     }
-    node.with_core(move |core| core.create_mailbox(now(), request))
-        .await??;
+    node.with_core(move |core| match replicas {
+        Some(replicas) => core.create_replicated(now(), request, replicas),
+        None => core.create_mailbox(now(), request),
+    })
+    .await??;
     node.wake_sweeper();
     tracing::info!(mailbox = %tag, "mailbox created");
     Ok((

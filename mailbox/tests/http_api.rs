@@ -2122,3 +2122,88 @@ async fn metrics_are_not_served_on_the_api_listener_when_a_metrics_listener_is_s
     // Health stays on the API listener.
     assert_eq!(s.get("/healthz", None).await.status(), 200);
 }
+
+/// Replica messages a node sends, kept for the test.
+#[derive(Default)]
+struct CapturedReplicas(std::sync::Mutex<Vec<(whispr_protocol::NodeId, Vec<u8>)>>);
+
+impl whispr_mailbox::node::ReplicaTransport for CapturedReplicas {
+    fn send(&self, to: whispr_protocol::NodeId, bytes: Vec<u8>) {
+        self.0.lock().unwrap().push((to, bytes));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicated_mailbox_is_created_with_its_replica_set_and_messages_carry_their_id() {
+    use whispr_mailbox::testkit::create_body_replicated;
+    use whispr_protocol::NodeId;
+    use whispr_protocol::replica::ReplicaMessage;
+    let me = NodeId([7; 32]);
+    let peer = NodeId([8; 32]);
+    let mut server = Server::start(|c| c.limits.node_id = Some(me.0)).await;
+    let captured = Arc::new(CapturedReplicas::default());
+    server.node.attach_replica_transport(
+        captured.clone() as Arc<dyn whispr_mailbox::node::ReplicaTransport>
+    );
+    // A replica set that does not name this node, an empty one, a v1 signature with a
+    // replica set: refused.
+    let other = Owner::from_seed(41);
+    let not_me = [peer, NodeId([9; 32])];
+    let r = server
+        .post(
+            "/v1/mailboxes",
+            &create_body_replicated(
+                &other.create_request_replicated(RETENTION_MS, &not_me),
+                &not_me,
+            ),
+            None,
+        )
+        .await;
+    expect_error(r, 400, "invalid_argument").await;
+    let r = server
+        .post(
+            "/v1/mailboxes",
+            &create_body_replicated(&other.create_request_replicated(RETENTION_MS, &[me]), &[]),
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), 400);
+    let r = server
+        .post(
+            "/v1/mailboxes",
+            &create_body_replicated(&other.create_request(RETENTION_MS), &[me, peer]),
+            None,
+        )
+        .await;
+    expect_error(r, 401, "bad_signature").await;
+    // Named: created.
+    let owner = Owner::from_seed(42);
+    let replicas = [me, peer];
+    let r = server
+        .post(
+            "/v1/mailboxes",
+            &create_body_replicated(
+                &owner.create_request_replicated(RETENTION_MS, &replicas),
+                &replicas,
+            ),
+            None,
+        )
+        .await;
+    expect_json(r, 201).await;
+    // A deposit is pushed to the peer, and served with its id.
+    let dedup = DedupId::random(&mut server.rng);
+    let envelope = owner
+        .envelope(&mut server.rng, dedup, None, None, b"replicated")
+        .unwrap();
+    server
+        .node
+        .deposit(Incoming::Deposit(envelope))
+        .await
+        .unwrap();
+    let sent = captured.0.lock().unwrap().clone();
+    assert!(sent.iter().any(|(to, bytes)| *to == peer
+        && matches!(ReplicaMessage::decode(bytes), Ok(ReplicaMessage::Push { items, .. }) if items.len() == 1 && items[0].id == dedup.0)));
+    let token = server.login(&owner, &owner.owner).await;
+    let page = server.poll_ok(&owner, &token, "").await;
+    assert_eq!(page["messages"][0]["id"], hex::encode(dedup.0));
+}

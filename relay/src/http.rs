@@ -28,6 +28,10 @@ use whispr_protocol::sphinx::PACKET_SIZE;
 use crate::mesh::MeshHandle;
 use crate::router::{ClientId, DropReason};
 
+mod guard;
+
+pub use guard::{FIRST_BYTES, ServeLimits};
+
 #[derive(Clone)]
 struct MeshState {
     mesh: MeshHandle,
@@ -280,29 +284,55 @@ pub struct TlsFiles {
 /// `axum-server` does not give it: [`serve`] does.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Serves `app` on `listener` until `shutdown` resolves (then drains for up to 5 s): TLS with
-/// rustls when `tls` is set, plain HTTP otherwise (callers allow that only on loopback).
-/// Handlers see the peer address through `ConnectInfo<SocketAddr>`. A client that does not
-/// send a request's headers within [`HEADER_READ_TIMEOUT`] is disconnected.
+/// `Strict-Transport-Security` on every answer served over TLS: a browser or client that
+/// honours it never falls back to plain HTTP for this host (one year).
+pub const HSTS: &str = "max-age=31536000";
+
+/// Serves `app` on `listener` until `shutdown` resolves (then drains for up to 5 s): TLS 1.3
+/// with rustls when `tls` is set (TLS 1.2 and older refused; HSTS on every answer), plain
+/// HTTP otherwise (callers allow that only on loopback). Handlers see the peer address
+/// through `ConnectInfo<SocketAddr>`. Every connection is held to [`ServeLimits::default`]:
+/// its first bytes within 30 s, a request's headers within [`HEADER_READ_TIMEOUT`], and caps
+/// on open connections in all and per client address.
 pub async fn serve(
     app: axum::Router,
     listener: std::net::TcpListener,
     tls: Option<TlsFiles>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    serve_with(app, listener, tls, HEADER_READ_TIMEOUT, shutdown).await
+    serve_with(app, listener, tls, ServeLimits::default(), shutdown).await
 }
 
-/// [`serve`] with another header-read timeout (tests).
+/// The TLS 1.3-only server configuration from PEM files (HTTP/2 and HTTP/1.1 by ALPN).
+fn tls13_config(files: &TlsFiles) -> std::io::Result<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &str, e: &dyn std::fmt::Display| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{what}: {e}"))
+    };
+    let certs = CertificateDer::pem_file_iter(&files.cert)
+        .map_err(|e| bad("certificate file", &e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad("certificate file", &e))?;
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| bad("key file", &e))?;
+    let mut config =
+        rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| bad("certificate and key", &e))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// [`serve`] with other limits (tests, or a node that configures them).
 pub async fn serve_with(
     app: axum::Router,
     listener: std::net::TcpListener,
     tls: Option<TlsFiles>,
-    header_read_timeout: Duration,
+    limits: ServeLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
-    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let handle = axum_server::Handle::new();
     let h = handle.clone();
     tokio::spawn(async move {
@@ -312,17 +342,38 @@ pub async fn serve_with(
     match tls {
         Some(files) => {
             let _ = rustls::crypto::ring::default_provider().install_default();
-            let tls =
-                axum_server::tls_rustls::RustlsConfig::from_pem_file(files.cert, files.key).await?;
-            let mut server =
-                axum_server::tls_rustls::from_tcp_rustls(listener, tls)?.handle(handle);
-            time_out_slow_headers(server.http_builder(), header_read_timeout);
-            server.serve(app).await
+            let config = tls13_config(&files)?;
+            let tls = axum_server::tls_rustls::RustlsAcceptor::new(
+                axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(config)),
+            );
+            let app = app.layer(axum::middleware::map_response(
+                |mut response: Response| async move {
+                    response.headers_mut().insert(
+                        header::STRICT_TRANSPORT_SECURITY,
+                        HeaderValue::from_static(HSTS),
+                    );
+                    response
+                },
+            ));
+            let mut server = axum_server::from_tcp(listener)?
+                .acceptor(guard::Guard::new(tls, limits))
+                .handle(handle);
+            time_out_slow_headers(server.http_builder(), limits.header_read_timeout);
+            server
+                .serve(app.into_make_service_with_connect_info::<SocketAddr>())
+                .await
         }
         None => {
-            let mut server = axum_server::from_tcp(listener)?.handle(handle);
-            time_out_slow_headers(server.http_builder(), header_read_timeout);
-            server.serve(app).await
+            let mut server = axum_server::from_tcp(listener)?
+                .acceptor(guard::Guard::new(
+                    axum_server::accept::DefaultAcceptor,
+                    limits,
+                ))
+                .handle(handle);
+            time_out_slow_headers(server.http_builder(), limits.header_read_timeout);
+            server
+                .serve(app.into_make_service_with_connect_info::<SocketAddr>())
+                .await
         }
     }
 }
@@ -354,7 +405,11 @@ mod tests {
             app,
             listener,
             None,
-            header_read_timeout,
+            ServeLimits {
+                header_read_timeout,
+                first_bytes_timeout: header_read_timeout,
+                ..ServeLimits::default()
+            },
             async move {
                 let _ = stopped.await;
             },
@@ -422,9 +477,6 @@ mod tests {
     /// Security review, finding 12: without a timer, hyper silently disabled its header-read
     /// timeout, so a client sending half a request held its connection forever. Now it is
     /// closed once the timeout passes; a complete request is served.
-    ///
-    /// Not covered yet: a client that sends nothing at all, or a prefix of the HTTP/2
-    /// preface, stays in hyper-util's protocol detection, which has no timeout.
     #[tokio::test]
     async fn a_client_that_never_finishes_its_headers_is_disconnected() {
         let (addr, _stop) = server(Duration::from_secs(1)).await;
@@ -442,5 +494,114 @@ mod tests {
             .unwrap();
         let answer = until_closed(&mut prompt).await;
         assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    }
+
+    /// Security review, finding 12: a client that connects and sends nothing, or a prefix of
+    /// the HTTP/2 preface, stayed in hyper-util's protocol detection, which has no deadline:
+    /// before the first-bytes guard, both connections were still open after 60 s ("the
+    /// server kept the connection open").
+    #[tokio::test]
+    async fn a_silent_client_or_a_partial_http2_preface_is_disconnected() {
+        let (addr, _stop) = server(Duration::from_secs(1)).await;
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut preface = tokio::net::TcpStream::connect(addr).await.unwrap();
+        preface.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+        assert!(until_closed(&mut silent).await.is_empty());
+        assert!(until_closed(&mut preface).await.is_empty());
+    }
+
+    /// Security review, finding 12: connections are capped per client address (and in all);
+    /// one over the cap is closed at once, and a place freed is taken again.
+    #[tokio::test]
+    async fn connections_over_the_per_address_cap_are_closed() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new().route("/healthz", get(|| async { "ok" }));
+        let limits = ServeLimits {
+            connections_per_address_max: 2,
+            ..ServeLimits::default()
+        };
+        let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve_with(app, listener, None, limits, async move {
+            let _ = stopped.await;
+        }));
+        let ask = |mut c: tokio::net::TcpStream| async move {
+            c.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            until_closed(&mut c).await
+        };
+        let first = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let second = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let third = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let refused = ask(third).await;
+        assert!(
+            refused.is_empty(),
+            "a third connection was served: {refused:?}"
+        );
+        drop(first);
+        // The freed place is taken again (the server sees the close a moment later).
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            if ask(c).await.starts_with(b"HTTP/1.1 200") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no place freed after a connection closed"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(second);
+    }
+
+    /// Security policy M-031 / M-098 (TLS 1.3 mandatory) and M-101 (HSTS): the API is served
+    /// over TLS 1.3 only, with `Strict-Transport-Security`; a TLS 1.2 client is refused.
+    #[tokio::test]
+    async fn tls_is_1_3_only_and_sends_hsts() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let cert_pem = generated.cert.pem();
+        let files = TlsFiles {
+            cert: dir.path().join("cert.pem"),
+            key: dir.path().join("key.pem"),
+        };
+        std::fs::write(&files.cert, &cert_pem).unwrap();
+        std::fs::write(&files.key, generated.signing_key.serialize_pem()).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new().route("/healthz", get(|| async { "ok" }));
+        let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve(app, listener, Some(files), async move {
+            let _ = stopped.await;
+        }));
+        let client = |max: Option<reqwest::tls::Version>| {
+            let mut b = reqwest::Client::builder()
+                .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
+                .resolve("localhost", addr)
+                .timeout(Duration::from_secs(30));
+            if let Some(v) = max {
+                b = b.tls_version_max(v);
+            }
+            b.build().unwrap()
+        };
+        let url = format!("https://localhost:{}/healthz", addr.port());
+        let ok = client(None).get(&url).send().await.unwrap();
+        assert_eq!(ok.status(), StatusCode::OK);
+        assert_eq!(
+            ok.headers().get(header::STRICT_TRANSPORT_SECURITY).unwrap(),
+            HSTS
+        );
+        let old = client(Some(reqwest::tls::Version::TLS_1_2))
+            .get(&url)
+            .send()
+            .await;
+        assert!(
+            old.is_err(),
+            "TLS 1.2 was accepted: {:?}",
+            old.map(|r| r.status())
+        );
     }
 }

@@ -873,9 +873,11 @@ fn dummy(m: &OwnedMailbox) -> Replica {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use whispr_protocol::directory::Directory;
 
     /// An HTTP/1.1 server that answers every request with an empty JSON object on a kept-alive
     /// connection and counts the connections it accepted.
@@ -945,6 +947,237 @@ mod tests {
             count.load(Ordering::SeqCst),
             3,
             "one more connection per mailbox, each kept for that mailbox only"
+        );
+    }
+
+    /// What a fake mailbox replica was asked: (method, path with query, body).
+    type Seen = Arc<std::sync::Mutex<Vec<(String, String, String)>>>;
+
+    /// A fake mailbox node over HTTP/1.1: logs in anyone, serves `messages` (as a page of
+    /// the messages API) and acknowledges acks; records every request. With `hang`, it accepts
+    /// connections and never answers.
+    async fn fake_replica(messages: Value, hang: bool) -> (String, Seen) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Seen = Arc::default();
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let log = log.clone();
+                let messages = messages.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            match conn.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case("content-length")
+                                    .then(|| v.trim().parse().ok())?
+                            })
+                            .unwrap_or(0);
+                        while buf.len() < end + 4 + len {
+                            match conn.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let body =
+                            String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string();
+                        buf.drain(..end + 4 + len);
+                        let mut words = head.split_whitespace();
+                        let method = words.next().unwrap_or("").to_string();
+                        let path = words.next().unwrap_or("").to_string();
+                        log.lock().unwrap().push((method, path.clone(), body));
+                        if hang {
+                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                            return;
+                        }
+                        let reply = if path.ends_with("/auth/challenge") {
+                            json!({"challenge": hex::encode([7u8; 32]), "audience": "fake"})
+                        } else if path.ends_with("/auth/login") {
+                            json!({"token": "tok", "expires_at_ms": now_ms() + 3_600_000})
+                        } else if path.contains("/messages") {
+                            json!({ "messages": messages })
+                        } else {
+                            json!({})
+                        }
+                        .to_string();
+                        let out = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{reply}",
+                            reply.len()
+                        );
+                        if conn.write_all(out.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (format!("http://{addr}"), seen)
+    }
+
+    /// A directory of mailbox nodes at `apis` (no relays: enough to make a mailbox).
+    fn mailbox_directory(apis: &[String]) -> Directory {
+        use rand::SeedableRng;
+        use whispr_protocol::directory::{NodeDescriptor, Role};
+        use whispr_protocol::sphinx::{SphinxPublicKey, SphinxSecretKey};
+        use whispr_protocol::{KEY_EPOCH_LEN, KeyEpoch};
+        let now = UnixTime(now_ms());
+        let epoch = KeyEpoch::containing(now, KEY_EPOCH_LEN);
+        let mut rng = StdRng::seed_from_u64(5);
+        let descriptors: Vec<_> = apis
+            .iter()
+            .map(|api| {
+                let identity = ed25519_dalek::SigningKey::generate(&mut rng);
+                let id = NodeId(identity.verifying_key().to_bytes());
+                let public = SphinxPublicKey::from(&SphinxSecretKey::random_from_rng(&mut rng));
+                NodeDescriptor {
+                    node_id: id,
+                    peer_id: id.libp2p_peer_id_bytes(),
+                    roles: std::collections::BTreeSet::from([Role::Mailbox]),
+                    mix_layer: 0,
+                    addresses: Vec::new(),
+                    api_url: Some(api.clone()),
+                    sphinx_keys: (0..4).map(|i| (KeyEpoch(epoch.0 + i), public)).collect(),
+                    published_at: UnixTime(now.0 - 1000),
+                    expires_at: UnixTime(now.0 + 86_400_000),
+                }
+                .sign(&identity)
+                .unwrap()
+            })
+            .collect();
+        Directory::build(now, &descriptors).0
+    }
+
+    /// A client owning one mailbox on two replicas at `apis`, created on both, reading the
+    /// first.
+    fn client_with_two_replicas(home: &Path, apis: &[String]) -> Client {
+        let kdf = KdfParams {
+            m_kib: 64,
+            t: 1,
+            p: 1,
+        };
+        let settings = Settings {
+            replicas: 2,
+            ..Settings::default()
+        };
+        let mut c = Client::init(home, b"pw", "http://127.0.0.1:9", settings, kdf).unwrap();
+        c.core.set_directory(Arc::new(mailbox_directory(apis)));
+        let mut plan = c.core.prepare_invite(now_ms(), Some("bob"), true).unwrap();
+        for r in &mut plan.mailbox.replicas {
+            r.created = true;
+            r.prekeys = None;
+        }
+        // Read from the replica at apis[0] first.
+        plan.mailbox.reading = plan
+            .mailbox
+            .replicas
+            .iter()
+            .position(|r| r.api_url == apis[0])
+            .unwrap();
+        c.core.commit_invite(now_ms(), plan);
+        c
+    }
+
+    fn page(seqs: &[u64]) -> Value {
+        // SURB replies under ids nobody minted: processed (and ignored), so the cursor moves.
+        Value::Array(
+            seqs.iter()
+                .map(|s| {
+                    json!({"seq": s, "kind": "surb_reply", "surb_id": hex::encode([9u8; 32]),
+                           "payload": "AAAA", "id": hex::encode([*s as u8; 16])})
+                })
+                .collect(),
+        )
+    }
+
+    /// A replica that refuses connections: the same sync round reads the next replica, from
+    /// its own cursor, and acknowledges there; reading stays there.
+    #[tokio::test]
+    async fn a_sync_fails_over_to_the_next_replica_at_once_and_acks_there() {
+        let dead = {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            format!("http://{}", l.local_addr().unwrap())
+        };
+        let (live, seen) = fake_replica(page(&[5, 6]), false).await;
+        let home = tempfile::tempdir().unwrap();
+        let mut c = client_with_two_replicas(home.path(), &[dead.clone(), live.clone()]);
+        let started = std::time::Instant::now();
+        c.sync(Duration::from_millis(500)).await.unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        let m = &c.core.owned_mailboxes()[0];
+        assert_eq!(m.current().unwrap().api_url, live);
+        let r = m.current().unwrap();
+        assert_eq!(r.cursor, 6);
+        assert!(
+            m.replicas
+                .iter()
+                .all(|x| x.api_url == live || x.cursor == 0)
+        );
+        let log = seen.lock().unwrap().clone();
+        assert!(
+            log.iter()
+                .any(|(m, p, _)| m == "GET" && p.contains("/messages?after=0")),
+            "{log:?}"
+        );
+        assert!(
+            log.iter()
+                .any(|(m, p, b)| m == "POST" && p.ends_with("/ack") && b.contains("\"up_to\":6")),
+            "{log:?}"
+        );
+        // Reopened, the client still reads the live replica, from its cursor.
+        drop(c);
+        let mut c = Client::open(home.path(), b"pw").unwrap();
+        c.sync(Duration::ZERO).await.unwrap();
+        let log = seen.lock().unwrap().clone();
+        assert!(
+            log.iter().any(|(_, p, _)| p.contains("/messages?after=6")),
+            "{log:?}"
+        );
+    }
+
+    /// A replica that takes connections and never answers costs one poll's wait plus
+    /// POLL_GRACE, not the HTTP client's minute.
+    #[tokio::test]
+    async fn a_replica_that_hangs_is_failed_over_within_seconds() {
+        let (hung, _) = fake_replica(page(&[]), true).await;
+        let (live, seen) = fake_replica(page(&[3]), false).await;
+        let home = tempfile::tempdir().unwrap();
+        let mut c = client_with_two_replicas(home.path(), &[hung.clone(), live.clone()]);
+        // Logged in there already: the poll itself hangs.
+        let (id, node) = {
+            let m = &c.core.owned_mailboxes()[0];
+            (m.id, m.current().unwrap().node)
+        };
+        c.core
+            .set_replica_token(&id, &node, Some(("tok".into(), now_ms() + 3_600_000)));
+        let started = std::time::Instant::now();
+        c.sync(Duration::from_millis(200)).await.unwrap();
+        let took = started.elapsed();
+        assert!(
+            took < crate::net::POLL_GRACE + Duration::from_secs(3),
+            "{took:?}"
+        );
+        assert_eq!(c.core.owned_mailboxes()[0].current().unwrap().api_url, live);
+        assert!(
+            seen.lock()
+                .unwrap()
+                .iter()
+                .any(|(_, p, _)| p.contains("/messages?after=0"))
         );
     }
 }

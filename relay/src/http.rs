@@ -510,15 +510,16 @@ mod tests {
         assert!(until_closed(&mut preface).await.is_empty());
     }
 
-    /// Security review, finding 12: connections are capped per client address (and in all);
-    /// one over the cap is closed at once, and a place freed is taken again.
+    /// Security review, finding 12: connections are capped in all (and per client address,
+    /// loopback excepted); one over the cap is closed at once, and a place freed is taken
+    /// again.
     #[tokio::test]
-    async fn connections_over_the_per_address_cap_are_closed() {
+    async fn connections_over_the_cap_are_closed() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let app = axum::Router::new().route("/healthz", get(|| async { "ok" }));
         let limits = ServeLimits {
-            connections_per_address_max: 2,
+            connections_max: 2,
             ..ServeLimits::default()
         };
         let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -603,5 +604,24 @@ mod tests {
             "TLS 1.2 was accepted: {:?}",
             old.map(|r| r.status())
         );
+    }
+
+    #[test]
+    fn the_per_address_cap_counts_an_ipv6_64_as_one_address_and_exempts_loopback() {
+        let limits = ServeLimits {
+            connections_per_address_max: 1,
+            ..ServeLimits::default()
+        };
+        let counts = Arc::default();
+        let ip = |s: &str| guard::source(&SocketAddr::new(s.parse().unwrap(), 1));
+        let a = guard::Slot::take(&counts, ip("2001:db8:1:2::1"), &limits).unwrap();
+        assert!(guard::Slot::take(&counts, ip("2001:db8:1:2::ffff"), &limits).is_none());
+        let _b = guard::Slot::take(&counts, ip("2001:db8:1:3::1"), &limits).unwrap();
+        let _c = guard::Slot::take(&counts, ip("::ffff:192.0.2.1"), &limits).unwrap();
+        assert!(guard::Slot::take(&counts, ip("192.0.2.1"), &limits).is_none());
+        let _l1 = guard::Slot::take(&counts, ip("127.0.0.1"), &limits).unwrap();
+        let _l2 = guard::Slot::take(&counts, ip("127.0.0.1"), &limits).unwrap();
+        drop(a);
+        assert!(guard::Slot::take(&counts, ip("2001:db8:1:2::1"), &limits).is_some());
     }
 }

@@ -38,7 +38,8 @@ pub struct ServeLimits {
     pub first_bytes_timeout: Duration,
     /// Open connections, in all; more are closed as soon as they are accepted.
     pub connections_max: usize,
-    /// Open connections per client address (an IPv4 address, or an IPv6 /64).
+    /// Open connections per client address (an IPv4 address, or an IPv6 /64); loopback
+    /// addresses are exempt (a reverse proxy on the same host).
     pub connections_per_address_max: usize,
 }
 
@@ -55,7 +56,7 @@ impl Default for ServeLimits {
 
 /// The address a connection counts against: the IPv4 address, or the IPv6 /64 (one host
 /// gets a whole /64).
-fn source(addr: &SocketAddr) -> IpAddr {
+pub(super) fn source(addr: &SocketAddr) -> IpAddr {
     match addr.ip() {
         IpAddr::V4(v4) => IpAddr::V4(v4),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -69,7 +70,7 @@ fn source(addr: &SocketAddr) -> IpAddr {
 }
 
 #[derive(Debug, Default)]
-struct Counts {
+pub(super) struct Counts {
     total: usize,
     per_source: HashMap<IpAddr, usize>,
 }
@@ -99,16 +100,23 @@ fn lock(m: &Mutex<Counts>) -> std::sync::MutexGuard<'_, Counts> {
 
 /// A connection's place under the caps, given back when the connection is dropped.
 #[derive(Debug)]
-struct Slot {
+pub(super) struct Slot {
     counts: Arc<Mutex<Counts>>,
     source: IpAddr,
 }
 
 impl Slot {
-    fn take(counts: &Arc<Mutex<Counts>>, source: IpAddr, limits: &ServeLimits) -> Option<Slot> {
+    pub(super) fn take(
+        counts: &Arc<Mutex<Counts>>,
+        source: IpAddr,
+        limits: &ServeLimits,
+    ) -> Option<Slot> {
         let mut c = lock(counts);
         let mine = c.per_source.get(&source).copied().unwrap_or(0);
-        if c.total >= limits.connections_max || mine >= limits.connections_per_address_max {
+        // Loopback is exempt from the per-address cap: behind a reverse proxy on the same
+        // host every client comes from there (the total cap still holds).
+        let capped = !source.is_loopback() && mine >= limits.connections_per_address_max;
+        if c.total >= limits.connections_max || capped {
             return None;
         }
         c.total += 1;

@@ -1428,6 +1428,102 @@ fn render_metrics(node: &MailboxNode) -> String {
         "Synced RocksDB writes.",
         store.synced_writes,
     );
+    let r = node.replica_stats();
+    let rm = node.replica_metrics();
+    for (name, help, value) in [
+        (
+            "replica_receipts_held_total",
+            "Deposit receipts held for the write quorum.",
+            r.receipts_held,
+        ),
+        (
+            "replica_receipts_released_total",
+            "Held receipts released (write quorum reached).",
+            r.receipts_released,
+        ),
+        (
+            "replica_receipts_timed_out_total",
+            "Held receipts dropped: too few peers acknowledged in time.",
+            r.receipts_timed_out,
+        ),
+        (
+            "replica_receipts_dropped_total",
+            "Receipts dropped: the held table was full.",
+            r.receipts_dropped,
+        ),
+        (
+            "replica_pushed_total",
+            "Messages pushed to peer replicas.",
+            r.pushed,
+        ),
+        (
+            "replica_stored_from_peers_total",
+            "Messages stored from peer replicas.",
+            r.stored_from_peers,
+        ),
+        (
+            "replica_refused_total",
+            "Replica messages or items refused.",
+            r.refused,
+        ),
+        (
+            "replica_acks_applied_total",
+            "Device acknowledgements applied from peers.",
+            r.acks_applied,
+        ),
+        (
+            "replica_tombstones_applied_total",
+            "Messages deleted or ids marked gone by anti-entropy.",
+            r.tombstones_applied,
+        ),
+        (
+            "replica_pulled_total",
+            "Messages asked from peers by anti-entropy.",
+            r.pulled,
+        ),
+        (
+            "replica_digest_mismatches_total",
+            "Anti-entropy digests that differed.",
+            r.digest_mismatches,
+        ),
+        (
+            "replica_records_repaired_total",
+            "Mailbox records recreated from peers.",
+            r.records_repaired,
+        ),
+        (
+            "replica_records_refused_total",
+            "Mailbox records from peers refused.",
+            r.records_refused,
+        ),
+        (
+            "replica_erased_by_peer_total",
+            "Mailboxes erased because a peer erased them.",
+            r.erased_by_peer,
+        ),
+        (
+            "replica_messages_sent_total",
+            "Replica messages handed to the mesh.",
+            c(&rm.sent),
+        ),
+        (
+            "replica_messages_send_failed_total",
+            "Replica messages the mesh refused.",
+            c(&rm.send_failed),
+        ),
+        (
+            "replica_messages_received_total",
+            "Replica messages received.",
+            c(&rm.received),
+        ),
+        (
+            "replica_messages_malformed_total",
+            "Replica messages that did not decode.",
+            c(&rm.malformed),
+        ),
+    ] {
+        line(name, "counter", help, value);
+    }
     if let Some((mesh, mesh_metrics)) = node.mesh() {
         out.push_str(&mesh_metrics.render());
         out.push_str(&mesh.metrics_text());

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use whispr_mailbox::core::Incoming;
-use whispr_mailbox::mesh::{MailboxDestination, MeshMetrics, MeshReplies};
+use whispr_mailbox::mesh::{MailboxDestination, MeshMetrics, MeshReplicaTransport, MeshReplies};
 use whispr_mailbox::node::{MailboxNode, NoMesh, NodeConfig};
 use whispr_mailbox::testkit::Owner;
 use whispr_node_kit::clock::now;
@@ -123,19 +123,31 @@ async fn run(config: NodeConfig) -> anyhow::Result<()> {
         return Ok(());
     };
     let data_dir = config.data_dir.clone();
-    let (mesh, runner) = Mesh::new(MeshOptions {
+    let (mesh, mut runner) = Mesh::new(MeshOptions {
         config: mesh_config,
         data_dir: data_dir.clone(),
         extra_roles: vec![Role::Mailbox],
     })
     .context("joining the mesh")?;
     let metrics = Arc::new(MeshMetrics::default());
+    // Replication (docs/replication.md): this node's mesh identity names it in replica sets,
+    // and replica messages travel on the mesh's node-to-node channel.
+    let replica_inbox = runner
+        .accept_node_messages()
+        .context("accepting node messages")?;
+    let mut config = config;
+    config.limits.node_id = Some(mesh.node_id().0);
     let node = MailboxNode::open(
         config,
         Arc::new(MeshReplies::new(mesh.clone(), metrics.clone())),
     )
     .context("opening the node")?;
     node.attach_mesh(mesh.clone(), metrics.clone());
+    node.attach_replica_transport(Arc::new(MeshReplicaTransport::new(
+        mesh.clone(),
+        node.replica_metrics().send_failed.clone(),
+    )));
+    let _replica_receiver = node.spawn_replica_receiver(replica_inbox);
     spawn_metrics(&node, metrics_listener);
     whispr_relay::node_info::write_node_info(&data_dir, &mesh, port);
     tracing::info!(port, tls, mesh = true, "mailbox node started");

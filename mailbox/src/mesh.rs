@@ -20,7 +20,7 @@ use whispr_relay::mesh::{LocalDestination, MeshHandle};
 use whispr_relay::router::Delivery;
 
 use crate::core::Incoming;
-use crate::node::{MailboxNode, ReplySink};
+use crate::node::{MailboxNode, ReplicaTransport, ReplySink};
 
 /// The mesh side's counters (kept in [`crate::metrics`], below the node, which shows them).
 pub use crate::metrics::MeshMetrics;
@@ -47,6 +47,31 @@ impl ReplySink for MeshReplies {
             &self.metrics.replies_failed
         };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Sends replica messages over the mesh's node-to-node channel
+/// ([`MeshHandle::send_node_message`]: Noise-authenticated, at most once; the replication
+/// protocol acknowledges and repairs). Failures are counted in
+/// [`crate::node::ReplicaMetrics::unsent`] by the node and in the mesh's own metrics.
+pub struct MeshReplicaTransport {
+    mesh: MeshHandle,
+    failed: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl MeshReplicaTransport {
+    /// Sends through `mesh`; `failed` counts messages the mesh refused (queue full, unknown
+    /// node, too large).
+    pub fn new(mesh: MeshHandle, failed: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        MeshReplicaTransport { mesh, failed }
+    }
+}
+
+impl ReplicaTransport for MeshReplicaTransport {
+    fn send(&self, to: whispr_protocol::NodeId, bytes: Vec<u8>) {
+        if self.mesh.send_node_message(to, bytes).is_err() {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

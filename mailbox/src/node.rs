@@ -308,6 +308,9 @@ pub struct ReplicaMetrics {
     pub sent: AtomicU64,
     /// Replica messages dropped because no transport is attached.
     pub unsent: AtomicU64,
+    /// Replica messages the transport could not queue (the mesh's queue full, peer not in
+    /// the directory).
+    pub send_failed: Arc<AtomicU64>,
     /// Replica messages received.
     pub received: AtomicU64,
     /// Received replica messages that did not decode.

@@ -88,6 +88,9 @@ pub struct Messages {
     pub failed: u64,
     /// Expired before the recipient fetched them.
     pub expired_undelivered: u64,
+    /// Acknowledged to the sender, but neither delivered nor expired by the end: lost after
+    /// an acknowledgement (each is also an invariant violation).
+    pub acknowledged_lost: u64,
     /// delivered / sent.
     pub delivery_ratio: f64,
 }
@@ -169,6 +172,11 @@ pub struct NodesReport {
     pub lost_down: u64,
     /// Node crashes.
     pub crashes: u64,
+    /// Crashes that lost the node's disk (`churn.disk_loss_fraction`, `lose_disk` events).
+    pub disks_lost: u64,
+    /// Fraction of the time an owned mailbox could be read (one of its nodes up), averaged
+    /// over every owned mailbox at every sample; 1 when nothing was sampled.
+    pub mailbox_availability: f64,
     /// Holds scheduled by timer nodes.
     pub holds_scheduled: u64,
     /// Holds released.
@@ -267,6 +275,7 @@ pub fn summarise(sc: &Scenario, seed: u64, r: &Results) -> Summary {
             acknowledged: r.acked,
             failed: r.failed,
             expired_undelivered: r.expired_undelivered,
+            acknowledged_lost: r.acked_lost,
             delivery_ratio: per(r.delivered, r.sent),
         },
         latency_ms: Distribution::of(&r.latency_ms),
@@ -311,6 +320,12 @@ pub fn summarise(sc: &Scenario, seed: u64, r: &Results) -> Summary {
             lost_partition: c.lost_partition,
             lost_down: c.lost_down,
             crashes: c.crashes,
+            disks_lost: c.disks_lost,
+            mailbox_availability: if c.mailbox_samples == 0 {
+                1.0
+            } else {
+                round(c.mailbox_samples_readable as f64 / c.mailbox_samples as f64)
+            },
             holds_scheduled: c.holds_scheduled,
             holds_released: c.holds_released,
             hold_release_retries: c.hold_release_retries,

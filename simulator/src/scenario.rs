@@ -400,6 +400,9 @@ pub enum ChurnAction {
     Crash,
     /// Comes back (mailbox and timer stores survive, as RocksDB would).
     Restart,
+    /// Stops at once and loses its disk: when it restarts, its mailbox or timer store is
+    /// empty (its keys survive: it is the same node, repaired by its peers).
+    LoseDisk,
     /// Leaves the directory (clients stop choosing it) and stops.
     Leave,
     /// Joins the directory (a node listed with `start_down = true` in `churn.late_nodes`).
@@ -428,6 +431,12 @@ pub struct Churn {
     pub relay_crashes_per_hour: f64,
     /// Mean downtime after a random crash, s (exponential); then it restarts.
     pub down_mean_s: f64,
+    /// Random crashes of mailbox nodes: per node per hour (Poisson); down for `down_mean_s`
+    /// on average, like relays.
+    pub mailbox_crashes_per_hour: f64,
+    /// Fraction of the random mailbox crashes that also lose the node's disk
+    /// ([`ChurnAction::LoseDisk`]).
+    pub disk_loss_fraction: f64,
     /// Mixes per layer that are not in the directory at the start (named after the others)
     /// and join at `join_at_s`.
     pub late_mixes_per_layer: usize,
@@ -441,6 +450,8 @@ impl Default for Churn {
             events: Vec::new(),
             relay_crashes_per_hour: 0.0,
             down_mean_s: 30.0,
+            mailbox_crashes_per_hour: 0.0,
+            disk_loss_fraction: 0.0,
             late_mixes_per_layer: 0,
             join_at_s: 0.0,
         }
@@ -709,8 +720,14 @@ impl Scenario {
         if self.churn.late_mixes_per_layer > 0 && !pos(self.churn.join_at_s) {
             return bad("churn.join_at_s must be ≥ 0");
         }
-        if !pos(self.churn.relay_crashes_per_hour) || !pos(self.churn.down_mean_s) {
+        if !pos(self.churn.relay_crashes_per_hour)
+            || !pos(self.churn.down_mean_s)
+            || !pos(self.churn.mailbox_crashes_per_hour)
+        {
             return bad("churn rates must be ≥ 0");
+        }
+        if !(0.0..=1.0).contains(&self.churn.disk_loss_fraction) {
+            return bad("churn.disk_loss_fraction within [0, 1]");
         }
         Ok(())
     }

@@ -407,6 +407,13 @@ pub struct Counters {
     pub lost_sybil: u64,
     /// Node crashes (scripted and random).
     pub crashes: u64,
+    /// Crashes that lost the node's disk.
+    pub disks_lost: u64,
+    /// Samples of owned mailboxes (one per mailbox per sample) and those readable then (one
+    /// of their nodes up): availability is their ratio.
+    pub mailbox_samples: u64,
+    /// See `mailbox_samples`.
+    pub mailbox_samples_readable: u64,
     /// Events by kind.
     pub events: BTreeMap<&'static str, u64>,
     /// Replies that could not be sent through their SURB.
@@ -465,6 +472,8 @@ pub struct Results {
     pub failed: u64,
     /// Expired before delivery.
     pub expired_undelivered: u64,
+    /// Acknowledged, never delivered, not expired by the end.
+    pub acked_lost: u64,
     /// Delivered messages' fragments.
     pub delivered_fragments: u64,
     /// Delivered messages' bytes.
@@ -1283,11 +1292,12 @@ impl World {
                 }
             }
         }
-        if self.sc.churn.relay_crashes_per_hour > 0.0 {
+        if self.sc.churn.relay_crashes_per_hour > 0.0 || self.sc.churn.mailbox_crashes_per_hour > 0.0
+        {
             let mut rng = tree.stream("churn", 0);
-            let per_min = self.sc.churn.relay_crashes_per_hour / 60.0;
             for (i, n) in self.nodes.iter().enumerate() {
-                if matches!(n.kind, NodeKind::Edge | NodeKind::Mix(_))
+                let per_min = self.crashes_per_min(n.kind);
+                if per_min > 0.0
                     && let Some(gap) = poisson_gap(&mut rng, per_min)
                 {
                     self.q
@@ -1615,6 +1625,12 @@ impl World {
                 }
                 CoreOutput::ScheduleSweep { at } => {
                     self.q.schedule(at, Ev::Sweep { node: i as u32 });
+                }
+                // Mailboxes are created with one replica here until the simulator models
+                // replica sets; a replication message is then a bug.
+                CoreOutput::Replica { .. } => {
+                    self.violations
+                        .push("replication message from a single-replica mailbox".into());
                 }
             }
         }
@@ -2136,6 +2152,12 @@ impl World {
                 CoreOutput::ScheduleSweep { at } => {
                     self.q.schedule(at, Ev::Sweep { node: i as u32 });
                 }
+                // Mailboxes are created with one replica here until the simulator models
+                // replica sets; a replication message is then a bug.
+                CoreOutput::Replica { .. } => {
+                    self.violations
+                        .push("replication message from a single-replica mailbox".into());
+                }
             }
         }
     }
@@ -2416,7 +2438,7 @@ impl World {
         let now = UnixTime(self.now());
         let i = node as usize;
         match action {
-            ChurnAction::Crash | ChurnAction::Leave => {
+            ChurnAction::Crash | ChurnAction::Leave | ChurnAction::LoseDisk => {
                 let Some(n) = self.nodes.get_mut(i) else {
                     return;
                 };
@@ -2426,6 +2448,13 @@ impl World {
                 n.up = false;
                 n.wake_at = None;
                 n.timer_due = None;
+                if action == ChurnAction::LoseDisk {
+                    // The restart opens empty stores (`churn` below: nothing to take).
+                    self.counters.disks_lost += 1;
+                    n.mailbox = None;
+                    n.timer = None;
+                    n.persisted_tags.clear();
+                }
                 if action == ChurnAction::Leave {
                     n.in_directory = false;
                     self.rebuild_directory();
@@ -2470,12 +2499,32 @@ impl World {
         }
     }
 
+    /// Random crashes per node per minute for nodes of `kind`.
+    fn crashes_per_min(&self, kind: NodeKind) -> f64 {
+        match kind {
+            NodeKind::Edge | NodeKind::Mix(_) => self.sc.churn.relay_crashes_per_hour / 60.0,
+            NodeKind::Mailbox => self.sc.churn.mailbox_crashes_per_hour / 60.0,
+            _ => 0.0,
+        }
+    }
+
     fn random_crash(&mut self, node: u32) {
         let now = self.now();
-        let per_min = self.sc.churn.relay_crashes_per_hour / 60.0;
+        let kind = self.get(node as usize).map(|n| n.kind);
+        let per_min = kind.map_or(0.0, |k| self.crashes_per_min(k));
         let down = self.sc.churn.down_mean_s * 1000.0;
         let down_for = (exp_ms(&mut self.work_rng, down).ceil() as u64).max(1);
-        self.churn(node, ChurnAction::Crash);
+        let lose_disk = kind == Some(NodeKind::Mailbox)
+            && self.sc.churn.disk_loss_fraction > 0.0
+            && self.work_rng.random::<f64>() < self.sc.churn.disk_loss_fraction;
+        self.churn(
+            node,
+            if lose_disk {
+                ChurnAction::LoseDisk
+            } else {
+                ChurnAction::Crash
+            },
+        );
         self.q.schedule(
             UnixTime(now + down_for),
             Ev::Churn {
@@ -2502,6 +2551,22 @@ impl World {
                 n.peak_messages = n.peak_messages.max(s.messages);
             }
         }
+        // Availability: an owned mailbox is readable when one of its nodes is up.
+        let (mut owned, mut readable) = (0u64, 0u64);
+        for c in &self.clients {
+            for m in c.core.owned_mailboxes() {
+                owned += 1;
+                let up = |id: &[u8; 32]| {
+                    self.index
+                        .get(&NodeId(*id))
+                        .and_then(|&i| self.nodes.get(i as usize))
+                        .is_some_and(|n| n.up)
+                };
+                readable += u64::from(up(&m.node));
+            }
+        }
+        self.counters.mailbox_samples += owned;
+        self.counters.mailbox_samples_readable += readable;
         let (mut delivered, mut acked, mut failed) = (0, 0, 0);
         for m in &self.msgs {
             delivered += u64::from(m.delivered_ms.is_some());
@@ -2626,6 +2691,7 @@ impl World {
                         r.expired_undelivered += 1;
                     }
                     if m.acked_ms.is_some() && !expired {
+                        r.acked_lost += 1;
                         self.violations.push(format!(
                             "message {i} was acknowledged but never delivered nor expired"
                         ));

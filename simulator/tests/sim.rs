@@ -286,6 +286,33 @@ fn churn_crashes_and_joins_lose_nothing_acknowledged() {
     );
 }
 
+/// The failure replication exists for (issue 15), measured: with one replica per mailbox, a
+/// mailbox node that loses its disk loses the acknowledged messages it held, and its
+/// mailboxes cannot be read while it is down.
+#[test]
+fn with_one_replica_a_lost_disk_loses_acknowledged_messages() {
+    let sc = scenario(
+        QUIET,
+        &[
+            "duration_s=90",
+            "retransmit.enabled=true",
+            "retransmit.after_ms=3000",
+            "workload.online={ on_mean_s = 20, off_mean_s = 60 }",
+            "churn.events=[{ at_s = 40, node = \"mailbox-0\", action = \"lose_disk\" }, { at_s = 50, node = \"mailbox-0\", action = \"restart\" }]",
+        ],
+    );
+    let (s, _, _) = whispr_simulator::run(&sc, 3, Path::new("."), None, |_, _| {}).unwrap();
+    assert_eq!(s.nodes_report.disks_lost, 1);
+    assert!(
+        s.messages.acknowledged_lost > 0,
+        "nothing acknowledged was lost: {:?}",
+        s.messages
+    );
+    assert!(!s.invariants.ok, "a loss after an ack is a violation");
+    let a = s.nodes_report.mailbox_availability;
+    assert!(a < 1.0 && a > 0.8, "availability {a}");
+}
+
 #[test]
 fn compromised_relays_trace_some_messages_completely() {
     let sc = scenario(QUIET, &["adversary.compromised_relays=0.6"]);

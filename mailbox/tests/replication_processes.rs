@@ -1,0 +1,444 @@
+//! Mailbox replication with real processes (`docs/replication.md`): an edge relay, a mix and
+//! three `whispr-mailbox` nodes on loopback, each with its own RocksDB, joined over libp2p.
+//! A mailbox is created on all three with its replica set; a deposit routed through the mesh
+//! to one replica appears on the other two (pushed over the node-to-node channel). One replica
+//! is killed with `kill -9`, its data directory deleted (its mesh keys, kept in a directory of
+//! their own, survive: it is the same node), and restarted: anti-entropy repairs its mailbox
+//! record (owner signature checked) and messages, and it serves the same message ids.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::print_stderr,
+    missing_docs
+)]
+
+use std::collections::BTreeSet;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use serde_json::Value;
+use whispr_mailbox::testkit::{Owner, create_body_replicated};
+use whispr_protocol::directory::Directory;
+use whispr_protocol::payload::FinalMessage;
+use whispr_protocol::sphinx::{RouteHop, build_packet};
+use whispr_protocol::{DedupId, DestinationAddress, KeyEpoch, NodeId, UnixTime};
+
+/// Logs the owner's first device in at `base`; `None` when the node refuses (no such
+/// mailbox yet, or down).
+async fn try_login(http: &reqwest::Client, base: &str, owner: &Owner) -> Option<String> {
+    let device = owner.device(0);
+    let device_hex = hex::encode(device.verifying_key().to_bytes());
+    let mailbox = hex::encode(owner.mailbox_id.as_bytes());
+    let r = http
+        .post(format!("{base}/v1/auth/challenge"))
+        .json(&serde_json::json!({"mailbox_id": mailbox, "device_key": device_hex}))
+        .send()
+        .await
+        .ok()?;
+    if r.status() != 200 {
+        return None;
+    }
+    let c: Value = r.json().await.ok()?;
+    let mut challenge = [0u8; 32];
+    hex::decode_to_slice(c["challenge"].as_str()?, &mut challenge).ok()?;
+    let signature = owner.sign_login(&device, AUDIENCE, &challenge);
+    let r = http
+        .post(format!("{base}/v1/auth/login"))
+        .json(&serde_json::json!({
+            "mailbox_id": mailbox, "device_key": device_hex,
+            "challenge": hex::encode(challenge), "signature": hex::encode(signature),
+        }))
+        .send()
+        .await
+        .ok()?;
+    if r.status() != 200 {
+        return None;
+    }
+    let v: Value = r.json().await.ok()?;
+    Some(v["token"].as_str()?.to_string())
+}
+
+const MAILBOX: &str = env!("CARGO_BIN_EXE_whispr-mailbox");
+const AUDIENCE: &str = "replication-test";
+const RETENTION_MS: u64 = 24 * 3600 * 1000;
+
+fn relay_binary() -> PathBuf {
+    let path = Path::new(MAILBOX).with_file_name("whispr-relay");
+    assert!(
+        path.exists(),
+        "{} is missing: run the workspace tests (`cargo test --workspace`)",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+struct Proc {
+    name: String,
+    binary: PathBuf,
+    config: PathBuf,
+    data: PathBuf,
+    keys: PathBuf,
+    log: PathBuf,
+    http_port: u16,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let _ = std::fs::remove_file(self.data.join("node-info.json"));
+        self.child = Some(
+            Command::new(&self.binary)
+                .arg("--config")
+                .arg(&self.config)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    fn node_info(&self) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let path = self.data.join("node-info.json");
+        while Instant::now() < deadline {
+            if let Ok(text) = std::fs::read_to_string(&path)
+                && let Ok(v) = serde_json::from_str::<Value>(&text)
+                && v["listen"].as_array().is_some_and(|a| !a.is_empty())
+            {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "{} wrote no node-info.json; log:\n{}",
+            self.name,
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+
+    fn multiaddr(&self) -> String {
+        let v = self.node_info();
+        let addr = v["listen"][0].as_str().unwrap().to_string();
+        let peer = v["peer_id"].as_str().unwrap();
+        if addr.contains("/p2p/") {
+            addr
+        } else {
+            format!("{addr}/p2p/{peer}")
+        }
+    }
+
+    fn node_id(&self) -> NodeId {
+        let v = self.node_info();
+        let mut id = [0u8; 32];
+        hex::decode_to_slice(v["node_id"].as_str().unwrap(), &mut id).unwrap();
+        NodeId(id)
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn mesh_section(keys: &Path, bootstrap: Option<&str>, extra: &str) -> String {
+    let bootstrap = bootstrap
+        .map(|b| format!("bootstrap = [\"{b}\"]\n"))
+        .unwrap_or_default();
+    format!(
+        "[mesh]\nlisten = [\"/ip4/127.0.0.1/tcp/{}\"]\n{bootstrap}key_dir = \"{}\"\n\
+         descriptor_publish_ms = 500\n{extra}",
+        free_port(),
+        keys.display()
+    )
+}
+
+fn relay(dir: &Path, name: &str, roles: &str, layer: u32, bootstrap: Option<&str>) -> Proc {
+    let data = dir.join(name);
+    let keys = dir.join(format!("{name}-keys"));
+    let http_port = free_port();
+    let config = dir.join(format!("{name}.toml"));
+    let layer = if layer > 0 {
+        format!("mix_layer = {layer}\n")
+    } else {
+        String::new()
+    };
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{http_port}\"\nmetrics_interval_ms = 0\n\n{}",
+            data.display(),
+            mesh_section(
+                &keys,
+                bootstrap,
+                &format!("roles = {roles}\n{layer}api_url = \"http://127.0.0.1:{http_port}\"\n")
+            )
+        ),
+    )
+    .unwrap();
+    Proc {
+        name: name.into(),
+        binary: relay_binary(),
+        config,
+        data,
+        keys,
+        log: dir.join(format!("{name}.log")),
+        http_port,
+        child: None,
+    }
+}
+
+fn mailbox(dir: &Path, name: &str, bootstrap: &str) -> Proc {
+    let data = dir.join(name);
+    let keys = dir.join(format!("{name}-keys"));
+    let http_port = free_port();
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\naudience = \"{AUDIENCE}\"\n\n[api]\nlisten = \"127.0.0.1:{http_port}\"\n\
+             ops_per_min_per_connection = 1000000\nmetrics_interval_ms = 0\n\n\
+             [limits]\nreplica_repair_interval_ms = 500\nreplica_ack_timeout_ms = 5000\n\n{}",
+            data.display(),
+            mesh_section(
+                &keys,
+                Some(bootstrap),
+                &format!("api_url = \"http://127.0.0.1:{http_port}\"\n")
+            )
+        ),
+    )
+    .unwrap();
+    Proc {
+        name: name.into(),
+        binary: MAILBOX.into(),
+        config,
+        data,
+        keys,
+        log: dir.join(format!("{name}.log")),
+        http_port,
+        child: None,
+    }
+}
+
+async fn directory(http: &reqwest::Client, node: &Proc) -> Option<Directory> {
+    let r = http
+        .get(format!("{}/v1/directory", node.base()))
+        .send()
+        .await
+        .ok()?;
+    if r.status() != 200 {
+        return None;
+    }
+    let bytes = r.bytes().await.ok()?;
+    Directory::decode(UnixTime(now_ms()), &bytes)
+        .ok()
+        .map(|(d, _)| d)
+}
+
+async fn wait_directories(http: &reqwest::Client, nodes: &[&Proc], n: usize) -> Directory {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    'outer: while Instant::now() < deadline {
+        let mut last = None;
+        for node in nodes {
+            match directory(http, node).await {
+                Some(d) if d.len() == n => last = Some(d),
+                _ => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue 'outer;
+                }
+            }
+        }
+        return last.unwrap();
+    }
+    panic!("the directories did not converge to {n} nodes");
+}
+
+/// The message ids `node` serves `owner`, or `None` when it cannot (down, no mailbox).
+async fn served(http: &reqwest::Client, node: &Proc, owner: &Owner) -> Option<BTreeSet<String>> {
+    let token = try_login(http, &node.base(), owner).await?;
+    let mailbox = hex::encode(owner.mailbox_id.as_bytes());
+    let r = http
+        .get(format!(
+            "{}/v1/mailboxes/{mailbox}/messages?limit=100",
+            node.base()
+        ))
+        .bearer_auth(token)
+        .send()
+        .await
+        .ok()?;
+    if r.status() != 200 {
+        return None;
+    }
+    let v: Value = r.json().await.ok()?;
+    Some(
+        v["messages"]
+            .as_array()?
+            .iter()
+            .map(|m| m["id"].as_str().unwrap_or_default().to_string())
+            .collect(),
+    )
+}
+
+async fn wait_served(
+    http: &reqwest::Client,
+    node: &Proc,
+    owner: &Owner,
+    want: &BTreeSet<String>,
+    what: &str,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = served(http, node, owner).await;
+        if got.as_ref() == Some(want) {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{what}: {} serves {got:?}, want {want:?}; log:\n{}",
+                node.name,
+                std::fs::read_to_string(&node.log).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposit_reaches_every_replica_and_a_replica_that_lost_its_disk_is_repaired() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut edge = relay(d, "edge", "[\"edge\"]", 0, None);
+    edge.start();
+    let boot = edge.multiaddr();
+    let mut mix = relay(d, "mix", "[\"mix\", \"edge\"]", 1, Some(&boot));
+    mix.start();
+    let mut boxes: Vec<Proc> = (1..=3)
+        .map(|i| mailbox(d, &format!("mailbox{i}"), &boot))
+        .collect();
+    for b in &mut boxes {
+        b.start();
+    }
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let all: Vec<&Proc> = [&edge, &mix].into_iter().chain(boxes.iter()).collect();
+    let directory = wait_directories(&http, &all, 5).await;
+    drop(all);
+    let replicas: Vec<NodeId> = boxes.iter().map(Proc::node_id).collect();
+    let (edge_id, mix_id) = (edge.node_id(), mix.node_id());
+
+    // The owner creates its mailbox on the three replicas.
+    let owner = Owner::from_seed(303);
+    let body = create_body_replicated(
+        &owner.create_request_replicated(RETENTION_MS, &replicas),
+        &replicas,
+    );
+    for b in &boxes {
+        let r = http
+            .post(format!("{}/v1/mailboxes", b.base()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    }
+
+    // A deposit through the mesh to replica 1 (index 0).
+    let mut rng = ChaCha20Rng::seed_from_u64(0x7e9);
+    let epoch = KeyEpoch::containing(UnixTime(now_ms()), whispr_protocol::KEY_EPOCH_LEN);
+    let hop = |node: NodeId| RouteHop {
+        node,
+        sphinx_key: *directory.get(&node).unwrap().sphinx_key(epoch).unwrap(),
+    };
+    let mut want = BTreeSet::new();
+    for (k, text) in [b"first".as_slice(), b"second".as_slice()]
+        .iter()
+        .enumerate()
+    {
+        let dedup = DedupId::random(&mut rng);
+        want.insert(hex::encode(dedup.0));
+        let envelope = owner.envelope(&mut rng, dedup, None, None, text).unwrap();
+        let plaintext = FinalMessage::Deposit(envelope).encode().unwrap();
+        let packet = build_packet(
+            &mut rng,
+            &[hop(edge_id), hop(mix_id), hop(replicas[k % 3])],
+            &[Duration::ZERO; 2],
+            DestinationAddress::mailbox(&owner.mailbox_id),
+            &plaintext,
+        )
+        .unwrap();
+        let r = http
+            .post(format!("{}/v1/packets", edge.base()))
+            .header("content-type", "application/octet-stream")
+            .body(packet.as_bytes().to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    for b in &boxes {
+        wait_served(&http, b, &owner, &want, "every replica has both deposits").await;
+    }
+
+    // Replica 3 loses its disk: kill -9, data directory deleted, restarted (same mesh keys).
+    let lost = &mut boxes[2];
+    lost.kill9();
+    std::fs::remove_dir_all(&lost.data).unwrap();
+    assert!(lost.keys.exists());
+    lost.start();
+    assert_eq!(lost.node_id(), replicas[2]);
+    let lost = &boxes[2];
+    wait_served(&http, lost, &owner, &want, "the lost replica is repaired").await;
+    let metrics = http
+        .get(format!("{}/metrics", lost.base()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("whispr_mailbox_replica_records_repaired_total 1\n"),
+        "{metrics}"
+    );
+}

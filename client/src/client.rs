@@ -26,6 +26,9 @@ const DIRECTORY_MAX_AGE_MS: u64 = 10_000;
 const SUBMIT_BATCH: usize = 64;
 /// A replica the mailbox could not be created on (it was down) is tried again this often.
 const CREATE_RETRY_MS: u64 = 10_000;
+/// When replicas missing their mailbox were last tried, ms, in this process (`recv --follow`
+/// reopens its `Client` every round).
+static CREATIONS_TRIED_AT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Milliseconds since the Unix epoch: the client's only clock.
 pub fn now_ms() -> u64 {
@@ -61,8 +64,6 @@ pub struct Client {
     directory_at: Option<u64>,
     /// Epoch of the newest consensus accepted (an older one is refused: replay).
     consensus_epoch: Option<u64>,
-    /// When replicas missing their mailbox were last tried, ms.
-    creations_tried_at: Option<u64>,
 }
 
 impl std::fmt::Debug for Client {
@@ -92,7 +93,6 @@ impl Client {
             mailbox_nets: BTreeMap::new(),
             directory_at: None,
             consensus_epoch: None,
-            creations_tried_at: None,
         };
         c.save()?;
         Ok(c)
@@ -117,7 +117,6 @@ impl Client {
             mailbox_nets: BTreeMap::new(),
             directory_at: None,
             consensus_epoch: None,
-            creations_tried_at: None,
         })
     }
 
@@ -305,15 +304,16 @@ impl Client {
     /// Retries, at most every [`CREATE_RETRY_MS`], creating own mailboxes on the replicas
     /// that were down when they were made (and uploading their prekeys there).
     async fn create_missing_replicas(&mut self) {
+        use std::sync::atomic::Ordering;
+        let missing = self.core.replicas_to_create();
         let now = now_ms();
-        if self
-            .creations_tried_at
-            .is_some_and(|t| now.saturating_sub(t) < CREATE_RETRY_MS)
+        if missing.is_empty()
+            || now.saturating_sub(CREATIONS_TRIED_AT.load(Ordering::Relaxed)) < CREATE_RETRY_MS
         {
             return;
         }
-        self.creations_tried_at = Some(now);
-        for (m, node) in self.core.replicas_to_create() {
+        CREATIONS_TRIED_AT.store(now, Ordering::Relaxed);
+        for (m, node) in missing {
             let Ok(secret) = whispr_protocol::envelope::MailboxSecretKey::from_bytes(&m.secret)
             else {
                 continue;
@@ -614,10 +614,11 @@ impl Client {
                     .handle_fetched_from(now, &m.id, &r.node, &messages),
                 Err(e) => {
                     if let ClientError::Node { status: 401, .. } = e {
-                        // The token expired: log in again next round, same replica.
+                        // The session is gone (it expired, or the node restarted and lost
+                        // its sessions, which live in memory): log in again and read the
+                        // same replica now.
                         self.core.set_replica_token(&m.id, &r.node, None);
-                        failures += 1;
-                        first_error.get_or_insert(e);
+                        failed_over.push(m.id);
                     } else if self.core.fail_over(&m.id).is_some_and(|n| n != r.node) {
                         failed_over.push(m.id);
                     } else {
@@ -628,7 +629,8 @@ impl Client {
             }
         }
         // The mailboxes whose replica failed are read from the next one now, without waiting:
-        // failover within the round.
+        // failover within the round (and those whose session was gone, from the same one
+        // after a new login).
         if !failed_over.is_empty() {
             let retry: Vec<OwnedMailbox> = failed_over
                 .iter()
@@ -1012,8 +1014,13 @@ mod tests {
                             json!({})
                         }
                         .to_string();
+                        let status = if method_is_create(&log, &path) {
+                            "201 Created"
+                        } else {
+                            "200 OK"
+                        };
                         let out = format!(
-                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{reply}",
+                            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{reply}",
                             reply.len()
                         );
                         if conn.write_all(out.as_bytes()).await.is_err() {
@@ -1024,6 +1031,16 @@ mod tests {
             }
         });
         (format!("http://{addr}"), seen)
+    }
+
+    /// Whether the request just logged is a mailbox creation.
+    fn method_is_create(log: &Seen, path: &str) -> bool {
+        path == "/v1/mailboxes"
+            && log
+                .lock()
+                .unwrap()
+                .last()
+                .is_some_and(|(m, _, _)| m == "POST")
     }
 
     /// A directory of mailbox nodes at `apis` (no relays: enough to make a mailbox).
@@ -1179,5 +1196,64 @@ mod tests {
                 .iter()
                 .any(|(_, p, _)| p.contains("/messages?after=0"))
         );
+    }
+
+    /// A replica that was down when the mailbox was made gets it later: the create request
+    /// names the whole set in pinned order under a valid v2 signature, then its own slice of
+    /// the prekeys is uploaded; the core records both.
+    #[tokio::test]
+    async fn a_replica_down_at_creation_is_created_later_with_the_whole_set() {
+        use whispr_protocol::mailbox_api::create_transcript_v2;
+        let (first, _) = fake_replica(page(&[]), false).await;
+        let (late, seen) = fake_replica(page(&[]), false).await;
+        let home = tempfile::tempdir().unwrap();
+        let mut c = client_with_two_replicas(home.path(), &[first.clone(), late.clone()]);
+        let mut m = c.core.owned_mailboxes()[0].clone();
+        let slice = json!({"identity_key": "00", "prekeys": [{"key_id": 1}]});
+        for r in &mut m.replicas {
+            if r.api_url == late {
+                r.created = false;
+                r.prekeys = Some(slice.clone());
+            }
+        }
+        c.core.mailbox_created(&m);
+        assert_eq!(c.core.replicas_to_create().len(), 1);
+        c.tick().await.unwrap();
+        assert!(c.core.replicas_to_create().is_empty());
+        let log = seen.lock().unwrap().clone();
+        let create = log
+            .iter()
+            .find(|(m, p, _)| m == "POST" && p == "/v1/mailboxes")
+            .expect("a create request");
+        let body: Value = serde_json::from_str(&create.2).unwrap();
+        let names: Vec<String> = m.replicas.iter().map(|r| hex::encode(r.node)).collect();
+        assert_eq!(body["replicas"], json!(names));
+        let h = |k: &str| {
+            let mut out = [0u8; 32];
+            hex::decode_to_slice(body[k].as_str().unwrap(), &mut out).unwrap();
+            out
+        };
+        let nodes: Vec<NodeId> = m.replicas.iter().map(|r| NodeId(r.node)).collect();
+        let transcript = create_transcript_v2(
+            &whispr_protocol::MailboxId(m.id),
+            &h("mailbox_key"),
+            &h("owner_key"),
+            &h("access_key_hash"),
+            Some(&h("reply_key")),
+            body["retention_ms"].as_u64().unwrap(),
+            &nodes,
+        )
+        .unwrap();
+        let mut sig = [0u8; 64];
+        hex::decode_to_slice(body["signature"].as_str().unwrap(), &mut sig).unwrap();
+        ed25519_dalek::VerifyingKey::from_bytes(&h("owner_key"))
+            .unwrap()
+            .verify_strict(&transcript, &ed25519_dalek::Signature::from_bytes(&sig))
+            .expect("the v2 signature verifies");
+        let put = log
+            .iter()
+            .find(|(m, p, _)| m == "PUT" && p.ends_with("/prekeys"))
+            .expect("its prekeys uploaded");
+        assert_eq!(serde_json::from_str::<Value>(&put.2).unwrap(), slice);
     }
 }

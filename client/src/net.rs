@@ -23,7 +23,7 @@ pub const MAILBOX_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// reading fails over to the next replica).
 pub const POLL_GRACE: Duration = Duration::from_secs(3);
 /// Timeout of the other calls to a mailbox replica (login, ack, create, prekeys).
-pub const MAILBOX_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+pub const MAILBOX_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The HTTP client.
 #[derive(Clone, Debug)]

@@ -336,6 +336,15 @@ async fn a_node_ground_to_win_placement_gets_no_deposit_for_a_pinned_mailbox() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(directory.mailbox_replicas(&mailbox, 1), vec![ground_id]);
+    // The node posted its descriptor to the authorities itself, and they admitted it.
+    let admitted = "whispr_mesh_descriptor_submissions_total{result=\"admitted\"}";
+    while sample(ground_port, admitted) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no authority admitted the ground node's submission"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // Alice's client routes by a consensus that lists it.
     let shown = alice.ok(&["directory"]);
     assert_eq!(shown[0]["nodes"], members.len() + 1, "{shown:?}");

@@ -79,6 +79,21 @@ pub struct MeshConfig {
     /// Descriptors held, at most (the network's size bound).
     #[serde(default = "default_descriptors_max")]
     pub descriptors_max: usize,
+    /// Established libp2p connections in all, at most (default 25 000); more are refused.
+    #[serde(default = "default_connections_max")]
+    pub connections_max: u32,
+    /// Established libp2p connections with one peer, at most (default 4); more are refused.
+    #[serde(default = "default_connections_per_peer_max")]
+    pub connections_per_peer_max: u32,
+    /// Inbound libp2p connections still in their handshake, at most (default 256); more are
+    /// refused.
+    #[serde(default = "default_connections_pending_max")]
+    pub connections_pending_max: u32,
+    /// An inbound packet stream (`/whispr/packets/1`) with no packet for this long is closed,
+    /// in milliseconds (default 600 000; at least 100). Senders close their own idle stream
+    /// after half of it.
+    #[serde(default = "default_peer_stream_idle_ms")]
+    pub peer_stream_idle_ms: u64,
     /// The network file pinning the directory authorities (keys, URLs, threshold; see
     /// `docs/operators.md`). When set, the node routes only to the members of the latest
     /// consensus it fetched from the authorities (`GET /v1/consensus`) and verified, takes
@@ -142,6 +157,18 @@ fn default_consensus_poll_ms() -> u64 {
 fn default_consensus_grace_ms() -> u64 {
     u64::try_from(CONSENSUS_GRACE.as_millis()).unwrap_or(u64::MAX)
 }
+fn default_connections_max() -> u32 {
+    25_000
+}
+fn default_connections_per_peer_max() -> u32 {
+    4
+}
+fn default_connections_pending_max() -> u32 {
+    256
+}
+fn default_peer_stream_idle_ms() -> u64 {
+    600_000
+}
 fn default_descriptors_max() -> usize {
     whispr_protocol::directory::DIRECTORY_NODES_MAX
 }
@@ -162,6 +189,10 @@ impl Default for MeshConfig {
             peer_queue_max: default_peer_queue(),
             client_streams_max: default_client_streams(),
             descriptors_max: default_descriptors_max(),
+            connections_max: default_connections_max(),
+            connections_per_peer_max: default_connections_per_peer_max(),
+            connections_pending_max: default_connections_pending_max(),
+            peer_stream_idle_ms: default_peer_stream_idle_ms(),
             network_file: None,
             consensus_poll_ms: default_consensus_poll_ms(),
             consensus_grace_ms: default_consensus_grace_ms(),
@@ -245,6 +276,21 @@ impl MeshConfig {
         }
         if self.peer_queue_max == 0 {
             return Err(ConfigError::new("mesh.peer_queue_max", "must be > 0"));
+        }
+        for (key, value) in [
+            ("mesh.connections_max", self.connections_max),
+            (
+                "mesh.connections_per_peer_max",
+                self.connections_per_peer_max,
+            ),
+            ("mesh.connections_pending_max", self.connections_pending_max),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(key, "must be > 0"));
+            }
+        }
+        if self.peer_stream_idle_ms < 100 {
+            return Err(ConfigError::new("mesh.peer_stream_idle_ms", "at least 100"));
         }
         if self.consensus_poll_ms < 100 {
             return Err(ConfigError::new("mesh.consensus_poll_ms", "at least 100"));

@@ -43,7 +43,13 @@
 //! * [`PACKETS_PROTOCOL`] (`/whispr/packets/1`), between nodes: one long-lived stream per
 //!   ordered pair of nodes, carrying raw frames of exactly [`PACKET_SIZE`] bytes, no header.
 //!   The reader stops reading while the router is full (backpressure through Yamux's flow
-//!   control) instead of reading and dropping.
+//!   control) instead of reading and dropping. The reader closes a stream with no packet for
+//!   `mesh.peer_stream_idle_ms`; the sender closes its own after half of that, and reopens
+//!   when the peer closed it, so that no packet is written into a stream about to close.
+//!
+//! The swarm refuses connections beyond `mesh.connections_max` in all,
+//! `mesh.connections_per_peer_max` per peer and `mesh.connections_pending_max` inbound
+//! handshakes (libp2p's `connection_limits`).
 //! * [`CLIENT_PROTOCOL`] (`/whispr/client/1`), from clients to edge relays (registered only
 //!   when `router.edge` is set): the client writes frames of [`PACKET_SIZE`] bytes; after each
 //!   one the relay writes one status byte ([`client_status_code`]). Each stream is one
@@ -197,6 +203,7 @@ impl Mesh {
                 config.node_messages.clone(),
                 tokio::runtime::Handle::current(),
             ),
+            peer_stream_idle: Duration::from_millis(config.peer_stream_idle_ms),
         });
         let handle = MeshHandle {
             shared: shared.clone(),

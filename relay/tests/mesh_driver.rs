@@ -673,3 +673,140 @@ async fn node_messages_between_meshes() {
         node.stop().await;
     }
 }
+
+/// Security review, finding 12: a peer could hold any number of libp2p connections to a
+/// node. A bare libp2p identity dials a node with `connections_per_peer_max = 2` five
+/// times: two connections stay, three are refused (counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_over_the_per_peer_limit_are_refused() {
+    use libp2p::swarm::SwarmEvent;
+    use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+
+    let mut config = mesh_config(vec![RelayRole::Edge], 0, true, &[]);
+    config.connections_per_peer_max = 2;
+    let node = start(config, vec![], None);
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default(),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|_| libp2p_stream::Behaviour::new())
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(WAIT))
+        .build();
+    let addr: libp2p::Multiaddr = node.handle.listen_addrs()[0].clone();
+    for _ in 0..5 {
+        swarm
+            .dial(
+                DialOpts::peer_id(node.handle.peer_id())
+                    .addresses(vec![addr.clone()])
+                    .condition(PeerCondition::Always)
+                    .build(),
+            )
+            .unwrap();
+    }
+    // Every dial resolves (established, possibly closed again by the node, or failed), and
+    // at most two connections stay open.
+    let (mut resolved, mut open) = (0u32, 0i64);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while resolved < 5 || open > 2 {
+        let event = tokio::time::timeout_at(deadline, swarm.select_next_some())
+            .await
+            .unwrap_or_else(|_| panic!("{resolved} dials resolved, {open} connections open"));
+        match event {
+            SwarmEvent::ConnectionEstablished { .. } => {
+                resolved += 1;
+                open += 1;
+            }
+            SwarmEvent::OutgoingConnectionError { .. } => resolved += 1,
+            SwarmEvent::ConnectionClosed { .. } => open -= 1,
+            _ => {}
+        }
+    }
+    assert!(open >= 1, "a connection within the limit stays");
+    eventually_at_least(&node.handle, "whispr_mesh_connections_denied_total ", 3).await;
+    drop(swarm);
+    node.stop().await;
+}
+
+/// Security review, finding 12: an inbound packet stream that never carried a packet was
+/// held (with its stream slot) forever. It is closed after `peer_stream_idle_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_packet_stream_is_closed() {
+    let mut config = mesh_config(vec![RelayRole::Mix], 1, false, &[]);
+    config.peer_stream_idle_ms = 500;
+    let node = start(config, vec![], None);
+    let (mut control, client_task) = client_control(&node.handle).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut stream = loop {
+        match control
+            .open_stream(node.handle.peer_id(), whispr_relay::mesh::PACKETS_PROTOCOL)
+            .await
+        {
+            Ok(stream) => break stream,
+            Err(e) => {
+                assert!(tokio::time::Instant::now() < deadline, "no stream: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(WAIT, stream.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the idle packet stream is still open");
+    eventually_at_least(
+        &node.handle,
+        "whispr_mesh_peer_streams_idle_closed_total ",
+        1,
+    )
+    .await;
+    client_task.abort();
+    node.stop().await;
+}
+
+/// Packet senders close their stream before the next hop's idle timeout does: a packet
+/// sent after the link idled still arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_packet_after_an_idle_link_is_delivered() {
+    let mut edge_config = mesh_config(vec![RelayRole::Edge], 0, true, &[]);
+    edge_config.peer_stream_idle_ms = 400;
+    let edge = start(edge_config, vec![], None);
+    let bootstrap = [bootstrap_addr(&edge.handle)];
+    let mut destination_config = mesh_config(vec![], 0, false, &bootstrap);
+    destination_config.peer_stream_idle_ms = 400;
+    let (deliveries_tx, mut deliveries) = mpsc::unbounded_channel();
+    let destination = start(
+        destination_config,
+        vec![Role::Mailbox],
+        Some(Arc::new(Recorder(deliveries_tx))),
+    );
+    wait_for_directories(&[&edge.handle, &destination.handle], 2).await;
+    let directory = edge.handle.directory();
+    let epoch = KeyEpoch::containing(
+        now(),
+        Duration::from_millis(RouterConfig::default().epoch_len_ms),
+    );
+    let route = [
+        hop(&directory, edge.handle.node_id(), epoch),
+        hop(&directory, destination.handle.node_id(), epoch),
+    ];
+    let client = edge.handle.new_client_id();
+    for round in 0..2u8 {
+        if round == 1 {
+            // Several idle timeouts pass with the link unused (not an assertion: the
+            // delivery below is).
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+        let plaintext = vec![round; 16];
+        let bytes = packet(&route, DestinationAddress([7u8; 32]), &plaintext).into_bytes();
+        assert_eq!(edge.handle.submit_client(client, bytes).await, Ok(()));
+        match next_delivery(&mut deliveries).await {
+            Delivery::Final { plaintext: got, .. } => assert_eq!(got, plaintext),
+            other => panic!("unexpected delivery {other:?}"),
+        }
+    }
+    edge.stop().await;
+    destination.stop().await;
+}

@@ -50,6 +50,8 @@ pub(crate) struct Metrics {
     pub(crate) client_streams: AtomicU64,
     pub(crate) client_streams_refused: AtomicU64,
     pub(crate) peer_streams_refused: AtomicU64,
+    pub(crate) connections_denied: AtomicU64,
+    pub(crate) peer_streams_idle: AtomicU64,
     /// Descriptor submissions to the authorities, by [`Outcome`].
     descriptor_submissions: [AtomicU64; Outcome::ALL.len()],
     pub(crate) node_messages_sent: AtomicU64,
@@ -227,6 +229,16 @@ impl Metrics {
                 "whispr_mesh_peer_streams_refused_total",
                 "Inbound packet streams refused (unknown key type or stream limits).",
                 load(&self.peer_streams_refused),
+            ),
+            (
+                "whispr_mesh_connections_denied_total",
+                "Inbound connections refused at the connection limits.",
+                load(&self.connections_denied),
+            ),
+            (
+                "whispr_mesh_peer_streams_idle_closed_total",
+                "Inbound packet streams closed after peer_stream_idle_ms without a packet.",
+                load(&self.peer_streams_idle),
             ),
             (
                 "whispr_mesh_node_messages_sent_total",

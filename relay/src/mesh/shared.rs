@@ -149,6 +149,9 @@ pub(super) struct Shared {
     /// Node messages: the queues of the per-destination sender tasks, their limits, and the
     /// runtime the sender tasks are spawned on.
     pub(super) node_out: super::node_messages::Outbox,
+    /// `mesh.peer_stream_idle_ms`: inbound packet streams idle this long are closed; packet
+    /// senders close theirs after half of it.
+    pub(super) peer_stream_idle: std::time::Duration,
 }
 
 /// The nodes whose packet streams a node with a pinned network accepts: the members of its

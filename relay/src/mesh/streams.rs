@@ -116,10 +116,39 @@ pub(crate) async fn peer_sender(
     shared: Arc<Shared>,
 ) {
     let metrics: &Metrics = &shared.metrics;
+    // Closed before the next hop's idle timeout would close it under a packet.
+    let idle = shared.peer_stream_idle / 2;
     let mut stream: Option<Stream> = None;
     let mut backoff = BACKOFF_MIN;
     let mut next_attempt = Instant::now();
-    while let Some(packet) = packets.recv().await {
+    loop {
+        let woke = match stream.as_mut() {
+            Some(s) => {
+                // The protocol is one way: anything read (end of stream included) means the
+                // next hop closed or broke the stream; reopen before the next write.
+                let mut probe = [0u8; 1];
+                tokio::select! {
+                    packet = packets.recv() => SenderWoke::Packet(packet),
+                    _ = s.read(&mut probe) => SenderWoke::PeerClosed,
+                    () = tokio::time::sleep(idle) => SenderWoke::Idle,
+                }
+            }
+            None => SenderWoke::Packet(packets.recv().await),
+        };
+        let packet = match woke {
+            SenderWoke::Packet(Some(packet)) => packet,
+            SenderWoke::Packet(None) => break,
+            SenderWoke::PeerClosed => {
+                stream = None;
+                continue;
+            }
+            SenderWoke::Idle => {
+                if let Some(mut s) = stream.take() {
+                    let _ = s.close().await;
+                }
+                continue;
+            }
+        };
         let mut frames = vec![packet];
         // Write what else is queued before flushing once.
         while frames.len() < 64 {
@@ -179,6 +208,13 @@ pub(crate) async fn peer_sender(
     if let Some(mut s) = stream {
         let _ = s.close().await;
     }
+}
+
+/// What a packet sender task woke up for.
+enum SenderWoke {
+    Packet(Option<Packet>),
+    PeerClosed,
+    Idle,
 }
 
 /// Counts inbound streams per peer, at most `max` each; the count goes down when the guard
@@ -342,8 +378,16 @@ async fn read_peer<G: Send>(
             break;
         }
         let mut frame = vec![0u8; PACKET_SIZE];
-        if stream.read_exact(&mut frame).await.is_err() {
-            break;
+        match tokio::time::timeout(shared.peer_stream_idle, stream.read_exact(&mut frame)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => break,
+            Err(_) => {
+                shared
+                    .metrics
+                    .peer_streams_idle
+                    .fetch_add(1, Ordering::Relaxed);
+                break;
+            }
         }
         // A member dropped from the consensus (past the grace window) loses its stream.
         if !shared.admits_peer(&node) {

@@ -19,7 +19,9 @@ use libp2p::swarm::{
     ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, SwarmEvent, THandler,
     THandlerInEvent, THandlerOutEvent, ToSwarm, dummy,
 };
-use libp2p::{PeerId, StreamProtocol, Swarm, identify, kad, noise, ping, tcp, yamux};
+use libp2p::{
+    PeerId, StreamProtocol, Swarm, connection_limits, identify, kad, noise, ping, tcp, yamux,
+};
 use libp2p_stream::{Control, IncomingStreams};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -120,6 +122,8 @@ impl NetworkBehaviour for AddressBook {
 /// The behaviours of a mesh node.
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
+    /// First, so that a connection over the limits is refused before the others see it.
+    limits: connection_limits::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     kad: kad::Behaviour<kad::store::MemoryStore>,
@@ -181,7 +185,14 @@ pub(crate) fn build(config: &MeshConfig, keypair: &Keypair) -> Result<Built, Mes
     } else {
         None
     };
+    let limits = connection_limits::Behaviour::new(
+        connection_limits::ConnectionLimits::default()
+            .with_max_established(Some(config.connections_max))
+            .with_max_established_per_peer(Some(config.connections_per_peer_max))
+            .with_max_pending_incoming(Some(config.connections_pending_max)),
+    );
     let behaviour = Behaviour {
+        limits,
         identify,
         ping: ping::Behaviour::new(ping::Config::new()),
         kad,
@@ -407,6 +418,15 @@ impl SwarmTask {
                     .metrics
                     .peers_connected
                     .store(u64::try_from(peers).unwrap_or(u64::MAX), Ordering::Relaxed);
+            }
+            SwarmEvent::IncomingConnectionError {
+                error: libp2p::swarm::ListenError::Denied { .. },
+                ..
+            } => {
+                self.shared
+                    .metrics
+                    .connections_denied
+                    .fetch_add(1, Ordering::Relaxed);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(event)) => self.on_gossip(event),
             // Discovery: a Whispr peer's listen addresses go to Kademlia.

@@ -592,7 +592,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                 mailbox_id,
                 device,
                 ids,
-            } => self.on_acked(now, from, mailbox_id, device, &ids),
+            } => self.on_acked(from, mailbox_id, device, &ids),
             ReplicaMessage::Digest { entries } => self.on_digest(now, from, entries),
             ReplicaMessage::Ids {
                 mailbox_id,
@@ -810,7 +810,6 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
 
     fn on_acked(
         &mut self,
-        now: UnixTime,
         from: NodeId,
         mailbox_id: MailboxId,
         device: [u8; 32],
@@ -827,7 +826,6 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             self.refused(1);
             return Ok(());
         }
-        let _ = now;
         let mut ops = Vec::new();
         let mut deleted: Vec<u64> = Vec::new();
         let mut marked: Vec<(u64, Vec<[u8; 32]>)> = Vec::new();

@@ -619,6 +619,11 @@ impl Client {
                         // same replica now.
                         self.core.set_replica_token(&m.id, &r.node, None);
                         failed_over.push(m.id);
+                    } else if matches!(&e, ClientError::Node { kind, .. } if kind == "bad_cursor") {
+                        // The replica numbers anew (a lost disk, repaired from its peers):
+                        // read it from the start, now.
+                        self.core.reset_cursor(&m.id, &r.node);
+                        failed_over.push(m.id);
                     } else if self.core.fail_over(&m.id).is_some_and(|n| n != r.node) {
                         failed_over.push(m.id);
                     } else {
@@ -644,9 +649,14 @@ impl Client {
                         self.core
                             .handle_fetched_from(now, &m.id, &r.node, &messages);
                     }
-                    Some((_, Err(e))) => {
-                        // Next round goes on with the replica after it.
-                        let _ = self.core.fail_over(&m.id);
+                    Some((r, Err(e))) => {
+                        // Next round goes on with the replica after it (or this one from the
+                        // start).
+                        if matches!(&e, ClientError::Node { kind, .. } if kind == "bad_cursor") {
+                            self.core.reset_cursor(&m.id, &r.node);
+                        } else {
+                            let _ = self.core.fail_over(&m.id);
+                        }
                         failures += 1;
                         first_error.get_or_insert(e);
                     }
@@ -959,6 +969,16 @@ mod tests {
     /// the messages API) and acknowledges acks; records every request. With `hang`, it accepts
     /// connections and never answers.
     async fn fake_replica(messages: Value, hang: bool) -> (String, Seen) {
+        fake_replica_numbering(messages, hang, false).await
+    }
+
+    /// [`fake_replica`]; with `renumbered`, a replica that lost its disk and numbers anew: a
+    /// poll after any cursor but 0 is refused as `bad_cursor`.
+    async fn fake_replica_numbering(
+        messages: Value,
+        hang: bool,
+        renumbered: bool,
+    ) -> (String, Seen) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen: Seen = Arc::default();
@@ -1003,6 +1023,18 @@ mod tests {
                         if hang {
                             tokio::time::sleep(Duration::from_secs(3600)).await;
                             return;
+                        }
+                        if renumbered && path.contains("/messages") && !path.contains("after=0&") {
+                            let body =
+                                json!({"error": "bad_cursor", "message": "beyond"}).to_string();
+                            let out = format!(
+                                "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                                body.len()
+                            );
+                            if conn.write_all(out.as_bytes()).await.is_err() {
+                                return;
+                            }
+                            continue;
                         }
                         let reply = if path.ends_with("/auth/challenge") {
                             json!({"challenge": hex::encode([7u8; 32]), "audience": "fake"})
@@ -1255,5 +1287,43 @@ mod tests {
             .find(|(m, p, _)| m == "PUT" && p.ends_with("/prekeys"))
             .expect("its prekeys uploaded");
         assert_eq!(serde_json::from_str::<Value>(&put.2).unwrap(), slice);
+    }
+
+    /// A replica that lost its disk numbers anew and refuses our cursor: it is read from the
+    /// start at once, in the same round.
+    #[tokio::test]
+    async fn a_replica_refusing_the_cursor_is_read_from_the_start() {
+        let (renumbered, seen) = fake_replica_numbering(page(&[2, 3]), false, true).await;
+        let (other, _) = fake_replica(page(&[]), false).await;
+        let home = tempfile::tempdir().unwrap();
+        let mut c = client_with_two_replicas(home.path(), &[renumbered.clone(), other]);
+        let (id, node) = {
+            let m = &c.core.owned_mailboxes()[0];
+            (m.id, m.current().unwrap().node)
+        };
+        // Read up to 50 there before it lost its disk.
+        c.core.handle_fetched_from(
+            now_ms(),
+            &id,
+            &node,
+            &[serde_json::from_value(page(&[50])[0].clone()).unwrap()],
+        );
+        while c.core.poll_output().is_some() {}
+        c.sync(Duration::ZERO).await.unwrap();
+        let m = &c.core.owned_mailboxes()[0];
+        assert_eq!(
+            m.current().unwrap().node,
+            node,
+            "no failover for a bad cursor"
+        );
+        assert_eq!(m.current().unwrap().cursor, 3);
+        let log = seen.lock().unwrap().clone();
+        let polls: Vec<&String> = log
+            .iter()
+            .filter(|(_, p, _)| p.contains("/messages"))
+            .map(|(_, p, _)| p)
+            .collect();
+        assert!(polls[0].contains("after=50&"), "{polls:?}");
+        assert!(polls[1].contains("after=0&"), "{polls:?}");
     }
 }

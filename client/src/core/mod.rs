@@ -740,9 +740,27 @@ impl ClientCore {
             .collect()
     }
 
+    /// Mailbox `id`'s replica `node` refused our cursor as beyond its last message: it lost
+    /// its disk and numbers anew (repaired from its peers). It is read from the start again;
+    /// what was read before is dropped as duplicates.
+    pub fn reset_cursor(&mut self, id: &[u8; 32], node: &[u8; 32]) {
+        if let Some(r) = self
+            .mailbox_mut(id)
+            .and_then(|m| m.replicas.iter_mut().find(|r| r.node == *node))
+        {
+            r.cursor = 0;
+        }
+        self.save();
+    }
+
     /// Mailbox `id`'s replica read from failed (an error or a timeout): reading moves to the
     /// next replica of its set that exists and is in the directory (the one after it in
     /// pinned order, cyclically); the replica read from now. With one replica, it stays.
+    ///
+    /// The new replica is read from the start (cursor 0): while we read elsewhere it may have
+    /// lost its disk and been repaired, numbering its messages anew, and a stale cursor would
+    /// skip them. It serves only what this device has not acknowledged (acks reach every
+    /// replica); what it serves again that was read elsewhere is dropped as duplicates.
     pub fn fail_over(&mut self, id: &[u8; 32]) -> Option<[u8; 32]> {
         let dir = self.directory.clone();
         let m = self.mailbox_mut(id)?;
@@ -758,6 +776,9 @@ impl ClientCore {
         });
         if let Some(i) = next {
             m.reading = i;
+            if let Some(r) = m.replicas.get_mut(i) {
+                r.cursor = 0;
+            }
         }
         let node = m.current().map(|r| r.node);
         self.save();

@@ -23,10 +23,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use serde_json::Value;
-use whispr_mailbox::testkit::{Owner, create_body_replicated};
+use whispr_mailbox::testkit::{Owner, create_body, create_body_replicated};
 use whispr_protocol::directory::Directory;
 use whispr_protocol::payload::FinalMessage;
-use whispr_protocol::sphinx::{RouteHop, build_packet};
+use whispr_protocol::sphinx::{RouteHop, build_packet, create_surb};
 use whispr_protocol::{DedupId, DestinationAddress, KeyEpoch, NodeId, UnixTime};
 
 /// Logs the owner's first device in at `base`; `None` when the node refuses (no such
@@ -420,6 +420,64 @@ async fn a_deposit_reaches_every_replica_and_a_replica_that_lost_its_disk_is_rep
         wait_served(&http, b, &owner, &want, "every replica has both deposits").await;
     }
 
+    // Replica 2 is killed; a deposit to replica 1 with an ack SURB still gets its receipt
+    // (written on replicas 1 and 3: the write quorum of 2), into a sender's mailbox on
+    // replica 1.
+    boxes[1].kill9();
+    let sender = Owner::from_seed(404);
+    let r = http
+        .post(format!("{}/v1/mailboxes", boxes[0].base()))
+        .json(&create_body(&sender.create_request(RETENTION_MS)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let surb_id = sender.reply_key.mint_surb_id(&mut rng, &sender.mailbox_id);
+    let (surb, recovery) = create_surb(
+        &mut rng,
+        &[hop(mix_id), hop(replicas[0])],
+        &[Duration::ZERO],
+        DestinationAddress::mailbox(&sender.mailbox_id),
+        surb_id,
+    )
+    .unwrap();
+    let dedup = DedupId::random(&mut rng);
+    want.insert(hex::encode(dedup.0));
+    let envelope = owner
+        .envelope(&mut rng, dedup, None, Some(surb), b"third")
+        .unwrap();
+    let plaintext = FinalMessage::Deposit(envelope).encode().unwrap();
+    let packet = build_packet(
+        &mut rng,
+        &[hop(edge_id), hop(mix_id), hop(replicas[0])],
+        &[Duration::ZERO; 2],
+        DestinationAddress::mailbox(&owner.mailbox_id),
+        &plaintext,
+    )
+    .unwrap();
+    let r = http
+        .post(format!("{}/v1/packets", edge.base()))
+        .header("content-type", "application/octet-stream")
+        .body(packet.as_bytes().to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let receipt = hex::encode(recovery.surb_id().as_bytes());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = served(&http, &boxes[0], &sender).await.unwrap_or_default();
+        if got.contains(&receipt) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no deposit receipt with one replica down"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_served(&http, &boxes[2], &owner, &want, "replica 3 has the third").await;
+
     // Replica 3 loses its disk: kill -9, data directory deleted, restarted (same mesh keys).
     let lost = &mut boxes[2];
     lost.kill9();
@@ -429,6 +487,17 @@ async fn a_deposit_reaches_every_replica_and_a_replica_that_lost_its_disk_is_rep
     assert_eq!(lost.node_id(), replicas[2]);
     let lost = &boxes[2];
     wait_served(&http, lost, &owner, &want, "the lost replica is repaired").await;
+    // Replica 2 comes back (its disk intact) and catches up on what it missed.
+    boxes[1].start();
+    wait_served(
+        &http,
+        &boxes[1],
+        &owner,
+        &want,
+        "the restarted replica caught up",
+    )
+    .await;
+    let lost = &boxes[2];
     let metrics = http
         .get(format!("{}/metrics", lost.base()))
         .send()

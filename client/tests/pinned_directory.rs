@@ -253,6 +253,72 @@ async fn too_few_unknown_or_expired_signatures_are_refused_from_every_source() {
     }
 }
 
+/// The same refusals by the `whispr` command, end to end: a client pinning the three
+/// authorities, whose mirror and authorities all serve one bad document, has no directory
+/// (`whispr directory` fails, naming no node); a consensus signed by two of the three is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whispr_refuses_a_directory_without_the_threshold_of_pinned_signatures() {
+    let f = fixture().await;
+    let home = tempfile::tempdir().unwrap();
+    let network_file = home.path().join("network");
+    std::fs::write(&network_file, f.network.to_text()).unwrap();
+    let whispr = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_whispr"))
+            .arg("--home")
+            .arg(home.path().join("c"))
+            .arg("--json")
+            .args(args)
+            .env("WHISPR_PASSPHRASE", "pw")
+            .output()
+            .unwrap()
+    };
+    let init = whispr(&[
+        "init",
+        "--directory",
+        &format!("{}/mirror", f.base),
+        "--network",
+        &network_file.display().to_string(),
+    ]);
+    assert!(init.status.success(), "{init:?}");
+    let strangers: Vec<SigningKey> = (0..3u8)
+        .map(|i| SigningKey::from_bytes(&[60 + i; 32]))
+        .collect();
+    let k = &f.keys;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("a plain directory", Directory::encode(&f.attacker)),
+        ("one signature of three", f.consensus(7, 0, &[&k[0]])),
+        (
+            "unknown keys",
+            f.consensus(7, 0, &[&strangers[0], &strangers[1], &strangers[2]]),
+        ),
+        (
+            "expired",
+            f.consensus(7, -3_600_000, &[&k[0], &k[1], &k[2]]),
+        ),
+    ];
+    for (what, bytes) in cases {
+        f.serve("/mirror", bytes.clone());
+        for i in 0..3 {
+            f.serve(&format!("/a{i}/v1/consensus"), bytes.clone());
+        }
+        let out = whispr(&["directory"]);
+        assert!(
+            !out.status.success(),
+            "whispr took {what}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    f.serve("/mirror", f.consensus(8, 0, &[&k[0], &k[2]]));
+    let out = whispr(&["directory"]);
+    assert!(out.status.success(), "{out:?}");
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&shown["signers"], &shown["authorities"], &shown["nodes"]),
+        (&2.into(), &3.into(), &3.into()),
+        "{shown}"
+    );
+}
+
 #[tokio::test]
 async fn a_majority_consensus_is_accepted_from_the_mirror_or_an_authority_and_never_rolls_back() {
     let f = fixture().await;

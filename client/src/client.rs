@@ -509,7 +509,8 @@ impl Client {
     /// The replica of `m` to read from now and a token there: the current one, or, when
     /// logging in there fails, the next ones of its set in turn (failover).
     async fn read_target(&mut self, m: &OwnedMailbox) -> Result<(OwnedMailbox, Replica, String)> {
-        let mut m = m.clone();
+        // The core's view: the replica read from may have changed since `m` was taken.
+        let mut m = self.mailbox(&m.id).unwrap_or_else(|| m.clone());
         let mut first_error = None;
         for _ in 0..m.replicas.len().max(1) {
             let Some(r) = m.current().cloned() else { break };
@@ -1325,5 +1326,39 @@ mod tests {
             .collect();
         assert!(polls[0].contains("after=50&"), "{polls:?}");
         assert!(polls[1].contains("after=0&"), "{polls:?}");
+    }
+
+    /// A stream cannot be opened on the replica read from (its ticket fails): the stream
+    /// endpoint is on the next replica, tagged with it.
+    #[tokio::test]
+    async fn a_stream_is_opened_on_the_next_replica_when_the_current_one_is_down() {
+        let dead = {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            format!("http://{}", l.local_addr().unwrap())
+        };
+        let (live, _) = fake_replica(page(&[]), false).await;
+        let home = tempfile::tempdir().unwrap();
+        let mut c = client_with_two_replicas(home.path(), &[dead, live.clone()]);
+        let (id, node) = {
+            let m = &c.core.owned_mailboxes()[0];
+            (m.id, m.current().unwrap().node)
+        };
+        // Logged in there before it died: the ticket is what fails.
+        c.core
+            .set_replica_token(&id, &node, Some(("tok".into(), now_ms() + 3_600_000)));
+        let endpoints = c.stream_endpoints(&[]).await.unwrap();
+        assert_eq!(endpoints.len(), 1);
+        let m = &c.core.owned_mailboxes()[0];
+        let r = m.current().unwrap();
+        assert_eq!(r.api_url, live);
+        assert_eq!(
+            endpoints[0].0,
+            format!("{}/{}", hex::encode(id), hex::encode(r.node))
+        );
+        assert!(
+            endpoints[0]
+                .1
+                .starts_with(&live.replace("http://", "ws://"))
+        );
     }
 }

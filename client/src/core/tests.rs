@@ -1516,3 +1516,36 @@ fn a_state_from_before_replication_reads_as_a_set_of_one() {
     assert_eq!(v["contacts"][0]["mine"]["replicas"][0]["cursor"], 42);
     assert!(v["contacts"][0]["mine"].get("cursor").is_none());
 }
+
+#[test]
+fn failover_walks_the_set_skipping_replicas_not_created_or_not_in_the_directory() {
+    let mut net = TestNet::new();
+    let (_alice, mut bob) = net.pair();
+    let mut m = bob.contact_mailbox("alice").unwrap();
+    let nodes = m.replica_nodes();
+    // The second replica was down at creation.
+    m.replicas[1].created = false;
+    m.reading = 0;
+    bob.mailbox_created(&m);
+    assert_eq!(bob.fail_over(&m.id), Some(nodes[2]));
+    assert_eq!(bob.fail_over(&m.id), Some(nodes[0]));
+    // The third leaves the directory: only the first is left to read.
+    let kept: Vec<_> = net
+        .descriptors
+        .iter()
+        .filter(|d| d.verify(UnixTime(T0)).unwrap().node_id != NodeId(nodes[2]))
+        .cloned()
+        .collect();
+    bob.set_directory(Arc::new(Directory::build(UnixTime(T0), &kept).0));
+    assert_eq!(
+        bob.fail_over(&m.id),
+        Some(nodes[0]),
+        "stays: nowhere else to go"
+    );
+    // Once created there, the second is next; it is read from the start.
+    bob.set_replica_created(&m.id, &nodes[1], true);
+    assert_eq!(bob.fail_over(&m.id), Some(nodes[1]));
+    let now = bob.contact_mailbox("alice").unwrap();
+    assert_eq!(now.current().unwrap().cursor, 0);
+    assert_eq!(bob.replicas_to_create().len(), 0);
+}

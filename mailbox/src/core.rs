@@ -976,7 +976,25 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
 
     /// Removes a device (not the owner's). Messages only it had not acknowledged are
     /// deleted if every remaining device has.
+    /// In a replicated mailbox the removal reaches the other replicas.
     pub fn remove_device(&mut self, mailbox: &MailboxId, device_key: &[u8; 32]) -> Result<()> {
+        self.remove_device_here(mailbox, device_key)?;
+        let sid = self.master.storage_id(mailbox);
+        if let Some(m) = self.mailboxes.get(&sid) {
+            for peer in self.peers_of(m) {
+                self.outputs.push_back(Output::Replica {
+                    peer,
+                    message: ReplicaMessage::RemoveDevice {
+                        mailbox_id: *mailbox,
+                        device: *device_key,
+                    },
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_device_here(&mut self, mailbox: &MailboxId, device_key: &[u8; 32]) -> Result<()> {
         self.check_writable()?;
         let m = self.mailbox(mailbox)?;
         if &m.record.owner_key == device_key {
@@ -990,10 +1008,18 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         let sid = m.sid;
         let mut record = m.record.clone();
         record.devices.retain(|d| d != device_key);
+        record.device_signatures.retain(|(d, _)| d != device_key);
         let mut cursors = m.cursors.clone();
         cursors.remove(device_key);
         let old_min = m.min_cursor();
         let new_min = cursors.values().copied().min().unwrap_or(0);
+        // Messages the remaining devices all acknowledged (some at peer replicas).
+        let done: Vec<u64> = m
+            .messages
+            .range(new_min.saturating_add(1)..)
+            .filter(|(seq, i)| Self::fully_acked(&record.devices, &cursors, **seq, i))
+            .map(|(seq, _)| *seq)
+            .collect();
         let key = m.key.clone();
         let mut ops = vec![self.record_ops(&sid, &key, &record)?];
         ops.push(Op::Delete {
@@ -1003,11 +1029,19 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         if new_min > old_min {
             ops.extend(Self::delete_through_ops(&sid, new_min));
         }
+        for seq in &done {
+            ops.extend(Self::delete_message_ops(&sid, *seq));
+        }
         self.store.write(ops, true)?;
         let m = self.mailbox_mut(mailbox)?;
         m.record = record;
         m.cursors = cursors;
         Self::forget_through(m, new_min);
+        for seq in done {
+            if let Some(info) = m.messages.remove(&seq) {
+                m.bytes = m.bytes.saturating_sub(info.value_len);
+            }
+        }
         Ok(())
     }
 

@@ -664,3 +664,35 @@ fn the_held_receipt_table_is_bounded() {
     assert_eq!(net.cores[0].replica_stats().receipts_dropped, 1);
     assert!(net.receipts[0].is_empty());
 }
+
+#[test]
+fn a_removed_device_is_removed_on_every_replica() {
+    let mut net = Net::new();
+    let device2 = net.owner.device(1);
+    let sig = net.owner.sign_device(&device2);
+    let d2 = device2.verifying_key().to_bytes();
+    let mailbox = net.mailbox();
+    net.cores[0].add_device(&mailbox, d2, &sig).unwrap();
+    net.pump(at(1));
+    let e = net.envelope(None, true);
+    net.deposit(0, &e, at(2));
+    net.pump(at(2));
+    // The owner device acks at replica 1: device 2 still holds the message everywhere.
+    let device = net.device();
+    let page = net.cores[1]
+        .fetch(at(3), &mailbox, &device, None, 10)
+        .unwrap();
+    net.cores[1].ack(&mailbox, &device, page[0].seq).unwrap();
+    net.pump(at(3));
+    for i in 0..3 {
+        assert_eq!(net.stored(i), 1, "node {i}");
+    }
+    // Device 2 is removed at replica 2: it can log in nowhere, and the message only it had
+    // not acknowledged goes everywhere.
+    net.cores[2].remove_device(&mailbox, &d2).unwrap();
+    net.pump(at(4));
+    for i in 0..3 {
+        assert!(!net.cores[i].is_device(&mailbox, &d2), "node {i}");
+        assert_eq!(net.stored(i), 0, "node {i}");
+    }
+}

@@ -1,7 +1,7 @@
 //! The messages mailbox replicas exchange over the mesh's node-to-node channel
 //! (`docs/replication.md`): deposits pushed by the entry replica, their acknowledgements, the
 //! owner's acknowledgements, anti-entropy (digests, id lists, pulls), record repair (the
-//! owner-signed create request and device registrations) and erasure.
+//! owner-signed create request and device registrations), device removal and erasure.
 //!
 //! Byte format (all integers big-endian): `version (u8) = 1 ‖ tag (u8) ‖ fields`. Lists are a
 //! `u16` count then the items; byte strings a `u32` length then the bytes. Every count and
@@ -213,6 +213,14 @@ pub enum ReplicaMessage {
         /// The mailbox.
         mailbox_id: MailboxId,
     },
+    /// The owner removed a device (it may no longer log in; what only it had not
+    /// acknowledged may go).
+    RemoveDevice {
+        /// The mailbox.
+        mailbox_id: MailboxId,
+        /// The device key removed.
+        device: [u8; 32],
+    },
 }
 
 /// Why bytes are not a replica message.
@@ -255,6 +263,7 @@ const TAG_PULL: u8 = 6;
 const TAG_RECORD_REQUEST: u8 = 7;
 const TAG_RECORDS: u8 = 8;
 const TAG_ERASE: u8 = 9;
+const TAG_REMOVE_DEVICE: u8 = 10;
 
 struct Writer(Vec<u8>);
 
@@ -488,6 +497,11 @@ impl ReplicaMessage {
                 w.u8(TAG_ERASE);
                 w.bytes(mailbox_id.as_bytes());
             }
+            ReplicaMessage::RemoveDevice { mailbox_id, device } => {
+                w.u8(TAG_REMOVE_DEVICE);
+                w.bytes(mailbox_id.as_bytes());
+                w.bytes(device);
+            }
         }
         w.0
     }
@@ -594,6 +608,10 @@ impl ReplicaMessage {
             TAG_ERASE => ReplicaMessage::Erase {
                 mailbox_id: r.mailbox()?,
             },
+            TAG_REMOVE_DEVICE => ReplicaMessage::RemoveDevice {
+                mailbox_id: r.mailbox()?,
+                device: r.array("device")?,
+            },
             tag => return Err(ReplicaError::UnknownTag(tag)),
         };
         if !r.0.is_empty() {
@@ -691,6 +709,10 @@ mod tests {
                 ],
             },
             ReplicaMessage::Erase { mailbox_id: m },
+            ReplicaMessage::RemoveDevice {
+                mailbox_id: m,
+                device: [17; 32],
+            },
         ]
     }
 

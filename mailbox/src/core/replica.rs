@@ -606,6 +606,22 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                 Ok(())
             }
             ReplicaMessage::Records { records } => self.on_records(now, from, records),
+            ReplicaMessage::RemoveDevice { mailbox_id, device } => {
+                let sid = self.master.storage_id(&mailbox_id);
+                match self.mailboxes.get(&sid) {
+                    Some(m) if self.shares(m, &from) => {
+                        match self.remove_device_here(&mailbox_id, &device) {
+                            Ok(()) => {}
+                            Err(e) if !e.is_caller_error() => return Err(e),
+                            // Already removed, never registered here, or the owner key.
+                            Err(_) => self.refused(1),
+                        }
+                    }
+                    Some(_) => self.refused(1),
+                    None => {}
+                }
+                Ok(())
+            }
             ReplicaMessage::Erase { mailbox_id } => {
                 let sid = self.master.storage_id(&mailbox_id);
                 match self.mailboxes.get(&sid) {

@@ -636,34 +636,53 @@ impl Client {
         }
         // The mailboxes whose replica failed are read from the next one now, without waiting:
         // failover within the round (and those whose session was gone, from the same one
-        // after a new login).
-        if !failed_over.is_empty() {
-            let retry: Vec<OwnedMailbox> = failed_over
-                .iter()
-                .filter_map(|id| self.mailbox(id))
-                .collect();
-            let polls = self.poll_all(&retry, Duration::ZERO).await;
+        // after a new login). Bounded: each replica can be tried twice (a stale session, then
+        // a fresh one) before the round gives up on the mailbox.
+        let mut retry = failed_over;
+        for _ in 0..2 * whispr_protocol::mailbox_api::REPLICAS_MAX {
+            if retry.is_empty() {
+                break;
+            }
+            let boxes: Vec<OwnedMailbox> = retry.iter().filter_map(|id| self.mailbox(id)).collect();
+            retry = Vec::new();
+            let polls = self.poll_all(&boxes, Duration::ZERO).await;
             let now = now_ms();
-            for (m, result) in retry.iter().zip(polls) {
+            for (m, result) in boxes.iter().zip(polls) {
                 match result {
                     Some((r, Ok(messages))) => {
                         self.core
                             .handle_fetched_from(now, &m.id, &r.node, &messages);
                     }
+                    Some((r, Err(ClientError::Node { status: 401, .. }))) if r.token.is_some() => {
+                        // A session from before the node restarted: log in again.
+                        self.core.set_replica_token(&m.id, &r.node, None);
+                        retry.push(m.id);
+                    }
+                    Some((r, Err(ClientError::Node { kind, .. })))
+                        if kind == "bad_cursor" && r.cursor != 0 =>
+                    {
+                        // The replica renumbered (it lost its disk): read it from the start.
+                        self.core.reset_cursor(&m.id, &r.node);
+                        retry.push(m.id);
+                    }
                     Some((r, Err(e))) => {
-                        // Next round goes on with the replica after it (or this one from the
-                        // start).
-                        if matches!(&e, ClientError::Node { kind, .. } if kind == "bad_cursor") {
-                            self.core.reset_cursor(&m.id, &r.node);
+                        if self.core.fail_over(&m.id).is_some_and(|n| n != r.node) {
+                            retry.push(m.id);
                         } else {
-                            let _ = self.core.fail_over(&m.id);
+                            failures += 1;
+                            first_error.get_or_insert(e);
                         }
-                        failures += 1;
-                        first_error.get_or_insert(e);
                     }
                     None => {}
                 }
             }
+        }
+        if !retry.is_empty() {
+            failures += retry.len();
+            first_error.get_or_insert(ClientError::Unreachable {
+                node: "mailbox",
+                reason: "no replica answered".to_string(),
+            });
         }
         self.drive().await?;
         self.tick().await?;
@@ -793,8 +812,17 @@ impl Client {
             {
                 return Ok(state);
             }
-            self.sync(Duration::from_millis(self.core.settings().poll_wait_ms))
-                .await?;
+            // A round that failed (every replica of every mailbox unreachable for now) is
+            // tried again until the deadline: the message is still being retransmitted.
+            if let Err(e) = self
+                .sync(Duration::from_millis(self.core.settings().poll_wait_ms))
+                .await
+            {
+                if !e.is_transient() {
+                    return Err(e);
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
         }
     }
 

@@ -75,6 +75,7 @@ pub struct DevnetRecord {
 #[derive(Debug)]
 pub struct Devnet {
     dir: PathBuf,
+    bin_dir: PathBuf,
     children: Vec<(String, Child)>,
     record: DevnetRecord,
 }
@@ -419,6 +420,7 @@ impl Devnet {
         write(&dir.join("allowed"), "")?;
         let mut devnet = Devnet {
             dir: dir.clone(),
+            bin_dir: opts.bin_dir.clone(),
             children: Vec::new(),
             record: DevnetRecord {
                 supervisor_pid: std::process::id(),
@@ -581,6 +583,90 @@ impl Devnet {
             &format!("{}\n", devnet.record.directory_url),
         )?;
         Ok(devnet)
+    }
+
+    /// Kills node `name` with SIGKILL (a crash: nothing flushed, nothing closed) and reaps it.
+    pub fn kill(&mut self, name: &str) -> Result<()> {
+        let (_, child) = self
+            .children
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .ok_or_else(|| ClientError::InvalidArgument(format!("no node named {name}")))?;
+        let _ = child.kill();
+        child
+            .wait()
+            .map_err(ClientError::io("reaping a killed node"))?;
+        Ok(())
+    }
+
+    /// Starts node `name` again (after [`Devnet::kill`]) with its configuration and ports.
+    /// With `wipe`, its stored data is deleted first, as on a lost disk: everything in its
+    /// data directory but its keys (`keys/`, `master.key`), which an operator restores from
+    /// where it keeps secrets, not from the data disk (a node with new keys is a new node).
+    /// Returns once the node has written its `node-info.json` (it listens).
+    pub fn restart(&mut self, name: &str, wipe: bool) -> Result<()> {
+        let i = self
+            .children
+            .iter()
+            .position(|(n, _)| n == name)
+            .ok_or_else(|| ClientError::InvalidArgument(format!("no node named {name}")))?;
+        let (kind, http_port) = self
+            .record
+            .nodes
+            .get(i)
+            .map(|n| (n.kind.clone(), n.http_port))
+            .ok_or_else(|| ClientError::CorruptState("devnet record".to_string()))?;
+        let (kind, binary): (&'static str, &str) = match kind.as_str() {
+            "relay" => ("relay", "whispr-relay"),
+            "mailbox" => ("mailbox", "whispr-mailbox"),
+            "timer" => ("timer", "whispr-timer"),
+            other => {
+                return Err(ClientError::InvalidArgument(format!(
+                    "cannot restart a {other} node"
+                )));
+            }
+        };
+        let plan = Plan {
+            name: name.to_string(),
+            kind,
+            binary: self.bin_dir.join(binary),
+            config: self.dir.join(format!("{name}.toml")),
+            data: self.dir.join(name),
+            http_port,
+        };
+        if let Some((_, old)) = self.children.get_mut(i)
+            && old.try_wait().ok().flatten().is_none()
+        {
+            return Err(ClientError::InvalidArgument(format!(
+                "{name} is still running"
+            )));
+        }
+        if wipe {
+            let entries = std::fs::read_dir(&plan.data)
+                .map_err(ClientError::io("reading a node's data directory"))?;
+            for entry in entries.flatten() {
+                let file = entry.file_name();
+                if file == "keys" || file == "master.key" {
+                    continue;
+                }
+                let path = entry.path();
+                let removed = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                removed.map_err(ClientError::io("wiping a node's data"))?;
+            }
+        }
+        let mut child = spawn(&self.dir, &plan)?;
+        let started = wait_multiaddr(&plan, &mut child).map(|_| ());
+        if let (Some(slot), Some(record)) = (self.children.get_mut(i), self.record.nodes.get_mut(i))
+        {
+            record.pid = child.id();
+            slot.1 = child;
+        }
+        self.write_record()?;
+        started
     }
 
     fn add(&mut self, plan: &Plan, child: Child) {

@@ -86,6 +86,19 @@ pub enum ClientError {
 pub type Result<T> = std::result::Result<T, ClientError>;
 
 impl ClientError {
+    /// A failure of the network or of a node that may pass by itself (a node down or
+    /// restarting, a timeout, a 5xx, a 401 for a session the node lost, a 429): worth trying
+    /// again later, unlike a local or protocol error.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Unreachable { .. } | ClientError::NoRoute(_) => true,
+            ClientError::Node { status, .. } => {
+                matches!(*status, 401 | 408 | 425 | 429) || *status >= 500
+            }
+            _ => false,
+        }
+    }
+
     pub(crate) fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> ClientError {
         move |source| ClientError::Io { what, source }
     }

@@ -1,0 +1,282 @@
+//! Mailbox replication over a devnet of real processes (issue 15, `docs/replication.md`):
+//! three mailbox nodes, so every mailbox has all three as its replica set (R = 3, W = 2).
+//! Driven through the `whispr` command as a user would.
+//!
+//! * A replica of both users' mailboxes is killed with SIGKILL mid-conversation: every message
+//!   sent is acknowledged ("stored"), and delivered exactly once; replies keep flowing.
+//! * A kill -9 loop across the replicas, one down at a time, while alice sends and bob reads:
+//!   every acknowledged message reaches bob exactly once.
+//! * It is restarted with its data deleted (keys kept: a lost disk): it is repaired from its
+//!   peers — same mailboxes, same messages — and, with the two other replicas killed, it
+//!   alone serves bob every message he had not read.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    missing_docs
+)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use whispr_client::devnet::{self, Devnet, DevnetOptions};
+
+const WHISPR: &str = env!("CARGO_BIN_EXE_whispr");
+/// Longest wait for something to come through the mesh, or for a repair. Generous: a
+/// deadline costs time only when the test fails.
+const WAIT: Duration = Duration::from_secs(120);
+/// Rounds of the kill -9 loop (each kills one replica and restarts it).
+const ROUNDS: usize = 100;
+
+#[derive(Clone)]
+struct User {
+    home: PathBuf,
+    pass: &'static str,
+}
+
+impl User {
+    fn cmd(&self, args: &[&str]) -> Output {
+        Command::new(WHISPR)
+            .arg("--home")
+            .arg(&self.home)
+            .arg("--json")
+            .args(args)
+            .env("WHISPR_PASSPHRASE", self.pass)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> Vec<Value> {
+        let o = self.cmd(args);
+        assert!(
+            o.status.success(),
+            "whispr {args:?} failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Sends `text` to `to`; it must be acknowledged by the mailbox (W replicas hold it).
+    fn send_stored(&self, to: &str, text: &str) {
+        let sent = self.ok(&["send", to, text, "--timeout", "120"]);
+        // Stored, or further already (a reader that is online acknowledges at once).
+        let state = sent[0]["state"].as_str().unwrap_or_default();
+        assert!(
+            ["stored", "delivered", "read"].contains(&state),
+            "{text}: {sent:?}"
+        );
+    }
+
+    /// One receive (waiting at most a second): the texts of the messages it gave.
+    fn recv_texts(&self) -> Vec<String> {
+        self.ok(&["recv", "--wait", "1"])
+            .iter()
+            .filter(|m| m["type"] == "message")
+            .map(|m| m["text"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// Receives until every text of `want` arrived; panics if one arrives twice, or if
+    /// anything else arrives, or after [`WAIT`].
+    fn recv_exactly(&self, want: &[String]) {
+        let deadline = Instant::now() + WAIT;
+        let mut got: Vec<String> = Vec::new();
+        loop {
+            for text in self.recv_texts() {
+                assert!(!got.contains(&text), "{text:?} delivered twice");
+                assert!(want.contains(&text), "unexpected message {text:?}");
+                got.push(text);
+            }
+            if got.len() == want.len() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out; got {got:?} of {want:?}"
+            );
+        }
+    }
+
+    fn recv_notice(&self, kind: &str) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if self
+                .ok(&["recv", "--wait", "1"])
+                .iter()
+                .any(|v| v["type"] != "message" && v["kind"] == kind)
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no {kind} notice");
+        }
+    }
+}
+
+/// A plain HTTP/1.0 GET on loopback; `None` when the node does not answer.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split("\r\n\r\n").nth(1).map(str::to_string)
+}
+
+fn metric(devnet: &Devnet, node: &str, name: &str) -> Option<u64> {
+    let port = devnet
+        .record()
+        .nodes
+        .iter()
+        .find(|n| n.name == node)?
+        .http_port;
+    let text = http_get(port, "/metrics")?;
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mailbox_outlives_a_killed_replica_and_a_lost_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut devnet = Devnet::up(DevnetOptions {
+        dir: tmp.path().join("devnet"),
+        relays: 3,
+        mailboxes: 3,
+        timers: 1,
+        bin_dir: devnet::default_bin_dir(),
+        relaxed_limits: false,
+    })
+    .await
+    .unwrap();
+    let url = devnet.directory_url().to_string();
+    let network = devnet.network_file().display().to_string();
+    let user = |name: &str, pass: &'static str| User {
+        home: tmp.path().join(name),
+        pass,
+    };
+    let (alice, bob) = (user("alice", "pass-a"), user("bob", "pass-b"));
+    alice.ok(&["init", "--directory", &url, "--network", &network]);
+    bob.ok(&["init", "--directory", &url, "--network", &network]);
+    let invitation = alice.ok(&["invite", "--name", "bob"])[0]["invitation"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    bob.ok(&["accept", &invitation, "--name", "alice"]);
+    alice.recv_notice("contact_established");
+
+    // A replica of every mailbox is killed mid-conversation: nothing acknowledged is lost,
+    // nothing arrives twice, and new messages keep flowing both ways.
+    let texts: Vec<String> = (0..6)
+        .map(|i| format!("before and after a crash {i}"))
+        .collect();
+    for (i, text) in texts.iter().enumerate() {
+        if i == 3 {
+            devnet.kill("mailbox1").unwrap();
+        }
+        alice.send_stored("bob", text);
+    }
+    bob.recv_exactly(&texts);
+    bob.send_stored("alice", "reply with a replica down");
+    alice.recv_exactly(&["reply with a replica down".to_string()]);
+    devnet.restart("mailbox1", false).unwrap();
+
+    // A kill -9 loop across the replicas (one down at a time: R − W = 1) while alice sends
+    // and bob reads: every acknowledged message reaches bob exactly once.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = {
+        let (alice, stop) = (alice.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut sent = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let text = format!("during the kill loop {i}");
+                alice.send_stored("bob", &text);
+                sent.push(text);
+                i += 1;
+            }
+            sent
+        })
+    };
+    let reader = {
+        let (bob, stop) = (bob.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                got.extend(bob.recv_texts());
+            }
+            got
+        })
+    };
+    for round in 0..ROUNDS {
+        let name = format!("mailbox{}", round % 3 + 1);
+        devnet.kill(&name).unwrap();
+        devnet.restart(&name, false).unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = sender.join().unwrap();
+    let mut got = reader.join().unwrap();
+    assert!(!sent.is_empty(), "nothing was sent during the kill loop");
+    let rest: Vec<String> = sent.iter().filter(|t| !got.contains(t)).cloned().collect();
+    bob.recv_exactly(&rest);
+    got.extend(rest);
+    let mut unique = got.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), got.len(), "a message arrived twice: {got:?}");
+    assert_eq!(unique.len(), sent.len());
+
+    // Unread messages, then a replica is killed and comes back with an empty disk: its peers
+    // repair it (the mailbox records, then the messages).
+    let unread: Vec<String> = (0..5).map(|i| format!("unread {i}")).collect();
+    for text in &unread {
+        alice.send_stored("bob", text);
+    }
+    devnet.kill("mailbox1").unwrap();
+    devnet.restart("mailbox1", true).unwrap();
+    let gauges = ["whispr_mailbox_mailboxes", "whispr_mailbox_messages"];
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let repaired = gauges.iter().all(|g| {
+            let of = |n: &str| metric(&devnet, n, g);
+            of("mailbox1").is_some_and(|v| v > 0)
+                && of("mailbox1") == of("mailbox2")
+                && of("mailbox1") == of("mailbox3")
+        });
+        if repaired {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "mailbox1 was not repaired: {:?}",
+            ["mailbox1", "mailbox2", "mailbox3"].map(|n| gauges.map(|g| metric(&devnet, n, g)))
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // The repaired replica alone serves bob everything he had not read.
+    devnet.kill("mailbox2").unwrap();
+    devnet.kill("mailbox3").unwrap();
+    bob.recv_exactly(&unread);
+
+    // All back: the conversation goes on.
+    devnet.restart("mailbox2", false).unwrap();
+    devnet.restart("mailbox3", false).unwrap();
+    alice.send_stored("bob", "all replicas back");
+    bob.recv_exactly(&["all replicas back".to_string()]);
+    assert!(
+        devnet.exited().is_empty(),
+        "a node died: {:?}",
+        devnet.exited()
+    );
+}

@@ -29,7 +29,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-bold "Starting a devnet: 3 directory authorities, 3 relays (edge, mix1, mix2), 3 mailbox nodes, 1 timer node"
+bold "Starting a devnet: 3 directory authorities, 3 relays (edge, mix1, mix2), 3 mailbox nodes (every mailbox on all three), 1 timer node"
 "$WHISPR" devnet up --dir "$NET" >"$WORK/devnet.out" 2>&1 &
 DEVNET_PID=$!
 for _ in $(seq 1 240); do
@@ -119,6 +119,18 @@ GOT="$(grep -o '"text":"[^"]*"' "$WORK/r8" | head -1 | sed 's/^"text":"//; s/"$/
 bob send alice "Got it, even with mix1 down." >/dev/null
 alice recv | sed 's/^/   alice sees: /'
 ok "fragments lost in the dead mix were retransmitted on routes through mix2"
+
+bold "A mailbox node killed: every mailbox lives on three nodes"
+alice send bob "Written before mailbox1 died; bob has not read it yet." >/dev/null
+"$WHISPR" devnet kill --dir "$NET" mailbox1 | sed 's/^/   /'
+alice send bob "Written while mailbox1 is down." | tee "$WORK/s9" | sed 's/^/   alice: /'
+grep -q ": stored" "$WORK/s9" || fail "a message sent with mailbox1 down was not acknowledged"
+bob recv | tee "$WORK/r9" | sed 's/^/   bob sees: /'
+grep -q "before mailbox1 died" "$WORK/r9" || fail "bob did not read the message stored before the crash"
+grep -q "while mailbox1 is down" "$WORK/r9" || fail "bob did not read the message sent during the outage"
+bob send alice "Still reading and writing with mailbox1 down." >/dev/null
+alice recv | sed 's/^/   alice sees: /'
+ok "the two other replicas hold every acknowledged message (each was on two before its ack); bob reads from them"
 
 bold "alice's outbox"
 alice status | sed 's/^/   /'

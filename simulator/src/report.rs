@@ -174,9 +174,21 @@ pub struct NodesReport {
     pub crashes: u64,
     /// Crashes that lost the node's disk (`churn.disk_loss_fraction`, `lose_disk` events).
     pub disks_lost: u64,
-    /// Fraction of the time an owned mailbox could be read (one of its nodes up), averaged
-    /// over every owned mailbox at every sample; 1 when nothing was sampled.
+    /// Fraction of the time an owned mailbox could be read (one of its replicas up and
+    /// holding it: a node that lost its disk counts again once repaired), averaged over
+    /// every owned mailbox at every sample; 1 when nothing was sampled.
     pub mailbox_availability: f64,
+    /// Replicas per mailbox (`topology.replicas`, at most the mailbox nodes).
+    pub replicas: usize,
+    /// Replica messages mailbox nodes sent each other (pushes, their acks, device acks,
+    /// anti-entropy, record repair).
+    pub replica_messages: u64,
+    /// Their bytes (not in `overhead.wire_bytes`, which counts packets).
+    pub replica_bytes: u64,
+    /// Replica messages lost (destination down or restarted, or a partition).
+    pub replica_lost: u64,
+    /// Reads that failed over to the next replica of the mailbox's set.
+    pub failovers: u64,
     /// Holds scheduled by timer nodes.
     pub holds_scheduled: u64,
     /// Holds released.
@@ -326,6 +338,11 @@ pub fn summarise(sc: &Scenario, seed: u64, r: &Results) -> Summary {
             } else {
                 round(c.mailbox_samples_readable as f64 / c.mailbox_samples as f64)
             },
+            replicas: sc.topology.replicas.clamp(1, sc.topology.mailboxes.max(1)),
+            replica_messages: c.replica_messages,
+            replica_bytes: c.replica_bytes,
+            replica_lost: c.replica_lost,
+            failovers: c.failovers,
             holds_scheduled: c.holds_scheduled,
             holds_released: c.holds_released,
             hold_release_retries: c.hold_release_retries,

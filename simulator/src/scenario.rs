@@ -107,6 +107,11 @@ pub struct Topology {
     /// authorities, every self-signed descriptor offered is in the directory (the attack of
     /// security review finding 1).
     pub authorities: usize,
+    /// Replicas of each mailbox (R, `docs/replication.md`): clients create every mailbox on
+    /// this many mailbox nodes (at most the mailbox nodes there are), deposits are pushed
+    /// between them and the owner reads any live one. 1: a single node per mailbox, no
+    /// replication.
+    pub replicas: usize,
 }
 
 impl Default for Topology {
@@ -119,6 +124,7 @@ impl Default for Topology {
             timers: 1,
             clients: 20,
             authorities: 3,
+            replicas: 3,
         }
     }
 }
@@ -505,6 +511,13 @@ pub struct Limits {
     pub deposits_per_mailbox_per_min: u64,
     /// Messages a client fetches per request.
     pub fetch_batch: usize,
+    /// How long an entry replica holds a deposit's receipt waiting for its peers' acks.
+    pub replica_ack_timeout_ms: u64,
+    /// Anti-entropy interval of the mailbox replicas.
+    pub replica_repair_interval_ms: u64,
+    /// Mailboxes a replica compares with its peers per anti-entropy round (and messages
+    /// pulled per mailbox per round).
+    pub replica_repair_batch: usize,
 }
 
 impl Default for Limits {
@@ -515,6 +528,9 @@ impl Default for Limits {
             client_packets_per_min: 0,
             deposits_per_mailbox_per_min: 600,
             fetch_batch: 100,
+            replica_ack_timeout_ms: 10_000,
+            replica_repair_interval_ms: 30_000,
+            replica_repair_batch: 64,
         }
     }
 }
@@ -600,6 +616,12 @@ impl Scenario {
         let t = &self.topology;
         if t.edges == 0 || t.mixes_per_layer == 0 || t.mailboxes == 0 || t.clients < 2 {
             return bad("topology needs edges, mixes, mailbox nodes and at least 2 clients");
+        }
+        if !(1..=whispr_protocol::mailbox_api::REPLICAS_MAX).contains(&t.replicas) {
+            return bad("topology.replicas must be 1 to 5");
+        }
+        if self.limits.replica_repair_interval_ms == 0 {
+            return bad("limits.replica_repair_interval_ms must be > 0");
         }
         if !(1..=3).contains(&t.mix_layers) {
             return bad("topology.mix_layers must be 1 to 3");

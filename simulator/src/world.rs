@@ -38,8 +38,9 @@ use whispr_mailbox::crypto::MasterKey;
 use whispr_mailbox::store::MemoryStore;
 use whispr_protocol::directory::{Directory, NodeDescriptor, Role, SignedDescriptor};
 use whispr_protocol::envelope::Envelope;
-use whispr_protocol::mailbox_api::create_transcript;
+use whispr_protocol::mailbox_api::{create_transcript, create_transcript_v2};
 use whispr_protocol::payload::{FinalMessage, HeldPacketPart, Reply};
+use whispr_protocol::replica::ReplicaMessage;
 use whispr_protocol::sphinx::{
     HopAction, RouteHop, SphinxPublicKey, SphinxSecretKey, Surb, SurbRecovery,
 };
@@ -96,6 +97,8 @@ struct Node {
     master: [u8; 32],
     timer: Option<TimerCore>,
     timer_due: Option<u64>,
+    /// When the mailbox core's replication tick is scheduled.
+    replica_due: Option<u64>,
     persisted_tags: Vec<(KeyEpoch, whispr_protocol::sphinx::ReplayTag)>,
     restarts: u64,
     peak_bytes: u64,
@@ -310,6 +313,18 @@ enum Ev {
     RandomCrash {
         node: u32,
     },
+    /// A replica message between mailbox nodes (over their authenticated node link).
+    Replica {
+        from: u32,
+        to: u32,
+        /// The destination's incarnation when sent (a restart breaks the connection).
+        incarnation: u64,
+        bytes: Vec<u8>,
+    },
+    /// A mailbox core's replication tick (held receipts' deadlines, anti-entropy).
+    ReplicaTick {
+        node: u32,
+    },
     Sample,
     Final,
 }
@@ -328,6 +343,8 @@ impl Ev {
             Ev::TimerDue { .. } => "timer",
             Ev::Churn { .. } => "churn",
             Ev::RandomCrash { .. } => "crash",
+            Ev::Replica { .. } => "replica",
+            Ev::ReplicaTick { .. } => "replica_tick",
             Ev::Sample => "sample",
             Ev::Final => "final",
         }
@@ -340,7 +357,9 @@ impl Ev {
             | Ev::Sweep { node }
             | Ev::TimerDue { node }
             | Ev::Churn { node, .. }
-            | Ev::RandomCrash { node } => i64::from(*node),
+            | Ev::RandomCrash { node }
+            | Ev::ReplicaTick { node }
+            | Ev::Replica { to: node, .. } => i64::from(*node),
             Ev::NextMessage { client }
             | Ev::Cover { client }
             | Ev::Toggle { client }
@@ -414,6 +433,16 @@ pub struct Counters {
     pub mailbox_samples: u64,
     /// See `mailbox_samples`.
     pub mailbox_samples_readable: u64,
+    /// Replica messages mailbox cores sent to their peers.
+    pub replica_messages: u64,
+    /// Their bytes (encoded; not in `wire_bytes`, which counts packets).
+    pub replica_bytes: u64,
+    /// Replica messages lost: the destination was down (or restarted before they arrived),
+    /// or a partition separated the nodes.
+    pub replica_lost: u64,
+    /// Fetches that found the replica read from down or without the mailbox, and failed
+    /// over to the next replica of the set.
+    pub failovers: u64,
     /// Events by kind.
     pub events: BTreeMap<&'static str, u64>,
     /// Replies that could not be sent through their SURB.
@@ -504,6 +533,11 @@ pub struct World {
     q: EventQueue<Ev>,
     link_rng: ChaCha20Rng,
     work_rng: ChaCha20Rng,
+    /// Latencies of replica messages between mailbox nodes (a stream of their own, so that
+    /// replication does not shift the packets' draws).
+    replica_rng: ChaCha20Rng,
+    /// Replicas per mailbox: `topology.replicas`, at most the mailbox nodes.
+    replicas: usize,
     nodes: Vec<Node>,
     index: HashMap<NodeId, u32>,
     clients: Vec<Client>,
@@ -672,6 +706,7 @@ impl World {
                 master,
                 timer: None,
                 timer_due: None,
+                replica_due: None,
                 persisted_tags: Vec::new(),
                 restarts: 0,
                 peak_bytes: 0,
@@ -688,6 +723,8 @@ impl World {
             q: EventQueue::new(start),
             link_rng: tree.stream("links", 0),
             work_rng: tree.stream("workload", 0),
+            replica_rng: tree.stream("replica-links", 0),
+            replicas: sc.topology.replicas.clamp(1, sc.topology.mailboxes.max(1)),
             nodes,
             index,
             clients: Vec::new(),
@@ -942,11 +979,18 @@ impl World {
             .collect();
     }
 
-    fn core_config(&self) -> CoreConfig {
+    fn core_config(&self, id: NodeId) -> CoreConfig {
+        let l = &self.sc.limits;
         CoreConfig {
-            deposits_per_min: self.sc.limits.deposits_per_mailbox_per_min,
+            deposits_per_min: l.deposits_per_mailbox_per_min,
             // One mailbox per contact relationship and side.
             mailboxes_max: self.sc.topology.clients.saturating_mul(64).max(64),
+            // A node names itself (its mesh id) only when it replicates: with one replica
+            // nothing ticks, as before replication.
+            node_id: (self.replicas > 1).then_some(id.0),
+            replica_ack_timeout_ms: l.replica_ack_timeout_ms,
+            replica_repair_interval_ms: l.replica_repair_interval_ms,
+            replica_repair_batch: l.replica_repair_batch,
             ..CoreConfig::default()
         }
     }
@@ -965,7 +1009,7 @@ impl World {
         tasks: TaskStore,
         now: UnixTime,
     ) -> Result<(), ScenarioError> {
-        let config = self.core_config();
+        let config = self.core_config(self.get(i).map_or(NodeId([0; 32]), |n| n.id));
         // One stream per node and incarnation (a restarted core draws afresh).
         let stream = ((i as u64) << 24) | self.get(i).map_or(0, |n| n.restarts);
         let Some(node) = self.nodes.get_mut(i) else {
@@ -1008,9 +1052,7 @@ impl World {
             retransmit_after_ms: if r.enabled { r.after_ms } else { u64::MAX / 4 },
             attempts_max: r.attempts_max.max(1),
             retention_ms: RETENTION_MS,
-            // The simulated driver creates, reads and acks each mailbox on its first node only
-            // (`OwnedMailbox::node`): one replica until it models the set.
-            replicas: 1,
+            replicas: self.replicas,
             ..Settings::default()
         }
     }
@@ -1065,25 +1107,32 @@ impl World {
         let t = ms(now);
         let invalid = |e: whispr_client::ClientError| ScenarioError::Invalid(format!("setup: {e}"));
         for (a, b) in pairs {
-            let plan = self
+            let mut plan = self
                 .client_mut(a)?
                 .core
                 .prepare_invite(t, Some(&name_of(b)), true)
                 .map_err(invalid)?;
-            self.create_mailbox(a, &plan.mailbox, plan.mailbox_key, plan.retention_ms, now)?;
+            self.create_mailbox(
+                a,
+                &mut plan.mailbox,
+                plan.mailbox_key,
+                plan.retention_ms,
+                now,
+            )?;
             let text = self.client_mut(a)?.core.commit_invite(t, plan);
-            let accept = self
+            let mut accept = self
                 .client_mut(b)?
                 .core
                 .accept_start(t, &text, &name_of(a))
                 .map_err(invalid)?;
             self.create_mailbox(
                 b,
-                &accept.mailbox,
+                &mut accept.mailbox,
                 accept.mailbox_key,
                 accept.retention_ms,
                 now,
             )?;
+            self.client_mut(b)?.core.mailbox_created(&accept.mailbox);
             let otk = accept
                 .invitation
                 .one_time_key
@@ -1115,32 +1164,48 @@ impl World {
             .ok_or_else(|| ScenarioError::Invalid("no such client".into()))
     }
 
-    /// Creates mailbox `m` of client `owner` on its node (what the client's driver does over
-    /// HTTP).
+    /// Creates mailbox `m` of client `owner` on each node of its replica set (what the
+    /// client's driver does over HTTP): with one replica a v1 request, else a v2 request
+    /// naming the set; records in `m` that it exists there (the prekeys go with the
+    /// invitation, inline).
     fn create_mailbox(
         &mut self,
         owner: u32,
-        m: &whispr_client::state::OwnedMailbox,
+        m: &mut whispr_client::state::OwnedMailbox,
         mailbox_key: [u8; 32],
         retention_ms: u64,
         now: UnixTime,
     ) -> Result<(), ScenarioError> {
         let mailbox_id = MailboxId(m.id);
-        let node = *self
-            .index
-            .get(&NodeId(m.node))
-            .ok_or_else(|| ScenarioError::Invalid("mailbox node unknown".into()))?;
+        let set: Vec<NodeId> = if m.replicas.is_empty() {
+            vec![NodeId(m.node)]
+        } else {
+            m.replicas.iter().map(|r| NodeId(r.node)).collect()
+        };
         let owner_key = owner_key(m);
         let owner_pub = owner_key.verifying_key().to_bytes();
         let hash: [u8; 32] = Sha256::digest(m.access).into();
-        let transcript = create_transcript(
-            &mailbox_id,
-            &mailbox_key,
-            &owner_pub,
-            &hash,
-            Some(&m.reply_key),
-            retention_ms,
-        );
+        let transcript = if set.len() > 1 {
+            create_transcript_v2(
+                &mailbox_id,
+                &mailbox_key,
+                &owner_pub,
+                &hash,
+                Some(&m.reply_key),
+                retention_ms,
+                &set,
+            )
+            .ok_or_else(|| ScenarioError::Invalid("replica set too large".into()))?
+        } else {
+            create_transcript(
+                &mailbox_id,
+                &mailbox_key,
+                &owner_pub,
+                &hash,
+                Some(&m.reply_key),
+                retention_ms,
+            )
+        };
         let request = CreateMailbox {
             mailbox_id,
             mailbox_key,
@@ -1150,13 +1215,27 @@ impl World {
             retention_ms,
             signature: ed25519_dalek::Signer::sign(&owner_key, &transcript).to_bytes(),
         };
-        if let Some(core) = self
-            .nodes
-            .get_mut(node as usize)
-            .and_then(|n| n.mailbox.as_mut())
-        {
-            core.create_mailbox(now, request)
-                .map_err(|e| ScenarioError::Invalid(format!("create mailbox: {e}")))?;
+        for node in &set {
+            let i = *self
+                .index
+                .get(node)
+                .ok_or_else(|| ScenarioError::Invalid("mailbox node unknown".into()))?;
+            if let Some(core) = self
+                .nodes
+                .get_mut(i as usize)
+                .and_then(|n| n.mailbox.as_mut())
+            {
+                let created = if set.len() > 1 {
+                    core.create_replicated(now, request.clone(), set.clone())
+                } else {
+                    core.create_mailbox(now, request.clone())
+                };
+                created.map_err(|e| ScenarioError::Invalid(format!("create mailbox: {e}")))?;
+            }
+        }
+        for r in &mut m.replicas {
+            r.created = true;
+            r.prekeys = None;
         }
         self.by_mailbox.insert(mailbox_id, owner);
         Ok(())
@@ -1292,7 +1371,8 @@ impl World {
                 }
             }
         }
-        if self.sc.churn.relay_crashes_per_hour > 0.0 || self.sc.churn.mailbox_crashes_per_hour > 0.0
+        if self.sc.churn.relay_crashes_per_hour > 0.0
+            || self.sc.churn.mailbox_crashes_per_hour > 0.0
         {
             let mut rng = tree.stream("churn", 0);
             for (i, n) in self.nodes.iter().enumerate() {
@@ -1382,6 +1462,13 @@ impl World {
             Ev::TimerDue { node } => self.timer_due(node),
             Ev::Churn { node, action } => self.churn(node, action),
             Ev::RandomCrash { node } => self.random_crash(node),
+            Ev::Replica {
+                from,
+                to,
+                incarnation,
+                bytes,
+            } => self.replica_arrive(from, to, incarnation, &bytes),
+            Ev::ReplicaTick { node } => self.replica_tick(node),
             Ev::Sample => self.sample(),
             Ev::Final => {
                 // Everyone comes online one last time and fetches.
@@ -1607,7 +1694,7 @@ impl World {
                 return;
             };
             let Some(out) = core.poll_output() else {
-                return;
+                break;
             };
             match out {
                 CoreOutput::Reply { surb, reply } => {
@@ -1626,14 +1713,130 @@ impl World {
                 CoreOutput::ScheduleSweep { at } => {
                     self.q.schedule(at, Ev::Sweep { node: i as u32 });
                 }
-                // Mailboxes are created with one replica here until the simulator models
-                // replica sets; a replication message is then a bug.
-                CoreOutput::Replica { .. } => {
-                    self.violations
-                        .push("replication message from a single-replica mailbox".into());
-                }
+                CoreOutput::Replica { peer, message } => self.send_replica(i, peer, &message),
             }
         }
+        self.schedule_replica_tick(i);
+    }
+
+    /// Sends a replica message from mailbox node `from` to its peer over their node link
+    /// (Noise over TCP in the real mesh: the link's latency, no packet loss; lost when the
+    /// destination is down when it arrives, or a partition separates them).
+    fn send_replica(&mut self, from: usize, peer: NodeId, message: &ReplicaMessage) {
+        let now = self.now();
+        let bytes = message.encode();
+        self.counters.replica_messages += 1;
+        self.counters.replica_bytes += bytes.len() as u64;
+        let Some(&to) = self.index.get(&peer) else {
+            self.counters.replica_lost += 1;
+            return;
+        };
+        if self
+            .partitions
+            .iter()
+            .any(|p| p.separates(from, to as usize, now))
+        {
+            self.counters.replica_lost += 1;
+            return;
+        }
+        let d = self
+            .node_link
+            .latency
+            .sample(&mut self.replica_rng, from, to as usize)
+            + self.node_link.serialisation(bytes.len());
+        let incarnation = self.get(to as usize).map_or(0, |n| n.restarts);
+        self.q.schedule(
+            UnixTime(now + d.as_millis() as u64),
+            Ev::Replica {
+                from: from as u32,
+                to,
+                incarnation,
+                bytes,
+            },
+        );
+    }
+
+    /// A replica message reaches mailbox node `to`: its core handles it, and the owner is
+    /// told when it stored messages there (as its stream would push them).
+    fn replica_arrive(&mut self, from: u32, to: u32, incarnation: u64, bytes: &[u8]) {
+        let now = self.now();
+        let Some(from_id) = self.get(from as usize).map(|n| n.id) else {
+            return;
+        };
+        let Some(core) = self
+            .nodes
+            .get_mut(to as usize)
+            .filter(|n| n.up && n.restarts == incarnation)
+            .and_then(|n| n.mailbox.as_mut())
+        else {
+            self.counters.replica_lost += 1;
+            return;
+        };
+        let message = match ReplicaMessage::decode(bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                self.violations
+                    .push(format!("replica message does not decode: {e}"));
+                return;
+            }
+        };
+        let pushed = match &message {
+            ReplicaMessage::Push { mailbox_id, items } => Some((
+                *mailbox_id,
+                items.iter().map(|i| DedupId(i.id)).collect::<Vec<_>>(),
+            )),
+            _ => None,
+        };
+        let before = core.replica_stats().stored_from_peers;
+        if let Err(e) = core.handle_replica(UnixTime(now), from_id, message) {
+            self.violations
+                .push(format!("replica message refused by its core: {e}"));
+        }
+        let stored = core.replica_stats().stored_from_peers > before;
+        if stored && let Some((mailbox, ids)) = pushed {
+            for id in ids {
+                self.on_stored(to as usize, mailbox, Some(id));
+            }
+        }
+        self.drain_core(to as usize);
+    }
+
+    /// Schedules mailbox node `i`'s replication tick when its core asks for it.
+    fn schedule_replica_tick(&mut self, i: usize) {
+        let now = self.now();
+        let Some(n) = self.nodes.get_mut(i) else {
+            return;
+        };
+        let Some(t) = n.mailbox.as_ref().and_then(|c| c.replica_timeout()) else {
+            return;
+        };
+        if !n.up {
+            return;
+        }
+        let t = ms(t).max(now);
+        if n.replica_due.is_none_or(|d| t < d) {
+            n.replica_due = Some(t);
+            self.q
+                .schedule(UnixTime(t), Ev::ReplicaTick { node: i as u32 });
+        }
+    }
+
+    fn replica_tick(&mut self, node: u32) {
+        let now = self.now();
+        let Some(n) = self.nodes.get_mut(node as usize) else {
+            return;
+        };
+        if n.replica_due != Some(now) {
+            // Superseded, or the node crashed since.
+            return;
+        }
+        n.replica_due = None;
+        if let Some(core) = n.mailbox.as_mut().filter(|_| n.up)
+            && let Err(e) = core.tick(UnixTime(now))
+        {
+            self.violations.push(format!("replica tick: {e}"));
+        }
+        self.drain_core(node as usize);
     }
 
     fn on_stored(&mut self, node: usize, mailbox: MailboxId, dedup: Option<DedupId>) {
@@ -1662,16 +1865,37 @@ impl World {
                 msg.stored_ms = Some(now);
             }
         }
-        let online = match self.clients.get_mut(client as usize) {
+        let (online, current) = match self.clients.get_mut(client as usize) {
             Some(c) => {
                 c.dirty.insert(mailbox.0);
-                c.online
+                let current = c
+                    .core
+                    .owned_mailbox(&mailbox.0)
+                    .and_then(|m| m.current().map(|r| r.node));
+                (c.online, current)
             }
-            None => false,
+            None => (false, None),
         };
-        if !is_message || online {
+        // The owner's stream is on the replica it reads: it hears of what is stored there
+        // (a copy pushed by the entry replica tells it when that arrives), or, when that
+        // replica is down or lost the mailbox, of what is stored anywhere (its stream broke:
+        // it fails over).
+        let here = current.is_none_or(|c| {
+            self.index.get(&NodeId(c)) == Some(&(node as u32)) || !self.readable(&c, &mailbox)
+        });
+        if here && (!is_message || online) {
             self.schedule_fetch(client, node);
         }
+    }
+
+    /// Whether mailbox node `node` is up and holds `mailbox`.
+    fn readable(&self, node: &[u8; 32], mailbox: &MailboxId) -> bool {
+        self.index
+            .get(&NodeId(*node))
+            .and_then(|&i| self.nodes.get(i as usize))
+            .filter(|n| n.up)
+            .and_then(|n| n.mailbox.as_ref())
+            .is_some_and(|c| c.last_seq(mailbox).is_ok())
     }
 
     fn schedule_fetch(&mut self, client: u32, node: usize) {
@@ -1702,7 +1926,6 @@ impl World {
     /// was stored into since they were last fetched.
     fn fetch_client(&mut self, client: u32, offline: bool, all: bool) {
         let now = self.now();
-        let batch = self.sc.limits.fetch_batch.max(1);
         let Some(c) = self.clients.get_mut(client as usize) else {
             return;
         };
@@ -1718,61 +1941,41 @@ impl World {
         };
         let mut any_down = false;
         for m in boxes {
-            let Some(&node) = self.index.get(&NodeId(m.node)) else {
-                continue;
-            };
-            let node = node as usize;
-            if !self.nodes.get(node).is_some_and(|n| n.up) {
+            // The replica read from now; when it is down or does not hold the mailbox (it
+            // lost its disk and is not repaired yet), the next one of the set, within the
+            // round, as the real client's sync does.
+            let mut read = false;
+            for _ in 0..m.replicas.len().max(1) {
+                let Some(r) = self
+                    .clients
+                    .get(client as usize)
+                    .and_then(|c| c.core.owned_mailbox(&m.id))
+                    .and_then(|m| m.current().map(|r| r.node))
+                else {
+                    break;
+                };
+                if self.readable(&r, &MailboxId(m.id)) {
+                    if let Some(&node) = self.index.get(&NodeId(r)) {
+                        self.read_replica(client, &m, r, node as usize, offline);
+                        read = true;
+                    }
+                    break;
+                }
+                let moved = self
+                    .clients
+                    .get_mut(client as usize)
+                    .and_then(|c| c.core.fail_over(&m.id))
+                    .is_some_and(|n| n != r);
+                if !moved {
+                    break;
+                }
+                self.counters.failovers += 1;
+            }
+            if !read {
                 any_down = true;
                 if let Some(c) = self.clients.get_mut(client as usize) {
                     c.dirty.insert(m.id);
                 }
-                continue;
-            }
-            let mailbox = MailboxId(m.id);
-            let owner = owner_key(&m).verifying_key().to_bytes();
-            while let Some(core) = self.nodes.get_mut(node).and_then(|n| n.mailbox.as_mut()) {
-                let got = match core.fetch(UnixTime(now), &mailbox, &owner, None, batch) {
-                    Ok(g) => g,
-                    Err(e) => {
-                        self.violations
-                            .push(format!("fetch by client {client} refused: {e}"));
-                        break;
-                    }
-                };
-                let Some(last) = got.last().map(|m| m.seq) else {
-                    break;
-                };
-                let full = got.len() >= batch;
-                let mut messages = Vec::with_capacity(got.len());
-                for m in got {
-                    if m.expires_at.0 <= now {
-                        self.violations.push(format!(
-                            "message served {} ms after its expiry",
-                            now - m.expires_at.0
-                        ));
-                    }
-                    messages.push(self.fetched(client, m.seq, m.body));
-                }
-                let Some(c) = self.clients.get_mut(client as usize) else {
-                    return;
-                };
-                c.core.handle_fetched(now, &m.id, &messages);
-                let acked = self.drive_client(client, offline);
-                // The core acknowledges what it processed; nothing new means it had read
-                // these already (and a page that is not acknowledged would come back).
-                if !full
-                    || !acked
-                        .iter()
-                        .any(|(id, up_to)| *id == m.id && *up_to >= last)
-                {
-                    break;
-                }
-            }
-            if offline {
-                self.drain_core_offline(node);
-            } else {
-                self.drain_core(node);
             }
         }
         if any_down && !offline {
@@ -1789,6 +1992,83 @@ impl World {
             let _ = c.core.handle_timeout(now);
         }
         self.drive_client(client, offline);
+    }
+
+    /// Client `client` reads its mailbox `m` on replica `node` (index `i`), page by page
+    /// after its cursor there, hands each page to its core and acknowledges there what the
+    /// core processed. A cursor beyond the replica's last message (it lost its disk and
+    /// numbers anew) is reset and the replica read from the start, as the real client does
+    /// on `bad_cursor`.
+    fn read_replica(
+        &mut self,
+        client: u32,
+        m: &whispr_client::state::OwnedMailbox,
+        node: [u8; 32],
+        i: usize,
+        offline: bool,
+    ) {
+        let now = self.now();
+        let batch = self.sc.limits.fetch_batch.max(1);
+        let mailbox = MailboxId(m.id);
+        let owner = owner_key(m).verifying_key().to_bytes();
+        loop {
+            let cursor = self
+                .clients
+                .get(client as usize)
+                .and_then(|c| c.core.owned_mailbox(&m.id))
+                .and_then(|m| m.replica(&node).map(|r| r.cursor))
+                .unwrap_or(0);
+            let Some(core) = self.nodes.get_mut(i).and_then(|n| n.mailbox.as_mut()) else {
+                break;
+            };
+            let got = match core.fetch(UnixTime(now), &mailbox, &owner, Some(cursor), batch) {
+                Ok(g) => g,
+                Err(whispr_mailbox::MailboxError::BadCursor(_)) if cursor != 0 => {
+                    if let Some(c) = self.clients.get_mut(client as usize) {
+                        c.core.reset_cursor(&m.id, &node);
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    self.violations
+                        .push(format!("fetch by client {client} refused: {e}"));
+                    break;
+                }
+            };
+            let Some(last) = got.last().map(|m| m.seq) else {
+                break;
+            };
+            let full = got.len() >= batch;
+            let mut messages = Vec::with_capacity(got.len());
+            for m in got {
+                if m.expires_at.0 <= now {
+                    self.violations.push(format!(
+                        "message served {} ms after its expiry",
+                        now - m.expires_at.0
+                    ));
+                }
+                messages.push(self.fetched(client, m.seq, m.body));
+            }
+            let Some(c) = self.clients.get_mut(client as usize) else {
+                return;
+            };
+            c.core.handle_fetched_from(now, &m.id, &node, &messages);
+            let acked = self.drive_client(client, offline);
+            // The core acknowledges what it processed; nothing new means it had read
+            // these already (and a page that is not acknowledged would come back).
+            if !full
+                || !acked
+                    .iter()
+                    .any(|(id, up_to)| *id == m.id && *up_to >= last)
+            {
+                break;
+            }
+        }
+        if offline {
+            self.drain_core_offline(i);
+        } else {
+            self.drain_core(i);
+        }
     }
 
     /// A message a mailbox core returned, as the mailbox API gives it to a client; follows
@@ -1885,14 +2165,18 @@ impl World {
                     }
                 }
                 ClientOutput::Save => {}
-                ClientOutput::Ack { mailbox, up_to, .. } => {
+                ClientOutput::Ack {
+                    mailbox,
+                    node,
+                    up_to,
+                } => {
                     let Some(m) = c.core.owned_mailbox(&mailbox) else {
                         continue;
                     };
                     let owner = owner_key(&m).verifying_key().to_bytes();
                     if let Some(core) = self
                         .index
-                        .get(&NodeId(m.node))
+                        .get(&NodeId(node))
                         .and_then(|&n| self.nodes.get_mut(n as usize))
                         .filter(|n| n.up)
                         .and_then(|n| n.mailbox.as_mut())
@@ -2138,7 +2422,7 @@ impl World {
                 return;
             };
             let Some(out) = core.poll_output() else {
-                return;
+                break;
             };
             match out {
                 CoreOutput::Reply { surb, reply } => {
@@ -2152,14 +2436,33 @@ impl World {
                 CoreOutput::ScheduleSweep { at } => {
                     self.q.schedule(at, Ev::Sweep { node: i as u32 });
                 }
-                // Mailboxes are created with one replica here until the simulator models
-                // replica sets; a replication message is then a bug.
-                CoreOutput::Replica { .. } => {
-                    self.violations
-                        .push("replication message from a single-replica mailbox".into());
+                // At once, like the packets.
+                CoreOutput::Replica { peer, message } => {
+                    let now = UnixTime(self.now());
+                    let from = self.get(i).map(|n| n.id);
+                    if let (Some(from), Some(&to)) = (from, self.index.get(&peer))
+                        && let Some(core) = self
+                            .nodes
+                            .get_mut(to as usize)
+                            .and_then(|n| n.mailbox.as_mut())
+                    {
+                        self.counters.replica_messages += 1;
+                        let bytes = message.encode();
+                        self.counters.replica_bytes += bytes.len() as u64;
+                        match ReplicaMessage::decode(&bytes) {
+                            Ok(m) => {
+                                if let Err(e) = core.handle_replica(now, from, m) {
+                                    self.violations.push(format!("setup replica message: {e}"));
+                                }
+                            }
+                            Err(e) => self.violations.push(format!("setup replica message: {e}")),
+                        }
+                        self.drain_core_offline(to as usize);
+                    }
                 }
             }
         }
+        self.schedule_replica_tick(i);
     }
 
     fn hold(&mut self, i: usize, part: HeldPacketPart) {
@@ -2448,6 +2751,8 @@ impl World {
                 n.up = false;
                 n.wake_at = None;
                 n.timer_due = None;
+                n.replica_due = None;
+                let mailbox_node = n.kind == NodeKind::Mailbox;
                 if action == ChurnAction::LoseDisk {
                     // The restart opens empty stores (`churn` below: nothing to take).
                     self.counters.disks_lost += 1;
@@ -2458,6 +2763,9 @@ impl World {
                 if action == ChurnAction::Leave {
                     n.in_directory = false;
                     self.rebuild_directory();
+                }
+                if mailbox_node && self.replicas > 1 {
+                    self.streams_broken(i);
                 }
             }
             ChurnAction::Restart | ChurnAction::Join => {
@@ -2496,6 +2804,33 @@ impl World {
                 }
                 self.schedule_timer(i);
             }
+        }
+    }
+
+    /// Mailbox node `i` went down: the online owners reading a mailbox there see their
+    /// stream break and read again (failing over to the next replica).
+    fn streams_broken(&mut self, i: usize) {
+        let Some(id) = self.get(i).map(|n| n.id.0) else {
+            return;
+        };
+        let mut readers = Vec::new();
+        for (c, client) in self.clients.iter_mut().enumerate() {
+            if !client.online {
+                continue;
+            }
+            let mut any = false;
+            for m in client.core.owned_mailboxes() {
+                if m.current().is_some_and(|r| r.node == id) {
+                    client.dirty.insert(m.id);
+                    any = true;
+                }
+            }
+            if any {
+                readers.push(c as u32);
+            }
+        }
+        for c in readers {
+            self.schedule_fetch(c, i);
         }
     }
 
@@ -2551,18 +2886,19 @@ impl World {
                 n.peak_messages = n.peak_messages.max(s.messages);
             }
         }
-        // Availability: an owned mailbox is readable when one of its nodes is up.
+        // Availability: an owned mailbox is readable when one of its replicas is up and
+        // holds it (a node that lost its disk holds it again once repaired).
         let (mut owned, mut readable) = (0u64, 0u64);
         for c in &self.clients {
             for m in c.core.owned_mailboxes() {
                 owned += 1;
-                let up = |id: &[u8; 32]| {
-                    self.index
-                        .get(&NodeId(*id))
-                        .and_then(|&i| self.nodes.get(i as usize))
-                        .is_some_and(|n| n.up)
+                let id = MailboxId(m.id);
+                let any = if m.replicas.is_empty() {
+                    self.readable(&m.node, &id)
+                } else {
+                    m.replicas.iter().any(|r| self.readable(&r.node, &id))
                 };
-                readable += u64::from(up(&m.node));
+                readable += u64::from(any);
             }
         }
         self.counters.mailbox_samples += owned;

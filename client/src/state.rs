@@ -329,6 +329,11 @@ pub struct Contact {
     pub invitation_key: Option<[u8; 32]>,
     /// Created, ms.
     pub created_ms: u64,
+    /// The replica of the contact's mailbox that acknowledged our last deposit (hex node id):
+    /// the first attempt of the next deposit goes there, so that a dead replica costs one
+    /// retransmission timeout once, not on every message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deposit_replica: Option<String>,
 }
 
 /// An invitation this client issued and nobody has answered yet (or that was answered and is

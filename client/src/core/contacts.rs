@@ -294,6 +294,7 @@ impl ClientCore {
             seen: Default::default(),
             invitation_key: None,
             created_ms: now,
+            deposit_replica: None,
         });
         Ok(AcceptPlan {
             name: name.to_string(),
@@ -476,6 +477,7 @@ impl ClientCore {
             seen: Default::default(),
             invitation_key: Some(inv.one_time_key),
             created_ms: self.now,
+            deposit_replica: None,
         });
         self.sessions.insert(name.to_string(), created.session);
         Ok(created.plaintext)
@@ -515,11 +517,35 @@ impl ClientCore {
         theirs: &PeerMailbox,
         attempt: u32,
     ) -> Result<NodeId> {
+        Self::peer_replica_from(dir, theirs, None, attempt)
+    }
+
+    /// [`Self::peer_replica`], counting attempts from replica `start` (hex node id: the one
+    /// that acknowledged the last deposit) when it is in the set and the directory.
+    pub(super) fn peer_replica_from(
+        dir: &Directory,
+        theirs: &PeerMailbox,
+        start: Option<&str>,
+        attempt: u32,
+    ) -> Result<NodeId> {
         let set = theirs.replica_set();
         if set.is_empty() {
             return Self::mailbox_node(dir, &MailboxId(theirs.id));
         }
-        Ok(NodeId(pick_replica(dir, &set, attempt)))
+        let present: Vec<[u8; 32]> = set
+            .iter()
+            .copied()
+            .filter(|n| dir.get(&NodeId(*n)).is_some())
+            .collect();
+        let offset = start
+            .and_then(|s| present.iter().position(|n| hex::encode(n) == s))
+            .and_then(|p| u32::try_from(p).ok())
+            .unwrap_or(0);
+        Ok(NodeId(pick_replica(
+            dir,
+            &set,
+            attempt.wrapping_add(offset),
+        )))
     }
 
     /// The node rendezvous placement gives mailbox `target` in `dir` (used only where nothing

@@ -145,12 +145,16 @@ impl ClientCore {
                 };
                 let mut stored = None;
                 let mut carried = Vec::new();
+                let mut acked_by = None;
                 if let Some(o) = self.state.outbox.get_mut(i) {
                     if let Some(f) = o.fragments.get_mut(*fragment)
                         && f.dedup == dedup_id.0
                         && !f.acked
                     {
                         f.acked = true;
+                        // The last hop of the last route: the replica that (most likely)
+                        // answered.
+                        acked_by = f.route.last().cloned().map(|n| (o.contact.clone(), n));
                         carried = f
                             .route
                             .iter()
@@ -177,6 +181,11 @@ impl ClientCore {
                     }
                 }
                 self.record_health(&carried, true);
+                if let Some((contact, node)) = acked_by
+                    && let Some(c) = self.state.contacts.iter_mut().find(|c| c.name == contact)
+                {
+                    c.deposit_replica = Some(node);
+                }
                 if let Some((contact, kind, id)) = stored
                     && kind == OutKind::Text
                 {

@@ -216,6 +216,7 @@ impl ClientCore {
             .clone();
         let contact = self.contact(&name)?;
         let mine = contact.mine.clone();
+        let start = contact.deposit_replica.clone();
         let theirs = contact
             .theirs
             .clone()
@@ -234,7 +235,7 @@ impl ClientCore {
             at_ms + SURB_TTL_MS,
         )?);
         let target = MailboxId(theirs.id);
-        let node = Self::peer_replica(dir, &theirs, frag.attempts)?;
+        let node = Self::peer_replica_from(dir, &theirs, start.as_deref(), frag.attempts)?;
         let route = self.route(dir, epoch, &node)?;
         let delays = self.delays(route.len().saturating_sub(1));
         let plaintext = FinalMessage::Deposit(envelope).encode()?;

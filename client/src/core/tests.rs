@@ -1399,6 +1399,20 @@ fn with_one_replica_dropping_everything_every_message_gets_its_receipt_via_the_n
     let now_reading = bob.contact_mailbox("alice").unwrap();
     assert_ne!(NodeId(now_reading.current().unwrap().node), dead);
     assert!(!kinds(&alice.take_notices()).contains(&"failed"));
+    // The next message starts with the replica that acknowledged the last one: no
+    // retransmission (before: every message paid the dead replica's timeout first).
+    let next = alice
+        .send(t + 1000, "bob", "m5", SendOptions::default())
+        .unwrap();
+    let first = deposit_nodes(&net.run(&mut alice));
+    assert_eq!(first.len(), 1);
+    assert_ne!(first[0], dead, "the first attempt went to the dead replica");
+    net.fetch(&mut alice, t + 1300);
+    net.run(&mut alice);
+    assert!(matches!(
+        alice.out_state(next),
+        Some(OutState::Stored | OutState::Delivered | OutState::Read)
+    ));
 }
 
 #[test]

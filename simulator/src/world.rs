@@ -264,6 +264,8 @@ struct Msg {
 enum Side {
     Frag(u32, u16),
     Cover(u32),
+    /// A cover packet fetched already (a replica read after a failover serves it again).
+    CoverFetched(u32),
     /// A hello or a receipt (the client's own traffic, not a workload message).
     Control,
 }
@@ -2114,7 +2116,14 @@ impl World {
                         .push("cover packet delivered to a wrong mailbox".into());
                 }
                 self.counters.cover_received += 1;
-                self.side.remove(&dedup);
+                self.side.insert(dedup, Side::CoverFetched(owner));
+            }
+            Some(Side::CoverFetched(owner)) => {
+                if owner != client {
+                    self.violations
+                        .push("cover packet delivered to a wrong mailbox".into());
+                }
+                self.counters.duplicate_fragments_fetched += 1;
             }
             Some(Side::Frag(m, f)) => {
                 let Some(msg) = self.msgs.get_mut(m as usize) else {
@@ -2250,7 +2259,7 @@ impl World {
                         self.counters.retransmissions += 1;
                     }
                 }
-                Some(Side::Cover(_) | Side::Control) => {
+                Some(Side::Cover(_) | Side::CoverFetched(_) | Side::Control) => {
                     self.counters.retransmissions += 1;
                 }
                 None => {

@@ -232,6 +232,11 @@ impl Client {
         let (token, expires) = self.net_for(&m.id)?.login((m, r)).await?;
         self.core
             .set_replica_token(&m.id, &r.node, Some((token.clone(), expires)));
+        // A new session: the node may have restarted since the last one (sessions live in
+        // its memory), and with an empty disk, repaired from its peers, numbers its messages
+        // anew; a cursor from before would skip the first ones. Read it from the start (it
+        // serves only what this device has not acknowledged; what was seen is dropped).
+        self.core.reset_cursor(&m.id, &r.node);
         Ok(token)
     }
 
@@ -515,7 +520,12 @@ impl Client {
         for _ in 0..m.replicas.len().max(1) {
             let Some(r) = m.current().cloned() else { break };
             match self.token(&m, &r).await {
-                Ok(token) => return Ok((m, r, token)),
+                Ok(token) => {
+                    // As the core has it now (a login resets the cursor).
+                    let m = self.mailbox(&m.id).unwrap_or(m);
+                    let r = m.replica(&r.node).cloned().unwrap_or(r);
+                    return Ok((m, r, token));
+                }
                 Err(e) => {
                     first_error.get_or_insert(e);
                     if self.core.fail_over(&m.id) == Some(r.node) {
@@ -1338,6 +1348,9 @@ mod tests {
             &[serde_json::from_value(page(&[50])[0].clone()).unwrap()],
         );
         while c.core.poll_output().is_some() {}
+        // Still logged in there (a new login reads from the start anyway).
+        c.core
+            .set_replica_token(&id, &node, Some(("00".repeat(32), now_ms() + 3_600_000)));
         c.sync(Duration::ZERO).await.unwrap();
         let m = &c.core.owned_mailboxes()[0];
         assert_eq!(
@@ -1354,6 +1367,39 @@ mod tests {
             .collect();
         assert!(polls[0].contains("after=50&"), "{polls:?}");
         assert!(polls[1].contains("after=0&"), "{polls:?}");
+    }
+
+    /// A replica wiped and repaired numbers its messages anew, possibly past our cursor (so no
+    /// `bad_cursor`): a cursor from an earlier session would skip the first repaired
+    /// messages. Such a node restarted, so our session there is gone: a new login reads it
+    /// from the start (before: `after=50`, the repaired messages 2 and 3 never served).
+    #[tokio::test]
+    async fn a_new_session_reads_the_replica_from_the_start() {
+        let (replica, seen) = fake_replica(page(&[2, 3]), false).await;
+        let (other, _) = fake_replica(page(&[]), false).await;
+        let home = tempfile::tempdir().unwrap();
+        let mut c = client_with_two_replicas(home.path(), &[replica, other]);
+        let (id, node) = {
+            let m = &c.core.owned_mailboxes()[0];
+            (m.id, m.current().unwrap().node)
+        };
+        c.core.handle_fetched_from(
+            now_ms(),
+            &id,
+            &node,
+            &[serde_json::from_value(page(&[50])[0].clone()).unwrap()],
+        );
+        while c.core.poll_output().is_some() {}
+        c.core.set_replica_token(&id, &node, None);
+        c.sync(Duration::ZERO).await.unwrap();
+        let log = seen.lock().unwrap().clone();
+        let polls: Vec<&String> = log
+            .iter()
+            .filter(|(_, p, _)| p.contains("/messages"))
+            .map(|(_, p, _)| p)
+            .collect();
+        assert!(polls[0].contains("after=0&"), "{polls:?}");
+        assert_eq!(c.core.owned_mailboxes()[0].current().unwrap().cursor, 3);
     }
 
     /// A stream cannot be opened on the replica read from (its ticket fails): the stream

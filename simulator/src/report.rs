@@ -91,6 +91,10 @@ pub struct Messages {
     /// Acknowledged to the sender, but neither delivered nor expired by the end: lost after
     /// an acknowledgement (each is also an invariant violation).
     pub acknowledged_lost: u64,
+    /// Of those, messages still stored on a replica of the recipient's mailbox at the end:
+    /// not destroyed, but not served to its owner (the replica it read was not repaired in
+    /// time, or a stale cursor there skipped them).
+    pub acknowledged_lost_still_stored: u64,
     /// delivered / sent.
     pub delivery_ratio: f64,
 }
@@ -288,6 +292,7 @@ pub fn summarise(sc: &Scenario, seed: u64, r: &Results) -> Summary {
             failed: r.failed,
             expired_undelivered: r.expired_undelivered,
             acknowledged_lost: r.acked_lost,
+            acknowledged_lost_still_stored: r.acked_lost_still_stored,
             delivery_ratio: per(r.delivered, r.sent),
         },
         latency_ms: Distribution::of(&r.latency_ms),

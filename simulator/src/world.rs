@@ -258,6 +258,8 @@ struct Msg {
     sampled: bool,
     /// The node of the recipient's mailbox it is deposited into.
     dest_node: Option<u32>,
+    /// The recipient's mailbox.
+    mailbox: Option<MailboxId>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -505,6 +507,10 @@ pub struct Results {
     pub expired_undelivered: u64,
     /// Acknowledged, never delivered, not expired by the end.
     pub acked_lost: u64,
+    /// Of those, messages a fragment of which is still stored on a replica of the recipient's
+    /// mailbox at the end (not destroyed: not repaired onto the replica read in time, or
+    /// skipped by a stale cursor there).
+    pub acked_lost_still_stored: u64,
     /// Delivered messages' fragments.
     pub delivered_fragments: u64,
     /// Delivered messages' bytes.
@@ -2242,6 +2248,7 @@ impl World {
                     if msg.dest_node.is_none() {
                         msg.dest_node = route.last().copied();
                     }
+                    msg.mailbox.get_or_insert(mailbox);
                     let Some(frag) = msg.frags.get_mut(f as usize) else {
                         continue;
                     };
@@ -2691,6 +2698,7 @@ impl World {
             failed,
             sampled,
             dest_node: None,
+            mailbox: None,
         });
         self.counters.messages_sent += 1;
         if scheduled {
@@ -2996,6 +3004,51 @@ impl World {
         ))
     }
 
+    /// Whether a fragment of message `i` is still stored on a replica of its recipient's
+    /// mailbox (up or down), not acknowledged there by the owner.
+    fn still_stored(&self, i: usize) -> bool {
+        let Some(mailbox) = self.msgs.get(i).and_then(|m| m.mailbox) else {
+            return false;
+        };
+        let Some(m) = self
+            .by_mailbox
+            .get(&mailbox)
+            .and_then(|&c| self.clients.get(c as usize))
+            .and_then(|c| c.core.owned_mailbox(&mailbox.0))
+        else {
+            return false;
+        };
+        let device = owner_key(&m).verifying_key().to_bytes();
+        let ids: BTreeSet<[u8; 16]> = self
+            .side
+            .iter()
+            .filter(|(_, s)| matches!(s, Side::Frag(x, _) if *x as usize == i))
+            .map(|(d, _)| d.0)
+            .collect();
+        let now = UnixTime(self.now());
+        m.replicas.iter().any(|r| {
+            let Some(core) = self
+                .index
+                .get(&NodeId(r.node))
+                .and_then(|&n| self.nodes.get(n as usize))
+                .and_then(|n| n.mailbox.as_ref())
+            else {
+                return false;
+            };
+            let mut after = 0;
+            while let Ok(got) = core.fetch(now, &mailbox, &device, Some(after), 1000) {
+                if got.iter().any(|g| ids.contains(&g.id)) {
+                    return true;
+                }
+                match got.last() {
+                    Some(last) => after = last.seq,
+                    None => break,
+                }
+            }
+            false
+        })
+    }
+
     fn finish(mut self) -> Results {
         let end = self.now();
         let mut r = Results {
@@ -3037,6 +3090,7 @@ impl World {
                     }
                     if m.acked_ms.is_some() && !expired {
                         r.acked_lost += 1;
+                        r.acked_lost_still_stored += u64::from(self.still_stored(i));
                         self.violations.push(format!(
                             "message {i} was acknowledged but never delivered nor expired"
                         ));

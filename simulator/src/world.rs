@@ -203,6 +203,9 @@ struct Client {
     /// others would return nothing: they are not fetched, which keeps a popular user with
     /// thousands of relationships from costing thousands of empty fetches per message).
     dirty: std::collections::BTreeSet<[u8; 32]>,
+    /// Its sessions: (mailbox, replica node) → the node's incarnation (restarts) it logged
+    /// in at. A node's sessions live in its memory: a restart ends them.
+    sessions: HashMap<([u8; 32], [u8; 32]), u64>,
 }
 
 /// The core's name for client `c` (contacts are named after the simulated user).
@@ -1094,6 +1097,7 @@ impl World {
                 work: tree.stream("client-work", c as u64),
                 outgoing: HashMap::new(),
                 dirty: std::collections::BTreeSet::new(),
+                sessions: HashMap::new(),
             });
         }
         self.make_graph();
@@ -2019,6 +2023,15 @@ impl World {
         let batch = self.sc.limits.fetch_batch.max(1);
         let mailbox = MailboxId(m.id);
         let owner = owner_key(m).verifying_key().to_bytes();
+        // A new session (the first read there, or the node restarted since and lost ours)
+        // reads the replica from the start, as the real client does: a node that lost its
+        // disk and was repaired numbers its messages anew, possibly past our old cursor.
+        let incarnation = self.get(i).map_or(0, |n| n.restarts);
+        if let Some(c) = self.clients.get_mut(client as usize)
+            && c.sessions.insert((m.id, node), incarnation) != Some(incarnation)
+        {
+            c.core.reset_cursor(&m.id, &node);
+        }
         loop {
             let cursor = self
                 .clients

@@ -4,7 +4,9 @@
 //! to one replica appears on the other two (pushed over the node-to-node channel). One replica
 //! is killed with `kill -9`, its data directory deleted (its mesh keys, kept in a directory of
 //! their own, survive: it is the same node), and restarted: anti-entropy repairs its mailbox
-//! record (owner signature checked) and messages, and it serves the same message ids.
+//! record (owner signature checked) and messages, and it serves the same message ids. Then
+//! deletion and expiry across replicas: messages acknowledged on one replica while another
+//! is down are not served by it once back; an expired message is served by none.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -510,4 +512,107 @@ async fn a_deposit_reaches_every_replica_and_a_replica_that_lost_its_disk_is_rep
         metrics.contains("whispr_mailbox_replica_records_repaired_total 1\n"),
         "{metrics}"
     );
+
+    // Deletion across replicas: replica 2 is down while the owner (its only device) reads and
+    // acknowledges everything on replica 1; back with its disk and its stale copies, it is
+    // told by anti-entropy and serves none of them again (nor does replica 3).
+    boxes[1].kill9();
+    let token = try_login(&http, &boxes[0].base(), &owner).await.unwrap();
+    let mailbox = hex::encode(owner.mailbox_id.as_bytes());
+    let page: Value = http
+        .get(format!(
+            "{}/v1/mailboxes/{mailbox}/messages?limit=100",
+            boxes[0].base()
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let last = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    let r = http
+        .post(format!("{}/v1/mailboxes/{mailbox}/ack", boxes[0].base()))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({ "up_to": last }))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let none = BTreeSet::new();
+    wait_served(&http, &boxes[0], &owner, &none, "acknowledged, deleted").await;
+    wait_served(&http, &boxes[2], &owner, &none, "the ack reached replica 3").await;
+    boxes[1].start();
+    wait_served(
+        &http,
+        &boxes[1],
+        &owner,
+        &none,
+        "an acknowledged message is not served after repair",
+    )
+    .await;
+
+    // Expiry across replicas: a deposit that expires in a few seconds reaches every replica,
+    // then none serves it, not even one that was down at its expiry and came back.
+    let expires = now_ms() + 10_000;
+    let dedup = DedupId::random(&mut rng);
+    let short: BTreeSet<String> = [hex::encode(dedup.0)].into();
+    let envelope = owner
+        .envelope(
+            &mut rng,
+            dedup,
+            Some(UnixTime(expires)),
+            None,
+            b"short-lived",
+        )
+        .unwrap();
+    let plaintext = FinalMessage::Deposit(envelope).encode().unwrap();
+    let packet = build_packet(
+        &mut rng,
+        &[hop(edge_id), hop(mix_id), hop(replicas[0])],
+        &[Duration::ZERO; 2],
+        DestinationAddress::mailbox(&owner.mailbox_id),
+        &plaintext,
+    )
+    .unwrap();
+    let r = http
+        .post(format!("{}/v1/packets", edge.base()))
+        .header("content-type", "application/octet-stream")
+        .body(packet.as_bytes().to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for b in &boxes {
+        wait_served(
+            &http,
+            b,
+            &owner,
+            &short,
+            "the short-lived deposit everywhere",
+        )
+        .await;
+    }
+    boxes[1].kill9();
+    while now_ms() < expires + 500 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    boxes[1].start();
+    for b in &boxes {
+        wait_served(
+            &http,
+            b,
+            &owner,
+            &none,
+            "an expired message is never served",
+        )
+        .await;
+    }
 }

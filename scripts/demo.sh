@@ -128,7 +128,7 @@ grep -q ": stored" "$WORK/s9" || fail "a message sent with mailbox1 down was not
 bob recv | tee "$WORK/r9" | sed 's/^/   bob sees: /'
 grep -q "before mailbox1 died" "$WORK/r9" || fail "bob did not read the message stored before the crash"
 grep -q "while mailbox1 is down" "$WORK/r9" || fail "bob did not read the message sent during the outage"
-bob send alice "Still reading and writing with mailbox1 down." >/dev/null
+bob send alice "Still reading and writing with mailbox1 down." | sed 's/^/   bob: /'
 alice recv | sed 's/^/   alice sees: /'
 ok "the two other replicas hold every acknowledged message (each was on two before its ack); bob reads from them"
 

@@ -822,13 +822,15 @@ impl Client {
             {
                 return Ok(state);
             }
-            // A round that failed (every replica of every mailbox unreachable for now) is
-            // tried again until the deadline: the message is still being retransmitted.
+            // A round that failed (every replica of every mailbox unreachable for now, a
+            // directory that could not be refreshed, a node's refusal) is tried again until
+            // the deadline: the message is still being retransmitted. Only a local failure
+            // (the home directory) ends the wait.
             if let Err(e) = self
                 .sync(Duration::from_millis(self.core.settings().poll_wait_ms))
                 .await
             {
-                if !e.is_transient() {
+                if e.is_local() {
                     return Err(e);
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;

@@ -86,17 +86,17 @@ pub enum ClientError {
 pub type Result<T> = std::result::Result<T, ClientError>;
 
 impl ClientError {
-    /// A failure of the network or of a node that may pass by itself (a node down or
-    /// restarting, a timeout, a 5xx, a 401 for a session the node lost, a 429): worth trying
-    /// again later, unlike a local or protocol error.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            ClientError::Unreachable { .. } | ClientError::NoRoute(_) => true,
-            ClientError::Node { status, .. } => {
-                matches!(*status, 401 | 408 | 425 | 429) || *status >= 500
-            }
-            _ => false,
-        }
+    /// A failure of this client's own home (its files, its state, its passphrase): retrying
+    /// over the network cannot help.
+    pub fn is_local(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Io { .. }
+                | ClientError::CorruptState(_)
+                | ClientError::WrongPassphrase
+                | ClientError::NotInitialized(_)
+                | ClientError::AlreadyInitialized(_)
+        )
     }
 
     pub(crate) fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> ClientError {

@@ -343,6 +343,13 @@ impl AuthorityCore {
         self.latest.as_ref().map(|(_, c)| c)
     }
 
+    /// When the newest consensus with the threshold of signatures stops being valid.
+    pub fn consensus_valid_until(&self) -> Option<UnixTime> {
+        self.latest
+            .as_ref()
+            .map(|(epoch, _)| self.schedule.window(*epoch).1)
+    }
+
     /// What to fetch from the peer `key` for the current epoch: its vote (if still needed),
     /// and its document (if this authority has computed its own and lacks the peer's
     /// signature).

@@ -9,6 +9,7 @@
 //! | `GET /v1/vote/{epoch}` | this authority's signed vote (`Vote` protobuf) |
 //! | `GET /v1/status` | JSON: key, epoch, descriptors held and admitted, votes, signatures |
 //! | `GET /health` | `ok` |
+//! | `GET /metrics` | the counts of `/v1/status` as Prometheus gauges (no identifiers) |
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -94,6 +95,7 @@ pub fn routes(state: AuthorityState) -> axum::Router {
         .route("/v1/vote/{epoch}", get(vote))
         .route("/v1/status", get(status))
         .route("/health", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(DESCRIPTOR_LEN_MAX))
         .with_state(state)
 }
@@ -150,6 +152,69 @@ async fn status(State(state): State<AuthorityState>) -> Response {
         );
     }
     axum::Json(v).into_response()
+}
+
+/// `GET /metrics`: what `GET /v1/status` says (public already), as Prometheus gauges.
+async fn metrics(State(state): State<AuthorityState>) -> Response {
+    let now = whispr_node_kit::clock::now();
+    let text = metrics_text(&state.lock(), now);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// The authority's gauges at `now`.
+fn metrics_text(core: &AuthorityCore, now: whispr_protocol::UnixTime) -> String {
+    let status = core.status(now);
+    let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+    let gauges = [
+        ("epoch", "The current consensus epoch.", status.epoch),
+        (
+            "consensus_epoch",
+            "Epoch of the newest consensus with the threshold of signatures (0: none yet).",
+            status.consensus_epoch.unwrap_or(0),
+        ),
+        (
+            "consensus_valid_until_seconds",
+            "Unix time at which the newest consensus expires (0: none yet).",
+            core.consensus_valid_until().map_or(0, |t| t.0 / 1000),
+        ),
+        (
+            "descriptors",
+            "Descriptors held (of admitted nodes only).",
+            count(status.descriptors),
+        ),
+        (
+            "descriptors_admitted",
+            "Descriptors held that the allow list admits.",
+            count(status.admitted),
+        ),
+        (
+            "votes",
+            "Votes held for the current epoch, this authority's included.",
+            count(status.votes),
+        ),
+        (
+            "signatures",
+            "Signatures on this authority's current-epoch document.",
+            count(status.signatures),
+        ),
+        (
+            "authorities",
+            "Authorities the network pins.",
+            count(core.network().authorities().len()),
+        ),
+        (
+            "threshold",
+            "Signatures a consensus needs.",
+            count(core.network().threshold()),
+        ),
+    ];
+    let mut out = String::new();
+    for (name, help, value) in gauges {
+        out.push_str(&format!(
+            "# HELP whispr_authority_{name} {help}\n# TYPE whispr_authority_{name} gauge\nwhispr_authority_{name} {value}\n"
+        ));
+    }
+    out
 }
 
 /// A started authority: its state, its address, and how to stop it.

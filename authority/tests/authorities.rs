@@ -211,6 +211,27 @@ async fn three_authorities_survive_one_down_and_ignore_an_unpinned_fourth() {
     };
     assert_eq!(members(&first), honest_ids, "only allow-listed nodes");
 
+    // `/metrics` shows the consensus held (the alerts' `consensus missing` reads it).
+    let text = String::from_utf8(get(&format!("{}/metrics", urls[0])).await.unwrap()).unwrap();
+    let gauge = |name: &str| -> u64 {
+        let prefix = format!("whispr_authority_{name} ");
+        let line = text.lines().find(|l| l.starts_with(&prefix));
+        line.and_then(|l| l[prefix.len()..].parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from {text}"))
+    };
+    assert!(gauge("consensus_epoch") >= first.epoch, "{text}");
+    assert!(gauge("epoch") >= gauge("consensus_epoch"), "{text}");
+    assert!(
+        gauge("consensus_valid_until_seconds") >= now().0 / 1000,
+        "{text}"
+    );
+    assert_eq!(gauge("authorities"), 3, "{text}");
+    assert_eq!(
+        gauge("threshold"),
+        u64::try_from(network.threshold()).unwrap()
+    );
+    assert_eq!(gauge("descriptors_admitted"), 5, "{text}");
+
     // Whatever the rogue serves is refused by anyone who pins the three.
     if let Some(bytes) = get(&format!("{rogue_url}/v1/consensus")).await {
         let c = Consensus::decode(&bytes).unwrap();

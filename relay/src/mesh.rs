@@ -205,6 +205,10 @@ impl Mesh {
             ),
             peer_stream_idle: Duration::from_millis(config.peer_stream_idle_ms),
         });
+        shared.metrics.queue_max.store(
+            u64::try_from(config.router.queue_max).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         let handle = MeshHandle {
             shared: shared.clone(),
         };
@@ -437,7 +441,12 @@ impl MeshHandle {
 
     /// Prometheus text lines for the mesh (no identifiers in labels).
     pub fn metrics_text(&self) -> String {
-        self.shared.metrics.render()
+        self.shared.metrics.render(metrics::Health {
+            pinned: self.shared.pinned,
+            store_poisoned: !self.shared.store_ok.load(Ordering::Relaxed),
+            keys_failing: !self.shared.keys_ok.load(Ordering::Relaxed),
+            stopped: self.shared.stopped.load(Ordering::Relaxed),
+        })
     }
 
     /// False when the replay store is poisoned, the key rotation failed, or the core stopped.
@@ -525,7 +534,7 @@ impl MeshRunner {
         router.restore_replay_tags(tags);
 
         let (capacity_tx, capacity_rx) = watch::channel(streams::Admission::of(&router));
-        let (persist, persist_thread) = engine::Persist::start(store)?;
+        let (persist, persist_thread) = engine::Persist::start(store, shared.clone())?;
         let swarm::Built {
             swarm,
             control,

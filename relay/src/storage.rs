@@ -8,6 +8,8 @@
 //! stores.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, IteratorMode, Options,
@@ -255,6 +257,49 @@ impl ReplayStore for RocksReplayStore {
     }
 }
 
+/// Upper bounds, in seconds, of [`SyncLatency`]'s buckets.
+pub const SYNC_BUCKETS: [f64; 9] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0];
+
+/// How long synced (fsynced) RocksDB writes took: a Prometheus histogram with fixed buckets
+/// ([`SYNC_BUCKETS`]), `_bucket` and `_count` only (no `_sum`, as the mesh's hold-time
+/// histogram). Every store of the project fills one; alerts watch its upper quantiles.
+#[derive(Debug, Default)]
+pub struct SyncLatency {
+    /// Observations per bucket (not cumulative); the last one is `+Inf`.
+    buckets: [AtomicU64; SYNC_BUCKETS.len() + 1],
+    count: AtomicU64,
+}
+
+impl SyncLatency {
+    /// Counts one synced write that took `took`.
+    pub fn observe(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        let index = SYNC_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(SYNC_BUCKETS.len());
+        if let Some(bucket) = self.buckets.get(index) {
+            bucket.fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The histogram as Prometheus text, named `name` (cumulative buckets, `+Inf`, `_count`).
+    pub fn render(&self, name: &str, help: &str) -> String {
+        let mut out = format!("# HELP {name} {help}\n# TYPE {name} histogram\n");
+        let mut cumulative = 0u64;
+        for (bound, bucket) in SYNC_BUCKETS.iter().zip(self.buckets.iter()) {
+            cumulative = cumulative.saturating_add(bucket.load(Ordering::Relaxed));
+            out.push_str(&format!("{name}_bucket{{le=\"{bound}\"}} {cumulative}\n"));
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        out.push_str(&format!(
+            "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_count {count}\n"
+        ));
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,5 +321,37 @@ mod tests {
         assert_eq!(store.load().unwrap(), tags.to_vec());
         store.prune_before(KeyEpoch(5)).unwrap();
         assert_eq!(store.load().unwrap(), tags[1..].to_vec());
+    }
+
+    #[test]
+    fn sync_latency_renders_cumulative_buckets_without_a_sum() {
+        let h = SyncLatency::default();
+        h.observe(Duration::from_micros(500));
+        h.observe(Duration::from_millis(20));
+        h.observe(Duration::from_secs(3));
+        let text = h.render("x_sync_seconds", "help");
+        assert!(text.contains("# TYPE x_sync_seconds histogram\n"), "{text}");
+        assert!(
+            text.contains("x_sync_seconds_bucket{le=\"0.001\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("x_sync_seconds_bucket{le=\"0.01\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("x_sync_seconds_bucket{le=\"0.025\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("x_sync_seconds_bucket{le=\"1\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("x_sync_seconds_bucket{le=\"+Inf\"} 3\n"),
+            "{text}"
+        );
+        assert!(text.contains("x_sync_seconds_count 3\n"), "{text}");
+        assert!(!text.contains("_sum"), "{text}");
     }
 }

@@ -51,6 +51,7 @@ impl Persist {
     /// Starts the thread owning `store`.
     pub(crate) fn start(
         mut store: Box<dyn ReplayStore>,
+        shared: Arc<Shared>,
     ) -> Result<(Persist, std::thread::JoinHandle<()>), MeshError> {
         let (commands, mut command_rx) = mpsc::channel::<PersistCmd>(2);
         let (done_tx, done) = mpsc::channel(2);
@@ -58,6 +59,7 @@ impl Persist {
             .name("whispr-replay-store".into())
             .spawn(move || {
                 while let Some(command) = command_rx.blocking_recv() {
+                    let started = std::time::Instant::now();
                     let result = match command {
                         PersistCmd::Write { batch, tags } => {
                             store.persist(&tags).map(|()| PersistDone::Written(batch))
@@ -66,6 +68,9 @@ impl Persist {
                             store.prune_before(epoch).map(|()| PersistDone::Pruned)
                         }
                     };
+                    if result.is_ok() {
+                        shared.metrics.replay_sync.observe(started.elapsed());
+                    }
                     let done = result.unwrap_or_else(|e| {
                         tracing::error!(error = %e, "replay store write failed; node unhealthy");
                         PersistDone::Failed
@@ -474,6 +479,10 @@ pub(crate) async fn consensus_task(
                         "new consensus"
                     );
                 }
+                shared
+                    .metrics
+                    .consensus_valid_until_ms
+                    .store(verified.valid_until.0, Ordering::Relaxed);
                 held = Some(verified);
                 epoch_changed
             }

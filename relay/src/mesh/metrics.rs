@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::submit::Outcome;
 use crate::router::{DropReason, RouterStats};
+use crate::storage::SyncLatency;
 
 /// Upper bounds of the hold-time histogram, in seconds. Coarse on purpose: the histogram is
 /// public to whoever can scrape it, and a fine one (or a sum) would tell, from two scrapes
@@ -41,6 +42,8 @@ pub(crate) struct Metrics {
     /// The router's counters, copied by the core after each step.
     stats: Mutex<RouterStats>,
     pub(crate) queue_depth: AtomicU64,
+    /// `router.queue_max`, set once at start.
+    pub(crate) queue_max: AtomicU64,
     pub(crate) replay_tags: AtomicU64,
     pub(crate) peers_connected: AtomicU64,
     pub(crate) directory_nodes: AtomicU64,
@@ -61,6 +64,24 @@ pub(crate) struct Metrics {
     /// Inbound node-message streams refused or closed, by [`StreamClose`].
     node_streams_closed: [AtomicU64; StreamClose::ALL.len()],
     hold: Histogram,
+    /// Synced writes of the replay store (tags made durable, old epochs pruned).
+    pub(crate) replay_sync: SyncLatency,
+    /// With `network_file`: when the consensus held stops being valid (Unix ms; 0 before the
+    /// first one).
+    pub(crate) consensus_valid_until_ms: AtomicU64,
+}
+
+/// The node's health, as `/healthz` sees it, for [`Metrics::render`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Health {
+    /// The node routes by a consensus of pinned authorities (`mesh.network_file`).
+    pub(crate) pinned: bool,
+    /// A replay-store write failed (the store refuses every later write).
+    pub(crate) store_poisoned: bool,
+    /// The last Sphinx key rotation failed (retried every 10 s).
+    pub(crate) keys_failing: bool,
+    /// One of the mesh's tasks failed.
+    pub(crate) stopped: bool,
 }
 
 /// Why a node message was dropped (`whispr_mesh_node_messages_dropped_total{reason}`).
@@ -174,7 +195,7 @@ impl Metrics {
         self.hold.observe(held);
     }
 
-    pub(crate) fn render(&self) -> String {
+    pub(crate) fn render(&self, health: Health) -> String {
         let stats = self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut out = String::with_capacity(4096);
         let mut line = |s: std::fmt::Arguments<'_>| {
@@ -317,6 +338,11 @@ impl Metrics {
                 load(&self.queue_depth),
             ),
             (
+                "whispr_mesh_queue_max",
+                "Packets the router may hold (router.queue_max); past it, packets are refused as queue_full.",
+                load(&self.queue_max),
+            ),
+            (
                 "whispr_mesh_peers_connected",
                 "Peers with an open connection.",
                 load(&self.peers_connected),
@@ -341,6 +367,31 @@ impl Metrics {
                 "Open client packet streams.",
                 load(&self.client_streams),
             ),
+            (
+                "whispr_mesh_consensus_pinned",
+                "1 when the node routes by a consensus of pinned authorities (network_file).",
+                u64::from(health.pinned),
+            ),
+            (
+                "whispr_mesh_consensus_valid_until_seconds",
+                "With network_file: Unix time at which the consensus held expires (0: none yet).",
+                load(&self.consensus_valid_until_ms) / 1000,
+            ),
+            (
+                "whispr_mesh_replay_store_poisoned",
+                "1 once a replay-store write failed (no packet is released until a restart).",
+                u64::from(health.store_poisoned),
+            ),
+            (
+                "whispr_mesh_key_rotation_failing",
+                "1 while the last Sphinx key rotation failed (retried every 10 s).",
+                u64::from(health.keys_failing),
+            ),
+            (
+                "whispr_mesh_stopped",
+                "1 once one of the mesh's tasks failed (restart the node).",
+                u64::from(health.stopped),
+            ),
         ] {
             line(format_args!("# HELP {name} {help}"));
             line(format_args!("# TYPE {name} gauge"));
@@ -362,6 +413,10 @@ impl Metrics {
             "whispr_mesh_hold_seconds_bucket{{le=\"+Inf\"}} {count}"
         ));
         line(format_args!("whispr_mesh_hold_seconds_count {count}"));
+        out.push_str(&self.replay_sync.render(
+            "whispr_mesh_replay_sync_seconds",
+            "Duration of the replay store's synced writes (coarse buckets, no sum).",
+        ));
         out
     }
 }
@@ -369,6 +424,50 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const HEALTHY: Health = Health {
+        pinned: false,
+        store_poisoned: false,
+        keys_failing: false,
+        stopped: false,
+    };
+
+    #[test]
+    fn renders_the_health_gauges_and_the_replay_sync_histogram() {
+        let m = Metrics::default();
+        let text = m.render(HEALTHY);
+        for gauge in [
+            "whispr_mesh_consensus_pinned 0\n",
+            "whispr_mesh_consensus_valid_until_seconds 0\n",
+            "whispr_mesh_replay_store_poisoned 0\n",
+            "whispr_mesh_key_rotation_failing 0\n",
+            "whispr_mesh_stopped 0\n",
+            "whispr_mesh_queue_max 0\n",
+            "whispr_mesh_replay_sync_seconds_count 0\n",
+        ] {
+            assert!(text.contains(gauge), "{gauge} missing from {text}");
+        }
+        m.consensus_valid_until_ms
+            .store(1_800_000_123_456, Ordering::Relaxed);
+        m.replay_sync.observe(Duration::from_millis(3));
+        let text = m.render(Health {
+            pinned: true,
+            store_poisoned: true,
+            keys_failing: true,
+            stopped: true,
+        });
+        for gauge in [
+            "whispr_mesh_consensus_pinned 1\n",
+            "whispr_mesh_consensus_valid_until_seconds 1800000123\n",
+            "whispr_mesh_replay_store_poisoned 1\n",
+            "whispr_mesh_key_rotation_failing 1\n",
+            "whispr_mesh_stopped 1\n",
+            "whispr_mesh_replay_sync_seconds_bucket{le=\"0.005\"} 1\n",
+            "whispr_mesh_replay_sync_seconds_count 1\n",
+        ] {
+            assert!(text.contains(gauge), "{gauge} missing from {text}");
+        }
+    }
 
     #[test]
     fn renders_every_drop_reason_and_a_cumulative_histogram() {
@@ -379,8 +478,8 @@ mod tests {
         m.observe_hold(Duration::from_millis(7));
         m.observe_hold(Duration::from_secs(2));
         m.observe_hold(Duration::from_secs(4000));
-        assert!(!m.render().contains("_sum"));
-        let text = m.render();
+        assert!(!m.render(HEALTHY).contains("_sum"));
+        let text = m.render(HEALTHY);
         for reason in DropReason::ALL {
             assert!(text.contains(&format!("reason=\"{}\"", reason.label())));
         }
@@ -400,7 +499,7 @@ mod tests {
     fn a_scrape_does_not_give_a_packets_hold_time() {
         let m = Metrics::default();
         m.observe_hold(Duration::from_micros(123_457));
-        let text = m.render();
+        let text = m.render(HEALTHY);
         assert!(!text.contains("0.123457"), "{text}");
         assert!(!text.contains("0.123"), "{text}");
     }

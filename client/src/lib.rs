@@ -27,10 +27,10 @@ pub mod net;
 pub mod state;
 pub mod vault;
 
-pub use client::{Client, now_ms};
+pub use client::{Client, Erased, now_ms};
 pub use core::{
-    ClientCore, ContactInfo, OutgoingInfo, Output, PacketCodec, Received, SendOptions,
-    StoredMessage,
+    BlockedInfo, ClientCore, ContactInfo, OutgoingInfo, Output, PacketCodec, Received, Revoked,
+    SendOptions, StoredMessage,
 };
 pub use error::{ClientError, Result};
 pub use state::{Notice, OutKind, OutState, Receipts, Settings};

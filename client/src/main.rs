@@ -143,6 +143,40 @@ enum Command {
         /// Contact name.
         name: String,
     },
+    /// Removes a contact: the mailbox it writes to is erased on every replica (its later
+    /// messages are refused), and it is forgotten. Also withdraws a pending invitation.
+    Remove {
+        /// Contact name.
+        name: String,
+    },
+    /// Blocks a contact: removes it as `remove` does, and refuses any later invitation or
+    /// answer from its identity.
+    Block {
+        /// Contact name.
+        name: String,
+    },
+    /// Lifts a block (`block`): invitations from that identity are accepted again.
+    Unblock {
+        /// The name the blocked contact had.
+        name: String,
+    },
+    /// Erases the account: every mailbox on every replica (crypto-erasure on the nodes),
+    /// then the home's state. Cannot be undone.
+    Erase {
+        /// Confirms the erasure.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Writes your history and contacts to FILE, encrypted with your passphrase; or, with
+    /// --decrypt, prints the JSON inside an export.
+    Export {
+        /// The file to write (it must not exist).
+        #[arg(long, required_unless_present = "decrypt", conflicts_with = "decrypt")]
+        to: Option<PathBuf>,
+        /// An export to decrypt (with the passphrase it was made with); needs no client.
+        #[arg(long)]
+        decrypt: Option<PathBuf>,
+    },
     /// A local network of real node processes.
     Devnet {
         #[command(subcommand)]
@@ -637,6 +671,7 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
             let pass = passphrase(&cli)?;
             let client = Client::open(&home(&cli), &pass)?;
             let list = client.contacts();
+            let blocked = client.blocked();
             let text = list
                 .iter()
                 .map(|c| {
@@ -647,9 +682,10 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
                         if c.verified { "  verified" } else { "" }
                     )
                 })
+                .chain(blocked.iter().map(|b| format!("{}  blocked", b.name)))
                 .collect::<Vec<_>>()
                 .join("\n");
-            out(j, json!({"contacts": list}), text);
+            out(j, json!({"contacts": list, "blocked": blocked}), text);
         }
         Command::Safety { name, verified } => {
             let pass = passphrase(&cli)?;
@@ -737,6 +773,100 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
                 }
             }
         }
+        Command::Remove { name } | Command::Block { name } => {
+            let block = matches!(cli.command, Command::Block { .. });
+            let pass = passphrase(&cli)?;
+            let mut client = Client::open(&home(&cli), &pass)?;
+            let r = client.remove_contact(name, block).await?;
+            let what = if block { "blocked" } else { "removed" };
+            let pending = if r.erased < r.replicas {
+                "; the others are tried again at every `recv`"
+            } else {
+                ""
+            };
+            out(
+                j,
+                json!({"contact": name, "blocked": block, "replicas": r.replicas,
+                       "erased": r.erased}),
+                format!(
+                    "{name} {what}: its mailbox erased on {}/{} replica(s){pending}",
+                    r.erased, r.replicas
+                ),
+            );
+            if r.erased == 0 {
+                // No replica confirmed: the contact can still deposit until one does.
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Unblock { name } => {
+            let pass = passphrase(&cli)?;
+            let mut client = Client::open(&home(&cli), &pass)?;
+            client.unblock(name)?;
+            out(
+                j,
+                json!({"contact": name, "blocked": false}),
+                format!("{name} unblocked"),
+            );
+        }
+        Command::Erase { yes } => {
+            if !yes {
+                return Err(ClientError::InvalidArgument(
+                    "`whispr erase` erases every mailbox of this client on every node and then                      the client itself; it cannot be undone: pass --yes"
+                        .to_string(),
+                ));
+            }
+            let pass = passphrase(&cli)?;
+            let client = Client::open(&home(&cli), &pass)?;
+            let e = client.erase_account().await?;
+            out(
+                j,
+                json!({"erased": true, "mailboxes": e.mailboxes, "replicas": e.replicas}),
+                format!(
+                    "erased: {} mailbox(es) on {} replica(s), and the client in {}",
+                    e.mailboxes,
+                    e.replicas,
+                    home(&cli).display()
+                ),
+            );
+        }
+        Command::Export { to, decrypt } => {
+            let pass = passphrase(&cli)?;
+            if let Some(path) = decrypt {
+                let bytes = std::fs::read(path).map_err(|source| ClientError::Io {
+                    what: "reading the export",
+                    source,
+                })?;
+                let plain = whispr_client::vault::open_export(&pass, &bytes)?;
+                let doc: Value = serde_json::from_slice(&plain).map_err(|_| {
+                    ClientError::InvalidArgument("the export holds no JSON document".to_string())
+                })?;
+                // The document itself, with or without --json.
+                println!("{doc}");
+            } else if let Some(path) = to {
+                let client = Client::open(&home(&cli), &pass)?;
+                let doc = client.export();
+                let plain =
+                    zeroize::Zeroizing::new(serde_json::to_vec(&doc).map_err(|e| {
+                        ClientError::CorruptState(format!("encoding the export: {e}"))
+                    })?);
+                let sealed =
+                    whispr_client::vault::seal_export(&pass, KdfParams::default(), &plain)?;
+                write_new(path, &sealed)?;
+                let count = |k: &str| doc[k].as_array().map_or(0, Vec::len);
+                out(
+                    j,
+                    json!({"file": path, "contacts": count("contacts"),
+                           "messages": count("history")}),
+                    format!(
+                        "exported {} contact(s) and {} message(s) to {} (encrypted with your passphrase; `whispr export --decrypt {}` reads it)",
+                        count("contacts"),
+                        count("history"),
+                        path.display(),
+                        path.display()
+                    ),
+                );
+            }
+        }
         Command::Devnet { command } => match command {
             DevnetCommand::Up {
                 dir,
@@ -790,6 +920,24 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
         },
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `bytes` to a new file `path` (mode 0600; an existing file is not overwritten).
+fn write_new(path: &std::path::Path, bytes: &[u8]) -> Result<(), ClientError> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let io = |source| ClientError::Io {
+        what: "writing the export",
+        source,
+    };
+    let mut f = options.open(path).map_err(io)?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(io)
 }
 
 async fn wait_for_stop(net: &mut Devnet) {

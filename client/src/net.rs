@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use whispr_protocol::consensus::{Consensus, Network, VerifiedConsensus};
 use whispr_protocol::directory::Directory;
-use whispr_protocol::mailbox_api::{create_transcript_v2, login_transcript};
+use whispr_protocol::mailbox_api::{create_transcript_v2, login_transcript, node_audience};
 use whispr_protocol::{MailboxId, NodeId, UnixTime};
 
 use crate::error::{ClientError, Result};
@@ -84,6 +84,7 @@ enum Method {
     Get,
     Post,
     Put,
+    Delete,
 }
 
 impl Net {
@@ -103,6 +104,7 @@ impl Net {
             Method::Get => self.http.get(url),
             Method::Post => self.http.post(url),
             Method::Put => self.http.put(url),
+            Method::Delete => self.http.delete(url),
         }
         .bearer_auth(token);
         let request = match body {
@@ -296,6 +298,7 @@ impl Net {
         let owner = owner_key(m);
         let device = hex::encode(owner.verifying_key().to_bytes());
         let mailbox = hex::encode(m.id);
+        let node = NodeId(r.node);
         let api = &r.api_url;
         let r = self
             .http
@@ -328,8 +331,19 @@ impl Net {
             .unwrap_or(&Value::Null)
             .as_str()
             .unwrap_or("");
+        // Sign only for the node we meant: a node asking for another audience may be relaying
+        // another node's challenge, to log in there with our signature.
+        let expected = node_audience(&node);
+        if audience != expected {
+            return Err(ClientError::Node {
+                node: "mailbox",
+                status: 200,
+                kind: "wrong_audience".to_string(),
+                message: "the node asked for a login signature for another node".to_string(),
+            });
+        }
         let signature = owner.sign(&login_transcript(
-            audience,
+            &expected,
             &MailboxId(m.id),
             &owner.verifying_key().to_bytes(),
             &challenge,
@@ -432,6 +446,15 @@ impl Net {
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string())
+    }
+
+    /// Erases `m` on replica `r` (owner session): the node deletes its data key first
+    /// (crypto-erasure), then every record, ends every session of it, and tells the other
+    /// replicas (`docs/mailbox.md`, *Export and erasure*).
+    pub async fn erase(&self, m: (&OwnedMailbox, &Replica), token: &str) -> Result<()> {
+        self.mailbox_call(Method::Delete, m, "", token, None)
+            .await
+            .map(drop)
     }
 
     /// The raw export of `m` on replica `r` (to check what a node still stores).

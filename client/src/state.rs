@@ -607,6 +607,29 @@ pub struct State {
     /// lose them).
     #[serde(default)]
     pub receipts_due: Vec<DueReceipts>,
+    /// Identities the user blocked: a hello or an invitation from one is refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocked: Vec<Blocked>,
+    /// Mailboxes of removed or blocked contacts still to erase on some of their replicas
+    /// (those listed; the others confirmed it). Retried by the driver until every replica
+    /// has confirmed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub erasures: Vec<OwnedMailbox>,
+}
+
+/// A blocked identity (`whispr block`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Blocked {
+    /// The name the contact had.
+    pub name: String,
+    /// Its Ed25519 identity key (sealed-sender certificates, invitations, hellos).
+    #[serde(with = "hexa")]
+    pub identity: [u8; 32],
+    /// Its Curve25519 Olm identity key.
+    #[serde(with = "hexa")]
+    pub curve: [u8; 32],
+    /// When it was blocked, ms.
+    pub blocked_ms: u64,
 }
 
 /// Receipts of one kind to one contact, sent together at `due_ms`.

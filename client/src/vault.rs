@@ -24,6 +24,8 @@ const STATE_FILE: &str = "state.enc";
 const LOCK_FILE: &str = "lock";
 const FORMAT: &str = "whispr-client-state";
 const AAD_PREFIX: &[u8] = b"whispr-client-state-v1";
+const EXPORT_FORMAT: &str = "whispr-export-file";
+const EXPORT_AAD_PREFIX: &[u8] = b"whispr-export-v1";
 
 /// Argon2id cost parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,7 +101,13 @@ fn derive(passphrase: &[u8], salt: &[u8; 16], params: KdfParams) -> Result<Zeroi
 }
 
 fn aad(header: &Header) -> Vec<u8> {
-    let mut a = AAD_PREFIX.to_vec();
+    aad_for(AAD_PREFIX, header)
+}
+
+/// The associated data of a sealed file: `prefix` (which says what the file is, so that an
+/// export never opens as a state, nor a state as an export) and the clear header.
+fn aad_for(prefix: &[u8], header: &Header) -> Vec<u8> {
+    let mut a = prefix.to_vec();
     a.extend_from_slice(&header.version.to_be_bytes());
     a.extend_from_slice(&header.params.m_kib.to_be_bytes());
     a.extend_from_slice(&header.params.t.to_be_bytes());
@@ -275,6 +283,100 @@ impl Vault {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+
+    /// Deletes the state file (after `whispr erase`): the home then has no client. The file
+    /// was only ever written encrypted; the lock file stays (the caller holds it).
+    pub fn wipe(&self, _lock: &LockGuard) -> Result<()> {
+        for name in [format!("{STATE_FILE}.tmp"), STATE_FILE.to_string()] {
+            match std::fs::remove_file(self.dir.join(name)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(ClientError::io("deleting the state file")(e)),
+            }
+        }
+        sync_dir(&self.dir)
+    }
+}
+
+/// Encrypts an export (`whispr export`) under `passphrase`: the same construction as the
+/// state file (Argon2id with `params` and a fresh random salt, XChaCha20-Poly1305 with a
+/// random nonce, the clear header bound as associated data) with its own format name and
+/// associated-data prefix, so that neither file opens as the other. The file's bytes (JSON).
+pub fn seal_export(passphrase: &[u8], params: KdfParams, plaintext: &[u8]) -> Result<Vec<u8>> {
+    let mut salt = [0u8; 16];
+    rand::rng().fill_bytes(&mut salt);
+    let key = derive(passphrase, &salt, params)?;
+    let header = Header {
+        format: EXPORT_FORMAT.to_string(),
+        version: 1,
+        kdf: "argon2id".to_string(),
+        params,
+        salt: hex::encode(salt),
+    };
+    let mut nonce = [0u8; 24];
+    rand::rng().fill_bytes(&mut nonce);
+    let aead = XChaCha20Poly1305::new(&chacha20poly1305::Key::from(*key));
+    let ciphertext = aead
+        .encrypt(
+            &XNonce::from(nonce),
+            Payload {
+                msg: plaintext,
+                aad: &aad_for(EXPORT_AAD_PREFIX, &header),
+            },
+        )
+        .map_err(|_| ClientError::CorruptState("encryption failed".to_string()))?;
+    serde_json::to_vec(&StateFile {
+        header,
+        nonce: hex::encode(nonce),
+        ciphertext: base64::engine::general_purpose::STANDARD.encode(ciphertext),
+    })
+    .map_err(|e| ClientError::CorruptState(format!("encoding: {e}")))
+}
+
+/// Decrypts an export made by [`seal_export`] with `passphrase`: the JSON document inside.
+/// A wrong passphrase or an altered file fails (`InvalidArgument`, saying so); so does a file
+/// that is not an export (a state file included).
+pub fn open_export(passphrase: &[u8], bytes: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+    let not_export = || ClientError::InvalidArgument("not a whispr export file".to_string());
+    let file: StateFile = serde_json::from_slice(bytes).map_err(|_| not_export())?;
+    if file.header.format != EXPORT_FORMAT
+        || file.header.version != 1
+        || file.header.kdf != "argon2id"
+    {
+        return Err(not_export());
+    }
+    // Bounded cost: an export names its own KDF parameters, so a crafted file could ask for
+    // any amount of memory.
+    if file.header.params.m_kib > 1024 * 1024
+        || file.header.params.t > 16
+        || file.header.params.p > 16
+    {
+        return Err(ClientError::InvalidArgument(
+            "the export's key derivation parameters are out of bounds".to_string(),
+        ));
+    }
+    let mut salt = [0u8; 16];
+    hex::decode_to_slice(&file.header.salt, &mut salt).map_err(|_| not_export())?;
+    let key = derive(passphrase, &salt, file.header.params)?;
+    let nonce = hex::decode(&file.nonce)
+        .ok()
+        .and_then(|n| <[u8; 24]>::try_from(n).ok())
+        .ok_or_else(not_export)?;
+    let ciphertext = base64::engine::general_purpose::STANDARD
+        .decode(&file.ciphertext)
+        .map_err(|_| not_export())?;
+    let aead = XChaCha20Poly1305::new(&chacha20poly1305::Key::from(*key));
+    aead.decrypt(
+        &XNonce::from(nonce),
+        Payload {
+            msg: &ciphertext,
+            aad: &aad_for(EXPORT_AAD_PREFIX, &file.header),
+        },
+    )
+    .map(Zeroizing::new)
+    .map_err(|_| {
+        ClientError::InvalidArgument("wrong passphrase, or the export file was altered".to_string())
+    })
 }
 
 #[cfg(test)]
@@ -343,6 +445,43 @@ mod tests {
             Vault::open(&dir.path().join("none"), b"pw"),
             Err(ClientError::NotInitialized(_))
         ));
+    }
+
+    #[test]
+    fn an_export_opens_only_with_its_passphrase_and_never_as_a_state() {
+        let sealed = seal_export(b"pw", FAST, b"{\"text\": \"hello bob\"}").unwrap();
+        assert!(!sealed.windows(9).any(|w| w == b"hello bob"));
+        assert_eq!(
+            open_export(b"pw", &sealed).unwrap().as_slice(),
+            b"{\"text\": \"hello bob\"}"
+        );
+        assert!(matches!(
+            open_export(b"wrong", &sealed),
+            Err(ClientError::InvalidArgument(_))
+        ));
+        // Altered ciphertext or header: refused.
+        let mut file: serde_json::Value = serde_json::from_slice(&sealed).unwrap();
+        file["params"]["t"] = serde_json::json!(2);
+        assert!(open_export(b"pw", file.to_string().as_bytes()).is_err());
+        // A state file is not an export, and an export is not a state file.
+        let dir = tempfile::tempdir().unwrap();
+        let v = Vault::create(dir.path(), b"pw", FAST).unwrap();
+        let lock = v.lock().unwrap();
+        v.save(&lock, b"state").unwrap();
+        let state = std::fs::read(Vault::state_path(dir.path())).unwrap();
+        assert!(open_export(b"pw", &state).is_err());
+        std::fs::write(Vault::state_path(dir.path()), &sealed).unwrap();
+        assert!(v.load(&lock).is_err());
+        // Unbounded KDF parameters from a crafted file: refused before deriving.
+        let mut file: serde_json::Value = serde_json::from_slice(&sealed).unwrap();
+        file["params"]["m_kib"] = serde_json::json!(u32::MAX);
+        assert!(matches!(
+            open_export(b"pw", file.to_string().as_bytes()),
+            Err(ClientError::InvalidArgument(_))
+        ));
+        // Wiping the home removes the state.
+        v.wipe(&lock).unwrap();
+        assert!(!Vault::exists(dir.path()));
     }
 
     #[test]

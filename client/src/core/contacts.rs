@@ -263,6 +263,12 @@ impl ClientCore {
         if inv.identity == self.identity().verifying_key().to_bytes() {
             return Err(ClientError::InvalidInvitation("it is your own invitation"));
         }
+        if let Some(b) = self.blocked_as(&inv.identity) {
+            return Err(ClientError::InvalidArgument(format!(
+                "this invitation is from {:?}, whom you blocked (`whispr unblock {}` first)",
+                b.name, b.name
+            )));
+        }
         let dir = self.dir()?;
         // Pinned by the invitation; an old one pins today's placement.
         let replicas = if inv.replicas.is_empty() {

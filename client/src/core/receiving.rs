@@ -259,6 +259,18 @@ impl ClientCore {
         };
         let message_id = hex::encode(opened.content.message_id.as_bytes());
         let is_contact = self.state.contacts.iter().any(|c| c.mine.id == m.id);
+        if !is_contact && let Some(b) = self.blocked_as(&sender) {
+            // An identity the user blocked answered one of our invitations: refused before
+            // any session is made; the invitation stays open for whom it was meant.
+            let blocked = b.name.clone();
+            self.notice(
+                "blocked",
+                Some(&name),
+                None,
+                format!("{blocked}, whom you blocked, answered the invitation {name}; refused"),
+            );
+            return Ok(());
+        }
         if is_contact {
             let c = self.contact(&name)?;
             if c.their_identity != sender {

@@ -1563,3 +1563,110 @@ fn failover_walks_the_set_skipping_replicas_not_created_or_not_in_the_directory(
     assert_eq!(now.current().unwrap().cursor, 0);
     assert_eq!(bob.replicas_to_create().len(), 0);
 }
+
+/// `block`: the contact is forgotten (its session, its outgoing messages), its mailbox is left
+/// to erase on the replicas that did not confirm, its identity is refused afterwards — as an
+/// invitation (refused at `accept`) and as a hello on one of our invitations (refused before
+/// any session, the invitation staying open) — and the history it sent stays. The export
+/// carries the history and contacts, and no secret.
+#[test]
+fn a_blocked_contact_is_forgotten_refused_afterwards_and_its_mailbox_left_to_erase() {
+    let mut net = TestNet::new();
+    let (mut alice, mut bob) = net.pair();
+    alice
+        .send(T0 + 1000, "bob", "before the block", SendOptions::default())
+        .unwrap();
+    net.run(&mut alice);
+    net.fetch(&mut bob, T0 + 2000);
+    assert_eq!(bob.history("alice", T0 + 2000).len(), 1);
+    bob.send(
+        T0 + 2100,
+        "alice",
+        "pending at the block",
+        SendOptions::default(),
+    )
+    .unwrap();
+
+    let export = bob.export(T0 + 2500).to_string();
+    let mine = bob.contact_mailbox("alice").unwrap();
+    assert!(export.contains("before the block"), "{export}");
+    assert!(export.contains("\"name\":\"alice\""), "{export}");
+    for secret in [
+        mine.secret,
+        mine.owner_seed,
+        mine.access,
+        mine.reply_key,
+        bob.state.identity_seed,
+    ] {
+        assert!(
+            !export.contains(&hex::encode(secret)),
+            "a secret in the export"
+        );
+    }
+
+    // A pending invitation has no identity to block; an unknown name is refused.
+    assert!(bob.revoke_plan("nobody", false).is_err());
+    let m = bob.revoke_plan("alice", true).unwrap();
+    assert_eq!(m.id, mine.id);
+    assert!(m.replicas.len() > 1, "the test net replicates");
+    let first = m.replicas.first().unwrap().node;
+    let r = bob
+        .commit_revoke(T0 + 3000, "alice", true, &[first])
+        .unwrap();
+    assert_eq!((r.erased, r.replicas), (1, m.replicas.len()));
+    assert!(bob.contacts().is_empty());
+    assert!(bob.status().is_empty(), "messages to alice are forgotten");
+    assert_eq!(bob.blocked().len(), 1);
+    assert_eq!(bob.history("alice", T0 + 3000).len(), 1, "history stays");
+    assert!(bob.owned_mailboxes().is_empty(), "no longer polled");
+    let due = bob.erasures_due();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].replicas.len(), m.replicas.len() - 1);
+    for r in &m.replicas {
+        bob.erasure_confirmed(&m.id, &r.node);
+    }
+    assert!(bob.erasures_due().is_empty());
+
+    // A new invitation from alice is refused.
+    let mut plan = alice
+        .prepare_invite(T0 + 4000, Some("bob-again"), true)
+        .unwrap();
+    created(&mut plan.mailbox);
+    let text = alice.commit_invite(T0 + 4000, plan);
+    assert!(matches!(
+        bob.accept_start(T0 + 4000, &text, "alice-again"),
+        Err(ClientError::InvalidArgument(_))
+    ));
+
+    // Alice answering a new invitation of bob's is refused; the invitation stays open.
+    let mut plan = bob.prepare_invite(T0 + 5000, Some("friend"), true).unwrap();
+    assert!(bob.revoke_plan("friend", true).is_err());
+    created(&mut plan.mailbox);
+    let text = bob.commit_invite(T0 + 5000, plan);
+    let mut accept = alice.accept_start(T0 + 5000, &text, "bob-2").unwrap();
+    created(&mut accept.mailbox);
+    alice.mailbox_created(&accept.mailbox);
+    let otk = accept.invitation.one_time_key.unwrap();
+    alice
+        .accept_finish(T0 + 5000, "bob-2", &accept.invitation, otk)
+        .unwrap();
+    net.run(&mut alice);
+    net.fetch(&mut bob, T0 + 5100);
+    assert_eq!(kinds(&bob.take_notices()), ["blocked"]);
+    let states: Vec<String> = bob.contacts().into_iter().map(|c| c.state).collect();
+    assert_eq!(states, ["pending"]);
+
+    // Unblocked: alice's invitations are accepted again.
+    bob.unblock("alice").unwrap();
+    assert!(bob.unblock("alice").is_err());
+    assert!(
+        bob.accept_start(T0 + 6000, &text_of(&mut alice), "alice-3")
+            .is_ok()
+    );
+}
+
+fn text_of(core: &mut ClientCore) -> String {
+    let mut plan = core.prepare_invite(T0 + 6000, None, true).unwrap();
+    created(&mut plan.mailbox);
+    core.commit_invite(T0 + 6000, plan)
+}

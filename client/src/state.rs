@@ -555,7 +555,7 @@ pub struct Notice {
     /// When, ms.
     pub at_ms: u64,
     /// Kind: `contact_established`, `delivered`, `read`, `stored`, `failed`, `cancelled`,
-    /// `scheduled`, `identity_changed`, `invitation_reused`, `undecryptable`.
+    /// `scheduled`, `identity_changed`, `invitation_reused`, `undecryptable`, `blocked`.
     pub kind: String,
     /// The contact.
     pub contact: Option<String>,

@@ -27,7 +27,8 @@
 //! relays by their acks; [`contacts`] creates invitations, accepts them and answers them;
 //! [`sending`] encrypts, fragments and sends messages, retransmits them and sends cover;
 //! [`scheduling`] hands messages to timer nodes and cancels them; [`receiving`] opens what
-//! mailboxes return (acks, messages, receipts) and reassembles it.
+//! mailboxes return (acks, messages, receipts) and reassembles it; [`manage`] removes and
+//! blocks contacts, keeps the mailboxes still to erase and builds the export.
 
 mod codec;
 mod contacts;

@@ -1524,6 +1524,7 @@ fn render_metrics(node: &MailboxNode) -> String {
     ] {
         line(name, "counter", help, value);
     }
+    out.push_str(&node.backup_metrics().render("whispr_mailbox"));
     if let Some((mesh, mesh_metrics)) = node.mesh() {
         out.push_str(&mesh_metrics.render());
         out.push_str(&mesh.metrics_text());

@@ -4,6 +4,8 @@
 //! whispr-mailbox --config mailbox.toml                 # run the node
 //! whispr-mailbox --config mailbox.toml stress-deposit  # load tool (node not running)
 //! whispr-mailbox openapi                               # print the OpenAPI document
+//! whispr-mailbox --config mailbox.toml backup --to DIR # online backup of the running node
+//! whispr-mailbox --config mailbox.toml restore --from DIR [--force]  # node stopped
 //! ```
 
 use std::io::Write;
@@ -37,6 +39,28 @@ enum Command {
     Run,
     /// Print the OpenAPI document of the client API.
     Openapi,
+    /// Online backup of the running node's store into DIR (created if missing; incremental
+    /// over the backups already there), through the node's admin API (`[admin]`). Prints the
+    /// backup's report as JSON.
+    Backup {
+        /// The backup directory (best on another disk).
+        #[arg(long)]
+        to: PathBuf,
+        /// The admin listener's address, if not `[admin] listen` (e.g. when that is port 0).
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+    },
+    /// Rebuild the store of the stopped node from the latest backup in DIR. Refuses a data
+    /// directory that holds a store unless `--force`, and a store a running node holds. The
+    /// master key (`master_key_file`) and mesh keys are not in backups: keep them apart.
+    Restore {
+        /// The backup directory.
+        #[arg(long)]
+        from: PathBuf,
+        /// Replace the store in the data directory.
+        #[arg(long)]
+        force: bool,
+    },
     /// Load tool for tests and benchmarks: opens the node's store (the node must not be
     /// running), creates the test mailbox of `--seed` if needed, deposits from `--concurrency`
     /// tasks through the group-commit path and prints `acked <dedup id hex> <seq>` for every
@@ -75,12 +99,19 @@ fn main() -> anyhow::Result<()> {
     }
     let config = load_config(cli.config.as_ref())?;
     config.log.init();
+    match command {
+        Command::Backup { to, admin } => return backup(&config, &to, admin),
+        Command::Restore { from, force } => return restore(&config, &from, force),
+        _ => {}
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
     match command {
-        Command::Run | Command::Openapi => runtime.block_on(run(config)),
+        Command::Run | Command::Openapi | Command::Backup { .. } | Command::Restore { .. } => {
+            runtime.block_on(run(config))
+        }
         Command::StressDeposit {
             seed,
             concurrency,
@@ -98,6 +129,64 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// `backup --to DIR`: asks the running node for an online backup (it holds the store's lock).
+fn backup(
+    config: &NodeConfig,
+    to: &std::path::Path,
+    admin: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
+    let admin_config = config
+        .admin
+        .as_ref()
+        .context("backup needs the node's [admin] section (listen, token)")?;
+    let to = std::path::absolute(to).context("the backup directory")?;
+    let report = whispr_timer_service::backup::admin_post(
+        admin.unwrap_or(admin_config.listen),
+        "/v1/admin/backup",
+        &admin_config.token,
+        &serde_json::json!({ "to": to }),
+        std::time::Duration::from_secs(24 * 3600),
+    )?;
+    writeln!(std::io::stdout().lock(), "{report}")?;
+    Ok(())
+}
+
+/// `restore --from DIR`: rebuilds the stopped node's store from the latest backup.
+fn restore(config: &NodeConfig, from: &std::path::Path, force: bool) -> anyhow::Result<()> {
+    let report = whispr_timer_service::backup::restore(
+        whispr_mailbox::admin::BACKUP_KIND,
+        from,
+        &config.data_dir,
+        whispr_mailbox::admin::STORE_DIR,
+        &whispr_mailbox::admin::RESTORE_REPLACES,
+        force,
+    )?;
+    writeln!(
+        std::io::stdout().lock(),
+        "{}",
+        serde_json::to_string(&report)?
+    )?;
+    Ok(())
+}
+
+/// Serves the admin API on `[admin] listen`, if set, until the process exits, and starts the
+/// `[backup]` schedule, if set.
+fn spawn_admin(node: &MailboxNode, listener: Option<std::net::TcpListener>) {
+    if let Some(listener) = listener {
+        if let Ok(addr) = listener.local_addr() {
+            // The port only: addresses stay out of logs.
+            tracing::info!(port = addr.port(), "admin listener started");
+        }
+        let node = node.clone();
+        tokio::spawn(async move {
+            if let Err(e) = node.serve_admin(listener, std::future::pending()).await {
+                tracing::error!(error = %e, "the admin listener stopped");
+            }
+        });
+    }
+    let _schedule = node.spawn_scheduled_backups();
+}
+
 async fn run(config: NodeConfig) -> anyhow::Result<()> {
     let listen = config.api.listen;
     let tls = config.api.tls_cert_file.is_some();
@@ -111,10 +200,18 @@ async fn run(config: NodeConfig) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let admin_listener = match &config.admin {
+        Some(admin) => Some(
+            std::net::TcpListener::bind(admin.listen)
+                .with_context(|| format!("admin.listen: cannot bind {}", admin.listen))?,
+        ),
+        None => None,
+    };
     let Some(mesh_config) = config.mesh.clone() else {
         let node =
             MailboxNode::open(config, Arc::new(NoMesh::default())).context("opening the node")?;
         spawn_metrics(&node, metrics_listener);
+        spawn_admin(&node, admin_listener);
         // The port only: addresses stay out of logs.
         tracing::info!(port, tls, mesh = false, "mailbox node started");
         node.serve(listener, whispr_node_kit::shutdown::shutdown_signal())
@@ -149,6 +246,7 @@ async fn run(config: NodeConfig) -> anyhow::Result<()> {
     )));
     let _replica_receiver = node.spawn_replica_receiver(replica_inbox);
     spawn_metrics(&node, metrics_listener);
+    spawn_admin(&node, admin_listener);
     whispr_relay::node_info::write_node_info(&data_dir, &mesh, port);
     tracing::info!(port, tls, mesh = true, "mailbox node started");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

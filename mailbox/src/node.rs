@@ -79,6 +79,13 @@ pub struct NodeConfig {
     /// this section the node serves its owners only.
     #[serde(default)]
     pub mesh: Option<whispr_relay::config::MeshConfig>,
+    /// The admin API (online backups) on a loopback listener of its own ([`crate::admin`]).
+    /// Default none.
+    #[serde(default)]
+    pub admin: Option<crate::admin::AdminConfig>,
+    /// Scheduled backups (off by default; `docs/operators.md`, "Backups and restore").
+    #[serde(default)]
+    pub backup: whispr_timer_service::backup::BackupConfig,
 }
 
 fn default_audience() -> String {
@@ -189,6 +196,8 @@ impl NodeConfig {
             rocksdb: RocksOptions::default(),
             rng_seed: None,
             mesh: None,
+            admin: None,
+            backup: whispr_timer_service::backup::BackupConfig::default(),
         }
     }
 
@@ -204,6 +213,10 @@ impl NodeConfig {
         if let Some(mesh) = &self.mesh {
             mesh.check_destination()?;
         }
+        if let Some(admin) = &self.admin {
+            admin.check()?;
+        }
+        self.backup.check()?;
         let fail = |key: &str, problem: &str| {
             Err(ConfigError {
                 key: key.into(),
@@ -361,6 +374,8 @@ pub(crate) struct Shared {
     pub(crate) creations: Mutex<RateLimiter<std::net::IpAddr>>,
     /// What `/metrics` publishes (refreshed at most every `api.metrics_interval_ms`).
     pub(crate) metrics_snapshot: whispr_relay::http::MetricsSnapshot,
+    /// Online backups of the mailbox store ([`crate::admin`]).
+    pub(crate) backup: whispr_timer_service::backup::BackupSource,
 }
 
 /// A running mailbox node (cheap to clone).
@@ -393,7 +408,14 @@ impl MailboxNode {
             None => rand::make_rng(),
         };
         let master = MasterKey::load_or_create(&config.master_key_path(), &mut seed_rng)?;
-        let store = RocksStore::open(&config.data_dir.join("db"), config.rocksdb.clone())?;
+        let store = RocksStore::open(
+            &config.data_dir.join(crate::admin::STORE_DIR),
+            config.rocksdb.clone(),
+        )?;
+        let backup = whispr_timer_service::backup::BackupSource::new(
+            store.shared_db(),
+            crate::admin::BACKUP_KIND,
+        );
         let core_rng = StdRng::from_rng(&mut seed_rng);
         let core = MailboxCore::open(config.limits.clone(), store, master, core_rng, now())?;
         let timer_store = TimerStore::open(
@@ -446,6 +468,7 @@ impl MailboxNode {
                 limiter: Mutex::new(limiter),
                 creations: Mutex::new(creations),
                 metrics_snapshot,
+                backup,
             }),
         };
         // Sweeps asked for while loading.

@@ -28,7 +28,7 @@ pub use whispr_timer_service::rocks::RocksOptions;
 
 /// The [`MailboxStore`] on RocksDB. See the module documentation.
 pub struct RocksStore {
-    db: DB,
+    db: std::sync::Arc<DB>,
     /// The options the database was opened with; they hold the statistics object.
     options: Options,
     path: PathBuf,
@@ -65,7 +65,7 @@ impl RocksStore {
         let db = DB::open_cf_descriptors(&db_options, path, families)
             .map_err(|e| backend("open", &e))?;
         Ok(RocksStore {
-            db,
+            db: std::sync::Arc::new(db),
             options: db_options,
             path: path.to_path_buf(),
             poisoned: AtomicBool::new(false),
@@ -76,6 +76,12 @@ impl RocksStore {
     /// The directory of the database.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The open database, shared: online backups ([`whispr_timer_service::backup`]) run on it
+    /// from a blocking thread without holding the lock of whatever owns this store.
+    pub fn shared_db(&self) -> std::sync::Arc<DB> {
+        self.db.clone()
     }
 
     fn cf(&self, cf: Cf) -> Result<&ColumnFamily, StoreError> {

@@ -82,11 +82,13 @@ pub enum AuditAction {
     Stats,
     /// The record of recently fired tasks was read through the admin API.
     Fired,
+    /// An online backup was asked for through the admin API.
+    Backup,
 }
 
 impl AuditAction {
     /// Every action.
-    pub const ALL: [AuditAction; 8] = [
+    pub const ALL: [AuditAction; 9] = [
         AuditAction::Pause,
         AuditAction::Resume,
         AuditAction::Quarantine,
@@ -95,6 +97,7 @@ impl AuditAction {
         AuditAction::Verify,
         AuditAction::Stats,
         AuditAction::Fired,
+        AuditAction::Backup,
     ];
 
     /// The name written in the log's `action` member.
@@ -108,6 +111,7 @@ impl AuditAction {
             AuditAction::Verify => "verify",
             AuditAction::Stats => "stats",
             AuditAction::Fired => "fired",
+            AuditAction::Backup => "backup",
         }
     }
 

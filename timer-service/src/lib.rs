@@ -27,6 +27,7 @@
 )]
 
 pub mod audit;
+pub mod backup;
 pub mod config;
 pub mod deferred;
 mod error;

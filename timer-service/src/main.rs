@@ -4,6 +4,8 @@
 //! whispr-timer --config timer.toml              # run the node
 //! whispr-timer --config timer.toml audit-verify # check the audit log's hash chain
 //! whispr-timer stress --data-dir DIR --count N  # schedule N tasks, print each id once on disk
+//! whispr-timer --config timer.toml backup --to DIR            # online backup (node running)
+//! whispr-timer --config timer.toml restore --from DIR [--force] # node stopped
 //! ```
 
 use std::io::Write;
@@ -41,6 +43,27 @@ enum Command {
     Run,
     /// Verify the audit log's hash chain against the anchor kept in the store.
     AuditVerify,
+    /// Online backup of the running node's store (and a copy of its audit log) into DIR
+    /// (created if missing; incremental over the backups already there), through the admin
+    /// API. Prints the backup's report as JSON.
+    Backup {
+        /// The backup directory (best on another disk).
+        #[arg(long)]
+        to: PathBuf,
+        /// The admin listener's address, if not `[admin] listen` (e.g. when that is port 0).
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+    },
+    /// Rebuild the stopped node's store and audit log from the latest backup in DIR. Refuses
+    /// a data directory that holds them unless `--force`, and a store a running node holds.
+    Restore {
+        /// The backup directory.
+        #[arg(long)]
+        from: PathBuf,
+        /// Replace the store and audit log in the data directory.
+        #[arg(long)]
+        force: bool,
+    },
     /// Load tool: schedule maintenance "noop" tasks straight into a data directory (the node
     /// must not be running) and print each task id once it is on disk.
     Stress {
@@ -91,6 +114,45 @@ fn main() -> anyhow::Result<()> {
                 anyhow::bail!("audit log does not verify")
             }
         }
+        Command::Backup { to, admin } => {
+            let config = load_config(cli.config.as_ref())?;
+            config.log.init();
+            let to = std::path::absolute(&to).context("the backup directory")?;
+            let report = whispr_timer_service::backup::admin_post(
+                admin.unwrap_or(config.admin.listen),
+                "/v1/admin/backup",
+                &config.admin.token,
+                &serde_json::json!({ "to": to }),
+                std::time::Duration::from_secs(24 * 3600),
+            )?;
+            writeln!(std::io::stdout().lock(), "{report}")?;
+            Ok(())
+        }
+        Command::Restore { from, force } => {
+            let config = load_config(cli.config.as_ref())?;
+            config.log.init();
+            let audit = whispr_timer_service::node::AUDIT_FILE;
+            let report = whispr_timer_service::backup::restore(
+                "timer",
+                &from,
+                &config.data_dir,
+                "db",
+                &[audit],
+                force,
+            )?;
+            whispr_timer_service::backup::restore_file(
+                &from,
+                report.backup_id,
+                audit,
+                &config.data_dir.join(audit),
+            )?;
+            writeln!(
+                std::io::stdout().lock(),
+                "{}",
+                serde_json::to_string(&report)?
+            )?;
+            Ok(())
+        }
         Command::Stress {
             data_dir,
             count,
@@ -127,6 +189,7 @@ fn run(config: NodeConfig) -> anyhow::Result<()> {
             None => Arc::new(NoMesh),
         };
         let node = TimerNode::open(config, injector).context("opening the node")?;
+        let _schedule = node.spawn_scheduled_backups();
         let listener = std::net::TcpListener::bind(listen)
             .with_context(|| format!("admin.listen: cannot bind {listen}"))?;
         let port = listener.local_addr()?.port();

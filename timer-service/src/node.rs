@@ -37,6 +37,7 @@ use whispr_protocol::sphinx::Surb;
 use whispr_protocol::{CancelCapability, HoldId, UnixTime};
 
 use crate::audit::{AuditAction, AuditLog};
+use crate::backup::{BackupConfig, BackupError, BackupReport, BackupSource};
 use crate::config::QueueConfig;
 use crate::deferred::{DeferredSend, PacketInjector, release_task};
 use crate::error::TimerError;
@@ -86,6 +87,9 @@ pub struct NodeConfig {
     /// this section deferred sends fail and end in quarantine.
     #[serde(default)]
     pub mesh: Option<whispr_relay::config::MeshConfig>,
+    /// Scheduled backups (off by default; `docs/operators.md`, "Backups and restore").
+    #[serde(default)]
+    pub backup: BackupConfig,
 }
 
 /// `[admin]`: the admin HTTP API.
@@ -181,9 +185,12 @@ impl NodeConfig {
         if let Some(mesh) = &self.mesh {
             mesh.check_destination()?;
         }
-        Ok(())
+        self.backup.check()
     }
 }
+
+/// The audit log's file name in the data directory (and next to each backup).
+pub const AUDIT_FILE: &str = "audit.jsonl";
 
 /// A fired task's outcome, kept for `GET /v1/admin/fired`.
 #[derive(Clone, Debug, Serialize)]
@@ -244,6 +251,8 @@ struct Shared {
     healthy: AtomicBool,
     /// The embedded mesh, once joined.
     mesh: std::sync::OnceLock<(whispr_relay::mesh::MeshHandle, Arc<MeshMetrics>)>,
+    /// Online backups of the store.
+    backup: BackupSource,
 }
 
 /// A running timer node.
@@ -332,12 +341,13 @@ impl TimerNode {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| TimerError::Storage(format!("cannot create data_dir: {e}")))?;
         let store = RocksStore::open(&config.data_dir.join("db"), RocksOptions::default())?;
+        let backup = BackupSource::new(store.shared_db(), "timer");
         let rng = match config.queue.rng_seed {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => rand::make_rng(),
         };
         let mut queue = TimerQueue::open(config.queue.clone(), store, rng)?;
-        let audit_path = config.data_dir.join("audit.jsonl");
+        let audit_path = config.data_dir.join(AUDIT_FILE);
         let anchor = queue.node_meta(AUDIT_ANCHOR_KEY).and_then(decode_anchor);
         // Refuses a log that does not verify, or that stops short of the anchor (lines removed
         // at the end): the node must not extend a tampered chain.
@@ -363,8 +373,47 @@ impl TimerNode {
                 metrics: Metrics::default(),
                 healthy: AtomicBool::new(true),
                 mesh: std::sync::OnceLock::new(),
+                backup,
             }),
         })
+    }
+
+    /// Takes an online backup of the store into `dir` (keeping `[backup] keep` backups there)
+    /// with a copy of the audit log next to it, taken after the store's (so that it reaches
+    /// at least the anchor the backed-up store holds) under the lock that appends to it.
+    /// Blocks while RocksDB copies: call it from a blocking thread. The audit log is not
+    /// written here: [`Self::backup_audited`] records an admin's backup.
+    pub fn backup_to(&self, dir: &Path) -> Result<BackupReport, BackupError> {
+        let keep = self.shared.config.backup.keep;
+        let audit_path = self.shared.config.data_dir.join(AUDIT_FILE);
+        self.shared.backup.backup(dir, keep, |report| {
+            let _appends = self.lock();
+            crate::backup::save_file(dir, report, AUDIT_FILE, &audit_path)
+        })
+    }
+
+    /// [`Self::backup_to`] for an admin: the call is written to the audit log first.
+    pub fn backup_audited(&self, dir: &Path) -> Result<BackupReport, ApiError> {
+        {
+            let mut state = self.lock();
+            self.audit(&mut state, AuditAction::Backup, None, None, None)?;
+        }
+        self.backup_to(dir).map_err(ApiError::from)
+    }
+
+    /// Starts the `[backup]` schedule, if `backup.dir` is set (call inside a tokio runtime).
+    pub fn spawn_scheduled_backups(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let dir = self.shared.config.backup.dir.clone()?;
+        let node = self.clone();
+        Some(crate::backup::spawn_scheduled(
+            self.shared.config.backup.interval(),
+            move || node.backup_to(&dir),
+        ))
+    }
+
+    /// Backup counters, for `/metrics`.
+    pub fn backup_metrics(&self) -> &crate::backup::BackupMetrics {
+        self.shared.backup.metrics()
     }
 
     fn lock(&self) -> MutexGuard<'_, NodeState> {
@@ -694,6 +743,7 @@ impl TimerNode {
             .route("/quarantine", post(admin_quarantine))
             .route("/release", post(admin_release))
             .route("/audit/verify", get(admin_verify))
+            .route("/backup", post(admin_backup))
             .route("/fired", get(admin_fired));
         Router::new()
             .route("/healthz", get(healthz))
@@ -773,6 +823,17 @@ impl From<TimerError> for ApiError {
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl From<BackupError> for ApiError {
+    fn from(e: BackupError) -> Self {
+        let (status, code) = e.http_status();
+        ApiError::new(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            code,
+            e.to_string(),
+        )
     }
 }
 
@@ -987,6 +1048,33 @@ async fn admin_release(
     task_action(&node, &headers, body, false)
 }
 
+/// Body of backup: `{"to": "/absolute/backup/dir"}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackupBody {
+    to: PathBuf,
+}
+
+/// `POST /v1/admin/backup`: an online backup into `to` (audited), on a blocking thread.
+async fn admin_backup(
+    State(node): State<TimerNode>,
+    headers: HeaderMap,
+    body: Result<axum::Json<BackupBody>, JsonRejection>,
+) -> ApiResult<BackupReport> {
+    authorize(&node, &headers)?;
+    let axum::Json(body) = body?;
+    let report = tokio::task::spawn_blocking(move || node.backup_audited(&body.to))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "backup_failed",
+                "the backup task failed",
+            )
+        })??;
+    Ok(axum::Json(report))
+}
+
 async fn admin_verify(
     State(node): State<TimerNode>,
     headers: HeaderMap,
@@ -1035,7 +1123,7 @@ async fn metrics(State(node): State<TimerNode>) -> impl IntoResponse {
         (state.queue.stats(now()), state.holds.evicted_total())
     };
     let m = &node.shared.metrics;
-    let mut out = String::new();
+    let mut out = node.backup_metrics().render("whispr_timer");
     let _ = writeln!(
         out,
         "# HELP whispr_timer_tasks Tasks held, by category and state."

@@ -45,7 +45,7 @@ pub use whispr_relay::storage::RocksOptions;
 
 /// The [`TaskStore`] on RocksDB. See the module documentation for the layout.
 pub struct RocksStore {
-    db: DB,
+    db: std::sync::Arc<DB>,
     /// The options the database was opened with; they hold the statistics object.
     options: Options,
     path: PathBuf,
@@ -102,7 +102,7 @@ impl RocksStore {
         let db = DB::open_cf_descriptors(&db_options, path, families)
             .map_err(|e| storage("open", &e))?;
         Ok(RocksStore {
-            db,
+            db: std::sync::Arc::new(db),
             options: db_options,
             path: path.to_path_buf(),
             poisoned: false,
@@ -112,6 +112,12 @@ impl RocksStore {
     /// The directory of the database.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The open database, shared: online backups ([`crate::backup`]) run on it
+    /// from a blocking thread without holding the lock of whatever owns this store.
+    pub fn shared_db(&self) -> std::sync::Arc<DB> {
+        self.db.clone()
     }
 
     /// Whether a failed write poisoned the store (every write is then refused).

@@ -138,6 +138,7 @@ fn timer_config(dir: &std::path::Path) -> NodeConfig {
         },
         holds: HoldConfig::default(),
         mesh: None,
+        backup: Default::default(),
     }
 }
 

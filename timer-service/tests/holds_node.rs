@@ -90,6 +90,7 @@ fn config(dir: &Path) -> NodeConfig {
             ..HoldConfig::default()
         },
         mesh: None,
+        backup: Default::default(),
     }
 }
 

@@ -527,3 +527,163 @@ fn admin_api_authenticates_refuses_bad_input_and_audits() {
         .unwrap();
     assert!(!status.success(), "audit-verify must fail on an edited log");
 }
+
+/// Runs `whispr-timer --config CONFIG ARGS…`; (success, stdout, stderr).
+fn cli(config: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Waits until the node's fired log holds `n` tasks; their ids.
+fn wait_fired(node: &NodeProcess, n: usize) -> BTreeSet<String> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, fired) = node.admin("GET", "/v1/admin/fired", None);
+        assert_eq!(status, 200);
+        let ids: BTreeSet<String> = fired
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["outcome"] == "completed")
+            .map(|f| f["task"].as_str().unwrap().to_owned())
+            .collect();
+        if ids.len() >= n {
+            return ids;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} tasks fired",
+            ids.len()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `docs/operators.md`, "Backups and restore": tasks scheduled before an online backup of the
+/// running node (held by a paused category) fire after the node lost its data directory
+/// (`kill -9`, directory deleted) and was restored from the backup. A restore over a store
+/// is refused without `--force`, and refused even with it while the node runs; the audit log
+/// comes back with the store and still verifies.
+#[test]
+fn tasks_scheduled_before_an_online_backup_fire_after_kill_9_wipe_and_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 5);
+    let data = dir.path().join("data");
+    let backups = dir.path().join("backups");
+    let backups_arg = backups.to_str().unwrap();
+    // Maintenance paused (the pause is stored), then tasks scheduled while the node is down.
+    let node = NodeProcess::start(&config, &dir.path().join("node-1.log"));
+    let pause = Some("{\"category\":\"maintenance\"}");
+    assert_eq!(node.admin("POST", "/v1/admin/pause", pause).0, 200);
+    node.stop();
+    let mut child = stress(&data, 40, 4, 0, 5);
+    let mut ids = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut ids)
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let scheduled: BTreeSet<String> = ids.lines().map(str::to_owned).collect();
+    assert_eq!(scheduled.len(), 40);
+
+    // Online backup of the running node through its admin API (the CLI finds it with
+    // --admin: the config's port is 0).
+    let node = NodeProcess::start(&config, &dir.path().join("node-2.log"));
+    let admin = format!("127.0.0.1:{}", node.port);
+    let (ok, out, err) = cli(&config, &["backup", "--to", backups_arg, "--admin", &admin]);
+    assert!(ok, "backup failed: {err}");
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(report["backup_id"], 1, "{report}");
+    // Wrong token and relative paths are refused by the node.
+    let (status, _) = node
+        .request(
+            "POST",
+            "/v1/admin/backup",
+            Some("wrong"),
+            Some("{\"to\":\"/tmp/x\"}"),
+        )
+        .unwrap();
+    assert_eq!(status, 401);
+    let (status, body) = node.admin("POST", "/v1/admin/backup", Some("{\"to\":\"rel\"}"));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("bad_backup_dir"))
+    );
+    let (_, metrics) = node.request("GET", "/metrics", None, None).unwrap();
+    assert!(
+        metrics.contains("whispr_timer_backups_total 1\n"),
+        "{metrics}"
+    );
+    // The original fires them once resumed.
+    assert_eq!(node.admin("POST", "/v1/admin/resume", pause).0, 200);
+    assert_eq!(wait_fired(&node, 40), scheduled);
+    // Refused while the node runs, even forced.
+    let (ok, _, err) = cli(&config, &["restore", "--from", backups_arg, "--force"]);
+    assert!(!ok && err.contains("running node"), "{err}");
+
+    // kill -9; refused over the store without --force; then the data directory is lost.
+    drop(node);
+    let (ok, _, err) = cli(&config, &["restore", "--from", backups_arg]);
+    assert!(!ok && err.contains("--force"), "{err}");
+    std::fs::remove_dir_all(&data).unwrap();
+    let started = Instant::now();
+    let (ok, out, err) = cli(&config, &["restore", "--from", backups_arg]);
+    assert!(ok, "restore failed: {err}");
+    assert!(out.contains("\"backup_id\":1"), "{out}");
+    let restored = started.elapsed();
+
+    // The restored node holds them (paused, as at the backup); resumed, every one fires.
+    let node = NodeProcess::start(&config, &dir.path().join("node-3.log"));
+    eprintln!(
+        "timer restore: {} ms, restore + start {} ms",
+        restored.as_millis(),
+        started.elapsed().as_millis()
+    );
+    let (_, queues) = node.admin("GET", "/v1/admin/queues", None);
+    assert_eq!(queues["maintenance"]["scheduled"], 40, "{queues}");
+    assert_eq!(node.admin("POST", "/v1/admin/resume", pause).0, 200);
+    assert_eq!(wait_fired(&node, 40), scheduled);
+    let (status, report) = node.admin("GET", "/v1/admin/audit/verify", None);
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["ok"], true, "{report}");
+    node.stop();
+    let audit = std::fs::read_to_string(data.join("audit.jsonl")).unwrap();
+    assert!(audit.contains("\"backup\""), "the backup is audited");
+    // No token in the backup (the timer has no key of its own to keep out of it).
+    for entry in walk(&backups) {
+        let bytes = std::fs::read(&entry).unwrap();
+        assert!(
+            !bytes.windows(TOKEN.len()).any(|w| w == TOKEN.as_bytes()),
+            "{} holds the admin token",
+            entry.display()
+        );
+    }
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
+}

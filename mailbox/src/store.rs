@@ -130,6 +130,11 @@ pub trait MailboxStore: Send + Sync + 'static {
     fn stats(&self) -> StoreStats {
         StoreStats::default()
     }
+
+    /// How long synced writes took; `None` where the backend does not measure it.
+    fn sync_latency(&self) -> Option<&whispr_relay::storage::SyncLatency> {
+        None
+    }
 }
 
 type Tables = BTreeMap<Cf, BTreeMap<Vec<u8>, Vec<u8>>>;

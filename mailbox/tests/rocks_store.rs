@@ -564,6 +564,10 @@ fn rocks_store_stats_count_wal_and_sst_bytes() {
     );
     assert!(after_unsynced.wal_bytes_written >= after_sync.wal_bytes_written + 4096);
     assert_eq!(after_unsynced.sst_bytes_written, 0, "nothing flushed yet");
+    // Only the synced write is timed (whispr_mailbox_sync_seconds).
+    let sync = store.sync_latency().unwrap().render("s", "h");
+    assert!(sync.contains("s_count 1\n"), "{sync}");
+    assert!(sync.contains("s_bucket{le=\"+Inf\"} 1\n"), "{sync}");
 
     store.flush().unwrap();
     let flushed = store.stats();

@@ -296,6 +296,10 @@ fn statistics_and_disk_usage_are_reported() {
     assert!(store.bytes_written() >= 50 * (100 + 44));
     assert!(store.wal_bytes_written() >= 50 * (100 + 44));
     assert!(store.statistics().is_some());
+    // Every one of the 50 writes was synced and timed (whispr_timer_sync_seconds).
+    let sync = store.sync_latency().render("s", "h");
+    assert!(sync.contains("s_count 50\n"), "{sync}");
+    assert!(sync.contains("s_bucket{le=\"+Inf\"} 50\n"), "{sync}");
     assert!(store.disk_usage_bytes() > 50 * (100 + 44));
     store.flush().unwrap();
     assert!(store.sst_files_bytes().unwrap() > 0);

@@ -1314,11 +1314,19 @@ fn published_metrics(node: &MailboxNode) -> Response {
 
 fn render_metrics(node: &MailboxNode) -> String {
     let m = node.metrics();
-    let (stats, store) = {
+    let (stats, store, poisoned, sync_latency) = {
         let core = node.core();
+        let store = core.store();
         (
             core.stats(),
-            crate::store::MailboxStore::stats(core.store()),
+            crate::store::MailboxStore::stats(store),
+            crate::store::MailboxStore::is_poisoned(store),
+            crate::store::MailboxStore::sync_latency(store).map(|h| {
+                h.render(
+                    "whispr_mailbox_sync_seconds",
+                    "Duration of the store's synced RocksDB writes (coarse buckets, no sum).",
+                )
+            }),
         )
     };
     let sessions = node.sessions().session_count();
@@ -1428,6 +1436,12 @@ fn render_metrics(node: &MailboxNode) -> String {
         "Synced RocksDB writes.",
         store.synced_writes,
     );
+    line(
+        "store_poisoned",
+        "gauge",
+        "1 once a store write failed: every later write is refused until a restart.",
+        u64::from(poisoned),
+    );
     let r = node.replica_stats();
     let rm = node.replica_metrics();
     for (name, help, value) in [
@@ -1482,6 +1496,11 @@ fn render_metrics(node: &MailboxNode) -> String {
             r.pulled,
         ),
         (
+            "replica_digests_sent_total",
+            "Anti-entropy digests sent to peer replicas.",
+            r.digests_sent,
+        ),
+        (
             "replica_digest_mismatches_total",
             "Anti-entropy digests that differed.",
             r.digest_mismatches,
@@ -1523,6 +1542,9 @@ fn render_metrics(node: &MailboxNode) -> String {
         ),
     ] {
         line(name, "counter", help, value);
+    }
+    if let Some(text) = sync_latency {
+        out.push_str(&text);
     }
     out.push_str(&node.backup_metrics().render("whispr_mailbox"));
     if let Some((mesh, mesh_metrics)) = node.mesh() {

@@ -21,6 +21,8 @@ use rocksdb::{
     Options, ReadOptions, WriteBatch, WriteOptions,
 };
 
+use whispr_relay::storage::SyncLatency;
+
 use crate::store::{Cf, MailboxStore, Op, StoreError, StoreStats};
 
 /// RocksDB tuning: the same options, defaults and bounds as the timer store's.
@@ -34,6 +36,7 @@ pub struct RocksStore {
     path: PathBuf,
     poisoned: AtomicBool,
     synced_writes: AtomicU64,
+    sync_latency: SyncLatency,
 }
 
 impl std::fmt::Debug for RocksStore {
@@ -70,6 +73,7 @@ impl RocksStore {
             path: path.to_path_buf(),
             poisoned: AtomicBool::new(false),
             synced_writes: AtomicU64::new(0),
+            sync_latency: SyncLatency::default(),
         })
     }
 
@@ -202,14 +206,20 @@ impl MailboxStore for RocksStore {
         if ops.is_empty() {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         if let Err(e) = self.try_write(ops, sync) {
             self.poisoned.store(true, Ordering::SeqCst);
             return Err(e);
         }
         if sync {
             self.synced_writes.fetch_add(1, Ordering::Relaxed);
+            self.sync_latency.observe(started.elapsed());
         }
         Ok(())
+    }
+
+    fn sync_latency(&self) -> Option<&SyncLatency> {
+        Some(&self.sync_latency)
     }
 
     fn is_poisoned(&self) -> bool {

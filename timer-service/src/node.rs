@@ -1118,9 +1118,18 @@ async fn admin_fired(
 
 async fn metrics(State(node): State<TimerNode>) -> impl IntoResponse {
     use std::fmt::Write;
-    let (stats, evicted) = {
+    let (stats, evicted, poisoned, sync_latency) = {
         let state = node.lock();
-        (state.queue.stats(now()), state.holds.evicted_total())
+        let store = state.queue.store();
+        (
+            state.queue.stats(now()),
+            state.holds.evicted_total(),
+            store.is_poisoned(),
+            store.sync_latency().render(
+                "whispr_timer_sync_seconds",
+                "Duration of the store's synced RocksDB writes (coarse buckets, no sum).",
+            ),
+        )
     };
     let m = &node.shared.metrics;
     let mut out = node.backup_metrics().render("whispr_timer");
@@ -1244,6 +1253,23 @@ async fn metrics(State(node): State<TimerNode>) -> impl IntoResponse {
             &evicted,
         )],
     ));
+    let _ = writeln!(
+        out,
+        "# HELP whispr_timer_store_poisoned 1 once a store write failed: every later write is refused until a restart."
+    );
+    let _ = writeln!(out, "# TYPE whispr_timer_store_poisoned gauge");
+    let _ = writeln!(out, "whispr_timer_store_poisoned {}", u8::from(poisoned));
+    let _ = writeln!(
+        out,
+        "# HELP whispr_timer_queue_tasks_max Tasks one category may hold (queue.queue_tasks_max); more are refused."
+    );
+    let _ = writeln!(out, "# TYPE whispr_timer_queue_tasks_max gauge");
+    let _ = writeln!(
+        out,
+        "whispr_timer_queue_tasks_max {}",
+        node.shared.config.queue.queue_tasks_max
+    );
+    out.push_str(&sync_latency);
     if let Some((mesh, mesh_metrics)) = node.shared.mesh.get() {
         out.push_str(&mesh_metrics.render());
         out.push_str(&mesh.metrics_text());

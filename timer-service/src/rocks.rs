@@ -22,6 +22,7 @@ use rocksdb::{
     WriteOptions,
 };
 use whispr_protocol::UnixTime;
+use whispr_relay::storage::SyncLatency;
 
 use crate::error::{Result, TimerError};
 use crate::store::{Loaded, Mutation, TaskStore};
@@ -50,6 +51,7 @@ pub struct RocksStore {
     options: Options,
     path: PathBuf,
     poisoned: bool,
+    sync_latency: SyncLatency,
 }
 
 impl std::fmt::Debug for RocksStore {
@@ -106,6 +108,7 @@ impl RocksStore {
             options: db_options,
             path: path.to_path_buf(),
             poisoned: false,
+            sync_latency: SyncLatency::default(),
         })
     }
 
@@ -123,6 +126,11 @@ impl RocksStore {
     /// Whether a failed write poisoned the store (every write is then refused).
     pub fn is_poisoned(&self) -> bool {
         self.poisoned
+    }
+
+    /// How long the store's synced writes took.
+    pub fn sync_latency(&self) -> &SyncLatency {
+        &self.sync_latency
     }
 
     fn cf(&self, name: &'static str) -> Result<&ColumnFamily> {
@@ -264,10 +272,12 @@ impl TaskStore for RocksStore {
         let batch = self.build_batch(batch)?;
         let mut write_options = WriteOptions::default();
         write_options.set_sync(true);
+        let started = std::time::Instant::now();
         if let Err(e) = self.db.write_opt(batch, &write_options) {
             self.poisoned = true;
             return Err(storage("write", &e));
         }
+        self.sync_latency.observe(started.elapsed());
         Ok(())
     }
 }

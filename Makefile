@@ -16,7 +16,7 @@ PROTOCOL_FORBIDDEN := tokio|libp2p|rocksdb|librocksdb-sys|axum|hyper|mio
 # Forbidden in the client core (client/src/core): a clock, I/O, a runtime or a task.
 CORE_FORBIDDEN := tokio|reqwest|tungstenite|SystemTime|Instant|std::fs|std::net|std::thread|std::io|async |\.await|now_ms|crate::(net|vault|devnet|client)
 
-.PHONY: deps demo test fmt-check clippy check-deps deny audit unit fuzz bench sim-build sim-docs sim-bench flaky-hunt
+.PHONY: deps demo test fmt-check clippy check-deps deny audit unit fuzz bench sim-build sim-docs sim-bench flaky-hunt observability
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -29,6 +29,14 @@ deps:
 	@$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 	@$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
 	@$(CARGO) deny --version >/dev/null 2>&1 || env -u CARGO_TARGET_DIR $(CARGO) install cargo-deny --locked --version $(CARGO_DENY_VERSION)
+	@# promtool (Debian package prometheus) and systemd-analyze (package systemd) for
+	@# `make observability`. Installing prometheus also enables its server (prometheus.service,
+	@# port 9090), which nothing here needs: where systemd runs, it is disabled and stopped again.
+	@if ! command -v promtool >/dev/null || ! command -v systemd-analyze >/dev/null; then \
+	  SUDO=""; [ "$$(id -u)" -ne 0 ] && SUDO=sudo; \
+	  $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends prometheus systemd && \
+	  if [ -d /run/systemd/system ]; then $$SUDO systemctl disable --now prometheus.service || true; fi; \
+	fi
 
 # A local network of real node processes and two users talking through it (scripts/demo.sh).
 # Same profile as the tests (`test`, in target/debug), so the demo reuses their build.
@@ -36,7 +44,7 @@ demo: deps
 	$(CARGO) build --workspace --bins --profile test
 	bash scripts/demo.sh
 
-test: deps fmt-check clippy check-deps deny unit
+test: deps fmt-check clippy check-deps deny unit observability
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
@@ -77,6 +85,16 @@ audit:
 # (protocol/tests/fuzz_corpus.rs).
 unit:
 	$(CARGO) test --workspace
+
+# Operations files in deploy/: the Prometheus rules (`promtool check rules` and their unit
+# tests), the Grafana dashboards (JSON, PromQL), every metric name they use against a devnet of
+# real nodes (scripts/check-observability.sh), and the systemd units (`systemd-analyze verify`
+# and `security`; scripts/check-systemd-units.sh). docs/operators.md, "Alerts, dashboards
+# and incidents".
+observability:
+	$(CARGO) build --workspace --bins --profile test
+	bash scripts/check-observability.sh
+	bash scripts/check-systemd-units.sh
 
 # Runs every fuzz target for FUZZ_SECONDS seconds each (needs cargo-fuzz; uses the nightly
 # toolchain when installed, otherwise RUSTC_BOOTSTRAP on stable).

@@ -42,9 +42,11 @@ pub struct CoreConfig {
     pub replica_ack_timeout_ms: u64,
     /// Anti-entropy round interval. Default 30,000 ms.
     pub replica_repair_interval_ms: u64,
-    /// Mailboxes digested per anti-entropy round, and messages pulled or tombstones applied
-    /// per mailbox per answer. Default 64.
+    /// Messages pulled or tombstones applied per mailbox per anti-entropy answer. Default 64.
     pub replica_repair_batch: usize,
+    /// Most mailbox digests sent to one peer in answer to one anti-entropy summary (the
+    /// mailboxes of the differing buckets, from a random bucket on). Default 4,096.
+    pub replica_repair_mailboxes: usize,
     /// Most deposit receipts held waiting for peers; beyond it a receipt is dropped
     /// (counted). Default 10,000.
     pub replica_held_max: usize,
@@ -76,6 +78,7 @@ impl Default for CoreConfig {
             replica_ack_timeout_ms: 10_000,
             replica_repair_interval_ms: 30_000,
             replica_repair_batch: 64,
+            replica_repair_mailboxes: 4096,
             replica_held_max: 10_000,
             replica_erased_max: 10_000,
             node_id: None,

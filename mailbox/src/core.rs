@@ -1663,6 +1663,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             true,
         )?;
         self.mailboxes.remove(&sid);
+        self.forget_digest(&sid);
         let mut ops = Self::erase_ops(&sid);
         ops.extend(self.expiry_ops(&sid)?);
         self.store.write(ops, true)?;

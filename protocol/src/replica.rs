@@ -24,6 +24,9 @@ pub const BODY_MAX: usize = 64 * 1024;
 pub const IDS_MAX: usize = 8192;
 /// Most mailboxes in one digest or record request.
 pub const MAILBOXES_MAX: usize = 1024;
+/// Buckets of a [`ReplicaMessage::Summary`]: a mailbox falls in the bucket of its id's first
+/// byte.
+pub const SUMMARY_BUCKETS: usize = 256;
 /// Most records in one record response.
 pub const RECORDS_MAX: usize = 64;
 /// Most device registrations carried per record.
@@ -180,6 +183,26 @@ pub enum ReplicaMessage {
         /// One per mailbox.
         entries: Vec<DigestEntry>,
     },
+    /// Anti-entropy, first step: for each of the [`SUMMARY_BUCKETS`] buckets, the XOR of
+    /// SHA-256(mailbox id ‖ digest) over the sender's mailboxes in that bucket whose replica
+    /// set names the receiver (all zeros for an empty bucket).
+    Summary {
+        /// Exactly [`SUMMARY_BUCKETS`] values, by bucket.
+        buckets: Vec<[u8; 32]>,
+    },
+    /// Anti-entropy: send me your digests (as a [`ReplicaMessage::DigestReply`]) of the
+    /// mailboxes we share in these buckets.
+    DigestRequest {
+        /// Bucket numbers, at most [`SUMMARY_BUCKETS`].
+        buckets: Vec<u8>,
+    },
+    /// Anti-entropy: the digests a [`ReplicaMessage::DigestRequest`] asked for. The receiver
+    /// only looks for mailboxes it does not know (a differing digest is handled through the
+    /// [`ReplicaMessage::Digest`] sent the other way).
+    DigestReply {
+        /// One per mailbox.
+        entries: Vec<DigestEntry>,
+    },
     /// Anti-entropy: the sender's live and gone ids of a mailbox (not expired).
     Ids {
         /// The mailbox.
@@ -264,6 +287,9 @@ const TAG_RECORD_REQUEST: u8 = 7;
 const TAG_RECORDS: u8 = 8;
 const TAG_ERASE: u8 = 9;
 const TAG_REMOVE_DEVICE: u8 = 10;
+const TAG_SUMMARY: u8 = 11;
+const TAG_DIGEST_REQUEST: u8 = 12;
+const TAG_DIGEST_REPLY: u8 = 13;
 
 struct Writer(Vec<u8>);
 
@@ -290,6 +316,13 @@ impl Writer {
         self.count(ids.len());
         for id in ids {
             self.bytes(id);
+        }
+    }
+    fn digest_entries(&mut self, entries: &[DigestEntry]) {
+        self.count(entries.len());
+        for e in entries {
+            self.bytes(e.mailbox_id.as_bytes());
+            self.bytes(&e.digest);
         }
     }
     fn id_entries(&mut self, ids: &[IdEntry]) {
@@ -341,6 +374,17 @@ impl<'a> Reader<'a> {
     fn ids(&mut self, what: &'static str) -> Result<Vec<ItemId>, ReplicaError> {
         let n = self.count(what, IDS_MAX)?;
         (0..n).map(|_| self.array(what)).collect()
+    }
+    fn digest_entries(&mut self) -> Result<Vec<DigestEntry>, ReplicaError> {
+        let n = self.count("digest entries", MAILBOXES_MAX)?;
+        (0..n)
+            .map(|_| {
+                Ok(DigestEntry {
+                    mailbox_id: self.mailbox()?,
+                    digest: self.array("digest")?,
+                })
+            })
+            .collect()
     }
     fn id_entries(&mut self, what: &'static str) -> Result<Vec<IdEntry>, ReplicaError> {
         let n = self.count(what, IDS_MAX)?;
@@ -451,11 +495,23 @@ impl ReplicaMessage {
             }
             ReplicaMessage::Digest { entries } => {
                 w.u8(TAG_DIGEST);
-                w.count(entries.len());
-                for e in entries {
-                    w.bytes(e.mailbox_id.as_bytes());
-                    w.bytes(&e.digest);
+                w.digest_entries(entries);
+            }
+            ReplicaMessage::Summary { buckets } => {
+                w.u8(TAG_SUMMARY);
+                w.count(buckets.len());
+                for b in buckets {
+                    w.bytes(b);
                 }
+            }
+            ReplicaMessage::DigestRequest { buckets } => {
+                w.u8(TAG_DIGEST_REQUEST);
+                w.count(buckets.len());
+                w.bytes(buckets);
+            }
+            ReplicaMessage::DigestReply { entries } => {
+                w.u8(TAG_DIGEST_REPLY);
+                w.digest_entries(entries);
             }
             ReplicaMessage::Ids {
                 mailbox_id,
@@ -552,18 +608,28 @@ impl ReplicaMessage {
                 device: r.array("device")?,
                 ids: r.ids("acked ids")?,
             },
-            TAG_DIGEST => {
-                let n = r.count("digest entries", MAILBOXES_MAX)?;
-                let entries = (0..n)
-                    .map(|_| {
-                        Ok(DigestEntry {
-                            mailbox_id: r.mailbox()?,
-                            digest: r.array("digest")?,
-                        })
-                    })
-                    .collect::<Result<_, ReplicaError>>()?;
-                ReplicaMessage::Digest { entries }
+            TAG_DIGEST => ReplicaMessage::Digest {
+                entries: r.digest_entries()?,
+            },
+            TAG_SUMMARY => {
+                let n = r.count("summary buckets", SUMMARY_BUCKETS)?;
+                if n != SUMMARY_BUCKETS {
+                    return Err(ReplicaError::Invalid("summary bucket count"));
+                }
+                let buckets = (0..n)
+                    .map(|_| r.array("summary bucket"))
+                    .collect::<Result<_, _>>()?;
+                ReplicaMessage::Summary { buckets }
             }
+            TAG_DIGEST_REQUEST => {
+                let n = r.count("requested buckets", SUMMARY_BUCKETS)?;
+                ReplicaMessage::DigestRequest {
+                    buckets: r.take(n, "requested buckets")?.to_vec(),
+                }
+            }
+            TAG_DIGEST_REPLY => ReplicaMessage::DigestReply {
+                entries: r.digest_entries()?,
+            },
             TAG_IDS => {
                 let mailbox_id = r.mailbox()?;
                 let answer = match r.u8("answer flag")? {
@@ -668,6 +734,18 @@ mod tests {
                 entries: vec![DigestEntry {
                     mailbox_id: m,
                     digest: [13; 32],
+                }],
+            },
+            ReplicaMessage::Summary {
+                buckets: (0..SUMMARY_BUCKETS).map(|i| [i as u8; 32]).collect(),
+            },
+            ReplicaMessage::DigestRequest {
+                buckets: vec![0, 7, 255],
+            },
+            ReplicaMessage::DigestReply {
+                entries: vec![DigestEntry {
+                    mailbox_id: m,
+                    digest: [18; 32],
                 }],
             },
             ReplicaMessage::Ids {
@@ -809,6 +887,13 @@ mod tests {
         assert_eq!(
             ReplicaMessage::decode(&ids),
             Err(ReplicaError::Invalid("answer flag"))
+        );
+        let short_summary = ReplicaMessage::Summary {
+            buckets: vec![[0; 32]; SUMMARY_BUCKETS - 1],
+        };
+        assert_eq!(
+            ReplicaMessage::decode(&short_summary.encode()),
+            Err(ReplicaError::Invalid("summary bucket count"))
         );
         let mut no_replicas = ReplicaMessage::Records {
             records: vec![RecordCopy {

@@ -146,9 +146,9 @@ impl ClientCore {
     }
 
     /// A SURB leading back into `mailbox`, remembered under `purpose`, for attempt `attempt`
-    /// of what it answers: into replica `attempt` mod R of the mailbox's replicas that exist
-    /// and are in `dir` (as deposits do: a dead replica loses one ack, and the retransmission's
-    /// ack goes to the next one; the reply is replicated to the others).
+    /// of what it answers: into the replica this client reads from (the last one known to
+    /// answer) for the first two attempts, then into the next ones in turn (see
+    /// [`own_replica`]; the reply is replicated to the others).
     pub(super) fn new_surb(
         &mut self,
         dir: &Directory,
@@ -193,17 +193,35 @@ impl ClientCore {
     }
 }
 
-/// Replica `attempt` mod n of the n replicas of own mailbox `m` that exist and are in `dir`.
+/// Where the ack of attempt `attempt` goes among the replicas of own mailbox `m` that exist
+/// and are in `dir`, in pinned order starting from the one read from: that one for attempts 0
+/// and 1, then the next ones in turn (attempt k ≥ 1 → the (k − 1)-th after it).
+///
+/// The replica read from is the one last known to answer; a dead one is passed over by the
+/// next read. Before, attempt k went to replica k mod R whatever was read, so with one
+/// replica down one attempt in three lost its ack there even when its deposit was stored —
+/// on top of the deposits sent to a dead replica of the contact's mailbox (k mod R too), up
+/// to two attempts in three were lost, and a message could fail after every attempt while
+/// one node was down (seen in `make demo`, one run in four, with a mix down as well).
 pub(super) fn own_replica(dir: &Directory, m: &OwnedMailbox, attempt: u32) -> NodeId {
-    let created: Vec<[u8; 32]> = m
+    let mut created: Vec<[u8; 32]> = m
         .replicas
         .iter()
         .filter(|r| r.created)
         .map(|r| r.node)
         .collect();
     if created.is_empty() {
-        NodeId(m.node)
-    } else {
-        NodeId(super::contacts::pick_replica(dir, &created, attempt))
+        return NodeId(m.node);
     }
+    if let Some(at) = m
+        .current()
+        .and_then(|r| created.iter().position(|n| *n == r.node))
+    {
+        created.rotate_left(at);
+    }
+    NodeId(super::contacts::pick_replica(
+        dir,
+        &created,
+        attempt.saturating_sub(1),
+    ))
 }

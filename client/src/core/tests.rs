@@ -1250,7 +1250,7 @@ fn each_replica_gets_its_own_slice_of_the_one_time_keys() {
 }
 
 #[test]
-fn attempt_k_goes_to_replica_k_mod_r_skipping_those_not_in_the_directory() {
+fn attempt_k_goes_to_replica_k_mod_r_skipping_those_not_in_the_directory_and_acks_to_the_replica_read() {
     let mut net = TestNet::new();
     let (mut alice, _bob) = net.pair();
     let set: Vec<NodeId> = alice
@@ -1282,7 +1282,8 @@ fn attempt_k_goes_to_replica_k_mod_r_skipping_those_not_in_the_directory() {
             vec![set[k % 3]; 3],
             "attempt {k} of each message"
         );
-        // The ack SURB of attempt k leads into our own replica k mod R.
+        // The ack SURB of attempts 0 and 1 leads into the own replica read from (the
+        // first), then attempt k into the (k − 1)-th after it.
         for e in deposits(&sent) {
             let Arrival::Reply { node, .. } = net.reply(
                 e.outer.ack_surb.as_ref().unwrap(),
@@ -1300,7 +1301,9 @@ fn attempt_k_goes_to_replica_k_mod_r_skipping_those_not_in_the_directory() {
         alice.handle_timeout(t).unwrap();
         sent = net.run(&mut alice);
     }
-    let expected: Vec<NodeId> = (0..4).flat_map(|k| vec![NodeId(own[k % 3]); 3]).collect();
+    let expected: Vec<NodeId> = (0..4usize)
+        .flat_map(|k| vec![NodeId(own[k.saturating_sub(1) % 3]); 3])
+        .collect();
     assert_eq!(acks_into, expected);
     // A replica that left the directory is skipped: the others take turns.
     let gone = set[1];
@@ -1669,4 +1672,53 @@ fn text_of(core: &mut ClientCore) -> String {
     let mut plan = core.prepare_invite(T0 + 6000, None, true).unwrap();
     created(&mut plan.mailbox);
     core.commit_invite(T0 + 6000, plan)
+}
+
+#[test]
+fn an_ack_goes_to_the_own_replica_read_from_not_to_a_dead_one() {
+    let mut net = TestNet::new();
+    net.replicated = true;
+    let (mut alice, mut bob) = net.pair();
+    bob.settings_mut().receipt_delay_ms = 0;
+    // Bob's first replica is down (every first attempt is lost there) and so is the second
+    // replica of alice's own mailbox, which alice does not read from.
+    let bobs = NodeId(bob.contact_mailbox("alice").unwrap().replicas[0].node);
+    let alices = alice.contact_mailbox("bob").unwrap();
+    assert_eq!(alices.reading, 0);
+    let alices_second = NodeId(alices.replicas[1].node);
+    assert_ne!(bobs, alices_second);
+    net.dead = vec![bobs, alices_second];
+    let after = alice.settings().retransmit_after_ms;
+    let mut ids = Vec::new();
+    for i in 0..3u64 {
+        ids.push(
+            alice
+                .send(
+                    T0 + 1000 + i,
+                    "bob",
+                    &format!("m{i}"),
+                    SendOptions::default(),
+                )
+                .unwrap(),
+        );
+    }
+    net.run(&mut alice);
+    let mut t = T0 + 1000;
+    for _ in 0..5 {
+        t += after + 10;
+        alice.handle_timeout(t).unwrap();
+        net.run(&mut alice);
+        net.fetch(&mut alice, t + 300);
+        net.run(&mut alice);
+    }
+    // Attempt 0 is lost at bob's dead replica; attempt 1 is stored at the next one and its
+    // ack goes where alice reads. Before: attempt 1's ack went to alice's second replica
+    // (attempt mod R), dead, and every message needed a third attempt.
+    let retransmissions: Vec<u32> = alice
+        .status()
+        .iter()
+        .filter(|o| ids.contains(&o.id))
+        .map(|o| o.retransmissions)
+        .collect();
+    assert_eq!(retransmissions, vec![1, 1, 1], "{:?}", alice.status());
 }

@@ -10,8 +10,11 @@
 //!   as ids, every replica records per message which devices acknowledged it, and deletes it
 //!   once all have. A deleted message's dedup entry stays until its expiry: a tombstone,
 //!   "gone" in anti-entropy, never stored again.
-//! - Anti-entropy: per mailbox a digest of (id, live or gone); on a mismatch the id lists;
-//!   then pulls of what is missing and tombstones of what is gone. Record repair: a replica
+//! - Anti-entropy: every round, to each peer, a summary of the mailboxes both hold in 256
+//!   buckets (by mailbox id); for a differing bucket, the digests of its mailboxes (a digest
+//!   per mailbox of its (id, live or gone) entries, cached until the mailbox changes or an
+//!   entry expires); for a differing digest, the id lists; then pulls of what is missing and
+//!   tombstones of what is gone. Record repair: a replica
 //!   that does not know a mailbox a peer names asks for the owner-signed records and
 //!   verifies them before recreating.
 //!
@@ -24,8 +27,9 @@ use std::ops::ControlFlow;
 use sha2::{Digest, Sha256};
 use whispr_protocol::payload::Reply;
 use whispr_protocol::replica::{
-    DeviceRegistration, IDS_MAX, IdEntry, ItemId, MAILBOXES_MAX, MessageKind, PUSH_ITEMS_MAX,
-    PushItem, RECORDS_MAX, REPLICA_MESSAGE_MAX, RecordCopy, ReplicaMessage, SignedCreate,
+    DeviceRegistration, DigestEntry, IDS_MAX, IdEntry, ItemId, MAILBOXES_MAX, MessageKind,
+    PUSH_ITEMS_MAX, PushItem, RECORDS_MAX, REPLICA_MESSAGE_MAX, RecordCopy, ReplicaMessage,
+    SUMMARY_BUCKETS, SignedCreate,
 };
 use whispr_protocol::sphinx::Surb;
 use whispr_protocol::{DedupId, MailboxId, NodeId, UnixTime};
@@ -41,6 +45,10 @@ use crate::store::{Cf, MailboxStore, Op};
 
 /// Most SURBs held per message (retransmissions of one deposit waiting together).
 const SURBS_PER_HELD_MAX: usize = 4;
+/// A cached mailbox digest is recomputed after this many repair intervals even if nothing
+/// seems to have changed (a safety net: the cache is keyed by the mailbox's sequence counter
+/// and message count, which every write changes).
+const DIGEST_MAX_AGE_ROUNDS: u64 = 10;
 
 /// Replication counters (no ids).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -66,6 +74,12 @@ pub struct ReplicaStats {
     pub tombstones_applied: u64,
     /// Messages asked from peers by anti-entropy.
     pub pulled: u64,
+    /// Anti-entropy summaries sent (one per peer per round).
+    pub summaries_sent: u64,
+    /// Summary buckets that differed from ours.
+    pub bucket_mismatches: u64,
+    /// Mailbox digests computed (cache misses: a scan of the mailbox's ids).
+    pub digests_computed: u64,
     /// Digests sent.
     pub digests_sent: u64,
     /// Digests that differed from ours.
@@ -86,13 +100,25 @@ struct Held {
     deadline: u64,
 }
 
+/// A mailbox's anti-entropy digest as computed, valid while the mailbox's sequence counter
+/// and message count are unchanged and before `valid_until`.
+struct CachedDigest {
+    next_seq: u64,
+    live: usize,
+    valid_until: u64,
+    digest: [u8; 32],
+    /// SHA-256(mailbox id ‖ digest): what the mailbox adds (XOR) to its summary bucket.
+    leaf: [u8; 32],
+}
+
 /// The core's replication state (in memory; receipts held are lost at a restart, which the
 /// sender's retransmission covers).
 pub(super) struct ReplicaState {
     held: BTreeMap<(StorageId, ItemId), Held>,
     deadlines: BTreeSet<(u64, StorageId, ItemId)>,
     next_repair_at: u64,
-    repair_after: Option<StorageId>,
+    /// One entry per replicated mailbox at most (pruned every round).
+    digests: BTreeMap<StorageId, CachedDigest>,
     erased: BTreeSet<StorageId>,
     erased_order: VecDeque<StorageId>,
     stats: ReplicaStats,
@@ -104,7 +130,7 @@ impl ReplicaState {
             held: BTreeMap::new(),
             deadlines: BTreeSet::new(),
             next_repair_at: now.0,
-            repair_after: None,
+            digests: BTreeMap::new(),
             erased: BTreeSet::new(),
             erased_order: VecDeque::new(),
             stats: ReplicaStats::default(),
@@ -117,6 +143,18 @@ struct IdLists {
     live: Vec<IdEntry>,
     gone: Vec<IdEntry>,
     digest: [u8; 32],
+    /// The earliest expiry among the ids (`u64::MAX` if none): the digest changes then.
+    valid_until: u64,
+}
+
+fn xor_into(acc: &mut [u8; 32], leaf: &[u8; 32]) {
+    for (a, l) in acc.iter_mut().zip(leaf) {
+        *a ^= l;
+    }
+}
+
+fn bucket_index(mailbox_id: &[u8; 32]) -> usize {
+    usize::from(mailbox_id[0])
 }
 
 fn body_bytes(body: MessageBody) -> (MessageKind, Vec<u8>) {
@@ -440,65 +478,218 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         Ok(())
     }
 
-    /// Sends the digests of the next `replica_repair_batch` replicated mailboxes.
-    fn repair_round(&mut self, now: UnixTime) -> Result<()> {
-        let batch = self.config.replica_repair_batch.max(1);
-        let after = self.replica.repair_after;
-        let replicated = |m: &&super::Mailbox| !m.record.replicas.is_empty();
-        let mut sids: Vec<StorageId> = match after {
-            Some(a) => self
-                .mailboxes
-                .range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))
-                .map(|(_, m)| m)
-                .filter(replicated)
-                .take(batch)
-                .map(|m| m.sid)
-                .collect(),
-            None => Vec::new(),
+    /// The digest of a replicated mailbox (cached) and its summary leaf; `None` if the
+    /// mailbox is not here.
+    fn digest_of(
+        &mut self,
+        now: UnixTime,
+        sid: &StorageId,
+    ) -> Result<Option<([u8; 32], [u8; 32])>> {
+        let Some(m) = self.mailboxes.get(sid) else {
+            return Ok(None);
         };
-        if sids.len() < batch {
-            let more: Vec<StorageId> = self
-                .mailboxes
-                .values()
-                .filter(replicated)
-                .map(|m| m.sid)
-                .filter(|s| !sids.contains(s))
-                .take(batch - sids.len())
-                .collect();
-            sids.extend(more);
+        let (next_seq, live) = (m.next_seq, m.messages.len());
+        if let Some(c) = self.replica.digests.get(sid)
+            && c.next_seq == next_seq
+            && c.live == live
+            && now.0 < c.valid_until
+        {
+            return Ok(Some((c.digest, c.leaf)));
         }
-        self.replica.repair_after = sids.last().copied();
-        let mut per_peer: BTreeMap<NodeId, Vec<whispr_protocol::replica::DigestEntry>> =
-            BTreeMap::new();
-        for sid in sids {
-            let lists = self.id_lists(now, &sid)?;
-            let Some(m) = self.mailboxes.get(&sid) else {
+        let mailbox_id = m.record.mailbox_id;
+        let lists = self.id_lists(now, sid)?;
+        self.replica.stats.digests_computed = self.replica.stats.digests_computed.saturating_add(1);
+        let mut leaf = Sha256::new();
+        leaf.update(mailbox_id);
+        leaf.update(lists.digest);
+        let leaf: [u8; 32] = leaf.finalize().into();
+        let max_age = self
+            .config
+            .replica_repair_interval_ms
+            .max(1)
+            .saturating_mul(DIGEST_MAX_AGE_ROUNDS);
+        self.replica.digests.insert(
+            *sid,
+            CachedDigest {
+                next_seq,
+                live,
+                valid_until: lists.valid_until.min(now.0.saturating_add(max_age)),
+                digest: lists.digest,
+                leaf,
+            },
+        );
+        Ok(Some((lists.digest, leaf)))
+    }
+
+    /// Drops the cached digest of an erased mailbox.
+    pub(super) fn forget_digest(&mut self, sid: &StorageId) {
+        self.replica.digests.remove(sid);
+    }
+
+    /// The replicated mailboxes here: (storage id, mailbox id, peers).
+    fn replicated(&self) -> Vec<(StorageId, [u8; 32], Vec<NodeId>)> {
+        self.mailboxes
+            .values()
+            .filter(|m| !m.record.replicas.is_empty())
+            .map(|m| (m.sid, m.record.mailbox_id, self.peers_of(m)))
+            .collect()
+    }
+
+    /// Sends every peer the summary of the mailboxes it shares with this node.
+    fn repair_round(&mut self, now: UnixTime) -> Result<()> {
+        let replicated = self.replicated();
+        let known: BTreeSet<StorageId> = replicated.iter().map(|(sid, _, _)| *sid).collect();
+        self.replica.digests.retain(|sid, _| known.contains(sid));
+        let mut per_peer: BTreeMap<NodeId, Vec<[u8; 32]>> = BTreeMap::new();
+        for (sid, mailbox_id, peers) in replicated {
+            let Some((_, leaf)) = self.digest_of(now, &sid)? else {
                 continue;
             };
-            let entry = whispr_protocol::replica::DigestEntry {
-                mailbox_id: MailboxId(m.record.mailbox_id),
-                digest: lists.digest,
-            };
-            for peer in self.peers_of(m) {
-                per_peer.entry(peer).or_default().push(entry);
+            for peer in peers {
+                let buckets = per_peer
+                    .entry(peer)
+                    .or_insert_with(|| vec![[0; 32]; SUMMARY_BUCKETS]);
+                if let Some(b) = buckets.get_mut(bucket_index(&mailbox_id)) {
+                    xor_into(b, &leaf);
+                }
             }
         }
-        for (peer, entries) in per_peer {
-            for chunk in entries.chunks(MAILBOXES_MAX) {
-                self.replica.stats.digests_sent = self
-                    .replica
-                    .stats
-                    .digests_sent
-                    .saturating_add(chunk.len() as u64);
-                self.send(
-                    peer,
-                    ReplicaMessage::Digest {
-                        entries: chunk.to_vec(),
-                    },
-                );
-            }
+        for (peer, buckets) in per_peer {
+            self.replica.stats.summaries_sent = self.replica.stats.summaries_sent.saturating_add(1);
+            self.send(peer, ReplicaMessage::Summary { buckets });
         }
         Ok(())
+    }
+
+    /// This node's summary buckets for `peer`, and the digests of the shared mailboxes by
+    /// bucket.
+    fn shared_with(
+        &mut self,
+        now: UnixTime,
+        peer: &NodeId,
+    ) -> Result<(Vec<[u8; 32]>, Vec<Vec<DigestEntry>>)> {
+        let mut buckets = vec![[0u8; 32]; SUMMARY_BUCKETS];
+        let mut entries: Vec<Vec<DigestEntry>> = vec![Vec::new(); SUMMARY_BUCKETS];
+        for (sid, mailbox_id, peers) in self.replicated() {
+            if !peers.contains(peer) {
+                continue;
+            }
+            let Some((digest, leaf)) = self.digest_of(now, &sid)? else {
+                continue;
+            };
+            let i = bucket_index(&mailbox_id);
+            if let (Some(b), Some(e)) = (buckets.get_mut(i), entries.get_mut(i)) {
+                xor_into(b, &leaf);
+                e.push(DigestEntry {
+                    mailbox_id: MailboxId(mailbox_id),
+                    digest,
+                });
+            }
+        }
+        Ok((buckets, entries))
+    }
+
+    /// The digest entries of `buckets` (in that order) within the per-answer budget; the
+    /// buckets covered are those whose entries were all taken.
+    fn entries_of(
+        &self,
+        buckets: &[u8],
+        by_bucket: &mut [Vec<DigestEntry>],
+    ) -> (Vec<u8>, Vec<DigestEntry>) {
+        let budget = self.config.replica_repair_mailboxes.max(1);
+        let mut covered = Vec::new();
+        let mut out: Vec<DigestEntry> = Vec::new();
+        for &b in buckets {
+            let Some(e) = by_bucket.get_mut(usize::from(b)) else {
+                continue;
+            };
+            if !out.is_empty() && out.len().saturating_add(e.len()) > budget {
+                break;
+            }
+            out.append(e);
+            covered.push(b);
+        }
+        (covered, out)
+    }
+
+    fn send_digests(&mut self, to: NodeId, entries: Vec<DigestEntry>, reply: bool) {
+        for chunk in entries.chunks(MAILBOXES_MAX) {
+            self.replica.stats.digests_sent = self
+                .replica
+                .stats
+                .digests_sent
+                .saturating_add(chunk.len() as u64);
+            let entries = chunk.to_vec();
+            self.send(
+                to,
+                if reply {
+                    ReplicaMessage::DigestReply { entries }
+                } else {
+                    ReplicaMessage::Digest { entries }
+                },
+            );
+        }
+    }
+
+    /// A peer's summary: for the buckets that differ (from a random one on, within
+    /// `replica_repair_mailboxes`), send our digests and ask for theirs.
+    fn on_summary(&mut self, now: UnixTime, from: NodeId, theirs: &[[u8; 32]]) -> Result<()> {
+        let (ours, mut by_bucket) = self.shared_with(now, &from)?;
+        let differing: Vec<u8> = (0..SUMMARY_BUCKETS)
+            .filter(|&i| ours.get(i) != theirs.get(i))
+            .filter_map(|i| u8::try_from(i).ok())
+            .collect();
+        if differing.is_empty() {
+            return Ok(());
+        }
+        self.replica.stats.bucket_mismatches = self
+            .replica
+            .stats
+            .bucket_mismatches
+            .saturating_add(differing.len() as u64);
+        let start = usize::try_from(self.rng.next_u32()).unwrap_or(0) % differing.len();
+        let order = rotated(&differing, start, differing.len());
+        let (covered, entries) = self.entries_of(&order, &mut by_bucket);
+        self.send_digests(from, entries, false);
+        self.send(from, ReplicaMessage::DigestRequest { buckets: covered });
+        Ok(())
+    }
+
+    /// A peer asks for our digests of the shared mailboxes in `buckets`.
+    fn on_digest_request(&mut self, now: UnixTime, from: NodeId, buckets: &[u8]) -> Result<()> {
+        let (_, mut by_bucket) = self.shared_with(now, &from)?;
+        let (_, entries) = self.entries_of(buckets, &mut by_bucket);
+        self.send_digests(from, entries, true);
+        Ok(())
+    }
+
+    /// A peer's digests we asked for: look only for mailboxes we do not hold.
+    fn on_digest_reply(&mut self, from: NodeId, entries: &[DigestEntry]) {
+        let mut unknown = Vec::new();
+        for entry in entries {
+            let sid = self.master.storage_id(&entry.mailbox_id);
+            if self.mailboxes.contains_key(&sid) {
+                continue;
+            }
+            if self.replica.erased.contains(&sid) {
+                self.send(
+                    from,
+                    ReplicaMessage::Erase {
+                        mailbox_id: entry.mailbox_id,
+                    },
+                );
+            } else {
+                unknown.push(entry.mailbox_id);
+            }
+        }
+        for chunk in unknown.chunks(MAILBOXES_MAX) {
+            self.send(
+                from,
+                ReplicaMessage::RecordRequest {
+                    mailbox_ids: chunk.to_vec(),
+                },
+            );
+        }
     }
 
     /// The mailbox's live and gone ids not expired at `now` (a bounded prefix scan of its
@@ -525,8 +716,10 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             live: Vec::new(),
             gone: Vec::new(),
             digest: [0; 32],
+            valid_until: u64::MAX,
         };
         for (id, seq, exp) in entries {
+            lists.valid_until = lists.valid_until.min(exp);
             let live = m
                 .and_then(|m| m.messages.get(&seq))
                 .is_some_and(|i| i.expires_at == exp && i.id == id);
@@ -594,6 +787,14 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                 ids,
             } => self.on_acked(from, mailbox_id, device, &ids),
             ReplicaMessage::Digest { entries } => self.on_digest(now, from, entries),
+            ReplicaMessage::Summary { buckets } => self.on_summary(now, from, &buckets),
+            ReplicaMessage::DigestRequest { buckets } => {
+                self.on_digest_request(now, from, &buckets)
+            }
+            ReplicaMessage::DigestReply { entries } => {
+                self.on_digest_reply(from, &entries);
+                Ok(())
+            }
             ReplicaMessage::Ids {
                 mailbox_id,
                 answer,
@@ -925,10 +1126,13 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                 self.refused(1);
                 continue;
             }
-            let lists = self.id_lists(now, &sid)?;
-            if lists.digest != entry.digest {
+            let Some((digest, _)) = self.digest_of(now, &sid)? else {
+                continue;
+            };
+            if digest != entry.digest {
                 self.replica.stats.digest_mismatches =
                     self.replica.stats.digest_mismatches.saturating_add(1);
+                let lists = self.id_lists(now, &sid)?;
                 self.send_ids(from, entry.mailbox_id, true, &lists);
             }
         }

@@ -211,8 +211,8 @@ d.ts("Write quorum", [
     (f'rate(whispr_mailbox_replica_receipts_released_total{{{J}}}[5m])', "{{instance}} released"),
     (f'rate(whispr_mailbox_replica_receipts_timed_out_total{{{J}}}[5m])', "{{instance}} timed out"),
     (f'rate(whispr_mailbox_replica_receipts_dropped_total{{{J}}}[5m])', "{{instance}} dropped (table full)")], unit="ops")
-d.ts("Anti-entropy: digest mismatch share (alert: > 50 % for 1 h)", [
-    (f'rate(whispr_mailbox_replica_digest_mismatches_total{{{J}}}[30m]) / rate(whispr_mailbox_replica_digests_sent_total{{{J}}}[30m])', "{{instance}}")],
+d.ts("Anti-entropy: share of peer summaries differing (alert: > 50 % for 1 h)", [
+    (f'rate(whispr_mailbox_replica_summaries_differing_total{{{J}}}[30m]) / rate(whispr_mailbox_replica_summaries_received_total{{{J}}}[30m])', "{{instance}}")],
     unit="percentunit")
 d.ts("Repair traffic", [
     (f'rate(whispr_mailbox_replica_pushed_total{{{J}}}[5m])', "{{instance}} pushed"),
@@ -229,6 +229,16 @@ d.ts("Replica messages", [
     (f'rate(whispr_mailbox_replica_refused_total{{{J}}}[5m])', "{{instance}} refused"),
     (f'rate(whispr_mailbox_replica_records_refused_total{{{J}}}[5m])', "{{instance}} records refused")], unit="ops")
 node_messages(d, "whispr-mailbox")
+d.row("Backups")
+d.stat("Last backup age", [(f'time() - whispr_mailbox_backup_last_success_timestamp_seconds{{{J}}} and whispr_mailbox_backup_last_success_timestamp_seconds{{{J}}} > 0', "{{instance}}")],
+       unit="s", thresholds=[{"color": "green", "value": None}, {"color": "orange", "value": 900}, {"color": "red", "value": 1800}],
+       description="Since the last successful backup (empty: none since the node started).")
+d.stat("Last backup size", [(f'whispr_mailbox_backup_last_size_bytes{{{J}}}', "{{instance}}")], unit="bytes")
+d.stat("Last backup duration", [(f'whispr_mailbox_backup_last_duration_seconds{{{J}}}', "{{instance}}")], unit="s")
+d.stat("Backup failures (1 h)", [(f'increase(whispr_mailbox_backup_failures_total{{{J}}}[1h])', "{{instance}}")],
+       thresholds=[{"color": "green", "value": None}, {"color": "red", "value": 1}])
+d.ts("Backups", [(f'increase(whispr_mailbox_backups_total{{{J}}}[1h])', "{{instance}} taken / h"),
+                 (f'increase(whispr_mailbox_backup_failures_total{{{J}}}[1h])', "{{instance}} failed / h")])
 d.row("Mesh side")
 d.ts("Deposits and replies through the mesh", [
     (f'rate(whispr_mailbox_mesh_deposits_accepted_total{{{J}}}[5m])', "{{instance}} deposits accepted"),
@@ -272,6 +282,16 @@ d.ts("Store fsync p99 (alert: > 100 ms)", [(f'whispr:sync_seconds:p99_10m{{{J}}}
 d.ts("Admin API auth failures and evicted partial holds", [
     (f'rate(whispr_timer_admin_auth_failures_total{{{J}}}[5m])', "{{instance}} admin auth failures"),
     (f'rate(whispr_timer_partial_holds_evicted_total{{{J}}}[5m])', "{{instance}} partial holds evicted")], unit="ops")
+d.row("Backups")
+d.stat("Last backup age", [(f'time() - whispr_timer_backup_last_success_timestamp_seconds{{{J}}} and whispr_timer_backup_last_success_timestamp_seconds{{{J}}} > 0', "{{instance}}")],
+       unit="s", thresholds=[{"color": "green", "value": None}, {"color": "orange", "value": 900}, {"color": "red", "value": 1800}],
+       description="Since the last successful backup (empty: none since the node started).")
+d.stat("Last backup size", [(f'whispr_timer_backup_last_size_bytes{{{J}}}', "{{instance}}")], unit="bytes")
+d.stat("Last backup duration", [(f'whispr_timer_backup_last_duration_seconds{{{J}}}', "{{instance}}")], unit="s")
+d.stat("Backup failures (1 h)", [(f'increase(whispr_timer_backup_failures_total{{{J}}}[1h])', "{{instance}}")],
+       thresholds=[{"color": "green", "value": None}, {"color": "red", "value": 1}])
+d.ts("Backups", [(f'increase(whispr_timer_backups_total{{{J}}}[1h])', "{{instance}} taken / h"),
+                 (f'increase(whispr_timer_backup_failures_total{{{J}}}[1h])', "{{instance}} failed / h")])
 d.row("Holds through the mesh")
 d.ts("Holds", [
     (f'rate(whispr_timer_mesh_parts_accepted_total{{{J}}}[5m])', "{{instance}} parts accepted"),

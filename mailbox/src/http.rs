@@ -1496,8 +1496,18 @@ fn render_metrics(node: &MailboxNode) -> String {
             r.pulled,
         ),
         (
+            "replica_summaries_received_total",
+            "Anti-entropy summaries received from peer replicas (one per peer per round).",
+            r.summaries_received,
+        ),
+        (
+            "replica_summaries_differing_total",
+            "Anti-entropy summaries received that differed from this node's.",
+            r.summaries_differing,
+        ),
+        (
             "replica_digests_sent_total",
-            "Anti-entropy digests sent to peer replicas.",
+            "Anti-entropy digests sent to peer replicas (for differing summary buckets).",
             r.digests_sent,
         ),
         (

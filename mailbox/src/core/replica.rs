@@ -76,6 +76,11 @@ pub struct ReplicaStats {
     pub pulled: u64,
     /// Anti-entropy summaries sent (one per peer per round).
     pub summaries_sent: u64,
+    /// Summaries received from peers.
+    pub summaries_received: u64,
+    /// Summaries received that differed from ours in at least one bucket (each answered by
+    /// digests): a share that stays high means a replica lags.
+    pub summaries_differing: u64,
     /// Summary buckets that differed from ours.
     pub bucket_mismatches: u64,
     /// Mailbox digests computed (cache misses: a scan of the mailbox's ids).
@@ -639,9 +644,13 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             .filter(|&i| ours.get(i) != theirs.get(i))
             .filter_map(|i| u8::try_from(i).ok())
             .collect();
+        self.replica.stats.summaries_received =
+            self.replica.stats.summaries_received.saturating_add(1);
         if differing.is_empty() {
             return Ok(());
         }
+        self.replica.stats.summaries_differing =
+            self.replica.stats.summaries_differing.saturating_add(1);
         self.replica.stats.bucket_mismatches = self
             .replica
             .stats

@@ -852,7 +852,7 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
                 let sealed =
                     whispr_client::vault::seal_export(&pass, KdfParams::default(), &plain)?;
                 write_new(path, &sealed)?;
-                let count = |k: &str| doc[k].as_array().map_or(0, Vec::len);
+                let count = |k: &str| doc.get(k).and_then(Value::as_array).map_or(0, Vec::len);
                 out(
                     j,
                     json!({"file": path, "contacts": count("contacts"),

@@ -214,6 +214,9 @@ d.ts("Write quorum", [
 d.ts("Anti-entropy: share of peer summaries differing (alert: > 50 % for 1 h)", [
     (f'rate(whispr_mailbox_replica_summaries_differing_total{{{J}}}[30m]) / rate(whispr_mailbox_replica_summaries_received_total{{{J}}}[30m])', "{{instance}}")],
     unit="percentunit")
+d.ts("Anti-entropy digests", [
+    (f'rate(whispr_mailbox_replica_digests_sent_total{{{J}}}[5m])', "{{instance}} digests sent"),
+    (f'rate(whispr_mailbox_replica_digest_mismatches_total{{{J}}}[5m])', "{{instance}} digest mismatches")], unit="ops")
 d.ts("Repair traffic", [
     (f'rate(whispr_mailbox_replica_pushed_total{{{J}}}[5m])', "{{instance}} pushed"),
     (f'rate(whispr_mailbox_replica_stored_from_peers_total{{{J}}}[5m])', "{{instance}} stored from peers"),

@@ -414,7 +414,8 @@ impl Devnet {
             });
             authorities.push(plan);
         }
-        let network = Network::new(pinned, None)?;
+        // Every mailbox on as many mailbox nodes as the devnet has, up to 3.
+        let network = Network::new(pinned, None)?.with_replicas(opts.mailboxes.min(3))?;
         write(&dir.join("network"), &network.to_text())?;
         let mut allowed: Vec<String> = Vec::new();
         write(&dir.join("allowed"), "")?;

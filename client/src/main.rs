@@ -485,7 +485,10 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
                 let text = std::fs::read_to_string(path).map_err(|e| {
                     ClientError::InvalidArgument(format!("--network {}: {e}", path.display()))
                 })?;
-                whispr_protocol::consensus::Network::parse(&text)?;
+                let pinned = whispr_protocol::consensus::Network::parse(&text)?;
+                if let Some(r) = pinned.replicas() {
+                    settings.replicas = r;
+                }
                 settings.network = Some(text);
             }
             if let Some(d) = mix_delay_ms {

@@ -60,6 +60,7 @@ pub struct Authority {
 pub struct Network {
     authorities: Vec<Authority>,
     threshold: usize,
+    replicas: Option<usize>,
 }
 
 impl Network {
@@ -98,7 +99,26 @@ impl Network {
         Ok(Network {
             authorities,
             threshold,
+            replicas: None,
         })
+    }
+
+    /// The same network, stating that every mailbox lives on `replicas` mailbox nodes (1 to
+    /// [`crate::mailbox_api::REPLICAS_MAX`]; `docs/replication.md`). Clients that pin the
+    /// network create their mailboxes with that many replicas.
+    pub fn with_replicas(mut self, replicas: usize) -> Result<Network> {
+        if replicas == 0 || replicas > crate::mailbox_api::REPLICAS_MAX {
+            return Err(Error::InvalidArgument(
+                "a network's replica count is 1 to 5",
+            ));
+        }
+        self.replicas = Some(replicas);
+        Ok(self)
+    }
+
+    /// Mailbox replicas the network asks for (`replicas` line), if it says.
+    pub fn replicas(&self) -> Option<usize> {
+        self.replicas
     }
 
     /// Parses a network file (see [`Network::to_text`] and `docs/protocol.md`).
@@ -120,12 +140,16 @@ impl Network {
             return Err(bad("the first line must be `whispr-network 1`"));
         }
         let mut threshold = None;
+        let mut replicas = None;
         let mut authorities = Vec::new();
         for line in lines {
             let words: Vec<&str> = line.split_whitespace().collect();
             match words.as_slice() {
                 ["threshold", t] if threshold.is_none() => {
                     threshold = Some(t.parse::<usize>().map_err(|_| bad("bad threshold"))?);
+                }
+                ["replicas", r] if replicas.is_none() => {
+                    replicas = Some(r.parse::<usize>().map_err(|_| bad("bad replica count"))?);
                 }
                 ["authority", key, url] => {
                     if authorities.len() >= AUTHORITIES_MAX {
@@ -140,13 +164,20 @@ impl Network {
                 _ => return Err(bad("unknown line")),
             }
         }
-        Network::new(authorities, threshold)
+        let network = Network::new(authorities, threshold)?;
+        match replicas {
+            Some(r) => network.with_replicas(r),
+            None => Ok(network),
+        }
     }
 
     /// The network file: a magic line, the threshold, then one line per authority (key in
     /// lowercase hex, URL).
     pub fn to_text(&self) -> String {
         let mut out = format!("{NETWORK_FILE_MAGIC}\nthreshold {}\n", self.threshold);
+        if let Some(r) = self.replicas {
+            let _ = writeln!(out, "replicas {r}");
+        }
         for a in &self.authorities {
             let _ = writeln!(out, "authority {} {}", hex(&a.key), a.url);
         }

@@ -385,3 +385,24 @@ fn network_files_round_trip_and_need_a_majority_threshold() {
     assert!(Network::parse("threshold 2\n").is_err());
     assert!(Network::parse(&text.replace("authority ", "authority zz")).is_err());
 }
+
+#[test]
+fn a_network_file_may_state_the_mailbox_replica_count() {
+    let w = world(10);
+    assert_eq!(w.network.replicas(), None);
+    let three = w.network.clone().with_replicas(3).unwrap();
+    let text = three.to_text();
+    assert!(text.contains("\nreplicas 3\n"), "{text}");
+    assert_eq!(Network::parse(&text).unwrap(), three);
+    assert_eq!(Network::parse(&text).unwrap().replicas(), Some(3));
+    for bad in ["replicas 0", "replicas 6", "replicas x"] {
+        assert!(
+            Network::parse(&text.replace("replicas 3", bad)).is_err(),
+            "{bad}"
+        );
+    }
+    assert!(
+        Network::parse(&text.replace("replicas 3", "replicas 3\nreplicas 2")).is_err(),
+        "two replica lines"
+    );
+}

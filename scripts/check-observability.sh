@@ -2,7 +2,8 @@
 # `make observability` (part of `make test`): checks deploy/prometheus and deploy/grafana.
 #
 # 1. promtool: the alerting rules load (`check rules`) and pass their unit tests
-#    (deploy/prometheus/alerts_test.yml), and the example scrape configuration loads.
+#    (deploy/prometheus/alerts_test.yml), and the example scrape configuration loads; every
+#    alert's runbook link points at a heading of docs/operators.md.
 # 2. The Grafana dashboards are valid JSON with unique panel ids, and every PromQL query in
 #    them parses (checked by promtool as a recording rule, with $instance replaced).
 # 3. Every metric name the rules and dashboards use is exported by a real node: a devnet of
@@ -35,6 +36,14 @@ echo "== promtool: rules, their unit tests, the example scrape configuration"
 "$PROMTOOL" check rules deploy/prometheus/alerts.yml
 "$PROMTOOL" test rules deploy/prometheus/alerts_test.yml
 "$PROMTOOL" check config --syntax-only deploy/prometheus/prometheus.yml
+
+echo "== runbook: every alert's runbook anchor is a heading of docs/operators.md"
+anchors="$(sed -n 's|.*runbook: "docs/operators.md#\([a-z0-9-]*\)".*|\1|p' deploy/prometheus/alerts.yml | sort -u)"
+headings="$(sed -n 's/^#\{1,6\} \(.*\)$/\1/p' docs/operators.md | tr 'A-Z' 'a-z' | sed 's/[^a-z0-9 -]//g; s/ /-/g')"
+for anchor in $anchors; do
+  grep -qx -- "$anchor" <<<"$headings" || { echo "runbook anchor #$anchor: no such heading in docs/operators.md"; exit 1; }
+done
+echo "$(wc -w <<<"$anchors") runbook anchors found"
 
 echo "== dashboards: JSON, panel ids, PromQL"
 perl -MJSON::PP -e '

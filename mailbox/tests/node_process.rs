@@ -511,3 +511,155 @@ async fn nothing_expired_is_served_before_or_after_a_restart_past_expiry() {
         assert!(!log.contains(id.as_str()), "log leaks a dedup id");
     }
 }
+
+/// Bytes of the files under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let meta = e.metadata().unwrap();
+            if meta.is_dir() {
+                todo.push(e.path());
+            } else {
+                total += meta.len();
+            }
+        }
+    }
+    total
+}
+
+/// Runs `whispr-mailbox --config CONFIG ARGS…`, which must succeed; its stdout and how long
+/// it took.
+fn cli_ok(config: &Path, args: &[&str]) -> (String, Duration) {
+    let started = Instant::now();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (String::from_utf8_lossy(&out.stdout).into_owned(), took)
+}
+
+/// The RPO/RTO figures of `docs/operators.md` ("Backups and restore"), measured on a store of
+/// `WHISPR_BACKUP_MESSAGES` messages (default 100,000, 256-byte bodies): an online backup of
+/// the running node (the first one full, then incremental), and the restore of a lost data
+/// directory followed by the start of the node, after which every message is there. Run by
+/// hand:
+/// `cargo test --workspace --profile test --test node_process -- --ignored backup_and_restore_timings --nocapture`.
+#[ignore = "a measurement of a minute or more: run by hand (figures in docs/operators.md)"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_and_restore_timings() {
+    let n: u64 = std::env::var("WHISPR_BACKUP_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let more = n / 10;
+    let dir = tempfile::tempdir().unwrap();
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let admin = format!("127.0.0.1:{admin_port}");
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "\n[admin]\nlisten = \"{admin}\"\ntoken = \"backup-timings-admin-token-0123456789\"\n"
+        ),
+    );
+    let backups = dir.path().join("backups");
+    let to = backups.to_str().unwrap();
+    let seed = 21;
+    let started = Instant::now();
+    let count = n.to_string();
+    let acked = stress(
+        &config,
+        seed,
+        &["--count", &count, "--concurrency", "8"],
+        Kill::Never,
+    );
+    assert_eq!(acked.len() as u64, n);
+    let fill = started.elapsed();
+    let data = dir.path().join("data");
+    let store_bytes = dir_bytes(&data.join("db"));
+
+    let started = Instant::now();
+    let mut node = Node::start(&config, dir.path().join("node.log")).await;
+    let cold_start = started.elapsed();
+    let (out1, full) = cli_ok(&config, &["backup", "--to", to, "--admin", &admin]);
+    let backup_bytes_1 = dir_bytes(&backups);
+    let (_, unchanged) = cli_ok(&config, &["backup", "--to", to, "--admin", &admin]);
+    node.kill();
+    let count = more.to_string();
+    let acked_more = stress(
+        &config,
+        seed,
+        &["--count", &count, "--concurrency", "8"],
+        Kill::Never,
+    );
+    assert_eq!(acked_more.len() as u64, more);
+    let mut node = Node::start(&config, dir.path().join("node.log")).await;
+    let (out3, incremental) = cli_ok(&config, &["backup", "--to", to, "--admin", &admin]);
+    let backup_bytes_3 = dir_bytes(&backups);
+
+    // The disk is lost (kill -9, store deleted; the master key is kept), then restored.
+    node.kill();
+    std::fs::remove_dir_all(data.join("db")).unwrap();
+    std::fs::remove_dir_all(data.join("timers")).unwrap();
+    let (_, restore) = cli_ok(&config, &["restore", "--from", to]);
+    let started = Instant::now();
+    let node = Node::start(&config, dir.path().join("node.log")).await;
+    let start = started.elapsed();
+    let owner = Owner::from_seed(seed);
+    let token = node.login(&owner).await;
+    let info: Value = node
+        .http
+        .get(format!(
+            "{}/v1/mailboxes/{}",
+            node.base,
+            hex::encode(owner.mailbox_id.as_bytes())
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        info["messages"],
+        n + more,
+        "every backed-up message is back"
+    );
+    let report = |out: &str| serde_json::from_str::<Value>(out.trim()).unwrap();
+    eprintln!(
+        "{n} messages written in {} ms; store {} MB; node start {} ms\n\
+         backup 1 (full, running node): {} ms wall (node: {} ms), backup dir {} MB\n\
+         backup 2 (nothing changed): {} ms\n\
+         backup 3 (+{more} messages): {} ms wall (node: {} ms), backup dir {} MB (+{} MB)\n\
+         restore: {} ms; start after restore: {} ms; RTO (restore + start): {} ms",
+        fill.as_millis(),
+        store_bytes / 1_000_000,
+        cold_start.as_millis(),
+        full.as_millis(),
+        report(&out1)["duration_ms"],
+        backup_bytes_1 / 1_000_000,
+        unchanged.as_millis(),
+        incremental.as_millis(),
+        report(&out3)["duration_ms"],
+        backup_bytes_3 / 1_000_000,
+        (backup_bytes_3 - backup_bytes_1) / 1_000_000,
+        restore.as_millis(),
+        start.as_millis(),
+        (restore + start).as_millis()
+    );
+}

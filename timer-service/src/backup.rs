@@ -51,7 +51,8 @@ pub struct BackupConfig {
     /// Default none: no scheduled backups.
     pub dir: Option<PathBuf>,
     /// A backup every this many minutes, the first one this long after the start (a node in
-    /// a crash loop does not push good backups out of `keep`). 1 to 10,080. Default 5.
+    /// a crash loop does not push good backups out of `keep`). 1 to 10,080. Default 4: the
+    /// RPO is this plus one backup's duration, and the policy asks for 5 minutes.
     pub interval_minutes: u64,
     /// Backups kept in `dir` (older ones are deleted after each backup; files shared with a
     /// kept backup stay). 1 to 1000. Default 24.
@@ -62,7 +63,7 @@ impl Default for BackupConfig {
     fn default() -> Self {
         BackupConfig {
             dir: None,
-            interval_minutes: 5,
+            interval_minutes: 4,
             keep: 24,
         }
     }

@@ -687,3 +687,70 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// Bytes of the files under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    walk(dir)
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum()
+}
+
+/// The timer's figures in `docs/operators.md` ("Backups and restore"): an online backup of a
+/// running node holding `WHISPR_BACKUP_TASKS` tasks (default 100,000, due in the next day,
+/// 4-byte payloads), then the restore of a lost data directory and the start of the node,
+/// after which every task is there. Run by hand:
+/// `cargo test --workspace --profile test --test node_process -- --ignored timer_backup_and_restore_timings --nocapture`.
+#[ignore = "a measurement: run by hand (figures in docs/operators.md)"]
+#[test]
+fn timer_backup_and_restore_timings() {
+    let n: u64 = std::env::var("WHISPR_BACKUP_TASKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 5);
+    let data = dir.path().join("data");
+    let backups = dir.path().join("backups");
+    let to = backups.to_str().unwrap();
+    let mut child = stress(&data, n, 1000, 86_400_000, 8);
+    let mut ids = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut ids)
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(ids.lines().count() as u64, n);
+    let node = NodeProcess::start(&config, &dir.path().join("node-1.log"));
+    let admin = format!("127.0.0.1:{}", node.port);
+    let started = Instant::now();
+    let (ok, out, err) = cli(&config, &["backup", "--to", to, "--admin", &admin]);
+    assert!(ok, "{err}");
+    let backup = started.elapsed();
+    drop(node);
+    std::fs::remove_dir_all(&data).unwrap();
+    let started = Instant::now();
+    let (ok, _, err) = cli(&config, &["restore", "--from", to]);
+    assert!(ok, "{err}");
+    let restore = started.elapsed();
+    let started = Instant::now();
+    let node = NodeProcess::start(&config, &dir.path().join("node-2.log"));
+    let start = started.elapsed();
+    let (_, queues) = node.admin("GET", "/v1/admin/queues", None);
+    let held = queues["maintenance"]["scheduled"].as_u64().unwrap()
+        + queues["maintenance"]["due"].as_u64().unwrap_or(0);
+    // (Those whose due time came since they were scheduled have fired: a few.)
+    assert!(held >= n - n / 100, "{queues}");
+    eprintln!(
+        "{n} tasks: backup {} ms wall ({}), backup dir {} MB; restore {} ms; start {} ms; \
+         RTO (restore + start) {} ms",
+        backup.as_millis(),
+        out.trim(),
+        dir_bytes(&backups) / 1_000_000,
+        restore.as_millis(),
+        start.as_millis(),
+        (restore + start).as_millis()
+    );
+}

@@ -3,15 +3,21 @@
 //! sits above [`crate::node`]: it uses the node, the node never uses it.
 //! Every route is described by the generated OpenAPI document at `GET /v1/openapi.json`.
 //!
-//! Errors are JSON `{"error": kind, "message": text}` with a 4xx status for the caller's
-//! mistakes and 5xx for the node's; every limit answers 429 with `Retry-After`. Nothing here
-//! logs an id, token, key or address.
+//! Errors are JSON `{"error": kind, "message": text}` ([`ErrorBody`]) with a 4xx status for
+//! the caller's mistakes and 5xx for the node's; every limit answers 429 with `Retry-After`.
+//! A request that does not match the OpenAPI document (a malformed field, a missing parameter)
+//! is answered 400; one that matches it but whose content the node refuses (a key that is not
+//! a curve point, a cursor beyond the last message, a retention above the node's maximum) 422;
+//! a store that cannot write 503. The document lists every status each operation can return
+//! (`tests/api_contract.rs` checks it; `make api-fuzz` fuzzes a live node against it).
+//! Nothing here logs an id, token, key or address.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
@@ -79,6 +85,7 @@ impl MailboxNode {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     /// Stable machine-readable kind (e.g. `unauthorized`, `rate_limited`, `bad_request`).
+    #[schema(pattern = "^[a-z][a-z_]*$", min_length = 1)]
     pub error: String,
     /// Human-readable explanation (never contains ids, tokens or keys).
     pub message: String,
@@ -136,11 +143,16 @@ impl From<MailboxError> for ApiError {
                 err.kind = e.kind().into();
                 return err;
             }
+            // Well-formed (it matches the API document) but refused for its content.
             MailboxError::AlreadyExpired
             | MailboxError::BadCursor(_)
-            | MailboxError::InvalidArgument(_)
-            | MailboxError::Malformed(_) => StatusCode::BAD_REQUEST,
-            MailboxError::Store(StoreError::Poisoned) => StatusCode::SERVICE_UNAVAILABLE,
+            | MailboxError::InvalidArgument(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            MailboxError::Malformed(_) => StatusCode::BAD_REQUEST,
+            // The store cannot write (poisoned by a failed write, or failing now): the node
+            // cannot serve until it is restarted; /healthz says so too.
+            MailboxError::Store(StoreError::Poisoned | StoreError::Backend(_)) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let message = if status.is_server_error() {
@@ -230,6 +242,49 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Api
             .map(|q| ApiQuery(q.0))
             .map_err(|e: QueryRejection| ApiError::bad_request(e.body_text()))
     }
+}
+
+/// WebSocket upgrade extractor with JSON rejections (axum's are plain text): 400 for a
+/// request without the upgrade headers, 426 when the connection cannot be upgraded.
+pub struct ApiUpgrade(pub WebSocketUpgrade);
+
+impl<S: Send + Sync> FromRequestParts<S> for ApiUpgrade {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        WebSocketUpgrade::from_request_parts(parts, state)
+            .await
+            .map(ApiUpgrade)
+            .map_err(|e: WebSocketUpgradeRejection| {
+                let status = e.status();
+                let kind = match status {
+                    StatusCode::UPGRADE_REQUIRED => "upgrade_required",
+                    StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+                    _ => "bad_request",
+                };
+                ApiError::new(status, kind, e.body_text())
+            })
+    }
+}
+
+/// A JSON integer as JSON Schema defines one (the document's `integer`): `5` and `5.0` alike;
+/// a fraction, a negative number or one above `T`'s range is refused (400).
+fn json_uint<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    use serde::de::Error;
+    let number = serde_json::Number::deserialize(deserializer)?;
+    let value = match (number.as_u64(), number.as_f64()) {
+        (Some(v), _) => v,
+        // Below 2^64 (exact as f64), integral and not negative: the cast is exact.
+        (None, Some(f)) if f.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&f) => {
+            f as u64
+        }
+        _ => return Err(D::Error::custom("expected a non-negative integer")),
+    };
+    T::try_from(value).map_err(|_| D::Error::custom("integer out of range"))
 }
 
 fn hex32(what: &str, text: &str) -> ApiResult<[u8; 32]> {
@@ -400,31 +455,60 @@ impl Drop for Slot {
 #[serde(deny_unknown_fields)]
 pub struct CreateMailboxRequest {
     /// Mailbox id, 32 bytes hex (random, chosen by the owner).
+    #[schema(pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)]
     pub mailbox_id: String,
-    /// HPKE X25519 public key senders seal to, hex.
+    /// HPKE X25519 public key senders seal to, 32 bytes hex.
+    #[schema(pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)]
     pub mailbox_key: String,
-    /// Owner Ed25519 key, hex; also the first device.
+    /// Owner Ed25519 key, 32 bytes hex; also the first device. Not a curve point: 422.
+    #[schema(pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)]
     pub owner_key: String,
-    /// SHA-256 of the access key given to contacts, hex.
+    /// SHA-256 of the access key given to contacts, 32 bytes hex.
+    #[schema(pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)]
     pub access_key_hash: String,
-    /// Reply key minting the SURB ids of replies into this mailbox, hex (secret).
+    /// Reply key minting the SURB ids of replies into this mailbox, 32 bytes hex (secret).
     #[serde(default)]
+    #[schema(pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)]
     pub reply_key: Option<String>,
-    /// Retention in milliseconds (at most the node's `limits.retention_ms_max`).
+    /// Retention in milliseconds, 1 to the node's `limits.retention_ms_max` (above it: 422).
+    #[schema(minimum = 0, maximum = 18446744073709551615_u64)]
+    #[serde(deserialize_with = "json_uint")]
     pub retention_ms: u64,
-    /// Owner Ed25519 signature over the creation transcript (see docs/mailbox.md), hex.
+    /// Owner Ed25519 signature over the creation transcript (see docs/mailbox.md), 64 bytes
+    /// hex. Wrong: 401 `bad_signature`.
+    #[schema(pattern = "^[0-9a-fA-F]{128}$", min_length = 128, max_length = 128)]
     pub signature: String,
     /// The mailbox's replica set (1 to 5 node ids, hex), which must name this node: the
     /// signature is then over the v2 transcript (`docs/replication.md`). Absent: the v1
     /// transcript, a mailbox on this node only, never replicated.
     #[serde(default)]
+    #[schema(min_items = 1, max_items = 5, value_type = Option<Vec<HexNodeId>>)]
     pub replicas: Option<Vec<String>>,
 }
+
+/// A node id, 32 bytes hex.
+/// (Schema only: the field is a `String`.)
+pub struct HexNodeId;
+
+impl utoipa::PartialSchema for HexNodeId {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .description(Some("A node id, 32 bytes hex."))
+            .pattern(Some("^[0-9a-fA-F]{64}$"))
+            .min_length(Some(64))
+            .max_length(Some(64))
+            .into()
+    }
+}
+
+impl ToSchema for HexNodeId {}
 
 /// Answer to a creation.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct CreatedResponse {
-    /// The mailbox id, hex.
+    /// The mailbox id, hex (lower case).
+    #[schema(pattern = "^[0-9a-f]{64}$", min_length = 64, max_length = 64)]
     pub mailbox_id: String,
 }
 
@@ -432,9 +516,11 @@ pub struct CreatedResponse {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChallengeRequest {
-    /// Mailbox id, hex.
+    /// Mailbox id, 32 bytes hex.
+    #[schema(pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)]
     pub mailbox_id: String,
-    /// The device key that will sign, hex.
+    /// The device key that will sign, 32 bytes hex.
+    #[schema(pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)]
     pub device_key: String,
 }
 
@@ -442,6 +528,7 @@ pub struct ChallengeRequest {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ChallengeResponse {
     /// 32 random bytes, hex.
+    #[schema(pattern = "^[0-9a-f]{64}$", min_length = 64, max_length = 64)]
     pub challenge: String,
     /// The node's audience string, part of the signed transcript.
     pub audience: String,
@@ -453,13 +540,17 @@ pub struct ChallengeResponse {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginRequest {
-    /// Mailbox id, hex.
+    /// Mailbox id, 32 bytes hex.
+    #[schema(pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)]
     pub mailbox_id: String,
-    /// Device key, hex.
+    /// Device key, 32 bytes hex.
+    #[schema(pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)]
     pub device_key: String,
-    /// The challenge, hex.
+    /// The challenge, 32 bytes hex.
+    #[schema(pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)]
     pub challenge: String,
-    /// Ed25519 signature over the login transcript, hex.
+    /// Ed25519 signature over the login transcript, 64 bytes hex.
+    #[schema(pattern = "^[0-9a-fA-F]{128}$", min_length = 128, max_length = 128)]
     pub signature: String,
 }
 
@@ -467,6 +558,7 @@ pub struct LoginRequest {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct TokenResponse {
     /// 32 bytes hex; send as `Authorization: Bearer <token>` (or `?ticket=`).
+    #[schema(pattern = "^[0-9a-f]{64}$", min_length = 64, max_length = 64)]
     pub token: String,
     /// Unix ms at which it stops working.
     pub expires_at_ms: u64,
@@ -475,12 +567,28 @@ pub struct TokenResponse {
 /// `GET /v1/mailboxes/{id}/messages` query.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct PollQuery {
     /// Return messages with a sequence number above this (default: the device's cursor).
+    /// Beyond the mailbox's last sequence number: 422 `bad_cursor`.
+    #[param(
+        required = false,
+        nullable = false,
+        minimum = 0,
+        maximum = 18446744073709551615_u64
+    )]
     pub after: Option<u64>,
-    /// Most messages returned (capped by the node).
-    pub limit: Option<usize>,
-    /// Long poll: wait up to this many milliseconds for a message when there is none.
+    /// Most messages returned (0 counts as 1; capped by the node's `api.poll_limit_max`).
+    #[param(required = false, nullable = false, format = Int64, minimum = 0, maximum = 4294967295_u64)]
+    pub limit: Option<u32>,
+    /// Long poll: wait up to this many milliseconds for a message when there is none (capped
+    /// by the node's `api.wait_ms_max`).
+    #[param(
+        required = false,
+        nullable = false,
+        minimum = 0,
+        maximum = 18446744073709551615_u64
+    )]
     pub wait: Option<u64>,
 }
 
@@ -492,21 +600,27 @@ pub struct MessageJson {
     /// Message id, 16 bytes hex, the same on every replica of the mailbox (the envelope's
     /// dedup id, or the SURB id of a SURB reply).
     #[serde(default)]
+    #[schema(pattern = "^[0-9a-f]{32}$", min_length = 32, max_length = 32)]
     pub id: String,
     /// When the node stored it (Unix ms).
     pub received_at_ms: u64,
     /// When the node drops it (Unix ms).
     pub expires_at_ms: u64,
     /// `envelope` or `surb_reply`.
+    #[schema(pattern = "^(envelope|surb_reply)$")]
     pub kind: String,
-    /// For `envelope`: the sealed envelope (protobuf `SealedEnvelope`), base64.
+    /// For `envelope`: the sealed envelope (protobuf `SealedEnvelope`), base64 (standard
+    /// alphabet, padded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[A-Za-z0-9+/]*={0,2}$")]
     pub envelope: Option<String>,
-    /// For `surb_reply`: the SURB id, hex.
+    /// For `surb_reply`: the SURB id, 16 bytes hex.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[0-9a-f]{32}$", min_length = 32, max_length = 32)]
     pub surb_id: Option<String>,
-    /// For `surb_reply`: the sealed reply, base64.
+    /// For `surb_reply`: the sealed reply, base64 (standard alphabet, padded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[A-Za-z0-9+/]*={0,2}$")]
     pub payload: Option<String>,
 }
 
@@ -548,6 +662,9 @@ pub struct MessagesResponse {
 #[serde(deny_unknown_fields)]
 pub struct AckRequest {
     /// Acknowledge every message up to this sequence number (inclusive) for this device.
+    /// Beyond the mailbox's last sequence number: 422 `bad_cursor`.
+    #[schema(minimum = 0, maximum = 18446744073709551615_u64)]
+    #[serde(deserialize_with = "json_uint")]
     pub up_to: u64,
 }
 
@@ -562,9 +679,12 @@ pub struct AckResponse {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceRequest {
-    /// The new device's Ed25519 key, hex.
+    /// The new device's Ed25519 key, 32 bytes hex. Not a curve point: 422.
+    #[schema(pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)]
     pub device_key: String,
-    /// The owner's signature over the device transcript, hex.
+    /// The owner's signature over the device transcript, 64 bytes hex. Wrong: 401
+    /// `bad_signature`.
+    #[schema(pattern = "^[0-9a-fA-F]{128}$", min_length = 128, max_length = 128)]
     pub signature: String,
 }
 
@@ -573,13 +693,17 @@ pub struct DeviceRequest {
 #[serde(deny_unknown_fields)]
 pub struct PrekeyJson {
     /// Owner-chosen id.
+    #[schema(format = Int64, minimum = 0, maximum = 4294967295_u64)]
+    #[serde(deserialize_with = "json_uint")]
     pub key_id: u32,
-    /// Curve25519 public key, hex.
+    /// Curve25519 public key, 32 bytes hex.
+    #[schema(pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)]
     pub key: String,
     /// True for the fallback key.
     #[serde(default)]
     pub fallback: bool,
-    /// Owner signature, hex.
+    /// Owner signature, 64 bytes hex.
+    #[schema(pattern = "^[0-9a-fA-F]{128}$", min_length = 128, max_length = 128)]
     pub signature: String,
 }
 
@@ -587,11 +711,14 @@ pub struct PrekeyJson {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PrekeysRequest {
-    /// Olm identity key (Curve25519), hex.
+    /// Olm identity key (Curve25519), 32 bytes hex.
+    #[schema(pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)]
     pub identity_key: String,
-    /// Owner signature over it, hex.
+    /// Owner signature over it, 64 bytes hex. Wrong: 401 `bad_signature`.
+    #[schema(pattern = "^[0-9a-fA-F]{128}$", min_length = 128, max_length = 128)]
     pub identity_signature: String,
-    /// One-time keys and at most one fallback key.
+    /// One-time keys and at most one fallback key (more than the node's
+    /// `limits.prekeys_max`, or two fallback keys: 422).
     pub prekeys: Vec<PrekeyJson>,
 }
 
@@ -606,10 +733,13 @@ pub struct PrekeysResponse {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct InfoResponse {
     /// Mailbox id, hex.
+    #[schema(pattern = "^[0-9a-f]{64}$", min_length = 64, max_length = 64)]
     pub mailbox_id: String,
     /// HPKE public key, hex.
+    #[schema(pattern = "^[0-9a-f]{64}$", min_length = 64, max_length = 64)]
     pub mailbox_key: String,
     /// Owner key, hex.
+    #[schema(pattern = "^[0-9a-f]{64}$", min_length = 64, max_length = 64)]
     pub owner_key: String,
     /// Retention (ms).
     pub retention_ms: u64,
@@ -631,6 +761,7 @@ pub struct InfoResponse {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct DeviceJson {
     /// Device key, hex.
+    #[schema(pattern = "^[0-9a-f]{64}$", min_length = 64, max_length = 64)]
     pub device_key: String,
     /// Its cursor.
     pub cursor: u64,
@@ -652,10 +783,20 @@ pub struct ExportResponse {
 /// `GET /v1/mailboxes/{id}/stream` query.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct StreamQuery {
-    /// One-time ticket from `POST /v1/mailboxes/{id}/stream-ticket`, hex.
+    /// One-time ticket from `POST /v1/mailboxes/{id}/stream-ticket`, 32 bytes hex. Wrong,
+    /// used or expired: 401.
+    #[param(pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)]
     pub ticket: String,
-    /// Start after this sequence number (default: the device's cursor).
+    /// Start after this sequence number (default: the device's cursor). Beyond the mailbox's
+    /// last sequence number: 422 `bad_cursor`.
+    #[param(
+        required = false,
+        nullable = false,
+        minimum = 0,
+        maximum = 18446744073709551615_u64
+    )]
     pub after: Option<u64>,
 }
 
@@ -702,7 +843,9 @@ pub enum StreamCommand {
     responses(
         (status = 201, body = CreatedResponse),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 409, body = ErrorBody), (status = 429, body = ErrorBody)))]
+        (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 422, body = ErrorBody), (status = 429, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
 async fn create_mailbox(
     State(node): State<MailboxNode>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -772,7 +915,7 @@ async fn create_mailbox(
 #[utoipa::path(post, path = "/v1/auth/challenge", tag = "auth",
     request_body = ChallengeRequest,
     responses((status = 200, body = ChallengeResponse), (status = 400, body = ErrorBody),
-        (status = 429, body = ErrorBody)))]
+        (status = 413, body = ErrorBody), (status = 429, body = ErrorBody)))]
 async fn challenge(
     State(node): State<MailboxNode>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -793,7 +936,9 @@ async fn challenge(
 #[utoipa::path(post, path = "/v1/auth/login", tag = "auth",
     request_body = LoginRequest,
     responses((status = 200, body = TokenResponse), (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 429, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
 async fn login(
     State(node): State<MailboxNode>,
     ApiJson(req): ApiJson<LoginRequest>,
@@ -828,7 +973,7 @@ async fn login(
 
 /// Ends the session.
 #[utoipa::path(post, path = "/v1/auth/logout", tag = "auth",
-    responses((status = 204), (status = 401, body = ErrorBody)),
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn logout(State(node): State<MailboxNode>, auth: Authed) -> ApiResult<StatusCode> {
     node.sessions().end(now(), &auth.0.token_hash);
@@ -863,9 +1008,12 @@ async fn info_response(node: &MailboxNode, mailbox: &MailboxId) -> ApiResult<Inf
 
 /// The mailbox's information (for its owner's devices).
 #[utoipa::path(get, path = "/v1/mailboxes/{id}", tag = "mailboxes",
-    params(("id" = String, Path, description = "Mailbox id, hex")),
-    responses((status = 200, body = InfoResponse), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody)),
+    params(("id" = String, Path, description = "Mailbox id, 32 bytes hex",
+        pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)),
+    responses((status = 200, body = InfoResponse), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 429, body = ErrorBody),
+        (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn get_mailbox(
     State(node): State<MailboxNode>,
@@ -879,10 +1027,12 @@ async fn get_mailbox(
 
 /// Polls for messages after a cursor; with `wait`, long-polls until one arrives.
 #[utoipa::path(get, path = "/v1/mailboxes/{id}/messages", tag = "messages",
-    params(("id" = String, Path, description = "Mailbox id, hex"), PollQuery),
+    params(("id" = String, Path, description = "Mailbox id, 32 bytes hex",
+        pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64), PollQuery),
     responses((status = 200, body = MessagesResponse), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 429, body = ErrorBody)),
+        (status = 404, body = ErrorBody), (status = 422, body = ErrorBody),
+        (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn poll(
     State(node): State<MailboxNode>,
@@ -894,8 +1044,8 @@ async fn poll(
     auth.for_mailbox(&mailbox)?;
     let limit = q
         .limit
-        .unwrap_or(node.config().api.poll_limit_max)
-        .clamp(1, node.config().api.poll_limit_max);
+        .map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX))
+        .clamp(1, node.config().api.poll_limit_max.max(1));
     let wait_ms = q.wait.unwrap_or(0).min(node.config().api.wait_ms_max);
     let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
     let mut _slot = None;
@@ -929,10 +1079,14 @@ async fn poll(
 /// Acknowledges messages for this device (cumulative). A message is deleted once every
 /// registered device has acknowledged it.
 #[utoipa::path(post, path = "/v1/mailboxes/{id}/ack", tag = "messages",
-    params(("id" = String, Path, description = "Mailbox id, hex")),
+    params(("id" = String, Path, description = "Mailbox id, 32 bytes hex",
+        pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)),
     request_body = AckRequest,
     responses((status = 200, body = AckResponse), (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 422, body = ErrorBody), (status = 429, body = ErrorBody),
+        (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn ack(
     State(node): State<MailboxNode>,
@@ -951,9 +1105,11 @@ async fn ack(
 
 /// Issues a one-time ticket for opening a stream.
 #[utoipa::path(post, path = "/v1/mailboxes/{id}/stream-ticket", tag = "messages",
-    params(("id" = String, Path, description = "Mailbox id, hex")),
-    responses((status = 200, body = TokenResponse), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody)),
+    params(("id" = String, Path, description = "Mailbox id, 32 bytes hex",
+        pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)),
+    responses((status = 200, body = TokenResponse), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 429, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn stream_ticket(
     State(node): State<MailboxNode>,
@@ -973,14 +1129,27 @@ async fn stream_ticket(
 /// `{"type":"ack","up_to":N}` frames. Closed after `api.stream_idle_ms` without traffic or
 /// when the session expires.
 #[utoipa::path(get, path = "/v1/mailboxes/{id}/stream", tag = "messages",
-    params(("id" = String, Path, description = "Mailbox id, hex"), StreamQuery),
+    params(("id" = String, Path, description = "Mailbox id, 32 bytes hex",
+        pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64), StreamQuery,
+        ("Connection" = String, Header, description = "WebSocket handshake (RFC 6455)",
+            pattern = "^[Uu]pgrade$"),
+        ("Upgrade" = String, Header, description = "WebSocket handshake",
+            pattern = "^websocket$"),
+        ("Sec-WebSocket-Version" = String, Header, description = "WebSocket handshake",
+            pattern = "^13$"),
+        ("Sec-WebSocket-Key" = String, Header,
+            description = "WebSocket handshake: 16 random bytes, base64",
+            pattern = "^[A-Za-z0-9+/]{22}==$", min_length = 24, max_length = 24)),
     responses((status = 101, description = "WebSocket upgrade; frames are StreamEvent / StreamCommand JSON"),
-        (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody), (status = 426, body = ErrorBody),
+        (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn stream(
     State(node): State<MailboxNode>,
     ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<StreamQuery>,
-    upgrade: WebSocketUpgrade,
+    ApiUpgrade(upgrade): ApiUpgrade,
 ) -> ApiResult<Response> {
     let mailbox = mailbox_id(&id)?;
     let ticket = hex32("ticket", &q.ticket)
@@ -1124,10 +1293,13 @@ async fn run_stream(
 
 /// Registers another device (signed by the owner).
 #[utoipa::path(post, path = "/v1/mailboxes/{id}/devices", tag = "mailboxes",
-    params(("id" = String, Path, description = "Mailbox id, hex")),
+    params(("id" = String, Path, description = "Mailbox id, 32 bytes hex",
+        pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)),
     request_body = DeviceRequest,
     responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 429, body = ErrorBody)),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 422, body = ErrorBody),
+        (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn add_device(
     State(node): State<MailboxNode>,
@@ -1146,10 +1318,14 @@ async fn add_device(
 
 /// Removes a device (owner session only; the owner key itself cannot be removed).
 #[utoipa::path(delete, path = "/v1/mailboxes/{id}/devices/{device}", tag = "mailboxes",
-    params(("id" = String, Path, description = "Mailbox id, hex"),
-        ("device" = String, Path, description = "Device key, hex")),
+    params(("id" = String, Path, description = "Mailbox id, 32 bytes hex",
+        pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64),
+        ("device" = String, Path, description = "Device key, 32 bytes hex",
+            pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)),
     responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody)),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody), (status = 429, body = ErrorBody),
+        (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn remove_device(
     State(node): State<MailboxNode>,
@@ -1189,11 +1365,14 @@ async fn owner_only(node: &MailboxNode, auth: &Authed, mailbox: &MailboxId) -> A
 
 /// Replaces the mailbox's prekeys (public keys, each signed by the owner).
 #[utoipa::path(put, path = "/v1/mailboxes/{id}/prekeys", tag = "prekeys",
-    params(("id" = String, Path, description = "Mailbox id, hex")),
+    params(("id" = String, Path, description = "Mailbox id, 32 bytes hex",
+        pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)),
     request_body = PrekeysRequest,
     responses((status = 200, body = PrekeysResponse), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 429, body = ErrorBody)),
+        (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 422, body = ErrorBody), (status = 429, body = ErrorBody),
+        (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn put_prekeys(
     State(node): State<MailboxNode>,
@@ -1225,9 +1404,12 @@ async fn put_prekeys(
 
 /// Exports the mailbox: its information and every stored message, still sealed.
 #[utoipa::path(get, path = "/v1/mailboxes/{id}/export", tag = "mailboxes",
-    params(("id" = String, Path, description = "Mailbox id, hex")),
-    responses((status = 200, body = ExportResponse), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody)),
+    params(("id" = String, Path, description = "Mailbox id, 32 bytes hex",
+        pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)),
+    responses((status = 200, body = ExportResponse), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 429, body = ErrorBody),
+        (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn export(
     State(node): State<MailboxNode>,
@@ -1252,8 +1434,11 @@ async fn export(
 /// Erases the mailbox (owner session only): its data key first (crypto-erasure), then every
 /// record; every session of the mailbox ends.
 #[utoipa::path(delete, path = "/v1/mailboxes/{id}", tag = "mailboxes",
-    params(("id" = String, Path, description = "Mailbox id, hex")),
-    responses((status = 204), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    params(("id" = String, Path, description = "Mailbox id, 32 bytes hex",
+        pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn erase(
     State(node): State<MailboxNode>,
@@ -1272,7 +1457,11 @@ async fn erase(
 
 /// Liveness: 200 while the store accepts writes, 503 once it is poisoned.
 #[utoipa::path(get, path = "/healthz", tag = "operations",
-    responses((status = 200, description = "ok"), (status = 503, description = "store poisoned")))]
+    responses(
+        (status = 200, description = "ok", body = String, content_type = "text/plain"),
+        (status = 429, body = ErrorBody),
+        (status = 503, description = "store poisoned (or the mesh unhealthy)", body = String,
+            content_type = "text/plain")))]
 async fn healthz(State(node): State<MailboxNode>) -> Response {
     if node.is_healthy() {
         (StatusCode::OK, "ok\n").into_response()
@@ -1285,8 +1474,10 @@ async fn healthz(State(node): State<MailboxNode>) -> Response {
 /// Served here only when the API listener is a loopback address and no `api.metrics_listen`
 /// is set; otherwise 404 (scrape the metrics listener).
 #[utoipa::path(get, path = "/metrics", tag = "operations",
-    responses((status = 200, description = "Prometheus text format", content_type = "text/plain"),
-        (status = 404, body = ErrorBody)))]
+    responses(
+        (status = 200, description = "Prometheus text format", body = String,
+            content_type = "text/plain"),
+        (status = 404, body = ErrorBody), (status = 429, body = ErrorBody)))]
 async fn metrics(State(node): State<MailboxNode>) -> Response {
     if !node.config().api.metrics_on_api() {
         return fallback().await.into_response();
@@ -1599,9 +1790,84 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// Completes the document's responses: every 429 carries `Retry-After` (seconds), and an
+/// error response without a description gets the one of its status.
+struct Contract;
+
+/// What each error status means on this API.
+fn status_description(status: &str) -> Option<&'static str> {
+    Some(match status {
+        "400" => "The request does not match this document (a malformed parameter or body).",
+        "401" => {
+            "Missing, malformed, expired or revoked session token or ticket; or a signature that \
+             does not verify (`bad_signature`)."
+        }
+        "403" => "The session is for another mailbox, or is not the owner's (or its device's).",
+        "404" => "No such mailbox on this node (erased, or never created here).",
+        "409" => "A mailbox with this id already exists.",
+        "413" => "The body is larger than the node's `api.body_bytes_max`.",
+        "422" => {
+            "Well-formed, but the node refuses its content (`invalid_argument`, `bad_cursor`): a \
+             key that is not a curve point, a cursor beyond the last message, a value above the \
+             node's limit."
+        }
+        "426" => "The connection cannot be upgraded to a WebSocket.",
+        "200" => "Success.",
+        "201" => "Created.",
+        "204" => "Done (no body).",
+        "429" => {
+            "A rate limit or quota: per connection, per source address, per mailbox \
+             (`rate_limited`, `quota_exceeded`). Retry after `Retry-After` seconds."
+        }
+        "503" => "The node's store cannot write (poisoned by a failed write): restart the node.",
+        _ => return None,
+    })
+}
+
+impl utoipa::Modify for Contract {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::RefOr;
+        use utoipa::openapi::header::HeaderBuilder;
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+            ];
+            for operation in operations.into_iter().flatten() {
+                for (status, response) in &mut operation.responses.responses {
+                    let RefOr::T(response) = response else {
+                        continue;
+                    };
+                    if response.description.is_empty()
+                        && let Some(text) = status_description(status)
+                    {
+                        response.description = text.to_string();
+                    }
+                    if status == "429" {
+                        let seconds = ObjectBuilder::new()
+                            .schema_type(Type::Integer)
+                            .minimum(Some(1))
+                            .build();
+                        response.headers.insert(
+                            "Retry-After".to_string(),
+                            HeaderBuilder::new()
+                                .schema(seconds)
+                                .description(Some("Seconds to wait before retrying."))
+                                .build(),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The API's routes and the OpenAPI document describing exactly them.
 pub fn api_parts() -> (axum::Router<MailboxNode>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(create_mailbox))
         .routes(routes!(challenge))
         .routes(routes!(login))
@@ -1617,7 +1883,10 @@ pub fn api_parts() -> (axum::Router<MailboxNode>, utoipa::openapi::OpenApi) {
         .routes(routes!(export))
         .routes(routes!(healthz))
         .routes(routes!(metrics))
-        .split_for_parts()
+        .split_for_parts();
+    // After the routes: their paths are in the document only now.
+    utoipa::Modify::modify(&Contract, &mut doc);
+    (router, doc)
 }
 
 /// The OpenAPI document.

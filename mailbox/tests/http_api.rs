@@ -721,14 +721,14 @@ async fn create_refusals_change_nothing() {
     let zero = create_body(&owner.create_request(0));
     expect_error(
         s.post("/v1/mailboxes", &zero, None).await,
-        400,
+        422,
         "invalid_argument",
     )
     .await;
     let long = create_body(&owner.create_request(u64::MAX));
     expect_error(
         s.post("/v1/mailboxes", &long, None).await,
-        400,
+        422,
         "invalid_argument",
     )
     .await;
@@ -818,10 +818,10 @@ async fn poll_orders_pages_and_long_polls() {
 
     // Refused cursors and queries change nothing.
     let info = s.info(&owner, &token).await;
-    expect_error(s.poll(&owner, &token, "?after=6").await, 400, "bad_cursor").await;
+    expect_error(s.poll(&owner, &token, "?after=6").await, 422, "bad_cursor").await;
     expect_error(
         s.poll(&owner, &token, "?after=18446744073709551615").await,
-        400,
+        422,
         "bad_cursor",
     )
     .await;
@@ -899,11 +899,11 @@ async fn two_devices_receive_and_ack_independently() {
         s.deposit(&owner, &[b'a', i]).await;
     }
 
-    // Cumulative acks for the only device; older acks are no-ops; beyond last → 400.
+    // Cumulative acks for the only device; older acks are no-ops; beyond last → 422.
     let info = s.info(&owner, &t1).await;
     assert_eq!(info["messages"], 4);
-    expect_error(s.ack(&owner, &t1, 5).await, 400, "bad_cursor").await;
-    expect_error(s.ack(&owner, &t1, u64::MAX).await, 400, "bad_cursor").await;
+    expect_error(s.ack(&owner, &t1, 5).await, 422, "bad_cursor").await;
+    expect_error(s.ack(&owner, &t1, u64::MAX).await, 422, "bad_cursor").await;
     let r = s
         .post(
             &format!("/v1/mailboxes/{}/ack", mid(&owner)),
@@ -1009,7 +1009,7 @@ async fn two_devices_receive_and_ack_independently() {
     let owner_path = format!("{devices}/{}", key_hex(&first));
     expect_error(s.delete(&owner_path, &t2).await, 403, "forbidden").await;
     // The owner key itself cannot be removed.
-    expect_error(s.delete(&owner_path, &t1).await, 400, "invalid_argument").await;
+    expect_error(s.delete(&owner_path, &t1).await, 422, "invalid_argument").await;
     expect_error(
         s.delete(&format!("{devices}/zz"), &t1).await,
         400,
@@ -1124,7 +1124,7 @@ async fn stream_pushes_takes_acks_and_refuses_used_or_foreign_tickets() {
     let ticket = s.stream_ticket(&a, &token).await;
     ws_refused(
         &format!("{}&after=99", s.stream_url(&mid(&a), &ticket)),
-        400,
+        422,
         "bad_cursor",
     )
     .await;
@@ -1819,7 +1819,7 @@ async fn tls_serves_the_api_and_refuses_plain_http() {
     s.deposit(&owner, b"over tls").await;
     let page = s.poll_ok(&owner, &token, "").await;
     assert_eq!(open_message(&owner, &page["messages"][0]), b"over tls");
-    expect_error(s.poll(&owner, &token, "?after=9").await, 400, "bad_cursor").await;
+    expect_error(s.poll(&owner, &token, "?after=9").await, 422, "bad_cursor").await;
 
     // Plain HTTP to the TLS port fails; so does HTTPS to a client that does not trust it.
     let plain = http_client()
@@ -2159,7 +2159,7 @@ async fn a_replicated_mailbox_is_created_with_its_replica_set_and_messages_carry
             None,
         )
         .await;
-    expect_error(r, 400, "invalid_argument").await;
+    expect_error(r, 422, "invalid_argument").await;
     let r = server
         .post(
             "/v1/mailboxes",

@@ -1001,6 +1001,12 @@ impl Client {
         self.core.blocked()
     }
 
+    /// Replicas of removed or blocked contacts' mailboxes that have not confirmed their
+    /// erasure yet (tried again at every [`Client::tick`], at most every 10 s).
+    pub fn erasures_pending(&self) -> usize {
+        self.core.erasures_pending()
+    }
+
     /// Erases the whole account: every mailbox (per contact, per pending invitation, and
     /// those of removed contacts not yet erased everywhere) on every one of its replicas
     /// (crypto-erasure on each node), then, when every replica confirmed, the home's state

@@ -675,6 +675,7 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
             let client = Client::open(&home(&cli), &pass)?;
             let list = client.contacts();
             let blocked = client.blocked();
+            let pending = client.erasures_pending();
             let text = list
                 .iter()
                 .map(|c| {
@@ -686,9 +687,19 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
                     )
                 })
                 .chain(blocked.iter().map(|b| format!("{}  blocked", b.name)))
+                .chain((pending > 0).then(|| {
+                    format!(
+                        "({pending} replica(s) of removed contacts' mailboxes still to erase: \
+                         retried at every `recv`)"
+                    )
+                }))
                 .collect::<Vec<_>>()
                 .join("\n");
-            out(j, json!({"contacts": list, "blocked": blocked}), text);
+            out(
+                j,
+                json!({"contacts": list, "blocked": blocked, "erasures_pending": pending}),
+                text,
+            );
         }
         Command::Safety { name, verified } => {
             let pass = passphrase(&cli)?;

@@ -7,7 +7,8 @@
 //! * `block`: bob blocks alice; alice's next message is refused by the mailbox nodes and
 //!   ends `failed` on her side, never delivered; a new invitation from her is refused, and so
 //!   is her answer to a new one of bob's; bob's other contacts are unaffected.
-//! * `remove`: likewise for carol (without the block).
+//! * `remove`: likewise for carol (without the block), with one replica of her mailbox down:
+//!   it is erased there by bob's client once the replica is back.
 //! * `erase`: every mailbox of bob's is gone from every replica (the owner key's login is
 //!   refused where it succeeded before) and his home has no client any more.
 #![allow(
@@ -23,7 +24,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use whispr_client::devnet::{self, Devnet, DevnetOptions};
 use whispr_client::net::Net;
 use whispr_client::{Client, ClientError};
@@ -295,14 +296,38 @@ async fn block_remove_erase_and_export_through_the_command() {
         .unwrap();
     assert_eq!(friend["state"], "pending", "{c}");
 
-    // Remove: the same for carol, without a block.
+    // Remove: the same for carol, without a block, and with one replica of her mailbox down:
+    // the two others erase it at once, the third once it is back (bob's client tries again).
+    let carols = {
+        let c = Client::open(&bob.home, bob.pass.as_bytes()).unwrap();
+        c.core().contact_mailbox("carol").unwrap()
+    };
+    devnet.kill("mailbox3").unwrap();
     let removed = bob.ok(&["remove", "carol"]);
-    assert_eq!(removed[0]["erased"], 3, "{removed:?}");
+    assert_eq!(
+        (&removed[0]["erased"], &removed[0]["replicas"]),
+        (&json!(2), &json!(3)),
+        "{removed:?}"
+    );
     let c = bob.contacts();
     assert!(!names(&c, "contacts").contains(&"carol".to_string()));
     assert!(names(&c, "blocked") == ["alice"]);
+    assert_eq!(c["erasures_pending"], 1, "{c}");
     let (state, ok) = carol.send("bob", "after the removal");
     assert_eq!((state.as_str(), ok), ("failed", false));
+    devnet.restart("mailbox3", false).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while bob.contacts()["erasures_pending"] != 0 {
+        assert!(Instant::now() < deadline, "the third replica never erased");
+        bob.recv();
+    }
+    let net = Net::for_mailbox().unwrap();
+    for r in &carols.replicas {
+        match net.login((&carols, r)).await {
+            Err(ClientError::Node { status: 401, .. }) => {}
+            other => panic!("a replica still has carol's mailbox: {other:?}"),
+        }
+    }
     dave.send_stored("bob", "dave after the removal");
     let got = bob.recv_text("dave after the removal");
     assert!(!got.iter().any(|t| t == "after the removal"), "{got:?}");
@@ -314,7 +339,6 @@ async fn block_remove_erase_and_export_through_the_command() {
         c.core().owned_mailboxes()
     };
     assert_eq!(mailboxes.len(), 2, "dave's and the pending invitation's");
-    let net = Net::for_mailbox().unwrap();
     for m in &mailboxes {
         for r in &m.replicas {
             net.login((m, r)).await.unwrap();

@@ -136,6 +136,12 @@ impl ClientCore {
         self.state.erasures.clone()
     }
 
+    /// Replicas, over all removed contacts' mailboxes, that have not confirmed their erasure
+    /// yet.
+    pub fn erasures_pending(&self) -> usize {
+        self.state.erasures.iter().map(|m| m.replicas.len()).sum()
+    }
+
     /// Replica `node` confirmed the erasure of mailbox `id` (it erased it, or no longer has
     /// it): it is not tried again.
     pub fn erasure_confirmed(&mut self, id: &[u8; 32], node: &[u8; 32]) {

@@ -15,6 +15,10 @@ pub struct CoreConfig {
     pub mailbox_bytes_max: u64,
     /// Most devices per mailbox (the owner's key included). Default 8.
     pub devices_max: usize,
+    /// Removed device keys remembered per mailbox, so that the owner's old registration of a
+    /// removed device cannot register it again (replayed by another device's session, or by
+    /// a replica that missed the removal). Past it the oldest is forgotten. Default 64.
+    pub devices_removed_max: usize,
     /// Longest retention a mailbox may ask for, and the cap on every expiry. Default 30 days.
     pub retention_ms_max: u64,
     /// Deposits (and prekey requests) per mailbox per minute. Default 600.
@@ -66,6 +70,7 @@ impl Default for CoreConfig {
             mailbox_messages_max: 10_000,
             mailbox_bytes_max: 64 * 1024 * 1024,
             devices_max: 8,
+            devices_removed_max: 64,
             retention_ms_max: 30 * 24 * 3600 * 1000,
             deposits_per_min: 600,
             prekeys_max: 200,

@@ -235,6 +235,10 @@ struct Record {
 
 fn used_by_default() -> bool {
     true
+    /// Device keys removed from the mailbox, oldest first (at most `devices_removed_max`):
+    /// their old registrations are refused.
+    #[serde(default)]
+    removed_devices: Vec<[u8; 32]>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -882,6 +886,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                 key,
                 record,
                 cursors,
+            removed_devices: Vec::new(),
                 next_seq: 1,
                 messages: BTreeMap::new(),
                 bytes: 0,
@@ -925,7 +930,8 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
     }
 
     /// Registers another device, signed by the owner. The new device starts at the oldest
-    /// cursor, so it sees every message still stored.
+    /// cursor, so it sees every message still stored. A device key removed from the mailbox
+    /// is refused (its registration could be a replay): a device joins again with a new key.
     pub fn add_device(
         &mut self,
         mailbox: &MailboxId,
@@ -954,6 +960,11 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         let sid = m.sid;
         let start = m.min_cursor();
         let mut record = m.record.clone();
+        if m.record.removed_devices.contains(&device_key) {
+            return Err(MailboxError::Unauthorized(
+                "this device key was removed from the mailbox; register a new key",
+            ));
+        }
         record.devices.push(device_key);
         let replicated = !record.replicas.is_empty();
         if replicated {
@@ -1020,6 +1031,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             .filter(|(seq, i)| Self::fully_acked(&record.devices, &cursors, **seq, i))
             .map(|(seq, _)| *seq)
             .collect();
+        Self::remember_removed(&mut record, device_key, self.config.devices_removed_max);
         let key = m.key.clone();
         let mut ops = vec![self.record_ops(&sid, &key, &record)?];
         ops.push(Op::Delete {
@@ -1056,6 +1068,31 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
     fn cursor_op(&mut self, sid: &StorageId, key: &DataKey, device: &[u8; 32], seq: u64) -> Op {
         let k = cursor_key(sid, key, device);
         let mut plain = seq.to_be_bytes().to_vec();
+    /// Adds `device_key` to the record's removed devices, forgetting the oldest past `max`.
+    fn remember_removed(record: &mut Record, device_key: &[u8; 32], max: usize) {
+        record.removed_devices.retain(|d| d != device_key);
+        record.removed_devices.push(*device_key);
+        let excess = record.removed_devices.len().saturating_sub(max.max(1));
+        record.removed_devices.drain(..excess);
+    }
+
+    /// A peer replica removed `device_key`, which is not registered here (yet): remembers the
+    /// removal, so that a late copy of its registration is refused.
+    fn remember_removed_here(&mut self, mailbox: &MailboxId, device_key: &[u8; 32]) -> Result<()> {
+        self.check_writable()?;
+        let m = self.mailbox(mailbox)?;
+        if m.record.removed_devices.contains(device_key) || &m.record.owner_key == device_key {
+            return Ok(());
+        }
+        let (sid, key) = (m.sid, m.key.clone());
+        let mut record = m.record.clone();
+        Self::remember_removed(&mut record, device_key, self.config.devices_removed_max);
+        let op = self.record_ops(&sid, &key, &record)?;
+        self.store.write(vec![op], true)?;
+        self.mailbox_mut(mailbox)?.record = record;
+        Ok(())
+    }
+
         plain.extend_from_slice(device);
         let value = key.seal(&mut self.rng, &[b"cur", &k], &plain);
         Op::Put {

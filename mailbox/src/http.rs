@@ -363,7 +363,11 @@ async fn limit_connection(
         .shared
         .limiter
         .lock()
-        .map(|mut l| l.check(peer, now().0))
+        .map(|mut l| {
+            let key =
+                crate::limiter::limit_key(peer, node.shared.config.api.loopback_per_connection);
+            l.check(key, now().0)
+        })
         .unwrap_or(Ok(()));
     // The peer address is personal data: wrapped, it prints as `[redacted]`.
     let span = tracing::debug_span!(
@@ -379,7 +383,7 @@ async fn limit_connection(
         }
         Err(retry_after_ms) => {
             node.metrics().rate_limited.fetch_add(1, Ordering::Relaxed);
-            ApiError::too_many("operations per connection", retry_after_ms).into_response()
+            ApiError::too_many("operations per client address", retry_after_ms).into_response()
         }
     }
 }

@@ -1,6 +1,6 @@
-//! Request rate limits of the client API: bounded tables of token buckets, keyed by remote
-//! socket address (per connection) or by source address ([`source_key`]: per IPv4 address or
-//! IPv6 /64, so that opening new connections or walking a /64 does not buy a new budget).
+//! Request rate limits of the client API: bounded tables of token buckets, keyed by source
+//! address ([`source_key`]: per IPv4 address or IPv6 /64, so that opening new connections or
+//! walking a /64 does not buy a new budget; loopback clients per connection, [`limit_key`]).
 //! Sans-IO: the caller passes the time.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -84,11 +84,35 @@ impl<K: Ord + Copy> RateLimiter<K> {
     }
 }
 
-/// Per-connection request rate limiter (token bucket per remote socket address), bounded.
-pub type ConnectionLimiter = RateLimiter<SocketAddr>;
+/// What the API's operation limit counts a request against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LimitKey {
+    /// A source address ([`source_key`]): every connection from it shares one budget.
+    Source(IpAddr),
+    /// One connection (a loopback client, see [`limit_key`]).
+    Connection(SocketAddr),
+}
 
-impl RateLimiter<SocketAddr> {
-    /// `per_min` requests per minute per connection, tracking at most `max` connections.
+/// The key a request from `peer` is limited under: its source address ([`source_key`]: the
+/// IPv4 address or IPv6 /64), so that opening new connections buys no new budget. With
+/// `loopback_per_connection`, a loopback peer is limited per connection instead: clients on
+/// this host (a reverse proxy, a devnet, tests) all share one address, and a reverse proxy
+/// would otherwise make every client share one budget.
+pub fn limit_key(peer: SocketAddr, loopback_per_connection: bool) -> LimitKey {
+    let source = source_key(peer.ip());
+    if loopback_per_connection && (peer.ip().is_loopback() || source.is_loopback()) {
+        LimitKey::Connection(peer)
+    } else {
+        LimitKey::Source(source)
+    }
+}
+
+/// The API's request rate limiter: a token bucket per [`LimitKey`] (source address, or
+/// connection on loopback), bounded.
+pub type ConnectionLimiter = RateLimiter<LimitKey>;
+
+impl RateLimiter<LimitKey> {
+    /// `per_min` requests per minute per key, tracking at most `max` keys.
     pub fn new(per_min: u64, max: usize) -> ConnectionLimiter {
         RateLimiter::per_period(per_min, 60_000, max)
     }
@@ -107,6 +131,42 @@ mod tests {
         assert_ne!(source_key(a), source_key(c));
         let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
         assert_eq!(source_key(mapped), "192.0.2.7".parse::<IpAddr>().unwrap());
+    }
+
+    /// Finding 11(d)/15: the budget was per socket address, so a client opening a new
+    /// connection for each request was never limited.
+    #[test]
+    fn new_connections_from_one_address_share_one_budget() {
+        let mut limiter = ConnectionLimiter::new(5, 16);
+        let mut refused = 0;
+        for port in 4000..4010u16 {
+            let peer = SocketAddr::from(([192, 0, 2, 7], port));
+            if limiter.check(limit_key(peer, true), 1_000).is_err() {
+                refused += 1;
+            }
+        }
+        assert_eq!(refused, 5, "10 connections from one address, 5 ops/min");
+        // An IPv6 /64 is one source; another /64 and another IPv4 address have their own.
+        let v6 = |s: &str, port| SocketAddr::new(s.parse().unwrap(), port);
+        assert_eq!(
+            limit_key(v6("2001:db8:1:2::1", 1), true),
+            limit_key(v6("2001:db8:1:2:ffff::9", 2), true)
+        );
+        limiter
+            .check(limit_key(v6("2001:db8:1:3::1", 1), true), 1_000)
+            .unwrap();
+        limiter
+            .check(limit_key("192.0.2.8:4000".parse().unwrap(), true), 1_000)
+            .unwrap();
+        // Loopback is per connection unless asked otherwise (IPv4-mapped included).
+        let a: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let b: SocketAddr = "[::ffff:127.0.0.1]:4001".parse().unwrap();
+        assert_ne!(limit_key(a, true), limit_key(b, true));
+        assert_eq!(limit_key(a, false), limit_key(b, false));
+        assert_ne!(
+            limit_key("[::1]:1".parse().unwrap(), true),
+            limit_key("[::1]:2".parse().unwrap(), true)
+        );
     }
 
     #[test]

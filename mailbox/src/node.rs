@@ -49,9 +49,12 @@ pub struct NodeConfig {
     /// `data_dir/master.key`.
     #[serde(default)]
     pub master_key_file: Option<PathBuf>,
-    /// This node's name in login signatures (clients check it). Default `whispr-mailbox`.
-    #[serde(default = "default_audience")]
-    pub audience: String,
+    /// This node's name in login signatures. Default: `whispr-mailbox/` followed by the hex
+    /// of the node's mesh identity key ([`whispr_protocol::mailbox_api::node_audience`]), the
+    /// only audience clients sign for; `whispr-mailbox` for a node without a mesh identity.
+    /// Set it only for a node clients do not find through the directory (tests).
+    #[serde(default)]
+    pub audience: Option<String>,
     /// The client API.
     #[serde(default)]
     pub api: ApiConfig,
@@ -88,9 +91,8 @@ pub struct NodeConfig {
     pub backup: whispr_timer_service::backup::BackupConfig,
 }
 
-fn default_audience() -> String {
-    "whispr-mailbox".into()
-}
+/// The audience of a node with no mesh identity (it serves no client of the directory).
+const STANDALONE_AUDIENCE: &str = "whispr-mailbox";
 
 /// `[api]`: the client HTTP API.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -104,9 +106,15 @@ pub struct ApiConfig {
     pub tls_key_file: Option<PathBuf>,
     /// Largest request body. Default 64 KiB.
     pub body_bytes_max: usize,
-    /// Requests per minute per connection (policy: 200 operations/min). Default 200.
+    /// Requests per minute per client (policy: 200 operations/min), counted per source
+    /// address (IPv4 address or IPv6 /64, so that new connections buy no new budget), and per
+    /// connection for loopback clients unless `loopback_per_connection` is false. Default 200.
     pub ops_per_min_per_connection: u64,
-    /// Connections whose request rate is tracked. Default 10,000.
+    /// Limit loopback clients per connection rather than as one address: a reverse proxy or
+    /// a devnet on this host makes every client a loopback client. Default true.
+    pub loopback_per_connection: bool,
+    /// Source addresses (and loopback connections) whose request rate is tracked; the one
+    /// seen longest ago is forgotten first. Default 10,000.
     pub connections_tracked_max: usize,
     /// Open long polls and streams per mailbox. Default 8.
     pub connections_per_mailbox_max: usize,
@@ -148,6 +156,7 @@ impl Default for ApiConfig {
             tls_key_file: None,
             body_bytes_max: 64 * 1024,
             ops_per_min_per_connection: 200,
+            loopback_per_connection: true,
             connections_tracked_max: 10_000,
             connections_per_mailbox_max: 8,
             wait_ms_max: 30_000,
@@ -182,12 +191,24 @@ impl Default for CommitConfig {
 }
 
 impl NodeConfig {
+    /// The audience devices sign at login: `audience` if set, else the node's own
+    /// ([`whispr_protocol::mailbox_api::node_audience`] of `limits.node_id`).
+    pub fn login_audience(&self) -> String {
+        match (&self.audience, self.limits.node_id) {
+            (Some(audience), _) => audience.clone(),
+            (None, Some(id)) => {
+                whispr_protocol::mailbox_api::node_audience(&whispr_protocol::NodeId(id))
+            }
+            (None, None) => STANDALONE_AUDIENCE.to_string(),
+        }
+    }
+
     /// A configuration with defaults for everything but the data directory.
     pub fn with_data_dir(data_dir: PathBuf) -> NodeConfig {
         NodeConfig {
             data_dir,
             master_key_file: None,
-            audience: default_audience(),
+            audience: None,
             api: ApiConfig::default(),
             log: LogConfig::default(),
             limits: CoreConfig::default(),
@@ -244,7 +265,9 @@ impl NodeConfig {
                 "not a loopback address; set api.metrics_allow_non_loopback = true to allow it",
             );
         }
-        if self.audience.is_empty() || self.audience.len() > 255 {
+        if let Some(audience) = &self.audience
+            && (audience.is_empty() || audience.len() > 255)
+        {
             return fail("audience", "must be 1 to 255 bytes");
         }
         let nonzero = [
@@ -434,7 +457,7 @@ impl MailboxNode {
         .map_err(|e| MailboxError::Store(crate::store::StoreError::Backend(e.to_string())))?;
         let sessions = Sessions::new(
             config.auth.clone(),
-            config.audience.clone(),
+            config.login_audience(),
             StdRng::from_rng(&mut seed_rng),
         );
         let (tx, rx) = mpsc::channel(config.commit.queue_max);

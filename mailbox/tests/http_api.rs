@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite;
 use whispr_mailbox::MailboxError;
 use whispr_mailbox::core::{DepositReceipt, Incoming};
-use whispr_mailbox::limiter::ConnectionLimiter;
+use whispr_mailbox::limiter::{ConnectionLimiter, limit_key};
 use whispr_mailbox::node::{MailboxNode, NoMesh, NodeConfig};
 use whispr_mailbox::testkit::{Owner, create_body};
 use whispr_protocol::DedupId;
@@ -154,7 +154,7 @@ impl Server {
         install_crypto();
         let dir = tempfile::tempdir().unwrap();
         let mut config = NodeConfig::with_data_dir(dir.path().join("data"));
-        config.audience = AUDIENCE.into();
+        config.audience = Some(AUDIENCE.into());
         // Live metrics: the tests read counters right after what they count.
         config.api.metrics_interval_ms = 0;
         configure(&mut config);
@@ -1237,6 +1237,79 @@ async fn operations_per_connection_limit_answers_429_with_retry_after() {
     assert_eq!(fresh.info(&owner, &token2).await["devices"][0]["cursor"], 1);
 }
 
+/// Issue 16 ("the client checks the login audience against the node it meant"): with the
+/// default configuration every node had the audience `whispr-mailbox`, so a node that relayed
+/// another node's login challenge to a client got a signature that the other node accepted.
+/// The default audience now names the node ([`whispr_protocol::mailbox_api::node_audience`]).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_signed_for_one_node_is_refused_by_another_with_default_configs() {
+    let default_audience = NodeConfig::with_data_dir(std::path::PathBuf::new()).audience;
+    let start = |id: u8| {
+        let default_audience = default_audience.clone();
+        Server::start(move |c| {
+            c.audience = default_audience;
+            c.limits.node_id = Some([id; 32]);
+        })
+    };
+    let (a, b) = (start(1).await, start(2).await);
+    let owner = Owner::from_seed(12);
+    a.create(&owner).await;
+    b.create(&owner).await;
+    let device = owner.device(0);
+    let challenge_at = |s: &Server| {
+        let body = json!({"mailbox_id": mid(&owner), "device_key": key_hex(&device)});
+        let r = s.http.post(s.url("/v1/auth/challenge")).json(&body).send();
+        async move {
+            let v = expect_json(r.await.unwrap(), 200).await;
+            let mut challenge = [0u8; 32];
+            hex::decode_to_slice(v["challenge"].as_str().unwrap(), &mut challenge).unwrap();
+            (challenge, v["audience"].as_str().unwrap().to_string())
+        }
+    };
+    let (_, audience_a) = challenge_at(&a).await;
+    let (challenge_b, audience_b) = challenge_at(&b).await;
+    assert_ne!(audience_a, audience_b, "two nodes, one default audience");
+    // Node A hands B's challenge to the client as its own; the client signs for A.
+    let signature = owner.sign_login(&device, &audience_a, &challenge_b);
+    let r = b
+        .login_raw(&mid(&owner), &key_hex(&device), &challenge_b, &signature)
+        .await;
+    let status = r.status().as_u16();
+    assert_eq!(
+        status,
+        401,
+        "node B accepted a login signed for node A: {}",
+        r.text().await.unwrap()
+    );
+}
+
+/// Finding 11(d)/15: the operation budget belonged to a socket address, so a client opening a
+/// new connection for every request was never limited. It belongs to the source address now
+/// (loopback is limited per connection by default; this node counts loopback as one address).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_opening_new_connections_gets_no_new_budget() {
+    let mut s = Server::start(|c| {
+        c.api.ops_per_min_per_connection = 5;
+        c.api.loopback_per_connection = false;
+    })
+    .await;
+    let owner = Owner::from_seed(11);
+    s.create(&owner).await;
+    let token = s.login(&owner, &owner.device(0)).await;
+    let info = format!("/v1/mailboxes/{}", mid(&owner));
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        // A new connection for every request.
+        let mut conn = RawConnection::open(s.addr).await;
+        statuses.push(conn.request("GET", &info, &token, None).await.0);
+    }
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    assert!(
+        served <= 5 && statuses.contains(&429),
+        "8 requests on 8 new connections at 5 ops/min: {served} served ({statuses:?})"
+    );
+}
+
 /// One HTTP/1.1 connection driven by hand (requests in sequence, keep-alive).
 struct RawConnection {
     stream: tokio::net::TcpStream,
@@ -1312,7 +1385,7 @@ impl RawConnection {
 /// The limiter's arithmetic on a synthetic clock: `per_min` operations per minute.
 #[test]
 fn connection_limiter_refills_per_minute() {
-    let peer: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+    let peer = limit_key("127.0.0.1:4000".parse().unwrap(), true);
     let mut limiter = ConnectionLimiter::new(5, 16);
     let t0 = 1_000_000;
     for _ in 0..5 {
@@ -1337,9 +1410,9 @@ fn connection_limiter_refills_per_minute() {
         limiter.check(peer, t1).unwrap();
     }
     assert!(limiter.check(peer, t1).is_err());
-    // Other connections have their own bucket.
+    // Other loopback connections have their own bucket.
     limiter
-        .check("127.0.0.1:4001".parse().unwrap(), t1)
+        .check(limit_key("127.0.0.1:4001".parse().unwrap(), true), t1)
         .unwrap();
     // 200/min (the policy default): 200 in a burst, then one every 300 ms.
     let mut limiter = ConnectionLimiter::new(200, 16);

@@ -697,6 +697,72 @@ fn a_removed_device_is_removed_on_every_replica() {
     }
 }
 
+/// Issue 16 ("device registrations cannot be replayed"): the owner's signature over a device
+/// registration names only the mailbox and the key, so once the device was removed, any device
+/// session could register it again with the old signature, and a replica that missed the
+/// removal handed the old registration back to its peers, which took it.
+#[test]
+fn a_removed_device_is_not_registered_again_by_a_replayed_registration() {
+    let mut net = Net::new();
+    let device2 = net.owner.device(1);
+    let sig = net.owner.sign_device(&device2);
+    let d2 = device2.verifying_key().to_bytes();
+    let mailbox = net.mailbox();
+    net.cores[0].add_device(&mailbox, d2, &sig).unwrap();
+    net.pump(at(1));
+    // What replica 1 hands its peers for this mailbox (device 2's registration included).
+    net.cores[1]
+        .handle_replica(
+            at(1),
+            node_id(0),
+            ReplicaMessage::RecordRequest {
+                mailbox_ids: vec![mailbox],
+            },
+        )
+        .unwrap();
+    let mut copy = None;
+    while let Some(o) = net.cores[1].poll_output() {
+        if let Output::Replica {
+            message: ReplicaMessage::Records { records },
+            ..
+        } = o
+        {
+            copy = records.into_iter().next();
+        }
+    }
+    let copy = copy.expect("a record copy");
+    assert_eq!(copy.devices.len(), 1);
+    // Replica 1 is down while device 2 is removed at replica 2.
+    net.up[1] = false;
+    net.cores[2].remove_device(&mailbox, &d2).unwrap();
+    net.pump(at(2));
+    assert!(!net.cores[0].is_device(&mailbox, &d2));
+    // Replayed through the API (any device's session can post a registration).
+    let replayed = net.cores[0].add_device(&mailbox, d2, &sig);
+    assert!(
+        replayed.is_err() && !net.cores[0].is_device(&mailbox, &d2),
+        "the removed device was registered again with its old signature: {replayed:?}"
+    );
+    // Replayed by the replica that missed the removal.
+    net.up[1] = true;
+    net.cores[0]
+        .handle_replica(
+            at(3),
+            node_id(1),
+            ReplicaMessage::Records {
+                records: vec![copy],
+            },
+        )
+        .unwrap();
+    assert!(
+        !net.cores[0].is_device(&mailbox, &d2),
+        "a stale replica's record registered the removed device again"
+    );
+    // Survives a restart.
+    net.restart(2, at(4));
+    assert!(net.cores[2].add_device(&mailbox, d2, &sig).is_err());
+}
+
 /// `n` more mailboxes on all three replicas, one message each deposited at node 0 (no
 /// receipt asked), pushed to the others.
 fn many_mailboxes(net: &mut Net, n: u64) -> Vec<MailboxId> {

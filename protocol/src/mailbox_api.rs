@@ -89,6 +89,23 @@ pub fn device_transcript(mailbox_id: &MailboxId, device_key: &[u8; 32]) -> Vec<u
 /// Domain prefix of the login signature.
 pub const LOGIN_PREFIX: &[u8] = b"whispr-mailbox-login-v1";
 
+/// Prefix of a mailbox node's default login audience.
+pub const AUDIENCE_PREFIX: &str = "whispr-mailbox/";
+
+/// The login audience of the mailbox node `node` (its mesh identity key, as the directory and
+/// the invitation name it): `"whispr-mailbox/" ‖ hex(node id)`. Every node has its own, so a
+/// login signature asked for by one node is refused by every other; clients sign a login only
+/// for the audience of the node they meant ([`login_transcript`]).
+pub fn node_audience(node: &NodeId) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(AUDIENCE_PREFIX.len() + 64);
+    s.push_str(AUDIENCE_PREFIX);
+    for b in node.0 {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
 /// The bytes a device signs to log in:
 /// `"whispr-mailbox-login-v1" ‖ len(audience) (u16 BE) ‖ audience ‖ mailbox_id ‖ device_key ‖
 /// challenge`.
@@ -117,6 +134,22 @@ pub fn login_transcript(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_node_has_its_own_audience() {
+        let a = node_audience(&NodeId([0xab; 32]));
+        assert_eq!(a, format!("whispr-mailbox/{}", "ab".repeat(32)));
+        assert_ne!(a, node_audience(&NodeId([0xac; 32])));
+        assert_ne!(
+            login_transcript(&a, &MailboxId([1; 32]), &[2; 32], &[3; 32]),
+            login_transcript(
+                &node_audience(&NodeId([0xac; 32])),
+                &MailboxId([1; 32]),
+                &[2; 32],
+                &[3; 32]
+            )
+        );
+    }
 
     #[test]
     fn the_v2_create_transcript_binds_the_replica_set() {

@@ -864,6 +864,10 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         }
     }
 
+                            Err(MailboxError::UnknownDevice) => {
+                                // Its registration has not reached us: refuse it when it does.
+                                self.remember_removed_here(&mailbox_id, &device)?;
+                            }
     /// A peer checked body: the stored envelope or SURB reply of `mailbox_id` named `id`.
     fn body_ok(mailbox_id: &MailboxId, item: &PushItem) -> bool {
         match item.kind {

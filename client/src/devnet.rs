@@ -195,7 +195,7 @@ fn plan_node(
             (
                 "whispr-mailbox",
                 format!(
-                    "data_dir = \"{}\"\naudience = \"devnet-{name}\"\n\n[api]\nlisten = \"127.0.0.1:{http_port}\"\nmetrics_interval_ms = 0\n{ops}{deposits}\n{}",
+                    "data_dir = \"{}\"\n\n[api]\nlisten = \"127.0.0.1:{http_port}\"\nmetrics_interval_ms = 0\n{ops}{deposits}\n{}",
                     data.display(),
                     mesh_section(
                         mesh_port,

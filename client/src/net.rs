@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use whispr_protocol::consensus::{Consensus, Network, VerifiedConsensus};
 use whispr_protocol::directory::Directory;
-use whispr_protocol::mailbox_api::{create_transcript_v2, login_transcript};
+use whispr_protocol::mailbox_api::{create_transcript_v2, login_transcript, node_audience};
 use whispr_protocol::{MailboxId, NodeId, UnixTime};
 
 use crate::error::{ClientError, Result};
@@ -298,6 +298,7 @@ impl Net {
         let owner = owner_key(m);
         let device = hex::encode(owner.verifying_key().to_bytes());
         let mailbox = hex::encode(m.id);
+        let node = NodeId(r.node);
         let api = &r.api_url;
         let r = self
             .http
@@ -330,8 +331,19 @@ impl Net {
             .unwrap_or(&Value::Null)
             .as_str()
             .unwrap_or("");
+        // Sign only for the node we meant: a node asking for another audience may be relaying
+        // another node's challenge, to log in there with our signature.
+        let expected = node_audience(&node);
+        if audience != expected {
+            return Err(ClientError::Node {
+                node: "mailbox",
+                status: 200,
+                kind: "wrong_audience".to_string(),
+                message: "the node asked for a login signature for another node".to_string(),
+            });
+        }
         let signature = owner.sign(&login_transcript(
-            audience,
+            &expected,
             &MailboxId(m.id),
             &owner.verifying_key().to_bytes(),
             &challenge,

@@ -50,6 +50,10 @@ use whispr_protocol::directory::Directory;
 use whispr_protocol::{KEY_EPOCH_LEN, KeyEpoch, NodeId, UnixTime};
 
 pub use codec::{PacketCodec, SphinxCodec};
+
+/// Longest delay before an own mailbox's long poll starts in a round
+/// ([`ClientCore::poll_schedule`]).
+pub const POLL_SPREAD_MAX_MS: u64 = 2_000;
 pub use contacts::{AcceptPlan, InvitePlan};
 pub use manage::{BlockedInfo, Revoked};
 
@@ -631,6 +635,29 @@ impl ClientCore {
             ids: vec![id],
             due_ms: self.now.saturating_add(delay),
         });
+    }
+
+    /// Independent schedules for one round of long polls over `n` own mailboxes that waits up
+    /// to `wait_ms` (security review finding 8: polls started at one instant, for one wait,
+    /// link a user's mailboxes by timing). Per mailbox `(delay_ms, wait_ms)`: the poll starts
+    /// after a delay drawn uniformly from `[0, spread]`, `spread = min(wait_ms / 2,`
+    /// [`POLL_SPREAD_MAX_MS`]`)`, and waits a time drawn uniformly from `[wait_ms / 2,
+    /// wait_ms − delay]`, so neither the starts nor the ends of the polls line up, and the
+    /// round still ends within `wait_ms`. A round without a wait (a one-shot fetch) starts
+    /// every poll at once.
+    pub fn poll_schedule(&mut self, n: usize, wait_ms: u64) -> Vec<(u64, u64)> {
+        use rand::RngExt;
+        let spread = (wait_ms / 2).min(POLL_SPREAD_MAX_MS);
+        (0..n)
+            .map(|_| {
+                if wait_ms == 0 {
+                    return (0, 0);
+                }
+                let delay = self.rng.random_range(0..=spread);
+                let longest = wait_ms.saturating_sub(delay).max(wait_ms / 2);
+                (delay, self.rng.random_range(wait_ms / 2..=longest))
+            })
+            .collect()
     }
 
     fn out_index(&self, id: u64) -> Option<usize> {

@@ -552,10 +552,11 @@ impl Client {
     }
 
     /// Polls each of `boxes` on the replica read from now (logging in, failing over when
-    /// that fails), all at once; as soon as one has something, takes what the others return
-    /// within 5 ms and drops the rest (they are polled again next round), so that a busy
-    /// mailbox is not held back by the idle ones' waits. Per mailbox: the replica polled and
-    /// the outcome (`None`: not waited for).
+    /// that fails), each on its own schedule ([`ClientCore::poll_schedule`]: its own start
+    /// delay and wait within `wait`); as soon as one has something, takes what the others
+    /// return within 5 ms and drops the rest (they are polled again next round), so that a
+    /// busy mailbox is not held back by the idle ones' waits. Per mailbox: the replica polled
+    /// and the outcome (`None`: not waited for).
     async fn poll_all(
         &mut self,
         boxes: &[OwnedMailbox],
@@ -567,13 +568,21 @@ impl Client {
             let net = self.net_for(&m.id);
             targets.push((target, net));
         }
+        // Each mailbox's poll starts after its own delay and waits its own time (finding 8:
+        // polls started together link the mailboxes).
+        let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        let schedule = self.core.poll_schedule(targets.len(), wait_ms);
         let mut pending: futures_util::stream::FuturesUnordered<_> = targets
             .into_iter()
+            .zip(schedule)
             .enumerate()
-            .map(|(i, (target, net))| async move {
+            .map(|(i, ((target, net), (delay_ms, wait_ms)))| async move {
                 let r = match (target, net) {
                     (Ok((m, r, t)), Ok(net)) => {
-                        let got = net.poll((&m, &r), &t, wait).await;
+                        if delay_ms > 0 {
+                            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                        }
+                        let got = net.poll((&m, &r), &t, Duration::from_millis(wait_ms)).await;
                         Ok((r, got))
                     }
                     (Err(e), _) | (_, Err(e)) => Err(e),
@@ -1186,14 +1195,46 @@ mod tests {
         hang: bool,
         renumbered: bool,
     ) -> (String, Seen) {
+        let (url, seen, _) = fake_replica_with(messages, hang, renumbered, None).await;
+        (url, seen)
+    }
+
+    /// When a fake replica received each request: (path with query, instant).
+    type Times = Arc<std::sync::Mutex<Vec<(String, std::time::Instant)>>>;
+
+    /// The identity key of the fake node serving at `api` (the directory of these tests names
+    /// it, and the fake replica asks for its audience).
+    fn fake_identity(api: &str) -> ed25519_dalek::SigningKey {
+        use sha2::Digest;
+        ed25519_dalek::SigningKey::from_bytes(&sha2::Sha256::digest(api.as_bytes()).into())
+    }
+
+    fn fake_audience(api: &str) -> String {
+        whispr_protocol::mailbox_api::node_audience(&NodeId(
+            fake_identity(api).verifying_key().to_bytes(),
+        ))
+    }
+
+    /// [`fake_replica_numbering`]; its login challenges name `audience` (default: its own).
+    async fn fake_replica_with(
+        messages: Value,
+        hang: bool,
+        renumbered: bool,
+        audience: Option<String>,
+    ) -> (String, Seen, Times) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let audience = audience.unwrap_or_else(|| fake_audience(&format!("http://{addr}")));
         let seen: Seen = Arc::default();
+        let times: Times = Arc::default();
+        let timed = times.clone();
         let log = seen.clone();
         tokio::spawn(async move {
             while let Ok((mut conn, _)) = listener.accept().await {
                 let log = log.clone();
                 let messages = messages.clone();
+                let audience = audience.clone();
+                let timed = timed.clone();
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 4096];
@@ -1226,6 +1267,10 @@ mod tests {
                         let mut words = head.split_whitespace();
                         let method = words.next().unwrap_or("").to_string();
                         let path = words.next().unwrap_or("").to_string();
+                        timed
+                            .lock()
+                            .unwrap()
+                            .push((path.clone(), std::time::Instant::now()));
                         log.lock().unwrap().push((method, path.clone(), body));
                         if hang {
                             tokio::time::sleep(Duration::from_secs(3600)).await;
@@ -1244,7 +1289,7 @@ mod tests {
                             continue;
                         }
                         let reply = if path.ends_with("/auth/challenge") {
-                            json!({"challenge": hex::encode([7u8; 32]), "audience": "fake"})
+                            json!({"challenge": hex::encode([7u8; 32]), "audience": audience})
                         } else if path.ends_with("/auth/login") {
                             json!({"token": "tok", "expires_at_ms": now_ms() + 3_600_000})
                         } else if path.contains("/messages") {
@@ -1269,7 +1314,7 @@ mod tests {
                 });
             }
         });
-        (format!("http://{addr}"), seen)
+        (format!("http://{addr}"), seen, times)
     }
 
     /// Whether the request just logged is a mailbox creation.
@@ -1294,7 +1339,7 @@ mod tests {
         let descriptors: Vec<_> = apis
             .iter()
             .map(|api| {
-                let identity = ed25519_dalek::SigningKey::generate(&mut rng);
+                let identity = fake_identity(api);
                 let id = NodeId(identity.verifying_key().to_bytes());
                 let public = SphinxPublicKey::from(&SphinxSecretKey::random_from_rng(&mut rng));
                 NodeDescriptor {
@@ -1404,6 +1449,103 @@ mod tests {
             log.iter().any(|(_, p, _)| p.contains("/messages?after=6")),
             "{log:?}"
         );
+    }
+
+    /// Issue 16 ("the client checks the login audience against the node it meant"): a
+    /// malicious replica relays another node's login challenge, naming that node's audience.
+    /// The client signs only for the audience of the node it is talking to, so the malicious
+    /// node gets no signature it could replay to the other node; the client reads the next
+    /// replica instead.
+    #[tokio::test]
+    async fn the_client_signs_a_login_only_for_the_node_it_meant() {
+        let (honest, honest_seen) = fake_replica(page(&[4]), false).await;
+        // The evil node relays the honest node's challenge, naming the honest node.
+        let relayed = fake_audience(&honest);
+        let (evil, evil_seen, _) = fake_replica_with(page(&[]), false, false, Some(relayed)).await;
+        let home = tempfile::tempdir().unwrap();
+        let mut c = client_with_two_replicas(home.path(), &[evil.clone(), honest.clone()]);
+        let _ = c.sync(Duration::ZERO).await;
+        let evil_log = evil_seen.lock().unwrap().clone();
+        assert!(
+            evil_log
+                .iter()
+                .any(|(_, p, _)| p.ends_with("/auth/challenge")),
+            "{evil_log:?}"
+        );
+        assert!(
+            !evil_log.iter().any(|(_, p, _)| p.ends_with("/auth/login")),
+            "the client signed a login for another node's audience: {evil_log:?}"
+        );
+        // The client read the honest replica instead.
+        assert_eq!(
+            c.core.owned_mailboxes()[0].current().unwrap().api_url,
+            honest
+        );
+        assert!(
+            honest_seen
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(_, p, _)| p.ends_with("/auth/login"))
+        );
+    }
+
+    /// Security review finding 8 (synchronized polling): a round started the long polls of
+    /// every own mailbox at the same instant, for the same wait, which links the mailboxes
+    /// for a node holding several (or an observer of several). Each mailbox's poll now starts
+    /// after its own random delay and waits its own time.
+    #[tokio::test]
+    async fn the_long_polls_of_own_mailboxes_do_not_start_together() {
+        let (api, _, times) = fake_replica_with(page(&[]), false, false, None).await;
+        let home = tempfile::tempdir().unwrap();
+        let kdf = KdfParams {
+            m_kib: 64,
+            t: 1,
+            p: 1,
+        };
+        let settings = Settings {
+            replicas: 1,
+            ..Settings::default()
+        };
+        let mut c = Client::init(home.path(), b"pw", "http://127.0.0.1:9", settings, kdf).unwrap();
+        c.core
+            .set_directory(Arc::new(mailbox_directory(std::slice::from_ref(&api))));
+        for name in ["a", "b", "c"] {
+            let mut plan = c.core.prepare_invite(now_ms(), Some(name), true).unwrap();
+            for r in &mut plan.mailbox.replicas {
+                r.created = true;
+                r.prekeys = None;
+            }
+            c.core.commit_invite(now_ms(), plan);
+        }
+        let rounds = 4;
+        let mut spreads = Vec::new();
+        let mut waits = std::collections::BTreeSet::new();
+        for _ in 0..rounds {
+            times.lock().unwrap().clear();
+            c.sync(Duration::from_millis(2_000)).await.unwrap();
+            let polls: Vec<(String, std::time::Instant)> = times
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(p, _)| p.contains("/messages?"))
+                .cloned()
+                .collect();
+            assert_eq!(polls.len(), 3, "{polls:?}");
+            for (p, _) in &polls {
+                waits.insert(p.rsplit("wait=").next().unwrap_or("").to_string());
+            }
+            let first = polls.iter().map(|(_, t)| *t).min().unwrap();
+            let last = polls.iter().map(|(_, t)| *t).max().unwrap();
+            spreads.push(last - first);
+        }
+        let mean = spreads.iter().sum::<Duration>() / rounds;
+        assert!(
+            mean > Duration::from_millis(100),
+            "the 3 mailboxes' polls started within {mean:?} of each other on average \
+             (per round: {spreads:?})"
+        );
+        assert!(waits.len() > 1, "every poll waited the same: {waits:?}");
     }
 
     /// A replica that takes connections and never answers costs one poll's wait plus

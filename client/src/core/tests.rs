@@ -1700,6 +1700,43 @@ fn an_ack_goes_to_the_own_replica_read_from_not_to_a_dead_one() {
     let bobs = NodeId(bob.contact_mailbox("alice").unwrap().replicas[0].node);
     let alices = alice.contact_mailbox("bob").unwrap();
     assert_eq!(alices.reading, 0);
+/// Finding 8 (synchronized polling), the core's part: each own mailbox's long poll gets its
+/// own start delay and wait, drawn from the core's RNG (same seed, same schedule), and the
+/// round still ends within the wait.
+#[test]
+fn each_mailbox_polls_on_its_own_schedule() {
+    let net = TestNet::new();
+    let schedules = |seed| {
+        let mut core = net.core(seed);
+        (0..50)
+            .map(|_| core.poll_schedule(3, 2_000))
+            .collect::<Vec<_>>()
+    };
+    let rounds = schedules(5);
+    assert_eq!(rounds, schedules(5), "deterministic under a seed");
+    let mut together = 0;
+    for round in &rounds {
+        for &(delay, wait) in round {
+            assert!(delay <= 1_000, "{round:?}");
+            assert!((1_000..=2_000).contains(&wait), "{round:?}");
+            assert!(delay + wait <= 2_000, "{round:?}");
+        }
+        let delays: Vec<u64> = round.iter().map(|(d, _)| *d).collect();
+        let spread = delays.iter().max().unwrap() - delays.iter().min().unwrap();
+        if spread < 50 {
+            together += 1;
+        }
+    }
+    // Three independent uniform delays over 1 s fall within 50 ms of each other with
+    // probability about 0.7 %.
+    assert!(together <= 3, "{together} of 50 rounds started together");
+    // Mailbox 0's delays carry no information on mailbox 1's.
+    let same_order = rounds.iter().filter(|r| r[0].0 < r[1].0).count();
+    assert!((10..=40).contains(&same_order), "{same_order} of 50");
+    // A one-shot fetch (no wait) starts every poll at once.
+    assert_eq!(net.core(5).poll_schedule(3, 0), vec![(0, 0); 3]);
+}
+
     let alices_second = NodeId(alices.replicas[1].node);
     assert_ne!(bobs, alices_second);
     net.dead = vec![bobs, alices_second];

@@ -11,12 +11,16 @@ FUZZ_SECONDS ?= 30
 CARGO_DENY_VERSION := 0.20.2
 # The one platform deny.toml checks ([graph] targets); `make deny` fetches its crates.
 DENY_TARGET := x86_64-unknown-linux-gnu
+# Schemathesis, the API fuzzer of `make api-fuzz` (mailbox/tests/api_fuzz.rs), installed by
+# `make deps` into its own virtual environment (PyPI through pip).
+SCHEMATHESIS_VERSION := 4.32.5
+SCHEMATHESIS_VENV := $(HOME)/.cache/whispr-mesh/schemathesis-$(SCHEMATHESIS_VERSION)
 # Forbidden in whispr-protocol's normal dependency tree.
 PROTOCOL_FORBIDDEN := tokio|libp2p|rocksdb|librocksdb-sys|axum|hyper|mio
 # Forbidden in the client core (client/src/core): a clock, I/O, a runtime or a task.
 CORE_FORBIDDEN := tokio|reqwest|tungstenite|SystemTime|Instant|std::fs|std::net|std::thread|std::io|async |\.await|now_ms|crate::(net|vault|devnet|client)
 
-.PHONY: deps demo test fmt-check clippy check-deps deny audit unit fuzz bench sim-build sim-docs sim-bench flaky-hunt observability
+.PHONY: deps demo test fmt-check clippy check-deps deny audit unit fuzz bench sim-build sim-docs sim-bench flaky-hunt observability api-fuzz
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -37,6 +41,14 @@ deps:
 	  $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends prometheus systemd && \
 	  if [ -d /run/systemd/system ]; then $$SUDO systemctl disable --now prometheus.service || true; fi; \
 	fi
+	@if ! $(SCHEMATHESIS_VENV)/bin/schemathesis --version >/dev/null 2>&1; then \
+	  if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then \
+	    SUDO=""; [ "$$(id -u)" -ne 0 ] && SUDO=sudo; \
+	    $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends python3 python3-venv; \
+	  fi; \
+	  rm -rf $(SCHEMATHESIS_VENV) && python3 -m venv $(SCHEMATHESIS_VENV) && \
+	  $(SCHEMATHESIS_VENV)/bin/pip install --quiet schemathesis==$(SCHEMATHESIS_VERSION); \
+	fi
 
 # A local network of real node processes and two users talking through it (scripts/demo.sh).
 # Same profile as the tests (`test`, in target/debug), so the demo reuses their build.
@@ -44,7 +56,7 @@ demo: deps
 	$(CARGO) build --workspace --bins --profile test
 	bash scripts/demo.sh
 
-test: deps fmt-check clippy check-deps deny unit observability
+test: deps fmt-check clippy check-deps deny unit observability api-fuzz
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
@@ -95,6 +107,12 @@ observability:
 	$(CARGO) build --workspace --bins --profile test
 	bash scripts/check-observability.sh
 	bash scripts/check-systemd-units.sh
+
+# The mailbox API against its OpenAPI document: Schemathesis fuzzes a live whispr-mailbox
+# process (mailbox/tests/api_fuzz.rs; docs/mailbox.md, "API contract and fuzzing"). About a
+# minute; API_FUZZ_EXAMPLES (default 30 per operation and phase) and API_FUZZ_SEED (default 1).
+api-fuzz:
+	SCHEMATHESIS=$(SCHEMATHESIS_VENV)/bin/schemathesis $(CARGO) test --workspace --profile test --test api_fuzz -- --ignored --nocapture
 
 # Runs every fuzz target for FUZZ_SECONDS seconds each (needs cargo-fuzz; uses the nightly
 # toolchain when installed, otherwise RUSTC_BOOTSTRAP on stable).

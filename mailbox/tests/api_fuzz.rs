@@ -118,6 +118,8 @@ fn run_pass(name: &str, dir: &Path, base: &str, config: &str, extra: &[&str]) {
         .arg("--report-dir")
         .arg(&report)
         .args(extra)
+        // Its cache (`.schemathesis/`) goes to the temporary directory, not the source tree.
+        .current_dir(dir)
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| {

@@ -82,10 +82,18 @@ impl MailboxNode {
 
     /// Starts the `[backup]` schedule, if `backup.dir` is set (call inside a tokio runtime).
     pub fn spawn_scheduled_backups(&self) -> Option<tokio::task::JoinHandle<()>> {
+        self.spawn_backups_every(self.shared.config.backup.interval())
+    }
+
+    /// [`Self::spawn_scheduled_backups`] every `interval` (tests: minutes are long).
+    fn spawn_backups_every(
+        &self,
+        interval: std::time::Duration,
+    ) -> Option<tokio::task::JoinHandle<()>> {
         let dir = self.shared.config.backup.dir.clone()?;
         let node = self.clone();
         Some(whispr_timer_service::backup::spawn_scheduled(
-            self.shared.config.backup.interval(),
+            interval,
             move || node.backup_to(&dir),
         ))
     }
@@ -212,6 +220,61 @@ mod tests {
             listen: listen.parse().unwrap(),
             token: token.into(),
         }
+    }
+
+    /// `[backup]` with a real node and store: backups follow one another (every 50 ms here,
+    /// instead of the config's minutes), at most `keep` kept.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scheduled_backups_follow_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::node::NodeConfig::with_data_dir(dir.path().join("data"));
+        config.rng_seed = Some(3);
+        let backups = dir.path().join("backups");
+        config.backup = whispr_timer_service::backup::BackupConfig {
+            dir: Some(backups.clone()),
+            interval_minutes: 1,
+            keep: 2,
+        };
+        let node =
+            MailboxNode::open(config, std::sync::Arc::new(crate::node::NoMesh::default())).unwrap();
+        let owner = crate::testkit::Owner::from_seed(1);
+        node.create_mailbox(owner.create_request(3_600_000))
+            .unwrap();
+        assert_eq!(
+            node.config().backup.interval(),
+            std::time::Duration::from_secs(60)
+        );
+        let started = std::time::Instant::now();
+        let every = std::time::Duration::from_millis(50);
+        let schedule = node.spawn_backups_every(every).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while node.backup_metrics().backups_total() < 3 {
+            assert!(std::time::Instant::now() < deadline, "no scheduled backups");
+            tokio::time::sleep(every).await;
+        }
+        schedule.abort();
+        // Not before three intervals.
+        assert!(started.elapsed() >= every * 3);
+        let kept = std::fs::read_dir(backups.join("db/meta"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_str()
+                    .unwrap()
+                    .parse::<u32>()
+                    .is_ok()
+            })
+            .count();
+        assert_eq!(kept, 2);
+        // Without [backup] dir, no schedule.
+        let plain = MailboxNode::open(
+            crate::node::NodeConfig::with_data_dir(dir.path().join("other")),
+            std::sync::Arc::new(crate::node::NoMesh::default()),
+        )
+        .unwrap();
+        assert!(plain.spawn_scheduled_backups().is_none());
     }
 
     #[test]

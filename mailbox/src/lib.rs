@@ -13,8 +13,9 @@
 //! - [`node`]: the `whispr-mailbox` binary's driver: config, group commit, expiry through
 //!   the timer queue; [`http`] serves its client API over TLS and [`mesh`] connects it to the
 //!   mesh. Both sit above [`node`]; what all three share sits below it ([`metrics`],
-//!   [`limiter`]). Plumbing shared with the other node binaries (config files, logging,
-//!   signals, the clock) is in `whispr-node-kit`.
+//!   [`limiter`]). [`admin`] serves the loopback admin API (online backups of the store).
+//!   Plumbing shared with the other node binaries (config files, logging, signals, the
+//!   clock) is in `whispr-node-kit`.
 //!
 //! Operators and client developers: see `docs/mailbox.md`.
 #![cfg_attr(

@@ -482,6 +482,11 @@ pub struct BackupMetrics {
 }
 
 impl BackupMetrics {
+    /// Successful backups since the start.
+    pub fn backups_total(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
     /// Prometheus text of the counters, names prefixed with `prefix` (e.g. `whispr_timer`).
     pub fn render(&self, prefix: &str) -> String {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -776,6 +781,43 @@ mod tests {
         let metrics = source.metrics().render("x");
         assert!(metrics.contains("x_backup_failures_total 2\n"), "{metrics}");
         assert!(metrics.contains("x_backups_total 0\n"), "{metrics}");
+    }
+
+    /// The schedule runs its job again and again, on a blocking thread: on a runtime with a
+    /// single async worker, a ticker task keeps running while the job blocks.
+    #[tokio::test(flavor = "current_thread")]
+    async fn scheduled_backups_repeat_on_a_blocking_thread() {
+        let ticks = Arc::new(AtomicU64::new(0));
+        let ticker = {
+            let ticks = ticks.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    ticks.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        let progress = Arc::new(Mutex::new(Vec::new()));
+        let schedule = {
+            let (ticks, progress) = (ticks.clone(), progress.clone());
+            spawn_scheduled(Duration::from_millis(20), move || {
+                let before = ticks.load(Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(150));
+                let after = ticks.load(Ordering::Relaxed);
+                progress.lock().unwrap().push(after - before);
+                Err(BackupError::Busy)
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while progress.lock().unwrap().len() < 3 {
+            assert!(Instant::now() < deadline, "the schedule did not repeat");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        schedule.abort();
+        ticker.abort();
+        let progress = progress.lock().unwrap().clone();
+        // The async worker went on ticking while each job slept 150 ms.
+        assert!(progress.iter().all(|t| *t >= 3), "{progress:?}");
     }
 
     #[test]

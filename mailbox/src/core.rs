@@ -46,6 +46,10 @@ const TAG_CURSOR: u8 = 1;
 const TAG_SEQ_FLOOR: u8 = 2;
 /// Per-message acknowledgements received from peers: `sid ‖ 3 ‖ seq` → sealed device keys.
 const TAG_ACKS: u8 = 3;
+/// `sid ‖ 4` → erasure number (u64 BE): a replicated mailbox erased here, remembered (up to
+/// `replica_erased_max`, oldest forgotten first) so that a peer that missed the erasure is
+/// told, and never repairs it back, across restarts.
+const TAG_ERASED: u8 = 4;
 const TAG_PREKEY_IDENTITY: u8 = 0;
 const TAG_PREKEY_ONE_TIME: u8 = 1;
 const KIND_ENVELOPE: u8 = 0;
@@ -496,9 +500,14 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             })?;
         let mut orphans: BTreeSet<StorageId> = BTreeSet::new();
         let mut acks: Vec<(StorageId, u64, Vec<[u8; 32]>)> = Vec::new();
+        let mut erased: Vec<(u64, StorageId)> = Vec::new();
         for (k, v) in records {
             let sid = sid_of(&k).ok_or(MailboxError::Corrupt("mailbox key"))?;
             match k.get(SID_LEN).copied() {
+                Some(TAG_ERASED) if k.len() == SID_LEN + 1 => {
+                    let n = u64_at(&v, 0).ok_or(MailboxError::Corrupt("erasure marker"))?;
+                    erased.push((n, sid));
+                }
                 Some(TAG_RECORD) if k.len() == SID_LEN + 1 => {
                     let (wrapped, sealed) = v
                         .split_at_checked(WRAPPED_LEN)
@@ -617,6 +626,8 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                 }
                 ControlFlow::Continue(())
             })?;
+        erased.sort_unstable();
+        self.load_erased(erased)?;
         for (sid, seq, devices) in acks {
             if let Some(info) = self
                 .mailboxes
@@ -1678,7 +1689,9 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         let sid = m.sid;
         let peers = self.peers_of(m);
         self.erase_sid(&sid)?;
-        self.remember_erased(sid);
+        if !peers.is_empty() {
+            self.remember_erased(sid)?;
+        }
         for peer in peers {
             self.outputs.push_back(Output::Replica {
                 peer,

@@ -854,3 +854,30 @@ fn a_quiet_round_sends_one_summary_per_peer_and_scans_nothing() {
         "the push already made them agree"
     );
 }
+
+#[test]
+fn an_erasure_survives_restarts_and_reaches_the_replica_that_missed_it() {
+    let mut net = Net::new();
+    let e = net.envelope(None, true);
+    net.deposit(0, &e, at(1));
+    net.pump(at(1));
+    net.up[2] = false;
+    let mailbox = net.mailbox();
+    net.cores[0].erase(&mailbox).unwrap();
+    net.pump(at(2));
+    assert!(net.cores[1].info(&mailbox).is_err());
+    // Both nodes that erased it restart before the third comes back.
+    net.restart(0, at(3));
+    net.restart(1, at(3));
+    net.up[2] = true;
+    let mut now = 3;
+    for _ in 0..4 {
+        now += REPAIR;
+        net.tick(at(now));
+    }
+    // Before: the erasures were remembered in memory only, so the restarted nodes asked the
+    // third for the mailbox's record and recreated it.
+    for i in 0..3 {
+        assert!(net.cores[i].info(&mailbox).is_err(), "node {i} holds it");
+    }
+}

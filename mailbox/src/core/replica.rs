@@ -36,8 +36,8 @@ use whispr_protocol::{DedupId, MailboxId, NodeId, UnixTime};
 
 use super::{
     CreateMailbox, KIND_ENVELOPE, KIND_SURB_REPLY, MailboxCore, MessageBody, MessageInfo, Output,
-    TAG_ACKS, TAG_SEQ_FLOOR, bucket_of, dedup_key, envelope_key, expiry_key, key_tag_bytes, key2,
-    sid_end, u64_at,
+    TAG_ACKS, TAG_ERASED, TAG_SEQ_FLOOR, bucket_of, dedup_key, envelope_key, expiry_key,
+    key_tag_bytes, key2, sid_end, u64_at,
 };
 use crate::crypto::StorageId;
 use crate::error::{MailboxError, Result};
@@ -126,6 +126,8 @@ pub(super) struct ReplicaState {
     digests: BTreeMap<StorageId, CachedDigest>,
     erased: BTreeSet<StorageId>,
     erased_order: VecDeque<StorageId>,
+    /// The number of the last erasure marker written (orders them across restarts).
+    erased_seq: u64,
     stats: ReplicaStats,
 }
 
@@ -138,6 +140,7 @@ impl ReplicaState {
             digests: BTreeMap::new(),
             erased: BTreeSet::new(),
             erased_order: VecDeque::new(),
+            erased_seq: 0,
             stats: ReplicaStats::default(),
         }
     }
@@ -255,19 +258,58 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         Ok(())
     }
 
-    pub(super) fn remember_erased(&mut self, sid: StorageId) {
+    /// Remembers (durably, one synced write) that replicated mailbox `sid` was erased here,
+    /// forgetting the oldest past `replica_erased_max`. Called after the erasure's writes,
+    /// which delete the mailbox's whole key range.
+    pub(super) fn remember_erased(&mut self, sid: StorageId) -> Result<()> {
         let max = self.config.replica_erased_max;
         if max == 0 {
-            return;
+            return Ok(());
         }
+        let mut ops = Vec::new();
         if self.replica.erased.insert(sid) {
             self.replica.erased_order.push_back(sid);
         }
+        self.replica.erased_seq = self.replica.erased_seq.saturating_add(1);
+        ops.push(Op::Put {
+            cf: Cf::Mailboxes,
+            key: key2(&sid, TAG_ERASED),
+            value: self.replica.erased_seq.to_be_bytes().to_vec(),
+        });
         while self.replica.erased_order.len() > max {
             if let Some(old) = self.replica.erased_order.pop_front() {
                 self.replica.erased.remove(&old);
+                ops.push(Op::Delete {
+                    cf: Cf::Mailboxes,
+                    key: key2(&old, TAG_ERASED),
+                });
             }
         }
+        self.store.write(ops, true)?;
+        Ok(())
+    }
+
+    /// At open: the erasure markers found, in erasure order (the newest
+    /// `replica_erased_max` kept, older markers deleted).
+    pub(super) fn load_erased(&mut self, markers: Vec<(u64, StorageId)>) -> Result<()> {
+        let max = self.config.replica_erased_max;
+        let excess = markers.len().saturating_sub(max);
+        let mut ops = Vec::new();
+        for (i, (n, sid)) in markers.into_iter().enumerate() {
+            self.replica.erased_seq = self.replica.erased_seq.max(n);
+            if i < excess {
+                ops.push(Op::Delete {
+                    cf: Cf::Mailboxes,
+                    key: key2(&sid, TAG_ERASED),
+                });
+            } else if self.replica.erased.insert(sid) {
+                self.replica.erased_order.push_back(sid);
+            }
+        }
+        if !ops.is_empty() {
+            self.store.write(ops, true)?;
+        }
+        Ok(())
     }
 
     fn send(&mut self, peer: NodeId, message: ReplicaMessage) {
@@ -837,7 +879,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                 match self.mailboxes.get(&sid) {
                     Some(m) if self.shares(m, &from) => {
                         self.erase_sid(&sid)?;
-                        self.remember_erased(sid);
+                        self.remember_erased(sid)?;
                         self.replica.stats.erased_by_peer =
                             self.replica.stats.erased_by_peer.saturating_add(1);
                     }

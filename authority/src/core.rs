@@ -161,6 +161,11 @@ impl AuthorityCore {
         self.key.verifying_key().to_bytes()
     }
 
+    /// The consensus schedule.
+    pub fn schedule(&self) -> Schedule {
+        self.schedule
+    }
+
     /// The pinned network.
     pub fn network(&self) -> &Network {
         &self.network

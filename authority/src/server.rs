@@ -168,6 +168,11 @@ fn metrics_text(core: &AuthorityCore, now: whispr_protocol::UnixTime) -> String 
     let gauges = [
         ("epoch", "The current consensus epoch.", status.epoch),
         (
+            "epoch_seconds",
+            "Length of a consensus epoch (epoch_secs).",
+            core.schedule().period.as_secs(),
+        ),
+        (
             "consensus_epoch",
             "Epoch of the newest consensus with the threshold of signatures (0: none yet).",
             status.consensus_epoch.unwrap_or(0),

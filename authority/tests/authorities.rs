@@ -226,6 +226,7 @@ async fn three_authorities_survive_one_down_and_ignore_an_unpinned_fourth() {
         "{text}"
     );
     assert_eq!(gauge("authorities"), 3, "{text}");
+    assert_eq!(gauge("epoch_seconds"), 3, "{text}");
     assert_eq!(
         gauge("threshold"),
         u64::try_from(network.threshold()).unwrap()

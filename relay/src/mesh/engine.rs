@@ -483,6 +483,10 @@ pub(crate) async fn consensus_task(
                     .metrics
                     .consensus_valid_until_ms
                     .store(verified.valid_until.0, Ordering::Relaxed);
+                shared
+                    .metrics
+                    .consensus_valid_after_ms
+                    .store(verified.valid_after.0, Ordering::Relaxed);
                 held = Some(verified);
                 epoch_changed
             }

@@ -69,6 +69,9 @@ pub(crate) struct Metrics {
     /// With `network_file`: when the consensus held stops being valid (Unix ms; 0 before the
     /// first one).
     pub(crate) consensus_valid_until_ms: AtomicU64,
+    /// With `network_file`: when the consensus held became valid (Unix ms; 0 before the
+    /// first one).
+    pub(crate) consensus_valid_after_ms: AtomicU64,
 }
 
 /// The node's health, as `/healthz` sees it, for [`Metrics::render`].
@@ -378,6 +381,11 @@ impl Metrics {
                 load(&self.consensus_valid_until_ms) / 1000,
             ),
             (
+                "whispr_mesh_consensus_valid_after_seconds",
+                "With network_file: Unix time from which the consensus held is valid (0: none yet).",
+                load(&self.consensus_valid_after_ms) / 1000,
+            ),
+            (
                 "whispr_mesh_replay_store_poisoned",
                 "1 once a replay-store write failed (no packet is released until a restart).",
                 u64::from(health.store_poisoned),
@@ -439,6 +447,7 @@ mod tests {
         for gauge in [
             "whispr_mesh_consensus_pinned 0\n",
             "whispr_mesh_consensus_valid_until_seconds 0\n",
+            "whispr_mesh_consensus_valid_after_seconds 0\n",
             "whispr_mesh_replay_store_poisoned 0\n",
             "whispr_mesh_key_rotation_failing 0\n",
             "whispr_mesh_stopped 0\n",
@@ -449,6 +458,8 @@ mod tests {
         }
         m.consensus_valid_until_ms
             .store(1_800_000_123_456, Ordering::Relaxed);
+        m.consensus_valid_after_ms
+            .store(1_799_989_323_456, Ordering::Relaxed);
         m.replay_sync.observe(Duration::from_millis(3));
         let text = m.render(Health {
             pinned: true,
@@ -459,6 +470,7 @@ mod tests {
         for gauge in [
             "whispr_mesh_consensus_pinned 1\n",
             "whispr_mesh_consensus_valid_until_seconds 1800000123\n",
+            "whispr_mesh_consensus_valid_after_seconds 1799989323\n",
             "whispr_mesh_replay_store_poisoned 1\n",
             "whispr_mesh_key_rotation_failing 1\n",
             "whispr_mesh_stopped 1\n",

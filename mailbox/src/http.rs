@@ -1828,11 +1828,38 @@ fn status_description(status: &str) -> Option<&'static str> {
     })
 }
 
+/// A `u64` is documented with `format: int64` and a maximum of 2^64 − 1, which contradict
+/// each other (int64 ends at 2^63 − 1: a fuzzer took 2^63 for invalid, and the node accepts
+/// it). The maximum is what the node accepts: the format goes.
+fn exact_u64(schema: &mut utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>) {
+    use utoipa::Number;
+    use utoipa::openapi::RefOr;
+    use utoipa::openapi::schema::Schema;
+    if let RefOr::T(Schema::Object(object)) = schema {
+        let above_i64 = match object.maximum {
+            Some(Number::UInt(max)) => u64::try_from(max).is_ok_and(|m| m > i64::MAX as u64),
+            Some(Number::Float(max)) => max > 9.2e18,
+            _ => false,
+        };
+        if above_i64 {
+            object.format = None;
+        }
+        for property in object.properties.values_mut() {
+            exact_u64(property);
+        }
+    }
+}
+
 impl utoipa::Modify for Contract {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::RefOr;
         use utoipa::openapi::header::HeaderBuilder;
         use utoipa::openapi::schema::{ObjectBuilder, Type};
+        if let Some(components) = openapi.components.as_mut() {
+            for schema in components.schemas.values_mut() {
+                exact_u64(schema);
+            }
+        }
         for item in openapi.paths.paths.values_mut() {
             let operations = [
                 &mut item.get,
@@ -1841,6 +1868,11 @@ impl utoipa::Modify for Contract {
                 &mut item.delete,
             ];
             for operation in operations.into_iter().flatten() {
+                for parameter in operation.parameters.iter_mut().flatten() {
+                    if let Some(schema) = parameter.schema.as_mut() {
+                        exact_u64(schema);
+                    }
+                }
                 for (status, response) in &mut operation.responses.responses {
                     let RefOr::T(response) = response else {
                         continue;

@@ -335,3 +335,39 @@ async fn the_served_document_is_the_printed_one() {
     let served: Value = r.json().await.unwrap();
     assert_eq!(served, document());
 }
+
+/// Found by the fuzzer (seed 3, 150 examples): `wait=9223372036854775808` (2^63) was
+/// "schema-violating" for the document (`format: int64`) yet served. A `u64` has its true
+/// maximum and no int64 format now, here and in every body.
+#[test]
+fn no_integer_is_documented_as_int64_beyond_its_range() {
+    fn walk(v: &Value, at: &str) {
+        match v {
+            Value::Object(map) => {
+                if map.get("format") == Some(&json!("int64"))
+                    && let Some(max) = map.get("maximum")
+                {
+                    assert!(
+                        max.as_i64().is_some(),
+                        "{at}: format int64 with maximum {max}"
+                    );
+                }
+                for (k, child) in map {
+                    walk(child, &format!("{at}/{k}"));
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|c| walk(c, at)),
+            _ => {}
+        }
+    }
+    let doc = document();
+    walk(&doc, "");
+    let poll = &doc["paths"]["/v1/mailboxes/{id}/messages"]["get"]["parameters"];
+    let wait = poll
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "wait")
+        .unwrap();
+    assert_eq!(wait["schema"]["maximum"], json!(u64::MAX));
+}

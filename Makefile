@@ -33,8 +33,8 @@ deps:
 	@$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 	@$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
 	@$(CARGO) deny --version >/dev/null 2>&1 || env -u CARGO_TARGET_DIR $(CARGO) install cargo-deny --locked --version $(CARGO_DENY_VERSION)
-	@# promtool (Debian package prometheus) and systemd-analyze (package systemd) for
-	@# `make observability`. Installing prometheus also enables its server (prometheus.service,
+	@# promtool and prometheus (Debian package prometheus) and systemd-analyze (package systemd) for
+	@# `make observability`. Installing the package also enables its server (prometheus.service,
 	@# port 9090), which nothing here needs: where systemd runs, it is disabled and stopped again.
 	@if ! command -v promtool >/dev/null || ! command -v systemd-analyze >/dev/null; then \
 	  SUDO=""; [ "$$(id -u)" -ne 0 ] && SUDO=sudo; \

@@ -306,7 +306,6 @@ fn one_replica_loses_acknowledged_messages_to_a_lost_disk_three_lose_none() {
                 owners,
                 "churn.events=[{ at_s = 40, node = \"mailbox-0\", action = \"lose_disk\" }, { at_s = 50, node = \"mailbox-0\", action = \"restart\" }]",
                 "limits.replica_repair_interval_ms=5000",
-                "limits.replica_repair_batch=1024",
                 replicas,
             ],
         );
@@ -458,7 +457,6 @@ fn random_crashes_and_disk_losses_within_r_minus_w_lose_nothing_acknowledged() {
                     "retransmit.attempts_max=20",
                     owners,
                     "limits.replica_repair_interval_ms=5000",
-                    "limits.replica_repair_batch=1024",
                     replicas,
                     &schedule,
                 ],

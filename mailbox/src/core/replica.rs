@@ -155,6 +155,9 @@ struct IdLists {
     valid_until: u64,
 }
 
+/// A node's summary buckets for one peer, and the digests of their mailboxes by bucket.
+type SharedSummary = (Vec<[u8; 32]>, Vec<Vec<DigestEntry>>);
+
 fn xor_into(acc: &mut [u8; 32], leaf: &[u8; 32]) {
     for (a, l) in acc.iter_mut().zip(leaf) {
         *a ^= l;
@@ -610,11 +613,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
 
     /// This node's summary buckets for `peer`, and the digests of the shared mailboxes by
     /// bucket.
-    fn shared_with(
-        &mut self,
-        now: UnixTime,
-        peer: &NodeId,
-    ) -> Result<(Vec<[u8; 32]>, Vec<Vec<DigestEntry>>)> {
+    fn shared_with(&mut self, now: UnixTime, peer: &NodeId) -> Result<SharedSummary> {
         let mut buckets = vec![[0u8; 32]; SUMMARY_BUCKETS];
         let mut entries: Vec<Vec<DigestEntry>> = vec![Vec::new(); SUMMARY_BUCKETS];
         for (sid, mailbox_id, peers) in self.replicated() {

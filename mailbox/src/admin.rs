@@ -277,6 +277,92 @@ mod tests {
         assert!(plain.spawn_scheduled_backups().is_none());
     }
 
+    /// The admin API over a real socket, called with the CLI's client: the token is checked,
+    /// bad directories get typed errors, a good call returns the report.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_admin_api_authenticates_and_refuses_bad_directories() {
+        use whispr_timer_service::backup::admin_post;
+        let dir = tempfile::tempdir().unwrap();
+        let token = "admin-api-test-token-0123456789abcdef".to_string();
+        let mut config = crate::node::NodeConfig::with_data_dir(dir.path().join("data"));
+        config.rng_seed = Some(4);
+        config.admin = Some(admin("127.0.0.1:0", &token));
+        let node =
+            MailboxNode::open(config, std::sync::Arc::new(crate::node::NoMesh::default())).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn({
+            let node = node.clone();
+            async move { node.serve_admin(listener, std::future::pending()).await }
+        });
+        let backups = dir.path().join("backups");
+        let call = move |path: &'static str, token: String, to: serde_json::Value| {
+            tokio::task::spawn_blocking(move || {
+                admin_post(
+                    addr,
+                    path,
+                    &token,
+                    &serde_json::json!({ "to": to }),
+                    std::time::Duration::from_secs(60),
+                )
+            })
+        };
+        let good = serde_json::json!(backups);
+        let e = call("/v1/admin/backup", "wrong".into(), good.clone())
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(e.to_string().contains("HTTP 401"), "{e}");
+        let e = call("/v1/admin/backup", token.clone(), "relative/dir".into())
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(e.to_string().contains("bad_backup_dir"), "{e}");
+        let e = call("/v1/admin/nothing", token.clone(), good.clone())
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(e.to_string().contains("HTTP 404"), "{e}");
+        let report = call("/v1/admin/backup", token.clone(), good.clone())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(report["backup_id"], 1, "{report}");
+        // The master key (in the data directory here) stays out of the backup.
+        let key = std::fs::read_to_string(dir.path().join("data/master.key")).unwrap();
+        let raw = hex::decode(key.trim()).unwrap();
+        let mut todo = vec![backups];
+        while let Some(d) = todo.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let path = e.unwrap().path();
+                if path.is_dir() {
+                    todo.push(path);
+                    continue;
+                }
+                let bytes = std::fs::read(&path).unwrap();
+                for needle in [key.trim().as_bytes(), raw.as_slice()] {
+                    assert!(
+                        !bytes.windows(needle.len()).any(|w| w == needle),
+                        "{} holds the master key",
+                        path.display()
+                    );
+                }
+            }
+        }
+        // Another node kind's backups are refused.
+        let e = whispr_timer_service::backup::restore(
+            "timer",
+            &dir.path().join("backups"),
+            &dir.path().join("elsewhere"),
+            STORE_DIR,
+            &RESTORE_REPLACES,
+            false,
+        )
+        .unwrap_err();
+        assert!(matches!(e, BackupError::WrongKind { .. }), "{e}");
+        server.abort();
+    }
+
     #[test]
     fn the_admin_listener_is_loopback_only_and_the_token_long() {
         let long = "x".repeat(32);

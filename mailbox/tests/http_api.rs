@@ -1288,7 +1288,7 @@ async fn a_login_signed_for_one_node_is_refused_by_another_with_default_configs(
 /// (loopback is limited per connection by default; this node counts loopback as one address).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_opening_new_connections_gets_no_new_budget() {
-    let mut s = Server::start(|c| {
+    let s = Server::start(|c| {
         c.api.ops_per_min_per_connection = 5;
         c.api.loopback_per_connection = false;
     })

@@ -235,14 +235,14 @@ struct Record {
     /// The owner's signatures of the device registrations (device key, signature).
     #[serde(default)]
     device_signatures: Vec<([u8; 32], Vec<u8>)>,
-}
-
-fn used_by_default() -> bool {
-    true
     /// Device keys removed from the mailbox, oldest first (at most `devices_removed_max`):
     /// their old registrations are refused.
     #[serde(default)]
     removed_devices: Vec<[u8; 32]>,
+}
+
+fn used_by_default() -> bool {
+    true
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -886,6 +886,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             },
             replicas: replicas.iter().map(|r| r.0).collect(),
             device_signatures: Vec::new(),
+            removed_devices: Vec::new(),
         };
         let op = self.record_ops(&sid, &key, &record)?;
         self.store.write(vec![op], true)?;
@@ -897,7 +898,6 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                 key,
                 record,
                 cursors,
-            removed_devices: Vec::new(),
                 next_seq: 1,
                 messages: BTreeMap::new(),
                 bytes: 0,
@@ -960,6 +960,11 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         )?;
         VerifyingKey::from_bytes(&device_key)
             .map_err(|_| MailboxError::InvalidArgument("device key is not an Ed25519 key"))?;
+        if m.record.removed_devices.contains(&device_key) {
+            return Err(MailboxError::Unauthorized(
+                "this device key was removed from the mailbox; register a new key",
+            ));
+        }
         if m.has_device(&device_key) {
             return Ok(());
         }
@@ -971,11 +976,6 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         let sid = m.sid;
         let start = m.min_cursor();
         let mut record = m.record.clone();
-        if m.record.removed_devices.contains(&device_key) {
-            return Err(MailboxError::Unauthorized(
-                "this device key was removed from the mailbox; register a new key",
-            ));
-        }
         record.devices.push(device_key);
         let replicated = !record.replicas.is_empty();
         if replicated {
@@ -1031,6 +1031,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         let mut record = m.record.clone();
         record.devices.retain(|d| d != device_key);
         record.device_signatures.retain(|(d, _)| d != device_key);
+        Self::remember_removed(&mut record, device_key, self.config.devices_removed_max);
         let mut cursors = m.cursors.clone();
         cursors.remove(device_key);
         let old_min = m.min_cursor();
@@ -1042,7 +1043,6 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             .filter(|(seq, i)| Self::fully_acked(&record.devices, &cursors, **seq, i))
             .map(|(seq, _)| *seq)
             .collect();
-        Self::remember_removed(&mut record, device_key, self.config.devices_removed_max);
         let key = m.key.clone();
         let mut ops = vec![self.record_ops(&sid, &key, &record)?];
         ops.push(Op::Delete {
@@ -1068,17 +1068,6 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         Ok(())
     }
 
-    fn forget_through(m: &mut Mailbox, seq: u64) {
-        let keep = m.messages.split_off(&seq.saturating_add(1));
-        let gone = std::mem::replace(&mut m.messages, keep);
-        for info in gone.values() {
-            m.bytes = m.bytes.saturating_sub(info.value_len);
-        }
-    }
-
-    fn cursor_op(&mut self, sid: &StorageId, key: &DataKey, device: &[u8; 32], seq: u64) -> Op {
-        let k = cursor_key(sid, key, device);
-        let mut plain = seq.to_be_bytes().to_vec();
     /// Adds `device_key` to the record's removed devices, forgetting the oldest past `max`.
     fn remember_removed(record: &mut Record, device_key: &[u8; 32], max: usize) {
         record.removed_devices.retain(|d| d != device_key);
@@ -1104,6 +1093,17 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         Ok(())
     }
 
+    fn forget_through(m: &mut Mailbox, seq: u64) {
+        let keep = m.messages.split_off(&seq.saturating_add(1));
+        let gone = std::mem::replace(&mut m.messages, keep);
+        for info in gone.values() {
+            m.bytes = m.bytes.saturating_sub(info.value_len);
+        }
+    }
+
+    fn cursor_op(&mut self, sid: &StorageId, key: &DataKey, device: &[u8; 32], seq: u64) -> Op {
+        let k = cursor_key(sid, key, device);
+        let mut plain = seq.to_be_bytes().to_vec();
         plain.extend_from_slice(device);
         let value = key.seal(&mut self.rng, &[b"cur", &k], &plain);
         Op::Put {

@@ -863,6 +863,10 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                     Some(m) if self.shares(m, &from) => {
                         match self.remove_device_here(&mailbox_id, &device) {
                             Ok(()) => {}
+                            Err(MailboxError::UnknownDevice) => {
+                                // Its registration has not reached us: refuse it when it does.
+                                self.remember_removed_here(&mailbox_id, &device)?;
+                            }
                             Err(e) if !e.is_caller_error() => return Err(e),
                             // Already removed, never registered here, or the owner key.
                             Err(_) => self.refused(1),
@@ -905,10 +909,6 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         }
     }
 
-                            Err(MailboxError::UnknownDevice) => {
-                                // Its registration has not reached us: refuse it when it does.
-                                self.remember_removed_here(&mailbox_id, &device)?;
-                            }
     /// A peer checked body: the stored envelope or SURB reply of `mailbox_id` named `id`.
     fn body_ok(mailbox_id: &MailboxId, item: &PushItem) -> bool {
         match item.kind {

@@ -35,6 +35,7 @@ pub mod holds;
 pub mod mesh;
 pub mod metrics;
 pub mod node;
+pub mod openapi;
 pub mod queue;
 pub mod rocks;
 pub mod store;

@@ -6,6 +6,7 @@
 //! whispr-timer stress --data-dir DIR --count N  # schedule N tasks, print each id once on disk
 //! whispr-timer --config timer.toml backup --to DIR            # online backup (node running)
 //! whispr-timer --config timer.toml restore --from DIR [--force] # node stopped
+//! whispr-timer openapi                          # print the admin API's OpenAPI document
 //! ```
 
 use std::io::Write;
@@ -64,6 +65,8 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Print the HTTP API's OpenAPI document (JSON) and exit.
+    Openapi,
     /// Load tool: schedule maintenance "noop" tasks straight into a data directory (the node
     /// must not be running) and print each task id once it is on disk.
     Stress {
@@ -97,6 +100,14 @@ fn main() -> anyhow::Result<()> {
             let config = load_config(cli.config.as_ref())?;
             config.log.init();
             run(config)
+        }
+        Command::Openapi => {
+            writeln!(
+                std::io::stdout().lock(),
+                "{}",
+                serde_json::to_string_pretty(&whispr_timer_service::openapi::openapi())?
+            )?;
+            Ok(())
         }
         Command::AuditVerify => {
             let config = load_config(cli.config.as_ref())?;

@@ -744,7 +744,8 @@ impl TimerNode {
             .route("/release", post(admin_release))
             .route("/audit/verify", get(admin_verify))
             .route("/backup", post(admin_backup))
-            .route("/fired", get(admin_fired));
+            .route("/fired", get(admin_fired))
+            .route("/openapi.json", get(admin_openapi));
         Router::new()
             .route("/healthz", get(healthz))
             .route("/metrics", get(metrics))
@@ -853,6 +854,24 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A JSON body that must be an object. serde's derived structs also accept an array of
+/// their fields in order (`[]` for a struct whose fields all have defaults: `POST pause` with
+/// `[]` paused every category), which the API does not offer: 400 `malformed_json`.
+fn json_object<T: serde::de::DeserializeOwned>(
+    body: Result<axum::Json<serde_json::Value>, JsonRejection>,
+) -> Result<T, ApiError> {
+    let axum::Json(value) = body?;
+    if !value.is_object() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            "the body must be a JSON object",
+        ));
+    }
+    serde_json::from_value(value)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.to_string()))
+}
+
 type ApiResult<T> = Result<axum::Json<T>, ApiError>;
 
 fn authorize(node: &TimerNode, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -930,11 +949,11 @@ async fn admin_queues(
 fn pause_or_resume(
     node: &TimerNode,
     headers: &HeaderMap,
-    body: Result<axum::Json<CategoryBody>, JsonRejection>,
+    body: Result<axum::Json<serde_json::Value>, JsonRejection>,
     pause: bool,
 ) -> ApiResult<Done> {
     authorize(node, headers)?;
-    let axum::Json(body) = body?;
+    let body: CategoryBody = json_object(body)?;
     let category = body.category.as_deref().map(Category::parse).transpose()?;
     let mut state = node.lock();
     if pause {
@@ -959,7 +978,7 @@ fn pause_or_resume(
 async fn admin_pause(
     State(node): State<TimerNode>,
     headers: HeaderMap,
-    body: Result<axum::Json<CategoryBody>, JsonRejection>,
+    body: Result<axum::Json<serde_json::Value>, JsonRejection>,
 ) -> ApiResult<Done> {
     pause_or_resume(&node, &headers, body, true)
 }
@@ -967,7 +986,7 @@ async fn admin_pause(
 async fn admin_resume(
     State(node): State<TimerNode>,
     headers: HeaderMap,
-    body: Result<axum::Json<CategoryBody>, JsonRejection>,
+    body: Result<axum::Json<serde_json::Value>, JsonRejection>,
 ) -> ApiResult<Done> {
     pause_or_resume(&node, &headers, body, false)
 }
@@ -975,10 +994,10 @@ async fn admin_resume(
 async fn admin_purge(
     State(node): State<TimerNode>,
     headers: HeaderMap,
-    body: Result<axum::Json<CategoryBody>, JsonRejection>,
+    body: Result<axum::Json<serde_json::Value>, JsonRejection>,
 ) -> ApiResult<Done> {
     authorize(&node, &headers)?;
-    let axum::Json(body) = body?;
+    let body: CategoryBody = json_object(body)?;
     let name = body.category.ok_or_else(|| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -1005,11 +1024,11 @@ async fn admin_purge(
 fn task_action(
     node: &TimerNode,
     headers: &HeaderMap,
-    body: Result<axum::Json<TaskBody>, JsonRejection>,
+    body: Result<axum::Json<serde_json::Value>, JsonRejection>,
     quarantine: bool,
 ) -> ApiResult<Done> {
     authorize(node, headers)?;
-    let axum::Json(body) = body?;
+    let body: TaskBody = json_object(body)?;
     let id = TaskId::parse(&body.task)?;
     let mut state = node.lock();
     let category = state.queue.task(&id).map(|m| m.category);
@@ -1035,7 +1054,7 @@ fn task_action(
 async fn admin_quarantine(
     State(node): State<TimerNode>,
     headers: HeaderMap,
-    body: Result<axum::Json<TaskBody>, JsonRejection>,
+    body: Result<axum::Json<serde_json::Value>, JsonRejection>,
 ) -> ApiResult<Done> {
     task_action(&node, &headers, body, true)
 }
@@ -1043,7 +1062,7 @@ async fn admin_quarantine(
 async fn admin_release(
     State(node): State<TimerNode>,
     headers: HeaderMap,
-    body: Result<axum::Json<TaskBody>, JsonRejection>,
+    body: Result<axum::Json<serde_json::Value>, JsonRejection>,
 ) -> ApiResult<Done> {
     task_action(&node, &headers, body, false)
 }
@@ -1059,10 +1078,10 @@ struct BackupBody {
 async fn admin_backup(
     State(node): State<TimerNode>,
     headers: HeaderMap,
-    body: Result<axum::Json<BackupBody>, JsonRejection>,
+    body: Result<axum::Json<serde_json::Value>, JsonRejection>,
 ) -> ApiResult<BackupReport> {
     authorize(&node, &headers)?;
-    let axum::Json(body) = body?;
+    let body: BackupBody = json_object(body)?;
     let report = tokio::task::spawn_blocking(move || node.backup_audited(&body.to))
         .await
         .map_err(|_| {
@@ -1114,6 +1133,11 @@ async fn admin_fired(
     let limit = query.limit.unwrap_or(usize::MAX);
     let skip = state.fired.len().saturating_sub(limit);
     Ok(axum::Json(state.fired.iter().skip(skip).cloned().collect()))
+}
+
+/// `GET /v1/admin/openapi.json`: the API's OpenAPI document (no token: nothing secret in it).
+async fn admin_openapi() -> axum::Json<serde_json::Value> {
+    axum::Json(crate::openapi::openapi())
 }
 
 async fn metrics(State(node): State<TimerNode>) -> impl IntoResponse {

@@ -11,8 +11,9 @@ FUZZ_SECONDS ?= 30
 CARGO_DENY_VERSION := 0.20.2
 # The one platform deny.toml checks ([graph] targets); `make deny` fetches its crates.
 DENY_TARGET := x86_64-unknown-linux-gnu
-# Schemathesis, the API fuzzer of `make api-fuzz` (mailbox/tests/api_fuzz.rs), installed by
-# `make deps` into its own virtual environment (PyPI through pip).
+# Schemathesis, the API fuzzer of `make api-fuzz` (mailbox/tests/api_fuzz.rs,
+# timer-service/tests/api_fuzz.rs), installed by `make deps` into its own virtual environment
+# (PyPI through pip).
 SCHEMATHESIS_VERSION := 4.32.5
 SCHEMATHESIS_VENV := $(HOME)/.cache/whispr-mesh/schemathesis-$(SCHEMATHESIS_VERSION)
 # Forbidden in whispr-protocol's normal dependency tree.
@@ -108,9 +109,11 @@ observability:
 	bash scripts/check-observability.sh
 	bash scripts/check-systemd-units.sh
 
-# The mailbox API against its OpenAPI document: Schemathesis fuzzes a live whispr-mailbox
-# process (mailbox/tests/api_fuzz.rs; docs/mailbox.md, "API contract and fuzzing"). About a
-# minute; API_FUZZ_EXAMPLES (default 30 per operation and phase) and API_FUZZ_SEED (default 1).
+# The mailbox API and the timer's admin API against their OpenAPI documents: Schemathesis
+# fuzzes a live whispr-mailbox and a live whispr-timer process (`--test api_fuzz` runs both
+# packages' tests/api_fuzz.rs; docs/mailbox.md and docs/timer.md, "API contract and fuzzing").
+# About a minute and a quarter; API_FUZZ_EXAMPLES (default 30 per operation and phase) and
+# API_FUZZ_SEED (default 1).
 api-fuzz:
 	SCHEMATHESIS=$(SCHEMATHESIS_VENV)/bin/schemathesis $(CARGO) test --workspace --profile test --test api_fuzz -- --ignored --nocapture
 

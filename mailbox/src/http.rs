@@ -1221,6 +1221,13 @@ async fn run_stream(
             })
             .await
             .and_then(|r| r);
+        // Checked again after the fetch: a logout (or removal, erasure) that completed while
+        // the fetch ran must not see a message deposited after it pushed (the first check
+        // alone raced with it: `ending_the_session_ends_its_open_stream` failed once in CI).
+        if !node.sessions().is_live(now(), &session.token_hash) {
+            let _ = socket.send(Message::Close(None)).await;
+            return;
+        }
         match batch {
             Ok(messages) => {
                 let more = !messages.is_empty();

@@ -691,9 +691,15 @@ fn private_messages_end_to_end_over_a_devnet_of_real_processes() {
     let sent = alice.ok(&["send", "bob", &text, "--timeout", "600"]);
     assert_eq!(sent[0]["state"], "stored", "{sent:?}");
     assert_eq!(sent[0]["fragments"], 21);
-    assert!(
-        sent[0]["retransmissions"].as_u64().unwrap() > 0,
-        "with one mix of two dead, some of 21 fragments were lost: {sent:?}"
+    // Usually some of the 21 fragments went through the dead mix and were retransmitted
+    // through the other. Not always: a client that lost two routes through mix1 in the last
+    // minute (refused or late acks earlier in this test) already avoids it, and then nothing
+    // is lost (seen once in a CI check: 0 retransmissions, the message stored). Either way
+    // the message must be stored and delivered; retransmission after a mix death is pinned
+    // by the client core's tests and `make demo`'s mix step.
+    eprintln!(
+        "with one mix of two dead: {} retransmission(s) for 21 fragments",
+        sent[0]["retransmissions"]
     );
     let got = bob.recv_until("the message sent after the kill", |m| !m.is_empty());
     assert_eq!(texts(&got), [text]);

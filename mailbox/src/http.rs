@@ -1374,7 +1374,7 @@ async fn owner_only(node: &MailboxNode, auth: &Authed, mailbox: &MailboxId) -> A
     Ok(())
 }
 
-/// Replaces the mailbox's prekeys (public keys, each signed by the owner).
+/// Replaces the mailbox's prekeys (public keys, each signed by the owner; owner session only).
 #[utoipa::path(put, path = "/v1/mailboxes/{id}/prekeys", tag = "prekeys",
     params(("id" = String, Path, description = "Mailbox id, 32 bytes hex",
         pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)),
@@ -1393,6 +1393,9 @@ async fn put_prekeys(
 ) -> ApiResult<axum::Json<PrekeysResponse>> {
     let mailbox = mailbox_id(&id)?;
     auth.for_mailbox(&mailbox)?;
+    // Owner only: another device could re-upload owner-signed one-time keys already handed
+    // out (security review 6756e3f, finding 15).
+    owner_only(&node, &auth, &mailbox).await?;
     let mut prekeys = Vec::with_capacity(req.prekeys.len());
     for p in &req.prekeys {
         prekeys.push(SignedPrekey {

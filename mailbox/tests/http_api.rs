@@ -1652,6 +1652,62 @@ async fn prekey_upload_checks_owner_signatures() {
     assert_eq!(s.info(&owner, &token).await["prekeys_left"], 1);
 }
 
+/// Security review 6756e3f, finding 15: only the owner key's session replaces the prekeys. A
+/// secondary device holds no owner key, but it could re-upload owner-signed prekeys it saw
+/// before (one-time keys already handed out, so a sender would reuse them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secondary_device_cannot_replace_the_prekeys() {
+    let s = Server::start(|_| {}).await;
+    let owner = Owner::from_seed(15);
+    s.create(&owner).await;
+    let token = s.login(&owner, &owner.device(0)).await;
+    let second = owner.device(1);
+    let r = s
+        .post(
+            &format!("/v1/mailboxes/{}/devices", mid(&owner)),
+            &json!({"device_key": key_hex(&second), "signature": hex::encode(owner.sign_device(&second))}),
+            Some(&token),
+        )
+        .await;
+    assert_eq!(r.status(), 204);
+    let token2 = s.login(&owner, &second).await;
+    let path = format!("/v1/mailboxes/{}/prekeys", mid(&owner));
+    let identity_key = [0x22u8; 32];
+    let identity_signature = sign_identity(&owner.owner, &owner.mailbox_id, &identity_key);
+    let upload = |ids: std::ops::RangeInclusive<u32>| {
+        json!({
+            "identity_key": hex::encode(identity_key),
+            "identity_signature": hex::encode(identity_signature),
+            "prekeys": ids.map(|id| {
+                let p = SignedPrekey::sign(&owner.owner, &owner.mailbox_id, id, false,
+                    [u8::try_from(id).unwrap(); 32]);
+                json!({
+                    "key_id": p.key_id,
+                    "key": hex::encode(p.key),
+                    "fallback": p.fallback,
+                    "signature": hex::encode(p.signature),
+                })
+            }).collect::<Vec<_>>(),
+        })
+    };
+    // The owner uploads keys 1..=2; the secondary device replays an older owner upload of
+    // keys 1..=5 (every signature valid).
+    let put = |token: &str, body: Value| {
+        s.http
+            .put(s.url(&path))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+    };
+    let r = put(&token, upload(1..=2)).await.unwrap();
+    assert_eq!(expect_json(r, 200).await["one_time_keys"], 2);
+    let info = s.info(&owner, &token).await;
+    let r = put(&token2, upload(1..=5)).await.unwrap();
+    expect_error(r, 403, "forbidden").await;
+    assert_eq!(s.info(&owner, &token).await, info);
+    assert_eq!(info["prekeys_left"], 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_is_sealed_and_delete_erases() {
     let mut s = Server::start(|_| {}).await;

@@ -1171,8 +1171,13 @@ async fn stream(
     let (device, after) = (session.device, q.after);
     node.with_core(move |core| core.fetch(now(), &mailbox, &device, after, 1).map(|_| ()))
         .await??;
+    // Frames are capped like messages: tungstenite reads a whole frame (16 MiB by default)
+    // before it checks the message size, so without this cap a client made the node buffer
+    // megabytes per stream (security review 6756e3f, finding 15).
+    let cap = node.config().api.body_bytes_max;
     Ok(upgrade
-        .max_message_size(node.config().api.body_bytes_max)
+        .max_message_size(cap)
+        .max_frame_size(cap)
         .on_upgrade(move |socket| async move {
             node.metrics().streams_open.fetch_add(1, Ordering::Relaxed);
             run_stream(&node, socket, session, q.after).await;

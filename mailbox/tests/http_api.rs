@@ -1177,6 +1177,44 @@ async fn idle_stream_is_closed() {
     assert!(started.elapsed() >= Duration::from_millis(300));
 }
 
+/// Security review 6756e3f, finding 15: a client frame announcing more than the API accepts
+/// ends the stream at its header. Before, tungstenite read frames up to its default 16 MiB
+/// before checking the message size, so one stream buffered megabytes it then refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_frame_larger_than_the_api_accepts_is_refused_at_its_header() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Server::start(|c| c.api.stream_idle_ms = 120_000).await;
+    let owner = Owner::from_seed(16);
+    s.create(&owner).await;
+    let token = s.login(&owner, &owner.device(0)).await;
+    let ticket = s.stream_ticket(&owner, &token).await;
+    let ws = ws_connect(&s.stream_url(&mid(&owner), &ticket)).await;
+    let tokio_tungstenite::MaybeTlsStream::Plain(mut tcp) = ws.into_inner() else {
+        panic!("expected a plain TCP stream");
+    };
+    // A masked binary frame header announcing 1 MiB, then 4 KiB of it; the rest never comes.
+    let mut frame = vec![0x82u8, 0x80 | 127];
+    frame.extend_from_slice(&(1u64 << 20).to_be_bytes());
+    frame.extend_from_slice(&[1, 2, 3, 4]);
+    frame.extend_from_slice(&[0u8; 4096]);
+    tcp.write_all(&frame).await.unwrap();
+    // The node closes the connection without waiting for the announced megabyte.
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the node still waits for the rest of a 1 MiB frame after 10 s"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operations_per_connection_limit_answers_429_with_retry_after() {
     let mut s = Server::start(|c| c.api.ops_per_min_per_connection = 5).await;

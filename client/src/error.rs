@@ -38,6 +38,15 @@ pub enum ClientError {
         /// The node's explanation.
         message: String,
     },
+    /// A node answered more than the client reads for that call: a hostile or broken node
+    /// (the client stops reading at the bound, so the answer cannot exhaust its memory).
+    #[error("{node} answered more than {max} bytes")]
+    ResponseTooLarge {
+        /// Which kind of node.
+        node: &'static str,
+        /// The bound, in bytes.
+        max: usize,
+    },
     /// A node could not be reached.
     #[error("{node} unreachable: {reason}")]
     Unreachable {

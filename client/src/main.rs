@@ -114,7 +114,7 @@ enum Command {
         #[arg(long)]
         wait: Option<u64>,
         /// With --follow: have the mailbox nodes push messages over WebSocket streams instead
-        /// of long-polling (plain-HTTP nodes, such as a devnet's, only).
+        /// of long-polling (`wss://` for nodes served over HTTPS, `ws://` for plain-HTTP ones).
         #[arg(long, requires = "follow")]
         stream: bool,
     },

@@ -7,8 +7,8 @@ use ed25519_dalek::ed25519::signature::Signer;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use whispr_protocol::consensus::{Consensus, Network, VerifiedConsensus};
-use whispr_protocol::directory::Directory;
+use whispr_protocol::consensus::{CONSENSUS_LEN_MAX, Consensus, Network, VerifiedConsensus};
+use whispr_protocol::directory::{DIRECTORY_LEN_MAX, Directory};
 use whispr_protocol::mailbox_api::{create_transcript_v2, login_transcript, node_audience};
 use whispr_protocol::{MailboxId, NodeId, UnixTime};
 
@@ -25,6 +25,47 @@ pub const POLL_GRACE: Duration = Duration::from_secs(3);
 /// Timeout of the other calls to a mailbox replica (login, ack, create, prekeys).
 pub const MAILBOX_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The most the client reads of an error answer (its JSON `error`/`message`).
+pub const ERROR_BODY_MAX: usize = 16 * 1024;
+/// The most the client reads of a small JSON answer (challenge, login, ticket, submit results).
+pub const SMALL_BODY_MAX: usize = 256 * 1024;
+/// The most the client reads of one page of messages: `limit=100` envelopes of at most a
+/// Sphinx payload each, base64 in JSON, with room to spare.
+pub const PAGE_BODY_MAX: usize = 4 * 1024 * 1024;
+/// The most the client reads of a mailbox export (a node stores at most 64 MiB of envelopes
+/// per mailbox by default; base64 adds a third).
+pub const EXPORT_BODY_MAX: usize = 128 * 1024 * 1024;
+
+/// Reads `r`'s body, refusing (and no longer reading) past `max` bytes: a node, or whatever
+/// answers in its place, cannot make the client buffer an unbounded answer.
+async fn read_capped(mut r: reqwest::Response, max: usize, node: &'static str) -> Result<Vec<u8>> {
+    let too_large = ClientError::ResponseTooLarge { node, max };
+    if r.content_length().is_some_and(|n| n > max as u64) {
+        return Err(too_large);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = r.chunk().await.map_err(unreachable(node))? {
+        if body.len() + chunk.len() > max {
+            return Err(too_large);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// `r`'s body as JSON of type `T`, read up to `max` bytes (see [`read_capped`]).
+async fn json_capped<T: serde::de::DeserializeOwned>(
+    r: reqwest::Response,
+    max: usize,
+    node: &'static str,
+) -> Result<T> {
+    let body = read_capped(r, max, node).await?;
+    serde_json::from_slice(&body).map_err(|_| ClientError::Unreachable {
+        node,
+        reason: "answered something that is not the expected JSON".to_string(),
+    })
+}
+
 /// The HTTP client.
 #[derive(Clone, Debug)]
 pub struct Net {
@@ -38,7 +79,9 @@ async fn error_of(node: &'static str, r: reqwest::Response) -> ClientError {
         .get("retry-after")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let body: Value = r.json().await.unwrap_or(Value::Null);
+    let body: Value = json_capped(r, ERROR_BODY_MAX, node)
+        .await
+        .unwrap_or(Value::Null);
     let mut message = body
         .get("message")
         .unwrap_or(&Value::Null)
@@ -195,7 +238,7 @@ impl Net {
         if !r.status().is_success() {
             return Err(error_of("directory", r).await);
         }
-        let bytes = r.bytes().await.map_err(unreachable("directory"))?;
+        let bytes = read_capped(r, CONSENSUS_LEN_MAX, "directory").await?;
         Ok(Consensus::decode(&bytes)?.verify(now, network)?)
     }
 
@@ -213,7 +256,7 @@ impl Net {
         if !r.status().is_success() {
             return Err(error_of("directory", r).await);
         }
-        let bytes = r.bytes().await.map_err(unreachable("directory"))?;
+        let bytes = read_capped(r, DIRECTORY_LEN_MAX, "directory").await?;
         Ok(Directory::decode(now, &bytes)?.0)
     }
 
@@ -231,7 +274,7 @@ impl Net {
         if !r.status().is_success() {
             return Err(error_of("edge relay", r).await);
         }
-        let v: Value = r.json().await.map_err(unreachable("edge relay"))?;
+        let v: Value = json_capped(r, SMALL_BODY_MAX, "edge relay").await?;
         Ok(v.get("results")
             .unwrap_or(&Value::Null)
             .as_array()
@@ -311,7 +354,7 @@ impl Net {
         if !r.status().is_success() {
             return Err(error_of("mailbox", r).await);
         }
-        let c: Value = r.json().await.map_err(unreachable("mailbox"))?;
+        let c: Value = json_capped(r, SMALL_BODY_MAX, "mailbox").await?;
         let mut challenge = [0u8; 32];
         hex::decode_to_slice(
             c.get("challenge")
@@ -363,7 +406,7 @@ impl Net {
         if !r.status().is_success() {
             return Err(error_of("mailbox", r).await);
         }
-        let v: Value = r.json().await.map_err(unreachable("mailbox"))?;
+        let v: Value = json_capped(r, SMALL_BODY_MAX, "mailbox").await?;
         Ok((
             v.get("token")
                 .unwrap_or(&Value::Null)
@@ -406,7 +449,7 @@ impl Net {
         struct Page {
             messages: Vec<StoredMessage>,
         }
-        let page: Page = r.json().await.map_err(unreachable("mailbox"))?;
+        let page: Page = json_capped(r, PAGE_BODY_MAX, "mailbox").await?;
         Ok(page.messages)
     }
 
@@ -441,7 +484,7 @@ impl Net {
         let r = self
             .mailbox_call(Method::Post, m, "/stream-ticket", token, None)
             .await?;
-        let v: Value = r.json().await.map_err(unreachable("mailbox"))?;
+        let v: Value = json_capped(r, SMALL_BODY_MAX, "mailbox").await?;
         Ok(v.get("token")
             .and_then(Value::as_str)
             .unwrap_or("")
@@ -462,41 +505,143 @@ impl Net {
         let r = self
             .mailbox_call(Method::Get, m, "/export", token, None)
             .await?;
-        r.json().await.map_err(unreachable("mailbox"))
+        json_capped(r, EXPORT_BODY_MAX, "mailbox").await
     }
 }
 
 /// The WebSocket address of `m`'s stream on replica `r` after that replica's cursor, for a
-/// ticket. Plain `ws://` only (a devnet or a node on loopback); TLS streams are not supported
-/// yet, poll instead.
+/// ticket: `wss://` for a node served over HTTPS, `ws://` for a plain-HTTP (loopback or devnet)
+/// node.
 pub fn stream_url((m, r): (&OwnedMailbox, &Replica), ticket: &str) -> Result<String> {
-    let rest = r.api_url.strip_prefix("http://").ok_or_else(|| {
-        ClientError::InvalidArgument(
-            "streaming needs a plain-HTTP (loopback) mailbox node; over TLS, poll instead"
-                .to_string(),
-        )
-    })?;
+    let (scheme, rest) = if let Some(rest) = r.api_url.strip_prefix("https://") {
+        ("wss", rest)
+    } else if let Some(rest) = r.api_url.strip_prefix("http://") {
+        ("ws", rest)
+    } else {
+        return Err(ClientError::InvalidArgument(
+            "a mailbox API address must start with https:// or http://".to_string(),
+        ));
+    };
     Ok(format!(
-        "ws://{rest}/v1/mailboxes/{}/stream?ticket={ticket}&after={}",
+        "{scheme}://{}/v1/mailboxes/{}/stream?ticket={ticket}&after={}",
+        rest.trim_end_matches('/'),
         hex::encode(m.id),
         r.cursor
     ))
 }
 
+/// The most the client reads of one stream frame or message: one stored message as JSON (an
+/// envelope of at most a Sphinx payload, base64) with room to spare. tungstenite's defaults
+/// (16 MiB frames, 64 MiB messages) would let a node make the client buffer that much.
+pub const STREAM_MESSAGE_MAX: usize = 256 * 1024;
+
+/// The TLS configuration of `wss://` streams: TLS 1.3 only (what every node's public listener
+/// speaks), the platform's certificate verifier.
+pub fn stream_tls_config() -> Result<std::sync::Arc<rustls::ClientConfig>> {
+    use rustls_platform_verifier::BuilderVerifierExt;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+        .with_platform_verifier()
+        .map_err(|_| ClientError::Unreachable {
+            node: "mailbox",
+            reason: "no TLS certificate verifier on this platform".to_string(),
+        })?
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(config))
+}
+
 /// Connects to a mailbox stream and forwards every message to `tx` with the mailbox id (hex);
 /// returns when the stream ends (idle timeout, session expiry, node restart) or `tx` closes.
+/// A `wss://` URL is verified with the platform's roots ([`stream_tls_config`]).
 pub async fn run_stream(
     url: String,
     mailbox: String,
     tx: tokio::sync::mpsc::Sender<(String, StoredMessage)>,
 ) -> Result<()> {
+    let tls = if url.starts_with("wss://") {
+        Some(stream_tls_config()?)
+    } else {
+        None
+    };
+    run_stream_with(url, mailbox, tx, tls).await
+}
+
+/// [`run_stream`] with the TLS configuration of `wss://` URLs given (a private CA's roots).
+pub async fn run_stream_with(
+    url: String,
+    mailbox: String,
+    tx: tokio::sync::mpsc::Sender<(String, StoredMessage)>,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+) -> Result<()> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+    let failed = |reason: &str| ClientError::Unreachable {
+        node: "mailbox",
+        reason: reason.to_string(),
+    };
+    let ws_config = WebSocketConfig::default()
+        .max_frame_size(Some(STREAM_MESSAGE_MAX))
+        .max_message_size(Some(STREAM_MESSAGE_MAX));
+    let request = url
+        .as_str()
+        .into_client_request()
+        .map_err(|_| ClientError::InvalidArgument("not a stream URL".to_string()))?;
+    let uri = request.uri().clone();
+    let host = uri
+        .host()
+        .ok_or_else(|| ClientError::InvalidArgument("a stream URL needs a host".to_string()))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    match uri.scheme_str() {
+        Some("wss") => {
+            let tls = match tls {
+                Some(c) => c,
+                None => stream_tls_config()?,
+            };
+            let port = uri.port_u16().unwrap_or(443);
+            let server_name = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|_| ClientError::InvalidArgument("not a TLS server name".to_string()))?;
+            let tcp = tokio::time::timeout(
+                MAILBOX_CONNECT_TIMEOUT,
+                tokio::net::TcpStream::connect((host.as_str(), port)),
+            )
+            .await
+            .map_err(|_| failed("stream connection timed out"))?
+            .map_err(|_| failed("stream connection failed"))?;
+            let stream = tokio_rustls::TlsConnector::from(tls)
+                .connect(server_name, tcp)
+                .await
+                .map_err(|_| failed("TLS handshake failed (untrusted certificate?)"))?;
+            let (ws, _) =
+                tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config))
+                    .await
+                    .map_err(|_| failed("stream connection failed"))?;
+            pump(ws, mailbox, tx).await
+        }
+        Some("ws") => {
+            let (ws, _) =
+                tokio_tungstenite::connect_async_with_config(request, Some(ws_config), false)
+                    .await
+                    .map_err(|_| failed("stream connection failed"))?;
+            pump(ws, mailbox, tx).await
+        }
+        _ => Err(ClientError::InvalidArgument(
+            "a stream URL starts with wss:// or ws://".to_string(),
+        )),
+    }
+}
+
+/// Forwards the messages of an open stream to `tx` until it ends.
+async fn pump<S>(
+    mut ws: tokio_tungstenite::WebSocketStream<S>,
+    mailbox: String,
+    tx: tokio::sync::mpsc::Sender<(String, StoredMessage)>,
+) -> Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     use futures_util::StreamExt;
-    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
-        .await
-        .map_err(|_| ClientError::Unreachable {
-            node: "mailbox",
-            reason: "stream connection failed".to_string(),
-        })?;
     while let Some(frame) = ws.next().await {
         let Ok(tokio_tungstenite::tungstenite::Message::Text(text)) = frame else {
             if frame.is_err() {
@@ -522,4 +667,176 @@ pub async fn run_stream(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A hostile node: answers any request with `head` and then an endless chunked body,
+    /// counting the bytes the client took before it hung up.
+    async fn endless_answer(head: &'static str) -> (String, Arc<AtomicU64>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let sent = Arc::new(AtomicU64::new(0));
+        let counter = sent.clone();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let mut request = [0u8; 4096];
+                    let _ = conn.read(&mut request).await;
+                    if conn.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let chunk = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
+                    while conn.write_all(chunk.as_bytes()).await.is_ok() {
+                        counter.fetch_add(0x10000, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        (url, sent)
+    }
+
+    #[tokio::test]
+    async fn an_endless_answer_is_refused_at_the_bound_not_buffered() {
+        // Review finding 15 ("client trusts unbounded responses"). Before: the client read
+        // the whole body before looking at it, so it kept reading (and buffering) for as long
+        // as the node kept sending.
+        let (url, sent) =
+            endless_answer("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
+                .await;
+        let net = Net::new().unwrap();
+        let result =
+            tokio::time::timeout(Duration::from_secs(20), net.submit(&url, &[vec![0u8; 16]])).await;
+        let taken = sent.load(Ordering::Relaxed);
+        let Ok(result) = result else {
+            panic!("the client was still reading the answer after 20 s ({taken} bytes so far)");
+        };
+        assert!(
+            matches!(
+                result,
+                Err(ClientError::ResponseTooLarge {
+                    node: "edge relay",
+                    max: SMALL_BODY_MAX
+                })
+            ),
+            "{result:?}"
+        );
+        // What the client took is the bound plus what sits in the socket buffers.
+        assert!(taken < 16 * 1024 * 1024, "the client took {taken} bytes");
+    }
+
+    #[tokio::test]
+    async fn an_error_answer_and_a_declared_length_are_bounded_too() {
+        // An error status with an endless body: the error is still typed, from what fits.
+        let (url, _) =
+            endless_answer("HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
+                .await;
+        let net = Net::new().unwrap();
+        let result = tokio::time::timeout(Duration::from_secs(20), net.submit(&url, &[]))
+            .await
+            .expect("the client kept reading an endless error answer");
+        assert!(
+            matches!(result, Err(ClientError::Node { status: 503, .. })),
+            "{result:?}"
+        );
+
+        // A declared length over the bound is refused before reading the body.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = conn.read(&mut request).await;
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
+                CONSENSUS_LEN_MAX + 1
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            // The body never comes: a client waiting for it would time out instead.
+            tokio::time::sleep(Duration::from_secs(120)).await;
+        });
+        let result = tokio::time::timeout(
+            Duration::from_secs(20),
+            net.unpinned_directory(&url, UnixTime(0)),
+        )
+        .await
+        .expect("the client waited for a body it should have refused");
+        assert!(
+            matches!(
+                result,
+                Err(ClientError::ResponseTooLarge {
+                    node: "directory",
+                    max: DIRECTORY_LEN_MAX
+                })
+            ),
+            "{result:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_frame_over_the_bound_ends_the_stream() {
+        // Review finding 15 (WebSocket frames buffered): tungstenite reads frames up to
+        // 16 MiB and messages up to 64 MiB by default. Before: the client read a 1 MiB frame
+        // whole and went on reading the stream.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            use futures_util::SinkExt;
+            let (conn, _) = listener.accept().await.unwrap();
+            let mut ws = tokio_tungstenite::accept_async(conn).await.unwrap();
+            let big = tokio_tungstenite::tungstenite::Message::binary(vec![0u8; 1024 * 1024]);
+            let _ = ws.send(big).await;
+            // Keep the connection open: only the client's bound can end the stream.
+            tokio::time::sleep(Duration::from_secs(120)).await;
+        });
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let url = format!("ws://{addr}/v1/mailboxes/00/stream?ticket=t&after=0");
+        let ended = tokio::time::timeout(
+            Duration::from_secs(20),
+            run_stream(url, "m".to_string(), tx),
+        )
+        .await;
+        assert!(
+            ended.is_ok(),
+            "the stream was still open 20 s after a 1 MiB frame"
+        );
+        assert!(rx.try_recv().is_err(), "nothing is forwarded");
+    }
+
+    #[test]
+    fn stream_urls_follow_the_api_scheme() {
+        let hex32 = |b: u8| hex::encode([b; 32]);
+        let m: OwnedMailbox = serde_json::from_value(json!({
+            "id": hex32(7), "secret": hex32(1), "owner_seed": hex32(2), "access": hex32(3),
+            "reply_key": hex32(4), "node": hex32(5),
+        }))
+        .unwrap();
+        let mut r: Replica = serde_json::from_value(json!({
+            "node": hex32(5), "api_url": "https://mailbox.example:8443", "cursor": 5,
+        }))
+        .unwrap();
+        let url = stream_url((&m, &r), "tk").unwrap();
+        assert!(
+            url.starts_with("wss://mailbox.example:8443/v1/mailboxes/0707"),
+            "{url}"
+        );
+        assert!(url.ends_with("/stream?ticket=tk&after=5"), "{url}");
+        r.api_url = "http://127.0.0.1:7400".to_string();
+        assert!(
+            stream_url((&m, &r), "tk")
+                .unwrap()
+                .starts_with("ws://127.0.0.1:7400/")
+        );
+        r.api_url = "ftp://x".to_string();
+        assert!(stream_url((&m, &r), "tk").is_err());
+    }
 }

@@ -1957,6 +1957,86 @@ async fn openapi_document_matches_the_router() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_streams_over_wss_from_a_tls_node() {
+    // Issue 16, "Transport": `recv --stream` works over `wss://` against a TLS node. Before:
+    // the client refused any stream that was not plain `ws://` ("streaming needs a plain-HTTP
+    // (loopback) mailbox node; over TLS, poll instead").
+    install_crypto();
+    let certs = tempfile::tempdir().unwrap();
+    let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert_pem = generated.cert.pem();
+    let cert_file = certs.path().join("cert.pem");
+    let key_file = certs.path().join("key.pem");
+    std::fs::write(&cert_file, &cert_pem).unwrap();
+    std::fs::write(&key_file, generated.signing_key.serialize_pem()).unwrap();
+    let mut s = Server::start(|c| {
+        c.api.tls_cert_file = Some(cert_file.clone());
+        c.api.tls_key_file = Some(key_file.clone());
+    })
+    .await;
+    let port = s.addr.port();
+    s.http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
+        .resolve("localhost", s.addr)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    s.base = format!("https://localhost:{port}");
+    let owner = Owner::from_seed(18);
+    s.create(&owner).await;
+    let token = s.login(&owner, &owner.device(0)).await;
+
+    // The client's own URL and TLS path: trusting the node's certificate (a private CA).
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(generated.cert.der().clone()).unwrap();
+    let tls = std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let url = |ticket: &str| {
+        format!(
+            "wss://localhost:{port}/v1/mailboxes/{}/stream?ticket={ticket}&after=0",
+            mid(&owner)
+        )
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+    let ticket = s.stream_ticket(&owner, &token).await;
+    let stream = tokio::spawn(whispr_client::net::run_stream_with(
+        url(&ticket),
+        "mine".to_string(),
+        tx,
+        Some(tls),
+    ));
+    s.deposit(&owner, b"pushed over wss").await;
+    let (tag, message) = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        .await
+        .expect("no message pushed over wss within 30 s")
+        .expect("the stream ended without a message");
+    assert_eq!(tag, "mine");
+    assert_eq!(
+        open_message(&owner, &serde_json::to_value(&message).unwrap()),
+        b"pushed over wss"
+    );
+    stream.abort();
+
+    // With the platform's roots only, the self-signed node is refused: no stream, a typed
+    // error naming TLS.
+    let (tx, _rx) = tokio::sync::mpsc::channel(8);
+    let ticket = s.stream_ticket(&owner, &token).await;
+    let refused = tokio::time::timeout(
+        Duration::from_secs(30),
+        whispr_client::net::run_stream(url(&ticket), "mine".to_string(), tx),
+    )
+    .await
+    .expect("the untrusted TLS stream neither failed nor ended");
+    assert!(
+        matches!(&refused, Err(whispr_client::ClientError::Unreachable { reason, .. }) if reason.contains("TLS")),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_serves_the_api_and_refuses_plain_http() {
     install_crypto();
     let certs = tempfile::tempdir().unwrap();

@@ -65,8 +65,8 @@ impl Default for AuthConfig {
     }
 }
 
-/// An authenticated owner device.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// An authenticated owner device. Its `Debug` leaves out the token hash.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Session {
     /// The mailbox it may read.
     pub mailbox: MailboxId,
@@ -76,6 +76,16 @@ pub struct Session {
     pub expires_at: UnixTime,
     /// SHA-256 of the session token (streams opened with a ticket stay tied to it).
     pub token_hash: [u8; 32],
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("mailbox", &self.mailbox)
+            .field("device", &hex::encode(self.device))
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A bounded table of entries that expire.

@@ -83,8 +83,9 @@ pub enum Output {
     },
 }
 
-/// A request to create a mailbox.
-#[derive(Clone, Debug)]
+/// A request to create a mailbox. Its `Debug` leaves out the reply key and the access key
+/// hash.
+#[derive(Clone)]
 pub struct CreateMailbox {
     /// The mailbox id (chosen by the owner, random).
     pub mailbox_id: MailboxId,
@@ -101,6 +102,21 @@ pub struct CreateMailbox {
     pub retention_ms: u64,
     /// Owner signature over [`create_transcript`].
     pub signature: [u8; 64],
+}
+
+impl std::fmt::Debug for CreateMailbox {
+    // The reply key is secret; the access key hash would let anyone who reads it test
+    // guesses of the access key offline.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateMailbox")
+            .field("mailbox_id", &self.mailbox_id)
+            .field("mailbox_key", &hex::encode(self.mailbox_key))
+            .field("owner_key", &hex::encode(self.owner_key))
+            .field("access_key_hash", &crate::pii::Pii(()))
+            .field("reply_key", &self.reply_key.map(|_| crate::pii::Pii(())))
+            .field("retention_ms", &self.retention_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The result of one deposit.
@@ -211,7 +227,8 @@ pub struct CoreStats {
     pub unused_erased: u64,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// A mailbox's sealed record. Its `Debug` prints no key, id or signature.
+#[derive(Clone, Serialize, Deserialize)]
 struct Record {
     mailbox_id: [u8; 32],
     mailbox_key: [u8; 32],
@@ -239,6 +256,20 @@ struct Record {
     /// their old registrations are refused.
     #[serde(default)]
     removed_devices: Vec<[u8; 32]>,
+}
+
+impl std::fmt::Debug for Record {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Record")
+            .field("reply_key", &self.reply_key.map(|_| crate::pii::Pii(())))
+            .field("retention_ms", &self.retention_ms)
+            .field("created_at_ms", &self.created_at_ms)
+            .field("devices", &self.devices.len())
+            .field("used", &self.used)
+            .field("replicas", &self.replicas.len())
+            .field("removed_devices", &self.removed_devices.len())
+            .finish_non_exhaustive()
+    }
 }
 
 fn used_by_default() -> bool {
@@ -1928,5 +1959,69 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             reply: Reply::Prekeys(bundle),
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    const REPLY_KEY: [u8; 32] = [0xa7; 32];
+    const ACCESS_KEY_HASH: [u8; 32] = [0x5c; 32];
+
+    /// Asserts that `printed` carries no form of the secrets (hex, or the byte list `Debug`
+    /// prints for an array).
+    fn assert_redacted(printed: &str) {
+        for secret in [REPLY_KEY, ACCESS_KEY_HASH] {
+            assert!(!printed.contains(&hex::encode(secret)), "{printed}");
+            let bytes = format!("{:?}", secret);
+            assert!(!printed.contains(&bytes[1..bytes.len() - 1]), "{printed}");
+            assert!(
+                !printed.contains(&format!("{}, {}", secret[0], secret[1])),
+                "{printed}"
+            );
+        }
+    }
+
+    /// Security review 6756e3f, finding 15: no secret in any `Debug`.
+    #[test]
+    fn a_create_request_and_a_record_print_no_reply_key_or_access_key_hash() {
+        let request = CreateMailbox {
+            mailbox_id: MailboxId([1; 32]),
+            mailbox_key: [2; 32],
+            owner_key: [3; 32],
+            access_key_hash: ACCESS_KEY_HASH,
+            reply_key: Some(REPLY_KEY),
+            retention_ms: 1,
+            signature: [4; 64],
+        };
+        assert_redacted(&format!("{request:?}"));
+        assert_redacted(&format!("{request:#?}"));
+        let record = Record {
+            mailbox_id: [1; 32],
+            mailbox_key: [2; 32],
+            owner_key: [3; 32],
+            access_key_hash: ACCESS_KEY_HASH,
+            reply_key: Some(REPLY_KEY),
+            retention_ms: 1,
+            created_at_ms: 2,
+            devices: vec![[3; 32]],
+            used: true,
+            replicas: Vec::new(),
+            create_signature: Vec::new(),
+            device_signatures: Vec::new(),
+            removed_devices: Vec::new(),
+        };
+        assert_redacted(&format!("{record:?}"));
+        assert_redacted(&format!("{record:#?}"));
+        // A session's token hash (sessions are looked up by it).
+        let session = crate::auth::Session {
+            mailbox: MailboxId([1; 32]),
+            device: [3; 32],
+            expires_at: UnixTime(5),
+            token_hash: ACCESS_KEY_HASH,
+        };
+        assert_redacted(&format!("{session:?}"));
     }
 }

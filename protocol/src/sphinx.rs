@@ -460,11 +460,22 @@ pub fn use_surb(surb: &Surb, reply: &[u8]) -> Result<(NodeId, Packet)> {
 /// grows slowly (about 0.3 % at twice the capacity, 7 % at three times), so that someone
 /// flooding the filter degrades it gradually instead of shutting the relay for the rest of
 /// the epoch, and the sender of a refused packet retransmits through another route.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ReplayFilter {
     tags_per_epoch_max: usize,
     seed: u128,
     epochs: BTreeMap<KeyEpoch, EpochTags>,
+}
+
+impl std::fmt::Debug for ReplayFilter {
+    // The seed (someone who knows it can craft tags that collide in the Bloom filter) and
+    // the tags (they link packets) stay out.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplayFilter")
+            .field("tags_per_epoch_max", &self.tags_per_epoch_max)
+            .field("epochs", &self.epochs.len())
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -30,8 +30,8 @@ use crate::state::{
 
 /// An invitation made by [`ClientCore::prepare_invite`]: the driver creates `mailbox` on each
 /// of its replicas and uploads each replica's `prekeys` there (recording what succeeded in
-/// `mailbox.replicas`), then commits it ([`ClientCore::commit_invite`]).
-#[derive(Debug)]
+/// `mailbox.replicas`), then commits it ([`ClientCore::commit_invite`]). Its `Debug` leaves
+/// out the invitation text (it carries the access key).
 pub struct InvitePlan {
     /// The contact's name.
     pub name: String,
@@ -62,6 +62,16 @@ pub struct AcceptPlan {
     pub retention_ms: u64,
     /// The decoded invitation.
     pub invitation: Invitation,
+}
+
+impl std::fmt::Debug for InvitePlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InvitePlan")
+            .field("name", &self.name)
+            .field("mailbox", &self.mailbox)
+            .field("retention_ms", &self.retention_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for OwnedMailbox {

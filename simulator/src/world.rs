@@ -99,6 +99,10 @@ struct Node {
     timer_due: Option<u64>,
     /// When the mailbox core's replication tick is scheduled.
     replica_due: Option<u64>,
+    /// No replication tick before this time: at the start every mailbox node begins its
+    /// anti-entropy rounds at a phase of its own within the first interval, as nodes that
+    /// did not start in the same millisecond would (see `open_destinations`).
+    replica_phase_until: u64,
     persisted_tags: Vec<(KeyEpoch, whispr_protocol::sphinx::ReplayTag)>,
     restarts: u64,
     peak_bytes: u64,
@@ -718,6 +722,7 @@ impl World {
                 timer: None,
                 timer_due: None,
                 replica_due: None,
+                replica_phase_until: 0,
                 persisted_tags: Vec::new(),
                 restarts: 0,
                 peak_bytes: 0,
@@ -1007,6 +1012,19 @@ impl World {
     }
 
     fn open_destinations(&mut self, now: UnixTime) -> Result<(), ScenarioError> {
+        // Each mailbox core runs its first anti-entropy round when it starts, then one per
+        // interval: cores all opened in the same millisecond would send every summary of the
+        // network at once (at 1,000 mailbox nodes, 8 KiB to each of ~1,000 peers each, 8 GB in
+        // flight at one instant). Real nodes do not start together: each starts its rounds at
+        // a phase of its own, drawn uniformly within the first interval. A restart (churn)
+        // starts its rounds at once, as a restarted node does.
+        let interval = self.sc.limits.replica_repair_interval_ms.max(1);
+        let mut phases = self.tree.stream("replica-phase", 0);
+        for n in &mut self.nodes {
+            if n.kind == NodeKind::Mailbox {
+                n.replica_phase_until = ms(now) + phases.random_range(0..interval);
+            }
+        }
         for i in 0..self.nodes.len() {
             self.open_destination(i, MemoryStore::new(), TaskStore::new(), now)?;
         }
@@ -1825,7 +1843,7 @@ impl World {
         if !n.up {
             return;
         }
-        let t = ms(t).max(now);
+        let t = ms(t).max(now).max(n.replica_phase_until);
         if n.replica_due.is_none_or(|d| t < d) {
             n.replica_due = Some(t);
             self.q

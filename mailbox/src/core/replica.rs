@@ -616,10 +616,17 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
     fn shared_with(&mut self, now: UnixTime, peer: &NodeId) -> Result<SharedSummary> {
         let mut buckets = vec![[0u8; 32]; SUMMARY_BUCKETS];
         let mut entries: Vec<Vec<DigestEntry>> = vec![Vec::new(); SUMMARY_BUCKETS];
-        for (sid, mailbox_id, peers) in self.replicated() {
-            if !peers.contains(peer) {
-                continue;
-            }
+        // The mailboxes `peer` replicates with this node (what `replicated` lists with `peer`
+        // among its peers), without building every mailbox's peer list: a node answers one
+        // summary per peer and round, so this runs peers × mailboxes times per round.
+        let own = self.config.node_id;
+        let shared: Vec<(StorageId, [u8; 32])> = self
+            .mailboxes
+            .values()
+            .filter(|m| own != Some(peer.0) && m.record.replicas.contains(&peer.0))
+            .map(|m| (m.sid, m.record.mailbox_id))
+            .collect();
+        for (sid, mailbox_id) in shared {
             let Some((digest, leaf)) = self.digest_of(now, &sid)? else {
                 continue;
             };
@@ -935,9 +942,13 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             self.refused(items.len() as u64);
             return Ok(());
         }
-        let cap = now
-            .0
-            .saturating_add(m.record.retention_ms.min(self.config.retention_ms_max));
+        // Rounded up like the origin's (`expiry_granularity_ms`), so that an item within its
+        // retention keeps the expiry the origin gave it.
+        let cap = bucket_of(
+            now.0
+                .saturating_add(m.record.retention_ms.min(self.config.retention_ms_max)),
+            self.config.expiry_granularity_ms,
+        );
         let mut stored_ids: Vec<ItemId> = Vec::new();
         let mut ops: Vec<Op> = Vec::new();
         let mut added: Vec<(u64, MessageInfo)> = Vec::new();
@@ -1234,9 +1245,13 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             self.refused(1);
             return Ok(());
         }
-        let cap = now
-            .0
-            .saturating_add(m.record.retention_ms.min(self.config.retention_ms_max));
+        // Rounded up like the origin's (`expiry_granularity_ms`), so that an item within its
+        // retention keeps the expiry the origin gave it.
+        let cap = bucket_of(
+            now.0
+                .saturating_add(m.record.retention_ms.min(self.config.retention_ms_max)),
+            self.config.expiry_granularity_ms,
+        );
         let budget = self.config.replica_repair_batch.max(1);
         let mut pull = Vec::new();
         for e in live {

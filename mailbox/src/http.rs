@@ -27,12 +27,12 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa::{OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use whispr_node_kit::clock::now;
 use whispr_protocol::MailboxId;
-use whispr_protocol::prekeys::SignedPrekey;
+use whispr_protocol::mailbox_api::{self, BodyError};
 
 use crate::auth::Session;
 use crate::core::{CreateMailbox, MessageBody, PrekeyUpload, StoredMessage};
@@ -267,42 +267,16 @@ impl<S: Send + Sync> FromRequestParts<S> for ApiUpgrade {
     }
 }
 
-/// A JSON integer as JSON Schema defines one (the document's `integer`): `5` and `5.0` alike;
-/// a fraction, a negative number or one above `T`'s range is refused (400).
-fn json_uint<'de, D, T>(deserializer: D) -> Result<T, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: TryFrom<u64>,
-{
-    use serde::de::Error;
-    let number = serde_json::Number::deserialize(deserializer)?;
-    let value = match (number.as_u64(), number.as_f64()) {
-        (Some(v), _) => v,
-        // Below 2^64 (exact as f64), integral and not negative: the cast is exact.
-        (None, Some(f)) if f.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&f) => {
-            f as u64
-        }
-        _ => return Err(D::Error::custom("expected a non-negative integer")),
-    };
-    T::try_from(value).map_err(|_| D::Error::custom("integer out of range"))
+fn bad_body(e: BodyError) -> ApiError {
+    ApiError::bad_request(e.to_string())
 }
 
-fn hex32(what: &str, text: &str) -> ApiResult<[u8; 32]> {
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(text, &mut out)
-        .map_err(|_| ApiError::bad_request(format!("{what}: expected 64 hex characters")))?;
-    Ok(out)
-}
-
-fn hex64(what: &str, text: &str) -> ApiResult<[u8; 64]> {
-    let mut out = [0u8; 64];
-    hex::decode_to_slice(text, &mut out)
-        .map_err(|_| ApiError::bad_request(format!("{what}: expected 128 hex characters")))?;
-    Ok(out)
+fn hex32(what: &'static str, text: &str) -> ApiResult<[u8; 32]> {
+    mailbox_api::hex32(what, text).map_err(bad_body)
 }
 
 fn mailbox_id(text: &str) -> ApiResult<MailboxId> {
-    hex32("mailbox id", text).map(MailboxId)
+    mailbox_api::parse_mailbox_id(text).map_err(bad_body)
 }
 
 /// The authenticated session of a request (`Authorization: Bearer <hex token>`).
@@ -325,9 +299,8 @@ impl FromRequestParts<MailboxNode> for Authed {
         let token = value
             .strip_prefix("Bearer ")
             .ok_or_else(|| unauthorized("Authorization must be a Bearer token"))?;
-        let mut bytes = [0u8; 32];
-        hex::decode_to_slice(token.trim(), &mut bytes)
-            .map_err(|_| unauthorized("malformed session token"))?;
+        let bytes = mailbox_api::parse_token(token)
+            .ok_or_else(|| unauthorized("malformed session token"))?;
         let session = node.sessions().authenticate(now(), &bytes).map_err(|e| {
             node.metrics().auth_failures.fetch_add(1, Ordering::Relaxed);
             ApiError::from(e)
@@ -454,59 +427,12 @@ impl Drop for Slot {
 // ---------------------------------------------------------------------------------------
 // Types
 
-/// `POST /v1/mailboxes`.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateMailboxRequest {
-    /// Mailbox id, 32 bytes hex (random, chosen by the owner).
-    #[schema(pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)]
-    pub mailbox_id: String,
-    /// HPKE X25519 public key senders seal to, 32 bytes hex.
-    #[schema(pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)]
-    pub mailbox_key: String,
-    /// Owner Ed25519 key, 32 bytes hex; also the first device. Not a curve point: 422.
-    #[schema(pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)]
-    pub owner_key: String,
-    /// SHA-256 of the access key given to contacts, 32 bytes hex.
-    #[schema(pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)]
-    pub access_key_hash: String,
-    /// Reply key minting the SURB ids of replies into this mailbox, 32 bytes hex (secret).
-    #[serde(default)]
-    #[schema(pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)]
-    pub reply_key: Option<String>,
-    /// Retention in milliseconds, 1 to the node's `limits.retention_ms_max` (above it: 422).
-    #[schema(minimum = 0, maximum = 18446744073709551615_u64)]
-    #[serde(deserialize_with = "json_uint")]
-    pub retention_ms: u64,
-    /// Owner Ed25519 signature over the creation transcript (see docs/mailbox.md), 64 bytes
-    /// hex. Wrong: 401 `bad_signature`.
-    #[schema(pattern = "^[0-9a-fA-F]{128}$", min_length = 128, max_length = 128)]
-    pub signature: String,
-    /// The mailbox's replica set (1 to 5 node ids, hex), which must name this node: the
-    /// signature is then over the v2 transcript (`docs/replication.md`). Absent: the v1
-    /// transcript, a mailbox on this node only, never replicated.
-    #[serde(default)]
-    #[schema(min_items = 1, max_items = 5, value_type = Option<Vec<HexNodeId>>)]
-    pub replicas: Option<Vec<String>>,
-}
-
-/// A node id, 32 bytes hex.
-/// (Schema only: the field is a `String`.)
-pub struct HexNodeId;
-
-impl utoipa::PartialSchema for HexNodeId {
-    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        utoipa::openapi::schema::ObjectBuilder::new()
-            .schema_type(utoipa::openapi::schema::Type::String)
-            .description(Some("A node id, 32 bytes hex."))
-            .pattern(Some("^[0-9a-fA-F]{64}$"))
-            .min_length(Some(64))
-            .max_length(Some(64))
-            .into()
-    }
-}
-
-impl ToSchema for HexNodeId {}
+// The request bodies and query strings: parsed (and their fields checked) by whispr-protocol,
+// so that the `mailbox_http` fuzz target runs exactly this parsing (`fuzz/README.md`).
+pub use whispr_protocol::mailbox_api::{
+    AckRequest, ChallengeRequest, CreateMailboxRequest, DeviceRequest, HexNodeId, LoginRequest,
+    PollQuery, PrekeyJson, PrekeysRequest, StreamCommand, StreamQuery,
+};
 
 /// Answer to a creation.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -514,18 +440,6 @@ pub struct CreatedResponse {
     /// The mailbox id, hex (lower case).
     #[schema(pattern = "^[0-9a-f]{64}$", min_length = 64, max_length = 64)]
     pub mailbox_id: String,
-}
-
-/// `POST /v1/auth/challenge`.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ChallengeRequest {
-    /// Mailbox id, 32 bytes hex.
-    #[schema(pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)]
-    pub mailbox_id: String,
-    /// The device key that will sign, 32 bytes hex.
-    #[schema(pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)]
-    pub device_key: String,
 }
 
 /// A login challenge.
@@ -540,24 +454,6 @@ pub struct ChallengeResponse {
     pub expires_at_ms: u64,
 }
 
-/// `POST /v1/auth/login`.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct LoginRequest {
-    /// Mailbox id, 32 bytes hex.
-    #[schema(pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)]
-    pub mailbox_id: String,
-    /// Device key, 32 bytes hex.
-    #[schema(pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)]
-    pub device_key: String,
-    /// The challenge, 32 bytes hex.
-    #[schema(pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)]
-    pub challenge: String,
-    /// Ed25519 signature over the login transcript, 64 bytes hex.
-    #[schema(pattern = "^[0-9a-fA-F]{128}$", min_length = 128, max_length = 128)]
-    pub signature: String,
-}
-
 /// A session token (or stream ticket).
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct TokenResponse {
@@ -566,34 +462,6 @@ pub struct TokenResponse {
     pub token: String,
     /// Unix ms at which it stops working.
     pub expires_at_ms: u64,
-}
-
-/// `GET /v1/mailboxes/{id}/messages` query.
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-pub struct PollQuery {
-    /// Return messages with a sequence number above this (default: the device's cursor).
-    /// Beyond the mailbox's last sequence number: 422 `bad_cursor`.
-    #[param(
-        required = false,
-        nullable = false,
-        minimum = 0,
-        maximum = 18446744073709551615_u64
-    )]
-    pub after: Option<u64>,
-    /// Most messages returned (0 counts as 1; capped by the node's `api.poll_limit_max`).
-    #[param(required = false, nullable = false, format = Int64, minimum = 0, maximum = 4294967295_u64)]
-    pub limit: Option<u32>,
-    /// Long poll: wait up to this many milliseconds for a message when there is none (capped
-    /// by the node's `api.wait_ms_max`).
-    #[param(
-        required = false,
-        nullable = false,
-        minimum = 0,
-        maximum = 18446744073709551615_u64
-    )]
-    pub wait: Option<u64>,
 }
 
 /// A stored message.
@@ -661,69 +529,11 @@ pub struct MessagesResponse {
     pub last_seq: u64,
 }
 
-/// `POST /v1/mailboxes/{id}/ack`.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct AckRequest {
-    /// Acknowledge every message up to this sequence number (inclusive) for this device.
-    /// Beyond the mailbox's last sequence number: 422 `bad_cursor`.
-    #[schema(minimum = 0, maximum = 18446744073709551615_u64)]
-    #[serde(deserialize_with = "json_uint")]
-    pub up_to: u64,
-}
-
 /// The device's cursor after an ack.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct AckResponse {
     /// Every message up to this sequence number is acknowledged by this device.
     pub cursor: u64,
-}
-
-/// `POST /v1/mailboxes/{id}/devices`.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct DeviceRequest {
-    /// The new device's Ed25519 key, 32 bytes hex. Not a curve point: 422.
-    #[schema(pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)]
-    pub device_key: String,
-    /// The owner's signature over the device transcript, 64 bytes hex. Wrong: 401
-    /// `bad_signature`.
-    #[schema(pattern = "^[0-9a-fA-F]{128}$", min_length = 128, max_length = 128)]
-    pub signature: String,
-}
-
-/// One prekey in an upload.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct PrekeyJson {
-    /// Owner-chosen id.
-    #[schema(format = Int64, minimum = 0, maximum = 4294967295_u64)]
-    #[serde(deserialize_with = "json_uint")]
-    pub key_id: u32,
-    /// Curve25519 public key, 32 bytes hex.
-    #[schema(pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)]
-    pub key: String,
-    /// True for the fallback key.
-    #[serde(default)]
-    pub fallback: bool,
-    /// Owner signature, 64 bytes hex.
-    #[schema(pattern = "^[0-9a-fA-F]{128}$", min_length = 128, max_length = 128)]
-    pub signature: String,
-}
-
-/// `PUT /v1/mailboxes/{id}/prekeys`: public keys only, each signed by the owner.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct PrekeysRequest {
-    /// Olm identity key (Curve25519), 32 bytes hex.
-    #[schema(pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)]
-    pub identity_key: String,
-    /// Owner signature over it, 64 bytes hex. Wrong: 401 `bad_signature`.
-    #[schema(pattern = "^[0-9a-fA-F]{128}$", min_length = 128, max_length = 128)]
-    pub identity_signature: String,
-    /// One-time keys and at most one fallback key (more than the node's
-    /// `limits.prekeys_max`, or two fallback keys: 422).
-    pub prekeys: Vec<PrekeyJson>,
 }
 
 /// Answer to a prekey upload.
@@ -784,26 +594,6 @@ pub struct ExportResponse {
     pub messages: Vec<MessageJson>,
 }
 
-/// `GET /v1/mailboxes/{id}/stream` query.
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-pub struct StreamQuery {
-    /// One-time ticket from `POST /v1/mailboxes/{id}/stream-ticket`, 32 bytes hex. Wrong,
-    /// used or expired: 401.
-    #[param(pattern = "^[0-9a-fA-F]{64}$", min_length = 64, max_length = 64)]
-    pub ticket: String,
-    /// Start after this sequence number (default: the device's cursor). Beyond the mailbox's
-    /// last sequence number: 422 `bad_cursor`.
-    #[param(
-        required = false,
-        nullable = false,
-        minimum = 0,
-        maximum = 18446744073709551615_u64
-    )]
-    pub after: Option<u64>,
-}
-
 /// What the server sends on a stream (JSON text frames).
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -827,17 +617,6 @@ pub enum StreamEvent {
     },
 }
 
-/// What a client sends on a stream.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum StreamCommand {
-    /// Acknowledge up to `up_to`.
-    Ack {
-        /// Sequence number.
-        up_to: u64,
-    },
-}
-
 // ---------------------------------------------------------------------------------------
 // Handlers
 
@@ -855,34 +634,16 @@ async fn create_mailbox(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ApiJson(req): ApiJson<CreateMailboxRequest>,
 ) -> ApiResult<(StatusCode, axum::Json<CreatedResponse>)> {
+    let fields = req.validate().map_err(bad_body)?;
+    let replicas = fields.replicas;
     let request = CreateMailbox {
-        mailbox_id: mailbox_id(&req.mailbox_id)?,
-        mailbox_key: hex32("mailbox_key", &req.mailbox_key)?,
-        owner_key: hex32("owner_key", &req.owner_key)?,
-        access_key_hash: hex32("access_key_hash", &req.access_key_hash)?,
-        reply_key: req
-            .reply_key
-            .as_deref()
-            .map(|k| hex32("reply_key", k))
-            .transpose()?,
-        retention_ms: req.retention_ms,
-        signature: hex64("signature", &req.signature)?,
-    };
-    let replicas = match &req.replicas {
-        None => None,
-        Some(list)
-            if list.is_empty() || list.len() > whispr_protocol::mailbox_api::REPLICAS_MAX =>
-        {
-            return Err(ApiError::bad_request(format!(
-                "replicas: 1 to {} node ids",
-                whispr_protocol::mailbox_api::REPLICAS_MAX
-            )));
-        }
-        Some(list) => Some(
-            list.iter()
-                .map(|r| hex32("replicas", r).map(whispr_protocol::NodeId))
-                .collect::<Result<Vec<_>, _>>()?,
-        ),
+        mailbox_id: fields.mailbox_id,
+        mailbox_key: fields.mailbox_key,
+        owner_key: fields.owner_key,
+        access_key_hash: fields.access_key_hash,
+        reply_key: fields.reply_key,
+        retention_ms: fields.retention_ms,
+        signature: fields.signature,
     };
     let tag = crate::pii::Tag::of(request.mailbox_id.as_bytes());
     // Creation is unauthenticated: limited per source address, so one address (whatever
@@ -925,8 +686,7 @@ async fn challenge(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ApiJson(req): ApiJson<ChallengeRequest>,
 ) -> ApiResult<axum::Json<ChallengeResponse>> {
-    let mailbox = mailbox_id(&req.mailbox_id)?;
-    let device = hex32("device_key", &req.device_key)?;
+    let (mailbox, device) = req.validate().map_err(bad_body)?;
     let mut sessions = node.sessions();
     let (challenge, expires) = sessions.challenge_from(now(), peer.ip(), mailbox, device)?;
     Ok(axum::Json(ChallengeResponse {
@@ -947,10 +707,12 @@ async fn login(
     State(node): State<MailboxNode>,
     ApiJson(req): ApiJson<LoginRequest>,
 ) -> ApiResult<axum::Json<TokenResponse>> {
-    let mailbox = mailbox_id(&req.mailbox_id)?;
-    let device = hex32("device_key", &req.device_key)?;
-    let challenge = hex32("challenge", &req.challenge)?;
-    let signature = hex64("signature", &req.signature)?;
+    let mailbox_api::LoginFields {
+        mailbox_id: mailbox,
+        device_key: device,
+        challenge,
+        signature,
+    } = req.validate().map_err(bad_body)?;
     let is_device = node
         .with_core(move |core| core.is_device(&mailbox, &device))
         .await?;
@@ -1156,7 +918,8 @@ async fn stream(
     ApiUpgrade(upgrade): ApiUpgrade,
 ) -> ApiResult<Response> {
     let mailbox = mailbox_id(&id)?;
-    let ticket = hex32("ticket", &q.ticket)
+    let ticket = q
+        .ticket()
         .map_err(|_| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "malformed ticket"))?;
     // The slot first: a 429 must not burn the ticket.
     let slot = Slot::take(&node, &mailbox)?;
@@ -1325,8 +1088,7 @@ async fn add_device(
 ) -> ApiResult<StatusCode> {
     let mailbox = mailbox_id(&id)?;
     auth.for_mailbox(&mailbox)?;
-    let device = hex32("device_key", &req.device_key)?;
-    let signature = hex64("signature", &req.signature)?;
+    let (device, signature) = req.validate().map_err(bad_body)?;
     node.with_core(move |core| core.add_device(&mailbox, device, &signature))
         .await??;
     Ok(StatusCode::NO_CONTENT)
@@ -1401,19 +1163,11 @@ async fn put_prekeys(
     // Owner only: another device could re-upload owner-signed one-time keys already handed
     // out (security review 6756e3f, finding 15).
     owner_only(&node, &auth, &mailbox).await?;
-    let mut prekeys = Vec::with_capacity(req.prekeys.len());
-    for p in &req.prekeys {
-        prekeys.push(SignedPrekey {
-            key_id: p.key_id,
-            key: hex32("prekeys[].key", &p.key)?,
-            fallback: p.fallback,
-            signature: hex64("prekeys[].signature", &p.signature)?,
-        });
-    }
+    let fields = req.validate().map_err(bad_body)?;
     let upload = PrekeyUpload {
-        identity_key: hex32("identity_key", &req.identity_key)?,
-        identity_signature: hex64("identity_signature", &req.identity_signature)?,
-        prekeys,
+        identity_key: fields.identity_key,
+        identity_signature: fields.identity_signature,
+        prekeys: fields.prekeys,
     };
     let one_time_keys = node
         .with_core(move |core| core.put_prekeys(&mailbox, upload))

@@ -601,8 +601,248 @@ fn replica_seeds() -> Seeds {
     seeds
 }
 
+/// Lower-case hex.
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// A `mailbox_http` input: the parser's selector byte, then its input.
+fn selected(selector: u8, input: &[u8]) -> Vec<u8> {
+    let mut out = vec![selector];
+    out.extend_from_slice(input);
+    out
+}
+
+/// Real request bodies and query strings of the mailbox API, each behind the selector byte of
+/// its parser in `fuzzing::mailbox_http`; signatures verify, so that the bodies are exactly
+/// what a client sends.
+fn mailbox_http_seeds(rng: &mut ChaCha20Rng) -> Seeds {
+    use ed25519_dalek::Signer;
+    use whispr_protocol::mailbox_api::{
+        self as api, AckRequest, ChallengeRequest, CreateMailboxRequest, DeviceRequest,
+        LoginRequest, PollQuery, PrekeysRequest, StreamCommand, StreamQuery,
+    };
+    use whispr_protocol::prekeys::{SignedPrekey, sign_identity};
+
+    let mut seeds = Seeds::new("mailbox_http");
+    let owner = signing_key(rng);
+    let mut id = [0u8; 32];
+    rng.fill_bytes(&mut id);
+    let mailbox = MailboxId(id);
+    let mailbox_key = mailbox_key().to_bytes();
+    let owner_key = owner.verifying_key().to_bytes();
+    let access_key_hash: [u8; 32] = Sha256::digest(b"fuzz access key").into();
+    let reply_key = [0x5a; 32];
+    let node = NodeId([0xa0; 32]);
+
+    // 0: POST /v1/mailboxes, v1 (one node) and v2 (replicated, with a reply key).
+    let t = api::create_transcript(
+        &mailbox,
+        &mailbox_key,
+        &owner_key,
+        &access_key_hash,
+        None,
+        86_400_000,
+    );
+    let body = serde_json::json!({
+        "mailbox_id": hex(&id),
+        "mailbox_key": hex(&mailbox_key),
+        "owner_key": hex(&owner_key),
+        "access_key_hash": hex(&access_key_hash),
+        "retention_ms": 86_400_000u64,
+        "signature": hex(&owner.sign(&t).to_bytes()),
+    });
+    let bytes = serde_json::to_vec(&body).unwrap();
+    let fields = serde_json::from_slice::<CreateMailboxRequest>(&bytes)
+        .unwrap()
+        .validate()
+        .unwrap();
+    assert_eq!(fields.replicas, None);
+    seeds.add("create-v1", selected(0, &bytes));
+    let replicas = [node, NodeId([0xb1; 32])];
+    let t = api::create_transcript_v2(
+        &mailbox,
+        &mailbox_key,
+        &owner_key,
+        &access_key_hash,
+        Some(&reply_key),
+        604_800_000,
+        &replicas,
+    )
+    .unwrap();
+    let body = serde_json::json!({
+        "mailbox_id": hex(&id).to_uppercase(),
+        "mailbox_key": hex(&mailbox_key),
+        "owner_key": hex(&owner_key),
+        "access_key_hash": hex(&access_key_hash),
+        "reply_key": hex(&reply_key),
+        "retention_ms": 604_800_000.0,
+        "signature": hex(&owner.sign(&t).to_bytes()),
+        "replicas": replicas.iter().map(|r| hex(&r.0)).collect::<Vec<_>>(),
+    });
+    let bytes = serde_json::to_vec(&body).unwrap();
+    let fields = serde_json::from_slice::<CreateMailboxRequest>(&bytes)
+        .unwrap()
+        .validate()
+        .unwrap();
+    assert_eq!(fields.replicas.as_deref(), Some(&replicas[..]));
+    seeds.add("create-v2-replicated", selected(0, &bytes));
+
+    // 1: POST /v1/auth/challenge; 2: POST /v1/auth/login.
+    let device = signing_key(rng);
+    let device_key = device.verifying_key().to_bytes();
+    let body = serde_json::json!({"mailbox_id": hex(&id), "device_key": hex(&device_key)});
+    let bytes = serde_json::to_vec(&body).unwrap();
+    serde_json::from_slice::<ChallengeRequest>(&bytes)
+        .unwrap()
+        .validate()
+        .unwrap();
+    seeds.add("challenge", selected(1, &bytes));
+    let mut challenge = [0u8; 32];
+    rng.fill_bytes(&mut challenge);
+    let t = api::login_transcript(
+        &api::node_audience(&node),
+        &mailbox,
+        &device_key,
+        &challenge,
+    );
+    let body = serde_json::json!({
+        "mailbox_id": hex(&id),
+        "device_key": hex(&device_key),
+        "challenge": hex(&challenge),
+        "signature": hex(&device.sign(&t).to_bytes()),
+    });
+    let bytes = serde_json::to_vec(&body).unwrap();
+    serde_json::from_slice::<LoginRequest>(&bytes)
+        .unwrap()
+        .validate()
+        .unwrap();
+    seeds.add("login", selected(2, &bytes));
+
+    // 3: POST /v1/mailboxes/{id}/ack (an integer, and an integral float).
+    for (name, body) in [
+        ("ack", &b"{\"up_to\":42}"[..]),
+        ("ack-float", b"{\"up_to\":7.0}"),
+    ] {
+        serde_json::from_slice::<AckRequest>(body).unwrap();
+        seeds.add(name, selected(3, body));
+    }
+
+    // 4: POST /v1/mailboxes/{id}/devices.
+    let t = api::device_transcript(&mailbox, &device_key);
+    let body = serde_json::json!({
+        "device_key": hex(&device_key),
+        "signature": hex(&owner.sign(&t).to_bytes()),
+    });
+    let bytes = serde_json::to_vec(&body).unwrap();
+    serde_json::from_slice::<DeviceRequest>(&bytes)
+        .unwrap()
+        .validate()
+        .unwrap();
+    seeds.add("device", selected(4, &bytes));
+
+    // 5: PUT /v1/mailboxes/{id}/prekeys: two one-time keys and a fallback key.
+    let mut identity_key = [0u8; 32];
+    rng.fill_bytes(&mut identity_key);
+    let prekeys: Vec<serde_json::Value> = (0u32..3)
+        .map(|key_id| {
+            let mut key = [0u8; 32];
+            rng.fill_bytes(&mut key);
+            let p = SignedPrekey::sign(&owner, &mailbox, key_id, key_id == 2, key);
+            serde_json::json!({
+                "key_id": p.key_id,
+                "key": hex(&p.key),
+                "fallback": p.fallback,
+                "signature": hex(&p.signature),
+            })
+        })
+        .collect();
+    let body = serde_json::json!({
+        "identity_key": hex(&identity_key),
+        "identity_signature": hex(&sign_identity(&owner, &mailbox, &identity_key)),
+        "prekeys": prekeys,
+    });
+    let bytes = serde_json::to_vec(&body).unwrap();
+    let fields = serde_json::from_slice::<PrekeysRequest>(&bytes)
+        .unwrap()
+        .validate()
+        .unwrap();
+    assert_eq!(fields.prekeys.len(), 3);
+    seeds.add("prekeys", selected(5, &bytes));
+
+    // 6: a stream command (WebSocket text frame).
+    let frame = serde_json::to_vec(&StreamCommand::Ack { up_to: 9 }).unwrap();
+    seeds.add("stream-ack", selected(6, &frame));
+
+    // 7: the poll query; 8: the stream query.
+    let poll = b"after=3&limit=50&wait=25000";
+    serde_urlencoded_check::<PollQuery>(poll);
+    seeds.add("poll-query", selected(7, poll));
+    let mut ticket = [0u8; 32];
+    rng.fill_bytes(&mut ticket);
+    let stream = format!("ticket={}&after=12", hex(&ticket));
+    let q = serde_urlencoded_check::<StreamQuery>(stream.as_bytes());
+    assert_eq!(q.ticket().unwrap(), ticket);
+    seeds.add("stream-query", selected(8, stream.as_bytes()));
+
+    // 9: a path id or bearer token.
+    seeds.add("path-id", selected(9, hex(&id).as_bytes()));
+    seeds
+}
+
+/// Parses a query string the way the node does (axum's `Query`: `serde_urlencoded`).
+fn serde_urlencoded_check<T: serde::de::DeserializeOwned>(query: &[u8]) -> T {
+    let text = std::str::from_utf8(query).unwrap();
+    serde_urlencoded::from_str(text).unwrap()
+}
+
+/// Real admin bodies of the timer API, behind the selector byte of `fuzzing::timer_http`
+/// (0 pause/resume/purge, 1 quarantine/release, 2 backup, 3 the `fired` query).
+fn timer_http_seeds() -> Seeds {
+    use whispr_protocol::timer_api::{self as api, BackupBody, CategoryBody, TaskBody};
+    let mut seeds = Seeds::new("timer_http");
+    let value = |body: &[u8]| serde_json::from_slice::<serde_json::Value>(body).unwrap();
+    for (name, body) in [
+        ("category", &b"{\"category\":\"expiry\"}"[..]),
+        ("category-all", b"{}"),
+        ("category-null", b"{\"category\":null}"),
+    ] {
+        api::object_body::<CategoryBody>(value(body)).unwrap();
+        seeds.add(name, selected(0, body));
+    }
+    // Refused: an admin body must be an object (`[]` once paused every category).
+    assert_eq!(
+        api::object_body::<CategoryBody>(value(b"[]")).unwrap_err(),
+        api::ObjectBodyError::NotObject
+    );
+    seeds.add("category-array", selected(0, b"[]"));
+    let body = format!("{{\"task\":\"{}\"}}", hex(&[0x3c; 16]));
+    let task = api::object_body::<TaskBody>(value(body.as_bytes())).unwrap();
+    assert_eq!(api::parse_task_id(&task.task), Some([0x3c; 16]));
+    seeds.add("task", selected(1, body.as_bytes()));
+    let body = b"{\"to\":\"/var/backups/whispr-timer/2026-12-06\"}";
+    api::object_body::<BackupBody>(value(body)).unwrap();
+    seeds.add("backup", selected(2, body));
+    serde_urlencoded_check::<api::FiredQuery>(b"limit=20");
+    seeds.add("fired-query", selected(3, b"limit=20"));
+    seeds
+}
+
+/// `fuzz_seeds [TARGET…]`: writes the seeds of the named targets only (all without one), so
+/// that adding a target does not rewrite the others' (randomly padded) packet seeds.
 fn main() {
     let corpus: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+    let only: Vec<String> = std::env::args().skip(1).collect();
+    for name in &only {
+        assert!(
+            fuzzing::TARGETS.contains(&name.as_str()),
+            "unknown target {name}"
+        );
+    }
     let mut rng = ChaCha20Rng::seed_from_u64(0x5eed_f022);
     let all = [
         wire_seeds(&mut rng),
@@ -612,9 +852,15 @@ fn main() {
         descriptor_seeds(&mut rng),
         consensus_seeds(&mut rng),
         replica_seeds(),
+        mailbox_http_seeds(&mut rng),
+        timer_http_seeds(),
     ];
     let names: Vec<&str> = all.iter().map(|s| s.target).collect();
     assert_eq!(names, fuzzing::TARGETS, "one seed set per fuzz target");
-    let total: usize = all.iter().map(|s| s.write(&corpus)).sum();
+    let total: usize = all
+        .iter()
+        .filter(|s| only.is_empty() || only.iter().any(|n| n == s.target))
+        .map(|s| s.write(&corpus))
+        .sum();
     println!("{total} bytes in all");
 }

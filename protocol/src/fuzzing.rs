@@ -18,6 +18,8 @@ pub const TARGETS: &[&str] = &[
     "descriptor",
     "consensus",
     "replica",
+    "mailbox_http",
+    "timer_http",
 ];
 
 /// Runs the target called `name` on `data`; false if there is no such target.
@@ -30,6 +32,8 @@ pub fn run(name: &str, data: &[u8]) -> bool {
         "descriptor" => descriptor(data),
         "consensus" => consensus(data),
         "replica" => replica(data),
+        "mailbox_http" => mailbox_http(data),
+        "timer_http" => timer_http(data),
         _ => return false,
     }
     true
@@ -163,5 +167,104 @@ pub fn replica(data: &[u8]) {
             again.as_ref() == Ok(&m),
             "replica message does not round-trip"
         );
+    }
+}
+
+/// The parsers of a mailbox node's HTTP API (`crate::mailbox_api`), as the node runs them:
+/// the first byte picks one, the rest is its input. JSON bodies are deserialized like axum's
+/// `Json` extractor does (`serde_json::from_slice`) and then validated; query strings like
+/// its `Query` extractor (`serde_urlencoded`); WebSocket text frames like the stream loop
+/// (`serde_json::from_str`); path ids and bearer tokens by their hex parsers.
+pub fn mailbox_http(data: &[u8]) {
+    use crate::mailbox_api as api;
+    let Some((selector, input)) = data.split_first() else {
+        return;
+    };
+    let text = std::str::from_utf8(input).ok();
+    match selector % 10 {
+        0 => {
+            if let Ok(r) = serde_json::from_slice::<api::CreateMailboxRequest>(input) {
+                let _ = r.validate();
+            }
+        }
+        1 => {
+            if let Ok(r) = serde_json::from_slice::<api::ChallengeRequest>(input) {
+                let _ = r.validate();
+            }
+        }
+        2 => {
+            if let Ok(r) = serde_json::from_slice::<api::LoginRequest>(input) {
+                let _ = r.validate();
+            }
+        }
+        3 => {
+            let _ = serde_json::from_slice::<api::AckRequest>(input);
+        }
+        4 => {
+            if let Ok(r) = serde_json::from_slice::<api::DeviceRequest>(input) {
+                let _ = r.validate();
+            }
+        }
+        5 => {
+            if let Ok(r) = serde_json::from_slice::<api::PrekeysRequest>(input) {
+                let _ = r.validate();
+            }
+        }
+        6 => {
+            if let Some(text) = text {
+                let _ = serde_json::from_str::<api::StreamCommand>(text);
+            }
+        }
+        7 => {
+            if let Some(text) = text {
+                let _ = serde_urlencoded::from_str::<api::PollQuery>(text);
+            }
+        }
+        8 => {
+            if let Some(text) = text
+                && let Ok(q) = serde_urlencoded::from_str::<api::StreamQuery>(text)
+            {
+                let _ = q.ticket();
+            }
+        }
+        _ => {
+            if let Some(text) = text {
+                let _ = api::parse_mailbox_id(text);
+                let _ = api::parse_token(text);
+            }
+        }
+    }
+}
+
+/// The parsers of a timer node's admin HTTP API (`crate::timer_api`): the first byte picks
+/// one, the rest is its input. A body is parsed as JSON (axum's `Json<Value>`), then through
+/// [`crate::timer_api::object_body`] (and a task body's id through `parse_task_id`); the
+/// `fired` query string like axum's `Query` extractor (`serde_urlencoded`).
+pub fn timer_http(data: &[u8]) {
+    use crate::timer_api as api;
+    let Some((selector, input)) = data.split_first() else {
+        return;
+    };
+    if selector % 4 == 3 {
+        if let Ok(text) = std::str::from_utf8(input) {
+            let _ = serde_urlencoded::from_str::<api::FiredQuery>(text);
+        }
+        return;
+    }
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(input) else {
+        return;
+    };
+    match selector % 4 {
+        0 => {
+            let _ = api::object_body::<api::CategoryBody>(value);
+        }
+        1 => {
+            if let Ok(body) = api::object_body::<api::TaskBody>(value) {
+                let _ = api::parse_task_id(&body.task);
+            }
+        }
+        _ => {
+            let _ = api::object_body::<api::BackupBody>(value);
+        }
     }
 }

@@ -35,6 +35,7 @@ pub mod payload;
 pub mod prekeys;
 pub mod replica;
 pub mod sphinx;
+pub mod timer_api;
 mod types;
 pub mod wire;
 

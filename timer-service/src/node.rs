@@ -34,6 +34,7 @@ use tokio::sync::Notify;
 use whispr_node_kit::clock::now;
 use whispr_protocol::payload::HeldPacketPart;
 use whispr_protocol::sphinx::Surb;
+use whispr_protocol::timer_api::{self, BackupBody, CategoryBody, FiredQuery, TaskBody};
 use whispr_protocol::{CancelCapability, HoldId, UnixTime};
 
 use crate::audit::{AuditAction, AuditLog};
@@ -854,21 +855,15 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// A JSON body that must be an object. serde's derived structs also accept an array of
-/// their fields in order (`[]` for a struct whose fields all have defaults: `POST pause` with
-/// `[]` paused every category), which the API does not offer: 400 `malformed_json`.
+/// A JSON body that must be an object (`whispr_protocol::timer_api::object_body`, which the
+/// `timer_http` fuzz target runs): serde's derived structs also accept an array of their
+/// fields in order (`[]` for a struct whose fields all have defaults: `POST pause` with `[]`
+/// paused every category), which the API does not offer: 400 `malformed_json`.
 fn json_object<T: serde::de::DeserializeOwned>(
     body: Result<axum::Json<serde_json::Value>, JsonRejection>,
 ) -> Result<T, ApiError> {
     let axum::Json(value) = body?;
-    if !value.is_object() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "malformed_json",
-            "the body must be a JSON object",
-        ));
-    }
-    serde_json::from_value(value)
+    timer_api::object_body(value)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.to_string()))
 }
 
@@ -909,21 +904,6 @@ async fn healthz(State(node): State<TimerNode>) -> impl IntoResponse {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "store failing\n")
     }
-}
-
-/// Body of pause / resume: `{"category": "expiry"}`, or `{}` / `{"category": null}` for all.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CategoryBody {
-    #[serde(default)]
-    category: Option<String>,
-}
-
-/// Body of quarantine / release: `{"task": "<32 hex digits>"}`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TaskBody {
-    task: String,
 }
 
 #[derive(Serialize)]
@@ -1067,13 +1047,6 @@ async fn admin_release(
     task_action(&node, &headers, body, false)
 }
 
-/// Body of backup: `{"to": "/absolute/backup/dir"}`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BackupBody {
-    to: PathBuf,
-}
-
 /// `POST /v1/admin/backup`: an online backup into `to` (audited), on a blocking thread.
 async fn admin_backup(
     State(node): State<TimerNode>,
@@ -1112,12 +1085,6 @@ async fn admin_verify(
         StatusCode::CONFLICT
     };
     Ok((status, axum::Json(report)).into_response())
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FiredQuery {
-    limit: Option<usize>,
 }
 
 async fn admin_fired(

@@ -13,9 +13,9 @@ pub struct TaskId(pub [u8; 16]);
 impl TaskId {
     /// Parses 32 hex digits.
     pub fn parse(text: &str) -> Result<TaskId> {
-        let mut out = [0u8; 16];
-        hex::decode_to_slice(text, &mut out).map_err(|_| TimerError::BadTaskId)?;
-        Ok(TaskId(out))
+        whispr_protocol::timer_api::parse_task_id(text)
+            .map(TaskId)
+            .ok_or(TimerError::BadTaskId)
     }
 }
 

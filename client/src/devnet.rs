@@ -21,7 +21,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use whispr_protocol::UnixTime;
-use whispr_protocol::consensus::{Authority, Network};
+use whispr_protocol::consensus::{Authority, Mixing, Network};
 
 use crate::client::now_ms;
 use crate::error::{ClientError, Result};
@@ -415,7 +415,12 @@ impl Devnet {
             authorities.push(plan);
         }
         // Every mailbox on as many mailbox nodes as the devnet has, up to 3.
-        let network = Network::new(pinned, None)?.with_replicas(opts.mailboxes.min(3))?;
+        // A devnet is for trying things out and for tests: fast mixing (50 ms per hop) and no
+        // cover, stated in its network file for the clients that pin it (a real network's
+        // clients default to 200 ms and 2 cover packets per minute).
+        let network = Network::new(pinned, None)?
+            .with_replicas(opts.mailboxes.min(3))?
+            .with_mixing(Mixing::new(50, 0.0)?);
         write(&dir.join("network"), &network.to_text())?;
         let mut allowed: Vec<String> = Vec::new();
         write(&dir.join("allowed"), "")?;

@@ -43,7 +43,8 @@ enum Command {
         /// The directory URL (an edge relay's `/v1/directory`).
         #[arg(long)]
         directory: String,
-        /// Mean mixing delay per hop in ms (0 turns mixing off).
+        /// Mean mixing delay per hop in ms (0 turns mixing off). Default: the network file's
+        /// `mixing` line, else 200. A value unlike other clients' makes this one stand out.
         #[arg(long)]
         mix_delay_ms: Option<u64>,
         /// Receipts to send: read, delivery or none.
@@ -52,7 +53,8 @@ enum Command {
         /// A fragment not acknowledged within this many ms is sent again on a fresh route.
         #[arg(long)]
         retransmit_after_ms: Option<u64>,
-        /// Cover traffic while `recv --follow` runs, packets per minute (Poisson).
+        /// Cover traffic while `recv --follow` runs, packets per minute (Poisson). Default:
+        /// the network file's `mixing` line, else 2.
         #[arg(long)]
         cover_per_min: Option<f64>,
         /// The network file pinning the directory authorities (`whispr devnet up` writes one;
@@ -488,6 +490,12 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
                 let pinned = whispr_protocol::consensus::Network::parse(&text)?;
                 if let Some(r) = pinned.replicas() {
                     settings.replicas = r;
+                }
+                // Every client of a network mixes alike: its file's parameters, unless the
+                // user overrides them below.
+                if let Some(m) = pinned.mixing() {
+                    settings.mix_delay_ms = m.delay_ms;
+                    settings.cover_per_min = m.cover_per_min();
                 }
                 settings.network = Some(text);
             }

@@ -55,12 +55,59 @@ pub struct Authority {
     pub url: String,
 }
 
+/// Longest mean mixing delay per hop a network may ask for, in ms: relays hold a packet at
+/// most `hop_delay_max_ms` (60 s by default), and the delay of one hop is drawn from an
+/// exponential with this mean.
+pub const MIX_DELAY_MEAN_MAX_MS: u64 = 10_000;
+/// Most cover packets per minute a network may ask each client to send.
+pub const COVER_PER_MIN_MAX: f64 = 600.0;
+
+/// The traffic parameters every client of a network uses (Loopix's per-hop delay mean and
+/// cover rate): a client whose parameters differ from the others' stands out, so they are the
+/// network's, stated in its network file (`mixing DELAY_MS COVER_PER_MIN`), not each user's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mixing {
+    /// Mean mixing delay per hop, in ms (0 turns mixing off: test networks only).
+    pub delay_ms: u64,
+    /// Cover packets per minute while a client follows its mailboxes, in thousandths.
+    cover_per_min_milli: u32,
+}
+
+impl Mixing {
+    /// Parameters with `delay_ms` per hop (at most [`MIX_DELAY_MEAN_MAX_MS`]) and
+    /// `cover_per_min` (0 to [`COVER_PER_MIN_MAX`], kept to a thousandth).
+    pub fn new(delay_ms: u64, cover_per_min: f64) -> Result<Mixing> {
+        if delay_ms > MIX_DELAY_MEAN_MAX_MS {
+            return Err(Error::InvalidArgument(
+                "a network's mean mixing delay is at most 10 s per hop",
+            ));
+        }
+        if !(0.0..=COVER_PER_MIN_MAX).contains(&cover_per_min) {
+            return Err(Error::InvalidArgument(
+                "a network's cover rate is 0 to 600 packets per minute",
+            ));
+        }
+        // In range and finite (NaN fails `contains`), so the cast cannot saturate.
+        let cover_per_min_milli = (cover_per_min * 1000.0).round() as u32;
+        Ok(Mixing {
+            delay_ms,
+            cover_per_min_milli,
+        })
+    }
+
+    /// Cover packets per minute.
+    pub fn cover_per_min(&self) -> f64 {
+        f64::from(self.cover_per_min_milli) / 1000.0
+    }
+}
+
 /// The pinned authorities of a network and the number of signatures a consensus needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Network {
     authorities: Vec<Authority>,
     threshold: usize,
     replicas: Option<usize>,
+    mixing: Option<Mixing>,
 }
 
 impl Network {
@@ -100,6 +147,7 @@ impl Network {
             authorities,
             threshold,
             replicas: None,
+            mixing: None,
         })
     }
 
@@ -119,6 +167,18 @@ impl Network {
     /// Mailbox replicas the network asks for (`replicas` line), if it says.
     pub fn replicas(&self) -> Option<usize> {
         self.replicas
+    }
+
+    /// The same network, stating the mixing delay and cover rate of its clients (`mixing`
+    /// line). Clients that pin the network use them (`whispr init`).
+    pub fn with_mixing(mut self, mixing: Mixing) -> Network {
+        self.mixing = Some(mixing);
+        self
+    }
+
+    /// The mixing parameters the network states (`mixing` line), if it does.
+    pub fn mixing(&self) -> Option<Mixing> {
+        self.mixing
     }
 
     /// Parses a network file (see [`Network::to_text`] and `docs/protocol.md`).
@@ -141,6 +201,7 @@ impl Network {
         }
         let mut threshold = None;
         let mut replicas = None;
+        let mut mixing = None;
         let mut authorities = Vec::new();
         for line in lines {
             let words: Vec<&str> = line.split_whitespace().collect();
@@ -150,6 +211,14 @@ impl Network {
                 }
                 ["replicas", r] if replicas.is_none() => {
                     replicas = Some(r.parse::<usize>().map_err(|_| bad("bad replica count"))?);
+                }
+                ["mixing", delay, cover] if mixing.is_none() => {
+                    let delay = delay.parse::<u64>().map_err(|_| bad("bad mixing delay"))?;
+                    let cover = cover.parse::<f64>().map_err(|_| bad("bad cover rate"))?;
+                    mixing = Some(
+                        Mixing::new(delay, cover)
+                            .map_err(|_| bad("mixing delay or cover rate out of range"))?,
+                    );
                 }
                 ["authority", key, url] => {
                     if authorities.len() >= AUTHORITIES_MAX {
@@ -164,11 +233,12 @@ impl Network {
                 _ => return Err(bad("unknown line")),
             }
         }
-        let network = Network::new(authorities, threshold)?;
-        match replicas {
-            Some(r) => network.with_replicas(r),
-            None => Ok(network),
+        let mut network = Network::new(authorities, threshold)?;
+        if let Some(r) = replicas {
+            network = network.with_replicas(r)?;
         }
+        network.mixing = mixing;
+        Ok(network)
     }
 
     /// The network file: a magic line, the threshold, then one line per authority (key in
@@ -177,6 +247,9 @@ impl Network {
         let mut out = format!("{NETWORK_FILE_MAGIC}\nthreshold {}\n", self.threshold);
         if let Some(r) = self.replicas {
             let _ = writeln!(out, "replicas {r}");
+        }
+        if let Some(m) = self.mixing {
+            let _ = writeln!(out, "mixing {} {}", m.delay_ms, m.cover_per_min());
         }
         for a in &self.authorities {
             let _ = writeln!(out, "authority {} {}", hex(&a.key), a.url);

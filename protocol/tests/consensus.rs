@@ -13,7 +13,7 @@ use common::{NOW, TestNode, descriptor, epoch, nodes, rng, signed};
 use ed25519_dalek::SigningKey;
 use rand_chacha::ChaCha20Rng;
 use whispr_protocol::consensus::{
-    Authority, Consensus, ConsensusBody, Network, VoteContent, compute_consensus,
+    Authority, Consensus, ConsensusBody, Mixing, Network, VoteContent, compute_consensus,
 };
 use whispr_protocol::directory::{Directory, Role, SignedDescriptor};
 use whispr_protocol::{Error, UnixTime};
@@ -384,6 +384,43 @@ fn network_files_round_trip_and_need_a_majority_threshold() {
     );
     assert!(Network::parse("threshold 2\n").is_err());
     assert!(Network::parse(&text.replace("authority ", "authority zz")).is_err());
+}
+
+#[test]
+fn a_network_file_may_state_its_clients_mixing_delay_and_cover_rate() {
+    let w = world(10);
+    assert_eq!(w.network.mixing(), None);
+    let mixing = Mixing::new(200, 2.5).unwrap();
+    let net = w.network.clone().with_mixing(mixing);
+    let text = net.to_text();
+    assert!(text.contains("\nmixing 200 2.5\n"), "{text}");
+    let parsed = Network::parse(&text).unwrap();
+    assert_eq!(parsed, net);
+    let m = parsed.mixing().unwrap();
+    assert_eq!((m.delay_ms, m.cover_per_min()), (200, 2.5));
+    for bad in [
+        "mixing 200",
+        "mixing -1 2",
+        "mixing 10001 2",
+        "mixing 200 -1",
+        "mixing 200 601",
+        "mixing 200 NaN",
+        "mixing 200 inf",
+        "mixing x 2",
+    ] {
+        assert!(
+            Network::parse(&text.replace("mixing 200 2.5", bad)).is_err(),
+            "{bad}"
+        );
+    }
+    assert!(
+        Network::parse(&text.replace("mixing 200 2.5", "mixing 200 2.5\nmixing 50 0")).is_err(),
+        "two mixing lines"
+    );
+    assert!(
+        Mixing::new(0, 0.0).is_ok(),
+        "a test network may turn both off"
+    );
 }
 
 #[test]

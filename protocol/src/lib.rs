@@ -2,8 +2,9 @@
 //!
 //! The Whispr Mesh wire protocol, with no I/O: Sphinx packets ([`sphinx`]), sealed-sender
 //! envelopes ([`envelope`]), fragmentation and reassembly ([`fragment`]), node descriptors,
-//! directory validation, route selection and mailbox placement ([`directory`]), and the
-//! protobuf wire messages they travel in ([`wire`]).
+//! directory validation, route selection and mailbox placement ([`directory`]), the
+//! protobuf wire messages they travel in ([`wire`]), and the JSON request bodies and query
+//! strings of the mailbox and timer nodes' HTTP APIs ([`mailbox_api`], [`timer_api`]).
 //!
 //! **This crate depends on no runtime, network or storage crate** (no tokio, libp2p, rocksdb,
 //! axum); `make check-deps` fails the build if `cargo tree` shows one. Randomness comes in as

@@ -33,6 +33,13 @@ pub struct CoreConfig {
     pub sweep_batch_max: usize,
     /// Expiry sweeps are scheduled per bucket of this length. Default 60,000 ms.
     pub expiry_bucket_ms: u64,
+    /// Every expiry time is rounded up to a multiple of this (Unix ms) before it is stored or
+    /// acknowledged. Expiry times are in clear on disk (the envelope prefix, dedup and expiry
+    /// entries); without a sender's expiry a message expires `retention_ms` after it arrived,
+    /// so exact times would give each message's arrival time to the millisecond. Rounded,
+    /// they give it only to within this granularity; a message is kept up to this much
+    /// longer, never shorter. Default 3,600,000 ms (1 hour); 1 keeps exact times.
+    pub expiry_granularity_ms: u64,
     /// A mailbox that nobody has logged in to and that has received no deposit this long after
     /// its creation is erased, so that abandoned (or mass-created) mailboxes do not hold
     /// `mailboxes_max` for ever. Default 24 hours.
@@ -78,6 +85,7 @@ impl Default for CoreConfig {
             reply_bytes_max: 4096,
             sweep_batch_max: 10_000,
             expiry_bucket_ms: 60_000,
+            expiry_granularity_ms: 3_600_000,
             unused_mailbox_ttl_ms: 24 * 3600 * 1000,
             write_quorum: 2,
             replica_ack_timeout_ms: 10_000,

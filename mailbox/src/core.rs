@@ -434,6 +434,7 @@ fn verify(key: &[u8; 32], message: &[u8], signature: &[u8; 64], what: &'static s
         .map_err(|_| MailboxError::BadSignature(what))
 }
 
+/// `expires_at` rounded up to a multiple of `bucket_ms` (0 counts as 1).
 fn bucket_of(expires_at: u64, bucket_ms: u64) -> u64 {
     let b = bucket_ms.max(1);
     expires_at.div_ceil(b).saturating_mul(b)
@@ -485,6 +486,34 @@ pub struct MailboxCore<S: MailboxStore, R: rand::CryptoRng> {
     unused_erased: u64,
     outputs: VecDeque<Output>,
     replica: replica::ReplicaState,
+    /// Mailboxes erased since the last [`MailboxCore::take_compaction`] (at most
+    /// [`COMPACT_PENDING_MAX`]; past it, everything is compacted).
+    compact_pending: BTreeSet<StorageId>,
+    compact_all: bool,
+}
+
+/// Erased mailboxes whose key ranges are remembered for compaction; past it the next
+/// compaction covers every column family whole.
+pub const COMPACT_PENDING_MAX: usize = 1024;
+
+/// A key range of one column family to compact ([`MailboxCore::take_compaction`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct CompactRange {
+    /// The column family.
+    pub cf: Cf,
+    /// First key (inclusive).
+    pub from: Vec<u8>,
+    /// End (exclusive).
+    pub to: Vec<u8>,
+}
+
+impl std::fmt::Debug for CompactRange {
+    // The bounds are storage ids.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompactRange")
+            .field("cf", &self.cf)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<S: MailboxStore, R: rand::CryptoRng> std::fmt::Debug for MailboxCore<S, R> {
@@ -516,6 +545,8 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             unused_erased: 0,
             outputs: VecDeque::new(),
             replica: replica::ReplicaState::new(now),
+            compact_pending: BTreeSet::new(),
+            compact_all: false,
         };
         core.load(now)?;
         Ok(core)
@@ -1354,6 +1385,8 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             Some(t) => t.0.min(cap),
             None => cap,
         };
+        // Stored in clear: rounded up so that it does not give the arrival time.
+        let expires_at = bucket_of(expires_at, config.expiry_granularity_ms);
         let p = batch.pending.entry(sid).or_default();
         let count = (m.messages.len() + p.added.len()) as u64;
         if count >= config.mailbox_messages_max {
@@ -1748,7 +1781,60 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         let mut ops = Self::erase_ops(&sid);
         ops.extend(self.expiry_ops(&sid)?);
         self.store.write(ops, true)?;
+        self.want_compaction(sid);
         Ok(())
+    }
+
+    fn want_compaction(&mut self, sid: StorageId) {
+        if self.compact_all {
+            return;
+        }
+        if self.compact_pending.len() >= COMPACT_PENDING_MAX {
+            self.compact_pending.clear();
+            self.compact_all = true;
+        } else {
+            self.compact_pending.insert(sid);
+        }
+    }
+
+    /// The key ranges the driver should compact, bottom level included, so that erased
+    /// mailboxes leave nothing on disk (a delete only shadows a value until a compaction
+    /// drops both; RocksDB compacts on its own only as writes go on, so on a quiet node
+    /// erased keys, expiry times included, would stay readable in the files indefinitely).
+    /// Every erased mailbox's ranges in the families keyed by storage id, and the expiry
+    /// family whole (its keys start with the time, not the storage id; it holds 40 bytes
+    /// per message). Empty when nothing was erased since the last call.
+    pub fn take_compaction(&mut self) -> Vec<CompactRange> {
+        let mut out = Vec::new();
+        if self.compact_all {
+            for cf in Cf::ALL {
+                out.push(CompactRange {
+                    cf,
+                    from: Vec::new(),
+                    to: vec![0xff; 8 + SID_LEN + 9],
+                });
+            }
+        } else {
+            for sid in &self.compact_pending {
+                for cf in [Cf::Mailboxes, Cf::Envelopes, Cf::Dedup, Cf::Prekeys] {
+                    out.push(CompactRange {
+                        cf,
+                        from: sid.to_vec(),
+                        to: sid_end(sid),
+                    });
+                }
+            }
+            if !self.compact_pending.is_empty() {
+                out.push(CompactRange {
+                    cf: Cf::Expiry,
+                    from: Vec::new(),
+                    to: vec![0xff; 8 + SID_LEN + 9],
+                });
+            }
+        }
+        self.compact_pending.clear();
+        self.compact_all = false;
+        out
     }
 
     /// Public facts about a mailbox for its owner.

@@ -399,6 +399,8 @@ pub(crate) struct Shared {
     pub(crate) metrics_snapshot: whispr_relay::http::MetricsSnapshot,
     /// Online backups of the mailbox store ([`crate::admin`]).
     pub(crate) backup: whispr_timer_service::backup::BackupSource,
+    /// The store's database, for compactions run without the core lock.
+    db: Arc<rocksdb::DB>,
 }
 
 /// A running mailbox node (cheap to clone).
@@ -439,6 +441,7 @@ impl MailboxNode {
             store.shared_db(),
             crate::admin::BACKUP_KIND,
         );
+        let db = store.shared_db();
         let core_rng = StdRng::from_rng(&mut seed_rng);
         let core = MailboxCore::open(config.limits.clone(), store, master, core_rng, now())?;
         let timer_store = TimerStore::open(
@@ -492,6 +495,7 @@ impl MailboxNode {
                 creations: Mutex::new(creations),
                 metrics_snapshot,
                 backup,
+                db,
             }),
         };
         // Sweeps asked for while loading.
@@ -800,6 +804,7 @@ impl MailboxNode {
                 node.run_due_sweeps();
                 node.erase_unused();
                 node.replica_tick();
+                node.compact_erased();
             })
             .await;
         }
@@ -827,6 +832,20 @@ impl MailboxNode {
                 tracing::info!(erased = n, "unused mailboxes erased");
             }
             Err(e) => tracing::error!(error = %e, "erasing unused mailboxes failed"),
+        }
+    }
+
+    /// Compacts the key ranges of the mailboxes erased since the last pass (at most one pass
+    /// per sweeper wake-up, so at most one a minute on a busy node; the core lock is not held
+    /// while RocksDB compacts), so that their keys and clear expiry times leave the files.
+    fn compact_erased(&self) {
+        let ranges = self.core().take_compaction();
+        if ranges.is_empty() {
+            return;
+        }
+        match crate::rocks::compact_ranges(&self.shared.db, &ranges) {
+            Ok(()) => tracing::debug!(ranges = ranges.len(), "erased mailboxes compacted"),
+            Err(e) => tracing::warn!(error = %e, "compacting erased mailboxes failed"),
         }
     }
 

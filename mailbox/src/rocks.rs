@@ -139,6 +139,13 @@ impl RocksStore {
         Ok(())
     }
 
+    /// Flushes every memtable, then compacts each of `ranges` (bottom level included), so
+    /// that what was deleted in them is dropped from the files (see
+    /// [`crate::core::MailboxCore::take_compaction`]). Blocks until done.
+    pub fn compact_ranges(&self, ranges: &[crate::core::CompactRange]) -> Result<(), StoreError> {
+        compact_ranges(&self.db, ranges)
+    }
+
     /// Builds the write batch of `ops`. A `DeleteRange` with `from >= to` is empty and left
     /// out (RocksDB would reject `from > to`).
     fn build_batch(&self, ops: Vec<Op>) -> Result<WriteBatch, StoreError> {
@@ -236,4 +243,27 @@ impl MailboxStore for RocksStore {
             sst_bytes_live: self.sst_bytes_live().unwrap_or(0),
         }
     }
+}
+
+/// [`RocksStore::compact_ranges`] on a shared database handle ([`RocksStore::shared_db`]),
+/// for a driver that compacts without holding the store's owner. Every memtable is flushed
+/// first, so that the write-ahead log files that held the deleted keys become obsolete and
+/// are removed.
+pub fn compact_ranges(db: &DB, ranges: &[crate::core::CompactRange]) -> Result<(), StoreError> {
+    if ranges.is_empty() {
+        return Ok(());
+    }
+    let handle = |cf: Cf| {
+        db.cf_handle(cf.name())
+            .ok_or_else(|| StoreError::Backend(format!("column family {} missing", cf.name())))
+    };
+    for cf in Cf::ALL {
+        db.flush_cf(handle(cf)?).map_err(|e| backend("flush", &e))?;
+    }
+    let mut opts = CompactOptions::default();
+    opts.set_bottommost_level_compaction(BottommostLevelCompaction::ForceOptimized);
+    for r in ranges {
+        db.compact_range_cf_opt(handle(r.cf)?, Some(&r.from), Some(&r.to), &opts);
+    }
+    Ok(())
 }

@@ -62,6 +62,18 @@ fn core_rng() -> ChaCha20Rng {
     rng(SEEDS.fetch_add(1, Ordering::Relaxed))
 }
 
+/// The default limits with exact expiry times (`expiry_granularity_ms` 1): these tests
+/// check retention, expiry and sweep semantics to the millisecond. The rounding of the
+/// default (1 hour) is checked in `rocks_store.rs`
+/// (`expiry_times_on_disk_do_not_give_arrival_times_and_an_erased_mailbox_leaves_no_key`)
+/// and below (`expiry_times_are_rounded_up_to_the_granularity_and_never_earlier`).
+fn exact() -> CoreConfig {
+    CoreConfig {
+        expiry_granularity_ms: 1,
+        ..CoreConfig::default()
+    }
+}
+
 fn at(ms: u64) -> UnixTime {
     UnixTime(T0.0 + ms)
 }
@@ -392,7 +404,7 @@ fn create_mailbox_checks_proof_of_possession_retention_duplicates_and_quota() {
     let config = CoreConfig {
         mailboxes_max: 2,
         retention_ms_max: 10 * HOUR,
-        ..CoreConfig::default()
+        ..exact()
     };
     let mut core = open(&store, &config, T0);
     let mut r = rng(1);
@@ -495,7 +507,7 @@ fn create_mailbox_checks_proof_of_possession_retention_duplicates_and_quota() {
 #[test]
 fn deposit_needs_the_access_token_and_is_served_without_token_or_surb() {
     let store = MemoryStore::new();
-    let config = CoreConfig::default();
+    let config = exact();
     let mut core = open(&store, &config, T0);
     let mut r = rng(2);
     let bob = Owner::new(&mut r);
@@ -569,7 +581,7 @@ fn deposit_needs_the_access_token_and_is_served_without_token_or_surb() {
 #[test]
 fn redelivered_deposit_is_stored_once_and_acknowledged_again() {
     let store = MemoryStore::new();
-    let config = CoreConfig::default();
+    let config = exact();
     let mut core = open(&store, &config, T0);
     let mut r = rng(3);
     let bob = Owner::new(&mut r);
@@ -639,6 +651,40 @@ fn redelivered_deposit_is_stored_once_and_acknowledged_again() {
     assert_eq!(deposit(&mut core, at(4 * MINUTE), &e3).unwrap().seq, 3);
 }
 
+/// Security review 6756e3f, finding 15: expiry times are in clear on disk, so they are
+/// rounded up to `expiry_granularity_ms` (default 1 hour): a message is kept up to that much
+/// longer than asked, never shorter, and the receipt says so.
+#[test]
+fn expiry_times_are_rounded_up_to_the_granularity_and_never_earlier() {
+    let store = MemoryStore::new();
+    let config = CoreConfig::default();
+    assert_eq!(config.expiry_granularity_ms, HOUR);
+    assert_eq!(T0.0 % HOUR, 0);
+    let mut core = open(&store, &config, T0);
+    let mut r = rng(41);
+    let bob = Owner::new(&mut r);
+    core.create_mailbox(T0, bob.request(2 * HOUR)).unwrap();
+    let mut expect = |now: UnixTime, requested: Option<UnixTime>, expires: UnixTime| {
+        let e = bob.fresh(&mut r, requested, None, b"x");
+        let receipt = deposit(&mut core, now, &e).unwrap();
+        assert_eq!(
+            receipt.expires_at, expires,
+            "at {now:?}, requested {requested:?}"
+        );
+    };
+    expect(at(1), None, at(3 * HOUR));
+    expect(at(HOUR), None, at(3 * HOUR));
+    expect(at(1), Some(at(30 * MINUTE)), at(HOUR));
+    expect(at(1), Some(at(HOUR)), at(HOUR));
+    expect(at(1), Some(at(HOUR + 1)), at(2 * HOUR));
+    // Served until the rounded time, gone from then on.
+    let live = |now| fetch(&core, now, &bob, &bob.key()).len();
+    assert_eq!(live(at(HOUR - 1)), 5);
+    assert_eq!(live(at(HOUR)), 3);
+    assert_eq!(live(at(3 * HOUR - 1)), 2);
+    assert_eq!(live(at(3 * HOUR)), 0);
+}
+
 #[test]
 fn expiry_is_capped_by_retention_and_node_maximum_and_past_expiry_is_refused() {
     fn expect(
@@ -658,7 +704,7 @@ fn expiry_is_capped_by_retention_and_node_maximum_and_past_expiry_is_refused() {
     let store = MemoryStore::new();
     let config = CoreConfig {
         retention_ms_max: 4 * HOUR,
-        ..CoreConfig::default()
+        ..exact()
     };
     let mut core = open(&store, &config, T0);
     let mut r = rng(4);
@@ -702,7 +748,7 @@ fn expiry_is_capped_by_retention_and_node_maximum_and_past_expiry_is_refused() {
     drop(core);
     let lowered = CoreConfig {
         retention_ms_max: 30 * MINUTE,
-        ..CoreConfig::default()
+        ..exact()
     };
     let mut core = open(&store, &lowered, at(10));
     let now = at(10);
@@ -737,7 +783,7 @@ fn message_quota_is_enforced_per_batch_and_across_batches() {
     let store = MemoryStore::new();
     let config = CoreConfig {
         mailbox_messages_max: 2,
-        ..CoreConfig::default()
+        ..exact()
     };
     let mut core = open(&store, &config, T0);
     let mut r = rng(5);
@@ -776,7 +822,7 @@ fn message_quota_is_enforced_per_batch_and_across_batches() {
 #[test]
 fn byte_quota_is_enforced_and_recomputed_after_restart() {
     let store = MemoryStore::new();
-    let mut core = open(&store, &CoreConfig::default(), T0);
+    let mut core = open(&store, &exact(), T0);
     let mut r = rng(6);
     let bob = Owner::new(&mut r);
     core.create_mailbox(T0, bob.request(HOUR)).unwrap();
@@ -788,7 +834,7 @@ fn byte_quota_is_enforced_and_recomputed_after_restart() {
     drop(core);
     let tight = CoreConfig {
         mailbox_bytes_max: 3 * one - 1,
-        ..CoreConfig::default()
+        ..exact()
     };
     let mut core = open(&store, &tight, at(1));
     assert_eq!(
@@ -826,7 +872,7 @@ fn deposits_are_rate_limited_per_mailbox_and_retry_after_is_exact() {
     let store = MemoryStore::new();
     let config = CoreConfig {
         deposits_per_min: 3,
-        ..CoreConfig::default()
+        ..exact()
     };
     let mut core = open(&store, &config, T0);
     let mut r = rng(7);
@@ -882,7 +928,7 @@ fn deposits_are_rate_limited_per_mailbox_and_retry_after_is_exact() {
 #[test]
 fn deposit_ack_goes_out_once_through_the_surb_and_opens_for_its_creator() {
     let store = MemoryStore::new();
-    let mut core = open(&store, &CoreConfig::default(), T0);
+    let mut core = open(&store, &exact(), T0);
     let mut r = rng(8);
     let bob = Owner::new(&mut r);
     let alice = Owner::new(&mut r);
@@ -946,7 +992,7 @@ fn deposit_ack_goes_out_once_through_the_surb_and_opens_for_its_creator() {
 #[test]
 fn failed_write_sends_no_ack_poisons_the_store_and_changes_nothing_in_memory() {
     let store = MemoryStore::new();
-    let mut core = open(&store, &CoreConfig::default(), T0);
+    let mut core = open(&store, &exact(), T0);
     let mut r = rng(9);
     let bob = Owner::new(&mut r);
     let alice = Owner::new(&mut r);
@@ -1021,7 +1067,7 @@ fn fetch_pages_by_cursor_and_limit_and_ack_is_cumulative() {
     let store = MemoryStore::new();
     let config = CoreConfig {
         fetch_limit_max: 3,
-        ..CoreConfig::default()
+        ..exact()
     };
     let mut core = open(&store, &config, T0);
     let mut r = rng(10);
@@ -1129,7 +1175,7 @@ fn every_device_has_its_own_cursor_and_a_message_goes_when_all_have_acked() {
     let store = MemoryStore::new();
     let config = CoreConfig {
         devices_max: 3,
-        ..CoreConfig::default()
+        ..exact()
     };
     let mut core = open(&store, &config, T0);
     let mut r = rng(11);
@@ -1258,7 +1304,7 @@ fn every_device_has_its_own_cursor_and_a_message_goes_when_all_have_acked() {
 #[test]
 fn sequence_numbers_never_go_back_after_acks_expiry_and_restarts() {
     let store = MemoryStore::new();
-    let config = CoreConfig::default();
+    let config = exact();
     let mut core = open(&store, &config, T0);
     let mut r = rng(12);
     let bob = Owner::new(&mut r);
@@ -1325,7 +1371,7 @@ fn sequence_numbers_never_go_back_after_acks_expiry_and_restarts() {
 #[test]
 fn nothing_expired_is_served_and_sweeps_delete_every_trace() {
     let store = MemoryStore::new();
-    let config = CoreConfig::default(); // buckets of one minute
+    let config = exact(); // buckets of one minute
     assert_eq!(T0.0 % MINUTE, 0);
     let mut core = open(&store, &config, T0);
     let mut r = rng(13);
@@ -1416,7 +1462,7 @@ fn sweeps_are_batched_and_poll_timeout_stays_until_the_backlog_is_gone() {
     let config = CoreConfig {
         sweep_batch_max: 2,
         expiry_bucket_ms: 1000,
-        ..CoreConfig::default()
+        ..exact()
     };
     let mut core = open(&store, &config, T0);
     let mut r = rng(14);
@@ -1445,7 +1491,7 @@ fn acknowledged_messages_keep_their_sweep_after_a_restart() {
     // Dedup ids and expiry entries of acknowledged messages live until their expiry; a
     // restart must still ask for the sweep that removes them.
     let store = MemoryStore::new();
-    let config = CoreConfig::default();
+    let config = exact();
     let mut core = open(&store, &config, T0);
     let mut r = rng(15);
     let bob = Owner::new(&mut r);
@@ -1473,7 +1519,7 @@ fn acknowledged_messages_keep_their_sweep_after_a_restart() {
 #[test]
 fn surb_replies_need_an_id_minted_with_the_mailbox_reply_key() {
     let store = MemoryStore::new();
-    let mut core = open(&store, &CoreConfig::default(), T0);
+    let mut core = open(&store, &exact(), T0);
     let mut r = rng(16);
     let alice = Owner::new(&mut r);
     let bob = Owner::new(&mut r);
@@ -1611,7 +1657,7 @@ fn prekeys_are_served_once_each_in_id_order_then_the_fallback() {
     let store = MemoryStore::new();
     let config = CoreConfig {
         prekeys_max: 5,
-        ..CoreConfig::default()
+        ..exact()
     };
     let mut core = open(&store, &config, T0);
     let mut r = rng(17);
@@ -1770,7 +1816,7 @@ fn prekeys_are_served_once_each_in_id_order_then_the_fallback() {
 #[test]
 fn export_returns_every_live_message_and_erase_leaves_nothing() {
     let store = MemoryStore::new();
-    let config = CoreConfig::default();
+    let config = exact();
     let mut core = open(&store, &config, T0);
     let mut r = rng(18);
     let bob = Owner::new(&mut r);
@@ -1930,7 +1976,7 @@ fn export_returns_every_live_message_and_erase_leaves_nothing() {
 #[test]
 fn stored_bytes_reveal_no_ids_tokens_keys_or_content_and_need_the_master_key() {
     let store = MemoryStore::new();
-    let config = CoreConfig::default();
+    let config = exact();
     let mut core = open(&store, &config, T0);
     let mut r = rng(19);
     let bob = Owner::new(&mut r);
@@ -2497,7 +2543,7 @@ proptest! {
             sweep_batch_max: 2,
             expiry_bucket_ms: 1_000,
             deposits_per_min: 1_000_000,
-            ..CoreConfig::default()
+            ..exact()
         };
         let mut core = open(&store, &config, T0);
         let bob = Owner::new(&mut r);
@@ -2661,7 +2707,7 @@ fn erasing_an_empty_mailbox_does_not_walk_other_mailboxes_expiry_entries() {
     };
     let config = CoreConfig {
         deposits_per_min: 1_000_000,
-        ..CoreConfig::default()
+        ..exact()
     };
     let mut core = MailboxCore::open(
         config,

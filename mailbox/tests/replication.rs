@@ -408,7 +408,8 @@ fn an_expired_message_is_neither_served_nor_repaired() {
     net.deposit(0, &e, at(1));
     net.pump(at(1));
     net.wipe(2, at(10));
-    let mut now = 3_000;
+    // The 3 s asked for, rounded up to `expiry_granularity_ms` (1 hour; T0 is on an hour).
+    let mut now = CoreConfig::default().expiry_granularity_ms;
     for _ in 0..5 {
         now += REPAIR;
         net.tick(at(now));

@@ -717,3 +717,102 @@ fn rocks_options_from_toml() {
     );
     assert!(toml::from_str::<RocksOptions>("block_cache = 1").is_err());
 }
+
+/// Security review 6756e3f, finding 15: expiry times are in clear on disk (the envelope
+/// prefix, the dedup value, the expiry key), and without a sender's expiry they were
+/// `arrival + retention` to the millisecond; an erased mailbox's keys stayed in the files
+/// until a compaction, which the node never ran. Now expiry times are rounded up to
+/// `expiry_granularity_ms`, and the node compacts the ranges of every erased mailbox.
+#[test]
+fn expiry_times_on_disk_do_not_give_arrival_times_and_an_erased_mailbox_leaves_no_key() {
+    use rand::SeedableRng;
+    use whispr_mailbox::config::CoreConfig;
+    use whispr_mailbox::core::{Incoming, MailboxCore};
+    use whispr_mailbox::crypto::MasterKey;
+    use whispr_mailbox::testkit::Owner;
+    use whispr_protocol::{DedupId, UnixTime};
+
+    const RETENTION_MS: u64 = 3_600_000;
+    let dir = tempfile::tempdir().unwrap();
+    let config = CoreConfig::default();
+    let granularity = config.expiry_granularity_ms;
+    let t0 = UnixTime(1_800_000_123_456);
+    let mut core = MailboxCore::open(
+        config,
+        open(dir.path()),
+        MasterKey::from_bytes(&[0x5a; 32]),
+        rand_chacha::ChaCha20Rng::seed_from_u64(1),
+        t0,
+    )
+    .unwrap();
+    let owner = Owner::from_seed(1);
+    core.create_mailbox(t0, owner.create_request(RETENTION_MS))
+        .unwrap();
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(2);
+    let dedup_ids = [DedupId([0xd1; 16]), DedupId([0xd2; 16])];
+    let mut receipts = Vec::new();
+    for (dedup, now) in dedup_ids.iter().zip([t0, UnixTime(t0.0 + 7)]) {
+        let envelope = owner
+            .envelope(&mut rng, *dedup, None, None, b"hello")
+            .unwrap();
+        let mut results = core.deposit_many(now, vec![Incoming::Deposit(envelope)]);
+        receipts.push(results.remove(0).unwrap());
+    }
+    // Two deposits 7 ms apart: the same expiry time everywhere it is in clear.
+    let times = |cf: Cf, at: fn(&(Vec<u8>, Vec<u8>)) -> &[u8]| -> Vec<u64> {
+        scan_all(core.store(), cf, &[], &[0xff; 48])
+            .iter()
+            .map(|e| u64::from_be_bytes(at(e)[..8].try_into().unwrap()))
+            .collect()
+    };
+    let expiry_keys = times(Cf::Expiry, |(k, _)| k);
+    let envelope_prefixes = times(Cf::Envelopes, |(_, v)| v);
+    let dedup_values = times(Cf::Dedup, |(_, v)| &v[8..]);
+    for (what, t) in [
+        ("expiry keys", &expiry_keys),
+        ("envelope prefixes", &envelope_prefixes),
+        ("dedup values", &dedup_values),
+    ] {
+        assert_eq!(t.len(), 2, "{what}");
+        assert_eq!(t[0], t[1], "{what}: deposits 7 ms apart stored {t:?}");
+    }
+    // Later than the retention by less than the granularity, never earlier; acknowledged so.
+    let expires_at = expiry_keys[0];
+    assert_eq!(expires_at % granularity, 0);
+    assert!(expires_at >= t0.0 + 7 + RETENTION_MS);
+    assert!(expires_at < t0.0 + RETENTION_MS + granularity);
+    assert!(receipts.iter().all(|r| r.expires_at.0 == expires_at));
+
+    // Erased: only a compaction drops the keys from the files.
+    let sid = scan_all(core.store(), Cf::Envelopes, &[], &[0xff; 48])[0].0[..16].to_vec();
+    core.store().flush().unwrap();
+    assert!(!files_containing(dir.path(), &sid).is_empty());
+    core.erase(&owner.mailbox_id).unwrap();
+    assert!(
+        !files_containing(dir.path(), &sid).is_empty(),
+        "the erased keys are still in the files before a compaction"
+    );
+    let ranges = core.take_compaction();
+    assert!(!ranges.is_empty());
+    core.store().compact_ranges(&ranges).unwrap();
+    assert!(core.take_compaction().is_empty());
+    // No SST or WAL file holds them; the MANIFEST still names the old files' first and last
+    // keys in its version history until RocksDB rewrites it (at the next open).
+    let needles = [sid.as_slice(), &[0xd1; 16], &[0xd2; 16]];
+    for needle in needles {
+        let left: Vec<String> = files_containing(dir.path(), needle)
+            .into_iter()
+            .filter(|f| !f.starts_with("MANIFEST-"))
+            .collect();
+        assert_eq!(left, Vec::<String>::new(), "a file still holds a key");
+    }
+    drop(core);
+    drop(open(dir.path()));
+    for needle in needles {
+        assert_eq!(
+            files_containing(dir.path(), needle),
+            Vec::<String>::new(),
+            "after a reopen, a file still holds a key of the erased mailbox"
+        );
+    }
+}

@@ -942,9 +942,13 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             self.refused(items.len() as u64);
             return Ok(());
         }
-        let cap = now
-            .0
-            .saturating_add(m.record.retention_ms.min(self.config.retention_ms_max));
+        // Rounded up like the origin's (`expiry_granularity_ms`), so that an item within its
+        // retention keeps the expiry the origin gave it.
+        let cap = bucket_of(
+            now.0
+                .saturating_add(m.record.retention_ms.min(self.config.retention_ms_max)),
+            self.config.expiry_granularity_ms,
+        );
         let mut stored_ids: Vec<ItemId> = Vec::new();
         let mut ops: Vec<Op> = Vec::new();
         let mut added: Vec<(u64, MessageInfo)> = Vec::new();
@@ -1241,9 +1245,13 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             self.refused(1);
             return Ok(());
         }
-        let cap = now
-            .0
-            .saturating_add(m.record.retention_ms.min(self.config.retention_ms_max));
+        // Rounded up like the origin's (`expiry_granularity_ms`), so that an item within its
+        // retention keeps the expiry the origin gave it.
+        let cap = bucket_of(
+            now.0
+                .saturating_add(m.record.retention_ms.min(self.config.retention_ms_max)),
+            self.config.expiry_granularity_ms,
+        );
         let budget = self.config.replica_repair_batch.max(1);
         let mut pull = Vec::new();
         for e in live {

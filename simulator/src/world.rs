@@ -557,6 +557,9 @@ pub struct World {
     index: HashMap<NodeId, u32>,
     clients: Vec<Client>,
     by_mailbox: HashMap<MailboxId, u32>,
+    /// Each owned mailbox's owner public key (from its seed: a scalar multiplication, which
+    /// every read and acknowledgement would otherwise repeat).
+    owner_pubs: HashMap<MailboxId, [u8; 32]>,
     directory: Arc<Directory>,
     /// The simulated directory authorities' keys.
     authorities: Vec<SigningKey>,
@@ -745,6 +748,7 @@ impl World {
             index,
             clients: Vec::new(),
             by_mailbox: HashMap::new(),
+            owner_pubs: HashMap::new(),
             directory: Arc::new(Directory::default()),
             authorities: Vec::new(),
             sybils: Vec::new(),
@@ -1214,6 +1218,7 @@ impl World {
         };
         let owner_key = owner_key(m);
         let owner_pub = owner_key.verifying_key().to_bytes();
+        self.owner_pubs.insert(mailbox_id, owner_pub);
         let hash: [u8; 32] = Sha256::digest(m.access).into();
         let transcript = if set.len() > 1 {
             create_transcript_v2(
@@ -2040,7 +2045,7 @@ impl World {
         let now = self.now();
         let batch = self.sc.limits.fetch_batch.max(1);
         let mailbox = MailboxId(m.id);
-        let owner = owner_key(m).verifying_key().to_bytes();
+        let owner = self.owner_pub(m);
         // A new session (the first read there, or the node restarted since and lost ours)
         // reads the replica from the start, as the real client does: a node that lost its
         // disk and was repaired numbers its messages anew, possibly past our old cursor.
@@ -2219,7 +2224,7 @@ impl World {
                     let Some(m) = c.core.owned_mailbox(&mailbox) else {
                         continue;
                     };
-                    let owner = owner_key(&m).verifying_key().to_bytes();
+                    let owner = self.owner_pub(&m);
                     if let Some(core) = self
                         .index
                         .get(&NodeId(node))
@@ -3035,6 +3040,14 @@ impl World {
         ))
     }
 
+    /// The owner public key of an owned mailbox (cached from its creation).
+    fn owner_pub(&mut self, m: &whispr_client::state::OwnedMailbox) -> [u8; 32] {
+        *self
+            .owner_pubs
+            .entry(MailboxId(m.id))
+            .or_insert_with(|| owner_key(m).verifying_key().to_bytes())
+    }
+
     /// Whether a fragment of message `i` is still stored on a replica of its recipient's
     /// mailbox (up or down), not acknowledged there by the owner.
     fn still_stored(&self, i: usize) -> bool {
@@ -3049,7 +3062,11 @@ impl World {
         else {
             return false;
         };
-        let device = owner_key(&m).verifying_key().to_bytes();
+        let device = self
+            .owner_pubs
+            .get(&mailbox)
+            .copied()
+            .unwrap_or_else(|| owner_key(&m).verifying_key().to_bytes());
         let ids: BTreeSet<[u8; 16]> = self
             .side
             .iter()

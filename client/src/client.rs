@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::StreamExt;
 use rand::rngs::StdRng;
 use serde_json::Value;
 use whispr_protocol::consensus::Network;
@@ -71,6 +70,21 @@ pub struct Client {
     directory_at: Option<u64>,
     /// Epoch of the newest consensus accepted (an older one is refused: replay).
     consensus_epoch: Option<u64>,
+    /// Long polls still running from an earlier round, per mailbox (finding 8: a round that
+    /// ends when one mailbox has something lets the others' polls run out on their own
+    /// schedule instead of dropping them all at that instant, which linked them).
+    in_flight: BTreeMap<[u8; 32], PollTask>,
+}
+
+/// A mailbox's long poll, running on its own: the replica polled and the outcome.
+type PollTask = tokio::task::JoinHandle<(Replica, Result<Vec<StoredMessage>>)>;
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        for poll in self.in_flight.values() {
+            poll.abort();
+        }
+    }
 }
 
 impl std::fmt::Debug for Client {
@@ -100,6 +114,7 @@ impl Client {
             mailbox_nets: BTreeMap::new(),
             directory_at: None,
             consensus_epoch: None,
+            in_flight: BTreeMap::new(),
         };
         c.save()?;
         Ok(c)
@@ -124,6 +139,7 @@ impl Client {
             mailbox_nets: BTreeMap::new(),
             directory_at: None,
             consensus_epoch: None,
+            in_flight: BTreeMap::new(),
         })
     }
 
@@ -554,68 +570,103 @@ impl Client {
     /// Polls each of `boxes` on the replica read from now (logging in, failing over when
     /// that fails), each on its own schedule ([`ClientCore::poll_schedule`]: its own start
     /// delay and wait within `wait`); as soon as one has something, takes what the others
-    /// return within 5 ms and drops the rest (they are polled again next round), so that a
-    /// busy mailbox is not held back by the idle ones' waits. Per mailbox: the replica polled
-    /// and the outcome (`None`: not waited for).
+    /// return within 5 ms and returns, so that a busy mailbox is not held back by the idle
+    /// ones' waits. The idle ones' polls are not dropped: they run on to the end of their own
+    /// wait and are taken by a later round (a mailbox with a poll in flight gets no new one),
+    /// so no instant ends every mailbox's poll at once (security review finding 8). Per
+    /// mailbox: the replica polled and the outcome (`None`: still in flight).
     async fn poll_all(
         &mut self,
         boxes: &[OwnedMailbox],
         wait: Duration,
     ) -> Vec<Option<(Replica, Result<Vec<StoredMessage>>)>> {
-        let mut targets = Vec::new();
+        // Polls of mailboxes no longer owned (removed, erased) are stopped.
+        let owned: std::collections::BTreeSet<[u8; 32]> =
+            self.core.owned_mailboxes().iter().map(|m| m.id).collect();
+        self.in_flight.retain(|id, poll| {
+            let keep = owned.contains(id);
+            if !keep {
+                poll.abort();
+            }
+            keep
+        });
+        let mut fresh = Vec::new();
         for m in boxes {
+            if self.in_flight.contains_key(&m.id) {
+                continue;
+            }
             let target = self.read_target(m).await;
             let net = self.net_for(&m.id);
-            targets.push((target, net));
+            // Not even logged in anywhere: charged to the replica read from.
+            let fallback = m.current().cloned().unwrap_or_else(|| dummy(m));
+            fresh.push((m.id, target, net, fallback));
         }
         // Each mailbox's poll starts after its own delay and waits its own time (finding 8:
         // polls started together link the mailboxes).
         let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
-        let schedule = self.core.poll_schedule(targets.len(), wait_ms);
-        let mut pending: futures_util::stream::FuturesUnordered<_> = targets
-            .into_iter()
-            .zip(schedule)
-            .enumerate()
-            .map(|(i, ((target, net), (delay_ms, wait_ms)))| async move {
-                let r = match (target, net) {
+        let schedule = self.core.poll_schedule(fresh.len(), wait_ms);
+        for ((id, target, net, fallback), (delay_ms, wait_ms)) in fresh.into_iter().zip(schedule) {
+            let poll = tokio::spawn(async move {
+                match (target, net) {
                     (Ok((m, r, t)), Ok(net)) => {
                         if delay_ms > 0 {
                             tokio::time::sleep(Duration::from_millis(delay_ms)).await;
                         }
                         let got = net.poll((&m, &r), &t, Duration::from_millis(wait_ms)).await;
-                        Ok((r, got))
+                        (r, got)
                     }
-                    (Err(e), _) | (_, Err(e)) => Err(e),
-                };
-                (i, r)
-            })
+                    (Err(e), _) | (_, Err(e)) => (fallback, Err(e)),
+                }
+            });
+            self.in_flight.insert(id, poll);
+        }
+        let mut waiting: Vec<(usize, [u8; 32], PollTask)> = boxes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| Some((i, m.id, self.in_flight.remove(&m.id)?)))
             .collect();
         let mut polls: Vec<Option<(Replica, Result<Vec<StoredMessage>>)>> =
             boxes.iter().map(|_| None).collect();
-        let mut put = |i: usize, r: Result<(Replica, Result<Vec<StoredMessage>>)>| {
+        let mut put = |i: usize, outcome: std::result::Result<_, tokio::task::JoinError>| {
             if let (Some(slot), Some(m)) = (polls.get_mut(i), boxes.get(i)) {
-                *slot = Some(match r {
-                    Ok(x) => x,
-                    // Not even logged in anywhere: charged to the replica read from.
-                    Err(e) => (m.current().cloned().unwrap_or_else(|| dummy(m)), Err(e)),
-                });
+                *slot = Some(outcome.unwrap_or_else(|_| {
+                    (
+                        m.current().cloned().unwrap_or_else(|| dummy(m)),
+                        Err(ClientError::Unreachable {
+                            node: "mailbox",
+                            reason: "the poll stopped".to_string(),
+                        }),
+                    )
+                }));
             }
         };
-        while let Some((i, r)) = pending.next().await {
-            let got = matches!(&r, Ok((_, Ok(m))) if !m.is_empty());
-            put(i, r);
+        while !waiting.is_empty() {
+            let (outcome, k, _) =
+                futures_util::future::select_all(waiting.iter_mut().map(|(_, _, p)| p)).await;
+            let (i, _, _) = waiting.swap_remove(k);
+            let got = matches!(&outcome, Ok((_, Ok(m))) if !m.is_empty());
+            put(i, outcome);
             if got && !wait.is_zero() {
                 // The mailboxes that have something answer within a round trip; the idle ones
                 // sit in their long poll. (Without a wait, every poll returns at once.)
-                while let Ok(Some((i, r))) =
-                    tokio::time::timeout(Duration::from_millis(5), pending.next()).await
-                {
-                    put(i, r);
+                while !waiting.is_empty() {
+                    let next =
+                        futures_util::future::select_all(waiting.iter_mut().map(|(_, _, p)| p));
+                    let Ok((outcome, k, _)) =
+                        tokio::time::timeout(Duration::from_millis(5), next).await
+                    else {
+                        break;
+                    };
+                    let (i, _, _) = waiting.swap_remove(k);
+                    put(i, outcome);
                 }
                 break;
             }
         }
-        drop(pending);
+        // The others run on, to be taken by a later round.
+        for (_, id, poll) in waiting {
+            self.in_flight.insert(id, poll);
+        }
         polls
     }
 
@@ -1546,6 +1597,144 @@ mod tests {
              (per round: {spreads:?})"
         );
         assert!(waits.len() > 1, "every poll waited the same: {waits:?}");
+    }
+
+    /// What a long-polling fake replica saw of each idle poll: (mailbox id hex, whether the
+    /// client hung up before the wait ran out).
+    type Outcomes = Arc<std::sync::Mutex<Vec<(String, bool)>>>;
+
+    /// A fake mailbox node that long-polls like a real one: a poll of `hot` after cursor 0 is
+    /// answered at once with one message; every other poll is held for its `wait` and then
+    /// answered empty, unless the client hangs up first. Logins are not served (the test
+    /// sets the tokens).
+    async fn long_poll_replica(hot: Arc<std::sync::Mutex<String>>) -> (String, Outcomes, Times) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let outcomes: Outcomes = Arc::default();
+        let times: Times = Arc::default();
+        let (seen, timed) = (outcomes.clone(), times.clone());
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let (seen, timed, hot) = (seen.clone(), timed.clone(), hot.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            match conn.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                        buf.drain(..end + 4);
+                        let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                        timed
+                            .lock()
+                            .unwrap()
+                            .push((path.clone(), std::time::Instant::now()));
+                        let id = path.split('/').nth(3).unwrap_or("").to_string();
+                        let wait: u64 = path
+                            .rsplit("wait=")
+                            .next()
+                            .and_then(|w| w.parse().ok())
+                            .unwrap_or(0);
+                        let is_hot = *hot.lock().unwrap() == id;
+                        let reply = if !path.contains("/messages?") {
+                            json!({}) // an ack
+                        } else if is_hot && path.contains("after=0&") {
+                            json!({ "messages": page(&[1]) })
+                        } else {
+                            // Held for the wait, or until the client hangs up.
+                            let hung_up = tokio::select! {
+                                _ = tokio::time::sleep(Duration::from_millis(wait)) => false,
+                                n = conn.read(&mut chunk) => matches!(n, Ok(0) | Err(_)),
+                            };
+                            seen.lock().unwrap().push((id, hung_up));
+                            if hung_up {
+                                return;
+                            }
+                            json!({ "messages": page(&[]) })
+                        }
+                        .to_string();
+                        let out = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{reply}",
+                            reply.len()
+                        );
+                        if conn.write_all(out.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (format!("http://{addr}"), outcomes, times)
+    }
+
+    /// Security review finding 8 (the residual of synchronized polling): when one mailbox has
+    /// a message, the other mailboxes' long polls run out on their own schedule instead of
+    /// all being dropped at the instant the busy one answered.
+    #[tokio::test]
+    async fn an_answer_in_one_mailbox_does_not_end_the_others_polls() {
+        let home = tempfile::tempdir().unwrap();
+        let kdf = KdfParams {
+            m_kib: 64,
+            t: 1,
+            p: 1,
+        };
+        let settings = Settings {
+            replicas: 1,
+            ..Settings::default()
+        };
+        let mut c = Client::init(home.path(), b"pw", "http://127.0.0.1:9", settings, kdf).unwrap();
+        let hot_id = Arc::new(std::sync::Mutex::new(String::new()));
+        let (api, outcomes, times) = long_poll_replica(hot_id.clone()).await;
+        c.core
+            .set_directory(Arc::new(mailbox_directory(std::slice::from_ref(&api))));
+        for name in ["a", "b", "c"] {
+            let mut plan = c.core.prepare_invite(now_ms(), Some(name), true).unwrap();
+            for r in &mut plan.mailbox.replicas {
+                r.created = true;
+                r.prekeys = None;
+            }
+            c.core.commit_invite(now_ms(), plan);
+        }
+        let boxes = c.core.owned_mailboxes();
+        let hot = hex::encode(boxes[0].id);
+        *hot_id.lock().unwrap() = hot.clone();
+        for m in &boxes {
+            let node = m.current().unwrap().node;
+            c.core
+                .set_replica_token(&m.id, &node, Some(("tok".into(), now_ms() + 3_600_000)));
+        }
+
+        c.sync(Duration::from_millis(3_000)).await.unwrap();
+        // The two idle polls are still open when the round returns; each ends by its own
+        // wait (at most 3 s), not by the client hanging up.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while outcomes.lock().unwrap().len() < 2 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let seen = outcomes.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2, "idle polls seen: {seen:?}");
+        assert!(
+            seen.iter().all(|(id, hung_up)| id != &hot && !hung_up),
+            "the idle mailboxes' polls were dropped when one mailbox had a message: {seen:?} (hot {hot}; requests {:?})",
+            times.lock().unwrap()
+        );
+        // The next round takes their outcome and polls each mailbox once more; an idle
+        // mailbox had a single poll in flight, never two.
+        times.lock().unwrap().clear();
+        c.sync(Duration::from_millis(500)).await.unwrap();
+        let polls: Vec<String> = times
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(p, _)| p.clone())
+            .filter(|p| p.contains("/messages?"))
+            .collect();
+        assert!(polls.len() <= 3, "{polls:?}");
     }
 
     /// A replica that takes connections and never answers costs one poll's wait plus

@@ -703,6 +703,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             let mut ops = Self::erase_ops(&sid);
             ops.extend(self.expiry_ops(&sid)?);
             self.store.write(ops, true)?;
+            self.want_compaction(sid);
         }
         let unused: Vec<(StorageId, u64)> = self
             .mailboxes

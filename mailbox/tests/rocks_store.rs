@@ -759,7 +759,8 @@ fn expiry_times_on_disk_do_not_give_arrival_times_and_an_erased_mailbox_leaves_n
         receipts.push(results.remove(0).unwrap());
     }
     // Two deposits 7 ms apart: the same expiry time everywhere it is in clear.
-    let times = |cf: Cf, at: fn(&(Vec<u8>, Vec<u8>)) -> &[u8]| -> Vec<u64> {
+    type Entry = (Vec<u8>, Vec<u8>);
+    let times = |cf: Cf, at: fn(&Entry) -> &[u8]| -> Vec<u64> {
         scan_all(core.store(), cf, &[], &[0xff; 48])
             .iter()
             .map(|e| u64::from_be_bytes(at(e)[..8].try_into().unwrap()))

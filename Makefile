@@ -21,7 +21,7 @@ PROTOCOL_FORBIDDEN := tokio|libp2p|rocksdb|librocksdb-sys|axum|hyper|mio
 # Forbidden in the client core (client/src/core): a clock, I/O, a runtime or a task.
 CORE_FORBIDDEN := tokio|reqwest|tungstenite|SystemTime|Instant|std::fs|std::net|std::thread|std::io|async |\.await|now_ms|crate::(net|vault|devnet|client)
 
-.PHONY: deps demo test fmt-check clippy check-deps deny audit unit fuzz bench sim-build sim-docs sim-bench flaky-hunt observability api-fuzz
+.PHONY: deps demo test fmt-check clippy check-deps deny audit unit fuzz bench sim-build sim-docs sim-bench flaky-hunt observability api-fuzz dos-budget
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -129,6 +129,15 @@ bench:
 	bash timer-service/bench/run.sh
 	bash mailbox/bench/run.sh
 	$(CARGO) bench --workspace --bench mesh
+
+# The DoS budget (docs/dos-budget.md): a load generator (client/examples/dos_budget.rs) attacks
+# one resource at a time of a devnet of real nodes while an honest client keeps using it
+# (scripts/dos-budget.sh, about 10 minutes; not part of `make test`). PHASES (default all):
+# connections,challenges,creation,mixqueue,replay.
+PHASES ?= connections,challenges,creation,mixqueue,replay
+dos-budget:
+	$(CARGO) build --workspace --bins --examples --profile test
+	bash scripts/dos-budget.sh $(PHASES)
 
 # The process-level tests N times in a row beside two CPU burners, failures per test
 # (scripts/flaky-hunt.sh; docs/testing.md).

@@ -2110,5 +2110,22 @@ mod tests {
             token_hash: ACCESS_KEY_HASH,
         };
         assert_redacted(&format!("{session:?}"));
+        // The HTTP bodies that carry them.
+        let body = whispr_protocol::mailbox_api::CreateMailboxRequest {
+            mailbox_id: hex::encode([1; 32]),
+            mailbox_key: hex::encode([2; 32]),
+            owner_key: hex::encode([3; 32]),
+            access_key_hash: hex::encode(ACCESS_KEY_HASH),
+            reply_key: Some(hex::encode(REPLY_KEY)),
+            retention_ms: 1,
+            signature: hex::encode([4; 64]),
+            replicas: None,
+        };
+        assert_redacted(&format!("{body:?}"));
+        let token = crate::http::TokenResponse {
+            token: hex::encode(ACCESS_KEY_HASH),
+            expires_at_ms: 1,
+        };
+        assert_redacted(&format!("{token:?}"));
     }
 }

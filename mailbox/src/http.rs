@@ -455,13 +455,23 @@ pub struct ChallengeResponse {
 }
 
 /// A session token (or stream ticket).
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct TokenResponse {
     /// 32 bytes hex; send as `Authorization: Bearer <token>` (or `?ticket=`).
     #[schema(pattern = "^[0-9a-f]{64}$", min_length = 64, max_length = 64)]
     pub token: String,
     /// Unix ms at which it stops working.
     pub expires_at_ms: u64,
+}
+
+impl std::fmt::Debug for TokenResponse {
+    // The token is a bearer secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenResponse")
+            .field("token", &crate::pii::Pii(()))
+            .field("expires_at_ms", &self.expires_at_ms)
+            .finish()
+    }
 }
 
 /// A stored message.

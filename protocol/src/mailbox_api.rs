@@ -301,13 +301,14 @@ pub struct CreateMailboxRequest {
 }
 
 impl fmt::Debug for CreateMailboxRequest {
-    // The reply key is secret.
+    // The reply key is secret; the access key hash would let whoever reads it test guesses
+    // of the access key offline; mailbox ids are never printed in clear (`MailboxId`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CreateMailboxRequest")
-            .field("mailbox_id", &self.mailbox_id)
+            .field("mailbox_id", &"[redacted]")
             .field("mailbox_key", &self.mailbox_key)
             .field("owner_key", &self.owner_key)
-            .field("access_key_hash", &self.access_key_hash)
+            .field("access_key_hash", &"[redacted]")
             .field("reply_key", &self.reply_key.as_ref().map(|_| "[redacted]"))
             .field("retention_ms", &self.retention_ms)
             .field("signature", &self.signature)

@@ -496,6 +496,15 @@ pub struct HttpConfig {
     /// 60,000 ms.
     #[serde(default = "default_metrics_interval_ms")]
     pub metrics_interval_ms: u64,
+    /// `POST /v1/packets` rate budgets are per source address (IPv4 address or IPv6 /64);
+    /// loopback clients are counted per connection when true, since a reverse proxy or a
+    /// devnet on the host makes every client a loopback client. Default true.
+    #[serde(default = "yes")]
+    pub loopback_per_connection: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_http_listen() -> SocketAddr {
@@ -518,6 +527,7 @@ impl Default for HttpConfig {
             metrics_listen: None,
             metrics_allow_non_loopback: false,
             metrics_interval_ms: default_metrics_interval_ms(),
+            loopback_per_connection: true,
         }
     }
 }

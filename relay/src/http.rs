@@ -37,16 +37,48 @@ struct MeshState {
     mesh: MeshHandle,
     batch_max: usize,
     hasher: Arc<std::collections::hash_map::RandomState>,
+    loopback_per_connection: bool,
+}
+
+/// The rate budget a `POST /v1/packets` from `peer` is charged to: its source address (an IPv4
+/// address or an IPv6 /64), so that opening new connections buys no new budget (security
+/// review findings 4 and 15); loopback clients per connection when `loopback_per_connection`
+/// (a reverse proxy or a devnet on the host makes every client a loopback client). The
+/// address is hashed with a per-process key and never stored or logged.
+fn client_of(
+    hasher: &std::collections::hash_map::RandomState,
+    peer: &SocketAddr,
+    loopback_per_connection: bool,
+) -> ClientId {
+    let mut h = hasher.build_hasher();
+    let source = guard::source(peer);
+    if source.is_loopback() && loopback_per_connection {
+        h.write(peer.to_string().as_bytes());
+    } else {
+        h.write(source.to_string().as_bytes());
+    }
+    ClientId(h.finish())
 }
 
 /// The routes every mesh node serves: `GET /v1/directory` (the gossiped descriptors),
 /// `GET /v1/consensus` (the verified consensus, with a pinned network), and
 /// `POST /v1/packets` when `packets_batch_max` is set (edge relays).
 pub fn mesh_routes(mesh: MeshHandle, packets_batch_max: Option<usize>) -> axum::Router {
+    mesh_routes_with(mesh, packets_batch_max, true)
+}
+
+/// [`mesh_routes`], with loopback clients of `POST /v1/packets` charged per connection or per
+/// address (`[http] loopback_per_connection`; see [`client_of`]).
+pub fn mesh_routes_with(
+    mesh: MeshHandle,
+    packets_batch_max: Option<usize>,
+    loopback_per_connection: bool,
+) -> axum::Router {
     let state = MeshState {
         mesh,
         batch_max: packets_batch_max.unwrap_or(0),
         hasher: Arc::new(std::collections::hash_map::RandomState::new()),
+        loopback_per_connection,
     };
     let mut router = axum::Router::new()
         .route("/v1/directory", get(directory))
@@ -69,7 +101,11 @@ pub fn relay_routes(
     packets_batch_max: Option<usize>,
     http: &crate::config::HttpConfig,
 ) -> axum::Router {
-    let routes = mesh_routes(mesh.clone(), packets_batch_max);
+    let routes = mesh_routes_with(
+        mesh.clone(),
+        packets_batch_max,
+        http.loopback_per_connection,
+    );
     if http.metrics_on_api() {
         routes.merge(metrics_routes(mesh, http))
     } else {
@@ -199,13 +235,7 @@ async fn packets(
             "too many packets in one request",
         );
     }
-    // One rate budget per TCP connection; the address is hashed with a per-process key and
-    // never stored or logged.
-    let client = {
-        let mut h = state.hasher.build_hasher();
-        h.write(peer.to_string().as_bytes());
-        ClientId(h.finish())
-    };
+    let client = client_of(&state.hasher, &peer, state.loopback_per_connection);
     let mut accepted = 0usize;
     let mut limited = false;
     let mut results = Vec::with_capacity(body.len() / PACKET_SIZE);
@@ -393,6 +423,34 @@ fn time_out_slow_headers(
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn packet_rate_budgets_are_per_source_address_not_per_connection() {
+        // Security review findings 4 and 15 (DoS budget): an edge's client budget was keyed
+        // by ip:port, so every new TCP connection from one host brought a fresh 200-packet
+        // budget. Before: two connections of 203.0.113.7 had two budgets.
+        let hasher = std::collections::hash_map::RandomState::new();
+        let id = |a: &str, per_conn: bool| client_of(&hasher, &a.parse().unwrap(), per_conn);
+        assert_eq!(
+            id("203.0.113.7:40000", true),
+            id("203.0.113.7:40001", true),
+            "two connections of one IPv4 address have two budgets"
+        );
+        assert_eq!(
+            id("[2001:db8:1:2::5]:40000", true),
+            id("[2001:db8:1:2:ffff::9]:50000", true),
+            "one IPv6 /64 has several budgets"
+        );
+        assert_ne!(id("203.0.113.7:40000", true), id("203.0.113.8:40000", true));
+        assert_ne!(
+            id("[2001:db8:1:2::5]:1", true),
+            id("[2001:db8:1:3::5]:1", true)
+        );
+        // Loopback (a proxy or devnet on the host): per connection by default, per address
+        // when configured.
+        assert_ne!(id("127.0.0.1:1000", true), id("127.0.0.1:1001", true));
+        assert_eq!(id("127.0.0.1:1000", false), id("127.0.0.1:1001", false));
+    }
 
     async fn server(
         header_read_timeout: Duration,

@@ -47,6 +47,13 @@ pub struct MeshConfig {
     /// Peers to join through: multiaddresses ending in `/p2p/<peer id>`.
     #[serde(default)]
     pub bootstrap: Vec<String>,
+    /// Whether addresses that peers announce (descriptors, identify) may be loopback, private
+    /// (RFC 1918, CGNAT 100.64/10, IPv6 ULA) or link-local. Unset: only when every listen
+    /// address of this node is itself one of those (a devnet, or a network on one LAN); a node
+    /// listening on a public or unspecified address ignores them, so that a peer cannot make
+    /// it dial into its own host or LAN. Bootstrap addresses are always used.
+    #[serde(default)]
+    pub allow_private_addresses: Option<bool>,
     /// Directory of the identity and Sphinx key files. Default `<data_dir>/keys`.
     #[serde(default)]
     pub key_dir: Option<PathBuf>,
@@ -179,6 +186,7 @@ impl Default for MeshConfig {
             listen: default_listen(),
             external_addresses: Vec::new(),
             bootstrap: Vec::new(),
+            allow_private_addresses: None,
             key_dir: None,
             roles: Vec::new(),
             mix_layer: 0,

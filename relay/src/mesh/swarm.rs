@@ -265,6 +265,9 @@ struct HeldDescriptor {
 
 /// The swarm task.
 pub(crate) struct SwarmTask {
+    /// Peers' announced addresses may be loopback/private/link-local
+    /// (`mesh.allow_private_addresses`).
+    allow_private: bool,
     swarm: Swarm<Behaviour>,
     identity: Identity,
     roles: Vec<Role>,
@@ -313,7 +316,16 @@ impl SwarmTask {
             })
             .filter(|(peer, _)| *peer != shared.peer_id)
             .collect();
+        let allow_private = config.allow_private_addresses.unwrap_or_else(|| {
+            let listen: Vec<Multiaddr> = config
+                .listen
+                .iter()
+                .filter_map(|a| a.parse::<Multiaddr>().ok())
+                .collect();
+            !listen.is_empty() && listen.iter().all(is_private)
+        });
         SwarmTask {
+            allow_private,
             swarm,
             identity: identity.clone(),
             roles,
@@ -435,10 +447,11 @@ impl SwarmTask {
                 info,
                 ..
             })) if info.protocols.contains(&KAD_PROTOCOL) => {
+                let allow_private = self.allow_private;
                 for addr in info
                     .listen_addrs
                     .into_iter()
-                    .filter(|a| !is_unspecified(a))
+                    .filter(|a| announced_dialable(a, &peer_id, allow_private))
                     .take(ADDRESSES_MAX)
                 {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
@@ -524,7 +537,7 @@ impl SwarmTask {
                 .addresses
                 .iter()
                 .filter_map(|a| a.parse::<Multiaddr>().ok())
-                .filter(|a| dialable_for(a, &peer))
+                .filter(|a| announced_dialable(a, &peer, self.allow_private))
                 .take(ADDRESSES_MAX)
                 .collect();
             let behaviour = self.swarm.behaviour_mut();
@@ -678,6 +691,42 @@ fn dialable_for(addr: &Multiaddr, peer: &PeerId) -> bool {
         })
 }
 
+/// Whether `addr` is loopback, private (RFC 1918, CGNAT 100.64/10, IPv6 ULA fc00::/7) or
+/// link-local: an address of one host or one LAN, not of the internet. (An unspecified
+/// address is not private: a node listening on `0.0.0.0` is a public node.)
+fn is_private(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => {
+            let [a, b, ..] = ip.octets();
+            ip.is_loopback()
+                || ip.is_private()
+                || ip.is_link_local()
+                || (a == 100 && (64..128).contains(&b))
+        }
+        Protocol::Ip6(ip) => {
+            let first = ip.segments()[0];
+            ip.is_loopback()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || ip
+                    .to_ipv4_mapped()
+                    .is_some_and(|v4| v4.is_loopback() || v4.is_private() || v4.is_link_local())
+        }
+        Protocol::Dns(name) | Protocol::Dns4(name) | Protocol::Dns6(name) => {
+            name.eq_ignore_ascii_case("localhost")
+                || name.to_ascii_lowercase().ends_with(".localhost")
+        }
+        _ => false,
+    })
+}
+
+/// An address a peer announced (descriptor or identify) that this node will dial for it:
+/// [`dialable_for`], and not private unless `allow_private` (issue 16: gossiped private and
+/// loopback addresses are ignored unless a devnet allows them).
+fn announced_dialable(addr: &Multiaddr, peer: &PeerId, allow_private: bool) -> bool {
+    dialable_for(addr, peer) && (allow_private || !is_private(addr))
+}
+
 /// Shows the kind of a dial error without the addresses or peer ids some variants carry.
 struct DialErrorKind<'a>(&'a libp2p::swarm::DialError);
 
@@ -699,6 +748,54 @@ impl std::fmt::Display for DialErrorKind<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_public_node_ignores_announced_private_and_loopback_addresses() {
+        // Issue 16 ("Transport"): before, a descriptor's or identify's addresses were dialled
+        // whatever they were (only unspecified ones were skipped), so any peer could make a
+        // public node dial into its own host or LAN.
+        let peer = libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
+        let private = [
+            "/ip4/127.0.0.1/tcp/7410",
+            "/ip4/10.1.2.3/tcp/7410",
+            "/ip4/172.16.0.9/tcp/7410",
+            "/ip4/192.168.1.1/tcp/7410",
+            "/ip4/169.254.3.4/tcp/7410",
+            "/ip4/100.64.0.1/tcp/7410",
+            "/ip6/::1/tcp/7410",
+            "/ip6/fd00::1/tcp/7410",
+            "/ip6/fe80::1/tcp/7410",
+            "/ip6/::ffff:192.168.0.1/tcp/7410",
+            "/dns4/localhost/tcp/7410",
+        ];
+        for a in private {
+            let addr: Multiaddr = a.parse().unwrap();
+            assert!(!announced_dialable(&addr, &peer, false), "{a} admitted");
+            assert!(
+                announced_dialable(&addr, &peer, true),
+                "{a} refused on a devnet"
+            );
+        }
+        for a in [
+            "/ip4/203.0.113.5/tcp/7410",
+            "/ip6/2001:db8::5/tcp/7410",
+            "/dns4/relay.example.org/tcp/7410",
+            "/ip4/100.128.0.1/tcp/7410",
+        ] {
+            let addr: Multiaddr = a.parse().unwrap();
+            assert!(announced_dialable(&addr, &peer, false), "{a} refused");
+        }
+        assert!(!announced_dialable(
+            &"/ip4/0.0.0.0/tcp/1".parse().unwrap(),
+            &peer,
+            true
+        ));
+        // A node listening on 0.0.0.0 is public: it must not count as a devnet.
+        assert!(!is_private(&"/ip4/0.0.0.0/tcp/7410".parse().unwrap()));
+        assert!(is_private(&"/ip4/127.0.0.1/tcp/0".parse().unwrap()));
+    }
 
     #[test]
     fn addresses_naming_another_peer_are_not_dialled() {

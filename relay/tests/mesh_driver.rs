@@ -810,3 +810,75 @@ async fn a_packet_after_an_idle_link_is_delivered() {
     edge.stop().await;
     destination.stop().await;
 }
+
+/// Issue 16 ("Transport"): libp2p client streams are rate limited per peer, not per stream.
+/// Before: every stream had its own client id, so a second stream of the same peer came with
+/// a fresh budget (`a new stream brought a fresh budget: Some(Err(UnknownEpoch))`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_streams_of_one_peer_share_one_rate_budget() {
+    let mut config = mesh_config(vec![RelayRole::Edge], 0, true, &[]);
+    config.router.client_rate = whispr_relay::router::RateLimit {
+        per_minute: 1,
+        burst: 3,
+        penalty_packets: 0,
+        delay_max_ms: 0,
+    };
+    let edge = start(config, vec![], None);
+    let (mut control, client_swarm) = client_control(&edge.handle).await;
+    let junk = vec![0u8; whispr_protocol::sphinx::PACKET_SIZE];
+    async fn verdict(stream: &mut libp2p::Stream, frame: &[u8]) -> Option<Result<(), DropReason>> {
+        stream.write_all(frame).await.ok()?;
+        stream.flush().await.ok()?;
+        let mut status = [0u8; 1];
+        tokio::time::timeout(WAIT, stream.read_exact(&mut status))
+            .await
+            .ok()?
+            .ok()?;
+        client_status_decode(status[0])
+    }
+    let peer = edge.handle.peer_id();
+    let mut first = tokio::time::timeout(WAIT, control.open_stream(peer, CLIENT_PROTOCOL))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut limited = false;
+    for _ in 0..10 {
+        if verdict(&mut first, &junk).await == Some(Err(DropReason::RateLimited)) {
+            limited = true;
+            break;
+        }
+    }
+    assert!(limited, "the first stream was never rate limited");
+    let mut second = tokio::time::timeout(WAIT, control.open_stream(peer, CLIENT_PROTOCOL))
+        .await
+        .unwrap()
+        .unwrap();
+    let got = verdict(&mut second, &junk).await;
+    assert_eq!(
+        got,
+        Some(Err(DropReason::RateLimited)),
+        "a new stream brought a fresh budget: {got:?}"
+    );
+    // At most 4 client streams per peer: a fifth is closed at once.
+    let mut third = tokio::time::timeout(WAIT, control.open_stream(peer, CLIENT_PROTOCOL))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut fourth = tokio::time::timeout(WAIT, control.open_stream(peer, CLIENT_PROTOCOL))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(verdict(&mut third, &junk).await.is_some());
+    assert!(verdict(&mut fourth, &junk).await.is_some());
+    let fifth = tokio::time::timeout(WAIT, control.open_stream(peer, CLIENT_PROTOCOL))
+        .await
+        .unwrap();
+    if let Ok(mut fifth) = fifth {
+        assert_eq!(
+            verdict(&mut fifth, &junk).await,
+            None,
+            "a fifth stream of one peer was served"
+        );
+    }
+    client_swarm.abort();
+}

@@ -472,16 +472,63 @@ pub(crate) async fn send_acknowledged(
     }
 }
 
-/// Accepts client streams, at most `streams_max` at once (others are closed at once).
+/// Client streams one peer may hold open at once (more are closed at once).
+pub(crate) const CLIENT_STREAMS_PER_PEER: usize = 4;
+
+/// The rate-limited client each peer is, while it has a stream open: every stream of one peer
+/// shares one budget (issue 16: libp2p client streams are rate limited per peer, not per
+/// stream; before, every new stream brought a fresh budget). The router forgets the client
+/// when its last stream closes.
+#[derive(Clone, Default)]
+struct ClientPeers {
+    table: Arc<Mutex<HashMap<libp2p::PeerId, (crate::router::ClientId, usize)>>>,
+}
+
+impl ClientPeers {
+    /// The peer's client id and one more stream for it, or `None` past
+    /// [`CLIENT_STREAMS_PER_PEER`].
+    fn enter(&self, peer: libp2p::PeerId, shared: &Shared) -> Option<crate::router::ClientId> {
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = table.entry(peer).or_insert_with(|| {
+            (
+                crate::router::ClientId(shared.next_client.fetch_add(1, Ordering::Relaxed)),
+                0,
+            )
+        });
+        if entry.1 >= CLIENT_STREAMS_PER_PEER {
+            return None;
+        }
+        entry.1 += 1;
+        Some(entry.0)
+    }
+
+    /// One stream of `peer` closed; true when it was its last.
+    fn leave(&self, peer: &libp2p::PeerId) -> bool {
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(entry) = table.get_mut(peer) else {
+            return false;
+        };
+        entry.1 = entry.1.saturating_sub(1);
+        if entry.1 == 0 {
+            table.remove(peer);
+            return true;
+        }
+        false
+    }
+}
+
+/// Accepts client streams, at most `streams_max` at once and [`CLIENT_STREAMS_PER_PEER`] per
+/// peer (others are closed at once).
 pub(crate) async fn accept_clients(
     mut incoming: IncomingStreams,
     shared: Arc<Shared>,
     streams_max: usize,
 ) {
     let limit = Arc::new(Semaphore::new(streams_max.max(1)));
+    let peers = ClientPeers::default();
     let mut clients = JoinSet::new();
     loop {
-        let (_peer, stream) = tokio::select! {
+        let (peer, stream) = tokio::select! {
             next = incoming.next() => match next {
                 Some(s) => s,
                 None => break,
@@ -496,18 +543,28 @@ pub(crate) async fn accept_clients(
             drop(stream);
             continue;
         };
-        clients.spawn(serve_client(stream, shared.clone(), permit));
+        let Some(client) = peers.enter(peer, &shared) else {
+            shared
+                .metrics
+                .client_streams_refused
+                .fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+            continue;
+        };
+        let (shared, peers) = (shared.clone(), peers.clone());
+        clients.spawn(async move {
+            serve_client(stream, &shared, client).await;
+            drop(permit);
+            if peers.leave(&peer) {
+                let _ = shared.inbox.send(RouterEvent::ClientClosed(client)).await;
+            }
+        });
     }
 }
 
-async fn serve_client(
-    mut stream: Stream,
-    shared: Arc<Shared>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-) {
+async fn serve_client(mut stream: Stream, shared: &Shared, client: crate::router::ClientId) {
     let metrics = &shared.metrics;
     metrics.client_streams.fetch_add(1, Ordering::Relaxed);
-    let client = crate::router::ClientId(shared.next_client.fetch_add(1, Ordering::Relaxed));
     loop {
         let mut frame = vec![0u8; PACKET_SIZE];
         match tokio::time::timeout(CLIENT_IDLE_TIMEOUT, stream.read_exact(&mut frame)).await {
@@ -526,7 +583,6 @@ async fn serve_client(
         }
     }
     let _ = stream.close().await;
-    let _ = shared.inbox.send(RouterEvent::ClientClosed(client)).await;
     metrics.client_streams.fetch_sub(1, Ordering::Relaxed);
 }
 

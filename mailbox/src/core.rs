@@ -1383,11 +1383,14 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             .saturating_add(m.record.retention_ms.min(config.retention_ms_max));
         let expires_at = match requested {
             Some(t) if t.0 <= now.0 => return Self::refuse(MailboxError::AlreadyExpired),
-            Some(t) => t.0.min(cap),
-            None => cap,
+            // A sender's own expiry (a disappearing message) is kept as asked: rounded up, the
+            // message would outlive the time its sender chose. It gives the node that choice,
+            // not the arrival time.
+            Some(t) if t.0 < cap => t.0,
+            // The node's retention, stored in clear: rounded up so that it does not give the
+            // arrival time.
+            _ => bucket_of(cap, config.expiry_granularity_ms),
         };
-        // Stored in clear: rounded up so that it does not give the arrival time.
-        let expires_at = bucket_of(expires_at, config.expiry_granularity_ms);
         let p = batch.pending.entry(sid).or_default();
         let count = (m.messages.len() + p.added.len()) as u64;
         if count >= config.mailbox_messages_max {

@@ -652,8 +652,9 @@ fn redelivered_deposit_is_stored_once_and_acknowledged_again() {
 }
 
 /// Security review 6756e3f, finding 15: expiry times are in clear on disk, so they are
-/// rounded up to `expiry_granularity_ms` (default 1 hour): a message is kept up to that much
-/// longer than asked, never shorter, and the receipt says so.
+/// rounded up to `expiry_granularity_ms` (default 1 hour) when it is the node's retention: a
+/// message is kept up to that much longer, never shorter, and the receipt says so. A sender's
+/// own earlier expiry is kept exactly.
 #[test]
 fn expiry_times_are_rounded_up_to_the_granularity_and_never_earlier() {
     let store = MemoryStore::new();
@@ -674,14 +675,20 @@ fn expiry_times_are_rounded_up_to_the_granularity_and_never_earlier() {
     };
     expect(at(1), None, at(3 * HOUR));
     expect(at(HOUR), None, at(3 * HOUR));
-    expect(at(1), Some(at(30 * MINUTE)), at(HOUR));
+    // A sender's own expiry (a disappearing message) is kept exactly: rounded up, the
+    // message would outlive the time its sender chose (client/tests/e2e.rs checks it).
+    expect(at(1), Some(at(30 * MINUTE)), at(30 * MINUTE));
     expect(at(1), Some(at(HOUR)), at(HOUR));
-    expect(at(1), Some(at(HOUR + 1)), at(2 * HOUR));
-    // Served until the rounded time, gone from then on.
+    expect(at(1), Some(at(HOUR + 1)), at(HOUR + 1));
+    // One past the retention is capped by it, and the cap is rounded.
+    expect(at(1), Some(at(2 * HOUR + 5)), at(3 * HOUR));
+    // Served until its time, gone from then on.
     let live = |now| fetch(&core, now, &bob, &bob.key()).len();
-    assert_eq!(live(at(HOUR - 1)), 5);
-    assert_eq!(live(at(HOUR)), 3);
-    assert_eq!(live(at(3 * HOUR - 1)), 2);
+    assert_eq!(live(at(30 * MINUTE - 1)), 6);
+    assert_eq!(live(at(30 * MINUTE)), 5);
+    assert_eq!(live(at(HOUR)), 4);
+    assert_eq!(live(at(HOUR + 1)), 3);
+    assert_eq!(live(at(3 * HOUR - 1)), 3);
     assert_eq!(live(at(3 * HOUR)), 0);
 }
 

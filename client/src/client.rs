@@ -1229,6 +1229,45 @@ mod tests {
         );
     }
 
+    /// The next HTTP/1.1 request on `conn` (what is read past it stays in `buf`): method,
+    /// path with query, body. `None` when the connection closes.
+    async fn next_request(
+        conn: &mut tokio::net::TcpStream,
+        buf: &mut Vec<u8>,
+    ) -> Option<(String, String, String)> {
+        let mut chunk = [0u8; 4096];
+        let end = loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end;
+            }
+            match conn.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        while buf.len() < end + 4 + len {
+            match conn.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string();
+        buf.drain(..end + 4 + len);
+        let mut words = head.split_whitespace();
+        let method = words.next().unwrap_or("").to_string();
+        let path = words.next().unwrap_or("").to_string();
+        Some((method, path, body))
+    }
+
     /// What a fake mailbox replica was asked: (method, path with query, body).
     type Seen = Arc<std::sync::Mutex<Vec<(String, String, String)>>>;
 
@@ -1288,36 +1327,11 @@ mod tests {
                 let timed = timed.clone();
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
-                    let mut chunk = [0u8; 4096];
                     loop {
-                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                            match conn.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                            continue;
+                        let Some((method, path, body)) = next_request(&mut conn, &mut buf).await
+                        else {
+                            return;
                         };
-                        let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                        let len: usize = head
-                            .lines()
-                            .find_map(|l| {
-                                let (k, v) = l.split_once(':')?;
-                                k.eq_ignore_ascii_case("content-length")
-                                    .then(|| v.trim().parse().ok())?
-                            })
-                            .unwrap_or(0);
-                        while buf.len() < end + 4 + len {
-                            match conn.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                        }
-                        let body =
-                            String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string();
-                        buf.drain(..end + 4 + len);
-                        let mut words = head.split_whitespace();
-                        let method = words.next().unwrap_or("").to_string();
-                        let path = words.next().unwrap_or("").to_string();
                         timed
                             .lock()
                             .unwrap()
@@ -1620,16 +1634,9 @@ mod tests {
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 4096];
                     loop {
-                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                            match conn.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                            continue;
+                        let Some((_, path, _)) = next_request(&mut conn, &mut buf).await else {
+                            return;
                         };
-                        let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                        buf.drain(..end + 4);
-                        let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
                         timed
                             .lock()
                             .unwrap()

@@ -1956,11 +1956,19 @@ async fn openapi_document_matches_the_router() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_client_streams_over_wss_from_a_tls_node() {
-    // Issue 16, "Transport": `recv --stream` works over `wss://` against a TLS node. Before:
-    // the client refused any stream that was not plain `ws://` ("streaming needs a plain-HTTP
-    // (loopback) mailbox node; over TLS, poll instead").
+/// A node serving its API over TLS with a fresh self-signed certificate for `localhost`, and a
+/// test client that trusts it: the server, the certificate, its PEM files' directory and paths,
+/// and the port.
+struct TlsNode {
+    s: Server,
+    cert: rcgen::CertifiedKey<rcgen::KeyPair>,
+    certs: tempfile::TempDir,
+    cert_file: std::path::PathBuf,
+    key_file: std::path::PathBuf,
+    port: u16,
+}
+
+async fn tls_node() -> TlsNode {
     install_crypto();
     let certs = tempfile::tempdir().unwrap();
     let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
@@ -1982,6 +1990,28 @@ async fn the_client_streams_over_wss_from_a_tls_node() {
         .build()
         .unwrap();
     s.base = format!("https://localhost:{port}");
+    TlsNode {
+        s,
+        cert: generated,
+        certs,
+        cert_file,
+        key_file,
+        port,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_streams_over_wss_from_a_tls_node() {
+    // Issue 16, "Transport": `recv --stream` works over `wss://` against a TLS node. Before:
+    // the client refused any stream that was not plain `ws://` ("streaming needs a plain-HTTP
+    // (loopback) mailbox node; over TLS, poll instead").
+    let TlsNode {
+        mut s,
+        cert: generated,
+        certs: _certs,
+        port,
+        ..
+    } = tls_node().await;
     let owner = Owner::from_seed(18);
     s.create(&owner).await;
     let token = s.login(&owner, &owner.device(0)).await;
@@ -2038,27 +2068,14 @@ async fn the_client_streams_over_wss_from_a_tls_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_serves_the_api_and_refuses_plain_http() {
-    install_crypto();
-    let certs = tempfile::tempdir().unwrap();
-    let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let cert_pem = generated.cert.pem();
-    let cert_file = certs.path().join("cert.pem");
-    let key_file = certs.path().join("key.pem");
-    std::fs::write(&cert_file, &cert_pem).unwrap();
-    std::fs::write(&key_file, generated.signing_key.serialize_pem()).unwrap();
-    let mut s = Server::start(|c| {
-        c.api.tls_cert_file = Some(cert_file.clone());
-        c.api.tls_key_file = Some(key_file.clone());
-    })
-    .await;
-    let port = s.addr.port();
-    s.http = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
-        .resolve("localhost", s.addr)
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap();
-    s.base = format!("https://localhost:{port}");
+    let TlsNode {
+        mut s,
+        certs,
+        cert_file,
+        key_file,
+        port,
+        ..
+    } = tls_node().await;
 
     let owner = Owner::from_seed(16);
     s.create(&owner).await;

@@ -334,6 +334,8 @@ impl Bucket {
 struct Mailbox {
     sid: StorageId,
     key: DataKey,
+    /// [`body_prefix`] of `key`.
+    body_prefix: [u8; BODY_PREFIX_LEN],
     record: Record,
     cursors: BTreeMap<[u8; 32], u64>,
     next_seq: u64,
@@ -376,6 +378,66 @@ fn envelope_key(sid: &StorageId, seq: u64) -> Vec<u8> {
     k.extend_from_slice(sid);
     k.extend_from_slice(&seq.to_be_bytes());
     k
+}
+
+/// Length of an envelope entry that points to a body in [`Cf::Bodies`]: `expires_at ‖
+/// value length`. An entry written before bodies had their own family holds the whole
+/// value (`expires_at ‖ sealed body`, at least 8 + 40 bytes), so the length tells them
+/// apart.
+const ENVELOPE_META_LEN: usize = 16;
+
+/// Length of a body key prefix.
+const BODY_PREFIX_LEN: usize = 16;
+
+/// A mailbox's body key prefix: a keyed hash under its data key, so that the keys of its
+/// bodies — which RocksDB also writes into blob files, where an erasure's compaction does
+/// not reach — do not carry the storage id, and mean nothing once the data key is erased.
+fn body_prefix(key: &DataKey) -> [u8; BODY_PREFIX_LEN] {
+    let tag = key.tag(&[b"body"]);
+    let mut prefix = [0u8; BODY_PREFIX_LEN];
+    prefix.copy_from_slice(&tag[..BODY_PREFIX_LEN]);
+    prefix
+}
+
+fn body_key(prefix: &[u8; BODY_PREFIX_LEN], seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(BODY_PREFIX_LEN + 8);
+    k.extend_from_slice(prefix);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// The puts that store one sealed envelope: its entry in [`Cf::Envelopes`] (expiry time
+/// and value length, 16 bytes) and its body in [`Cf::Bodies`]; with `inline`, the layout
+/// of before (the whole value in [`Cf::Envelopes`]), kept for tests of old data. Returns
+/// the value length (`8 + sealed`, the same as the old layout's value) for quotas.
+fn envelope_puts(
+    ops: &mut Vec<Op>,
+    ekey: Vec<u8>,
+    prefix: &[u8; BODY_PREFIX_LEN],
+    seq: u64,
+    expires_at: u64,
+    sealed: Vec<u8>,
+    inline: bool,
+) -> u64 {
+    let value_len = (8 + sealed.len()) as u64;
+    let mut value = Vec::with_capacity(if inline { 8 + sealed.len() } else { 16 });
+    value.extend_from_slice(&expires_at.to_be_bytes());
+    if inline {
+        value.extend_from_slice(&sealed);
+    } else {
+        value.extend_from_slice(&value_len.to_be_bytes());
+        ops.push(Op::Put {
+            cf: Cf::Bodies,
+            key: body_key(prefix, seq),
+            value: sealed,
+        });
+    }
+    ops.push(Op::Put {
+        cf: Cf::Envelopes,
+        key: ekey,
+        value,
+    });
+    value_len
 }
 
 /// A device's cursor key: a keyed hash of the device key (the key itself is only in the
@@ -490,6 +552,8 @@ pub struct MailboxCore<S: MailboxStore, R: rand::CryptoRng> {
     /// [`COMPACT_PENDING_MAX`]; past it, everything is compacted).
     compact_pending: BTreeSet<StorageId>,
     compact_all: bool,
+    /// Write envelopes in the layout of before [`Cf::Bodies`] (tests of old data only).
+    inline_bodies: bool,
 }
 
 /// Erased mailboxes whose key ranges are remembered for compaction; past it the next
@@ -547,9 +611,18 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             replica: replica::ReplicaState::new(now),
             compact_pending: BTreeSet::new(),
             compact_all: false,
+            inline_bodies: false,
         };
         core.load(now)?;
         Ok(core)
+    }
+
+    /// Writes new envelopes in the layout of before bodies had their own column family
+    /// (the whole sealed value in [`Cf::Envelopes`]), to test that a node still reads and
+    /// deletes what an older version stored. Not for production use.
+    #[doc(hidden)]
+    pub fn write_inline_bodies(&mut self, inline: bool) {
+        self.inline_bodies = inline;
     }
 
     fn load(&mut self, now: UnixTime) -> Result<()> {
@@ -583,6 +656,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                         sid,
                         Mailbox {
                             sid,
+                            body_prefix: body_prefix(&key),
                             key,
                             record,
                             cursors,
@@ -646,18 +720,24 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                 if let (Some(sid), Some(seq), Some(expires_at)) =
                     (sid_of(k), u64_at(k, SID_LEN), u64_at(v, 0))
                 {
+                    // New layout: the length is stored; old: the value is the whole envelope.
+                    let value_len = if v.len() == ENVELOPE_META_LEN {
+                        u64_at(v, 8).unwrap_or(0)
+                    } else {
+                        v.len() as u64
+                    };
                     match mailboxes.get_mut(&sid) {
                         Some(m) => {
                             m.messages.insert(
                                 seq,
                                 MessageInfo {
-                                    value_len: v.len() as u64,
+                                    value_len,
                                     expires_at,
                                     id: [0; 16],
                                     acked: Vec::new(),
                                 },
                             );
-                            m.bytes = m.bytes.saturating_add(v.len() as u64);
+                            m.bytes = m.bytes.saturating_add(value_len);
                             m.next_seq = m.next_seq.max(seq.saturating_add(1));
                         }
                         None => {
@@ -958,6 +1038,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             sid,
             Mailbox {
                 sid,
+                body_prefix: body_prefix(&key),
                 key,
                 record,
                 cursors,
@@ -1107,16 +1188,17 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             .map(|(seq, _)| *seq)
             .collect();
         let key = m.key.clone();
+        let prefix = m.body_prefix;
         let mut ops = vec![self.record_ops(&sid, &key, &record)?];
         ops.push(Op::Delete {
             cf: Cf::Mailboxes,
             key: cursor_key(&sid, &key, device_key),
         });
         if new_min > old_min {
-            ops.extend(Self::delete_through_ops(&sid, new_min));
+            ops.extend(Self::delete_through_ops(&sid, &prefix, new_min));
         }
         for seq in &done {
-            ops.extend(Self::delete_message_ops(&sid, *seq));
+            ops.extend(Self::delete_message_ops(&sid, &prefix, *seq));
         }
         self.store.write(ops, true)?;
         let m = self.mailbox_mut(mailbox)?;
@@ -1417,11 +1499,18 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         plain.extend_from_slice(&now.0.to_be_bytes());
         plain.push(kind);
         plain.extend_from_slice(&body);
-        let mut value = Vec::with_capacity(usize::try_from(value_len).unwrap_or(0));
-        value.extend_from_slice(&expires_at.to_be_bytes());
-        value.extend_from_slice(&m.key.seal(&mut self.rng, &[b"env", &ekey], &plain));
+        let sealed = m.key.seal(&mut self.rng, &[b"env", &ekey], &plain);
+        let value_len = envelope_puts(
+            &mut batch.ops,
+            ekey,
+            &m.body_prefix,
+            seq,
+            expires_at,
+            sealed,
+            self.inline_bodies,
+        );
         let info = MessageInfo {
-            value_len: value.len() as u64,
+            value_len,
             expires_at,
             id: dedup.0,
             acked: Vec::new(),
@@ -1431,11 +1520,6 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         let mut dedup_value = Vec::with_capacity(16);
         dedup_value.extend_from_slice(&seq.to_be_bytes());
         dedup_value.extend_from_slice(&expires_at.to_be_bytes());
-        batch.ops.push(Op::Put {
-            cf: Cf::Envelopes,
-            key: ekey,
-            value,
-        });
         batch.ops.push(Op::Put {
             cf: Cf::Dedup,
             key: dedup_key(&sid, &dedup),
@@ -1518,9 +1602,16 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             return Ok(None);
         };
         let expires_at = u64_at(&value, 0).ok_or(MailboxError::Corrupt("envelope value"))?;
-        let plain = m
-            .key
-            .open(&[b"env", &ekey], value.get(8..).unwrap_or_default())?;
+        let plain = if value.len() == ENVELOPE_META_LEN {
+            let sealed = self
+                .store
+                .get(Cf::Bodies, &body_key(&m.body_prefix, seq))?
+                .ok_or(MailboxError::Corrupt("envelope body missing"))?;
+            m.key.open(&[b"env", &ekey], &sealed)?
+        } else {
+            m.key
+                .open(&[b"env", &ekey], value.get(8..).unwrap_or_default())?
+        };
         let received_at = u64_at(&plain, 0).ok_or(MailboxError::Corrupt("envelope value"))?;
         let body = plain.get(9..).unwrap_or_default();
         let body = match plain.get(8).copied() {
@@ -1581,12 +1672,13 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             .map(|(seq, _)| *seq)
             .collect();
         let replicated = !m.record.replicas.is_empty();
+        let prefix = m.body_prefix;
         let mut ops = vec![self.cursor_op(&sid, &key, device, up_to)];
         if new_min > old_min {
-            ops.extend(Self::delete_through_ops(&sid, new_min));
+            ops.extend(Self::delete_through_ops(&sid, &prefix, new_min));
         }
         for seq in &done {
-            ops.extend(Self::delete_message_ops(&sid, *seq));
+            ops.extend(Self::delete_message_ops(&sid, &prefix, *seq));
         }
         self.store.write(ops, true)?;
         let m = self.mailbox_mut(mailbox)?;
@@ -1618,12 +1710,17 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
 
     /// Deletes every message (and its peer acknowledgements) up to `seq`; dedup entries
     /// stay until expiry (tombstones).
-    fn delete_through_ops(sid: &StorageId, seq: u64) -> [Op; 2] {
+    fn delete_through_ops(sid: &StorageId, prefix: &[u8; BODY_PREFIX_LEN], seq: u64) -> [Op; 3] {
         [
             Op::DeleteRange {
                 cf: Cf::Envelopes,
                 from: envelope_key(sid, 0),
                 to: envelope_key(sid, seq.saturating_add(1)),
+            },
+            Op::DeleteRange {
+                cf: Cf::Bodies,
+                from: body_key(prefix, 0),
+                to: body_key(prefix, seq.saturating_add(1)),
             },
             Op::DeleteRange {
                 cf: Cf::Mailboxes,
@@ -1635,11 +1732,15 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
 
     /// Deletes one message and its peer acknowledgements; its dedup entry stays until
     /// expiry (a tombstone).
-    fn delete_message_ops(sid: &StorageId, seq: u64) -> [Op; 2] {
+    fn delete_message_ops(sid: &StorageId, prefix: &[u8; BODY_PREFIX_LEN], seq: u64) -> [Op; 3] {
         [
             Op::Delete {
                 cf: Cf::Envelopes,
                 key: envelope_key(sid, seq),
+            },
+            Op::Delete {
+                cf: Cf::Bodies,
+                key: body_key(prefix, seq),
             },
             Op::Delete {
                 cf: Cf::Mailboxes,
@@ -1691,6 +1792,14 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                     cf: Cf::Envelopes,
                     key: ekey,
                 });
+                // A body (if any) can only be named through the mailbox's data key; the
+                // bodies of an erased mailbox went with its record.
+                if let Some(m) = self.mailboxes.get(&sid) {
+                    ops.push(Op::Delete {
+                        cf: Cf::Bodies,
+                        key: body_key(&m.body_prefix, seq),
+                    });
+                }
                 ops.push(Op::Delete {
                     cf: Cf::Mailboxes,
                     key: key_tag_bytes(&sid, TAG_ACKS, &seq.to_be_bytes()),
@@ -1773,13 +1882,19 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
 
     fn erase_sid(&mut self, sid: &StorageId) -> Result<()> {
         let sid = *sid;
-        self.store.write(
-            vec![Op::Delete {
-                cf: Cf::Mailboxes,
-                key: key2(&sid, TAG_RECORD),
-            }],
-            true,
-        )?;
+        let mut first = vec![Op::Delete {
+            cf: Cf::Mailboxes,
+            key: key2(&sid, TAG_RECORD),
+        }];
+        // The bodies go with the record (their keys derive from the data key it holds).
+        if let Some(m) = self.mailboxes.get(&sid) {
+            first.push(Op::DeleteRange {
+                cf: Cf::Bodies,
+                from: m.body_prefix.to_vec(),
+                to: sid_end(&m.body_prefix),
+            });
+        }
+        self.store.write(first, true)?;
         self.mailboxes.remove(&sid);
         self.forget_digest(&sid);
         let mut ops = Self::erase_ops(&sid);

@@ -10,6 +10,12 @@
 //! it went on, so every later write is refused until the node restarts.
 //!
 //! RocksDB is built without compression: everything stored is ciphertext or small records.
+//!
+//! Envelope bodies ([`Cf::Bodies`]) use RocksDB's integrated BlobDB (runtime options only,
+//! see [`family_options`]): a flush writes each body once to a blob file and the SST files
+//! keep only a small reference, so leveled compactions rewrite keys and references, not
+//! bodies. A database written before this family existed opens as is: its inline envelope
+//! values stay readable where they are.
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -62,9 +68,9 @@ impl RocksStore {
             .map_err(|e| StoreError::Backend(format!("creating {}: {e}", path.display())))?;
         let db_options = options.db_options();
         let cache = Cache::new_lru_cache(options.block_cache_bytes);
-        let families = Cf::ALL
-            .iter()
-            .map(|cf| ColumnFamilyDescriptor::new(cf.name(), options.cf_options(&cache)));
+        let families = Cf::ALL.iter().map(|cf| {
+            ColumnFamilyDescriptor::new(cf.name(), family_options(*cf, &options, &cache))
+        });
         let db = DB::open_cf_descriptors(&db_options, path, families)
             .map_err(|e| backend("open", &e))?;
         Ok(RocksStore {
@@ -99,17 +105,19 @@ impl RocksStore {
         self.options.get_statistics()
     }
 
-    /// Total size of the live SST files of our column families (excludes the WAL and files
-    /// that only an open iterator still holds).
+    /// Total size of the live SST and blob files of our column families (excludes the WAL
+    /// and files that only an open iterator still holds).
     pub fn sst_bytes_live(&self) -> Result<u64, StoreError> {
         let mut total = 0u64;
         for cf in Cf::ALL {
-            let size = self
-                .db
-                .property_int_value_cf(self.cf(cf)?, rocksdb::properties::LIVE_SST_FILES_SIZE)
-                .map_err(|e| backend("property", &e))?
-                .unwrap_or(0);
-            total = total.saturating_add(size);
+            for property in ["rocksdb.live-sst-files-size", LIVE_BLOB_FILE_SIZE] {
+                let size = self
+                    .db
+                    .property_int_value_cf(self.cf(cf)?, property)
+                    .map_err(|e| backend("property", &e))?
+                    .unwrap_or(0);
+                total = total.saturating_add(size);
+            }
         }
         Ok(total)
     }
@@ -243,6 +251,32 @@ impl MailboxStore for RocksStore {
             sst_bytes_live: self.sst_bytes_live().unwrap_or(0),
         }
     }
+}
+
+/// RocksDB's property: the size of the blob files that the current version references.
+const LIVE_BLOB_FILE_SIZE: &str = "rocksdb.live-blob-file-size";
+
+/// Blob files are cut at this size (a flush of one 8 MiB memtable writes one of about that
+/// size; compactions that relocate blobs write up to this much per file).
+const BLOB_FILE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The options of column family `cf`: the shared ones of [`RocksOptions::cf_options`]; for
+/// [`Cf::Bodies`], also key-value separation (RocksDB's integrated BlobDB: every value goes
+/// to a blob file at flush, `min_blob_size` 0) with blob garbage collection: compactions
+/// relocate the live bodies of the oldest quarter of the blob files, so a file that holds
+/// a few long-kept messages among deleted ones is eventually dropped. Runtime options only
+/// (no build feature).
+pub fn family_options(cf: Cf, options: &RocksOptions, cache: &Cache) -> Options {
+    let mut opts = options.cf_options(cache);
+    if cf == Cf::Bodies {
+        opts.set_enable_blob_files(true);
+        opts.set_min_blob_size(0);
+        opts.set_blob_file_size(BLOB_FILE_BYTES);
+        opts.set_enable_blob_gc(true);
+        opts.set_blob_gc_age_cutoff(0.25);
+        opts.set_blob_compaction_readahead_size(2 * 1024 * 1024);
+    }
+    opts
 }
 
 /// [`RocksStore::compact_ranges`] on a shared database handle ([`RocksStore::shared_db`]),

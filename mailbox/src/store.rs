@@ -15,7 +15,9 @@ use std::sync::{Arc, Mutex};
 pub enum Cf {
     /// Mailbox records and per-device cursors: `sid ‖ tag ‖ …`.
     Mailboxes,
-    /// Envelopes: `sid ‖ seq`.
+    /// Envelopes: `sid ‖ seq` → `expires_at ‖ value length` (16 bytes; the body is in
+    /// [`Cf::Bodies`]), or, as written before bodies had their own family, the whole
+    /// value `expires_at ‖ sealed body` (still read).
     Envelopes,
     /// Dedup ids: `sid ‖ dedup_id`.
     Dedup,
@@ -23,16 +25,21 @@ pub enum Cf {
     Expiry,
     /// Prekeys: `sid ‖ tag ‖ key_id`.
     Prekeys,
+    /// Sealed envelope bodies: `body prefix ‖ seq`, the prefix a keyed hash under the
+    /// mailbox's data key (not the storage id). RocksDB keeps these values in blob files
+    /// (key-value separation), so that compactions do not rewrite them.
+    Bodies,
 }
 
 impl Cf {
     /// Every column family.
-    pub const ALL: [Cf; 5] = [
+    pub const ALL: [Cf; 6] = [
         Cf::Mailboxes,
         Cf::Envelopes,
         Cf::Dedup,
         Cf::Expiry,
         Cf::Prekeys,
+        Cf::Bodies,
     ];
 
     /// The column family's name on disk.
@@ -43,6 +50,7 @@ impl Cf {
             Cf::Dedup => "dedup",
             Cf::Expiry => "expiry",
             Cf::Prekeys => "prekeys",
+            Cf::Bodies => "bodies",
         }
     }
 }

@@ -2085,7 +2085,8 @@ fn stored_bytes_reveal_no_ids_tokens_keys_or_content_and_need_the_master_key() {
     // The right one can; a value moved to another key or tampered with is refused.
     let core = open(&store, &config, at(1));
     assert_eq!(seqs(&fetch(&core, at(1), &bob, &bob.key())), vec![2, 3, 4]);
-    let entries = store.entries(Cf::Envelopes);
+    // (The sealed bodies, in their own column family, keyed by mailbox prefix and seq.)
+    let entries = store.entries(Cf::Bodies);
     let (k2, v2) = entries[0].clone();
     let (k3, _) = entries[1].clone();
     let mut tampered = v2.clone();
@@ -2094,12 +2095,12 @@ fn stored_bytes_reveal_no_ids_tokens_keys_or_content_and_need_the_master_key() {
         .write(
             vec![
                 Op::Put {
-                    cf: Cf::Envelopes,
+                    cf: Cf::Bodies,
                     key: k3,
                     value: v2,
                 },
                 Op::Put {
-                    cf: Cf::Envelopes,
+                    cf: Cf::Bodies,
                     key: k2,
                     value: tampered,
                 },

@@ -817,3 +817,172 @@ fn expiry_times_on_disk_do_not_give_arrival_times_and_an_erased_mailbox_leaves_n
         );
     }
 }
+
+/// A [`RocksStore`] that counts the reads of envelope bodies ([`Cf::Bodies`]).
+struct CountingStore {
+    inner: RocksStore,
+    body_reads: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl MailboxStore for CountingStore {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if cf == Cf::Bodies {
+            self.body_reads
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.inner.get(cf, key)
+    }
+
+    fn scan(
+        &self,
+        cf: Cf,
+        from: &[u8],
+        to: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
+        let reads = &self.body_reads;
+        self.inner.scan(cf, from, to, &mut |k, v| {
+            if cf == Cf::Bodies {
+                reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            f(k, v)
+        })
+    }
+
+    fn write(&self, ops: Vec<Op>, sync: bool) -> Result<(), StoreError> {
+        self.inner.write(ops, sync)
+    }
+
+    fn is_poisoned(&self) -> bool {
+        self.inner.is_poisoned()
+    }
+}
+
+/// Issue 19 ("Mailbox: writes near the floor"): envelope bodies moved to their own column
+/// family (blob files), the envelope entry keeps `expires_at ‖ length`. A node restarted on
+/// a database written in the layout of before (the whole value in `envelopes`) serves those
+/// messages, stores new ones in the new layout, deletes both kinds on acknowledgement and
+/// expiry, and opens without reading a single body.
+#[test]
+fn old_layout_envelopes_stay_readable_and_open_reads_no_body() {
+    use rand::SeedableRng;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use whispr_mailbox::config::CoreConfig;
+    use whispr_mailbox::core::{Incoming, MailboxCore, StoredMessage};
+    use whispr_mailbox::crypto::MasterKey;
+    use whispr_mailbox::testkit::Owner;
+    use whispr_protocol::{DedupId, UnixTime};
+
+    let dir = tempfile::tempdir().unwrap();
+    let master = || MasterKey::from_bytes(&[0x33; 32]);
+    let t0 = UnixTime(1_800_000_000_000);
+    let owner = Owner::from_seed(7);
+    let device = owner.device(0).verifying_key().to_bytes();
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(9);
+    let mut deposit = |core: &mut MailboxCore<_, _>, id: u8, expires: Option<UnixTime>| {
+        let envelope = owner
+            .envelope(&mut rng, DedupId([id; 16]), expires, None, &[id; 300])
+            .unwrap();
+        core.deposit_many(t0, vec![Incoming::Deposit(envelope)])
+            .remove(0)
+            .unwrap()
+    };
+    let open_core = |reads: &Arc<AtomicU64>| {
+        MailboxCore::open(
+            CoreConfig::default(),
+            CountingStore {
+                inner: open(dir.path()),
+                body_reads: reads.clone(),
+            },
+            master(),
+            rand_chacha::ChaCha20Rng::seed_from_u64(1),
+            t0,
+        )
+        .unwrap()
+    };
+    let fetch_all = |core: &MailboxCore<CountingStore, _>| -> Vec<StoredMessage> {
+        core.fetch(t0, &owner.mailbox_id, &device, None, 100)
+            .unwrap()
+    };
+
+    // An "old" node: three messages (one expiring early) in the layout of before.
+    let reads = Arc::new(AtomicU64::new(0));
+    let mut core = open_core(&reads);
+    core.write_inline_bodies(true);
+    core.create_mailbox(t0, owner.create_request(86_400_000))
+        .unwrap();
+    for id in 1..=2 {
+        deposit(&mut core, id, None);
+    }
+    deposit(&mut core, 3, Some(UnixTime(t0.0 + 60_000)));
+    let old_messages = fetch_all(&core);
+    assert_eq!(old_messages.len(), 3);
+    let envelopes = scan_all(core.store(), Cf::Envelopes, &[], &[0xff; 48]);
+    assert!(envelopes.iter().all(|(_, v)| v.len() > 300), "old layout");
+    assert!(scan_all(core.store(), Cf::Bodies, &[], &[0xff; 48]).is_empty());
+    drop(core);
+
+    // The new node on the same files: the old messages are served; new ones are stored
+    // as a 16-byte entry plus a body.
+    let reads = Arc::new(AtomicU64::new(0));
+    let mut core = open_core(&reads);
+    assert_eq!(reads.load(Ordering::SeqCst), 0);
+    assert_eq!(fetch_all(&core), old_messages);
+    for id in 4..=5 {
+        deposit(&mut core, id, None);
+    }
+    let messages = fetch_all(&core);
+    assert_eq!(messages.len(), 5);
+    assert_eq!(messages[..3], old_messages[..]);
+    assert_eq!(
+        messages.iter().map(|m| m.id[0]).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    let envelopes = scan_all(core.store(), Cf::Envelopes, &[], &[0xff; 48]);
+    assert_eq!(envelopes.iter().filter(|(_, v)| v.len() == 16).count(), 2);
+    let bodies = scan_all(core.store(), Cf::Bodies, &[], &[0xff; 48]);
+    assert_eq!(bodies.len(), 2);
+    // Body keys do not carry the storage id (the envelope key's first 16 bytes).
+    let sid = &envelopes[0].0[..16];
+    assert!(bodies.iter().all(|(k, _)| !k.starts_with(sid)));
+    let bytes_before = core.info(&owner.mailbox_id).unwrap();
+    drop(core);
+
+    // Reopened (WAL replayed, then from SST and blob files): no body is read to open, and
+    // the same messages are served.
+    for flush in [false, true] {
+        let reads = Arc::new(AtomicU64::new(0));
+        let core = open_core(&reads);
+        assert_eq!(reads.load(Ordering::SeqCst), 0, "open read a body");
+        assert_eq!(fetch_all(&core), messages);
+        assert_eq!(reads.load(Ordering::SeqCst), 2, "served the two new bodies");
+        assert_eq!(
+            format!("{:?}", core.info(&owner.mailbox_id).unwrap()),
+            format!("{bytes_before:?}")
+        );
+        if flush {
+            core.store().inner.flush().unwrap();
+        }
+    }
+
+    // Expiry of an old-layout message, then acknowledgement of both kinds: nothing left.
+    let reads = Arc::new(AtomicU64::new(0));
+    let mut core = open_core(&reads);
+    assert_eq!(core.sweep_expired(UnixTime(t0.0 + 60_000)).unwrap(), 1);
+    let ids: Vec<u8> = fetch_all(&core).iter().map(|m| m.id[0]).collect();
+    assert_eq!(ids, [1, 2, 4, 5]);
+    core.ack(&owner.mailbox_id, &device, 4).unwrap();
+    assert_eq!(fetch_all(&core).len(), 1);
+    assert_eq!(
+        scan_all(core.store(), Cf::Envelopes, &[], &[0xff; 48]).len(),
+        1
+    );
+    assert_eq!(
+        scan_all(core.store(), Cf::Bodies, &[], &[0xff; 48]).len(),
+        1
+    );
+    core.ack(&owner.mailbox_id, &device, 5).unwrap();
+    assert!(scan_all(core.store(), Cf::Envelopes, &[], &[0xff; 48]).is_empty());
+    assert!(scan_all(core.store(), Cf::Bodies, &[], &[0xff; 48]).is_empty());
+}

@@ -991,13 +991,21 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                 MessageKind::SurbReply => KIND_SURB_REPLY,
             });
             plain.extend_from_slice(&item.body);
-            let mut value = expires_at.to_be_bytes().to_vec();
-            value.extend_from_slice(&m.key.seal(&mut self.rng, &[b"env", &ekey], &plain));
-            bytes = bytes.saturating_add(value.len() as u64);
+            let sealed = m.key.seal(&mut self.rng, &[b"env", &ekey], &plain);
+            let value_len = super::envelope_puts(
+                &mut ops,
+                ekey,
+                &m.body_prefix,
+                seq,
+                expires_at,
+                sealed,
+                self.inline_bodies,
+            );
+            bytes = bytes.saturating_add(value_len);
             added.push((
                 seq,
                 MessageInfo {
-                    value_len: value.len() as u64,
+                    value_len,
                     expires_at,
                     id: item.id,
                     acked: Vec::new(),
@@ -1005,11 +1013,6 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             ));
             let mut dedup_value = seq.to_be_bytes().to_vec();
             dedup_value.extend_from_slice(&expires_at.to_be_bytes());
-            ops.push(Op::Put {
-                cf: Cf::Envelopes,
-                key: ekey,
-                value,
-            });
             ops.push(Op::Put {
                 cf: Cf::Dedup,
                 key: dedup_key(&sid, &DedupId(item.id)),
@@ -1127,7 +1130,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             let mut info = info.clone();
             info.acked.push(device);
             if Self::fully_acked(&m.record.devices, &m.cursors, seq, &info) {
-                ops.extend(Self::delete_message_ops(&sid, seq));
+                ops.extend(Self::delete_message_ops(&sid, &m.body_prefix, seq));
                 deleted.push(seq);
             } else {
                 let k = key_tag_bytes(&sid, TAG_ACKS, &seq.to_be_bytes());
@@ -1267,6 +1270,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         let mut deleted = Vec::new();
         let mut tombstones = 0u64;
         let mut next_seq = m.next_seq;
+        let prefix = m.body_prefix;
         for e in gone {
             if deleted.len() as u64 + tombstones >= budget as u64 {
                 break;
@@ -1276,7 +1280,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             }
             match self.lookup(&sid, &e.id)? {
                 Some((seq, true)) => {
-                    ops.extend(Self::delete_message_ops(&sid, seq));
+                    ops.extend(Self::delete_message_ops(&sid, &prefix, seq));
                     deleted.push(seq);
                 }
                 Some((_, false)) => {}

@@ -55,10 +55,24 @@
 //!    process and of the machine). The replay stores' synced writes and the tags they carried
 //!    are counted in the nodes' RocksDB write-ahead logs (one WAL record per write batch).
 //!
-//! Options: `--only hop,noise,conns,fsync,mesh`, `--windows W:N,...` (default
+//! 6. **One relay alone** (`relay`): a relay `Mesh` in this process (mix, pinned to a
+//!    stand-in authority served here, whose consensus lists the relay and a sink node `G`,
+//!    peer rate unlimited, replay store in `WHISPR_BENCH_DIR`), once per `--relay-workers`
+//!    value (`mesh.peel_workers`; 0 = one per core). This binary re-executes itself as the
+//!    load generator (environment `WHISPR_RELAY_BENCH_GENERATOR`): one Tokio thread, a bare
+//!    libp2p swarm with `G`'s identity that writes `N` packets built beforehand (relay → G,
+//!    zero delay) flat out on one `/whispr/packets/1` stream and counts the frames the relay
+//!    forwards back to G, without peeling them. The forwarded rate (middle 80 % of arrivals)
+//!    is compared to 0.75 × cores ÷ the raw `sphinx-packet` peel time measured in the same
+//!    run (one thread, before and after the load); the relay's CPU (this process), its peel
+//!    threads', the generator's and the machine's are reported; zero drop is checked against
+//!    the relay's drop and send-failure counters and the frames received.
+//!
+//! Options: `--only hop,noise,conns,fsync,mesh,relay`, `--windows W:N,...` (default
 //! `1:1000,16:5000,128:20000,1024:40000`), `--warmup N` (default 1000), `--hop-rounds R`
 //! (default 20), `--hop-packets P` (default 256), `--noise-rounds R` (default 30), `--conns M`
-//! (default 2000), `--conns-parallel K` (default 16).
+//! (default 2000), `--conns-parallel K` (default 16), `--relay-packets N` (default 60000),
+//! `--relay-workers W,...` (default `1,0`).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -107,6 +121,8 @@ struct Args {
     noise_rounds: usize,
     conns: usize,
     conns_parallel: usize,
+    relay_packets: usize,
+    relay_workers: Vec<usize>,
 }
 
 impl Args {
@@ -117,7 +133,7 @@ impl Args {
 
 fn parse_args() -> Args {
     let mut args = Args {
-        parts: ["hop", "noise", "conns", "fsync", "mesh"]
+        parts: ["hop", "noise", "conns", "fsync", "mesh", "relay"]
             .map(String::from)
             .to_vec(),
         windows: vec![(1, 1000), (16, 5000), (128, 20_000), (1024, 40_000)],
@@ -127,6 +143,8 @@ fn parse_args() -> Args {
         noise_rounds: 30,
         conns: 2000,
         conns_parallel: 16,
+        relay_packets: 60_000,
+        relay_workers: vec![1, 0],
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -157,6 +175,13 @@ fn parse_args() -> Args {
             "--conns" => args.conns = value("--conns").parse().expect("M"),
             "--conns-parallel" => {
                 args.conns_parallel = value("--conns-parallel").parse().expect("K")
+            }
+            "--relay-packets" => args.relay_packets = value("--relay-packets").parse().expect("N"),
+            "--relay-workers" => {
+                args.relay_workers = value("--relay-workers")
+                    .split(',')
+                    .map(|w| w.parse().expect("--relay-workers W,..."))
+                    .collect();
             }
             other => {
                 panic!("unknown argument {other:?} (see the doc comment of relay/benches/mesh.rs)")
@@ -209,6 +234,7 @@ fn thread_cpu() -> BTreeMap<&'static str, u64> {
             // Workers and the blocking pool share the name.
             c if c.starts_with("tokio") => "tokio threads",
             c if c.starts_with("whispr-replay") => "replay-store threads",
+            c if c.starts_with("whispr-peel") => "peel threads",
             c if c.starts_with("rocksdb") => "rocksdb background",
             _ => "other threads",
         };
@@ -1504,6 +1530,10 @@ fn print_mesh(r: &MeshResult, fsync: Option<&FsyncResult>, hop: Option<&HopResul
 // ---------------------------------------------------------------------------------------------
 
 fn main() {
+    if let Ok(spec) = std::env::var(GEN_ENV) {
+        generator_main(&spec);
+        return;
+    }
     let args = parse_args();
     let root = match std::env::var_os("WHISPR_BENCH_DIR") {
         Some(dir) => PathBuf::from(dir),
@@ -1544,6 +1574,23 @@ fn main() {
         })
     });
     eprintln!("[{:.0} s] mesh done", started.elapsed().as_secs_f64());
+    let relay = args.runs("relay").then(|| {
+        let (count, root) = (args.relay_packets, root.clone());
+        let mut results = Vec::new();
+        for &workers in &args.relay_workers {
+            let root = root.clone();
+            results.push(runtime.block_on(async move {
+                tokio::spawn(bench_relay(count, workers, root))
+                    .await
+                    .unwrap()
+            }));
+            eprintln!(
+                "[{:.0} s] relay ({workers} peel workers) done",
+                started.elapsed().as_secs_f64()
+            );
+        }
+        results
+    });
 
     println!("# whispr-relay mesh bench");
     println!(
@@ -1568,5 +1615,403 @@ fn main() {
             f.p50_ms, f.p99_ms, f.mean_ms
         );
     }
+    if let Some(r) = &relay {
+        print_relay(r, fsync.as_ref());
+    }
     println!("\nWhole run: {:.0} s.", started.elapsed().as_secs_f64());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Part 6: one relay alone, fed by a load generator in another process (`relay`)
+
+/// Set in the generator's environment: "<relay multiaddr with /p2p/> <hex Ed25519 secret>
+/// <packet file>". The bench re-executes itself with it.
+const GEN_ENV: &str = "WHISPR_RELAY_BENCH_GENERATOR";
+
+/// The load generator and sink (another process, one thread): a bare libp2p swarm (TCP + Noise +
+/// Yamux, `libp2p-stream` only) with the identity of the sink node `G` of the consensus. It
+/// writes the pre-built packets (route relay → G) flat out on one `/whispr/packets/1` stream to
+/// the relay (the relay's backpressure paces it), and counts the frames the relay forwards back
+/// to G on the stream it opens, without peeling them. Prints one line of results.
+fn generator_main(spec: &str) {
+    use futures::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut parts = spec.split_whitespace();
+    let addr: libp2p::Multiaddr = parts.next().unwrap().parse().unwrap();
+    let key: [u8; 32] = hex::decode(parts.next().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let bytes = std::fs::read(parts.next().unwrap()).unwrap();
+    let size = whispr_protocol::sphinx::PACKET_SIZE;
+    let total = bytes.len() / size;
+    let relay_peer = addr
+        .iter()
+        .find_map(|p| match p {
+            libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+            _ => None,
+        })
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let keypair = libp2p::identity::Keypair::ed25519_from_bytes(key).unwrap();
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+            .with_tokio()
+            .with_tcp(
+                libp2p::tcp::Config::default().nodelay(true),
+                libp2p::noise::Config::new,
+                libp2p::yamux::Config::default,
+            )
+            .unwrap()
+            .with_behaviour(|_| libp2p_stream::Behaviour::new())
+            .unwrap()
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+            .build();
+        let mut control = swarm.behaviour().new_control();
+        let mut incoming = control
+            .accept(whispr_relay::mesh::PACKETS_PROTOCOL)
+            .unwrap();
+        swarm.dial(addr).unwrap();
+        tokio::spawn(async move {
+            loop {
+                swarm.select_next_some().await;
+            }
+        });
+        let arrivals = Arc::new(Mutex::new(Vec::<Instant>::with_capacity(total)));
+        let sink = arrivals.clone();
+        tokio::spawn(async move {
+            while let Some((_, mut stream)) = incoming.next().await {
+                let sink = sink.clone();
+                tokio::spawn(async move {
+                    let mut frame = vec![0u8; size];
+                    while stream.read_exact(&mut frame).await.is_ok() {
+                        sink.lock().unwrap().push(Instant::now());
+                    }
+                });
+            }
+        });
+        let mut stream = loop {
+            match control
+                .open_stream(relay_peer, whispr_relay::mesh::PACKETS_PROTOCOL)
+                .await
+            {
+                Ok(s) => break s,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        let started = Instant::now();
+        for frame in bytes.chunks_exact(size) {
+            stream.write_all(frame).await.unwrap();
+        }
+        stream.flush().await.unwrap();
+        let written = started.elapsed();
+        // Wait for the last frames (or 20 s without progress).
+        let mut last = (0, Instant::now());
+        loop {
+            let n = arrivals.lock().unwrap().len();
+            if n >= total {
+                break;
+            }
+            if n != last.0 {
+                last = (n, Instant::now());
+            } else if last.1.elapsed() > Duration::from_secs(20) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let times = arrivals.lock().unwrap().clone();
+        let n = times.len();
+        let (lo, hi) = (n / 10, (n * 9 / 10).max(1) - 1);
+        let mid_rate = if hi > lo {
+            (hi - lo) as f64 / times[hi].duration_since(times[lo]).as_secs_f64()
+        } else {
+            0.0
+        };
+        let all_s = times
+            .last()
+            .map_or(0.0, |t| t.duration_since(started).as_secs_f64());
+        println!(
+            "GEN sent={total} received={n} written_s={:.3} all_s={all_s:.3} mid_rate={mid_rate:.1} cpu_ns={}",
+            written.as_secs_f64(),
+            process_cpu_ns()
+        );
+    });
+}
+
+struct RelayResult {
+    workers: usize,
+    sent: usize,
+    received: usize,
+    all_rate: f64,
+    mid_rate: f64,
+    raw_peel_us: f64,
+    relay_cores: f64,
+    peel_cores: f64,
+    generator_cores: f64,
+    machine_cores: f64,
+    relay_us_per_packet: f64,
+    dropped: u64,
+    send_failed: u64,
+    load_after: String,
+}
+
+/// Raw `sphinx-packet` peel time on one thread (µs), median of 5 rounds of 400 packets.
+fn raw_peel_us() -> f64 {
+    let a = MemNode::new(11, Role::Mix, 1);
+    let b = MemNode::new(12, Role::Mailbox, 0);
+    let epoch = KeyEpoch(1000);
+    let packets = build_packets(&[a.hop(epoch), b.hop(epoch)], 0, 400);
+    let key = a.key(epoch);
+    let rounds: Vec<f64> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            for p in &packets {
+                let packet = sphinx_packet::SphinxPacket::from_bytes(black_box(p)).unwrap();
+                black_box(packet.process(key).unwrap());
+            }
+            t.elapsed().as_secs_f64() * 1e6 / packets.len() as f64
+        })
+        .collect();
+    median(&rounds)
+}
+
+type Served = Arc<Mutex<Option<Vec<u8>>>>;
+
+async fn bench_relay(count: usize, workers: usize, root: PathBuf) -> RelayResult {
+    use whispr_protocol::consensus::{Authority, Consensus, ConsensusBody, Network};
+    // The stand-in authority: serves the consensus this function signs, takes descriptors.
+    let served: Served = Arc::new(Mutex::new(None));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new()
+        .route(
+            "/v1/consensus",
+            axum::routing::get(
+                |axum::extract::State(s): axum::extract::State<Served>| async move {
+                    use axum::response::IntoResponse as _;
+                    match s.lock().unwrap().clone() {
+                        Some(b) => b.into_response(),
+                        None => axum::http::StatusCode::NOT_FOUND.into_response(),
+                    }
+                },
+            ),
+        )
+        .route(
+            "/v1/descriptors",
+            axum::routing::post(|| async { axum::http::StatusCode::OK }),
+        )
+        .with_state(served.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let authority = SigningKey::from_bytes(&[9u8; 32]);
+    let network = Network::new(
+        vec![Authority {
+            key: authority.verifying_key().to_bytes(),
+            url,
+        }],
+        None,
+    )
+    .unwrap();
+    let files = tempfile::tempdir_in(&root).unwrap();
+    let network_file = files.path().join("network");
+    std::fs::write(&network_file, network.to_text()).unwrap();
+
+    let mut config = mesh_config(vec![RelayRole::Mix], 1, false, &[]);
+    config.network_file = Some(network_file);
+    config.consensus_poll_ms = 200;
+    config.peel_workers = workers;
+    let relay = start_node(&root, config, vec![], None);
+
+    // The relay's own signed descriptor, as it serves it.
+    let relay_descriptor = loop {
+        let wire: Result<whispr_protocol::wire::Directory, _> = whispr_protocol::wire::decode(
+            &relay.handle.directory_bytes(),
+            whispr_protocol::directory::DIRECTORY_LEN_MAX,
+        );
+        if let Some(d) = wire.ok().and_then(|w| w.descriptors.into_iter().next()) {
+            break SignedDescriptor(d);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The sink node G (the generator's identity).
+    let now = whispr_node_kit::clock::now();
+    let epoch = KeyEpoch::containing(
+        now,
+        Duration::from_millis(RouterConfig::default().epoch_len_ms),
+    );
+    let g_secret: [u8; 32] = rand::random();
+    let g_identity = SigningKey::from_bytes(&g_secret);
+    let g_id = NodeId(g_identity.verifying_key().to_bytes());
+    let g_sphinx: Vec<(KeyEpoch, SphinxSecretKey)> = (epoch.0.saturating_sub(1)..=epoch.0 + 1)
+        .map(|e| {
+            (
+                KeyEpoch(e),
+                SphinxSecretKey::from(rand::random::<[u8; 32]>()),
+            )
+        })
+        .collect();
+    let g_descriptor = NodeDescriptor {
+        node_id: g_id,
+        peer_id: g_id.libp2p_peer_id_bytes(),
+        roles: [Role::Mailbox].into_iter().collect(),
+        mix_layer: 0,
+        addresses: vec![],
+        api_url: None,
+        sphinx_keys: g_sphinx
+            .iter()
+            .map(|(e, k)| (*e, SphinxPublicKey::from(k)))
+            .collect(),
+        published_at: UnixTime(now.0 - 1000),
+        expires_at: UnixTime(now.0 + 3_600_000),
+    }
+    .sign(&g_identity)
+    .unwrap();
+    let mut descriptors = vec![relay_descriptor, g_descriptor];
+    descriptors.sort_by_key(|d| d.verify(now).unwrap().node_id);
+    let mut consensus = Consensus::new(&ConsensusBody {
+        epoch: 1,
+        valid_after: now,
+        valid_until: UnixTime(now.0 + 3_600_000),
+        descriptors,
+    });
+    consensus.sign(&authority);
+    *served.lock().unwrap() = Some(consensus.encode());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while relay.handle.directory().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the relay never took the consensus"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let directory = relay.handle.directory();
+    let relay_hop = RouteHop {
+        node: relay.handle.node_id(),
+        sphinx_key: *directory
+            .get(&relay.handle.node_id())
+            .unwrap()
+            .sphinx_key(epoch)
+            .unwrap(),
+    };
+    let g_hop = RouteHop {
+        node: g_id,
+        sphinx_key: SphinxPublicKey::from(&g_sphinx.iter().find(|(e, _)| *e == epoch).unwrap().1),
+    };
+    eprintln!("relay: building {count} packets (relay → sink)…");
+    let packets = build_packets(&[relay_hop, g_hop], 0, count);
+    let packet_file = files.path().join("packets");
+    std::fs::write(&packet_file, packets.concat()).unwrap();
+    drop(packets);
+    let raw_before = tokio::task::spawn_blocking(raw_peel_us).await.unwrap();
+
+    let spec = format!(
+        "{}/p2p/{} {} {}",
+        relay.handle.listen_addrs()[0],
+        relay.handle.peer_id(),
+        hex::encode(g_secret),
+        packet_file.display()
+    );
+    let cpu0 = process_cpu_ns();
+    let threads0 = thread_cpu();
+    let machine0 = machine_busy_ns();
+    let t0 = Instant::now();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .env(GEN_ENV, spec)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = (process_cpu_ns() - cpu0) as f64;
+    let threads1 = thread_cpu();
+    let peel_ns = threads1.get("peel threads").copied().unwrap_or(0) as f64
+        - threads0.get("peel threads").copied().unwrap_or(0) as f64;
+    let machine = (machine_busy_ns() - machine0) as f64;
+    let raw_after = tokio::task::spawn_blocking(raw_peel_us).await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("GEN "))
+        .unwrap_or_else(|| panic!("generator output: {stdout:?}"));
+    let field = |name: &str| -> f64 {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (dropped, send_failed) = drop_counters(&relay.handle);
+    let received = field("received") as usize;
+    let result = RelayResult {
+        workers: if workers == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            workers
+        },
+        sent: field("sent") as usize,
+        received,
+        all_rate: received as f64 / field("all_s"),
+        mid_rate: field("mid_rate"),
+        raw_peel_us: median(&[raw_before, raw_after]),
+        relay_cores: cpu / 1e9 / wall,
+        peel_cores: peel_ns / 1e9 / wall,
+        generator_cores: field("cpu_ns") / 1e9 / wall,
+        machine_cores: machine / 1e9 / wall,
+        relay_us_per_packet: cpu / 1e3 / received.max(1) as f64,
+        dropped,
+        send_failed,
+        load_after: loadavg(),
+    };
+    let _ = relay.stop.send(());
+    let _ = relay.task.await;
+    result
+}
+
+fn print_relay(results: &[RelayResult], fsync: Option<&FsyncResult>) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("\n#### One relay alone, fed by a load generator in another process\n");
+    println!(
+        "The relay (a `Mesh` in this process: its core task, `mesh.peel_workers` peel threads, replay store in `WHISPR_BENCH_DIR`) forwards packets built beforehand (relay → sink, zero delay) that a one-thread generator process writes flat out on one libp2p stream and counts as they come back, unpeeled. Rate over the middle 80 % of arrivals; target = 0.75 × {cores} cores ÷ raw sphinx-packet peel time (measured in this run, one thread, before and after each load)."
+    );
+    println!(
+        "\n| peel workers | sent | forwarded | dropped / send failures | packets/s (middle 80 %) | packets/s (all) | raw peel (µs) | target 0.75 × cores ÷ peel | ratio to target | relay cores busy | of it peel threads | relay CPU µs/packet | generator cores busy | machine cores busy | load average after |"
+    );
+    println!("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    for r in results {
+        let target = 0.75 * cores as f64 / (r.raw_peel_us / 1e6);
+        println!(
+            "| {} | {} | {} | {} / {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2} | {} |",
+            r.workers,
+            r.sent,
+            r.received,
+            r.dropped,
+            r.send_failed,
+            r.mid_rate,
+            r.all_rate,
+            r.raw_peel_us,
+            target,
+            r.mid_rate / target,
+            r.relay_cores,
+            r.peel_cores,
+            r.relay_us_per_packet,
+            r.generator_cores,
+            r.machine_cores,
+            r.load_after
+        );
+    }
+    let zero = results
+        .iter()
+        .all(|r| r.received == r.sent && r.dropped == 0 && r.send_failed == 0);
+    println!("\nZero drop: **{}**.", if zero { "yes" } else { "NO" });
+    if let Some(f) = fsync {
+        println!(
+            "fsync probe (replay store synced write of 8 tags, 200 writes): p50 {:.2} ms, p99 {:.2} ms, mean {:.2} ms.",
+            f.p50_ms, f.p99_ms, f.mean_ms
+        );
+    }
 }

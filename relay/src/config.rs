@@ -80,6 +80,15 @@ pub struct MeshConfig {
     /// Packets queued per outgoing peer stream before the router's sends back up.
     #[serde(default = "default_peer_queue")]
     pub peer_queue_max: usize,
+    /// Threads that peel Sphinx layers for the router (default 0: one per available core).
+    /// The router task keeps the replay filter, the queue, the ordering and the rate limits;
+    /// only the pure crypto runs on these threads.
+    #[serde(default)]
+    pub peel_workers: usize,
+    /// Packets handed to the peel threads and not yet back, at most (default 1024, > 0); while
+    /// that many are out, the router reads no more packets (backpressure on the senders).
+    #[serde(default = "default_peel_queue")]
+    pub peel_queue_max: usize,
     /// Concurrent client packet streams (libp2p client ingress), at most.
     #[serde(default = "default_client_streams")]
     pub client_streams_max: usize,
@@ -136,6 +145,9 @@ pub struct MeshConfig {
 /// The default of `mesh.consensus_grace_ms`.
 pub const CONSENSUS_GRACE: std::time::Duration = std::time::Duration::from_secs(10 * 60);
 
+/// Largest `mesh.peel_workers`.
+pub const PEEL_WORKERS_MAX: usize = 1024;
+
 /// The longest `mesh.consensus_grace_ms`: a member dropped from the consensus (its
 /// authorities no longer admit it) keeps sending packets for at most this long.
 pub const CONSENSUS_GRACE_MAX: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
@@ -154,6 +166,9 @@ fn default_keys_ahead() -> u64 {
 }
 fn default_peer_queue() -> usize {
     4096
+}
+fn default_peel_queue() -> usize {
+    1024
 }
 fn default_client_streams() -> usize {
     1024
@@ -195,6 +210,8 @@ impl Default for MeshConfig {
             descriptor_validity_ms: default_validity_ms(),
             sphinx_keys_ahead: default_keys_ahead(),
             peer_queue_max: default_peer_queue(),
+            peel_workers: 0,
+            peel_queue_max: default_peel_queue(),
             client_streams_max: default_client_streams(),
             descriptors_max: default_descriptors_max(),
             connections_max: default_connections_max(),
@@ -284,6 +301,15 @@ impl MeshConfig {
         }
         if self.peer_queue_max == 0 {
             return Err(ConfigError::new("mesh.peer_queue_max", "must be > 0"));
+        }
+        if self.peel_queue_max == 0 {
+            return Err(ConfigError::new("mesh.peel_queue_max", "must be > 0"));
+        }
+        if self.peel_workers > PEEL_WORKERS_MAX {
+            return Err(ConfigError::new(
+                "mesh.peel_workers",
+                format!("at most {PEEL_WORKERS_MAX}"),
+            ));
         }
         for (key, value) in [
             ("mesh.connections_max", self.connections_max),

@@ -7,7 +7,12 @@
 //! until [`MeshRunner::run`], which starts:
 //!
 //! * **the core** (one task, owning the [`Router`]): it takes packets and other events from one
-//!   bounded channel, calls [`Router::handle_input`] with the wall-clock time (read by
+//!   bounded channel; a packet is admitted with [`Router::admit`] (role, queue share, rate
+//!   limit), peeled by the **peel threads** (`mesh.peel_workers`, one per core by default; at
+//!   most `mesh.peel_queue_max` packets out, after which the core reads no more events) and
+//!   handed back in admission order with [`Router::finish`] (replay filter, queue), so the
+//!   router sees what [`Router::handle_input`] would; other events go to
+//!   [`Router::handle_input`]; each with the wall-clock time (read by
 //!   `whispr_node_kit::clock::now`, the only clock of the driver), sleeps until [`Router::poll_timeout`], and
 //!   hands the outputs on: sends to the per-peer sender tasks, final payloads to the
 //!   [`LocalDestination`], replay tags to the persistence thread (one synced write at a time;
@@ -90,6 +95,7 @@
 mod engine;
 mod metrics;
 mod node_messages;
+mod peel;
 mod shared;
 mod streams;
 mod submit;
@@ -535,6 +541,8 @@ impl MeshRunner {
 
         let (capacity_tx, capacity_rx) = watch::channel(streams::Admission::of(&router));
         let (persist, persist_thread) = engine::Persist::start(store, shared.clone())?;
+        let (pool, peel_threads) =
+            peel::PeelPool::start(peel::workers(config.peel_workers), config.peel_queue_max)?;
         let swarm::Built {
             swarm,
             control,
@@ -610,6 +618,7 @@ impl MeshRunner {
 
         let core = engine::Core::new(
             router,
+            pool,
             inbox,
             persist,
             control,
@@ -631,7 +640,14 @@ impl MeshRunner {
         tasks.shutdown().await;
         // The core (and with it the persistence thread's queue) is gone: wait for the last
         // write to finish and the store to close.
-        let _ = tokio::task::spawn_blocking(move || persist_thread.join()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = persist_thread.join();
+            // The core's end closed the pool's queue: each thread ends after its packet.
+            for thread in peel_threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
         result
     }
 }

@@ -19,6 +19,12 @@
 //!
 //! Every refusal is counted by reason in [`RouterStats`] and reported as [`Output::Drop`];
 //! neither carries an identifier.
+//!
+//! Step 2 is pure (it reads only the keys), so a driver may run it elsewhere: [`Router::admit`]
+//! does step 1 and hands out a [`PeelTicket`], [`PeelTicket::peel`] peels on any thread, and
+//! [`Router::finish`] does the rest. Tickets finished in the order they were issued give the
+//! outputs of [`Input::Packet`] (the relay's driver peels in a worker pool this way; the
+//! simulator feeds [`Input::Packet`]).
 
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -26,8 +32,8 @@ use std::time::Duration;
 
 use whispr_protocol::directory::Directory;
 use whispr_protocol::sphinx::{
-    HOP_DELAY_MAX, HopAction, Packet, PacketProcessor, ReplayFilter, ReplayTag, SphinxProcessor,
-    SphinxSecretKey,
+    HOP_DELAY_MAX, HopAction, Packet, PacketProcessor, Processed, ReplayFilter, ReplayTag,
+    SphinxProcessor, SphinxSecretKey,
 };
 use whispr_protocol::{
     DestinationAddress, Error as ProtocolError, KeyEpoch, NodeId, SurbId, UnixTime,
@@ -438,12 +444,66 @@ fn admit(bucket: &mut Bucket, limit: &RateLimit, now: UnixTime) -> Admit {
     Admit::Delayed(Duration::from_millis(delay))
 }
 
+/// The keys a packet is peeled with: the current key epoch's, then the previous one's.
+struct PeelKeys {
+    epochs: Vec<KeyEpoch>,
+    keys: Vec<SphinxSecretKey>,
+}
+
+/// A packet [`Router::admit`] let in, waiting to be peeled ([`PeelTicket::peel`], a pure
+/// function the driver may run on any thread, e.g. in a worker pool) and handed back with
+/// [`Router::finish`]. Until then the packet holds a place in the queue (counted by
+/// [`Router::queue_len`] and in its source's share), so tickets must not be lost: hand each
+/// one back to the router that issued it, peeled or with [`Router::abandon`].
+pub struct PeelTicket {
+    from: Source,
+    extra: Duration,
+    keys: Arc<PeelKeys>,
+    processor: Arc<dyn PacketProcessor>,
+}
+
+impl std::fmt::Debug for PeelTicket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // No keys, no source identifiers.
+        f.debug_struct("PeelTicket").finish_non_exhaustive()
+    }
+}
+
+/// One layer peeled by [`PeelTicket::peel`], for [`Router::finish`].
+#[derive(Debug)]
+pub struct Peeled(Result<(KeyEpoch, Processed), DropReason>);
+
+impl PeelTicket {
+    /// Peels one Sphinx layer off `bytes` with the keys the router held at admission (the
+    /// current epoch's, then the previous one's). Pure: no router state is read or written,
+    /// so any thread may run it.
+    pub fn peel(&self, bytes: &[u8]) -> Peeled {
+        let key_refs: Vec<&SphinxSecretKey> = self.keys.keys.iter().collect();
+        Peeled(
+            self.processor
+                .process(&key_refs, bytes)
+                .map_err(|e| DropReason::from_protocol(&e))
+                .and_then(|processed| {
+                    self.keys
+                        .epochs
+                        .get(processed.key_index)
+                        .map(|epoch| (*epoch, processed))
+                        .ok_or(DropReason::UnknownEpoch)
+                }),
+        )
+    }
+}
+
 /// The router of one node.
 pub struct Router {
     local: NodeId,
     processor: Arc<dyn PacketProcessor>,
     config: RouterConfig,
     keys: Vec<(KeyEpoch, SphinxSecretKey)>,
+    /// The keys tickets carry, for the epoch they were selected at (cleared by `set_keys`).
+    peel_keys: Option<(KeyEpoch, Arc<PeelKeys>)>,
+    /// Tickets issued and not yet finished or abandoned.
+    peeling: usize,
     has_destination: bool,
     directory: Arc<Directory>,
     filter: ReplayFilter,
@@ -503,6 +563,8 @@ impl Router {
             processor,
             config,
             keys: Vec::new(),
+            peel_keys: None,
+            peeling: 0,
             has_destination,
             directory: Arc::new(Directory::default()),
             filter,
@@ -527,6 +589,7 @@ impl Router {
     /// epoch's key and the previous one's; other epochs' packets are refused.
     pub fn set_keys(&mut self, keys: Vec<(KeyEpoch, SphinxSecretKey)>) {
         self.keys = keys;
+        self.peel_keys = None;
     }
 
     /// Restores replay tags made durable before a restart (they count as durable).
@@ -547,9 +610,18 @@ impl Router {
         &self.stats
     }
 
-    /// Packets held (mixing queue plus those awaiting durable tags).
+    /// Packets held (mixing queue plus those awaiting durable tags, plus those admitted and
+    /// still being peeled).
     pub fn queue_len(&self) -> usize {
-        self.queue.len().saturating_add(self.waiting_durable.len())
+        self.queue
+            .len()
+            .saturating_add(self.waiting_durable.len())
+            .saturating_add(self.peeling)
+    }
+
+    /// Tickets of [`Router::admit`] not yet finished or abandoned.
+    pub fn peeling(&self) -> usize {
+        self.peeling
     }
 
     /// Whether a new packet would fit in the queue at all.
@@ -658,6 +730,49 @@ impl Router {
         self.queue.peek().map(|h| h.release_at)
     }
 
+    /// The first half of [`Input::Packet`], for a driver that peels elsewhere (a worker
+    /// pool): counts the packet, checks the source's role, the queue and its share, and the
+    /// rate limit, in that order, as [`Input::Packet`] does. On `Ok` the packet holds its
+    /// place in the queue; peel it with [`PeelTicket::peel`] and hand both to
+    /// [`Router::finish`]. `Err` is counted and emitted as [`Output::Drop`] as for a packet
+    /// input. Handing tickets back in the order they were issued gives exactly the outputs of
+    /// [`Input::Packet`].
+    pub fn admit(&mut self, now: UnixTime, from: Source) -> Result<PeelTicket, DropReason> {
+        self.now = UnixTime(self.now.0.max(now.0));
+        let result = self.admit_packet(from, false);
+        if let Err(reason) = &result {
+            self.drop_packet(*reason);
+        }
+        self.release_due();
+        self.flush_tags();
+        result
+    }
+
+    /// The second half of [`Input::Packet`]: the replay filter, the next hop's and the
+    /// delay's checks, and the queue. `Err` says why the packet was refused (counted and
+    /// emitted as [`Output::Drop`]).
+    pub fn finish(
+        &mut self,
+        now: UnixTime,
+        ticket: PeelTicket,
+        peeled: Peeled,
+    ) -> Result<(), DropReason> {
+        self.now = UnixTime(self.now.0.max(now.0));
+        let result = self.finish_packet(ticket, peeled);
+        if let Err(reason) = &result {
+            self.drop_packet(*reason);
+        }
+        self.release_due();
+        self.flush_tags();
+        result
+    }
+
+    /// Gives back a ticket that will not be peeled (the driver is stopping): its place in
+    /// the queue is freed. Not counted as a drop.
+    pub fn abandon(&mut self, ticket: PeelTicket) {
+        self.release_ticket(&ticket);
+    }
+
     fn drop_packet(&mut self, reason: DropReason) {
         *self.stats.dropped.entry(reason).or_insert(0) += 1;
         self.outputs.push_back(Output::Drop { reason });
@@ -671,6 +786,12 @@ impl Router {
         bytes: &[u8],
         looped: bool,
     ) -> Result<(), DropReason> {
+        let ticket = self.admit_packet(from, looped)?;
+        let peeled = ticket.peel(bytes);
+        self.finish_packet(ticket, peeled)
+    }
+
+    fn admit_packet(&mut self, from: Source, looped: bool) -> Result<PeelTicket, DropReason> {
         match from {
             _ if looped => self.stats.in_local += 1,
             Source::Peer(_) => self.stats.in_peer += 1,
@@ -687,29 +808,57 @@ impl Router {
             return Err(DropReason::QueueShare);
         }
         let extra = self.rate_check(from)?;
+        let keys = self.current_peel_keys();
+        // The packet holds its place (and its source's share) while it is peeled.
+        self.peeling = self.peeling.saturating_add(1);
+        if from != Source::Local {
+            *self.held_by.entry(from).or_insert(0) += 1;
+        }
+        Ok(PeelTicket {
+            from,
+            extra,
+            keys,
+            processor: self.processor.clone(),
+        })
+    }
+
+    /// The keys of the current and the previous epoch (the ones held), cached per epoch.
+    fn current_peel_keys(&mut self) -> Arc<PeelKeys> {
         let current = self.epoch_at(self.now);
-        let epochs: Vec<KeyEpoch> = [Some(current), current.previous()]
-            .into_iter()
-            .flatten()
-            .collect();
-        let keys: Vec<(KeyEpoch, &SphinxSecretKey)> = epochs
-            .iter()
-            .filter_map(|e| {
-                self.keys
-                    .iter()
-                    .find(|(k, _)| k == e)
-                    .map(|(k, key)| (*k, key))
-            })
-            .collect();
-        let key_refs: Vec<&SphinxSecretKey> = keys.iter().map(|(_, k)| *k).collect();
-        let processed = self
-            .processor
-            .process(&key_refs, bytes)
-            .map_err(|e| DropReason::from_protocol(&e))?;
-        let epoch = keys
-            .get(processed.key_index)
-            .map(|(e, _)| *e)
-            .ok_or(DropReason::UnknownEpoch)?;
+        if let Some((epoch, keys)) = &self.peel_keys
+            && *epoch == current
+        {
+            return keys.clone();
+        }
+        let mut epochs = Vec::new();
+        let mut keys = Vec::new();
+        for epoch in [Some(current), current.previous()].into_iter().flatten() {
+            if let Some((_, key)) = self.keys.iter().find(|(k, _)| *k == epoch) {
+                epochs.push(epoch);
+                keys.push(key.clone());
+            }
+        }
+        let keys = Arc::new(PeelKeys { epochs, keys });
+        self.peel_keys = Some((current, keys.clone()));
+        keys
+    }
+
+    fn release_ticket(&mut self, ticket: &PeelTicket) {
+        self.peeling = self.peeling.saturating_sub(1);
+        if ticket.from != Source::Local
+            && let Some(n) = self.held_by.get_mut(&ticket.from)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.held_by.remove(&ticket.from);
+            }
+        }
+    }
+
+    fn finish_packet(&mut self, ticket: PeelTicket, peeled: Peeled) -> Result<(), DropReason> {
+        self.release_ticket(&ticket);
+        let PeelTicket { from, extra, .. } = ticket;
+        let (epoch, processed) = peeled.0?;
         match self.filter.check_and_insert(epoch, processed.replay_tag) {
             Ok(()) => {}
             Err(ProtocolError::Replayed) => return Err(DropReason::Replay),

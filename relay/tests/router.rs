@@ -952,3 +952,149 @@ fn a_hop_delay_above_the_relays_cap_is_refused() {
         assert_eq!(r, verdict, "delay {delay} ms");
     }
 }
+
+/// A comparable summary of an output.
+fn summary(output: &Output) -> String {
+    match output {
+        Output::Send { to, packet, held } => {
+            format!("send {:?} {} {held:?}", to, hex(packet.as_bytes()))
+        }
+        Output::Deliver(d) => format!("deliver {d:?}"),
+        Output::PersistTags { batch, tags } => format!("persist {batch} {tags:?}"),
+        Output::Drop { reason } => format!("drop {}", reason.label()),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn peeling_on_other_threads_then_finishing_in_order_gives_the_outputs_of_a_packet_input() {
+    let net = net();
+    let mut rng = ChaCha20Rng::seed_from_u64(21);
+    let epoch = epoch_of(T0);
+    // Good packets, a replay, one of another node's, garbage and a short one, from two
+    // clients.
+    let good: Vec<Vec<u8>> = (0..6u8)
+        .map(|i| packet(&net, &mut rng, epoch, [0, 0], &[i]).into_bytes())
+        .collect();
+    let mut foreign = packet(&net, &mut rng, epoch, [0, 0], b"f").into_bytes();
+    foreign[40] ^= 1;
+    let mut inputs: Vec<(Source, Vec<u8>)> = good
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (Source::Client(ClientId(i as u64 % 2)), b.clone()))
+        .collect();
+    inputs.insert(3, (Source::Client(ClientId(0)), good[1].clone()));
+    inputs.insert(5, (Source::Client(ClientId(1)), foreign));
+    inputs.push((Source::Client(ClientId(0)), vec![0u8; PACKET_SIZE]));
+    inputs.push((Source::Client(ClientId(1)), vec![1u8; 10]));
+
+    let mut inline = with_directory(net.edge.router(config(true), false), &net);
+    let mut inline_verdicts = Vec::new();
+    let mut inline_out = Vec::new();
+    for (from, bytes) in &inputs {
+        inline_verdicts.push(inline.handle_input(
+            T0,
+            Input::Packet {
+                from: *from,
+                bytes: bytes.clone(),
+            },
+        ));
+        while let Some(o) = inline.poll_output() {
+            inline_out.push(summary(&o));
+        }
+    }
+
+    let mut split = with_directory(net.edge.router(config(true), false), &net);
+    let mut split_out = Vec::new();
+    let mut tickets = Vec::new();
+    let mut verdicts: Vec<Option<Result<(), DropReason>>> = Vec::new();
+    for (from, _) in &inputs {
+        match split.admit(T0, *from) {
+            Ok(ticket) => {
+                tickets.push(Some(ticket));
+                verdicts.push(None);
+            }
+            Err(reason) => {
+                tickets.push(None);
+                verdicts.push(Some(Err(reason)));
+            }
+        }
+    }
+    assert_eq!(split.peeling(), inputs.len(), "every packet was admitted");
+    assert_eq!(
+        split.queue_len(),
+        inputs.len(),
+        "peeling packets hold their place"
+    );
+    // Peel on four threads at once, out of order.
+    let peeled: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = tickets
+            .iter()
+            .zip(&inputs)
+            .rev()
+            .map(|(t, (_, bytes))| s.spawn(move || t.as_ref().map(|t| t.peel(bytes))))
+            .collect();
+        let mut all: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        all.reverse();
+        all
+    });
+    for ((ticket, peeled), verdict) in tickets.into_iter().zip(peeled).zip(&mut verdicts) {
+        if let (Some(ticket), Some(peeled)) = (ticket, peeled) {
+            *verdict = Some(split.finish(T0, ticket, peeled));
+        }
+        while let Some(o) = split.poll_output() {
+            split_out.push(summary(&o));
+        }
+    }
+    let split_verdicts: Vec<_> = verdicts.into_iter().map(Option::unwrap).collect();
+    assert_eq!(split_verdicts, inline_verdicts);
+    assert_eq!(split_out, inline_out);
+    assert_eq!(split.stats(), inline.stats());
+    assert_eq!(split.peeling(), 0);
+    assert_eq!(split.queue_len(), inline.queue_len());
+    assert!(
+        inline_verdicts.iter().filter(|v| v.is_ok()).count() == 6
+            && inline.stats().dropped.values().sum::<u64>() == 4,
+        "{inline_verdicts:?}"
+    );
+}
+
+#[test]
+fn a_packet_being_peeled_holds_its_place_until_finished_or_abandoned() {
+    let net = net();
+    let mut rng = ChaCha20Rng::seed_from_u64(22);
+    let mut edge = with_directory(
+        net.edge.router(
+            RouterConfig {
+                queue_max: 2,
+                ..config(true)
+            },
+            false,
+        ),
+        &net,
+    );
+    let a = edge.admit(T0, Source::Client(ClientId(1))).unwrap();
+    let b = edge.admit(T0, Source::Client(ClientId(2))).unwrap();
+    assert!(!edge.has_capacity());
+    assert_eq!(
+        edge.admit(T0, Source::Client(ClientId(3))).unwrap_err(),
+        DropReason::QueueFull
+    );
+    edge.abandon(a);
+    assert_eq!(edge.peeling(), 1);
+    let c = edge.admit(T0, Source::Client(ClientId(3))).unwrap();
+    let bytes = packet(&net, &mut rng, epoch_of(T0), [0, 0], b"x").into_bytes();
+    let peeled = b.peel(&bytes);
+    edge.finish(T0, b, peeled).unwrap();
+    edge.abandon(c);
+    assert_eq!(edge.peeling(), 0);
+    assert_eq!(
+        edge.queue_len(),
+        1,
+        "the finished packet is held, the others gone"
+    );
+    assert_eq!(edge.stats().dropped[&DropReason::QueueFull], 1);
+}

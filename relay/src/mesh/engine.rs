@@ -14,6 +14,7 @@ use whispr_protocol::directory::{Directory, SignedDescriptor};
 use whispr_protocol::sphinx::{Packet, ReplayTag};
 use whispr_protocol::{KeyEpoch, NodeId};
 
+use super::peel::PeelPool;
 use super::shared::{LocalDestination, Members, MeshError, RouterEvent, Shared, write};
 use super::streams;
 use super::swarm::SwarmCommand;
@@ -134,9 +135,10 @@ impl Persist {
     }
 }
 
-/// The core: owns the router.
+/// The core: owns the router; the Sphinx peels run in the [`PeelPool`].
 pub(crate) struct Core {
     router: Router,
+    pool: PeelPool,
     inbox: mpsc::Receiver<RouterEvent>,
     persist: Persist,
     control: Control,
@@ -156,6 +158,7 @@ impl Core {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         router: Router,
+        pool: PeelPool,
         inbox: mpsc::Receiver<RouterEvent>,
         persist: Persist,
         control: Control,
@@ -166,6 +169,7 @@ impl Core {
     ) -> Core {
         Core {
             router,
+            pool,
             inbox,
             persist,
             control,
@@ -201,10 +205,22 @@ impl Core {
                         self.shared.store_ok.store(false, Ordering::Relaxed);
                     }
                 },
-                event = self.inbox.recv() => {
+                alive = self.pool.recv(), if self.pool.is_busy() => {
+                    if !alive {
+                        tracing::error!("every peel thread is gone; the core stops");
+                        break;
+                    }
+                    self.pool.collect();
+                    self.finish_peeled();
+                }
+                // While `peel_queue_max` packets are out, no event is read (backpressure).
+                event = self.inbox.recv(), if self.pool.has_room() => {
                     let Some(event) = event else { break };
                     self.event(event);
                     for _ in 1..EVENTS_PER_STEP {
+                        if !self.pool.has_room() {
+                            break;
+                        }
                         match self.inbox.try_recv() {
                             Ok(event) => self.event(event),
                             Err(_) => break,
@@ -231,9 +247,22 @@ impl Core {
     fn event(&mut self, event: RouterEvent) {
         match event {
             RouterEvent::Packet { from, bytes, reply } => {
-                let verdict = self.input(Input::Packet { from, bytes });
-                if let Some(reply) = reply {
-                    let _ = reply.send(verdict);
+                // Admission (role, queue share, rate limit) here; the peel in the pool; the
+                // rest (replay filter, queue) in `finish_peeled`, in admission order.
+                let admitted = self.router.admit(whispr_node_kit::clock::now(), from);
+                self.drain();
+                let refused = match admitted {
+                    Ok(ticket) => match self.pool.submit(ticket, bytes, reply) {
+                        Ok(()) => return,
+                        Err((ticket, reply)) => {
+                            self.router.abandon(ticket);
+                            (DropReason::QueueFull, reply)
+                        }
+                    },
+                    Err(reason) => (reason, reply),
+                };
+                if let (reason, Some(reply)) = refused {
+                    let _ = reply.send(Err(reason));
                 }
             }
             RouterEvent::Forward { to, packet } => {
@@ -259,6 +288,27 @@ impl Core {
             }
             RouterEvent::ClientClosed(client) => {
                 let _ = self.input(Input::ClientClosed(client));
+            }
+        }
+    }
+
+    /// Hands the peeled packets back to the router, in the order they were admitted.
+    fn finish_peeled(&mut self) {
+        while let Some(done) = self.pool.next_ready() {
+            let verdict = match done.peeled {
+                Some(peeled) => {
+                    self.router
+                        .finish(whispr_node_kit::clock::now(), done.ticket, peeled)
+                }
+                None => {
+                    // Peeling panicked (a bug, not an input the protocol allows).
+                    self.router.abandon(done.ticket);
+                    Err(DropReason::Malformed)
+                }
+            };
+            self.drain();
+            if let Some(reply) = done.reply {
+                let _ = reply.send(verdict);
             }
         }
     }

@@ -697,7 +697,10 @@ impl TimerNode {
         let outcome = {
             let mut state = self.lock();
             let result = if ok {
-                state.queue.complete(&id).map(|()| "completed")
+                // The removal reaches the disk on the store's writer thread: no fsync
+                // under the lock the worker loop polls with (a crash before it lands fires
+                // the task again, which handlers allow).
+                state.queue.complete_deferred(&id).map(|()| "completed")
             } else {
                 metrics.failed.fetch_add(1, Ordering::Relaxed);
                 state.queue.fail(finished, &id).map(|o| match o {

@@ -10,7 +10,8 @@
 //!    change on disk);
 //! 2. [`TimerQueue::poll_due`] to lease the tasks due now (at most `concurrency_max` running
 //!    at once), hand each to its handler, and call [`TimerQueue::complete`] or
-//!    [`TimerQueue::fail`] with the outcome;
+//!    [`TimerQueue::fail`] with the outcome (or [`TimerQueue::complete_many_deferred`], which
+//!    returns before the removal is on disk, so that a fire loop never waits for an fsync);
 //! 3. sleep until [`TimerQueue::poll_timeout`] (or until a request or a completion arrives).
 //!
 //! Leases live in memory only: after a restart every task that had not completed is
@@ -430,29 +431,46 @@ impl<S: TaskStore, R: CryptoRng> TimerQueue<S, R> {
         self.tasks.get(id).ok_or(TimerError::NotFound)
     }
 
-    fn delete(&mut self, ids: &[TaskId]) -> Result<()> {
+    /// Removes tasks (only those not quarantined when `completing`); returns how many. On
+    /// disk before it returns, or, when `deferred`, queued for the store's next write
+    /// ([`TaskStore::apply_deferred`]).
+    fn delete(&mut self, ids: &[TaskId], deferred: bool, completing: bool) -> Result<usize> {
+        let mut removed = Vec::with_capacity(ids.len());
         let batch = ids
             .iter()
             .filter_map(|id| self.tasks.get(id))
-            .map(|meta| Mutation::DeleteTask { meta: meta.clone() })
+            .filter(|meta| !completing || meta.state != TaskState::Quarantined)
+            .map(|meta| {
+                removed.push(meta.id);
+                Mutation::DeleteTask { meta: meta.clone() }
+            })
             .collect();
-        self.store.apply(batch)?;
-        for id in ids {
+        if deferred {
+            self.store.apply_deferred(batch)?;
+        } else {
+            self.store.apply(batch)?;
+        }
+        for id in &removed {
             if let Some(meta) = self.tasks.remove(id) {
-                self.unindex(&meta);
-                self.end_lease(id);
+                // A running task is leased and not indexed; any other is indexed.
+                match self.leased.remove(id) {
+                    Some(until) => {
+                        self.lease_expiry.remove(&(until, *id));
+                    }
+                    None => self.unindex(&meta),
+                }
                 if let Some(c) = self.counts.get_mut(&meta.category) {
                     *c = c.saturating_sub(1);
                 }
             }
         }
-        Ok(())
+        Ok(removed.len())
     }
 
     /// Removes a task whatever its state; [`TimerError::NotFound`] if there is none.
     pub fn cancel(&mut self, id: &TaskId) -> Result<()> {
         self.get(id)?;
-        self.delete(&[*id])
+        self.delete(&[*id], false, false).map(|_removed| ())
     }
 
     /// Replaces a stored task's record, keeping the indexes in step.
@@ -501,12 +519,20 @@ impl<S: TaskStore, R: CryptoRng> TimerQueue<S, R> {
         now: UnixTime,
     ) -> Option<(Reverse<u8>, UnixTime, TaskId)> {
         let set = self.ready.get(&category)?;
-        (0..=PRIORITY_MAX).rev().find_map(|p| {
-            set.range((Reverse(p), UnixTime(0), TaskId([0; 16]))..)
+        // The first entry of each priority present is its earliest; one lookup per priority
+        // present, not per possible priority.
+        let mut next = set.first().copied();
+        while let Some(entry @ (priority, due, _)) = next {
+            if due <= now {
+                return Some(entry);
+            }
+            let lower = priority.0.checked_sub(1)?;
+            next = set
+                .range((Reverse(lower), UnixTime(0), TaskId([0; 16]))..)
                 .next()
-                .filter(|(prio, due, _)| prio.0 == p && *due <= now)
-                .copied()
-        })
+                .copied();
+        }
+        None
     }
 
     /// Leases and returns up to `max` due tasks (fewer if `concurrency_max` tasks are
@@ -552,9 +578,13 @@ impl<S: TaskStore, R: CryptoRng> TimerQueue<S, R> {
                 break;
             }
         }
+        let mut payloads = self.store.payloads(&picked).into_iter();
         let mut fired = Vec::with_capacity(picked.len());
         for (i, meta) in picked.iter().enumerate() {
-            match self.store.payload(&meta.id) {
+            let payload = payloads
+                .next()
+                .unwrap_or_else(|| Err(TimerError::Storage("payload read missing".into())));
+            match payload {
                 Ok(payload) => fired.push(FiredTask {
                     id: meta.id,
                     category: meta.category,
@@ -585,23 +615,43 @@ impl<S: TaskStore, R: CryptoRng> TimerQueue<S, R> {
         if meta.state == TaskState::Quarantined {
             return Err(TimerError::WrongState("quarantined"));
         }
-        self.delete(&[*id])
+        self.delete(&[*id], false, true).map(|_removed| ())
+    }
+
+    /// [`Self::complete`] without waiting for the disk; see [`Self::complete_many_deferred`].
+    pub fn complete_deferred(&mut self, id: &TaskId) -> Result<()> {
+        let meta = self.get(id)?;
+        if meta.state == TaskState::Quarantined {
+            return Err(TimerError::WrongState("quarantined"));
+        }
+        self.delete(&[*id], true, true).map(|_removed| ())
     }
 
     /// Completes many tasks with one synced write (group commit); ids that are gone or
     /// quarantined are skipped. Returns how many were removed.
     pub fn complete_many(&mut self, ids: &[TaskId]) -> Result<usize> {
-        let done: Vec<TaskId> = ids
-            .iter()
-            .filter(|id| {
-                self.tasks
-                    .get(id)
-                    .is_some_and(|m| m.state != TaskState::Quarantined)
-            })
-            .copied()
-            .collect();
-        self.delete(&done)?;
-        Ok(done.len())
+        self.complete_ids(ids, false)
+    }
+
+    /// [`Self::complete_many`] without waiting for the disk: the tasks leave the queue at
+    /// once, and their removal is handed to the store's next write
+    /// ([`TaskStore::apply_deferred`]; the RocksDB store merges such removals into one synced
+    /// write on its own thread), so a fire loop never waits for an fsync. At-least-once is
+    /// kept: a crash before the removal reaches the disk makes these tasks fire again, as a
+    /// crash before [`Self::complete`] would; every later write of the queue reaches the disk
+    /// after it. [`Self::sync_completions`] waits for the disk.
+    pub fn complete_many_deferred(&mut self, ids: &[TaskId]) -> Result<usize> {
+        self.complete_ids(ids, true)
+    }
+
+    /// Waits until every removal of [`Self::complete_many_deferred`] is on disk; the store's
+    /// error if one failed (the store is then poisoned).
+    pub fn sync_completions(&mut self) -> Result<()> {
+        self.store.sync_deferred()
+    }
+
+    fn complete_ids(&mut self, ids: &[TaskId], deferred: bool) -> Result<usize> {
+        self.delete(ids, deferred, true)
     }
 
     /// A handler failed the task: it fires again after an exponential back-off, or goes to
@@ -717,7 +767,7 @@ impl<S: TaskStore, R: CryptoRng> TimerQueue<S, R> {
             .filter(|m| m.category == category)
             .map(|m| m.id)
             .collect();
-        self.delete(&ids)?;
+        self.delete(&ids, false, false)?;
         Ok(ids.len())
     }
 
@@ -770,8 +820,11 @@ impl<S: TaskStore, R: CryptoRng> TimerQueue<S, R> {
     /// A stored task's payload (read from the store); [`TimerError::NotFound`] if there is no
     /// such task.
     pub fn payload(&self, id: &TaskId) -> Result<Vec<u8>> {
-        self.get(id)?;
-        self.store.payload(id)
+        let meta = self.get(id)?;
+        self.store
+            .payloads(std::slice::from_ref(meta))
+            .pop()
+            .unwrap_or(Err(TimerError::NotFound))
     }
 
     /// Whether a task is running.

@@ -72,6 +72,28 @@ pub trait TaskStore {
     fn payload(&self, id: &TaskId) -> Result<Vec<u8>>;
     /// Applies a batch atomically and durably.
     fn apply(&mut self, batch: Vec<Mutation>) -> Result<()>;
+
+    /// Payloads of stored tasks, one result per record, in order. The default reads them one
+    /// by one by id; a store may read them as one batch, by the records' keys.
+    fn payloads(&self, tasks: &[TaskMeta]) -> Vec<Result<Vec<u8>>> {
+        tasks.iter().map(|meta| self.payload(&meta.id)).collect()
+    }
+
+    /// Applies a batch atomically, durably *later*: it may return before the batch is on
+    /// disk, but every batch (deferred or not) reaches the disk in the order it was given,
+    /// and [`TaskStore::apply`] returns only once every earlier deferred batch is on disk
+    /// too. A deferred batch that fails poisons the store as a failed [`TaskStore::apply`]
+    /// does; the failure is reported by the next call. For writes whose loss in a crash is
+    /// harmless (a completed task's removal: the task fires again). The default applies at
+    /// once.
+    fn apply_deferred(&mut self, batch: Vec<Mutation>) -> Result<()> {
+        self.apply(batch)
+    }
+
+    /// Waits until every deferred batch is on disk; the error if one failed.
+    fn sync_deferred(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// An in-memory store, for unit tests and the simulator. It can be told to fail its next

@@ -360,6 +360,41 @@ fn a_failed_write_poisons_the_store_and_changes_nothing() {
 }
 
 #[test]
+fn deferred_completions_leave_the_queue_at_once_and_keep_failures_harmless() {
+    let mut q = queue(config());
+    let ids: Vec<TaskId> = (0..4)
+        .map(|i| q.schedule(T0, task(Category::Expiry, 2, i)).unwrap())
+        .collect();
+    let quarantined = q.schedule(T0, task(Category::Expiry, 2, 0)).unwrap();
+    q.quarantine(&quarantined).unwrap();
+    assert_eq!(q.poll_due(at(10), 10).unwrap().len(), 4);
+    // Quarantined and unknown ids are skipped, as by complete_many.
+    let mut asked = ids[..2].to_vec();
+    asked.extend([quarantined, TaskId([0xEE; 16])]);
+    assert_eq!(q.complete_many_deferred(&asked).unwrap(), 2);
+    assert_eq!(q.len(), 3);
+    assert!(!q.is_running(&ids[0]));
+    assert!(q.is_running(&ids[2]));
+    q.sync_completions().unwrap();
+    // A store that fails the write: nothing changes in the queue, and it is poisoned.
+    let mut store = take_store(q);
+    store.fail_next_write();
+    let mut q = TimerQueue::open(config(), store, ChaCha20Rng::seed_from_u64(2)).unwrap();
+    assert_eq!(q.len(), 3);
+    assert_eq!(q.poll_due(at(10), 10).unwrap().len(), 2);
+    assert!(matches!(
+        q.complete_many_deferred(&ids[2..]),
+        Err(TimerError::Storage(_))
+    ));
+    assert_eq!(q.len(), 3);
+    assert!(q.is_running(&ids[2]));
+    assert_eq!(
+        q.complete_many_deferred(&ids[2..]),
+        Err(TimerError::Poisoned)
+    );
+}
+
+#[test]
 fn purge_and_quarantine_by_admin() {
     let mut q = queue(config());
     let a = q.schedule(T0, task(Category::Expiry, 0, 0)).unwrap();

@@ -15,7 +15,7 @@ use tempfile::TempDir;
 use whispr_protocol::UnixTime;
 use whispr_timer_service::TimerError;
 use whispr_timer_service::config::QueueConfig;
-use whispr_timer_service::queue::TimerQueue;
+use whispr_timer_service::queue::{FailOutcome, TimerQueue};
 use whispr_timer_service::rocks::{RocksOptions, RocksStore};
 use whispr_timer_service::store::{Mutation, TaskStore};
 use whispr_timer_service::task::{Category, NewTask, TaskId, TaskMeta, TaskState};
@@ -504,5 +504,223 @@ fn timer_queue_over_rocks_survives_restarts() {
     assert!(loaded.tasks.is_empty());
     for id in &ids {
         assert_eq!(store.payload(id), Err(TimerError::NotFound));
+    }
+}
+
+// ---- deferred completions -------------------------------------------------------------------
+
+/// The queue over RocksDB with room for many running tasks.
+fn wide_queue(path: &Path, seed: u64) -> TimerQueue<RocksStore, ChaCha20Rng> {
+    let config = QueueConfig {
+        concurrency_max: 10_000,
+        ..QueueConfig::default()
+    };
+    TimerQueue::open(config, open(path), ChaCha20Rng::seed_from_u64(seed)).unwrap()
+}
+
+#[test]
+fn deferred_completions_reach_the_disk_in_order() {
+    let dir = TempDir::new().unwrap();
+    let now = UnixTime(1_700_000_000_000);
+    let reused = TaskId([0xAB; 16]);
+    {
+        let mut q = wide_queue(dir.path(), 11);
+        for i in 0..200u64 {
+            q.schedule(now, new_task(3, now.0 + i, &i.to_be_bytes()))
+                .unwrap();
+        }
+        q.schedule_with_id(now, reused, new_task(3, now.0, b"first"))
+            .unwrap();
+        let fired = q.poll_due(UnixTime(now.0 + 1_000), 1_000).unwrap();
+        assert_eq!(fired.len(), 201);
+        // Every payload read in one batch is the task's own.
+        for task in &fired {
+            if task.id == reused {
+                assert_eq!(task.payload, b"first");
+            } else {
+                let due = task.due_at.0 - now.0;
+                assert_eq!(task.payload, due.to_be_bytes());
+            }
+        }
+        let ids: Vec<TaskId> = fired.iter().map(|t| t.id).collect();
+        // Removed from the queue at once, before the disk has it.
+        assert_eq!(q.complete_many_deferred(&ids[..100]).unwrap(), 100);
+        assert_eq!(q.len(), 101);
+        assert!(
+            q.poll_due(UnixTime(now.0 + 2_000), 1_000)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(q.complete_many_deferred(&ids[100..]).unwrap(), 101);
+        assert!(q.is_empty());
+        // A synced write after a deferred removal of the same id lands after it: the new
+        // task under the reused id is not deleted by the older removal.
+        q.schedule_with_id(now, reused, new_task(3, now.0, b"second"))
+            .unwrap();
+        // The store is dropped with the queue (no sync_completions): what is queued is
+        // written before RocksDB closes.
+    }
+    let mut store = open(dir.path());
+    let loaded = store.load().unwrap();
+    assert_eq!(loaded.tasks.len(), 1, "{:?}", loaded.tasks);
+    assert_eq!(loaded.tasks[0].id, reused);
+    assert_eq!(store.payload(&reused).unwrap(), b"second");
+}
+
+#[test]
+fn sync_completions_waits_for_the_disk() {
+    let dir = TempDir::new().unwrap();
+    let now = UnixTime(1_700_000_000_000);
+    let mut q = wide_queue(dir.path(), 12);
+    let ids: Vec<TaskId> = (0..50u64)
+        .map(|i| q.schedule(now, new_task(3, now.0, &[i as u8])).unwrap())
+        .collect();
+    assert_eq!(q.poll_due(now, 100).unwrap().len(), 50);
+    for id in &ids {
+        assert_eq!(q.complete_many_deferred(&[*id]).unwrap(), 1);
+    }
+    // Completing again (already gone) removes nothing.
+    assert_eq!(q.complete_many_deferred(&ids).unwrap(), 0);
+    q.sync_completions().unwrap();
+    // Read through a second handle on the same database while the queue still holds it.
+    let db = q.store().shared_db();
+    let remaining = db
+        .iterator_cf(db.cf_handle("tasks").unwrap(), rocksdb::IteratorMode::Start)
+        .count();
+    assert_eq!(remaining, 0);
+    assert!(!q.store().is_poisoned());
+}
+
+/// The child half of `a_failed_deferred_write_poisons_the_store`; does nothing alone.
+#[test]
+#[ignore = "run by a_failed_deferred_write_poisons_the_store in a child process"]
+fn deferred_poison_child_process() {
+    let Some(root) = std::env::var_os(POISON_DIR_ENV) else {
+        return;
+    };
+    let root = Path::new(&root);
+    let mut store = open(&poison_db(root));
+    let small = meta(10, 1);
+    store.apply(vec![put(&small, Some(b"ok"), None)]).unwrap();
+
+    // A deferred batch too large for the file-size limit: queued fine, fails on the
+    // writer thread, and the failure is reported by the next call.
+    let mut big = meta(20, 2);
+    big.payload_len = 4 * 1024 * 1024;
+    let payload = vec![0xA5; 4 * 1024 * 1024];
+    store
+        .apply_deferred(vec![put(&big, Some(&payload), None)])
+        .unwrap();
+    let err = store.sync_deferred().unwrap_err();
+    assert!(matches!(err, TimerError::Storage(_)), "{err:?}");
+    assert!(store.is_poisoned());
+    assert_eq!(store.sync_deferred(), Err(TimerError::Poisoned));
+    assert_eq!(
+        store.apply_deferred(vec![Mutation::DeleteTask {
+            meta: small.clone()
+        }]),
+        Err(TimerError::Poisoned)
+    );
+    assert_eq!(
+        store.apply(vec![put(&meta(30, 3), Some(b"x"), None)]),
+        Err(TimerError::Poisoned)
+    );
+    assert_eq!(store.payload(&TaskId([1; 16])).unwrap(), b"ok");
+    drop(store);
+    std::fs::write(poison_marker(root), b"done").unwrap();
+}
+
+#[cfg(unix)]
+#[test]
+fn a_failed_deferred_write_poisons_the_store() {
+    let root = TempDir::new().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let output = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"trap '' XFSZ; ulimit -f 2048; exec "$0" "$@""#)
+        .arg(&exe)
+        .args([
+            "deferred_poison_child_process",
+            "--exact",
+            "--ignored",
+            "--test-threads=1",
+        ])
+        .env(POISON_DIR_ENV, root.path())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "child failed: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        poison_marker(root.path()).exists(),
+        "the child test did not run: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    // Reopened without the limit: the synced write is there, the failed deferred one is not.
+    let mut store = open(&poison_db(root.path()));
+    assert_eq!(store.load().unwrap().tasks, vec![meta(10, 1)]);
+    assert_eq!(store.payload(&TaskId([2; 16])), Err(TimerError::NotFound));
+}
+
+/// A store written with payloads keyed by task id alone (the layout before due-time keys):
+/// its tasks fire with their payloads, a retry moves the payload, and completion removes it.
+#[test]
+fn payloads_of_the_older_layout_are_read_moved_and_deleted() {
+    let dir = TempDir::new().unwrap();
+    let now = UnixTime(1_700_000_000_000);
+    let mut a = meta(now.0, 1);
+    a.category = Category::Expiry;
+    let mut b = meta(now.0 + 1, 2);
+    b.category = Category::Expiry;
+    {
+        let opts = {
+            let mut o = rocksdb::Options::default();
+            o.create_if_missing(true);
+            o.create_missing_column_families(true);
+            o
+        };
+        let db = rocksdb::DB::open_cf(&opts, dir.path(), ["tasks", "payloads", "meta"]).unwrap();
+        let tasks = db.cf_handle("tasks").unwrap();
+        let payloads = db.cf_handle("payloads").unwrap();
+        for (m, payload) in [(&a, b"old-a"), (&b, b"old-b")] {
+            let mut key = m.due_at.0.to_be_bytes().to_vec();
+            key.extend_from_slice(&m.id.0);
+            db.put_cf(tasks, key, m.encode()).unwrap();
+            db.put_cf(payloads, m.id.0, payload).unwrap();
+        }
+    }
+    {
+        let mut q = wide_queue(dir.path(), 13);
+        assert_eq!(q.payload(&a.id).unwrap(), b"old-a");
+        let fired = q.poll_due(UnixTime(now.0 + 10), 10).unwrap();
+        let payloads: Vec<&[u8]> = fired.iter().map(|t| t.payload.as_slice()).collect();
+        assert_eq!(payloads, vec![b"old-a".as_slice(), b"old-b"]);
+        // A failure reschedules `b` under a new due time: its payload moves with it.
+        assert!(matches!(
+            q.fail(UnixTime(now.0 + 10), &b.id).unwrap(),
+            FailOutcome::Retry(_)
+        ));
+        q.complete_many_deferred(&[a.id]).unwrap();
+        q.sync_completions().unwrap();
+    }
+    let mut q = wide_queue(dir.path(), 14);
+    assert_eq!(q.len(), 1);
+    assert_eq!(q.payload(&b.id).unwrap(), b"old-b");
+    let fired = q.poll_due(UnixTime(now.0 + 3_600_000), 10).unwrap();
+    assert_eq!(fired.len(), 1);
+    assert_eq!(fired[0].payload, b"old-b");
+    q.complete(&b.id).unwrap();
+    drop(q);
+    // Nothing left under either layout's keys.
+    let opts = rocksdb::Options::default();
+    let db = rocksdb::DB::open_cf(&opts, dir.path(), ["tasks", "payloads", "meta"]).unwrap();
+    for cf in ["tasks", "payloads"] {
+        let left = db
+            .iterator_cf(db.cf_handle(cf).unwrap(), rocksdb::IteratorMode::Start)
+            .count();
+        assert_eq!(left, 0, "{cf} not empty");
     }
 }

@@ -69,7 +69,8 @@
 //!    the relay's drop and send-failure counters and the frames received.
 //!
 //! Options: `--only hop,noise,conns,fsync,mesh,relay`, `--windows W:N,...` (default
-//! `1:1000,16:5000,128:20000,1024:40000`), `--warmup N` (default 1000), `--hop-rounds R`
+//! `1:1000,16:5000,128:20000,1024:40000`), `--paced R:N,...` (default `1000:5000`: after the
+//! windows, `N` packets submitted at `R` per second, whatever is in flight), `--warmup N` (default 1000), `--hop-rounds R`
 //! (default 20), `--hop-packets P` (default 256), `--noise-rounds R` (default 30), `--conns M`
 //! (default 2000), `--conns-parallel K` (default 16), `--relay-packets N` (default 60000),
 //! `--relay-workers W,...` (default `1,0`).
@@ -115,6 +116,7 @@ use x25519_dalek::{PublicKey as XPublicKey, StaticSecret};
 struct Args {
     parts: Vec<String>,
     windows: Vec<(usize, usize)>,
+    paced: Vec<(usize, usize)>,
     warmup: usize,
     hop_rounds: usize,
     hop_packets: usize,
@@ -137,6 +139,7 @@ fn parse_args() -> Args {
             .map(String::from)
             .to_vec(),
         windows: vec![(1, 1000), (16, 5000), (128, 20_000), (1024, 40_000)],
+        paced: vec![(1000, 5000)],
         warmup: 1000,
         hop_rounds: 20,
         hop_packets: 256,
@@ -165,6 +168,16 @@ fn parse_args() -> Args {
                     .map(|wn| {
                         let (w, n) = wn.split_once(':').expect("--windows W:N,...");
                         (w.parse().expect("W"), n.parse().expect("N"))
+                    })
+                    .collect();
+            }
+            "--paced" => {
+                args.paced = value("--paced")
+                    .split(',')
+                    .filter(|rn| !rn.is_empty())
+                    .map(|rn| {
+                        let (r, n) = rn.split_once(':').expect("--paced R:N,...");
+                        (r.parse().expect("R"), n.parse().expect("N"))
                     })
                     .collect();
             }
@@ -1195,7 +1208,7 @@ fn drop_counters(handle: &MeshHandle) -> (u64, u64) {
 }
 
 struct WindowResult {
-    window: usize,
+    window: String,
     sent: usize,
     delivered: usize,
     refused: usize,
@@ -1227,6 +1240,7 @@ async fn run_window(
     packets: Vec<Vec<u8>>,
     first: usize,
     window: usize,
+    rate: Option<usize>,
 ) -> WindowResult {
     let n = packets.len();
     let semaphore = Arc::new(Semaphore::new(window));
@@ -1236,7 +1250,14 @@ async fn run_window(
     let before = arrivals.delivered.load(Ordering::Relaxed);
     let wal_before = wal_total(wal_dirs);
     let cpu = CpuSnapshot::now();
+    let paced_from = tokio::time::Instant::now();
     for (i, bytes) in packets.into_iter().enumerate() {
+        if let Some(rate) = rate {
+            tokio::time::sleep_until(
+                paced_from + Duration::from_secs_f64(i as f64 / rate.max(1) as f64),
+            )
+            .await;
+        }
         semaphore.acquire().await.unwrap().forget();
         let (edge, arrivals, refused, semaphore) = (
             edge.clone(),
@@ -1301,7 +1322,10 @@ async fn run_window(
         per_s
     };
     WindowResult {
-        window,
+        window: match rate {
+            Some(r) => format!("paced {r}/s"),
+            None => window.to_string(),
+        },
         sent: n,
         delivered: delivered_count,
         refused: refused.load(Ordering::Relaxed),
@@ -1330,8 +1354,19 @@ struct MeshResult {
     built: usize,
 }
 
-async fn bench_mesh(windows_n: Vec<(usize, usize)>, warmup: usize, root: PathBuf) -> MeshResult {
-    let total = warmup + windows_n.iter().map(|(_, n)| n).sum::<usize>();
+async fn bench_mesh(
+    windows_n: Vec<(usize, usize)>,
+    paced: Vec<(usize, usize)>,
+    warmup: usize,
+    root: PathBuf,
+) -> MeshResult {
+    // Paced runs: a window far above what the rate keeps in flight.
+    let runs: Vec<(usize, usize, Option<usize>)> = windows_n
+        .iter()
+        .map(|&(w, n)| (w, n, None))
+        .chain(paced.iter().map(|&(r, n)| (100_000, n, Some(r))))
+        .collect();
+    let total = warmup + runs.iter().map(|(_, n, _)| n).sum::<usize>();
     let arrivals = Arc::new(Arrivals {
         base: Instant::now(),
         submitted: (0..total).map(|_| AtomicU64::new(0)).collect(),
@@ -1396,20 +1431,20 @@ async fn bench_mesh(windows_n: Vec<(usize, usize)>, warmup: usize, root: PathBuf
     eprintln!("mesh: built in {build_s:.1} s");
 
     let mut rest = packets.split_off(warmup);
-    let warm = run_window(&edge.handle, &wal_dirs, &arrivals, packets, 0, 64).await;
+    let warm = run_window(&edge.handle, &wal_dirs, &arrivals, packets, 0, 64, None).await;
     eprintln!(
         "mesh: warm-up {} packets, W = 64: {}/{} delivered, {:.0} packets/s",
         warm.sent, warm.delivered, warm.sent, warm.per_s
     );
     let mut first = warmup;
     let mut windows = Vec::new();
-    for &(w, n) in &windows_n {
+    for &(w, n, rate) in &runs {
         let tail = rest.split_off(n);
         let chunk = std::mem::replace(&mut rest, tail);
-        let r = run_window(&edge.handle, &wal_dirs, &arrivals, chunk, first, w).await;
+        let r = run_window(&edge.handle, &wal_dirs, &arrivals, chunk, first, w, rate).await;
         eprintln!(
-            "mesh: W = {w}: {}/{} delivered ({} refused), {:.0} packets/s, p50 {:.2} ms, p99 {:.2} ms",
-            r.delivered, r.sent, r.refused, r.per_s, r.p50_ms, r.p99_ms
+            "mesh: W = {}: {}/{} delivered ({} refused), {:.0} packets/s, p50 {:.2} ms, p99 {:.2} ms",
+            r.window, r.delivered, r.sent, r.refused, r.per_s, r.p50_ms, r.p99_ms
         );
         first += n;
         windows.push(r);
@@ -1566,9 +1601,14 @@ fn main() {
     let fsync = args.runs("fsync").then(|| bench_fsync(&root));
     eprintln!("[{:.0} s] fsync done", started.elapsed().as_secs_f64());
     let mesh = args.runs("mesh").then(|| {
-        let (windows, warmup, root) = (args.windows.clone(), args.warmup, root.clone());
+        let (windows, paced, warmup, root) = (
+            args.windows.clone(),
+            args.paced.clone(),
+            args.warmup,
+            root.clone(),
+        );
         runtime.block_on(async move {
-            tokio::spawn(bench_mesh(windows, warmup, root))
+            tokio::spawn(bench_mesh(windows, paced, warmup, root))
                 .await
                 .unwrap()
         })
@@ -1747,34 +1787,52 @@ struct RelayResult {
     all_rate: f64,
     mid_rate: f64,
     raw_peel_us: f64,
+    raw_peel_wall_us: f64,
     relay_cores: f64,
     peel_cores: f64,
     generator_cores: f64,
     machine_cores: f64,
     relay_us_per_packet: f64,
+    /// CPU µs per forwarded packet by thread group (`thread_cpu`).
+    groups: BTreeMap<&'static str, f64>,
     dropped: u64,
     send_failed: u64,
     load_after: String,
 }
 
-/// Raw `sphinx-packet` peel time on one thread (µs), median of 5 rounds of 400 packets.
-fn raw_peel_us() -> f64 {
+/// On-CPU time of the calling thread (ns, `/proc/thread-self/schedstat`).
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|n| n.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// Raw `sphinx-packet` peel time on one thread (µs): (on-CPU, wall), medians of 5 rounds of
+/// 400 packets. On a shared machine the wall time includes waits for a core; the CPU time is
+/// what a peel costs a core.
+fn raw_peel_us() -> (f64, f64) {
     let a = MemNode::new(11, Role::Mix, 1);
     let b = MemNode::new(12, Role::Mailbox, 0);
     let epoch = KeyEpoch(1000);
     let packets = build_packets(&[a.hop(epoch), b.hop(epoch)], 0, 400);
     let key = a.key(epoch);
-    let rounds: Vec<f64> = (0..5)
+    let (cpu, wall): (Vec<f64>, Vec<f64>) = (0..5)
         .map(|_| {
+            let c = thread_cpu_ns();
             let t = Instant::now();
             for p in &packets {
                 let packet = sphinx_packet::SphinxPacket::from_bytes(black_box(p)).unwrap();
                 black_box(packet.process(key).unwrap());
             }
-            t.elapsed().as_secs_f64() * 1e6 / packets.len() as f64
+            let n = packets.len() as f64;
+            (
+                (thread_cpu_ns() - c) as f64 / 1e3 / n,
+                t.elapsed().as_secs_f64() * 1e6 / n,
+            )
         })
-        .collect();
-    median(&rounds)
+        .unzip();
+    (median(&cpu), median(&wall))
 }
 
 type Served = Arc<Mutex<Option<Vec<u8>>>>;
@@ -1957,12 +2015,23 @@ async fn bench_relay(count: usize, workers: usize, root: PathBuf) -> RelayResult
         received,
         all_rate: received as f64 / field("all_s"),
         mid_rate: field("mid_rate"),
-        raw_peel_us: median(&[raw_before, raw_after]),
+        raw_peel_us: median(&[raw_before.0, raw_after.0]),
+        raw_peel_wall_us: median(&[raw_before.1, raw_after.1]),
         relay_cores: cpu / 1e9 / wall,
         peel_cores: peel_ns / 1e9 / wall,
         generator_cores: field("cpu_ns") / 1e9 / wall,
         machine_cores: machine / 1e9 / wall,
         relay_us_per_packet: cpu / 1e3 / received.max(1) as f64,
+        groups: threads1
+            .iter()
+            .map(|(g, ns)| {
+                let before = threads0.get(g).copied().unwrap_or(0);
+                (
+                    *g,
+                    ns.saturating_sub(before) as f64 / 1e3 / received.max(1) as f64,
+                )
+            })
+            .collect(),
         dropped,
         send_failed,
         load_after: loadavg(),
@@ -1976,16 +2045,16 @@ fn print_relay(results: &[RelayResult], fsync: Option<&FsyncResult>) {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("\n#### One relay alone, fed by a load generator in another process\n");
     println!(
-        "The relay (a `Mesh` in this process: its core task, `mesh.peel_workers` peel threads, replay store in `WHISPR_BENCH_DIR`) forwards packets built beforehand (relay → sink, zero delay) that a one-thread generator process writes flat out on one libp2p stream and counts as they come back, unpeeled. Rate over the middle 80 % of arrivals; target = 0.75 × {cores} cores ÷ raw sphinx-packet peel time (measured in this run, one thread, before and after each load)."
+        "The relay (a `Mesh` in this process: its core task, `mesh.peel_workers` peel threads, replay store in `WHISPR_BENCH_DIR`) forwards packets built beforehand (relay → sink, zero delay) that a one-thread generator process writes flat out on one libp2p stream and counts as they come back, unpeeled. Rate over the middle 80 % of arrivals; target = 0.75 × {cores} cores ÷ raw sphinx-packet peel time (its on-CPU time, measured in this run on one thread before and after each load; its wall time beside it shows the contention). \"useful share\": forwarded packets/s × peel time ÷ relay cores busy, the part of the relay's CPU that went into peels."
     );
     println!(
-        "\n| peel workers | sent | forwarded | dropped / send failures | packets/s (middle 80 %) | packets/s (all) | raw peel (µs) | target 0.75 × cores ÷ peel | ratio to target | relay cores busy | of it peel threads | relay CPU µs/packet | generator cores busy | machine cores busy | load average after |"
+        "\n| peel workers | sent | forwarded | dropped / send failures | packets/s (middle 80 %) | packets/s (all) | raw peel CPU (wall) µs | target 0.75 × cores ÷ peel | ratio to target | relay cores busy | useful share | of it peel threads | relay CPU µs/packet | generator cores busy | machine cores busy | load average after |"
     );
-    println!("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    println!("|---:|---:|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for r in results {
         let target = 0.75 * cores as f64 / (r.raw_peel_us / 1e6);
         println!(
-            "| {} | {} | {} | {} / {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2} | {} |",
+            "| {} | {} | {} | {} / {} | {:.0} | {:.0} | {:.1} ({:.1}) | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2} | {} |",
             r.workers,
             r.sent,
             r.received,
@@ -1994,15 +2063,33 @@ fn print_relay(results: &[RelayResult], fsync: Option<&FsyncResult>) {
             r.mid_rate,
             r.all_rate,
             r.raw_peel_us,
+            r.raw_peel_wall_us,
             target,
             r.mid_rate / target,
             r.relay_cores,
+            r.mid_rate * r.raw_peel_us / 1e6 / r.relay_cores,
             r.peel_cores,
             r.relay_us_per_packet,
             r.generator_cores,
             r.machine_cores,
             r.load_after
         );
+    }
+    println!("\nThe relay's CPU µs per forwarded packet, by thread:\n");
+    let groups: Vec<&str> = results
+        .iter()
+        .flat_map(|r| r.groups.keys().copied())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    println!("| peel workers | {} |", groups.join(" | "));
+    println!("|---:|{}", "---:|".repeat(groups.len()));
+    for r in results {
+        let cells: Vec<String> = groups
+            .iter()
+            .map(|g| format!("{:.1}", r.groups.get(g).copied().unwrap_or(0.0)))
+            .collect();
+        println!("| {} | {} |", r.workers, cells.join(" | "));
     }
     let zero = results
         .iter()

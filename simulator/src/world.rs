@@ -1176,11 +1176,16 @@ impl World {
                 .accept_finish(t, &name_of(a), &accept.invitation, otk)
                 .map_err(invalid)?;
             self.drive_client(b, true);
-            self.fetch_client(a, true, true);
-            self.fetch_client(b, true, true);
+            // Each reads the mailboxes something was stored into since it last read them
+            // (the setup deposits mark them as the run's do): reading the others returns
+            // nothing, and reading every mailbox at every pair made the setup quadratic in a
+            // popular user's relationships.
+            self.fetch_client(a, true, false);
+            self.fetch_client(b, true, false);
         }
         // Setup is not part of the run.
         for c in &mut self.clients {
+            c.dirty.clear();
             if let Ok(mut b) = c.builds.lock() {
                 b.clear();
             }
@@ -2459,8 +2464,21 @@ impl World {
             else {
                 return;
             };
-            if let Some(Err(e)) = core.deposit_many(UnixTime(now), vec![delivery]).pop() {
-                self.violations.push(format!("setup deposit refused: {e}"));
+            let mailbox = match &delivery {
+                Incoming::Deposit(env) => env.outer.mailbox_id,
+                Incoming::SurbReply { mailbox_id, .. } => *mailbox_id,
+            };
+            match core.deposit_many(UnixTime(now), vec![delivery]).pop() {
+                Some(Err(e)) => self.violations.push(format!("setup deposit refused: {e}")),
+                _ => {
+                    if let Some(c) = self
+                        .by_mailbox
+                        .get(&mailbox)
+                        .and_then(|&c| self.clients.get_mut(c as usize))
+                    {
+                        c.dirty.insert(mailbox.0);
+                    }
+                }
             }
             self.drain_core_offline(i as usize);
             return;

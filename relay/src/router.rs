@@ -859,6 +859,13 @@ impl Router {
         self.release_ticket(&ticket);
         let PeelTicket { from, extra, .. } = ticket;
         let (epoch, processed) = peeled.0?;
+        // The key's epoch must still be live now: a packet admitted just before an epoch
+        // boundary and finished after it could otherwise carry a tag of an epoch whose tags
+        // the filter has already forgotten (a replay). Inline peels never hit this (same now).
+        let current = self.epoch_at(self.now);
+        if epoch != current && Some(epoch) != current.previous() {
+            return Err(DropReason::UnknownEpoch);
+        }
         match self.filter.check_and_insert(epoch, processed.replay_tag) {
             Ok(()) => {}
             Err(ProtocolError::Replayed) => return Err(DropReason::Replay),

@@ -1098,3 +1098,46 @@ fn a_packet_being_peeled_holds_its_place_until_finished_or_abandoned() {
     );
     assert_eq!(edge.stats().dropped[&DropReason::QueueFull], 1);
 }
+
+#[test]
+fn a_ticket_whose_epoch_ended_while_it_was_peeled_cannot_reopen_a_replay() {
+    // Epoch 1000: the keys of 1000 and 999 are live. A packet of epoch 999 passes once; its
+    // replay is admitted just before the boundary and finishes after it, when 999's tags are
+    // forgotten: it must be refused as from an ended epoch, not checked against an empty filter.
+    let net = net();
+    let mut rng = ChaCha20Rng::seed_from_u64(23);
+    let mut store = MemoryReplayStore::default();
+    let mut edge = with_directory(net.edge.router(config(true), false), &net);
+    let client = Source::Client(ClientId(1));
+    let old = packet(&net, &mut rng, KeyEpoch(999), [0, 0], b"old").into_bytes();
+    assert_eq!(
+        edge.handle_input(
+            T0,
+            Input::Packet {
+                from: client,
+                bytes: old.clone(),
+            },
+        ),
+        Ok(())
+    );
+    drain(&mut edge, T0, &mut store);
+    let replay = edge.admit(T0, client).unwrap();
+    let peeled = replay.peel(&old);
+    // Epoch 1001 begins; a fresh packet of it makes the filter forget epoch 999.
+    let t1 = UnixTime(1_001 * EPOCH_MS + 1_000);
+    let fresh = packet(&net, &mut rng, KeyEpoch(1001), [0, 0], b"new").into_bytes();
+    assert_eq!(
+        edge.handle_input(
+            t1,
+            Input::Packet {
+                from: client,
+                bytes: fresh,
+            },
+        ),
+        Ok(())
+    );
+    assert_eq!(
+        edge.finish(t1, replay, peeled),
+        Err(DropReason::UnknownEpoch)
+    );
+}

@@ -11,10 +11,23 @@
 # restarts Redis from that config to time restart-to-first-fire. Redis data and RocksDB go to a
 # temporary directory on the same filesystem (under $TMPDIR, default /tmp), removed at the end
 # (kept if WHISPR_BENCH_KEEP=1).
+#
+# BENCH_PROFILE=test builds the bench in the tests' profile, so that it reuses their build of
+# RocksDB's C++ (every dependency is at opt-level 3 there) instead of a second one in the
+# `bench` profile, with this crate (the queue, the store and the bench) raised to opt-level 3
+# by `--config` (only this crate is rebuilt). The default is cargo's `bench` profile.
 set -euo pipefail
 
 cd "$(dirname "$0")/../.."
 CARGO=${CARGO:-cargo}
 
+profile=()
+if [ -n "${BENCH_PROFILE:-}" ]; then
+    profile=(--profile "$BENCH_PROFILE")
+    if [ "$BENCH_PROFILE" = test ]; then
+        profile+=(--config 'profile.test.package.whispr-timer-service.opt-level=3')
+    fi
+fi
+
 exec bash bench/with-redis.sh timer \
-    "$CARGO" bench --workspace --bench timers -- "$@"
+    "$CARGO" bench --workspace "${profile[@]}" --bench timers -- "$@"

@@ -435,33 +435,42 @@ impl<S: TaskStore, R: CryptoRng> TimerQueue<S, R> {
     /// disk before it returns, or, when `deferred`, queued for the store's next write
     /// ([`TaskStore::apply_deferred`]).
     fn delete(&mut self, ids: &[TaskId], deferred: bool, completing: bool) -> Result<usize> {
+        // Taken out of the table first (one lookup each), put back if the store refuses.
         let mut removed = Vec::with_capacity(ids.len());
-        let batch = ids
-            .iter()
-            .filter_map(|id| self.tasks.get(id))
-            .filter(|meta| !completing || meta.state != TaskState::Quarantined)
-            .map(|meta| {
-                removed.push(meta.id);
-                Mutation::DeleteTask { meta: meta.clone() }
-            })
-            .collect();
-        if deferred {
-            self.store.apply_deferred(batch)?;
-        } else {
-            self.store.apply(batch)?;
-        }
-        for id in &removed {
+        for id in ids {
             if let Some(meta) = self.tasks.remove(id) {
-                // A running task is leased and not indexed; any other is indexed.
-                match self.leased.remove(id) {
-                    Some(until) => {
-                        self.lease_expiry.remove(&(until, *id));
-                    }
-                    None => self.unindex(&meta),
+                if completing && meta.state == TaskState::Quarantined {
+                    self.tasks.insert(*id, meta);
+                } else {
+                    removed.push(meta);
                 }
-                if let Some(c) = self.counts.get_mut(&meta.category) {
-                    *c = c.saturating_sub(1);
+            }
+        }
+        let batch = removed
+            .iter()
+            .map(|meta| Mutation::DeleteTask { meta: meta.clone() })
+            .collect();
+        let stored = if deferred {
+            self.store.apply_deferred(batch)
+        } else {
+            self.store.apply(batch)
+        };
+        if let Err(e) = stored {
+            for meta in removed {
+                self.tasks.insert(meta.id, meta);
+            }
+            return Err(e);
+        }
+        for meta in &removed {
+            // A running task is leased and not indexed; any other is indexed.
+            match self.leased.remove(&meta.id) {
+                Some(until) => {
+                    self.lease_expiry.remove(&(until, meta.id));
                 }
+                None => self.unindex(meta),
+            }
+            if let Some(c) = self.counts.get_mut(&meta.category) {
+                *c = c.saturating_sub(1);
             }
         }
         Ok(removed.len())

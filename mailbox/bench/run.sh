@@ -12,6 +12,10 @@
 # restarts Redis from that config to time a restart with 1M stored messages. Redis data and
 # RocksDB go to a temporary directory on the same filesystem (under $TMPDIR, default /tmp),
 # removed at the end (kept if WHISPR_BENCH_KEEP=1).
+#
+# BENCH_PROFILE=test builds the bench in the tests' profile (our code at opt-level 1, every
+# dependency, RocksDB included, at 3) and so reuses their build of RocksDB's C++ instead of a
+# second one in the `bench` profile; the default is cargo's `bench` profile.
 set -euo pipefail
 
 cd "$(dirname "$0")/../.."
@@ -19,6 +23,7 @@ CARGO=${CARGO:-cargo}
 
 # The bench takes Redis's address as flags; they are known only once Redis runs.
 exec bash bench/with-redis.sh mailbox bash -c \
-    'exec "$0" bench --workspace --bench deposits -- --redis-port "$WHISPR_BENCH_REDIS_PORT" \
-        --redis-conf "$WHISPR_BENCH_REDIS_CONF" --redis-server "$WHISPR_BENCH_REDIS_SERVER" "$@"' \
+    'exec "$0" bench --workspace ${BENCH_PROFILE:+--profile "$BENCH_PROFILE"} --bench deposits \
+        -- --redis-port "$WHISPR_BENCH_REDIS_PORT" --redis-conf "$WHISPR_BENCH_REDIS_CONF" \
+        --redis-server "$WHISPR_BENCH_REDIS_SERVER" "$@"' \
     "$CARGO" "$@"

@@ -60,6 +60,12 @@
 //!    compaction) per stored message, against the envelope as received (its encoding) →
 //!    write amplification; live SST bytes per message → space. Redis: AOF growth per `LPUSH`
 //!    over phase 1's cells of that size.
+//! 2b. **A message's whole life** (store, serve, delete): the same deposits, then every
+//!    message fetched by its owner and acknowledged (deleted), either after a flush (the
+//!    recipient was away: the body reached a blob file) or every 1,024 deposits (the recipient
+//!    was online: served from the memtable), then flushed, settled and compacted whole; every
+//!    WAL, SST and blob byte written over that, per message. No Redis column (its AOF would
+//!    also log the deletes).
 //! 3. **Restart with 1M messages**: 1 000 000 small (256-byte body) envelopes into 100
 //!    mailboxes (10 000 each, the default per-mailbox quota) through `deposit_many` in
 //!    batches of 10 000; the store is closed as it stands (no flush: RocksDB replays its WAL,
@@ -71,7 +77,9 @@
 //!    per round trip: one AOF write and fsync each, like one `deposit_many`),
 //!    `SHUTDOWN`, then the time from spawning `redis-server <conf>` until `LINDEX` answers
 //!    (it answers `-LOADING` while it replays the AOF), and its `VmHWM`; then again after
-//!    `BGREWRITEAOF` (RDB preamble).
+//!    `BGREWRITEAOF` (RDB preamble). Then the same 1M fill once more into a fresh directory,
+//!    flushed and settled, for its bytes written once everything is on disk.
+//!    `WHISPR_BENCH_KEEP=1` keeps the restart directory (to profile `--restart-child DIR`).
 //!
 //! Output: markdown tables on stdout, then one JSON line (`{"bench":"mailbox-deposits",…}`).
 //! The Redis client is a small RESP2 client over `std::net::TcpStream` in this file.
@@ -676,6 +684,10 @@ impl Amp {
     fn from_stats(s0: StoreStats, s1: StoreStats, core: &Core, messages: usize) -> Amp {
         let stats = core.stats();
         assert_eq!(stats.messages as usize, messages, "messages stored");
+        Amp::from_deltas(s0, s1, messages, stats.bytes as f64 / messages as f64)
+    }
+
+    fn from_deltas(s0: StoreStats, s1: StoreStats, messages: usize, stored_value: f64) -> Amp {
         let per = |x: u64| x as f64 / messages as f64;
         Amp {
             label: String::new(),
@@ -684,7 +696,7 @@ impl Amp {
             messages,
             batch: 0,
             secs: 0.0,
-            stored_value: stats.bytes as f64 / messages as f64,
+            stored_value,
             wal: per(s1.wal_bytes_written - s0.wal_bytes_written),
             sst: per(s1.sst_bytes_written - s0.sst_bytes_written),
             live_sst: per(s1.sst_bytes_live),
@@ -692,6 +704,112 @@ impl Amp {
             redis_aof: None,
         }
     }
+}
+
+/// Serves (fetches) every message of every mailbox in `templates` to its owner device and
+/// acknowledges it, so that the node deletes it; returns how many were served.
+fn serve_and_delete(core: &mut Core, templates: &[(Owner, Envelope)]) -> usize {
+    let mut served = 0;
+    for (owner, _) in templates {
+        let device = owner.device(0).verifying_key().to_bytes();
+        loop {
+            let messages = core
+                .fetch(now(), &owner.mailbox_id, &device, None, 100)
+                .expect("fetch");
+            let Some(last) = messages.last().map(|m| m.seq) else {
+                break;
+            };
+            served += messages.len();
+            core.ack(&owner.mailbox_id, &device, last).expect("ack");
+        }
+    }
+    while core.poll_output().is_some() {}
+    served
+}
+
+/// A message's whole life, for `messages` envelopes of `body` bytes over 64 mailboxes in
+/// batches of 64: stored; served and deleted (every message fetched and acknowledged by its
+/// owner), either after everything was flushed to disk (`late`: the recipient was away) or
+/// every 1,024 deposits (16 per mailbox), before a flush (the recipient was online); then
+/// flushed, settled and compacted whole (so that deletes reach the files). Every byte written
+/// to the WAL, SST and blob files over that, per message.
+fn life_run(root: &Path, body: usize, messages: usize, seed: u64, late: bool) -> Amp {
+    let dir = root.join(format!("life-{body}-{late}"));
+    let templates = owners(seed * 1000, AMP_MAILBOXES, body);
+    let envelope = templates[0].1.encode().len();
+    let mut core = open_core(&dir, seed);
+    let s0 = core.store().stats();
+    let t = Instant::now();
+    let mut served = 0;
+    if late {
+        fill(&mut core, &templates, messages, AMP_MAILBOXES, seed);
+        core.store().flush().expect("flush");
+        settle(core.store());
+        served += serve_and_delete(&mut core, &templates);
+    } else {
+        for (owner, _) in &templates {
+            core.create_mailbox(now(), owner.create_request(RETENTION_MS))
+                .expect("create mailbox");
+        }
+        let step = AMP_MAILBOXES * 16;
+        let mut done = 0usize;
+        while done < messages {
+            let n = step.min(messages - done);
+            let mut left = n;
+            let mut j = done;
+            while left > 0 {
+                let k = AMP_MAILBOXES.min(left);
+                let incoming: Vec<Incoming> = (j..j + k)
+                    .map(|i| with_dedup(&templates[i % AMP_MAILBOXES].1, dedup_id(seed, i as u64)))
+                    .collect();
+                for result in core.deposit_many(now(), incoming) {
+                    assert!(!result.expect("deposit").duplicate);
+                }
+                (j, left) = (j + k, left - k);
+            }
+            done += n;
+            served += serve_and_delete(&mut core, &templates);
+        }
+    }
+    assert_eq!(served, messages, "every message served once");
+    assert_eq!(core.stats().messages, 0, "every message deleted");
+    core.store().flush().expect("flush");
+    settle(core.store());
+    core.store().compact().expect("compact");
+    settle(core.store());
+    let secs = t.elapsed().as_secs_f64();
+    let s1 = core.store().stats();
+    let stored_value = (8 + 40 + 9 + templates[0].1.encode().len()) as f64;
+    let mut amp = Amp::from_deltas(s0, s1, messages, stored_value);
+    drop(core);
+    let _ = std::fs::remove_dir_all(&dir);
+    amp.label = format!(
+        "{body} B body, life: stored, {} served and deleted, compacted",
+        if late {
+            "flushed, then"
+        } else {
+            "within 1,024 deposits (before a flush),"
+        }
+    );
+    amp.body = body;
+    amp.envelope = envelope;
+    amp.batch = AMP_MAILBOXES;
+    amp.secs = secs;
+    amp.flushed = true;
+    eprintln!(
+        "[ours] life ({}), {body} B body: {messages} msgs in {secs:.1} s; WAL {:.0} + SST/blob \
+         {:.0} B/msg for a {envelope}-byte envelope ({:.2}x); live after {:.0} B/msg",
+        if late {
+            "served after a flush"
+        } else {
+            "served before a flush"
+        },
+        amp.wal,
+        amp.sst,
+        amp.total() / envelope as f64,
+        amp.live_sst
+    );
+    amp
 }
 
 fn amp_run(root: &Path, label: &str, body: usize, messages: usize, seed: u64) -> Amp {
@@ -810,6 +928,8 @@ struct OursRestart {
     mailboxes: usize,
     fill_secs: f64,
     amp: Amp,
+    /// The same fill again in another directory, then flushed and settled.
+    amp_flushed: Amp,
     as_left: Restart,
     reopened: Restart,
 }
@@ -848,12 +968,42 @@ fn run_ours_restart(root: &Path, args: &Args) -> OursRestart {
     drop(core);
     let as_left = ours_restart(&dir, n);
     let reopened = ours_restart(&dir, n);
+    // WHISPR_BENCH_KEEP=1 keeps it, to profile `--restart-child DIR` on it.
+    if std::env::var_os("WHISPR_BENCH_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    // The fill's bytes once everything is on disk: the same fill again, flushed and settled.
+    let dir = root.join("restart-flushed");
+    let mut core = open_core(&dir, 900);
+    let s0 = core.store().stats();
+    let t = Instant::now();
+    fill(&mut core, &templates, n, args.fill_batch, 900);
+    core.store().flush().expect("flush");
+    settle(core.store());
+    let secs = t.elapsed().as_secs_f64();
+    let s1 = core.store().stats();
+    let mut amp_flushed = Amp::from_stats(s0, s1, &core, n);
+    drop(core);
     let _ = std::fs::remove_dir_all(&dir);
+    amp_flushed.label =
+        format!("restart fill again, flushed and settled, {n} msgs, {SMALL_BODY} B body");
+    amp_flushed.body = SMALL_BODY;
+    amp_flushed.envelope = envelope;
+    amp_flushed.batch = args.fill_batch;
+    amp_flushed.secs = secs;
+    amp_flushed.flushed = true;
+    eprintln!(
+        "[ours] fill again, flushed: WAL {:.0} + SST/blob {:.0} B/msg ({:.2}x)",
+        amp_flushed.wal,
+        amp_flushed.sst,
+        amp_flushed.total() / envelope as f64
+    );
     OursRestart {
         messages: n,
         mailboxes,
         fill_secs,
         amp,
+        amp_flushed,
         as_left,
         reopened,
     }
@@ -1118,9 +1268,9 @@ impl Report<'_> {
         println!("### Bytes written per message");
         println!();
         println!(
-            "| run | envelope (B) | messages | batch | stored value (B) | WAL (B/msg) | SST written \
-             (B/msg) | total written (B/msg) | write amp. (total / envelope) | live SST (B/msg) \
-             | Redis AOF (B/msg) | Redis amp. | ours/Redis |"
+            "| run | envelope (B) | messages | batch | stored value (B) | WAL (B/msg) | SST + blob \
+             written (B/msg) | total written (B/msg) | write amp. (total / envelope) | live SST + \
+             blob (B/msg) | Redis AOF (B/msg) | Redis amp. | ours/Redis |"
         );
         println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for a in self.amps {
@@ -1417,6 +1567,13 @@ fn main() {
             amp
         })
         .collect();
+    // Phase 2b: a message's whole life (store, serve, delete), served after a flush and
+    // before one. Redis's column stays empty: its AOF would also log the deletes.
+    for (i, (body, m)) in [SMALL_BODY, large].into_iter().zip(amp_counts).enumerate() {
+        for late in [true, false] {
+            amps.push(life_run(&root, body, m, 700 + i as u64, late));
+        }
+    }
 
     // Phase 3.
     let restart = (!args.skip_restart).then(|| run_ours_restart(&root, &args));
@@ -1429,9 +1586,11 @@ fn main() {
         _ => None,
     };
     if let Some(r) = &restart {
-        let mut amp = r.amp.clone();
-        amp.redis_aof = redis_restart.as_ref().map(|rr| rr.aof_per_msg);
-        amps.push(amp);
+        for a in [&r.amp, &r.amp_flushed] {
+            let mut amp = a.clone();
+            amp.redis_aof = redis_restart.as_ref().map(|rr| rr.aof_per_msg);
+            amps.push(amp);
+        }
     }
 
     let report = Report {

@@ -381,10 +381,30 @@ fn envelope_key(sid: &StorageId, seq: u64) -> Vec<u8> {
 }
 
 /// Length of an envelope entry that points to a body in [`Cf::Bodies`]: `expires_at ‖
-/// value length`. An entry written before bodies had their own family holds the whole
-/// value (`expires_at ‖ sealed body`, at least 8 + 40 bytes), so the length tells them
-/// apart.
-const ENVELOPE_META_LEN: usize = 16;
+/// value length ‖ message id`. An entry written before bodies had their own family holds
+/// the whole value (`expires_at ‖ sealed body`, at least 8 + 40 + 9 bytes), so the length
+/// tells them apart.
+const ENVELOPE_META_LEN: usize = 32;
+
+/// Length of the entry as first written by commit f54be39 (`expires_at ‖ value length`,
+/// no id; body in [`Cf::Bodies`]), still read.
+const ENVELOPE_META_V1_LEN: usize = 16;
+
+/// True when an envelope entry points to a body in [`Cf::Bodies`].
+fn has_separate_body(v: &[u8]) -> bool {
+    v.len() == ENVELOPE_META_LEN || v.len() == ENVELOPE_META_V1_LEN
+}
+
+/// The value length and message id (if stored) of an envelope entry with a separate body;
+/// `None` for an entry of the old layout (the whole value).
+fn envelope_meta(v: &[u8]) -> Option<(u64, Option<[u8; 16]>)> {
+    if !has_separate_body(v) {
+        return None;
+    }
+    let value_len = u64_at(v, 8)?;
+    let id = v.get(16..32).and_then(|b| <[u8; 16]>::try_from(b).ok());
+    Some((value_len, id))
+}
 
 /// Length of a body key prefix.
 const BODY_PREFIX_LEN: usize = 16;
@@ -406,8 +426,8 @@ fn body_key(prefix: &[u8; BODY_PREFIX_LEN], seq: u64) -> Vec<u8> {
     k
 }
 
-/// The puts that store one sealed envelope: its entry in [`Cf::Envelopes`] (expiry time
-/// and value length, 16 bytes) and its body in [`Cf::Bodies`]; with `inline`, the layout
+/// The puts that store one sealed envelope: its entry in [`Cf::Envelopes`] (expiry time,
+/// value length and message id, 32 bytes) and its body in [`Cf::Bodies`]; with `inline`, the layout
 /// of before (the whole value in [`Cf::Envelopes`]), kept for tests of old data. Returns
 /// the value length (`8 + sealed`, the same as the old layout's value) for quotas.
 fn envelope_puts(
@@ -416,16 +436,22 @@ fn envelope_puts(
     prefix: &[u8; BODY_PREFIX_LEN],
     seq: u64,
     expires_at: u64,
+    id: &[u8; 16],
     sealed: Vec<u8>,
     inline: bool,
 ) -> u64 {
     let value_len = (8 + sealed.len()) as u64;
-    let mut value = Vec::with_capacity(if inline { 8 + sealed.len() } else { 16 });
+    let mut value = Vec::with_capacity(if inline {
+        8 + sealed.len()
+    } else {
+        ENVELOPE_META_LEN
+    });
     value.extend_from_slice(&expires_at.to_be_bytes());
     if inline {
         value.extend_from_slice(&sealed);
     } else {
         value.extend_from_slice(&value_len.to_be_bytes());
+        value.extend_from_slice(id);
         ops.push(Op::Put {
             cf: Cf::Bodies,
             key: body_key(prefix, seq),
@@ -713,43 +739,86 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                 }
             }
         }
-        // Envelopes: sizes and expiry times (clear prefix); nothing is decrypted.
+        // Envelopes: sizes, expiry times and ids (in clear); no body is read, nothing is
+        // decrypted. Keys come in `sid ‖ seq` order: each mailbox's messages are collected
+        // and its map built at once.
+        let mut legacy: BTreeSet<StorageId> = BTreeSet::new();
+        let mut current: Option<StorageId> = None;
+        let mut batch: Vec<(u64, MessageInfo)> = Vec::new();
         let mailboxes = &mut self.mailboxes;
+        let mut put_batch = |sid: StorageId, batch: &mut Vec<(u64, MessageInfo)>| {
+            if batch.is_empty() {
+                return;
+            }
+            match mailboxes.get_mut(&sid) {
+                Some(m) => {
+                    for (seq, info) in batch.iter() {
+                        m.bytes = m.bytes.saturating_add(info.value_len);
+                        m.next_seq = m.next_seq.max(seq.saturating_add(1));
+                    }
+                    if m.messages.is_empty() {
+                        // Sorted input: built in one pass.
+                        m.messages = batch.drain(..).collect();
+                    } else {
+                        m.messages.extend(batch.drain(..));
+                    }
+                }
+                None => {
+                    orphans.insert(sid);
+                    batch.clear();
+                }
+            }
+        };
         self.store
             .scan(Cf::Envelopes, &[], &[0xff; SID_LEN + 9], &mut |k, v| {
                 if let (Some(sid), Some(seq), Some(expires_at)) =
                     (sid_of(k), u64_at(k, SID_LEN), u64_at(v, 0))
                 {
-                    // New layout: the length is stored; old: the value is the whole envelope.
-                    let value_len = if v.len() == ENVELOPE_META_LEN {
-                        u64_at(v, 8).unwrap_or(0)
-                    } else {
-                        v.len() as u64
-                    };
-                    match mailboxes.get_mut(&sid) {
-                        Some(m) => {
-                            m.messages.insert(
-                                seq,
-                                MessageInfo {
-                                    value_len,
-                                    expires_at,
-                                    id: [0; 16],
-                                    acked: Vec::new(),
-                                },
-                            );
-                            m.bytes = m.bytes.saturating_add(value_len);
-                            m.next_seq = m.next_seq.max(seq.saturating_add(1));
+                    if current != Some(sid) {
+                        if let Some(prev) = current {
+                            put_batch(prev, &mut batch);
+                        }
+                        current = Some(sid);
+                    }
+                    // New layout: length and id stored; old: the value is the whole envelope,
+                    // the id comes from the dedup entry below.
+                    let (value_len, id) = match envelope_meta(v) {
+                        Some((value_len, Some(id))) => (value_len, id),
+                        Some((value_len, None)) => {
+                            legacy.insert(sid);
+                            (value_len, [0; 16])
                         }
                         None => {
-                            orphans.insert(sid);
+                            legacy.insert(sid);
+                            (v.len() as u64, [0; 16])
                         }
-                    }
+                    };
+                    batch.push((
+                        seq,
+                        MessageInfo {
+                            value_len,
+                            expires_at,
+                            id,
+                            acked: Vec::new(),
+                        },
+                    ));
                 }
                 ControlFlow::Continue(())
             })?;
-        // Message ids (and tombstones: dedup entries whose message is gone, whose sequence
-        // numbers must not be reused).
+        if let Some(prev) = current {
+            put_batch(prev, &mut batch);
+        }
+        // Sequence numbers of dedup entries (tombstones among them: entries whose message is
+        // gone, whose sequence numbers must not be reused), and the ids of old-layout
+        // messages. Keys come in `sid ‖ id` order: one mailbox lookup per mailbox.
         let mailboxes = &mut self.mailboxes;
+        let mut current: Option<(StorageId, u64)> = None;
+        let mut raise = |sid: StorageId, next: u64| {
+            if let Some(m) = mailboxes.get_mut(&sid) {
+                m.next_seq = m.next_seq.max(next);
+            }
+        };
+        let mut ids: Vec<(StorageId, u64, u64, [u8; 16])> = Vec::new();
         self.store
             .scan(Cf::Dedup, &[], &[0xff; SID_LEN + 17], &mut |k, v| {
                 if let (Some(sid), Some(id), Some(seq), Some(expires_at)) = (
@@ -757,17 +826,36 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                     k.get(SID_LEN..).and_then(|b| <[u8; 16]>::try_from(b).ok()),
                     u64_at(v, 0),
                     u64_at(v, 8),
-                ) && let Some(m) = mailboxes.get_mut(&sid)
-                {
-                    m.next_seq = m.next_seq.max(seq.saturating_add(1));
-                    if let Some(info) = m.messages.get_mut(&seq)
-                        && info.expires_at == expires_at
-                    {
-                        info.id = id;
+                ) {
+                    match &mut current {
+                        Some((s, next)) if *s == sid => *next = (*next).max(seq.saturating_add(1)),
+                        _ => {
+                            if let Some((s, next)) = current {
+                                raise(s, next);
+                            }
+                            current = Some((sid, seq.saturating_add(1)));
+                        }
+                    }
+                    if legacy.contains(&sid) {
+                        ids.push((sid, seq, expires_at, id));
                     }
                 }
                 ControlFlow::Continue(())
             })?;
+        if let Some((s, next)) = current {
+            raise(s, next);
+        }
+        for (sid, seq, expires_at, id) in ids {
+            if let Some(info) = self
+                .mailboxes
+                .get_mut(&sid)
+                .and_then(|m| m.messages.get_mut(&seq))
+                && info.expires_at == expires_at
+                && info.id == [0; 16]
+            {
+                info.id = id;
+            }
+        }
         erased.sort_unstable();
         self.load_erased(erased)?;
         for (sid, seq, devices) in acks {
@@ -797,15 +885,36 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         // Purge what expired while we were down, then ask for sweeps of the rest: of every
         // expiry entry, also those of acknowledged messages (their dedup ids must go on time).
         while self.sweep_expired(now)? > 0 {}
+        // The index is keyed by time first: one seek per bucket that has an entry, not a
+        // walk over every message.
         let bucket_ms = self.config.expiry_bucket_ms;
         let mut buckets = BTreeSet::new();
-        self.store
-            .scan(Cf::Expiry, &[], &[0xff; 8 + SID_LEN + 9], &mut |k, _| {
-                if let Some(expires_at) = u64_at(k, 0) {
-                    buckets.insert(bucket_of(expires_at, bucket_ms));
-                }
-                ControlFlow::Continue(())
-            })?;
+        let mut from = 0u64;
+        loop {
+            let mut found = None;
+            self.store.scan(
+                Cf::Expiry,
+                &from.to_be_bytes(),
+                &[0xff; 8 + SID_LEN + 9],
+                &mut |k, _| match u64_at(k, 0) {
+                    Some(expires_at) => {
+                        found = Some(expires_at);
+                        ControlFlow::Break(())
+                    }
+                    None => ControlFlow::Continue(()),
+                },
+            )?;
+            let Some(expires_at) = found else {
+                break;
+            };
+            // At or after `expires_at` (rounded up), so the next seek is past it.
+            let bucket = bucket_of(expires_at, bucket_ms);
+            buckets.insert(bucket);
+            match bucket.checked_add(1) {
+                Some(next) if next > expires_at => from = next,
+                _ => break,
+            }
+        }
         for at in buckets {
             self.want_sweep(at);
         }
@@ -1506,6 +1615,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             &m.body_prefix,
             seq,
             expires_at,
+            &dedup.0,
             sealed,
             self.inline_bodies,
         );
@@ -1602,7 +1712,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             return Ok(None);
         };
         let expires_at = u64_at(&value, 0).ok_or(MailboxError::Corrupt("envelope value"))?;
-        let plain = if value.len() == ENVELOPE_META_LEN {
+        let plain = if has_separate_body(&value) {
             let sealed = self
                 .store
                 .get(Cf::Bodies, &body_key(&m.body_prefix, seq))?

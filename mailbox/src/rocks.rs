@@ -202,6 +202,9 @@ impl MailboxStore for RocksStore {
         }
         let mut read_options = ReadOptions::default();
         read_options.set_iterate_upper_bound(to);
+        // Scans are walks over ranges (start-up, sweeps, erasures), read once: they would
+        // only push the point reads' blocks out of the cache.
+        read_options.fill_cache(false);
         let mut it = self.db.raw_iterator_cf_opt(self.cf(cf)?, read_options);
         it.seek(from);
         while let Some((key, value)) = it.item() {
@@ -257,24 +260,27 @@ impl MailboxStore for RocksStore {
 const LIVE_BLOB_FILE_SIZE: &str = "rocksdb.live-blob-file-size";
 
 /// Blob files are cut at this size (a flush of one 8 MiB memtable writes one of about that
-/// size; compactions that relocate blobs write up to this much per file).
+/// size).
 const BLOB_FILE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// The options of column family `cf`: the shared ones of [`RocksOptions::cf_options`]; for
 /// [`Cf::Bodies`], also key-value separation (RocksDB's integrated BlobDB: every value goes
-/// to a blob file at flush, `min_blob_size` 0) with blob garbage collection: compactions
-/// relocate the live bodies of the oldest quarter of the blob files, so a file that holds
-/// a few long-kept messages among deleted ones is eventually dropped. Runtime options only
-/// (no build feature).
+/// to a blob file at flush, `min_blob_size` 0). Runtime options only (no build feature).
+///
+/// Blob garbage collection is off: it relocates every live body of the oldest blob files
+/// whenever a compaction meets their references, whether the files hold garbage or not —
+/// during a 1M-message fill with the default age cutoff (0.25) that tripled the bytes
+/// written. Without it a body is written once; a blob file is deleted once every body in it
+/// was deleted (acknowledged, expired or erased) and compactions dropped the references, so
+/// a file can be held for up to the retention (`retention_ms_max`) by one long-kept message:
+/// disk held, not bytes written.
 pub fn family_options(cf: Cf, options: &RocksOptions, cache: &Cache) -> Options {
     let mut opts = options.cf_options(cache);
     if cf == Cf::Bodies {
         opts.set_enable_blob_files(true);
         opts.set_min_blob_size(0);
         opts.set_blob_file_size(BLOB_FILE_BYTES);
-        opts.set_enable_blob_gc(true);
-        opts.set_blob_gc_age_cutoff(0.25);
-        opts.set_blob_compaction_readahead_size(2 * 1024 * 1024);
+        opts.set_enable_blob_gc(false);
     }
     opts
 }

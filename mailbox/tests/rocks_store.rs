@@ -924,7 +924,7 @@ fn old_layout_envelopes_stay_readable_and_open_reads_no_body() {
     drop(core);
 
     // The new node on the same files: the old messages are served; new ones are stored
-    // as a 16-byte entry plus a body.
+    // as a 32-byte entry (expiry, length, id) plus a body.
     let reads = Arc::new(AtomicU64::new(0));
     let mut core = open_core(&reads);
     assert_eq!(reads.load(Ordering::SeqCst), 0);
@@ -940,7 +940,7 @@ fn old_layout_envelopes_stay_readable_and_open_reads_no_body() {
         [1, 2, 3, 4, 5]
     );
     let envelopes = scan_all(core.store(), Cf::Envelopes, &[], &[0xff; 48]);
-    assert_eq!(envelopes.iter().filter(|(_, v)| v.len() == 16).count(), 2);
+    assert_eq!(envelopes.iter().filter(|(_, v)| v.len() == 32).count(), 2);
     let bodies = scan_all(core.store(), Cf::Bodies, &[], &[0xff; 48]);
     assert_eq!(bodies.len(), 2);
     // Body keys do not carry the storage id (the envelope key's first 16 bytes).

@@ -998,6 +998,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                 &m.body_prefix,
                 seq,
                 expires_at,
+                &item.id,
                 sealed,
                 self.inline_bodies,
             );

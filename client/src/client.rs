@@ -620,6 +620,7 @@ impl Client {
             });
             self.in_flight.insert(id, poll);
         }
+        let sync_box = self.core.sync_mailbox();
         let mut waiting: Vec<(usize, [u8; 32], PollTask)> = boxes
             .iter()
             .enumerate()
@@ -659,6 +660,12 @@ impl Client {
                     };
                     let (i, _, _) = waiting.swap_remove(k);
                     put(i, outcome);
+                }
+                // The sync mailbox's poll is awaited: what another device of the account did
+                // (read a message, sent one) is known before the round shows anything.
+                if let Some(k) = sync_box.and_then(|s| waiting.iter().position(|w| w.1 == s)) {
+                    let (i, _, poll) = waiting.swap_remove(k);
+                    put(i, poll.await);
                 }
                 break;
             }
@@ -834,6 +841,7 @@ impl Client {
     /// allow, forgets what expired; saves.
     pub async fn tick(&mut self) -> Result<()> {
         self.create_missing_replicas().await;
+        self.register_devices().await;
         self.erase_pending().await;
         let now = now_ms();
         let result = if self.core.poll_timeout().is_some_and(|t| t <= now) {
@@ -846,6 +854,163 @@ impl Client {
         };
         self.drive().await?;
         result
+    }
+
+    /// Registers `device` on every replica of own mailbox `m`; true when every one has it.
+    async fn register_on(&mut self, m: &OwnedMailbox, device: &[u8; 32]) -> bool {
+        let mut all = true;
+        for r in m.replicas.clone() {
+            let done = match (self.token(m, &r).await, self.net_for(&m.id)) {
+                (Ok(token), Ok(net)) => net.add_device((m, &r), &token, device).await.is_ok(),
+                _ => false,
+            };
+            all &= done;
+        }
+        all
+    }
+
+    /// Registers linked devices on own mailboxes made since they were linked (retried at
+    /// every tick until each replica has them).
+    async fn register_devices(&mut self) {
+        for (m, curve, login) in self.core.registrations_due() {
+            if self.register_on(&m, &login).await {
+                self.core.registration_done(&m.id, &curve);
+            }
+        }
+    }
+
+    /// On the primary: makes a linking code for a new device named `name` (its link mailbox,
+    /// and the sync mailbox the first time) and returns it.
+    pub async fn link(&mut self, name: &str) -> Result<String> {
+        self.refresh_directory().await?;
+        let mut plan = self.core.link_prepare(now_ms(), name)?;
+        if let Some((mut sync, key)) = plan.sync.take() {
+            let retention = self.settings().retention_ms;
+            self.create_replicas(&mut sync, key, retention).await?;
+            plan.sync = Some((sync, key));
+        }
+        let mut mailbox = plan.mailbox.clone();
+        self.create_replicas(&mut mailbox, plan.mailbox_key, plan.retention_ms)
+            .await?;
+        plan.mailbox = mailbox;
+        let code = self.core.link_commit(now_ms(), plan)?;
+        self.drive().await?;
+        Ok(code)
+    }
+
+    /// On the primary: waits up to `timeout` for the new device's request; its short code.
+    pub async fn link_wait_request(&mut self, timeout: Duration) -> Result<String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(code) = self.core.link_short_code() {
+                return Ok(code);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                self.core.link_abort();
+                self.drive().await?;
+                return Err(ClientError::Link(
+                    "no device used the code in time".to_string(),
+                ));
+            }
+            let _ = self.sync(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// On the primary: the user typed `typed`, the new device's short code. When it matches,
+    /// registers the device on every mailbox of the account and sends it the account; when
+    /// not, aborts the link.
+    pub async fn link_confirm(&mut self, typed: &str) -> Result<()> {
+        let regs = match self.core.link_confirm(now_ms(), typed) {
+            Ok(r) => r,
+            Err(e) => {
+                self.drive().await?;
+                self.erase_pending().await;
+                return Err(e);
+            }
+        };
+        for (m, device) in regs {
+            if !self.register_on(&m, &device).await {
+                return Err(ClientError::Link(
+                    "a mailbox node did not take the new device's key; run `whispr link` again"
+                        .to_string(),
+                ));
+            }
+        }
+        self.refresh_directory().await?;
+        self.core.link_finish(now_ms())?;
+        self.drive().await
+    }
+
+    /// On the primary: waits up to `timeout` for the new device to say it has the account.
+    pub async fn link_wait_done(&mut self, timeout: Duration) -> Result<bool> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            let _ = self.sync(Duration::from_secs(1)).await;
+            if self.core.link_done() {
+                self.core.link_abort();
+                self.erase_pending().await;
+                self.save()?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// On a new device: sends the request for linking code `code`; the short code to type on
+    /// the primary.
+    pub async fn link_request(&mut self, code: &str) -> Result<String> {
+        self.refresh_directory().await?;
+        let short = self.core.link_request(now_ms(), code)?;
+        self.drive().await?;
+        Ok(short)
+    }
+
+    /// On a new device: waits up to `timeout` for the account to arrive.
+    pub async fn wait_linked(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            let _ = self.sync(Duration::from_secs(1)).await;
+            if self.core.is_linked() {
+                // The "done" to the primary leaves now.
+                self.tick().await?;
+                return Ok(());
+            }
+            if !self.core.link_pending() {
+                break;
+            }
+        }
+        Err(ClientError::Link(
+            "the account did not arrive: the code was refused, expired, or the codes differed"
+                .to_string(),
+        ))
+    }
+
+    /// Names this device (before it joins or links another).
+    pub fn set_device_name(&mut self, name: &str) -> Result<()> {
+        self.core.set_device_name(name)?;
+        self.save()
+    }
+
+    /// The account's devices.
+    pub fn devices(&self) -> Vec<crate::core::DeviceInfo> {
+        self.core.devices()
+    }
+
+    /// On the primary: removes linked device `name` (its logins on every mailbox of the
+    /// account first, then a device list without it to every contact and device).
+    pub async fn remove_device(&mut self, name: &str) -> Result<()> {
+        let plan = self.core.devices_remove_plan(name)?;
+        for (m, device) in plan {
+            for r in m.replicas.clone() {
+                let token = self.token(&m, &r).await?;
+                self.net_for(&m.id)?
+                    .remove_device((&m, &r), &token, &device)
+                    .await?;
+            }
+        }
+        self.refresh_directory().await?;
+        self.core.devices_remove_commit(now_ms(), name)?;
+        self.drive().await
     }
 
     /// Cover packets sent by this client so far.

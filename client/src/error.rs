@@ -89,6 +89,13 @@ pub enum ClientError {
     /// A bounded table of the client is full.
     #[error("{0} is full")]
     Full(&'static str),
+    /// Linking a device failed: a bad, expired or used code, codes that differ, or a device
+    /// limit.
+    #[error("linking: {0}")]
+    Link(String),
+    /// Only the account's primary device does this (contacts, linking, device removal).
+    #[error("{0} is done on the account's primary device")]
+    PrimaryOnly(&'static str),
 }
 
 /// Shorthand.

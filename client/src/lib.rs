@@ -29,8 +29,8 @@ pub mod vault;
 
 pub use client::{Client, Erased, now_ms};
 pub use core::{
-    BlockedInfo, ClientCore, ContactInfo, OutgoingInfo, Output, PacketCodec, Received, Revoked,
-    SendOptions, StoredMessage,
+    BlockedInfo, ClientCore, ContactInfo, DeviceInfo, OutgoingInfo, Output, PacketCodec, Received,
+    Revoked, SendOptions, StoredMessage,
 };
 pub use error::{ClientError, Result};
 pub use state::{Notice, OutKind, OutState, Receipts, Settings};

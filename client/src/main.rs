@@ -62,6 +62,35 @@ enum Command {
         /// and `--directory` is a mere mirror.
         #[arg(long, required = true)]
         network: Option<std::path::PathBuf>,
+        /// Joins an existing account as a linked device: the code `whispr link` printed on
+        /// its primary. Prints a short code to type there, then waits for the account.
+        #[arg(long)]
+        link: Option<String>,
+        /// This device's name (default: "primary", or with --link, "device").
+        #[arg(long)]
+        device_name: Option<String>,
+        /// With --link: longest wait for the account, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Links a new device to this account (on the primary): prints a one-time code for
+    /// `whispr init --link CODE` on the new device, then asks for the short code the new
+    /// device shows (from standard input, or --confirm).
+    Link {
+        /// The new device's name.
+        #[arg(long)]
+        name: String,
+        /// The short code the new device shows (otherwise it is read from standard input).
+        #[arg(long)]
+        confirm: Option<String>,
+        /// Longest wait for each step, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Lists the account's devices; `devices remove NAME` revokes one (on the primary).
+    Devices {
+        #[command(subcommand)]
+        command: Option<DevicesCommand>,
     },
     /// Creates a mailbox for a new contact and prints the invitation to give them.
     Invite {
@@ -187,6 +216,16 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum DevicesCommand {
+    /// Revokes a linked device: it can no longer log in to any mailbox of the account, and
+    /// contacts stop encrypting for it.
+    Remove {
+        /// Its name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum DevnetCommand {
     /// Starts relays, mailbox and timer nodes on loopback; stops them on Ctrl-C or `down`.
     Up {
@@ -264,14 +303,24 @@ fn print_received(json_out: bool, r: &Received) {
         println!(
             "{}",
             json!({"type": "message", "from": r.from, "text": r.text, "sent_ms": r.sent_ms,
-                   "received_ms": r.received_ms, "expires_ms": r.expires_ms})
+                   "received_ms": r.received_ms, "expires_ms": r.expires_ms,
+                   "outgoing": r.outgoing, "read_elsewhere": r.read_elsewhere})
         );
     } else {
         let expiry = r
             .expires_ms
             .map(|e| format!("  (disappears at {})", time_text(e)))
             .unwrap_or_default();
-        println!("[{}] {}: {}{expiry}", time_text(r.sent_ms), r.from, r.text);
+        if r.outgoing {
+            println!(
+                "[{}] you → {}: {}{expiry}",
+                time_text(r.sent_ms),
+                r.from,
+                r.text
+            );
+        } else {
+            println!("[{}] {}: {}{expiry}", time_text(r.sent_ms), r.from, r.text);
+        }
     }
 }
 
@@ -481,6 +530,9 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
             retransmit_after_ms,
             cover_per_min,
             network,
+            link,
+            device_name,
+            timeout,
         } => {
             let mut settings = Settings::default();
             if let Some(path) = network {
@@ -521,19 +573,124 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
                 };
             }
             let pass = passphrase(&cli)?;
-            let client = Client::init(
+            let mut client = Client::init(
                 &home(&cli),
                 &pass,
                 directory,
                 settings,
                 KdfParams::default(),
             )?;
+            let default_name = if link.is_some() { "device" } else { "primary" };
+            client.set_device_name(device_name.as_deref().unwrap_or(default_name))?;
+            if let Some(code) = link {
+                let joined = async {
+                    let short = client.link_request(code).await?;
+                    out(
+                        j,
+                        json!({"type": "short_code", "short_code": short}),
+                        format!("type this code on your primary device: {short}"),
+                    );
+                    client.wait_linked(Duration::from_secs(*timeout)).await
+                }
+                .await;
+                if let Err(e) = joined {
+                    // Nothing of the account is here: the home is removed, so that init can
+                    // be run again.
+                    drop(client);
+                    let _ = std::fs::remove_dir_all(home(&cli));
+                    return Err(e);
+                }
+                let devices = client.devices();
+                out(
+                    j,
+                    json!({"type": "linked", "home": home(&cli), "devices": devices,
+                           "contacts": client.contacts()}),
+                    format!(
+                        "this device joined the account ({} devices, {} contacts)",
+                        devices.len(),
+                        client.contacts().len()
+                    ),
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             let (ed, curve) = client.identity_keys();
             out(
                 j,
                 json!({"home": home(&cli), "identity_key": ed, "olm_identity_key": curve}),
                 format!("client created in {}", home(&cli).display()),
             );
+        }
+        Command::Link {
+            name,
+            confirm,
+            timeout,
+        } => {
+            let pass = passphrase(&cli)?;
+            let mut client = Client::open(&home(&cli), &pass)?;
+            let code = client.link(name).await?;
+            out(
+                j,
+                json!({"type": "code", "code": code}),
+                format!("on the new device, run: whispr init --link {code} ..."),
+            );
+            let wait = Duration::from_secs(*timeout);
+            let short = client.link_wait_request(wait).await?;
+            let typed = match confirm {
+                Some(c) => c.clone(),
+                None => {
+                    out(
+                        j,
+                        json!({"type": "request"}),
+                        "a device asks to join: type the code it shows".to_string(),
+                    );
+                    let mut line = String::new();
+                    std::io::stdin()
+                        .read_line(&mut line)
+                        .map_err(|source| ClientError::Io {
+                            what: "reading the code",
+                            source,
+                        })?;
+                    line
+                }
+            };
+            drop(short);
+            client.link_confirm(&typed).await?;
+            let done = client.link_wait_done(wait).await?;
+            out(
+                j,
+                json!({"type": "linked", "device": name, "confirmed": done}),
+                if done {
+                    format!("{name} is linked")
+                } else {
+                    format!("{name} was sent the account; it has not confirmed yet")
+                },
+            );
+        }
+        Command::Devices { command } => {
+            let pass = passphrase(&cli)?;
+            let mut client = Client::open(&home(&cli), &pass)?;
+            if let Some(DevicesCommand::Remove { name }) = command {
+                client.remove_device(name).await?;
+                out(
+                    j,
+                    json!({"removed": name}),
+                    format!("{name} removed: it can no longer log in or read new messages"),
+                );
+            } else {
+                let list = client.devices();
+                if j {
+                    println!("{}", json!({"devices": list}));
+                } else {
+                    for d in &list {
+                        println!(
+                            "{}{}{}",
+                            d.name,
+                            if d.primary { " (primary)" } else { "" },
+                            if d.this { " (this device)" } else { "" }
+                        );
+                    }
+                }
+            }
         }
         Command::Invite { name, short } => {
             let pass = passphrase(&cli)?;

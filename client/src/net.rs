@@ -479,6 +479,48 @@ impl Net {
             .map(drop)
     }
 
+    /// Registers device key `device` on `m` at replica `r` (owner session, owner-signed;
+    /// registering it again is no error).
+    pub async fn add_device(
+        &self,
+        m: (&OwnedMailbox, &Replica),
+        token: &str,
+        device: &[u8; 32],
+    ) -> Result<()> {
+        let signature = owner_key(m.0).sign(&whispr_protocol::mailbox_api::device_transcript(
+            &MailboxId(m.0.id),
+            device,
+        ));
+        let body = json!({
+            "device_key": hex::encode(device),
+            "signature": hex::encode(signature.to_bytes()),
+        });
+        self.mailbox_call(Method::Post, m, "/devices", token, Some(&body))
+            .await
+            .map(drop)
+    }
+
+    /// Removes device key `device` from `m` at replica `r` (owner session): it can no longer
+    /// log in there, and its sessions end.
+    pub async fn remove_device(
+        &self,
+        m: (&OwnedMailbox, &Replica),
+        token: &str,
+        device: &[u8; 32],
+    ) -> Result<()> {
+        let path = format!("/devices/{}", hex::encode(device));
+        match self
+            .mailbox_call(Method::Delete, m, &path, token, None)
+            .await
+        {
+            // Gone already: removed through a peer replica (removals replicate), or the
+            // mailbox is.
+            Ok(_) | Err(ClientError::Node { status: 404, .. }) => Ok(()),
+            Err(ClientError::Node { kind, .. }) if kind == "unknown_device" => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// A one-time ticket for the WebSocket stream of `m` on replica `r`.
     pub async fn stream_ticket(&self, m: (&OwnedMailbox, &Replica), token: &str) -> Result<String> {
         let r = self

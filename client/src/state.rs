@@ -342,6 +342,123 @@ pub struct Contact {
     /// retransmission timeout once, not on every message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deposit_replica: Option<String>,
+    /// The contact's devices, as their account's identity key signed them (`None` until a
+    /// list arrives: the contact is then one device, `their_curve`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub their_devices: Option<DeviceList>,
+    /// The version of our own device list this contact was last sent (0: never).
+    #[serde(default)]
+    pub devices_sent: u64,
+    /// Olm sessions with the contact's devices other than `their_curve`'s (taken out while
+    /// the client runs): (device Curve25519 key, hex; the session).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub device_sessions: Vec<(String, SessionPickle)>,
+}
+
+/// One device of an account, as the account's signed device list names it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeviceEntry {
+    /// The name its user gave it (sent to the account's own devices only; not signed).
+    #[serde(default)]
+    pub name: String,
+    /// Its sealed-sender Ed25519 key (the account's identity key for the primary device).
+    #[serde(with = "hexa")]
+    pub ed: [u8; 32],
+    /// Its Olm identity key (Curve25519).
+    #[serde(with = "hexa")]
+    pub curve: [u8; 32],
+    /// Its Olm fallback key: anyone holding the list can start a session with it.
+    #[serde(with = "hexa")]
+    pub fallback: [u8; 32],
+    /// Linked, ms (the device's own clock at the primary).
+    #[serde(default)]
+    pub added_ms: u64,
+}
+
+/// An account's devices (at most [`DEVICES_MAX`]), signed by its identity key: contacts
+/// encrypt for every device listed and accept messages from those only.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeviceList {
+    /// Grows by one at every change; an older list is ignored.
+    pub version: u64,
+    /// The devices, the primary first.
+    pub devices: Vec<DeviceEntry>,
+    /// The identity key's signature over the list's transcript (keys and version).
+    #[serde(with = "hexa")]
+    pub signature: [u8; 64],
+}
+
+/// Most devices of one account (the primary and five linked ones, as Signal allows).
+pub const DEVICES_MAX: usize = 6;
+
+/// A linked device's mailbox logins, as its primary keeps them: the secret its per-mailbox
+/// login keys derive from, and the mailboxes where they are registered.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct DeviceLogin {
+    /// The device's Olm identity key.
+    #[serde(with = "hexa")]
+    pub curve: [u8; 32],
+    /// The login secret (also held by the device).
+    #[serde(with = "hexa")]
+    pub secret: [u8; 32],
+    /// Own mailboxes where its login key is registered on every replica.
+    #[serde(with = "hexes", default)]
+    pub registered: Vec<[u8; 32]>,
+}
+
+/// The account a linked device belongs to.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct LinkedTo {
+    /// The account's Ed25519 identity key (the primary holds its secret).
+    #[serde(with = "hexa")]
+    pub identity: [u8; 32],
+    /// The primary's Olm identity key (safety numbers are computed from these two).
+    #[serde(with = "hexa")]
+    pub curve: [u8; 32],
+    /// The secret this device's per-mailbox login keys derive from.
+    #[serde(with = "hexa")]
+    pub login_secret: [u8; 32],
+}
+
+/// A linking code this primary issued ([`crate::ClientCore::link_prepare`]).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct PendingLink {
+    /// The name the new device will have.
+    pub name: String,
+    /// The link mailbox's id (the `~link` contact's).
+    #[serde(with = "hexa")]
+    pub mailbox: [u8; 32],
+    /// The code stops working then, ms.
+    pub expires_ms: u64,
+    /// The new device's request, once it came (the code then works no more).
+    #[serde(default)]
+    pub request: Option<LinkRequest>,
+    /// Confirmed by the user and the transfer queued.
+    #[serde(default)]
+    pub confirmed: bool,
+    /// The new device said it has the account.
+    #[serde(default)]
+    pub done: bool,
+}
+
+/// What a new device sends to the link mailbox (public keys, bound to the code).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LinkRequest {
+    /// Its sealed-sender Ed25519 key.
+    #[serde(with = "hexa")]
+    pub ed: [u8; 32],
+    /// Its Olm identity key.
+    #[serde(with = "hexa")]
+    pub curve: [u8; 32],
+    /// Its Olm fallback key.
+    #[serde(with = "hexa")]
+    pub fallback: [u8; 32],
+    /// Its login key for the link mailbox (to read the transfer there).
+    #[serde(with = "hexa")]
+    pub login: [u8; 32],
+    /// HMAC-SHA-256 under the code's link key over the fields above.
+    #[serde(with = "hexa")]
+    pub mac: [u8; 32],
 }
 
 /// An invitation this client issued and nobody has answered yet (or that was answered and is
@@ -369,6 +486,8 @@ pub enum OutKind {
     Hello,
     /// A delivery or read receipt.
     Receipt,
+    /// Between an account's devices, or its device list to a contact (not shown).
+    Sync,
 }
 
 /// Where an outgoing message is.
@@ -555,6 +674,12 @@ pub struct HistoryEntry {
     pub expires_ms: Option<u64>,
     /// Shown to the user by `recv`.
     pub shown: bool,
+    /// Sent by the user from another of their devices (a synced copy).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub outgoing: bool,
+    /// Another device of the account showed it first (no read receipt from here).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_elsewhere: bool,
 }
 
 /// Something to tell the user at the next `recv`.
@@ -623,6 +748,30 @@ pub struct State {
     /// has confirmed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub erasures: Vec<OwnedMailbox>,
+    /// This device's name among the account's devices.
+    #[serde(default = "primary_name")]
+    pub device_name: String,
+    /// Set on a linked device: the account it belongs to (`identity_seed` is then this
+    /// device's own sealed-sender key). Unset on the primary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub linked_to: Option<LinkedTo>,
+    /// The account's device list (none until a device is linked or a contact asks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<DeviceList>,
+    /// The primary's record of its linked devices' logins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub device_logins: Vec<DeviceLogin>,
+    /// Linking codes issued and not finished.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<PendingLink>,
+    /// Message ids (hex) another device of the account showed before this one got them
+    /// (bounded by `seen_max`): they arrive here as read.
+    #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
+    pub read_elsewhere: VecDeque<String>,
+}
+
+fn primary_name() -> String {
+    "primary".to_string()
 }
 
 /// A blocked identity (`whispr block`).

@@ -99,7 +99,7 @@ impl ClientCore {
     /// ranks highest for it, those of `avoid` (the replicas of the contact's mailbox) last: a
     /// node holding both mailboxes of a relationship would see each deposit and its ack
     /// (security review finding 5), so they are taken only when there are not enough others.
-    fn new_owned_mailbox(
+    pub(super) fn new_owned_mailbox(
         &mut self,
         dir: &Directory,
         avoid: &[NodeId],
@@ -154,9 +154,10 @@ impl ClientCore {
     }
 
     fn check_name(&self, name: &str) -> Result<()> {
-        if name.is_empty() || name.len() > 64 {
+        if name.is_empty() || name.len() > 64 || name.starts_with('~') || name.contains('#') {
             return Err(ClientError::InvalidArgument(
-                "a contact name has 1 to 64 characters".to_string(),
+                "a contact name has 1 to 64 characters, no #, and does not start with ~"
+                    .to_string(),
             ));
         }
         if self.name_taken(name) {
@@ -176,6 +177,7 @@ impl ClientCore {
         inline_prekey: bool,
     ) -> Result<InvitePlan> {
         self.at(now);
+        self.require_primary("making a contact")?;
         let name = match name {
             Some(n) => n.trim().to_string(),
             None => {
@@ -267,6 +269,7 @@ impl ClientCore {
     /// contact (without a session yet, so that its mailbox is polled for a prekey reply).
     pub fn accept_start(&mut self, now: u64, text: &str, name: &str) -> Result<AcceptPlan> {
         self.at(now);
+        self.require_primary("making a contact")?;
         let name = name.trim();
         self.check_name(name)?;
         let inv = Invitation::decode(text)?;
@@ -311,6 +314,9 @@ impl ClientCore {
             invitation_key: None,
             created_ms: now,
             deposit_replica: None,
+            their_devices: None,
+            devices_sent: 0,
+            device_sessions: Vec::new(),
         });
         Ok(AcceptPlan {
             name: name.to_string(),
@@ -452,6 +458,7 @@ impl ClientCore {
             replicas: Some(me.replicas.iter().map(hex::encode).collect()),
         };
         let id = self.queue(name, OutKind::Hello, &hello, None, None)?;
+        self.sync_contact(name);
         let result = self.pump();
         self.save();
         result.map(|()| id)
@@ -494,6 +501,9 @@ impl ClientCore {
             invitation_key: Some(inv.one_time_key),
             created_ms: self.now,
             deposit_replica: None,
+            their_devices: None,
+            devices_sent: 0,
+            device_sessions: Vec::new(),
         });
         self.sessions.insert(name.to_string(), created.session);
         Ok(created.plaintext)

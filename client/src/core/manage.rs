@@ -54,6 +54,10 @@ impl ClientCore {
     /// name; `block` of an invitation nobody answered (there is no identity to block yet);
     /// too many erasures still pending.
     pub fn revoke_plan(&self, name: &str, block: bool) -> Result<OwnedMailbox> {
+        self.require_primary("removing a contact")?;
+        if super::is_reserved(name) {
+            return Err(ClientError::UnknownContact(name.to_string()));
+        }
         if self.state.erasures.len() >= ERASURES_MAX {
             return Err(ClientError::Full("the list of mailboxes still to erase"));
         }

@@ -32,6 +32,7 @@
 
 mod codec;
 mod contacts;
+mod devices;
 mod manage;
 mod receiving;
 mod routes;
@@ -50,6 +51,7 @@ use whispr_protocol::directory::Directory;
 use whispr_protocol::{KEY_EPOCH_LEN, KeyEpoch, NodeId, UnixTime};
 
 pub use codec::{PacketCodec, SphinxCodec};
+pub use devices::{DeviceInfo, LINK_TTL_MS, LinkCode, LinkPlan, SELF_CONTACT, is_reserved};
 
 /// Longest delay before an own mailbox's long poll starts in a round
 /// ([`ClientCore::poll_schedule`]).
@@ -160,6 +162,27 @@ enum AppMessage {
     },
     /// Receipts for message ids (hex).
     Receipt { kind: String, of: Vec<String> },
+    /// The sender's account's devices, signed by its identity key.
+    Devices { list: crate::state::DeviceList },
+    /// To the account's other devices: this one sent `body` to the contact whose mailbox (ours
+    /// for them) is `contact`.
+    SyncSent {
+        contact: String,
+        id: String,
+        body: String,
+        sent_ms: u64,
+        expire_after_ms: Option<u64>,
+    },
+    /// To the account's other devices: these messages were shown here.
+    SyncRead { contact: String, of: Vec<String> },
+    /// To the account's other devices, from the primary: a contact made or changed.
+    SyncContact {
+        contact: Box<devices::ContactRecord>,
+    },
+    /// To a new device, from the primary: the account.
+    LinkTransfer { transfer: Box<devices::Transfer> },
+    /// From a new device to the primary: it has the account.
+    LinkDone { curve: String },
 }
 
 /// Options of [`ClientCore::send`].
@@ -185,6 +208,12 @@ pub struct Received {
     pub received_ms: u64,
     /// Deleted locally at this time (disappearing message).
     pub expires_ms: Option<u64>,
+    /// Sent by the user (from another of their devices) to `from`, not received from them.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub outgoing: bool,
+    /// Already read on another device of the account.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub read_elsewhere: bool,
 }
 
 /// A contact as listed.
@@ -198,6 +227,8 @@ pub struct ContactInfo {
     pub state: String,
     /// Safety number verified by the user.
     pub verified: bool,
+    /// The contact's devices this client encrypts for (1 until their list arrives).
+    pub devices: usize,
 }
 
 /// An outgoing message, as reported by `status`.
@@ -362,6 +393,12 @@ impl ClientCore {
             receipts_due: Vec::new(),
             blocked: Vec::new(),
             erasures: Vec::new(),
+            device_name: "primary".to_string(),
+            linked_to: None,
+            devices: None,
+            device_logins: Vec::new(),
+            links: Vec::new(),
+            read_elsewhere: Default::default(),
         };
         ClientCore::with_state(state, Account::new(), HashMap::new(), rng, crypto_rng)
     }
@@ -409,6 +446,9 @@ impl ClientCore {
             if let Some(p) = c.session.take() {
                 sessions.insert(c.name.clone(), Session::from_pickle(p));
             }
+            for (curve, p) in std::mem::take(&mut c.device_sessions) {
+                sessions.insert(format!("{}#{curve}", c.name), Session::from_pickle(p));
+            }
         }
         for m in state
             .contacts
@@ -429,12 +469,19 @@ impl ClientCore {
         self.state.account = Some(self.account.pickle());
         for c in &mut self.state.contacts {
             c.session = self.sessions.get(&c.name).map(Session::pickle);
+            let prefix = format!("{}#", c.name);
+            c.device_sessions = self
+                .sessions
+                .iter()
+                .filter_map(|(k, s)| Some((k.strip_prefix(&prefix)?.to_string(), s.pickle())))
+                .collect();
         }
         let bytes = serde_json::to_vec(&self.state)
             .map_err(|e| ClientError::CorruptState(format!("encoding: {e}")));
         self.state.account = None;
         for c in &mut self.state.contacts {
             c.session = None;
+            c.device_sessions = Vec::new();
         }
         bytes.map(zeroize::Zeroizing::new)
     }
@@ -846,6 +893,7 @@ impl ClientCore {
     pub fn take_unread(&mut self) -> Vec<Received> {
         let mut out = Vec::new();
         let mut read = Vec::new();
+        let mut shown = Vec::new();
         for h in &mut self.state.history {
             if !h.shown {
                 h.shown = true;
@@ -855,7 +903,14 @@ impl ClientCore {
                     sent_ms: h.sent_ms,
                     received_ms: h.received_ms,
                     expires_ms: h.expires_ms,
+                    outgoing: h.outgoing,
+                    read_elsewhere: h.read_elsewhere,
                 });
+                if h.read_elsewhere {
+                    // Its read receipt left from the device that showed it first.
+                    continue;
+                }
+                shown.push((h.contact.clone(), h.message_id.clone()));
                 if self.state.settings.receipts == Receipts::Read {
                     read.push((h.contact.clone(), h.message_id.clone()));
                 }
@@ -864,6 +919,8 @@ impl ClientCore {
         for (contact, id) in read {
             self.queue_receipt(&contact, "read", id);
         }
+        // The other devices of the account mark them read too (and send no receipt).
+        self.sync_read(&shown);
         out
     }
 
@@ -884,6 +941,8 @@ impl ClientCore {
                 sent_ms: h.sent_ms,
                 received_ms: h.received_ms,
                 expires_ms: h.expires_ms,
+                outgoing: h.outgoing,
+                read_elsewhere: h.read_elsewhere,
             })
             .collect()
     }
@@ -893,6 +952,7 @@ impl ClientCore {
         self.state
             .contacts
             .iter()
+            .filter(|c| !is_reserved(&c.name))
             .map(|c| ContactInfo {
                 name: c.name.clone(),
                 state: if c.theirs.is_none() {
@@ -903,11 +963,13 @@ impl ClientCore {
                     "waiting".to_string()
                 },
                 verified: c.verified,
+                devices: c.their_devices.as_ref().map_or(1, |l| l.devices.len()),
             })
             .chain(self.state.invitations.iter().map(|i| ContactInfo {
                 name: i.name.clone(),
                 state: "pending".to_string(),
                 verified: false,
+                devices: 0,
             }))
             .collect()
     }
@@ -921,10 +983,8 @@ impl ClientCore {
     /// identity keys (Ed25519 and Curve25519); compare them out of band.
     pub fn safety_number(&self, name: &str) -> Result<String> {
         let c = self.contact(name)?;
-        let mine = fingerprint(
-            &self.identity().verifying_key().to_bytes(),
-            &self.account.curve25519_key().to_bytes(),
-        );
+        // Per account, not per device: linking a device changes no safety number.
+        let mine = fingerprint(&self.account_identity(), &self.account_curve());
         let theirs = fingerprint(&c.their_identity, &c.their_curve);
         let (a, b) = if mine <= theirs {
             (mine, theirs)
@@ -959,6 +1019,7 @@ impl ClientCore {
         self.state
             .outbox
             .iter()
+            .filter(|o| o.kind != OutKind::Sync)
             .map(|o| OutgoingInfo {
                 id: o.id,
                 contact: o.contact.clone(),

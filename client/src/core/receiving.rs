@@ -13,6 +13,7 @@ use whispr_protocol::{MailboxId, UnixTime};
 
 use whispr_protocol::mailbox_api::REPLICAS_MAX;
 
+use super::devices::{FORMAT_MULTI, LINK_CONTACT, SELF_CONTACT, is_reserved};
 use super::{AppMessage, ClientCore, Output, PARTIAL_AGE_MAX_MS, Pinning, StoredMessage, h32};
 use crate::error::{ClientError, Result};
 use crate::state::{
@@ -251,13 +252,24 @@ impl ClientCore {
         let opened = envelope.open(&MailboxSecretKey::from_bytes(&m.secret)?)?;
         let sender = opened.sender.to_bytes();
         if sender == self.identity().verifying_key().to_bytes() {
-            // Our own cover traffic.
+            // Our own cover traffic (or our own deposit in the sync mailbox).
             return Ok(());
         }
         let Some(name) = self.owner_name(m) else {
             return Ok(());
         };
         let message_id = hex::encode(opened.content.message_id.as_bytes());
+        if name == LINK_CONTACT && !self.joining() {
+            // A new device's request to join (in clear inside the envelope), or its copies.
+            let Some(whole) = self.reassemble(&name, &message_id, &opened.content)? else {
+                return Ok(());
+            };
+            return self.on_link_request(&sender, &whole);
+        }
+        if !is_reserved(&name) && self.is_own_device(&sender) {
+            // Another device of the account: its cover traffic.
+            return Ok(());
+        }
         let is_contact = self.state.contacts.iter().any(|c| c.mine.id == m.id);
         if !is_contact && let Some(b) = self.blocked_as(&sender) {
             // An identity the user blocked answered one of our invitations: refused before
@@ -273,7 +285,7 @@ impl ClientCore {
         }
         if is_contact {
             let c = self.contact(&name)?;
-            if c.their_identity != sender {
+            if !Self::sender_allowed(c, &sender) {
                 let reused = c.invitation_key.is_some();
                 if reused {
                     self.notice(
@@ -306,9 +318,15 @@ impl ClientCore {
         let (&t, body) = whole
             .split_first()
             .ok_or(ClientError::Olm("empty message".to_string()))?;
-        let olm = OlmMessage::from_parts(usize::from(t), body)
-            .map_err(|e| ClientError::Olm(e.to_string()))?;
-        let plaintext = if is_contact {
+        let plaintext = if is_contact && t == FORMAT_MULTI {
+            match self.decrypt_multi(&name, &sender, &whole)? {
+                Some(p) => p,
+                // Not for this device (sent before it was listed, or by it).
+                None => return Ok(()),
+            }
+        } else if is_contact {
+            let olm = OlmMessage::from_parts(usize::from(t), body)
+                .map_err(|e| ClientError::Olm(e.to_string()))?;
             let session = self
                 .sessions
                 .get_mut(&name)
@@ -318,6 +336,8 @@ impl ClientCore {
                 .decrypt(&olm)
                 .map_err(|e| ClientError::Olm(e.to_string()))?
         } else {
+            let olm = OlmMessage::from_parts(usize::from(t), body)
+                .map_err(|e| ClientError::Olm(e.to_string()))?;
             self.answer_invitation(m, &name, &olm, sender)?
         };
         if let Some(c) = self.state.contacts.iter_mut().find(|c| c.name == name) {
@@ -329,7 +349,13 @@ impl ClientCore {
         }
         let app: AppMessage = serde_json::from_slice(&plaintext)
             .map_err(|_| ClientError::Olm("undecodable message".to_string()))?;
-        self.on_app(&name, &message_id, app, sender)
+        match (name.as_str(), app) {
+            (_, AppMessage::Devices { list }) => self.on_devices(&name, list),
+            (SELF_CONTACT, app) => self.on_sync(app),
+            (LINK_CONTACT, AppMessage::LinkTransfer { transfer }) => self.on_transfer(*transfer),
+            (n, app) if !is_reserved(n) => self.on_app(&name, &message_id, app, sender),
+            _ => Ok(()),
+        }
     }
 
     fn reassemble(
@@ -468,6 +494,7 @@ impl ClientCore {
                 if let Some(c) = self.state.contacts.iter_mut().find(|c| c.name == name) {
                     c.theirs = Some(theirs);
                 }
+                self.sync_contact(name);
                 self.notice(
                     "contact_established",
                     Some(name),
@@ -485,6 +512,18 @@ impl ClientCore {
                     // Arrived after its time: deleted unseen.
                     return Ok(());
                 }
+                let read_elsewhere = match self
+                    .state
+                    .read_elsewhere
+                    .iter()
+                    .position(|id| id == message_id)
+                {
+                    Some(p) => {
+                        self.state.read_elsewhere.remove(p);
+                        true
+                    }
+                    None => false,
+                };
                 self.state.history.push(HistoryEntry {
                     contact: name.to_string(),
                     message_id: message_id.to_string(),
@@ -493,16 +532,26 @@ impl ClientCore {
                     received_ms: now,
                     expires_ms,
                     shown: false,
+                    outgoing: false,
+                    // Shown on another device of the account already.
+                    read_elsewhere,
                 });
                 let max = self.state.settings.history_max.max(1);
                 if self.state.history.len() > max {
                     let excess = self.state.history.len() - max;
                     self.state.history.drain(..excess);
                 }
-                if self.state.settings.receipts != Receipts::None {
+                // One delivery receipt per account: the primary's.
+                if self.state.settings.receipts != Receipts::None && self.is_primary() {
                     self.queue_receipt(name, "delivered", message_id.to_string());
                 }
             }
+            AppMessage::Devices { .. }
+            | AppMessage::SyncSent { .. }
+            | AppMessage::SyncRead { .. }
+            | AppMessage::SyncContact { .. }
+            | AppMessage::LinkTransfer { .. }
+            | AppMessage::LinkDone { .. } => {}
             AppMessage::Receipt { kind, of } => {
                 let new_state = match kind.as_str() {
                     "delivered" => OutState::Delivered,

@@ -28,6 +28,9 @@ impl ClientCore {
     /// scheduled send (`opts.at_ms`). Refused (and forgotten) when it cannot be sent at all.
     pub fn send(&mut self, now: u64, name: &str, text: &str, opts: SendOptions) -> Result<u64> {
         self.at(now);
+        if super::is_reserved(name) {
+            return Err(ClientError::UnknownContact(name.to_string()));
+        }
         if let Some(at) = opts.at_ms {
             if at <= now + 1_000 {
                 return Err(ClientError::InvalidArgument(
@@ -53,6 +56,12 @@ impl ClientCore {
         let expires = expire_after_ms.map(|d| start.saturating_add(d));
         let id = self.queue(name, OutKind::Text, &app, expires, opts.at_ms)?;
         let queued = self.outputs.len();
+        // The account's other devices show it in their history too.
+        let synced = self
+            .out_index(id)
+            .and_then(|i| self.state.outbox.get(i))
+            .map(|o| o.message_id)
+            .and_then(|m| self.sync_sent(name, &m, text, start, expire_after_ms));
         let result = match opts.at_ms {
             Some(at) => self.schedule(id, at),
             None => self.pump(),
@@ -61,10 +70,12 @@ impl ClientCore {
             // Not handed to the mesh: forget it rather than send it later behind the user's
             // back (the error is reported; sending again is the user's call).
             self.outputs.truncate(queued);
-            self.state.outbox.retain(|o| o.id != id);
+            self.state
+                .outbox
+                .retain(|o| o.id != id && Some(o.id) != synced);
             self.state.surbs.retain(|s| match &s.purpose {
                 SurbPurpose::DepositAck { out, .. } | SurbPurpose::HoldAck { out, .. } => {
-                    *out != id
+                    *out != id && Some(*out) != synced
                 }
                 _ => true,
             });
@@ -79,12 +90,23 @@ impl ClientCore {
         self.at(now);
         let mut ids = Vec::with_capacity(messages.len());
         for (name, text) in messages {
+            if super::is_reserved(name) {
+                return Err(ClientError::UnknownContact(name.to_string()));
+            }
             let app = AppMessage::Text {
                 body: text.clone(),
                 sent_ms: now,
                 expire_after_ms: None,
             };
-            ids.push(self.queue(name, OutKind::Text, &app, None, None)?);
+            let id = self.queue(name, OutKind::Text, &app, None, None)?;
+            if let Some(m) = self
+                .out_index(id)
+                .and_then(|i| self.state.outbox.get(i))
+                .map(|o| o.message_id)
+            {
+                self.sync_sent(name, &m, text, now, None);
+            }
+            ids.push(id);
         }
         let result = self.pump();
         self.save();
@@ -101,10 +123,9 @@ impl ClientCore {
         release_ms: Option<u64>,
     ) -> Result<u64> {
         let contact = self.contact(name)?;
-        let theirs = contact
-            .theirs
-            .clone()
-            .ok_or_else(|| ClientError::NotEstablished(name.to_string()))?;
+        if contact.theirs.is_none() {
+            return Err(ClientError::NotEstablished(name.to_string()));
+        }
         let plaintext = zeroize::Zeroizing::new(
             serde_json::to_vec(app).map_err(|e| ClientError::Olm(e.to_string()))?,
         );
@@ -119,22 +140,43 @@ impl ClientCore {
         if busy >= self.state.settings.outbox_max {
             return Err(ClientError::Full("the outbox"));
         }
-        let session = self
-            .sessions
-            .get_mut(name)
+        let bytes = self.encrypt_for(name, plaintext.as_slice())?;
+        let len = plaintext.len();
+        self.queue_bytes_len(name, kind, &bytes, expires_ms, release_ms, len)
+    }
+
+    /// Adds message bytes `bytes` (already encrypted, or a link request) for `name` to the
+    /// outbox; its local id.
+    pub(super) fn queue_bytes(
+        &mut self,
+        name: &str,
+        kind: OutKind,
+        bytes: &[u8],
+        expires_ms: Option<u64>,
+        release_ms: Option<u64>,
+    ) -> Result<u64> {
+        self.queue_bytes_len(name, kind, bytes, expires_ms, release_ms, bytes.len())
+    }
+
+    fn queue_bytes_len(
+        &mut self,
+        name: &str,
+        kind: OutKind,
+        bytes: &[u8],
+        expires_ms: Option<u64>,
+        release_ms: Option<u64>,
+        len: usize,
+    ) -> Result<u64> {
+        let theirs = self
+            .contact(name)?
+            .theirs
+            .clone()
             .ok_or_else(|| ClientError::NotEstablished(name.to_string()))?;
-        let olm = session
-            .encrypt(plaintext.as_slice())
-            .map_err(|e| ClientError::Olm(e.to_string()))?;
-        let (t, body) = olm.to_parts();
-        let mut bytes = Vec::with_capacity(body.len() + 1);
-        bytes.push(u8::try_from(t).unwrap_or(u8::MAX));
-        bytes.extend_from_slice(&body);
         let message_id = MessageId::random(&mut self.rng);
         let recipient = MailboxPublicKey::from_bytes(&theirs.key)?;
         let identity = self.identity();
         let mut fragments = Vec::new();
-        for f in fragment_message(message_id, &bytes)? {
+        for f in fragment_message(message_id, bytes)? {
             let dedup = DedupId::random(&mut self.rng);
             let envelope = Envelope::seal(
                 &mut self.crypto_rng,
@@ -190,7 +232,7 @@ impl ClientCore {
             fragments,
             holds: Vec::new(),
             retransmissions: 0,
-            len: plaintext.len(),
+            len,
         });
         Ok(id)
     }

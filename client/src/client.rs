@@ -969,7 +969,13 @@ impl Client {
     pub async fn wait_linked(&mut self, timeout: Duration) -> Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
         while tokio::time::Instant::now() < deadline {
-            let _ = self.sync(Duration::from_secs(1)).await;
+            if let Err(ClientError::Node { status: 404, .. }) =
+                self.sync(Duration::from_secs(1)).await
+            {
+                // The primary erased the link mailbox: it closed the link (the codes differed,
+                // or the code was used or expired).
+                break;
+            }
             if self.core.is_linked() {
                 // The "done" to the primary leaves now.
                 self.tick().await?;

@@ -146,6 +146,10 @@ async fn two_devices_stay_in_sync_and_one_is_revoked() {
     // Linking: the short code typed on the primary.
     let (ok_p, ok_n, p_out, n_out) = link(&bob, &phone, "phone", &init, None);
     assert!(ok_p && ok_n, "primary:\n{p_out}\nnew device:\n{n_out}");
+    let used_code = serde_json::from_str::<Value>(p_out.lines().next().unwrap()).unwrap()["code"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_eq!(devices(&bob), ["laptop", "phone"]);
     assert_eq!(devices(&phone), ["laptop", "phone"]);
     // Safety numbers are per account: the same on both devices.
@@ -259,6 +263,27 @@ async fn two_devices_stay_in_sync_and_one_is_revoked() {
     );
 
     // The used code cannot link another device; a wrong short code aborts linking.
+    let thief = user("thief", "pass-t");
+    let o = thief.cmd(
+        &[
+            &init[..],
+            &[
+                "--link",
+                &used_code,
+                "--device-name",
+                "thief",
+                "--timeout",
+                "60",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(!o.status.success(), "a used code linked a device");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("did not arrive"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     let tablet = user("bob-tablet", "pass-b3");
     let (ok_p, ok_n, p_out, n_out) = link(&bob, &tablet, "tablet", &init, Some("000-000"));
     assert!(

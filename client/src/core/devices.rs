@@ -1794,6 +1794,25 @@ mod tests {
     }
 
     #[test]
+    fn an_expired_code_is_refused_before_anything_is_sent() {
+        use rand::SeedableRng;
+        let mut core = ClientCore::new(
+            "http://127.0.0.1:1/v1/consensus",
+            Settings::default(),
+            rand::rngs::StdRng::seed_from_u64(1),
+            rand::rngs::StdRng::seed_from_u64(2),
+        );
+        let c = code();
+        let err = core
+            .link_request(c.expires_ms + 1, &c.encode())
+            .err()
+            .map(|e| e.to_string());
+        assert_eq!(err.as_deref(), Some("linking: the code has expired"));
+        assert!(core.poll_output().is_none(), "something left");
+        assert!(!core.link_pending() && !core.is_linked());
+    }
+
+    #[test]
     fn malformed_multi_messages_are_errors_not_panics() {
         let mut m = vec![FORMAT_MULTI, 1];
         m.extend_from_slice(&[0; 64]);

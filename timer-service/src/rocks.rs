@@ -31,7 +31,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
 use rocksdb::statistics::Ticker;
@@ -151,10 +151,8 @@ fn writer_loop(db: &DB, jobs: &Receiver<Job>, shared: &WriterShared, legacy: boo
                 Job::Barrier(reply) => barriers.push(reply),
             }
             if writes < DEFERRED_BATCHES_MAX {
-                next = match jobs.try_recv() {
-                    Ok(job) => Some(job),
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => None,
-                };
+                // Empty or disconnected: write what was gathered.
+                next = jobs.try_recv().ok();
             }
         }
         if writes > 0 {

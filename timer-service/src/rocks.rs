@@ -178,7 +178,7 @@ fn writer_loop(db: &DB, jobs: &Receiver<Job>, shared: &WriterShared, legacy: boo
     }
 }
 
-/// Tunes the `payloads` family for point lookups by id (every fire reads one payload): bloom
+/// Tunes the `payloads` family for point lookups (every fire reads one payload): bloom
 /// filters in its SST files (10 bits a key) and in its memtable, so that a lookup skips the
 /// files and the memtable (full of fired tasks' tombstones) that cannot hold its key. The
 /// `tasks` family is only ever read in order and keeps the shared options.

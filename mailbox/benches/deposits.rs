@@ -60,13 +60,13 @@
 //!    compaction) per stored message, against the envelope as received (its encoding) →
 //!    write amplification; live SST bytes per message → space. Redis: AOF growth per `LPUSH`
 //!    over phase 1's cells of that size.
-//! 2b. **A message's whole life** (store, serve, delete): the same deposits, then every
+//! 3. **A message's whole life** (store, serve, delete): the same deposits, then every
 //!    message fetched by its owner and acknowledged (deleted), either after a flush (the
 //!    recipient was away: the body reached a blob file) or every 1,024 deposits (the recipient
 //!    was online: served from the memtable), then flushed, settled and compacted whole; every
 //!    WAL, SST and blob byte written over that, per message. No Redis column (its AOF would
 //!    also log the deletes).
-//! 3. **Restart with 1M messages**: 1 000 000 small (256-byte body) envelopes into 100
+//! 4. **Restart with 1M messages**: 1 000 000 small (256-byte body) envelopes into 100
 //!    mailboxes (10 000 each, the default per-mailbox quota) through `deposit_many` in
 //!    batches of 10 000; the store is closed as it stands (no flush: RocksDB replays its WAL,
 //!    at most `max_total_wal_bytes` = 64 MiB, on open, as after any restart), then a child

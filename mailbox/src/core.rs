@@ -426,15 +426,15 @@ fn body_key(prefix: &[u8; BODY_PREFIX_LEN], seq: u64) -> Vec<u8> {
     k
 }
 
-/// The puts that store one sealed envelope: its entry in [`Cf::Envelopes`] (expiry time,
-/// value length and message id, 32 bytes) and its body in [`Cf::Bodies`]; with `inline`, the layout
-/// of before (the whole value in [`Cf::Envelopes`]), kept for tests of old data. Returns
-/// the value length (`8 + sealed`, the same as the old layout's value) for quotas.
+/// The puts that store one sealed envelope: its entry at `ekey` in [`Cf::Envelopes`]
+/// (expiry time, value length and message id, 32 bytes) and its body at `bkey` in
+/// [`Cf::Bodies`]; with `inline`, the layout of before (the whole value in
+/// [`Cf::Envelopes`]), kept for tests of old data. Returns the value length (`8 + sealed`,
+/// the same as the old layout's value) for quotas.
 fn envelope_puts(
     ops: &mut Vec<Op>,
     ekey: Vec<u8>,
-    prefix: &[u8; BODY_PREFIX_LEN],
-    seq: u64,
+    bkey: Vec<u8>,
     expires_at: u64,
     id: &[u8; 16],
     sealed: Vec<u8>,
@@ -454,7 +454,7 @@ fn envelope_puts(
         value.extend_from_slice(id);
         ops.push(Op::Put {
             cf: Cf::Bodies,
-            key: body_key(prefix, seq),
+            key: bkey,
             value: sealed,
         });
     }
@@ -1612,8 +1612,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         let value_len = envelope_puts(
             &mut batch.ops,
             ekey,
-            &m.body_prefix,
-            seq,
+            body_key(&m.body_prefix, seq),
             expires_at,
             &dedup.0,
             sealed,

@@ -1494,6 +1494,40 @@ fn sweeps_are_batched_and_poll_timeout_stays_until_the_backlog_is_gone() {
 }
 
 #[test]
+fn a_restart_asks_for_one_sweep_per_expiry_bucket() {
+    // Start-up finds the buckets with one seek per bucket in the time-ordered index, not by
+    // walking every entry: several entries per bucket, one on a bucket's edge, one far out.
+    let store = MemoryStore::new();
+    let config = CoreConfig {
+        expiry_bucket_ms: 1000,
+        ..exact()
+    };
+    let mut core = open(&store, &config, T0);
+    let mut r = rng(16);
+    let bob = Owner::new(&mut r);
+    core.create_mailbox(T0, bob.request(HOUR)).unwrap();
+    let offsets = [500, 1000, 1001, 2500, 2999, 3000, 7000];
+    for x in offsets {
+        let e = bob.fresh(&mut r, Some(at(x)), None, b"b");
+        deposit(&mut core, T0, &e).unwrap();
+    }
+    drain(&mut core);
+    let bucket = |t: UnixTime| UnixTime(t.0.div_ceil(1000) * 1000);
+    let mut expected: Vec<UnixTime> = offsets.iter().map(|x| bucket(at(*x))).collect();
+    expected.dedup();
+    assert!(expected.len() >= 4, "{expected:?}");
+
+    drop(core);
+    let mut core = open(&store, &config, T0);
+    assert_eq!(sweeps(&drain(&mut core)), expected);
+    // Each bucket's sweep removes what is due by then, and the last one the rest.
+    for at in &expected {
+        core.sweep_expired(*at).unwrap();
+    }
+    assert_eq!(count(&store), [0, 0, 0]);
+}
+
+#[test]
 fn acknowledged_messages_keep_their_sweep_after_a_restart() {
     // Dedup ids and expiry entries of acknowledged messages live until their expiry; a
     // restart must still ask for the sweep that removes them.

@@ -995,8 +995,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             let value_len = super::envelope_puts(
                 &mut ops,
                 ekey,
-                &m.body_prefix,
-                seq,
+                super::body_key(&m.body_prefix, seq),
                 expires_at,
                 &item.id,
                 sealed,

@@ -15,6 +15,7 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/whispr-demo.XXXXXX")"
 NET="$WORK/devnet"
 alice() { WHISPR_PASSPHRASE="alice's passphrase" "$WHISPR" --home "$WORK/alice" "$@"; }
 bob() { WHISPR_PASSPHRASE="bob's passphrase" "$WHISPR" --home "$WORK/bob" "$@"; }
+phone() { WHISPR_PASSPHRASE="bob's phone passphrase" "$WHISPR" --home "$WORK/bob-phone" "$@"; }
 
 bold() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 ok() { printf '   \033[32mok\033[0m  %s\n' "$*"; }
@@ -69,6 +70,47 @@ alice send bob "Hello Bob! Loud and clear." | sed 's/^/   alice: /'
 bob recv | tee "$WORK/r2" | sed 's/^/   bob sees: /'
 grep -q "alice: Hello Bob! Loud and clear." "$WORK/r2" || fail "bob did not receive the reply"
 ok "message and reply delivered end to end"
+
+bold "bob links his phone to his account"
+mkfifo "$WORK/confirm"
+bob link --name phone --json <"$WORK/confirm" >"$WORK/link.out" 2>&1 &
+LINK_PID=$!
+exec 3>"$WORK/confirm"
+for _ in $(seq 1 120); do grep -q '"code"' "$WORK/link.out" && break; sleep 0.5; done
+CODE="$(sed -n 's/.*"code":"\([^"]*\)".*/\1/p' "$WORK/link.out" | head -1)"
+[ -n "$CODE" ] || { cat "$WORK/link.out"; fail "bob's laptop printed no linking code"; }
+echo "   bob's laptop: linking code ${CODE:0:40}… (${#CODE} characters, QR-friendly, works once for 10 minutes)"
+phone init --directory "$DIRECTORY" --network "$NET/network" --link "$CODE" --device-name phone \
+  >"$WORK/phone.out" 2>&1 &
+PHONE_PID=$!
+for _ in $(seq 1 120); do grep -q "type this code" "$WORK/phone.out" && break; sleep 0.5; done
+SHORT="$(sed -n 's/.*primary device: \(.*\)$/\1/p' "$WORK/phone.out")"
+[ -n "$SHORT" ] || { cat "$WORK/phone.out"; fail "the phone showed no short code"; }
+echo "   bob's phone shows: $SHORT"
+for _ in $(seq 1 120); do grep -q '"request"' "$WORK/link.out" && break; sleep 0.5; done
+echo "   bob types it on his laptop"
+echo "$SHORT" >&3
+exec 3>&-
+wait "$LINK_PID" || { cat "$WORK/link.out"; fail "linking failed on the laptop"; }
+wait "$PHONE_PID" || { cat "$WORK/phone.out"; fail "linking failed on the phone"; }
+sed 's/^/   bob'"'"'s phone: /' "$WORK/phone.out" | tail -1
+bob devices | sed 's/^/   bob: /'
+[ "$(bob devices | wc -l)" = 2 ] || fail "bob's account does not list two devices"
+ok "the account (keys of every contact's mailbox, contacts, settings) went to the phone through the mesh, end to end"
+alice recv | sed 's/^/   alice sees: /'
+alice contacts --json | grep -q '"devices":2' || fail "alice's client did not learn bob's second device"
+alice send bob "Hello Bob, wherever you read this." | sed 's/^/   alice: /'
+bob recv | tee "$WORK/rl1" | sed 's/^/   bob'"'"'s laptop sees: /'
+phone recv | tee "$WORK/rl2" | sed 's/^/   bob'"'"'s phone sees: /'
+grep -q "wherever you read this" "$WORK/rl1" || fail "the laptop did not get the message"
+grep -q "wherever you read this" "$WORK/rl2" || fail "the phone did not get the message"
+ok "alice's client learnt bob's second device by itself; both devices got the message"
+phone send alice "Answering from my phone." | sed 's/^/   bob'"'"'s phone: /'
+alice recv | sed 's/^/   alice sees: /'
+for _ in $(seq 1 20); do bob recv >/dev/null; bob history alice | grep -q "you → alice: Answering from my phone" && break; done
+bob history alice | sed 's/^/   bob'"'"'s laptop, history: /'
+bob history alice | grep -q "you → alice: Answering from my phone" || fail "the laptop's history lacks the reply sent from the phone"
+ok "what bob sends from one device is in the other's history"
 
 bold "A 100 KiB message in many fragments"
 head -c 76800 /dev/urandom | base64 -w 0 | head -c 102400 >"$WORK/big.txt"
@@ -131,6 +173,12 @@ grep -q "while mailbox1 is down" "$WORK/r9" || fail "bob did not read the messag
 bob send alice "Still reading and writing with mailbox1 down." | sed 's/^/   bob: /'
 alice recv | sed 's/^/   alice sees: /'
 ok "the two other replicas hold every acknowledged message (each was on two before its ack); bob reads from them"
+
+bold "bob removes his phone"
+bob devices remove phone | sed 's/^/   bob: /'
+phone recv >"$WORK/rl3" 2>&1 && fail "the removed phone can still fetch"
+sed 's/^/   bob'"'"'s phone: /' "$WORK/rl3"
+ok "the phone can no longer log in to any of bob's mailboxes; contacts stop encrypting for it"
 
 bold "alice's outbox"
 alice status | sed 's/^/   /'

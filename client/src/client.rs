@@ -778,6 +778,11 @@ impl Client {
         }
     }
 
+    /// Whether long polls of an earlier round are still running (a later round takes them).
+    pub fn polls_in_flight(&self) -> bool {
+        !self.in_flight.is_empty()
+    }
+
     /// Stream endpoints (a tag `mailbox id hex/node id hex` for [`Client::ingest`], `ws://`
     /// URL with a fresh ticket) of every mailbox we own except those in `skip` (mailbox ids
     /// hex), on the replica read from now, for [`crate::net::run_stream`]; logs in where
@@ -842,6 +847,7 @@ impl Client {
     pub async fn tick(&mut self) -> Result<()> {
         self.create_missing_replicas().await;
         self.register_devices().await;
+        self.retry_removals().await;
         self.erase_pending().await;
         let now = now_ms();
         let result = if self.core.poll_timeout().is_some_and(|t| t <= now) {
@@ -867,6 +873,26 @@ impl Client {
             all &= done;
         }
         all
+    }
+
+    async fn remove_on(&mut self, m: &OwnedMailbox, r: &Replica, device: &[u8; 32]) -> Result<()> {
+        let token = self.token(m, r).await?;
+        self.net_for(&m.id)?
+            .remove_device((m, r), &token, device)
+            .await
+    }
+
+    /// Retries the device login removals that replicas did not confirm.
+    async fn retry_removals(&mut self) {
+        for (m, node, key) in self.core.removals_due() {
+            let Some(r) = m.replica(&node).cloned() else {
+                self.core.removal_done(&m.id, &node, &key);
+                continue;
+            };
+            if self.remove_on(&m, &r, &key).await.is_ok() {
+                self.core.removal_done(&m.id, &node, &key);
+            }
+        }
     }
 
     /// Registers linked devices on own mailboxes made since they were linked (retried at
@@ -1007,11 +1033,21 @@ impl Client {
     pub async fn remove_device(&mut self, name: &str) -> Result<()> {
         let plan = self.core.devices_remove_plan(name)?;
         for (m, device) in plan {
+            // Removals replicate between replicas; one that is down now is retried at every
+            // tick until it confirms. Each mailbox needs one replica now.
+            let mut removed = false;
+            let mut first_error = None;
             for r in m.replicas.clone() {
-                let token = self.token(&m, &r).await?;
-                self.net_for(&m.id)?
-                    .remove_device((&m, &r), &token, &device)
-                    .await?;
+                match self.remove_on(&m, &r, &device).await {
+                    Ok(()) => removed = true,
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                        self.core.removal_pending(&m.id, &r.node, &device);
+                    }
+                }
+            }
+            if !removed && let Some(e) = first_error {
+                return Err(e);
             }
         }
         self.refresh_directory().await?;

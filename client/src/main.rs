@@ -361,6 +361,15 @@ async fn recv(cli: &Cli, follow: bool, wait: Option<u64>) -> Result<(), ClientEr
     let mut stop_signals = StopSignals::new()?;
     loop {
         client.sync(wait).await?;
+        // A one-shot receive also takes the polls still running when the round ended (a
+        // round ends as soon as one mailbox has something): at most two more rounds, as
+        // each poll ends within its wait.
+        for _ in 0..2 {
+            if follow || !client.polls_in_flight() {
+                break;
+            }
+            client.sync(wait).await?;
+        }
         for r in client.take_unread() {
             print_received(cli.json, &r);
         }
@@ -656,6 +665,11 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
             drop(short);
             client.link_confirm(&typed).await?;
             let done = client.link_wait_done(wait).await?;
+            // This command told the user what those notices say.
+            client
+                .take_notices()
+                .retain(|n| !matches!(n.kind.as_str(), "link_request" | "device_linked"));
+            client.save()?;
             out(
                 j,
                 json!({"type": "linked", "device": name, "confirmed": done}),

@@ -768,6 +768,10 @@ pub struct State {
     /// (bounded by `seen_max`): they arrive here as read.
     #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
     pub read_elsewhere: VecDeque<String>,
+    /// Device logins still to remove on replicas that were down at `devices remove`:
+    /// (mailbox id, replica node, login key), retried by the driver.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removals: Vec<([u8; 32], [u8; 32], [u8; 32])>,
 }
 
 fn primary_name() -> String {

@@ -215,7 +215,7 @@ impl LinkCode {
             b.extend_from_slice(r);
         }
         let sum = Sha256::digest(&b);
-        b.extend_from_slice(&sum[..4]);
+        b.extend_from_slice(sum.get(..4).unwrap_or_default());
         format!("{CODE_PREFIX}{}", data_encoding::BASE32_NOPAD.encode(&b))
     }
 
@@ -721,6 +721,22 @@ impl ClientCore {
             .decrypt(&XNonce::from(nonce), sealed)
             .map(Some)
             .map_err(|_| ClientError::Olm("the message does not open".to_string()))
+    }
+
+    /// A message from contact `name` carries nothing for this device: the contact did not
+    /// know of it yet (or, on the sync mailbox, it is this device's own).
+    pub(super) fn not_for_this_device(&mut self, name: &str) {
+        if is_reserved(name) {
+            return;
+        }
+        self.notice(
+            "not_for_this_device",
+            Some(name),
+            None,
+            format!(
+                "{name} sent a message before learning of this device: read it on another device"
+            ),
+        );
     }
 
     /// Sends the account's current device list to contact `name` (names left out), if it has
@@ -1529,6 +1545,32 @@ impl ClientCore {
             .filter(|c| c.name != LINK_CONTACT)
             .map(|c| (c.mine.clone(), login_public(&login.secret, &c.mine.id)))
             .collect())
+    }
+
+    /// A device login removal that replica `node` of `mailbox` did not confirm (it was
+    /// down): retried by the driver ([`Self::removals_due`]). Bounded: at most 1,000 kept.
+    pub fn removal_pending(&mut self, mailbox: &[u8; 32], node: &[u8; 32], key: &[u8; 32]) {
+        if self.state.removals.len() < 1_000 {
+            self.state.removals.push((*mailbox, *node, *key));
+        }
+    }
+
+    /// Login removals still to retry: (own mailbox, its replica node, login key).
+    pub fn removals_due(&self) -> Vec<(OwnedMailbox, [u8; 32], [u8; 32])> {
+        self.state
+            .removals
+            .iter()
+            .filter_map(|(m, n, k)| Some((self.owned_mailbox(m)?, *n, *k)))
+            .collect()
+    }
+
+    /// Replica `node` of `mailbox` confirmed the removal of `key` (or the mailbox is gone).
+    pub fn removal_done(&mut self, mailbox: &[u8; 32], node: &[u8; 32], key: &[u8; 32]) {
+        self.state
+            .removals
+            .retain(|r| r != &(*mailbox, *node, *key));
+        let owned: Vec<[u8; 32]> = self.state.contacts.iter().map(|c| c.mine.id).collect();
+        self.state.removals.retain(|(m, _, _)| owned.contains(m));
     }
 
     /// Device `name`'s logins are deleted: a list without it goes to every contact and the

@@ -399,6 +399,7 @@ impl ClientCore {
             device_logins: Vec::new(),
             links: Vec::new(),
             read_elsewhere: Default::default(),
+            removals: Vec::new(),
         };
         ClientCore::with_state(state, Account::new(), HashMap::new(), rng, crypto_rng)
     }

@@ -321,12 +321,21 @@ impl ClientCore {
         let plaintext = if is_contact && t == FORMAT_MULTI {
             match self.decrypt_multi(&name, &sender, &whole)? {
                 Some(p) => p,
-                // Not for this device (sent before it was listed, or by it).
-                None => return Ok(()),
+                None => {
+                    // Sent before the contact learnt of this device.
+                    self.not_for_this_device(&name);
+                    return Ok(());
+                }
             }
         } else if is_contact {
             let olm = OlmMessage::from_parts(usize::from(t), body)
                 .map_err(|e| ClientError::Olm(e.to_string()))?;
+            if !self.sessions.contains_key(&name) && !self.is_primary() {
+                // A one-device message to the primary, sent before the contact learnt of this
+                // device.
+                self.not_for_this_device(&name);
+                return Ok(());
+            }
             let session = self
                 .sessions
                 .get_mut(&name)

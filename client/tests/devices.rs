@@ -6,6 +6,7 @@
 //!   with nothing to do.
 //! * alice sends 5 messages: both of bob's devices get all 5, each once.
 //! * bob replies from device 2: alice gets it, and device 1 shows it in its history.
+//! * bob schedules a message on device 2 and cancels it from device 1: alice never gets it.
 //! * bob reads a message on device 1: alice gets one read receipt, device 2 shows it as read.
 //! * device 2 removed: it can no longer fetch; alice's client drops it from bob's devices.
 //! * the used code is refused; a wrong short code aborts linking.
@@ -201,6 +202,55 @@ async fn two_devices_stay_in_sync_and_one_is_revoked() {
             break;
         }
         assert!(Instant::now() < deadline, "the laptop never saw the reply");
+    }
+
+    // Scheduled on the phone, cancelled from the laptop: alice never gets it.
+    let held = phone.ok(&["send", "alice", "scheduled on the phone", "--in", "20s"]);
+    assert_eq!(held[0]["state"], "held", "{held:?}");
+    let phone_id = held[0]["id"].as_u64().unwrap();
+    let release = Instant::now() + std::time::Duration::from_secs(20);
+    let deadline = Instant::now() + WAIT;
+    let laptop_id = loop {
+        bob.recv();
+        let status = bob.ok(&["status"]);
+        if let Some(o) = status[0]["outgoing"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["state"] == "held" && o["contact"] == "alice")
+        {
+            break o["id"].as_u64().unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the laptop never learnt of the scheduled send"
+        );
+    };
+    bob.ok(&["cancel", &laptop_id.to_string()]);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        phone.recv();
+        let status = phone.ok(&["status"]);
+        let state = status[0]["outgoing"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["id"] == phone_id)
+            .map(|o| o["state"].clone());
+        if state.as_ref().is_some_and(|s| s == "cancelled") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the phone never learnt of the cancel: {state:?}"
+        );
+    }
+    while Instant::now() < release + std::time::Duration::from_secs(5) {
+        let (m, _) = alice.recv();
+        assert!(
+            m.iter().all(|m| m["text"] != "scheduled on the phone"),
+            "a send cancelled from the other device arrived"
+        );
     }
 
     // Read on the laptop: one read receipt at alice; the phone shows it as read.

@@ -366,6 +366,18 @@ pub(super) struct Transfer {
     settings: Settings,
 }
 
+/// A scheduled send as another device of the account gets it (its `Debug` hides the cancel
+/// capabilities).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub(super) struct ScheduledCopy(pub crate::state::Outgoing);
+
+impl std::fmt::Debug for ScheduledCopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScheduledCopy(..)")
+    }
+}
+
 fn peer_of(m: &OwnedMailbox) -> Result<PeerMailbox> {
     Ok(PeerMailbox {
         id: m.id,
@@ -1655,6 +1667,42 @@ impl ClientCore {
         }
     }
 
+    /// Tells the other devices that scheduled send `id` is held (`kind` `scheduled`) or was
+    /// cancelled (`cancelled`).
+    pub(super) fn sync_scheduled(&mut self, kind: &str, id: u64) {
+        if !self.has_siblings() {
+            return;
+        }
+        let Some(o) = self.out_index(id).and_then(|i| self.state.outbox.get(i)) else {
+            return;
+        };
+        let app = if kind == "cancelled" {
+            AppMessage::SyncCancelled {
+                id: hex::encode(o.message_id),
+            }
+        } else {
+            let Ok(c) = self.contact(&o.contact) else {
+                return;
+            };
+            let mut copy = o.clone();
+            // What cancelling takes (hold ids, capabilities, timer nodes), not the packets:
+            // only the device that made it sends or retransmits them.
+            for f in &mut copy.fragments {
+                f.envelope = Vec::new();
+                f.acked = true;
+            }
+            for h in &mut copy.holds {
+                h.packet = Vec::new();
+                h.parts_acked.iter_mut().for_each(|a| *a = true);
+            }
+            AppMessage::SyncScheduled {
+                contact: hex::encode(c.mine.id),
+                out: Box::new(ScheduledCopy(copy)),
+            }
+        };
+        let _ = self.queue(SELF_CONTACT, OutKind::Sync, &app, None, None);
+    }
+
     fn contact_by_mailbox(&self, hex_id: &str) -> Option<String> {
         let id = super::h32(hex_id, "contact").ok()?;
         self.state
@@ -1739,6 +1787,76 @@ impl ClientCore {
                 }
             }
             AppMessage::LinkDone { .. } => self.on_link_done(),
+            AppMessage::SyncScheduled { contact, out } => {
+                let mut out = out.0;
+                let Some(name) = self.contact_by_mailbox(&contact) else {
+                    return Ok(());
+                };
+                if self
+                    .state
+                    .outbox
+                    .iter()
+                    .any(|o| o.message_id == out.message_id)
+                    || out.kind != OutKind::Text
+                    || out.holds.len() > 10_000
+                {
+                    return Ok(());
+                }
+                let busy = self
+                    .state
+                    .outbox
+                    .iter()
+                    .filter(|o| super::active(o.state))
+                    .count();
+                if busy >= self.state.settings.outbox_max {
+                    return Err(ClientError::Full("the outbox"));
+                }
+                let id = self.next_id();
+                out.id = id;
+                out.contact = name.clone();
+                out.state = crate::state::OutState::Held;
+                for f in &mut out.fragments {
+                    f.envelope = Vec::new();
+                    f.acked = true;
+                }
+                for h in &mut out.holds {
+                    h.packet = Vec::new();
+                    h.attempts = 0;
+                    h.cancel_acked = false;
+                }
+                self.state.outbox.push(out);
+                self.notice(
+                    "scheduled",
+                    Some(&name),
+                    Some(id),
+                    format!("message {id} to {name}, scheduled on another device, is held by a timer node"),
+                );
+            }
+            AppMessage::SyncCancelled { id } => {
+                let mut cancelled = Vec::new();
+                for o in &mut self.state.outbox {
+                    if hex::encode(o.message_id) == id
+                        && !matches!(o.state, crate::state::OutState::Cancelled)
+                    {
+                        o.state = crate::state::OutState::Cancelled;
+                        for f in &mut o.fragments {
+                            f.envelope = Vec::new();
+                        }
+                        for h in &mut o.holds {
+                            h.packet = Vec::new();
+                        }
+                        cancelled.push((o.id, o.contact.clone()));
+                    }
+                }
+                for (id, name) in cancelled {
+                    self.notice(
+                        "cancelled",
+                        Some(&name),
+                        Some(id),
+                        format!("scheduled message {id} to {name} was cancelled on another device"),
+                    );
+                }
+            }
             _ => {}
         }
         Ok(())

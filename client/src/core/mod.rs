@@ -183,6 +183,14 @@ enum AppMessage {
     LinkTransfer { transfer: Box<devices::Transfer> },
     /// From a new device to the primary: it has the account.
     LinkDone { curve: String },
+    /// To the account's other devices: a scheduled send is held by timer nodes (with what
+    /// cancelling it takes).
+    SyncScheduled {
+        contact: String,
+        out: Box<devices::ScheduledCopy>,
+    },
+    /// To the account's other devices: a scheduled send was cancelled.
+    SyncCancelled { id: String },
 }
 
 /// Options of [`ClientCore::send`].

@@ -225,6 +225,10 @@ impl ClientCore {
                         event = Some(("scheduled", o.contact.clone(), o.id));
                     }
                 }
+                if let Some((kind, _, id)) = &event {
+                    // The account's other devices can cancel it, and learn it was.
+                    self.sync_scheduled(kind, *id);
+                }
                 if let Some((kind, contact, id)) = event {
                     let text = if kind == "cancelled" {
                         format!("scheduled message {id} to {contact} was cancelled")
@@ -560,7 +564,9 @@ impl ClientCore {
             | AppMessage::SyncRead { .. }
             | AppMessage::SyncContact { .. }
             | AppMessage::LinkTransfer { .. }
-            | AppMessage::LinkDone { .. } => {}
+            | AppMessage::LinkDone { .. }
+            | AppMessage::SyncScheduled { .. }
+            | AppMessage::SyncCancelled { .. } => {}
             AppMessage::Receipt { kind, of } => {
                 let new_state = match kind.as_str() {
                     "delivered" => OutState::Delivered,

@@ -99,6 +99,22 @@ pub struct Messages {
     pub delivery_ratio: f64,
 }
 
+/// Deliveries to linked devices (`workload.devices_per_user` > 1; absent otherwise).
+#[derive(Clone, Debug, Serialize)]
+pub struct DevicesReport {
+    /// Linked devices, besides the users' primaries (whose deliveries are `messages`).
+    pub linked: usize,
+    /// Messages received by a linked device of their recipient (each device counts; a
+    /// second copy to the same device is an invariant violation).
+    pub deliveries: u64,
+    /// (message delivered to its recipient's primary, linked device of the recipient) pairs
+    /// where the device did not get it.
+    pub missing: u64,
+    /// Setup: acknowledgements of link requests the link mailbox's node refused (the new
+    /// device's SURB ids are not minted with the link mailbox's reply key).
+    pub link_acks_refused: u64,
+}
+
 /// Sender anonymity against the adversary.
 #[derive(Clone, Debug, Serialize)]
 pub struct AnonymityReport {
@@ -237,6 +253,9 @@ pub struct Summary {
     pub clients: usize,
     /// Messages.
     pub messages: Messages,
+    /// Linked devices' deliveries (only with `workload.devices_per_user` > 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub devices: Option<DevicesReport>,
     /// Send (or release) → recipient has the message, ms.
     pub latency_ms: Distribution,
     /// Send (or release) → last fragment stored at the mailbox node, ms.
@@ -295,6 +314,12 @@ pub fn summarise(sc: &Scenario, seed: u64, r: &Results) -> Summary {
             acknowledged_lost_still_stored: r.acked_lost_still_stored,
             delivery_ratio: per(r.delivered, r.sent),
         },
+        devices: (r.linked_devices > 0).then_some(DevicesReport {
+            linked: r.linked_devices,
+            deliveries: r.device_deliveries,
+            missing: r.device_missing,
+            link_acks_refused: r.link_acks_refused,
+        }),
         latency_ms: Distribution::of(&r.latency_ms),
         network_latency_ms: Distribution::of(&r.network_latency_ms),
         anonymity: AnonymityReport {

@@ -356,6 +356,11 @@ pub struct Workload {
     /// Receipts the clients send (`none`, `delivery`, `read`): each is a message of its own
     /// back to the sender. `none` by default, so that a scenario's load is its workload.
     pub receipts: whispr_client::Receipts,
+    /// Devices per user (1 to 6, `whispr_client::state::DEVICES_MAX`): after the contacts
+    /// are set up, each user links this many minus one devices with the real core's linking
+    /// (`docs/clients.md`, *Several devices*); every device reads the account's mailboxes
+    /// with its own login and cursor. Only users' primaries send, toggle and send cover.
+    pub devices_per_user: usize,
 }
 
 impl Default for Workload {
@@ -372,6 +377,7 @@ impl Default for Workload {
             online: OnlineSpec::default(),
             fetch_delay_ms: 0.0,
             receipts: whispr_client::Receipts::None,
+            devices_per_user: 1,
         }
     }
 }
@@ -681,6 +687,9 @@ impl Scenario {
                 )));
             }
         }
+        if !(1..=whispr_client::state::DEVICES_MAX).contains(&w.devices_per_user) {
+            return bad("workload.devices_per_user must be 1 to 6");
+        }
         if w.scheduled_fraction > 0.0 && t.timers == 0 {
             return bad("scheduled sends need timer nodes");
         }
@@ -811,5 +820,12 @@ mod tests {
             Scenario::from_toml("", &["nokey".into()]),
             Err(ScenarioError::Param(..))
         ));
+        for bad in ["workload.devices_per_user=0", "workload.devices_per_user=7"] {
+            assert!(matches!(
+                Scenario::from_toml("", &[bad.into()]),
+                Err(ScenarioError::Invalid(_))
+            ));
+        }
+        assert_eq!(Scenario::default().workload.devices_per_user, 1);
     }
 }

@@ -487,3 +487,46 @@ fn random_crashes_and_disk_losses_within_r_minus_w_lose_nothing_acknowledged() {
     }
     assert!(lost_with_one > 0, "R = 1 lost nothing on these schedules");
 }
+
+/// Issue 18: users with several devices (the others linked through the real client core's
+/// linking during setup): every linked device of a recipient gets every message exactly
+/// once (a second copy is an invariant violation), in both codec modes, and with three
+/// devices per user in fast mode.
+#[test]
+fn every_device_of_a_recipient_gets_every_message_once() {
+    for (mode, devices) in [("fast", 2u64), ("real", 2), ("fast", 3)] {
+        let sc = scenario(
+            QUIET,
+            &[
+                &format!("mode={mode}"),
+                "topology.clients=12",
+                "duration_s=60",
+                &format!("workload.devices_per_user={devices}"),
+            ],
+        );
+        let (s, r) = run(&sc, 5, None);
+        let extra = devices - 1;
+        assert_eq!(r.clients, 12);
+        assert_eq!(r.linked_devices as u64, 12 * extra, "{mode} {devices}");
+        assert!(s.messages.sent > 20, "{mode}: {} sent", s.messages.sent);
+        assert_eq!(s.messages.delivered, s.messages.sent, "{mode} {devices}");
+        assert_eq!(r.device_missing, 0, "{mode} {devices}");
+        // Each linked device of each recipient got each message once.
+        assert_eq!(
+            r.device_deliveries,
+            s.messages.sent * extra,
+            "{mode} {devices}"
+        );
+        let d = s.devices.expect("a devices report");
+        assert_eq!(d.deliveries, r.device_deliveries);
+        assert_eq!(d.missing, 0);
+    }
+    // One device per user: no devices report (summary.json unchanged).
+    let (s, r) = run(
+        &scenario(QUIET, &["topology.clients=12", "duration_s=60"]),
+        5,
+        None,
+    );
+    assert!(s.devices.is_none());
+    assert_eq!(r.linked_devices, 0);
+}

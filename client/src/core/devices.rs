@@ -169,7 +169,7 @@ fn short_code(mailbox_secret: &[u8; 32], r: &LinkRequest) -> String {
 
 /// A linking code: everything a new device needs to reach the link mailbox and to check the
 /// account. Text: `WHISPRL1:` then RFC 4648 base32 (QR alphanumeric) of version `1` ‖ mailbox
-/// id ‖ mailbox secret key ‖ access key ‖ identity key ‖ primary's Olm key ‖ expiry (ms, u64
+/// id ‖ mailbox secret key ‖ access key ‖ reply key ‖ identity key ‖ primary's Olm key ‖ expiry (ms, u64
 /// BE) ‖ n (1 to 5) ‖ n × replica node id ‖ first 4 bytes of SHA-256 of what precedes.
 #[derive(Clone, PartialEq, Eq)]
 pub struct LinkCode {
@@ -179,6 +179,8 @@ pub struct LinkCode {
     pub secret: [u8; 32],
     /// Its access key.
     pub access: [u8; 32],
+    /// Its reply key (the new device's deposit acks come back there).
+    pub reply_key: [u8; 32],
     /// The account's identity key.
     pub identity: [u8; 32],
     /// The primary's Olm identity key.
@@ -198,12 +200,13 @@ impl std::fmt::Debug for LinkCode {
 impl LinkCode {
     /// The code as text.
     pub fn encode(&self) -> String {
-        let mut b = Vec::with_capacity(1 + 5 * 32 + 9 + self.replicas.len() * 32 + 4);
+        let mut b = Vec::with_capacity(1 + 6 * 32 + 9 + self.replicas.len() * 32 + 4);
         b.push(CODE_VERSION);
         for k in [
             &self.mailbox_id,
             &self.secret,
             &self.access,
+            &self.reply_key,
             &self.identity,
             &self.curve,
         ] {
@@ -256,6 +259,7 @@ impl LinkCode {
         let mailbox_id = k32(take(32)?);
         let secret = k32(take(32)?);
         let access = k32(take(32)?);
+        let reply_key = k32(take(32)?);
         let identity = k32(take(32)?);
         let curve = k32(take(32)?);
         let mut e = [0u8; 8];
@@ -275,6 +279,7 @@ impl LinkCode {
             mailbox_id,
             secret,
             access,
+            reply_key,
             identity,
             curve,
             expires_ms: u64::from_be_bytes(e),
@@ -927,6 +932,7 @@ impl ClientCore {
             mailbox_id: mailbox.id,
             secret: mailbox.secret,
             access: mailbox.access,
+            reply_key: mailbox.reply_key,
             identity: self.account_identity(),
             curve: self.my_curve(),
             expires_ms: now + LINK_TTL_MS,
@@ -1397,7 +1403,7 @@ impl ClientCore {
             legacy_token_expires_ms: 0,
         };
         self.crypto_rng.fill_bytes(&mut mine.owner_seed);
-        self.rng.fill_bytes(&mut mine.reply_key);
+        mine.reply_key = code.reply_key;
         let mut req = LinkRequest {
             ed: self.identity().verifying_key().to_bytes(),
             curve: self.my_curve(),
@@ -1872,6 +1878,7 @@ mod tests {
             mailbox_id: [1; 32],
             secret: [2; 32],
             access: [3; 32],
+            reply_key: [9; 32],
             identity: [4; 32],
             curve: [5; 32],
             expires_ms: 1_800_000_000_000,

@@ -510,14 +510,26 @@ impl ClientCore {
     pub fn send_cover(&mut self, now: u64) -> Result<()> {
         self.at(now);
         let boxes = self.owned_mailboxes();
-        if boxes.is_empty() {
+        // Not into a mailbox the account's devices share (sync, link): the other devices
+        // would take it for theirs. Its ack may go there.
+        let shared: Vec<[u8; 32]> = self
+            .state
+            .contacts
+            .iter()
+            .filter(|c| super::is_reserved(&c.name))
+            .map(|c| c.mine.id)
+            .collect();
+        let targets: Vec<&crate::state::OwnedMailbox> =
+            boxes.iter().filter(|m| !shared.contains(&m.id)).collect();
+        if targets.is_empty() {
             return Ok(());
         }
-        let pick = self.rng.random_range(0..boxes.len());
-        let m = boxes
-            .get(pick)
-            .cloned()
+        let chosen = self.rng.random_range(0..targets.len());
+        let m = targets
+            .get(chosen)
+            .map(|m| (*m).clone())
             .ok_or(ClientError::Full("mailboxes"))?;
+        let pick = boxes.iter().position(|b| b.id == m.id).unwrap_or(chosen);
         // Its ack goes back into another of our mailboxes, as a message's ack comes back into
         // ours while the message went into the contact's: a node holding the deposit's
         // mailbox cannot tell cover by its ack (security review finding 7).

@@ -343,6 +343,27 @@ pub(super) struct ContactRecord {
     created_ms: u64,
 }
 
+impl ContactRecord {
+    /// Contact `c` as sent to the account's other devices (without our mailbox's owner
+    /// seed: each device derives its own login).
+    fn of(c: &Contact) -> ContactRecord {
+        ContactRecord {
+            name: c.name.clone(),
+            mine: OwnedMailbox {
+                owner_seed: [0; 32],
+                ..c.mine.clone()
+            },
+            theirs: c.theirs.clone(),
+            their_identity: c.their_identity,
+            their_curve: c.their_curve,
+            their_devices: c.their_devices.clone(),
+            verified: c.verified,
+            heard_from: c.heard_from,
+            created_ms: c.created_ms,
+        }
+    }
+}
+
 impl std::fmt::Debug for ContactRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ContactRecord").finish_non_exhaustive()
@@ -1192,33 +1213,19 @@ impl ClientCore {
         });
         let list = self.sign_list(list.version + 1, list.devices);
         self.set_own_list(list.clone());
-        let record = |c: &Contact| ContactRecord {
-            name: c.name.clone(),
-            mine: OwnedMailbox {
-                owner_seed: [0; 32],
-                ..c.mine.clone()
-            },
-            theirs: c.theirs.clone(),
-            their_identity: c.their_identity,
-            their_curve: c.their_curve,
-            their_devices: c.their_devices.clone(),
-            verified: c.verified,
-            heard_from: c.heard_from,
-            created_ms: c.created_ms,
-        };
         let sync = self
             .state
             .contacts
             .iter()
             .find(|c| c.name == SELF_CONTACT)
-            .map(record)
+            .map(ContactRecord::of)
             .ok_or_else(|| ClientError::Link("no sync mailbox".to_string()))?;
         let contacts = self
             .state
             .contacts
             .iter()
             .filter(|c| !is_reserved(&c.name) && c.theirs.is_some())
-            .map(record)
+            .map(ContactRecord::of)
             .collect();
         let transfer = Transfer {
             identity: self.account_identity(),
@@ -1306,20 +1313,7 @@ impl ClientCore {
         let Some(c) = self.state.contacts.iter().find(|c| c.name == name) else {
             return;
         };
-        let record = ContactRecord {
-            name: c.name.clone(),
-            mine: OwnedMailbox {
-                owner_seed: [0; 32],
-                ..c.mine.clone()
-            },
-            theirs: c.theirs.clone(),
-            their_identity: c.their_identity,
-            their_curve: c.their_curve,
-            their_devices: c.their_devices.clone(),
-            verified: c.verified,
-            heard_from: c.heard_from,
-            created_ms: c.created_ms,
-        };
+        let record = ContactRecord::of(c);
         let _ = self.queue(
             SELF_CONTACT,
             OutKind::Sync,

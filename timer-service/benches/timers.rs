@@ -47,7 +47,10 @@
 //!    handler needs the payload, as `poll_due` returns it), then
 //!    `MULTI; ZREM; HDEL; EXEC` (one fsync), sleeping until the first score
 //!    (`ZRANGE timers 0 0 WITHSCORES`) when nothing is due. Lateness is the time when the poll
-//!    returned the timer (with its payload) minus its due time.
+//!    returned the timer (with its payload) minus its due time; it is also reported split in
+//!    two: the lateness when the poll began (what the loop's wake-up from its sleep and the
+//!    machine's scheduling add) and the time inside the poll call, with the completion call's
+//!    time (which delays the next poll).
 //! 4. **Restart to first fire**: N more timers, all overdue, are scheduled; then ours drops the
 //!    queue and times `RocksStore::open` + `TimerQueue::open` + the first `poll_due` returning a
 //!    timer; Redis gets `SHUTDOWN` (AOF fsynced; no RDB) and the bench times spawning
@@ -61,6 +64,10 @@
 //!    sustained fire rate (ours: `poll_due` + `complete_many_deferred`, then
 //!    `sync_completions` inside the timed span; Redis: its synced `MULTI; ZREM; HDEL; EXEC`
 //!    per batch, as in phase 3).
+//!
+//! Schedule and catch-up also report CPU time per timer: ours the bench process (the queue,
+//! RocksDB and its threads), Redis its server's `INFO cpu` (user + sys) plus the bench process
+//! (the client); on a shared machine it moves less with the load than the wall-clock rates.
 //!
 //! The Redis client is the small pipelined RESP2 client over `std::net::TcpStream` in `bench/resp.rs`
 //! (no extra dependency).
@@ -286,6 +293,27 @@ fn fsync_probe(dir: &Path) -> (f64, f64) {
     (l.p50, l.p99)
 }
 
+/// CPU time of this process so far (every thread: ours, RocksDB's flushes and compactions,
+/// the store's writer), in seconds, from `/proc/self/stat` (clock ticks of 10 ms).
+fn process_cpu_secs() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let utime: u64 = fields.get(11)?.parse().ok()?;
+            let stime: u64 = fields.get(12)?.parse().ok()?;
+            Some((utime + stime) as f64 / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+/// Redis's CPU time so far (main and background threads), in seconds.
+fn redis_cpu_secs(r: &mut Redis) -> f64 {
+    let get = |r: &mut Redis, field: &str| -> f64 { r.info_field("cpu", field).parse().unwrap() };
+    get(r, "used_cpu_user") + get(r, "used_cpu_sys")
+}
+
 /// The 1-minute load average, for the machine note.
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -313,6 +341,9 @@ struct Outcome {
     schedule_rate: f64,
     schedule_secs: f64,
     schedule_batch_ms: f64,
+    /// CPU time per timer scheduled (µs, every thread of the system), what the load of
+    /// other processes changes least.
+    schedule_cpu_us: f64,
     overdue_at_fire_start: usize,
     fire_rate: f64,
     fire_busy: f64,
@@ -320,6 +351,12 @@ struct Outcome {
     per_poll: f64,
     polls: usize,
     late: Lateness,
+    /// Lateness when the poll began (the part the loop's wake-up and the machine add).
+    late_at_poll: Lateness,
+    /// Time in the poll call, per poll that returned timers.
+    poll_time: Lateness,
+    /// Time in the completion call, per poll that returned timers.
+    complete_time: Lateness,
     restart_ms: f64,
     restart_detail: String,
     restart_compact_ms: f64,
@@ -327,6 +364,9 @@ struct Outcome {
     drain_rate: f64,
     drain_poll_us: f64,
     drain_complete_us: f64,
+    /// CPU time per timer in the catch-up (µs, every thread of the system, until the last
+    /// removal is on disk).
+    drain_cpu_us: f64,
     disk_per_timer: f64,
     compact_per_timer: f64,
     log_sched_per_timer: f64,
@@ -421,8 +461,10 @@ fn run_ours(args: &Args, jobs: &[Job], root: &Path) -> Outcome {
         args.window_ms as f64 / 1000.0
     );
     let t = Instant::now();
+    let cpu = process_cpu_secs();
     ours_schedule(&mut q, jobs, b, |j| t0 + j.offset_ms);
     out.schedule_secs = t.elapsed().as_secs_f64();
+    out.schedule_cpu_us = (process_cpu_secs() - cpu) * 1e6 / n as f64;
     out.schedule_rate = n as f64 / out.schedule_secs;
     out.schedule_batch_ms = out.schedule_secs * 1000.0 / n.div_ceil(b) as f64;
     let rss1 = rss_bytes();
@@ -460,11 +502,14 @@ fn run_ours(args: &Args, jobs: &[Job], root: &Path) -> Outcome {
         t0.saturating_sub(start) as f64 / 1000.0
     );
     let mut late = Vec::with_capacity(n);
+    let mut late_at_poll = Vec::with_capacity(n);
+    let (mut poll_us, mut complete_us) = (Vec::new(), Vec::new());
     let mut busy = Duration::ZERO;
     let mut fired = 0usize;
     loop {
         let t = Instant::now();
-        let batch = q.poll_due(UnixTime(now_ms()), b).expect("poll_due");
+        let began = now_us();
+        let batch = q.poll_due(UnixTime(began / 1000), b).expect("poll_due");
         let returned = now_us();
         if batch.is_empty() {
             busy += t.elapsed();
@@ -482,12 +527,20 @@ fn run_ours(args: &Args, jobs: &[Job], root: &Path) -> Outcome {
                 .iter()
                 .map(|task| returned.saturating_sub(task.due_at.0 * 1000)),
         );
+        late_at_poll.extend(
+            batch
+                .iter()
+                .map(|task| began.saturating_sub(task.due_at.0 * 1000)),
+        );
+        poll_us.push(returned.saturating_sub(began));
         out.polls += 1;
         out.full_polls += usize::from(batch.len() == b);
         let ids: Vec<TaskId> = batch.iter().map(|task| task.id).collect();
+        let tc = Instant::now();
         fired += q
             .complete_many_deferred(&ids)
             .expect("complete_many_deferred");
+        complete_us.push(tc.elapsed().as_micros() as u64);
         busy += t.elapsed();
     }
     // The last removals on disk before the clock stops.
@@ -500,6 +553,9 @@ fn run_ours(args: &Args, jobs: &[Job], root: &Path) -> Outcome {
     out.fire_busy = busy.as_secs_f64() / span_secs;
     out.per_poll = fired as f64 / out.polls.max(1) as f64;
     out.late = lateness(late);
+    out.late_at_poll = lateness(late_at_poll);
+    out.poll_time = lateness(poll_us);
+    out.complete_time = lateness(complete_us);
     let store = q.store();
     out.log_fire_per_timer = (store.wal_bytes_written() - wal_before_fire) as f64 / n as f64;
     out.device_writes_per_timer = device_writes(store) as f64 / n as f64;
@@ -527,6 +583,7 @@ fn run_ours(args: &Args, jobs: &[Job], root: &Path) -> Outcome {
 
     // Catch-up: drain the overdue timers as fast as possible.
     let t = Instant::now();
+    let cpu = process_cpu_secs();
     let mut fired = 2; // one by each restart
     let (mut poll, mut complete) = (Duration::ZERO, Duration::ZERO);
     while fired < n {
@@ -546,6 +603,7 @@ fn run_ours(args: &Args, jobs: &[Job], root: &Path) -> Outcome {
     q.sync_completions().expect("sync_completions");
     complete += tc.elapsed();
     out.drain_rate = fired as f64 / t.elapsed().as_secs_f64();
+    out.drain_cpu_us = (process_cpu_secs() - cpu) * 1e6 / fired as f64;
     out.drain_poll_us = poll.as_secs_f64() * 1e6 / fired as f64;
     out.drain_complete_us = complete.as_secs_f64() * 1e6 / fired as f64;
     eprintln!(
@@ -809,8 +867,10 @@ fn run_redis(args: &Args, jobs: &[Job], addr: &str) -> (Outcome, String) {
         (t0 - now_ms()) as f64 / 1000.0
     );
     let t = Instant::now();
+    let cpu = redis_cpu_secs(&mut r) + process_cpu_secs();
     redis_schedule(&mut r, jobs, b, (ZKEY, HKEY), |j| t0 + j.offset_ms);
     out.schedule_secs = t.elapsed().as_secs_f64();
+    out.schedule_cpu_us = (redis_cpu_secs(&mut r) + process_cpu_secs() - cpu) * 1e6 / n as f64;
     out.schedule_rate = n as f64 / out.schedule_secs;
     out.schedule_batch_ms = out.schedule_secs * 1000.0 / n.div_ceil(b) as f64;
     let mem1: u64 = r.info_field("memory", "used_memory").parse().unwrap();
@@ -848,11 +908,14 @@ fn run_redis(args: &Args, jobs: &[Job], addr: &str) -> (Outcome, String) {
         t0.saturating_sub(start) as f64 / 1000.0
     );
     let mut late = Vec::with_capacity(n);
+    let mut late_at_poll = Vec::with_capacity(n);
+    let (mut poll_us, mut complete_us) = (Vec::new(), Vec::new());
     let mut busy = Duration::ZERO;
     let mut fired = 0usize;
     loop {
         let t = Instant::now();
-        let batch = redis_poll(&mut r, now_ms(), b);
+        let began = now_us();
+        let batch = redis_poll(&mut r, began / 1000, b);
         let returned = now_us();
         if batch.is_empty() {
             let first = r
@@ -877,9 +940,17 @@ fn run_redis(args: &Args, jobs: &[Job], addr: &str) -> (Outcome, String) {
                 .iter()
                 .map(|(_, due)| returned.saturating_sub(due * 1000)),
         );
+        late_at_poll.extend(
+            batch
+                .iter()
+                .map(|(_, due)| began.saturating_sub(due * 1000)),
+        );
+        poll_us.push(returned.saturating_sub(began));
         out.polls += 1;
         out.full_polls += usize::from(batch.len() == b);
+        let tc = Instant::now();
         fired += redis_complete(&mut r, &batch);
+        complete_us.push(tc.elapsed().as_micros() as u64);
         busy += t.elapsed();
     }
     let end = now_us();
@@ -888,6 +959,9 @@ fn run_redis(args: &Args, jobs: &[Job], addr: &str) -> (Outcome, String) {
     out.fire_busy = busy.as_secs_f64() / span_secs;
     out.per_poll = fired as f64 / out.polls.max(1) as f64;
     out.late = lateness(late);
+    out.late_at_poll = lateness(late_at_poll);
+    out.poll_time = lateness(poll_us);
+    out.complete_time = lateness(complete_us);
     let aof3 = dir_size(&dir);
     out.log_fire_per_timer = aof3.saturating_sub(aof2) as f64 / n as f64;
     out.device_writes_per_timer = out.log_sched_per_timer + out.log_fire_per_timer;
@@ -922,6 +996,7 @@ fn run_redis(args: &Args, jobs: &[Job], addr: &str) -> (Outcome, String) {
 
     // Catch-up.
     let t = Instant::now();
+    let cpu = redis_cpu_secs(&mut r) + process_cpu_secs();
     let mut fired = 0usize;
     let (mut poll, mut complete) = (Duration::ZERO, Duration::ZERO);
     while fired < n {
@@ -934,6 +1009,7 @@ fn run_redis(args: &Args, jobs: &[Job], addr: &str) -> (Outcome, String) {
         complete += tc.elapsed();
     }
     out.drain_rate = fired as f64 / t.elapsed().as_secs_f64();
+    out.drain_cpu_us = (redis_cpu_secs(&mut r) + process_cpu_secs() - cpu) * 1e6 / fired as f64;
     out.drain_poll_us = poll.as_secs_f64() * 1e6 / fired as f64;
     out.drain_complete_us = complete.as_secs_f64() * 1e6 / fired as f64;
     eprintln!(
@@ -1013,7 +1089,7 @@ fn main() {
     println!("|---|---:|---:|---:|---|");
     type Get = fn(&Outcome) -> f64;
     // (metric, value, which is better, decimals, measured for Redis too)
-    let rows: [(&str, Get, &str, usize, bool); 19] = [
+    let rows: [(&str, Get, &str, usize, bool); 26] = [
         (
             "schedule throughput (timers/s)",
             |o| o.schedule_rate,
@@ -1024,6 +1100,13 @@ fn main() {
         (
             "schedule: time per synced batch (ms)",
             |o| o.schedule_batch_ms,
+            "lower",
+            2,
+            true,
+        ),
+        (
+            "schedule: CPU time per timer (µs, server + client)",
+            |o| o.schedule_cpu_us,
             "lower",
             2,
             true,
@@ -1046,6 +1129,41 @@ fn main() {
         ("fire lateness p99 (ms)", |o| o.late.p99, "lower", 2, true),
         ("fire lateness max (ms)", |o| o.late.max, "lower", 2, true),
         (
+            "fire: lateness when the poll began, p50 (ms)",
+            |o| o.late_at_poll.p50,
+            "lower",
+            2,
+            true,
+        ),
+        (
+            "fire: lateness when the poll began, p99 (ms)",
+            |o| o.late_at_poll.p99,
+            "lower",
+            2,
+            true,
+        ),
+        (
+            "fire: poll time per poll, p99 (ms)",
+            |o| o.poll_time.p99,
+            "lower",
+            3,
+            true,
+        ),
+        (
+            "fire: poll time per poll, max (ms)",
+            |o| o.poll_time.max,
+            "lower",
+            3,
+            true,
+        ),
+        (
+            "fire: completion call per poll, p99 (ms)",
+            |o| o.complete_time.p99,
+            "lower",
+            3,
+            true,
+        ),
+        (
             "catch-up fire rate, all overdue (fires/s)",
             |o| o.drain_rate,
             "higher",
@@ -1062,6 +1180,13 @@ fn main() {
         (
             "catch-up: complete time per timer (µs)",
             |o| o.drain_complete_us,
+            "lower",
+            2,
+            true,
+        ),
+        (
+            "catch-up: CPU time per timer (µs, server + client)",
+            |o| o.drain_cpu_us,
             "lower",
             2,
             true,

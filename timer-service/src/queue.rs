@@ -19,7 +19,7 @@
 //! The queue never reads a clock (every call takes `now`) and draws task ids from its RNG.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use rand::CryptoRng;
 use sha2::{Digest, Sha256};
@@ -74,13 +74,17 @@ pub struct TimerQueue<S: TaskStore, R: CryptoRng> {
     config: QueueConfig,
     store: S,
     rng: R,
-    tasks: BTreeMap<TaskId, TaskMeta>,
+    /// Every task held, by id. A hash map: the fire path looks each task up by id (poll,
+    /// complete), and a lookup in a B-tree of a million random ids costs a cache miss per
+    /// level. Its iteration order (random keys, std's `RandomState`) never reaches an output:
+    /// the few walks over it count, or sort what they collect.
+    tasks: HashMap<TaskId, TaskMeta>,
     /// Scheduled tasks not running, by category, ordered by (priority desc, due, id).
     ready: BTreeMap<Category, BTreeSet<(Reverse<u8>, UnixTime, TaskId)>>,
     /// The same tasks ordered by due time.
     by_due: BTreeMap<Category, BTreeSet<(UnixTime, TaskId)>>,
-    /// Running tasks and when their lease expires.
-    leased: BTreeMap<TaskId, UnixTime>,
+    /// Running tasks and when their lease expires (a hash map, as `tasks`).
+    leased: HashMap<TaskId, UnixTime>,
     lease_expiry: BTreeSet<(UnixTime, TaskId)>,
     counts: BTreeMap<Category, usize>,
     paused: BTreeSet<Category>,
@@ -118,10 +122,10 @@ impl<S: TaskStore, R: CryptoRng> TimerQueue<S, R> {
             config,
             store,
             rng,
-            tasks: BTreeMap::new(),
+            tasks: HashMap::with_capacity(loaded.tasks.len()),
             ready: BTreeMap::new(),
             by_due: BTreeMap::new(),
-            leased: BTreeMap::new(),
+            leased: HashMap::new(),
             lease_expiry: BTreeSet::new(),
             counts: BTreeMap::new(),
             paused: BTreeSet::new(),
@@ -419,6 +423,9 @@ impl<S: TaskStore, R: CryptoRng> TimerQueue<S, R> {
             self.owners.remove(&key);
         }
         self.owners.extend(owners);
+        // Into the due-ordered indexes in due order: neighbouring inserts share B-tree nodes
+        // (the batch's due times are in any order).
+        accepted.sort_unstable_by_key(|meta| (meta.due_at, meta.id));
         for meta in accepted {
             *self.counts.entry(meta.category).or_default() += 1;
             self.index(&meta);
@@ -770,12 +777,14 @@ impl<S: TaskStore, R: CryptoRng> TimerQueue<S, R> {
     /// Deletes every task of `category` (scheduled, running or quarantined) in one write;
     /// returns how many.
     pub fn purge(&mut self, category: Category) -> Result<usize> {
-        let ids: Vec<TaskId> = self
+        let mut ids: Vec<TaskId> = self
             .tasks
             .values()
             .filter(|m| m.category == category)
             .map(|m| m.id)
             .collect();
+        // In id order, whatever the hash map's order: the store gets the same batch each run.
+        ids.sort_unstable();
         self.delete(&ids, false, false)?;
         Ok(ids.len())
     }

@@ -224,6 +224,51 @@ fn a_batch_is_applied_whole() {
     assert_eq!(loaded.meta.len(), 1);
 }
 
+/// The store writes a batch in key order (faster memtable inserts); several writes of one
+/// key in a batch still apply in the order given, whatever the keys around them.
+#[test]
+fn writes_of_one_key_in_a_batch_keep_their_order() {
+    let dir = TempDir::new().unwrap();
+    let x = meta(50, 1);
+    let y = meta(10, 2);
+    let z = meta(70, 3);
+    let mut moved = meta(90, 4);
+    let mut store = open(dir.path());
+    store
+        .apply(vec![
+            put(&x, Some(b"one"), None),
+            put(&z, Some(b"zzz"), None),
+            Mutation::DeleteTask { meta: x.clone() },
+            put(&y, Some(b"yyy"), None),
+            put(&x, Some(b"two"), None),
+            Mutation::DeleteTask { meta: z.clone() },
+            put(&moved, Some(b"mov"), None),
+        ])
+        .unwrap();
+    // A record moved to an earlier due time, then back, in one batch: the payload follows.
+    let first_due = moved.due_at.0;
+    moved.due_at = UnixTime(5);
+    let back = {
+        let mut m = moved.clone();
+        m.due_at = UnixTime(first_due);
+        m
+    };
+    store
+        .apply(vec![
+            put(&moved, None, Some(first_due)),
+            put(&back, None, Some(5)),
+        ])
+        .unwrap();
+    drop(store);
+    let mut store = open(dir.path());
+    let loaded = store.load().unwrap();
+    assert_eq!(loaded.tasks, vec![y, x, back]);
+    assert_eq!(store.payload(&TaskId([1; 16])).unwrap(), b"two");
+    assert_eq!(store.payload(&TaskId([2; 16])).unwrap(), b"yyy");
+    assert_eq!(store.payload(&TaskId([3; 16])), Err(TimerError::NotFound));
+    assert_eq!(store.payload(&TaskId([4; 16])).unwrap(), b"mov");
+}
+
 /// Writes `value` under `key` in the `tasks` column family with the raw RocksDB API.
 fn write_raw_task(path: &Path, key: &[u8], value: &[u8]) {
     let opts = rocksdb::Options::default();
@@ -663,6 +708,184 @@ fn a_failed_deferred_write_poisons_the_store() {
     let mut store = open(&poison_db(root.path()));
     assert_eq!(store.load().unwrap().tasks, vec![meta(10, 1)]);
     assert_eq!(store.payload(&TaskId([2; 16])), Err(TimerError::NotFound));
+}
+
+// ---- deferred completions and kill -9 ----------------------------------------------------------
+//
+// A child process (this test binary again) runs the queue over RocksDB on disk, completes
+// tasks in the ways the queue offers, says so on its stdout and waits; the parent kills it
+// with SIGKILL as soon as it reads the line, reopens the store and looks at what fires again.
+// Groups of tasks are told apart by their payload's first byte.
+
+const DEFERRED_CRASH_DIR_ENV: &str = "WHISPR_TEST_DEFERRED_CRASH_DIR";
+/// Tasks per group; the group completed with a deferred write just before the kill is
+/// larger, so that its write (tens of ms: a batch of 2 × 50,000 deletions and its fsync) is
+/// still under way when the kill arrives.
+const CRASH_GROUP: usize = 1_000;
+const CRASH_DEFERRED_AT_KILL: usize = 50_000;
+/// The line the child prints once the last deferred completion is handed to the store.
+const CRASH_READY: &str = "deferred-completions-queued";
+
+fn crash_queue(path: &Path) -> TimerQueue<RocksStore, ChaCha20Rng> {
+    let config = QueueConfig {
+        concurrency_max: usize::MAX,
+        queue_tasks_max: usize::MAX,
+        ..QueueConfig::default()
+    };
+    TimerQueue::open(config, open(path), ChaCha20Rng::seed_from_u64(21)).unwrap()
+}
+
+/// The child half of `a_deferred_completion_cut_by_kill_9_fires_again`; does nothing alone.
+#[test]
+#[ignore = "run by a_deferred_completion_cut_by_kill_9_fires_again in a child process"]
+fn deferred_crash_child_process() {
+    use std::io::Write;
+    let Some(root) = std::env::var_os(DEFERRED_CRASH_DIR_ENV) else {
+        return;
+    };
+    let now = UnixTime(1_700_000_000_000);
+    let mut q = crash_queue(Path::new(&root));
+    // A: completed with a synced write; B: completed deferred, then a synced write (the
+    // marker C); D: completed deferred just before the kill; E: running at the kill (fired,
+    // never completed); F: not due yet.
+    let groups: [(u8, usize, u64); 5] = [
+        (b'A', CRASH_GROUP, now.0),
+        (b'B', CRASH_GROUP, now.0),
+        (b'D', CRASH_DEFERRED_AT_KILL, now.0),
+        (b'E', CRASH_GROUP, now.0),
+        (b'F', CRASH_GROUP, now.0 + 86_400_000),
+    ];
+    for (tag, count, due) in groups {
+        let tasks: Vec<NewTask> = (0..count)
+            .map(|i| new_task(3, due, &[tag, (i % 251) as u8]))
+            .collect();
+        for chunk in tasks.chunks(1_000) {
+            let results = q.schedule_many(now, chunk.to_vec()).unwrap();
+            assert!(results.iter().all(Result::is_ok));
+        }
+    }
+    let fired = q.poll_due(UnixTime(now.0 + 1_000), usize::MAX).unwrap();
+    assert_eq!(fired.len(), 3 * CRASH_GROUP + CRASH_DEFERRED_AT_KILL);
+    let of = |tag: u8| -> Vec<TaskId> {
+        fired
+            .iter()
+            .filter(|t| t.payload.first() == Some(&tag))
+            .map(|t| t.id)
+            .collect()
+    };
+    assert_eq!(q.complete_many(&of(b'A')).unwrap(), CRASH_GROUP);
+    assert_eq!(q.complete_many_deferred(&of(b'B')).unwrap(), CRASH_GROUP);
+    // A synced write returns once every deferred write before it is on disk.
+    q.schedule(now, new_task(3, now.0 + 86_400_000, b"C"))
+        .unwrap();
+    assert_eq!(
+        q.complete_many_deferred(&of(b'D')).unwrap(),
+        CRASH_DEFERRED_AT_KILL
+    );
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{CRASH_READY}").unwrap();
+    out.flush().unwrap();
+    // Waits for the kill (bounded, should the parent be gone).
+    for _ in 0..120 {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+/// What a store holds after the child's kill: tasks per group (payload's first byte).
+fn crash_groups(path: &Path) -> std::collections::BTreeMap<u8, usize> {
+    let mut q = crash_queue(path);
+    let fired = q.poll_due(UnixTime(u64::MAX / 2), usize::MAX).unwrap();
+    assert_eq!(
+        fired.len(),
+        q.len(),
+        "every stored task fires after a restart"
+    );
+    let mut groups = std::collections::BTreeMap::new();
+    for task in fired {
+        *groups
+            .entry(task.payload.first().copied().unwrap_or(0))
+            .or_insert(0) += 1;
+    }
+    groups
+}
+
+/// At-least-once across `kill -9`: a task completed with `complete_many_deferred` whose
+/// removal had not reached the disk fires again after the restart (the whole deferred batch
+/// or none of it); a synced completion, and a deferred one followed by any synced write,
+/// never fire again; running and pending tasks all fire. The kill races the writer thread:
+/// a round where the deferred batch was already on disk shows nothing, so up to three rounds
+/// run until one shows the refire.
+#[cfg(unix)]
+#[test]
+fn a_deferred_completion_cut_by_kill_9_fires_again() {
+    use std::io::BufRead;
+    let exe = std::env::current_exe().unwrap();
+    let mut refired_rounds = 0;
+    for round in 0..3 {
+        let root = TempDir::new().unwrap();
+        let mut child = std::process::Command::new(&exe)
+            .args([
+                "deferred_crash_child_process",
+                "--exact",
+                "--ignored",
+                "--test-threads=1",
+                "--nocapture",
+            ])
+            .env(DEFERRED_CRASH_DIR_ENV, root.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line.contains(CRASH_READY) {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        let ready = rx.recv_timeout(std::time::Duration::from_secs(300));
+        child.kill().unwrap(); // SIGKILL
+        let status = child.wait().unwrap();
+        reader.join().unwrap();
+        assert!(
+            ready.is_ok(),
+            "round {round}: the child never got to the kill point"
+        );
+        assert!(!status.success(), "the child was supposed to be killed");
+
+        let groups = crash_groups(root.path());
+        let count = |tag: u8| groups.get(&tag).copied().unwrap_or(0);
+        assert_eq!(
+            count(b'A'),
+            0,
+            "a synced completion fired again: {groups:?}"
+        );
+        assert_eq!(
+            count(b'B'),
+            0,
+            "a deferred completion followed by a synced write fired again: {groups:?}"
+        );
+        assert_eq!(count(b'C'), 1, "{groups:?}");
+        assert_eq!(count(b'E'), CRASH_GROUP, "running tasks must fire again");
+        assert_eq!(count(b'F'), CRASH_GROUP, "pending tasks must survive");
+        let refired = count(b'D');
+        assert!(
+            refired == 0 || refired == CRASH_DEFERRED_AT_KILL,
+            "a deferred batch lands whole or not at all: {refired} of {CRASH_DEFERRED_AT_KILL}"
+        );
+        eprintln!("round {round}: {refired} deferred completions fired again after kill -9");
+        if refired == CRASH_DEFERRED_AT_KILL {
+            refired_rounds += 1;
+            break;
+        }
+    }
+    assert_eq!(
+        refired_rounds, 1,
+        "in three rounds the kill never caught a deferred completion before the disk"
+    );
 }
 
 /// A store written with payloads keyed by task id alone (the layout before due-time keys):

@@ -73,7 +73,14 @@
 //! windows, `N` packets submitted at `R` per second, whatever is in flight), `--warmup N` (default 1000), `--hop-rounds R`
 //! (default 20), `--hop-packets P` (default 256), `--noise-rounds R` (default 30), `--conns M`
 //! (default 2000), `--conns-parallel K` (default 16), `--relay-packets N` (default 60000),
-//! `--relay-workers W,...` (default `1,0`).
+//! `--relay-workers W,...` (default `1,0`), `--peel-inline on|off` (the chain's
+//! `mesh.peel_inline`, default off).
+//!
+//! The chain part also prints, per window, where a packet's time goes: the nodes report when
+//! packets pass each stage of their path (`whispr_relay::mesh::StageProbe`, installed by this
+//! bench only: read from a peer, taken by the core, back from the peel, released after the
+//! synced tag write, written to the next hop's stream); each stage's marks are sorted and
+//! paired by rank with the next stage's (every stage is first in, first out on its node).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -105,13 +112,20 @@ use whispr_protocol::sphinx::{
 };
 use whispr_protocol::{DestinationAddress, KeyEpoch, NodeId, UnixTime};
 use whispr_relay::config::{MeshConfig, RelayRole};
-use whispr_relay::mesh::{LocalDestination, Mesh, MeshError, MeshHandle, MeshOptions};
+use whispr_relay::mesh::{
+    LocalDestination, Mesh, MeshError, MeshHandle, MeshOptions, Stage, StageProbe,
+    install_stage_probe,
+};
 use whispr_relay::router::{Delivery, Input, Output, RateLimit, Router, RouterConfig, Source};
 use whispr_relay::storage::{ReplayStore, RocksOptions, RocksReplayStore};
 use x25519_dalek::{PublicKey as XPublicKey, StaticSecret};
 
 // ---------------------------------------------------------------------------------------------
 // Arguments and small helpers
+
+/// `mesh.peel_inline` of the chain's nodes (`--peel-inline on|off`, default off as in the
+/// relay's configuration).
+static PEEL_INLINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 struct Args {
     parts: Vec<String>,
@@ -188,6 +202,14 @@ fn parse_args() -> Args {
             "--conns" => args.conns = value("--conns").parse().expect("M"),
             "--conns-parallel" => {
                 args.conns_parallel = value("--conns-parallel").parse().expect("K")
+            }
+            "--peel-inline" => {
+                let on = match value("--peel-inline").as_str() {
+                    "on" => true,
+                    "off" => false,
+                    other => panic!("--peel-inline on|off, not {other:?}"),
+                };
+                PEEL_INLINE.store(on, Ordering::Relaxed);
             }
             "--relay-packets" => args.relay_packets = value("--relay-packets").parse().expect("N"),
             "--relay-workers" => {
@@ -1127,6 +1149,117 @@ impl LocalDestination for Recorder {
     }
 }
 
+/// The stage marks of the nodes' packet paths (`whispr_relay::mesh::StageProbe`), in ns since
+/// `base` (the clock of [`Arrivals`]), per node and stage; recorded while `on`.
+struct StageLog {
+    base: Instant,
+    on: std::sync::atomic::AtomicBool,
+    marks: Mutex<std::collections::HashMap<(NodeId, Stage), Vec<u64>>>,
+}
+
+impl StageProbe for StageLog {
+    fn mark(&self, node: &NodeId, stage: Stage, count: usize, at: Instant) {
+        if !self.on.load(Ordering::Relaxed) {
+            return;
+        }
+        let ns = u64::try_from(at.saturating_duration_since(self.base).as_nanos()).unwrap_or(0) + 1;
+        let mut marks = self.marks.lock().unwrap();
+        let v = marks.entry((*node, stage)).or_default();
+        v.extend(std::iter::repeat_n(ns, count));
+    }
+}
+
+/// One segment of the chain's per-packet breakdown: its name and per-packet durations (µs).
+struct Segment {
+    name: &'static str,
+    us: Vec<f64>,
+}
+
+/// Where a packet's time goes, segment by segment: the marks of each stage sorted and paired
+/// by rank with the next stage's (every stage is first in, first out on its node, so the
+/// i-th packet to pass a stage is the i-th to pass the next). `None` when a stage did not see
+/// every packet.
+fn stage_breakdown(
+    log: &StageLog,
+    nodes: &[NodeId; 3],
+    mut submits: Vec<u64>,
+    mut arrivals: Vec<u64>,
+) -> Option<Vec<Segment>> {
+    let marks = log.marks.lock().unwrap();
+    let n = arrivals.len();
+    if submits.len() != n {
+        return None;
+    }
+    submits.sort_unstable();
+    arrivals.sort_unstable();
+    let get = |node: &NodeId, stage: Stage| -> Option<Vec<u64>> {
+        let mut v = marks.get(&(*node, stage))?.clone();
+        (v.len() == n).then(|| {
+            v.sort_unstable();
+            v
+        })
+    };
+    let [edge, mix, dest] = nodes;
+    let points: Vec<(&'static str, Vec<u64>)> = vec![
+        ("submitted", submits),
+        (
+            "edge: submit → core (client path, inbox)",
+            get(edge, Stage::CoreIn)?,
+        ),
+        ("edge: peel pool round trip", get(edge, Stage::Peeled)?),
+        (
+            "edge: wait for the synced tag write",
+            get(edge, Stage::Released)?,
+        ),
+        (
+            "edge: sender task, Noise/Yamux write + flush",
+            get(edge, Stage::Written)?,
+        ),
+        (
+            "link edge → mix (connection tasks, TCP, reader task)",
+            get(mix, Stage::Read)?,
+        ),
+        ("mix: reader → core (inbox)", get(mix, Stage::CoreIn)?),
+        ("mix: peel pool round trip", get(mix, Stage::Peeled)?),
+        (
+            "mix: wait for the synced tag write",
+            get(mix, Stage::Released)?,
+        ),
+        (
+            "mix: sender task, Noise/Yamux write + flush",
+            get(mix, Stage::Written)?,
+        ),
+        ("link mix → destination", get(dest, Stage::Read)?),
+        (
+            "destination: reader → core (inbox)",
+            get(dest, Stage::CoreIn)?,
+        ),
+        (
+            "destination: peel pool round trip",
+            get(dest, Stage::Peeled)?,
+        ),
+        (
+            "destination: wait for the synced tag write",
+            get(dest, Stage::Released)?,
+        ),
+        ("destination: deliver", arrivals),
+    ];
+    Some(
+        points
+            .windows(2)
+            .map(|pair| Segment {
+                name: pair[1].0,
+                us: pair[0]
+                    .1
+                    .iter()
+                    .zip(&pair[1].1)
+                    .map(|(a, b)| b.saturating_sub(*a) as f64 / 1e3)
+                    .collect(),
+            })
+            .collect(),
+    )
+}
+
 struct Node {
     handle: MeshHandle,
     stop: oneshot::Sender<()>,
@@ -1146,6 +1279,7 @@ fn mesh_config(
         roles,
         mix_layer,
         descriptor_publish_ms: 300,
+        peel_inline: PEEL_INLINE.load(Ordering::Relaxed),
         router: RouterConfig {
             edge,
             peer_rate: RateLimit::unlimited(),
@@ -1225,6 +1359,8 @@ struct WindowResult {
     cores_busy: f64,
     machine_busy: f64,
     loadavg: String,
+    /// Where a packet's time went ([`stage_breakdown`]).
+    stages: Option<Vec<Segment>>,
 }
 
 fn wal_total(dirs: &[PathBuf]) -> (u64, u64) {
@@ -1233,8 +1369,10 @@ fn wal_total(dirs: &[PathBuf]) -> (u64, u64) {
         .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_window(
     edge: &MeshHandle,
+    stages: (&StageLog, &[NodeId; 3]),
     wal_dirs: &[PathBuf],
     arrivals: &Arc<Arrivals>,
     packets: Vec<Vec<u8>>,
@@ -1249,6 +1387,7 @@ async fn run_window(
     let client = edge.new_client_id();
     let before = arrivals.delivered.load(Ordering::Relaxed);
     let wal_before = wal_total(wal_dirs);
+    stages.0.marks.lock().unwrap().clear();
     let cpu = CpuSnapshot::now();
     let paced_from = tokio::time::Instant::now();
     for (i, bytes) in packets.into_iter().enumerate() {
@@ -1310,6 +1449,7 @@ async fn run_window(
             arrivals_ns.push(a);
         }
     }
+    let breakdown = stage_breakdown(stages.0, stages.1, submits.clone(), arrivals_ns.clone());
     arrivals_ns.sort_unstable();
     let start = submits.iter().copied().min().unwrap_or(0);
     let end = arrivals_ns.last().copied().unwrap_or(start);
@@ -1341,6 +1481,7 @@ async fn run_window(
         cores_busy,
         machine_busy,
         loadavg: loadavg(),
+        stages: breakdown,
     }
 }
 
@@ -1397,6 +1538,15 @@ async fn bench_mesh(
         Some(Arc::new(Recorder(arrivals.clone()))),
     );
     let nodes = [&edge, &mix, &destination];
+    let stage_log = Arc::new(StageLog {
+        base: arrivals.base,
+        on: std::sync::atomic::AtomicBool::new(true),
+        marks: Mutex::default(),
+    });
+    // Once per process; the relay part runs later without it (`on` false).
+    let installed = install_stage_probe(stage_log.clone());
+    assert!(installed, "stage probe installed twice");
+    let node_ids = nodes.map(|n| n.handle.node_id());
     let wal_dirs: Vec<PathBuf> = nodes.iter().map(|n| n.dir.path().join("replay")).collect();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !nodes.iter().all(|n| n.handle.directory().len() == 3) {
@@ -1431,7 +1581,17 @@ async fn bench_mesh(
     eprintln!("mesh: built in {build_s:.1} s");
 
     let mut rest = packets.split_off(warmup);
-    let warm = run_window(&edge.handle, &wal_dirs, &arrivals, packets, 0, 64, None).await;
+    let warm = run_window(
+        &edge.handle,
+        (&stage_log, &node_ids),
+        &wal_dirs,
+        &arrivals,
+        packets,
+        0,
+        64,
+        None,
+    )
+    .await;
     eprintln!(
         "mesh: warm-up {} packets, W = 64: {}/{} delivered, {:.0} packets/s",
         warm.sent, warm.delivered, warm.sent, warm.per_s
@@ -1441,7 +1601,17 @@ async fn bench_mesh(
     for &(w, n, rate) in &runs {
         let tail = rest.split_off(n);
         let chunk = std::mem::replace(&mut rest, tail);
-        let r = run_window(&edge.handle, &wal_dirs, &arrivals, chunk, first, w, rate).await;
+        let r = run_window(
+            &edge.handle,
+            (&stage_log, &node_ids),
+            &wal_dirs,
+            &arrivals,
+            chunk,
+            first,
+            w,
+            rate,
+        )
+        .await;
         eprintln!(
             "mesh: W = {}: {}/{} delivered ({} refused), {:.0} packets/s, p50 {:.2} ms, p99 {:.2} ms",
             r.window, r.delivered, r.sent, r.refused, r.per_s, r.p50_ms, r.p99_ms
@@ -1450,6 +1620,7 @@ async fn bench_mesh(
         windows.push(r);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    stage_log.on.store(false, Ordering::Relaxed);
     // Counters are published after each core step; let them settle.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let counters = vec![
@@ -1474,12 +1645,65 @@ async fn bench_mesh(
     }
 }
 
+/// The per-packet breakdown of each window: mean, p50 and p99 of each segment, and its mean
+/// over the slowest 1 % of packets (end to end), which shows where the tail goes.
+fn print_stages(r: &MeshResult) {
+    for w in &r.windows {
+        let Some(segments) = &w.stages else {
+            println!(
+                "\nW = {}: no stage breakdown (a stage did not see every packet).",
+                w.window
+            );
+            continue;
+        };
+        let n = segments.first().map_or(0, |s| s.us.len());
+        let total: Vec<f64> = (0..n)
+            .map(|i| segments.iter().map(|s| s.us[i]).sum())
+            .collect();
+        let cut = percentile(&total, 99.0);
+        let slow: Vec<usize> = (0..n).filter(|&i| total[i] >= cut).collect();
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let slow_mean =
+            |v: &[f64]| slow.iter().map(|&i| v[i]).sum::<f64>() / slow.len().max(1) as f64;
+        println!(
+            "\n#### W = {}: where a packet's time goes (stage marks paired by rank, µs)\n",
+            w.window
+        );
+        println!("| segment | mean | p50 | p99 | mean over the slowest 1 % |");
+        println!("|---|---:|---:|---:|---:|");
+        for s in segments {
+            println!(
+                "| {} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                s.name,
+                mean(&s.us),
+                percentile(&s.us, 50.0),
+                percentile(&s.us, 99.0),
+                slow_mean(&s.us)
+            );
+        }
+        println!(
+            "| **end to end** | {:.0} | {:.0} | {:.0} | {:.0} |",
+            mean(&total),
+            percentile(&total, 50.0),
+            cut,
+            slow_mean(&total)
+        );
+    }
+}
+
 fn print_mesh(r: &MeshResult, fsync: Option<&FsyncResult>, hop: Option<&HopResult>) {
     println!("\n## 3-hop loopback chain (edge → mix → destination), mixing off\n");
     println!(
         "Three in-process meshes on 127.0.0.1 (TCP + Noise + Yamux), one 2-worker Tokio runtime; \
-         {} packets built beforehand in {:.1} s (not timed). Latency: `submit_client` → `deliver`.\n",
-        r.built, r.build_s
+         {} packets built beforehand in {:.1} s (not timed). Latency: `submit_client` → `deliver`. \
+         `mesh.peel_inline` {}.\n",
+        r.built,
+        r.build_s,
+        if PEEL_INLINE.load(Ordering::Relaxed) {
+            "on"
+        } else {
+            "off"
+        }
     );
     let groups: Vec<&'static str> = {
         let mut g: Vec<&'static str> = r
@@ -1546,6 +1770,7 @@ fn print_mesh(r: &MeshResult, fsync: Option<&FsyncResult>, hop: Option<&HopResul
             .collect::<Vec<_>>()
             .join(", ")
     );
+    print_stages(r);
     if let Some(f) = fsync {
         println!(
             "Replay store synced write of 8 tags, back to back (200 writes): p50 {:.2} ms, p99 {:.2} ms, \

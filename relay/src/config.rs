@@ -89,6 +89,13 @@ pub struct MeshConfig {
     /// that many are out, the router reads no more packets (backpressure on the senders).
     #[serde(default = "default_peel_queue")]
     pub peel_queue_max: usize,
+    /// Whether a packet that finds no peel out and no other event waiting is peeled in the
+    /// router task itself (default false). At low rates on an idle machine this saves the two
+    /// thread hand-offs to and from the peel threads (latency); on a machine shared with
+    /// other busy processes it made latency worse (the peels then compete with the Tokio
+    /// tasks instead of running on their own threads: `docs/benchmarks.md`, relay round 3).
+    #[serde(default)]
+    pub peel_inline: bool,
     /// Concurrent client packet streams (libp2p client ingress), at most.
     #[serde(default = "default_client_streams")]
     pub client_streams_max: usize,
@@ -212,6 +219,7 @@ impl Default for MeshConfig {
             peer_queue_max: default_peer_queue(),
             peel_workers: 0,
             peel_queue_max: default_peel_queue(),
+            peel_inline: false,
             client_streams_max: default_client_streams(),
             descriptors_max: default_descriptors_max(),
             connections_max: default_connections_max(),

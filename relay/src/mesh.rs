@@ -96,6 +96,7 @@ mod engine;
 mod metrics;
 mod node_messages;
 mod peel;
+mod probe;
 mod shared;
 mod streams;
 mod submit;
@@ -118,6 +119,8 @@ use crate::router::{ClientId, DropReason, Router, Source};
 use crate::storage::{ReplayStore, RocksOptions, RocksReplayStore};
 
 pub use node_messages::{NODE_MESSAGES_PROTOCOL, NodeMessage};
+#[doc(hidden)]
+pub use probe::{Stage, StageProbe, install_stage_probe};
 pub use shared::{LocalDestination, MeshError};
 pub use streams::{
     ACKED_PACKETS_PROTOCOL, CLIENT_PROTOCOL, PACKETS_PROTOCOL, client_status_code,
@@ -626,6 +629,7 @@ impl MeshRunner {
             capacity_tx,
             shared.clone(),
             config.peer_queue_max,
+            config.peel_inline,
         );
         let result = tokio::select! {
             () = core.run(shutdown) => Ok(()),

@@ -882,3 +882,93 @@ async fn client_streams_of_one_peer_share_one_rate_budget() {
     }
     client_swarm.abort();
 }
+
+/// A burst through edge → mix → destination with `mesh.peel_inline` on (lone packets peeled in
+/// the core task, the others in the pool: the two paths alternate under a burst) and off
+/// (every packet through the pool): every packet is delivered exactly once, and a packet sent
+/// again is refused as a replay whichever path peeled it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_is_delivered_once_with_and_without_inline_peels() {
+    for inline in [true, false] {
+        let config =
+            |roles: Vec<RelayRole>, layer: u32, edge: bool, bootstrap: &[String]| MeshConfig {
+                peel_inline: inline,
+                ..mesh_config(roles, layer, edge, bootstrap)
+            };
+        let edge = start(config(vec![RelayRole::Edge], 0, true, &[]), vec![], None);
+        let bootstrap = [bootstrap_addr(&edge.handle)];
+        let mix = start(
+            config(vec![RelayRole::Mix], 1, false, &bootstrap),
+            vec![],
+            None,
+        );
+        let (deliveries_tx, mut deliveries) = mpsc::unbounded_channel();
+        let destination = start(
+            config(vec![], 0, false, &bootstrap),
+            vec![Role::Mailbox],
+            Some(Arc::new(Recorder(deliveries_tx))),
+        );
+        let handles = [&edge.handle, &mix.handle, &destination.handle];
+        wait_for_directories(&handles, 3).await;
+        let directory = edge.handle.directory();
+        let epoch = KeyEpoch::containing(
+            now(),
+            Duration::from_millis(RouterConfig::default().epoch_len_ms),
+        );
+        let route = [
+            hop(&directory, edge.handle.node_id(), epoch),
+            hop(&directory, mix.handle.node_id(), epoch),
+            hop(&directory, destination.handle.node_id(), epoch),
+        ];
+        let address = DestinationAddress([3u8; 32]);
+        const BURST: u32 = 60;
+        let packets: Vec<Vec<u8>> = (0..BURST)
+            .map(|i| packet(&route, address, &i.to_le_bytes()).into_bytes())
+            .collect();
+        // Within the default client rate budget (a burst of 200 per connection).
+        let client = edge.handle.new_client_id();
+        let submits: Vec<_> = packets
+            .iter()
+            .map(|bytes| {
+                let (handle, bytes) = (edge.handle.clone(), bytes.clone());
+                tokio::spawn(async move { handle.submit_client(client, bytes).await })
+            })
+            .collect();
+        for submit in submits {
+            assert_eq!(submit.await.unwrap(), Ok(()), "inline {inline}");
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        while seen.len() < BURST as usize {
+            match next_delivery(&mut deliveries).await {
+                Delivery::Final { plaintext, .. } => {
+                    let i = u32::from_le_bytes(plaintext[..4].try_into().unwrap());
+                    assert!(
+                        seen.insert(i),
+                        "packet {i} delivered twice (inline {inline})"
+                    );
+                }
+                other => panic!("unexpected delivery {other:?}"),
+            }
+        }
+        assert_eq!(
+            edge.handle
+                .submit_client(client, packets[BURST as usize / 2].clone())
+                .await,
+            Err(DropReason::Replay),
+            "inline {inline}"
+        );
+        eventually_contains(
+            &destination.handle,
+            &format!("whispr_mesh_packets_delivered_total {BURST}\n"),
+        )
+        .await;
+        for h in handles {
+            assert_eq!(metric(h, "whispr_mesh_send_failed_total "), 0);
+        }
+        // Nothing more comes (no copy) once the counters say every packet was delivered.
+        assert!(deliveries.try_recv().is_err(), "inline {inline}");
+        edge.stop().await;
+        mix.stop().await;
+        destination.stop().await;
+    }
+}

@@ -2,6 +2,7 @@
 //! key-epoch tasks.
 
 use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -14,12 +15,13 @@ use whispr_protocol::directory::{Directory, SignedDescriptor};
 use whispr_protocol::sphinx::{Packet, ReplayTag};
 use whispr_protocol::{KeyEpoch, NodeId};
 
-use super::peel::PeelPool;
+use super::peel::{PeelPool, Reply};
+use super::probe::{self, Stage};
 use super::shared::{LocalDestination, Members, MeshError, RouterEvent, Shared, write};
 use super::streams;
 use super::swarm::SwarmCommand;
 use crate::keys::EpochKeys;
-use crate::router::{DropReason, Input, Output, Router};
+use crate::router::{DropReason, Input, Output, PeelTicket, Peeled, Router};
 use crate::storage::ReplayStore;
 
 enum PersistCmd {
@@ -146,6 +148,8 @@ pub(crate) struct Core {
     capacity: watch::Sender<streams::Admission>,
     shared: Arc<Shared>,
     peer_queue_max: usize,
+    /// `mesh.peel_inline`: peel a lone packet in this task rather than in the pool.
+    peel_inline: bool,
     peers: HashMap<NodeId, mpsc::Sender<Packet>>,
     senders: JoinSet<()>,
     directory: Arc<Directory>,
@@ -166,6 +170,7 @@ impl Core {
         capacity: watch::Sender<streams::Admission>,
         shared: Arc<Shared>,
         peer_queue_max: usize,
+        peel_inline: bool,
     ) -> Core {
         Core {
             router,
@@ -177,6 +182,7 @@ impl Core {
             capacity,
             shared,
             peer_queue_max: peer_queue_max.max(1),
+            peel_inline,
             peers: HashMap::new(),
             senders: JoinSet::new(),
             directory: Arc::new(Directory::default()),
@@ -247,11 +253,23 @@ impl Core {
     fn event(&mut self, event: RouterEvent) {
         match event {
             RouterEvent::Packet { from, bytes, reply } => {
+                probe::mark(&self.shared.node_id, Stage::CoreIn, 1);
                 // Admission (role, queue share, rate limit) here; the peel in the pool; the
                 // rest (replay filter, queue) in `finish_peeled`, in admission order.
                 let admitted = self.router.admit(whispr_node_kit::clock::now(), from);
                 self.drain();
                 let refused = match admitted {
+                    // With `mesh.peel_inline`, a lone packet (no peel out, so none to keep the
+                    // order with, and no other event waiting) is peeled here: two thread
+                    // hand-offs less.
+                    Ok(ticket)
+                        if self.peel_inline && !self.pool.is_busy() && self.inbox.is_empty() =>
+                    {
+                        let peeled =
+                            std::panic::catch_unwind(AssertUnwindSafe(|| ticket.peel(&bytes))).ok();
+                        self.finish_one(ticket, peeled, reply);
+                        return;
+                    }
                     Ok(ticket) => match self.pool.submit(ticket, bytes, reply) {
                         Ok(()) => return,
                         Err((ticket, reply)) => {
@@ -295,21 +313,27 @@ impl Core {
     /// Hands the peeled packets back to the router, in the order they were admitted.
     fn finish_peeled(&mut self) {
         while let Some(done) = self.pool.next_ready() {
-            let verdict = match done.peeled {
-                Some(peeled) => {
-                    self.router
-                        .finish(whispr_node_kit::clock::now(), done.ticket, peeled)
-                }
-                None => {
-                    // Peeling panicked (a bug, not an input the protocol allows).
-                    self.router.abandon(done.ticket);
-                    Err(DropReason::Malformed)
-                }
-            };
-            self.drain();
-            if let Some(reply) = done.reply {
-                let _ = reply.send(verdict);
+            self.finish_one(done.ticket, done.peeled, done.reply);
+        }
+    }
+
+    /// Hands one peeled packet back to the router (`peeled` is `None` when peeling panicked)
+    /// and answers its sender if one waits.
+    fn finish_one(&mut self, ticket: PeelTicket, peeled: Option<Peeled>, reply: Reply) {
+        let verdict = match peeled {
+            Some(peeled) => self
+                .router
+                .finish(whispr_node_kit::clock::now(), ticket, peeled),
+            None => {
+                // Peeling panicked (a bug, not an input the protocol allows).
+                self.router.abandon(ticket);
+                Err(DropReason::Malformed)
             }
+        };
+        probe::mark(&self.shared.node_id, Stage::Peeled, 1);
+        self.drain();
+        if let Some(reply) = reply {
+            let _ = reply.send(verdict);
         }
     }
 
@@ -335,9 +359,11 @@ impl Core {
             match output {
                 Output::Send { to, packet, held } => {
                     self.shared.metrics.observe_hold(held);
+                    probe::mark(&self.shared.node_id, Stage::Released, 1);
                     self.send(to, packet);
                 }
                 Output::Deliver(delivery) => {
+                    probe::mark(&self.shared.node_id, Stage::Released, 1);
                     if let Some(destination) = &self.destination {
                         destination.deliver(delivery);
                     }

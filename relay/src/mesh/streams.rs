@@ -16,6 +16,7 @@ use whispr_protocol::NodeId;
 use whispr_protocol::sphinx::{PACKET_SIZE, Packet};
 
 use super::metrics::Metrics;
+use super::probe::{self, Stage};
 use super::shared::{RouterEvent, Shared, submit};
 use crate::router::{DropReason, Source};
 
@@ -188,6 +189,7 @@ pub(crate) async fn peer_sender(
             })
             .await;
             if matches!(written, Ok(Ok(()))) {
+                probe::mark(&shared.node_id, Stage::Written, count);
                 sent = true;
                 break;
             }
@@ -389,6 +391,7 @@ async fn read_peer<G: Send>(
                 break;
             }
         }
+        probe::mark(&shared.node_id, Stage::Read, 1);
         // A member dropped from the consensus (past the grace window) loses its stream.
         if !shared.admits_peer(&node) {
             break;

@@ -1,8 +1,9 @@
 //! [`MailboxCore`]: every mailbox decision, with no I/O of its own besides the store trait.
 //!
 //! Call order for a driver:
-//! 1. [`MailboxCore::open`] loads mailbox records, rebuilds the in-memory index from the
-//!    store, and purges what expired while the node was down.
+//! 1. [`MailboxCore::open`] loads mailbox records (each mailbox's messages are read from the
+//!    store at its first access, or by [`MailboxCore::load_some`] when the driver is idle),
+//!    and purges what expired while the node was down.
 //! 2. Feed inputs: [`MailboxCore::deposit_many`] (group commit: one synced write for a batch
 //!    of concurrent deposits and SURB replies), [`MailboxCore::handle_prekey_request`], and
 //!    the owner's calls (create, fetch, ack, prekeys, export, erase). Every input carries
@@ -50,6 +51,10 @@ const TAG_ACKS: u8 = 3;
 /// `replica_erased_max`, oldest forgotten first) so that a peer that missed the erasure is
 /// told, and never repairs it back, across restarts.
 const TAG_ERASED: u8 = 4;
+/// `sid ‖ 5` (empty value): written with the deletion of a mailbox's record, deleted with the
+/// rest of its entries. Start-up reads only this family: a crash between the two writes of
+/// an erasure leaves this marker, so the erasure is finished at the next start.
+const TAG_ERASING: u8 = 5;
 const TAG_PREKEY_IDENTITY: u8 = 0;
 const TAG_PREKEY_ONE_TIME: u8 = 1;
 const KIND_ENVELOPE: u8 = 0;
@@ -225,6 +230,8 @@ pub struct CoreStats {
     pub bytes: u64,
     /// Mailboxes erased unused since the core was opened.
     pub unused_erased: u64,
+    /// Mailboxes whose messages are not loaded yet (not counted in `messages`, `bytes`).
+    pub mailboxes_unloaded: u64,
 }
 
 /// A mailbox's sealed record. Its `Debug` prints no key, id or signature.
@@ -331,6 +338,7 @@ impl Bucket {
     }
 }
 
+#[derive(Clone)]
 struct Mailbox {
     sid: StorageId,
     key: DataKey,
@@ -338,10 +346,19 @@ struct Mailbox {
     body_prefix: [u8; BODY_PREFIX_LEN],
     record: Record,
     cursors: BTreeMap<[u8; 32], u64>,
+    /// The next sequence number. Until the mailbox is [`Self::loaded`], only a lower bound
+    /// (from its cursors, its sequence floor and what sweeps deleted since the start).
     next_seq: u64,
+    /// Its messages; empty until [`Self::loaded`].
     messages: BTreeMap<u64, MessageInfo>,
+    /// Bytes of its messages; 0 until [`Self::loaded`].
     bytes: u64,
     deposits: Bucket,
+    /// True once `messages`, `bytes` and `next_seq` reflect the store: at creation, or at
+    /// the first access after a start ([`MailboxCore::open`] reads only mailbox records).
+    loaded: bool,
+    /// Peer acknowledgements read at start-up (seq, devices), applied when it is loaded.
+    pending_acks: Vec<(u64, Vec<[u8; 32]>)>,
 }
 
 impl Mailbox {
@@ -690,6 +707,8 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                             messages: BTreeMap::new(),
                             bytes: 0,
                             deposits: Bucket::full(self.config.deposits_per_min, now),
+                            loaded: false,
+                            pending_acks: Vec::new(),
                         },
                     );
                 }
@@ -739,133 +758,25 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                 }
             }
         }
-        // Envelopes: sizes, expiry times and ids (in clear); no body is read, nothing is
-        // decrypted. Keys come in `sid ‖ seq` order: each mailbox's messages are collected
-        // and its map built at once.
-        let mut legacy: BTreeSet<StorageId> = BTreeSet::new();
-        let mut current: Option<StorageId> = None;
-        let mut batch: Vec<(u64, MessageInfo)> = Vec::new();
-        let mailboxes = &mut self.mailboxes;
-        let mut put_batch = |sid: StorageId, batch: &mut Vec<(u64, MessageInfo)>| {
-            if batch.is_empty() {
-                return;
-            }
-            match mailboxes.get_mut(&sid) {
-                Some(m) => {
-                    for (seq, info) in batch.iter() {
-                        m.bytes = m.bytes.saturating_add(info.value_len);
-                        m.next_seq = m.next_seq.max(seq.saturating_add(1));
-                    }
-                    if m.messages.is_empty() {
-                        // Sorted input: built in one pass.
-                        m.messages = batch.drain(..).collect();
-                    } else {
-                        m.messages.extend(batch.drain(..));
-                    }
-                }
-                None => {
-                    orphans.insert(sid);
-                    batch.clear();
-                }
-            }
-        };
-        self.store
-            .scan(Cf::Envelopes, &[], &[0xff; SID_LEN + 9], &mut |k, v| {
-                if let (Some(sid), Some(seq), Some(expires_at)) =
-                    (sid_of(k), u64_at(k, SID_LEN), u64_at(v, 0))
-                {
-                    if current != Some(sid) {
-                        if let Some(prev) = current {
-                            put_batch(prev, &mut batch);
-                        }
-                        current = Some(sid);
-                    }
-                    // New layout: length and id stored; old: the value is the whole envelope,
-                    // the id comes from the dedup entry below.
-                    let (value_len, id) = match envelope_meta(v) {
-                        Some((value_len, Some(id))) => (value_len, id),
-                        Some((value_len, None)) => {
-                            legacy.insert(sid);
-                            (value_len, [0; 16])
-                        }
-                        None => {
-                            legacy.insert(sid);
-                            (v.len() as u64, [0; 16])
-                        }
-                    };
-                    batch.push((
-                        seq,
-                        MessageInfo {
-                            value_len,
-                            expires_at,
-                            id,
-                            acked: Vec::new(),
-                        },
-                    ));
-                }
-                ControlFlow::Continue(())
-            })?;
-        if let Some(prev) = current {
-            put_batch(prev, &mut batch);
-        }
-        // Sequence numbers of dedup entries (tombstones among them: entries whose message is
-        // gone, whose sequence numbers must not be reused), and the ids of old-layout
-        // messages. Keys come in `sid ‖ id` order: one mailbox lookup per mailbox.
-        let mailboxes = &mut self.mailboxes;
-        let mut current: Option<(StorageId, u64)> = None;
-        let mut raise = |sid: StorageId, next: u64| {
-            if let Some(m) = mailboxes.get_mut(&sid) {
-                m.next_seq = m.next_seq.max(next);
-            }
-        };
-        let mut ids: Vec<(StorageId, u64, u64, [u8; 16])> = Vec::new();
-        self.store
-            .scan(Cf::Dedup, &[], &[0xff; SID_LEN + 17], &mut |k, v| {
-                if let (Some(sid), Some(id), Some(seq), Some(expires_at)) = (
-                    sid_of(k),
-                    k.get(SID_LEN..).and_then(|b| <[u8; 16]>::try_from(b).ok()),
-                    u64_at(v, 0),
-                    u64_at(v, 8),
-                ) {
-                    match &mut current {
-                        Some((s, next)) if *s == sid => *next = (*next).max(seq.saturating_add(1)),
-                        _ => {
-                            if let Some((s, next)) = current {
-                                raise(s, next);
-                            }
-                            current = Some((sid, seq.saturating_add(1)));
-                        }
-                    }
-                    if legacy.contains(&sid) {
-                        ids.push((sid, seq, expires_at, id));
-                    }
-                }
-                ControlFlow::Continue(())
-            })?;
-        if let Some((s, next)) = current {
-            raise(s, next);
-        }
-        for (sid, seq, expires_at, id) in ids {
-            if let Some(info) = self
-                .mailboxes
-                .get_mut(&sid)
-                .and_then(|m| m.messages.get_mut(&seq))
-                && info.expires_at == expires_at
-                && info.id == [0; 16]
-            {
-                info.id = id;
-            }
-        }
         erased.sort_unstable();
         self.load_erased(erased)?;
         for (sid, seq, devices) in acks {
-            if let Some(info) = self
-                .mailboxes
-                .get_mut(&sid)
-                .and_then(|m| m.messages.get_mut(&seq))
-            {
-                info.acked = devices;
+            if let Some(m) = self.mailboxes.get_mut(&sid) {
+                m.pending_acks.push((seq, devices));
             }
+        }
+        // Messages are not read here: each mailbox reads its own (two prefix scans, no body)
+        // at its first access ([`Self::ensure_loaded`]). Replicated mailboxes are loaded now:
+        // the anti-entropy round digests every one of them (message count, next sequence
+        // number) from its first tick.
+        let replicated: Vec<StorageId> = self
+            .mailboxes
+            .values()
+            .filter(|m| !m.record.replicas.is_empty())
+            .map(|m| m.sid)
+            .collect();
+        for sid in replicated {
+            self.ensure_loaded(&sid)?;
         }
         for sid in orphans {
             let mut ops = Self::erase_ops(&sid);
@@ -919,6 +830,130 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             self.want_sweep(at);
         }
         Ok(())
+    }
+
+    /// Reads mailbox `m`'s messages from the store: its envelope entries (sizes, expiry
+    /// times and ids, in clear; no body is read, nothing is decrypted) and its dedup entries
+    /// (sequence numbers of messages gone but not expired, which must not be reused; the
+    /// ids of messages stored in the old layout). Two prefix scans over `m`'s own keys.
+    /// Returns its messages, their bytes and the next sequence number they imply.
+    fn read_messages(&self, m: &Mailbox) -> Result<(BTreeMap<u64, MessageInfo>, u64, u64)> {
+        let sid = m.sid;
+        let end = sid_end(&sid);
+        let mut list: Vec<(u64, MessageInfo)> = Vec::new();
+        let mut bytes = 0u64;
+        let mut next = 1u64;
+        let mut legacy = false;
+        self.store.scan(Cf::Envelopes, &sid, &end, &mut |k, v| {
+            if let (Some(s), Some(seq), Some(expires_at)) =
+                (sid_of(k), u64_at(k, SID_LEN), u64_at(v, 0))
+                && s == sid
+            {
+                // New layout: length and id stored; old: the value is the whole envelope,
+                // the id comes from the dedup entry below.
+                let (value_len, id) = match envelope_meta(v) {
+                    Some((value_len, Some(id))) => (value_len, id),
+                    Some((value_len, None)) => {
+                        legacy = true;
+                        (value_len, [0; 16])
+                    }
+                    None => {
+                        legacy = true;
+                        (v.len() as u64, [0; 16])
+                    }
+                };
+                bytes = bytes.saturating_add(value_len);
+                next = next.max(seq.saturating_add(1));
+                list.push((
+                    seq,
+                    MessageInfo {
+                        value_len,
+                        expires_at,
+                        id,
+                        acked: Vec::new(),
+                    },
+                ));
+            }
+            ControlFlow::Continue(())
+        })?;
+        // Keys come in `sid ‖ seq` order: the map is built in one pass.
+        let mut messages: BTreeMap<u64, MessageInfo> = list.into_iter().collect();
+        self.store.scan(Cf::Dedup, &sid, &end, &mut |k, v| {
+            if let (Some(s), Some(id), Some(seq), Some(expires_at)) = (
+                sid_of(k),
+                k.get(SID_LEN..).and_then(|b| <[u8; 16]>::try_from(b).ok()),
+                u64_at(v, 0),
+                u64_at(v, 8),
+            ) && s == sid
+            {
+                next = next.max(seq.saturating_add(1));
+                if legacy
+                    && let Some(info) = messages.get_mut(&seq)
+                    && info.expires_at == expires_at
+                    && info.id == [0; 16]
+                {
+                    info.id = id;
+                }
+            }
+            ControlFlow::Continue(())
+        })?;
+        for (seq, devices) in &m.pending_acks {
+            if let Some(info) = messages.get_mut(seq) {
+                info.acked.clone_from(devices);
+            }
+        }
+        Ok((messages, bytes, next))
+    }
+
+    /// Loads mailbox `sid`'s messages if not done yet (see [`Mailbox::loaded`]). A no-op
+    /// for an unknown mailbox.
+    fn ensure_loaded(&mut self, sid: &StorageId) -> Result<()> {
+        let Some(m) = self.mailboxes.get(sid) else {
+            return Ok(());
+        };
+        if m.loaded {
+            return Ok(());
+        }
+        let (messages, bytes, next) = self.read_messages(m)?;
+        if let Some(m) = self.mailboxes.get_mut(sid) {
+            m.messages = messages;
+            m.bytes = bytes;
+            m.next_seq = m.next_seq.max(next);
+            m.loaded = true;
+            m.pending_acks = Vec::new();
+        }
+        Ok(())
+    }
+
+    /// Loads `mailbox`'s messages into memory if they are not yet (after a start, each
+    /// mailbox reads its own at its first access). The read-only calls ([`Self::fetch`],
+    /// [`Self::last_seq`], [`Self::info`], [`Self::export`]) work without it, but read the
+    /// mailbox's entries from the store at every call until it is loaded: a driver holding
+    /// the core mutably calls this first.
+    pub fn load_mailbox(&mut self, mailbox: &MailboxId) -> Result<()> {
+        let sid = self.master.storage_id(mailbox);
+        self.ensure_loaded(&sid)
+    }
+
+    /// Mailboxes whose messages are not loaded yet (see [`Self::load_mailbox`]).
+    pub fn mailboxes_unloaded(&self) -> usize {
+        self.mailboxes.values().filter(|m| !m.loaded).count()
+    }
+
+    /// `mailbox` with its messages: borrowed when loaded, else a copy filled from the store.
+    fn view(&self, mailbox: &MailboxId) -> Result<std::borrow::Cow<'_, Mailbox>> {
+        let m = self.mailbox(mailbox)?;
+        if m.loaded {
+            return Ok(std::borrow::Cow::Borrowed(m));
+        }
+        let (messages, bytes, next) = self.read_messages(m)?;
+        let mut copy = m.clone();
+        copy.messages = messages;
+        copy.bytes = bytes;
+        copy.next_seq = copy.next_seq.max(next);
+        copy.loaded = true;
+        copy.pending_acks = Vec::new();
+        Ok(std::borrow::Cow::Owned(copy))
     }
 
     fn erase_ops(sid: &StorageId) -> Vec<Op> {
@@ -976,6 +1011,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             if deadline > now.0 {
                 break;
             }
+            self.ensure_loaded(&sid)?;
             if self.mailboxes.get(&sid).is_some_and(Mailbox::is_unused) {
                 self.erase_sid(&sid)?;
                 erased += 1;
@@ -1013,7 +1049,9 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         &self.config
     }
 
-    /// Node-wide counters.
+    /// Node-wide counters. `messages` and `bytes` count the loaded mailboxes only (after a
+    /// start, each mailbox loads at its first access, or from [`Self::load_some`]);
+    /// `mailboxes_unloaded` says how many are not yet.
     pub fn stats(&self) -> CoreStats {
         CoreStats {
             mailboxes: self.mailboxes.len() as u64,
@@ -1024,7 +1062,25 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                 .sum(),
             bytes: self.mailboxes.values().map(|m| m.bytes).sum(),
             unused_erased: self.unused_erased,
+            mailboxes_unloaded: self.mailboxes_unloaded() as u64,
         }
+    }
+
+    /// Loads up to `max` mailboxes not loaded yet (see [`Self::load_mailbox`]); returns how
+    /// many. A driver calls it when idle, so that [`Self::stats`] becomes exact and first
+    /// accesses cost nothing, without making the start wait for every mailbox.
+    pub fn load_some(&mut self, max: usize) -> Result<usize> {
+        let todo: Vec<StorageId> = self
+            .mailboxes
+            .values()
+            .filter(|m| !m.loaded)
+            .take(max)
+            .map(|m| m.sid)
+            .collect();
+        for sid in &todo {
+            self.ensure_loaded(sid)?;
+        }
+        Ok(todo.len())
     }
 
     fn mailbox(&self, id: &MailboxId) -> Result<&Mailbox> {
@@ -1155,6 +1211,8 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                 messages: BTreeMap::new(),
                 bytes: 0,
                 deposits: Bucket::full(self.config.deposits_per_min, now),
+                loaded: true,
+                pending_acks: Vec::new(),
             },
         );
         if !used {
@@ -1271,6 +1329,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
 
     fn remove_device_here(&mut self, mailbox: &MailboxId, device_key: &[u8; 32]) -> Result<()> {
         self.check_writable()?;
+        self.load_mailbox(mailbox)?;
         let m = self.mailbox(mailbox)?;
         if &m.record.owner_key == device_key {
             return Err(MailboxError::InvalidArgument(
@@ -1533,6 +1592,9 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             }
         };
         let sid = self.master.storage_id(&mailbox_id);
+        if let Err(e) = self.ensure_loaded(&sid) {
+            return Self::refuse(e);
+        }
         let replicated = self
             .mailboxes
             .get(&sid)
@@ -1676,7 +1738,8 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<StoredMessage>> {
-        let m = self.mailbox(mailbox)?;
+        let m = self.view(mailbox)?;
+        let m = &*m;
         let cursor = *m.cursors.get(device).ok_or(MailboxError::UnknownDevice)?;
         let last = m.next_seq.saturating_sub(1);
         let after = after.unwrap_or(0);
@@ -1702,7 +1765,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
 
     /// The last sequence number assigned in `mailbox`.
     pub fn last_seq(&self, mailbox: &MailboxId) -> Result<u64> {
-        Ok(self.mailbox(mailbox)?.next_seq.saturating_sub(1))
+        Ok(self.view(mailbox)?.next_seq.saturating_sub(1))
     }
 
     fn read_message(&self, m: &Mailbox, seq: u64) -> Result<Option<StoredMessage>> {
@@ -1752,6 +1815,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
     /// as the cursor. Acknowledging an older cursor again is a no-op.
     pub fn ack(&mut self, mailbox: &MailboxId, device: &[u8; 32], up_to: u64) -> Result<u64> {
         self.check_writable()?;
+        self.load_mailbox(mailbox)?;
         let m = self.mailbox(mailbox)?;
         let cursor = *m.cursors.get(device).ok_or(MailboxError::UnknownDevice)?;
         if up_to >= m.next_seq {
@@ -1929,9 +1993,13 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                 }
             }
         }
-        // Sequence numbers never go back, even when every message of a mailbox is gone.
-        for sid in gone.keys() {
-            if let Some(m) = self.mailboxes.get(sid) {
+        // Sequence numbers never go back, even when every message of a mailbox is gone. A
+        // mailbox not loaded yet knows only a lower bound of its next sequence number, which
+        // the messages deleted here raise (what stays in the store is found at its load).
+        for (sid, seqs) in &gone {
+            if let Some(m) = self.mailboxes.get_mut(sid) {
+                let deleted = seqs.iter().max().map_or(0, |s| s.saturating_add(1));
+                m.next_seq = m.next_seq.max(deleted);
                 ops.push(Op::Put {
                     cf: Cf::Mailboxes,
                     key: key2(sid, TAG_SEQ_FLOOR),
@@ -1991,10 +2059,17 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
 
     fn erase_sid(&mut self, sid: &StorageId) -> Result<()> {
         let sid = *sid;
-        let mut first = vec![Op::Delete {
-            cf: Cf::Mailboxes,
-            key: key2(&sid, TAG_RECORD),
-        }];
+        let mut first = vec![
+            Op::Delete {
+                cf: Cf::Mailboxes,
+                key: key2(&sid, TAG_RECORD),
+            },
+            Op::Put {
+                cf: Cf::Mailboxes,
+                key: key2(&sid, TAG_ERASING),
+                value: Vec::new(),
+            },
+        ];
         // The bodies go with the record (their keys derive from the data key it holds).
         if let Some(m) = self.mailboxes.get(&sid) {
             first.push(Op::DeleteRange {
@@ -2067,8 +2142,11 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
 
     /// Public facts about a mailbox for its owner.
     pub fn info(&self, mailbox: &MailboxId) -> Result<MailboxInfo> {
-        let m = self.mailbox(mailbox)?;
-        Ok(MailboxInfo {
+        Ok(Self::info_of(&*self.view(mailbox)?))
+    }
+
+    fn info_of(m: &Mailbox) -> MailboxInfo {
+        MailboxInfo {
             mailbox_id: hex::encode(m.record.mailbox_id),
             mailbox_key: hex::encode(m.record.mailbox_key),
             owner_key: hex::encode(m.record.owner_key),
@@ -2083,7 +2161,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             messages: m.messages.len() as u64,
             bytes: m.bytes,
             last_seq: m.next_seq.saturating_sub(1),
-        })
+        }
     }
 
     /// Everything stored for a mailbox, still sealed: its info and every message not
@@ -2093,8 +2171,9 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         now: UnixTime,
         mailbox: &MailboxId,
     ) -> Result<(MailboxInfo, Vec<StoredMessage>)> {
-        let info = self.info(mailbox)?;
-        let m = self.mailbox(mailbox)?;
+        let m = self.view(mailbox)?;
+        let m = &*m;
+        let info = Self::info_of(m);
         let mut messages = Vec::with_capacity(m.messages.len());
         for (seq, i) in &m.messages {
             if i.expires_at > now.0

@@ -761,6 +761,7 @@ async fn info_response(node: &MailboxNode, mailbox: &MailboxId) -> ApiResult<Inf
     let mailbox = *mailbox;
     let (info, prekeys_left) = node
         .with_core(move |core| -> Result<_, MailboxError> {
+            core.load_mailbox(&mailbox)?;
             Ok((core.info(&mailbox)?, core.prekeys_left(&mailbox)?))
         })
         .await??;
@@ -832,6 +833,7 @@ async fn poll(
         let (device, after) = (auth.0.device, q.after);
         let (messages, last_seq) = node
             .with_core(move |core| -> Result<_, MailboxError> {
+                core.load_mailbox(&mailbox)?;
                 let messages = core.fetch(now(), &mailbox, &device, after, limit)?;
                 Ok((messages, core.last_seq(&mailbox)?))
             })
@@ -942,8 +944,11 @@ async fn stream(
         })?;
     // Validate the starting cursor before upgrading.
     let (device, after) = (session.device, q.after);
-    node.with_core(move |core| core.fetch(now(), &mailbox, &device, after, 1).map(|_| ()))
-        .await??;
+    node.with_core(move |core| {
+        core.load_mailbox(&mailbox)?;
+        core.fetch(now(), &mailbox, &device, after, 1).map(|_| ())
+    })
+    .await??;
     // Frames are capped like messages: tungstenite reads a whole frame (16 MiB by default)
     // before it checks the message size, so without this cap a client made the node buffer
     // megabytes per stream (security review 6756e3f, finding 15).
@@ -989,6 +994,7 @@ async fn run_stream(
         let limit = node.config().api.poll_limit_max;
         let batch = node
             .with_core(move |core| {
+                core.load_mailbox(&session.mailbox)?;
                 core.fetch(
                     now(),
                     &session.mailbox,
@@ -1204,7 +1210,10 @@ async fn export(
     let info = info_response(&node, &mailbox).await?;
     let t = now();
     let (_, messages) = node
-        .with_core(move |core| core.export(t, &mailbox))
+        .with_core(move |core| {
+            core.load_mailbox(&mailbox)?;
+            core.export(t, &mailbox)
+        })
         .await??;
     Ok(axum::Json(ExportResponse {
         version: 1,

@@ -415,6 +415,9 @@ impl std::fmt::Debug for MailboxNode {
     }
 }
 
+/// Mailboxes loaded per step of the start-up's background load.
+const LOAD_STEP: usize = 4;
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Core operations are all-or-nothing, so the state behind a lock stays consistent even if
     // a holder panicked (which would be a bug).
@@ -507,7 +510,29 @@ impl MailboxNode {
             .map_err(|e| MailboxError::Startup(format!("cannot start the writer: {e}")))?;
         let sweeper = node.clone();
         tokio::spawn(async move { sweeper.sweep_loop().await });
+        let loader = node.clone();
+        tokio::spawn(async move { loader.load_loop().await });
         Ok(node)
+    }
+
+    /// After a start, loads the mailboxes not accessed yet a few at a time (the core reads
+    /// only their records at open, so reads are served at once), so that `/metrics` counts
+    /// every message. Each step holds the core lock for at most [`LOAD_STEP`] mailboxes.
+    async fn load_loop(&self) {
+        loop {
+            let node = self.clone();
+            let loaded = tokio::task::spawn_blocking(move || node.core().load_some(LOAD_STEP))
+                .await
+                .unwrap_or(Ok(0));
+            match loaded {
+                Ok(0) => return,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+                Err(e) => {
+                    tracing::error!(error = %e, "loading mailboxes failed");
+                    return;
+                }
+            }
+        }
     }
 
     pub(crate) fn core(&self) -> MutexGuard<'_, Core> {

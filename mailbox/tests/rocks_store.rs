@@ -986,3 +986,224 @@ fn old_layout_envelopes_stay_readable_and_open_reads_no_body() {
     assert!(scan_all(core.store(), Cf::Envelopes, &[], &[0xff; 48]).is_empty());
     assert!(scan_all(core.store(), Cf::Bodies, &[], &[0xff; 48]).is_empty());
 }
+
+/// A store that counts the entries scanned per column family and can refuse writes after a
+/// given number (to stop an erasure between its two writes, as a crash would).
+struct ScanCountingStore {
+    inner: RocksStore,
+    scanned: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<Cf, u64>>>,
+    writes_left: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl ScanCountingStore {
+    fn scanned(&self, cf: Cf) -> u64 {
+        self.scanned.lock().unwrap().get(&cf).copied().unwrap_or(0)
+    }
+}
+
+impl MailboxStore for ScanCountingStore {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(cf, key)
+    }
+
+    fn scan(
+        &self,
+        cf: Cf,
+        from: &[u8],
+        to: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
+        let mut n = 0u64;
+        let result = self.inner.scan(cf, from, to, &mut |k, v| {
+            n += 1;
+            f(k, v)
+        });
+        *self.scanned.lock().unwrap().entry(cf).or_default() += n;
+        result
+    }
+
+    fn write(&self, ops: Vec<Op>, sync: bool) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        if self
+            .writes_left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_err()
+        {
+            return Err(StoreError::Backend("simulated crash".into()));
+        }
+        self.inner.write(ops, sync)
+    }
+
+    fn is_poisoned(&self) -> bool {
+        self.inner.is_poisoned()
+    }
+}
+
+/// Issue 19 ("restart with 1M stored messages serving reads in < 1 s"): start-up reads only
+/// the mailbox records (no envelope or dedup entry); each mailbox reads its own entries at
+/// its first access. A mailbox not touched since the start is served as before, dedup holds
+/// across the restart for it (a redelivery of a stored or of an acknowledged and deleted
+/// message is not stored again, sequence numbers are not reused), and its messages expire
+/// on time.
+#[test]
+fn restart_loads_each_mailbox_at_first_access() {
+    use rand::SeedableRng;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicU64;
+    use whispr_mailbox::config::CoreConfig;
+    use whispr_mailbox::core::{Incoming, MailboxCore, StoredMessage};
+    use whispr_mailbox::crypto::MasterKey;
+    use whispr_mailbox::testkit::Owner;
+    use whispr_protocol::{DedupId, UnixTime};
+
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = UnixTime(1_800_000_000_000);
+    let owners: Vec<Owner> = (20..23).map(Owner::from_seed).collect();
+    let device = |o: &Owner| o.device(0).verifying_key().to_bytes();
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(5);
+    let mut deposit =
+        |core: &mut MailboxCore<_, _>, o: &Owner, now: UnixTime, id: u8, exp: Option<UnixTime>| {
+            let envelope = o
+                .envelope(&mut rng, DedupId([id; 16]), exp, None, &[id; 200])
+                .unwrap();
+            core.deposit_many(now, vec![Incoming::Deposit(envelope)])
+                .remove(0)
+                .unwrap()
+        };
+    let open_core = |now: UnixTime, writes: u64| {
+        let store = ScanCountingStore {
+            inner: open(dir.path()),
+            scanned: Arc::default(),
+            writes_left: Arc::new(AtomicU64::new(writes)),
+        };
+        MailboxCore::open(
+            CoreConfig::default(),
+            store,
+            MasterKey::from_bytes(&[0x44; 32]),
+            rand_chacha::ChaCha20Rng::seed_from_u64(2),
+            now,
+        )
+        .unwrap()
+    };
+    let fetch_all = |core: &MailboxCore<ScanCountingStore, _>, o: &Owner, now: UnixTime| {
+        core.fetch(now, &o.mailbox_id, &device(o), None, 100)
+            .unwrap()
+    };
+
+    // Mailbox 0: 5 messages, the first 2 acknowledged (deleted; their dedup entries stay).
+    // Mailbox 1: 3 messages. Mailbox 2: 2 messages expiring at t0 + 60 s, 1 kept.
+    let mut core = open_core(t0, u64::MAX);
+    for o in &owners {
+        core.create_mailbox(t0, o.create_request(86_400_000))
+            .unwrap();
+    }
+    for id in 1..=5 {
+        deposit(&mut core, &owners[0], t0, id, None);
+    }
+    core.ack(&owners[0].mailbox_id, &device(&owners[0]), 2)
+        .unwrap();
+    for id in 1..=3 {
+        deposit(&mut core, &owners[1], t0, id, None);
+    }
+    let soon = Some(UnixTime(t0.0 + 60_000));
+    deposit(&mut core, &owners[2], t0, 1, soon);
+    deposit(&mut core, &owners[2], t0, 2, soon);
+    deposit(&mut core, &owners[2], t0, 3, None);
+    let before: Vec<Vec<StoredMessage>> = owners.iter().map(|o| fetch_all(&core, o, t0)).collect();
+    assert_eq!(before.iter().map(Vec::len).collect::<Vec<_>>(), [3, 3, 3]);
+    let infos: Vec<String> = owners
+        .iter()
+        .map(|o| format!("{:?}", core.info(&o.mailbox_id).unwrap()))
+        .collect();
+    let stats = core.stats();
+    assert_eq!((stats.messages, stats.mailboxes_unloaded), (9, 0));
+    drop(core);
+
+    // Restart: nothing but the records is read; no mailbox is loaded.
+    let mut core = open_core(t0, u64::MAX);
+    assert_eq!(
+        core.store().scanned(Cf::Envelopes),
+        0,
+        "open walked envelopes"
+    );
+    assert_eq!(
+        core.store().scanned(Cf::Dedup),
+        0,
+        "open walked dedup entries"
+    );
+    assert_eq!(core.stats().mailboxes_unloaded, 3);
+    assert_eq!(
+        core.stats().messages,
+        0,
+        "unloaded mailboxes are not counted"
+    );
+    // Read-only calls serve an unloaded mailbox as before (from the store) without
+    // loading it.
+    for (o, (msgs, info)) in owners.iter().zip(before.iter().zip(&infos)) {
+        assert_eq!(&fetch_all(&core, o, t0), msgs);
+        assert_eq!(&format!("{:?}", core.info(&o.mailbox_id).unwrap()), info);
+    }
+    assert_eq!(core.last_seq(&owners[0].mailbox_id).unwrap(), 5);
+    assert_eq!(core.stats().mailboxes_unloaded, 3);
+    let dedup_scanned = core.store().scanned(Cf::Dedup);
+    // Dedup across the restart, mailbox 0 loaded by the deposit itself: a redelivery of a
+    // stored message and of an acknowledged (deleted) one are receipts of the old sequence
+    // numbers, stored once; a new message takes the next number.
+    let again = deposit(&mut core, &owners[0], t0, 4, None);
+    assert!(again.duplicate);
+    assert_eq!(again.seq, 4);
+    let acked = deposit(&mut core, &owners[0], t0, 1, None);
+    assert!(acked.duplicate);
+    assert_eq!(acked.seq, 1);
+    assert_eq!(core.stats().mailboxes_unloaded, 2);
+    let new = deposit(&mut core, &owners[0], t0, 6, None);
+    assert!(!new.duplicate);
+    assert_eq!(new.seq, 6);
+    let ids: Vec<u8> = fetch_all(&core, &owners[0], t0)
+        .iter()
+        .map(|m| m.id[0])
+        .collect();
+    assert_eq!(ids, [3, 4, 5, 6]);
+    // Loading mailbox 0 read only its own 5 dedup entries, once.
+    assert_eq!(core.store().scanned(Cf::Dedup) - dedup_scanned, 5);
+    // Mailbox 2, never touched: its two messages expire on time, unloaded.
+    assert_eq!(core.sweep_expired(UnixTime(t0.0 + 60_000)).unwrap(), 2);
+    assert_eq!(core.stats().mailboxes_unloaded, 2);
+    drop(core);
+
+    // Another restart, after the expiry: mailbox 2's sequence numbers are not reused (its
+    // floor was written by the sweep), the kept message is served, the expired are gone.
+    let later = UnixTime(t0.0 + 61_000);
+    let mut core = open_core(later, u64::MAX);
+    assert_eq!(core.last_seq(&owners[2].mailbox_id).unwrap(), 3);
+    let kept: Vec<u8> = fetch_all(&core, &owners[2], later)
+        .iter()
+        .map(|m| m.id[0])
+        .collect();
+    assert_eq!(kept, [3]);
+    let redelivered = deposit(&mut core, &owners[2], later, 1, None);
+    assert!(!redelivered.duplicate, "its dedup entry expired with it");
+    assert_eq!(redelivered.seq, 4);
+    // Mailbox 1 is still served as before; the background load (`load_some`) loads the
+    // rest, after which the counters are exact again.
+    assert_eq!(fetch_all(&core, &owners[1], later), before[1]);
+    while core.load_some(1).unwrap() > 0 {}
+    let stats = core.stats();
+    assert_eq!((stats.messages, stats.mailboxes_unloaded), (9, 0));
+    drop(core);
+
+    // An erasure stopped between its two writes (the record gone, the rest not yet): the
+    // next start finishes it, although it reads no envelope entry.
+    let mut core = open_core(later, 1);
+    assert!(core.erase(&owners[1].mailbox_id).is_err());
+    drop(core);
+    let core = open_core(later, u64::MAX);
+    assert!(core.info(&owners[1].mailbox_id).is_err());
+    let sid_prefix = |cf: Cf| {
+        let envelopes = scan_all(core.store(), cf, &[], &[0xff; 48]);
+        envelopes.len()
+    };
+    // Mailboxes 0 (4 messages) and 2 (2) remain; mailbox 1's 3 envelopes are gone.
+    assert_eq!(sid_prefix(Cf::Envelopes), 6);
+    assert_eq!(sid_prefix(Cf::Dedup), 6 + 2);
+}

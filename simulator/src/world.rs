@@ -2175,7 +2175,7 @@ impl World {
                 let Some(r) = self
                     .clients
                     .get(client as usize)
-                    .and_then(|c| c.core.owned_mailbox(&m.id))
+                    .and_then(|c| c.core.owned_mailbox_ref(&m.id))
                     .and_then(|m| m.current().map(|r| r.node))
                 else {
                     break;
@@ -2250,7 +2250,7 @@ impl World {
             let cursor = self
                 .clients
                 .get(client as usize)
-                .and_then(|c| c.core.owned_mailbox(&m.id))
+                .and_then(|c| c.core.owned_mailbox_ref(&m.id))
                 .and_then(|m| m.replica(&node).map(|r| r.cursor))
                 .unwrap_or(0);
             let Some(core) = self.nodes.get_mut(i).and_then(|n| n.mailbox.as_mut()) else {
@@ -3011,8 +3011,8 @@ impl World {
             // The push latency of the client's first mailbox node stands for its polls'.
             let node = c
                 .core
-                .owned_mailboxes()
-                .first()
+                .owned_mailboxes_iter()
+                .next()
                 .and_then(|m| self.index.get(&NodeId(m.node)).copied())
                 .unwrap_or(0);
             self.schedule_fetch(client, node as usize);
@@ -3103,7 +3103,7 @@ impl World {
                 continue;
             }
             let mut any = false;
-            for m in client.core.owned_mailboxes() {
+            for m in client.core.owned_mailboxes_iter() {
                 if m.current().is_some_and(|r| r.node == id) {
                     client.dirty.insert(m.id);
                     any = true;
@@ -3174,7 +3174,7 @@ impl World {
         // holds it (a node that lost its disk holds it again once repaired).
         let (mut owned, mut readable) = (0u64, 0u64);
         for c in &self.clients {
-            for m in c.core.owned_mailboxes() {
+            for m in c.core.owned_mailboxes_iter() {
                 owned += 1;
                 let id = MailboxId(m.id);
                 let any = if m.replicas.is_empty() {

@@ -263,6 +263,9 @@ pub struct OutgoingInfo {
 /// The client core (see the module documentation).
 pub struct ClientCore {
     state: State,
+    /// `state.identity_seed`'s key (derived once: it is needed for every envelope sealed
+    /// or opened, and the seed never changes).
+    identity_key: SigningKey,
     account: Account,
     sessions: HashMap<String, Session>,
     rng: StdRng,
@@ -420,6 +423,7 @@ impl ClientCore {
         crypto_rng: StdRng,
     ) -> ClientCore {
         ClientCore {
+            identity_key: SigningKey::from_bytes(&state.identity_seed),
             state,
             account,
             sessions,
@@ -626,7 +630,7 @@ impl ClientCore {
     }
 
     fn identity(&self) -> SigningKey {
-        SigningKey::from_bytes(&self.state.identity_seed)
+        self.identity_key.clone()
     }
 
     fn next_id(&mut self) -> u64 {
@@ -722,23 +726,26 @@ impl ClientCore {
 
     /// Every mailbox this client owns: one per contact and per pending invitation.
     pub fn owned_mailboxes(&self) -> Vec<OwnedMailbox> {
-        self.state
-            .contacts
-            .iter()
-            .map(|c| c.mine.clone())
-            .chain(self.state.invitations.iter().map(|i| i.mailbox.clone()))
-            .collect()
+        self.owned_mailboxes_iter().cloned().collect()
     }
 
-    /// Own mailbox `id`, if this client owns it.
-    pub fn owned_mailbox(&self, id: &[u8; 32]) -> Option<OwnedMailbox> {
+    /// [`Self::owned_mailboxes`] without the copies (a driver that only looks).
+    pub fn owned_mailboxes_iter(&self) -> impl Iterator<Item = &OwnedMailbox> {
         self.state
             .contacts
             .iter()
             .map(|c| &c.mine)
             .chain(self.state.invitations.iter().map(|i| &i.mailbox))
-            .find(|m| m.id == *id)
-            .cloned()
+    }
+
+    /// Own mailbox `id`, if this client owns it.
+    pub fn owned_mailbox(&self, id: &[u8; 32]) -> Option<OwnedMailbox> {
+        self.owned_mailbox_ref(id).cloned()
+    }
+
+    /// [`Self::owned_mailbox`] without the copy.
+    pub fn owned_mailbox_ref(&self, id: &[u8; 32]) -> Option<&OwnedMailbox> {
+        self.owned_mailboxes_iter().find(|m| m.id == *id)
     }
 
     fn mailbox_mut(&mut self, id: &[u8; 32]) -> Option<&mut OwnedMailbox> {

@@ -357,12 +357,18 @@ fn build_batch(db: &DB, mutations: Vec<Mutation>, legacy: bool) -> Result<WriteB
             Mutation::DeleteMeta { key } => batch.delete_cf(meta_cf, key.as_bytes()),
         }
     }
-    ops.sort_by(|a, b| (a.family, a.key()).cmp(&(b.family, b.key())));
-    for op in ops {
-        let family = if op.family == 0 { tasks } else { payloads };
-        match &op.value {
-            Some(value) => batch.put_cf(family, op.key(), value.bytes()),
-            None => batch.delete_cf(family, op.key()),
+    // One run per family: a batch of tasks fired in due order is sorted already, which the
+    // stable sort finds in one pass.
+    let (mut task_ops, mut payload_ops): (Vec<KeyedOp>, Vec<KeyedOp>) =
+        ops.into_iter().partition(|op| op.family == 0);
+    task_ops.sort_by(|a, b| a.key().cmp(b.key()));
+    payload_ops.sort_by(|a, b| a.key().cmp(b.key()));
+    for (family, ops) in [(tasks, task_ops), (payloads, payload_ops)] {
+        for op in ops {
+            match &op.value {
+                Some(value) => batch.put_cf(family, op.key(), value.bytes()),
+                None => batch.delete_cf(family, op.key()),
+            }
         }
     }
     Ok(batch)

@@ -1361,6 +1361,9 @@ struct WindowResult {
     loadavg: String,
     /// Where a packet's time went ([`stage_breakdown`]).
     stages: Option<Vec<Segment>>,
+    /// The synced replay writes of the three nodes in this window, by duration: (upper
+    /// bound in s, cumulative count), from their `whispr_mesh_replay_sync_seconds`.
+    replay_sync: Vec<(String, u64)>,
 }
 
 fn wal_total(dirs: &[PathBuf]) -> (u64, u64) {
@@ -1372,7 +1375,7 @@ fn wal_total(dirs: &[PathBuf]) -> (u64, u64) {
 #[allow(clippy::too_many_arguments)]
 async fn run_window(
     edge: &MeshHandle,
-    stages: (&StageLog, &[NodeId; 3]),
+    stages: (&StageLog, &[NodeId; 3], &[MeshHandle; 3]),
     wal_dirs: &[PathBuf],
     arrivals: &Arc<Arrivals>,
     packets: Vec<Vec<u8>>,
@@ -1388,6 +1391,7 @@ async fn run_window(
     let before = arrivals.delivered.load(Ordering::Relaxed);
     let wal_before = wal_total(wal_dirs);
     stages.0.marks.lock().unwrap().clear();
+    let sync_before = replay_sync_buckets(stages.2);
     let cpu = CpuSnapshot::now();
     let paced_from = tokio::time::Instant::now();
     for (i, bytes) in packets.into_iter().enumerate() {
@@ -1450,6 +1454,12 @@ async fn run_window(
         }
     }
     let breakdown = stage_breakdown(stages.0, stages.1, submits.clone(), arrivals_ns.clone());
+    let sync_after = replay_sync_buckets(stages.2);
+    let replay_sync: Vec<(String, u64)> = sync_after
+        .iter()
+        .zip(&sync_before)
+        .map(|((le, a), (_, b))| (le.clone(), a - b))
+        .collect();
     arrivals_ns.sort_unstable();
     let start = submits.iter().copied().min().unwrap_or(0);
     let end = arrivals_ns.last().copied().unwrap_or(start);
@@ -1482,7 +1492,34 @@ async fn run_window(
         machine_busy,
         loadavg: loadavg(),
         stages: breakdown,
+        replay_sync,
     }
+}
+
+/// The three nodes' `whispr_mesh_replay_sync_seconds` histogram summed: (bound, cumulative
+/// count) per bucket, `+Inf` last.
+fn replay_sync_buckets(handles: &[MeshHandle; 3]) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = Vec::new();
+    for handle in handles {
+        let text = handle.metrics_text();
+        let mut i = 0;
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("whispr_mesh_replay_sync_seconds_bucket{le=\"")
+            else {
+                continue;
+            };
+            let Some((le, count)) = rest.split_once("\"} ") else {
+                continue;
+            };
+            let count: u64 = count.trim().parse().unwrap_or(0);
+            match out.get_mut(i) {
+                Some(slot) => slot.1 += count,
+                None => out.push((le.to_string(), count)),
+            }
+            i += 1;
+        }
+    }
+    out
 }
 
 struct MeshResult {
@@ -1547,6 +1584,7 @@ async fn bench_mesh(
     let installed = install_stage_probe(stage_log.clone());
     assert!(installed, "stage probe installed twice");
     let node_ids = nodes.map(|n| n.handle.node_id());
+    let handles = nodes.map(|n| n.handle.clone());
     let wal_dirs: Vec<PathBuf> = nodes.iter().map(|n| n.dir.path().join("replay")).collect();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !nodes.iter().all(|n| n.handle.directory().len() == 3) {
@@ -1583,7 +1621,7 @@ async fn bench_mesh(
     let mut rest = packets.split_off(warmup);
     let warm = run_window(
         &edge.handle,
-        (&stage_log, &node_ids),
+        (&stage_log, &node_ids, &handles),
         &wal_dirs,
         &arrivals,
         packets,
@@ -1603,7 +1641,7 @@ async fn bench_mesh(
         let chunk = std::mem::replace(&mut rest, tail);
         let r = run_window(
             &edge.handle,
-            (&stage_log, &node_ids),
+            (&stage_log, &node_ids, &handles),
             &wal_dirs,
             &arrivals,
             chunk,
@@ -1687,6 +1725,16 @@ fn print_stages(r: &MeshResult) {
             percentile(&total, 50.0),
             cut,
             slow_mean(&total)
+        );
+        let all = w.replay_sync.last().map_or(0, |(_, c)| *c);
+        println!(
+            "\nThe nodes' synced replay writes in this window (the store thread's own timing, \
+             `whispr_mesh_replay_sync_seconds`), cumulative: {}.",
+            w.replay_sync
+                .iter()
+                .map(|(le, c)| format!("≤ {le} s: {c}/{all}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
 }

@@ -1394,7 +1394,18 @@ fn render_metrics(node: &MailboxNode) -> String {
     );
     line("sessions", "gauge", "Live sessions.", sessions as u64);
     line("mailboxes", "gauge", "Mailboxes held.", stats.mailboxes);
-    line("messages", "gauge", "Messages stored.", stats.messages);
+    line(
+        "messages",
+        "gauge",
+        "Messages stored (in the loaded mailboxes).",
+        stats.messages,
+    );
+    line(
+        "mailboxes_unloaded",
+        "gauge",
+        "Mailboxes whose messages are not loaded yet since the start (not in messages, stored_bytes).",
+        stats.mailboxes_unloaded,
+    );
     line(
         "stored_bytes",
         "gauge",

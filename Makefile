@@ -95,9 +95,11 @@ audit:
 	$(CARGO) deny --locked check --hide-inclusion-graph advisories
 
 # The whole test suite, doc tests included; also replays the committed fuzz corpus
-# (protocol/tests/fuzz_corpus.rs).
+# (protocol/tests/fuzz_corpus.rs). What `cargo test --workspace` runs, in two lanes at once:
+# the devnet tests of the `whispr` command beside everything else (scripts/unit-tests.sh;
+# SERIAL=1 for one after the other).
 unit:
-	$(CARGO) test --workspace
+	CARGO=$(CARGO) bash scripts/unit-tests.sh
 
 # Operations files in deploy/: the Prometheus rules (`promtool check rules` and their unit
 # tests), the Grafana dashboards (JSON, PromQL), every metric name they use against a devnet of

@@ -13,12 +13,11 @@
 )]
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
-use serde_json::Value;
 use whispr_client::devnet::{self, Devnet, DevnetOptions};
 use whispr_client::net::Net;
 use whispr_protocol::consensus::{Consensus, Network};
@@ -26,89 +25,11 @@ use whispr_protocol::directory::{Directory, NodeDescriptor, Role, SignedDescript
 use whispr_protocol::sphinx::{SphinxPublicKey, SphinxSecretKey};
 use whispr_protocol::{KeyEpoch, MailboxId, NodeId, UnixTime};
 
-const WHISPR: &str = env!("CARGO_BIN_EXE_whispr");
-/// Longest wait for anything (generous: a deadline costs time only when the test fails).
-const WAIT: Duration = Duration::from_secs(120);
+mod common;
+use common::{User, WAIT, http_get};
 
 fn now() -> UnixTime {
     UnixTime(whispr_client::now_ms())
-}
-
-struct User {
-    home: PathBuf,
-    pass: &'static str,
-}
-
-impl User {
-    fn cmd(&self, args: &[&str]) -> Output {
-        Command::new(WHISPR)
-            .arg("--home")
-            .arg(&self.home)
-            .arg("--json")
-            .args(args)
-            .env("WHISPR_PASSPHRASE", self.pass)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> Vec<Value> {
-        let o = self.cmd(args);
-        assert!(
-            o.status.success(),
-            "whispr {args:?} failed: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    fn send_stored(&self, to: &str, text: &str) {
-        let sent = self.ok(&["send", to, text, "--timeout", "120"]);
-        assert_eq!(sent[0]["state"], "stored", "{text}: {sent:?}");
-    }
-
-    /// Receives until every text of `want` arrived (each once, nothing else).
-    fn recv_exactly(&self, want: &[String]) {
-        let deadline = Instant::now() + WAIT;
-        let mut got: Vec<String> = Vec::new();
-        while got.len() < want.len() {
-            for m in self.ok(&["recv", "--wait", "1"]) {
-                if m["type"] != "message" {
-                    continue;
-                }
-                let text = m["text"].as_str().unwrap().to_string();
-                assert!(!got.contains(&text), "{text:?} delivered twice");
-                assert!(want.contains(&text), "unexpected message {text:?}");
-                got.push(text);
-            }
-            assert!(Instant::now() < deadline, "got {got:?} of {want:?}");
-        }
-    }
-
-    fn recv_notice(&self, kind: &str) {
-        let deadline = Instant::now() + WAIT;
-        while !self
-            .ok(&["recv", "--wait", "1"])
-            .iter()
-            .any(|v| v["type"] != "message" && v["kind"] == kind)
-        {
-            assert!(Instant::now() < deadline, "no {kind} notice");
-        }
-    }
-}
-
-/// A plain HTTP/1.0 GET on loopback; `None` when the node does not answer.
-fn http_get(port: u16, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split("\r\n\r\n").nth(1).map(str::to_string)
 }
 
 /// Every sample of `/metrics` on `port` whose name contains `part`, with its value.

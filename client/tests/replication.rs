@@ -20,150 +20,18 @@
     missing_docs
 )]
 
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use whispr_client::devnet::{self, Devnet, DevnetOptions};
 
-const WHISPR: &str = env!("CARGO_BIN_EXE_whispr");
-/// Longest wait for something to come through the mesh, or for a repair. Generous: a
-/// deadline costs time only when the test fails.
-const WAIT: Duration = Duration::from_secs(120);
+mod common;
+use common::{User, WAIT, http_get};
+
 /// Rounds of the kill -9 loop (each kills one replica and restarts it); more with
 /// `WHISPR_KILL_LOOP_ROUNDS` (the longer run of `docs/benchmarks.md`).
 const ROUNDS: usize = 100;
-
-#[derive(Clone)]
-struct User {
-    home: PathBuf,
-    pass: &'static str,
-}
-
-impl User {
-    fn cmd(&self, args: &[&str]) -> Output {
-        Command::new(WHISPR)
-            .arg("--home")
-            .arg(&self.home)
-            .arg("--json")
-            .args(args)
-            .env("WHISPR_PASSPHRASE", self.pass)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> Vec<Value> {
-        let o = self.cmd(args);
-        assert!(
-            o.status.success(),
-            "whispr {args:?} failed: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    /// Sends `text` to `to`; it must be acknowledged by the mailbox (W replicas hold it).
-    fn send_stored(&self, to: &str, text: &str) {
-        let sent = self.ok(&["send", to, text, "--timeout", "120"]);
-        // Stored, or further already (a reader that is online acknowledges at once).
-        let state = sent[0]["state"].as_str().unwrap_or_default();
-        assert!(
-            ["stored", "delivered", "read"].contains(&state),
-            "{text}: {sent:?}"
-        );
-    }
-
-    /// One receive (waiting at most a second): the texts of the messages it gave.
-    fn recv_texts(&self) -> Vec<String> {
-        self.ok(&["recv", "--wait", "1"])
-            .iter()
-            .filter(|m| m["type"] == "message")
-            .map(|m| m["text"].as_str().unwrap().to_string())
-            .collect()
-    }
-
-    /// Receives until every text of `want` arrived; panics if one arrives twice, or if
-    /// anything else arrives, or after [`WAIT`].
-    fn recv_exactly(&self, want: &[String]) {
-        let deadline = Instant::now() + WAIT;
-        let mut got: Vec<String> = Vec::new();
-        loop {
-            for text in self.recv_texts() {
-                assert!(!got.contains(&text), "{text:?} delivered twice");
-                assert!(want.contains(&text), "unexpected message {text:?}");
-                got.push(text);
-            }
-            if got.len() == want.len() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out; got {got:?} of {want:?}"
-            );
-        }
-    }
-
-    /// Syncs until no text message of ours is still being sent; the state of each, by id.
-    fn wait_settled(&self) -> std::collections::BTreeMap<u64, String> {
-        let deadline = Instant::now() + 2 * WAIT;
-        loop {
-            let _ = self.cmd(&["recv", "--wait", "1"]);
-            let o = self.cmd(&["status"]);
-            let states: std::collections::BTreeMap<u64, String> =
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                    .flat_map(|v| v["outgoing"].as_array().cloned().unwrap_or_default())
-                    .filter(|m| {
-                        m["kind"]
-                            .as_str()
-                            .is_some_and(|k| k.eq_ignore_ascii_case("text"))
-                    })
-                    .filter_map(|m| Some((m["id"].as_u64()?, m["state"].as_str()?.to_string())))
-                    .collect();
-            if o.status.success() && !states.is_empty() && !states.values().any(|s| s == "sending")
-            {
-                return states;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "messages still being sent: {states:?}"
-            );
-        }
-    }
-
-    fn recv_notice(&self, kind: &str) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if self
-                .ok(&["recv", "--wait", "1"])
-                .iter()
-                .any(|v| v["type"] != "message" && v["kind"] == kind)
-            {
-                return;
-            }
-            assert!(Instant::now() < deadline, "no {kind} notice");
-        }
-    }
-}
-
-/// A plain HTTP/1.0 GET on loopback; `None` when the node does not answer.
-fn http_get(port: u16, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split("\r\n\r\n").nth(1).map(str::to_string)
-}
 
 fn metric(devnet: &Devnet, node: &str, name: &str) -> Option<u64> {
     let port = devnet
@@ -253,7 +121,7 @@ async fn a_mailbox_outlives_a_killed_replica_and_a_lost_disk() {
         std::thread::spawn(move || {
             let mut got = Vec::new();
             while !stop.load(Ordering::Relaxed) {
-                got.extend(bob.recv_texts());
+                got.extend(bob.recv_some());
             }
             got
         })
@@ -297,7 +165,7 @@ async fn a_mailbox_outlives_a_killed_replica_and_a_lost_disk() {
     let rest: Vec<String> = acked.iter().filter(|t| !got.contains(t)).cloned().collect();
     bob.recv_exactly(&rest);
     got.extend(rest);
-    got.extend(bob.recv_texts());
+    got.extend(bob.recv_some());
     let mut unique = got.clone();
     unique.sort();
     unique.dedup();

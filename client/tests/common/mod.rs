@@ -93,17 +93,82 @@ impl User {
         }
     }
 
-    /// Sends `text` to `to`, waiting for the mailbox's acknowledgement.
-    pub fn send_stored(&self, to: &str, text: &str) -> u64 {
+    /// One receive (waiting at most a second): the texts of its messages.
+    pub fn recv_some(&self) -> Vec<String> {
+        let (m, _) = self.recv();
+        m.iter()
+            .map(|m| m["text"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// Syncs until no text message of ours is still being sent; the state of each, by id.
+    pub fn wait_settled(&self) -> std::collections::BTreeMap<u64, String> {
+        let deadline = Instant::now() + 2 * WAIT;
+        loop {
+            let _ = self.cmd(&["recv", "--wait", "1"]);
+            let o = self.cmd(&["status"]);
+            let states: std::collections::BTreeMap<u64, String> =
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                    .flat_map(|v| v["outgoing"].as_array().cloned().unwrap_or_default())
+                    .filter(|m| {
+                        m["kind"]
+                            .as_str()
+                            .is_some_and(|k| k.eq_ignore_ascii_case("text"))
+                    })
+                    .filter_map(|m| Some((m["id"].as_u64()?, m["state"].as_str()?.to_string())))
+                    .collect();
+            if o.status.success() && !states.is_empty() && !states.values().any(|s| s == "sending")
+            {
+                return states;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "messages still being sent: {states:?}"
+            );
+        }
+    }
+
+    /// Receives until every text of `want` arrived; panics if one arrives twice, if anything
+    /// else arrives, or after [`WAIT`].
+    pub fn recv_exactly(&self, want: &[String]) {
+        let deadline = Instant::now() + WAIT;
+        let mut got: Vec<String> = Vec::new();
+        while got.len() < want.len() {
+            for m in self.recv().0 {
+                let text = m["text"].as_str().unwrap().to_string();
+                assert!(!got.contains(&text), "{text:?} delivered twice");
+                assert!(want.contains(&text), "unexpected message {text:?}");
+                got.push(text);
+            }
+            assert!(Instant::now() < deadline, "got {got:?} of {want:?}");
+        }
+    }
+
+    /// Sends `text` to `to`, waiting at most 120 s for the mailbox's acknowledgement: the
+    /// first line of the output (state and id), and whether the command succeeded.
+    pub fn send(&self, to: &str, text: &str) -> (Value, bool) {
         let o = self.cmd(&["send", to, text, "--timeout", "120"]);
         let first = lines(&o).into_iter().next().unwrap_or_default();
-        let state = first["state"].as_str().unwrap_or_default().to_string();
+        (first, o.status.success())
+    }
+
+    /// Sends `text` to `to`; it must be acknowledged by the mailbox (stored, or further
+    /// already: a reader that is online acknowledges at once). Its id.
+    pub fn send_stored(&self, to: &str, text: &str) -> u64 {
+        let (first, ok) = self.send(to, text);
+        let state = first["state"].as_str().unwrap_or_default();
         assert!(
-            o.status.success() && ["stored", "delivered", "read"].contains(&state.as_str()),
-            "{text}: {state} {}",
-            String::from_utf8_lossy(&o.stderr)
+            ok && ["stored", "delivered", "read"].contains(&state),
+            "{text}: {first}"
         );
         first["id"].as_u64().unwrap_or_default()
+    }
+
+    /// The `contacts` document.
+    pub fn contacts(&self) -> Value {
+        self.ok(&["contacts"]).remove(0)
     }
 
     /// Invites `other` (named `their_name` here, `my_name` there); both established.
@@ -123,4 +188,15 @@ pub fn lines(o: &Output) -> Vec<Value> {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
+}
+
+/// A plain HTTP/1.0 GET on loopback: the body, or `None` when the node does not answer.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split("\r\n\r\n").nth(1).map(str::to_string)
 }

@@ -1247,8 +1247,14 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
 
     /// True when `device` is the mailbox owner's key.
     pub fn is_owner(&self, mailbox: &MailboxId, device: &[u8; 32]) -> bool {
-        self.mailbox(mailbox)
-            .is_ok_and(|m| &m.record.owner_key == device)
+        self.owner_check(mailbox, device).unwrap_or(false)
+    }
+
+    /// Whether `device` is the mailbox owner's key; [`MailboxError::UnknownMailbox`] when the
+    /// mailbox is not here (erased since the session began, say), so that an API answers
+    /// "not found" rather than "forbidden" for it.
+    pub fn owner_check(&self, mailbox: &MailboxId, device: &[u8; 32]) -> Result<bool> {
+        self.mailbox(mailbox).map(|m| &m.record.owner_key == device)
     }
 
     /// Registers another device, signed by the owner. The new device starts at the oldest

@@ -1144,9 +1144,10 @@ fn revoked(node: &MailboxNode) {
 
 async fn owner_only(node: &MailboxNode, auth: &Authed, mailbox: &MailboxId) -> ApiResult<()> {
     let (mailbox, device) = (*mailbox, auth.0.device);
+    // An unknown mailbox is 404 (`unknown_mailbox`), not 403: the session may have outlived it.
     if !node
-        .with_core(move |core| core.is_owner(&mailbox, &device))
-        .await?
+        .with_core(move |core| core.owner_check(&mailbox, &device))
+        .await??
     {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,

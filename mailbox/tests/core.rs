@@ -468,6 +468,9 @@ fn create_mailbox_checks_proof_of_possession_retention_duplicates_and_quota() {
     assert!(core.is_device(&a.id, &a.key()));
     assert!(!core.is_device(&a.id, &b.key()));
     assert!(!core.is_owner(&b.id, &b.key()));
+    assert!(!core.owner_check(&a.id, &b.key()).unwrap());
+    let err = core.owner_check(&b.id, &b.key()).unwrap_err();
+    assert!(matches!(err, MailboxError::UnknownMailbox), "{err:?}");
 
     // The same id again, even with a valid proof and other settings: refused.
     let err = core.create_mailbox(at(1), a.request(HOUR)).unwrap_err();

@@ -882,3 +882,39 @@ fn an_erasure_survives_restarts_and_reaches_the_replica_that_missed_it() {
         assert!(net.cores[i].info(&mailbox).is_err(), "node {i} holds it");
     }
 }
+
+#[test]
+fn the_shared_mailbox_index_follows_an_erasure_and_a_creation_between_rounds() {
+    let mut net = Net::new();
+    let ids = many_mailboxes(&mut net, 50);
+    let mut now = 10;
+    for _ in 0..2 {
+        now += REPAIR;
+        net.tick(at(now));
+    }
+    // One mailbox leaves and another comes between two rounds: every node holds as many
+    // mailboxes as before, and the index of what each peer shares must still follow (a
+    // stale one makes the summary a node compares differ from the one it sends, and the
+    // digests go back and forth every round).
+    net.cores[0].erase(&ids[0]).unwrap();
+    net.pump(at(now));
+    let replicas: Vec<NodeId> = (0..3).map(node_id).collect();
+    let owner = Owner::from_seed(9_999);
+    for core in &mut net.cores {
+        let req = owner.create_request_replicated(24 * 3_600_000, &replicas);
+        core.create_replicated(at(now), req, replicas.clone())
+            .unwrap();
+    }
+    for _ in 0..2 {
+        now += REPAIR;
+        net.tick(at(now));
+    }
+    let before = net.delivered;
+    now += REPAIR;
+    net.tick(at(now));
+    assert_eq!(
+        net.delivered - before,
+        6,
+        "one summary from each node to each of its two peers, nothing else"
+    );
+}

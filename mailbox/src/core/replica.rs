@@ -129,6 +129,22 @@ pub(super) struct ReplicaState {
     /// The number of the last erasure marker written (orders them across restarts).
     erased_seq: u64,
     stats: ReplicaStats,
+    /// Peer → the mailboxes here it replicates (by storage id), for [`MailboxCore::shared_with`]
+    /// (one call per summary received: without it, every call scanned every mailbox).
+    shared: SharedIndex,
+}
+
+/// Which mailboxes each peer shares with this node, derived from the mailboxes' records
+/// (their replica lists never change once created). Kept valid without hooks in every path
+/// that adds a mailbox: a mailbox leaves only through an erasure, which calls
+/// [`MailboxCore::forget_digest`] (that takes it out here), and one is added only with a new
+/// storage id, which makes the core's count differ from `indexed`: the index is then built
+/// again from the mailboxes (once, not once per summary).
+#[derive(Default)]
+struct SharedIndex {
+    /// Every mailbox accounted for (replicated or not).
+    indexed: BTreeSet<StorageId>,
+    by_peer: BTreeMap<[u8; 32], BTreeSet<StorageId>>,
 }
 
 impl ReplicaState {
@@ -142,6 +158,7 @@ impl ReplicaState {
             erased_order: VecDeque::new(),
             erased_seq: 0,
             stats: ReplicaStats::default(),
+            shared: SharedIndex::default(),
         }
     }
 }
@@ -574,6 +591,13 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
     /// Drops the cached digest of an erased mailbox.
     pub(super) fn forget_digest(&mut self, sid: &StorageId) {
         self.replica.digests.remove(sid);
+        let shared = &mut self.replica.shared;
+        if shared.indexed.remove(sid) {
+            shared.by_peer.retain(|_, sids| {
+                sids.remove(sid);
+                !sids.is_empty()
+            });
+        }
     }
 
     /// The replicated mailboxes here: (storage id, mailbox id, peers).
@@ -617,13 +641,33 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
         let mut buckets = vec![[0u8; 32]; SUMMARY_BUCKETS];
         let mut entries: Vec<Vec<DigestEntry>> = vec![Vec::new(); SUMMARY_BUCKETS];
         // The mailboxes `peer` replicates with this node (what `replicated` lists with `peer`
-        // among its peers), without building every mailbox's peer list: a node answers one
-        // summary per peer and round, so this runs peers × mailboxes times per round.
-        let own = self.config.node_id;
+        // among its peers), from the index (see [`SharedIndex`]): a node answers one summary
+        // per peer and round, so a scan of every mailbox here ran peers × mailboxes times per
+        // round.
+        if self.config.node_id == Some(peer.0) {
+            return Ok((buckets, entries));
+        }
+        if self.replica.shared.indexed.len() != self.mailboxes.len() {
+            let mut index = SharedIndex::default();
+            for m in self.mailboxes.values() {
+                index.indexed.insert(m.sid);
+                for r in &m.record.replicas {
+                    if self.config.node_id != Some(*r) {
+                        index.by_peer.entry(*r).or_default().insert(m.sid);
+                    }
+                }
+            }
+            self.replica.shared = index;
+        }
+        // Storage-id order, as the scan of `mailboxes` gave.
         let shared: Vec<(StorageId, [u8; 32])> = self
-            .mailboxes
-            .values()
-            .filter(|m| own != Some(peer.0) && m.record.replicas.contains(&peer.0))
+            .replica
+            .shared
+            .by_peer
+            .get(&peer.0)
+            .into_iter()
+            .flatten()
+            .filter_map(|sid| self.mailboxes.get(sid))
             .map(|m| (m.sid, m.record.mailbox_id))
             .collect();
         for (sid, mailbox_id) in shared {

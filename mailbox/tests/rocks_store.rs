@@ -818,46 +818,6 @@ fn expiry_times_on_disk_do_not_give_arrival_times_and_an_erased_mailbox_leaves_n
     }
 }
 
-/// A [`RocksStore`] that counts the reads of envelope bodies ([`Cf::Bodies`]).
-struct CountingStore {
-    inner: RocksStore,
-    body_reads: std::sync::Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl MailboxStore for CountingStore {
-    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        if cf == Cf::Bodies {
-            self.body_reads
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }
-        self.inner.get(cf, key)
-    }
-
-    fn scan(
-        &self,
-        cf: Cf,
-        from: &[u8],
-        to: &[u8],
-        f: &mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>,
-    ) -> Result<(), StoreError> {
-        let reads = &self.body_reads;
-        self.inner.scan(cf, from, to, &mut |k, v| {
-            if cf == Cf::Bodies {
-                reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            }
-            f(k, v)
-        })
-    }
-
-    fn write(&self, ops: Vec<Op>, sync: bool) -> Result<(), StoreError> {
-        self.inner.write(ops, sync)
-    }
-
-    fn is_poisoned(&self) -> bool {
-        self.inner.is_poisoned()
-    }
-}
-
 /// Issue 19 ("Mailbox: writes near the floor"): envelope bodies moved to their own column
 /// family (blob files), the envelope entry keeps `expires_at ‖ length`. A node restarted on
 /// a database written in the layout of before (the whole value in `envelopes`) serves those
@@ -891,10 +851,7 @@ fn old_layout_envelopes_stay_readable_and_open_reads_no_body() {
     let open_core = |reads: &Arc<AtomicU64>| {
         MailboxCore::open(
             CoreConfig::default(),
-            CountingStore {
-                inner: open(dir.path()),
-                body_reads: reads.clone(),
-            },
+            CountingStore::new(open(dir.path()), reads.clone()),
             master(),
             rand_chacha::ChaCha20Rng::seed_from_u64(1),
             t0,
@@ -987,22 +944,38 @@ fn old_layout_envelopes_stay_readable_and_open_reads_no_body() {
     assert!(scan_all(core.store(), Cf::Bodies, &[], &[0xff; 48]).is_empty());
 }
 
-/// A store that counts the entries scanned per column family and can refuse writes after a
-/// given number (to stop an erasure between its two writes, as a crash would).
-struct ScanCountingStore {
+/// A [`RocksStore`] that counts the envelope bodies read ([`Cf::Bodies`], by `get` or in a
+/// scan) and the entries scanned per column family, and can refuse writes after a given
+/// number (to stop an erasure between its two writes, as a crash would).
+struct CountingStore {
     inner: RocksStore,
+    body_reads: std::sync::Arc<std::sync::atomic::AtomicU64>,
     scanned: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<Cf, u64>>>,
     writes_left: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
-impl ScanCountingStore {
+impl CountingStore {
+    /// Counts into `body_reads`; never refuses a write.
+    fn new(inner: RocksStore, body_reads: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
+        CountingStore {
+            inner,
+            body_reads,
+            scanned: std::sync::Arc::default(),
+            writes_left: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
+        }
+    }
+
     fn scanned(&self, cf: Cf) -> u64 {
         self.scanned.lock().unwrap().get(&cf).copied().unwrap_or(0)
     }
 }
 
-impl MailboxStore for ScanCountingStore {
+impl MailboxStore for CountingStore {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if cf == Cf::Bodies {
+            self.body_reads
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         self.inner.get(cf, key)
     }
 
@@ -1019,6 +992,10 @@ impl MailboxStore for ScanCountingStore {
             f(k, v)
         });
         *self.scanned.lock().unwrap().entry(cf).or_default() += n;
+        if cf == Cf::Bodies {
+            self.body_reads
+                .fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+        }
         result
     }
 
@@ -1071,10 +1048,9 @@ fn restart_loads_each_mailbox_at_first_access() {
                 .unwrap()
         };
     let open_core = |now: UnixTime, writes: u64| {
-        let store = ScanCountingStore {
-            inner: open(dir.path()),
-            scanned: Arc::default(),
+        let store = CountingStore {
             writes_left: Arc::new(AtomicU64::new(writes)),
+            ..CountingStore::new(open(dir.path()), Arc::default())
         };
         MailboxCore::open(
             CoreConfig::default(),
@@ -1085,7 +1061,7 @@ fn restart_loads_each_mailbox_at_first_access() {
         )
         .unwrap()
     };
-    let fetch_all = |core: &MailboxCore<ScanCountingStore, _>, o: &Owner, now: UnixTime| {
+    let fetch_all = |core: &MailboxCore<CountingStore, _>, o: &Owner, now: UnixTime| {
         core.fetch(now, &o.mailbox_id, &device(o), None, 100)
             .unwrap()
     };

@@ -154,6 +154,51 @@ async fn wait_for_directories(nodes: &[&MeshHandle], size: usize) {
     }
 }
 
+/// Edge → mix (layer 1) → destination (a mailbox node that records its deliveries), each
+/// configured by `config(roles, mix_layer, edge, bootstrap)`, every directory holding all three.
+struct Chain {
+    edge: Node,
+    mix: Node,
+    destination: Node,
+    deliveries: mpsc::UnboundedReceiver<Delivery>,
+}
+
+impl Chain {
+    async fn start(config: impl Fn(Vec<RelayRole>, u32, bool, &[String]) -> MeshConfig) -> Chain {
+        let edge = start(config(vec![RelayRole::Edge], 0, true, &[]), vec![], None);
+        let bootstrap = [bootstrap_addr(&edge.handle)];
+        let mix = start(
+            config(vec![RelayRole::Mix], 1, false, &bootstrap),
+            vec![],
+            None,
+        );
+        let (deliveries_tx, deliveries) = mpsc::unbounded_channel();
+        let destination = start(
+            config(vec![], 0, false, &bootstrap),
+            vec![Role::Mailbox],
+            Some(Arc::new(Recorder(deliveries_tx))),
+        );
+        wait_for_directories(&[&edge.handle, &mix.handle, &destination.handle], 3).await;
+        Chain {
+            edge,
+            mix,
+            destination,
+            deliveries,
+        }
+    }
+
+    /// The route edge → mix → destination in the current key epoch, by the edge's directory.
+    fn route(&self) -> [RouteHop; 3] {
+        let directory = self.edge.handle.directory();
+        let epoch = KeyEpoch::containing(
+            now(),
+            Duration::from_millis(RouterConfig::default().epoch_len_ms),
+        );
+        [&self.edge, &self.mix, &self.destination]
+            .map(|n| hop(&directory, n.handle.node_id(), epoch))
+    }
+}
+
 fn hop(directory: &Directory, node: NodeId, epoch: KeyEpoch) -> RouteHop {
     let descriptor = directory.get(&node).expect("node in the directory");
     RouteHop {
@@ -270,25 +315,15 @@ async fn client_control(edge: &MeshHandle) -> (libp2p_stream::Control, JoinHandl
 async fn three_nodes_carry_a_packet_end_to_end() {
     let logs = captured_logs();
 
-    let edge = start(
-        mesh_config(vec![RelayRole::Edge], 0, true, &[]),
-        vec![],
-        None,
-    );
-    let bootstrap = [bootstrap_addr(&edge.handle)];
-    let mix = start(
-        mesh_config(vec![RelayRole::Mix], 1, false, &bootstrap),
-        vec![],
-        None,
-    );
-    let (deliveries_tx, mut deliveries) = mpsc::unbounded_channel();
-    let destination = start(
-        mesh_config(vec![], 0, false, &bootstrap),
-        vec![Role::Mailbox],
-        Some(Arc::new(Recorder(deliveries_tx))),
-    );
+    let chain = Chain::start(mesh_config).await;
+    let route = chain.route();
+    let Chain {
+        edge,
+        mix,
+        destination,
+        mut deliveries,
+    } = chain;
     let handles = [&edge.handle, &mix.handle, &destination.handle];
-    wait_for_directories(&handles, 3).await;
     for h in handles {
         assert!(h.is_healthy());
         assert!(
@@ -301,16 +336,6 @@ async fn three_nodes_carry_a_packet_end_to_end() {
     }
 
     // A packet along edge → mix → destination, submitted as from an HTTP client.
-    let directory = edge.handle.directory();
-    let epoch = KeyEpoch::containing(
-        now(),
-        Duration::from_millis(RouterConfig::default().epoch_len_ms),
-    );
-    let route = [
-        hop(&directory, edge.handle.node_id(), epoch),
-        hop(&directory, mix.handle.node_id(), epoch),
-        hop(&directory, destination.handle.node_id(), epoch),
-    ];
     let address = DestinationAddress([7u8; 32]);
     let plaintext = b"through the mesh".to_vec();
     let bytes = packet(&route, address, &plaintext).into_bytes();
@@ -895,31 +920,15 @@ async fn a_burst_is_delivered_once_with_and_without_inline_peels() {
                 peel_inline: inline,
                 ..mesh_config(roles, layer, edge, bootstrap)
             };
-        let edge = start(config(vec![RelayRole::Edge], 0, true, &[]), vec![], None);
-        let bootstrap = [bootstrap_addr(&edge.handle)];
-        let mix = start(
-            config(vec![RelayRole::Mix], 1, false, &bootstrap),
-            vec![],
-            None,
-        );
-        let (deliveries_tx, mut deliveries) = mpsc::unbounded_channel();
-        let destination = start(
-            config(vec![], 0, false, &bootstrap),
-            vec![Role::Mailbox],
-            Some(Arc::new(Recorder(deliveries_tx))),
-        );
+        let chain = Chain::start(config).await;
+        let route = chain.route();
+        let Chain {
+            edge,
+            mix,
+            destination,
+            mut deliveries,
+        } = chain;
         let handles = [&edge.handle, &mix.handle, &destination.handle];
-        wait_for_directories(&handles, 3).await;
-        let directory = edge.handle.directory();
-        let epoch = KeyEpoch::containing(
-            now(),
-            Duration::from_millis(RouterConfig::default().epoch_len_ms),
-        );
-        let route = [
-            hop(&directory, edge.handle.node_id(), epoch),
-            hop(&directory, mix.handle.node_id(), epoch),
-            hop(&directory, destination.handle.node_id(), epoch),
-        ];
         let address = DestinationAddress([3u8; 32]);
         const BURST: u32 = 60;
         let packets: Vec<Vec<u8>> = (0..BURST)

@@ -137,11 +137,17 @@ fuzz:
 # crypto, 1M timers and durable deposits against Redis, the relay (per hop, one relay alone,
 # the 3-hop chain windowed and paced at 1000/s), and last the simulator's `large.toml`
 # (sim-bench: by extrapolation about 13 GiB and tens of minutes on 2 cores).
+# Every bench is built in the tests' profile with our crates raised to opt-level 3 on the
+# command line (BENCH_CARGO_ARGS, the same flags as the simulator's): release-grade code where
+# the CPU goes, and RocksDB's C++ and every other dependency keep the tests' build (no second
+# 18-minute build in cargo's `bench` profile; `cargo build -v` shows `Fresh librocksdb-sys`).
+# Our crates keep the test profile's debug assertions and overflow checks.
+BENCH_CARGO_ARGS = --profile test $(SIM_OPT_CONFIG)
 bench:
-	$(CARGO) bench --workspace --bench protocol
-	bash timer-service/bench/run.sh
-	bash mailbox/bench/run.sh
-	$(CARGO) bench --workspace --bench mesh
+	$(CARGO) bench --workspace $(BENCH_CARGO_ARGS) --bench protocol
+	BENCH_PROFILE=test BENCH_CARGO_ARGS="$(SIM_OPT_CONFIG)" bash timer-service/bench/run.sh
+	BENCH_PROFILE=test BENCH_CARGO_ARGS="$(SIM_OPT_CONFIG)" bash mailbox/bench/run.sh
+	$(CARGO) bench --workspace $(BENCH_CARGO_ARGS) --bench mesh
 	$(MAKE) sim-bench
 
 # The DoS budget (docs/dos-budget.md): a load generator (client/examples/dos_budget.rs) attacks

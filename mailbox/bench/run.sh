@@ -15,7 +15,9 @@
 #
 # BENCH_PROFILE=test builds the bench in the tests' profile (our code at opt-level 1, every
 # dependency, RocksDB included, at 3) and so reuses their build of RocksDB's C++ instead of a
-# second one in the `bench` profile; the default is cargo's `bench` profile.
+# second one in the `bench` profile; the default is cargo's `bench` profile. BENCH_CARGO_ARGS
+# adds cargo flags: `make bench` passes `--config profile.test.package.<crate>.opt-level=3`
+# for each of our crates, so that with BENCH_PROFILE=test our code is at opt-level 3 too.
 set -euo pipefail
 
 cd "$(dirname "$0")/../.."
@@ -23,7 +25,7 @@ CARGO=${CARGO:-cargo}
 
 # The bench takes Redis's address as flags; they are known only once Redis runs.
 exec bash bench/with-redis.sh mailbox bash -c \
-    'exec "$0" bench --workspace ${BENCH_PROFILE:+--profile "$BENCH_PROFILE"} --bench deposits \
+    'exec "$0" bench --workspace ${BENCH_PROFILE:+--profile "$BENCH_PROFILE"} ${BENCH_CARGO_ARGS:-} --bench deposits \
         -- --redis-port "$WHISPR_BENCH_REDIS_PORT" --redis-conf "$WHISPR_BENCH_REDIS_CONF" \
         --redis-server "$WHISPR_BENCH_REDIS_SERVER" "$@"' \
     "$CARGO" "$@"

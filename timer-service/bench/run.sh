@@ -16,6 +16,7 @@
 # RocksDB's C++ (every dependency is at opt-level 3 there) instead of a second one in the
 # `bench` profile, with this crate (the queue, the store and the bench) raised to opt-level 3
 # by `--config` (only this crate is rebuilt). The default is cargo's `bench` profile.
+# BENCH_CARGO_ARGS adds cargo flags (`make bench` raises each of our crates to opt-level 3).
 set -euo pipefail
 
 cd "$(dirname "$0")/../.."
@@ -29,5 +30,7 @@ if [ -n "${BENCH_PROFILE:-}" ]; then
     fi
 fi
 
+# shellcheck disable=SC2206 # BENCH_CARGO_ARGS is a list of flags, split on spaces
+extra=(${BENCH_CARGO_ARGS:-})
 exec bash bench/with-redis.sh timer \
-    "$CARGO" bench --workspace "${profile[@]}" --bench timers -- "$@"
+    "$CARGO" bench --workspace "${profile[@]}" "${extra[@]}" --bench timers -- "$@"

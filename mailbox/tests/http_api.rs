@@ -130,6 +130,23 @@ fn metric(text: &str, name: &str) -> u64 {
         .unwrap()
 }
 
+/// Waits (up to 20 s, polling `/metrics` of `s`) until gauge `name` reads `value`: the
+/// event a test needs before its next step, instead of a fixed sleep.
+async fn wait_for_gauge(s: &Server, name: &str, value: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = metric(&s.metrics_on_new_connection().await, name);
+        if now == value {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gauge {name} stayed at {now}, never reached {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A node serving on a loopback port, stopped when dropped.
 struct Server {
     node: MailboxNode,
@@ -842,33 +859,39 @@ async fn poll_orders_pages_and_long_polls() {
         vec![1, 2, 3, 4, 5]
     );
 
-    // Long poll: returns as soon as a deposit lands.
-    let depositor = {
-        let node = s.node.clone();
+    // Long poll: returns as soon as a deposit lands. The deposit is made once the poll is
+    // seen waiting (the `polls_waiting` gauge), so the poll cannot have found it already; the
+    // wait asked for (30 s) is far longer than the answer may take.
+    let poller = {
+        let http = http_client();
+        let url = s.url(&format!(
+            "/v1/mailboxes/{}/messages?after=5&wait=30000",
+            mid(&owner)
+        ));
+        let token = token.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let r = http.get(url).bearer_auth(token).send().await.unwrap();
+            (expect_json(r, 200).await, started.elapsed())
+        })
+    };
+    wait_for_gauge(&s, "polls_waiting", 1).await;
+    let receipt = {
         let mut rng = ChaCha20Rng::seed_from_u64(44);
         let dedup = DedupId::random(&mut rng);
         let envelope = owner
             .envelope(&mut rng, dedup, None, None, b"late")
             .unwrap();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            node.deposit(Incoming::Deposit(envelope)).await.unwrap()
-        })
+        s.node.deposit(Incoming::Deposit(envelope)).await.unwrap()
     };
-    let started = Instant::now();
-    let page = s.poll_ok(&owner, &token, "?after=5&wait=3000").await;
-    let took = started.elapsed();
+    assert_eq!(receipt.seq, 6);
+    let (page, took) = poller.await.unwrap();
     assert_eq!(seqs(&page), vec![6]);
     assert_eq!(open_message(&owner, &page["messages"][0]), b"late");
     assert!(
-        took < Duration::from_millis(2500),
-        "long poll took {took:?}"
+        took < Duration::from_secs(25),
+        "the long poll ran out its 30 s wait instead of returning at the deposit ({took:?})"
     );
-    assert!(
-        took >= Duration::from_millis(250),
-        "long poll returned before the deposit"
-    );
-    assert_eq!(depositor.await.unwrap().seq, 6);
 
     // Nothing arrives: empty after the wait.
     let started = Instant::now();
@@ -1055,8 +1078,9 @@ async fn stream_pushes_takes_acks_and_refuses_used_or_foreign_tickets() {
     assert_eq!(ticket.len(), 64);
     let url = s.stream_url(&mid(&a), &ticket);
     let mut ws = ws_connect(&url).await;
-    // Give the server a moment to start its loop, then deposit.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Deposit once the server runs the stream (it counts it open), so that the message is
+    // pushed rather than found in the backlog.
+    wait_for_gauge(&s, "streams_open", 1).await;
     s.deposit(&a, b"pushed").await;
     let event = next_event(&mut ws).await;
     assert_eq!(event["type"], "message", "{event}");
@@ -1493,8 +1517,7 @@ async fn connections_per_mailbox_limit_answers_429_with_retry_after() {
             expect_json(r, 200).await
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(metric(&s.metrics().await, "polls_waiting"), 1);
+    wait_for_gauge(&s, "polls_waiting", 1).await;
     // A second concurrent long poll → 429 + Retry-After; a plain poll is not limited.
     let r = s.poll(&owner, &token, "?wait=1000").await;
     expect_error(r, 429, "rate_limited").await;
@@ -1559,16 +1582,12 @@ async fn abandoned_long_poll_releases_its_slot_and_gauge() {
         .await;
     assert!(gave_up.is_err());
     drop(impatient);
-    // Whether the server cancelled the handler or let it run out its wait, by now the slot
-    // is free and the gauge is back to zero.
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    // Whether the server cancelled the handler or let it run out its 1 s wait, the gauge
+    // comes back to zero (the wait fails after 20 s if the abandoned poll stays counted)
+    // and the slot is free.
+    wait_for_gauge(&s, "polls_waiting", 0).await;
     let page = s.poll_ok(&owner, &token, "?wait=100").await;
     assert_eq!(seqs(&page), Vec::<u64>::new());
-    assert_eq!(
-        metric(&s.metrics().await, "polls_waiting"),
-        0,
-        "an abandoned long poll is still counted as waiting"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1585,11 +1604,20 @@ async fn stream_refused_by_a_limit_keeps_its_ticket() {
     ws_refused(&url, 429, "rate_limited").await;
     ws.close(None).await.unwrap();
     drop(ws);
-    tokio::time::sleep(Duration::from_millis(300)).await;
     s.deposit(&owner, b"x").await;
-    let mut ws = match tokio_tungstenite::connect_async(url.as_str()).await {
-        Ok((ws, _)) => ws,
-        Err(e) => panic!("the ticket refused with 429 no longer opens the stream: {e}"),
+    // Once the server has seen the first stream close, the same ticket opens the stream;
+    // until then it is refused with 429 again, each time without being spent.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut ws = loop {
+        match tokio_tungstenite::connect_async(url.as_str()).await {
+            Ok((ws, _)) => break ws,
+            Err(tungstenite::Error::Http(r))
+                if r.status().as_u16() == 429 && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("the ticket refused with 429 no longer opens the stream: {e}"),
+        }
     };
     assert_eq!(next_event(&mut ws).await["message"]["seq"], 1);
 }

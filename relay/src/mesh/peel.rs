@@ -3,9 +3,9 @@
 //! out at most `max_out` packets at a time and takes the results back in the order it admitted
 //! the packets, so the router sees the same sequence of inputs as if it had peeled them itself.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, oneshot};
@@ -32,9 +32,92 @@ pub(crate) struct Done {
     pub(crate) reply: Reply,
 }
 
+/// The packets waiting for a peel thread: a queue behind one lock, and a condition variable
+/// on which idle workers wait. A job wakes at most one worker, and only if one is idle (a
+/// `Mutex<mpsc::Receiver>` shared by the workers woke two threads per job: the one that took
+/// it, and the next one in line for the lock, which then went back to sleep in `recv`).
+struct Jobs {
+    state: Mutex<JobState>,
+    ready: Condvar,
+    /// At most this many jobs wait (the core never has more out).
+    max: usize,
+}
+
+struct JobState {
+    queue: VecDeque<Job>,
+    /// Workers waiting on `ready`.
+    idle: usize,
+    /// Workers still running.
+    workers: usize,
+    /// The core is gone: workers exit once the queue is empty.
+    closed: bool,
+}
+
+impl Jobs {
+    /// A poisoned lock only means a worker panicked outside a peel (peels are caught): the
+    /// queue is whole, every change to it is one call.
+    fn lock(&self) -> MutexGuard<'_, JobState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a job; gives it back when the queue is full or no worker is left.
+    #[allow(clippy::result_large_err)] // The error is the job given back.
+    fn push(&self, job: Job) -> Result<(), Job> {
+        let mut state = self.lock();
+        if state.closed || state.workers == 0 || state.queue.len() >= self.max {
+            return Err(job);
+        }
+        state.queue.push_back(job);
+        let wake = state.idle > 0;
+        drop(state);
+        if wake {
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    /// The next job, waiting for one; `None` once the pool is closed and drained.
+    fn pop(&self) -> Option<Job> {
+        let mut state = self.lock();
+        loop {
+            if let Some(job) = state.queue.pop_front() {
+                return Some(job);
+            }
+            if state.closed {
+                return None;
+            }
+            state.idle = state.idle.saturating_add(1);
+            state = self.ready.wait(state).unwrap_or_else(|e| e.into_inner());
+            state.idle = state.idle.saturating_sub(1);
+        }
+    }
+
+    /// Ends the pool: the jobs still queued are dropped (their senders, if any wait, get no
+    /// verdict, as when the core stops), and the workers exit.
+    fn close(&self) {
+        let queued = {
+            let mut state = self.lock();
+            state.closed = true;
+            std::mem::take(&mut state.queue)
+        };
+        drop(queued);
+        self.ready.notify_all();
+    }
+}
+
+/// Counts a worker out when its thread ends, however it ends.
+struct WorkerAlive(Arc<Jobs>);
+
+impl Drop for WorkerAlive {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.workers = state.workers.saturating_sub(1);
+    }
+}
+
 /// The pool, as the core task sees it.
 pub(crate) struct PeelPool {
-    jobs: std::sync::mpsc::SyncSender<Job>,
+    jobs: Arc<Jobs>,
     results: mpsc::Receiver<Done>,
     /// Packets handed out and not yet taken back by [`PeelPool::next_ready`].
     out: usize,
@@ -59,19 +142,34 @@ impl PeelPool {
         max_out: usize,
     ) -> Result<(PeelPool, Vec<JoinHandle<()>>), MeshError> {
         let max_out = max_out.max(1);
-        let (jobs, job_rx) = std::sync::mpsc::sync_channel::<Job>(max_out);
-        let job_rx = Arc::new(Mutex::new(job_rx));
+        let workers = workers.max(1);
+        let jobs = Arc::new(Jobs {
+            state: Mutex::new(JobState {
+                queue: VecDeque::with_capacity(max_out),
+                idle: 0,
+                workers,
+                closed: false,
+            }),
+            ready: Condvar::new(),
+            max: max_out,
+        });
         // Never more than `max_out` results pending, so a worker's send never waits long.
         let (results_tx, results) = mpsc::channel(max_out);
         let mut threads = Vec::new();
-        for i in 0..workers.max(1) {
-            let job_rx = job_rx.clone();
+        for i in 0..workers {
+            let alive = WorkerAlive(jobs.clone());
             let results_tx = results_tx.clone();
-            let thread = std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name(format!("whispr-peel-{i}"))
-                .spawn(move || worker(&job_rx, &results_tx))
-                .map_err(|e| MeshError::Task(format!("peel thread: {e}")))?;
-            threads.push(thread);
+                .spawn(move || worker(&alive, &results_tx));
+            match spawned {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    // The workers started so far exit (the queue is empty).
+                    jobs.close();
+                    return Err(MeshError::Task(format!("peel thread: {e}")));
+                }
+            }
         }
         Ok((
             PeelPool {
@@ -111,18 +209,15 @@ impl PeelPool {
             bytes,
             reply,
         };
-        match self.jobs.try_send(job) {
+        match self.jobs.push(job) {
             Ok(()) => {
                 self.next_seq = self.next_seq.wrapping_add(1);
                 self.out = self.out.saturating_add(1);
                 Ok(())
             }
-            // Full cannot happen (at most `max_out` out, the channel holds that many); either
-            // way the job comes back to the core.
-            Err(
-                std::sync::mpsc::TrySendError::Full(job)
-                | std::sync::mpsc::TrySendError::Disconnected(job),
-            ) => Err((job.ticket, job.reply)),
+            // Full cannot happen (at most `max_out` out, the queue holds that many); either
+            // way, or with no worker left, the job comes back to the core.
+            Err(job) => Err((job.ticket, job.reply)),
         }
     }
 
@@ -157,20 +252,20 @@ impl PeelPool {
     }
 }
 
-fn worker(jobs: &Mutex<std::sync::mpsc::Receiver<Job>>, results: &mpsc::Sender<Done>) {
+impl Drop for PeelPool {
+    fn drop(&mut self) {
+        self.jobs.close();
+    }
+}
+
+fn worker(alive: &WorkerAlive, results: &mpsc::Sender<Done>) {
     loop {
-        // One idle worker waits on the channel while holding the lock; the others wait for
-        // the lock. A poisoned lock only means another worker panicked while waiting.
-        let job = match jobs.lock() {
-            Ok(rx) => rx.recv(),
-            Err(poisoned) => poisoned.into_inner().recv(),
-        };
-        let Ok(Job {
+        let Some(Job {
             seq,
             ticket,
             bytes,
             reply,
-        }) = job
+        }) = alive.0.pop()
         else {
             // The core is gone.
             return;
@@ -187,5 +282,105 @@ fn worker(jobs: &Mutex<std::sync::mpsc::Receiver<Job>>, results: &mpsc::Sender<D
         {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use whispr_protocol::{NodeId, UnixTime};
+
+    use super::*;
+    use crate::router::{ClientId, RateLimit, Router, RouterConfig, Source};
+
+    fn edge_router() -> Router {
+        Router::new(
+            NodeId([7; 32]),
+            RouterConfig {
+                edge: true,
+                client_rate: RateLimit::unlimited(),
+                ..RouterConfig::default()
+            },
+            false,
+        )
+    }
+
+    /// Takes back every packet out, in admission order, within a deadline.
+    async fn take_all(pool: &mut PeelPool) -> Vec<Done> {
+        let mut back = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while pool.is_busy() {
+            assert!(Instant::now() < deadline, "peels did not come back");
+            assert!(pool.recv().await, "the workers are gone");
+            pool.collect();
+            while let Some(done) = pool.next_ready() {
+                back.push(done);
+            }
+        }
+        back
+    }
+
+    #[tokio::test]
+    async fn every_packet_comes_back_once_in_admission_order_and_the_threads_end_with_the_pool() {
+        let mut router = edge_router();
+        let (mut pool, threads) = PeelPool::start(3, 8).unwrap();
+        for round in 0..20u64 {
+            let mut replies = Vec::new();
+            for i in 0..8u64 {
+                assert!(pool.has_room());
+                let ticket = router
+                    .admit(UnixTime(1), Source::Client(ClientId(i)))
+                    .unwrap();
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                // Not a Sphinx packet: each peel ends in a refusal, which is what goes back.
+                let bytes = vec![u8::try_from(round).unwrap(); 10];
+                assert!(pool.submit(ticket, bytes, Some(tx)).is_ok());
+                replies.push(rx);
+            }
+            assert!(!pool.has_room(), "at most max_out packets out");
+            let back = take_all(&mut pool).await;
+            assert_eq!(back.len(), 8);
+            for (i, done) in back.into_iter().enumerate() {
+                assert_eq!(done.seq, round * 8 + u64::try_from(i).unwrap());
+                assert!(done.peeled.is_some(), "no peel panicked");
+                router.abandon(done.ticket);
+                done.reply.unwrap().send(Ok(())).unwrap();
+            }
+            for rx in replies {
+                assert_eq!(rx.await, Ok(Ok(())), "each reply travelled with its packet");
+            }
+        }
+        assert_eq!(router.peeling(), 0);
+        drop(pool);
+        for thread in threads {
+            thread.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_closed_queue_gives_jobs_back_and_drops_those_it_held() {
+        let mut router = edge_router();
+        let (pool, threads) = PeelPool::start(1, 4).unwrap();
+        let jobs = pool.jobs.clone();
+        drop(pool);
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        let ticket = router
+            .admit(UnixTime(1), Source::Client(ClientId(1)))
+            .unwrap();
+        let job = Job {
+            seq: 0,
+            ticket,
+            bytes: Vec::new(),
+            reply: None,
+        };
+        let Err(job) = jobs.push(job) else {
+            panic!("a closed queue took a job");
+        };
+        router.abandon(job.ticket);
+        assert_eq!(jobs.lock().workers, 0, "every worker counted out");
+        assert!(jobs.lock().queue.is_empty());
     }
 }

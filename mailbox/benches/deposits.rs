@@ -30,7 +30,9 @@
 //! 1 000 000), `--fill-batch B` (default 10 000), `--skip-restart`, `--skip-redis`,
 //! `--redis-port P` / `--redis-host H` (or `WHISPR_BENCH_REDIS=host:port`), `--redis-conf F`
 //! (or `WHISPR_BENCH_REDIS_CONF`; Redis's config file, needed to restart it),
-//! `--redis-server BIN` (or `WHISPR_BENCH_REDIS_SERVER`, default `redis-server`).
+//! `--redis-server BIN` (or `WHISPR_BENCH_REDIS_SERVER`, default `redis-server`),
+//! `--pipeline on|off` (ours: `commit.pipeline`, default on; off prepares a batch only once
+//! the previous one is durable).
 //! `WHISPR_BENCH_DIR`: where RocksDB goes (default a temporary directory).
 //!
 //! Phases:
@@ -135,6 +137,8 @@ struct Args {
     redis_conf: Option<String>,
     redis_server: String,
     restart_child: Option<PathBuf>,
+    /// `commit.pipeline` of ours.
+    pipeline: bool,
 }
 
 fn usage() -> ! {
@@ -142,7 +146,7 @@ fn usage() -> ! {
         "usage: deposits [--quick] [--secs S] [--warmup-secs W] [--concurrency 1,8,32,64] \
          [--rounds R] [--amp-messages N] [--restart-messages N] [--fill-batch B] [--skip-restart] \
          [--skip-redis] [--redis-port P] [--redis-host H] [--redis-conf FILE] \
-         [--redis-server BIN]"
+         [--redis-server BIN] [--pipeline on|off]"
     );
     std::process::exit(2)
 }
@@ -159,6 +163,7 @@ fn parse_args() -> Args {
     let mut redis_server =
         std::env::var("WHISPR_BENCH_REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());
     let mut restart_child = None;
+    let mut pipeline = true;
     let mut it = std::env::args().skip(1);
     let count = |s: String| -> usize { s.replace('_', "").parse().unwrap_or_else(|_| usage()) };
     while let Some(arg) = it.next() {
@@ -186,6 +191,13 @@ fn parse_args() -> Args {
             "--redis-conf" => redis_conf = Some(value()),
             "--redis-server" => redis_server = value(),
             "--restart-child" => restart_child = Some(PathBuf::from(value())),
+            "--pipeline" => {
+                pipeline = match value().as_str() {
+                    "on" => true,
+                    "off" => false,
+                    _ => usage(),
+                }
+            }
             _ => {
                 eprintln!("deposits bench: unknown argument {arg:?}");
                 usage()
@@ -218,6 +230,7 @@ fn parse_args() -> Args {
         redis_conf: redis_conf.filter(|_| !skip_redis),
         redis_server,
         restart_child,
+        pipeline,
     }
 }
 
@@ -480,6 +493,7 @@ fn ours_cell(
     let mut config = NodeConfig::with_data_dir(dir);
     config.limits = bench_limits();
     config.rng_seed = Some(seed);
+    config.commit.pipeline = args.pipeline;
     let templates = owners(seed * 1000, concurrency, body);
     let (warmup, secs) = (args.warmup, args.secs);
     rt.block_on(async move {
@@ -1523,10 +1537,11 @@ fn main() {
     eprintln!(
         "deposits: concurrency {:?}, bodies {SMALL_BODY} and {large} B (largest that fits in one \
          packet), {:.1} s warm-up + {:.1} s per cell; fdatasync p50 {fsync_p50:.2} ms, p99 \
-         {fsync_p99:.2} ms; RocksDB in {}",
+         {fsync_p99:.2} ms; ours with commit.pipeline {}; RocksDB in {}",
         args.concurrency,
         args.warmup.as_secs_f64(),
         args.secs.as_secs_f64(),
+        if args.pipeline { "on" } else { "off" },
         root.display()
     );
     let rt = tokio::runtime::Builder::new_multi_thread()

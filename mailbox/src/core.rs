@@ -553,13 +553,70 @@ struct Pending {
     bytes: u64,
 }
 
-/// A group-commit batch being prepared.
-#[derive(Default)]
-struct Batch {
+/// What the deposit batches prepared and not finished yet ([`MailboxCore::prepare_deposits`])
+/// add to one mailbox: its next free sequence number (numbers are reserved at preparation,
+/// so a batch prepared while an earlier one is being written never reuses them), and the
+/// messages and bytes that count against its quotas.
+struct Inflight {
+    next_seq: u64,
+    count: u64,
+    bytes: u64,
+}
+
+/// A group commit prepared by [`MailboxCore::prepare_deposits`]: its writes, which the driver
+/// makes durable in one synced write ([`DepositBatch::take_ops`], then
+/// [`crate::store::MailboxStore::write`] with `sync`), and the results that
+/// [`MailboxCore::finish_deposits`] gives once that write is done. Nothing of it is in the
+/// core's state (messages, counters, acks) before then.
+pub struct DepositBatch {
+    /// Batch number (the order of preparation; batches finish in this order).
+    number: u64,
     ops: Vec<Op>,
     pending: BTreeMap<StorageId, Pending>,
-    /// (sid, dedup id) → (seq, expires_at) of deposits new in this batch.
-    dedup: BTreeMap<(StorageId, [u8; 16]), (u64, u64)>,
+    /// (sid, dedup id) of the deposits new in this batch.
+    new_ids: Vec<(StorageId, [u8; 16])>,
+    items: Vec<Prepared>,
+}
+
+impl std::fmt::Debug for DepositBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DepositBatch")
+            .field("number", &self.number)
+            .field("items", &self.items.len())
+            .field("ops", &self.ops.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DepositBatch {
+    /// The writes of the batch (empty when it only holds refusals and redeliveries), taken
+    /// out for the driver to write, synced, before [`MailboxCore::finish_deposits`]. They
+    /// come in key order per column family: every key of a batch is new and written once
+    /// (the batch only puts), so the order changes nothing stored, and RocksDB inserts keys
+    /// that follow each other into its memtables faster than scattered ones.
+    pub fn take_ops(&mut self) -> Vec<Op> {
+        let mut ops = std::mem::take(&mut self.ops);
+        fn put_key(op: &Op) -> Option<(Cf, &[u8])> {
+            match op {
+                Op::Put { cf, key, .. } => Some((*cf, key.as_slice())),
+                _ => None,
+            }
+        }
+        if ops.iter().all(|op| put_key(op).is_some()) {
+            ops.sort_unstable_by(|a, b| put_key(a).cmp(&put_key(b)));
+        }
+        ops
+    }
+
+    /// Deposits in the batch.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// True for a batch of no deposit.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
 }
 
 struct Prepared {
@@ -567,6 +624,9 @@ struct Prepared {
     surb: Option<Surb>,
     dedup: DedupId,
     needs_write: bool,
+    /// A redelivery of a deposit of an earlier batch not finished when this one was
+    /// prepared: it stands or falls with that batch's write too.
+    after_earlier: bool,
     /// For a replicated mailbox: the mailbox, and the message to push to its peers (`None`
     /// for a redelivery: read back from the store).
     replicate: Option<(StorageId, Option<whispr_protocol::replica::PushItem>)>,
@@ -597,6 +657,17 @@ pub struct MailboxCore<S: MailboxStore, R: rand::CryptoRng> {
     compact_all: bool,
     /// Write envelopes in the layout of before [`Cf::Bodies`] (tests of old data only).
     inline_bodies: bool,
+    /// Per mailbox, what the deposit batches prepared and not finished yet add.
+    inflight: BTreeMap<StorageId, Inflight>,
+    /// (sid, dedup id) → (seq, expires_at, batch number) of the deposits new in those
+    /// batches: a redelivery gets the first copy's answer, whichever batch holds it.
+    inflight_ids: BTreeMap<(StorageId, [u8; 16]), (u64, u64, u64)>,
+    /// Deposit batches prepared and not finished.
+    open_batches: usize,
+    /// Number of the next deposit batch.
+    next_batch: u64,
+    /// A deposit batch's write failed (the store is poisoned from then on too).
+    batch_failed: bool,
 }
 
 /// Erased mailboxes whose key ranges are remembered for compaction; past it the next
@@ -655,6 +726,11 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             compact_pending: BTreeSet::new(),
             compact_all: false,
             inline_bodies: false,
+            inflight: BTreeMap::new(),
+            inflight_ids: BTreeMap::new(),
+            open_batches: 0,
+            next_batch: 0,
+            batch_failed: false,
         };
         core.load(now)?;
         Ok(core)
@@ -1436,41 +1512,136 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
     /// one result per input, in order. Redeliveries of a stored deposit are acknowledged
     /// again and not stored twice. Acks (for deposits that carry a SURB) are output only
     /// after the write is durable; nothing changes in memory if the write fails.
+    ///
+    /// The same as [`Self::prepare_deposits`], the synced write of its ops, then
+    /// [`Self::finish_deposits`]; a driver that splits the three can prepare the next batch
+    /// while this one's write is in flight.
     pub fn deposit_many(
         &mut self,
         now: UnixTime,
         incoming: Vec<Incoming>,
     ) -> Vec<Result<DepositReceipt>> {
-        if self.store.is_poisoned() {
-            return incoming
-                .iter()
-                .map(|_| Err(crate::store::StoreError::Poisoned.into()))
-                .collect();
+        let mut batch = self.prepare_deposits(now, incoming);
+        let ops = batch.take_ops();
+        let written = if ops.is_empty() {
+            Ok(())
+        } else {
+            self.store.write(ops, true)
+        };
+        self.finish_deposits(now, batch, written)
+    }
+
+    /// First half of [`Self::deposit_many`]: checks every incoming message (access, dedup,
+    /// quotas, rate limits, expiry), reserves sequence numbers and seals what is stored, and
+    /// returns the batch of writes. Reads the store (dedup lookups, a mailbox's first load)
+    /// but writes nothing, and changes no state a caller sees: the messages, counters and
+    /// acks come with [`Self::finish_deposits`], once the driver has written
+    /// [`DepositBatch::take_ops`] with `sync`.
+    ///
+    /// Several batches may be prepared before the first is finished (a driver pipelining
+    /// its group commits): each sees the sequence numbers, quota use and dedup ids of the
+    /// earlier ones, and a redelivery of a deposit still in an earlier batch gets that
+    /// deposit's answer, which stands only if that batch's write succeeds too. They must be
+    /// finished in the order they were prepared, and between the preparation of a batch and
+    /// its finish the driver must call nothing else that writes (the node's driver holds
+    /// every other call of the core until no batch is open).
+    pub fn prepare_deposits(&mut self, now: UnixTime, incoming: Vec<Incoming>) -> DepositBatch {
+        let mut batch = self.new_deposit_batch();
+        self.extend_deposits(now, &mut batch, incoming);
+        batch
+    }
+
+    /// An empty deposit batch, open from now until [`Self::finish_deposits`]; fill it with
+    /// [`Self::extend_deposits`] (a driver can add deposits as they arrive while the previous
+    /// batch is being written, and write this one when the writer is free).
+    pub fn new_deposit_batch(&mut self) -> DepositBatch {
+        let number = self.next_batch;
+        self.next_batch = self.next_batch.wrapping_add(1);
+        self.open_batches += 1;
+        DepositBatch {
+            number,
+            ops: Vec::new(),
+            pending: BTreeMap::new(),
+            new_ids: Vec::new(),
+            items: Vec::new(),
         }
-        let mut batch = Batch::default();
-        let mut results: Vec<Result<DepositReceipt>> = Vec::with_capacity(incoming.len());
-        let mut acks: Vec<(usize, Surb, DedupId)> = Vec::new();
-        // Whether each result holds only if this batch's write succeeds.
-        let mut needs_write: Vec<bool> = Vec::with_capacity(incoming.len());
-        let mut replicate = Vec::with_capacity(incoming.len());
-        for item in incoming {
-            let prepared = self.prepare(now, item, &mut batch);
-            if let (Ok(_), Some(surb)) = (&prepared.result, prepared.surb) {
-                acks.push((results.len(), surb, prepared.dedup));
+    }
+
+    /// Prepares `incoming` into `batch` (see [`Self::prepare_deposits`]): its results come
+    /// after those already in the batch.
+    pub fn extend_deposits(
+        &mut self,
+        now: UnixTime,
+        batch: &mut DepositBatch,
+        incoming: Vec<Incoming>,
+    ) {
+        batch.items.reserve(incoming.len());
+        if self.store.is_poisoned() || self.batch_failed {
+            for _ in &incoming {
+                batch
+                    .items
+                    .push(Self::refuse(crate::store::StoreError::Poisoned.into()));
             }
-            needs_write.push(prepared.needs_write);
-            replicate.push(prepared.replicate);
-            results.push(prepared.result);
+            return;
         }
-        if !batch.ops.is_empty()
-            && let Err(e) = self.store.write(std::mem::take(&mut batch.ops), true)
-        {
-            let message = e.to_string();
-            for (r, needs) in results.iter_mut().zip(&needs_write) {
-                if r.is_ok() && *needs {
-                    *r = Err(crate::store::StoreError::Backend(message.clone()).into());
+        for item in incoming {
+            let prepared = self.prepare(now, item, batch);
+            batch.items.push(prepared);
+        }
+    }
+
+    /// Second half of [`Self::deposit_many`]: `written` is the outcome of the synced write
+    /// of `batch`'s ops (`Ok` when it had none). On success the batch's messages join
+    /// their mailboxes and acks and pushes to peer replicas are output; on failure every
+    /// result that needed the write becomes the error, and nothing changes in memory.
+    /// Returns one result per input of [`Self::prepare_deposits`], in order.
+    pub fn finish_deposits(
+        &mut self,
+        now: UnixTime,
+        batch: DepositBatch,
+        written: std::result::Result<(), crate::store::StoreError>,
+    ) -> Vec<Result<DepositReceipt>> {
+        self.open_batches = self.open_batches.saturating_sub(1);
+        // The batch's reservations end here, whether its write succeeded or not.
+        for (sid, p) in &batch.pending {
+            if let Some(f) = self.inflight.get_mut(sid) {
+                f.count = f.count.saturating_sub(p.added.len() as u64);
+                f.bytes = f.bytes.saturating_sub(p.bytes);
+                if f.count == 0 {
+                    self.inflight.remove(sid);
                 }
             }
+        }
+        for key in &batch.new_ids {
+            self.inflight_ids.remove(key);
+        }
+        let mut results: Vec<Result<DepositReceipt>> = Vec::with_capacity(batch.items.len());
+        let mut acks: Vec<(usize, Surb, DedupId)> = Vec::new();
+        let mut replicate = Vec::with_capacity(batch.items.len());
+        let failure = match written {
+            Err(e) => {
+                self.batch_failed = true;
+                Some(e.to_string())
+            }
+            Ok(()) => None,
+        };
+        let earlier_failed = self.batch_failed;
+        for prepared in batch.items {
+            let mut result = prepared.result;
+            if result.is_ok() {
+                if let (Some(message), true) = (&failure, prepared.needs_write) {
+                    result = Err(crate::store::StoreError::Backend(message.clone()).into());
+                } else if prepared.after_earlier && earlier_failed {
+                    result = Err(crate::store::StoreError::Poisoned.into());
+                }
+            }
+            if let (Ok(_), Some(surb)) = (&result, prepared.surb) {
+                acks.push((results.len(), surb, prepared.dedup));
+            }
+            replicate.push(prepared.replicate);
+            results.push(result);
+        }
+        if failure.is_some() {
             return results;
         }
         // Durable: apply in memory, then output sweeps and acks.
@@ -1537,12 +1708,13 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             surb: None,
             dedup: DedupId([0u8; 16]),
             needs_write: false,
+            after_earlier: false,
             replicate: None,
         }
     }
 
     /// Checks one incoming message and appends its writes to `batch`.
-    fn prepare(&mut self, now: UnixTime, item: Incoming, batch: &mut Batch) -> Prepared {
+    fn prepare(&mut self, now: UnixTime, item: Incoming, batch: &mut DepositBatch) -> Prepared {
         let (mailbox_id, dedup, requested, surb, kind, body) = match item {
             Incoming::Deposit(envelope) => {
                 let sid = self.master.storage_id(&envelope.outer.mailbox_id);
@@ -1605,21 +1777,24 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             .mailboxes
             .get(&sid)
             .is_some_and(|m| !m.record.replicas.is_empty());
-        let duplicate = |seq: u64, expires_at: u64, needs_write: bool| Prepared {
-            result: Ok(DepositReceipt {
-                mailbox_id,
-                seq,
-                expires_at: UnixTime(expires_at),
-                duplicate: true,
-            }),
-            surb: surb.clone(),
-            dedup,
-            needs_write,
-            replicate: replicated.then_some((sid, None)),
-        };
-        // Redelivery within this batch: stands or falls with the first copy.
-        if let Some((seq, expires_at)) = batch.dedup.get(&(sid, dedup.0)) {
-            return duplicate(*seq, *expires_at, true);
+        let duplicate =
+            |seq: u64, expires_at: u64, needs_write: bool, after_earlier: bool| Prepared {
+                result: Ok(DepositReceipt {
+                    mailbox_id,
+                    seq,
+                    expires_at: UnixTime(expires_at),
+                    duplicate: true,
+                }),
+                surb: surb.clone(),
+                dedup,
+                needs_write,
+                after_earlier,
+                replicate: replicated.then_some((sid, None)),
+            };
+        // Redelivery of a deposit in this batch or an earlier one not finished yet: stands or
+        // falls with the first copy.
+        if let Some((seq, expires_at, number)) = self.inflight_ids.get(&(sid, dedup.0)) {
+            return duplicate(*seq, *expires_at, true, *number != batch.number);
         }
         // Redelivery of a stored deposit.
         match self.store.get(Cf::Dedup, &dedup_key(&sid, &dedup)) {
@@ -1628,7 +1803,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                 let (Some(seq), Some(expires_at)) = (u64_at(&v, 0), u64_at(&v, 8)) else {
                     return Self::refuse(MailboxError::Corrupt("dedup entry"));
                 };
-                return duplicate(seq, expires_at, false);
+                return duplicate(seq, expires_at, false, false);
             }
             Ok(None) => {}
         }
@@ -1650,15 +1825,19 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             // arrival time.
             _ => bucket_of(cap, config.expiry_granularity_ms),
         };
-        let p = batch.pending.entry(sid).or_default();
-        let count = (m.messages.len() + p.added.len()) as u64;
+        // What the open batches (this one included) already add to the mailbox.
+        let (open_count, open_bytes, open_next) = self
+            .inflight
+            .get(&sid)
+            .map_or((0, 0, 0), |f| (f.count, f.bytes, f.next_seq));
+        let count = (m.messages.len() as u64).saturating_add(open_count);
         if count >= config.mailbox_messages_max {
             return Self::refuse(MailboxError::QuotaExceeded {
                 what: "messages per mailbox",
             });
         }
         let value_len = (8 + crate::crypto::SEAL_OVERHEAD + 9 + body.len()) as u64;
-        if m.bytes.saturating_add(p.bytes).saturating_add(value_len) > config.mailbox_bytes_max {
+        if m.bytes.saturating_add(open_bytes).saturating_add(value_len) > config.mailbox_bytes_max {
             return Self::refuse(MailboxError::QuotaExceeded {
                 what: "bytes per mailbox",
             });
@@ -1669,7 +1848,8 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
                 retry_after_ms,
             });
         }
-        let seq = p.next_seq.unwrap_or(m.next_seq);
+        let seq = m.next_seq.max(open_next);
+        let p = batch.pending.entry(sid).or_default();
         p.next_seq = Some(seq.saturating_add(1));
         let ekey = envelope_key(&sid, seq);
         let mut plain = Vec::with_capacity(9 + body.len());
@@ -1693,6 +1873,14 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             acked: Vec::new(),
         };
         p.bytes = p.bytes.saturating_add(info.value_len);
+        let reserved = self.inflight.entry(sid).or_insert(Inflight {
+            next_seq: 0,
+            count: 0,
+            bytes: 0,
+        });
+        reserved.next_seq = seq.saturating_add(1);
+        reserved.count = reserved.count.saturating_add(1);
+        reserved.bytes = reserved.bytes.saturating_add(info.value_len);
         p.added.push((seq, info));
         let mut dedup_value = Vec::with_capacity(16);
         dedup_value.extend_from_slice(&seq.to_be_bytes());
@@ -1707,7 +1895,9 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             key: expiry_key(expires_at, &sid, seq),
             value: dedup.as_bytes().to_vec(),
         });
-        batch.dedup.insert((sid, dedup.0), (seq, expires_at));
+        self.inflight_ids
+            .insert((sid, dedup.0), (seq, expires_at, batch.number));
+        batch.new_ids.push((sid, dedup.0));
         Prepared {
             result: Ok(DepositReceipt {
                 mailbox_id,
@@ -1718,6 +1908,7 @@ impl<S: MailboxStore, R: rand::CryptoRng> MailboxCore<S, R> {
             surb,
             dedup,
             needs_write: true,
+            after_earlier: false,
             replicate: replicated.then_some((
                 sid,
                 Some(whispr_protocol::replica::PushItem {

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rand::SeedableRng;
@@ -24,7 +24,7 @@ use whispr_timer_service::task::{Category, NewTask};
 
 use crate::auth::{AuthConfig, Sessions};
 use crate::config::CoreConfig;
-use crate::core::{DepositReceipt, Incoming, MailboxCore, Output};
+use crate::core::{DepositBatch, DepositReceipt, Incoming, MailboxCore, Output};
 use crate::crypto::MasterKey;
 use crate::error::{MailboxError, Result};
 use crate::limiter::{ConnectionLimiter, RateLimiter};
@@ -179,6 +179,11 @@ pub struct CommitConfig {
     /// Deposits waiting for the writer; beyond it deposits are refused (backpressure).
     /// Default 8192.
     pub queue_max: usize,
+    /// Prepare the next batch while the previous one's synced write is in flight: deposits
+    /// arriving meanwhile are checked, numbered and sealed into it, and it is written as soon
+    /// as the writer is free. False prepares a batch only once the previous one is durable.
+    /// Either way at most two batches of `batch_max` deposits are open. Default true.
+    pub pipeline: bool,
 }
 
 impl Default for CommitConfig {
@@ -186,6 +191,7 @@ impl Default for CommitConfig {
         CommitConfig {
             batch_max: 512,
             queue_max: 8192,
+            pipeline: true,
         }
     }
 }
@@ -366,16 +372,83 @@ impl ReplySink for NoMesh {
     }
 }
 
-type Core = MailboxCore<RocksStore, StdRng>;
+type Core = MailboxCore<Arc<RocksStore>, StdRng>;
 
 struct DepositJob {
     incoming: Incoming,
     done: oneshot::Sender<Result<DepositReceipt>>,
 }
 
+/// A group commit being prepared, then written.
+struct Committing {
+    batch: DepositBatch,
+    waiters: Vec<oneshot::Sender<Result<DepositReceipt>>>,
+    /// The mailbox of each deposit, for the log line of a refusal (as a [`crate::pii::Tag`]).
+    mailboxes: Vec<whispr_protocol::MailboxId>,
+}
+
+/// The core and the group-commit pipeline's state, under one lock.
+///
+/// The pipeline: the preparer thread (`mailbox-commit`) takes queued deposits and prepares
+/// them under the lock into the open batch ([`MailboxCore::extend_deposits`]: checks,
+/// sequence numbers, sealing); the writer thread (`mailbox-write`) takes the open batch as
+/// soon as it is free, makes it durable without the lock, then finishes it under the lock
+/// ([`MailboxCore::finish_deposits`]) and answers the depositors. So while one batch is being
+/// written (fsync), the next one fills with whatever arrives, already prepared, and it holds
+/// everything that arrived by the time the writer is free (`commit.pipeline`; without it
+/// a batch is opened only once the previous one is finished). Every other use of the core
+/// ([`MailboxNode::core`]) waits until no batch is open; the preparer opens none and adds
+/// nothing while such a caller waits.
+struct CoreState {
+    core: Core,
+    /// The batch being filled, not yet taken by the writer.
+    open: Option<Committing>,
+    /// Deposit batches opened and not finished (the open one and the one being written).
+    in_flight: usize,
+    /// Callers of [`MailboxNode::core`] waiting for `in_flight` to reach 0.
+    waiting: usize,
+    /// The preparer waits for room or for those callers to be done.
+    preparer_waiting: bool,
+    /// The writer waits for a batch.
+    writer_waiting: bool,
+}
+
+/// The core, held by a caller of [`MailboxNode::core`]: no deposit batch is open meanwhile.
+pub(crate) struct CoreGuard<'a> {
+    state: MutexGuard<'a, CoreState>,
+    changed: &'a Condvar,
+}
+
+impl std::ops::Deref for CoreGuard<'_> {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.state.core
+    }
+}
+
+impl std::ops::DerefMut for CoreGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Core {
+        &mut self.state.core
+    }
+}
+
+impl Drop for CoreGuard<'_> {
+    fn drop(&mut self) {
+        // The preparer may be waiting for this caller to be done.
+        if self.state.preparer_waiting {
+            self.changed.notify_all();
+        }
+    }
+}
+
 pub(crate) struct Shared {
     pub(crate) config: NodeConfig,
-    core: Mutex<Core>,
+    core: Mutex<CoreState>,
+    /// Signalled when a batch is finished or a waiting caller is done with the core.
+    core_changed: Condvar,
+    /// The store the core owns, shared: the writer thread writes batches through it without
+    /// the core's lock.
+    store: Arc<RocksStore>,
     sessions: Mutex<Sessions<StdRng>>,
     timers: Mutex<TimerQueue<TimerStore, StdRng>>,
     deposits: mpsc::Sender<DepositJob>,
@@ -424,6 +497,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+fn wait<'a, T>(changed: &Condvar, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    changed
+        .wait(guard)
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl MailboxNode {
     /// Opens the stores under `config.data_dir` (creating them and the master key on first
     /// start), purges what expired while the node was down, and starts the group-commit
@@ -436,17 +515,23 @@ impl MailboxNode {
             None => rand::make_rng(),
         };
         let master = MasterKey::load_or_create(&config.master_key_path(), &mut seed_rng)?;
-        let store = RocksStore::open(
+        let store = Arc::new(RocksStore::open(
             &config.data_dir.join(crate::admin::STORE_DIR),
             config.rocksdb.clone(),
-        )?;
+        )?);
         let backup = whispr_timer_service::backup::BackupSource::new(
             store.shared_db(),
             crate::admin::BACKUP_KIND,
         );
         let db = store.shared_db();
         let core_rng = StdRng::from_rng(&mut seed_rng);
-        let core = MailboxCore::open(config.limits.clone(), store, master, core_rng, now())?;
+        let core = MailboxCore::open(
+            config.limits.clone(),
+            store.clone(),
+            master,
+            core_rng,
+            now(),
+        )?;
         let timer_store = TimerStore::open(
             &config.data_dir.join("timers"),
             TimerRocksOptions::default(),
@@ -482,7 +567,16 @@ impl MailboxNode {
         let node = MailboxNode {
             shared: Arc::new(Shared {
                 config,
-                core: Mutex::new(core),
+                core: Mutex::new(CoreState {
+                    core,
+                    open: None,
+                    in_flight: 0,
+                    waiting: 0,
+                    preparer_waiting: false,
+                    writer_waiting: false,
+                }),
+                core_changed: Condvar::new(),
+                store,
                 sessions: Mutex::new(sessions),
                 timers: Mutex::new(timers),
                 deposits: tx,
@@ -505,9 +599,14 @@ impl MailboxNode {
         node.drain_outputs(&mut node.core());
         let writer = node.clone();
         std::thread::Builder::new()
-            .name("mailbox-commit".into())
-            .spawn(move || writer.commit_loop(rx))
+            .name("mailbox-write".into())
+            .spawn(move || writer.write_loop())
             .map_err(|e| MailboxError::Startup(format!("cannot start the writer: {e}")))?;
+        let preparer = node.clone();
+        std::thread::Builder::new()
+            .name("mailbox-commit".into())
+            .spawn(move || preparer.commit_loop(rx))
+            .map_err(|e| MailboxError::Startup(format!("cannot start the preparer: {e}")))?;
         let sweeper = node.clone();
         tokio::spawn(async move { sweeper.sweep_loop().await });
         let loader = node.clone();
@@ -535,8 +634,23 @@ impl MailboxNode {
         }
     }
 
-    pub(crate) fn core(&self) -> MutexGuard<'_, Core> {
-        lock(&self.shared.core)
+    /// The core, once no deposit batch is open (the one being written waits for its synced
+    /// write, the one being filled is written next). Every use of the core but the
+    /// group-commit pipeline's goes through this, so none sees or writes around a batch in
+    /// flight.
+    pub(crate) fn core(&self) -> CoreGuard<'_> {
+        let mut state = lock(&self.shared.core);
+        if state.in_flight > 0 {
+            state.waiting += 1;
+            while state.in_flight > 0 {
+                state = wait(&self.shared.core_changed, state);
+            }
+            state.waiting -= 1;
+        }
+        CoreGuard {
+            state,
+            changed: &self.shared.core_changed,
+        }
     }
 
     /// Runs `f` with the core on a blocking thread, then hands its outputs on. Core calls
@@ -577,7 +691,7 @@ impl MailboxNode {
 
     /// False once the store is poisoned.
     pub fn is_healthy(&self) -> bool {
-        !self.core().store().is_poisoned() && self.mesh().is_none_or(|(mesh, _)| mesh.is_healthy())
+        !self.shared.store.is_poisoned() && self.mesh().is_none_or(|(mesh, _)| mesh.is_healthy())
     }
 
     /// Records the mesh this node joined: its routes (`GET /v1/directory`), metrics and
@@ -745,41 +859,117 @@ impl MailboxNode {
         result
     }
 
+    /// The group commit's first stage (thread `mailbox-commit`): prepares the deposits
+    /// queued into the open batch (at most `commit.batch_max` in it), under the core's lock,
+    /// for [`Self::write_loop`]. See [`CoreState`].
     fn commit_loop(&self, mut rx: mpsc::Receiver<DepositJob>) {
         let batch_max = self.shared.config.commit.batch_max.max(1);
+        let pipeline = self.shared.config.commit.pipeline;
         while let Some(first) = rx.blocking_recv() {
+            let mut state = lock(&self.shared.core);
+            // Other callers of the core first; room in the open batch, or for a new one (with
+            // the pipeline: none open; without: nothing in flight).
+            let writing_max = usize::from(pipeline);
+            loop {
+                let room = match &state.open {
+                    Some(open) => open.batch.len() < batch_max,
+                    None => state.in_flight <= writing_max,
+                };
+                if room && state.waiting == 0 {
+                    break;
+                }
+                state.preparer_waiting = true;
+                state = wait(&self.shared.core_changed, state);
+            }
+            state.preparer_waiting = false;
+            let state = &mut *state;
+            let open = match &mut state.open {
+                Some(open) => open,
+                None => {
+                    state.in_flight += 1;
+                    state.open.insert(Committing {
+                        batch: state.core.new_deposit_batch(),
+                        waiters: Vec::new(),
+                        mailboxes: Vec::new(),
+                    })
+                }
+            };
+            // Everything queued meanwhile joins, up to the batch's room.
+            let room = batch_max.saturating_sub(open.batch.len());
             let mut jobs = vec![first];
-            while jobs.len() < batch_max {
+            while jobs.len() < room {
                 match rx.try_recv() {
                     Ok(job) => jobs.push(job),
                     Err(_) => break,
                 }
             }
-            let (incoming, waiters): (Vec<Incoming>, Vec<oneshot::Sender<_>>) =
-                jobs.into_iter().map(|j| (j.incoming, j.done)).unzip();
-            let tags: Vec<crate::pii::Tag> = incoming
-                .iter()
-                .map(|i| {
-                    crate::pii::Tag::of(match i {
-                        Incoming::Deposit(e) => e.outer.mailbox_id.as_bytes(),
-                        Incoming::SurbReply { mailbox_id, .. } => mailbox_id.as_bytes(),
-                    })
-                })
-                .collect();
+            let mut incoming = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                open.mailboxes.push(match &job.incoming {
+                    Incoming::Deposit(e) => e.outer.mailbox_id,
+                    Incoming::SurbReply { mailbox_id, .. } => *mailbox_id,
+                });
+                incoming.push(job.incoming);
+                open.waiters.push(job.done);
+            }
+            state.core.extend_deposits(now(), &mut open.batch, incoming);
+            // The writer may be waiting for a batch.
+            if state.writer_waiting {
+                self.shared.core_changed.notify_all();
+            }
+        }
+    }
+
+    /// The group commit's second stage (thread `mailbox-write`): takes the open batch as soon
+    /// as there is one, writes it (one synced write, without the core's lock), finishes it
+    /// under the lock, and answers its depositors: a deposit is acknowledged only after the
+    /// synced write that holds it.
+    fn write_loop(&self) {
+        loop {
+            let Committing {
+                mut batch,
+                waiters,
+                mailboxes,
+            } = {
+                let mut state = lock(&self.shared.core);
+                let taken = loop {
+                    if let Some(open) = state.open.take() {
+                        break open;
+                    }
+                    state.writer_waiting = true;
+                    state = wait(&self.shared.core_changed, state);
+                };
+                state.writer_waiting = false;
+                // The preparer may be waiting for room.
+                if state.preparer_waiting {
+                    self.shared.core_changed.notify_all();
+                }
+                taken
+            };
             let metrics = &self.shared.metrics;
             metrics.commit_batches.fetch_add(1, Ordering::Relaxed);
             metrics
                 .commit_batched
-                .fetch_add(incoming.len() as u64, Ordering::Relaxed);
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            let ops = batch.take_ops();
+            let written = if ops.is_empty() {
+                Ok(())
+            } else {
+                self.shared.store.write(ops, true)
+            };
             let results = {
-                let mut core = self.core();
-                let results = core.deposit_many(now(), incoming);
-                self.drain_outputs(&mut core);
+                let mut state = lock(&self.shared.core);
+                let results = state.core.finish_deposits(now(), batch, written);
+                self.drain_outputs(&mut state.core);
+                state.in_flight = state.in_flight.saturating_sub(1);
+                if state.waiting > 0 || state.preparer_waiting {
+                    self.shared.core_changed.notify_all();
+                }
                 results
             };
             let mut stored = false;
-            tracing::debug!(batch = tags.len(), "group commit");
-            for ((result, waiter), tag) in results.into_iter().zip(waiters).zip(tags) {
+            tracing::debug!(batch = waiters.len(), "group commit");
+            for ((result, waiter), mailbox) in results.into_iter().zip(waiters).zip(mailboxes) {
                 match &result {
                     Ok(r) if r.duplicate => {
                         metrics.deposits_duplicate.fetch_add(1, Ordering::Relaxed);
@@ -790,6 +980,7 @@ impl MailboxNode {
                     }
                     Err(e) => {
                         metrics.deposits_refused.fetch_add(1, Ordering::Relaxed);
+                        let tag = crate::pii::Tag::of(mailbox.as_bytes());
                         tracing::debug!(mailbox = %tag, reason = e.kind(), "deposit refused");
                         if !e.is_caller_error() {
                             tracing::error!(error = %e, "deposit write failed");
@@ -930,9 +1121,116 @@ impl MailboxNode {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::panic)]
+#[allow(clippy::unwrap_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+
+    /// The group-commit pipeline on a real store: every deposit is sent by three tasks at
+    /// once (a sender's retransmissions racing each other across batches, some prepared while
+    /// the previous batch's write is in flight), while the owner's calls (here an erasure of
+    /// one mailbox, and reads) go through the core meanwhile. Each deposit is stored once
+    /// and every copy gets the same answer; each mailbox's numbers run 1..n with no gap or
+    /// reuse; the erased mailbox leaves no entry behind (no batch wrote around the erasure).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pipelined_deposits_racing_their_redeliveries_are_stored_once_and_numbered_in_order() {
+        use crate::store::{Cf, MailboxStore};
+        use std::collections::BTreeMap;
+        use std::ops::ControlFlow;
+        use whispr_protocol::DedupId;
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = NodeConfig::with_data_dir(dir.path().join("data"));
+        config.rng_seed = Some(5);
+        config.limits.deposits_per_min = 1_000_000;
+        config.commit.batch_max = 16;
+        let node = MailboxNode::open(config, Arc::new(NoMesh::default())).unwrap();
+        let owners: Vec<crate::testkit::Owner> = (0..4)
+            .map(|i| crate::testkit::Owner::from_seed(100 + i))
+            .collect();
+        for owner in &owners {
+            node.create_mailbox(owner.create_request(3_600_000))
+                .unwrap();
+        }
+        let mut rng = StdRng::seed_from_u64(9);
+        let per_mailbox = 60u8;
+        let mut tasks = Vec::new();
+        for n in 0..per_mailbox {
+            for (m, owner) in owners.iter().enumerate() {
+                let dedup = DedupId([n, m as u8, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7]);
+                let envelope = owner.envelope(&mut rng, dedup, None, None, b"hi").unwrap();
+                for _ in 0..3 {
+                    let node = node.clone();
+                    let envelope = envelope.clone();
+                    tasks.push(tokio::spawn(async move {
+                        (m, dedup, node.deposit(Incoming::Deposit(envelope)).await)
+                    }));
+                }
+            }
+            if n == per_mailbox / 2 {
+                // The last mailbox is erased while deposits flow.
+                let id = owners[3].mailbox_id;
+                node.with_core(move |core| core.erase(&id))
+                    .await
+                    .unwrap()
+                    .unwrap();
+            }
+        }
+        let mut answers: BTreeMap<(usize, DedupId), Vec<DepositReceipt>> = BTreeMap::new();
+        for task in tasks {
+            let (m, dedup, result) = task.await.unwrap();
+            match result {
+                Ok(receipt) => answers.entry((m, dedup)).or_default().push(receipt),
+                Err(MailboxError::UnknownMailbox) if m == 3 => {}
+                Err(e) => panic!("deposit refused: {e}"),
+            }
+        }
+        let mut numbers: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
+        for ((m, _), receipts) in &answers {
+            let first: Vec<&DepositReceipt> = receipts.iter().filter(|r| !r.duplicate).collect();
+            assert_eq!(first.len(), 1, "stored {} times", first.len());
+            for r in receipts {
+                assert_eq!((r.seq, r.expires_at), (first[0].seq, first[0].expires_at));
+            }
+            numbers.entry(*m).or_default().push(first[0].seq);
+        }
+        for m in 0..3 {
+            let mut seqs = numbers.remove(&m).unwrap();
+            seqs.sort_unstable();
+            let expected: Vec<u64> = (1..=u64::from(per_mailbox)).collect();
+            assert_eq!(seqs, expected, "mailbox {m}");
+            let last = node
+                .with_core(move |core| {
+                    core.info(&crate::testkit::Owner::from_seed(100 + m as u64).mailbox_id)
+                })
+                .await
+                .unwrap()
+                .unwrap()
+                .last_seq;
+            assert_eq!(last, u64::from(per_mailbox));
+        }
+        // Only the three live mailboxes' entries are stored.
+        let store = node.shared.store.clone();
+        let count = |cf: Cf| {
+            let mut n = 0usize;
+            store
+                .scan(cf, &[0u8], &[0xffu8; 40], &mut |_, _| {
+                    n += 1;
+                    ControlFlow::Continue(())
+                })
+                .unwrap();
+            n
+        };
+        let live = 3 * usize::from(per_mailbox);
+        assert_eq!(count(Cf::Envelopes), live);
+        assert_eq!(count(Cf::Dedup), live);
+        assert_eq!(count(Cf::Expiry), live);
+        assert_eq!(count(Cf::Bodies), live);
+        let metrics = node.metrics();
+        assert_eq!(
+            metrics.deposits_stored.load(Ordering::Relaxed) as usize,
+            live + numbers.get(&3).map_or(0, Vec::len)
+        );
+    }
 
     /// Security review, finding 13: with `rng_seed` set, the master key, session tokens and
     /// AEAD nonces replay the same stream at every start (nonce reuse under the same data

@@ -23,8 +23,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rocksdb::statistics::Ticker;
 use rocksdb::{
-    BottommostLevelCompaction, Cache, ColumnFamily, ColumnFamilyDescriptor, CompactOptions, DB,
-    Options, ReadOptions, WriteBatch, WriteOptions,
+    BlockBasedOptions, BottommostLevelCompaction, Cache, ColumnFamily, ColumnFamilyDescriptor,
+    CompactOptions, DB, Options, ReadOptions, WriteBatch, WriteOptions,
 };
 
 use whispr_relay::storage::SyncLatency;
@@ -259,6 +259,12 @@ impl MailboxStore for RocksStore {
 /// RocksDB's property: the size of the blob files that the current version references.
 const LIVE_BLOB_FILE_SIZE: &str = "rocksdb.live-blob-file-size";
 
+/// Bloom filter bits per dedup key in SST files (about 1 % false positives).
+const DEDUP_BLOOM_BITS_PER_KEY: f64 = 10.0;
+
+/// Share of a dedup memtable's size given to its bloom filter.
+const DEDUP_MEMTABLE_BLOOM_RATIO: f64 = 0.05;
+
 /// Blob files are cut at this size (a flush of one 8 MiB memtable writes one of about that
 /// size).
 const BLOB_FILE_BYTES: u64 = 64 * 1024 * 1024;
@@ -274,8 +280,20 @@ const BLOB_FILE_BYTES: u64 = 64 * 1024 * 1024;
 /// was deleted (acknowledged, expired or erased) and compactions dropped the references, so
 /// a file can be held for up to the retention (`retention_ms_max`) by one long-kept message:
 /// disk held, not bytes written.
+///
+/// [`Cf::Dedup`] gets bloom filters, in its SST files and its memtables: every deposit
+/// looks its dedup id up there first, and a new deposit's id is found nowhere, which the
+/// filters answer without a search of each memtable and file.
 pub fn family_options(cf: Cf, options: &RocksOptions, cache: &Cache) -> Options {
     let mut opts = options.cf_options(cache);
+    if cf == Cf::Dedup {
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(cache);
+        table.set_bloom_filter(DEDUP_BLOOM_BITS_PER_KEY, false);
+        opts.set_block_based_table_factory(&table);
+        opts.set_memtable_prefix_bloom_ratio(DEDUP_MEMTABLE_BLOOM_RATIO);
+        opts.set_memtable_whole_key_filtering(true);
+    }
     if cf == Cf::Bodies {
         opts.set_enable_blob_files(true);
         opts.set_min_blob_size(0);

@@ -145,6 +145,40 @@ pub trait MailboxStore: Send + Sync + 'static {
     }
 }
 
+/// A shared store: the core owns one handle and a driver writes through another (the node
+/// writes a group commit's batch without holding the core, see [`crate::node`]).
+impl<S: MailboxStore> MailboxStore for Arc<S> {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        (**self).get(cf, key)
+    }
+
+    fn scan(
+        &self,
+        cf: Cf,
+        from: &[u8],
+        to: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
+        (**self).scan(cf, from, to, f)
+    }
+
+    fn write(&self, ops: Vec<Op>, sync: bool) -> Result<(), StoreError> {
+        (**self).write(ops, sync)
+    }
+
+    fn is_poisoned(&self) -> bool {
+        (**self).is_poisoned()
+    }
+
+    fn stats(&self) -> StoreStats {
+        (**self).stats()
+    }
+
+    fn sync_latency(&self) -> Option<&whispr_relay::storage::SyncLatency> {
+        (**self).sync_latency()
+    }
+}
+
 type Tables = BTreeMap<Cf, BTreeMap<Vec<u8>, Vec<u8>>>;
 
 /// In-memory store for unit tests and the simulator. Clones share the same data, so a test

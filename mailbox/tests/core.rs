@@ -1068,6 +1068,139 @@ fn failed_write_sends_no_ack_poisons_the_store_and_changes_nothing_in_memory() {
     assert_eq!(seqs(&fetch(&core, at(3), &bob, &bob.key())), vec![1]);
 }
 
+/// A driver pipelining its group commits prepares a batch while the previous one's write is
+/// in flight: the later batch continues the sequence numbers, counts the earlier one against
+/// the quotas, and a redelivery of a deposit still in the earlier batch gets that deposit's
+/// answer (same number, same expiry, a duplicate), never a second copy. Nothing shows
+/// before a batch is finished.
+#[test]
+fn pipelined_batches_continue_the_numbers_and_a_redelivery_racing_its_first_copy_is_a_duplicate() {
+    let store = MemoryStore::new();
+    let config = CoreConfig {
+        mailbox_messages_max: 4,
+        ..exact()
+    };
+    let mut core = open(&store, &config, T0);
+    let mut r = rng(31);
+    let bob = Owner::new(&mut r);
+    let alice = Owner::new(&mut r);
+    let hop = Hop::new(&mut r);
+    core.create_mailbox(T0, bob.request(HOUR)).unwrap();
+    deposit(&mut core, T0, &bob.note(&mut r, b"zero")).unwrap();
+    drain(&mut core);
+    let dedup = DedupId::random(&mut r);
+    let e1 = bob.envelope(&mut r, dedup, Some(at(20 * MINUTE)), None, b"one");
+    let e2 = bob.note(&mut r, b"two");
+    let mut first = core.prepare_deposits(
+        at(1),
+        vec![Incoming::Deposit(e1.clone()), Incoming::Deposit(e2.clone())],
+    );
+    // The same deposit again (retransmitted with an ack SURB and another expiry), a new one,
+    // and one past the quota (4 messages: one stored, two in the first batch, one here).
+    let (surb, _) = hop.surb_to(&mut r, &alice);
+    let e1_again = bob.envelope(&mut r, dedup, Some(at(50 * MINUTE)), Some(surb), b"one");
+    let e3 = bob.note(&mut r, b"three");
+    let e4 = bob.note(&mut r, b"four");
+    let mut second = core.prepare_deposits(
+        at(2),
+        vec![
+            Incoming::Deposit(e1_again.clone()),
+            Incoming::Deposit(e3.clone()),
+            Incoming::Deposit(e4.clone()),
+        ],
+    );
+    assert_eq!(second.len(), 3);
+    // Nothing of either batch is visible yet.
+    assert_eq!(core.info(&bob.id).unwrap().last_seq, 1);
+    assert_eq!(seqs(&fetch(&core, at(2), &bob, &bob.key())), vec![1]);
+    assert!(drain(&mut core).is_empty());
+
+    let written = store.write(first.take_ops(), true);
+    let results = core.finish_deposits(at(3), first, written);
+    let one = *results[0].as_ref().unwrap();
+    assert_eq!(
+        (one.seq, one.duplicate, one.expires_at),
+        (2, false, at(20 * MINUTE))
+    );
+    assert_eq!(results[1].as_ref().unwrap().seq, 3);
+    assert_eq!(core.info(&bob.id).unwrap().last_seq, 3);
+
+    let written = store.write(second.take_ops(), true);
+    let results = core.finish_deposits(at(4), second, written);
+    assert_eq!(
+        *results[0].as_ref().unwrap(),
+        DepositReceipt {
+            duplicate: true,
+            ..one
+        }
+    );
+    assert_eq!(results[1].as_ref().unwrap().seq, 4);
+    assert!(
+        matches!(results[2], Err(MailboxError::QuotaExceeded { .. })),
+        "{:?}",
+        results[2]
+    );
+    // The redelivery's ack goes out, for the first copy's expiry.
+    let outputs = drain(&mut core);
+    let acks = replies(&outputs);
+    assert_eq!(acks.len(), 1);
+    assert!(matches!(
+        acks[0].1,
+        Reply::DepositAck { dedup_id, expires_at } if *dedup_id == dedup && *expires_at == at(20 * MINUTE)
+    ));
+    // Stored once each, served in order.
+    assert_eq!(count(&store), [4, 4, 4]);
+    let served = fetch(&core, at(5), &bob, &bob.key());
+    assert_eq!(seqs(&served), vec![1, 2, 3, 4]);
+    assert_eq!(open_served(&bob, &served[1]).1, b"one");
+    assert_eq!(open_served(&bob, &served[3]).1, b"three");
+    // A restart agrees.
+    drop(core);
+    let mut core = open(&store, &config, at(6));
+    assert_eq!(
+        deposit(&mut core, at(6), &e1).unwrap(),
+        DepositReceipt {
+            duplicate: true,
+            ..one
+        }
+    );
+    assert_eq!(core.info(&bob.id).unwrap().last_seq, 4);
+}
+
+/// A redelivery that joined a later batch while its first copy's batch was being written
+/// stands or falls with that write: when it fails, the redelivery is refused too (no ack),
+/// even though its own batch wrote nothing, and nothing changes in memory.
+#[test]
+fn a_redelivery_racing_a_batch_whose_write_fails_is_refused_and_not_acknowledged() {
+    let store = MemoryStore::new();
+    let mut core = open(&store, &exact(), T0);
+    let mut r = rng(32);
+    let bob = Owner::new(&mut r);
+    let alice = Owner::new(&mut r);
+    let hop = Hop::new(&mut r);
+    core.create_mailbox(T0, bob.request(HOUR)).unwrap();
+    let dedup = DedupId::random(&mut r);
+    let e1 = bob.envelope(&mut r, dedup, None, None, b"one");
+    let (surb, _) = hop.surb_to(&mut r, &alice);
+    let e1_again = bob.envelope(&mut r, dedup, None, Some(surb), b"one");
+    let mut first = core.prepare_deposits(T0, vec![Incoming::Deposit(e1)]);
+    let mut second = core.prepare_deposits(at(1), vec![Incoming::Deposit(e1_again)]);
+    assert!(second.take_ops().is_empty(), "a redelivery writes nothing");
+
+    store.fail_next_write();
+    let written = store.write(first.take_ops(), true);
+    assert!(written.is_err());
+    let results = core.finish_deposits(at(2), first, written);
+    assert!(matches!(results[0], Err(MailboxError::Store(_))));
+    let results = core.finish_deposits(at(3), second, Ok(()));
+    let err = results[0].as_ref().unwrap_err();
+    assert!(!err.is_caller_error(), "{err:?}");
+    assert!(drain(&mut core).is_empty(), "an ack went out");
+    assert_eq!(core.info(&bob.id).unwrap().last_seq, 0);
+    assert_eq!(count(&store), [0, 0, 0]);
+    assert!(fetch(&core, at(4), &bob, &bob.key()).is_empty());
+}
+
 // ---------------------------------------------------------------------------------------
 // 3. Fetch, ack, devices
 // ---------------------------------------------------------------------------------------

@@ -76,7 +76,8 @@
 //! (default 20), `--hop-packets P` (default 256), `--noise-rounds R` (default 30), `--conns M`
 //! (default 2000), `--conns-parallel K` (default 16), `--relay-packets N` (default 60000),
 //! `--relay-workers W,...` (default `1,0`), `--peel-inline on|off` (the chain's
-//! `mesh.peel_inline`, default off).
+//! `mesh.peel_inline`, default off), `--chain-peel-workers N` (the chain's
+//! `mesh.peel_workers`, default 0: one per core).
 //!
 //! The chain part also prints, per window, where a packet's time goes: the nodes report when
 //! packets pass each stage of their path (`whispr_relay::mesh::StageProbe`, installed by this
@@ -128,6 +129,9 @@ use x25519_dalek::{PublicKey as XPublicKey, StaticSecret};
 /// `mesh.peel_inline` of the chain's nodes (`--peel-inline on|off`, default off as in the
 /// relay's configuration).
 static PEEL_INLINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// `mesh.peel_workers` of the chain's nodes (`--chain-peel-workers N`, default 0: one per
+/// core, as in the relay's configuration).
+static CHAIN_PEEL_WORKERS: AtomicUsize = AtomicUsize::new(0);
 
 struct Args {
     parts: Vec<String>,
@@ -213,6 +217,10 @@ fn parse_args() -> Args {
                 };
                 PEEL_INLINE.store(on, Ordering::Relaxed);
             }
+            "--chain-peel-workers" => CHAIN_PEEL_WORKERS.store(
+                value("--chain-peel-workers").parse().expect("N"),
+                Ordering::Relaxed,
+            ),
             "--relay-packets" => args.relay_packets = value("--relay-packets").parse().expect("N"),
             "--relay-workers" => {
                 args.relay_workers = value("--relay-workers")
@@ -1647,6 +1655,7 @@ async fn bench_mesh(
     // counted in "tokio threads", which a relay at the default interval does not spend.
     let chain_config = |roles, layer, edge, bootstrap: &[String]| MeshConfig {
         descriptor_publish_ms: MeshConfig::default().descriptor_publish_ms,
+        peel_workers: CHAIN_PEEL_WORKERS.load(Ordering::Relaxed),
         ..mesh_config(roles, layer, edge, bootstrap)
     };
     let edge = start_node(
@@ -1838,13 +1847,17 @@ fn print_mesh(r: &MeshResult, fsync: Option<&FsyncResult>, hop: Option<&HopResul
     println!(
         "Three in-process meshes on 127.0.0.1 (TCP + Noise + Yamux), one 2-worker Tokio runtime; \
          {} packets built beforehand in {:.1} s (not timed). Latency: `submit_client` → `deliver`. \
-         `mesh.peel_inline` {}.\n",
+         `mesh.peel_inline` {}, `mesh.peel_workers` {}.\n",
         r.built,
         r.build_s,
         if PEEL_INLINE.load(Ordering::Relaxed) {
             "on"
         } else {
             "off"
+        },
+        match CHAIN_PEEL_WORKERS.load(Ordering::Relaxed) {
+            0 => "0 (one per core)".to_string(),
+            n => n.to_string(),
         }
     );
     let groups: Vec<&'static str> = {

@@ -21,7 +21,7 @@ PROTOCOL_FORBIDDEN := tokio|libp2p|rocksdb|librocksdb-sys|axum|hyper|mio
 # Forbidden in the client core (client/src/core): a clock, I/O, a runtime or a task.
 CORE_FORBIDDEN := tokio|reqwest|tungstenite|SystemTime|Instant|std::fs|std::net|std::thread|std::io|async |\.await|now_ms|crate::(net|vault|devnet|client)
 
-.PHONY: deps demo test fmt-check clippy check-deps deny audit unit fuzz bench observability-checks sim-build sim-docs sim-bench sim-bench-build flaky-hunt observability api-fuzz dos-budget
+.PHONY: deps demo test fmt-check clippy check-deps deny audit unit fuzz bench observability-checks sim-build sim-docs sim-bench sim-bench-build bench-config flaky-hunt observability api-fuzz dos-budget
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -143,6 +143,11 @@ fuzz:
 # 18-minute build in cargo's `bench` profile; `cargo build -v` shows `Fresh librocksdb-sys`).
 # Our crates keep the test profile's debug assertions and overflow checks.
 BENCH_CARGO_ARGS = --profile test $(SIM_OPT_CONFIG)
+# Prints the --config flags, for a bench run by hand:
+#   cargo bench --workspace --profile test $(make -s bench-config) --bench mesh -- ...
+bench-config:
+	@echo $(SIM_OPT_CONFIG)
+
 bench:
 	$(CARGO) bench --workspace $(BENCH_CARGO_ARGS) --bench protocol
 	BENCH_PROFILE=test BENCH_CARGO_ARGS="$(SIM_OPT_CONFIG)" bash timer-service/bench/run.sh

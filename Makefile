@@ -136,7 +136,8 @@ fuzz:
 # Every table of docs/benchmarks.md that issue 19 sets a target for: the protocol's per-hop
 # crypto, 1M timers and durable deposits against Redis, the relay (per hop, one relay alone,
 # the 3-hop chain windowed and paced at 1000/s), and last the simulator's `large.toml`
-# (sim-bench: by extrapolation about 13 GiB and tens of minutes on 2 cores).
+# (sim-bench: 22 GiB resident, 25 GiB with what was swapped out, and 1 h 15 min of CPU in its
+# run of 2026-12-06: give it a machine with >= 32 GiB or swap).
 # Every bench is built in the tests' profile with our crates raised to opt-level 3 on the
 # command line (BENCH_CARGO_ARGS, the same flags as the simulator's): release-grade code where
 # the CPU goes, and RocksDB's C++ and every other dependency keep the tests' build (no second
@@ -149,7 +150,7 @@ bench-config:
 	@echo $(SIM_OPT_CONFIG)
 
 bench:
-	$(CARGO) bench --workspace $(BENCH_CARGO_ARGS) --bench protocol
+	$(CARGO) bench --workspace $(BENCH_CARGO_ARGS) --bench protocol -- --noplot
 	BENCH_PROFILE=test BENCH_CARGO_ARGS="$(SIM_OPT_CONFIG)" bash timer-service/bench/run.sh
 	BENCH_PROFILE=test BENCH_CARGO_ARGS="$(SIM_OPT_CONFIG)" bash mailbox/bench/run.sh
 	$(CARGO) bench --workspace $(BENCH_CARGO_ARGS) --bench mesh

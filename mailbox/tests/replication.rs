@@ -161,6 +161,18 @@ impl Net {
         }
     }
 
+    /// Runs the round at `now` and checks it was quiet: one summary from each node to each
+    /// of its two peers, nothing else.
+    fn assert_quiet_round(&mut self, now: u64) {
+        let before = self.delivered;
+        self.tick(at(now));
+        assert_eq!(
+            self.delivered - before,
+            6,
+            "one summary from each node to each of its two peers, nothing else"
+        );
+    }
+
     /// Runs `tick` on every live node at `now`, then pumps.
     fn tick(&mut self, now: UnixTime) {
         for i in 0..3 {
@@ -822,14 +834,8 @@ fn a_quiet_round_sends_one_summary_per_peer_and_scans_nothing() {
     let computed: u64 = (0..3)
         .map(|i| net.cores[i].replica_stats().digests_computed)
         .sum();
-    let before = net.delivered;
     now += REPAIR;
-    net.tick(at(now));
-    assert_eq!(
-        net.delivered - before,
-        6,
-        "one summary from each node to each of its two peers, nothing else"
-    );
+    net.assert_quiet_round(now);
     let after: u64 = (0..3)
         .map(|i| net.cores[i].replica_stats().digests_computed)
         .sum();
@@ -909,12 +915,6 @@ fn the_shared_mailbox_index_follows_an_erasure_and_a_creation_between_rounds() {
         now += REPAIR;
         net.tick(at(now));
     }
-    let before = net.delivered;
     now += REPAIR;
-    net.tick(at(now));
-    assert_eq!(
-        net.delivered - before,
-        6,
-        "one summary from each node to each of its two peers, nothing else"
-    );
+    net.assert_quiet_round(now);
 }

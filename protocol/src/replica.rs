@@ -185,7 +185,9 @@ pub enum ReplicaMessage {
     },
     /// Anti-entropy, first step: for each of the [`SUMMARY_BUCKETS`] buckets, the XOR of
     /// SHA-256(mailbox id ‖ digest) over the sender's mailboxes in that bucket whose replica
-    /// set names the receiver (all zeros for an empty bucket).
+    /// set names the receiver (all zeros for an empty bucket). On the wire only the non-zero
+    /// buckets, each with its number, when that is shorter (almost always: a node shares a
+    /// few mailboxes with most peers); nodes before 2026-12-07 read only the dense form.
     Summary {
         /// Exactly [`SUMMARY_BUCKETS`] values, by bucket.
         buckets: Vec<[u8; 32]>,
@@ -290,6 +292,12 @@ const TAG_REMOVE_DEVICE: u8 = 10;
 const TAG_SUMMARY: u8 = 11;
 const TAG_DIGEST_REQUEST: u8 = 12;
 const TAG_DIGEST_REPLY: u8 = 13;
+/// A [`ReplicaMessage::Summary`] as its non-zero buckets only (since 2026-12-07; see
+/// [`ReplicaMessage::encode`]).
+const TAG_SUMMARY_SPARSE: u8 = 14;
+
+/// Bytes of one bucket in a sparse summary: its number, then its value.
+const SPARSE_BUCKET_LEN: usize = 1 + 32;
 
 struct Writer(Vec<u8>);
 
@@ -498,10 +506,29 @@ impl ReplicaMessage {
                 w.digest_entries(entries);
             }
             ReplicaMessage::Summary { buckets } => {
-                w.u8(TAG_SUMMARY);
-                w.count(buckets.len());
-                for b in buckets {
-                    w.bytes(b);
+                // A node shares a handful of mailboxes with most of its peers, so most of a
+                // summary's buckets are zero: the sparse form (the non-zero buckets, each
+                // with its number) is then a few hundred bytes instead of 8 KiB. The dense
+                // form is kept for a summary where it is shorter, and for lists that are not
+                // exactly SUMMARY_BUCKETS long (which the decoder refuses either way).
+                let non_zero = buckets.iter().filter(|b| **b != [0; 32]).count();
+                if buckets.len() == SUMMARY_BUCKETS
+                    && 2 + non_zero * SPARSE_BUCKET_LEN < 2 + SUMMARY_BUCKETS * 32
+                {
+                    w.u8(TAG_SUMMARY_SPARSE);
+                    w.count(non_zero);
+                    for (i, b) in buckets.iter().enumerate() {
+                        if *b != [0; 32] {
+                            w.u8(u8::try_from(i).unwrap_or(u8::MAX));
+                            w.bytes(b);
+                        }
+                    }
+                } else {
+                    w.u8(TAG_SUMMARY);
+                    w.count(buckets.len());
+                    for b in buckets {
+                        w.bytes(b);
+                    }
                 }
             }
             ReplicaMessage::DigestRequest { buckets } => {
@@ -621,6 +648,27 @@ impl ReplicaMessage {
                     .collect::<Result<_, _>>()?;
                 ReplicaMessage::Summary { buckets }
             }
+            TAG_SUMMARY_SPARSE => {
+                // One canonical form: bucket numbers strictly increasing, values non-zero.
+                let n = r.count("summary buckets", SUMMARY_BUCKETS)?;
+                let mut buckets = vec![[0u8; 32]; SUMMARY_BUCKETS];
+                let mut next = 0usize;
+                for _ in 0..n {
+                    let i = usize::from(r.u8("summary bucket number")?);
+                    let value: [u8; 32] = r.array("summary bucket")?;
+                    if i < next {
+                        return Err(ReplicaError::Invalid("summary bucket order"));
+                    }
+                    if value == [0; 32] {
+                        return Err(ReplicaError::Invalid("summary bucket zero"));
+                    }
+                    if let Some(b) = buckets.get_mut(i) {
+                        *b = value;
+                    }
+                    next = i + 1;
+                }
+                ReplicaMessage::Summary { buckets }
+            }
             TAG_DIGEST_REQUEST => {
                 let n = r.count("requested buckets", SUMMARY_BUCKETS)?;
                 ReplicaMessage::DigestRequest {
@@ -736,8 +784,17 @@ mod tests {
                     digest: [13; 32],
                 }],
             },
+            // Dense on the wire (255 non-zero buckets), sparse (3), sparse and empty.
             ReplicaMessage::Summary {
                 buckets: (0..SUMMARY_BUCKETS).map(|i| [i as u8; 32]).collect(),
+            },
+            ReplicaMessage::Summary {
+                buckets: (0..SUMMARY_BUCKETS)
+                    .map(|i| if i % 100 == 7 { [i as u8; 32] } else { [0; 32] })
+                    .collect(),
+            },
+            ReplicaMessage::Summary {
+                buckets: vec![[0; 32]; SUMMARY_BUCKETS],
             },
             ReplicaMessage::DigestRequest {
                 buckets: vec![0, 7, 255],
@@ -800,6 +857,53 @@ mod tests {
             let bytes = m.encode();
             assert_eq!(ReplicaMessage::decode(&bytes), Ok(m));
         }
+    }
+
+    #[test]
+    fn a_summary_travels_as_its_non_zero_buckets() {
+        let mut buckets = vec![[0u8; 32]; SUMMARY_BUCKETS];
+        buckets[3] = [9; 32];
+        buckets[255] = [1; 32];
+        let bytes = ReplicaMessage::Summary { buckets }.encode();
+        // version, tag, count, then (number, value) twice: 72 bytes instead of 8,196.
+        assert_eq!(bytes.len(), 2 + 2 + 2 * 33);
+        assert_eq!(bytes[1], TAG_SUMMARY_SPARSE);
+        assert_eq!((bytes[4], bytes[4 + 33]), (3, 255));
+        // More non-zero buckets than the sparse form can carry shorter: dense.
+        let full = ReplicaMessage::Summary {
+            buckets: vec![[5; 32]; SUMMARY_BUCKETS],
+        }
+        .encode();
+        assert_eq!((full[1], full.len()), (TAG_SUMMARY, 2 + 2 + 256 * 32));
+    }
+
+    #[test]
+    fn a_sparse_summary_has_one_form() {
+        let sparse = |entries: &[(u8, u8)]| {
+            let mut b = vec![REPLICA_VERSION, TAG_SUMMARY_SPARSE, 0, entries.len() as u8];
+            for &(i, v) in entries {
+                b.push(i);
+                b.extend_from_slice(&[v; 32]);
+            }
+            b
+        };
+        assert!(ReplicaMessage::decode(&sparse(&[(1, 1), (2, 2)])).is_ok());
+        for (bad, why) in [
+            (sparse(&[(2, 1), (1, 2)]), "summary bucket order"),
+            (sparse(&[(2, 1), (2, 2)]), "summary bucket order"),
+            (sparse(&[(1, 0)]), "summary bucket zero"),
+        ] {
+            assert_eq!(
+                ReplicaMessage::decode(&bad),
+                Err(ReplicaError::Invalid(why))
+            );
+        }
+        let mut too_many = vec![REPLICA_VERSION, TAG_SUMMARY_SPARSE, 1, 1];
+        too_many.extend_from_slice(&[1; 257 * 33]);
+        assert!(matches!(
+            ReplicaMessage::decode(&too_many),
+            Err(ReplicaError::TooLarge { .. })
+        ));
     }
 
     #[test]

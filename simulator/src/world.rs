@@ -1113,6 +1113,10 @@ impl World {
             attempts_max: r.attempts_max.max(1),
             retention_ms: RETENTION_MS,
             replicas: self.replicas,
+            // One ready Olm session per client, the others pickled (≈ 1.5 KiB against ≈ 9
+            // KiB): a hundred thousand users' sessions would otherwise be most of the run's
+            // memory. Pickling is exact and draws nothing, so no decision changes.
+            olm_sessions_live: 1,
             ..Settings::default()
         }
     }

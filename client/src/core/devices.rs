@@ -580,7 +580,7 @@ impl ClientCore {
         {
             c.their_devices = Some(list.clone());
         }
-        self.sessions.retain(|k, _| {
+        self.sessions.retain(|k| {
             k.strip_prefix(SELF_CONTACT)
                 .and_then(|rest| rest.strip_prefix('#'))
                 .and_then(|hex| super::h32(hex, "session").ok())
@@ -854,7 +854,7 @@ impl ClientCore {
             .collect();
         let prefix = format!("{name}#");
         self.sessions
-            .retain(|k, _| !k.starts_with(&prefix) || listed.contains(k));
+            .retain(|k| !k.starts_with(&prefix) || listed.iter().any(|l| l == k));
         if let Some(c) = self.state.contacts.iter_mut().find(|c| c.name == name) {
             c.their_devices = Some(list);
         }
@@ -1111,7 +1111,7 @@ impl ClientCore {
             | crate::state::SurbPurpose::HoldAck { out, .. } => !gone.contains(out),
             _ => true,
         });
-        self.sessions.retain(|k, _| !k.starts_with(LINK_CONTACT));
+        self.sessions.retain(|k| !k.starts_with(LINK_CONTACT));
         Some(self.state.contacts.remove(pos))
     }
 

@@ -38,6 +38,7 @@ mod receiving;
 mod routes;
 mod scheduling;
 mod sending;
+mod sessions;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -267,7 +268,8 @@ pub struct ClientCore {
     /// or opened, and the seed never changes).
     identity_key: SigningKey,
     account: Account,
-    sessions: HashMap<String, Session>,
+    /// Olm sessions, at most `settings.olm_sessions_live` of them ready ([`sessions`]).
+    sessions: sessions::Sessions,
     rng: StdRng,
     crypto_rng: StdRng,
     codec: Box<dyn PacketCodec>,
@@ -422,11 +424,15 @@ impl ClientCore {
         rng: StdRng,
         crypto_rng: StdRng,
     ) -> ClientCore {
+        let mut bounded = sessions::Sessions::new(state.settings.olm_sessions_live);
+        for (k, s) in sessions {
+            bounded.insert(k, s);
+        }
         ClientCore {
             identity_key: SigningKey::from_bytes(&state.identity_seed),
             state,
             account,
-            sessions,
+            sessions: bounded,
             rng,
             crypto_rng,
             codec: Box::new(SphinxCodec),
@@ -457,7 +463,7 @@ impl ClientCore {
         let mut sessions = HashMap::new();
         for c in &mut state.contacts {
             if let Some(p) = c.session.take() {
-                sessions.insert(c.name.clone(), Session::from_pickle(p));
+                sessions.insert(c.name.clone(), Session::from_pickle(*p));
             }
             for (curve, p) in std::mem::take(&mut c.device_sessions) {
                 sessions.insert(format!("{}#{curve}", c.name), Session::from_pickle(p));
@@ -481,12 +487,17 @@ impl ClientCore {
     pub fn encode_state(&mut self) -> Result<zeroize::Zeroizing<Vec<u8>>> {
         self.state.account = Some(self.account.pickle());
         for c in &mut self.state.contacts {
-            c.session = self.sessions.get(&c.name).map(Session::pickle);
+            c.session = self.sessions.pickle(&c.name).map(Box::new);
             let prefix = format!("{}#", c.name);
             c.device_sessions = self
                 .sessions
-                .iter()
-                .filter_map(|(k, s)| Some((k.strip_prefix(&prefix)?.to_string(), s.pickle())))
+                .keys()
+                .filter_map(|k| {
+                    Some((
+                        k.strip_prefix(&prefix)?.to_string(),
+                        self.sessions.pickle(k)?,
+                    ))
+                })
                 .collect();
         }
         let bytes = serde_json::to_vec(&self.state)
@@ -515,6 +526,9 @@ impl ClientCore {
 
     fn at(&mut self, now: u64) {
         self.now = now;
+        // The bound may have changed through `settings_mut` since the last input.
+        self.sessions
+            .set_live_max(self.state.settings.olm_sessions_live);
     }
 
     fn push(&mut self, o: Output) {

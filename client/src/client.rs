@@ -1177,8 +1177,8 @@ impl Client {
 
     /// Erases mailbox `m` on its replica `r` (a fresh owner session, then `DELETE`). Done
     /// when the replica erased it, or no longer has it: its login refuses the owner key (a
-    /// mailbox's owner is its device while it exists) or the erasure answers 404 — a peer's
-    /// erasure reached it first.
+    /// mailbox's owner is its device while it exists) or answers 404 `unknown_mailbox`, or the
+    /// erasure answers 404 — a peer's erasure reached it first.
     async fn erase_on(&mut self, m: &OwnedMailbox, r: &Replica) -> Result<()> {
         if r.api_url.is_empty() {
             // Never created there by us (creation needs the address); a copy repaired there
@@ -1196,6 +1196,11 @@ impl Client {
             let token = match net.login((m, r)).await {
                 Ok((token, _)) => token,
                 Err(ClientError::Node { status: 401, .. }) => return Ok(()),
+                // A peer's erasure landed while the node handled the login (after its device
+                // check, before it marked the mailbox used): the mailbox is gone there.
+                Err(ClientError::Node {
+                    status: 404, kind, ..
+                }) if kind == "unknown_mailbox" => return Ok(()),
                 Err(e) => return Err(e),
             };
             match net.erase((m, r), &token).await {

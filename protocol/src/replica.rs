@@ -187,7 +187,8 @@ pub enum ReplicaMessage {
     /// SHA-256(mailbox id ‖ digest) over the sender's mailboxes in that bucket whose replica
     /// set names the receiver (all zeros for an empty bucket). On the wire only the non-zero
     /// buckets, each with its number, when that is shorter (almost always: a node shares a
-    /// few mailboxes with most peers); nodes before 2026-12-07 read only the dense form.
+    /// few mailboxes with most peers); nodes before commit 7a95ee8 (2026-12-06) read only
+    /// the dense form.
     Summary {
         /// Exactly [`SUMMARY_BUCKETS`] values, by bucket.
         buckets: Vec<[u8; 32]>,
@@ -292,8 +293,8 @@ const TAG_REMOVE_DEVICE: u8 = 10;
 const TAG_SUMMARY: u8 = 11;
 const TAG_DIGEST_REQUEST: u8 = 12;
 const TAG_DIGEST_REPLY: u8 = 13;
-/// A [`ReplicaMessage::Summary`] as its non-zero buckets only (since 2026-12-07; see
-/// [`ReplicaMessage::encode`]).
+/// A [`ReplicaMessage::Summary`] as its non-zero buckets only (since commit 7a95ee8,
+/// 2026-12-06; see [`ReplicaMessage::encode`]).
 const TAG_SUMMARY_SPARSE: u8 = 14;
 
 /// Bytes of one bucket in a sparse summary: its number, then its value.

@@ -1113,9 +1113,9 @@ impl World {
             attempts_max: r.attempts_max.max(1),
             retention_ms: RETENTION_MS,
             replicas: self.replicas,
-            // One ready Olm session per client, the others pickled (≈ 1.5 KiB against ≈ 9
-            // KiB): a hundred thousand users' sessions would otherwise be most of the run's
-            // memory. Pickling is exact and draws nothing, so no decision changes.
+            // One ready Olm session per client, the others pickled (1.1–2.8 KB against 3.7
+            // KiB): 4 % off the peak of the 2,000-user cut of large.toml (docs/benchmarks.md,
+            // round 6). Pickling is exact and draws nothing, so no decision changes.
             olm_sessions_live: 1,
             ..Settings::default()
         }
